@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ class Normalization:
         """Build from ``{"mean": [...], "std": [...]}`` (a dict or its JSON text); None stays None."""
         if value is None or value == "" or value == "none":
             return None
+        if isinstance(value, cls):
+            return value
         if isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -76,3 +79,97 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+METADATA_KEY = "smoothcert"   # key of our JSON inside a safetensors header or ONNX metadata_props
+_DESCRIBED_FIELDS = ("arch", "input_shape", "num_classes", "class_names", "normalization",
+                     "sigma", "name", "extra")
+
+
+def info_to_json(info: ModelInfo) -> str:
+    """The JSON text a model file carries about itself (format and sha256 are left out)."""
+    norm = info.normalization
+    doc = {
+        "arch": info.arch,
+        "input_shape": list(info.input_shape),
+        "num_classes": info.num_classes,
+        "class_names": info.class_names,
+        "normalization": None if norm is None else {
+            "mean": list(norm.mean), "std": None if norm.std is None else list(norm.std)},
+        "sigma": info.sigma,
+        "name": info.name,
+        "extra": info.extra,
+    }
+    return json.dumps(doc, sort_keys=True)
+
+
+def parse_info_json(text: str) -> dict[str, Any]:
+    """Validated fields from :func:`info_to_json` text, typed as ModelInfo wants them.
+
+    Only the fields present (and not null) are returned; unknown keys are ignored. Raises
+    ModelError, in one line, when the text is not JSON or a field has the wrong type.
+    """
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ModelError(f"model metadata is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ModelError("model metadata must be a JSON object")
+    return check_fields({k: doc[k] for k in _DESCRIBED_FIELDS if doc.get(k) is not None})
+
+
+def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``fields`` (a subset of ModelInfo's described fields) validated and typed:
+    input_shape a (C, H, W) tuple, normalization a :class:`Normalization`, sigma a float, and so
+    on. Raises ModelError naming the first field that is wrong."""
+    fields = dict(fields)
+    if "input_shape" in fields:
+        fields["input_shape"] = check_input_shape(fields["input_shape"])
+    if "num_classes" in fields:
+        fields["num_classes"] = check_num_classes(fields["num_classes"])
+    if "normalization" in fields:
+        fields["normalization"] = Normalization.parse(fields["normalization"])
+    if "sigma" in fields:
+        sigma = fields["sigma"]
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
+            raise ModelError(f"sigma must be a non-negative number, not {sigma!r}")
+        fields["sigma"] = float(sigma)
+    if "class_names" in fields:
+        names = fields["class_names"]
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ModelError("class_names must be a list of strings")
+        fields["class_names"] = list(names)
+    for key in ("arch", "name"):
+        if key in fields and not isinstance(fields[key], str):
+            raise ModelError(f"{key} must be a string")
+    if "extra" in fields and not isinstance(fields["extra"], dict):
+        raise ModelError("extra must be a JSON object")
+    return fields
+
+
+def _is_count(value: Any) -> bool:
+    """A positive integer (numpy integers too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def check_input_shape(value: Any) -> tuple[int, int, int]:
+    """``value`` as a (C, H, W) tuple of positive ints, or ModelError."""
+    if (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(_is_count(v) for v in value)):
+        return (int(value[0]), int(value[1]), int(value[2]))
+    raise ModelError(f"input_shape must be three positive integers [C, H, W], not {value!r}")
+
+
+def check_num_classes(value: Any) -> int:
+    """``value`` as a positive int, or ModelError."""
+    if _is_count(value):
+        return int(value)
+    raise ModelError(f"num_classes must be a positive integer, not {value!r}")
+
+
+def fields_from_metadata_map(metadata: dict[str, str] | None) -> dict[str, Any]:
+    """Validated ModelInfo fields from a file's string map (safetensors ``__metadata__`` or ONNX
+    ``metadata_props``); empty when the map has no :data:`METADATA_KEY` entry."""
+    if not metadata or METADATA_KEY not in metadata:
+        return {}
+    return parse_info_json(metadata[METADATA_KEY])

@@ -1,0 +1,191 @@
+"""The allow-list of architectures a safetensors file may name.
+
+Each entry maps ``num_classes`` to a network *without* input normalization (the loader puts a
+:class:`~smoothcert.models.base.Normalize` layer in front). Every network names its last linear
+layer ``fc``, so the class count of bare weights can be read from ``fc.weight``.
+
+State-dict layouts are kept compatible with published checkpoints:
+
+- ``cifar_resnet20`` / ``cifar_resnet110``: He et al.'s CIFAR ResNet (6n+2 layers, basic blocks,
+  16/32/64 channels) with the key layout of Cohen et al.'s ``code/archs/cifar_resnet.py``
+  (``conv1, bn1, layerK.i.conv1/bn1/conv2/bn2, layerK.0.downsample.0/1, fc``).
+- ``imagenet_resnet50``: Bottleneck ResNet-50 whose keys and shapes equal torchvision's
+  ``resnet50`` (stride on the 3x3 convolution, "ResNet v1.5").
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from smoothcert.models.metadata import ModelError, check_num_classes
+
+HEAD_WEIGHT_KEY = "fc.weight"   # (num_classes, features) in every allow-listed architecture
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 1x8x8 digit images (scikit-learn's ``load_digits``)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.pool = nn.MaxPool2d(2)                        # 8x8 -> 4x4
+        self.fc1 = nn.Linear(64 * 4 * 4, 128)
+        self.fc = nn.Linear(128, num_classes)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.conv1(x))
+        x = self.pool(self.relu(self.conv2(x)))
+        x = self.relu(self.fc1(x.flatten(1)))
+        return self.fc(x)
+
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _downsample(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
+    """1x1 projection shortcut; keys ``downsample.0`` (conv) and ``downsample.1`` (batch norm)."""
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+                         nn.BatchNorm2d(out_planes))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with an identity (or projection) shortcut."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = _conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (_downsample(in_planes, planes, stride)
+                           if stride != 1 or in_planes != planes else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4, as in torchvision."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (_downsample(in_planes, out_planes, stride)
+                           if stride != 1 or in_planes != out_planes else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+def _make_stage(block: type[BasicBlock] | type[Bottleneck], in_planes: int, planes: int,
+                blocks: int, stride: int) -> nn.Sequential:
+    layers = [block(in_planes, planes, stride)]
+    layers += [block(planes * block.expansion, planes) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet of depth 6n+2 (basic blocks, 16/32/64 channels)."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, not {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = _conv3x3(3, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = _make_stage(BasicBlock, 16, 16, n, stride=1)
+        self.layer2 = _make_stage(BasicBlock, 16, 32, n, stride=2)
+        self.layer3 = _make_stage(BasicBlock, 32, 64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)   # the original's AvgPool2d(8) at 32x32 input
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+class ImageNetResNet50(nn.Module):
+    """ResNet-50 with torchvision's ``resnet50`` state-dict layout (keys and shapes)."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = _make_stage(Bottleneck, 64, 64, 3, stride=1)
+        self.layer2 = _make_stage(Bottleneck, 256, 128, 4, stride=2)
+        self.layer3 = _make_stage(Bottleneck, 512, 256, 6, stride=2)
+        self.layer4 = _make_stage(Bottleneck, 1024, 512, 3, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2048, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "digits_cnn": DigitsCNN,
+    "cifar_resnet20": lambda num_classes: CifarResNet(20, num_classes),
+    "cifar_resnet110": lambda num_classes: CifarResNet(110, num_classes),
+    "imagenet_resnet50": ImageNetResNet50,
+}
+
+DEFAULT_INPUT_SHAPE: dict[str, tuple[int, int, int]] = {
+    "digits_cnn": (1, 8, 8),
+    "cifar_resnet20": (3, 32, 32),
+    "cifar_resnet110": (3, 32, 32),
+    "imagenet_resnet50": (3, 224, 224),
+}
+
+DEFAULT_NUM_CLASSES: dict[str, int] = {
+    "digits_cnn": 10,
+    "cifar_resnet20": 10,
+    "cifar_resnet110": 10,
+    "imagenet_resnet50": 1000,
+}
+
+
+def check_arch(arch: str) -> str:
+    """Return ``arch`` if it is on the allow-list, else raise ModelError naming the allowed ones."""
+    if arch not in ARCHITECTURES:
+        allowed = ", ".join(sorted(ARCHITECTURES))
+        raise ModelError(f"unknown architecture {arch!r}; allowed: {allowed}")
+    return arch
+
+
+def build_network(arch: str, num_classes: int) -> nn.Module:
+    """A freshly initialized ``arch`` network (no normalization layer) with ``num_classes`` outputs.
+
+    Raises ModelError for an architecture off the allow-list or a class count below 1.
+    """
+    check_arch(arch)
+    return ARCHITECTURES[arch](check_num_classes(num_classes))

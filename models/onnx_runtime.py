@@ -1,0 +1,217 @@
+"""ONNX models as base classifiers, run by onnxruntime.
+
+The CUDA execution provider is asked for when CUDA is present and the caller did not ask for the
+CPU; onnxruntime falls back to the CPU *silently* when the CUDA provider cannot start, so the
+provider actually in use is read back from the session and reported, and the inputs then stay
+on the CPU. Models must be self-contained files: weights in external data files are refused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from smoothcert.models.base import Normalize
+from smoothcert.models.metadata import (
+    ModelError, ModelInfo, Normalization, check_input_shape, check_num_classes,
+    fields_from_metadata_map)
+
+log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+_OUTPUT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
+                  "tensor(double)": torch.float64}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _wants_cuda(device: str | torch.device) -> bool:
+    if str(device) == "auto":
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+class OnnxClassifier:
+    """An ``.onnx`` file as a :class:`~smoothcert.models.base.BaseClassifier`.
+
+    The graph must take one float32 input (B, C, H, W) and give scores (B, K). Shape and class
+    count come from the explicit arguments, else the file's ``smoothcert`` metadata, else the
+    graph (and, for a symbolic class dimension, one forward pass of zeros). The file's metadata
+    describes the graph, whose normalization is usually built in; only an explicit
+    ``normalization`` argument is applied, in torch, in front of the graph. A fixed batch
+    dimension is honoured by running in chunks of that size (the last one zero-padded).
+    ``intra_op_num_threads=None`` keeps onnxruntime's default.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, device: str | torch.device = "auto",
+                 input_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
+                 normalization: Normalization | dict | str | None = None,
+                 class_names: list[str] | None = None, sigma: float | None = None,
+                 name: str | None = None, intra_op_num_threads: int | None = None):
+        self.session = _open_session(Path(path), device, intra_op_num_threads)
+        self.provider = self.session.get_providers()[0]
+        on_cuda = self.provider == CUDA_PROVIDER
+        if _wants_cuda(device) and not on_cuda:
+            log.warning("%s: CUDA requested but onnxruntime runs it on %s", path, self.provider)
+        self.device = torch.device("cuda", _cuda_index(device)) if on_cuda else torch.device("cpu")
+        self.precision = "float32"
+
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1:
+            raise ModelError(f"the ONNX graph takes {len(inputs)} inputs; smoothcert feeds exactly "
+                             "one image batch")
+        if not outputs:
+            raise ModelError("the ONNX graph has no output")
+        graph_in, graph_out = inputs[0], outputs[0]
+        if graph_in.type != "tensor(float)" or len(graph_in.shape) != 4:
+            raise ModelError(f"the ONNX input must be a 4-d float32 tensor (B, C, H, W), not "
+                             f"{graph_in.type} {graph_in.shape}")
+        if graph_out.type not in _OUTPUT_DTYPES:
+            raise ModelError(f"the ONNX output must be floating point, not {graph_out.type}")
+        self._input_name, self._output_name = graph_in.name, graph_out.name
+        self._output_dtype = _OUTPUT_DTYPES[graph_out.type]
+        batch_dim = graph_in.shape[0]
+        self.fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+
+        described = fields_from_metadata_map(self.session.get_modelmeta().custom_metadata_map)
+        shape = _resolve_input_shape(input_shape or described.get("input_shape"), graph_in.shape)
+        norm = Normalization.parse(normalization)
+        self._normalize = None if norm is None else _build_normalize(norm, shape[0], self.device)
+        self._num_classes: int | None = None   # known once resolved: lets CUDA preallocate outputs
+        self._num_classes = self._resolve_num_classes(
+            num_classes or described.get("num_classes"), graph_out.shape, shape)
+        self.info = ModelInfo(
+            format="onnx", input_shape=shape, num_classes=self._num_classes, arch=None,
+            class_names=class_names if class_names is not None else described.get("class_names"),
+            normalization=norm if norm is not None else described.get("normalization"),
+            sigma=sigma if sigma is not None else described.get("sigma"),
+            name=name or described.get("name"), extra=described.get("extra", {}))
+
+    def _resolve_num_classes(self, wanted: int | None, out_shape: list,
+                             input_shape: tuple[int, int, int]) -> int:
+        if wanted is not None:
+            return check_num_classes(wanted)
+        if len(out_shape) == 2 and isinstance(out_shape[1], int) and out_shape[1] > 0:
+            return out_shape[1]
+        probe = self.logits(torch.zeros((1, *input_shape), device=self.device))
+        if probe.dim() != 2:
+            raise ModelError(f"the ONNX output must be scores (B, K), got shape {tuple(probe.shape)}")
+        return probe.shape[1]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores (B, K) for a float32 batch (B, C, H, W) on :attr:`device`."""
+        x = x.to(dtype=torch.float32)
+        if self._normalize is not None:
+            x = self._normalize(x)
+        if self.fixed_batch is None:
+            return self._run(x.contiguous())
+        chunks = []
+        for start in range(0, x.shape[0], self.fixed_batch):
+            chunk = x[start:start + self.fixed_batch]
+            rows = chunk.shape[0]
+            if rows < self.fixed_batch:
+                pad = chunk.new_zeros((self.fixed_batch - rows, *chunk.shape[1:]))
+                chunk = torch.cat([chunk, pad])
+            chunks.append(self._run(chunk.contiguous())[:rows])
+        return torch.cat(chunks)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-1 labels (B,) int64 on :attr:`device`."""
+        return self.logits(x).argmax(dim=1)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return self._run_cuda(x)
+        # x.numpy() shares memory with the tensor: no copy on the way in or out.
+        (out,) = self.session.run([self._output_name], {self._input_name: x.detach().cpu().numpy()})
+        return torch.from_numpy(out)
+
+    def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """Run on tensors already on the GPU through IO binding (no host round trip)."""
+        x = x.to(self.device)
+        index = self.device.index or 0
+        binding = self.session.io_binding()
+        binding.bind_input(self._input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        out = None
+        if self._num_classes is not None:
+            out = torch.empty((x.shape[0], self._num_classes), dtype=self._output_dtype,
+                              device=self.device)
+            binding.bind_output(self._output_name, "cuda", index, _NUMPY_DTYPES[out.dtype],
+                                tuple(out.shape), out.data_ptr())
+        else:   # probing for the class count: let onnxruntime allocate
+            binding.bind_output(self._output_name, "cuda", index)
+        # onnxruntime computes on its own CUDA stream: torch's writes to x must be finished.
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        if out is None:
+            out = torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(self.device)
+        return out
+
+
+def _cuda_index(device: str | torch.device) -> int:
+    if str(device) == "auto":
+        return 0
+    return torch.device(device).index or 0
+
+
+def _open_session(path: Path, device: str | torch.device,
+                  intra_op_num_threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # Idle onnxruntime threads spin for a while after each run; on a CPU they would then fight
+    # torch's noise generation for the same cores between two forward passes.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if intra_op_num_threads is not None:
+        options.intra_op_num_threads = intra_op_num_threads
+    providers: list = [CPU_PROVIDER]
+    if _wants_cuda(device) and CUDA_PROVIDER in ort.get_available_providers():
+        providers.insert(0, (CUDA_PROVIDER, {"device_id": _cuda_index(device)}))
+    # onnxruntime resolves external data files against the model's directory (or, for a model
+    # given as bytes, the working directory). Loading through a link in an empty private
+    # directory means a model cannot pull in any file stored beside it.
+    with tempfile.TemporaryDirectory(prefix="smoothcert-onnx-") as private_dir:
+        private = Path(private_dir) / "model.onnx"
+        try:
+            os.link(path, private)
+        except OSError:   # another filesystem, or links not allowed
+            shutil.copyfile(path, private)
+        try:
+            return ort.InferenceSession(str(private), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own unexported exception types
+            text = str(exc).strip()
+    if "External data" in text or "external data" in text:
+        raise ModelError(f"{path.name} keeps weights in external data files; smoothcert accepts "
+                         "self-contained .onnx files only")
+    first_line = text.splitlines()[0] if text else "unknown onnxruntime error"
+    raise ModelError(f"{path.name} is not a loadable ONNX model: {first_line}")
+
+
+def _resolve_input_shape(wanted, graph_shape: list) -> tuple[int, int, int]:
+    """(C, H, W) from the caller or metadata, checked against the graph's fixed dimensions."""
+    graph_chw = graph_shape[1:]
+    if wanted is None:
+        if not all(isinstance(d, int) and d > 0 for d in graph_chw):
+            raise ModelError(f"the ONNX input shape {graph_shape} has symbolic image dimensions; "
+                             "pass input_shape [C, H, W]")
+        return check_input_shape(tuple(graph_chw))
+    shape = check_input_shape(tuple(wanted))
+    for given, fixed in zip(shape, graph_chw):
+        if isinstance(fixed, int) and fixed > 0 and fixed != given:
+            raise ModelError(f"input_shape {list(shape)} disagrees with the ONNX input "
+                             f"{graph_shape}")
+    return shape
+
+
+def _build_normalize(norm: Normalization, channels: int, device: torch.device) -> Normalize:
+    try:
+        return Normalize(norm, channels).to(device)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None

@@ -1,0 +1,40 @@
+"""Result rows as TSV: Cohen et al.'s columns first (so their tools read our files), then ours."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "p_a_lower", "n_a", "n", "radius_cap")
+PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "p_value", "n_a", "n_b", "n")
+
+
+def format_tsv(results: Sequence[dict], labels: Sequence[int] | None = None) -> str:
+    """Render certify or predict result dicts (``Run.to_dict()["results"]``) as one TSV text.
+
+    ``predict`` is −1 on abstention; ``label`` is −1 and ``correct`` 0 without labels; radii and
+    probabilities are written at full float precision (``repr``), ``time`` in seconds. Certify
+    rows from the top2 bound get a trailing ``p_b_upper`` column.
+    """
+    certify = bool(results) and "radius" in results[0]
+    columns = list(CERTIFY_COLUMNS if certify or not results else PREDICT_COLUMNS)
+    top2 = certify and "p_b_upper" in results[0]
+    if top2:
+        columns.append("p_b_upper")
+    lines = ["\t".join(columns)]
+    for row in results:
+        index = row["index"]
+        label = -1 if labels is None else int(labels[index])
+        prediction = -1 if row["prediction"] is None else int(row["prediction"])
+        correct = int(labels is not None and prediction == label and prediction != -1)
+        values = {
+            "idx": index, "label": label, "predict": prediction, "correct": correct,
+            "time": repr(float(row["elapsed_s"])), **{k: row[k] for k in ("n_a", "n")},
+        }
+        if certify:
+            values.update(radius=repr(float(row["radius"])), p_a_lower=repr(float(row["p_a_lower"])),
+                          radius_cap=repr(float(row["radius_cap"])))
+            if top2:
+                values["p_b_upper"] = repr(float(row["p_b_upper"]))
+        else:
+            values.update(p_value=repr(float(row["p_value"])), n_b=row["n_b"])
+        lines.append("\t".join(str(values[c]) for c in columns))
+    return "\n".join(lines) + "\n"
