@@ -59,7 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--format", choices=("table", "json", "tsv"), default="table")
     analyze.add_argument("--plot", metavar="PNG", help="also draw the curves into this PNG")
     analyze.set_defaults(handler=_run_analyze)
+
+    up = commands.add_parser("up", help="run the local stack: Redis, the API and one worker (SMOOTHCERT_* settings)")
+    up.set_defaults(handler=lambda args: _stack_main())
+    worker = commands.add_parser("worker", help="run a Celery worker; further options go to `celery worker`",
+                                 add_help=False)
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER)
+    worker.set_defaults(handler=lambda args: _worker_main(args.celery_args))
     return parser
+
+
+def _stack_main() -> int:
+    from smoothcert.service.stack import main as stack_main
+
+    return stack_main([])
+
+
+def _worker_main(argv: list[str]) -> int:
+    from smoothcert.worker.celery_app import main as worker_main
+
+    return worker_main(argv) or 0
 
 
 def _model_and_inputs(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from smoothcert.models import demo
 from smoothcert.models.loaders import load_model
 
 
-def test_demo_files_have_the_promised_shapes(demo_paths, digits_test_set):
+def test_demo_paths_have_the_promised_shapes(demo_paths, digits_test_set):
     x, y = digits_test_set
     assert set(demo_paths) == {"safetensors", "onnx", "test_x", "test_y"}
     assert x.dtype == torch.float32 and x.shape[1:] == (1, 8, 8) and 0 <= x.min() <= x.max() <= 1

@@ -1,0 +1,143 @@
+"""``POST /v1/certify``: validate a certify/predict request, save its inputs, queue the job.
+
+The body is JSON (:class:`CertifyRequest`) or multipart: the same fields as form fields
+(``labels`` and ``radii`` as JSON lists) and the inputs as ``inputs`` files, either PNG/JPEG
+images (one input each) or one ``.npy`` array. Everything a worker would refuse is refused here
+first, with a 4xx that says why: parameters (schemas), caps (settings), the model (404 unknown,
+shape and label range from its record). The inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``;
+the message carries that path, the job record is written before the message is sent, and the
+seed is drawn here so that it is recorded.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shutil
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from smoothcert.service.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_key
+from smoothcert.service.inputs import IMAGE_SUFFIXES, decode_image, load_npy
+from smoothcert.service.jobs import new_job_id
+from smoothcert.service.schemas import CertifyRequest, JobAccepted, check_inputs, check_labels, decode_inputs
+from smoothcert.worker.celery_app import CERTIFY_TASK
+
+router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_key)])
+SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript clients too
+_FORM_FIELDS = {k: v for k, v in CertifyRequest.model_json_schema()["properties"].items() if k != "inputs"}
+_BODY = {"required": True, "content": {
+    "application/json": {"schema": CertifyRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["model_id", "sigma", "inputs"], "properties": {
+        **_FORM_FIELDS, "inputs": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                   "description": "PNG/JPEG images, or one .npy array"}}}}}}
+Files = list[tuple[str, bytes]]
+
+
+def _unprocessable(message: str) -> HTTPException:
+    return HTTPException(422, message)
+
+
+@router.post("/certify", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
+             openapi_extra={"requestBody": _BODY},
+             responses={404: {"description": "unknown model"}, 413: {"description": "body too large"},
+                        422: {"description": "invalid parameters or inputs"}})
+async def submit(request: Request, response: Response, settings: SettingsDep, jobs: JobsDep, models: ModelsDep,
+                 queue: QueueDep) -> JobAccepted:
+    """Queue a certify (or predict) job; poll ``Location`` for its status and result."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        req, files = await _read_multipart(request, settings.max_inputs)
+    else:
+        req, files = _validate(await request.body(), json_text=True), None
+    accepted = await run_in_threadpool(_enqueue, req, files, settings, jobs, models, queue)
+    response.headers["Location"] = accepted.location
+    return accepted
+
+
+def _validate(data: Any, json_text: bool = False) -> CertifyRequest:
+    try:
+        return CertifyRequest.model_validate_json(data) if json_text else CertifyRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+async def _read_multipart(request: Request, max_inputs: int) -> tuple[CertifyRequest, Files]:
+    fields: dict[str, Any] = {}
+    files: Files = []
+    async with request.form(max_files=max_inputs + 1) as form:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "inputs":
+                    raise _unprocessable(f"unexpected file field {key!r}; send images or a .npy as 'inputs'")
+                files.append((value.filename or "input", await value.read()))
+            elif key in ("labels", "radii"):
+                try:
+                    fields[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    raise _unprocessable(f"{key} must be a JSON list, e.g. [3, 1, 4]") from None
+            else:
+                fields[key] = value
+    if not files:
+        raise _unprocessable("no 'inputs' files: attach PNG/JPEG images or one .npy array")
+    return _validate({**fields, "inputs": []}), files
+
+
+def _decode_files(files: Files, channels: int) -> np.ndarray:
+    """One .npy array, or PNG/JPEG images stacked (N, C, H, W); ValueError otherwise."""
+    if len(files) == 1 and files[0][0].lower().endswith(".npy"):
+        return load_npy(files[0][1]).astype(np.float64)
+    if any(not name.lower().endswith(IMAGE_SUFFIXES) for name, _ in files):
+        raise ValueError("inputs files must be PNG/JPEG images or a single .npy array")
+    images = [decode_image(data, channels, name) for name, data in files]
+    if len({im.shape for im in images}) > 1:
+        raise ValueError(f"images differ in size: {sorted({im.shape for im in images})}")
+    return np.stack(images)
+
+
+def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, queue) -> JobAccepted:
+    for name in ("n0", "n"):
+        if getattr(req, name) > settings.max_n:
+            raise _unprocessable(f"{name}={getattr(req, name)} exceeds this server's cap of {settings.max_n} "
+                                 "samples (SMOOTHCERT_MAX_N)")
+    meta = models.get(req.model_id)
+    if meta is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {req.model_id!r}")
+    try:
+        raw = decode_inputs(req.inputs) if files is None else _decode_files(files, meta["input_shape"][0])
+        x = check_inputs(raw, meta["input_shape"])
+        if req.labels is not None:
+            check_labels(req.labels, len(x), meta["num_classes"])
+    except ValueError as exc:
+        raise _unprocessable(str(exc)) from None
+    if len(x) > settings.max_inputs:
+        raise _unprocessable(f"{len(x)} inputs exceed this server's cap of {settings.max_inputs} per job "
+                             "(SMOOTHCERT_MAX_INPUTS)")
+    if req.radii is not None and any(not np.isfinite(r) or r < 0 for r in req.radii):
+        raise _unprocessable("radii must be finite and non-negative")
+
+    job_id = new_job_id()
+    folder = settings.jobs_dir / job_id
+    folder.mkdir(parents=True)
+    np.save(folder / "inputs.npy", x)
+    seed = req.seed if req.seed is not None else secrets.randbelow(SEED_BOUND)
+    params: dict[str, Any] = {
+        "model_id": req.model_id, "mode": req.mode, "sigma": req.sigma, "n0": req.n0, "n": req.n,
+        "alpha": req.alpha, "bound": req.bound, "batch_size": req.batch_size, "seed": seed,
+        "num_inputs": len(x)}
+    spec = {**params, "inputs_path": str(folder / "inputs.npy"), "labels": req.labels, "radii": req.radii}
+    per_input = req.n if req.mode == "predict" else req.n0 + req.n
+    try:
+        jobs.create(job_id, req.mode, params, total=per_input * len(x))
+        queue.send_task(CERTIFY_TASK, args=[job_id, spec], task_id=job_id)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            jobs.fail(job_id, "the job could not be queued")
+        raise  # Redis or broker errors become 503 (app.py)
+    return JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")

@@ -1,0 +1,34 @@
+"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers and a worker is alive); no auth."""
+from __future__ import annotations
+
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from smoothcert.service.schemas import Health
+from smoothcert.worker.celery_app import HEARTBEAT_PREFIX
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, response_model_exclude_none=True)
+def healthz() -> Health:
+    """Always 200 while the API process serves requests."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}})
+def readyz(request: Request):
+    """200 when Redis answers PING and at least one worker's heartbeat key is fresh; else 503."""
+    client: redis.Redis = request.app.state.redis
+    try:
+        client.ping()
+        workers = sorted(k.decode()[len(HEARTBEAT_PREFIX):]
+                         for k in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=100))
+    except redis.RedisError as exc:
+        body = Health(status="not ready", redis="unreachable", workers=[], detail=f"Redis unreachable: {exc}")
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
+    if not workers:
+        body = Health(status="not ready", redis="ok", workers=[], detail="no worker is running")
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
+    return Health(status="ready", redis="ok", workers=workers)

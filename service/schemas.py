@@ -1,0 +1,138 @@
+"""Request and response bodies of the HTTP API v1 (design §4), and input decoding.
+
+Parameter checks that need no model live here (σ > 0, n ≥ 1, α in (0, 1), ...); checks against
+the model (shape, label range) and the settings' caps live in the routes. numpy only, no torch.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+
+
+class CertifyRequest(BaseModel):
+    """``POST /v1/certify`` as JSON. ``inputs`` is a nested list (C,H,W) / (N,C,H,W) of floats in
+    [0, 1], or the base64 text of a ``.npy`` file holding such an array."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_id: str = Field(min_length=1, max_length=64)
+    inputs: str | list[Any]
+    sigma: float = Field(gt=0, allow_inf_nan=False, description="noise level in [0,1] pixel units")
+    n0: int = Field(100, ge=1, description="samples that select the class (certify only)")
+    n: int = Field(100_000, ge=1, description="samples that bound its probability")
+    alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of each certificate")
+    batch_size: int | None = Field(None, ge=1, le=1_000_000)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
+    bound: Literal["cohen", "top2"] = "cohen"
+    labels: list[int] | None = Field(None, description="true classes, one per input")
+    mode: Literal["certify", "predict"] = "certify"
+    radii: list[float] | None = Field(None, max_length=1000,
+                                      description="radii of the certified-accuracy curve (labels given)")
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str
+    location: str
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+
+
+class Job(BaseModel):
+    """``GET /v1/jobs/{id}``; times are Unix seconds, ``result`` is set once succeeded."""
+
+    id: str
+    kind: Literal["certify", "predict", "check_model"]
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress: Progress
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    params: dict[str, Any] = {}
+    cancel_requested: bool = False
+
+
+class ModelRecord(BaseModel):
+    """A stored, checked model (``models/store.py`` describes the fields)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    id: str
+    name: str | None = None
+    format: Literal["onnx", "safetensors"]
+    sha256: str
+    size_bytes: int
+    created_at: float
+    input_shape: list[int]
+    num_classes: int
+    arch: str | None = None
+    class_names: list[str] | None = None
+    normalization: dict[str, Any] | None = None
+    sigma: float | None = None
+
+
+class Health(BaseModel):
+    status: str
+    redis: str | None = None
+    workers: list[str] | None = None
+    detail: str | None = None
+
+
+def decode_inputs(value: str | list[Any]) -> np.ndarray:
+    """The inputs as a float64 array; ValueError with a one-line message when malformed."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("inputs is neither a nested list nor valid base64") from None
+        try:
+            arr = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"inputs is base64 but not a .npy array file: {exc}") from None
+        if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.floating)
+                                                   or np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"inputs .npy must hold numbers, not dtype {getattr(arr, 'dtype', '?')}")
+        return arr.astype(np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise ValueError("inputs must be a rectangular nested list of numbers") from None
+    return arr
+
+
+def check_inputs(arr: np.ndarray, input_shape: list[int]) -> np.ndarray:
+    """``arr`` as float32 (N, C, H, W) for a model taking ``input_shape``; ValueError otherwise."""
+    expected = tuple(int(d) for d in input_shape)
+    if arr.shape == expected:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != expected or arr.shape[0] == 0:
+        raise ValueError(f"inputs have shape {list(arr.shape)}, the model takes {list(expected)} "
+                         f"or [N, {', '.join(map(str, expected))}]")
+    if not np.isfinite(arr).all():
+        raise ValueError("inputs contain NaN or infinite values")
+    low, high = float(arr.min()), float(arr.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"inputs must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}]"
+                         " (scale 8-bit images by 1/255)")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def check_labels(labels: list[int], num_inputs: int, num_classes: int) -> None:
+    """ValueError unless there is one label in [0, num_classes) per input."""
+    if len(labels) != num_inputs:
+        raise ValueError(f"{len(labels)} labels for {num_inputs} inputs")
+    bad = [y for y in labels if not 0 <= y < num_classes]
+    if bad:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {bad[0]}")

@@ -1,0 +1,82 @@
+"""Service settings, read from ``SMOOTHCERT_*`` environment variables (pydantic-settings).
+
+One class for the API, the worker and ``smoothcert up``. In development an unset API key is
+generated (and printed by whoever starts the process); in production an empty or well-known key
+refuses to start. The admin key defaults to the API key in development only.
+"""
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PrivateAttr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Keys nobody should run production with; a copy-pasted README value is as bad as none.
+WELL_KNOWN_KEYS = frozenset({"", "changeme", "change-me", "secret", "dev", "test", "smoothcert"})
+
+
+class Settings(BaseSettings):
+    """Everything configurable about the service; see the field descriptions."""
+
+    model_config = SettingsConfigDict(env_prefix="SMOOTHCERT_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str = Field("", description="Bearer key for /v1 routes; generated in development when empty")
+    admin_key: str = Field("", description="Bearer key for model upload/delete; the API key in development when empty")
+    data_dir: Path = Field(Path("var/data"), description="models, uploaded inputs, results")
+    redis_url: str = Field("", description="when set, `smoothcert up` uses it instead of starting Redis")
+    device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:1, ...")
+
+    max_n: int = Field(1_000_000, ge=1, description="largest n (and n0) a job may ask for")
+    max_inputs: int = Field(10_000, ge=1, description="most inputs in one certify job")
+    max_request_bytes: int = Field(64 << 20, ge=1024, description="largest JSON/multipart certify body")
+    max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest model upload")
+
+    model_check_timeout_s: float = Field(120.0, gt=0, description="how long an upload waits for a worker")
+    task_time_limit_s: int = Field(6 * 3600, ge=60, description="hard limit of one task")
+    max_deliveries: int = Field(3, ge=1, description="a task redelivered more often than this fails")
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="how long job records stay in Redis")
+    worker_concurrency: int = Field(1, ge=1)
+
+    _generated_api_key: bool = PrivateAttr(False)
+
+    @model_validator(mode="after")
+    def _keys(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.env == "production":
+            for name in ("api_key", "admin_key"):
+                value = getattr(self, name)
+                if value.strip().lower() in WELL_KNOWN_KEYS or len(value) < 16:
+                    raise ValueError(
+                        f"SMOOTHCERT_{name.upper()} must be set to a secret of at least 16 characters "
+                        "when SMOOTHCERT_ENV=production")
+        else:
+            if not self.api_key:
+                self.api_key = secrets.token_urlsafe(24)
+                self._generated_api_key = True
+            if not self.admin_key:
+                self.admin_key = self.api_key
+        return self
+
+    @property
+    def generated_api_key(self) -> bool:
+        """True when this process made the API key up (development without SMOOTHCERT_API_KEY)."""
+        return self._generated_api_key
+
+    @property
+    def broker_url(self) -> str:
+        """The Redis URL every component uses (the configured one, or the default local one)."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
