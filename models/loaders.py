@@ -179,3 +179,12 @@ def check_forward(model: BaseClassifier) -> None:
     if tuple(scores.shape) != (2, classes):
         raise ModelError(f"num_classes is {classes} but the model outputs scores of shape "
                          f"{tuple(scores.shape[1:])} per input")
+
+
+STORED_FIELDS = ("arch", "input_shape", "num_classes", "normalization", "class_names", "sigma", "name")
+
+
+def load_stored_model(store, meta: dict[str, Any], device: str | torch.device = "auto") -> BaseClassifier:
+    """Load a model of a :class:`~smoothcert.models.store.ModelStore` with the fields recorded at upload."""
+    return load_model(store.weights_path(meta["id"]), device=device,
+                      **{k: meta.get(k) for k in STORED_FIELDS})

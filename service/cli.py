@@ -1,7 +1,8 @@
 """The `smoothcert` command line.
 
 Subcommands that run a model (certify, predict) import torch lazily, so `smoothcert analyze` and
-the API process stay torch-free. Expected failures (bad input, unreadable files) end with a
+the API process stay torch-free. The subcommands that talk to a running service (submit, status,
+wait, cancel, models) live in cli_remote.py. Expected failures (bad input, unreadable files) end with a
 one-line message on stderr and exit status 2; set SMOOTHCERT_DEBUG=1 to see the traceback.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from smoothcert.service.cli_remote import add_commands as add_remote_commands
 from smoothcert.service.inputs import load_inputs, load_labels
 from smoothcert.service.tsv import format_tsv
 
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  add_help=False)
     worker.add_argument("celery_args", nargs=argparse.REMAINDER)
     worker.set_defaults(handler=lambda args: _worker_main(args.celery_args))
+
+    add_remote_commands(commands)  # submit, status, wait, cancel, models: the service over HTTP
     return parser
 
 
@@ -82,7 +86,8 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def _model_and_inputs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="an .onnx file, or a .safetensors file")
+    p.add_argument("model", metavar="MODEL",
+                   help="an .onnx or .safetensors file, or the id of a model stored under SMOOTHCERT_DATA_DIR")
     p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
                    help=".npy of shape (N,C,H,W) or (C,H,W) in [0,1], or PNG/JPEG files or folders")
     p.add_argument("--labels", metavar="PATH", help="true labels (.npy or one per line) to mark correct rows")
@@ -134,21 +139,35 @@ def _run_analyze(args) -> int:
 
 
 def _prepare(args):
-    from smoothcert.models.loaders import load_model
+    model = _load(args)
+    x = load_inputs(args.inputs, model.info.input_shape[0])
+    labels = None
+    if args.labels:
+        labels = load_labels(args.labels, 1 if x.ndim == 3 else len(x))
+    return model, x, labels
 
+
+def _load(args):
+    """MODEL is a file, or else the id of a model in the store under SMOOTHCERT_DATA_DIR."""
+    from smoothcert.models.loaders import load_model, load_stored_model
+
+    if not Path(args.model).exists():
+        from smoothcert.models.store import ModelStore
+        from smoothcert.service.settings import Settings
+
+        store = ModelStore(Settings().models_dir)
+        meta = store.get(args.model)
+        if meta is None:
+            raise ValueError(f"no such file: {args.model} (nor a model with that id in {store.root})")
+        return load_stored_model(store, meta, args.device)
     input_shape = None
     if args.input_shape:
         try:
             input_shape = tuple(int(v) for v in args.input_shape.split(","))
         except ValueError:
             raise ValueError(f"--input-shape must look like 3,32,32, got {args.input_shape!r}") from None
-    model = load_model(args.model, device=args.device, arch=args.arch, input_shape=input_shape,
-                       num_classes=args.num_classes, normalization=args.normalization)
-    x = load_inputs(args.inputs, model.info.input_shape[0])
-    labels = None
-    if args.labels:
-        labels = load_labels(args.labels, 1 if x.ndim == 3 else len(x))
-    return model, x, labels
+    return load_model(args.model, device=args.device, arch=args.arch, input_shape=input_shape,
+                      num_classes=args.num_classes, normalization=args.normalization)
 
 
 @contextmanager

@@ -137,3 +137,18 @@ def test_console_script_prints_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "smoothcert.service.cli", "certify", str(tmp_path / "none.onnx"),
                            "--inputs", "x.npy", "--sigma", "0.25"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "no such file" in done.stderr
+
+
+def test_model_id_from_the_local_store(demo_paths, digits, tmp_path, monkeypatch, capsys):
+    from smoothcert.models.store import READY, ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    with open(demo_paths["safetensors"], "rb") as f:
+        meta = store.add(f, "digits.safetensors", {"name": "digits"})
+    store.update(meta["id"], status=READY)
+    monkeypatch.setenv("SMOOTHCERT_DATA_DIR", str(tmp_path))
+    assert main(["certify", meta["id"], "--inputs", str(digits[0]), "--sigma", "0.25", "--n0", "10",
+                 "--n", "100", "--seed", "0"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 21
+    assert main(["certify", "no-such-model", "--inputs", str(digits[0]), "--sigma", "0.25"]) == 2
+    assert "nor a model with that id" in capsys.readouterr().err
