@@ -3,40 +3,24 @@
 The smoothed classifier is g(x) = argmax_c P(f(x + δ) = c), δ ~ N(0, σ²I), with the noise added
 in [0,1] pixel space (the base classifier normalises after it) and never clamped.
 
-Sampling (`count_votes`) is separate from the statistics (`bounds`). Noise is drawn on the
-model's device from a generator seeded per call; the samples of several inputs share a batch, so
-every batch but the last is full; votes are counted on the device with one bincount per batch.
-Same seed, same batch size and same device give bit-identical counts.
+Sampling (`sampling.Sampler`) is separate from the statistics (`bounds` for a fixed n,
+`sequential` for the anytime-valid test at a target radius). Noise is drawn on the model's
+device from a generator seeded per call; the samples of several inputs share a batch; votes are
+counted on the device. Same seed, same batch size and same device give bit-identical counts.
 
 This module does not import Celery: the CLI, the worker tasks and the benchmarks all call it.
 """
 from __future__ import annotations
 
-import secrets
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from smoothcert.models.base import BaseClassifier
 from smoothcert.worker import bounds
-from smoothcert.worker.provenance import software_versions
-
-Progress = Callable[[int, int], None]
-CancelCheck = Callable[[], bool]
-
-MAX_SEED = 2**63 - 1
-
-
-class InputError(ValueError):
-    """The inputs or parameters of a call cannot be certified; the message says why, in one line."""
-
-
-class Canceled(RuntimeError):
-    """The cancel check asked the run to stop; raised between batches."""
+from smoothcert.worker.sampling import (  # noqa: F401  (re-exported for callers of the engine)
+    CancelCheck, Canceled, InputError, Progress, Sampler, as_input_batch, default_batch_size)
 
 
 @dataclass
@@ -118,6 +102,8 @@ def certify(
     bound: str = "cohen",
     progress: Progress | None = None,
     should_cancel: CancelCheck | None = None,
+    target_radius: float | None = None,
+    beta: float | None = None,
 ) -> Run:
     """CERTIFY every input of ``x`` ((C, H, W) or (N, C, H, W), floats in [0,1]).
 
@@ -125,9 +111,20 @@ def certify(
     bound its probability (``bound`` "cohen": Clopper–Pearson at alpha; "top2": the two-class
     bound of ``bounds.top2_radius``). Each returned :class:`Certificate` holds with probability
     ≥ 1 − alpha. ``progress(done, total)`` (in samples) and ``should_cancel()`` run between batches.
+
+    With ``target_radius`` r the question is only "certified at r?": the anytime-valid test of
+    :mod:`~smoothcert.worker.sequential` draws until it knows (n is then the cap per input, and
+    ``beta`` the level of its futility stop, alpha by default) and returns
+    :class:`~smoothcert.worker.sequential.RadiusDecision` rows.
     """
     _check_params(sigma=sigma, alpha=alpha, n=n, n0=n0, bound=bound)
-    sampler = _Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
+    if target_radius is not None:
+        from smoothcert.worker.sequential import certify_at_radius
+
+        return certify_at_radius(model, x, sigma, target_radius, n0=n0, n_max=n, alpha=alpha,
+                                 beta=alpha if beta is None else beta, batch_size=batch_size, seed=seed,
+                                 progress=progress, should_cancel=should_cancel)
+    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
     selection, counts = sampler.counts((n0, n))
     c_hat = selection.argmax(axis=1)
     n_a = counts[np.arange(len(c_hat)), c_hat]
@@ -177,7 +174,7 @@ def predict(
     least = bounds.min_predict_n(alpha)
     if n < least:
         raise InputError(f"n={n} can never pass the test at alpha={alpha}: PREDICT needs n >= {least}")
-    sampler = _Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
+    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
     (counts,) = sampler.counts((n,))
     per_input = sampler.elapsed() / len(counts)
     results = []
@@ -199,40 +196,6 @@ def predict(
     return Run(results, sampler.provenance({"mode": "predict", "sigma": sigma, "n": n, "alpha": alpha}))
 
 
-def default_batch_size(input_shape, device: torch.device) -> int:
-    """A batch that keeps the noise buffer near 16 MB on a CPU (160 MB on a GPU), at most 10,000."""
-    per_sample = int(np.prod(input_shape))
-    budget = 40_000_000 if device.type == "cuda" else 4_000_000
-    return max(1, min(10_000, budget // per_sample))
-
-
-def draw_seed() -> int:
-    """A fresh random seed for a call that did not give one (it is recorded in the provenance)."""
-    return secrets.randbelow(MAX_SEED)
-
-
-def as_input_batch(x, input_shape) -> np.ndarray:
-    """Validate ``x`` against a model's (C, H, W) and return it as float32 (N, C, H, W).
-
-    Refuses, with a one-line :class:`InputError`: non-float data, a shape other than (C, H, W) or
-    (N, C, H, W) with N ≥ 1, NaN or infinite values, and values outside [0, 1].
-    """
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise InputError(f"inputs must be floats in [0, 1], got dtype {arr.dtype} (scale 8-bit images by 1/255)")
-    expected = tuple(int(d) for d in input_shape)
-    if arr.shape == expected:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1:] != expected or arr.shape[0] == 0:
-        raise InputError(f"inputs have shape {arr.shape}, the model takes {expected} or (N, *{expected})")
-    if not np.isfinite(arr).all():
-        raise InputError("inputs contain NaN or infinite values")
-    low, high = float(arr.min()), float(arr.max())
-    if low < 0.0 or high > 1.0:
-        raise InputError(f"inputs must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}]")
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
 def _check_params(*, sigma: float, alpha: float, n: int, n0: int = 1, bound: str = "cohen") -> None:
     if not (isinstance(sigma, (int, float)) and np.isfinite(sigma) and sigma > 0):
         raise InputError(f"sigma must be a positive number, got {sigma!r}")
@@ -243,82 +206,3 @@ def _check_params(*, sigma: float, alpha: float, n: int, n0: int = 1, bound: str
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     if bound not in bounds.BOUNDS:
         raise InputError(f"bound must be one of {', '.join(bounds.BOUNDS)}, got {bound!r}")
-
-
-class _Sampler:
-    """Draws the noisy copies of a set of inputs, feeds them to the model, counts the votes."""
-
-    def __init__(self, model, x, sigma, batch_size, seed, progress, should_cancel):
-        self.model = model
-        device = torch.device(model.device)
-        self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
-        if batch_size is None:
-            batch_size = default_batch_size(model.info.input_shape, device)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if seed is None:
-            seed = draw_seed()
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise InputError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        self.sigma, self.batch_size, self.seed = float(sigma), int(batch_size), int(seed)
-        self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        self.num_classes = int(model.info.num_classes)
-        self.progress, self.should_cancel = progress, should_cancel
-        self.started = time.perf_counter()
-
-    def counts(self, stages: tuple[int, ...]) -> list[np.ndarray]:
-        """Votes (N, K) of fresh noisy copies of each input, one array per stage size.
-
-        Every stage gets its own draws, but all stages of all inputs form one stream of samples,
-        so every batch except the last is full: sample j belongs to input j // m and to the stage
-        whose range holds j % m, with m = sum(stages).
-        """
-        x, k = self.x, self.num_classes
-        num_inputs, per_input, num_stages = x.shape[0], sum(stages), len(stages)
-        total = per_input * num_inputs
-        ends = torch.tensor(np.cumsum(stages)[:-1], device=x.device)
-        votes = torch.zeros(num_inputs * num_stages * k, dtype=torch.int64, device=x.device)
-        noise = torch.empty((min(self.batch_size, total), *x.shape[1:]), dtype=x.dtype, device=x.device)
-        largest = torch.zeros((), dtype=torch.int64, device=x.device)
-        for start in range(0, total, self.batch_size):
-            if self.should_cancel is not None and self.should_cancel():
-                raise Canceled("canceled")
-            stop = min(start + self.batch_size, total)
-            sample = torch.arange(start, stop, device=x.device)
-            owner = sample // per_input
-            stage = torch.bucketize(sample % per_input, ends, right=True)
-            batch = noise[: stop - start]
-            torch.randn(batch.shape, generator=self.generator, out=batch)
-            batch.mul_(self.sigma).add_(x.index_select(0, owner))
-            labels = self.model.classify(batch)
-            # Checked once per call, not per batch, so a GPU never waits on the host here.
-            largest = torch.maximum(largest, labels.max())
-            slot = (owner * num_stages + stage) * k + labels
-            votes += torch.bincount(slot, minlength=votes.numel())
-            if self.progress is not None:
-                self.progress(stop, total)
-        if int(largest) >= k:
-            raise InputError(f"the model answered class {int(largest)}, but declares {k} classes")
-        per_stage = votes.view(num_inputs, num_stages, k).cpu().numpy()
-        return [per_stage[:, s] for s in range(num_stages)]
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def provenance(self, params: dict[str, Any]) -> dict[str, Any]:
-        info = self.model.info
-        return {
-            **params,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_inputs": int(self.x.shape[0]),
-            "device": str(self.x.device),
-            "runtime": self.model.runtime,
-            "provider": self.model.provider,
-            "precision": self.model.precision,
-            "model_sha256": info.sha256,
-            "model_format": info.format,
-            "model_arch": info.arch,
-            "versions": software_versions(),
-            "elapsed_s": self.elapsed(),
-        }
