@@ -34,3 +34,7 @@ $(STAMP): pyproject.toml
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
+
+.PHONY: openapi
+openapi: $(STAMP)
+	$(PY) -m smoothcert.service.openapi_doc

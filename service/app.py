@@ -18,9 +18,11 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
 from smoothcert.models.store import ModelStore
+from smoothcert.service.datasets import DatasetStore
 from smoothcert.service.body_limit import BodySizeLimit
+from smoothcert.service.deps import document_auth
 from smoothcert.service.jobs import JobStore
-from smoothcert.service.routes import certify, health, jobs, models
+from smoothcert.service.routes import certify, datasets, health, jobs, models
 from smoothcert.service.settings import Settings
 from smoothcert.worker.celery_app import make_celery
 
@@ -39,15 +41,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                            health_check_interval=30)
     app.state.jobs = JobStore(app.state.redis, ttl_s=settings.job_ttl_s)
     app.state.models = ModelStore(settings.models_dir)
+    app.state.datasets = DatasetStore(settings.datasets_dir)
     app.state.queue = make_celery(settings)
 
     app.add_middleware(BodySizeLimit, default_limit=settings.max_request_bytes,
-                       limits={("POST", "/v1/models"): settings.max_upload_bytes + (1 << 20)})
+                       limits={("POST", "/v1/models"): settings.max_upload_bytes + (1 << 20),
+                               ("POST", "/v1/datasets"): settings.max_dataset_bytes + (1 << 20)})
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(redis.RedisError, _unavailable)
     app.add_exception_handler(OperationalError, _unavailable)
-    for module in (health, certify, jobs, models):
-        app.include_router(module.router)
+    for module in (health, certify, jobs, models, datasets):
+        app.include_router(document_auth(module.router))
     return app
 
 

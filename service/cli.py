@@ -2,8 +2,9 @@
 
 Subcommands that run a model (certify, predict) import torch lazily, so `smoothcert analyze` and
 the API process stay torch-free. The subcommands that talk to a running service (submit, status,
-wait, cancel, models) live in cli_remote.py. Expected failures (bad input, unreadable files) end with a
-one-line message on stderr and exit status 2; set SMOOTHCERT_DEBUG=1 to see the traceback.
+wait, cancel, models, datasets) live in cli_remote.py. Expected failures (bad input, unreadable
+files, API errors) end with a one-line message on stderr and exit status 2; set SMOOTHCERT_DEBUG=1
+to see the traceback.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `smoothcert` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:  # everything after `worker` belongs to `celery worker`, options first
+        return _worker_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
@@ -48,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--n0", type=int, default=100, help="samples to select the class (default 100)")
     certify.add_argument("--n", type=int, default=100_000, help="samples to bound its probability (default 100000)")
     certify.add_argument("--bound", choices=("cohen", "top2"), default="cohen", help="default cohen")
+    certify.add_argument("--target-radius", type=float, metavar="R",
+                         help="only decide 'certified at radius R?', drawing until the answer is known "
+                              "(anytime-valid; --n is then the cap per input)")
     certify.set_defaults(handler=_run_certify)
 
     predict = commands.add_parser("predict", help="predict with the smoothed classifier, or abstain")
@@ -69,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("celery_args", nargs=argparse.REMAINDER)
     worker.set_defaults(handler=lambda args: _worker_main(args.celery_args))
 
-    add_remote_commands(commands)  # submit, status, wait, cancel, models: the service over HTTP
+    add_remote_commands(commands)  # submit, status, wait, cancel, models, datasets: over HTTP
     return parser
 
 
@@ -110,11 +117,17 @@ def _run_certify(args) -> int:
     model, x, labels = _prepare(args)
     with _progress_bar() as progress:
         run = certify(model, x, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
-                      batch_size=args.batch_size, seed=args.seed, bound=args.bound, progress=progress)
+                      batch_size=args.batch_size, seed=args.seed, bound=args.bound, progress=progress,
+                      target_radius=args.target_radius)
     _write(args, run, labels)
-    certified = sum(not r.abstained for r in run.results)
-    print(f"certified {certified} of {len(run.results)} inputs ({len(run.results) - certified} abstained)"
-          f"{_accuracy(run, labels)} in {run.provenance['elapsed_s']:.1f} s", file=sys.stderr)
+    if args.target_radius is None:
+        certified = sum(not r.abstained for r in run.results)
+        what = f"certified {certified} of {len(run.results)} inputs ({len(run.results) - certified} abstained)"
+    else:
+        certified = sum(r.certified_at_r for r in run.results)
+        what = (f"certified {certified} of {len(run.results)} inputs at radius {args.target_radius} with "
+                f"{run.provenance['samples_used'] / len(run.results):,.0f} samples per input")
+    print(f"{what}{_accuracy(run, labels)} in {run.provenance['elapsed_s']:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -10,10 +10,13 @@ import secrets
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from smoothcert.models.store import ModelStore
+from smoothcert.service.datasets import DatasetStore
 from smoothcert.service.jobs import JobStore
 from smoothcert.service.settings import Settings
 
@@ -32,6 +35,10 @@ def get_models(request: Request) -> ModelStore:
     return request.app.state.models
 
 
+def get_datasets(request: Request) -> DatasetStore:
+    return request.app.state.datasets
+
+
 def get_queue(request: Request) -> Celery:
     return request.app.state.queue
 
@@ -39,6 +46,7 @@ def get_queue(request: Request) -> Celery:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobsDep = Annotated[JobStore, Depends(get_jobs)]
 ModelsDep = Annotated[ModelStore, Depends(get_models)]
+DatasetsDep = Annotated[DatasetStore, Depends(get_datasets)]
 QueueDep = Annotated[Celery, Depends(get_queue)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
@@ -69,3 +77,31 @@ def require_admin(role: Role) -> None:
     """403 unless the caller used the admin key."""
     if role != "admin":
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs the admin key (SMOOTHCERT_ADMIN_KEY)")
+
+
+_ERROR_BODY = {"application/json": {"schema": {
+    "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
+UNAUTHORIZED = {"description": "missing or invalid API key", "content": _ERROR_BODY}
+FORBIDDEN = {"description": "the admin key is needed", "content": _ERROR_BODY}
+
+
+def document_auth(router: APIRouter) -> APIRouter:
+    """Declare in ``router``'s OpenAPI entries the 401 and 403 answers its key checks can give.
+
+    FastAPI documents the responses a route declares, not those its dependencies raise; reading
+    each route's dependency tree keeps the document from forgetting one. Idempotent.
+    """
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            calls = set(_dependency_calls(route.dependant))
+            if require_key in calls:
+                route.responses.setdefault(status.HTTP_401_UNAUTHORIZED, UNAUTHORIZED)
+            if require_admin in calls:
+                route.responses.setdefault(status.HTTP_403_FORBIDDEN, FORBIDDEN)
+    return router
+
+
+def _dependency_calls(dependant: Dependant):
+    for sub in dependant.dependencies:
+        yield sub.call
+        yield from _dependency_calls(sub)

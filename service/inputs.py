@@ -53,6 +53,16 @@ def load_inputs(paths: Sequence[str | Path], channels: int) -> np.ndarray:
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and paths[0].suffix == ".npy":
         return load_npy(paths[0])
+    files = image_files(paths)
+    images = [decode_image(f.read_bytes(), channels, str(f)) for f in files]
+    if len({im.shape for im in images}) > 1:
+        raise InputFileError(f"images differ in size: {sorted({im.shape for im in images})}")
+    return np.stack(images)
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The PNG/JPEG files among ``paths`` and inside its folders (sorted by name), in order."""
+    paths = [Path(p) for p in paths]
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -65,10 +75,7 @@ def load_inputs(paths: Sequence[str | Path], channels: int) -> np.ndarray:
             raise InputFileError(f"{path}: give one .npy file, or PNG/JPEG files or folders of them")
     if not files:
         raise InputFileError("no PNG or JPEG images found in " + ", ".join(map(str, paths)))
-    images = [decode_image(f.read_bytes(), channels, str(f)) for f in files]
-    if len({im.shape for im in images}) > 1:
-        raise InputFileError(f"images differ in size: {sorted({im.shape for im in images})}")
-    return np.stack(images)
+    return files
 
 
 def load_labels(path: str | Path, count: int) -> np.ndarray:

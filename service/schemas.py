@@ -11,19 +11,25 @@ import io
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SEED = 2**63 - 1
 
 
 class CertifyRequest(BaseModel):
     """``POST /v1/certify`` as JSON. ``inputs`` is a nested list (C,H,W) / (N,C,H,W) of floats in
-    [0, 1], or the base64 text of a ``.npy`` file holding such an array."""
+    [0, 1], or the base64 text of a ``.npy`` file holding such an array. Instead of ``inputs``,
+    ``dataset_id`` names an uploaded dataset (``POST /v1/datasets``): its inputs ``[skip,
+    skip + limit)`` are certified in chunks, with the labels of its ``y``."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_id: str = Field(min_length=1, max_length=64)
-    inputs: str | list[Any]
+    inputs: str | list[Any] | None = None
+    dataset_id: str | None = Field(None, min_length=1, max_length=64,
+                                   description="certify this uploaded dataset instead of inputs")
+    skip: int = Field(0, ge=0, description="dataset jobs: the first input to certify")
+    limit: int | None = Field(None, ge=1, description="dataset jobs: certify at most this many inputs")
     sigma: float = Field(gt=0, allow_inf_nan=False, description="noise level in [0,1] pixel units")
     n0: int = Field(100, ge=1, description="samples that select the class (certify only)")
     n: int = Field(100_000, ge=1, description="samples that bound its probability")
@@ -35,6 +41,16 @@ class CertifyRequest(BaseModel):
     mode: Literal["certify", "predict"] = "certify"
     radii: list[float] | None = Field(None, max_length=1000,
                                       description="radii of the certified-accuracy curve (labels given)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CertifyRequest:
+        if (self.inputs is None) == (self.dataset_id is None):
+            raise ValueError("give either inputs or dataset_id (a dataset uploaded to /v1/datasets)")
+        if self.dataset_id is not None and self.labels is not None:
+            raise ValueError("a dataset job takes its labels from the dataset's y; do not send labels")
+        if self.dataset_id is None and (self.skip or self.limit is not None):
+            raise ValueError("skip and limit apply to dataset jobs (dataset_id) only")
+        return self
 
 
 class JobAccepted(BaseModel):
@@ -81,6 +97,21 @@ class ModelRecord(BaseModel):
     class_names: list[str] | None = None
     normalization: dict[str, Any] | None = None
     sigma: float | None = None
+
+
+class DatasetRecord(BaseModel):
+    """An uploaded dataset (``service/datasets.py`` describes the fields)."""
+
+    id: str
+    name: str
+    filename: str
+    num_inputs: int
+    input_shape: list[int]
+    label_range: list[int]
+    source_dtype: str
+    size_bytes: int
+    sha256: str
+    created_at: float
 
 
 class Health(BaseModel):

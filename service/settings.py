@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     max_inputs: int = Field(10_000, ge=1, description="most inputs in one certify job")
     max_request_bytes: int = Field(64 << 20, ge=1024, description="largest JSON/multipart certify body")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest model upload")
+    max_dataset_bytes: int = Field(256 << 20, ge=1024, description="largest dataset upload (.npz file)")
+    max_dataset_unpacked_bytes: int = Field(
+        1 << 30, ge=1024, description="largest x and y of a dataset .npz once unzipped, checked before unzipping")
+    chunk_size: int = Field(100, ge=1, description="inputs per task of a dataset job; with the seed it fixes the "
+                                                   "noise each input gets")
 
     model_check_timeout_s: float = Field(120.0, gt=0, description="how long an upload waits for a worker")
     task_time_limit_s: int = Field(6 * 3600, ge=60, description="hard limit of one task")
@@ -80,3 +85,7 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"

@@ -24,6 +24,7 @@ from celery.signals import worker_ready, worker_shutdown
 from smoothcert.service.settings import Settings
 
 CERTIFY_TASK = "smoothcert.certify"
+CERTIFY_CHUNK_TASK = "smoothcert.certify_chunk"
 CHECK_MODEL_TASK = "smoothcert.check_model"
 QUEUE = "smoothcert"
 HEARTBEAT_PREFIX = "smoothcert:worker:"

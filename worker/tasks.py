@@ -1,14 +1,18 @@
 """Celery tasks: thin wrappers that unpack a message, call the engine and store the outcome.
 
-Messages carry ids and paths only (the inputs wait in ``DATA_DIR/jobs/<id>/``). Every outcome
-lands in the job record (:mod:`smoothcert.service.jobs`); nothing is returned to Celery. A task
-runs again after its worker died (late acks), at most ``max_deliveries`` times; running the same
-job again gives the same answer because the seed is part of the message.
+Messages carry ids and paths only (the inputs wait in ``DATA_DIR/jobs/<id>/``, datasets in
+``DATA_DIR/datasets/<id>/``). Every outcome lands in the job record
+(:mod:`smoothcert.service.jobs`); nothing is returned to Celery. A task runs again after its
+worker died (late acks), at most ``max_deliveries`` times; running the same job again gives the
+same answer because the seed is part of the message. A dataset job is one task per chunk
+(:mod:`smoothcert.service.job_chunks`); the redelivery cap counts per chunk.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -21,10 +25,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from smoothcert.models.loaders import load_model
 from smoothcert.models.metadata import ModelError
 from smoothcert.models.store import ModelStore
-from smoothcert.service.analyze import DEFAULT_RADII
-from smoothcert.service.jobs import TERMINAL, JobStore
+from smoothcert.service.dataset_files import DatasetFileError
+from smoothcert.service.datasets import DatasetStore
+from smoothcert.service.job_chunks import ChunkLedger
+from smoothcert.service.jobs import RUNNING, TERMINAL, JobStore
 from smoothcert.worker import engine
-from smoothcert.worker.celery_app import CERTIFY_TASK, CHECK_MODEL_TASK, app, settings
+from smoothcert.worker.celery_app import CERTIFY_CHUNK_TASK, CERTIFY_TASK, CHECK_MODEL_TASK, app, settings
+from smoothcert.worker.dataset_jobs import combine_chunks, run_chunk
+from smoothcert.worker.job_results import label_metrics, label_rows, run_engine, throttled
 
 log = logging.getLogger(__name__)
 MODEL_CACHE_SIZE = 4
@@ -38,6 +46,13 @@ def job_store() -> JobStore:
         client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
         _clients["jobs"] = JobStore(client, ttl_s=settings.job_ttl_s)
     return _clients["jobs"]
+
+
+def chunk_ledger() -> ChunkLedger:
+    """This process's ledger of dataset-job chunks, on the JobStore's connections."""
+    if "chunks" not in _clients:
+        _clients["chunks"] = ChunkLedger(job_store())
+    return _clients["chunks"]
 
 
 def load_stored_model(store: ModelStore, meta: dict[str, Any]):
@@ -71,47 +86,53 @@ def check_model(model_id: str) -> dict[str, Any]:
     return {**found, "runtime": model.runtime, "provider": model.provider}
 
 
-def certified_accuracy(results: list[dict], labels: list[int], radii) -> list[dict[str, float]]:
-    """Share of inputs predicted right with radius ≥ r, for each r in ``radii``."""
-    radius = np.array([r["radius"] if r["prediction"] == y else -1.0 for r, y in zip(results, labels)])
-    return [{"radius": float(r), "accuracy": float((radius >= r).mean())} for r in radii]
+def ready_model(model_id: str):
+    """The loaded model of a ready stored model; ModelError when it was deleted."""
+    store = ModelStore(settings.models_dir)
+    meta = store.get(model_id)
+    if meta is None:
+        raise ModelError(f"model {model_id} was deleted")
+    return load_stored_model(store, meta)
 
 
 def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]:
     """Run a certify/predict job described by ``spec`` (the message) and return its result."""
-    store = ModelStore(settings.models_dir)
-    meta = store.get(spec["model_id"])
-    if meta is None:
-        raise ModelError(f"model {spec['model_id']} was deleted")
-    model = load_stored_model(store, meta)
+    model = ready_model(spec["model_id"])
     x = np.load(spec["inputs_path"], allow_pickle=False)
     labels = spec.get("labels")
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done >= total or now - last[0] > 0.25:
-            last[0] = now
-            jobs.set_progress(job_id, done, total)
-
-    common = dict(batch_size=spec.get("batch_size"), seed=spec["seed"], progress=progress,
-                  should_cancel=lambda: jobs.cancel_requested(job_id))
-    if spec["mode"] == "predict":
-        run = engine.predict(model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], **common)
-    else:
-        run = engine.certify(model, x, spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
-                             bound=spec["bound"], **common)
-    result = run.to_dict()
-    result["provenance"]["model_id"] = meta["id"]
-    for i, row in enumerate(result["results"]):
-        row["label"] = None if labels is None else int(labels[i])
-    if labels is not None and spec["mode"] == "certify":
-        result["certified_accuracy"] = certified_accuracy(result["results"], labels,
-                                                          spec.get("radii") or DEFAULT_RADII)
-    elif labels is not None:
-        rows = result["results"]
-        result["accuracy"] = float(np.mean([r["prediction"] == y for r, y in zip(rows, labels)]))
+    result = run_engine(model, x, spec, spec["seed"],
+                        throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
+                        lambda: jobs.cancel_requested(job_id))
+    result["provenance"]["model_id"] = spec["model_id"]
+    label_rows(result["results"], labels)
+    if labels is not None:
+        result.update(label_metrics(result["results"], spec["mode"], spec.get("radii")))
     return result
+
+
+def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, worker: str) -> dict[str, Any]:
+    """Run chunk ``spec["chunk"]`` of a dataset job; its outcome (rows and provenance)."""
+    index = spec["chunk"]
+    return run_chunk(ready_model(spec["model_id"]), spec, DatasetStore(settings.datasets_dir), worker,
+                     throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
+                     lambda: ledger.should_stop(job_id))
+
+
+def complete_chunk(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedger, worker: str) -> None:
+    """Run a chunk and keep its outcome; when every chunk has one, combine them into the result.
+
+    Any chunk task that finds all outcomes stored may combine them (a redelivered last chunk
+    too); the record turns succeeded once, whoever wins, so no lock is needed.
+    """
+    if ledger.store(job_id, spec["chunk"], run_dataset_chunk(job_id, spec, ledger, worker)) < spec["chunks"]:
+        return
+    record = jobs.get(job_id)
+    outcomes = ledger.results(job_id)
+    if record is None or record.status != RUNNING or len(outcomes) < spec["chunks"]:
+        return  # canceled or failed meanwhile, or another chunk task combined and cleared them
+    elapsed = max(0.0, time.time() - (record.started_at or time.time()))
+    if jobs.succeed(job_id, combine_chunks(spec, outcomes, elapsed)):
+        ledger.clear(job_id)
 
 
 def _finish(job_id: str, jobs: JobStore, work) -> None:
@@ -122,11 +143,16 @@ def _finish(job_id: str, jobs: JobStore, work) -> None:
     if deliveries > settings.max_deliveries:
         jobs.fail(job_id, f"the job was started {deliveries - 1} times and its worker died each time")
         return
+    _record_errors(job_id, jobs, lambda: jobs.succeed(job_id, work()))
+
+
+def _record_errors(job_id: str, jobs: JobStore, work) -> None:
+    """Run ``work()``; a cancellation or an error ends job ``job_id`` accordingly."""
     try:
-        jobs.succeed(job_id, work())
+        work()
     except engine.Canceled:
         jobs.mark_canceled(job_id)
-    except (ModelError, engine.InputError) as exc:
+    except (ModelError, engine.InputError, DatasetFileError) as exc:
         jobs.fail(job_id, str(exc))
     except SoftTimeLimitExceeded:
         jobs.fail(job_id, f"the job exceeded the {settings.task_time_limit_s} s time limit")
@@ -145,6 +171,20 @@ def certify_task(job_id: str, spec: dict[str, Any]) -> None:
         record = jobs.get(job_id)
         if record is None or record.status in TERMINAL:  # keep the inputs for a redelivery
             shutil.rmtree(Path(spec["inputs_path"]).parent, ignore_errors=True)
+
+
+@app.task(name=CERTIFY_CHUNK_TASK, bind=True)
+def certify_chunk_task(self, job_id: str, spec: dict[str, Any]) -> None:
+    """Certify one chunk of a dataset job (``spec``: the job's parameters and the chunk's range)."""
+    jobs, ledger = job_store(), chunk_ledger()
+    deliveries = ledger.start(job_id, spec["chunk"])
+    if deliveries == 0:
+        return  # the job was canceled, failed in another chunk, or is already complete
+    if deliveries > settings.max_deliveries:
+        jobs.fail(job_id, f"chunk {spec['chunk']} was started {deliveries - 1} times and its worker died each time")
+        return
+    worker = self.request.hostname or f"{socket.gethostname()}.{os.getpid()}"
+    _record_errors(job_id, jobs, lambda: complete_chunk(job_id, spec, jobs, ledger, worker))
 
 
 @app.task(name=CHECK_MODEL_TASK)

@@ -1,1 +1,1 @@
-"""One router per resource: health, certify, jobs, models."""
+"""One router per resource: health, certify, jobs, models, datasets."""

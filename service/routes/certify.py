@@ -6,7 +6,8 @@ images (one input each) or one ``.npy`` array. Everything a worker would refuse 
 first, with a 4xx that says why: parameters (schemas), caps (settings), the model (404 unknown,
 shape and label range from its record). The inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``;
 the message carries that path, the job record is written before the message is sent, and the
-seed is drawn here so that it is recorded.
+seed is drawn here so that it is recorded. A dataset job (``dataset_id``) is checked against the
+dataset's record and sent as one message per chunk (:mod:`smoothcert.service.job_chunks`).
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from smoothcert.service.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_key
+from smoothcert.service.deps import DatasetsDep, JobsDep, ModelsDep, QueueDep, SettingsDep, require_key
 from smoothcert.service.inputs import IMAGE_SUFFIXES, decode_image, load_npy
+from smoothcert.service.job_chunks import chunk_seed, plan_chunks
 from smoothcert.service.jobs import new_job_id
 from smoothcert.service.schemas import CertifyRequest, JobAccepted, check_inputs, check_labels, decode_inputs
-from smoothcert.worker.celery_app import CERTIFY_TASK
+from smoothcert.worker.celery_app import CERTIFY_CHUNK_TASK, CERTIFY_TASK
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_key)])
 SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript clients too
-_FORM_FIELDS = {k: v for k, v in CertifyRequest.model_json_schema()["properties"].items() if k != "inputs"}
+_FORM_FIELDS = {k: v for k, v in CertifyRequest.model_json_schema()["properties"].items()
+                if k not in ("inputs", "dataset_id", "skip", "limit")}
 _BODY = {"required": True, "content": {
     "application/json": {"schema": CertifyRequest.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "required": ["model_id", "sigma", "inputs"], "properties": {
@@ -46,16 +49,22 @@ def _unprocessable(message: str) -> HTTPException:
 
 @router.post("/certify", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
              openapi_extra={"requestBody": _BODY},
-             responses={404: {"description": "unknown model"}, 413: {"description": "body too large"},
+             responses={404: {"description": "unknown model or dataset"}, 413: {"description": "body too large"},
                         422: {"description": "invalid parameters or inputs"}})
 async def submit(request: Request, response: Response, settings: SettingsDep, jobs: JobsDep, models: ModelsDep,
-                 queue: QueueDep) -> JobAccepted:
-    """Queue a certify (or predict) job; poll ``Location`` for its status and result."""
+                 datasets: DatasetsDep, queue: QueueDep) -> JobAccepted:
+    """Queue a certify (or predict) job; poll ``Location`` for its status and result.
+
+    With ``dataset_id`` instead of inputs (JSON only), the job covers that uploaded dataset in
+    chunks of ``SMOOTHCERT_CHUNK_SIZE`` inputs, one task each, which any number of workers share;
+    the labels come from the dataset. Chunk i draws its noise from a seed derived from the job's
+    seed and i, so the same seed and chunk size give the same rows (service/job_chunks.py).
+    """
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         req, files = await _read_multipart(request, settings.max_inputs)
     else:
         req, files = _validate(await request.body(), json_text=True), None
-    accepted = await run_in_threadpool(_enqueue, req, files, settings, jobs, models, queue)
+    accepted = await run_in_threadpool(_enqueue, req, files, settings, jobs, models, datasets, queue)
     response.headers["Location"] = accepted.location
     return accepted
 
@@ -100,14 +109,18 @@ def _decode_files(files: Files, channels: int) -> np.ndarray:
     return np.stack(images)
 
 
-def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, queue) -> JobAccepted:
+def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, datasets, queue) -> JobAccepted:
     for name in ("n0", "n"):
         if getattr(req, name) > settings.max_n:
             raise _unprocessable(f"{name}={getattr(req, name)} exceeds this server's cap of {settings.max_n} "
                                  "samples (SMOOTHCERT_MAX_N)")
+    if req.radii is not None and any(not np.isfinite(r) or r < 0 for r in req.radii):
+        raise _unprocessable("radii must be finite and non-negative")
     meta = models.get(req.model_id)
     if meta is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {req.model_id!r}")
+    if req.dataset_id is not None:
+        return _enqueue_dataset(req, meta, settings, jobs, datasets, queue)
     try:
         raw = decode_inputs(req.inputs) if files is None else _decode_files(files, meta["input_shape"][0])
         x = check_inputs(raw, meta["input_shape"])
@@ -117,23 +130,16 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, q
         raise _unprocessable(str(exc)) from None
     if len(x) > settings.max_inputs:
         raise _unprocessable(f"{len(x)} inputs exceed this server's cap of {settings.max_inputs} per job "
-                             "(SMOOTHCERT_MAX_INPUTS)")
-    if req.radii is not None and any(not np.isfinite(r) or r < 0 for r in req.radii):
-        raise _unprocessable("radii must be finite and non-negative")
+                             "(SMOOTHCERT_MAX_INPUTS); upload them as a dataset (POST /v1/datasets)")
 
     job_id = new_job_id()
     folder = settings.jobs_dir / job_id
     folder.mkdir(parents=True)
     np.save(folder / "inputs.npy", x)
-    seed = req.seed if req.seed is not None else secrets.randbelow(SEED_BOUND)
-    params: dict[str, Any] = {
-        "model_id": req.model_id, "mode": req.mode, "sigma": req.sigma, "n0": req.n0, "n": req.n,
-        "alpha": req.alpha, "bound": req.bound, "batch_size": req.batch_size, "seed": seed,
-        "num_inputs": len(x)}
+    params = _params(req, len(x))
     spec = {**params, "inputs_path": str(folder / "inputs.npy"), "labels": req.labels, "radii": req.radii}
-    per_input = req.n if req.mode == "predict" else req.n0 + req.n
     try:
-        jobs.create(job_id, req.mode, params, total=per_input * len(x))
+        jobs.create(job_id, req.mode, params, total=_samples_per_input(req) * len(x))
         queue.send_task(CERTIFY_TASK, args=[job_id, spec], task_id=job_id)
     except Exception:
         shutil.rmtree(folder, ignore_errors=True)
@@ -141,3 +147,48 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, q
             jobs.fail(job_id, "the job could not be queued")
         raise  # Redis or broker errors become 503 (app.py)
     return JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
+
+
+def _enqueue_dataset(req: CertifyRequest, meta, settings, jobs, datasets, queue) -> JobAccepted:
+    """Queue one task per chunk of the dataset's inputs ``[skip, skip + limit)`` (job_chunks.py)."""
+    dataset = datasets.get(req.dataset_id)
+    if dataset is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {req.dataset_id!r}")
+    if dataset["input_shape"] != meta["input_shape"]:
+        raise _unprocessable(f"dataset {req.dataset_id} holds inputs of shape {dataset['input_shape']}, "
+                             f"the model takes {meta['input_shape']}")
+    if dataset["label_range"][1] >= meta["num_classes"]:
+        raise _unprocessable(f"dataset {req.dataset_id} has labels up to {dataset['label_range'][1]}, "
+                             f"the model's classes are [0, {meta['num_classes']})")
+    size = dataset["num_inputs"]
+    if req.skip >= size:
+        raise _unprocessable(f"skip={req.skip} leaves no inputs: dataset {req.dataset_id} holds {size}")
+    stop = size if req.limit is None else min(size, req.skip + req.limit)
+    ranges = plan_chunks(req.skip, stop, settings.chunk_size)
+    params = {**_params(req, stop - req.skip), "dataset_id": req.dataset_id, "skip": req.skip, "limit": req.limit,
+              "chunk_size": settings.chunk_size, "chunks": len(ranges)}
+    spec = {**params, "dataset_sha256": dataset["sha256"], "radii": req.radii}
+    job_id = new_job_id()
+    try:
+        jobs.create(job_id, req.mode, params, total=_samples_per_input(req) * (stop - req.skip))
+        for index, (first, end) in enumerate(ranges):
+            chunk = {**spec, "chunk": index, "start": first, "stop": end,
+                     "chunk_seed": chunk_seed(params["seed"], index)}
+            queue.send_task(CERTIFY_CHUNK_TASK, args=[job_id, chunk], task_id=f"{job_id}.{index}")
+    except Exception:
+        with contextlib.suppress(Exception):
+            jobs.fail(job_id, "the job could not be queued")
+        raise
+    return JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
+
+
+def _params(req: CertifyRequest, num_inputs: int) -> dict[str, Any]:
+    """The job record's parameters; the seed is drawn here when absent, so that it is recorded."""
+    seed = req.seed if req.seed is not None else secrets.randbelow(SEED_BOUND)
+    return {"model_id": req.model_id, "mode": req.mode, "sigma": req.sigma, "n0": req.n0, "n": req.n,
+            "alpha": req.alpha, "bound": req.bound, "batch_size": req.batch_size, "seed": seed,
+            "num_inputs": num_inputs}
+
+
+def _samples_per_input(req: CertifyRequest) -> int:
+    return req.n if req.mode == "predict" else req.n0 + req.n

@@ -37,7 +37,8 @@ def get_results_tsv(job_id: str, jobs: JobsDep) -> PlainTextResponse:
     if record.kind not in ("certify", "predict"):
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is a {record.kind} job, without results")
     rows = record.result["results"]
-    labels = None if rows and rows[0].get("label") is None else [r["label"] for r in rows]
+    # By row index, not position: a dataset job's rows are numbered from its skip.
+    labels = None if rows and rows[0].get("label") is None else {r["index"]: r["label"] for r in rows}
     return PlainTextResponse(format_tsv(rows, labels), media_type="text/tab-separated-values")
 
 

@@ -152,3 +152,17 @@ def test_model_id_from_the_local_store(demo_paths, digits, tmp_path, monkeypatch
     assert len(capsys.readouterr().out.splitlines()) == 21
     assert main(["certify", "no-such-model", "--inputs", str(digits[0]), "--sigma", "0.25"]) == 2
     assert "nor a model with that id" in capsys.readouterr().err
+
+
+def test_target_radius_rows_and_far_fewer_samples(demo_paths, digits, tmp_path):
+    out = tmp_path / "r.tsv"
+    assert main(["certify", str(demo_paths["onnx"]), "--inputs", str(digits[0]), "--labels", str(digits[1]),
+                 "--sigma", "0.25", "--target-radius", "0.1", "--n", "100000", "--seed", "0",
+                 "--out", str(out)]) == 0
+    header, rows = _rows(out)
+    assert header[-3:] == ["certified_at_r", "samples_used", "target_radius"] and len(rows) == 20
+    certified = [row for row in rows if row[9] == "1"]
+    # the demo model certifies most digits at 0.1 (it does at 0.25 with a fixed n, see above)
+    assert len(certified) >= 14 and all(float(row[3]) >= 0.1 for row in certified)
+    assert sum(int(row[10]) for row in rows) < 20 * 100_100 / 40
+    assert all(row[2] != "-1" for row in certified)

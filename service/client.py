@@ -1,0 +1,234 @@
+"""A Python client of the HTTP API v1 (design §4), used by the remote `smoothcert` subcommands.
+
+``ServiceClient`` submits certify/predict jobs, follows them to the end, fetches their TSV,
+cancels them, and manages models and datasets. Every failure is a :class:`ClientError` with a
+one-line message: an API error carries its status code and the server's ``detail``; an
+unreachable server names the URL. No torch: httpx, tqdm, and numpy through ``inputs``.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from smoothcert.service.inputs import image_files
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+class ClientError(ValueError):
+    """A request that did not succeed; ``status_code`` is None when no answer came back."""
+
+    def __init__(self, message: str, status_code: int | None = None, detail: Any = None):
+        super().__init__(" ".join(message.split()))
+        self.status_code = status_code
+        self.detail = detail
+
+
+def _detail_text(detail: Any) -> str:
+    """The server's ``detail`` in one line; 422 validation lists become ``field: message; ...``."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg", "")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
+
+
+class ServiceClient:
+    """One connection to a smoothcert API at ``base_url``, authorized with ``api_key``.
+
+    ``timeout`` bounds each request (seconds); a model upload, which waits until a worker has
+    loaded the model, gets at least ``upload_timeout``. Use it as a context manager or call
+    :meth:`close`.
+    """
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0,
+                 upload_timeout: float = 300.0, transport: httpx.BaseTransport | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.upload_timeout = max(timeout, upload_timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def submit(self, model_id: str, inputs: Sequence[str | Path] | None, sigma: float, *, n0: int | None = None,
+               n: int | None = None, alpha: float | None = None, batch_size: int | None = None,
+               seed: int | None = None, bound: str | None = None, mode: str | None = None,
+               labels: Sequence[int] | None = None, radii: Sequence[float] | None = None,
+               dataset_id: str | None = None, skip: int | None = None, limit: int | None = None) -> dict:
+        """Queue a certify (or ``mode="predict"``) job; the server's ``{job_id, status, location}``.
+
+        ``inputs`` is one ``.npy`` file (sent as base64 in a JSON body) or PNG/JPEG files and
+        folders of them (sent as multipart, one input per image, folders in name order). Instead,
+        ``dataset_id`` names an uploaded dataset, of which inputs ``[skip, skip + limit)`` are
+        certified with the dataset's labels. Parameters left None take the server's defaults.
+        """
+        if (inputs is None) == (dataset_id is None):
+            raise ClientError("give either inputs or a dataset id")
+        params = {"model_id": model_id, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
+                  "batch_size": batch_size, "seed": seed, "bound": bound, "mode": mode,
+                  "labels": None if labels is None else [int(y) for y in labels],
+                  "radii": None if radii is None else [float(r) for r in radii],
+                  "dataset_id": dataset_id, "skip": skip, "limit": limit}
+        params = {k: v for k, v in params.items() if v is not None}
+        if dataset_id is not None:
+            return self._request("POST", "/v1/certify", json=params).json()
+        paths = [Path(p) for p in inputs]
+        if len(paths) == 1 and paths[0].suffix.lower() == ".npy":
+            body = {**params, "inputs": base64.b64encode(_read(paths[0])).decode("ascii")}
+            return self._request("POST", "/v1/certify", json=body).json()
+        form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
+        files = [("inputs", (p.name, _read(p), _MIME[p.suffix.lower()])) for p in image_files(paths)]
+        return self._request("POST", "/v1/certify", data=form, files=files).json()
+
+    def status(self, job_id: str) -> dict:
+        """The job record: ``{id, kind, status, progress: {done, total}, ..., error, result}``."""
+        return self._request("GET", f"/v1/jobs/{_segment(job_id)}").json()
+
+    def wait(self, job_id: str, timeout: float | None = None, progress: bool | None = None,
+             poll_s: float = 0.1, max_poll_s: float = 2.0) -> dict:
+        """Poll until the job is succeeded, failed or canceled; its last record.
+
+        Polls start every ``poll_s`` seconds and back off to ``max_poll_s``. A progress bar (in
+        samples) goes to stderr when ``progress`` is true, or by default when stderr is a
+        terminal. After ``timeout`` seconds a ClientError says the job is still going (it keeps
+        running on the server).
+        """
+        from tqdm import tqdm
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        show = sys.stderr.isatty() if progress is None else progress
+        delay, record = poll_s, self.status(job_id)
+        with tqdm(total=record["progress"]["total"] or None, unit="samples", unit_scale=True, file=sys.stderr,
+                  disable=not show, dynamic_ncols=True, desc=job_id[:8]) as bar:
+            while True:
+                done, total = record["progress"]["done"], record["progress"]["total"]
+                if total and bar.total != total:
+                    bar.total = total
+                bar.set_postfix_str(record["status"], refresh=False)
+                bar.update(done - bar.n)
+                if record["status"] in TERMINAL:
+                    return record
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise ClientError(f"job {job_id} is still {record['status']} after {timeout:g} s "
+                                      f"({done} of {total} samples); it keeps running on the server")
+                time.sleep(delay if left is None else min(delay, left))
+                delay = min(delay * 1.5, max_poll_s)
+                record = self.status(job_id)
+
+    def results_tsv(self, job_id: str) -> str:
+        """A succeeded job's results in the CLI's TSV (Cohen's columns first)."""
+        return self._request("GET", f"/v1/jobs/{_segment(job_id)}/results.tsv").text
+
+    def cancel(self, job_id: str) -> dict:
+        """Ask the job to stop: a queued one is canceled at once, a running one between batches."""
+        return self._request("DELETE", f"/v1/jobs/{_segment(job_id)}").json()
+
+    # -- models -------------------------------------------------------------------------------
+
+    def upload_model(self, path: str | Path, *, name: str | None = None, arch: str | None = None,
+                     input_shape: Sequence[int] | None = None, num_classes: int | None = None,
+                     normalization: dict | str | None = None, sigma: float | None = None,
+                     class_names: Sequence[str] | None = None) -> dict:
+        """Upload an .onnx or .safetensors model (admin key); its record once a worker checked it.
+
+        ``normalization`` is ``{"mean": [...], "std": [...]}`` or its JSON text; the server checks
+        every field and answers 422 with its reason.
+        """
+        path = Path(path)
+        fields = {"name": name, "arch": arch, "num_classes": num_classes, "sigma": sigma,
+                  "input_shape": None if input_shape is None else json.dumps([int(d) for d in input_shape]),
+                  "class_names": None if class_names is None else json.dumps(list(class_names)),
+                  "normalization": normalization if normalization is None or isinstance(normalization, str)
+                  else json.dumps(normalization)}
+        form = {k: str(v) for k, v in fields.items() if v is not None}
+        with _open(path) as f:
+            return self._request("POST", "/v1/models", data=form, files={"file": (path.name, f)},
+                                 timeout=self.upload_timeout).json()
+
+    def list_models(self) -> list[dict]:
+        """Every ready model, oldest first."""
+        return self._request("GET", "/v1/models").json()
+
+    def get_model(self, model_id: str) -> dict:
+        return self._request("GET", f"/v1/models/{_segment(model_id)}").json()
+
+    def delete_model(self, model_id: str) -> None:
+        """Remove a model (admin key)."""
+        self._request("DELETE", f"/v1/models/{_segment(model_id)}")
+
+    # -- datasets -----------------------------------------------------------------------------
+
+    def upload_dataset(self, path: str | Path, name: str | None = None) -> dict:
+        """Upload an ``.npz`` with ``x`` (N, C, H, W) and ``y`` (N labels); its record (``id``)."""
+        path = Path(path)
+        with _open(path) as f:
+            return self._request("POST", "/v1/datasets", data={"name": name} if name else {},
+                                 files={"file": (path.name, f)}, timeout=self.upload_timeout).json()
+
+    def list_datasets(self) -> list[dict]:
+        return self._request("GET", "/v1/datasets").json()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{_segment(dataset_id)}")
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ClientError(f"cannot connect to the smoothcert service at {self.base_url} ({exc}); "
+                              "is it running?") from None
+        except httpx.TimeoutException:
+            raise ClientError(f"no answer from {self.base_url} to {method} {path} in time") from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"{method} {self.base_url}{path} failed: {exc}") from None
+        if resp.is_success:
+            return resp
+        try:
+            detail = resp.json()["detail"]
+        except (ValueError, KeyError, TypeError):
+            detail = resp.text[:300] or resp.reason_phrase
+        raise ClientError(f"{method} {path}: {resp.status_code} {resp.reason_phrase}: {_detail_text(detail)}",
+                          status_code=resp.status_code, detail=detail)
+
+
+def _segment(identifier: str) -> str:
+    """An id as one URL path segment, so that a stray "/" or "?" cannot address another route."""
+    return quote(identifier, safe="")
+
+
+def _read(path: Path) -> bytes:
+    with _open(path) as f:
+        return f.read()
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror or exc}") from None

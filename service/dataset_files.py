@@ -1,0 +1,125 @@
+"""Reading an uploaded dataset: an ``.npz`` (numpy.savez) holding ``x`` and ``y``, never unpickled.
+
+``x`` is (N, C, H, W), floats in [0, 1] or uint8 (scaled by 1/255); ``y`` holds N integer labels
+≥ 0. An ``.npz`` is a zip of ``.npy`` members, so an upload could be a zip bomb or carry a
+pickle. Defences, in order: the members' declared uncompressed sizes are checked against a cap
+before anything is unzipped; each member's ``.npy`` header is read on its own and must declare a
+plain numeric dtype (object arrays are pickles) whose data size matches the member's size; only
+then is the data read, and zipfile stops at the declared size and checks the CRC. numpy only.
+"""
+from __future__ import annotations
+
+import math
+import zipfile
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+REQUIRED = ("x", "y")
+_HINT = "save it with numpy.savez(path, x=images, y=labels)"
+
+
+class DatasetFileError(ValueError):
+    """The upload is not a usable dataset; the message says why, in one line."""
+
+
+class DatasetTooLarge(DatasetFileError):
+    """The upload, or what it unzips to, exceeds a size cap."""
+
+
+class DatasetArrays(NamedTuple):
+    x: np.ndarray          # float32 (N, C, H, W) in [0, 1]
+    y: np.ndarray          # int64 (N,), ≥ 0
+    source_dtype: str      # x's dtype as uploaded
+
+
+def read_dataset_npz(path: str | Path, max_unpacked_bytes: int) -> DatasetArrays:
+    """The checked arrays of the ``.npz`` at ``path``.
+
+    Raises DatasetTooLarge when ``x`` and ``y`` together declare more than ``max_unpacked_bytes``
+    uncompressed, and DatasetFileError for anything else that is wrong.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise DatasetFileError(f"not an .npz file (a zip of .npy arrays); {_HINT}") from None
+    with archive:
+        members = {info.filename: info for info in archive.infolist()}
+        missing = [key for key in REQUIRED if f"{key}.npy" not in members]
+        if missing:
+            found = ", ".join(sorted(name.removesuffix(".npy") for name in members)) or "nothing"
+            raise DatasetFileError(f"the .npz lacks {' and '.join(missing)} (it holds {found}); {_HINT}")
+        declared = sum(members[f"{key}.npy"].file_size for key in REQUIRED)
+        if declared > max_unpacked_bytes:
+            raise DatasetTooLarge(f"x and y unzip to {declared} bytes, over this server's limit of "
+                                  f"{max_unpacked_bytes} bytes (SMOOTHCERT_MAX_DATASET_UNPACKED_BYTES)")
+        x = _read_member(archive, members["x.npy"], "x")
+        y = _read_member(archive, members["y.npy"], "y")
+    return DatasetArrays(check_images(x), check_labels(y, len(x)), str(x.dtype))
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """One ``.npy`` member, its header checked before its data is read."""
+    try:
+        with archive.open(info) as member:
+            shape, fortran_order, dtype = _read_header(member, key)
+            if dtype.hasobject or dtype.kind not in "biuf":
+                raise DatasetFileError(
+                    f"{key} has dtype {dtype}" + (", which holds pickled Python objects; smoothcert never "
+                                                  "unpickles uploads" if dtype.hasobject else "")
+                    + "; save plain numbers")
+            size = math.prod(shape) * dtype.itemsize
+            if member.tell() + size != info.file_size:
+                raise DatasetFileError(f"{key}: its header declares shape {list(shape)} ({size} bytes of data) "
+                                       f"but the member holds {info.file_size - member.tell()}")
+            data = member.read(size)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method.
+        raise DatasetFileError(f"{key}: the .npz is damaged or unreadable ({exc})") from None
+    if len(data) != size:
+        raise DatasetFileError(f"{key}: the .npz is truncated")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def _read_header(member, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(member)
+        if version == (1, 0):
+            return fmt.read_array_header_1_0(member)
+        if version == (2, 0):
+            return fmt.read_array_header_2_0(member)
+    except ValueError as exc:
+        raise DatasetFileError(f"{key} is not a .npy array ({exc})") from None
+    raise DatasetFileError(f"{key}: unsupported .npy format version {version}")
+
+
+def check_images(x: np.ndarray) -> np.ndarray:
+    """``x`` as contiguous float32 (N, C, H, W) in [0, 1]; DatasetFileError otherwise."""
+    if x.ndim != 4 or 0 in x.shape:
+        hint = " (add the channel axis: x[:, None])" if x.ndim == 3 else ""
+        raise DatasetFileError(f"x must be (N, C, H, W) with no empty axis, got shape {list(x.shape)}{hint}")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255)
+    if x.dtype.kind != "f":
+        raise DatasetFileError(f"x must hold floats in [0, 1] or uint8 pixels, not {x.dtype}")
+    if not np.isfinite(x).all():
+        raise DatasetFileError("x contains NaN or infinite values")
+    low, high = float(x.min()), float(x.max())
+    if low < 0.0 or high > 1.0:
+        raise DatasetFileError(f"x must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}] "
+                               "(or upload uint8 pixels, scaled by 1/255 here)")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_labels(y: np.ndarray, count: int) -> np.ndarray:
+    """``y`` as int64 (N,) of labels ≥ 0, one per image; DatasetFileError otherwise."""
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DatasetFileError(f"y must be a 1-d array of integer labels, got {y.dtype} of shape {list(y.shape)}")
+    if len(y) != count:
+        raise DatasetFileError(f"x holds {count} images but y holds {len(y)} labels")
+    if int(y.min()) < 0 or int(y.max()) >= 2**31:
+        raise DatasetFileError(f"labels must lie in [0, 2^31), found values in [{int(y.min())}, {int(y.max())}]")
+    return y.astype(np.int64)

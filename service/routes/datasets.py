@@ -1,0 +1,61 @@
+"""``/v1/datasets``: upload, list, show and delete datasets to certify as chunked jobs.
+
+Any valid key may use these routes (the user key suffices, unlike model upload): a dataset is
+data to certify, like the ``inputs`` of ``POST /v1/certify``, and nothing in it is ever run or
+unpickled. The upload is an ``.npz`` with ``x`` (N, C, H, W; floats in [0, 1], or uint8 pixels,
+scaled by 1/255) and ``y`` (N integer labels), checked as :mod:`smoothcert.service.dataset_files`
+describes: 413 past the file or unzipped size caps, 422 with a message for anything else.
+Deleting a dataset makes the queued chunks of jobs over it fail with a message.
+"""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile, status
+
+from smoothcert.service.dataset_files import DatasetFileError, DatasetTooLarge
+from smoothcert.service.deps import DatasetsDep, SettingsDep, require_key
+from smoothcert.service.schemas import DatasetRecord
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(require_key)])
+_NOT_FOUND = {404: {"description": "unknown dataset"}}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRecord,
+             responses={413: {"description": "file, or x and y unzipped, too large"},
+                        422: {"description": "not a usable .npz dataset"}})
+def upload_dataset(response: Response, settings: SettingsDep, datasets: DatasetsDep,
+                   file: Annotated[UploadFile, File(description=".npz (numpy.savez) with x and y")],
+                   name: Annotated[str | None, Form(max_length=200)] = None) -> DatasetRecord:
+    """Check and store an ``.npz`` dataset; answer its record (``id`` is the ``dataset_id`` to certify)."""
+    try:
+        meta = datasets.add(file.file, file.filename or "dataset.npz", name, max_bytes=settings.max_dataset_bytes,
+                            max_unpacked_bytes=settings.max_dataset_unpacked_bytes)
+    except DatasetTooLarge as exc:
+        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
+    except DatasetFileError as exc:
+        raise HTTPException(422, str(exc)) from None
+    response.headers["Location"] = f"/v1/datasets/{meta['id']}"
+    return DatasetRecord.model_validate(meta)
+
+
+@router.get("", response_model=list[DatasetRecord])
+def list_datasets(datasets: DatasetsDep) -> list[DatasetRecord]:
+    """Every dataset, oldest first."""
+    return [DatasetRecord.model_validate(d) for d in datasets.list()]
+
+
+@router.get("/{dataset_id}", response_model=DatasetRecord, responses=_NOT_FOUND)
+def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetRecord:
+    meta = datasets.get(dataset_id)
+    if meta is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {dataset_id!r}")
+    return DatasetRecord.model_validate(meta)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
+def delete_dataset(dataset_id: str, datasets: DatasetsDep) -> Response:
+    """Remove the dataset's files."""
+    if not datasets.delete(dataset_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {dataset_id!r}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
