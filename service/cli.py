@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from smoothcert.service.cli_remote import add_commands as add_remote_commands
+from smoothcert.service.cli_train import add_commands as add_train_commands
 from smoothcert.service.inputs import load_inputs, load_labels
 from smoothcert.service.tsv import format_tsv
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("celery_args", nargs=argparse.REMAINDER)
     worker.set_defaults(handler=lambda args: _worker_main(args.celery_args))
 
+    add_train_commands(commands)  # train, import-checkpoint, experiment: in-process
     add_remote_commands(commands)  # submit, status, wait, cancel, models, datasets: over HTTP
     return parser
 

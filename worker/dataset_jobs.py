@@ -14,7 +14,7 @@ from smoothcert.worker import engine
 from smoothcert.worker.job_results import label_metrics, label_rows, run_engine
 
 # Provenance fields that differ from chunk to chunk; the job's provenance lists them per chunk.
-_PER_CHUNK = ("seed", "num_inputs", "device", "elapsed_s", "batch_size")
+_PER_CHUNK = ("chunk", "start", "stop", "worker", "pid", "seed", "num_inputs", "device", "elapsed_s", "batch_size")
 
 
 def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, progress: engine.Progress,
@@ -44,10 +44,8 @@ def combine_chunks(spec: dict[str, Any], outcomes: dict[int, dict[str, Any]], el
     ordered = [outcomes[i] for i in range(spec["chunks"])]
     rows = [row for outcome in ordered for row in outcome["rows"]]
     first = ordered[0]["provenance"]
-    chunks = [{"chunk": o["provenance"]["chunk"], "start": o["provenance"]["start"], "stop": o["provenance"]["stop"],
-               "worker": o["provenance"]["worker"], "pid": o["provenance"]["pid"],
-               **{k: o["provenance"][k] for k in _PER_CHUNK}} for o in ordered]
-    shared = {k: v for k, v in first.items() if k not in (*_PER_CHUNK, "chunk", "start", "stop", "worker", "pid")}
+    chunks = [{k: o["provenance"][k] for k in _PER_CHUNK} for o in ordered]
+    shared = {k: v for k, v in first.items() if k not in _PER_CHUNK}
     devices = sorted({c["device"] for c in chunks})
     provenance = {**shared, "seed": spec["seed"], "batch_size": spec.get("batch_size") or first["batch_size"],
                   "device": devices[0] if len(devices) == 1 else "mixed: " + ", ".join(devices),

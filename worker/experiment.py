@@ -1,7 +1,8 @@
 """The training comparison: each recipe at each σ, certified on a held-out split, side by side.
 
 For every (method, σ) a base classifier is trained on the dataset's training split (all runs
-start from the same seeded initial weights and see the same data order), written as a
+start from the same seeded initial weights and see the same data order; training runs on one
+thread, so the weights do not depend on the machine's core count), written as a
 self-describing safetensors file, loaded back with ``load_model`` as ``smoothcert certify``
 would, and certified on the test split with CERTIFY (n0, n, α; the same noise seed for every
 model). Certified accuracy at radius r is the share of test images whose certified class is
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +119,8 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
             if step:
                 step(f"train {method} σ={sigma:g}")
             tick = time.perf_counter()
-            trained = train(config.train_config(method, sigma), data, device=device, name=f"{data.name}-{tag}")
+            with _one_thread():
+                trained = train(config.train_config(method, sigma), data, device=device, name=f"{data.name}-{tag}")
             train_s = time.perf_counter() - tick
             model_path = trained.save(out / "models" / f"{tag}.safetensors")
             if step:
@@ -143,6 +146,20 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
     plot_curves(result, paths["plot"])
     Path(paths["summary"]).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's CPU kernels split reductions by thread count, so trained weights depend on it; on
+    one thread the table is the same on every machine (and digits_cnn is too small to need more)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def certified_accuracy(results: list[dict], labels: np.ndarray, radii) -> list[float]:
