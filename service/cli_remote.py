@@ -44,6 +44,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--batch-size", type=int, help="noisy samples per forward pass")
     submit.add_argument("--seed", type=int, help="noise seed (default: drawn by the server and recorded)")
     submit.add_argument("--bound", choices=("cohen", "top2"), help="server default cohen")
+    submit.add_argument("--target-radius", type=float, metavar="R",
+                        help="only decide 'certified at radius R?' (anytime-valid; --n is then the cap)")
     submit.add_argument("--wait", action="store_true", help="wait for the result and write its TSV")
     _result_options(submit)
     submit.set_defaults(handler=_submit)
@@ -121,7 +123,8 @@ def _submit(args) -> int:
     with service_client(args) as client:
         accepted = client.submit(args.model_id, args.inputs, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                  batch_size=args.batch_size, seed=args.seed, bound=args.bound, mode=args.mode,
-                                 labels=labels, dataset_id=args.dataset, skip=args.skip, limit=args.limit)
+                                 labels=labels, dataset_id=args.dataset, skip=args.skip, limit=args.limit,
+                                 target_radius=args.target_radius)
         job_id = accepted["job_id"]
         if not args.wait:
             print(job_id)

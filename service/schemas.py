@@ -41,6 +41,10 @@ class CertifyRequest(BaseModel):
     mode: Literal["certify", "predict"] = "certify"
     radii: list[float] | None = Field(None, max_length=1000,
                                       description="radii of the certified-accuracy curve (labels given)")
+    target_radius: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="only decide 'certified at this radius?' with an anytime-valid test that stops as soon "
+                    "as the answer is known; n is then the cap per input")
 
     @model_validator(mode="after")
     def _one_source(self) -> CertifyRequest:
@@ -50,6 +54,8 @@ class CertifyRequest(BaseModel):
             raise ValueError("a dataset job takes its labels from the dataset's y; do not send labels")
         if self.dataset_id is None and (self.skip or self.limit is not None):
             raise ValueError("skip and limit apply to dataset jobs (dataset_id) only")
+        if self.target_radius is not None and (self.mode != "certify" or self.bound != "cohen"):
+            raise ValueError("target_radius goes with mode certify and the default bound")
         return self
 
 

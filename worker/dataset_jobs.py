@@ -56,5 +56,8 @@ def combine_chunks(spec: dict[str, Any], outcomes: dict[int, dict[str, Any]], el
                   "workers": sorted({c["worker"] for c in chunks}), "chunks": chunks}
     totals = {"inputs": len(rows), "abstentions": sum(r["abstained"] for r in rows), "chunks": len(chunks),
               "elapsed_s": elapsed_s, "images_per_s": len(rows) / elapsed_s if elapsed_s > 0 else None}
+    if spec.get("target_radius") is not None:  # what the test spent against what a fixed n would have
+        totals.update(samples_used=sum(r["samples_used"] for r in rows),
+                      samples_fixed_n=len(rows) * (spec["n0"] + spec["n"]))
     return {"results": rows, "provenance": provenance, "totals": totals,
             **label_metrics(rows, spec["mode"], spec.get("radii"))}

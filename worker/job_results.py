@@ -22,7 +22,7 @@ def run_engine(model, x: np.ndarray, spec: dict[str, Any], seed: int, progress: 
         run = engine.predict(model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], **common)
     else:
         run = engine.certify(model, x, spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
-                             bound=spec["bound"], **common)
+                             bound=spec["bound"], target_radius=spec.get("target_radius"), **common)
     return run.to_dict()
 
 
@@ -46,9 +46,14 @@ def label_rows(rows: list[dict[str, Any]], labels: Sequence[int] | None) -> None
 
 
 def label_metrics(rows: list[dict[str, Any]], mode: str, radii: Sequence[float] | None) -> dict[str, Any]:
-    """``certified_accuracy`` at ``radii`` (certify) or ``accuracy`` (predict) of labelled rows."""
+    """``certified_accuracy`` at ``radii`` (certify) or ``accuracy`` (predict) of labelled rows;
+    rows of a target-radius run add ``certified_accuracy_at_r``: the share certified at r and right."""
     if mode == "certify":
-        return {"certified_accuracy": certified_accuracy(rows, radii or DEFAULT_RADII)}
+        metrics: dict[str, Any] = {"certified_accuracy": certified_accuracy(rows, radii or DEFAULT_RADII)}
+        if rows and "certified_at_r" in rows[0]:
+            metrics["certified_accuracy_at_r"] = float(np.mean(
+                [r["certified_at_r"] and r["prediction"] == r["label"] for r in rows]))
+        return metrics
     return {"accuracy": float(np.mean([r["prediction"] == r["label"] for r in rows]))}
 
 

@@ -205,4 +205,6 @@ def _test_until_decided(sampler: Sampler, test: SequentialTest, c_hat, n, k, ver
         done += int(want.sum())
         if sampler.progress is not None:
             sampler.progress(done, total)
+    if sampler.progress is not None:
+        sampler.progress(total, total)  # the rest of the budget was not needed
     sampler.check_labels()

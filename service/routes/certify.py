@@ -185,9 +185,12 @@ def _enqueue_dataset(req: CertifyRequest, meta, settings, jobs, datasets, queue)
 def _params(req: CertifyRequest, num_inputs: int) -> dict[str, Any]:
     """The job record's parameters; the seed is drawn here when absent, so that it is recorded."""
     seed = req.seed if req.seed is not None else secrets.randbelow(SEED_BOUND)
-    return {"model_id": req.model_id, "mode": req.mode, "sigma": req.sigma, "n0": req.n0, "n": req.n,
-            "alpha": req.alpha, "bound": req.bound, "batch_size": req.batch_size, "seed": seed,
-            "num_inputs": num_inputs}
+    params = {"model_id": req.model_id, "mode": req.mode, "sigma": req.sigma, "n0": req.n0, "n": req.n,
+              "alpha": req.alpha, "bound": req.bound, "batch_size": req.batch_size, "seed": seed,
+              "num_inputs": num_inputs}
+    if req.target_radius is not None:
+        params["target_radius"] = req.target_radius
+    return params
 
 
 def _samples_per_input(req: CertifyRequest) -> int:
