@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from smoothcert.models.pixels import PixelError, check_pixel_values
+
 REQUIRED = ("x", "y")
 _HINT = "save it with numpy.savez(path, x=images, y=labels)"
 
@@ -105,12 +107,10 @@ def check_images(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255)
     if x.dtype.kind != "f":
         raise DatasetFileError(f"x must hold floats in [0, 1] or uint8 pixels, not {x.dtype}")
-    if not np.isfinite(x).all():
-        raise DatasetFileError("x contains NaN or infinite values")
-    low, high = float(x.min()), float(x.max())
-    if low < 0.0 or high > 1.0:
-        raise DatasetFileError(f"x must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}] "
-                               "(or upload uint8 pixels, scaled by 1/255 here)")
+    try:
+        check_pixel_values(x, hint=" (or upload uint8 pixels, scaled by 1/255 here)")
+    except PixelError as exc:
+        raise DatasetFileError(f"x: {exc}") from None
     return np.ascontiguousarray(x, dtype=np.float32)
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from smoothcert.models.pixels import as_pixel_batch
+
 MAX_SEED = 2**63 - 1
 
 
@@ -151,19 +153,7 @@ def decode_inputs(value: str | list[Any]) -> np.ndarray:
 
 def check_inputs(arr: np.ndarray, input_shape: list[int]) -> np.ndarray:
     """``arr`` as float32 (N, C, H, W) for a model taking ``input_shape``; ValueError otherwise."""
-    expected = tuple(int(d) for d in input_shape)
-    if arr.shape == expected:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1:] != expected or arr.shape[0] == 0:
-        raise ValueError(f"inputs have shape {list(arr.shape)}, the model takes {list(expected)} "
-                         f"or [N, {', '.join(map(str, expected))}]")
-    if not np.isfinite(arr).all():
-        raise ValueError("inputs contain NaN or infinite values")
-    low, high = float(arr.min()), float(arr.max())
-    if low < 0.0 or high > 1.0:
-        raise ValueError(f"inputs must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}]"
-                         " (scale 8-bit images by 1/255)")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return as_pixel_batch(arr, input_shape)
 
 
 def check_labels(labels: list[int], num_inputs: int, num_classes: int) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from smoothcert.models.base import BaseClassifier
+from smoothcert.models.pixels import PixelError, as_pixel_batch
 from smoothcert.worker.provenance import software_versions
 
 Progress = Callable[[int, int], None]
@@ -43,25 +44,15 @@ def draw_seed() -> int:
 
 
 def as_input_batch(x, input_shape) -> np.ndarray:
-    """Validate ``x`` against a model's (C, H, W) and return it as float32 (N, C, H, W).
+    """``x`` (array or tensor) as float32 (N, C, H, W) for a model taking ``input_shape``.
 
-    Refuses, with a one-line :class:`InputError`: non-float data, a shape other than (C, H, W) or
-    (N, C, H, W) with N ≥ 1, NaN or infinite values, and values outside [0, 1].
+    The checks of :func:`smoothcert.models.pixels.as_pixel_batch`, raised as :class:`InputError`.
     """
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise InputError(f"inputs must be floats in [0, 1], got dtype {arr.dtype} (scale 8-bit images by 1/255)")
-    expected = tuple(int(d) for d in input_shape)
-    if arr.shape == expected:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1:] != expected or arr.shape[0] == 0:
-        raise InputError(f"inputs have shape {arr.shape}, the model takes {expected} or (N, *{expected})")
-    if not np.isfinite(arr).all():
-        raise InputError("inputs contain NaN or infinite values")
-    low, high = float(arr.min()), float(arr.max())
-    if low < 0.0 or high > 1.0:
-        raise InputError(f"inputs must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}]")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    try:
+        return as_pixel_batch(arr, input_shape)
+    except PixelError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _positive_int(name: str, value) -> int:
