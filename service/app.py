@@ -22,7 +22,7 @@ from smoothcert.service.datasets import DatasetStore
 from smoothcert.service.body_limit import BodySizeLimit
 from smoothcert.service.deps import document_auth
 from smoothcert.service.jobs import JobStore
-from smoothcert.service.routes import certify, datasets, health, jobs, models
+from smoothcert.service.routes import certify, datasets, health, jobs, models, train
 from smoothcert.service.settings import Settings
 from smoothcert.worker.celery_app import make_celery
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(redis.RedisError, _unavailable)
     app.add_exception_handler(OperationalError, _unavailable)
-    for module in (health, certify, jobs, models, datasets):
+    for module in (health, certify, jobs, models, datasets, train):
         app.include_router(document_auth(module.router))
     return app
 

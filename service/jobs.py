@@ -51,7 +51,7 @@ class JobRecord:
     """What ``GET /v1/jobs/{id}`` shows; times are Unix seconds."""
 
     id: str
-    kind: str                      # "certify" | "predict" | "check_model"
+    kind: str                      # "certify" | "predict" | "check_model" | "train"
     status: str = QUEUED
     done: int = 0
     total: int = 0

@@ -2,9 +2,10 @@
 
 Starts (as subprocesses, logs under ``DATA_DIR/logs``) a Redis-protocol server unless
 ``SMOOTHCERT_REDIS_URL`` is set, uvicorn serving the API on ``SMOOTHCERT_HOST:SMOOTHCERT_PORT``
-and one Celery worker; waits for ``/readyz``; uploads the digits demo model through the API
-(reused when an identical one is already stored); prints the URL, the API key and a curl
-example; stops everything on Ctrl-C or SIGTERM, or when one of the processes dies.
+and one Celery worker that consumes both queues (certification and training); waits for
+``/readyz``; uploads the digits demo model through the API (reused when an identical one is
+already stored); prints the URL, the API key and a curl example; stops everything on Ctrl-C or
+SIGTERM, or when one of the processes dies.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class Stack:
                 "SMOOTHCERT_HOST": s.host, "SMOOTHCERT_PORT": str(s.port), "SMOOTHCERT_ENV": s.env}
 
     def start(self) -> None:
+        from smoothcert.worker.celery_app import QUEUE, TRAIN_QUEUE
+
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
         if not s.redis_url:
@@ -55,7 +58,7 @@ class Stack:
         self._spawn("api", [sys.executable, "-m", "uvicorn", "smoothcert.service.app:create_app", "--factory",
                             "--host", s.host, "--port", str(s.port)])
         self._spawn("worker", [sys.executable, "-m", "smoothcert.worker.celery_app",
-                               "--hostname", f"smoothcert-{os.getpid()}@%h"])
+                               "--queues", f"{QUEUE},{TRAIN_QUEUE}", "--hostname", f"smoothcert-{os.getpid()}@%h"])
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = self.logs / f"{name}.log"

@@ -1,7 +1,10 @@
 """The Celery application: broker settings shared by the API (which only sends) and the workers.
 
 Importing this module is torch-free, so the API can use :func:`make_celery` to enqueue tasks by
-name; only a worker imports :mod:`smoothcert.worker.tasks`. Reliability settings (design §6):
+name; only a worker imports :mod:`smoothcert.worker.tasks` and :mod:`smoothcert.worker.train_tasks`.
+Training jobs are routed to their own queue, ``train``, so a long training run never holds up
+certification: a worker consumes ``smoothcert`` (the default), ``train``, or both
+(``--queues smoothcert,train``, as ``smoothcert up`` does). Reliability settings (design §6):
 late acks with one prefetched message, so a task whose worker dies is redelivered; the Redis
 visibility timeout exceeds the hard time limit, so a long task is never handed out twice while
 it still runs. Workers announce themselves with a heartbeat key that ``/readyz`` looks for.
@@ -18,6 +21,10 @@ import sys
 import threading
 import time
 
+# Set before a worker process first imports torch: idle OpenMP threads would otherwise spin
+# between batches and take the cores from the noise generation and from onnxruntime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
@@ -26,7 +33,10 @@ from smoothcert.service.settings import Settings
 CERTIFY_TASK = "smoothcert.certify"
 CERTIFY_CHUNK_TASK = "smoothcert.certify_chunk"
 CHECK_MODEL_TASK = "smoothcert.check_model"
+TRAIN_TASK = "smoothcert.train"
 QUEUE = "smoothcert"
+TRAIN_QUEUE = "train"
+WORKER_TASK_MODULES = ["smoothcert.worker.tasks", "smoothcert.worker.train_tasks"]
 HEARTBEAT_PREFIX = "smoothcert:worker:"
 HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S = 2.0, 10
 
@@ -34,9 +44,10 @@ HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S = 2.0, 10
 def make_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
     """A Celery app on ``settings.broker_url``; ``include_tasks`` registers the worker's tasks."""
     app = Celery("smoothcert", broker=settings.broker_url, set_as_default=False,
-                 include=["smoothcert.worker.tasks"] if include_tasks else [])
+                 include=WORKER_TASK_MODULES if include_tasks else [])
     app.conf.update(
         task_default_queue=QUEUE,
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},
         task_serializer="json", accept_content=["json"],
         task_ignore_result=True,          # results live in our job records
         task_acks_late=True,

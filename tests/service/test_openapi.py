@@ -9,7 +9,7 @@ import pytest
 from smoothcert.service.openapi_doc import main, openapi_document, openapi_text, stale_diff
 
 CHECKED_IN = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
-ADMIN_OPERATIONS = {("post", "/v1/models"), ("delete", "/v1/models/{model_id}")}
+ADMIN_OPERATIONS = {("post", "/v1/models"), ("delete", "/v1/models/{model_id}"), ("post", "/v1/train")}
 
 
 @pytest.fixture(scope="module")
