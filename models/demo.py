@@ -11,10 +11,7 @@ generator and training runs on one thread (torch results depend on the thread co
 from __future__ import annotations
 
 import argparse
-import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ from torch import nn
 from smoothcert.models.architectures import DEFAULT_INPUT_SHAPE, build_network
 from smoothcert.models.base import Normalize
 from smoothcert.models.metadata import METADATA_KEY, ModelInfo, Normalization, info_to_json
+from smoothcert.models.reproducible import init_weights, single_threaded
 from smoothcert.models.safetensors_io import save_safetensors_model
 
 DEMO_ARCH = "digits_cnn"
@@ -49,30 +47,6 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     return x[:split], y[:split], x[split:], y[split:]
 
 
-def _reset_parameters(net: nn.Module, generator: torch.Generator) -> None:
-    """Re-draw every weight and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with ``generator``
-    (the scale of torch's default init, without touching the global random state)."""
-    for module in net.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            bound = 1.0 / math.sqrt(module.weight[0].numel())
-            with torch.no_grad():
-                module.weight.uniform_(-bound, bound, generator=generator)
-                if module.bias is not None:
-                    module.bias.uniform_(-bound, bound, generator=generator)
-
-
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    """torch's CPU kernels split reductions by thread count, so the trained weights depend on it;
-    one thread gives the same bytes on every machine, at little cost for a model this small."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train_digits_cnn(train_x: np.ndarray, train_y: np.ndarray, norm: Normalization,
                      seed: int = 0) -> nn.Sequential:
     """``Sequential(Normalize, digits_cnn)`` trained with Gaussian augmentation at DEMO_SIGMA."""
@@ -80,10 +54,10 @@ def train_digits_cnn(train_x: np.ndarray, train_y: np.ndarray, norm: Normalizati
     # Construction draws a throwaway init from the global generator; fork_rng leaves it as it was.
     with torch.random.fork_rng(devices=[]):
         net = build_network(DEMO_ARCH, 10)
-    _reset_parameters(net, generator)
+    init_weights(net, generator)
     model = nn.Sequential(Normalize(norm, 1), net)
     model.train()
-    with _single_threaded():
+    with single_threaded():
         _train_epochs(model, torch.from_numpy(train_x), torch.from_numpy(train_y), generator)
     return model.eval()
 
@@ -136,7 +110,7 @@ def build_demo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     train_x, train_y, test_x, test_y = load_digits_split()
     norm = Normalization(mean=(float(train_x.mean()),), std=(float(train_x.std()),))
     model = train_digits_cnn(train_x, train_y, norm, seed)
-    with torch.inference_mode(), _single_threaded():
+    with torch.inference_mode(), single_threaded():
         predictions = model(torch.from_numpy(test_x)).argmax(dim=1).numpy()
     accuracy = float((predictions == test_y).mean())
     info = ModelInfo(

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from smoothcert.models.reproducible import single_threaded
 from smoothcert.worker.datasets import Dataset, load_digits
 from smoothcert.worker.train_config import METHODS, TrainConfig
 
@@ -119,7 +119,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
             if step:
                 step(f"train {method} σ={sigma:g}")
             tick = time.perf_counter()
-            with _one_thread():
+            with single_threaded():
                 trained = train(config.train_config(method, sigma), data, device=device, name=f"{data.name}-{tag}")
             train_s = time.perf_counter() - tick
             model_path = trained.save(out / "models" / f"{tag}.safetensors")
@@ -146,20 +146,6 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
     plot_curves(result, paths["plot"])
     Path(paths["summary"]).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch's CPU kernels split reductions by thread count, so trained weights depend on it; on
-    one thread the table is the same on every machine (and digits_cnn is too small to need more)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def certified_accuracy(results: list[dict], labels: np.ndarray, radii) -> list[float]:

@@ -17,7 +17,6 @@ an uninterrupted run. No Celery here: the CLI, the worker task and the tests cal
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from torch import nn
 from smoothcert.models.architectures import build_network
 from smoothcert.models.base import Normalize
 from smoothcert.models.metadata import ModelError, ModelInfo, Normalization
+from smoothcert.models.reproducible import init_weights
 from smoothcert.worker.attacks import noisy_logits, pgd_l2_smoothed, smoothed_soft_loss
 from smoothcert.worker.datasets import Dataset
 from smoothcert.worker import training_checkpoint as ckpt
@@ -153,19 +153,6 @@ def _derived_seed(seed: int, purpose: str) -> int:
     """A seed for a side stream (evaluation), independent of the training stream."""
     digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
-
-
-def init_weights(net: nn.Module, generator: torch.Generator) -> None:
-    """Draw every convolution and linear layer's weights and biases from
-    U(−1/√fan_in, 1/√fan_in) with ``generator`` (the scale of torch's default initialization,
-    without the global random state); batch-norm layers keep their deterministic defaults."""
-    for module in net.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            bound = 1.0 / math.sqrt(module.weight[0].numel())
-            with torch.no_grad():
-                module.weight.uniform_(-bound, bound, generator=generator)
-                if module.bias is not None:
-                    module.bias.uniform_(-bound, bound, generator=generator)
 
 
 def channel_normalization(x: np.ndarray) -> Normalization:
