@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from smoothcert.models.reproducible import single_threaded
 from smoothcert.worker.datasets import Dataset, load_digits
 from smoothcert.worker.train_config import METHODS, TrainConfig
 
@@ -101,6 +100,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
     write the outputs listed in the module docstring. ``step(description)`` is called before each
     training and each certification (2 per model)."""
     from smoothcert.models.loaders import load_model
+    from smoothcert.models.reproducible import single_threaded  # torch: only when an experiment runs
     from smoothcert.service.tsv import format_tsv
     from smoothcert.worker.engine import certify
     from smoothcert.worker.training import train
