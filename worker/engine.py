@@ -23,8 +23,21 @@ from smoothcert.worker.sampling import (  # noqa: F401  (re-exported for callers
     CancelCheck, Canceled, InputError, Progress, Sampler, as_input_batch, default_batch_size)
 
 
+class Answer:
+    """What every per-input answer shares: no prediction means the run abstained."""
+
+    prediction: int | None
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "abstained": self.abstained}
+
+
 @dataclass
-class Certificate:
+class Certificate(Answer):
     """CERTIFY's answer for one input.
 
     With probability ≥ 1 − alpha over the sampling, the smoothed classifier predicts
@@ -43,20 +56,15 @@ class Certificate:
     elapsed_s: float
     p_b_upper: float | None = None   # the top2 bound only
 
-    @property
-    def abstained(self) -> bool:
-        return self.prediction is None
-
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["abstained"] = self.abstained
+        d = super().to_dict()
         if self.p_b_upper is None:
             del d["p_b_upper"]
         return d
 
 
 @dataclass
-class Prediction:
+class Prediction(Answer):
     """PREDICT's answer for one input: the class (None on abstain) and the binomial test behind it.
 
     If the smoothed classifier's top class is c, the probability that ``prediction`` is a class
@@ -70,13 +78,6 @@ class Prediction:
     n_b: int
     n: int
     elapsed_s: float
-
-    @property
-    def abstained(self) -> bool:
-        return self.prediction is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "abstained": self.abstained}
 
 
 @dataclass

@@ -18,8 +18,7 @@ chances of a false certificate (tests/worker/test_sequential.py measures it).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from scipy.special import betaln
 from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
+from smoothcert.worker.engine import Answer, Run
 from smoothcert.worker.sampling import InputError, Sampler
 
 PRIOR = (0.5, 0.5)
@@ -99,7 +99,7 @@ def p0_for(target_radius: float, sigma: float) -> float:
 
 
 @dataclass
-class RadiusDecision:
+class RadiusDecision(Answer):
     """The answer for one input at a target radius r.
 
     ``certified_at_r``: the smoothed classifier predicts ``prediction`` within radius r of the
@@ -121,13 +121,6 @@ class RadiusDecision:
     reason: str
     elapsed_s: float
 
-    @property
-    def abstained(self) -> bool:
-        return self.prediction is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "abstained": self.abstained}
-
 
 def certify_at_radius(model, x, sigma: float, target_radius: float, *, n0: int, n_max: int, alpha: float,
                       beta: float, batch_size: int | None, seed: int | None, progress=None, should_cancel=None):
@@ -138,8 +131,6 @@ def certify_at_radius(model, x, sigma: float, target_radius: float, *, n0: int, 
     :class:`SequentialTest` decides or n_max is reached. Decided inputs leave; the others fill
     the batch. When r is out of reach even for a unanimous vote of n_max, nothing is drawn.
     """
-    from smoothcert.worker.engine import Run
-
     if not (isinstance(target_radius, (int, float)) and math.isfinite(target_radius) and target_radius >= 0):
         raise InputError(f"target_radius must be a finite number >= 0, got {target_radius!r}")
     if not (isinstance(beta, (int, float)) and 0 < beta < 1):
