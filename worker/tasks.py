@@ -135,15 +135,21 @@ def complete_chunk(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: Ch
         ledger.clear(job_id)
 
 
+def admitted(jobs: JobStore, job_id: str, deliveries: int, what: str = "the job") -> bool:
+    """Whether this delivery should run: not when ``deliveries`` is 0 (canceled, or finished by an
+    earlier delivery), and not past the redelivery cap, where the job fails saying why."""
+    if deliveries == 0:
+        return False
+    if deliveries > settings.max_deliveries:
+        jobs.fail(job_id, f"{what} was started {deliveries - 1} times and its worker died each time")
+        return False
+    return True
+
+
 def _finish(job_id: str, jobs: JobStore, work) -> None:
     """Run ``work()`` as job ``job_id`` and record how it ended; never raises for job errors."""
-    deliveries = jobs.start(job_id)
-    if deliveries == 0:
-        return  # canceled while queued, or already finished by an earlier delivery
-    if deliveries > settings.max_deliveries:
-        jobs.fail(job_id, f"the job was started {deliveries - 1} times and its worker died each time")
-        return
-    _record_errors(job_id, jobs, lambda: jobs.succeed(job_id, work()))
+    if admitted(jobs, job_id, jobs.start(job_id)):
+        _record_errors(job_id, jobs, lambda: jobs.succeed(job_id, work()))
 
 
 def _record_errors(job_id: str, jobs: JobStore, work) -> None:
@@ -177,12 +183,8 @@ def certify_task(job_id: str, spec: dict[str, Any]) -> None:
 def certify_chunk_task(self, job_id: str, spec: dict[str, Any]) -> None:
     """Certify one chunk of a dataset job (``spec``: the job's parameters and the chunk's range)."""
     jobs, ledger = job_store(), chunk_ledger()
-    deliveries = ledger.start(job_id, spec["chunk"])
-    if deliveries == 0:
-        return  # the job was canceled, failed in another chunk, or is already complete
-    if deliveries > settings.max_deliveries:
-        jobs.fail(job_id, f"chunk {spec['chunk']} was started {deliveries - 1} times and its worker died each time")
-        return
+    if not admitted(jobs, job_id, ledger.start(job_id, spec["chunk"]), f"chunk {spec['chunk']}"):
+        return  # canceled, failed in another chunk, complete, or past the redelivery cap
     worker = self.request.hostname or f"{socket.gethostname()}.{os.getpid()}"
     _record_errors(job_id, jobs, lambda: complete_chunk(job_id, spec, jobs, ledger, worker))
 

@@ -28,7 +28,7 @@ from smoothcert.service.jobs import RUNNING, TERMINAL, JobStore
 from smoothcert.worker.celery_app import TRAIN_TASK, app, settings
 from smoothcert.worker.datasets import DIGITS, Dataset, load_digits
 from smoothcert.worker.sampling import Canceled
-from smoothcert.worker.tasks import job_store
+from smoothcert.worker.tasks import admitted, job_store
 from smoothcert.worker.train_config import TrainConfig, TrainingError
 from smoothcert.worker.training import EpochMetrics, TrainResult, train
 
@@ -99,10 +99,7 @@ def train_task(job_id: str, spec: dict[str, Any]) -> None:
     jobs = job_store()
     try:
         delivery = jobs.start(job_id)
-        if delivery == 0:
-            return  # canceled while queued, or already finished by an earlier delivery
-        if delivery > settings.max_deliveries:
-            jobs.fail(job_id, f"the job was started {delivery - 1} times and its worker died each time")
+        if not admitted(jobs, job_id, delivery):
             return
         _record_outcome(job_id, jobs, lambda: jobs.succeed(job_id, run_training(job_id, spec, jobs, delivery)))
     finally:
