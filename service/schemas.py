@@ -122,10 +122,40 @@ class DatasetRecord(BaseModel):
     created_at: float
 
 
+class LoadedModel(BaseModel):
+    id: str
+    name: str | None = None
+    runtime: str | None = None
+    provider: str | None = None
+
+
+class WorkerProcess(BaseModel):
+    """One pool process of a worker: the device it resolved and the models it keeps loaded."""
+
+    pid: int
+    device: str | None = None
+    models: list[LoadedModel] = []
+    updated_at: float | None = None
+
+
+class WorkerStatus(BaseModel):
+    """A live worker as its heartbeat describes it."""
+
+    name: str
+    pid: int | None = None
+    host: str | None = None
+    started_at: float | None = None
+    queues: list[str] = []
+    concurrency: int | None = None
+    requested_device: str | None = None
+    processes: list[WorkerProcess] = []
+
+
 class Health(BaseModel):
     status: str
     redis: str | None = None
     workers: list[str] | None = None
+    worker_details: list[WorkerStatus] | None = None
     detail: str | None = None
 
 

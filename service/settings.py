@@ -47,6 +47,19 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="a task redelivered more often than this fails")
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="how long job records stay in Redis")
     worker_concurrency: int = Field(1, ge=1)
+    worker_heartbeat_ttl_s: int = Field(
+        10, ge=2, description="a worker whose heartbeat is older than this counts as dead; its running tasks "
+                              "are sent again")
+
+    max_queued_messages: int = Field(
+        1000, ge=1, description="messages waiting in one Celery queue (smoothcert or train) at which job submissions "
+                                "to that queue get 503 with Retry-After; a dataset job sends one message per chunk")
+    rate_limit_per_minute: int = Field(
+        120, ge=0, description="job submissions and dataset uploads per API key per minute, in bursts of up to this "
+                               "many (429 with Retry-After beyond); idempotent replays are free; 0 turns it off")
+    idempotency_ttl_s: int = Field(24 * 3600, ge=60, description="how long an Idempotency-Key is remembered")
+    log_format: Literal["json", "text"] = Field("json", description="log lines of the API and the workers")
+    log_level: str = Field("INFO", description="Python log level of the API and the workers")
 
     _generated_api_key: bool = PrivateAttr(False)
 

@@ -33,6 +33,7 @@ from smoothcert.worker import engine
 from smoothcert.worker.celery_app import CERTIFY_CHUNK_TASK, CERTIFY_TASK, CHECK_MODEL_TASK, app, settings
 from smoothcert.worker.dataset_jobs import combine_chunks, run_chunk
 from smoothcert.worker.job_results import label_metrics, label_rows, run_engine, throttled
+from smoothcert.worker.liveness import report_process
 
 log = logging.getLogger(__name__)
 MODEL_CACHE_SIZE = 4
@@ -68,6 +69,9 @@ def load_stored_model(store: ModelStore, meta: dict[str, Any]):
             input_shape=meta.get("input_shape"), num_classes=meta.get("num_classes"),
             normalization=meta.get("normalization"), class_names=meta.get("class_names"),
             sigma=meta.get("sigma"), name=meta.get("name"))
+        model = _models[key]
+        report_process(model={"id": meta["id"], "name": meta.get("name"), "runtime": model.runtime,
+                              "provider": model.provider})
     return _models[key]
 
 

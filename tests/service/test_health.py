@@ -13,6 +13,16 @@ def test_readyz_names_the_live_worker(anonymous):
     assert body["status"] == "ready" and body["redis"] == "ok" and body["workers"]
 
 
+def test_readyz_describes_each_worker_its_device_and_loaded_models(anonymous, demo_model):
+    # The upload's check ran in the worker's pool process, which keeps the model loaded.
+    (worker,) = [w for w in anonymous.get("/readyz").json()["worker_details"] if w["name"].startswith("test@")]
+    assert worker["queues"] == ["smoothcert"] and worker["concurrency"] == 1 and worker["requested_device"] == "cpu"
+    (process,) = worker["processes"]
+    assert process["device"] == "cpu" and process["pid"] != worker["pid"]
+    loaded = {m["id"]: m for m in process["models"]}
+    assert loaded[demo_model["id"]]["runtime"] == "torch" and loaded[demo_model["id"]]["provider"] == "cpu"
+
+
 @pytest.fixture(scope="module")
 def api_without_redis(tmp_path_factory):
     """The API pointed at a port where nothing listens."""

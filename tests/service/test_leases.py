@@ -1,0 +1,78 @@
+"""Task leases on a real Redis: who may run a task, and exactly-once resending of a dead worker's task.
+
+Database 7 of the session's server, so the session worker's own reaper never sees these leases.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from smoothcert.worker.leases import LEASES_KEY, Leases
+
+PREFIX = "test:beat:"
+TTL = 5
+
+
+@pytest.fixture
+def client(redis_url):
+    c = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/7")
+    c.flushdb()
+    yield c
+    c.flushdb()
+
+
+def beat(client, worker: str) -> None:
+    client.set(PREFIX + worker, "{}", ex=TTL)
+
+
+def test_a_live_worker_keeps_its_task_and_a_dead_ones_is_taken_over(client):
+    leases = Leases(client, PREFIX, TTL)
+    beat(client, "a")
+    first = leases.claim("job-1", "a", 101, "smoothcert.certify", ["job-1", {"seed": 1}])
+    assert first is not None and leases.get("job-1") == first
+    assert leases.claim("job-1", "b", 202, "smoothcert.certify", ["job-1", {}]) is None  # a is alive
+    again = leases.claim("job-1", "a", 102, "smoothcert.certify", ["job-1", {}])  # a's new pool process
+    assert again is not None and again.token != first.token
+    assert not leases.release(first)  # an old run cannot drop the new run's lease
+    client.delete(PREFIX + "a")  # a's heartbeat expired
+    taken = leases.claim("job-1", "b", 202, "smoothcert.certify", ["job-1", {}])
+    assert taken is not None and leases.get("job-1").worker == "b"
+    assert leases.release(taken) and leases.get("job-1") is None
+
+
+def test_reap_resends_each_dead_lease_once_and_leaves_the_rest(client):
+    one, two = Leases(client, PREFIX, TTL), Leases(client, PREFIX, TTL)
+    beat(client, "alive")
+    for worker, task in (("dead", "job-dead"), ("alive", "job-alive"), ("me", "job-mine")):
+        one.claim(task, worker, 1, "smoothcert.certify", [task, {"seed": 3}])
+    one.claim("job-train", "dead-too", 1, "smoothcert.train", ["job-train", {}])
+    sent: list = []
+    later = time.time() + TTL + 1
+    reaped = one.reap(sent.append, skip_worker="me", now=later) + two.reap(sent.append, skip_worker="me", now=later)
+    names = sorted(lease.task_id for lease in reaped)
+    assert names == ["job-dead", "job-train"]
+    assert sorted((s.task_id, s.task, tuple(map(str, s.args))) for s in sent) == [
+        ("job-dead", "smoothcert.certify", ("job-dead", "{'seed': 3}")),
+        ("job-train", "smoothcert.train", ("job-train", "{}"))]
+    assert sorted(k.decode() for k in client.hkeys(LEASES_KEY)) == ["job-alive", "job-mine"]
+
+
+def test_a_lease_younger_than_the_ttl_is_not_reaped(client):
+    leases = Leases(client, PREFIX, TTL)
+    leases.claim("job-new", "starting", 1, "smoothcert.certify", ["job-new", {}])
+    assert leases.reap(lambda lease: pytest.fail("reaped a fresh lease")) == []
+    assert leases.get("job-new") is not None
+
+
+def test_a_failed_resend_puts_the_lease_back(client):
+    leases = Leases(client, PREFIX, TTL)
+    leases.claim("job-x", "gone", 1, "smoothcert.certify", ["job-x", {}])
+
+    def broken(lease):
+        raise ConnectionError("broker away")
+
+    assert leases.reap(broken, now=time.time() + TTL + 1) == []
+    assert leases.get("job-x") is not None
+    assert [lease.task_id for lease in leases.reap(lambda lease: None, now=time.time() + TTL + 1)] == ["job-x"]

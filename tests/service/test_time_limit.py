@@ -1,0 +1,37 @@
+"""A task past its soft time limit ends its job ``failed`` with a message (the handler, on a real Redis).
+
+Celery raises SoftTimeLimitExceeded inside the task when the soft limit passes; the smallest
+limit the settings allow (60 s) is too long for the suite, so the exception is raised directly.
+Database 8 of the session's server, away from the session worker.
+"""
+from __future__ import annotations
+
+import pytest
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+
+from smoothcert.service.jobs import JobStore, new_job_id
+from smoothcert.worker import tasks
+
+
+@pytest.fixture
+def jobs(redis_url):
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/8")
+    client.flushdb()
+    yield JobStore(client, ttl_s=600)
+    client.flushdb()
+
+
+def test_a_job_past_its_soft_time_limit_fails_saying_so(jobs):
+    job_id = new_job_id()
+    jobs.create(job_id, "certify", {})
+    assert jobs.start(job_id) == 1
+
+    def overrun():
+        raise SoftTimeLimitExceeded()
+
+    tasks._record_errors(job_id, jobs, overrun)
+    record = jobs.get(job_id)
+    assert record.status == "failed"
+    assert record.error == f"the job exceeded the {tasks.settings.task_time_limit_s} s time limit"
+    assert jobs.start(job_id) == 0  # a failed job is never run again
