@@ -6,6 +6,9 @@ tasks by name and reads job records from Redis.
 
 Errors are JSON ``{"detail": ...}``: 422 for invalid requests (without echoing the inputs back),
 413 for bodies over the size caps, 503 when Redis or the broker cannot be reached.
+
+Observability: ``/metrics`` (Prometheus text; requests are counted by a middleware) and JSON log
+lines that carry the job id (:mod:`smoothcert.service.logs`), uvicorn's own lines included.
 """
 from __future__ import annotations
 
@@ -22,16 +25,24 @@ from smoothcert.service.datasets import DatasetStore
 from smoothcert.service.body_limit import BodySizeLimit
 from smoothcert.service.deps import document_auth
 from smoothcert.service.jobs import JobStore
-from smoothcert.service.routes import certify, datasets, health, jobs, models, train
+from smoothcert.service.logs import JobIdMiddleware, configure_logging
+from smoothcert.service.metrics import HttpMetrics, HttpMetricsMiddleware
+from smoothcert.service.routes import certify, datasets, health, jobs, metrics, models, train
 from smoothcert.service.settings import Settings
 from smoothcert.worker.celery_app import make_celery
 
 log = logging.getLogger("smoothcert.service")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A configured app; ``settings`` default to the ``SMOOTHCERT_*`` environment."""
+def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
+    """A configured app; ``settings`` default to the ``SMOOTHCERT_*`` environment.
+
+    ``configure_logs`` sets up this process's logging (the API's JSON lines); code that only
+    wants the app object in its own process (the OpenAPI writer, tests) passes False.
+    """
     settings = settings or Settings()
+    if configure_logs:
+        configure_logging(settings, "api")
     if settings.generated_api_key:
         log.warning("SMOOTHCERT_API_KEY is not set; this process generated the key %s", settings.api_key)
     app = FastAPI(title="smoothcert", version="1",
@@ -43,14 +54,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = ModelStore(settings.models_dir)
     app.state.datasets = DatasetStore(settings.datasets_dir)
     app.state.queue = make_celery(settings)
+    app.state.http_metrics = HttpMetrics()
 
     app.add_middleware(BodySizeLimit, default_limit=settings.max_request_bytes,
                        limits={("POST", "/v1/models"): settings.max_upload_bytes + (1 << 20),
                                ("POST", "/v1/datasets"): settings.max_dataset_bytes + (1 << 20)})
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics,
+                       paths=lambda: app.openapi()["paths"])
+    app.add_middleware(JobIdMiddleware)  # outermost: every line of a request knows its job
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(redis.RedisError, _unavailable)
     app.add_exception_handler(OperationalError, _unavailable)
-    for module in (health, certify, jobs, models, datasets, train):
+    for module in (health, metrics, certify, jobs, models, datasets, train):
         app.include_router(document_auth(module.router))
     return app
 

@@ -21,14 +21,16 @@ import json
 import time
 from typing import Any
 
-from smoothcert.service.jobs import CANCELED, FAILED, JobStore
+from smoothcert.service.jobs import CANCELED, FAILED, TRACK_LUA, JobStore
 
 # KEYS[1] record, KEYS[2] deliveries; ARGV[1] chunk, ARGV[2] now, ARGV[3] ttl.
 # A queued or running job turns (stays) running; returns the chunk's delivery count, 0 otherwise.
-_START = """
+# track() keeps the jobs-by-state metrics in step (see smoothcert.service.jobs).
+_START = TRACK_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running')
+track(KEYS[1], redis.call('HGET', KEYS[1], 'kind') or '', status, 'running')
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 local deliveries = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[2], ARGV[3])

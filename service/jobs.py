@@ -5,6 +5,13 @@ is the Celery task id. A record is a Redis hash ``smoothcert:job:<id>``; status 
 through one Lua script so that a transition happens only from the states it names (a canceled
 job never turns succeeded, a finished one never turns running again). The cancel flag is a
 separate key the engine polls between batches.
+
+The same scripts keep the jobs-by-state numbers that ``/metrics`` shows, so a scrape never
+scans job records: a sorted set per in-flight state and kind (``smoothcert:metrics:jobs:<state>:<kind>``,
+member = job id, score = when the record expires, in Redis-clock milliseconds) and counters of
+jobs created and finished (hashes ``:created`` and ``:finished``). A record that expires while
+queued or running leaves a member behind whose score has passed; the scrape drops those
+(:func:`smoothcert.service.metrics.job_counts`), so the gauges never drift for long.
 """
 from __future__ import annotations
 
@@ -20,9 +27,49 @@ PREFIX = "smoothcert:job:"
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
 
+METRICS_PREFIX = "smoothcert:metrics:"
+IN_FLIGHT = (QUEUED, RUNNING)
+
+# Lua, prepended to every script that sets a job's status: track(record, kind, from, to) moves the
+# job between the in-flight sets (score: the record's expiry, Redis clock, ms; +inf without TTL)
+# and counts a terminal state when it is entered. ``from`` is false for a new record. The keys
+# are built from the kind, which is fine on the single Redis server the service uses.
+TRACK_LUA = """
+local function track(record, kind, from, to)
+  if from == to then return end
+  local m = '""" + METRICS_PREFIX + """jobs:'
+  local id = string.sub(record, """ + str(len(PREFIX) + 1) + """)
+  if from == 'queued' or from == 'running' then redis.call('ZREM', m .. from .. ':' .. kind, id) end
+  if to == 'queued' or to == 'running' then
+    local pttl = redis.call('PTTL', record)
+    local score = '+inf'
+    if pttl >= 0 then
+      local t = redis.call('TIME')
+      score = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + pttl)
+    end
+    redis.call('SADD', m .. 'kinds', kind)
+    redis.call('ZADD', m .. to .. ':' .. kind, score, id)
+  elseif to == 'succeeded' or to == 'failed' or to == 'canceled' then
+    redis.call('HINCRBY', m .. 'finished', kind .. ':' .. to, 1)
+  end
+end
+"""
+
+# KEYS[1] record; ARGV[1] JSON object of its fields (status among them), ARGV[2] ttl.
+_CREATE = TRACK_LUA + """
+local old = redis.call('HMGET', KEYS[1], 'status', 'kind')
+local fields = cjson.decode(ARGV[1])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if old[1] then track(KEYS[1], old[2] or '', old[1], 'gone') end
+redis.call('HINCRBY', '""" + METRICS_PREFIX + """jobs:created', fields['kind'], 1)
+track(KEYS[1], fields['kind'], false, fields['status'])
+return 1
+"""
+
 # KEYS[1] record; ARGV[1] new status; ARGV[2] JSON list of allowed current states;
 # ARGV[3] JSON object of extra fields to set. Returns 1 when the transition happened.
-_TRANSITION = """
+_TRANSITION = TRACK_LUA + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
 local allowed = cjson.decode(ARGV[2])
@@ -30,6 +77,7 @@ for _, s in ipairs(allowed) do
   if s == current then
     redis.call('HSET', KEYS[1], 'status', ARGV[1])
     for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
+    track(KEYS[1], redis.call('HGET', KEYS[1], 'kind') or '', current, ARGV[1])
     return 1
   end
 end
@@ -79,6 +127,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600):
         self.redis = client
         self.ttl_s = ttl_s
+        self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
 
     @staticmethod
@@ -92,12 +141,9 @@ class JobStore:
     def create(self, job_id: str, kind: str, params: dict[str, Any], total: int = 0) -> JobRecord:
         """Write a new queued record (before the task is sent, so the worker always finds it)."""
         rec = JobRecord(id=job_id, kind=kind, total=total, params=params, created_at=_now())
-        fields = {"kind": kind, "status": QUEUED, "done": 0, "total": total,
-                  "created_at": rec.created_at, "params": json.dumps(params), "deliveries": 0}
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.key(job_id), mapping=fields)
-            pipe.expire(self.key(job_id), self.ttl_s)
-            pipe.execute()
+        fields = {"kind": kind, "status": QUEUED, "done": "0", "total": str(total),
+                  "created_at": str(rec.created_at), "params": json.dumps(params), "deliveries": "0"}
+        self._create(keys=[self.key(job_id)], args=[json.dumps(fields), self.ttl_s])
         return rec
 
     def get(self, job_id: str) -> JobRecord | None:

@@ -26,7 +26,7 @@ def openapi_document() -> dict:
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(env="development", api_key="openapi-document-key", data_dir=data_dir,
                             redis_url="redis://127.0.0.1:1/0")
-        return create_app(settings).openapi()
+        return create_app(settings, configure_logs=False).openapi()
 
 
 def openapi_text() -> str:

@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from celery import Celery
 
+from smoothcert.service.logs import install_worker_hooks
 from smoothcert.service.settings import Settings
 from smoothcert.worker import liveness
 from smoothcert.worker.liveness import HEARTBEAT_PREFIX  # noqa: F401  (re-exported: /readyz, tests)
@@ -65,6 +66,7 @@ def make_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
 
 settings = Settings()
 app = make_celery(settings, include_tasks=True)
+install_worker_hooks(settings)  # JSON log lines with the job id (smoothcert.service.logs)
 
 
 liveness.install(app)
@@ -73,7 +75,10 @@ liveness.install(app)
 def main(argv: list[str] | None = None) -> None:
     """Run a worker; ``argv`` are extra ``celery worker`` options (e.g. ``--concurrency 2``)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    defaults = ["worker", "--loglevel", "INFO", "--queues", QUEUE]
+    # --quiet (a `celery` option, before the sub-command): no start-up banner, so that every
+    # line of a JSON log is a JSON object.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
+    defaults = [*quiet, "worker", "--loglevel", settings.log_level, "--queues", QUEUE]
     if not any(a.startswith(("-c", "--concurrency")) for a in args):
         defaults += ["--concurrency", str(settings.worker_concurrency)]
     app.worker_main(defaults + args)

@@ -29,6 +29,7 @@ from smoothcert.service.dataset_files import DatasetFileError
 from smoothcert.service.datasets import DatasetStore
 from smoothcert.service.job_chunks import ChunkLedger
 from smoothcert.service.jobs import RUNNING, TERMINAL, JobStore
+from smoothcert.service.metrics import record_result_samples
 from smoothcert.worker import engine
 from smoothcert.worker.celery_app import CERTIFY_CHUNK_TASK, CERTIFY_TASK, CHECK_MODEL_TASK, app, settings
 from smoothcert.worker.dataset_jobs import combine_chunks, run_chunk
@@ -107,6 +108,7 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
     result = run_engine(model, x, spec, spec["seed"],
                         throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
                         lambda: jobs.cancel_requested(job_id))
+    record_result_samples(jobs.redis, result["results"], result["provenance"])
     result["provenance"]["model_id"] = spec["model_id"]
     label_rows(result["results"], labels)
     if labels is not None:
@@ -117,9 +119,11 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
 def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, worker: str) -> dict[str, Any]:
     """Run chunk ``spec["chunk"]`` of a dataset job; its outcome (rows and provenance)."""
     index = spec["chunk"]
-    return run_chunk(ready_model(spec["model_id"]), spec, DatasetStore(settings.datasets_dir), worker,
-                     throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
-                     lambda: ledger.should_stop(job_id))
+    outcome = run_chunk(ready_model(spec["model_id"]), spec, DatasetStore(settings.datasets_dir), worker,
+                        throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
+                        lambda: ledger.should_stop(job_id))
+    record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"])
+    return outcome
 
 
 def complete_chunk(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedger, worker: str) -> None:

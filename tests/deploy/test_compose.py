@@ -173,7 +173,7 @@ def test_api_command_serves_the_app_factory(tmp_path):
     assert (module, attr) == ("smoothcert.service.app", "create_app")
     from smoothcert.service.app import create_app
 
-    app = create_app(Settings(data_dir=tmp_path))
+    app = create_app(Settings(data_dir=tmp_path), configure_logs=False)
     assert "/healthz" in app.openapi()["paths"]
     final = instructions(DOCKER / "api.Dockerfile")[-1]
     [healthcheck] = [args for op, args in final if op == "HEALTHCHECK"]
@@ -248,6 +248,7 @@ def effective_worker_options(command: list[str], monkeypatch) -> dict:
     except SystemExit as exc:
         pytest.fail(f"the smoothcert CLI refuses `{' '.join(command)}` (exit {exc.code})")
     [argv] = captured
+    argv = argv[1:] if argv[0] == "--quiet" else argv  # the one `celery` option main() may add
     assert argv[0] == "worker"
     obj = CLIContext(app=celery_app.app, no_color=True, workdir=None, quiet=True)
     return celery_worker.make_context("worker", argv[1:], obj=obj).params
