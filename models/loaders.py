@@ -69,7 +69,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "auto", arch: s
     or bare weights of an allow-listed ``arch`` (input shape and class count then default to the
     architecture's, the class count read from the ``fc`` weight). The returned classifier's
     ``info`` has ``sha256`` and ``format`` filled. Raises ModelError, with a one-line message, for
-    a missing file, a pickle, an unknown format or architecture, weights that do not fit the
+    a missing file, a pickle, an unknown format or architecture, a safetensors header that lies,
+    an ONNX model with external data or non-standard operators, weights that do not fit the
     architecture, or a model whose output on a zero batch is not (2, num_classes).
     """
     path = Path(path)

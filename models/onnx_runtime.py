@@ -3,7 +3,9 @@
 The CUDA execution provider is asked for when CUDA is present and the caller did not ask for the
 CPU; onnxruntime falls back to the CPU *silently* when the CUDA provider cannot start, so the
 provider actually in use is read back from the session and reported, and the inputs then stay
-on the CPU. Models must be self-contained files: weights in external data files are refused.
+on the CPU. Models must be self-contained files of standard ONNX operators: before onnxruntime
+opens a file, :func:`check_onnx_contents` refuses weights in external data files and operators of
+any other domain (custom ops, onnxruntime's own extensions).
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -29,6 +33,12 @@ CPU_PROVIDER = "CPUExecutionProvider"
 _OUTPUT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                   "tensor(double)": torch.float64}
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+# ONNX's own operator sets. Any other domain is either a custom-op library the process would have
+# to load, or onnxruntime's extensions (com.microsoft contrib ops: a larger, less reviewed surface
+# than the standard, and tied to one runtime); an image classifier needs neither. Functions the
+# model defines itself may use other domains: their bodies are checked like the main graph.
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+_SHOWN_CHARS = 60
 
 
 def _wants_cuda(device: str | torch.device) -> bool:
@@ -171,6 +181,7 @@ def _open_session(path: Path, device: str | torch.device,
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
+    check_onnx_contents(path)
     providers: list = [CPU_PROVIDER]
     if _wants_cuda(device) and CUDA_PROVIDER in ort.get_available_providers():
         providers.insert(0, (CUDA_PROVIDER, {"device_id": _cuda_index(device)}))
@@ -192,6 +203,74 @@ def _open_session(path: Path, device: str | torch.device,
                          "self-contained .onnx files only")
     first_line = text.splitlines()[0] if text else "unknown onnxruntime error"
     raise ModelError(f"{path.name} is not a loadable ONNX model: {first_line}")
+
+
+def check_onnx_contents(path: str | Path) -> None:
+    """Refuse a model that keeps tensors in external files or uses non-standard operators.
+
+    Checked on the parsed protobuf (external data is never read), before onnxruntime sees the
+    file: its own refusals depend on its version and build, and it would gladly run
+    ``com.microsoft`` ops. Subgraphs (If, Loop, Scan) and the model's local functions count too.
+    Raises ModelError with a one-line message.
+    """
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, and onnx's own checks
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{path.name} is not a loadable ONNX model: {first_line}") from None
+    local = {(f.domain, f.name) for f in model.functions}
+    local_domains = {domain for domain, _ in local}
+    graphs = [model.graph, *_subgraphs(model.graph.node)]
+    for function in model.functions:
+        graphs += _subgraphs(function.node)
+    nodes = [node for graph in graphs for node in graph.node] + [n for f in model.functions for n in f.node]
+    for node in nodes:
+        if node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in local:
+            raise ModelError(f"{path.name} uses the operator {_short(node.domain + ':' + node.op_type)}, "
+                             f"which is not standard ONNX; {_STANDARD_ONLY}")
+    # An import no node uses is refused too: it asks onnxruntime for an operator set all the same.
+    for opset in [*model.opset_import, *(o for f in model.functions for o in f.opset_import)]:
+        if opset.domain not in STANDARD_DOMAINS and opset.domain not in local_domains:
+            raise ModelError(f"{path.name} imports the operator set {_short(opset.domain)}, which is not "
+                             f"standard ONNX; {_STANDARD_ONLY}")
+    for tensor in _tensors(graphs, nodes):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            raise ModelError(f"{path.name} keeps weights in external data files (tensor {_short(tensor.name)} "
+                             f"in {_short(location)}); smoothcert accepts self-contained .onnx files only")
+
+
+_STANDARD_ONLY = ("smoothcert runs the standard operator sets only (domains '', ai.onnx, ai.onnx.ml), "
+                  "no custom or onnxruntime-specific ops")
+
+
+def _short(text: str) -> str:
+    """``repr`` of a name read from the file, cut so that a hostile one cannot flood the message."""
+    return repr(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
+
+
+def _subgraphs(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.GraphProto]:
+    """Every graph held in the nodes' attributes (If, Loop, Scan bodies), at any depth."""
+    for node in nodes:
+        for attr in node.attribute:
+            for graph in [*([attr.g] if attr.HasField("g") else []), *attr.graphs]:
+                yield graph
+                yield from _subgraphs(graph.node)
+
+
+def _tensors(graphs: list[onnx.GraphProto], nodes: list[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    """Initializers (dense and sparse) of ``graphs`` and tensor-valued attributes of ``nodes``."""
+    for graph in graphs:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+    for node in nodes:
+        for attr in node.attribute:
+            yield from [*([attr.t] if attr.HasField("t") else []), *attr.tensors]
+            for sparse in [*([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []),
+                           *attr.sparse_tensors]:
+                yield from (sparse.values, sparse.indices)
 
 
 def _resolve_input_shape(wanted, graph_shape: list) -> tuple[int, int, int]:

@@ -9,7 +9,8 @@ The record holds ``id``, ``status`` ("pending" until a worker loaded the model a
 batch, then "ready"), ``name``, ``format``, ``filename``, ``size_bytes``, ``sha256``,
 ``created_at`` and the loader's fields (``arch``, ``input_shape``, ``num_classes``,
 ``class_names``, ``normalization``, ``sigma``). Records are replaced atomically (write then
-rename), so readers never see half a file. Pickled checkpoints are refused before they are stored.
+rename), so readers never see half a file. Pickled checkpoints, and safetensors files whose
+header lies about their tensors, are refused before anything is kept: a worker never sees them.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from smoothcert.models.metadata import ModelError
-from smoothcert.models.safetensors_io import looks_pickled
+from smoothcert.models.safetensors_io import looks_pickled, read_safetensors_header
 
 FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
 PENDING, READY = "pending", "ready"
@@ -70,8 +71,8 @@ class ModelStore:
         """Copy an upload into a new pending model and return its record.
 
         ``fields`` are the user's metadata (name, arch, input_shape, ...), stored as given for the
-        worker's loader to check. Raises ModelError for a pickle or an unknown format and
-        UploadTooLarge past ``max_bytes``; nothing is left on disk then.
+        worker's loader to check. Raises ModelError for a pickle, an unknown format or a lying
+        safetensors header, and UploadTooLarge past ``max_bytes``; nothing is left on disk then.
         """
         head = src.read(9)
         fmt = detect_format(filename, head)
@@ -79,8 +80,9 @@ class ModelStore:
         folder = self._dir(model_id)
         folder.mkdir(parents=True)
         digest, size = hashlib.sha256(head), len(head)
+        weights = folder / f"model.{fmt}"
         try:
-            with open(folder / f"model.{fmt}", "wb") as out:
+            with open(weights, "wb") as out:
                 out.write(head)
                 while block := src.read(1 << 20):
                     size += len(block)
@@ -88,6 +90,10 @@ class ModelStore:
                         raise UploadTooLarge(f"the model file exceeds the {max_bytes}-byte upload limit")
                     digest.update(block)
                     out.write(block)
+            if fmt == "safetensors":
+                # Plain Python that reads the header only: offsets beyond the file, overlapping
+                # tensors or a huge header length are refused here, without a worker.
+                read_safetensors_header(weights)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

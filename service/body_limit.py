@@ -1,4 +1,5 @@
-"""ASGI middleware that answers 413 to request bodies over a size cap, before they are parsed.
+"""ASGI middleware that answers 413 to request bodies over a size cap, before they are parsed,
+and a route class that answers 422 to form bodies FastAPI cannot parse.
 
 A declared ``Content-Length`` over the cap is refused without reading the body; a chunked body is
 counted as it arrives and refused once it passes the cap. Caps are per (method, path), with a
@@ -7,7 +8,11 @@ default for everything else.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 
@@ -62,3 +67,25 @@ async def _respond(send, status: int, detail: str) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class UnparsableBodyRoute(APIRoute):
+    """A route whose malformed body is a 422, like every other invalid request, not FastAPI's 400.
+
+    FastAPI parses ``Form``/``File`` parameters before the endpoint runs and answers 400 to a
+    multipart body it cannot read (no boundary, over 1000 fields or files); the endpoint never
+    sees it. Use as ``APIRouter(route_class=UnparsableBodyRoute)``.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def parse_errors_are_422(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except HTTPException as exc:
+                if exc.status_code != 400:
+                    raise
+                raise HTTPException(422, f"malformed request body: {exc.detail}") from None
+
+        return parse_errors_are_422

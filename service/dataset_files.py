@@ -2,14 +2,18 @@
 
 ``x`` is (N, C, H, W), floats in [0, 1] or uint8 (scaled by 1/255); ``y`` holds N integer labels
 ≥ 0. An ``.npz`` is a zip of ``.npy`` members, so an upload could be a zip bomb or carry a
-pickle. Defences, in order: the members' declared uncompressed sizes are checked against a cap
-before anything is unzipped; each member's ``.npy`` header is read on its own and must declare a
-plain numeric dtype (object arrays are pickles) whose data size matches the member's size; only
-then is the data read, and zipfile stops at the declared size and checks the CRC. numpy only.
+pickle. Defences, in order: the zip's central directory (which zipfile parses whole when it
+opens the file) must be small, so a file of millions of empty entries costs nothing; the members
+must be few and plain ``<key>.npy`` names, as numpy.savez writes them (no ``../x``, no folders);
+the members' declared uncompressed sizes are checked against a cap before anything is unzipped;
+each member's ``.npy`` header is read on its own and must declare a plain numeric dtype (object
+arrays are pickles) whose data size matches the member's size; only then is the data read, and
+zipfile stops at the declared size and checks the CRC. Nothing is ever extracted to disk. numpy only.
 """
 from __future__ import annotations
 
 import math
+import re
 import zipfile
 import zlib
 from pathlib import Path
@@ -20,6 +24,9 @@ import numpy as np
 from smoothcert.models.pixels import PixelError, check_pixel_values
 
 REQUIRED = ("x", "y")
+MAX_MEMBERS = 64                    # numpy.savez writes one member per array; a dataset needs two
+MAX_DIRECTORY_BYTES = 64 << 10      # ample for MAX_MEMBERS entries with long names
+_MEMBER_NAME = re.compile(r"[^/\\\x00]+\.npy")
 _HINT = "save it with numpy.savez(path, x=images, y=labels)"
 
 
@@ -44,11 +51,13 @@ def read_dataset_npz(path: str | Path, max_unpacked_bytes: int) -> DatasetArrays
     uncompressed, and DatasetFileError for anything else that is wrong.
     """
     try:
+        _check_directory_size(path)
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
         raise DatasetFileError(f"not an .npz file (a zip of .npy arrays); {_HINT}") from None
     with archive:
         members = {info.filename: info for info in archive.infolist()}
+        _check_member_names(list(members))
         missing = [key for key in REQUIRED if f"{key}.npy" not in members]
         if missing:
             found = ", ".join(sorted(name.removesuffix(".npy") for name in members)) or "nothing"
@@ -60,6 +69,33 @@ def read_dataset_npz(path: str | Path, max_unpacked_bytes: int) -> DatasetArrays
         x = _read_member(archive, members["x.npy"], "x")
         y = _read_member(archive, members["y.npy"], "y")
     return DatasetArrays(check_images(x), check_labels(y, len(x)), str(x.dtype))
+
+
+def _check_directory_size(path: str | Path) -> None:
+    """Refuse a central directory over MAX_DIRECTORY_BYTES before zipfile reads and parses it.
+
+    The size comes from the end record (or the zip64 end record before it) through zipfile's own
+    reader, a private helper used on purpose: the check then bounds exactly what ZipFile parses.
+    """
+    with open(path, "rb") as f:
+        end = zipfile._EndRecData(f)   # None when there is no end record; ZipFile then refuses the file
+    if end is not None and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
+        raise DatasetFileError(f"the .npz's zip directory takes {end[zipfile._ECD_SIZE]} bytes "
+                               f"({end[zipfile._ECD_ENTRIES_TOTAL]} entries declared), over the "
+                               f"{MAX_DIRECTORY_BYTES} a dataset of x and y needs; {_HINT}")
+
+
+def _check_member_names(names: list[str]) -> None:
+    """At most MAX_MEMBERS members, each a plain ``<key>.npy``: nothing is extracted, but a path
+    such as ``../x`` or a stray file is no numpy.savez output and is refused as hostile."""
+    if len(names) > MAX_MEMBERS:
+        raise DatasetFileError(f"the .npz holds {len(names)} members, over {MAX_MEMBERS}; a dataset needs "
+                               f"only x and y; {_HINT}")
+    for name in names:
+        if not _MEMBER_NAME.fullmatch(name):
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise DatasetFileError(f"the .npz holds a member named {shown!r}; numpy.savez writes only "
+                                   f"<key>.npy members, without folders; {_HINT}")
 
 
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:

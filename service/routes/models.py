@@ -2,7 +2,9 @@
 
 An upload is stored as a pending model and answered 201 only after a worker loaded it and ran
 it on one batch (a ``check_model`` job the request waits for); a refused model is removed and
-answered 422 with the loader's message. Pickles are refused before anything is stored.
+answered 422 with the loader's message. Pickles and lying safetensors headers are refused before
+anything is stored (:meth:`ModelStore.add`), and a multipart body that cannot be parsed is a 422
+too (:class:`UnparsableBodyRoute`). Every 422 of an upload starts with "model refused".
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, Upl
 
 from smoothcert.models.metadata import ModelError, Normalization, check_input_shape, check_num_classes
 from smoothcert.models.store import READY, UploadTooLarge
+from smoothcert.service.body_limit import UnparsableBodyRoute
 from smoothcert.service.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_admin, require_key
 from smoothcert.service.jobs import SUCCEEDED, TERMINAL, new_job_id
 from smoothcert.service.schemas import ModelRecord
 from smoothcert.worker.celery_app import CHECK_MODEL_TASK
 
-router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_key)],
+                   route_class=UnparsableBodyRoute)
 OptionalForm = Annotated[str | None, Form()]
 
 
@@ -66,9 +70,9 @@ def upload_model(response: Response, settings: SettingsDep, models: ModelsDep, j
         fields = _fields(name, input_shape, num_classes, class_names, arch, normalization, sigma)
         meta = models.add(file.file, file.filename or "", fields, max_bytes=settings.max_upload_bytes)
     except UploadTooLarge as exc:
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except ModelError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise HTTPException(422, f"model refused: {exc}") from None
     model_id, job_id = meta["id"], new_job_id()
     try:
         jobs.create(job_id, "check_model", {"model_id": model_id})

@@ -162,3 +162,72 @@ def test_external_data_files_are_refused(tmp_path):
     onnx.save(model, str(path), save_as_external_data=False)
     with pytest.raises(ModelError, match="external data files"):
         load_model(path, device="cpu")
+
+
+def tiny_onnx(path: Path, nodes: list, opsets: dict[str, int], functions=(), initializers=()) -> Path:
+    """x (n, 1, 2, 2) -> ... -> y (n, 4), written as bytes (onnx.save would follow external data)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["flat"]), *nodes], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              ir_version=8, functions=list(functions))
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("node,opsets,phrase", [
+    # onnxruntime itself would run this one: its contrib ops are registered in every build.
+    (("Gelu", "com.microsoft"), {"": 17, "com.microsoft": 1}, "operator 'com.microsoft:Gelu'"),
+    (("Exfiltrate", "com.evil"), {"": 17, "com.evil": 1}, "operator 'com.evil:Exfiltrate'"),
+    (("Identity", ""), {"": 17, "com.evil": 1}, "imports the operator set 'com.evil'"),
+])
+def test_non_standard_operators_are_refused_before_onnxruntime_opens_the_file(tmp_path, node, opsets, phrase):
+    from onnx import helper
+
+    op_type, domain = node
+    path = tiny_onnx(tmp_path / "m.onnx", [helper.make_node(op_type, ["flat"], ["y"], domain=domain)], opsets)
+    with pytest.raises(ModelError, match="not standard ONNX") as excinfo:
+        load_model(path, device="cpu", num_classes=4, input_shape=(1, 2, 2))
+    assert phrase in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_functions_defined_in_the_model_may_use_their_own_domain(tmp_path):
+    from onnx import helper
+
+    double = helper.make_function("my.funcs", "Double", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+                                  [helper.make_opsetid("", 17)])
+    path = tiny_onnx(tmp_path / "m.onnx", [helper.make_node("Double", ["flat"], ["y"], domain="my.funcs")],
+                     {"": 17, "my.funcs": 1}, functions=[double])
+    model = load_model(path, device="cpu", input_shape=(1, 2, 2), num_classes=4)
+    assert model.logits(torch.ones((1, 1, 2, 2))).tolist() == [[2.0] * 4]
+
+
+@pytest.mark.parametrize("location", ["../../../etc/passwd", "/etc/passwd"])
+def test_external_data_anywhere_is_refused_without_reading_it(tmp_path, location):
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    for key, value in [("location", location), ("offset", "0"), ("length", "16")]:
+        weight.external_data.add(key=key, value=value)
+    path = tiny_onnx(tmp_path / "m.onnx", [helper.make_node("Add", ["flat", "w"], ["y"])], {"": 17},
+                     initializers=[weight])
+    with pytest.raises(ModelError, match=f"external data files \\(tensor 'w' in '{location}'\\)"):
+        load_model(path, device="cpu")
+
+
+def test_external_data_in_a_subgraph_constant_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    hidden = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    hidden.external_data.add(key="location", value="/etc/shadow")
+    branch = helper.make_graph([helper.make_node("Constant", [], ["c_out"], value=hidden)], "then", [],
+                               [helper.make_tensor_value_info("c_out", TensorProto.FLOAT, [4])])
+    nodes = [helper.make_node("ReduceSum", ["flat"], ["s"], keepdims=0),
+             helper.make_node("Cast", ["s"], ["cond"], to=TensorProto.BOOL),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)]
+    path = tiny_onnx(tmp_path / "m.onnx", nodes, {"": 17})
+    with pytest.raises(ModelError, match="'/etc/shadow'"):
+        load_model(path, device="cpu")
