@@ -1,8 +1,10 @@
-"""Typed FastAPI dependencies: settings, stores, the task queue, and bearer-key auth.
+"""Typed FastAPI dependencies: settings, stores, the task queue, bearer-key auth, submission limits.
 
 Auth: every ``/v1`` route needs ``Authorization: Bearer <api key>`` (the admin key works too);
 model upload and delete need the admin key. A missing or unknown key is 401, a valid key
-without the admin right is 403. Keys are compared in constant time.
+without the admin right is 403. Keys are compared in constant time. A route that creates jobs
+or datasets takes an :class:`~smoothcert.service.limits.Admission` (rate limit, queue bound,
+``Idempotency-Key``) for the caller's key.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import secrets
 from typing import Annotated
 
 from celery import Celery
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -18,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from smoothcert.models.store import ModelStore
 from smoothcert.service.datasets import DatasetStore
 from smoothcert.service.jobs import JobStore
+from smoothcert.service.limits import Admission, Limits, caller_id
 from smoothcert.service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="the API key, or the admin key")
@@ -71,6 +74,31 @@ def require_key(settings: SettingsDep, creds: Credentials) -> str:
 
 
 Role = Annotated[str, Depends(require_key)]
+
+
+def get_limits(request: Request) -> Limits:
+    """The app's limits, built on first use from its Redis client and settings."""
+    state = request.app.state
+    if getattr(state, "limits", None) is None:
+        state.limits = Limits(state.redis, state.settings)
+    return state.limits
+
+
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[!-~]+$",
+    description="up to 255 visible ASCII characters, new for each new request (a UUID, say): a repeat with the same "
+                "key and request (from this API key, within SMOOTHCERT_IDEMPOTENCY_TTL_S) gets the first answer "
+                "again instead of creating another job")]
+
+
+def get_admission(request: Request, creds: Credentials, role: Role,
+                  idempotency_key: IdempotencyKey = None) -> Admission:
+    """This submission's gate: the caller's rate limit, the queue bound and its Idempotency-Key."""
+    return Admission(get_limits(request), caller_id(creds.credentials), f"{request.method} {request.url.path}",
+                     idempotency_key)
+
+
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
 
 
 def require_admin(role: Role) -> None:

@@ -8,28 +8,36 @@ shape and label range from its record). The inputs go to ``DATA_DIR/jobs/<job id
 the message carries that path, the job record is written before the message is sent, and the
 seed is drawn here so that it is recorded. A dataset job (``dataset_id``) is checked against the
 dataset's record and sent as one message per chunk (:mod:`smoothcert.service.job_chunks`).
+The rate limit, the queue bound and ``Idempotency-Key`` are checked before the body is parsed
+into a job (:mod:`smoothcert.service.limits`); a multipart body's fingerprint is its fields and
+the SHA-256 of each file, so it does not depend on the client's boundary.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 import shutil
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smoothcert.service.deps import DatasetsDep, JobsDep, ModelsDep, QueueDep, SettingsDep, require_key
+from smoothcert.service.deps import AdmissionDep, DatasetsDep, JobsDep, ModelsDep, QueueDep, SettingsDep, require_key
+from smoothcert.service.idempotency import json_content
 from smoothcert.service.inputs import IMAGE_SUFFIXES, decode_image, load_npy
 from smoothcert.service.job_chunks import chunk_seed, plan_chunks
 from smoothcert.service.jobs import new_job_id
+from smoothcert.service.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
 from smoothcert.service.schemas import CertifyRequest, JobAccepted, check_inputs, check_labels, decode_inputs
-from smoothcert.worker.celery_app import CERTIFY_CHUNK_TASK, CERTIFY_TASK
+from smoothcert.worker.celery_app import CERTIFY_CHUNK_TASK, CERTIFY_TASK, QUEUE
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_key)])
 SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript clients too
@@ -41,6 +49,7 @@ _BODY = {"required": True, "content": {
         **_FORM_FIELDS, "inputs": {"type": "array", "items": {"type": "string", "format": "binary"},
                                    "description": "PNG/JPEG images, or one .npy array"}}}}}}
 Files = list[tuple[str, bytes]]
+Form = tuple[list[tuple[str, str]], list[tuple[str, str, bytes]]]   # fields; (field, filename, data) per file
 
 
 def _unprocessable(message: str) -> HTTPException:
@@ -50,9 +59,10 @@ def _unprocessable(message: str) -> HTTPException:
 @router.post("/certify", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
              openapi_extra={"requestBody": _BODY},
              responses={404: {"description": "unknown model or dataset"}, 413: {"description": "body too large"},
-                        422: {"description": "invalid parameters or inputs"}})
-async def submit(request: Request, response: Response, settings: SettingsDep, jobs: JobsDep, models: ModelsDep,
-                 datasets: DatasetsDep, queue: QueueDep) -> JobAccepted:
+                        422: {"description": "invalid parameters or inputs" + REUSED_KEY},
+                        **IN_PROGRESS, **RATE_LIMITED, **QUEUE_FULL})
+async def submit(request: Request, settings: SettingsDep, jobs: JobsDep, models: ModelsDep, datasets: DatasetsDep,
+                 queue: QueueDep, admission: AdmissionDep) -> JSONResponse:
     """Queue a certify (or predict) job; poll ``Location`` for its status and result.
 
     With ``dataset_id`` instead of inputs (JSON only), the job covers that uploaded dataset in
@@ -61,12 +71,18 @@ async def submit(request: Request, response: Response, settings: SettingsDep, jo
     seed and i, so the same seed and chunk size give the same rows (service/job_chunks.py).
     """
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        req, files = await _read_multipart(request, settings.max_inputs)
+        form = await _read_form(request, settings.max_inputs)
+        content, parse = (lambda: _form_content(form)), (lambda: _form_request(form))
     else:
-        req, files = _validate(await request.body(), json_text=True), None
-    accepted = await run_in_threadpool(_enqueue, req, files, settings, jobs, models, datasets, queue)
-    response.headers["Location"] = accepted.location
-    return accepted
+        body = await request.body()
+        content, parse = (lambda: json_content(body)), (lambda: (_validate(body, json_text=True), None))
+
+    def create() -> tuple[JobAccepted, str]:
+        accepted = _enqueue(*parse(), settings, jobs, models, datasets, queue)
+        return accepted, accepted.location
+
+    return await run_in_threadpool(admission.submit, content, create, status_code=status.HTTP_202_ACCEPTED,
+                                   queue=QUEUE)
 
 
 def _validate(data: Any, json_text: bool = False) -> CertifyRequest:
@@ -76,25 +92,50 @@ def _validate(data: Any, json_text: bool = False) -> CertifyRequest:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
-async def _read_multipart(request: Request, max_inputs: int) -> tuple[CertifyRequest, Files]:
-    fields: dict[str, Any] = {}
-    files: Files = []
-    async with request.form(max_files=max_inputs + 1) as form:
+async def _read_form(request: Request, max_inputs: int) -> Form:
+    """The multipart body's text fields and files, in order, read into memory; 422 when malformed."""
+    fields: list[tuple[str, str]] = []
+    uploads: list[tuple[str, str, bytes]] = []
+    try:
+        form = await request.form(max_files=max_inputs + 1)
+    except StarletteHTTPException as exc:   # starlette answers 400 to a multipart body it cannot parse
+        raise _unprocessable(f"malformed multipart body: {exc.detail}") from None
+    try:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
-                if key != "inputs":
-                    raise _unprocessable(f"unexpected file field {key!r}; send images or a .npy as 'inputs'")
-                files.append((value.filename or "input", await value.read()))
-            elif key in ("labels", "radii"):
-                try:
-                    fields[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    raise _unprocessable(f"{key} must be a JSON list, e.g. [3, 1, 4]") from None
+                uploads.append((key, value.filename or "input", await value.read()))
             else:
-                fields[key] = value
+                fields.append((key, value))
+    finally:
+        await form.close()
+    return fields, uploads
+
+
+def _form_content(form: Form) -> dict[str, Any]:
+    """The multipart request in normal form: sorted fields, each file's name and SHA-256 in order."""
+    fields, uploads = form
+    return {"fields": sorted(fields),
+            "files": [[key, name, hashlib.sha256(data).hexdigest()] for key, name, data in uploads]}
+
+
+def _form_request(form: Form) -> tuple[CertifyRequest, Files]:
+    values: dict[str, Any] = {}
+    for key, value in form[0]:
+        if key in ("labels", "radii"):
+            try:
+                values[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise _unprocessable(f"{key} must be a JSON list, e.g. [3, 1, 4]") from None
+        else:
+            values[key] = value
+    files: Files = []
+    for key, name, data in form[1]:
+        if key != "inputs":
+            raise _unprocessable(f"unexpected file field {key!r}; send images or a .npy as 'inputs'")
+        files.append((name, data))
     if not files:
         raise _unprocessable("no 'inputs' files: attach PNG/JPEG images or one .npy array")
-    return _validate({**fields, "inputs": []}), files
+    return _validate({**values, "inputs": []}), files
 
 
 def _decode_files(files: Files, channels: int) -> np.ndarray:

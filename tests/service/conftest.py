@@ -22,9 +22,11 @@ from smoothcert.service.redis_server import RedisServer, free_port
 from smoothcert.worker.celery_app import HEARTBEAT_PREFIX
 
 USER_KEY, ADMIN_KEY = "user-key-for-tests-0123456789", "admin-key-for-tests-0123456789"
-# Small caps so that the 413 and "exceeds the cap" paths are cheap to reach.
+# Small caps so that the 413 and "exceeds the cap" paths are cheap to reach. No rate limit:
+# the suite submits faster than a person would; test_limits and test_load turn it on.
 CAPS = {"SMOOTHCERT_MAX_N": "2000000", "SMOOTHCERT_MAX_INPUTS": "64",
-        "SMOOTHCERT_MAX_REQUEST_BYTES": str(256 << 10), "SMOOTHCERT_MAX_UPLOAD_BYTES": str(2 << 20)}
+        "SMOOTHCERT_MAX_REQUEST_BYTES": str(256 << 10), "SMOOTHCERT_MAX_UPLOAD_BYTES": str(2 << 20),
+        "SMOOTHCERT_RATE_LIMIT_PER_MINUTE": "0"}
 
 
 def stack_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
