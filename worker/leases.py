@@ -6,12 +6,15 @@ worker's unacknowledged message out again only after the visibility timeout, whi
 the task time limit (hours). Leases close that gap.
 
 * A task that starts writes a lease, field ``<task id>`` of the hash ``smoothcert:leases``: the
-  worker's name (the one its heartbeat key carries), its pid, a fresh token, when it started and
-  the message (task name and arguments).
-* Every worker's heartbeat thread looks at the leases every few seconds. A lease whose worker has
-  no heartbeat key any more (it expires ``SMOOTHCERT_WORKER_HEARTBEAT_TTL_S`` after the last beat)
-  and that is older than that TTL is taken, atomically, by exactly one looker, which sends the
-  same message again under the same task id. The job's own records make the second run safe: it
+  worker's name (the one its heartbeat key carries), the worker's incarnation (a random id drawn
+  when the worker started), its pid, a fresh token, when it started and the message (task name
+  and arguments).
+* Every worker's heartbeat thread looks at the leases every few seconds. A lease is dead when
+  its worker has no heartbeat key any more (it expires ``SMOOTHCERT_WORKER_HEARTBEAT_TTL_S`` after
+  the last beat) or the key names another incarnation: a container restarted after a crash keeps
+  its hostname, so the worker's name alone cannot tell the new worker from the dead one. A dead
+  lease older than the TTL is taken, atomically, by exactly one looker, which sends the same
+  message again under the same task id. The job's own records make the second run safe: it
   counts as a delivery (the redelivery cap applies), a finished job is not run again, and the
   same seed gives the same answer.
 * When Redis finally restores the dead worker's original message, the task finds a lease held
@@ -36,13 +39,22 @@ import redis
 
 LEASES_KEY = "smoothcert:leases"
 
-# KEYS[1] leases; ARGV[1] task id, ARGV[2] new lease (JSON), ARGV[3] this worker, ARGV[4] heartbeat prefix.
-# 1: the lease is ours now; 0: a live worker (not this one) holds it.
-_CLAIM = """
+# alive(lease JSON, heartbeat prefix): whether the lease's worker incarnation still beats.
+_ALIVE = """
+local function alive(lease, prefix)
+  local l = cjson.decode(lease)
+  local beat = redis.call('GET', prefix .. l['worker'])
+  return beat ~= false and cjson.decode(beat)['incarnation'] == l['incarnation']
+end
+"""
+
+# KEYS[1] leases; ARGV[1] task id, ARGV[2] new lease (JSON), ARGV[3] this worker's incarnation,
+# ARGV[4] heartbeat prefix. 1: the lease is ours now; 0: another live worker holds it (a pool
+# process of this same worker incarnation may take over: the one before it died).
+_CLAIM = _ALIVE + """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current then
-  local owner = cjson.decode(current)['worker']
-  if owner ~= ARGV[3] and redis.call('EXISTS', ARGV[4] .. owner) == 1 then return 0 end
+if current and cjson.decode(current)['incarnation'] ~= ARGV[3] and alive(current, ARGV[4]) then
+  return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
@@ -59,12 +71,10 @@ return 0
 """
 
 # KEYS[1] leases; ARGV[1] task id, ARGV[2] the lease as read, ARGV[3] heartbeat prefix.
-# Takes (deletes) the lease if it is unchanged and its worker still has no heartbeat; 1 if taken.
-_TAKE = """
+# Takes (deletes) the lease if it is unchanged and its worker is still dead; 1 if taken.
+_TAKE = _ALIVE + """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current ~= ARGV[2] then return 0 end
-local owner = cjson.decode(current)['worker']
-if redis.call('EXISTS', ARGV[3] .. owner) == 1 then return 0 end
+if current ~= ARGV[2] or alive(current, ARGV[3]) then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
@@ -76,6 +86,7 @@ class Lease:
 
     task_id: str
     worker: str
+    incarnation: str
     pid: int
     token: str
     since: float
@@ -83,13 +94,14 @@ class Lease:
     args: list[Any]
 
     def to_json(self) -> str:
-        return json.dumps({"worker": self.worker, "pid": self.pid, "token": self.token, "since": self.since,
-                           "task": self.task, "args": self.args})
+        return json.dumps({"worker": self.worker, "incarnation": self.incarnation, "pid": self.pid,
+                           "token": self.token, "since": self.since, "task": self.task, "args": self.args})
 
     @classmethod
     def from_json(cls, task_id: str, raw: str | bytes) -> Lease:
         d = json.loads(raw)
-        return cls(task_id, d["worker"], int(d["pid"]), d["token"], float(d["since"]), d["task"], d["args"])
+        return cls(task_id, d["worker"], d["incarnation"], int(d["pid"]), d["token"], float(d["since"]),
+                   d["task"], d["args"])
 
 
 class Leases:
@@ -103,10 +115,11 @@ class Leases:
         self._release = client.register_script(_RELEASE)
         self._take = client.register_script(_TAKE)
 
-    def claim(self, task_id: str, worker: str, pid: int, task: str, args: list[Any]) -> Lease | None:
-        """The new lease of this run, or None when a live worker other than ``worker`` holds one."""
-        lease = Lease(task_id, worker, pid, uuid.uuid4().hex, round(time.time(), 3), task, list(args))
-        won = self._claim(keys=[LEASES_KEY], args=[task_id, lease.to_json(), worker, self.prefix])
+    def claim(self, task_id: str, worker: str, incarnation: str, pid: int, task: str,
+              args: list[Any]) -> Lease | None:
+        """The new lease of this run, or None when another live worker holds one."""
+        lease = Lease(task_id, worker, incarnation, pid, uuid.uuid4().hex, round(time.time(), 3), task, list(args))
+        won = self._claim(keys=[LEASES_KEY], args=[task_id, lease.to_json(), incarnation, self.prefix])
         return lease if won == 1 else None
 
     def release(self, lease: Lease) -> bool:
@@ -119,13 +132,13 @@ class Leases:
     def all(self) -> list[Lease]:
         return [Lease.from_json(k.decode(), v) for k, v in self.redis.hgetall(LEASES_KEY).items()]
 
-    def reap(self, resend: Callable[[Lease], None], skip_worker: str | None = None,
+    def reap(self, resend: Callable[[Lease], None], skip_incarnation: str | None = None,
              now: float | None = None) -> list[Lease]:
         """Take every lease whose worker is dead and call ``resend`` with it; the leases taken.
 
         A lease younger than the heartbeat TTL is left alone: its worker may not have written its
-        first heartbeat yet. So are ``skip_worker``'s (the caller's own: it is alive, even if its
-        key lapsed while Redis was away). Of several reapers, only the one whose take succeeds
+        first heartbeat yet. So are ``skip_incarnation``'s (the caller's own: it is alive, even if
+        its key lapsed while Redis was away). Of several reapers, only the one whose take succeeds
         resends.
         """
         now = time.time() if now is None else now
@@ -135,12 +148,13 @@ class Leases:
         owners = sorted({json.loads(v)["worker"] for v in raw.values()})
         with self.redis.pipeline(transaction=False) as pipe:
             for owner in owners:
-                pipe.exists(self.prefix + owner)
-            alive = {owner for owner, live in zip(owners, pipe.execute()) if live}
+                pipe.get(self.prefix + owner)
+            beats = pipe.execute()
+        alive = {json.loads(beat).get("incarnation") for beat in beats if beat}
         taken = []
         for key, value in raw.items():
             lease = Lease.from_json(key.decode(), value)
-            if lease.worker in alive or lease.worker == skip_worker or now - lease.since < self.ttl_s:
+            if lease.incarnation in alive or lease.incarnation == skip_incarnation or now - lease.since < self.ttl_s:
                 continue
             if self._take(keys=[LEASES_KEY], args=[lease.task_id, value, self.prefix]) == 1:
                 try:

@@ -8,7 +8,9 @@
   processes that are gone. Only pool processes resolve the device, so the main process never
   touches CUDA (a forked child of a CUDA-initialized parent cannot use CUDA).
 * Every task runs under a lease (:mod:`smoothcert.worker.leases`, via :class:`LeasedTask`), and
-  the heartbeat thread sends the tasks of workers whose heartbeat expired again.
+  the heartbeat thread sends the tasks of dead workers again. The heartbeat carries the worker's
+  incarnation, drawn at each start: a worker restarted under the same name (a container keeps
+  its hostname) does not vouch for the leases of the one that died.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -32,7 +35,9 @@ HEARTBEAT_PREFIX = "smoothcert:worker:"
 PROCESSES_PREFIX = "smoothcert:worker-procs:"
 
 _settings = Settings()
-_state: dict[str, Any] = {"name": None}  # set in the main process before the pool forks
+# Set in the main process before the pool forks, so every pool process shares them: the worker's
+# name and its incarnation (a random id per start; a restarted container keeps its hostname).
+_state: dict[str, Any] = {"name": None, "incarnation": uuid.uuid4().hex[:16]}
 _clients: dict[int, redis.Redis] = {}     # pid -> client, so a forked child makes its own
 
 
@@ -58,8 +63,8 @@ class LeasedTask(Task):
         if self.request.called_directly or not self.request.id:
             return super().__call__(*args, **kwargs)
         leases = _leases()
-        lease = leases.claim(self.request.id, self.request.hostname or worker_name(), os.getpid(), self.name,
-                             list(args))
+        lease = leases.claim(self.request.id, self.request.hostname or worker_name(), _state["incarnation"],
+                             os.getpid(), self.name, list(args))
         if lease is None:
             log.info("task %s runs on another live worker; this copy of its message is dropped", self.request.id)
             return None
@@ -115,7 +120,8 @@ class Heartbeat:
     def __init__(self, app: Celery, name: str, queues: list[str], concurrency: int):
         self.app, self.name = app, name
         self.ttl_s = _settings.worker_heartbeat_ttl_s
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": round(time.time(), 3),
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "incarnation": _state["incarnation"],
+                       "started_at": round(time.time(), 3),
                        "queues": queues, "concurrency": concurrency, "requested_device": _settings.device}
         self.stop_event = threading.Event()
 
@@ -126,7 +132,7 @@ class Heartbeat:
             if not _process_exists(int(pid)):
                 client.hdel(procs_key, pid)
         client.expire(procs_key, self.ttl_s * 6)
-        for lease in leases.reap(self.resend, skip_worker=self.name):
+        for lease in leases.reap(self.resend, skip_incarnation=_state["incarnation"]):
             log.warning("worker %s stopped beating; task %s (%s) was sent again", lease.worker, lease.task_id,
                         lease.task)
 
@@ -169,6 +175,7 @@ def install(app: Celery) -> None:
     @worker_init.connect(weak=False)
     def _name(sender=None, **_):
         _state["name"] = getattr(sender, "hostname", None)
+        _state["incarnation"] = uuid.uuid4().hex[:16]
 
     @worker_process_init.connect(weak=False)
     def _pool_process(**_):

@@ -4,10 +4,7 @@ asks for it (no autouse fixtures), so the unit tests here run without servers.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
