@@ -52,7 +52,7 @@ class Settings(BaseSettings):
                               "are sent again")
 
     max_queued_messages: int = Field(
-        1000, ge=1, description="messages waiting in one Celery queue (smoothcert or train) at which job submissions "
+        1000, ge=1, description="messages waiting in one Celery queue (certify or train) at which job submissions "
                                 "to that queue get 503 with Retry-After; a dataset job sends one message per chunk")
     rate_limit_per_minute: int = Field(
         120, ge=0, description="job submissions and dataset uploads per API key per minute, in bursts of up to this "

@@ -3,8 +3,8 @@
 Importing this module is torch-free, so the API can use :func:`make_celery` to enqueue tasks by
 name; only a worker imports :mod:`smoothcert.worker.tasks` and :mod:`smoothcert.worker.train_tasks`.
 Training jobs are routed to their own queue, ``train``, so a long training run never holds up
-certification: a worker consumes ``smoothcert`` (the default), ``train``, or both
-(``--queues smoothcert,train``, as ``smoothcert up`` does). Reliability settings (design §6):
+certification: a worker consumes ``certify`` (the default), ``train``, or both
+(``--queues certify,train``, as ``smoothcert up`` does). Reliability settings (design §6):
 late acks with one prefetched message, so a task whose worker dies is redelivered; the Redis
 visibility timeout exceeds the hard time limit, so a long task is never handed out twice while
 it still runs. Every task runs under a lease and workers announce themselves with heartbeat
@@ -34,7 +34,7 @@ CERTIFY_TASK = "smoothcert.certify"
 CERTIFY_CHUNK_TASK = "smoothcert.certify_chunk"
 CHECK_MODEL_TASK = "smoothcert.check_model"
 TRAIN_TASK = "smoothcert.train"
-QUEUE = "smoothcert"
+QUEUE = "certify"
 TRAIN_QUEUE = "train"
 WORKER_TASK_MODULES = ["smoothcert.worker.tasks", "smoothcert.worker.train_tasks"]
 

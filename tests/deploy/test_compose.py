@@ -254,7 +254,7 @@ def effective_worker_options(command: list[str], monkeypatch) -> dict:
     return celery_worker.make_context("worker", argv[1:], obj=obj).params
 
 
-@pytest.mark.parametrize("service, queue", [("worker", "smoothcert"), ("trainer", "train")])
+@pytest.mark.parametrize("service, queue", [("worker", "certify"), ("trainer", "train")])
 def test_worker_commands_run_a_declared_queue(compose, service, queue, monkeypatch):
     command = compose["services"][service]["command"]
     assert command[:2] == ["smoothcert", "worker"]

@@ -16,7 +16,7 @@ def test_readyz_names_the_live_worker(anonymous):
 def test_readyz_describes_each_worker_its_device_and_loaded_models(anonymous, demo_model):
     # The upload's check ran in the worker's pool process, which keeps the model loaded.
     (worker,) = [w for w in anonymous.get("/readyz").json()["worker_details"] if w["name"].startswith("test@")]
-    assert worker["queues"] == ["smoothcert"] and worker["concurrency"] == 1 and worker["requested_device"] == "cpu"
+    assert worker["queues"] == ["certify"] and worker["concurrency"] == 1 and worker["requested_device"] == "cpu"
     (process,) = worker["processes"]
     assert process["device"] == "cpu" and process["pid"] != worker["pid"]
     loaded = {m["id"]: m for m in process["models"]}

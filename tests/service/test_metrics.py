@@ -15,6 +15,7 @@ from smoothcert.service.jobs import JobStore, new_job_id
 from smoothcert.service.metrics import (Family, HttpMetrics, job_counts, queue_depths, record_samples, render,
                                         samples, samples_drawn)
 from smoothcert.service.redis_server import free_port
+from smoothcert.worker.celery_app import QUEUE, TRAIN_QUEUE
 from tests.service.conftest import start_api, stack_env, stop_process, wait_for, wait_job
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -150,11 +151,11 @@ def test_a_record_that_expires_in_flight_stops_counting(own_db):
 
 def test_queue_depths_read_kombus_lists(own_db):
     # kombu keeps a queue as a list named after it, and one list per priority step above 0.
-    own_db.lpush("smoothcert", b"m1", b"m2")
-    own_db.lpush("smoothcert\x06\x163", b"m3")
-    own_db.lpush("train", b"m4")
+    own_db.lpush(QUEUE, b"m1", b"m2")
+    own_db.lpush(QUEUE + "\x06\x163", b"m3")
+    own_db.lpush(TRAIN_QUEUE, b"m4")
     own_db.hset("unacked", "tag", b"m5")
-    assert queue_depths(own_db) == ({"smoothcert": 3, "train": 1}, 1)
+    assert queue_depths(own_db) == ({QUEUE: 3, TRAIN_QUEUE: 1}, 1)
 
 
 def test_record_samples_adds_up(own_db):
@@ -196,7 +197,7 @@ def test_metrics_move_with_requests_and_a_finished_job(anonymous, client, demo_m
     assert value(after, "smoothcert_samples_per_second") == pytest.approx(
         value(after, "smoothcert_samples_total") / value(after, "smoothcert_sampling_seconds_total"))
 
-    for queue in ("smoothcert", "train"):
+    for queue in (QUEUE, TRAIN_QUEUE):
         assert ("smoothcert_queue_messages", frozenset({("queue", queue)})) in after
         assert value(after, "smoothcert_queue_messages", queue=queue) >= 0
     assert value(after, "smoothcert_queue_unacked_messages") >= 0
