@@ -4,6 +4,7 @@ asks for it (no autouse fixtures), so the unit tests here run without servers.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,6 +75,32 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 30, "the API", proc, log)
     return proc, url
+
+
+def other_db(redis_url: str, db: int) -> str:
+    """Database ``db`` of the session's Redis server: no session worker or API looks there."""
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@contextlib.contextmanager
+def scratch_db(redis_url: str, db: int) -> Iterator[redis.Redis]:
+    """A client on an emptied ``other_db``, emptied again afterwards."""
+    client = redis.Redis.from_url(other_db(redis_url, db))
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def api_without_redis(tmp_path_factory) -> Iterator[str]:
+    """An API pointed at a port where nothing listens."""
+    data = tmp_path_factory.mktemp("no-redis")
+    proc, url = start_api(stack_env(f"redis://127.0.0.1:{free_port()}/0", data), data / "api.log")
+    yield url
+    stop_process(proc)
 
 
 @pytest.fixture(scope="session")

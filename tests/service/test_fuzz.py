@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.core.failures import ServerError
@@ -24,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
     content_type_conformance, response_headers_conformance, response_schema_conformance,
     status_code_conformance)
 
-from tests.service.conftest import ADMIN_KEY, start_api, stack_env, stop_process
+from tests.service.conftest import ADMIN_KEY, other_db, scratch_db, start_api, stack_env, stop_process
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
@@ -33,15 +32,14 @@ MAX_EXAMPLES = 25
 
 @pytest.fixture(scope="module")
 def fuzz_api(redis_url, tmp_path_factory) -> Iterator[str]:
-    """A second API on Redis database 1 and a data dir of its own; database 1 is flushed after."""
-    db1 = redis_url.rsplit("/", 1)[0] + "/1"
+    """A second API on Redis database 2 (no worker there) and a data dir of its own."""
     data = tmp_path_factory.mktemp("fuzz-data")
-    # A model upload waits for a worker's check; with none there, give up fast (a documented 503).
-    env = stack_env(db1, data, SMOOTHCERT_MODEL_CHECK_TIMEOUT_S="0.2")
-    proc, url = start_api(env, tmp_path_factory.mktemp("fuzz-log") / "api.log")
-    yield url
-    stop_process(proc)
-    redis.Redis.from_url(db1).flushdb()
+    with scratch_db(redis_url, 2):
+        # A model upload waits for a worker's check; with none there, give up fast (a documented 503).
+        env = stack_env(other_db(redis_url, 2), data, SMOOTHCERT_MODEL_CHECK_TIMEOUT_S="0.2")
+        proc, url = start_api(env, tmp_path_factory.mktemp("fuzz-log") / "api.log")
+        yield url
+        stop_process(proc)
 
 
 def no_undeclared_server_error(ctx, response, case) -> None:

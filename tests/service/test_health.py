@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 
-from smoothcert.service.redis_server import free_port
-from tests.service.conftest import USER_KEY, start_api, stack_env, stop_process
+from tests.service.conftest import USER_KEY, other_db, start_api, stack_env, stop_process
 
 
 def test_readyz_names_the_live_worker(anonymous):
@@ -23,15 +21,6 @@ def test_readyz_describes_each_worker_its_device_and_loaded_models(anonymous, de
     assert loaded[demo_model["id"]]["runtime"] == "torch" and loaded[demo_model["id"]]["provider"] == "cpu"
 
 
-@pytest.fixture(scope="module")
-def api_without_redis(tmp_path_factory):
-    """The API pointed at a port where nothing listens."""
-    data = tmp_path_factory.mktemp("no-redis")
-    proc, url = start_api(stack_env(f"redis://127.0.0.1:{free_port()}/0", data), data / "api.log")
-    yield url
-    stop_process(proc)
-
-
 def test_redis_unreachable_is_503(api_without_redis):
     assert httpx.get(f"{api_without_redis}/healthz").status_code == 200
     ready = httpx.get(f"{api_without_redis}/readyz")
@@ -43,7 +32,7 @@ def test_redis_unreachable_is_503(api_without_redis):
 def test_readyz_without_worker_is_503(redis_url, tmp_path_factory):
     # A fresh Redis database of the session's server: reachable, but no worker heartbeat in it.
     data = tmp_path_factory.mktemp("no-worker")
-    proc, url = start_api(stack_env(redis_url.rsplit("/", 1)[0] + "/5", data), data / "api.log")
+    proc, url = start_api(stack_env(other_db(redis_url, 5), data), data / "api.log")
     try:
         resp = httpx.get(f"{url}/readyz")
         assert resp.status_code == 503 and resp.json()["detail"] == "no worker is running"

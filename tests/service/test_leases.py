@@ -9,9 +9,9 @@ import json
 import time
 
 import pytest
-import redis
 
 from smoothcert.worker.leases import LEASES_KEY, Leases
+from tests.service.conftest import scratch_db
 
 PREFIX = "test:beat:"
 TTL = 5
@@ -19,10 +19,8 @@ TTL = 5
 
 @pytest.fixture
 def client(redis_url):
-    c = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/7")
-    c.flushdb()
-    yield c
-    c.flushdb()
+    with scratch_db(redis_url, 7) as c:
+        yield c
 
 
 def beat(client, worker: str, incarnation: str) -> None:

@@ -22,7 +22,7 @@ import redis
 from smoothcert.service.idempotency import IdempotencyStore, fingerprint, json_content
 from smoothcert.service.limits import caller_id, queue_depth
 from smoothcert.worker.celery_app import QUEUE, TRAIN_QUEUE
-from tests.service.conftest import ADMIN_KEY, USER_KEY, start_api, stack_env, stop_process, wait_job
+from tests.service.conftest import ADMIN_KEY, USER_KEY, other_db, start_api, stack_env, stop_process, wait_job
 
 RATE = 6                       # per minute: one submission every 10 s once the burst of 6 is spent
 LIMIT_USER, LIMIT_ADMIN = "limits-user-key-0123456789", "limits-admin-key-0123456789"
@@ -52,7 +52,7 @@ def replicas(redis_url, data_dir, worker):
 
 @pytest.fixture(scope="module")
 def db1_url(redis_url) -> str:
-    return redis_url.rsplit("/", 1)[0] + "/1"
+    return other_db(redis_url, 1)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,13 @@ import re
 import httpx
 import numpy as np
 import pytest
-import redis
 
 from smoothcert.service.job_chunks import ChunkLedger
 from smoothcert.service.jobs import JobStore, new_job_id
 from smoothcert.service.metrics import (Family, HttpMetrics, job_counts, queue_depths, record_samples, render,
                                         samples, samples_drawn)
-from smoothcert.service.redis_server import free_port
 from smoothcert.worker.celery_app import QUEUE, TRAIN_QUEUE
-from tests.service.conftest import start_api, stack_env, stop_process, wait_for, wait_job
+from tests.service.conftest import scratch_db, wait_for, wait_job
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 _SAMPLE = re.compile(rf"^({_NAME})(?:\{{(.*)\}})? (\S+)$")
@@ -105,11 +103,8 @@ def test_samples_drawn_counts_selection_and_estimation_draws():
 @pytest.fixture
 def own_db(redis_url):
     """A Redis database of the session's server that no worker or API uses."""
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/9")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with scratch_db(redis_url, 9) as client:
+        yield client
 
 
 def test_job_scripts_keep_the_state_counts(own_db):
@@ -219,14 +214,6 @@ def test_metrics_need_no_key_and_are_documented_as_text(anonymous):
     operation = anonymous.get("/openapi.json").json()["paths"]["/metrics"]["get"]
     assert "security" not in operation
     assert list(operation["responses"]["200"]["content"]) == ["text/plain"]
-
-
-@pytest.fixture(scope="module")
-def api_without_redis(tmp_path_factory):
-    data = tmp_path_factory.mktemp("metrics-no-redis")
-    proc, url = start_api(stack_env(f"redis://127.0.0.1:{free_port()}/0", data), data / "api.log")
-    yield url
-    stop_process(proc)
 
 
 def test_without_redis_metrics_answer_with_redis_up_0(api_without_redis):

@@ -7,19 +7,17 @@ Database 8 of the session's server, away from the session worker.
 from __future__ import annotations
 
 import pytest
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from smoothcert.service.jobs import JobStore, new_job_id
 from smoothcert.worker import tasks
+from tests.service.conftest import scratch_db
 
 
 @pytest.fixture
 def jobs(redis_url):
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/8")
-    client.flushdb()
-    yield JobStore(client, ttl_s=600)
-    client.flushdb()
+    with scratch_db(redis_url, 8) as client:
+        yield JobStore(client, ttl_s=600)
 
 
 def test_a_job_past_its_soft_time_limit_fails_saying_so(jobs):
