@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from kombu.transport.redis import PRIORITY_STEPS, Channel
+from kombu.transport.redis import Channel
 from starlette.routing import compile_path
 
 from smoothcert.service.jobs import IN_FLIGHT, METRICS_PREFIX, TERMINAL
+from smoothcert.service.limits import queue_names
 from smoothcert.worker.celery_app import HEARTBEAT_PREFIX, QUEUE, TRAIN_QUEUE
 
 log = logging.getLogger(__name__)
@@ -226,20 +227,15 @@ def _kind_state(fieldname: str) -> tuple[str, str]:
     return kind, state
 
 
-def _queue_keys(queue: str) -> list[str]:
-    """kombu's Redis lists of ``queue``: the queue itself and one per priority step above 0."""
-    return [queue] + [f"{queue}{Channel.sep}{p}" for p in PRIORITY_STEPS if p]
-
-
 def queue_depths(client: redis.Redis) -> tuple[dict[str, int], int]:
     """Messages waiting in each Celery queue, and messages delivered but not yet acknowledged."""
     with client.pipeline(transaction=False) as pipe:
         for queue in QUEUES:
-            for key in _queue_keys(queue):
+            for key in queue_names(queue):
                 pipe.llen(key)
         pipe.hlen(Channel.unacked_key)
         replies = pipe.execute()
-    per = len(_queue_keys(QUEUE))
+    per = len(queue_names(QUEUE))
     depths = {q: sum(replies[i * per:(i + 1) * per]) for i, q in enumerate(QUEUES)}
     return depths, int(replies[-1])
 
