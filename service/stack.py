@@ -153,6 +153,7 @@ def banner(stack: Stack, model: dict, test_x: Path) -> str:
         f"  curl -s {auth} -H 'Content-Type: application/json' -d '{body}' {stack.url}/v1/certify",
         "then poll the job it names:",
         f"  curl -s {auth} {stack.url}/v1/jobs/JOB_ID",
+        f"health and numbers (no key): {stack.url}/readyz  {stack.url}/metrics",
         "",
         "Ctrl-C stops everything.",
     ])
