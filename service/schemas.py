@@ -8,10 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from smoothcert.models.pixels import as_pixel_batch
 
@@ -193,3 +194,15 @@ def check_labels(labels: list[int], num_inputs: int, num_classes: int) -> None:
     bad = [y for y in labels if not 0 <= y < num_classes]
     if bad:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {bad[0]}")
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def validate_body(model: type[Body], data: bytes | str | dict[str, Any]) -> Body:
+    """``data`` (raw JSON, or fields already parsed from a form) as ``model``; an invalid body is
+    the 422 FastAPI gives its own body parameters (errors located under ``body``)."""
+    try:
+        return model.model_validate(data) if isinstance(data, dict) else model.model_validate_json(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None

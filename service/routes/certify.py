@@ -23,9 +23,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,7 +34,8 @@ from smoothcert.service.inputs import IMAGE_SUFFIXES, decode_image, load_npy
 from smoothcert.service.job_chunks import chunk_seed, plan_chunks
 from smoothcert.service.jobs import new_job_id
 from smoothcert.service.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
-from smoothcert.service.schemas import CertifyRequest, JobAccepted, check_inputs, check_labels, decode_inputs
+from smoothcert.service.schemas import (CertifyRequest, JobAccepted, check_inputs, check_labels, decode_inputs,
+                                       validate_body)
 from smoothcert.worker.celery_app import CERTIFY_CHUNK_TASK, CERTIFY_TASK, QUEUE
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_key)])
@@ -75,7 +74,7 @@ async def submit(request: Request, settings: SettingsDep, jobs: JobsDep, models:
         content, parse = (lambda: _form_content(form)), (lambda: _form_request(form))
     else:
         body = await request.body()
-        content, parse = (lambda: json_content(body)), (lambda: (_validate(body, json_text=True), None))
+        content, parse = (lambda: json_content(body)), (lambda: (validate_body(CertifyRequest, body), None))
 
     def create() -> tuple[JobAccepted, str]:
         accepted = _enqueue(*parse(), settings, jobs, models, datasets, queue)
@@ -83,13 +82,6 @@ async def submit(request: Request, settings: SettingsDep, jobs: JobsDep, models:
 
     return await run_in_threadpool(admission.submit, content, create, status_code=status.HTTP_202_ACCEPTED,
                                    queue=QUEUE)
-
-
-def _validate(data: Any, json_text: bool = False) -> CertifyRequest:
-    try:
-        return CertifyRequest.model_validate_json(data) if json_text else CertifyRequest.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 async def _read_form(request: Request, max_inputs: int) -> Form:
@@ -135,7 +127,7 @@ def _form_request(form: Form) -> tuple[CertifyRequest, Files]:
         files.append((name, data))
     if not files:
         raise _unprocessable("no 'inputs' files: attach PNG/JPEG images or one .npy array")
-    return _validate({**values, "inputs": []}), files
+    return validate_body(CertifyRequest, {**values, "inputs": []}), files
 
 
 def _decode_files(files: Files, channels: int) -> np.ndarray:

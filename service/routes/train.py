@@ -15,16 +15,14 @@ import contextlib
 import secrets
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from smoothcert.service.deps import AdmissionDep, DatasetsDep, JobsDep, QueueDep, require_admin, require_key
 from smoothcert.service.idempotency import json_content
 from smoothcert.service.jobs import new_job_id
 from smoothcert.service.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
-from smoothcert.service.schemas import JobAccepted
+from smoothcert.service.schemas import JobAccepted, validate_body
 from smoothcert.service.train_schemas import DatasetUnknown, TrainRequest, check_fits, dataset_shape
 from smoothcert.worker.celery_app import TRAIN_QUEUE, TRAIN_TASK
 from smoothcert.worker.train_config import TrainingError
@@ -46,15 +44,8 @@ async def submit_training(request: Request, jobs: JobsDep, datasets: DatasetsDep
     by one entry per epoch, and the succeeded result names the registered ``model_id``."""
     body = await request.body()
     return await run_in_threadpool(admission.submit, lambda: json_content(body),
-                                   lambda: _enqueue(_validate(body), jobs, datasets, queue),
+                                   lambda: _enqueue(validate_body(TrainRequest, body), jobs, datasets, queue),
                                    status_code=status.HTTP_202_ACCEPTED, queue=TRAIN_QUEUE)
-
-
-def _validate(body: bytes) -> TrainRequest:
-    try:
-        return TrainRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def _enqueue(req: TrainRequest, jobs, datasets, queue) -> tuple[JobAccepted, str]:
