@@ -37,4 +37,4 @@ clean:
 
 .PHONY: openapi
 openapi: $(STAMP)
-	$(PY) -m smoothcert.service.openapi_doc
+	$(PY) -m smoothcert.service.devstack.openapi_doc

@@ -29,8 +29,8 @@ import numpy as np
 import redis
 
 from smoothcert.models.demo import build_demo
-from smoothcert.service.redis_server import RedisServer, free_port
-from smoothcert.worker.celery_app import HEARTBEAT_PREFIX
+from smoothcert.service.devstack.redis_server import RedisServer, free_port
+from smoothcert.service.core.workers import HEARTBEAT_PREFIX
 
 KEY = "bench-key-0123456789abcdef"
 
@@ -103,7 +103,7 @@ def _measure(client, count: int, model_id: str, dataset_id: str, args, env, root
 
 
 def _start_workers(count: int, env: dict, root: Path, redis_url: str, tag: str) -> list[subprocess.Popen]:
-    procs = [_spawn([sys.executable, "-m", "smoothcert.worker.celery_app", "--concurrency", "1", "--hostname",
+    procs = [_spawn([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1", "--hostname",
                      f"{tag}-{i}@%h", "--without-mingle", "--without-gossip"], env, root / f"worker-{tag}-{i}.log")
              for i in range(count)]
     client = redis.Redis.from_url(redis_url)

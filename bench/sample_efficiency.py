@@ -21,8 +21,8 @@ import numpy as np
 
 
 def synthetic(radius: float, sigma: float, n: int, n0: int, alpha: float, count: int, seed: int) -> dict:
-    from smoothcert.worker import bounds
-    from smoothcert.worker.sequential import MIN_CHUNK, SequentialTest, p0_for
+    from smoothcert.worker.smoothing import bounds
+    from smoothcert.worker.smoothing.sequential import MIN_CHUNK, SequentialTest, p0_for
 
     rng = np.random.default_rng(seed)
     kind = rng.random(count)
@@ -47,7 +47,7 @@ def synthetic(radius: float, sigma: float, n: int, n0: int, alpha: float, count:
 def digits(radius: float, sigma: float, n: int, n0: int, alpha: float, limit: int | None, seed: int) -> dict:
     from smoothcert.models.demo import build_demo
     from smoothcert.models.loaders import load_model
-    from smoothcert.worker.engine import certify
+    from smoothcert.worker.smoothing.engine import certify
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_demo(tmp, seed=0)

@@ -17,8 +17,8 @@ from smoothcert.models.base import BaseClassifier, Normalize, TorchClassifier
 from smoothcert.models.metadata import (
     ModelError, ModelInfo, Normalization, check_fields, fields_from_metadata_map, sha256_file)
 from smoothcert.models.onnx_runtime import OnnxClassifier
-from smoothcert.models.safetensors_io import (
-    load_safetensors_state, read_safetensors_header, refuse_pickled_checkpoint)
+from smoothcert.models.safetensors_header import read_safetensors_header, refuse_pickled_checkpoint
+from smoothcert.models.safetensors_io import load_safetensors_state
 
 ONNX_FIRST_BYTE = b"\x08"   # protobuf tag of ModelProto.ir_version, the field exporters write first
 _SHOWN_KEYS = 3
@@ -186,6 +186,6 @@ STORED_FIELDS = ("arch", "input_shape", "num_classes", "normalization", "class_n
 
 
 def load_stored_model(store, meta: dict[str, Any], device: str | torch.device = "auto") -> BaseClassifier:
-    """Load a model of a :class:`~smoothcert.models.store.ModelStore` with the fields recorded at upload."""
+    """Load a model of a :class:`~smoothcert.service.core.model_store.ModelStore` with the fields recorded at upload."""
     return load_model(store.weights_path(meta["id"]), device=device,
                       **{k: meta.get(k) for k in STORED_FIELDS})

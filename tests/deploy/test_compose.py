@@ -24,10 +24,10 @@ import pytest
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 
-from smoothcert.service.settings import Settings
+from smoothcert.service.core.settings import Settings
 from tests.deploy.dockerfile import env_file, image_installs, instructions, requirement_name, resolve_from
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
 APP_SERVICES = ("api", "worker", "trainer")
@@ -206,8 +206,8 @@ class Block:
             raise ImportError('not in the API image: ' + name)
 sys.meta_path.insert(0, Block())
 from fastapi.testclient import TestClient
-from smoothcert.service.app import create_app
-from smoothcert.service.settings import Settings
+from smoothcert.service.api.app import create_app
+from smoothcert.service.core.settings import Settings
 response = TestClient(create_app(Settings(data_dir={str(tmp_path)!r}))).get('/healthz')
 assert response.status_code == 200, response.text
 """
@@ -220,7 +220,7 @@ assert response.status_code == 200, response.text
 # --- the worker services and image ---------------------------------------------------------------
 
 def declared_queues() -> set[str]:
-    from smoothcert.worker import celery_app
+    from smoothcert.worker.queue import celery_app
 
     conf = celery_app.app.conf
     queues = {v for k, v in vars(celery_app).items() if k.endswith("QUEUE") and isinstance(v, str)}
@@ -236,15 +236,15 @@ def effective_worker_options(command: list[str], monkeypatch) -> dict:
     from celery.bin.base import CLIContext
     from celery.bin.worker import worker as celery_worker
 
-    from smoothcert.service import cli
-    from smoothcert.worker import celery_app
+    from smoothcert.service.cli.main import main as smoothcert_main
+    from smoothcert.worker.queue import celery_app
 
     scripts = pyproject()["project"]["scripts"]
-    assert scripts.get(command[0]) == "smoothcert.service.cli:main", f"{command[0]} is not our console script"
+    assert scripts.get(command[0]) == "smoothcert.service.cli.main:main", f"{command[0]} is not our console script"
     captured: list[list[str]] = []
     monkeypatch.setattr(celery_app.app, "worker_main", captured.append)
     try:
-        cli.main(command[1:])
+        smoothcert_main(command[1:])
     except SystemExit as exc:
         pytest.fail(f"the smoothcert CLI refuses `{' '.join(command)}` (exit {exc.code})")
     [argv] = captured

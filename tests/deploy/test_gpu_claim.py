@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.support.paths import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "gpu-claim.sh"
+SCRIPT = ROOT / "docker" / "gpu-claim.sh"
 GPUS = ["GPU-0b8f6c52-aaaa", "GPU-7d1e90f3-bbbb"]
 
 

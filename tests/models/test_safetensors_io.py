@@ -14,8 +14,8 @@ import torch
 from smoothcert.models.architectures import build_network
 from smoothcert.models.metadata import (
     METADATA_KEY, ModelError, ModelInfo, Normalization, parse_info_json)
-from smoothcert.models.safetensors_io import (
-    load_safetensors_state, read_safetensors_header, save_safetensors_model)
+from smoothcert.models.safetensors_header import read_safetensors_header
+from smoothcert.models.safetensors_io import load_safetensors_state, save_safetensors_model
 
 
 def write_raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
@@ -154,7 +154,7 @@ def test_a_pickle_is_refused_without_unpickling_it(tmp_path):
 def test_header_checks_do_not_import_torch(tmp_path):
     path = save_safetensors_model(tmp_path / "m.safetensors", build_network("digits_cnn", 10),
                                   _digits_info())
-    code = ("import sys; from smoothcert.models.safetensors_io import read_safetensors_header; "
+    code = ("import sys; from smoothcert.models.safetensors_header import read_safetensors_header; "
             f"read_safetensors_header({str(path)!r}); "
             "assert 'torch' not in sys.modules and 'safetensors' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,82 @@
+"""The FastAPI application: ``create_app(settings)`` wires stores, queue, limits and routers.
+
+Serve it with ``uvicorn smoothcert.service.app:create_app --factory``. This module and
+everything it imports stay free of torch and onnxruntime (a test checks it): the API enqueues
+tasks by name and reads job records from Redis.
+
+Errors are JSON ``{"detail": ...}``: 422 for invalid requests (without echoing the inputs back),
+413 for bodies over the size caps, 503 when Redis or the broker cannot be reached.
+
+Observability: ``/metrics`` (Prometheus text; requests are counted by a middleware) and JSON log
+lines that carry the job id (:mod:`smoothcert.service.core.logs`), uvicorn's own lines included.
+"""
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+
+from smoothcert.service.core.model_store import ModelStore
+from smoothcert.service.core.dataset_store import DatasetStore
+from smoothcert.service.api.body_limit import BodySizeLimit
+from smoothcert.service.api.deps import document_auth
+from smoothcert.service.core.jobs import JobStore
+from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
+from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
+from smoothcert.service.api.routes import certify, datasets, health, jobs, metrics, models, train
+from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.queue import make_celery
+
+log = logging.getLogger("smoothcert.service")
+
+
+def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
+    """A configured app; ``settings`` default to the ``SMOOTHCERT_*`` environment.
+
+    ``configure_logs`` sets up this process's logging (the API's JSON lines); code that only
+    wants the app object in its own process (the OpenAPI writer, tests) passes False.
+    """
+    settings = settings or Settings()
+    if configure_logs:
+        configure_logging(settings, "api")
+    if settings.generated_api_key:
+        log.warning("SMOOTHCERT_API_KEY is not set; this process generated the key %s", settings.api_key)
+    app = FastAPI(title="smoothcert", version="1",
+                  summary="Certified ℓ2 robustness for image classifiers by randomized smoothing")
+    app.state.settings = settings
+    app.state.redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=10,
+                                           health_check_interval=30)
+    app.state.jobs = JobStore(app.state.redis, ttl_s=settings.job_ttl_s)
+    app.state.models = ModelStore(settings.models_dir)
+    app.state.datasets = DatasetStore(settings.datasets_dir)
+    app.state.queue = make_celery(settings)
+    app.state.http_metrics = HttpMetrics()
+
+    app.add_middleware(BodySizeLimit, default_limit=settings.max_request_bytes,
+                       limits={("POST", "/v1/models"): settings.max_upload_bytes + (1 << 20),
+                               ("POST", "/v1/datasets"): settings.max_dataset_bytes + (1 << 20)})
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics,
+                       paths=lambda: app.openapi()["paths"])
+    app.add_middleware(JobIdMiddleware)  # outermost: every line of a request knows its job
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(redis.RedisError, _unavailable)
+    app.add_exception_handler(OperationalError, _unavailable)
+    for module in (health, metrics, certify, jobs, models, datasets, train):
+        app.include_router(document_auth(module.router))
+    return app
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes each offending value, which can be megabytes of pixels.
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("backend unavailable: %s", exc)
+    return JSONResponse({"detail": f"the job store or queue (Redis) is unreachable: {exc}"}, status_code=503)

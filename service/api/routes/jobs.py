@@ -1,0 +1,58 @@
+"""``/v1/jobs/{id}``: status and result, the result as Cohen-style TSV, and cancellation."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from smoothcert.service.api.deps import JobsDep, require_key
+from smoothcert.service.core.jobs import CANCELED, SUCCEEDED, TERMINAL, JobRecord, JobStore
+from smoothcert.service.api.schemas import Job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_key)])
+_NOT_FOUND = {404: {"description": "unknown job id (or its record expired)"}}
+
+
+def _record(jobs: JobStore, job_id: str) -> JobRecord:
+    record = jobs.get(job_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown job {job_id!r}")
+    return record
+
+
+@router.get("/{job_id}", response_model=Job, responses=_NOT_FOUND)
+def get_job(job_id: str, jobs: JobsDep) -> Job:
+    """Status, progress (in samples) and, once succeeded, the result."""
+    return Job.model_validate(_record(jobs, job_id).to_dict())
+
+
+@router.get("/{job_id}/results.tsv", response_class=PlainTextResponse,
+            responses={**_NOT_FOUND, 409: {"description": "the job has not succeeded"}})
+def get_results_tsv(job_id: str, jobs: JobsDep) -> PlainTextResponse:
+    """The results in the CLI's TSV: Cohen's columns first, then ours."""
+    from smoothcert.service.core.tsv import format_tsv
+
+    record = _record(jobs, job_id)
+    if record.status != SUCCEEDED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {record.status}, not succeeded")
+    if record.kind not in ("certify", "predict"):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is a {record.kind} job, without results")
+    rows = record.result["results"]
+    # By row index, not position: a dataset job's rows are numbered from its skip.
+    labels = None if rows and rows[0].get("label") is None else {r["index"]: r["label"] for r in rows}
+    return PlainTextResponse(format_tsv(rows, labels), media_type="text/tab-separated-values")
+
+
+@router.delete("/{job_id}", response_model=Job,
+               responses={**_NOT_FOUND, 202: {"description": "cancel requested; the job stops between batches"},
+                          409: {"description": "the job already finished"}})
+def cancel_job(job_id: str, jobs: JobsDep):
+    """Cancel: a queued job at once (200), a running one between two batches (202)."""
+    record = _record(jobs, job_id)
+    if record.status in TERMINAL and record.status != CANCELED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {record.status}")
+    if record.status != CANCELED:
+        jobs.request_cancel(job_id)
+        record = _record(jobs, job_id)
+    code = status.HTTP_202_ACCEPTED if record.status not in TERMINAL else status.HTTP_200_OK
+    return JSONResponse(Job.model_validate(record.to_dict()).model_dump(), status_code=code)
+

@@ -1,0 +1,130 @@
+"""``/v1/models``: upload (admin), list, show, delete (admin).
+
+An upload is stored as a pending model and answered 201 only after a worker loaded it and ran
+it on one batch (a ``check_model`` job the request waits for); a refused model is removed and
+answered 422 with the loader's message. Pickles and lying safetensors headers are refused before
+anything is stored (:meth:`ModelStore.add`), and a multipart body that cannot be parsed is a 422
+too (:class:`UnparsableBodyRoute`). Every 422 of an upload starts with "model refused".
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile, status
+
+from smoothcert.models.metadata import ModelError, Normalization, check_input_shape, check_num_classes
+from smoothcert.service.core.model_store import READY, UploadTooLarge
+from smoothcert.service.api.body_limit import UnparsableBodyRoute
+from smoothcert.service.api.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_admin, require_key
+from smoothcert.service.core.jobs import SUCCEEDED, TERMINAL, new_job_id
+from smoothcert.service.api.schemas import ModelRecord
+from smoothcert.service.core.queue import CHECK_MODEL_TASK
+
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_key)],
+                   route_class=UnparsableBodyRoute)
+OptionalForm = Annotated[str | None, Form()]
+
+
+def _fields(name, input_shape, num_classes, class_names, arch, normalization, sigma) -> dict[str, Any]:
+    """The upload's metadata fields, parsed and type-checked (ModelError otherwise)."""
+    def json_field(label: str, text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ModelError(f"{label} must be JSON, e.g. {'[1, 8, 8]' if label == 'input_shape' else '[...]'}") from None
+
+    fields: dict[str, Any] = {"name": name or None, "arch": arch or None}
+    if input_shape:
+        fields["input_shape"] = list(check_input_shape(json_field("input_shape", input_shape)))
+    if num_classes is not None:
+        fields["num_classes"] = check_num_classes(num_classes)
+    if class_names:
+        names = json_field("class_names", class_names)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ModelError("class_names must be a JSON list of strings")
+        fields["class_names"] = names
+    if normalization:
+        norm = Normalization.parse(normalization)
+        fields["normalization"] = None if norm is None else {"mean": list(norm.mean), "std": norm.std and list(norm.std)}
+    if sigma is not None:
+        if not sigma >= 0:
+            raise ModelError("sigma (the training noise) must be a non-negative number")
+        fields["sigma"] = sigma
+    return fields
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelRecord,
+             dependencies=[Depends(require_admin)],
+             responses={413: {"description": "file too large"}, 422: {"description": "model refused"},
+                        503: {"description": "no worker checked the model in time"}})
+def upload_model(response: Response, settings: SettingsDep, models: ModelsDep, jobs: JobsDep, queue: QueueDep,
+                 file: Annotated[UploadFile, File(description=".onnx, or .safetensors with arch")],
+                 name: OptionalForm = None, input_shape: OptionalForm = None,
+                 num_classes: Annotated[int | None, Form()] = None, class_names: OptionalForm = None,
+                 arch: OptionalForm = None, normalization: OptionalForm = None,
+                 sigma: Annotated[float | None, Form()] = None) -> ModelRecord:
+    """Store a model, have a worker load it and run one batch, answer its record."""
+    try:
+        fields = _fields(name, input_shape, num_classes, class_names, arch, normalization, sigma)
+        meta = models.add(file.file, file.filename or "", fields, max_bytes=settings.max_upload_bytes)
+    except UploadTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+    except ModelError as exc:
+        raise HTTPException(422, f"model refused: {exc}") from None
+    model_id, job_id = meta["id"], new_job_id()
+    try:
+        jobs.create(job_id, "check_model", {"model_id": model_id})
+        queue.send_task(CHECK_MODEL_TASK, args=[job_id, model_id], task_id=job_id)
+        record = _wait(jobs, job_id, settings.model_check_timeout_s)
+    except BaseException:
+        models.delete(model_id)
+        raise
+    if record is None or record.status != SUCCEEDED:
+        models.delete(model_id)
+        if record is None or record.status not in TERMINAL:
+            jobs.request_cancel(job_id)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                f"no worker loaded the model within {settings.model_check_timeout_s:g} s; "
+                                "is a worker running? (GET /readyz)")
+        raise HTTPException(422, f"model refused: {record.error or record.status}")
+    found = {k: v for k, v in record.result.items() if v not in (None, {}) and k != "format"}
+    meta = models.update(model_id, **found, status=READY, check_job=job_id)
+    response.headers["Location"] = f"/v1/models/{model_id}"
+    return ModelRecord.model_validate(meta)
+
+
+def _wait(jobs, job_id: str, timeout_s: float):
+    """Poll the job record until it is terminal or ``timeout_s`` passed; the last record seen."""
+    deadline, delay = time.monotonic() + timeout_s, 0.02
+    while True:
+        record = jobs.get(job_id)
+        if record is None or record.status in TERMINAL or time.monotonic() > deadline:
+            return record
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+@router.get("", response_model=list[ModelRecord])
+def list_models(models: ModelsDep) -> list[ModelRecord]:
+    """Every ready model, oldest first."""
+    return [ModelRecord.model_validate(m) for m in models.list()]
+
+
+@router.get("/{model_id}", response_model=ModelRecord, responses={404: {"description": "unknown model"}})
+def get_model(model_id: str, models: ModelsDep) -> ModelRecord:
+    meta = models.get(model_id)
+    if meta is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
+    return ModelRecord.model_validate(meta)
+
+
+@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(require_admin)],
+               responses={404: {"description": "unknown model"}})
+def delete_model(model_id: str, models: ModelsDep) -> Response:
+    """Remove the model's files; jobs already queued for it fail with a message."""
+    if models.get(model_id) is None or not models.delete(model_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+

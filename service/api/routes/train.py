@@ -1,0 +1,76 @@
+"""``POST /v1/train`` (admin key): check a training request and queue it on the ``train`` queue.
+
+Everything a trainer would refuse for its parameters is refused here first, with a 4xx that says
+why: the values (TrainConfig's own checks, 422), the dataset (404 when unknown) and whether its
+images fit the architecture (422). The configuration, with its seed drawn here when absent, is
+built once and travels in the message, so a redelivered task rebuilds the very same run and
+resumes from its checkpoint. The job's ``progress`` counts finished epochs. The rate limit, the
+``train`` queue's bound and ``Idempotency-Key`` apply (:mod:`smoothcert.service.api.limits`). The
+route reads the JSON body itself, as ``POST /v1/certify`` does, so that those come before the
+body is validated and an undecodable body is a 422 like any other invalid one.
+"""
+from __future__ import annotations
+
+import contextlib
+import secrets
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, JobsDep, QueueDep, require_admin, require_key
+from smoothcert.service.api.idempotency import json_content
+from smoothcert.service.core.jobs import new_job_id
+from smoothcert.service.api.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
+from smoothcert.service.api.schemas import JobAccepted, validate_body
+from smoothcert.service.api.train_schemas import DatasetUnknown, TrainRequest, check_fits, dataset_shape
+from smoothcert.service.core.queue import TRAIN_QUEUE, TRAIN_TASK
+from smoothcert.service.core.train_config import TrainingError
+
+router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)])
+SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript clients too
+_BODY = {"required": True, "content": {"application/json": {"schema": TrainRequest.model_json_schema()}}}
+
+
+@router.post("/train", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
+             dependencies=[Depends(require_admin)], openapi_extra={"requestBody": _BODY},
+             responses={404: {"description": "unknown dataset"}, 413: {"description": "body too large"},
+                        422: {"description": "invalid parameters, or the dataset does not fit the architecture"
+                                             + REUSED_KEY},
+                        **IN_PROGRESS, **RATE_LIMITED, **QUEUE_FULL})
+async def submit_training(request: Request, jobs: JobsDep, datasets: DatasetsDep, queue: QueueDep,
+                          admission: AdmissionDep) -> JSONResponse:
+    """Queue a training job; poll ``Location``: ``progress`` counts epochs, ``result.history`` grows
+    by one entry per epoch, and the succeeded result names the registered ``model_id``."""
+    body = await request.body()
+    return await run_in_threadpool(admission.submit, lambda: json_content(body),
+                                   lambda: _enqueue(validate_body(TrainRequest, body), jobs, datasets, queue),
+                                   status_code=status.HTTP_202_ACCEPTED, queue=TRAIN_QUEUE)
+
+
+def _enqueue(req: TrainRequest, jobs, datasets, queue) -> tuple[JobAccepted, str]:
+    seed = req.seed if req.seed is not None else secrets.randbelow(SEED_BOUND)
+    try:
+        config = req.config(seed)
+    except TrainingError as exc:
+        raise HTTPException(422, str(exc)) from None
+    try:
+        input_shape, num_classes = dataset_shape(req.dataset, datasets.get(req.dataset))
+        check_fits(config.arch, input_shape, num_classes, req.dataset)
+    except DatasetUnknown as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+    job_id = new_job_id()
+    params = {"dataset": req.dataset, "name": req.name, **config.to_dict()}
+    spec = {"config": config.to_dict(), "dataset": req.dataset, "name": req.name}
+    try:
+        jobs.create(job_id, "train", params, total=config.epochs)
+        queue.send_task(TRAIN_TASK, args=[job_id, spec], task_id=job_id)
+    except Exception:
+        with contextlib.suppress(Exception):
+            jobs.fail(job_id, "the job could not be queued")
+        raise  # Redis or broker errors become 503 (app.py)
+    accepted = JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
+    return accepted, accepted.location

@@ -1,0 +1,100 @@
+"""``POST /v1/train``'s body and the checks the API makes before a training job is queued.
+
+Torch-free. The values are checked by :class:`~smoothcert.service.core.train_config.TrainConfig`
+itself (one rule for the CLI, the API and the worker); this module adds what only the API can
+know: that the dataset exists and that its images fit the architecture. :data:`ARCH_INPUTS`
+repeats, without torch, which images each allow-listed architecture takes
+(``models/architectures.py`` builds the networks; a test keeps the two in step).
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from smoothcert.service.core.train_config import MAX_SEED, METHODS, OPTIMIZERS, TrainConfig
+
+# (channels, height, width) an architecture takes; None: any size (the ResNets pool adaptively,
+# digits_cnn's fully connected layer fixes 8x8).
+ARCH_INPUTS: dict[str, tuple[int, int | None, int | None]] = {
+    "digits_cnn": (1, 8, 8),
+    "cifar_resnet20": (3, None, None),
+    "cifar_resnet110": (3, None, None),
+    "imagenet_resnet50": (3, None, None),
+}
+# Datasets every worker has without an upload: input shape [C, H, W] and class count.
+BUILTIN_DATASETS: dict[str, dict[str, Any]] = {"digits": {"input_shape": [1, 8, 8], "num_classes": 10}}
+# Upper bounds that keep one request from occupying a trainer for months.
+MAX_EPOCHS, MAX_M, MAX_STEPS, MAX_BATCH_SIZE = 10_000, 1024, 1000, 65_536
+
+
+def _default(name: str) -> Any:
+    [f] = [f for f in fields(TrainConfig) if f.name == name]
+    return None if f.default is MISSING else f.default
+
+
+class TrainRequest(BaseModel):
+    """What to train: TrainConfig's fields (their defaults too), the dataset and the model's name.
+
+    Ranges are checked by TrainConfig (epochs, batch_size, m, steps >= 1; warmup_epochs >= 0;
+    lr > 0; epsilon >= 0); ``sigma`` must be positive here, since the model is registered for
+    certification at that σ. ``seed`` is drawn and recorded when absent.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, max_length=64,
+                         description='"digits" (built in) or the id of a dataset uploaded to /v1/datasets')
+    # The enums document the choices; TrainConfig (method, optimizer) and check_fits (arch) refuse others.
+    arch: str = Field(_default("arch"), json_schema_extra={"enum": list(ARCH_INPUTS)})
+    method: str = Field(_default("method"), json_schema_extra={"enum": list(METHODS)})
+    sigma: float = Field(_default("sigma"), gt=0, allow_inf_nan=False,
+                         description="training noise level, in [0,1] pixel units")
+    epochs: int = Field(_default("epochs"), le=MAX_EPOCHS)
+    batch_size: int = Field(_default("batch_size"), le=MAX_BATCH_SIZE, description="images per step")
+    lr: float = Field(_default("lr"), description="initial learning rate (cosine schedule towards 0)")
+    optimizer: str = Field(_default("optimizer"), json_schema_extra={"enum": list(OPTIMIZERS)})
+    m: int = Field(_default("m"), le=MAX_M, description="noise samples per image (smoothed, smoothadv)")
+    epsilon: float = Field(_default("epsilon"), description="smoothadv: l2 attack radius in [0,1] pixel units "
+                                                           "(Salman et al.'s --epsilon 64 is 64/256 = 0.25)")
+    steps: int = Field(_default("steps"), le=MAX_STEPS, description="smoothadv: PGD steps")
+    warmup_epochs: int = Field(_default("warmup_epochs"), description="smoothadv: epochs over which epsilon grows")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
+    name: str | None = Field(None, min_length=1, max_length=200, description="the registered model's name")
+
+    def config(self, seed: int) -> TrainConfig:
+        """The TrainConfig of this request with ``seed``; TrainingError when a value is out of range."""
+        values = self.model_dump(exclude={"dataset", "seed", "name"})
+        return TrainConfig(**values, seed=seed)
+
+
+class DatasetUnknown(LookupError):
+    """No built-in or uploaded dataset has that name or id."""
+
+
+def dataset_shape(dataset: str, uploaded: dict[str, Any] | None) -> tuple[list[int], int]:
+    """``dataset``'s input shape [C, H, W] and class count; ``uploaded`` is its record, if any.
+
+    DatasetUnknown when it is neither built in nor uploaded.
+    """
+    if dataset in BUILTIN_DATASETS:
+        known = BUILTIN_DATASETS[dataset]
+        return list(known["input_shape"]), known["num_classes"]
+    if uploaded is None:
+        raise DatasetUnknown(f"unknown dataset {dataset!r}: give {' or '.join(BUILTIN_DATASETS)}, "
+                             "or the id of a dataset uploaded to /v1/datasets")
+    return list(uploaded["input_shape"]), int(uploaded["label_range"][1]) + 1
+
+
+def check_fits(arch: str, input_shape: list[int], num_classes: int, dataset: str) -> None:
+    """ValueError (one line) unless ``arch`` is allow-listed and takes ``dataset``'s images."""
+    if arch not in ARCH_INPUTS:
+        raise ValueError(f"unknown architecture {arch!r}; allowed: {', '.join(sorted(ARCH_INPUTS))}")
+    takes = ARCH_INPUTS[arch]
+    if len(input_shape) != 3 or any(want is not None and want != got for want, got in zip(takes, input_shape)):
+        wanted = "x".join("any" if d is None else str(d) for d in takes)
+        raise ValueError(f"{arch} takes images of shape {wanted} (CxHxW), dataset {dataset} holds "
+                         f"{'x'.join(map(str, input_shape))}")
+    if num_classes < 2:
+        raise ValueError(f"dataset {dataset} has a single class; training needs at least two")

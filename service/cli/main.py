@@ -1,0 +1,219 @@
+"""The `smoothcert` command line.
+
+Subcommands that run a model (certify, predict) import torch lazily, so `smoothcert analyze` and
+the API process stay torch-free. The subcommands that talk to a running service (submit, status,
+wait, cancel, models, datasets) live in cli_remote.py. Expected failures (bad input, unreadable
+files, API errors) end with a one-line message on stderr and exit status 2; set SMOOTHCERT_DEBUG=1
+to see the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from smoothcert.service.cli.remote import add_commands as add_remote_commands
+from smoothcert.service.cli.train import add_commands as add_train_commands
+from smoothcert.service.core.inputs import load_inputs, load_labels
+from smoothcert.service.core.tsv import format_tsv
+
+# Idle OpenMP threads of torch would otherwise spin between batches and slow down onnxruntime
+# and the noise generation on the same cores; set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `smoothcert` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:  # everything after `worker` belongs to `celery worker`, options first
+        return _worker_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (ValueError, OSError) as exc:  # every error class of ours derives from ValueError
+        if os.environ.get("SMOOTHCERT_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"smoothcert: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("smoothcert: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoothcert", description="Certified robustness by randomized smoothing.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    certify = commands.add_parser("certify", help="certify inputs: class and certified l2 radius, or abstain")
+    _model_and_inputs(certify)
+    certify.add_argument("--n0", type=int, default=100, help="samples to select the class (default 100)")
+    certify.add_argument("--n", type=int, default=100_000, help="samples to bound its probability (default 100000)")
+    certify.add_argument("--bound", choices=("cohen", "top2"), default="cohen", help="default cohen")
+    certify.add_argument("--target-radius", type=float, metavar="R",
+                         help="only decide 'certified at radius R?', drawing until the answer is known "
+                              "(anytime-valid; --n is then the cap per input)")
+    certify.set_defaults(handler=_run_certify)
+
+    predict = commands.add_parser("predict", help="predict with the smoothed classifier, or abstain")
+    _model_and_inputs(predict)
+    predict.add_argument("--n", type=int, default=1_000, help="samples per input (default 1000)")
+    predict.set_defaults(handler=_run_predict)
+
+    analyze = commands.add_parser("analyze", help="certified accuracy at radii from certification TSV files")
+    analyze.add_argument("files", nargs="+", metavar="FILE")
+    analyze.add_argument("--radii", help="comma-separated radii (default 0,0.25,...,4)")
+    analyze.add_argument("--format", choices=("table", "json", "tsv"), default="table")
+    analyze.add_argument("--plot", metavar="PNG", help="also draw the curves into this PNG")
+    analyze.set_defaults(handler=_run_analyze)
+
+    up = commands.add_parser("up", help="run the local stack: Redis, the API and one worker (SMOOTHCERT_* settings)")
+    up.set_defaults(handler=lambda args: _stack_main())
+    worker = commands.add_parser("worker", help="run a Celery worker; further options go to `celery worker`",
+                                 add_help=False)
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER)
+    worker.set_defaults(handler=lambda args: _worker_main(args.celery_args))
+
+    add_train_commands(commands)  # train, import-checkpoint, experiment: in-process
+    add_remote_commands(commands)  # submit, status, wait, cancel, models, datasets: over HTTP
+    return parser
+
+
+def _stack_main() -> int:
+    from smoothcert.service.devstack.stack import main as stack_main
+
+    return stack_main([])
+
+
+def _worker_main(argv: list[str]) -> int:
+    from smoothcert.worker.queue.celery_app import main as worker_main
+
+    return worker_main(argv) or 0
+
+
+def _model_and_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="an .onnx or .safetensors file, or the id of a model stored under SMOOTHCERT_DATA_DIR")
+    p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
+                   help=".npy of shape (N,C,H,W) or (C,H,W) in [0,1], or PNG/JPEG files or folders")
+    p.add_argument("--labels", metavar="PATH", help="true labels (.npy or one per line) to mark correct rows")
+    p.add_argument("--sigma", type=float, required=True, help="noise level σ, in [0,1] pixel units")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--batch-size", type=int, help="noisy samples per forward pass (default: by input size)")
+    p.add_argument("--seed", type=int, help="noise seed (default: drawn at random and recorded)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--out", metavar="TSV", help="write rows here (default stdout) and provenance to TSV.json")
+    bare = p.add_argument_group("bare safetensors weights (files without smoothcert metadata)")
+    bare.add_argument("--arch", help="architecture name, e.g. digits_cnn, cifar_resnet20")
+    bare.add_argument("--input-shape", help="C,H,W, e.g. 3,32,32")
+    bare.add_argument("--num-classes", type=int)
+    bare.add_argument("--normalization", help='JSON, e.g. {"mean": [0.5], "std": [0.25]}')
+
+
+def _run_certify(args) -> int:
+    from smoothcert.worker.smoothing.engine import certify
+
+    model, x, labels = _prepare(args)
+    with _progress_bar() as progress:
+        run = certify(model, x, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                      batch_size=args.batch_size, seed=args.seed, bound=args.bound, progress=progress,
+                      target_radius=args.target_radius)
+    _write(args, run, labels)
+    if args.target_radius is None:
+        certified = sum(not r.abstained for r in run.results)
+        what = f"certified {certified} of {len(run.results)} inputs ({len(run.results) - certified} abstained)"
+    else:
+        certified = sum(r.certified_at_r for r in run.results)
+        what = (f"certified {certified} of {len(run.results)} inputs at radius {args.target_radius} with "
+                f"{run.provenance['samples_used'] / len(run.results):,.0f} samples per input")
+    print(f"{what}{_accuracy(run, labels)} in {run.provenance['elapsed_s']:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _run_predict(args) -> int:
+    from smoothcert.worker.smoothing.engine import predict
+
+    model, x, labels = _prepare(args)
+    with _progress_bar() as progress:
+        run = predict(model, x, sigma=args.sigma, n=args.n, alpha=args.alpha,
+                      batch_size=args.batch_size, seed=args.seed, progress=progress)
+    _write(args, run, labels)
+    answered = sum(not r.abstained for r in run.results)
+    print(f"predicted {answered} of {len(run.results)} inputs{_accuracy(run, labels)}"
+          f" in {run.provenance['elapsed_s']:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _run_analyze(args) -> int:
+    from smoothcert.worker.evaluation.analyze import run_cli
+
+    return run_cli(args.files, args.radii, args.format, args.plot)
+
+
+def _prepare(args):
+    model = _load(args)
+    x = load_inputs(args.inputs, model.info.input_shape[0])
+    labels = None
+    if args.labels:
+        labels = load_labels(args.labels, 1 if x.ndim == 3 else len(x))
+    return model, x, labels
+
+
+def _load(args):
+    """MODEL is a file, or else the id of a model in the store under SMOOTHCERT_DATA_DIR."""
+    from smoothcert.models.loaders import load_model, load_stored_model
+
+    if not Path(args.model).exists():
+        from smoothcert.service.core.model_store import ModelStore
+        from smoothcert.service.core.settings import Settings
+
+        store = ModelStore(Settings().models_dir)
+        meta = store.get(args.model)
+        if meta is None:
+            raise ValueError(f"no such file: {args.model} (nor a model with that id in {store.root})")
+        return load_stored_model(store, meta, args.device)
+    input_shape = None
+    if args.input_shape:
+        try:
+            input_shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise ValueError(f"--input-shape must look like 3,32,32, got {args.input_shape!r}") from None
+    return load_model(args.model, device=args.device, arch=args.arch, input_shape=input_shape,
+                      num_classes=args.num_classes, normalization=args.normalization)
+
+
+@contextmanager
+def _progress_bar():
+    """A progress callback drawing a bar on stderr, silent when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="samples", unit_scale=True, file=sys.stderr,
+               disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _write(args, run, labels) -> None:
+    text = format_tsv([r.to_dict() for r in run.results], None if labels is None else labels.tolist())
+    if not args.out:
+        sys.stdout.write(text)
+        return
+    Path(args.out).write_text(text)
+    Path(args.out + ".json").write_text(json.dumps(run.provenance, indent=2) + "\n")
+
+
+def _accuracy(run, labels) -> str:
+    if labels is None:
+        return ""
+    correct = sum(r.prediction == int(labels[r.index]) for r in run.results)
+    return f", {correct} correct"

@@ -1,0 +1,291 @@
+"""The `smoothcert` subcommands that talk to a running service over HTTP.
+
+`submit`, `status`, `wait`, `cancel`, `models upload|list|delete` and `datasets upload|list|delete`
+call the API v1 through :class:`~smoothcert.service.client.service_client.ServiceClient`. Where: ``--url``, else
+``SMOOTHCERT_URL``, else ``http://127.0.0.1:$SMOOTHCERT_PORT`` (port 8000 by default). Who:
+``--api-key``, else ``SMOOTHCERT_API_KEY``; uploading and deleting models use
+``SMOOTHCERT_ADMIN_KEY`` when it is set. Ids and TSV go to stdout, summaries and progress to
+stderr, so the output pipes; errors are ClientError (a ValueError) and end as one line with exit
+status 2 in cli.main.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ENV_URL, ENV_KEY, ENV_ADMIN_KEY = "SMOOTHCERT_URL", "SMOOTHCERT_API_KEY", "SMOOTHCERT_ADMIN_KEY"
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register the HTTP subcommands on the `smoothcert` parser's subcommand list."""
+    connection = argparse.ArgumentParser(add_help=False)
+    where = connection.add_argument_group("service")
+    where.add_argument("--url", help=f"the API's base URL (default ${ENV_URL}, else http://127.0.0.1:8000)")
+    where.add_argument("--api-key", help=f"bearer key (default ${ENV_KEY}; model upload/delete: ${ENV_ADMIN_KEY})")
+
+    submit = commands.add_parser("submit", parents=[connection],
+                                 help="queue a certify or predict job on the service; prints the job id")
+    submit.add_argument("model_id", metavar="MODEL_ID", help="a model id from `smoothcert models list`")
+    source = submit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inputs", nargs="+", metavar="PATH",
+                        help=".npy of shape (N,C,H,W) or (C,H,W) in [0,1], or PNG/JPEG files or folders")
+    source.add_argument("--dataset", metavar="ID", help="a dataset id from `smoothcert datasets upload`")
+    submit.add_argument("--labels", metavar="PATH", help="true labels (.npy or one per line): adds the accuracy")
+    submit.add_argument("--skip", type=int, help="with --dataset: start at this input (default 0)")
+    submit.add_argument("--limit", type=int, help="with --dataset: certify at most this many inputs")
+    submit.add_argument("--sigma", type=float, required=True, help="noise level σ, in [0,1] pixel units")
+    submit.add_argument("--mode", choices=("certify", "predict"), default="certify", help="default certify")
+    submit.add_argument("--n0", type=int, help="samples to select the class (server default 100)")
+    submit.add_argument("--n", type=int, help="samples to bound its probability (server default 100000)")
+    submit.add_argument("--alpha", type=float, help="failure probability (server default 0.001)")
+    submit.add_argument("--batch-size", type=int, help="noisy samples per forward pass")
+    submit.add_argument("--seed", type=int, help="noise seed (default: drawn by the server and recorded)")
+    submit.add_argument("--bound", choices=("cohen", "top2"), help="server default cohen")
+    submit.add_argument("--target-radius", type=float, metavar="R",
+                        help="only decide 'certified at radius R?' (anytime-valid; --n is then the cap)")
+    submit.add_argument("--wait", action="store_true", help="wait for the result and write its TSV")
+    _result_options(submit)
+    submit.set_defaults(handler=_submit)
+
+    status = commands.add_parser("status", parents=[connection], help="show a job's status and progress")
+    status.add_argument("job_id", metavar="JOB_ID")
+    status.add_argument("--json", action="store_true", help="print the whole job record as JSON")
+    status.set_defaults(handler=_status)
+
+    wait = commands.add_parser("wait", parents=[connection], help="wait for a job and write its results TSV")
+    wait.add_argument("job_id", metavar="JOB_ID")
+    _result_options(wait)
+    wait.set_defaults(handler=_wait)
+
+    cancel = commands.add_parser("cancel", parents=[connection], help="cancel a queued or running job")
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.set_defaults(handler=_cancel)
+
+    models = commands.add_parser("models", help="upload, list and delete the service's models")
+    actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    upload = actions.add_parser("upload", parents=[connection], help="upload a model (admin key); prints its id")
+    upload.add_argument("file", metavar="FILE", help="an .onnx file, or a .safetensors file")
+    upload.add_argument("--name")
+    upload.add_argument("--arch", help="architecture, required for bare safetensors weights, e.g. digits_cnn")
+    upload.add_argument("--input-shape", help="C,H,W, e.g. 3,32,32 (read from ONNX and smoothcert files)")
+    upload.add_argument("--num-classes", type=int)
+    upload.add_argument("--normalization", help='JSON, e.g. {"mean": [0.5], "std": [0.25]}')
+    upload.add_argument("--sigma", type=float, help="the noise level the model was trained with")
+    upload.add_argument("--class-names", help="comma-separated, or a JSON list")
+    upload.add_argument("--json", action="store_true", help="print the model record as JSON instead of its id")
+    upload.set_defaults(handler=_upload, admin=True)
+    listing = actions.add_parser("list", parents=[connection], help="list the ready models")
+    listing.add_argument("--json", action="store_true", help="print the records as JSON")
+    listing.set_defaults(handler=_list_models)
+    delete = actions.add_parser("delete", parents=[connection], help="delete a model (admin key)")
+    delete.add_argument("model_id", metavar="ID")
+    delete.set_defaults(handler=_delete_model, admin=True)
+
+    datasets = commands.add_parser("datasets", help="upload, list and delete datasets to certify as one job")
+    actions = datasets.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    upload = actions.add_parser("upload", parents=[connection], help="upload an .npz with x and y; prints its id")
+    upload.add_argument("file", metavar="FILE", help="numpy.savez file: x (N,C,H,W) in [0,1] or uint8, y labels")
+    upload.add_argument("--name")
+    upload.set_defaults(handler=_upload_dataset)
+    listing = actions.add_parser("list", parents=[connection], help="list the datasets")
+    listing.add_argument("--json", action="store_true", help="print the records as JSON")
+    listing.set_defaults(handler=_list_datasets)
+    delete = actions.add_parser("delete", parents=[connection], help="delete a dataset")
+    delete.add_argument("dataset_id", metavar="ID")
+    delete.set_defaults(handler=_delete_dataset)
+
+
+def _result_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="TSV", help="write the rows here (default stdout) and provenance to TSV.json")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop waiting after S seconds (the job goes on)")
+
+
+def service_client(args: argparse.Namespace):
+    """A ServiceClient for the URL and key that the options and environment name."""
+    from smoothcert.service.client.service_client import ClientError, ServiceClient
+
+    url = args.url or os.environ.get(ENV_URL) or f"http://127.0.0.1:{os.environ.get('SMOOTHCERT_PORT') or 8000}"
+    key = args.api_key or (getattr(args, "admin", False) and os.environ.get(ENV_ADMIN_KEY)) or os.environ.get(ENV_KEY)
+    if not key:
+        raise ClientError(f"no API key: set {ENV_KEY} (`smoothcert up` prints it) or pass --api-key")
+    return ServiceClient(url, key)
+
+
+def _submit(args) -> int:
+    if args.dataset and args.labels:
+        raise ValueError("a dataset job takes its labels from the dataset's y; drop --labels")
+    if args.inputs and (args.skip is not None or args.limit is not None):
+        raise ValueError("--skip and --limit go with --dataset")
+    labels = _read_labels(args.labels, args.inputs) if args.labels else None
+    with service_client(args) as client:
+        accepted = client.submit(args.model_id, args.inputs, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                                 batch_size=args.batch_size, seed=args.seed, bound=args.bound, mode=args.mode,
+                                 labels=labels, dataset_id=args.dataset, skip=args.skip, limit=args.limit,
+                                 target_radius=args.target_radius)
+        job_id = accepted["job_id"]
+        if not args.wait:
+            print(job_id)
+            return 0
+        print(f"submitted job {job_id}", file=sys.stderr)
+        return _follow(client, job_id, args)
+
+
+def _wait(args) -> int:
+    with service_client(args) as client:
+        return _follow(client, args.job_id, args)
+
+
+def _follow(client, job_id: str, args) -> int:
+    """Wait for the job; write its TSV (or its JSON result) and a summary, or fail in one line."""
+    from smoothcert.service.client.service_client import ClientError
+
+    try:
+        record = client.wait(job_id, timeout=args.timeout)
+    except KeyboardInterrupt:
+        print(f"smoothcert: stopped waiting; job {job_id} keeps running (`smoothcert cancel {job_id}` stops it)",
+              file=sys.stderr)
+        return 130
+    if record["status"] != "succeeded":
+        raise ClientError(f"job {job_id} {record['status']}" + (f": {record['error']}" if record.get("error") else ""))
+    result = record.get("result") or {}
+    if "results" not in result:  # a job without per-input rows (a model check)
+        _emit(json.dumps(result, indent=2) + "\n", args.out)
+        return 0
+    _emit(client.results_tsv(job_id), args.out)
+    if args.out and result.get("provenance") is not None:
+        Path(args.out + ".json").write_text(json.dumps(result["provenance"], indent=2) + "\n")
+    print(_summary(record), file=sys.stderr)
+    return 0
+
+
+def _emit(text: str, out: str | None) -> None:
+    if out:
+        Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _summary(record: dict) -> str:
+    rows = record["result"]["results"]
+    answered = sum(r["prediction"] is not None for r in rows)
+    labelled = bool(rows) and rows[0].get("label") is not None
+    correct = f", {sum(r['prediction'] == r['label'] for r in rows)} correct" if labelled else ""
+    took = ""
+    if record.get("started_at") and record.get("finished_at"):
+        took = f" in {record['finished_at'] - record['started_at']:.1f} s"
+    if record["kind"] == "predict":
+        return f"predicted {answered} of {len(rows)} inputs{correct}{took}"
+    return f"certified {answered} of {len(rows)} inputs ({len(rows) - answered} abstained){correct}{took}"
+
+
+def _status(args) -> int:
+    with service_client(args) as client:
+        record = client.status(args.job_id)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    done, total = record["progress"]["done"], record["progress"]["total"]
+    share = f" ({100 * done / total:.0f}%)" if total else ""
+    line = f"{record['id']}\t{record['kind']}\t{record['status']}\t{done}/{total} samples{share}"
+    if record.get("cancel_requested") and record["status"] not in ("canceled", "succeeded", "failed"):
+        line += "\tcancel requested"
+    if record.get("error"):
+        line += f"\terror: {record['error']}"
+    print(line)
+    return 0
+
+
+def _cancel(args) -> int:
+    with service_client(args) as client:
+        record = client.cancel(args.job_id)
+    what = "canceled" if record["status"] == "canceled" else "cancel requested; it stops between two batches"
+    print(f"job {record['id']}: {what}", file=sys.stderr)
+    return 0
+
+
+def _upload(args) -> int:
+    shape = None
+    if args.input_shape:
+        try:
+            shape = [int(v) for v in args.input_shape.strip("[]() ").split(",")]
+        except ValueError:
+            raise ValueError(f"--input-shape must look like 3,32,32, got {args.input_shape!r}") from None
+    names = None
+    if args.class_names:
+        text = args.class_names.strip()
+        names = json.loads(text) if text.startswith("[") else [n.strip() for n in text.split(",")]
+    with service_client(args) as client:
+        model = client.upload_model(args.file, name=args.name, arch=args.arch, input_shape=shape,
+                                    num_classes=args.num_classes, normalization=args.normalization,
+                                    sigma=args.sigma, class_names=names)
+    if args.json:
+        print(json.dumps(model, indent=2))
+        return 0
+    print(model["id"])
+    print(f"uploaded {model.get('name') or Path(args.file).name}: {model['format']}, input {model['input_shape']}, "
+          f"{model['num_classes']} classes, sha256 {model['sha256'][:12]}", file=sys.stderr)
+    return 0
+
+
+def _list_models(args) -> int:
+    with service_client(args) as client:
+        models = client.list_models()
+    _table(args, models, ("id", "name", "format", "arch", "input_shape", "num_classes", "sigma"))
+    return 0
+
+
+def _delete_model(args) -> int:
+    with service_client(args) as client:
+        client.delete_model(args.model_id)
+    print(f"deleted model {args.model_id}", file=sys.stderr)
+    return 0
+
+
+def _upload_dataset(args) -> int:
+    with service_client(args) as client:
+        dataset = client.upload_dataset(args.file, name=args.name)
+    print(dataset["id"])
+    print(f"uploaded {dataset['name']}: {dataset['num_inputs']} inputs of shape {dataset['input_shape']}, "
+          f"labels {dataset['label_range'][0]}..{dataset['label_range'][1]}", file=sys.stderr)
+    return 0
+
+
+def _list_datasets(args) -> int:
+    with service_client(args) as client:
+        datasets = client.list_datasets()
+    _table(args, datasets, ("id", "name", "num_inputs", "input_shape", "label_range"))
+    return 0
+
+
+def _delete_dataset(args) -> int:
+    with service_client(args) as client:
+        client.delete_dataset(args.dataset_id)
+    print(f"deleted dataset {args.dataset_id}", file=sys.stderr)
+    return 0
+
+
+def _table(args, records: list[dict], columns: tuple[str, ...]) -> None:
+    """Records as JSON (--json) or as TSV with ``columns``; lists joined by commas, "-" for none."""
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    print("\t".join(columns))
+    for record in records:
+        values = [record.get(c) for c in columns]
+        print("\t".join("-" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+                        for v in values))
+
+
+def _read_labels(path: str, inputs: list[str]) -> list[int]:
+    """Labels checked against the number of inputs before anything is sent."""
+    from smoothcert.service.core.inputs import image_files, load_labels, load_npy
+
+    if len(inputs) == 1 and inputs[0].lower().endswith(".npy"):
+        x = load_npy(inputs[0])
+        count = 1 if x.ndim == 3 else len(x)
+    else:
+        count = len(image_files(inputs))
+    return load_labels(path, count).tolist()

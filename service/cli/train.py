@@ -1,0 +1,243 @@
+"""`smoothcert train`, `import-checkpoint` and `experiment`: making models in-process.
+
+Registered on the main parser by :func:`add_commands`. Handlers import torch (through
+``smoothcert.worker``) only when they run, so `smoothcert analyze` and the API stay torch-free.
+Expected failures raise ValueError subclasses, which `smoothcert` prints as one line; progress
+bars go to stderr and stay quiet when it is not a terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+from smoothcert.worker.evaluation.experiment import ExperimentConfig
+from smoothcert.service.core.train_config import METHODS, OPTIMIZERS, TrainConfig
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+_EXPERIMENT = {f.name: f.default for f in fields(ExperimentConfig)}
+_NORMALIZATIONS = "cifar10, cifar10-center, imagenet, imagenet-center, none"
+
+
+class CliArgumentError(ValueError):
+    """A command-line value that cannot be used; one line."""
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `train`, `import-checkpoint` and `experiment` on the `smoothcert` subparsers."""
+    _add_train(commands)
+    _add_import(commands)
+    _add_experiment(commands)
+
+
+def _add_train(commands) -> None:
+    p = commands.add_parser("train", help="train a base classifier that smooths well (gaussian, smoothed, smoothadv)",
+                            description="Train a base classifier and write it as one self-describing "
+                                        "safetensors file that `smoothcert certify` takes as it is.")
+    p.add_argument("--dataset", default="digits",
+                   help="digits (default), an .npz with x (N,C,H,W in [0,1] or uint8) and y, an image folder "
+                        "(one sub-folder per class), or a CIFAR-10 binary folder (data_batch_*.bin, test_batch.bin)")
+    p.add_argument("--arch", default=_DEFAULTS["arch"], help=f"architecture (default {_DEFAULTS['arch']})")
+    p.add_argument("--method", choices=METHODS, default=_DEFAULTS["method"], help="default gaussian")
+    p.add_argument("--sigma", type=float, default=_DEFAULTS["sigma"],
+                   help=f"training noise σ in [0,1] pixel units (default {_DEFAULTS['sigma']})")
+    p.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"], help=f"default {_DEFAULTS['epochs']}")
+    p.add_argument("--seed", type=int, help="seed of every random draw (default: the checkpoint's when resuming, "
+                                            "else drawn and recorded)")
+    p.add_argument("--out", metavar="MODEL.safetensors",
+                   help="where to write the model (default DATASET-ARCH-METHOD-sigmaS.safetensors)")
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"],
+                   help=f"images per step (default {_DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=float, default=_DEFAULTS["lr"],
+                   help=f"initial learning rate, cosine to 0 (default {_DEFAULTS['lr']})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS["optimizer"], help="default adam")
+    p.add_argument("--m", type=int, default=_DEFAULTS["m"],
+                   help=f"noise samples per image, smoothed and smoothadv (default {_DEFAULTS['m']})")
+    p.add_argument("--epsilon", type=float, default=_DEFAULTS["epsilon"],
+                   help="smoothadv: l2 radius of the attack in [0,1] pixel units; Salman et al.'s "
+                        f"--epsilon 64 is 64/256 = 0.25 (default {_DEFAULTS['epsilon']})")
+    p.add_argument("--steps", type=int, default=_DEFAULTS["steps"],
+                   help=f"smoothadv: PGD steps (default {_DEFAULTS['steps']})")
+    p.add_argument("--warmup-epochs", type=int, default=_DEFAULTS["warmup_epochs"],
+                   help=f"smoothadv: epochs over which epsilon grows to its value (default {_DEFAULTS['warmup_epochs']})")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save the state after each epoch here, and resume from it when it is there")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--name", help="the model's name in its metadata")
+    p.set_defaults(handler=_run_train)
+
+
+def _add_import(commands) -> None:
+    p = commands.add_parser("import-checkpoint",
+                            help="convert a local PyTorch checkpoint (Cohen/Salman layout) to safetensors",
+                            description="Read a local torch.save checkpoint laid out as Cohen et al.'s and "
+                                        "Salman et al.'s releases ({'arch', 'state_dict'} of "
+                                        "Sequential(normalization, network)) with torch.load(weights_only=True) "
+                                        "and write a self-describing safetensors file.")
+    p.add_argument("checkpoint", metavar="FILE")
+    p.add_argument("--normalization", required=True,
+                   help=f"the first layer the network was trained behind: {_NORMALIZATIONS}, or JSON "
+                        '{"mean": [...], "std": [...] or null}. Cohen et al.: cifar10 / imagenet; Salman et '
+                        "al.'s SmoothAdv release: cifar10-center / imagenet-center (mean only)")
+    p.add_argument("--arch", help="allow-listed architecture (default: the checkpoint's own arch)")
+    p.add_argument("--sigma", type=float, help="training noise σ (default: read from a noise_S path component)")
+    p.add_argument("--input-shape", help="C,H,W (default: the architecture's)")
+    p.add_argument("--name", help="the model's name in its metadata (default: the file name)")
+    p.add_argument("--out", metavar="MODEL.safetensors", help="default: FILE with the suffix .safetensors")
+    p.set_defaults(handler=_run_import)
+
+
+def _add_experiment(commands) -> None:
+    p = commands.add_parser("experiment", help="train gaussian, smoothed and smoothadv on digits, certify, compare",
+                            description="Train each method at each σ on the digits training split, certify the "
+                                        "test split, and write the certified-accuracy table and curves.")
+    p.add_argument("--out-dir", default="var/experiment", help="default var/experiment")
+    d = _EXPERIMENT
+    p.add_argument("--methods", default=",".join(d["methods"]), help="comma-separated (default all three)")
+    p.add_argument("--sigmas", default=",".join(f"{s:g}" for s in d["sigmas"]),
+                   help="comma-separated training and certification σ (default %(default)s)")
+    p.add_argument("--radii", default=",".join(f"{r:g}" for r in d["radii"]),
+                   help="comma-separated radii of the table (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs per model (default %(default)s)")
+    p.add_argument("--m", type=int, default=d["m"],
+                   help="noise samples per image, smoothed and smoothadv (default %(default)s)")
+    p.add_argument("--epsilon", type=float, default=d["epsilon"], help="smoothadv attack radius (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d["steps"], help="smoothadv PGD steps (default %(default)s)")
+    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"],
+                   help="smoothadv epsilon warm-up epochs (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="default %(default)s")
+    p.add_argument("--lr", type=float, default=d["lr"], help="default %(default)s")
+    p.add_argument("--n0", type=int, default=d["n0"], help="certification selection samples (default %(default)s)")
+    p.add_argument("--n", type=int, default=d["n"],
+                   help="certification samples (default %(default)s; 10000 reaches radius 1.5 at σ=0.5)")
+    p.add_argument("--alpha", type=float, default=d["alpha"], help="default %(default)s")
+    p.add_argument("--seed", type=int, default=d["seed"], help="default %(default)s")
+    p.add_argument("--limit", type=int, help="certify only the first N test images")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
+    p.set_defaults(handler=_run_experiment)
+
+
+@contextmanager
+def _bar(total: int, unit: str):
+    """A tqdm bar on stderr, silent when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _run_train(args) -> int:
+    from smoothcert.worker.data.datasets import load_dataset
+    from smoothcert.worker.training.trainer import train
+
+    given = {"arch": args.arch, "method": args.method, "sigma": args.sigma, "epochs": args.epochs,
+             "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer, "m": args.m,
+             "epsilon": args.epsilon, "steps": args.steps, "warmup_epochs": args.warmup_epochs}
+    if args.seed is not None:
+        given["seed"] = args.seed
+    elif args.checkpoint_dir:
+        from smoothcert.worker.training.checkpoints import saved_identity
+
+        saved = saved_identity(args.checkpoint_dir)   # re-running the same command resumes
+        if saved and isinstance(saved.get("seed"), int):
+            given["seed"] = saved["seed"]
+    config = TrainConfig(**given)
+    data = load_dataset(args.dataset)
+    out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.method}-sigma{config.sigma:g}.safetensors")
+    with _bar(config.epochs, "epoch") as bar:
+        def progress(metrics) -> None:
+            bar.set_postfix(loss=f"{metrics.loss:.3f}", noisy_acc=f"{metrics.noisy_accuracy:.3f}")
+            bar.update(metrics.epoch - bar.n)
+
+        result = train(config, data, progress=progress, checkpoint_dir=args.checkpoint_dir,
+                       device=args.device, name=args.name)
+    result.save(out)
+    m = result.metrics
+    test = "" if m["test_clean_accuracy"] is None else (
+        f", test accuracy {m['test_clean_accuracy']:.3f} clean / {m['test_noisy_accuracy']:.3f} under noise")
+    resumed = f" (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
+    print(f"trained {config.arch} on {data.name} with {config.method} at σ={config.sigma:g}, seed {config.seed}"
+          f"{resumed}: loss {m['train_loss']:.3f}, noisy training accuracy {m['train_noisy_accuracy']:.3f}{test}",
+          file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _run_import(args) -> int:
+    from smoothcert.worker.training.checkpoint_import import import_checkpoint, parse_normalization
+
+    source = Path(args.checkpoint)
+    out = Path(args.out) if args.out else source.with_name(source.name.split(".")[0] + ".safetensors")
+    if out.resolve() == source.resolve():
+        raise CliArgumentError(f"--out {out} would overwrite the checkpoint")
+    imported = import_checkpoint(source, out, normalization=parse_normalization(args.normalization),
+                                 arch=args.arch, sigma=args.sigma, name=args.name,
+                                 input_shape=_shape(args.input_shape))
+    info = imported.info
+    norm = "none" if info.normalization is None else (
+        "mean only" if info.normalization.std is None else "mean and std")
+    ignored = f"; ignored {', '.join(imported.ignored_keys)}" if imported.ignored_keys else ""
+    print(f"imported {info.arch} ({info.num_classes} classes, input {list(info.input_shape)}, normalization "
+          f"{norm}, training σ {info.sigma if info.sigma is not None else 'unknown'}){ignored}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _run_experiment(args) -> int:
+    from smoothcert.worker.evaluation.experiment import ExperimentConfig, render_markdown, run_experiment
+
+    options = {k: getattr(args, k) for k in ("epochs", "m", "epsilon", "steps", "warmup_epochs", "batch_size",
+                                              "lr", "n0", "n", "alpha", "seed", "limit")
+               if getattr(args, k) is not None}
+    config = ExperimentConfig(methods=tuple(_names(args.methods, METHODS, "--methods")),
+                              sigmas=tuple(_numbers(args.sigmas, "--sigmas")),
+                              radii=tuple(_numbers(args.radii, "--radii")), **options)
+    with _bar(2 * len(config.methods) * len(config.sigmas), "step") as bar:
+        started = [0]
+
+        def step(description: str) -> None:
+            bar.update(1 if started[0] else 0)   # the previous step is done
+            started[0] += 1
+            bar.set_description(description)
+
+        result = run_experiment(config, args.out_dir, device=args.device, step=step)
+        bar.update(1)
+    print(render_markdown(result))
+    print(f"table {result.paths['table_md']}, curves {result.paths['plot']}, summary {result.paths['summary']}",
+          file=sys.stderr)
+    return 0
+
+
+def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    wrong = [n for n in names if n not in allowed]
+    if wrong or not names:
+        raise CliArgumentError(f"{flag}: {', '.join(wrong) or 'nothing given'}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CliArgumentError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not v >= 0 for v in values):
+        raise CliArgumentError(f"{flag} must be comma-separated numbers >= 0, got {text!r}")
+    return values
+
+
+def _shape(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise CliArgumentError(f"--input-shape must look like 3,32,32, got {text!r}")
+    return shape  # type: ignore[return-value]

@@ -1,0 +1,109 @@
+"""Dataset jobs in chunks: how a job is split, each chunk's seed, and the chunks' Redis ledger.
+
+A dataset job certifies inputs ``[skip, skip + count)`` of a dataset as chunks of
+``chunk_size`` consecutive inputs, one Celery task each, so any number of workers share it.
+Chunk ``i`` draws its noise from :func:`chunk_seed` ``(seed, i)``: a job is reproducible, row for
+row, given its seed, dataset, skip/limit, chunk size, batch size and device, whichever worker
+runs which chunk.
+
+Beside the job record (:mod:`smoothcert.service.core.jobs`) a job keeps three hashes, field = chunk
+index: ``:chunk_done`` (samples drawn; the record's ``done`` is their sum, kept by one Lua
+script), ``:chunk_deliveries`` (the redelivery cap counts per chunk) and ``:chunk_results`` (each
+finished chunk's rows as JSON). A redelivered chunk recomputes and overwrites its own entries
+only. Once ``:chunk_results`` holds every chunk, whichever chunk task sees that combines them;
+two may race, but the result is the same and the job turns succeeded once (the record's
+transition script), so the step needs no lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from smoothcert.service.core.jobs import CANCELED, FAILED, TRACK_LUA, JobStore
+
+# KEYS[1] record, KEYS[2] deliveries; ARGV[1] chunk, ARGV[2] now, ARGV[3] ttl.
+# A queued or running job turns (stays) running; returns the chunk's delivery count, 0 otherwise.
+# track() keeps the jobs-by-state metrics in step (see smoothcert.service.core.jobs).
+_START = TRACK_LUA + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running')
+track(KEYS[1], redis.call('HGET', KEYS[1], 'kind') or '', status, 'running')
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+local deliveries = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return deliveries
+"""
+
+# KEYS[1] record, KEYS[2] per-chunk progress; ARGV[1] chunk, ARGV[2] samples done, ARGV[3] ttl.
+_PROGRESS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+local done = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do done = done + tonumber(v) end
+redis.call('HSET', KEYS[1], 'done', done)
+return done
+"""
+
+
+def plan_chunks(start: int, stop: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into consecutive ``(first, end)`` ranges of ``chunk_size`` inputs."""
+    return [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """Chunk ``index``'s noise seed: the first 8 bytes of SHA-256(``"<seed>:<index>"``), big-endian,
+    shifted right one bit (so it is below 2^63, as the engine requires)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class ChunkLedger:
+    """The per-chunk state of dataset jobs; every method is one Redis round trip."""
+
+    def __init__(self, jobs: JobStore):
+        self.jobs, self.redis, self.ttl_s = jobs, jobs.redis, jobs.ttl_s
+        self._start = self.redis.register_script(_START)
+        self._progress = self.redis.register_script(_PROGRESS)
+
+    def _key(self, job_id: str, what: str) -> str:
+        return f"{JobStore.key(job_id)}:{what}"
+
+    def start(self, job_id: str, index: int) -> int:
+        """Mark the job running; chunk ``index``'s delivery count, or 0 when the job is over."""
+        return int(self._start(keys=[JobStore.key(job_id), self._key(job_id, "chunk_deliveries")],
+                               args=[index, round(time.time(), 3), self.ttl_s]))
+
+    def set_progress(self, job_id: str, index: int, done: int) -> None:
+        """Chunk ``index`` has drawn ``done`` samples; the record's ``done`` becomes the sum."""
+        self._progress(keys=[JobStore.key(job_id), self._key(job_id, "chunk_done")],
+                       args=[index, int(done), self.ttl_s])
+
+    def should_stop(self, job_id: str) -> bool:
+        """True once the job was canceled, or failed in another chunk."""
+        with self.redis.pipeline() as pipe:
+            pipe.exists(JobStore.cancel_key(job_id))
+            pipe.hget(JobStore.key(job_id), "status")
+            flagged, state = pipe.execute()
+        return bool(flagged) or (state or b"").decode() in (CANCELED, FAILED)
+
+    def store(self, job_id: str, index: int, payload: dict[str, Any]) -> int:
+        """Keep chunk ``index``'s outcome (replacing a previous delivery's); how many chunks have one."""
+        key = self._key(job_id, "chunk_results")
+        with self.redis.pipeline() as pipe:   # MULTI/EXEC: the count includes this chunk
+            pipe.hset(key, str(index), json.dumps(payload))
+            pipe.expire(key, self.ttl_s)
+            pipe.hlen(key)
+            return int(pipe.execute()[-1])
+
+    def results(self, job_id: str) -> dict[int, dict[str, Any]]:
+        """Every stored chunk outcome by chunk index."""
+        raw = self.redis.hgetall(self._key(job_id, "chunk_results"))
+        return {int(k): json.loads(v) for k, v in raw.items()}
+
+    def clear(self, job_id: str) -> None:
+        """Drop the chunk state of a finished job (its record keeps the combined result)."""
+        self.redis.delete(*(self._key(job_id, w) for w in ("chunk_results", "chunk_done", "chunk_deliveries")))

@@ -1,0 +1,198 @@
+"""Job records in Redis: the single source of truth for a job's status, progress and result.
+
+Celery's own task state cannot serve: it says PENDING for ids it never saw and expires. A job id
+is the Celery task id. A record is a Redis hash ``smoothcert:job:<id>``; status changes go
+through one Lua script so that a transition happens only from the states it names (a canceled
+job never turns succeeded, a finished one never turns running again). The cancel flag is a
+separate key the engine polls between batches.
+
+The same scripts keep the jobs-by-state numbers that ``/metrics`` shows, so a scrape never
+scans job records: a sorted set per in-flight state and kind (``smoothcert:metrics:jobs:<state>:<kind>``,
+member = job id, score = when the record expires, in Redis-clock milliseconds) and counters of
+jobs created and finished (hashes ``:created`` and ``:finished``). A record that expires while
+queued or running leaves a member behind whose score has passed; the scrape drops those
+(:func:`smoothcert.service.api.metrics.job_counts`), so the gauges never drift for long.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import redis
+
+PREFIX = "smoothcert:job:"
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+METRICS_PREFIX = "smoothcert:metrics:"
+IN_FLIGHT = (QUEUED, RUNNING)
+
+# Lua, prepended to every script that sets a job's status: track(record, kind, from, to) moves the
+# job between the in-flight sets (score: the record's expiry, Redis clock, ms; +inf without TTL)
+# and counts a terminal state when it is entered. ``from`` is false for a new record. The keys
+# are built from the kind, which is fine on the single Redis server the service uses.
+TRACK_LUA = """
+local function track(record, kind, from, to)
+  if from == to then return end
+  local m = '""" + METRICS_PREFIX + """jobs:'
+  local id = string.sub(record, """ + str(len(PREFIX) + 1) + """)
+  if from == 'queued' or from == 'running' then redis.call('ZREM', m .. from .. ':' .. kind, id) end
+  if to == 'queued' or to == 'running' then
+    local pttl = redis.call('PTTL', record)
+    local score = '+inf'
+    if pttl >= 0 then
+      local t = redis.call('TIME')
+      score = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + pttl)
+    end
+    redis.call('SADD', m .. 'kinds', kind)
+    redis.call('ZADD', m .. to .. ':' .. kind, score, id)
+  elseif to == 'succeeded' or to == 'failed' or to == 'canceled' then
+    redis.call('HINCRBY', m .. 'finished', kind .. ':' .. to, 1)
+  end
+end
+"""
+
+# KEYS[1] record; ARGV[1] JSON object of its fields (status among them), ARGV[2] ttl.
+_CREATE = TRACK_LUA + """
+local old = redis.call('HMGET', KEYS[1], 'status', 'kind')
+local fields = cjson.decode(ARGV[1])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if old[1] then track(KEYS[1], old[2] or '', old[1], 'gone') end
+redis.call('HINCRBY', '""" + METRICS_PREFIX + """jobs:created', fields['kind'], 1)
+track(KEYS[1], fields['kind'], false, fields['status'])
+return 1
+"""
+
+# KEYS[1] record; ARGV[1] new status; ARGV[2] JSON list of allowed current states;
+# ARGV[3] JSON object of extra fields to set. Returns 1 when the transition happened.
+_TRANSITION = TRACK_LUA + """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return -1 end
+local allowed = cjson.decode(ARGV[2])
+for _, s in ipairs(allowed) do
+  if s == current then
+    redis.call('HSET', KEYS[1], 'status', ARGV[1])
+    for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
+    track(KEYS[1], redis.call('HGET', KEYS[1], 'kind') or '', current, ARGV[1])
+    return 1
+  end
+end
+return 0
+"""
+
+
+def new_job_id() -> str:
+    """A fresh job id (also used as the Celery task id)."""
+    return str(uuid.uuid4())
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+@dataclass
+class JobRecord:
+    """What ``GET /v1/jobs/{id}`` shows; times are Unix seconds."""
+
+    id: str
+    kind: str                      # "certify" | "predict" | "check_model" | "train"
+    status: str = QUEUED
+    done: int = 0
+    total: int = 0
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    result: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+    cancel_requested: bool = False
+    deliveries: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public JSON shape: progress nested, internal counters left out."""
+        return {"id": self.id, "kind": self.kind, "status": self.status,
+                "progress": {"done": self.done, "total": self.total},
+                "created_at": self.created_at, "started_at": self.started_at,
+                "finished_at": self.finished_at, "error": self.error, "result": self.result,
+                "params": self.params, "cancel_requested": self.cancel_requested}
+
+
+class JobStore:
+    """Create, read and update job records; every method is one or two Redis round trips."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600):
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._create = client.register_script(_CREATE)
+        self._transition = client.register_script(_TRANSITION)
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return PREFIX + job_id
+
+    @staticmethod
+    def cancel_key(job_id: str) -> str:
+        return PREFIX + job_id + ":cancel"
+
+    def create(self, job_id: str, kind: str, params: dict[str, Any], total: int = 0) -> JobRecord:
+        """Write a new queued record (before the task is sent, so the worker always finds it)."""
+        rec = JobRecord(id=job_id, kind=kind, total=total, params=params, created_at=_now())
+        fields = {"kind": kind, "status": QUEUED, "done": "0", "total": str(total),
+                  "created_at": str(rec.created_at), "params": json.dumps(params), "deliveries": "0"}
+        self._create(keys=[self.key(job_id)], args=[json.dumps(fields), self.ttl_s])
+        return rec
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record, or None for an id we never created (or one that expired)."""
+        with self.redis.pipeline() as pipe:
+            pipe.hgetall(self.key(job_id))
+            pipe.exists(self.cancel_key(job_id))
+            raw, cancel = pipe.execute()
+        if not raw:
+            return None
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        num = lambda name: float(h[name]) if h.get(name) else None  # noqa: E731
+        return JobRecord(
+            id=job_id, kind=h.get("kind", ""), status=h.get("status", QUEUED),
+            done=int(h.get("done", 0)), total=int(h.get("total", 0)),
+            created_at=num("created_at"), started_at=num("started_at"), finished_at=num("finished_at"),
+            error=h.get("error") or None, result=json.loads(h["result"]) if h.get("result") else None,
+            params=json.loads(h.get("params") or "{}"), cancel_requested=bool(cancel),
+            deliveries=int(h.get("deliveries", 0)))
+
+    def transition(self, job_id: str, to: str, allowed_from: Iterable[str], **fields: Any) -> bool:
+        """Set status ``to`` (and ``fields``) only if the current status is in ``allowed_from``."""
+        extra = {k: json.dumps(v) if k == "result" else ("" if v is None else str(v)) for k, v in fields.items()}
+        return self._transition(keys=[self.key(job_id)],
+                                args=[to, json.dumps(list(allowed_from)), json.dumps(extra)]) == 1
+
+    def start(self, job_id: str) -> int:
+        """Mark running (from queued, or running again on redelivery); return the delivery count,
+        or 0 when the job is already finished or canceled and must not run."""
+        if not self.transition(job_id, RUNNING, [QUEUED, RUNNING], started_at=_now()):
+            return 0
+        return int(self.redis.hincrby(self.key(job_id), "deliveries", 1))
+
+    def set_progress(self, job_id: str, done: int, total: int) -> None:
+        self.redis.hset(self.key(job_id), mapping={"done": int(done), "total": int(total)})
+
+    def succeed(self, job_id: str, result: Any) -> bool:
+        return self.transition(job_id, SUCCEEDED, [RUNNING], result=result, finished_at=_now())
+
+    def fail(self, job_id: str, error: str) -> bool:
+        return self.transition(job_id, FAILED, [QUEUED, RUNNING], error=error, finished_at=_now())
+
+    def mark_canceled(self, job_id: str) -> bool:
+        return self.transition(job_id, CANCELED, [QUEUED, RUNNING], finished_at=_now())
+
+    def request_cancel(self, job_id: str) -> None:
+        """Raise the flag the running task polls; a queued job is canceled outright."""
+        self.redis.set(self.cancel_key(job_id), 1, ex=self.ttl_s)
+        self.transition(job_id, CANCELED, [QUEUED], finished_at=_now())
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.cancel_key(job_id)))

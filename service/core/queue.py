@@ -1,0 +1,71 @@
+"""The queue contract: task and queue names, the broker's reliability settings, queue lengths.
+
+Both sides use it: the API builds a sending-only app with :func:`make_celery` and enqueues tasks
+by name; a worker (:mod:`smoothcert.worker.queue.celery_app`) builds the same app with its task
+modules and task class. Nothing here builds an app at import time, and nothing imports torch.
+
+Training jobs are routed to their own queue, ``train``, so a long training run never holds up
+certification: a worker consumes ``certify`` (the default), ``train``, or both. Reliability
+settings (design §6): late acks with one prefetched message, so a task whose worker dies is
+redelivered; the Redis visibility timeout exceeds the hard time limit, so a long task is never
+handed out twice while it still runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+from celery import Celery
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+from smoothcert.service.core.settings import Settings
+
+CERTIFY_TASK = "smoothcert.certify"
+CERTIFY_CHUNK_TASK = "smoothcert.certify_chunk"
+CHECK_MODEL_TASK = "smoothcert.check_model"
+TRAIN_TASK = "smoothcert.train"
+QUEUE = "certify"
+TRAIN_QUEUE = "train"
+QUEUES = (QUEUE, TRAIN_QUEUE)
+
+
+def celery_config(settings: Settings) -> dict:
+    """The Celery settings every process of the service runs with."""
+    return dict(
+        task_default_queue=QUEUE,
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        task_serializer="json", accept_content=["json"],
+        task_ignore_result=True,          # results live in our job records
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,  # a killed worker's task goes back to the queue
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
+        broker_transport_options={"visibility_timeout": settings.task_time_limit_s + 600},
+        broker_connection_retry_on_startup=True,
+        # The API must answer 503 quickly when Redis is gone, not retry for seconds.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+
+
+def make_celery(settings: Settings, *, include: Sequence[str] = (), task_cls: str | None = None) -> Celery:
+    """A Celery app on ``settings.broker_url``; a worker passes its task modules and task class."""
+    options = {"task_cls": task_cls} if task_cls else {}
+    app = Celery("smoothcert", broker=settings.broker_url, set_as_default=False, include=list(include), **options)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def queue_names(queue: str) -> list[str]:
+    """The Redis lists kombu keeps ``queue``'s messages in, one per priority step."""
+    return [f"{queue}{Channel.sep}{step}" if step else queue for step in PRIORITY_STEPS]
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue`` (taken but unacknowledged ones are not waiting)."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in queue_names(queue):
+            pipe.llen(name)
+        return sum(pipe.execute())

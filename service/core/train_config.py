@@ -1,0 +1,100 @@
+"""What a training job trains and how: :class:`TrainConfig`, validated, JSON-able and torch-free.
+
+Torch-free on purpose: the CLI's argument parser and the API can build and check a configuration
+without a model runtime. :func:`smoothcert.worker.training.trainer.train` runs it.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral
+from typing import Any
+
+METHODS = ("gaussian", "smoothed", "smoothadv")
+OPTIMIZERS = ("adam", "sgd")
+MAX_SEED = 2**63 - 1
+
+
+class TrainingError(ValueError):
+    """A training configuration or dataset that cannot be trained; the message says why, in one line."""
+
+
+def draw_seed() -> int:
+    """A fresh random seed, for a configuration that was given none (it is recorded)."""
+    return secrets.randbelow(MAX_SEED)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train and how. Plain JSON fields, so a job message can carry ``to_dict()``.
+
+    ``m`` (noise samples per image) concerns smoothed and smoothadv; ``epsilon``, ``steps`` and
+    ``warmup_epochs`` concern smoothadv. ``epsilon`` is an ℓ₂ radius in [0,1] pixel units
+    (Salman et al.'s ``--epsilon 64`` is 64/256 = 0.25); it grows linearly to its full value over
+    the first ``warmup_epochs`` epochs (0 or 1: no warm-up). ``batch_size`` counts images; a step
+    of smoothed or smoothadv runs the network on ``batch_size * m`` noisy copies. The learning
+    rate follows a cosine from ``lr`` towards 0 over the epochs; ``optimizer`` is Adam, or SGD
+    with momentum 0.9 and weight decay 1e-4. ``seed`` is drawn when not given; a run that should
+    resume after a kill must be given the same one again.
+    """
+
+    arch: str = "digits_cnn"
+    method: str = "gaussian"
+    sigma: float = 0.25
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 5e-3
+    optimizer: str = "adam"
+    m: int = 4
+    epsilon: float = 0.25
+    steps: int = 2
+    warmup_epochs: int = 1
+    seed: int = field(default_factory=draw_seed)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise TrainingError(f"arch must name an architecture, not {self.arch!r}")
+        if self.method not in METHODS:
+            raise TrainingError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("m", 1), ("steps", 1), ("warmup_epochs", 0),
+                          ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= MAX_SEED:
+                raise TrainingError(f"{name} must be an integer >= {low} (and below 2^63), not {value!r}")
+        for name, positive in (("sigma", False), ("lr", True), ("epsilon", False)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < 0 or (positive and value == 0)):
+                kind = "positive" if positive else "non-negative"
+                raise TrainingError(f"{name} must be a {kind} number, not {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict such as ``to_dict()``'s; unknown keys are refused."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TrainingError(f"unknown training parameter(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def method_params(self) -> dict[str, Any]:
+        """The parameters that matter for this method (what the model's metadata records)."""
+        params: dict[str, Any] = {"sigma": self.sigma}
+        if self.method in ("smoothed", "smoothadv"):
+            params["m"] = self.m
+        if self.method == "smoothadv":
+            params.update(epsilon=self.epsilon, steps=self.steps, warmup_epochs=self.warmup_epochs)
+        return params
+
+    def epsilon_at(self, epoch: int) -> float:
+        """SmoothAdv's ε in 0-based ``epoch``: ε·(epoch+1)/warmup_epochs, at most ε."""
+        return self.epsilon * min(1.0, (epoch + 1) / max(1, self.warmup_epochs))
+
+    def lr_at(self, epoch: int) -> float:
+        """The cosine schedule: ``lr`` in epoch 0, falling towards 0 by the last epoch."""
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))

@@ -1,0 +1,198 @@
+"""``smoothcert up``: Redis, the API and one worker on this machine, with the demo model ready.
+
+Starts (as subprocesses, logs under ``DATA_DIR/logs``) a Redis-protocol server unless
+``SMOOTHCERT_REDIS_URL`` is set, uvicorn serving the API on ``SMOOTHCERT_HOST:SMOOTHCERT_PORT``
+and one Celery worker that consumes both queues (certification and training); waits for
+``/readyz``; uploads the digits demo model through the API (reused when an identical one is
+already stored); prints the URL, the API key and a curl example; stops everything on Ctrl-C or
+SIGTERM, or when one of the processes dies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from smoothcert.service.devstack.redis_server import RedisServer
+from smoothcert.service.core.settings import Settings
+
+DEMO_NAME = "digits-demo"
+
+
+class ChildDied(RuntimeError):
+    """A process of the stack exited on its own; the message names it and its log."""
+
+
+class Stack:
+    """The processes of a local deployment, started in order and stopped in reverse."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.logs = settings.data_dir / "logs"
+        self.redis: RedisServer | None = None
+        self.children: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def env(self) -> dict[str, str]:
+        """The environment every child shares, so they agree on keys, data and broker."""
+        s = self.settings
+        return {**os.environ, "SMOOTHCERT_API_KEY": s.api_key, "SMOOTHCERT_ADMIN_KEY": s.admin_key,
+                "SMOOTHCERT_DATA_DIR": str(s.data_dir), "SMOOTHCERT_REDIS_URL": s.broker_url,
+                "SMOOTHCERT_HOST": s.host, "SMOOTHCERT_PORT": str(s.port), "SMOOTHCERT_ENV": s.env}
+
+    def start(self) -> None:
+        from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
+
+        s = self.settings
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if not s.redis_url:
+            self.redis = RedisServer(s.data_dir / "redis").start()
+            s.redis_url = self.redis.url
+        _check_port_free(s.host, s.port)
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "smoothcert.service.app:create_app", "--factory",
+                            "--host", s.host, "--port", str(s.port)])
+        self._spawn("worker", [sys.executable, "-m", "smoothcert.worker.queue.celery_app",
+                               "--queues", f"{QUEUE},{TRAIN_QUEUE}", "--hostname", f"smoothcert-{os.getpid()}@%h"])
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(args, env=self.env(), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.children.append((name, proc, log))
+
+    def check_alive(self) -> None:
+        """Raise ChildDied when a child has exited."""
+        for name, proc, log in self.children:
+            if proc.poll() is not None:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise ChildDied(f"the {name} exited with code {proc.returncode}; see {log}:\n{tail}")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Return once ``/readyz`` answers 200; raise ChildDied or TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"the stack was not ready within {timeout:.0f} s; logs in {self.logs}")
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
+        return f"http://{host}:{self.settings.port}"
+
+    def stop(self) -> None:
+        """Worker first (warm, then cold, then killed), then the API, then Redis."""
+        for name, proc, _ in reversed(self.children):
+            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+                if proc.poll() is not None:
+                    break
+                try:  # the main process shuts its children down; a kill takes the whole group
+                    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    continue
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def register_demo(stack: Stack) -> tuple[dict, Path]:
+    """Upload the demo model (built once under ``DATA_DIR/demo``) unless the same is stored."""
+    from smoothcert.models.demo import build_demo  # torch, only in this process
+    from smoothcert.models.metadata import sha256_file
+
+    demo_dir = stack.settings.data_dir / "demo"
+    paths = {k: demo_dir / v for k, v in (("safetensors", "digits_cnn.safetensors"),
+                                          ("test_x", "digits_test_x.npy"), ("test_y", "digits_test_y.npy"))}
+    if not all(p.exists() for p in paths.values()):
+        paths = build_demo(demo_dir, seed=0)
+    headers = {"Authorization": f"Bearer {stack.settings.admin_key}"}
+    sha = sha256_file(paths["safetensors"])
+    for model in httpx.get(f"{stack.url}/v1/models", headers=headers, timeout=10).json():
+        if model.get("name") == DEMO_NAME and model.get("sha256") == sha:
+            return model, paths["test_x"]
+    with open(paths["safetensors"], "rb") as f:
+        resp = httpx.post(f"{stack.url}/v1/models", headers=headers, timeout=stack.settings.model_check_timeout_s + 10,
+                          files={"file": (paths["safetensors"].name, f)}, data={"name": DEMO_NAME})
+    if resp.status_code != 201:
+        raise RuntimeError(f"uploading the demo model failed: {resp.status_code} {resp.text}")
+    return resp.json(), paths["test_x"]
+
+
+def banner(stack: Stack, model: dict, test_x: Path) -> str:
+    """What ``up`` prints: where the API is, the key, and a certify request to paste."""
+    import numpy as np
+
+    s = stack.settings
+    image = np.load(test_x)[0].round(4).tolist()
+    body = json.dumps({"model_id": model["id"], "inputs": image, "sigma": 0.25, "n": 10000},
+                      separators=(",", ":"))
+    auth = f'-H "Authorization: Bearer {s.api_key}"'
+    return "\n".join([
+        f"smoothcert is up at {stack.url}  (docs: {stack.url}/docs, logs: {stack.logs})",
+        f"API key: {s.api_key}" + ("  (generated; set SMOOTHCERT_API_KEY to choose one)" if s.generated_api_key else ""),
+        f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')}, "
+        f"{model.get('num_classes')} classes)",
+        "",
+        "certify one test digit:",
+        f"  curl -s {auth} -H 'Content-Type: application/json' -d '{body}' {stack.url}/v1/certify",
+        "then poll the job it names:",
+        f"  curl -s {auth} {stack.url}/v1/jobs/JOB_ID",
+        f"health and numbers (no key): {stack.url}/readyz  {stack.url}/metrics",
+        "",
+        "Ctrl-C stops everything.",
+    ])
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise ChildDied(f"{host}:{port} is in use; set SMOOTHCERT_PORT to another port") from None
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stack until Ctrl-C/SIGTERM (exit 0) or a failure (exit 1, message on stderr)."""
+    settings = Settings()
+    stack = Stack(settings)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        stack.start()
+        stack.wait_ready()
+        model, test_x = register_demo(stack)
+        print(banner(stack, model, test_x), flush=True)
+        while True:
+            stack.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr, flush=True)
+        return 0
+    except Exception as exc:  # noqa: BLE001 - one readable line for the operator, then clean up
+        print(f"smoothcert up: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

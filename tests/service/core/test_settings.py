@@ -1,0 +1,62 @@
+"""Settings from SMOOTHCERT_* variables; production refuses weak keys."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from smoothcert.service.core.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("SMOOTHCERT_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults():
+    s = Settings()
+    assert (s.env, s.host, s.port) == ("development", "127.0.0.1", 8000)
+    assert s.broker_url == "redis://127.0.0.1:6379/0" and s.data_dir.is_absolute()
+
+
+def test_development_generates_a_key_and_admin_defaults_to_it():
+    s = Settings()
+    assert s.generated_api_key and len(s.api_key) >= 16 and s.admin_key == s.api_key
+    assert Settings().api_key != s.api_key
+
+
+def test_environment_variables_are_read(monkeypatch, tmp_path):
+    monkeypatch.setenv("SMOOTHCERT_PORT", "9123")
+    monkeypatch.setenv("SMOOTHCERT_API_KEY", "k" * 20)
+    monkeypatch.setenv("SMOOTHCERT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://example:1/2")
+    monkeypatch.setenv("SMOOTHCERT_MAX_N", "5000")
+    s = Settings()
+    assert (s.port, s.api_key, s.data_dir, s.broker_url, s.max_n) == (
+        9123, "k" * 20, tmp_path, "redis://example:1/2", 5000)
+    assert not s.generated_api_key and s.admin_key == "k" * 20
+
+
+@pytest.mark.parametrize("api_key,admin_key", [("", ""), ("changeme", "a" * 20), ("a" * 20, ""), ("short", "b" * 20)])
+def test_production_refuses_empty_or_default_keys(monkeypatch, api_key, admin_key):
+    monkeypatch.setenv("SMOOTHCERT_ENV", "production")
+    monkeypatch.setenv("SMOOTHCERT_API_KEY", api_key)
+    monkeypatch.setenv("SMOOTHCERT_ADMIN_KEY", admin_key)
+    with pytest.raises(ValidationError, match="SMOOTHCERT_"):
+        Settings()
+
+
+def test_production_accepts_real_keys(monkeypatch):
+    monkeypatch.setenv("SMOOTHCERT_ENV", "production")
+    monkeypatch.setenv("SMOOTHCERT_API_KEY", "u" * 24)
+    monkeypatch.setenv("SMOOTHCERT_ADMIN_KEY", "a" * 24)
+    assert Settings().admin_key == "a" * 24
+
+
+def test_bad_port_is_refused(monkeypatch):
+    monkeypatch.setenv("SMOOTHCERT_PORT", "70000")
+    with pytest.raises(ValidationError):
+        Settings()

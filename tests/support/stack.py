@@ -1,0 +1,175 @@
+"""The real stack, once per session: a Redis-protocol server on a free port, one Celery worker
+process and the API under uvicorn, reached over HTTP with httpx. Nothing starts unless a test
+asks for it (no autouse fixtures), so the unit tests here run without servers.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from smoothcert.service.devstack.redis_server import RedisServer, free_port
+from smoothcert.service.core.workers import HEARTBEAT_PREFIX
+
+USER_KEY, ADMIN_KEY = "user-key-for-tests-0123456789", "admin-key-for-tests-0123456789"
+# Small caps so that the 413 and "exceeds the cap" paths are cheap to reach. No rate limit:
+# the suite submits faster than a person would; test_limits and test_load turn it on.
+CAPS = {"SMOOTHCERT_MAX_N": "2000000", "SMOOTHCERT_MAX_INPUTS": "64",
+        "SMOOTHCERT_MAX_REQUEST_BYTES": str(256 << 10), "SMOOTHCERT_MAX_UPLOAD_BYTES": str(2 << 20),
+        "SMOOTHCERT_RATE_LIMIT_PER_MINUTE": "0"}
+
+
+def stack_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of every process of the test stack."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMOOTHCERT_")}
+    return {**env, **CAPS, "SMOOTHCERT_REDIS_URL": redis_url, "SMOOTHCERT_DATA_DIR": str(data_dir),
+            "SMOOTHCERT_API_KEY": USER_KEY, "SMOOTHCERT_ADMIN_KEY": ADMIN_KEY,
+            "SMOOTHCERT_MODEL_CHECK_TIMEOUT_S": "60", "SMOOTHCERT_DEVICE": "cpu", **extra}
+
+
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll ``check()`` until truthy; fail with the process log when it dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            value = check()
+            if value:
+                return value
+        except (httpx.HTTPError, redis.RedisError):
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{what} not ready within {timeout} s:\n{log.read_text() if log else ''}")
+
+
+def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """uvicorn serving the app on a free port; returns the process and its base URL."""
+    port = free_port()
+    proc = start_process([sys.executable, "-m", "uvicorn", "smoothcert.service.app:create_app", "--factory",
+                          "--host", "127.0.0.1", "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 30, "the API", proc, log)
+    return proc, url
+
+
+def other_db(redis_url: str, db: int) -> str:
+    """Database ``db`` of the session's Redis server: no session worker or API looks there."""
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@contextlib.contextmanager
+def scratch_db(redis_url: str, db: int) -> Iterator[redis.Redis]:
+    """A client on an emptied ``other_db``, emptied again afterwards."""
+    client = redis.Redis.from_url(other_db(redis_url, db))
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def api_without_redis(tmp_path_factory) -> Iterator[str]:
+    """An API pointed at a port where nothing listens."""
+    data = tmp_path_factory.mktemp("no-redis")
+    proc, url = start_api(stack_env(f"redis://127.0.0.1:{free_port()}/0", data), data / "api.log")
+    yield url
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("smoothcert-data")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), persist=False).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(redis_url, data_dir) -> Iterator[subprocess.Popen]:
+    """One prefork worker with concurrency 1, ready once its heartbeat key is in Redis."""
+    log = data_dir / "worker.log"
+    proc = start_process([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1",
+                          "--hostname", "test@%h", "--without-mingle", "--without-gossip"],
+                         stack_env(redis_url, data_dir), log)
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: list(client.scan_iter(match=HEARTBEAT_PREFIX + "*")), 60, "the worker", proc, log)
+    yield proc
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def api_url(redis_url, data_dir, worker) -> Iterator[str]:
+    proc, url = start_api(stack_env(redis_url, data_dir), data_dir / "api.log")
+    yield url
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def client(api_url) -> Iterator[httpx.Client]:
+    """Authorized with the user key."""
+    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def admin(api_url) -> Iterator[httpx.Client]:
+    """Authorized with the admin key."""
+    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def anonymous(api_url) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def demo_model(admin, demo_paths) -> dict:
+    """The demo's safetensors model, uploaded through the API."""
+    with open(demo_paths["safetensors"], "rb") as f:
+        resp = admin.post("/v1/models", files={"file": ("digits_cnn.safetensors", f)}, data={"name": "digits"})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 60.0, until=("succeeded", "failed", "canceled")):
+    """Poll ``GET /v1/jobs/{id}`` until its status is in ``until``; the last record."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = client.get(f"/v1/jobs/{job_id}").json()
+        if record["status"] in until:
+            return record
+        time.sleep(0.05)
+    pytest.fail(f"job {job_id} still {record['status']} after {timeout} s")

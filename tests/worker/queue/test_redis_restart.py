@@ -1,0 +1,81 @@
+"""Redis dies and comes back (from its append-only file) between submitting and polling: nothing is lost.
+Then it dies under a running worker and API: both answer again once it is back.
+
+Its own Redis, worker and API, since it stops Redis under them.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import httpx
+import numpy as np
+import redis
+
+from smoothcert.service.devstack.redis_server import RedisServer
+from smoothcert.service.core.workers import HEARTBEAT_PREFIX
+from tests.support.stack import (ADMIN_KEY, USER_KEY, stack_env, start_api, start_process, stop_process,
+                                    wait_for, wait_job)
+
+
+def _start_worker(env, log):
+    proc = start_process([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1",
+                          "--hostname", "restart@%h", "--without-mingle", "--without-gossip"], env, log)
+    client = redis.Redis.from_url(env["SMOOTHCERT_REDIS_URL"])
+    wait_for(lambda: list(client.scan_iter(match=HEARTBEAT_PREFIX + "*")), 60, "the worker", proc, log)
+    return proc
+
+
+def test_job_survives_a_killed_redis_and_the_api_answers_503_meanwhile(tmp_path, demo_paths):
+    server = RedisServer(tmp_path / "redis", persist=True).start()
+    env = stack_env(server.url, tmp_path / "data")
+    api, url = start_api(env, tmp_path / "api.log")
+    worker = _start_worker(env, tmp_path / "worker.log")
+    try:
+        user = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=60)
+        with open(demo_paths["safetensors"], "rb") as f:
+            resp = httpx.post(f"{url}/v1/models", files={"file": ("digits.safetensors", f)}, data={"name": "d"},
+                              headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90)
+        assert resp.status_code == 201, resp.text
+        model_id = resp.json()["id"]
+        stop_process(worker)  # the job must wait in the queue while Redis goes away
+        x = np.load(demo_paths["test_x"])[:2]
+        resp = user.post("/v1/certify", json={"model_id": model_id, "inputs": x.tolist(),
+                                              "sigma": 0.25, "n0": 20, "n": 200, "seed": 1})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["job_id"]
+
+        time.sleep(1.5)  # the append-only file is fsynced every second
+        server.process.kill()  # SIGKILL: no snapshot on the way out, only the append-only file remains
+        server.process.wait()
+        server.process = None
+        down = user.get(f"/v1/jobs/{job_id}")
+        assert down.status_code == 503 and "unreachable" in down.json()["detail"]
+
+        server = RedisServer(tmp_path / "redis", port=server.port, persist=True).start()
+        assert user.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+        worker = _start_worker(env, tmp_path / "worker2.log")
+        record = wait_job(user, job_id, timeout=90)
+        assert record["status"] == "succeeded", record["error"]
+        assert len(record["result"]["results"]) == 2
+
+        # Redis goes away under a running worker and the API, and comes back: both reconnect.
+        server.process.kill()
+        server.process.wait()
+        server.process = None
+        assert user.get(f"/v1/jobs/{job_id}").status_code == 503
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        server = RedisServer(tmp_path / "redis", port=server.port, persist=True).start()
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "readyz after the restart")
+        resp = user.post("/v1/certify", json={"model_id": model_id, "inputs": x.tolist(),
+                                              "sigma": 0.25, "n0": 20, "n": 200, "seed": 1})
+        assert resp.status_code == 202, resp.text
+        after = wait_job(user, resp.json()["job_id"], timeout=90)
+        assert after["status"] == "succeeded", after["error"]
+        rows = lambda r: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in r["result"]["results"]]  # noqa: E731
+        assert rows(after) == rows(record)  # same seed, same rows
+        assert worker.poll() is None  # the same worker process ran it
+    finally:
+        stop_process(worker)
+        stop_process(api)
+        server.stop()

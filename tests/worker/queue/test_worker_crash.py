@@ -1,0 +1,127 @@
+"""A worker killed with SIGKILL mid-job loses nothing (real processes, real signals).
+
+Its own Redis, API and workers (with a 3 s heartbeat TTL), since it kills workers.
+
+* The whole worker (main process and pool, as when its host or container dies) is killed while a
+  certify job runs and restarted under the same name (a restarted container keeps its
+  hostname); it sends the job again as soon as the dead incarnation's heartbeat expires (not
+  after the hours-long visibility timeout), and the job succeeds with exactly the rows an
+  uninterrupted run gives for that seed.
+* A job whose pool process is killed on every delivery ends ``failed`` after the redelivery cap,
+  with a message that says why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from smoothcert.service.devstack.redis_server import RedisServer
+from smoothcert.service.core.workers import HEARTBEAT_PREFIX
+from smoothcert.worker.queue.leases import LEASES_KEY
+from tests.support.stack import (ADMIN_KEY, USER_KEY, stack_env, start_api, start_process, stop_process,
+                                    wait_for, wait_job)
+
+CAP = 2
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crash")
+    server = RedisServer(tmp / "redis", persist=False).start()
+    env = stack_env(server.url, tmp / "data", SMOOTHCERT_WORKER_HEARTBEAT_TTL_S="3",
+                    SMOOTHCERT_MAX_DELIVERIES=str(CAP))
+    api, url = start_api(env, tmp / "api.log")
+    procs: list = [api]
+    yield {"env": env, "url": url, "tmp": tmp, "redis": redis.Redis.from_url(server.url), "procs": procs}
+    for proc in procs:
+        stop_process(proc)
+    server.stop()
+
+
+def start_worker(stack, name: str, log_name: str | None = None):
+    log = stack["tmp"] / f"{log_name or name}.log"
+    proc = start_process([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1",
+                          "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip"], stack["env"], log)
+    stack["procs"].append(proc)
+    wait_for(lambda: list(stack["redis"].scan_iter(match=f"{HEARTBEAT_PREFIX}{name}@*")), 60, name, proc, log)
+    return proc
+
+
+def lease_of(stack, job_id: str) -> dict | None:
+    raw = stack["redis"].hget(LEASES_KEY, job_id)
+    return None if raw is None else json.loads(raw)
+
+
+def deliveries(stack, job_id: str) -> int:
+    return int(stack["redis"].hget(f"smoothcert:job:{job_id}", "deliveries") or 0)
+
+
+@pytest.fixture(scope="module")
+def setup(stack, demo_paths):
+    """A first worker, the demo model uploaded, and a client."""
+    stack["worker"] = start_worker(stack, "first")
+    with open(demo_paths["safetensors"], "rb") as f:
+        resp = httpx.post(f"{stack['url']}/v1/models", files={"file": ("digits.safetensors", f)},
+                          data={"name": "digits"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90)
+    assert resp.status_code == 201, resp.text
+    client = httpx.Client(base_url=stack["url"], headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=60)
+    yield {"client": client, "model_id": resp.json()["id"], "x": np.load(demo_paths["test_x"])[:4]}
+    client.close()
+
+
+def submit(setup, n: int, seed: int) -> str:
+    resp = setup["client"].post("/v1/certify", json={"model_id": setup["model_id"], "inputs": setup["x"].tolist(),
+                                                     "sigma": 0.25, "n0": 100, "n": n, "seed": seed,
+                                                     "batch_size": 500})
+    assert resp.status_code == 202, resp.text
+    return resp.json()["job_id"]
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+
+
+def test_whole_worker_killed_mid_job_is_sent_again_and_gives_the_same_rows(stack, setup):
+    job_id = submit(setup, n=40_000, seed=20261125)
+    client = setup["client"]
+    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 120, "progress")
+    lease = lease_of(stack, job_id)
+    assert lease is not None and lease["worker"].startswith("first@")
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    os.killpg(stack["worker"].pid, signal.SIGKILL)  # the main process and its pool, as a dead host
+    stack["worker"].wait()
+
+    # Restarted under the same name, as a crashed container comes back with its hostname: the
+    # new incarnation's heartbeat does not vouch for the dead one's lease.
+    stack["worker"] = start_worker(stack, "first", log_name="first-restarted")
+    record = wait_job(client, job_id, timeout=180)
+    assert record["status"] == "succeeded", record["error"]
+    assert deliveries(stack, job_id) == 2
+    assert lease_of(stack, job_id) is None  # released when the second run ended
+
+    # The same request and seed, run once without interruption.
+    again = wait_job(client, submit(setup, n=40_000, seed=20261125), timeout=180)
+    assert again["status"] == "succeeded", again["error"]
+    assert without_timings(record["result"]["results"]) == without_timings(again["result"]["results"])
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_after_the_cap(stack, setup):
+    job_id = submit(setup, n=200_000, seed=7)
+    client = setup["client"]
+    for delivery in range(1, CAP + 1):
+        wait_for(lambda: deliveries(stack, job_id) == delivery and (lease_of(stack, job_id) or {}).get("pid"),
+                 120, f"delivery {delivery}")
+        pid = lease_of(stack, job_id)["pid"]
+        assert pid != stack["worker"].pid  # a pool process, not the worker's main process
+        os.kill(pid, signal.SIGKILL)
+    record = wait_job(client, job_id, timeout=120)
+    assert record["status"] == "failed"
+    assert record["error"] == f"the job was started {CAP} times and its worker died each time"
+    assert deliveries(stack, job_id) == CAP + 1

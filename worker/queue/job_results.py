@@ -1,0 +1,63 @@
+"""From a job's parameters to its result: one engine call, labels on the rows, accuracy figures.
+
+Shared by the tasks of ordinary jobs and of dataset-job chunks; no Celery, no Redis.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from smoothcert.worker.evaluation.analyze import DEFAULT_RADII
+from smoothcert.worker.smoothing import engine
+
+
+def run_engine(model, x: np.ndarray, spec: dict[str, Any], seed: int, progress: engine.Progress,
+               should_cancel: engine.CancelCheck) -> dict[str, Any]:
+    """CERTIFY or PREDICT (``spec["mode"]``) ``x`` with ``spec``'s parameters; ``Run.to_dict()``."""
+    common = dict(batch_size=spec.get("batch_size"), seed=seed, progress=progress, should_cancel=should_cancel)
+    if spec["mode"] == "predict":
+        run = engine.predict(model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], **common)
+    else:
+        run = engine.certify(model, x, spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
+                             bound=spec["bound"], target_radius=spec.get("target_radius"), **common)
+    return run.to_dict()
+
+
+def throttled(report: Callable[[int, int], None], every_s: float = 0.25) -> engine.Progress:
+    """A progress callback that passes on at most one call per ``every_s``, and always the last."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] > every_s:
+            last[0] = now
+            report(done, total)
+
+    return progress
+
+
+def label_rows(rows: list[dict[str, Any]], labels: Sequence[int] | None) -> None:
+    """Set each row's ``label`` (None without labels)."""
+    for i, row in enumerate(rows):
+        row["label"] = None if labels is None else int(labels[i])
+
+
+def label_metrics(rows: list[dict[str, Any]], mode: str, radii: Sequence[float] | None) -> dict[str, Any]:
+    """``certified_accuracy`` at ``radii`` (certify) or ``accuracy`` (predict) of labelled rows;
+    rows of a target-radius run add ``certified_accuracy_at_r``: the share certified at r and right."""
+    if mode == "certify":
+        metrics: dict[str, Any] = {"certified_accuracy": certified_accuracy(rows, radii or DEFAULT_RADII)}
+        if rows and "certified_at_r" in rows[0]:
+            metrics["certified_accuracy_at_r"] = float(np.mean(
+                [r["certified_at_r"] and r["prediction"] == r["label"] for r in rows]))
+        return metrics
+    return {"accuracy": float(np.mean([r["prediction"] == r["label"] for r in rows]))}
+
+
+def certified_accuracy(rows: list[dict[str, Any]], radii: Sequence[float]) -> list[dict[str, float]]:
+    """Share of rows predicted right (``prediction == label``) with radius ≥ r, for each r in ``radii``."""
+    radius = np.array([r["radius"] if r["prediction"] == r["label"] else -1.0 for r in rows])
+    return [{"radius": float(r), "accuracy": float((radius >= r).mean())} for r in radii]

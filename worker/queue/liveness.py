@@ -1,0 +1,178 @@
+"""Worker liveness: heartbeats, what each worker process has loaded, and requeueing a dead worker's tasks.
+
+* The worker's main process runs a daemon thread that writes ``smoothcert:worker:<name>`` every
+  TTL/5 seconds with a TTL of ``SMOOTHCERT_WORKER_HEARTBEAT_TTL_S`` (a thread, not a task, so
+  the key stays fresh while the pool is busy with a long job). ``/readyz`` lists these keys.
+* Each pool process reports its device and loaded models in the hash
+  ``smoothcert:worker-procs:<name>`` (field = pid); the main process drops the entries of pool
+  processes that are gone. Only pool processes resolve the device, so the main process never
+  touches CUDA (a forked child of a CUDA-initialized parent cannot use CUDA).
+* Every task runs under a lease (:mod:`smoothcert.worker.queue.leases`, via :class:`LeasedTask`), and
+  the heartbeat thread sends the tasks of dead workers again. The heartbeat carries the worker's
+  incarnation, drawn at each start: a worker restarted under the same name (a container keeps
+  its hostname) does not vouch for the leases of the one that died.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+
+from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
+from smoothcert.worker.queue.leases import Lease, Leases
+
+log = logging.getLogger(__name__)
+
+_settings = Settings()
+# Set in the main process before the pool forks, so every pool process shares them: the worker's
+# name and its incarnation (a random id per start; a restarted container keeps its hostname).
+_state: dict[str, Any] = {"name": None, "incarnation": uuid.uuid4().hex[:16]}
+_clients: dict[int, redis.Redis] = {}     # pid -> client, so a forked child makes its own
+
+
+def _client() -> redis.Redis:
+    pid = os.getpid()
+    if pid not in _clients:
+        _clients[pid] = redis.Redis.from_url(_settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+    return _clients[pid]
+
+
+def _leases() -> Leases:
+    return Leases(_client(), HEARTBEAT_PREFIX, _settings.worker_heartbeat_ttl_s)
+
+
+def worker_name() -> str:
+    return _state["name"] or f"{socket.gethostname()}.{os.getpid()}"
+
+
+class LeasedTask(Task):
+    """Every project task: holds a lease while it runs; returns at once if a live worker holds it."""
+
+    def __call__(self, *args, **kwargs):
+        if self.request.called_directly or not self.request.id:
+            return super().__call__(*args, **kwargs)
+        leases = _leases()
+        lease = leases.claim(self.request.id, self.request.hostname or worker_name(), _state["incarnation"],
+                             os.getpid(), self.name, list(args))
+        if lease is None:
+            log.info("task %s runs on another live worker; this copy of its message is dropped", self.request.id)
+            return None
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            try:
+                leases.release(lease)
+            except redis.RedisError:
+                log.warning("could not release the lease of task %s", self.request.id)
+
+
+def report_process(device: str | None = None, model: dict[str, Any] | None = None) -> None:
+    """Record this pool process's device, and a model it loaded, for ``/readyz`` (best effort)."""
+    key, field = PROCESSES_PREFIX + worker_name(), str(os.getpid())
+    try:
+        client = _client()
+        raw = client.hget(key, field)
+        entry = json.loads(raw) if raw else {"pid": os.getpid(), "device": None, "models": []}
+        if device is not None:
+            entry["device"] = device
+        if model is not None:
+            entry["models"] = [m for m in entry["models"] if m.get("id") != model.get("id")][-7:] + [model]
+        entry["updated_at"] = round(time.time(), 3)
+        client.hset(key, field, json.dumps(entry))
+        client.expire(key, _settings.worker_heartbeat_ttl_s * 6)
+    except redis.RedisError:
+        pass
+
+
+class Heartbeat:
+    """The main process's heartbeat thread; it also prunes gone pool processes and reaps leases."""
+
+    def __init__(self, app: Celery, name: str, queues: list[str], concurrency: int):
+        self.app, self.name = app, name
+        self.ttl_s = _settings.worker_heartbeat_ttl_s
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "incarnation": _state["incarnation"],
+                       "started_at": round(time.time(), 3),
+                       "queues": queues, "concurrency": concurrency, "requested_device": _settings.device}
+        self.stop_event = threading.Event()
+
+    def beat(self, client: redis.Redis, leases: Leases) -> None:
+        client.set(HEARTBEAT_PREFIX + self.name, json.dumps(self.record), ex=self.ttl_s)
+        procs_key = PROCESSES_PREFIX + self.name
+        for pid in client.hkeys(procs_key):
+            if not _process_exists(int(pid)):
+                client.hdel(procs_key, pid)
+        client.expire(procs_key, self.ttl_s * 6)
+        for lease in leases.reap(self.resend, skip_incarnation=_state["incarnation"]):
+            log.warning("worker %s stopped beating; task %s (%s) was sent again", lease.worker, lease.task_id,
+                        lease.task)
+
+    def resend(self, lease: Lease) -> None:
+        self.app.send_task(lease.task, args=lease.args, task_id=lease.task_id)
+
+    def run(self) -> None:
+        client = redis.Redis.from_url(_settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+        leases = Leases(client, HEARTBEAT_PREFIX, self.ttl_s)
+        while not self.stop_event.is_set():
+            try:
+                self.beat(client, leases)
+            except redis.RedisError:
+                pass  # Redis is down; the worker itself reconnects, readyz says not ready
+            except Exception:  # never let a bug stop the heartbeat
+                log.exception("heartbeat failed")
+            self.stop_event.wait(self.ttl_s / 5)
+        try:
+            client.delete(HEARTBEAT_PREFIX + self.name, PROCESSES_PREFIX + self.name)
+        except redis.RedisError:
+            pass
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_heartbeat: dict[str, Heartbeat] = {}
+
+
+def install(app: Celery) -> None:
+    """Connect the signal handlers that start and stop the heartbeat of a worker of ``app``."""
+
+    @worker_init.connect(weak=False)
+    def _name(sender=None, **_):
+        _state["name"] = getattr(sender, "hostname", None)
+        _state["incarnation"] = uuid.uuid4().hex[:16]
+
+    @worker_process_init.connect(weak=False)
+    def _pool_process(**_):
+        from smoothcert.models.loaders import resolve_device  # torch: pool processes only
+
+        report_process(device=str(resolve_device(_settings.device)))
+
+    @worker_ready.connect(weak=False)
+    def _start(sender=None, **_):
+        _state["name"] = getattr(sender, "hostname", None) or _state["name"]
+        queues = sorted(q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", []) or [])
+        concurrency = getattr(getattr(sender, "pool", None), "limit", None) or _settings.worker_concurrency
+        beat = Heartbeat(app, worker_name(), queues, int(concurrency))
+        _heartbeat["current"] = beat
+        threading.Thread(target=beat.run, name="smoothcert-heartbeat", daemon=True).start()
+
+    @worker_shutdown.connect(weak=False)
+    def _stop(**_):
+        if "current" in _heartbeat:
+            _heartbeat["current"].stop_event.set()

@@ -1,0 +1,125 @@
+"""The training job: a thin Celery task around :func:`smoothcert.worker.training.trainer.train`.
+
+The message is ``(job_id, spec)`` with ``spec = {"config": TrainConfig.to_dict(), "dataset":
+"digits" | an uploaded dataset id, "name": str | None}``; the API fixed the configuration and
+its seed, so every delivery of the task rebuilds the same run. Each finished epoch is
+checkpointed under ``DATA_DIR/jobs/<id>/checkpoint`` and appended to the job record's
+``result.history`` (with ``progress.done`` = finished epochs), so a redelivered task (its worker
+was killed) resumes from the last finished epoch rather than from zero; the history shows which
+delivery trained each epoch. The cancel flag is polled before every batch. On success the model
+is written by ``TrainResult.save`` into the model store, loaded once as an upload would be, and
+registered ready; the result names its ``model_id``. The task runs on the ``train`` queue.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from smoothcert.models.loaders import load_model
+from smoothcert.models.metadata import ModelError
+from smoothcert.service.core.model_store import READY, ModelStore
+from smoothcert.service.core.dataset_files import DatasetFileError
+from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
+from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore
+from smoothcert.service.core.queue import TRAIN_TASK
+from smoothcert.worker.queue.celery_app import app, settings
+from smoothcert.worker.data.datasets import DIGITS, Dataset, load_digits
+from smoothcert.worker.smoothing.sampling import Canceled
+from smoothcert.worker.queue.tasks import admitted, job_store
+from smoothcert.service.core.train_config import TrainConfig, TrainingError
+from smoothcert.worker.training.trainer import EpochMetrics, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+def job_folder(job_id: str) -> Path:
+    return settings.jobs_dir / job_id
+
+
+def load_training_data(dataset: str) -> Dataset:
+    """The built-in digits (train and test splits), or an uploaded dataset (no test split)."""
+    if dataset == DIGITS:
+        return load_digits()
+    store = DatasetStore(settings.datasets_dir)
+    meta = store.get(dataset)
+    if meta is None:
+        raise DatasetMissing(f"dataset {dataset} was deleted")
+    x, y = store.load(dataset, 0, meta["num_inputs"])
+    return Dataset(meta["name"], x, y)
+
+
+def run_training(job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: int) -> dict[str, Any]:
+    """Train (or resume) the run ``spec`` describes, register the model; return the job's result."""
+    config = TrainConfig.from_dict(spec["config"])
+    data = load_training_data(spec["dataset"])
+    record = jobs.get(job_id)
+    history: list[dict[str, Any]] = list(((record and record.result) or {}).get("history", []))
+
+    def progress(metrics: EpochMetrics) -> None:
+        history[:] = [h for h in history if h["epoch"] < metrics.epoch]
+        history.append({**metrics.to_dict(), "delivery": delivery})
+        # running -> running: a canceled or finished record is left alone
+        jobs.transition(job_id, RUNNING, [RUNNING], done=metrics.epoch, result={"history": history})
+
+    result = train(config, data, progress=progress, should_cancel=lambda: jobs.cancel_requested(job_id),
+                   checkpoint_dir=job_folder(job_id) / "checkpoint", device=settings.device,
+                   name=spec.get("name"))
+    model = register_model(result, job_id)
+    recorded = {h["epoch"]: h for h in history}
+    return {"model_id": model["id"], "model_name": model.get("name"), "metrics": result.metrics,
+            "history": [recorded.get(h.epoch, {**h.to_dict(), "delivery": None}) for h in result.history],
+            "resumed_from": result.resumed_from, "deliveries": delivery}
+
+
+def register_model(result: TrainResult, job_id: str) -> dict[str, Any]:
+    """Store the trained model as a ready model (once per job, also when the task is redelivered)."""
+    store = ModelStore(settings.models_dir)
+    for meta in store.list():
+        if meta.get("train_job") == job_id:
+            return meta
+    path = result.save(job_folder(job_id) / "model.safetensors")
+    with open(path, "rb") as f:
+        meta = store.add(f, path.name, {"name": result.info.name, "train_job": job_id})
+    try:
+        # The same check an upload gets: load the stored file and run it on one batch.
+        model = load_model(store.weights_path(meta["id"]), device=settings.device)
+        found = {k: v for k, v in model.info.to_dict().items() if v not in (None, {}) and k not in ("format", "sha256")}
+        return store.update(meta["id"], **found, runtime=model.runtime, provider=model.provider, status=READY)
+    except BaseException:
+        store.delete(meta["id"])
+        raise
+
+
+@app.task(name=TRAIN_TASK)
+def train_task(job_id: str, spec: dict[str, Any]) -> None:
+    """Train the model of job ``job_id``; every outcome lands in its record."""
+    jobs = job_store()
+    try:
+        delivery = jobs.start(job_id)
+        if not admitted(jobs, job_id, delivery):
+            return
+        _record_outcome(job_id, jobs, lambda: jobs.succeed(job_id, run_training(job_id, spec, jobs, delivery)))
+    finally:
+        record = jobs.get(job_id)
+        if record is None or record.status in TERMINAL:  # keep the checkpoint for a redelivery
+            shutil.rmtree(job_folder(job_id), ignore_errors=True)
+
+
+def _record_outcome(job_id: str, jobs: JobStore, work) -> None:
+    """Run ``work()``; a cancellation or an error ends job ``job_id`` with a one-line message."""
+    try:
+        work()
+    except Canceled:
+        jobs.mark_canceled(job_id)
+    except (TrainingError, ModelError, DatasetFileError) as exc:
+        jobs.fail(job_id, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    except SoftTimeLimitExceeded:
+        jobs.fail(job_id, f"the job exceeded the {settings.task_time_limit_s} s time limit "
+                          "(SMOOTHCERT_TASK_TIME_LIMIT_S)")
+    except Exception as exc:  # a bug or a broken runtime: record it, keep the worker alive
+        log.exception("training job %s failed", job_id)
+        jobs.fail(job_id, f"internal error: {type(exc).__name__}: {exc}")

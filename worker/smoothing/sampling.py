@@ -1,0 +1,160 @@
+"""Noisy copies of inputs through the base classifier: the sampling half of randomized smoothing.
+
+Noise is drawn on the model's device from a generator seeded per call (never the global one),
+added in [0,1] pixel space and never clamped. Samples of several inputs share a batch; votes are
+counted on the device. Same seed, same batch size and same device give bit-identical votes.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from smoothcert.models.base import BaseClassifier
+from smoothcert.models.pixels import PixelError, as_pixel_batch
+from smoothcert.worker.smoothing.provenance import software_versions
+
+Progress = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+MAX_SEED = 2**63 - 1
+
+
+class InputError(ValueError):
+    """The inputs or parameters of a call cannot be certified; the message says why, in one line."""
+
+
+class Canceled(RuntimeError):
+    """The cancel check asked the run to stop; raised between batches."""
+
+
+def default_batch_size(input_shape, device: torch.device) -> int:
+    """A batch that keeps the noise buffer near 16 MB on a CPU (160 MB on a GPU), at most 10,000."""
+    per_sample = int(np.prod(input_shape))
+    budget = 40_000_000 if device.type == "cuda" else 4_000_000
+    return max(1, min(10_000, budget // per_sample))
+
+
+def draw_seed() -> int:
+    """A fresh random seed for a call that did not give one (it is recorded in the provenance)."""
+    return secrets.randbelow(MAX_SEED)
+
+
+def as_input_batch(x, input_shape) -> np.ndarray:
+    """``x`` (array or tensor) as float32 (N, C, H, W) for a model taking ``input_shape``.
+
+    The checks of :func:`smoothcert.models.pixels.as_pixel_batch`, raised as :class:`InputError`.
+    """
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    try:
+        return as_pixel_batch(arr, input_shape)
+    except PixelError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class Sampler:
+    """Draws noisy copies of a fixed set of inputs, feeds them to the model, counts the votes."""
+
+    def __init__(self, model: BaseClassifier, x, sigma: float, batch_size: int | None, seed: int | None,
+                 progress: Progress | None, should_cancel: CancelCheck | None):
+        self.model = model
+        device = torch.device(model.device)
+        self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
+        if batch_size is None:
+            batch_size = default_batch_size(model.info.input_shape, device)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        if seed is None:
+            seed = draw_seed()
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+            raise InputError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        self.sigma, self.seed = float(sigma), int(seed)
+        self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        self.num_classes = int(model.info.num_classes)
+        self.progress, self.should_cancel = progress, should_cancel
+        self.noise: torch.Tensor | None = None
+        self.largest = torch.zeros((), dtype=torch.int64, device=device)
+        self.started = time.perf_counter()
+
+    @property
+    def num_inputs(self) -> int:
+        return int(self.x.shape[0])
+
+    def check_cancel(self) -> None:
+        """Raise :class:`Canceled` when the cancel check says so (call it between batches)."""
+        if self.should_cancel is not None and self.should_cancel():
+            raise Canceled("canceled")
+
+    def classify_noisy(self, owner: torch.Tensor) -> torch.Tensor:
+        """Labels of one noisy copy of input ``owner[j]`` for each j (at most ``batch_size``)."""
+        if self.noise is None:
+            self.noise = torch.empty((self.batch_size, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
+        batch = self.noise[: owner.numel()]
+        torch.randn(batch.shape, generator=self.generator, out=batch)
+        batch.mul_(self.sigma).add_(self.x.index_select(0, owner))
+        labels = self.model.classify(batch)
+        # Checked once per call (check_labels), not per batch, so a GPU never waits on the host.
+        self.largest = torch.maximum(self.largest, labels.max())
+        return labels
+
+    def check_labels(self) -> None:
+        """Refuse a model that answered a class beyond the count it declares."""
+        if int(self.largest) >= self.num_classes:
+            raise InputError(f"the model answered class {int(self.largest)}, but declares {self.num_classes} classes")
+
+    def counts(self, stages: tuple[int, ...]) -> list[np.ndarray]:
+        """Votes (N, K) of fresh noisy copies of each input, one array per stage size.
+
+        Every stage gets its own draws, but all stages of all inputs form one stream of samples,
+        so every batch except the last is full: sample j belongs to input j // m and to the stage
+        whose range holds j % m, with m = sum(stages).
+        """
+        x, k = self.x, self.num_classes
+        num_inputs, per_input, num_stages = self.num_inputs, sum(stages), len(stages)
+        total = per_input * num_inputs
+        ends = torch.tensor(np.cumsum(stages)[:-1], device=x.device)
+        votes = torch.zeros(num_inputs * num_stages * k, dtype=torch.int64, device=x.device)
+        for start in range(0, total, self.batch_size):
+            self.check_cancel()
+            stop = min(start + self.batch_size, total)
+            sample = torch.arange(start, stop, device=x.device)
+            owner = sample // per_input
+            stage = torch.bucketize(sample % per_input, ends, right=True)
+            labels = self.classify_noisy(owner)
+            slot = (owner * num_stages + stage) * k + labels
+            votes += torch.bincount(slot, minlength=votes.numel())
+            if self.progress is not None:
+                self.progress(stop, total)
+        self.check_labels()
+        per_stage = votes.view(num_inputs, num_stages, k).cpu().numpy()
+        return [per_stage[:, s] for s in range(num_stages)]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def provenance(self, params: dict[str, Any]) -> dict[str, Any]:
+        """What produced a result: the call's parameters, seed, batch size, device, model, versions."""
+        info = self.model.info
+        return {
+            **params,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_inputs": self.num_inputs,
+            "device": str(self.x.device),
+            "runtime": self.model.runtime,
+            "provider": self.model.provider,
+            "precision": self.model.precision,
+            "model_sha256": info.sha256,
+            "model_format": info.format,
+            "model_arch": info.arch,
+            "versions": software_versions(),
+            "elapsed_s": self.elapsed(),
+        }
