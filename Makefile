@@ -4,18 +4,22 @@
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,test
+EXTRAS ?= api,worker,devstack,test
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.smoothcert-installed
 
-.PHONY: up test bench demo clean
+.PHONY: up test lint bench demo clean
 
 up: $(STAMP)
 	$(VENV)/bin/smoothcert up
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The layer contracts (import-linter), the types (mypy), the style (ruff); also part of `make test`.
+lint: $(STAMP)
+	$(PY) -m tests.support.checks
 
 bench: $(STAMP)
 	$(PY) -m bench.throughput

@@ -55,4 +55,4 @@ ENV SMOOTHCERT_DATA_DIR=/data
 # Each container claims a GPU of its own, then runs one prefork worker with one child process
 # (SMOOTHCERT_WORKER_CONCURRENCY=1): the parent never touches CUDA, the child loads the models.
 ENTRYPOINT ["smoothcert-gpu-claim"]
-CMD ["smoothcert", "worker", "--queues", "smoothcert"]
+CMD ["smoothcert", "worker", "--queues", "certify"]

@@ -1,0 +1,80 @@
+"""The project's static checks: the layer contracts, the types, the style.
+
+``python -m tests.support.checks`` runs all three (``make lint``); tests/test_checks.py runs each.
+
+- **Layers**: the import-linter contracts of pyproject.toml (the one-way rule).
+- **Types**: mypy on the packages pyproject.toml names (the engine and the shared contract).
+- **Style**: ruff with pyproject.toml's settings (line length, import order).
+
+The editable install maps ``smoothcert.service`` to ``service/`` through an import hook, which
+neither import-linter nor mypy can follow, so both run over a *namespace view*: a temporary
+``smoothcert/`` folder whose ``service``, ``worker`` and ``models`` are links to the working tree.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support.paths import ROOT
+
+PACKAGES = ("service", "worker", "models")
+BIN = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def namespace_view(source: Path = ROOT) -> Iterator[Path]:
+    """A temporary directory holding ``smoothcert/{service,worker,models}`` linked to ``source``."""
+    with tempfile.TemporaryDirectory(prefix="smoothcert-view-") as where:
+        namespace = Path(where) / "smoothcert"
+        namespace.mkdir()
+        for package in PACKAGES:
+            (namespace / package).symlink_to(source / package, target_is_directory=True)
+        yield Path(where)
+
+
+def _run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def lint_imports(source: Path = ROOT) -> subprocess.CompletedProcess:
+    """``lint-imports`` over the packages under ``source`` (the checkout by default) with the
+    contracts of this checkout's pyproject.toml; exit status 0 when every contract is kept."""
+    with namespace_view(source) as view:
+        path = os.pathsep.join(p for p in (str(view), os.environ.get("PYTHONPATH", "")) if p)
+        return _run([str(BIN / "lint-imports"), "--no-cache"], ROOT, PYTHONPATH=path)
+
+
+def type_check() -> subprocess.CompletedProcess:
+    """mypy over the packages that pyproject.toml's ``[tool.mypy]`` names."""
+    with namespace_view() as view:
+        return _run([str(BIN / "mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--no-incremental"],
+                    view, MYPYPATH=str(view))
+
+
+def style_check() -> subprocess.CompletedProcess:
+    """``ruff check`` over the checkout."""
+    return _run([str(BIN / "ruff"), "check", "--no-cache", "."], ROOT)
+
+
+CHECKS = {"layers": lint_imports, "types": type_check, "style": style_check}
+
+
+def main() -> int:
+    failed = []
+    for name, check in CHECKS.items():
+        done = check()
+        print(f"--- {name}: {'ok' if done.returncode == 0 else 'FAILED'}")
+        if done.returncode:
+            failed.append(name)
+            sys.stdout.write(done.stdout[-6000:])
+            sys.stdout.write(done.stderr[-2000:])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
