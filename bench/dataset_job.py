@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,11 @@ import numpy as np
 import redis
 
 from smoothcert.models.demo import build_demo
-from smoothcert.service.devstack.redis_server import RedisServer, free_port
+from smoothcert.service.core.jobs import TERMINAL
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
+from smoothcert.service.devstack import processes
+from smoothcert.service.devstack.commands import api_command, worker_command
+from smoothcert.service.devstack.redis_server import RedisServer, free_port
 
 KEY = "bench-key-0123456789abcdef"
 
@@ -46,18 +48,18 @@ def main(argv: list[str] | None = None) -> int:
                    "SMOOTHCERT_API_KEY": KEY, "SMOOTHCERT_ADMIN_KEY": KEY, "SMOOTHCERT_DEVICE": args.device,
                    "SMOOTHCERT_CHUNK_SIZE": str(args.chunk_size), "SMOOTHCERT_MAX_N": str(max(args.n, 10**6))}
             port = free_port()
-            api = _spawn([sys.executable, "-m", "uvicorn", "smoothcert.service.app:create_app", "--factory",
-                          "--host", "127.0.0.1", "--port", str(port)], env, root / "api.log")
+            api = processes.Child("API", processes.spawn(api_command("127.0.0.1", port), env, root / "api.log"),
+                                  root / "api.log")
             try:
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                                   headers={"Authorization": f"Bearer {KEY}"}) as client:
-                    _wait(lambda: client.get("/healthz").status_code == 200, "the API")
+                    _wait(lambda: client.get("/healthz").status_code == 200, "the API", [api])
                     model_id, dataset_id = _upload(client, demo, env, root, server.url)
                     for count in args.workers:
                         rows.append(_measure(client, count, model_id, dataset_id, args, env, root, server.url))
                         print(json.dumps(rows[-1]))
             finally:
-                _stop(api)
+                _stop(api.proc)
     report = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows}
     if args.json:
@@ -87,7 +89,7 @@ def _measure(client, count: int, model_id: str, dataset_id: str, args, env, root
         body = {"model_id": model_id, "dataset_id": dataset_id, "sigma": args.sigma, "n0": args.n0, "n": args.n,
                 "seed": 0}
         job_id = client.post("/v1/certify", json=body).raise_for_status().json()["job_id"]
-        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "canceled"):
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in TERMINAL:
             time.sleep(0.2)
         wall = time.perf_counter() - submitted
     finally:
@@ -103,40 +105,33 @@ def _measure(client, count: int, model_id: str, dataset_id: str, args, env, root
 
 
 def _start_workers(count: int, env: dict, root: Path, redis_url: str, tag: str) -> list[subprocess.Popen]:
-    procs = [_spawn([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1", "--hostname",
-                     f"{tag}-{i}@%h", "--without-mingle", "--without-gossip"], env, root / f"worker-{tag}-{i}.log")
-             for i in range(count)]
+    workers = []
+    for i in range(count):
+        log = root / f"worker-{tag}-{i}.log"
+        command = worker_command("--concurrency", "1", "--hostname", f"{tag}-{i}@%h", "--without-mingle",
+                                 "--without-gossip")
+        workers.append(processes.Child(f"worker {tag}-{i}", processes.spawn(command, env, log), log))
     client = redis.Redis.from_url(redis_url)
-    _wait(lambda: len(list(client.scan_iter(match=f"{HEARTBEAT_PREFIX}{tag}-*"))) == count, f"{count} workers")
-    return procs
+    try:
+        _wait(lambda: len(list(client.scan_iter(match=f"{HEARTBEAT_PREFIX}{tag}-*"))) == count, f"{count} workers",
+              workers)
+    except SystemExit:
+        _stop_all([w.proc for w in workers])
+        raise
+    return [w.proc for w in workers]
 
 
-def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-
-
-def _wait(check, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, redis.RedisError):
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{what} not ready within {timeout:.0f} s")
+def _wait(check, what: str, children: list[processes.Child], timeout: float = 120.0) -> None:
+    """processes.wait_until, ending the benchmark in one line when a child dies or time runs out."""
+    try:
+        processes.wait_until(check, timeout, what, children=children, ignore=(httpx.HTTPError, redis.RedisError))
+    except (processes.NotReady, processes.ChildDied) as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL to the whole process group (a worker's pool children too)."""
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    processes.stop(proc, 30)
 
 
 def _stop_all(procs: list[subprocess.Popen]) -> None:

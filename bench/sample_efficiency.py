@@ -6,7 +6,8 @@ Two workloads:
 - synthetic: 20,000 inputs whose p_A follows a mixture like a trained model's (most near 1,
   some spread over (½, 1), some below ½), votes drawn from a binomial: no model involved;
 - digits: the demo model (digits_cnn, trained at σ = 0.25) on the digits test split, through
-  the real engine, once with fixed n and once with ``target_radius``.
+  the real engine, once with fixed n (``certify``) and once with the anytime-valid test at the
+  target radius (``certify_at_radius``).
 For both it prints the mean samples per input (n0 included) of each protocol, their ratio, and
 the certified accuracy at r of each (for the synthetic set, "accuracy" is the certified share).
 """
@@ -18,6 +19,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
 
 
 def synthetic(radius: float, sigma: float, n: int, n0: int, alpha: float, count: int, seed: int) -> dict:
@@ -47,7 +50,7 @@ def synthetic(radius: float, sigma: float, n: int, n0: int, alpha: float, count:
 def digits(radius: float, sigma: float, n: int, n0: int, alpha: float, limit: int | None, seed: int) -> dict:
     from smoothcert.models.demo import build_demo
     from smoothcert.models.loaders import load_model
-    from smoothcert.worker.smoothing.engine import certify
+    from smoothcert.worker.smoothing import certify, certify_at_radius
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_demo(tmp, seed=0)
@@ -57,7 +60,7 @@ def digits(radius: float, sigma: float, n: int, n0: int, alpha: float, limit: in
     fixed = certify(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed).results
     fixed_s = time.perf_counter() - started
     started = time.perf_counter()
-    seq = certify(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed, target_radius=radius).results
+    seq = certify_at_radius(model, x, sigma, radius, n0=n0, n_max=n, alpha=alpha, seed=seed).results
     seq_s = time.perf_counter() - started
     fixed_acc = np.mean([r.prediction == t and r.radius >= radius for r, t in zip(fixed, y)])
     seq_acc = np.mean([d.certified_at_r and d.prediction == t for d, t in zip(seq, y)])
@@ -80,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sample_efficiency", description=__doc__.split("\n\n")[0])
     p.add_argument("--radius", type=float, default=0.25)
     p.add_argument("--sigma", type=float, default=0.25)
-    p.add_argument("--n", type=int, default=100_000)
-    p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--n", type=int, default=DEFAULT_N)
+    p.add_argument("--n0", type=int, default=DEFAULT_N0)
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     p.add_argument("--limit", type=int, help="certify only the first N test digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-digits", action="store_true", help="only the synthetic workload")

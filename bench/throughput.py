@@ -69,7 +69,7 @@ def measure(model, arch: str, runtime: str, n: int, n0: int, repeats: int, batch
     import numpy as np
     import torch
 
-    from smoothcert.worker.smoothing.engine import certify, default_batch_size
+    from smoothcert.worker.smoothing import certify, default_batch_size
 
     batch = batch_size or default_batch_size(model.info.input_shape, model.device)
     generator = torch.Generator().manual_seed(0)

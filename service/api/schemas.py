@@ -15,8 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from smoothcert.models.pixels import as_pixel_batch
-
-MAX_SEED = 2**63 - 1
+from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, MAX_SEED, Bound, Mode
 
 
 class CertifyRequest(BaseModel):
@@ -34,14 +33,14 @@ class CertifyRequest(BaseModel):
     skip: int = Field(0, ge=0, description="dataset jobs: the first input to certify")
     limit: int | None = Field(None, ge=1, description="dataset jobs: certify at most this many inputs")
     sigma: float = Field(gt=0, allow_inf_nan=False, description="noise level in [0,1] pixel units")
-    n0: int = Field(100, ge=1, description="samples that select the class (certify only)")
-    n: int = Field(100_000, ge=1, description="samples that bound its probability")
-    alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of each certificate")
+    n0: int = Field(DEFAULT_N0, ge=1, description="samples that select the class (certify only)")
+    n: int = Field(DEFAULT_N, ge=1, description="samples that bound its probability")
+    alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="failure probability of each certificate")
     batch_size: int | None = Field(None, ge=1, le=1_000_000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
-    bound: Literal["cohen", "top2"] = "cohen"
+    bound: Bound = "cohen"
     labels: list[int] | None = Field(None, description="true classes, one per input")
-    mode: Literal["certify", "predict"] = "certify"
+    mode: Mode = "certify"
     radii: list[float] | None = Field(None, max_length=1000,
                                       description="radii of the certified-accuracy curve (labels given)")
     target_radius: float | None = Field(

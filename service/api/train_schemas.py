@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from smoothcert.service.core.train_config import MAX_SEED, METHODS, OPTIMIZERS, TrainConfig
+from smoothcert.service.core.params import MAX_SEED
+from smoothcert.service.core.train_config import METHODS, OPTIMIZERS, TrainConfig
 
 # (channels, height, width) an architecture takes; None: any size (the ResNets pool adaptively,
 # digits_cnn's fully connected layer fixes 8x8).

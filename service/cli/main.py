@@ -9,15 +9,19 @@ to see the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from smoothcert.service.cli import options
+from smoothcert.service.cli.progress import stderr_bar
 from smoothcert.service.cli.remote import add_commands as add_remote_commands
 from smoothcert.service.cli.train import add_commands as add_train_commands
 from smoothcert.service.core.inputs import load_inputs, load_labels
+from smoothcert.service.core.model_store import ModelStore
+from smoothcert.service.core.params import DEFAULT_PREDICT_N
+from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.tsv import format_tsv
 
 # Idle OpenMP threads of torch would otherwise spin between batches and slow down onnxruntime
@@ -50,17 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     certify = commands.add_parser("certify", help="certify inputs: class and certified l2 radius, or abstain")
     _model_and_inputs(certify)
-    certify.add_argument("--n0", type=int, default=100, help="samples to select the class (default 100)")
-    certify.add_argument("--n", type=int, default=100_000, help="samples to bound its probability (default 100000)")
-    certify.add_argument("--bound", choices=("cohen", "top2"), default="cohen", help="default cohen")
-    certify.add_argument("--target-radius", type=float, metavar="R",
-                         help="only decide 'certified at radius R?', drawing until the answer is known "
-                              "(anytime-valid; --n is then the cap per input)")
+    options.add_samples(certify, local=True)
+    options.add_certify_options(certify, local=True)
     certify.set_defaults(handler=_run_certify)
 
     predict = commands.add_parser("predict", help="predict with the smoothed classifier, or abstain")
     _model_and_inputs(predict)
-    predict.add_argument("--n", type=int, default=1_000, help="samples per input (default 1000)")
+    predict.add_argument("--n", type=int, default=DEFAULT_PREDICT_N, help="samples per input (default %(default)s)")
     predict.set_defaults(handler=_run_predict)
 
     analyze = commands.add_parser("analyze", help="certified accuracy at radii from certification TSV files")
@@ -97,30 +97,28 @@ def _worker_main(argv: list[str]) -> int:
 def _model_and_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="an .onnx or .safetensors file, or the id of a model stored under SMOOTHCERT_DATA_DIR")
-    p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
-                   help=".npy of shape (N,C,H,W) or (C,H,W) in [0,1], or PNG/JPEG files or folders")
-    p.add_argument("--labels", metavar="PATH", help="true labels (.npy or one per line) to mark correct rows")
-    p.add_argument("--sigma", type=float, required=True, help="noise level σ, in [0,1] pixel units")
-    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    p.add_argument("--batch-size", type=int, help="noisy samples per forward pass (default: by input size)")
-    p.add_argument("--seed", type=int, help="noise seed (default: drawn at random and recorded)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--out", metavar="TSV", help="write rows here (default stdout) and provenance to TSV.json")
-    bare = p.add_argument_group("bare safetensors weights (files without smoothcert metadata)")
-    bare.add_argument("--arch", help="architecture name, e.g. digits_cnn, cifar_resnet20")
-    bare.add_argument("--input-shape", help="C,H,W, e.g. 3,32,32")
-    bare.add_argument("--num-classes", type=int)
-    bare.add_argument("--normalization", help='JSON, e.g. {"mean": [0.5], "std": [0.25]}')
+    options.add_inputs(p)
+    options.add_labels(p, local=True)
+    options.add_sigma(p)
+    options.add_run_options(p, local=True)
+    options.add_device(p)
+    options.add_out(p, local=True)
+    options.add_model_fields(p.add_argument_group("bare safetensors weights (files without smoothcert metadata)"),
+                             local=True)
 
 
 def _run_certify(args) -> int:
-    from smoothcert.worker.smoothing.engine import certify
+    from smoothcert.worker.smoothing import certify, certify_at_radius
 
     model, x, labels = _prepare(args)
     with _progress_bar() as progress:
-        run = certify(model, x, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
-                      batch_size=args.batch_size, seed=args.seed, bound=args.bound, progress=progress,
-                      target_radius=args.target_radius)
+        if args.target_radius is None:
+            run = certify(model, x, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                          batch_size=args.batch_size, seed=args.seed, bound=args.bound, progress=progress)
+        else:  # --n caps the draws per input
+            run = certify_at_radius(model, x, args.sigma, args.target_radius, n0=args.n0, n_max=args.n,
+                                    alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
+                                    progress=progress)
     _write(args, run, labels)
     if args.target_radius is None:
         certified = sum(not r.abstained for r in run.results)
@@ -134,7 +132,7 @@ def _run_certify(args) -> int:
 
 
 def _run_predict(args) -> int:
-    from smoothcert.worker.smoothing.engine import predict
+    from smoothcert.worker.smoothing import predict
 
     model, x, labels = _prepare(args)
     with _progress_bar() as progress:
@@ -164,12 +162,9 @@ def _prepare(args):
 
 def _load(args):
     """MODEL is a file, or else the id of a model in the store under SMOOTHCERT_DATA_DIR."""
-    from smoothcert.models.loaders import load_model, load_stored_model
+    from smoothcert.models.loaders import load_model, load_stored_model  # torch: only for the model commands
 
     if not Path(args.model).exists():
-        from smoothcert.service.core.model_store import ModelStore
-        from smoothcert.service.core.settings import Settings
-
         store = ModelStore(Settings().models_dir)
         meta = store.get(args.model)
         if meta is None:
@@ -188,28 +183,17 @@ def _load(args):
 @contextmanager
 def _progress_bar():
     """A progress callback drawing a bar on stderr, silent when stderr is not a terminal."""
-    from tqdm import tqdm
+    with stderr_bar(0, "samples", unit_scale=True) as bar:
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    bar = tqdm(total=0, unit="samples", unit_scale=True, file=sys.stderr,
-               disable=not sys.stderr.isatty(), dynamic_ncols=True)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
         yield update
-    finally:
-        bar.close()
 
 
 def _write(args, run, labels) -> None:
     text = format_tsv([r.to_dict() for r in run.results], None if labels is None else labels.tolist())
-    if not args.out:
-        sys.stdout.write(text)
-        return
-    Path(args.out).write_text(text)
-    Path(args.out + ".json").write_text(json.dumps(run.provenance, indent=2) + "\n")
+    options.write_out(text, args.out, run.provenance)
 
 
 def _accuracy(run, labels) -> str:

@@ -16,6 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from smoothcert.service.cli import options
+from smoothcert.service.core.params import MODES
+
 ENV_URL, ENV_KEY, ENV_ADMIN_KEY = "SMOOTHCERT_URL", "SMOOTHCERT_API_KEY", "SMOOTHCERT_ADMIN_KEY"
 
 
@@ -30,22 +33,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                  help="queue a certify or predict job on the service; prints the job id")
     submit.add_argument("model_id", metavar="MODEL_ID", help="a model id from `smoothcert models list`")
     source = submit.add_mutually_exclusive_group(required=True)
-    source.add_argument("--inputs", nargs="+", metavar="PATH",
-                        help=".npy of shape (N,C,H,W) or (C,H,W) in [0,1], or PNG/JPEG files or folders")
+    options.add_inputs(source, required=False)
     source.add_argument("--dataset", metavar="ID", help="a dataset id from `smoothcert datasets upload`")
-    submit.add_argument("--labels", metavar="PATH", help="true labels (.npy or one per line): adds the accuracy")
+    options.add_labels(submit, local=False)
     submit.add_argument("--skip", type=int, help="with --dataset: start at this input (default 0)")
     submit.add_argument("--limit", type=int, help="with --dataset: certify at most this many inputs")
-    submit.add_argument("--sigma", type=float, required=True, help="noise level σ, in [0,1] pixel units")
-    submit.add_argument("--mode", choices=("certify", "predict"), default="certify", help="default certify")
-    submit.add_argument("--n0", type=int, help="samples to select the class (server default 100)")
-    submit.add_argument("--n", type=int, help="samples to bound its probability (server default 100000)")
-    submit.add_argument("--alpha", type=float, help="failure probability (server default 0.001)")
-    submit.add_argument("--batch-size", type=int, help="noisy samples per forward pass")
-    submit.add_argument("--seed", type=int, help="noise seed (default: drawn by the server and recorded)")
-    submit.add_argument("--bound", choices=("cohen", "top2"), help="server default cohen")
-    submit.add_argument("--target-radius", type=float, metavar="R",
-                        help="only decide 'certified at radius R?' (anytime-valid; --n is then the cap)")
+    options.add_sigma(submit)
+    submit.add_argument("--mode", choices=MODES, default="certify", help="default certify")
+    options.add_samples(submit, local=False)
+    options.add_run_options(submit, local=False)
+    options.add_certify_options(submit, local=False)
     submit.add_argument("--wait", action="store_true", help="wait for the result and write its TSV")
     _result_options(submit)
     submit.set_defaults(handler=_submit)
@@ -69,10 +66,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     upload = actions.add_parser("upload", parents=[connection], help="upload a model (admin key); prints its id")
     upload.add_argument("file", metavar="FILE", help="an .onnx file, or a .safetensors file")
     upload.add_argument("--name")
-    upload.add_argument("--arch", help="architecture, required for bare safetensors weights, e.g. digits_cnn")
-    upload.add_argument("--input-shape", help="C,H,W, e.g. 3,32,32 (read from ONNX and smoothcert files)")
-    upload.add_argument("--num-classes", type=int)
-    upload.add_argument("--normalization", help='JSON, e.g. {"mean": [0.5], "std": [0.25]}')
+    options.add_model_fields(upload, local=False)
     upload.add_argument("--sigma", type=float, help="the noise level the model was trained with")
     upload.add_argument("--class-names", help="comma-separated, or a JSON list")
     upload.add_argument("--json", action="store_true", help="print the model record as JSON instead of its id")
@@ -99,7 +93,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _result_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="TSV", help="write the rows here (default stdout) and provenance to TSV.json")
+    options.add_out(p, local=False)
     p.add_argument("--timeout", type=float, metavar="S", help="stop waiting after S seconds (the job goes on)")
 
 
@@ -152,20 +146,11 @@ def _follow(client, job_id: str, args) -> int:
         raise ClientError(f"job {job_id} {record['status']}" + (f": {record['error']}" if record.get("error") else ""))
     result = record.get("result") or {}
     if "results" not in result:  # a job without per-input rows (a model check)
-        _emit(json.dumps(result, indent=2) + "\n", args.out)
+        options.write_out(json.dumps(result, indent=2) + "\n", args.out)
         return 0
-    _emit(client.results_tsv(job_id), args.out)
-    if args.out and result.get("provenance") is not None:
-        Path(args.out + ".json").write_text(json.dumps(result["provenance"], indent=2) + "\n")
+    options.write_out(client.results_tsv(job_id), args.out, result.get("provenance"))
     print(_summary(record), file=sys.stderr)
     return 0
-
-
-def _emit(text: str, out: str | None) -> None:
-    if out:
-        Path(out).write_text(text)
-    else:
-        sys.stdout.write(text)
 
 
 def _summary(record: dict) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from smoothcert.worker.evaluation.experiment import ExperimentConfig
+from smoothcert.service.cli.options import add_device
+from smoothcert.service.cli.progress import stderr_bar
 from smoothcert.service.core.train_config import METHODS, OPTIMIZERS, TrainConfig
+from smoothcert.worker.evaluation.experiment import ExperimentConfig, render_markdown, run_experiment
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 _EXPERIMENT = {f.name: f.default for f in fields(ExperimentConfig)}
@@ -61,10 +62,11 @@ def _add_train(commands) -> None:
     p.add_argument("--steps", type=int, default=_DEFAULTS["steps"],
                    help=f"smoothadv: PGD steps (default {_DEFAULTS['steps']})")
     p.add_argument("--warmup-epochs", type=int, default=_DEFAULTS["warmup_epochs"],
-                   help=f"smoothadv: epochs over which epsilon grows to its value (default {_DEFAULTS['warmup_epochs']})")
+                   help="smoothadv: epochs over which epsilon grows to its value "
+                        f"(default {_DEFAULTS['warmup_epochs']})")
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="save the state after each epoch here, and resume from it when it is there")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_device(p)
     p.add_argument("--name", help="the model's name in its metadata")
     p.set_defaults(handler=_run_train)
 
@@ -119,18 +121,6 @@ def _add_experiment(commands) -> None:
     p.set_defaults(handler=_run_experiment)
 
 
-@contextmanager
-def _bar(total: int, unit: str):
-    """A tqdm bar on stderr, silent when stderr is not a terminal."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
 def _run_train(args) -> int:
     from smoothcert.worker.data.datasets import load_dataset
     from smoothcert.worker.training.trainer import train
@@ -149,7 +139,7 @@ def _run_train(args) -> int:
     config = TrainConfig(**given)
     data = load_dataset(args.dataset)
     out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.method}-sigma{config.sigma:g}.safetensors")
-    with _bar(config.epochs, "epoch") as bar:
+    with stderr_bar(config.epochs, "epoch") as bar:
         def progress(metrics) -> None:
             bar.set_postfix(loss=f"{metrics.loss:.3f}", noisy_acc=f"{metrics.noisy_accuracy:.3f}")
             bar.update(metrics.epoch - bar.n)
@@ -189,15 +179,13 @@ def _run_import(args) -> int:
 
 
 def _run_experiment(args) -> int:
-    from smoothcert.worker.evaluation.experiment import ExperimentConfig, render_markdown, run_experiment
-
     options = {k: getattr(args, k) for k in ("epochs", "m", "epsilon", "steps", "warmup_epochs", "batch_size",
                                               "lr", "n0", "n", "alpha", "seed", "limit")
                if getattr(args, k) is not None}
     config = ExperimentConfig(methods=tuple(_names(args.methods, METHODS, "--methods")),
                               sigmas=tuple(_numbers(args.sigmas, "--sigmas")),
                               radii=tuple(_numbers(args.radii, "--radii")), **options)
-    with _bar(2 * len(config.methods) * len(config.sigmas), "step") as bar:
+    with stderr_bar(2 * len(config.methods) * len(config.sigmas), "step") as bar:
         started = [0]
 
         def step(description: str) -> None:

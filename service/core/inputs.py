@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from smoothcert.service.core.images import ImageError, has_image_suffix, read_pixels
 
 
 class InputFileError(ValueError):
@@ -33,15 +33,12 @@ def load_npy(data: bytes | str | Path, what: str = "inputs") -> np.ndarray:
 
 def decode_image(data: bytes, channels: int, name: str = "image") -> np.ndarray:
     """A PNG/JPEG as float32 (C, H, W) in [0, 1], converted to 1 (grey) or 3 (RGB) channels."""
-    from PIL import Image, UnidentifiedImageError
-
     if channels not in (1, 3):
         raise InputFileError(f"{name}: images can feed 1- or 3-channel models, this one takes {channels}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InputFileError(f"{name}: not a readable PNG or JPEG image ({exc})") from None
+        pixels = read_pixels(data, name, "L" if channels == 1 else "RGB").astype(np.float32) / 255.0
+    except ImageError as exc:
+        raise InputFileError(str(exc)) from None
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -66,8 +63,8 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            files += sorted(p for p in path.iterdir() if has_image_suffix(p))
+        elif has_image_suffix(path):
             if not path.is_file():
                 raise InputFileError(f"no such file: {path}")
             files.append(path)

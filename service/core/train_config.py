@@ -6,23 +6,18 @@ without a model runtime. :func:`smoothcert.worker.training.trainer.train` runs i
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Integral
 from typing import Any
 
+from smoothcert.service.core.params import MAX_SEED, draw_seed
+
 METHODS = ("gaussian", "smoothed", "smoothadv")
 OPTIMIZERS = ("adam", "sgd")
-MAX_SEED = 2**63 - 1
 
 
 class TrainingError(ValueError):
     """A training configuration or dataset that cannot be trained; the message says why, in one line."""
-
-
-def draw_seed() -> int:
-    """A fresh random seed, for a configuration that was given none (it is recorded)."""
-    return secrets.randbelow(MAX_SEED)
 
 
 @dataclass(frozen=True)

@@ -13,21 +13,24 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
-from smoothcert.service.devstack.redis_server import RedisServer
+from smoothcert.models.metadata import sha256_file
+from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
 from smoothcert.service.core.settings import Settings
+from smoothcert.service.devstack import processes
+from smoothcert.service.devstack.commands import api_command, worker_command
+from smoothcert.service.devstack.processes import Child, ChildDied
+from smoothcert.service.devstack.redis_server import RedisServer
 
 DEMO_NAME = "digits-demo"
-
-
-class ChildDied(RuntimeError):
-    """A process of the stack exited on its own; the message names it and its log."""
+# The worker's warm shutdown (SIGTERM) finishes its task; a cold one (SIGQUIT) abandons it.
+_STOP_GRACE_S, _ESCALATE = 10.0, ((signal.SIGQUIT, 5.0),)
 
 
 class Stack:
@@ -37,7 +40,7 @@ class Stack:
         self.settings = settings
         self.logs = settings.data_dir / "logs"
         self.redis: RedisServer | None = None
-        self.children: list[tuple[str, subprocess.Popen, Path]] = []
+        self.children: list[Child] = []
 
     def env(self) -> dict[str, str]:
         """The environment every child shares, so they agree on keys, data and broker."""
@@ -47,45 +50,31 @@ class Stack:
                 "SMOOTHCERT_HOST": s.host, "SMOOTHCERT_PORT": str(s.port), "SMOOTHCERT_ENV": s.env}
 
     def start(self) -> None:
-        from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
-
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
         if not s.redis_url:
             self.redis = RedisServer(s.data_dir / "redis").start()
             s.redis_url = self.redis.url
         _check_port_free(s.host, s.port)
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "smoothcert.service.app:create_app", "--factory",
-                            "--host", s.host, "--port", str(s.port)])
-        self._spawn("worker", [sys.executable, "-m", "smoothcert.worker.queue.celery_app",
-                               "--queues", f"{QUEUE},{TRAIN_QUEUE}", "--hostname", f"smoothcert-{os.getpid()}@%h"])
+        self._spawn("api", api_command(s.host, s.port))
+        self._spawn("worker", worker_command("--queues", f"{QUEUE},{TRAIN_QUEUE}",
+                                             "--hostname", f"smoothcert-{os.getpid()}@%h"))
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = self.logs / f"{name}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(args, env=self.env(), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.children.append((name, proc, log))
+        self.children.append(Child(name, processes.spawn(args, self.env(), log, append=True), log))
 
     def check_alive(self) -> None:
         """Raise ChildDied when a child has exited."""
-        for name, proc, log in self.children:
-            if proc.poll() is not None:
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                raise ChildDied(f"the {name} exited with code {proc.returncode}; see {log}:\n{tail}")
+        processes.check_alive(self.children)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Return once ``/readyz`` answers 200; raise ChildDied or TimeoutError."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"the stack was not ready within {timeout:.0f} s; logs in {self.logs}")
+        try:
+            processes.wait_until(lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200, timeout,
+                                 "the stack", children=self.children, ignore=(httpx.HTTPError,), interval=0.3)
+        except processes.NotReady:
+            raise TimeoutError(f"the stack was not ready within {timeout:.0f} s; logs in {self.logs}") from None
 
     @property
     def url(self) -> str:
@@ -94,18 +83,8 @@ class Stack:
 
     def stop(self) -> None:
         """Worker first (warm, then cold, then killed), then the API, then Redis."""
-        for name, proc, _ in reversed(self.children):
-            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
-                if proc.poll() is not None:
-                    break
-                try:  # the main process shuts its children down; a kill takes the whole group
-                    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    continue
+        for child in reversed(self.children):
+            processes.stop(child.proc, _STOP_GRACE_S, escalate=_ESCALATE)
         self.children.clear()
         if self.redis is not None:
             self.redis.stop()
@@ -114,7 +93,6 @@ class Stack:
 def register_demo(stack: Stack) -> tuple[dict, Path]:
     """Upload the demo model (built once under ``DATA_DIR/demo``) unless the same is stored."""
     from smoothcert.models.demo import build_demo  # torch, only in this process
-    from smoothcert.models.metadata import sha256_file
 
     demo_dir = stack.settings.data_dir / "demo"
     paths = {k: demo_dir / v for k, v in (("safetensors", "digits_cnn.safetensors"),
@@ -136,8 +114,6 @@ def register_demo(stack: Stack) -> tuple[dict, Path]:
 
 def banner(stack: Stack, model: dict, test_x: Path) -> str:
     """What ``up`` prints: where the API is, the key, and a certify request to paste."""
-    import numpy as np
-
     s = stack.settings
     image = np.load(test_x)[0].round(4).tolist()
     body = json.dumps({"model_id": model["id"], "inputs": image, "sigma": 0.25, "n": 10000},
@@ -145,7 +121,8 @@ def banner(stack: Stack, model: dict, test_x: Path) -> str:
     auth = f'-H "Authorization: Bearer {s.api_key}"'
     return "\n".join([
         f"smoothcert is up at {stack.url}  (docs: {stack.url}/docs, logs: {stack.logs})",
-        f"API key: {s.api_key}" + ("  (generated; set SMOOTHCERT_API_KEY to choose one)" if s.generated_api_key else ""),
+        f"API key: {s.api_key}"
+        + ("  (generated; set SMOOTHCERT_API_KEY to choose one)" if s.generated_api_key else ""),
         f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')}, "
         f"{model.get('num_classes')} classes)",
         "",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,11 @@ import httpx
 import pytest
 import redis
 
-from smoothcert.service.devstack.redis_server import RedisServer, free_port
+from smoothcert.service.core.jobs import TERMINAL
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
+from smoothcert.service.devstack import processes
+from smoothcert.service.devstack.commands import api_command, worker_command
+from smoothcert.service.devstack.redis_server import RedisServer, free_port
 
 USER_KEY, ADMIN_KEY = "user-key-for-tests-0123456789", "admin-key-for-tests-0123456789"
 # Small caps so that the 413 and "exceeds the cap" paths are cheap to reach. No rate limit:
@@ -36,42 +38,33 @@ def stack_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
-    """Poll ``check()`` until truthy; fail with the process log when it dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text() if log else ''}")
-        try:
-            value = check()
-            if value:
-                return value
-        except (httpx.HTTPError, redis.RedisError):
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"{what} not ready within {timeout} s:\n{log.read_text() if log else ''}")
+    """Poll ``check()`` until truthy (processes.wait_until); fail with the whole process log when
+    ``proc`` dies or time runs out."""
+    children = [] if proc is None else [processes.Child(what, proc, log)]
+    try:
+        return processes.wait_until(check, timeout, what, children=children,
+                                    ignore=(httpx.HTTPError, redis.RedisError))
+    except processes.ChildDied:
+        reason = f"exited with {proc.returncode}"
+    except processes.NotReady:
+        reason = f"not ready within {timeout} s"
+    pytest.fail(f"{what} {reason}:\n{log.read_text() if log else ''}")
 
 
 def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+    """processes.spawn: ``args`` in its own session, output to ``log`` (truncated)."""
+    return processes.spawn(args, env, log)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+    """processes.stop: SIGTERM, then SIGKILL of the group after ``timeout`` seconds."""
+    processes.stop(proc, timeout)
 
 
 def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     """uvicorn serving the app on a free port; returns the process and its base URL."""
     port = free_port()
-    proc = start_process([sys.executable, "-m", "uvicorn", "smoothcert.service.app:create_app", "--factory",
-                          "--host", "127.0.0.1", "--port", str(port)], env, log)
+    proc = start_process(api_command("127.0.0.1", port), env, log)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 30, "the API", proc, log)
     return proc, url
@@ -119,9 +112,8 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 def worker(redis_url, data_dir) -> Iterator[subprocess.Popen]:
     """One prefork worker with concurrency 1, ready once its heartbeat key is in Redis."""
     log = data_dir / "worker.log"
-    proc = start_process([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1",
-                          "--hostname", "test@%h", "--without-mingle", "--without-gossip"],
-                         stack_env(redis_url, data_dir), log)
+    proc = start_process(worker_command("--concurrency", "1", "--hostname", "test@%h", "--without-mingle",
+                                        "--without-gossip"), stack_env(redis_url, data_dir), log)
     client = redis.Redis.from_url(redis_url)
     wait_for(lambda: list(client.scan_iter(match=HEARTBEAT_PREFIX + "*")), 60, "the worker", proc, log)
     yield proc
@@ -164,7 +156,7 @@ def demo_model(admin, demo_paths) -> dict:
     return resp.json()
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 60.0, until=("succeeded", "failed", "canceled")):
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 60.0, until=TERMINAL):
     """Poll ``GET /v1/jobs/{id}`` until its status is in ``until``; the last record."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from smoothcert.service.core.dataset_files import DatasetFileError, check_images, check_labels, read_dataset_npz
+from smoothcert.service.core.images import ImageError, has_image_suffix, read_pixels
 
 DIGITS = "digits"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
 CIFAR_CLASSES = 10
-_GREY_MODES = ("1", "L", "LA")
 _NO_UNPACK_CAP = 1 << 62    # a local file the user names is not an upload: no size cap
 
 
@@ -202,7 +201,7 @@ def _read_classes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarra
     images, labels, names = [], [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (path / name).iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                       if p.is_file() and has_image_suffix(p))
         if not files:
             raise DatasetError(f"{path / name}: no PNG or JPEG images in class folder {name!r}")
         images += [_read_image(f) for f in files]
@@ -222,14 +221,10 @@ def _read_classes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarra
 
 def _read_image(path: Path) -> np.ndarray:
     """uint8 (H, W) for a grey image, (H, W, 3) otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as image:
-            grey = image.mode in _GREY_MODES
-            return np.asarray(image.convert("L" if grey else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{path}: not a readable PNG or JPEG image ({exc})") from None
+        return read_pixels(path, str(path))
+    except ImageError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _to_rgb(x: np.ndarray) -> np.ndarray:

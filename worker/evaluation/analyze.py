@@ -3,8 +3,9 @@
 A certification log is a tab-separated file with a header line whose columns include Cohen et
 al.'s `idx label predict radius correct time` (ours add `p_a_lower n_a n radius_cap ...` after
 them; columns are found by name and the rest are ignored). Certified accuracy at radius r is the
-share of rows with `correct == 1` and `radius >= r`; the envelope takes, at each radius, the best
-over the files given (the way the paper's tables take the best over σ).
+share of rows with `correct == 1` and `radius >= r` (:mod:`smoothcert.worker.evaluation.accuracy`);
+the envelope takes, at each radius, the best over the files given (the way the paper's tables
+take the best over σ).
 
 This module needs numpy only; matplotlib is imported when a plot is asked for.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import IO, Sequence
 
 import numpy as np
+
+from smoothcert.worker.evaluation import accuracy
 
 REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 DEFAULT_RADII = [0.25 * i for i in range(17)]  # 0, 0.25, ..., 4.0
@@ -129,10 +132,7 @@ def certified_accuracy(log: CertLog, radii: Sequence[float]) -> np.ndarray:
 
     A log with no rows has accuracy 0.0 at every radius.
     """
-    r = np.asarray(radii, dtype=np.float64).reshape(-1, 1)
-    if len(log) == 0:
-        return np.zeros(r.shape[0])
-    return (log.correct & (log.radius >= r)).mean(axis=1)
+    return accuracy.certified_accuracy(log.correct, log.radius, radii)
 
 
 def analyze(paths: Sequence[str | Path], radii: Sequence[float]) -> dict:

@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from smoothcert.worker.data.datasets import Dataset, load_digits
 from smoothcert.service.core.train_config import METHODS, TrainConfig
+from smoothcert.service.core.tsv import format_tsv
+from smoothcert.worker.data.datasets import Dataset, load_digits
+from smoothcert.worker.evaluation import accuracy
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 CURVE_POINTS = 301          # the plotted curves: certified accuracy on a fine grid of radii
@@ -101,8 +103,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
     training and each certification (2 per model)."""
     from smoothcert.models.loaders import load_model
     from smoothcert.models.reproducible import single_threaded  # torch: only when an experiment runs
-    from smoothcert.service.core.tsv import format_tsv
-    from smoothcert.worker.smoothing.engine import certify
+    from smoothcert.worker.smoothing import certify
     from smoothcert.worker.training.trainer import train
 
     data = data or load_digits()
@@ -149,9 +150,9 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
 
 
 def certified_accuracy(results: list[dict], labels: np.ndarray, radii) -> list[float]:
-    """Share of inputs certified with the right class at radius ≥ r, for each r."""
-    radius = np.array([r["radius"] if r["prediction"] == int(y) else -1.0 for r, y in zip(results, labels)])
-    return [float((radius >= r).mean()) for r in radii]
+    """Share of inputs certified with the right class at radius ≥ r, for each r (accuracy.py)."""
+    correct = [r["prediction"] == int(y) for r, y in zip(results, labels)]
+    return accuracy.certified_accuracy(correct, [r["radius"] for r in results], radii).tolist()
 
 
 def curve_radii(config: ExperimentConfig) -> list[float]:

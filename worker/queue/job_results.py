@@ -10,23 +10,28 @@ from typing import Any
 
 import numpy as np
 
+from smoothcert.worker import smoothing
+from smoothcert.worker.evaluation import accuracy
 from smoothcert.worker.evaluation.analyze import DEFAULT_RADII
-from smoothcert.worker.smoothing import engine
 
 
-def run_engine(model, x: np.ndarray, spec: dict[str, Any], seed: int, progress: engine.Progress,
-               should_cancel: engine.CancelCheck) -> dict[str, Any]:
-    """CERTIFY or PREDICT (``spec["mode"]``) ``x`` with ``spec``'s parameters; ``Run.to_dict()``."""
+def run_engine(model, x: np.ndarray, spec: dict[str, Any], seed: int, progress: smoothing.Progress,
+               should_cancel: smoothing.CancelCheck) -> dict[str, Any]:
+    """CERTIFY, PREDICT or the test at ``target_radius`` (``spec["mode"]``, ``spec["target_radius"]``)
+    of ``x`` with ``spec``'s parameters; ``Run.to_dict()``. ``spec["n"]`` caps a target-radius run."""
     common = dict(batch_size=spec.get("batch_size"), seed=seed, progress=progress, should_cancel=should_cancel)
     if spec["mode"] == "predict":
-        run = engine.predict(model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], **common)
+        run = smoothing.predict(model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], **common)
+    elif spec.get("target_radius") is not None:
+        run = smoothing.certify_at_radius(model, x, spec["sigma"], spec["target_radius"], n0=spec["n0"],
+                                          n_max=spec["n"], alpha=spec["alpha"], **common)
     else:
-        run = engine.certify(model, x, spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
-                             bound=spec["bound"], target_radius=spec.get("target_radius"), **common)
+        run = smoothing.certify(model, x, spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
+                                bound=spec["bound"], **common)
     return run.to_dict()
 
 
-def throttled(report: Callable[[int, int], None], every_s: float = 0.25) -> engine.Progress:
+def throttled(report: Callable[[int, int], None], every_s: float = 0.25) -> smoothing.Progress:
     """A progress callback that passes on at most one call per ``every_s``, and always the last."""
     last = [0.0]
 
@@ -59,5 +64,6 @@ def label_metrics(rows: list[dict[str, Any]], mode: str, radii: Sequence[float] 
 
 def certified_accuracy(rows: list[dict[str, Any]], radii: Sequence[float]) -> list[dict[str, float]]:
     """Share of rows predicted right (``prediction == label``) with radius ≥ r, for each r in ``radii``."""
-    radius = np.array([r["radius"] if r["prediction"] == r["label"] else -1.0 for r in rows])
-    return [{"radius": float(r), "accuracy": float((radius >= r).mean())} for r in radii]
+    shares = accuracy.certified_accuracy([r["prediction"] == r["label"] for r in rows], [r["radius"] for r in rows],
+                                         radii)
+    return [{"radius": float(r), "accuracy": float(a)} for r, a in zip(radii, shares)]

@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 from scipy.stats import beta, binomtest, norm
 
-BOUNDS = ("cohen", "top2")
+from smoothcert.service.core.params import Bound
 
 
-def lower_confidence_bound(n_a, n, alpha: float) -> np.ndarray:
+def lower_confidence_bound(n_a: npt.ArrayLike, n: npt.ArrayLike, alpha: float) -> np.ndarray:
     """One-sided (1 − alpha) Clopper–Pearson lower bound on p from n_a successes in n trials.
 
     P(p ≥ bound) ≥ 1 − alpha over the n draws. Equals Beta.ppf(alpha, n_a, n − n_a + 1), and is
@@ -24,7 +25,7 @@ def lower_confidence_bound(n_a, n, alpha: float) -> np.ndarray:
     return np.where(n_a > 0, bound, 0.0)
 
 
-def upper_confidence_bound(k, n, alpha: float) -> np.ndarray:
+def upper_confidence_bound(k: npt.ArrayLike, n: npt.ArrayLike, alpha: float) -> np.ndarray:
     """One-sided (1 − alpha) Clopper–Pearson upper bound on p from k successes in n trials (1 when k = n)."""
     k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
     with np.errstate(invalid="ignore"):
@@ -32,7 +33,8 @@ def upper_confidence_bound(k, n, alpha: float) -> np.ndarray:
     return np.where(k < n, bound, 1.0)
 
 
-def cohen_radius(n_a, n: int, alpha: float, sigma: float):
+def cohen_radius(n_a: npt.ArrayLike, n: int, alpha: float,
+                 sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cohen et al.'s CERTIFY bound: (p_a_lower, radius, abstained).
 
     With probability ≥ 1 − alpha, p_A ≥ p_a_lower, and then the smoothed classifier's class is
@@ -45,7 +47,8 @@ def cohen_radius(n_a, n: int, alpha: float, sigma: float):
     return p_a_lower, radius, abstained
 
 
-def top2_radius(counts: np.ndarray, c_hat: np.ndarray, alpha: float, sigma: float):
+def top2_radius(counts: np.ndarray, c_hat: np.ndarray, alpha: float,
+                sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The two-class bound: (p_a_lower, p_b_upper, radius, abstained) for count rows ``counts`` (N, K).
 
     p_a_lower is taken at alpha/2 for the selected class; each of the K − 1 other classes gets a
@@ -74,7 +77,7 @@ def top2_radius(counts: np.ndarray, c_hat: np.ndarray, alpha: float, sigma: floa
     return p_a_lower, p_b_upper, np.where(abstained, 0.0, radius), abstained
 
 
-def radius_cap(n: int, alpha: float, sigma: float, bound: str = "cohen", num_classes: int = 2) -> float:
+def radius_cap(n: int, alpha: float, sigma: float, bound: Bound = "cohen", num_classes: int = 2) -> float:
     """The largest radius the bound can give with n samples: the radius of a unanimous vote.
 
     For ``cohen`` this is σ·Φ⁻¹(alpha^(1/n)) (3.8115σ at n = 100,000, alpha = 0.001).

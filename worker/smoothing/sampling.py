@@ -6,44 +6,42 @@ counted on the device. Same seed, same batch size and same device give bit-ident
 """
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from smoothcert.models.base import BaseClassifier
 from smoothcert.models.pixels import PixelError, as_pixel_batch
+from smoothcert.service.core.params import draw_seed
+from smoothcert.worker.smoothing.checks import InputError
 from smoothcert.worker.smoothing.provenance import software_versions
 
 Progress = Callable[[int, int], None]
+"""``progress(done, total)``, in samples, called between batches."""
 CancelCheck = Callable[[], bool]
-MAX_SEED = 2**63 - 1
-
-
-class InputError(ValueError):
-    """The inputs or parameters of a call cannot be certified; the message says why, in one line."""
+"""``should_cancel()``, called between batches: True stops the run with :class:`Canceled`."""
+Inputs = npt.ArrayLike | torch.Tensor
+"""One input (C, H, W) or a batch (N, C, H, W) of floats in [0, 1]."""
+Counts = npt.NDArray[np.int64]
+"""Votes (N, K): how many noisy copies of input i the base classifier labelled class c."""
 
 
 class Canceled(RuntimeError):
     """The cancel check asked the run to stop; raised between batches."""
 
 
-def default_batch_size(input_shape, device: torch.device) -> int:
+def default_batch_size(input_shape: Sequence[int], device: torch.device) -> int:
     """A batch that keeps the noise buffer near 16 MB on a CPU (160 MB on a GPU), at most 10,000."""
     per_sample = int(np.prod(input_shape))
     budget = 40_000_000 if device.type == "cuda" else 4_000_000
     return max(1, min(10_000, budget // per_sample))
 
 
-def draw_seed() -> int:
-    """A fresh random seed for a call that did not give one (it is recorded in the provenance)."""
-    return secrets.randbelow(MAX_SEED)
-
-
-def as_input_batch(x, input_shape) -> np.ndarray:
+def as_input_batch(x: Inputs, input_shape: Sequence[int]) -> np.ndarray:
     """``x`` (array or tensor) as float32 (N, C, H, W) for a model taking ``input_shape``.
 
     The checks of :func:`smoothcert.models.pixels.as_pixel_batch`, raised as :class:`InputError`.
@@ -55,28 +53,23 @@ def as_input_batch(x, input_shape) -> np.ndarray:
         raise InputError(str(exc)) from None
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class Sampler:
-    """Draws noisy copies of a fixed set of inputs, feeds them to the model, counts the votes."""
+    """Draws noisy copies of a fixed set of inputs, feeds them to the model, counts the votes.
 
-    def __init__(self, model: BaseClassifier, x, sigma: float, batch_size: int | None, seed: int | None,
+    Takes parameters that :func:`~smoothcert.worker.smoothing.checks.check_params` accepted;
+    checks the inputs themselves. A batch size or seed left at None is chosen here (by input size;
+    at random) and recorded in :meth:`provenance`.
+    """
+
+    def __init__(self, model: BaseClassifier, x: Inputs, sigma: float, batch_size: int | None, seed: int | None,
                  progress: Progress | None, should_cancel: CancelCheck | None):
         self.model = model
         device = torch.device(model.device)
         self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
         if batch_size is None:
             batch_size = default_batch_size(model.info.input_shape, device)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        if seed is None:
-            seed = draw_seed()
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise InputError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        self.sigma, self.seed = float(sigma), int(seed)
+        self.batch_size = int(batch_size)
+        self.sigma, self.seed = float(sigma), int(draw_seed() if seed is None else seed)
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.num_classes = int(model.info.num_classes)
         self.progress, self.should_cancel = progress, should_cancel
@@ -110,17 +103,17 @@ class Sampler:
         if int(self.largest) >= self.num_classes:
             raise InputError(f"the model answered class {int(self.largest)}, but declares {self.num_classes} classes")
 
-    def counts(self, stages: tuple[int, ...]) -> list[np.ndarray]:
-        """Votes (N, K) of fresh noisy copies of each input, one array per stage size.
+    def sample_counts(self, *sizes: int) -> list[Counts]:
+        """Votes (N, K) per stage: ``sizes[s]`` noisy copies of every input, each stage its own.
 
-        Every stage gets its own draws, but all stages of all inputs form one stream of samples,
-        so every batch except the last is full: sample j belongs to input j // m and to the stage
-        whose range holds j % m, with m = sum(stages).
+        Stages never share a draw. All stages of all inputs form one stream of samples, so every
+        batch except the last is full: sample j belongs to input j // m and, with m = sum(sizes),
+        to the stage whose range holds j % m (an input's stages in order, inputs one after another).
         """
         x, k = self.x, self.num_classes
-        num_inputs, per_input, num_stages = self.num_inputs, sum(stages), len(stages)
+        num_inputs, per_input, num_stages = self.num_inputs, sum(sizes), len(sizes)
         total = per_input * num_inputs
-        ends = torch.tensor(np.cumsum(stages)[:-1], device=x.device)
+        ends = torch.tensor(np.cumsum(sizes)[:-1], device=x.device)
         votes = torch.zeros(num_inputs * num_stages * k, dtype=torch.int64, device=x.device)
         for start in range(0, total, self.batch_size):
             self.check_cancel()

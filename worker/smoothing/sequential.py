@@ -13,34 +13,49 @@ hopeless input once it reaches 1/β; stopping for that reason, or at the cap, ne
 it costs no α.
 
 Re-checking an ordinary Clopper–Pearson bound after every batch is not valid: it multiplies the
-chances of a false certificate (tests/worker/test_sequential.py measures it).
+chances of a false certificate (tests/worker/smoothing/test_sequential.py measures it).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from scipy.special import betaln
 from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
-from smoothcert.worker.smoothing.engine import Answer, Run
-from smoothcert.worker.smoothing.sampling import InputError, Sampler
+from smoothcert.models.base import BaseClassifier
+from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
+from smoothcert.worker.smoothing.checks import check_params
+from smoothcert.worker.smoothing.results import RadiusDecision, Run
+from smoothcert.worker.smoothing.sampling import CancelCheck, Inputs, Progress, Sampler
 
 PRIOR = (0.5, 0.5)
 MIN_CHUNK = 32  # draws per input between two looks, at least; after that each look at most doubles n
 
 
-def log_e_value(p, k, n, *, prior=PRIOR, upper: bool = True) -> np.ndarray:
+class Verdict(IntEnum):
+    """What :meth:`SequentialTest.decide` says of one input after a look."""
+
+    CERTIFIED = 1
+    UNDECIDED = 0   # draw more
+    STOPPED = -1    # no certificate: hopeless, or the cap reached
+
+
+def log_e_value(p: npt.ArrayLike, k: npt.ArrayLike, n: npt.ArrayLike, *, prior: tuple[float, float] = PRIOR,
+                upper: bool = True) -> np.ndarray:
     """ln E_n(p) for k votes in n draws; ``upper=False`` gives the mirrored statistic (q < p)."""
     a, b = prior
     k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
     tail = beta_dist.logsf if upper else beta_dist.logcdf
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (betaln(k + a, n - k + b) - betaln(a, b) + tail(p, k + a, n - k + b) - tail(p, a, b)
-                - k * np.log(p) - (n - k) * np.log1p(-np.asarray(p, dtype=np.float64)))
+        log_e: np.ndarray = (betaln(k + a, n - k + b) - betaln(a, b) + tail(p, k + a, n - k + b) - tail(p, a, b)
+                             - k * np.log(p) - (n - k) * np.log1p(-np.asarray(p, dtype=np.float64)))
+    return log_e
 
 
 @dataclass(frozen=True)
@@ -52,8 +67,8 @@ class SequentialTest:
     beta: float
     n_max: int
 
-    def decide(self, n, k) -> np.ndarray:
-        """+1 certified, −1 stop without a certificate, 0 go on; vectorised over inputs.
+    def decide(self, n: npt.ArrayLike, k: npt.ArrayLike) -> np.ndarray:
+        """A :class:`Verdict` per input (+1 certified, −1 stop without a certificate, 0 go on).
 
         Evaluates the statistics at the current counts (a few per input and run, so cheaper than
         tabulating a threshold for every n up to n_max).
@@ -61,8 +76,8 @@ class SequentialTest:
         n, k = np.asarray(n), np.asarray(k)
         certified = log_e_value(self.p0, k, n) >= math.log(1 / self.alpha)
         hopeless = log_e_value(self.p0, k, n, upper=False) >= math.log(1 / self.beta)
-        verdict = np.where(certified, 1, np.where(hopeless | (n >= self.n_max), -1, 0))
-        return verdict
+        stopped = np.where(hopeless | (n >= self.n_max), Verdict.STOPPED.value, Verdict.UNDECIDED.value)
+        return np.where(certified, Verdict.CERTIFIED.value, stopped)
 
     def reachable(self) -> bool:
         """False when even a unanimous vote of n_max draws cannot certify (then nothing is drawn)."""
@@ -98,69 +113,51 @@ def p0_for(target_radius: float, sigma: float) -> float:
     return float(norm.cdf(target_radius / sigma))
 
 
-@dataclass
-class RadiusDecision(Answer):
-    """The answer for one input at a target radius r.
-
-    ``certified_at_r``: the smoothed classifier predicts ``prediction`` within radius r of the
-    input, wrong with probability ≤ alpha. ``p_a_lower`` is a lower bound on p_A valid at the
-    stopping time (same alpha, the same event), and ``radius`` = σ·Φ⁻¹(p_a_lower) the certificate
-    it implies (0 and ``prediction`` None when p_a_lower ≤ ½). ``samples_used`` counts the n0
-    selection draws and the ``n`` test draws; ``reason`` says why the run stopped.
-    """
-
-    index: int
-    prediction: int | None
-    certified_at_r: bool
-    target_radius: float
-    radius: float
-    p_a_lower: float
-    n_a: int
-    n: int
-    samples_used: int
-    reason: str
-    elapsed_s: float
-
-
-def certify_at_radius(model, x, sigma: float, target_radius: float, *, n0: int, n_max: int, alpha: float,
-                      beta: float, batch_size: int | None, seed: int | None, progress=None, should_cancel=None):
-    """Decide "certified at radius r?" for every input of ``x`` with as few draws as the test allows.
+def certify_at_radius(model: BaseClassifier, x: Inputs, sigma: float, target_radius: float,
+                      n0: int = DEFAULT_N0, n_max: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, *,
+                      beta: float | None = None, batch_size: int | None = None, seed: int | None = None,
+                      progress: Progress | None = None,
+                      should_cancel: CancelCheck | None = None) -> Run[RadiusDecision]:
+    """Decide "is g certified at radius r?" for every input of ``x`` with as few draws as it takes.
 
     Selection as in CERTIFY (n0 draws, never reused); then every undecided input gets fresh
     draws, at least MIN_CHUNK and at most as many as it already has, until
     :class:`SequentialTest` decides or n_max is reached. Decided inputs leave; the others fill
     the batch. When r is out of reach even for a unanimous vote of n_max, nothing is drawn.
+    Each ``certified_at_r`` is wrong with probability ≤ alpha; ``beta`` (alpha when None) is the
+    level of the futility stop, which never certifies.
     """
-    if not (isinstance(target_radius, (int, float)) and math.isfinite(target_radius) and target_radius >= 0):
-        raise InputError(f"target_radius must be a finite number >= 0, got {target_radius!r}")
-    if not (isinstance(beta, (int, float)) and 0 < beta < 1):
-        raise InputError(f"beta must lie strictly between 0 and 1, got {beta!r}")
+    check_params(sigma=sigma, n0=n0, n_max=n_max, alpha=alpha, target_radius=target_radius, beta=beta,
+                 batch_size=batch_size, seed=seed)
+    beta = alpha if beta is None else beta
     sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
     test = SequentialTest(p0_for(target_radius, sigma), alpha, beta, n_max)
     num = sampler.num_inputs
     n, k = np.zeros(num, dtype=np.int64), np.zeros(num, dtype=np.int64)
-    verdict = np.full(num, -1)
+    verdict = np.full(num, Verdict.STOPPED.value)
     c_hat = np.zeros(num, dtype=np.int64)
     reachable = test.reachable()
     used0 = 0
     if reachable:
-        (selection,) = sampler.counts((n0,))
+        (selection,) = sampler.sample_counts(n0)
         c_hat, used0 = selection.argmax(axis=1), n0
-        verdict[:] = 0
+        verdict[:] = Verdict.UNDECIDED.value
         _test_until_decided(sampler, test, c_hat, n, k, verdict, n0)
     per_input = sampler.elapsed() / num
     results = []
     for i in range(num):
         p_a_lower = lower_confidence_sequence(int(k[i]), int(n[i]), alpha)
         certain = p_a_lower > 0.5
+        certified = bool(verdict[i] == Verdict.CERTIFIED)
         if not reachable:
-            reason = f"r/sigma = {target_radius / sigma:.4g} is beyond reach of n_max = {n_max} draws at alpha = {alpha}"
-        elif verdict[i] == 1:
+            reason = (f"r/sigma = {target_radius / sigma:.4g} is beyond reach of n_max = {n_max} draws "
+                      f"at alpha = {alpha}")
+        elif certified:
             reason = "certified"
         else:
             reason = "cap reached" if n[i] >= n_max else "stopped early: p_A is below Phi(r/sigma)"
         results.append(RadiusDecision(
-            index=i, prediction=int(c_hat[i]) if certain else None, certified_at_r=bool(verdict[i] == 1),
+            index=i, prediction=int(c_hat[i]) if certain else None, certified_at_r=certified,
             target_radius=float(target_radius), radius=float(sigma * norm.ppf(p_a_lower)) if certain else 0.0,
             p_a_lower=p_a_lower, n_a=int(k[i]), n=int(n[i]), samples_used=used0 + int(n[i]), reason=reason,
             elapsed_s=per_input))
@@ -171,14 +168,15 @@ def certify_at_radius(model, x, sigma: float, target_radius: float, *, n0: int, 
     return Run(results, provenance)
 
 
-def _test_until_decided(sampler: Sampler, test: SequentialTest, c_hat, n, k, verdict, n0: int) -> None:
-    """Draw for the undecided inputs (verdict 0) until none is left; updates n, k, verdict in place."""
+def _test_until_decided(sampler: Sampler, test: SequentialTest, c_hat: np.ndarray, n: np.ndarray, k: np.ndarray,
+                        verdict: np.ndarray, n0: int) -> None:
+    """Draw for the undecided inputs until none is left; updates n, k, verdict in place."""
     device = sampler.x.device
     c_hat_t = torch.from_numpy(c_hat).to(device)
     batch = sampler.batch_size
     total = len(n) * (n0 + test.n_max)
     done = len(n) * n0
-    while (active := np.flatnonzero(verdict == 0)).size:
+    while (active := np.flatnonzero(verdict == Verdict.UNDECIDED)).size:
         sampler.check_cancel()
         share = max(MIN_CHUNK, -(-batch // active.size))
         want = np.minimum(np.minimum(np.maximum(n[active], MIN_CHUNK), share), test.n_max - n[active])

@@ -96,7 +96,7 @@ def train(config: TrainConfig, data: Dataset, *, progress: Progress | None = Non
 
     ``progress(EpochMetrics)`` runs after each epoch, once that epoch's checkpoint is written;
     ``should_cancel()`` runs before each batch and a True answer raises
-    :class:`~smoothcert.worker.smoothing.engine.Canceled` (the last finished epoch stays checkpointed).
+    :class:`~smoothcert.worker.smoothing.Canceled` (the last finished epoch stays checkpointed).
     With ``checkpoint_dir``, a checkpoint left there by an earlier call with the same
     configuration and data is resumed (a finished one is returned without training); one from a
     different run is refused with a TrainingError. Same configuration, data, device and thread

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import secrets
 import shutil
 from typing import Any
 
@@ -30,16 +29,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, JobsDep, ModelsDep, QueueDep, SettingsDep, require_key
 from smoothcert.service.api.idempotency import json_content
-from smoothcert.service.core.inputs import IMAGE_SUFFIXES, decode_image, load_npy
+from smoothcert.service.core.images import IMAGE_SUFFIXES
+from smoothcert.service.core.inputs import decode_image, load_npy
 from smoothcert.service.core.job_chunks import chunk_seed, plan_chunks
 from smoothcert.service.core.jobs import new_job_id
+from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
 from smoothcert.service.api.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
 from smoothcert.service.api.schemas import (CertifyRequest, JobAccepted, check_inputs, check_labels, decode_inputs,
                                        validate_body)
 from smoothcert.service.core.queue import CERTIFY_CHUNK_TASK, CERTIFY_TASK, QUEUE
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_key)])
-SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript clients too
 _FORM_FIELDS = {k: v for k, v in CertifyRequest.model_json_schema()["properties"].items()
                 if k not in ("inputs", "dataset_id", "skip", "limit")}
 _BODY = {"required": True, "content": {
@@ -217,7 +217,7 @@ def _enqueue_dataset(req: CertifyRequest, meta, settings, jobs, datasets, queue)
 
 def _params(req: CertifyRequest, num_inputs: int) -> dict[str, Any]:
     """The job record's parameters; the seed is drawn here when absent, so that it is recorded."""
-    seed = req.seed if req.seed is not None else secrets.randbelow(SEED_BOUND)
+    seed = req.seed if req.seed is not None else draw_seed(DRAWN_SEED_BOUND)
     params = {"model_id": req.model_id, "mode": req.mode, "sigma": req.sigma, "n0": req.n0, "n": req.n,
               "alpha": req.alpha, "bound": req.bound, "batch_size": req.batch_size, "seed": seed,
               "num_inputs": num_inputs}

@@ -12,7 +12,6 @@ body is validated and an undecodable body is a 422 like any other invalid one.
 from __future__ import annotations
 
 import contextlib
-import secrets
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
@@ -21,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, JobsDep, QueueDep, require_admin, require_key
 from smoothcert.service.api.idempotency import json_content
 from smoothcert.service.core.jobs import new_job_id
+from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
 from smoothcert.service.api.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
 from smoothcert.service.api.schemas import JobAccepted, validate_body
 from smoothcert.service.api.train_schemas import DatasetUnknown, TrainRequest, check_fits, dataset_shape
@@ -28,7 +28,6 @@ from smoothcert.service.core.queue import TRAIN_QUEUE, TRAIN_TASK
 from smoothcert.service.core.train_config import TrainingError
 
 router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)])
-SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript clients too
 _BODY = {"required": True, "content": {"application/json": {"schema": TrainRequest.model_json_schema()}}}
 
 
@@ -49,7 +48,7 @@ async def submit_training(request: Request, jobs: JobsDep, datasets: DatasetsDep
 
 
 def _enqueue(req: TrainRequest, jobs, datasets, queue) -> tuple[JobAccepted, str]:
-    seed = req.seed if req.seed is not None else secrets.randbelow(SEED_BOUND)
+    seed = req.seed if req.seed is not None else draw_seed(DRAWN_SEED_BOUND)
     try:
         config = req.config(seed)
     except TrainingError as exc:

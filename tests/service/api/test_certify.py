@@ -48,7 +48,7 @@ def test_certify_succeeds_with_one_result_per_input_and_full_progress(client, de
 
 def test_queue_gives_the_engine_answer_for_the_same_seed(client, demo_model, demo_paths, digits):
     from smoothcert.models.loaders import load_model
-    from smoothcert.worker.smoothing.engine import certify
+    from smoothcert.worker.smoothing import certify
 
     x = digits[0][:2]
     job = wait_job(client, submit(client, model_id=demo_model["id"], inputs=x.tolist(), sigma=0.25,

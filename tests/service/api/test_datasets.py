@@ -132,7 +132,7 @@ def test_rows_are_in_dataset_order_with_labels_and_totals(finished, digits):
 
 def test_each_chunk_is_the_engine_answer_for_its_seed(finished, demo_paths, digits):
     from smoothcert.models.loaders import load_model
-    from smoothcert.worker.smoothing.engine import certify as engine_certify
+    from smoothcert.worker.smoothing import certify as engine_certify
 
     model = load_model(demo_paths["safetensors"], device="cpu")
     rows = finished["result"]["results"]

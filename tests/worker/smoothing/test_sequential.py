@@ -2,11 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
 
-from smoothcert.worker.smoothing import bounds
-from smoothcert.worker.smoothing.engine import certify
-from smoothcert.worker.smoothing.sequential import MIN_CHUNK, SequentialTest, lower_confidence_sequence, p0_for
+from smoothcert.worker.smoothing import InputError, bounds, certify, certify_at_radius
+from smoothcert.worker.smoothing.sequential import MIN_CHUNK, SequentialTest, Verdict, lower_confidence_sequence, p0_for
 from tests.support.classifiers import constant, linear
 
 X = np.full((1, 8, 8), 0.5, dtype=np.float32)
@@ -61,7 +59,7 @@ def test_futility_stop_costs_no_alpha_and_stops_hopeless_inputs_early():
 
 
 def test_unanimous_votes_certify_one_sigma_within_a_few_hundred_samples():
-    run = certify(constant(label=4), X, sigma=0.5, target_radius=0.5, n0=100, n=100_000, seed=0)
+    run = certify_at_radius(constant(label=4), X, sigma=0.5, target_radius=0.5, n0=100, n_max=100_000, seed=0)
     (decision,) = run.results
     assert decision.certified_at_r and decision.prediction == 4
     assert decision.samples_used <= 400 and decision.radius >= 0.5
@@ -69,7 +67,7 @@ def test_unanimous_votes_certify_one_sigma_within_a_few_hundred_samples():
 
 def test_radius_beyond_reach_answers_without_sampling():
     # Φ⁻¹(α^(1/n_max)) = 3.81 at n_max = 100,000 and α = 0.001; r/σ = 4 is beyond it.
-    run = certify(constant(), X, sigma=0.25, target_radius=1.0, n0=100, n=100_000, seed=0)
+    run = certify_at_radius(constant(), X, sigma=0.25, target_radius=1.0, n0=100, n_max=100_000, seed=0)
     (decision,) = run.results
     assert not decision.certified_at_r and decision.samples_used == 0
     assert "beyond reach" in decision.reason
@@ -86,7 +84,7 @@ def test_agrees_with_fixed_n_on_easy_inputs_and_uses_far_fewer_samples():
     # p0 = 0.66, so both protocols certify unless a 1-in-1000 event happens (alpha per input).
     model, xs = _linear_inputs([0.3, 0.4, -0.5, 0.6])
     fixed = certify(model, xs, sigma=0.25, n0=100, n=100_000, seed=3)
-    seq = certify(model, xs, sigma=0.25, target_radius=0.1, n0=100, n=100_000, seed=3)
+    seq = certify_at_radius(model, xs, sigma=0.25, target_radius=0.1, n0=100, n_max=100_000, seed=3)
     assert [r.radius >= 0.1 for r in fixed.results] == [d.certified_at_r for d in seq.results] == [True] * 4
     assert [r.prediction for r in fixed.results] == [d.prediction for d in seq.results]
     assert sum(d.samples_used for d in seq.results) * 40 < 4 * 100_100
@@ -96,7 +94,7 @@ def test_agrees_with_fixed_n_on_easy_inputs_and_uses_far_fewer_samples():
 def test_hard_inputs_take_the_samples_and_every_answer_is_honest():
     # On the boundary (p_A = ½) nothing may be certified at r = 0.1 (probability <= alpha).
     model, xs = _linear_inputs([0.0, 0.5, 0.0])
-    seq = certify(model, xs, sigma=0.25, target_radius=0.1, n0=100, n=20_000, seed=4)
+    seq = certify_at_radius(model, xs, sigma=0.25, target_radius=0.1, n0=100, n_max=20_000, seed=4)
     hard, easy = seq.results[0], seq.results[1]
     assert not hard.certified_at_r and easy.certified_at_r
     assert hard.samples_used > easy.samples_used
@@ -111,9 +109,14 @@ def test_confidence_sequence_lower_bound_is_below_the_fixed_n_bound_and_grows_wi
 
 
 def test_bad_target_radius_is_refused():
-    from smoothcert.worker.smoothing.engine import InputError
-
     with pytest.raises(InputError, match="target_radius"):
-        certify(constant(), X, sigma=0.25, target_radius=-1.0, n0=10, n=100)
+        certify_at_radius(constant(), X, sigma=0.25, target_radius=-1.0, n0=10, n_max=100)
     with pytest.raises(InputError, match="beta"):
-        certify(constant(), X, sigma=0.25, target_radius=0.1, beta=2.0, n0=10, n=100)
+        certify_at_radius(constant(), X, sigma=0.25, target_radius=0.1, beta=2.0, n0=10, n_max=100)
+
+
+def test_verdicts_are_the_three_named_values():
+    test = SequentialTest(p0_for(0.25, 0.5), 0.001, 0.001, 1_000)
+    verdict = test.decide([1_000, 64, 1_000, 64], [1_000, 44, 500, 0])
+    assert list(verdict) == [Verdict.CERTIFIED, Verdict.UNDECIDED, Verdict.STOPPED, Verdict.STOPPED]
+    assert (Verdict.CERTIFIED, Verdict.UNDECIDED, Verdict.STOPPED) == (1, 0, -1)

@@ -18,7 +18,7 @@ from smoothcert.models.loaders import load_model
 from smoothcert.service.cli.train import add_commands
 from smoothcert.worker.training import checkpoints as training_checkpoint
 from smoothcert.worker.data.datasets import Dataset
-from smoothcert.worker.smoothing.engine import Canceled
+from smoothcert.worker.smoothing import Canceled
 from smoothcert.worker.training.trainer import METHODS, TrainConfig, TrainingError, train
 from tests.support.paths import ROOT
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from smoothcert.worker.smoothing import engine
-from smoothcert.worker.smoothing.engine import Canceled, InputError, certify, predict
-from tests.support.classifiers import constant, linear, wrap, ConstantNet
+from smoothcert.worker.smoothing import Canceled, InputError, certify, default_batch_size, predict
+from tests.support.classifiers import ConstantNet, constant, linear, wrap
 
 X = np.full((1, 8, 8), 0.5, dtype=np.float32)
 
@@ -170,8 +169,8 @@ def test_bad_input_is_refused_with_a_message(x, kwargs, message):
 
 def test_default_batch_size_fits_the_input():
     cpu = torch.device("cpu")
-    assert engine.default_batch_size((1, 8, 8), cpu) == 10_000
-    assert engine.default_batch_size((3, 224, 224), cpu) == 26
+    assert default_batch_size((1, 8, 8), cpu) == 10_000
+    assert default_batch_size((3, 224, 224), cpu) == 26
 
 
 @pytest.mark.gpu

@@ -1,0 +1,107 @@
+"""Uploads kept on disk: one folder per id under a root, its JSON record ``meta.json`` beside the payload.
+
+What the model and dataset stores share. An id is 1 to 64 characters of letters, digits, ``_``,
+``.`` and ``-`` that starts with a letter or digit, so it can never name a path outside the
+root; anything else is treated as an id that does not exist. A record is replaced atomically
+(written to a temporary file, then renamed), so readers never see half of one, and a folder
+without its record (an upload in progress, or one that failed) is invisible. Standard library only.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+RECORD = "meta.json"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_BLOCK = 1 << 20
+
+
+class FolderStore:
+    """Records under ``root``, one folder each; safe to use from the API and the workers at once."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def folder(self, record_id: str) -> Path:
+        """The folder of ``record_id`` (which may not exist); KeyError for a malformed id."""
+        if not _ID.match(record_id or ""):
+            raise KeyError(record_id)
+        return self.root / record_id
+
+    def read(self, record_id: str) -> dict[str, Any] | None:
+        """The stored record, whatever its state; None when there is none."""
+        try:
+            return json.loads((self.folder(record_id) / RECORD).read_text())
+        except (KeyError, OSError, ValueError):
+            return None
+
+    def get(self, record_id: str) -> dict[str, Any] | None:
+        """The record when it is visible to users (every stored one, unless a subclass narrows it)."""
+        return self.read(record_id)
+
+    def write(self, record_id: str, record: dict[str, Any]) -> None:
+        """Replace the record of ``record_id`` atomically."""
+        path = self.folder(record_id) / RECORD
+        tmp = path.with_name(f"{RECORD}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+    def list(self) -> list[dict[str, Any]]:
+        """The records :meth:`get` returns, oldest ``created_at`` first."""
+        if not self.root.is_dir():
+            return []
+        records = (self.get(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted((r for r in records if r), key=lambda r: r.get("created_at", 0))
+
+    def delete(self, record_id: str) -> bool:
+        """Remove the folder of a stored record; False when there was none."""
+        if self.read(record_id) is None:
+            return False
+        shutil.rmtree(self.folder(record_id), ignore_errors=True)
+        return True
+
+    @contextlib.contextmanager
+    def new_folder(self) -> Iterator[tuple[str, Path]]:
+        """A fresh id and its new, empty folder; the folder is removed if the block raises anything."""
+        record_id = uuid.uuid4().hex[:16]
+        folder = self.folder(record_id)
+        folder.mkdir(parents=True)
+        try:
+            yield record_id, folder
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+
+def copy_upload(src: BinaryIO, dest: Path, max_bytes: int | None, too_large: Callable[[], Exception],
+                head: bytes = b"") -> tuple[str, int]:
+    """Write ``head`` and then the rest of ``src`` to ``dest``; return the sha256 hex digest and size.
+
+    ``head`` is what the caller already read from ``src`` to sniff its format. Raises
+    ``too_large()`` as soon as the bytes read after ``head`` take the size past ``max_bytes``
+    (None: no cap); ``dest`` is then left partly written for the caller to remove.
+    """
+    digest, size = hashlib.sha256(head), len(head)
+    with open(dest, "wb") as out:
+        out.write(head)
+        while block := src.read(_BLOCK):
+            size += len(block)
+            if max_bytes is not None and size > max_bytes:
+                raise too_large()
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest(), size
+
+
+def created_at() -> float:
+    """The ``created_at`` of a new record: seconds since the epoch, to the millisecond."""
+    return round(time.time(), 3)

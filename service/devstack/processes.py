@@ -1,0 +1,114 @@
+"""Child processes of a local stack (``smoothcert up``, the test stack, the benchmarks): start, await, stop.
+
+A child runs in its own session, so it is the leader of a new process group: a Ctrl-C in the
+terminal reaches only the parent, which stops its children in order, and a final SIGKILL of
+the group also takes a child's own children (a Celery worker's pool processes). Its stdout and
+stderr go to one log file, whose tail explains a child that dies early.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple, TypeVar
+
+T = TypeVar("T")
+KILL_WAIT_S = 5.0    # after SIGKILL; bounded, so a child stuck in the kernel cannot hang its parent
+TAIL_LINES = 15
+
+
+class Child(NamedTuple):
+    """A started child, the name messages give it, and its log (None when it has none)."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path | None = None
+
+
+class ChildDied(RuntimeError):
+    """A child exited on its own; the message names it, its exit code and its log, with the log's tail."""
+
+
+class NotReady(TimeoutError):
+    """A readiness check stayed false for the whole timeout."""
+
+
+def spawn(args: Sequence[str], env: Mapping[str, str], log: Path, *, append: bool = False) -> subprocess.Popen:
+    """Start ``args`` with ``env`` in a new session, stdin empty, stdout and stderr into ``log``.
+
+    ``log`` is truncated unless ``append`` (a stack restarted in the same folder keeps its history).
+    """
+    with open(log, "ab" if append else "wb") as out:
+        return subprocess.Popen(list(args), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def log_tail(log: Path | None, lines: int = TAIL_LINES) -> str:
+    """The last ``lines`` lines of ``log`` ("" when there is no log or it cannot be read)."""
+    if log is None:
+        return ""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def check_alive(children: Iterable[Child]) -> None:
+    """Raise ChildDied for the first of ``children`` that has exited."""
+    for child in children:
+        if child.proc.poll() is not None:
+            raise ChildDied(f"the {child.name} exited with code {child.proc.returncode}; see {child.log}:\n"
+                            f"{log_tail(child.log)}")
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, *, children: Iterable[Child] = (),
+               ignore: tuple[type[BaseException], ...] = (), interval: float = 0.1) -> T:
+    """Poll ``check()`` until it returns something truthy, and return that.
+
+    Before each try, ChildDied is raised when one of ``children`` has exited: a server that
+    crashed on start-up fails at once, not after the timeout. Exceptions of the ``ignore`` types
+    count as "not yet" (a connection refused while a server starts). Raises NotReady, naming
+    ``what``, after ``timeout`` seconds.
+    """
+    children = list(children)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check_alive(children)
+        try:
+            value = check()
+            if value:
+                return value
+        except ignore:
+            pass
+        time.sleep(interval)
+    raise NotReady(f"{what} not ready within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15.0, *,
+         escalate: Sequence[tuple[signal.Signals, float]] = ()) -> None:
+    """Stop ``proc``: SIGTERM and up to ``timeout`` seconds, then each ``(signal, grace)`` of
+    ``escalate`` in turn, then SIGKILL to its whole process group. Returns at once when it has exited.
+
+    The signals before the last go to the child alone, so it can shut its own children down.
+    """
+    for sig, grace in ((signal.SIGTERM, timeout), *escalate):
+        if proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(sig)
+            proc.wait(grace)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(KILL_WAIT_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass

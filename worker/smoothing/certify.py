@@ -1,0 +1,121 @@
+"""CERTIFY and PREDICT of Cohen, Rosenfeld & Kolter (2019), batched over inputs.
+
+The smoothed classifier is g(x) = argmax_c P(f(x + δ) = c), δ ~ N(0, σ²I), with the noise added
+in [0,1] pixel space (the base classifier normalises after it) and never clamped. Each function
+below follows the paper's pseudocode line by line, for every input of ``x`` at once; sampling is
+:mod:`~smoothcert.worker.smoothing.sampling`, the statistics :mod:`~smoothcert.worker.smoothing.bounds`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from smoothcert.models.base import BaseClassifier
+from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_PREDICT_N, Bound
+from smoothcert.worker.smoothing import bounds
+from smoothcert.worker.smoothing.checks import InputError, check_params
+from smoothcert.worker.smoothing.results import Certificate, Prediction, Run
+from smoothcert.worker.smoothing.sampling import CancelCheck, Counts, Inputs, Progress, Sampler
+
+
+def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0, n: int = DEFAULT_N,
+            alpha: float = DEFAULT_ALPHA, *, bound: Bound = "cohen", batch_size: int | None = None,
+            seed: int | None = None, progress: Progress | None = None,
+            should_cancel: CancelCheck | None = None) -> Run[Certificate]:
+    """CERTIFY every input of ``x`` ((C, H, W) or (N, C, H, W), floats in [0,1]).
+
+    Per input, as in the paper: ĉ_A is the class with most votes among n0 noisy copies; n fresh
+    copies give n_A votes for it; p_A_lower is the Clopper–Pearson lower bound on p_A at level
+    alpha; abstain when p_A_lower < ½, else the radius is σ·Φ⁻¹(p_A_lower). ``bound="top2"``
+    bounds p_A and the runner-up instead (:func:`~smoothcert.worker.smoothing.bounds.top2_radius`).
+    With probability ≥ 1 − alpha over the sampling, a :class:`Certificate` that does not abstain
+    is right: g predicts ĉ_A everywhere within ℓ₂ distance ``radius`` of the input.
+    ``progress(done, total)`` (in samples) and ``should_cancel()`` run between batches.
+    """
+    check_params(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, batch_size=batch_size, seed=seed)
+    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
+    # Two disjoint samples per input: n0 copies to select, n fresh ones to estimate, so the class
+    # under test was not chosen on the votes that test it. One call draws both (input by input,
+    # selection first), so batches stay full across inputs.
+    selection, estimation = sampler.sample_counts(n0, n)
+    c_hat = _select(selection)
+    est = _estimate(estimation, c_hat, n, alpha, sigma, bound)
+    cap = bounds.radius_cap(n, alpha, sigma, bound, model.info.num_classes)
+    per_input = sampler.elapsed() / len(c_hat)
+    results = [
+        Certificate(
+            index=i,
+            prediction=None if est.abstained[i] else int(c_hat[i]),
+            radius=float(est.radius[i]),
+            p_a_lower=float(est.p_a_lower[i]),
+            n_a=int(est.n_a[i]),
+            n=n,
+            radius_cap=cap,
+            elapsed_s=per_input,
+            p_b_upper=None if est.p_b_upper is None else float(est.p_b_upper[i]),
+        )
+        for i in range(len(c_hat))
+    ]
+    params = {"mode": "certify", "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "bound": bound}
+    return Run(results, sampler.provenance(params))
+
+
+def predict(model: BaseClassifier, x: Inputs, sigma: float, n: int = DEFAULT_PREDICT_N,
+            alpha: float = DEFAULT_ALPHA, *, batch_size: int | None = None, seed: int | None = None,
+            progress: Progress | None = None, should_cancel: CancelCheck | None = None) -> Run[Prediction]:
+    """PREDICT every input of ``x``: the top class of n noisy copies, or an abstention.
+
+    Abstains when the two-sided binomial test of the top two counts n_A ≥ n_B at p = ½ gives a
+    p-value above alpha; a returned class differs from g(x) with probability ≤ alpha. Refuses an
+    n so small that even a unanimous vote could not pass that test.
+    """
+    check_params(sigma=sigma, n=n, alpha=alpha, batch_size=batch_size, seed=seed)
+    least = bounds.min_predict_n(alpha)
+    if n < least:
+        raise InputError(f"n={n} can never pass the test at alpha={alpha}: PREDICT needs n >= {least}")
+    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
+    (counts,) = sampler.sample_counts(n)
+    per_input = sampler.elapsed() / len(counts)
+    results = []
+    for i, row in enumerate(counts):
+        top2 = np.argsort(row, kind="stable")[::-1][:2]
+        n_a, n_b = int(row[top2[0]]), int(row[top2[1]]) if len(row) > 1 else 0
+        p_value = bounds.predict_p_value(n_a, n_b)
+        results.append(
+            Prediction(
+                index=i,
+                prediction=None if p_value > alpha else int(top2[0]),
+                p_value=p_value,
+                n_a=n_a,
+                n_b=n_b,
+                n=n,
+                elapsed_s=per_input,
+            )
+        )
+    return Run(results, sampler.provenance({"mode": "predict", "sigma": sigma, "n": n, "alpha": alpha}))
+
+
+def _select(selection: Counts) -> np.ndarray:
+    """ĉ_A per input: the class with most votes among the selection copies (the lowest on a tie)."""
+    c_hat: np.ndarray = selection.argmax(axis=1)
+    return c_hat
+
+
+class _Estimate(NamedTuple):
+    n_a: np.ndarray
+    p_a_lower: np.ndarray
+    radius: np.ndarray
+    abstained: np.ndarray
+    p_b_upper: np.ndarray | None   # the top2 bound only
+
+
+def _estimate(estimation: Counts, c_hat: np.ndarray, n: int, alpha: float, sigma: float,
+              bound: Bound) -> _Estimate:
+    """n_A = the votes for ĉ_A among the n estimation copies, and the bound and radius they give."""
+    n_a = estimation[np.arange(len(c_hat)), c_hat]
+    if bound == "cohen":
+        p_a_lower, radius, abstained = bounds.cohen_radius(n_a, n, alpha, sigma)
+        return _Estimate(n_a, p_a_lower, radius, abstained, None)
+    p_a_lower, p_b_upper, radius, abstained = bounds.top2_radius(estimation, c_hat, alpha, sigma)
+    return _Estimate(n_a, p_a_lower, radius, abstained, p_b_upper)
