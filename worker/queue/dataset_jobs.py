@@ -10,15 +10,15 @@ import os
 from typing import Any
 
 from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
-from smoothcert.worker.smoothing import engine
+from smoothcert.worker.smoothing import CancelCheck, Progress
 from smoothcert.worker.queue.job_results import label_metrics, label_rows, run_engine
 
 # Provenance fields that differ from chunk to chunk; the job's provenance lists them per chunk.
 _PER_CHUNK = ("chunk", "start", "stop", "worker", "pid", "seed", "num_inputs", "device", "elapsed_s", "batch_size")
 
 
-def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, progress: engine.Progress,
-              should_cancel: engine.CancelCheck) -> dict[str, Any]:
+def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, progress: Progress,
+              should_cancel: CancelCheck) -> dict[str, Any]:
     """Certify (or predict) inputs ``[spec["start"], spec["stop"])`` of the job's dataset.
 
     Returns ``{"rows": [...], "provenance": {...}}``; raises DatasetMissing when the dataset was

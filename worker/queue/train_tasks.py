@@ -29,7 +29,7 @@ from smoothcert.service.core.queue import TRAIN_TASK
 from smoothcert.worker.queue.celery_app import app, settings
 from smoothcert.worker.data.datasets import DIGITS, Dataset, load_digits
 from smoothcert.worker.smoothing.sampling import Canceled
-from smoothcert.worker.queue.tasks import admitted, job_store
+from smoothcert.worker.queue.runner import admitted, job_store
 from smoothcert.service.core.train_config import TrainConfig, TrainingError
 from smoothcert.worker.training.trainer import EpochMetrics, TrainResult, train
 

@@ -10,7 +10,7 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 from smoothcert.service.core.jobs import JobStore, new_job_id
-from smoothcert.worker.queue import tasks
+from smoothcert.worker.queue import runner
 from tests.support.stack import scratch_db
 
 
@@ -28,8 +28,8 @@ def test_a_job_past_its_soft_time_limit_fails_saying_so(jobs):
     def overrun():
         raise SoftTimeLimitExceeded()
 
-    tasks._record_errors(job_id, jobs, overrun)
+    runner.record_errors(job_id, jobs, overrun)
     record = jobs.get(job_id)
     assert record.status == "failed"
-    assert record.error == f"the job exceeded the {tasks.settings.task_time_limit_s} s time limit"
+    assert record.error == f"the job exceeded the {runner.settings.task_time_limit_s} s time limit"
     assert jobs.start(job_id) == 0  # a failed job is never run again

@@ -1,0 +1,178 @@
+"""The job runner: what a queue task does, as plain functions of a job id, a message and the stores.
+
+A task (:mod:`smoothcert.worker.queue.tasks`) only admits its delivery and calls one of these.
+Messages carry ids and paths only (the inputs wait in ``DATA_DIR/jobs/<id>/``, datasets in
+``DATA_DIR/datasets/<id>/``). Every outcome lands in the job record
+(:mod:`smoothcert.service.core.jobs`); nothing is returned to Celery. A task runs again after its
+worker died (late acks), at most ``max_deliveries`` times; running the same job again gives the
+same answer because the seed is part of the message. A dataset job is one task per chunk
+(:mod:`smoothcert.service.core.job_chunks`); the redelivery cap counts per chunk.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+
+from smoothcert.models.loaders import load_stored_model as load_from_store
+from smoothcert.models.metadata import ModelError
+from smoothcert.service.core.model_store import ModelStore
+from smoothcert.service.core.dataset_files import DatasetFileError
+from smoothcert.service.core.dataset_store import DatasetStore
+from smoothcert.service.core.job_chunks import ChunkLedger
+from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore
+from smoothcert.service.core.samples import record_result_samples
+from smoothcert.worker.smoothing import Canceled, InputError
+from smoothcert.worker.queue.celery_app import settings
+from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
+from smoothcert.worker.queue.job_results import label_metrics, label_rows, run_engine, throttled
+from smoothcert.worker.queue.liveness import report_process
+
+log = logging.getLogger(__name__)
+MODEL_CACHE_SIZE = 4
+_models: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (id, sha256) -> classifier, per process
+_clients: dict[str, Any] = {}
+
+
+def job_store() -> JobStore:
+    """This process's JobStore (one Redis connection pool, created after the fork)."""
+    if "jobs" not in _clients:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+        _clients["jobs"] = JobStore(client, ttl_s=settings.job_ttl_s)
+    return _clients["jobs"]
+
+
+def chunk_ledger() -> ChunkLedger:
+    """This process's ledger of dataset-job chunks, on the JobStore's connections."""
+    if "chunks" not in _clients:
+        _clients["chunks"] = ChunkLedger(job_store())
+    return _clients["chunks"]
+
+
+def loaded_model(store: ModelStore, meta: dict[str, Any]):
+    """Load a stored model with its recorded fields; the last few stay loaded in this process."""
+    key = (meta["id"], meta["sha256"])
+    if key in _models:
+        _models.move_to_end(key)
+    else:
+        while len(_models) >= MODEL_CACHE_SIZE:
+            _models.popitem(last=False)
+        _models[key] = load_from_store(store, meta, device=settings.device)
+        model = _models[key]
+        report_process(model={"id": meta["id"], "name": meta.get("name"), "runtime": model.runtime,
+                              "provider": model.provider})
+    return _models[key]
+
+
+def check_model(model_id: str) -> dict[str, Any]:
+    """Load a pending model (the loader runs it on one batch); return what the loader found out.
+
+    Raises ModelError (one line) when the file cannot be loaded or does not fit its metadata.
+    """
+    store = ModelStore(settings.models_dir)
+    meta = store.get(model_id, include_pending=True)
+    if meta is None:
+        raise ModelError(f"model {model_id} disappeared before it was checked")
+    model = loaded_model(store, meta)
+    found = model.info.to_dict()
+    found.pop("sha256", None)
+    return {**found, "runtime": model.runtime, "provider": model.provider}
+
+
+def ready_model(model_id: str):
+    """The loaded model of a ready stored model; ModelError when it was deleted."""
+    store = ModelStore(settings.models_dir)
+    meta = store.get(model_id)
+    if meta is None:
+        raise ModelError(f"model {model_id} was deleted")
+    return loaded_model(store, meta)
+
+
+def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]:
+    """Run a certify/predict job described by ``spec`` (the message) and return its result."""
+    model = ready_model(spec["model_id"])
+    x = np.load(spec["inputs_path"], allow_pickle=False)
+    labels = spec.get("labels")
+    result = run_engine(model, x, spec, spec["seed"],
+                        throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
+                        lambda: jobs.cancel_requested(job_id))
+    record_result_samples(jobs.redis, result["results"], result["provenance"])
+    result["provenance"]["model_id"] = spec["model_id"]
+    label_rows(result["results"], labels)
+    if labels is not None:
+        result.update(label_metrics(result["results"], spec["mode"], spec.get("radii")))
+    return result
+
+
+def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, worker: str) -> dict[str, Any]:
+    """Run chunk ``spec["chunk"]`` of a dataset job; its outcome (rows and provenance)."""
+    index = spec["chunk"]
+    outcome = run_chunk(ready_model(spec["model_id"]), spec, DatasetStore(settings.datasets_dir), worker,
+                        throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
+                        lambda: ledger.should_stop(job_id))
+    record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"])
+    return outcome
+
+
+def complete_chunk(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedger, worker: str) -> None:
+    """Run a chunk and keep its outcome; when every chunk has one, combine them into the result.
+
+    Any chunk task that finds all outcomes stored may combine them (a redelivered last chunk
+    too); the record turns succeeded once, whoever wins, so no lock is needed.
+    """
+    if ledger.store(job_id, spec["chunk"], run_dataset_chunk(job_id, spec, ledger, worker)) < spec["chunks"]:
+        return
+    record = jobs.get(job_id)
+    outcomes = ledger.results(job_id)
+    if record is None or record.status != RUNNING or len(outcomes) < spec["chunks"]:
+        return  # canceled or failed meanwhile, or another chunk task combined and cleared them
+    elapsed = max(0.0, time.time() - (record.started_at or time.time()))
+    if jobs.succeed(job_id, combine_chunks(spec, outcomes, elapsed)):
+        ledger.clear(job_id)
+
+
+def admitted(jobs: JobStore, job_id: str, deliveries: int, what: str = "the job") -> bool:
+    """Whether this delivery should run: not when ``deliveries`` is 0 (canceled, or finished by an
+    earlier delivery), and not past the redelivery cap, where the job fails saying why."""
+    if deliveries == 0:
+        return False
+    if deliveries > settings.max_deliveries:
+        jobs.fail(job_id, f"{what} was started {deliveries - 1} times and its worker died each time")
+        return False
+    return True
+
+
+def finish(job_id: str, jobs: JobStore, work) -> None:
+    """Run ``work()`` as job ``job_id`` and record how it ended; never raises for job errors."""
+    if admitted(jobs, job_id, jobs.start(job_id)):
+        record_errors(job_id, jobs, lambda: jobs.succeed(job_id, work()))
+
+
+def record_errors(job_id: str, jobs: JobStore, work) -> None:
+    """Run ``work()``; a cancellation or an error ends job ``job_id`` accordingly."""
+    try:
+        work()
+    except Canceled:
+        jobs.mark_canceled(job_id)
+    except (ModelError, InputError, DatasetFileError) as exc:
+        jobs.fail(job_id, str(exc))
+    except SoftTimeLimitExceeded:
+        jobs.fail(job_id, f"the job exceeded the {settings.task_time_limit_s} s time limit")
+    except Exception as exc:  # a bug or a broken runtime: record it, keep the worker alive
+        log.exception("job %s failed", job_id)
+        jobs.fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def drop_inputs_when_done(job_id: str, spec: dict[str, Any], jobs: JobStore) -> None:
+    """Delete a job's saved inputs once it has ended; a job still in flight keeps them for the
+    next delivery."""
+    record = jobs.get(job_id)
+    if record is None or record.status in TERMINAL:
+        shutil.rmtree(Path(spec["inputs_path"]).parent, ignore_errors=True)
