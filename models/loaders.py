@@ -12,10 +12,21 @@ from typing import Any
 import torch
 
 from smoothcert.models.architectures import (
-    DEFAULT_INPUT_SHAPE, DEFAULT_NUM_CLASSES, HEAD_WEIGHT_KEY, build_network, check_arch)
+    DEFAULT_INPUT_SHAPE,
+    DEFAULT_NUM_CLASSES,
+    HEAD_WEIGHT_KEY,
+    build_network,
+    check_arch,
+)
 from smoothcert.models.base import BaseClassifier, Normalize, TorchClassifier
 from smoothcert.models.metadata import (
-    ModelError, ModelInfo, Normalization, check_fields, fields_from_metadata_map, sha256_file)
+    ModelError,
+    ModelInfo,
+    Normalization,
+    check_fields,
+    fields_from_metadata_map,
+    sha256_file,
+)
 from smoothcert.models.onnx_runtime import OnnxClassifier
 from smoothcert.models.safetensors_header import read_safetensors_header, refuse_pickled_checkpoint
 from smoothcert.models.safetensors_io import load_safetensors_state

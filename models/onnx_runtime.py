@@ -23,8 +23,13 @@ import torch
 
 from smoothcert.models.base import Normalize
 from smoothcert.models.metadata import (
-    ModelError, ModelInfo, Normalization, check_input_shape, check_num_classes,
-    fields_from_metadata_map)
+    ModelError,
+    ModelInfo,
+    Normalization,
+    check_input_shape,
+    check_num_classes,
+    fields_from_metadata_map,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Suite-wide fixtures and hooks.
 
-The fixtures of the real stack live in :mod:`tests.support.stack`. GPU tests run where CUDA is present and are reported as skipped elsewhere. The demo model
-(digits_cnn trained on scikit-learn's digits) is built once per session for every test that asks.
+The fixtures of the real stack live in :mod:`tests.support.stack`. GPU tests run where CUDA is
+present and are reported as skipped elsewhere. The demo model (digits_cnn trained on
+scikit-learn's digits) is built once per session for every test that asks.
 """
 from pathlib import Path
 
@@ -10,9 +11,19 @@ import pytest
 import torch
 
 from smoothcert.models.demo import build_demo
+
 # The real stack's fixtures (Redis, a worker, the API, clients), for every package's tests.
-from tests.support.stack import (admin, anonymous, api_url, api_without_redis, client, data_dir,  # noqa: F401
-                                 demo_model, redis_url, worker)
+from tests.support.stack import (  # noqa: F401
+    admin,
+    anonymous,
+    api_url,
+    api_without_redis,
+    client,
+    data_dir,
+    demo_model,
+    redis_url,
+    worker,
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.support.checks import PACKAGES, lint_imports
+from tests.support.checks import PACKAGES, lint_imports, style_check, type_check
 from tests.support.paths import ROOT
 
 
@@ -35,3 +35,13 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path, module, imports, contr
     _, _, broken = done.stdout.partition("Broken contracts")
     assert contract in " ".join(broken.split()), done.stdout[-3000:]   # names wrap in the report
 
+
+
+def test_the_engine_and_the_shared_contract_type_check():
+    done = type_check()
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+
+
+def test_the_code_follows_the_style_rules():
+    done = style_check()
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

@@ -20,16 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
-from smoothcert.service.core.model_store import ModelStore
-from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.api.body_limit import BodySizeLimit
 from smoothcert.service.api.deps import document_auth
-from smoothcert.service.core.jobs import JobStore
-from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
 from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
 from smoothcert.service.api.routes import certify, datasets, health, jobs, metrics, models, train
-from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.dataset_store import DatasetStore
+from smoothcert.service.core.jobs import JobStore
+from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
+from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.queue import make_celery
+from smoothcert.service.core.settings import Settings
 
 log = logging.getLogger("smoothcert.service")
 

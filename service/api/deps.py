@@ -17,10 +17,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from smoothcert.service.core.model_store import ModelStore
+from smoothcert.service.api.limits import Admission, Limits, caller_id
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.jobs import JobStore
-from smoothcert.service.api.limits import Admission, Limits, caller_id
+from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="the API key, or the admin key")

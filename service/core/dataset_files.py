@@ -78,10 +78,11 @@ def _check_directory_size(path: str | Path) -> None:
     reader, a private helper used on purpose: the check then bounds exactly what ZipFile parses.
     """
     with open(path, "rb") as f:
-        end = zipfile._EndRecData(f)   # None when there is no end record; ZipFile then refuses the file
-    if end is not None and end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
-        raise DatasetFileError(f"the .npz's zip directory takes {end[zipfile._ECD_SIZE]} bytes "
-                               f"({end[zipfile._ECD_ENTRIES_TOTAL]} entries declared), over the "
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # None without an end record
+    size_field, entries_field = zipfile._ECD_SIZE, zipfile._ECD_ENTRIES_TOTAL  # type: ignore[attr-defined]
+    if end is not None and end[size_field] > MAX_DIRECTORY_BYTES:
+        raise DatasetFileError(f"the .npz's zip directory takes {end[size_field]} bytes "
+                               f"({end[entries_field]} entries declared), over the "
                                f"{MAX_DIRECTORY_BYTES} a dataset of x and y needs; {_HINT}")
 
 

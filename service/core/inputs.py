@@ -24,7 +24,7 @@ def load_npy(data: bytes | str | Path, what: str = "inputs") -> np.ndarray:
         source = io.BytesIO(data) if isinstance(data, bytes) else data
         return np.load(source, allow_pickle=False)
     except FileNotFoundError:
-        raise InputFileError(f"no such file: {data}") from None
+        raise InputFileError(f"no such file: {data!s}") from None
     except ValueError as exc:
         raise InputFileError(f"{what}: not a plain .npy array ({exc})") from None
     except (OSError, EOFError) as exc:
@@ -47,10 +47,10 @@ def load_inputs(paths: Sequence[str | Path], channels: int) -> np.ndarray:
 
     Returns (C, H, W) or (N, C, H, W) as stored; the engine checks shape and range.
     """
-    paths = [Path(p) for p in paths]
-    if len(paths) == 1 and paths[0].suffix == ".npy":
-        return load_npy(paths[0])
-    files = image_files(paths)
+    given = [Path(p) for p in paths]
+    if len(given) == 1 and given[0].suffix == ".npy":
+        return load_npy(given[0])
+    files = image_files(given)
     images = [decode_image(f.read_bytes(), channels, str(f)) for f in files]
     if len({im.shape for im in images}) > 1:
         raise InputFileError(f"images differ in size: {sorted({im.shape for im in images})}")
@@ -59,9 +59,8 @@ def load_inputs(paths: Sequence[str | Path], channels: int) -> np.ndarray:
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
     """The PNG/JPEG files among ``paths`` and inside its folders (sorted by name), in order."""
-    paths = [Path(p) for p in paths]
     files: list[Path] = []
-    for path in paths:
+    for path in map(Path, paths):
         if path.is_dir():
             files += sorted(p for p in path.iterdir() if has_image_suffix(p))
         elif has_image_suffix(path):

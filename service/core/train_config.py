@@ -57,7 +57,7 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("m", 1), ("steps", 1), ("warmup_epochs", 0),
                           ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= MAX_SEED:
+            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= int(value) <= MAX_SEED:
                 raise TrainingError(f"{name} must be an integer >= {low} (and below 2^63), not {value!r}")
         for name, positive in (("sigma", False), ("lr", True), ("epsilon", False)):
             value = getattr(self, name)

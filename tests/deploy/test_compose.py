@@ -12,11 +12,11 @@ from __future__ import annotations
 import copy
 import json
 import re
-import tomllib
 from importlib import resources
 
 import jsonschema
 import pytest
+import tomllib
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 

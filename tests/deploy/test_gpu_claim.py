@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.support.paths import ROOT
 
 SCRIPT = ROOT / "docker" / "gpu-claim.sh"

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from smoothcert.models.architectures import (
-    ARCHITECTURES, DEFAULT_INPUT_SHAPE, DEFAULT_NUM_CLASSES, HEAD_WEIGHT_KEY, build_network)
+    ARCHITECTURES,
+    DEFAULT_INPUT_SHAPE,
+    DEFAULT_NUM_CLASSES,
+    HEAD_WEIGHT_KEY,
+    build_network,
+)
 from smoothcert.models.metadata import ModelError
 
 

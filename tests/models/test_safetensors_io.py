@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from smoothcert.models.architectures import build_network
-from smoothcert.models.metadata import (
-    METADATA_KEY, ModelError, ModelInfo, Normalization, parse_info_json)
+from smoothcert.models.metadata import METADATA_KEY, ModelError, ModelInfo, Normalization, parse_info_json
 from smoothcert.models.safetensors_header import read_safetensors_header
 from smoothcert.models.safetensors_io import load_safetensors_state, save_safetensors_model
 

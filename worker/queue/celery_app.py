@@ -20,10 +20,10 @@ import sys
 # between batches and take the cores from the noise generation and from onnxruntime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from smoothcert.service.core.logs import install_worker_hooks  # noqa: E402
 from smoothcert.service.core.queue import QUEUE, make_celery  # noqa: E402
 from smoothcert.service.core.settings import Settings  # noqa: E402
 from smoothcert.worker.queue import liveness  # noqa: E402
-from smoothcert.service.core.logs import install_worker_hooks  # noqa: E402
 
 WORKER_TASK_MODULES = ("smoothcert.worker.queue.tasks", "smoothcert.worker.queue.train_tasks")
 

@@ -10,8 +10,8 @@ import os
 from typing import Any
 
 from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
-from smoothcert.worker.smoothing import CancelCheck, Progress
 from smoothcert.worker.queue.job_results import label_metrics, label_rows, run_engine
+from smoothcert.worker.smoothing import CancelCheck, Progress
 
 # Provenance fields that differ from chunk to chunk; the job's provenance lists them per chunk.
 _PER_CHUNK = ("chunk", "start", "stop", "worker", "pid", "seed", "num_inputs", "device", "elapsed_s", "batch_size")

@@ -23,17 +23,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from smoothcert.models.loaders import load_stored_model as load_from_store
 from smoothcert.models.metadata import ModelError
-from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.dataset_files import DatasetFileError
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore
+from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.samples import record_result_samples
-from smoothcert.worker.smoothing import Canceled, InputError
 from smoothcert.worker.queue.celery_app import settings
 from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
 from smoothcert.worker.queue.job_results import label_metrics, label_rows, run_engine, throttled
 from smoothcert.worker.queue.liveness import report_process
+from smoothcert.worker.smoothing import Canceled, InputError
 
 log = logging.getLogger(__name__)
 MODEL_CACHE_SIZE = 4

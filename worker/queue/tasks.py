@@ -11,8 +11,17 @@ from typing import Any
 
 from smoothcert.service.core.queue import CERTIFY_CHUNK_TASK, CERTIFY_TASK, CHECK_MODEL_TASK
 from smoothcert.worker.queue.celery_app import app
-from smoothcert.worker.queue.runner import (admitted, check_model, chunk_ledger, complete_chunk,
-                                            drop_inputs_when_done, finish, job_store, record_errors, run_job)
+from smoothcert.worker.queue.runner import (
+    admitted,
+    check_model,
+    chunk_ledger,
+    complete_chunk,
+    drop_inputs_when_done,
+    finish,
+    job_store,
+    record_errors,
+    run_job,
+)
 
 
 @app.task(name=CERTIFY_TASK)

@@ -21,16 +21,16 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from smoothcert.models.loaders import load_model
 from smoothcert.models.metadata import ModelError
-from smoothcert.service.core.model_store import READY, ModelStore
 from smoothcert.service.core.dataset_files import DatasetFileError
 from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
 from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore
+from smoothcert.service.core.model_store import READY, ModelStore
 from smoothcert.service.core.queue import TRAIN_TASK
-from smoothcert.worker.queue.celery_app import app, settings
-from smoothcert.worker.data.datasets import DIGITS, Dataset, load_digits
-from smoothcert.worker.smoothing.sampling import Canceled
-from smoothcert.worker.queue.runner import admitted, job_store
 from smoothcert.service.core.train_config import TrainConfig, TrainingError
+from smoothcert.worker.data.datasets import DIGITS, Dataset, load_digits
+from smoothcert.worker.queue.celery_app import app, settings
+from smoothcert.worker.queue.runner import admitted, job_store
+from smoothcert.worker.smoothing.sampling import Canceled
 from smoothcert.worker.training.trainer import EpochMetrics, TrainResult, train
 
 log = logging.getLogger(__name__)

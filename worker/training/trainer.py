@@ -31,11 +31,11 @@ from smoothcert.models.architectures import build_network
 from smoothcert.models.base import Normalize
 from smoothcert.models.metadata import ModelError, ModelInfo, Normalization
 from smoothcert.models.reproducible import init_weights
-from smoothcert.worker.training.attacks import noisy_logits, pgd_l2_smoothed, smoothed_soft_loss
-from smoothcert.worker.data.datasets import Dataset
-from smoothcert.worker.training import checkpoints as ckpt
-from smoothcert.worker.smoothing.sampling import Canceled
 from smoothcert.service.core.train_config import METHODS, OPTIMIZERS, TrainConfig, TrainingError  # noqa: F401
+from smoothcert.worker.data.datasets import Dataset
+from smoothcert.worker.smoothing.sampling import Canceled
+from smoothcert.worker.training import checkpoints as ckpt
+from smoothcert.worker.training.attacks import noisy_logits, pgd_l2_smoothed, smoothed_soft_loss
 
 SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.9, 1e-4      # Cohen et al.'s values
 EVAL_BATCH = 1024

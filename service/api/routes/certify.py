@@ -27,16 +27,30 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, JobsDep, ModelsDep, QueueDep, SettingsDep, require_key
+from smoothcert.service.api.deps import (
+    AdmissionDep,
+    DatasetsDep,
+    JobsDep,
+    ModelsDep,
+    QueueDep,
+    SettingsDep,
+    require_key,
+)
 from smoothcert.service.api.idempotency import json_content
+from smoothcert.service.api.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
+from smoothcert.service.api.schemas import (
+    CertifyRequest,
+    JobAccepted,
+    check_inputs,
+    check_labels,
+    decode_inputs,
+    validate_body,
+)
 from smoothcert.service.core.images import IMAGE_SUFFIXES
 from smoothcert.service.core.inputs import decode_image, load_npy
 from smoothcert.service.core.job_chunks import chunk_seed, plan_chunks
 from smoothcert.service.core.jobs import new_job_id
 from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
-from smoothcert.service.api.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
-from smoothcert.service.api.schemas import (CertifyRequest, JobAccepted, check_inputs, check_labels, decode_inputs,
-                                       validate_body)
 from smoothcert.service.core.queue import CERTIFY_CHUNK_TASK, CERTIFY_TASK, QUEUE
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_key)])

@@ -17,11 +17,11 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, Upl
 from fastapi.responses import JSONResponse
 
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
-from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge
 from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, SettingsDep, require_key
 from smoothcert.service.api.idempotency import file_sha256
 from smoothcert.service.api.limits import IN_PROGRESS, RATE_LIMITED, REUSED_KEY
 from smoothcert.service.api.schemas import DatasetRecord
+from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(require_key)],
                    route_class=UnparsableBodyRoute)  # a body that cannot be parsed is 422, not 400

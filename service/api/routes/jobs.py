@@ -5,8 +5,8 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from smoothcert.service.api.deps import JobsDep, require_key
-from smoothcert.service.core.jobs import CANCELED, SUCCEEDED, TERMINAL, JobRecord, JobStore
 from smoothcert.service.api.schemas import Job
+from smoothcert.service.core.jobs import CANCELED, SUCCEEDED, TERMINAL, JobRecord, JobStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_key)])
 _NOT_FOUND = {404: {"description": "unknown job id (or its record expired)"}}

@@ -15,11 +15,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile, status
 
 from smoothcert.models.metadata import ModelError, Normalization, check_input_shape, check_num_classes
-from smoothcert.service.core.model_store import READY, UploadTooLarge
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_admin, require_key
-from smoothcert.service.core.jobs import SUCCEEDED, TERMINAL, new_job_id
 from smoothcert.service.api.schemas import ModelRecord
+from smoothcert.service.core.jobs import SUCCEEDED, TERMINAL, new_job_id
+from smoothcert.service.core.model_store import READY, UploadTooLarge
 from smoothcert.service.core.queue import CHECK_MODEL_TASK
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_key)],
@@ -33,7 +33,8 @@ def _fields(name, input_shape, num_classes, class_names, arch, normalization, si
         try:
             return json.loads(text)
         except json.JSONDecodeError:
-            raise ModelError(f"{label} must be JSON, e.g. {'[1, 8, 8]' if label == 'input_shape' else '[...]'}") from None
+            example = "[1, 8, 8]" if label == "input_shape" else "[...]"
+            raise ModelError(f"{label} must be JSON, e.g. {example}") from None
 
     fields: dict[str, Any] = {"name": name or None, "arch": arch or None}
     if input_shape:
@@ -47,7 +48,8 @@ def _fields(name, input_shape, num_classes, class_names, arch, normalization, si
         fields["class_names"] = names
     if normalization:
         norm = Normalization.parse(normalization)
-        fields["normalization"] = None if norm is None else {"mean": list(norm.mean), "std": norm.std and list(norm.std)}
+        fields["normalization"] = (None if norm is None
+                                   else {"mean": list(norm.mean), "std": norm.std and list(norm.std)})
     if sigma is not None:
         if not sigma >= 0:
             raise ModelError("sigma (the training noise) must be a non-negative number")

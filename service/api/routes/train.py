@@ -19,11 +19,11 @@ from starlette.concurrency import run_in_threadpool
 
 from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, JobsDep, QueueDep, require_admin, require_key
 from smoothcert.service.api.idempotency import json_content
-from smoothcert.service.core.jobs import new_job_id
-from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
 from smoothcert.service.api.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
 from smoothcert.service.api.schemas import JobAccepted, validate_body
 from smoothcert.service.api.train_schemas import DatasetUnknown, TrainRequest, check_fits, dataset_shape
+from smoothcert.service.core.jobs import new_job_id
+from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
 from smoothcert.service.core.queue import TRAIN_QUEUE, TRAIN_TASK
 from smoothcert.service.core.train_config import TrainingError
 

@@ -109,8 +109,9 @@ def png(image: np.ndarray) -> bytes:
 def test_multipart_png_images_with_labels(client, demo_model, digits):
     x, y = digits
     files = [("inputs", (f"digit{i}.png", png(x[i]), "image/png")) for i in range(3)]
-    resp = client.post("/v1/certify", files=files, data={"model_id": demo_model["id"], "sigma": "0.25", "n0": "20",
-                                                          "n": "300", "seed": "9", "labels": json.dumps(y[:3].tolist())})
+    form = {"model_id": demo_model["id"], "sigma": "0.25", "n0": "20", "n": "300", "seed": "9",
+            "labels": json.dumps(y[:3].tolist())}
+    resp = client.post("/v1/certify", files=files, data=form)
     assert resp.status_code == 202, resp.text
     job = wait_job(client, resp.json()["job_id"])
     assert job["status"] == "succeeded" and len(job["result"]["results"]) == 3

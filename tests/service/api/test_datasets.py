@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import redis
 
-from smoothcert.service.core.jobs import JobStore, new_job_id
 from smoothcert.service.core.job_chunks import ChunkLedger, chunk_seed
+from smoothcert.service.core.jobs import JobStore, new_job_id
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
-from tests.support.stack import USER_KEY, start_api, start_process, stack_env, stop_process, wait_for, wait_job
+from tests.support.stack import USER_KEY, stack_env, start_api, start_process, stop_process, wait_for, wait_job
 
 CHUNK = 50
 LIMITS = {"SMOOTHCERT_CHUNK_SIZE": str(CHUNK), "SMOOTHCERT_MAX_DATASET_BYTES": str(256 << 10),

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.core.failures import ServerError
 from schemathesis.specs.openapi.checks import (
-    content_type_conformance, response_headers_conformance, response_schema_conformance,
-    status_code_conformance)
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
-from tests.support.stack import ADMIN_KEY, other_db, scratch_db, start_api, stack_env, stop_process
 from tests.support.paths import ROOT
+from tests.support.stack import ADMIN_KEY, other_db, scratch_db, stack_env, start_api, stop_process
 
 DOCUMENT = ROOT / "openapi" / "openapi.json"
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)

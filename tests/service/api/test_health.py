@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.support.stack import USER_KEY, other_db, start_api, stack_env, stop_process
+from tests.support.stack import USER_KEY, other_db, stack_env, start_api, stop_process
 
 
 def test_readyz_names_the_live_worker(anonymous):

@@ -22,7 +22,7 @@ import redis
 from smoothcert.service.api.idempotency import IdempotencyStore, fingerprint, json_content
 from smoothcert.service.api.limits import caller_id, queue_depth
 from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
-from tests.support.stack import ADMIN_KEY, USER_KEY, other_db, start_api, stack_env, stop_process, wait_job
+from tests.support.stack import ADMIN_KEY, USER_KEY, other_db, stack_env, start_api, stop_process, wait_job
 
 RATE = 6                       # per minute: one submission every 10 s once the burst of 6 is spent
 LIMIT_USER, LIMIT_ADMIN = "limits-user-key-0123456789", "limits-admin-key-0123456789"

@@ -11,14 +11,13 @@ import json
 import secrets
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import redis
 
-from tests.support.stack import start_api, stack_env, stop_process
 from tests.service.api.test_limits import jobs_with_seeds
 from tests.support.paths import TESTS
+from tests.support.stack import stack_env, start_api, stop_process
 
 SUBMISSIONS, CONCURRENCY = 60, 12
 RATE, CAP = 20, 2          # per minute (bursts of 20: at least 40 of the 60 must be refused); waiting messages

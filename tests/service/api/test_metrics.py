@@ -9,11 +9,11 @@ import httpx
 import numpy as np
 import pytest
 
+from smoothcert.service.api.metrics import Family, HttpMetrics, job_counts, queue_depths, render, samples
 from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import JobStore, new_job_id
-from smoothcert.service.api.metrics import Family, HttpMetrics, job_counts, queue_depths, render, samples
-from smoothcert.service.core.samples import record_samples, samples_drawn
 from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
+from smoothcert.service.core.samples import record_samples, samples_drawn
 from tests.support.stack import scratch_db, wait_for, wait_job
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

@@ -24,7 +24,7 @@ import redis
 from smoothcert.service.api.train_schemas import ARCH_INPUTS, BUILTIN_DATASETS, check_fits
 from smoothcert.service.core.queue import TRAIN_QUEUE
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
-from tests.support.stack import start_process, stack_env, stop_process, wait_for, wait_job
+from tests.support.stack import stack_env, start_process, stop_process, wait_for, wait_job
 
 TRAINER = "trainer@tests"
 FAST = {"dataset": "digits", "method": "gaussian", "sigma": 0.25, "batch_size": 128, "seed": 3}

@@ -12,9 +12,9 @@ from PIL import Image
 from smoothcert.models.architectures import build_network
 from smoothcert.models.metadata import ModelInfo
 from smoothcert.models.safetensors_io import save_safetensors_model
-from smoothcert.worker.evaluation.analyze import read_log
 from smoothcert.service.cli.main import main
 from smoothcert.service.core.tsv import CERTIFY_COLUMNS, PREDICT_COLUMNS
+from smoothcert.worker.evaluation.analyze import read_log
 
 
 @pytest.fixture(scope="module")

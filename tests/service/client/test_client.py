@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smoothcert.worker.evaluation.analyze import read_log
 from smoothcert.service.cli.main import main
-from smoothcert.service.devstack.redis_server import free_port
 from smoothcert.service.core.tsv import CERTIFY_COLUMNS, PREDICT_COLUMNS
+from smoothcert.service.devstack.redis_server import free_port
+from smoothcert.worker.evaluation.analyze import read_log
 from tests.support.stack import ADMIN_KEY, USER_KEY
 
 

@@ -17,7 +17,7 @@ import redis
 from smoothcert.service.client.service_client import ClientError, ServiceClient
 from smoothcert.service.core.jobs import JobStore, new_job_id
 from smoothcert.service.devstack.redis_server import RedisServer
-from tests.support.stack import USER_KEY, other_db, scratch_db, start_api, stack_env, stop_process
+from tests.support.stack import USER_KEY, other_db, scratch_db, stack_env, start_api, stop_process
 
 RATE = 60  # per minute: a burst of 60, then one a second
 

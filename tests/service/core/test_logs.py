@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from celery.signals import task_postrun, task_prerun
 
-from smoothcert.service.core.logs import (JOB_ID, UVICORN_LOGGERS, JobIdMiddleware, JsonFormatter, TextFormatter,
-                                     configure_logging)
+from smoothcert.service.core.logs import (
+    JOB_ID,
+    UVICORN_LOGGERS,
+    JobIdMiddleware,
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+)
 from smoothcert.service.core.settings import Settings
 from smoothcert.worker.queue import celery_app  # noqa: F401  (installs the worker hooks)
 from tests.support.stack import wait_for, wait_job

@@ -1,6 +1,6 @@
 """TSV rows keep Cohen et al.'s column order and full-precision numbers."""
-from smoothcert.worker.evaluation.analyze import read_log
 from smoothcert.service.core.tsv import CERTIFY_COLUMNS, format_tsv
+from smoothcert.worker.evaluation.analyze import read_log
 
 ROWS = [
     {"index": 0, "prediction": 3, "abstained": False, "radius": 0.1234567890123456, "p_a_lower": 0.7,

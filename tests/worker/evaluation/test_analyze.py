@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.paths import TESTS
-
 from smoothcert.worker.evaluation.analyze import (
     DEFAULT_RADII,
     AnalyzeError,
@@ -24,6 +22,7 @@ from smoothcert.worker.evaluation.analyze import (
     render,
     run_cli,
 )
+from tests.support.paths import TESTS
 
 TESTS_DIR = TESTS
 # The copy in tests/data keeps a clean clone self-contained; SMOOTHCERT_REFERENCE_DIR may point

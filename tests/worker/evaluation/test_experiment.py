@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from smoothcert.worker.evaluation.analyze import analyze
 from smoothcert.service.cli.train import add_commands
+from smoothcert.worker.evaluation.analyze import analyze
 from smoothcert.worker.evaluation.experiment import ExperimentConfig, certified_accuracy, run_experiment
 
 

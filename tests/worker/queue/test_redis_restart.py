@@ -12,10 +12,18 @@ import httpx
 import numpy as np
 import redis
 
-from smoothcert.service.devstack.redis_server import RedisServer
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
-from tests.support.stack import (ADMIN_KEY, USER_KEY, stack_env, start_api, start_process, stop_process,
-                                    wait_for, wait_job)
+from smoothcert.service.devstack.redis_server import RedisServer
+from tests.support.stack import (
+    ADMIN_KEY,
+    USER_KEY,
+    stack_env,
+    start_api,
+    start_process,
+    stop_process,
+    wait_for,
+    wait_job,
+)
 
 
 def _start_worker(env, log):

@@ -22,11 +22,19 @@ import numpy as np
 import pytest
 import redis
 
-from smoothcert.service.devstack.redis_server import RedisServer
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
+from smoothcert.service.devstack.redis_server import RedisServer
 from smoothcert.worker.queue.leases import LEASES_KEY
-from tests.support.stack import (ADMIN_KEY, USER_KEY, stack_env, start_api, start_process, stop_process,
-                                    wait_for, wait_job)
+from tests.support.stack import (
+    ADMIN_KEY,
+    USER_KEY,
+    stack_env,
+    start_api,
+    start_process,
+    stop_process,
+    wait_for,
+    wait_job,
+)
 
 CAP = 2
 

@@ -12,7 +12,8 @@ from smoothcert.worker.smoothing import bounds
 @pytest.mark.parametrize("alpha", [0.001, 0.05])
 def test_one_sided_lower_bound_is_the_two_sided_interval_at_twice_alpha(n_a, n, alpha):
     two_sided = binomtest(n_a, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact")
-    assert float(bounds.lower_confidence_bound(n_a, n, alpha)) == pytest.approx(two_sided.low, rel=1e-8, abs=1e-15)  # scipy finds it by root search
+    # scipy finds the interval by root search, hence the tolerance
+    assert float(bounds.lower_confidence_bound(n_a, n, alpha)) == pytest.approx(two_sided.low, rel=1e-8, abs=1e-15)
 
 
 def test_lower_bound_is_zero_not_nan_without_votes():

@@ -13,7 +13,13 @@ from smoothcert.models.loaders import load_model
 from smoothcert.models.metadata import ModelError
 from smoothcert.service.cli.train import add_commands
 from smoothcert.worker.training.checkpoint_import import (
-    CIFAR10_MEAN, CIFAR10_STD, NORMALIZATIONS, import_checkpoint, parse_normalization, read_checkpoint)
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    NORMALIZATIONS,
+    import_checkpoint,
+    parse_normalization,
+    read_checkpoint,
+)
 
 
 class CohenNormalizeLayer(torch.nn.Module):

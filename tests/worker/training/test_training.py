@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,9 @@ import torch
 from smoothcert.models.base import Normalize
 from smoothcert.models.loaders import load_model
 from smoothcert.service.cli.train import add_commands
-from smoothcert.worker.training import checkpoints as training_checkpoint
 from smoothcert.worker.data.datasets import Dataset
 from smoothcert.worker.smoothing import Canceled
+from smoothcert.worker.training import checkpoints as training_checkpoint
 from smoothcert.worker.training.trainer import METHODS, TrainConfig, TrainingError, train
 from tests.support.paths import ROOT
 
