@@ -108,14 +108,24 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     server.stop()
 
 
+def start_worker(env: dict[str, str], log: Path, hostname: str, *options: str) -> tuple[subprocess.Popen, str]:
+    """A prefork worker with concurrency 1 and the Celery ``hostname`` (``%h``: this host), ready
+    once its heartbeat key is in Redis; returns the process and the worker's name."""
+    proc = start_process(worker_command("--concurrency", "1", "--hostname", hostname, "--without-mingle",
+                                        "--without-gossip", *options), env, log)
+    client = redis.Redis.from_url(env["SMOOTHCERT_REDIS_URL"])
+    pattern = HEARTBEAT_PREFIX + hostname.replace("%h", "*")
+    try:
+        [key] = wait_for(lambda: list(client.scan_iter(match=pattern)), 60, f"the worker {hostname}", proc, log)
+    finally:
+        client.close()
+    return proc, key.decode()[len(HEARTBEAT_PREFIX):]
+
+
 @pytest.fixture(scope="session")
 def worker(redis_url, data_dir) -> Iterator[subprocess.Popen]:
-    """One prefork worker with concurrency 1, ready once its heartbeat key is in Redis."""
-    log = data_dir / "worker.log"
-    proc = start_process(worker_command("--concurrency", "1", "--hostname", "test@%h", "--without-mingle",
-                                        "--without-gossip"), stack_env(redis_url, data_dir), log)
-    client = redis.Redis.from_url(redis_url)
-    wait_for(lambda: list(client.scan_iter(match=HEARTBEAT_PREFIX + "*")), 60, "the worker", proc, log)
+    """The session's worker, ``test@<host>``."""
+    proc, _ = start_worker(stack_env(redis_url, data_dir), data_dir / "worker.log", "test@%h")
     yield proc
     stop_process(proc)
 

@@ -6,7 +6,6 @@ chunk size and the dataset caps can be small (both share the session's Redis and
 from __future__ import annotations
 
 import io
-import sys
 import time
 
 import httpx
@@ -16,8 +15,14 @@ import redis
 
 from smoothcert.service.core.job_chunks import ChunkLedger, chunk_seed
 from smoothcert.service.core.jobs import JobStore, new_job_id
-from smoothcert.service.core.workers import HEARTBEAT_PREFIX
-from tests.support.stack import USER_KEY, stack_env, start_api, start_process, stop_process, wait_for, wait_job
+from tests.support.stack import (
+    USER_KEY,
+    stack_env,
+    start_api,
+    start_worker,
+    stop_process,
+    wait_job,
+)
 
 CHUNK = 50
 LIMITS = {"SMOOTHCERT_CHUNK_SIZE": str(CHUNK), "SMOOTHCERT_MAX_DATASET_BYTES": str(256 << 10),
@@ -29,13 +34,8 @@ JOB = {"sigma": 0.25, "n0": 10, "n": 100, "seed": 11}
 def second_worker(redis_url, data_dir, worker) -> str:
     """Another worker process (the session's is the first); its Celery hostname."""
     log = data_dir / "worker-second.log"
-    proc = start_process([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1",
-                          "--hostname", "second@%h", "--without-mingle", "--without-gossip"],
-                         stack_env(redis_url, data_dir), log)
-    client = redis.Redis.from_url(redis_url)
-    key = wait_for(lambda: list(client.scan_iter(match=HEARTBEAT_PREFIX + "second@*")), 60, "the second worker",
-                   proc, log)[0]
-    yield key.decode()[len(HEARTBEAT_PREFIX):]
+    proc, name = start_worker(stack_env(redis_url, data_dir), log, "second@%h")
+    yield name
     stop_process(proc)
 
 

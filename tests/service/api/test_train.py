@@ -12,19 +12,16 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
 from smoothcert.service.api.train_schemas import ARCH_INPUTS, BUILTIN_DATASETS, check_fits
 from smoothcert.service.core.queue import TRAIN_QUEUE
-from smoothcert.service.core.workers import HEARTBEAT_PREFIX
-from tests.support.stack import stack_env, start_process, stop_process, wait_for, wait_job
+from tests.support.stack import stack_env, start_worker, stop_process, wait_job
 
 TRAINER = "trainer@tests"
 FAST = {"dataset": "digits", "method": "gaussian", "sigma": 0.25, "batch_size": 128, "seed": 3}
@@ -34,11 +31,7 @@ FAST = {"dataset": "digits", "method": "gaussian", "sigma": 0.25, "batch_size": 
 def trainer(redis_url, data_dir) -> Iterator[subprocess.Popen]:
     """A worker that consumes only the ``train`` queue, ready once its heartbeat is in Redis."""
     log = data_dir / "trainer.log"
-    proc = start_process([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--queues", TRAIN_QUEUE,
-                          "--concurrency", "1", "--hostname", TRAINER, "--without-mingle", "--without-gossip"],
-                         stack_env(redis_url, data_dir), log)
-    client = redis.Redis.from_url(redis_url)
-    wait_for(lambda: client.exists(HEARTBEAT_PREFIX + TRAINER), 60, "the trainer", proc, log)
+    proc, _ = start_worker(stack_env(redis_url, data_dir), log, TRAINER, "--queues", TRAIN_QUEUE)
     yield proc
     stop_process(proc)
 

@@ -5,21 +5,18 @@ Its own Redis, worker and API, since it stops Redis under them.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import httpx
 import numpy as np
-import redis
 
-from smoothcert.service.core.workers import HEARTBEAT_PREFIX
 from smoothcert.service.devstack.redis_server import RedisServer
 from tests.support.stack import (
     ADMIN_KEY,
     USER_KEY,
     stack_env,
     start_api,
-    start_process,
+    start_worker,
     stop_process,
     wait_for,
     wait_job,
@@ -27,11 +24,7 @@ from tests.support.stack import (
 
 
 def _start_worker(env, log):
-    proc = start_process([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1",
-                          "--hostname", "restart@%h", "--without-mingle", "--without-gossip"], env, log)
-    client = redis.Redis.from_url(env["SMOOTHCERT_REDIS_URL"])
-    wait_for(lambda: list(client.scan_iter(match=HEARTBEAT_PREFIX + "*")), 60, "the worker", proc, log)
-    return proc
+    return start_worker(env, log, "restart@%h")[0]
 
 
 def test_job_survives_a_killed_redis_and_the_api_answers_503_meanwhile(tmp_path, demo_paths):

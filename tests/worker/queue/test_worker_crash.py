@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 
 import httpx
 import numpy as np
 import pytest
 import redis
 
-from smoothcert.service.core.workers import HEARTBEAT_PREFIX
 from smoothcert.service.devstack.redis_server import RedisServer
 from smoothcert.worker.queue.leases import LEASES_KEY
 from tests.support.stack import (
@@ -30,10 +28,12 @@ from tests.support.stack import (
     USER_KEY,
     stack_env,
     start_api,
-    start_process,
     stop_process,
     wait_for,
     wait_job,
+)
+from tests.support.stack import (
+    start_worker as start_stack_worker,
 )
 
 CAP = 2
@@ -55,10 +55,8 @@ def stack(tmp_path_factory):
 
 def start_worker(stack, name: str, log_name: str | None = None):
     log = stack["tmp"] / f"{log_name or name}.log"
-    proc = start_process([sys.executable, "-m", "smoothcert.worker.queue.celery_app", "--concurrency", "1",
-                          "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip"], stack["env"], log)
+    proc, _ = start_stack_worker(stack["env"], log, f"{name}@%h")
     stack["procs"].append(proc)
-    wait_for(lambda: list(stack["redis"].scan_iter(match=f"{HEARTBEAT_PREFIX}{name}@*")), 60, name, proc, log)
     return proc
 
 
