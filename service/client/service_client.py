@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from tqdm import tqdm
 
 from smoothcert.service.core.inputs import image_files
 
@@ -133,7 +134,6 @@ class ServiceClient:
         running on the server). While the server cannot be reached or answers 502/503/504 (a
         restart, Redis away), polling goes on for up to ``max_outage_s`` seconds in a row.
         """
-        from tqdm import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
         show = sys.stderr.isatty() if progress is None else progress

@@ -18,6 +18,8 @@ from contextvars import ContextVar, Token
 from datetime import datetime, timezone
 from typing import Any
 
+from celery.signals import setup_logging, task_postrun, task_prerun
+
 from smoothcert.service.core.settings import Settings
 
 JOB_ID: ContextVar[str | None] = ContextVar("smoothcert_job_id", default=None)
@@ -171,7 +173,6 @@ def _leave_job(task_id: str | None = None, **_: Any) -> None:
 def install_worker_hooks(settings: Settings) -> None:
     """In a worker: Celery configures logging through :func:`configure_logging` (in the main and
     in each pool process), and every task runs with :data:`JOB_ID` set to its first argument."""
-    from celery.signals import setup_logging, task_postrun, task_prerun
 
     def setup(**_: Any) -> None:
         configure_logging(settings, "worker")

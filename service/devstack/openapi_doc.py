@@ -15,14 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from smoothcert.service.api.app import create_app
+from smoothcert.service.core.settings import Settings
+
 DEFAULT_PATH = Path("openapi/openapi.json")
 
 
 def openapi_document() -> dict:
     """The OpenAPI document the app serves at ``/openapi.json``."""
-    from smoothcert.service.api.app import create_app
-    from smoothcert.service.core.settings import Settings
-
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(env="development", api_key="openapi-document-key", data_dir=data_dir,
                             redis_url="redis://127.0.0.1:1/0")

@@ -29,8 +29,10 @@ from torch import nn
 
 from smoothcert.models.architectures import build_network
 from smoothcert.models.base import Normalize
+from smoothcert.models.loaders import resolve_device
 from smoothcert.models.metadata import ModelError, ModelInfo, Normalization
 from smoothcert.models.reproducible import init_weights
+from smoothcert.models.safetensors_io import save_safetensors_model
 from smoothcert.service.core.train_config import METHODS, OPTIMIZERS, TrainConfig, TrainingError  # noqa: F401
 from smoothcert.worker.data.datasets import Dataset
 from smoothcert.worker.smoothing.sampling import Canceled
@@ -80,8 +82,6 @@ class TrainResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the model as one self-describing safetensors file that ``load_model`` takes as is."""
-        from smoothcert.models.safetensors_io import save_safetensors_model
-
         return save_safetensors_model(path, self.network, self.info)
 
 
@@ -141,8 +141,6 @@ def _resume(run: _Run, checkpoint_dir: str | Path, identity: dict[str, Any]) -> 
 
 
 def _device(device: str | torch.device) -> torch.device:
-    from smoothcert.models.loaders import resolve_device
-
     try:
         return resolve_device(device)
     except ModelError as exc:

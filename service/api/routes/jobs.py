@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from smoothcert.service.api.deps import JobsDep, require_key
 from smoothcert.service.api.schemas import Job
 from smoothcert.service.core.jobs import CANCELED, SUCCEEDED, TERMINAL, JobRecord, JobStore
+from smoothcert.service.core.tsv import format_tsv
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_key)])
 _NOT_FOUND = {404: {"description": "unknown job id (or its record expired)"}}
@@ -29,7 +30,6 @@ def get_job(job_id: str, jobs: JobsDep) -> Job:
             responses={**_NOT_FOUND, 409: {"description": "the job has not succeeded"}})
 def get_results_tsv(job_id: str, jobs: JobsDep) -> PlainTextResponse:
     """The results in the CLI's TSV: Cohen's columns first, then ours."""
-    from smoothcert.service.core.tsv import format_tsv
 
     record = _record(jobs, job_id)
     if record.status != SUCCEEDED:
