@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(PY) -m tests.support.checks --install-view
 	touch $(STAMP)
 
 clean:

@@ -7,8 +7,11 @@
 - **Style**: ruff with pyproject.toml's settings (line length, import order).
 
 The editable install maps ``smoothcert.service`` to ``service/`` through an import hook, which
-neither import-linter nor mypy can follow, so both run over a *namespace view*: a temporary
-``smoothcert/`` folder whose ``service``, ``worker`` and ``models`` are links to the working tree.
+neither import-linter nor mypy can follow, so both run over a *namespace view*: a ``smoothcert/``
+folder whose ``service``, ``worker`` and ``models`` are links to the working tree. The checks here
+make a temporary one; ``python -m tests.support.checks --install-view`` (run by the Makefile's
+install step) puts a lasting one on the virtual environment's path, so that ``lint-imports`` and
+``mypy`` also work when called by hand. Both views link the same files the editable install maps.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,15 +30,30 @@ PACKAGES = ("service", "worker", "models")
 BIN = Path(sys.executable).parent
 
 
+def link_view(where: Path, source: Path = ROOT) -> Path:
+    """Make ``where/smoothcert/{service,worker,models}`` links to the packages under ``source``."""
+    namespace = where / "smoothcert"
+    namespace.mkdir(parents=True, exist_ok=True)
+    for package in PACKAGES:
+        link = namespace / package
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(source / package, target_is_directory=True)
+    return where
+
+
 @contextlib.contextmanager
 def namespace_view(source: Path = ROOT) -> Iterator[Path]:
-    """A temporary directory holding ``smoothcert/{service,worker,models}`` linked to ``source``."""
+    """A temporary namespace view of the packages under ``source``."""
     with tempfile.TemporaryDirectory(prefix="smoothcert-view-") as where:
-        namespace = Path(where) / "smoothcert"
-        namespace.mkdir()
-        for package in PACKAGES:
-            (namespace / package).symlink_to(source / package, target_is_directory=True)
-        yield Path(where)
+        yield link_view(Path(where), source)
+
+
+def install_view() -> Path:
+    """A lasting view beside this interpreter's environment, on its path through a ``.pth`` file."""
+    where = link_view(Path(sys.prefix) / "smoothcert-view")
+    (Path(sysconfig.get_paths()["purelib"]) / "smoothcert-view.pth").write_text(f"{where}\n")
+    return where
 
 
 def _run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -65,6 +84,9 @@ CHECKS = {"layers": lint_imports, "types": type_check, "style": style_check}
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--install-view"]:
+        print(f"namespace view: {install_view()}")
+        return 0
     failed = []
     for name, check in CHECKS.items():
         done = check()
