@@ -62,15 +62,32 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
 
 
+def _role(settings: Settings, key: str) -> str | None:
+    if _matches(key, settings.admin_key):
+        return "admin"
+    if _matches(key, settings.api_key):
+        return "user"
+    return None
+
+
 def require_key(settings: SettingsDep, creds: Credentials) -> str:
     """The caller's role, "user" or "admin"; 401 without a valid key."""
     if creds is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if _matches(creds.credentials, settings.admin_key):
-        return "admin"
-    if _matches(creds.credentials, settings.api_key):
-        return "user"
-    raise _unauthorized("invalid API key")
+    role = _role(settings, creds.credentials)
+    if role is None:
+        raise _unauthorized("invalid API key")
+    return role
+
+
+def optional_role(request: Request) -> str | None:
+    """The role of the request's bearer key, or None without a valid one (never 401): for open
+    routes that tell a key holder more. It declares no security scheme, so the route stays open
+    in the OpenAPI document."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return _role(request.app.state.settings, key.strip())
 
 
 Role = Annotated[str, Depends(require_key)]

@@ -57,9 +57,8 @@ class DatasetStore(FolderStore):
     def load(self, dataset_id: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Images ``[start, stop)`` (float32) and their labels; DatasetMissing after a delete."""
         try:
-            folder = self.folder(dataset_id)
-            x = np.load(folder / "x.npy", mmap_mode="r", allow_pickle=False)
-            y = np.load(folder / "y.npy", allow_pickle=False)
+            x = np.load(self.file(dataset_id, "x.npy"), mmap_mode="r", allow_pickle=False)
+            y = np.load(self.file(dataset_id, "y.npy"), allow_pickle=False)
         except (KeyError, OSError):
             raise DatasetMissing(f"dataset {dataset_id} was deleted") from None
         return np.array(x[start:stop], dtype=np.float32), y[start:stop]

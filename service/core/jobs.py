@@ -1,7 +1,9 @@
 """Job records in Redis: the single source of truth for a job's status, progress and result.
 
 Celery's own task state cannot serve: it says PENDING for ids it never saw and expires. A job id
-is the Celery task id. A record is a Redis hash ``smoothcert:job:<id>``; status changes go
+is the Celery task id, a UUID in its canonical form (:func:`check_job_id`), and nothing else
+ever becomes part of a Redis key or a folder name: ``<id>:cancel`` or ``../x`` is no job id.
+A record is a Redis hash ``smoothcert:job:<id>``; status changes go
 through one Lua script so that a transition happens only from the states it names (a canceled
 job never turns succeeded, a finished one never turns running again). The cancel flag is a
 separate key the engine polls between batches.
@@ -16,12 +18,16 @@ queued or running leaves a member behind whose score has passed; the scrape drop
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import redis
+
+from smoothcert.service.core.store import inside
 
 PREFIX = "smoothcert:job:"
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
@@ -90,6 +96,39 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+_JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+JOB_ID_FORM = "a UUID in lowercase hex, 8-4-4-4-12 digits (e.g. 3f2b8c1e-5d4a-4b6f-9e7d-0a1b2c3d4e5f)"
+INPUTS_FILE = "inputs.npy"
+
+
+class InvalidJobId(ValueError):
+    """A string that is not a job id; the message says what one looks like."""
+
+
+def is_job_id(value: object) -> bool:
+    """Whether ``value`` is a job id as :func:`new_job_id` makes them."""
+    return isinstance(value, str) and _JOB_ID.match(value) is not None
+
+
+def check_job_id(value: object) -> str:
+    """``value`` when it is a job id; InvalidJobId otherwise."""
+    if not is_job_id(value):
+        raise InvalidJobId(f"{str(value)[:80]!r} is not a job id: job ids are {JOB_ID_FORM}")
+    return str(value)
+
+
+def job_folder(jobs_dir: Path, job_id: str) -> Path:
+    """``jobs_dir/<job id>``, where a job keeps its files (a certify job's :data:`INPUTS_FILE`, a
+    training run's checkpoints). InvalidJobId for anything but a job id; ValueError when the
+    folder resolves outside ``jobs_dir`` (a link placed there)."""
+    return inside(jobs_dir, Path(jobs_dir) / check_job_id(job_id))
+
+
+def job_inputs(jobs_dir: Path, job_id: str) -> Path:
+    """The inputs file of a certify job, checked like :func:`job_folder` (the file itself too)."""
+    return inside(jobs_dir, job_folder(jobs_dir, job_id) / INPUTS_FILE)
+
+
 def _now() -> float:
     return round(time.time(), 3)
 
@@ -132,11 +171,12 @@ class JobStore:
 
     @staticmethod
     def key(job_id: str) -> str:
-        return PREFIX + job_id
+        """The record's key; InvalidJobId unless ``job_id`` is one (callers check first and answer)."""
+        return PREFIX + check_job_id(job_id)
 
     @staticmethod
     def cancel_key(job_id: str) -> str:
-        return PREFIX + job_id + ":cancel"
+        return JobStore.key(job_id) + ":cancel"
 
     def create(self, job_id: str, kind: str, params: dict[str, Any], total: int = 0) -> JobRecord:
         """Write a new queued record (before the task is sent, so the worker always finds it)."""

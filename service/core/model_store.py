@@ -50,7 +50,7 @@ class ModelStore(FolderStore):
         meta = self.get(model_id, include_pending=True)
         if meta is None:
             raise KeyError(model_id)
-        return self.folder(model_id) / f"model.{meta['format']}"
+        return self.file(model_id, f"model.{meta['format']}")
 
     def add(self, src: BinaryIO, filename: str, fields: dict[str, Any], *,
             max_bytes: int | None = None) -> dict[str, Any]:

@@ -8,15 +8,18 @@ Training jobs are routed to their own queue, ``train``, so a long training run n
 certification: a worker consumes ``certify`` (the default), ``train``, or both. Reliability
 settings (design §6): late acks with one prefetched message, so a task whose worker dies is
 redelivered; the Redis visibility timeout exceeds the hard time limit, so a long task is never
-handed out twice while it still runs.
+handed out twice while it still runs. A task sent again for a dead worker (:func:`send_first`)
+goes to the front of its queue, ahead of every waiting message.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 from celery import Celery
-from kombu.transport.redis import PRIORITY_STEPS, Channel
+from kombu.transport.redis import PRIORITY_STEPS, Channel, Transport
+from kombu.utils.json import dumps
 
 from smoothcert.service.core.settings import Settings
 
@@ -69,3 +72,27 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
         for name in queue_names(queue):
             pipe.llen(name)
         return sum(pipe.execute())
+
+
+class _FrontChannel(Channel):
+    """Kombu's Redis channel, except that it puts a message where the next consumer takes it from.
+
+    Kombu keeps a queue as one Redis list per priority step (:func:`queue_names`), LPUSHes each
+    new message onto its step's list, and consumers BRPOP the lists, step 0 first: the right end
+    of the step-0 list is what comes out next, whatever the lists hold.
+    """
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        with self.conn_or_acquire() as client:
+            client.rpush(self._q_for_pri(queue, PRIORITY_STEPS[0]), dumps(message))
+
+
+class _FrontTransport(Transport):
+    Channel = _FrontChannel
+
+
+def send_first(app: Celery, name: str, args: Sequence[Any], task_id: str) -> None:
+    """Send task ``name`` (routed as any other) so that a worker takes it before every message
+    already waiting in its queue; raises what sending raises."""
+    with app.connection_for_write(transport=_FrontTransport) as connection:
+        app.send_task(name, args=list(args), task_id=task_id, connection=connection)

@@ -2,13 +2,16 @@
 
 One class for the API, the worker and ``smoothcert up``. In development an unset API key is
 generated (and printed by whoever starts the process); in production an empty or well-known key
-refuses to start. The admin key defaults to the API key in development only.
+refuses to start. The admin key defaults to the API key in development only. The Redis password
+is ``SMOOTHCERT_REDIS_PASSWORD`` or the one inside ``SMOOTHCERT_REDIS_URL``; production refuses
+to start without one, as it does without keys.
 """
 from __future__ import annotations
 
 import secrets
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +33,8 @@ class Settings(BaseSettings):
     admin_key: str = Field("", description="Bearer key for model upload/delete; the API key in development when empty")
     data_dir: Path = Field(Path("var/data"), description="models, uploaded inputs, results")
     redis_url: str = Field("", description="when set, `smoothcert up` uses it instead of starting Redis")
+    redis_password: str = Field("", description="Redis's password (AUTH), added to the Redis URL; `smoothcert up` "
+                                                "generates one for the Redis it starts; required in production")
     device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:1, ...")
 
     max_n: int = Field(1_000_000, ge=1, description="largest n (and n0) a job may ask for")
@@ -66,6 +71,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
+        in_url = _url_password(self.redis_url)
+        if in_url and self.redis_password and in_url != self.redis_password:
+            raise ValueError("SMOOTHCERT_REDIS_URL holds a password other than SMOOTHCERT_REDIS_PASSWORD; "
+                             "set only one of them")
         if self.env == "production":
             for name in ("api_key", "admin_key"):
                 value = getattr(self, name)
@@ -73,6 +82,10 @@ class Settings(BaseSettings):
                     raise ValueError(
                         f"SMOOTHCERT_{name.upper()} must be set to a secret of at least 16 characters "
                         "when SMOOTHCERT_ENV=production")
+            password = in_url or self.redis_password
+            if password.strip().lower() in WELL_KNOWN_KEYS or len(password) < 16:
+                raise ValueError("SMOOTHCERT_REDIS_PASSWORD (or a password in SMOOTHCERT_REDIS_URL) must be set to a "
+                                 "secret of at least 16 characters when SMOOTHCERT_ENV=production")
         else:
             if not self.api_key:
                 self.api_key = secrets.token_urlsafe(24)
@@ -88,8 +101,15 @@ class Settings(BaseSettings):
 
     @property
     def broker_url(self) -> str:
-        """The Redis URL every component uses (the configured one, or the default local one)."""
-        return self.redis_url or DEFAULT_REDIS_URL
+        """The Redis URL every component uses (the configured one, or the default local one), with
+        ``redis_password`` in it when the URL names none."""
+        url = self.redis_url or DEFAULT_REDIS_URL
+        if not self.redis_password or _url_password(url):
+            return url
+        parts = urlsplit(url)
+        user = quote(unquote(parts.username or ""), safe="")
+        netloc = f"{user}:{quote(self.redis_password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     @property
     def models_dir(self) -> Path:
@@ -102,3 +122,8 @@ class Settings(BaseSettings):
     @property
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
+
+
+def _url_password(url: str) -> str:
+    """The password inside a Redis URL (unquoted), or ""."""
+    return unquote(urlsplit(url).password or "") if url else ""

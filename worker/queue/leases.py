@@ -14,7 +14,8 @@ the task time limit (hours). Leases close that gap.
   the last beat) or the key names another incarnation: a container restarted after a crash keeps
   its hostname, so the worker's name alone cannot tell the new worker from the dead one. A dead
   lease older than the TTL is taken, atomically, by exactly one looker, which sends the same
-  message again under the same task id. The job's own records make the second run safe: it
+  message again under the same task id, to the front of its queue (it was first in line once
+  already; :func:`smoothcert.service.core.queue.send_first`). The job's own records make the second run safe: it
   counts as a delivery (the redelivery cap applies), a finished job is not run again, and the
   same seed gives the same answer.
 * When Redis finally restores the dead worker's original message, the task finds a lease held

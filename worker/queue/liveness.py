@@ -8,9 +8,9 @@
   processes that are gone. Only pool processes resolve the device, so the main process never
   touches CUDA (a forked child of a CUDA-initialized parent cannot use CUDA).
 * Every task runs under a lease (:mod:`smoothcert.worker.queue.leases`, via :class:`LeasedTask`), and
-  the heartbeat thread sends the tasks of dead workers again. The heartbeat carries the worker's
-  incarnation, drawn at each start: a worker restarted under the same name (a container keeps
-  its hostname) does not vouch for the leases of the one that died.
+  the heartbeat thread sends the tasks of dead workers again, to the front of their queues. The
+  heartbeat carries the worker's incarnation, drawn at each start: a worker restarted under the
+  same name (a container keeps its hostname) does not vouch for the leases of the one that died.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import redis
 from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
+from smoothcert.service.core.queue import send_first
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
 from smoothcert.worker.queue.leases import Lease, Leases
@@ -117,7 +118,9 @@ class Heartbeat:
                         lease.task)
 
     def resend(self, lease: Lease) -> None:
-        self.app.send_task(lease.task, args=lease.args, task_id=lease.task_id)
+        """Send a dead worker's task again, to the front of its queue: it was first in line once
+        already, so it runs next rather than behind everything queued since."""
+        send_first(self.app, lease.task, lease.args, lease.task_id)
 
     def run(self) -> None:
         client = redis.Redis.from_url(_settings.broker_url, socket_connect_timeout=2, socket_timeout=5)

@@ -1,8 +1,10 @@
 """The job runner: what a queue task does, as plain functions of a job id, a message and the stores.
 
-A task (:mod:`smoothcert.worker.queue.tasks`) only admits its delivery and calls one of these.
-Messages carry ids and paths only (the inputs wait in ``DATA_DIR/jobs/<id>/``, datasets in
-``DATA_DIR/datasets/<id>/``). Every outcome lands in the job record
+A task (:mod:`smoothcert.worker.queue.tasks`) checks its message against the job record
+(:mod:`smoothcert.worker.queue.messages`), admits its delivery and calls one of these with what
+the check returned. Files are found by ids, never by a path from a message: the inputs wait in
+``DATA_DIR/jobs/<id>/``, datasets in ``DATA_DIR/datasets/<id>/``, and a path that resolves
+outside them is refused. Every outcome lands in the job record
 (:mod:`smoothcert.service.core.jobs`); nothing is returned to Celery. A task runs again after its
 worker died (late acks), at most ``max_deliveries`` times; running the same job again gives the
 same answer because the seed is part of the message. A dataset job is one task per chunk
@@ -14,7 +16,6 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from smoothcert.models.metadata import ModelError
 from smoothcert.service.core.dataset_files import DatasetFileError
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.job_chunks import ChunkLedger
-from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore
+from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore, job_folder, job_inputs
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.samples import record_result_samples
 from smoothcert.worker.queue.celery_app import settings
@@ -96,9 +97,10 @@ def ready_model(model_id: str):
 
 
 def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]:
-    """Run a certify/predict job described by ``spec`` (the message) and return its result."""
+    """Run a certify/predict job described by ``spec`` (checked against its record) on the inputs
+    saved for it, and return its result."""
     model = ready_model(spec["model_id"])
-    x = np.load(spec["inputs_path"], allow_pickle=False)
+    x = saved_inputs(job_id, spec["num_inputs"])
     labels = spec.get("labels")
     result = run_engine(model, x, spec, spec["seed"],
                         throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
@@ -109,6 +111,19 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
     if labels is not None:
         result.update(label_metrics(result["results"], spec["mode"], spec.get("radii")))
     return result
+
+
+def saved_inputs(job_id: str, count: int) -> np.ndarray:
+    """The inputs the API saved for ``job_id`` (``DATA_DIR/jobs/<id>/inputs.npy``); InputError when
+    they are not there, or are not the ``count`` inputs the record speaks of."""
+    try:
+        x = np.load(job_inputs(settings.jobs_dir, job_id), allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # missing, unreadable, a pickle, a link out of the data dir
+        raise InputError(f"the saved inputs of job {job_id} are missing from the data dir "
+                         f"(jobs/{job_id}/inputs.npy)") from None
+    if x.ndim < 1 or len(x) != count:
+        raise InputError(f"the saved inputs of job {job_id} are not the {count} inputs its record names")
+    return x
 
 
 def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, worker: str) -> dict[str, Any]:
@@ -170,9 +185,15 @@ def record_errors(job_id: str, jobs: JobStore, work) -> None:
         jobs.fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def drop_inputs_when_done(job_id: str, spec: dict[str, Any], jobs: JobStore) -> None:
-    """Delete a job's saved inputs once it has ended; a job still in flight keeps them for the
-    next delivery."""
+def drop_inputs_when_done(job_id: str, jobs: JobStore) -> None:
+    """Delete a job's folder of saved inputs once it has ended; a job still in flight keeps them
+    for the next delivery. Only ``DATA_DIR/jobs/<id>`` is ever removed, and not when it resolves
+    elsewhere."""
     record = jobs.get(job_id)
     if record is None or record.status in TERMINAL:
-        shutil.rmtree(Path(spec["inputs_path"]).parent, ignore_errors=True)
+        try:
+            folder = job_folder(settings.jobs_dir, job_id)
+        except ValueError:
+            log.warning("job %s: its folder resolves outside %s; left alone", job_id, settings.jobs_dir)
+            return
+        shutil.rmtree(folder, ignore_errors=True)

@@ -8,7 +8,9 @@ checkpointed under ``DATA_DIR/jobs/<id>/checkpoint`` and appended to the job rec
 was killed) resumes from the last finished epoch rather than from zero; the history shows which
 delivery trained each epoch. The cancel flag is polled before every batch. On success the model
 is written by ``TrainResult.save`` into the model store, loaded once as an upload would be, and
-registered ready; the result names its ``model_id``. The task runs on the ``train`` queue.
+registered ready; the result names its ``model_id``. The task runs on the ``train`` queue. A
+message that does not match its job record is dropped, before any file is touched, as
+:mod:`smoothcert.worker.queue.tasks` does.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ from smoothcert.models.metadata import ModelError
 from smoothcert.service.core.dataset_files import DatasetFileError
 from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
 from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore
+from smoothcert.service.core.jobs import job_folder as folder_of_job
 from smoothcert.service.core.model_store import READY, ModelStore
 from smoothcert.service.core.queue import TRAIN_TASK
 from smoothcert.service.core.train_config import TrainConfig, TrainingError
 from smoothcert.worker.data.datasets import DIGITS, Dataset, load_digits
+from smoothcert.worker.queue import messages
 from smoothcert.worker.queue.celery_app import app, settings
 from smoothcert.worker.queue.runner import admitted, job_store
 from smoothcert.worker.smoothing.sampling import Canceled
@@ -37,7 +41,8 @@ log = logging.getLogger(__name__)
 
 
 def job_folder(job_id: str) -> Path:
-    return settings.jobs_dir / job_id
+    """``DATA_DIR/jobs/<id>``; ValueError for anything but a job id, or a folder that resolves elsewhere."""
+    return folder_of_job(settings.jobs_dir, job_id)
 
 
 def load_training_data(dataset: str) -> Dataset:
@@ -94,19 +99,25 @@ def register_model(result: TrainResult, job_id: str) -> dict[str, Any]:
         raise
 
 
-@app.task(name=TRAIN_TASK)
-def train_task(job_id: str, spec: dict[str, Any]) -> None:
+@app.task(name=TRAIN_TASK, bind=True)
+def train_task(self, job_id: str, spec: dict[str, Any]) -> None:
     """Train the model of job ``job_id``; every outcome lands in its record."""
     jobs = job_store()
+    trusted = messages.checked(self.name, job_id, lambda: messages.train_spec(jobs, self.request.id, job_id, spec))
+    if trusted is None:
+        return
     try:
         delivery = jobs.start(job_id)
         if not admitted(jobs, job_id, delivery):
             return
-        _record_outcome(job_id, jobs, lambda: jobs.succeed(job_id, run_training(job_id, spec, jobs, delivery)))
+        _record_outcome(job_id, jobs, lambda: jobs.succeed(job_id, run_training(job_id, trusted, jobs, delivery)))
     finally:
         record = jobs.get(job_id)
         if record is None or record.status in TERMINAL:  # keep the checkpoint for a redelivery
-            shutil.rmtree(job_folder(job_id), ignore_errors=True)
+            try:
+                shutil.rmtree(job_folder(job_id), ignore_errors=True)
+            except ValueError:
+                log.warning("job %s: its folder resolves outside %s; left alone", job_id, settings.jobs_dir)
 
 
 def _record_outcome(job_id: str, jobs: JobStore, work) -> None:

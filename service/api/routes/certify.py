@@ -4,10 +4,11 @@ The body is JSON (:class:`CertifyRequest`) or multipart: the same fields as form
 (``labels`` and ``radii`` as JSON lists) and the inputs as ``inputs`` files, either PNG/JPEG
 images (one input each) or one ``.npy`` array. Everything a worker would refuse is refused here
 first, with a 4xx that says why: parameters (schemas), caps (settings), the model (404 unknown,
-shape and label range from its record). The inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``;
-the message carries that path, the job record is written before the message is sent, and the
-seed is drawn here so that it is recorded. A dataset job (``dataset_id``) is checked against the
-dataset's record and sent as one message per chunk (:mod:`smoothcert.service.core.job_chunks`).
+shape and label range from its record). The inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``,
+where the worker finds them by the job id (a message names no path); the job record is written
+before the message is sent, and the seed is drawn here so that it is recorded. A dataset job
+(``dataset_id``) is checked against the dataset's record and sent as one message per chunk
+(:mod:`smoothcert.service.core.job_chunks`).
 The rate limit, the queue bound and ``Idempotency-Key`` are checked before the body is parsed
 into a job (:mod:`smoothcert.service.api.limits`); a multipart body's fingerprint is its fields and
 the SHA-256 of each file, so it does not depend on the client's boundary.
@@ -184,7 +185,7 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     folder.mkdir(parents=True)
     np.save(folder / "inputs.npy", x)
     params = _params(req, len(x))
-    spec = {**params, "inputs_path": str(folder / "inputs.npy"), "labels": req.labels, "radii": req.radii}
+    spec = {**params, "labels": req.labels, "radii": req.radii}
     try:
         jobs.create(job_id, req.mode, params, total=_samples_per_input(req) * len(x))
         queue.send_task(CERTIFY_TASK, args=[job_id, spec], task_id=job_id)

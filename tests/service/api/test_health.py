@@ -1,19 +1,21 @@
-"""/healthz and /readyz, and 503 (not 500) when Redis cannot be reached."""
+"""/healthz and /readyz (what the workers are only for a key holder), and 503 (not 500) when Redis
+cannot be reached."""
 from __future__ import annotations
 
 import httpx
 
-from tests.support.stack import USER_KEY, other_db, stack_env, start_api, stop_process
+from smoothcert.service.core.jobs import new_job_id
+from tests.support.stack import ADMIN_KEY, USER_KEY, other_db, stack_env, start_api, stop_process
 
 
-def test_readyz_names_the_live_worker(anonymous):
-    body = anonymous.get("/readyz").json()
+def test_readyz_names_the_live_worker(client):
+    body = client.get("/readyz").json()
     assert body["status"] == "ready" and body["redis"] == "ok" and body["workers"]
 
 
-def test_readyz_describes_each_worker_its_device_and_loaded_models(anonymous, demo_model):
+def test_readyz_describes_each_worker_its_device_and_loaded_models(client, demo_model):
     # The upload's check ran in the worker's pool process, which keeps the model loaded.
-    (worker,) = [w for w in anonymous.get("/readyz").json()["worker_details"] if w["name"].startswith("test@")]
+    (worker,) = [w for w in client.get("/readyz").json()["worker_details"] if w["name"].startswith("test@")]
     assert worker["queues"] == ["certify"] and worker["concurrency"] == 1 and worker["requested_device"] == "cpu"
     (process,) = worker["processes"]
     assert process["device"] == "cpu" and process["pid"] != worker["pid"]
@@ -25,8 +27,25 @@ def test_redis_unreachable_is_503(api_without_redis):
     assert httpx.get(f"{api_without_redis}/healthz").status_code == 200
     ready = httpx.get(f"{api_without_redis}/readyz")
     assert ready.status_code == 503 and "Redis unreachable" in ready.json()["detail"]
-    resp = httpx.get(f"{api_without_redis}/v1/jobs/x", headers={"Authorization": f"Bearer {USER_KEY}"})
+    resp = httpx.get(f"{api_without_redis}/v1/jobs/{new_job_id()}", headers={"Authorization": f"Bearer {USER_KEY}"})
     assert resp.status_code == 503 and "unreachable" in resp.json()["detail"]
+    assert ready.json() == {"status": "not ready", "detail": "Redis unreachable"}   # no address without a key
+    keyed = httpx.get(f"{api_without_redis}/readyz", headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert keyed.status_code == 503 and keyed.json()["redis"] == "unreachable"
+
+
+def test_readyz_without_a_valid_key_says_only_whether_it_is_ready(api_url, anonymous, client, demo_model):
+    keyed = client.get("/readyz").json()
+    names = keyed["workers"]
+    pids = [w["pid"] for w in keyed["worker_details"]] + [p["pid"] for w in keyed["worker_details"]
+                                                           for p in w["processes"]]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {USER_KEY}"}):
+        resp = anonymous.get("/readyz", headers=headers)
+        assert resp.status_code == 200 and resp.json() == {"status": "ready"}
+        assert not any(name in resp.text for name in names) and demo_model["id"] not in resp.text
+        assert not any(f'"{pid}"' in resp.text or f" {pid}" in resp.text for pid in pids)
+    admin = httpx.get(f"{api_url}/readyz", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert admin["workers"] == names and admin["worker_details"]
 
 
 def test_readyz_without_worker_is_503(redis_url, tmp_path_factory):

@@ -1,4 +1,4 @@
-"""Job records: unknown ids, cancellation of a running and a queued job, states never regress."""
+"""Job records: unknown and malformed ids, cancellation of a running and a queued job, states never regress."""
 from __future__ import annotations
 
 import time
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import redis
 
+from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import JobStore, new_job_id
 from tests.support.stack import wait_job
 
@@ -92,3 +93,28 @@ def test_store_round_trips_a_result(store):
     assert (record.done, record.total, record.result) == (5, 10, {"results": [{"radius": 0.1}]})
     assert record.started_at <= record.finished_at
     assert store.get(new_job_id()) is None
+
+
+def test_internal_keys_and_other_non_ids_are_unknown_jobs(client, store):
+    # A dataset job in flight has these keys beside its record; a cancel raises the flag key.
+    job_id = new_job_id()
+    store.create(job_id, "certify", {"dataset_id": "d", "chunks": 2}, total=10)
+    ledger = ChunkLedger(store)
+    assert ledger.start(job_id, 0) == 1
+    ledger.set_progress(job_id, 0, 5)
+    ledger.store(job_id, 0, {"rows": [], "provenance": {}})
+    other = new_job_id()
+    store.create(other, "certify", {}, total=1)
+    store.request_cancel(other)
+    for key in (f"{job_id}:chunk_done", f"{job_id}:chunk_results", f"{job_id}:chunk_deliveries", f"{other}:cancel"):
+        assert store.redis.exists("smoothcert:job:" + key)
+    names = [f"{job_id}:chunk_done", f"{job_id}:chunk_results", f"{job_id}:chunk_deliveries", f"{other}:cancel",
+             job_id.upper(), job_id + " ", job_id[:-1], f"{job_id}.0", "%2e%2e", "x" * 5000, "*"]
+    for name in names:
+        for resp in (client.get(f"/v1/jobs/{name}"), client.get(f"/v1/jobs/{name}/results.tsv"),
+                     client.delete(f"/v1/jobs/{name}")):
+            assert resp.status_code == 404, (name, resp.status_code, resp.text)
+            detail = resp.json()["detail"]
+            assert detail.startswith("unknown job") and "job ids are a UUID in lowercase hex, 8-4-4-4-12" in detail
+    assert store.get(job_id).status == "running" and ledger.results(job_id)   # nothing was touched
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"

@@ -107,7 +107,7 @@ def test_wait_rides_out_a_redis_restart_and_gives_up_after_max_outage(tmp_path):
             server.process.wait()
             server.process = None
             time.sleep(2)  # polls meanwhile get 503
-            server = RedisServer(tmp_path / "redis", port=server.port, persist=True).start()
+            server = RedisServer(tmp_path / "redis", port=server.port, persist=True, password=server.password).start()
             jobs = JobStore(redis.Redis.from_url(server.url))
             assert jobs.start(first) == 1 and jobs.succeed(first, {"results": []})
             waiter.join(60)

@@ -1,4 +1,4 @@
-"""Settings from SMOOTHCERT_* variables; production refuses weak keys."""
+"""Settings from SMOOTHCERT_* variables; production refuses weak keys and a Redis without a password."""
 from __future__ import annotations
 
 import pytest
@@ -53,7 +53,36 @@ def test_production_accepts_real_keys(monkeypatch):
     monkeypatch.setenv("SMOOTHCERT_ENV", "production")
     monkeypatch.setenv("SMOOTHCERT_API_KEY", "u" * 24)
     monkeypatch.setenv("SMOOTHCERT_ADMIN_KEY", "a" * 24)
+    monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", "r" * 24)
     assert Settings().admin_key == "a" * 24
+
+
+def test_the_redis_password_goes_into_the_broker_url(monkeypatch):
+    monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", "p@ss/word:1")
+    assert Settings().broker_url == "redis://:p%40ss%2Fword%3A1@redis:6379/0"
+    monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "rediss://app@redis:6380/2")
+    assert Settings().broker_url == "rediss://app:p%40ss%2Fword%3A1@redis:6380/2"
+    monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://:p%40ss%2Fword%3A1@redis:6379/0")   # the same, twice
+    assert Settings().broker_url == "redis://:p%40ss%2Fword%3A1@redis:6379/0"
+    monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://:other@redis:6379/0")
+    with pytest.raises(ValidationError, match="SMOOTHCERT_REDIS_URL holds a password other than"):
+        Settings()
+
+
+@pytest.mark.parametrize("password,url", [("", "redis://redis:6379/0"), ("change-me", "redis://redis:6379/0"),
+                                          ("short", "redis://redis:6379/0"), ("", "redis://:changeme@redis:6379/0")])
+def test_production_refuses_a_redis_without_a_real_password(monkeypatch, password, url):
+    monkeypatch.setenv("SMOOTHCERT_ENV", "production")
+    monkeypatch.setenv("SMOOTHCERT_API_KEY", "u" * 24)
+    monkeypatch.setenv("SMOOTHCERT_ADMIN_KEY", "a" * 24)
+    monkeypatch.setenv("SMOOTHCERT_REDIS_URL", url)
+    monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", password)
+    with pytest.raises(ValidationError, match="SMOOTHCERT_REDIS_PASSWORD .* at least 16 characters"):
+        Settings()
+    monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://:" + "s" * 20 + "@redis:6379/0")
+    monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", "")
+    assert Settings().broker_url.startswith("redis://:" + "s" * 20)
 
 
 def test_bad_port_is_refused(monkeypatch):

@@ -1,5 +1,5 @@
-"""``smoothcert up`` end to end: it starts Redis, the API and a worker, registers the demo, and the
-curl example it prints certifies a digit; SIGTERM stops every process it started."""
+"""``smoothcert up`` end to end: it starts Redis (with a password), the API and a worker, registers
+the demo, and the curl example it prints certifies a digit; SIGTERM stops every process it started."""
 from __future__ import annotations
 
 import os
@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from smoothcert.service.devstack.redis_server import free_port
 from tests.support.stack import wait_job
@@ -34,6 +36,19 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
         if marker in seen[-1]:
             return "".join(seen)
     pytest.fail(f"no {marker!r} from smoothcert up (exit {proc.poll()}):\n{''.join(seen)}")
+
+
+def redis_port_of_children(pid: int) -> int:
+    """The port of the Redis-protocol server among the children of ``pid`` (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and "-server" in cmdline.split(" ")[0]:
+            return int(re.search(r"(?:127\.0\.0\.1:|--port )(\d+)", cmdline).group(1))
+    pytest.fail(f"no Redis server among the children of {pid}")
 
 
 def test_up_serves_the_printed_curl_example_and_stops_cleanly(tmp_path, demo_paths):
@@ -59,6 +74,9 @@ def test_up_serves_the_printed_curl_example_and_stops_cleanly(tmp_path, demo_pat
             job = wait_job(client, resp.json()["job_id"])
         assert job["status"] == "succeeded", job["error"]
         assert job["result"]["results"][0]["radius"] > 0
+        # The Redis it started, which its API and worker use, lets no one in without the password.
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port_of_children(proc.pid), socket_timeout=5).keys()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -53,7 +53,7 @@ def test_job_survives_a_killed_redis_and_the_api_answers_503_meanwhile(tmp_path,
         down = user.get(f"/v1/jobs/{job_id}")
         assert down.status_code == 503 and "unreachable" in down.json()["detail"]
 
-        server = RedisServer(tmp_path / "redis", port=server.port, persist=True).start()
+        server = RedisServer(tmp_path / "redis", port=server.port, persist=True, password=server.password).start()
         assert user.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
         worker = _start_worker(env, tmp_path / "worker2.log")
         record = wait_job(user, job_id, timeout=90)
@@ -66,7 +66,7 @@ def test_job_survives_a_killed_redis_and_the_api_answers_503_meanwhile(tmp_path,
         server.process = None
         assert user.get(f"/v1/jobs/{job_id}").status_code == 503
         assert httpx.get(f"{url}/readyz").status_code == 503
-        server = RedisServer(tmp_path / "redis", port=server.port, persist=True).start()
+        server = RedisServer(tmp_path / "redis", port=server.port, persist=True, password=server.password).start()
         wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "readyz after the restart")
         resp = user.post("/v1/certify", json={"model_id": model_id, "inputs": x.tolist(),
                                               "sigma": 0.25, "n0": 20, "n": 200, "seed": 1})

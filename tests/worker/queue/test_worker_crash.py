@@ -9,6 +9,8 @@ Its own Redis, API and workers (with a 3 s heartbeat TTL), since it kills worker
   uninterrupted run gives for that seed.
 * A job whose pool process is killed on every delivery ends ``failed`` after the redelivery cap,
   with a message that says why.
+* A dead worker's job is sent again to the front of the queue: with 50 jobs queued behind it, it
+  still finishes before nearly all of them.
 """
 from __future__ import annotations
 
@@ -131,3 +133,32 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_the_cap(stack, setup
     assert record["status"] == "failed"
     assert record["error"] == f"the job was started {CAP} times and its worker died each time"
     assert deliveries(stack, job_id) == CAP + 1
+
+
+def test_a_dead_workers_job_is_sent_again_ahead_of_the_backlog(stack, setup):
+    client = setup["client"]
+    job_id = submit(setup, n=40_000, seed=5)
+    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 120, "progress")
+    backlog = []
+    for i in range(50):   # queued behind the running job: the worker holds one message at a time
+        resp = client.post("/v1/certify", json={"model_id": setup["model_id"], "inputs": setup["x"][:1].tolist(),
+                                                "sigma": 0.25, "n0": 100, "n": 20_000, "seed": i})
+        assert resp.status_code == 202, resp.text
+        backlog.append(resp.json()["job_id"])
+    assert lease_of(stack, job_id) is not None
+    os.killpg(stack["worker"].pid, signal.SIGKILL)
+    stack["worker"].wait()
+
+    stack["worker"] = start_worker(stack, "after-kill")
+    record = wait_job(client, job_id, timeout=300)
+    assert record["status"] == "succeeded", record["error"]
+    assert deliveries(stack, job_id) >= 2
+    behind = [client.get(f"/v1/jobs/{b}").json() for b in backlog]
+    done_first = [b for b in behind if b["finished_at"] is not None and b["finished_at"] < record["finished_at"]]
+    # At the back of the queue it would have waited for all 50; at the front it waits at most for
+    # the job the new worker took before the dead lease was reaped.
+    assert len(done_first) <= 5, f"{len(done_first)} of the 50 queued jobs finished before the resent one"
+    for b in backlog:   # the rest is not needed
+        client.delete(f"/v1/jobs/{b}")
+    for b in backlog:
+        assert wait_job(client, b, timeout=120)["status"] in ("succeeded", "canceled")
