@@ -2,12 +2,14 @@
 
 The body is JSON (:class:`CertifyRequest`) or multipart: the same fields as form fields
 (``labels`` and ``radii`` as JSON lists) and the inputs as ``inputs`` files, either PNG/JPEG
-images (one input each) or one ``.npy`` array. Everything a worker would refuse is refused here
-first, with a 4xx that says why: parameters (schemas), caps (settings), the model (404 unknown,
-shape and label range from its record). The inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``;
-the message carries that path, the job record is written before the message is sent, and the
-seed is drawn here so that it is recorded. A dataset job (``dataset_id``) is checked against the
-dataset's record and sent as one message per chunk (:mod:`smoothcert.service.core.job_chunks`).
+images (one input each; :mod:`smoothcert.service.core.images` says which, and every header is checked
+against the model's input shape before any pixel is decoded) or one ``.npy`` array.
+Everything a worker would refuse is refused here first, with a 4xx that says why: parameters
+(schemas), caps (settings), the model (404 unknown, shape and label range from its record). The
+inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``; the message carries that path, the job
+record is written before the message is sent, and the seed is drawn here so that it is recorded.
+A dataset job (``dataset_id``) is checked against the dataset's record and sent as one message
+per chunk (:mod:`smoothcert.service.core.job_chunks`).
 The rate limit, the queue bound and ``Idempotency-Key`` are checked before the body is parsed
 into a job (:mod:`smoothcert.service.api.limits`); a multipart body's fingerprint is its fields and
 the SHA-256 of each file, so it does not depend on the client's boundary.
@@ -47,7 +49,7 @@ from smoothcert.service.api.schemas import (
     validate_body,
 )
 from smoothcert.service.core.images import IMAGE_SUFFIXES
-from smoothcert.service.core.inputs import decode_image, load_npy
+from smoothcert.service.core.inputs import decode_images, load_npy
 from smoothcert.service.core.job_chunks import chunk_seed, plan_chunks
 from smoothcert.service.core.jobs import new_job_id
 from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
@@ -144,16 +146,14 @@ def _form_request(form: Form) -> tuple[CertifyRequest, Files]:
     return validate_body(CertifyRequest, {**values, "inputs": []}), files
 
 
-def _decode_files(files: Files, channels: int) -> np.ndarray:
-    """One .npy array, or PNG/JPEG images stacked (N, C, H, W); ValueError otherwise."""
+def _decode_files(files: Files, input_shape: list[int]) -> np.ndarray:
+    """One .npy array, or PNG/JPEG images (N, C, H, W), each header checked against the model's
+    input shape before any is decoded (inputs.decode_images); ValueError otherwise."""
     if len(files) == 1 and files[0][0].lower().endswith(".npy"):
         return load_npy(files[0][1]).astype(np.float64)
     if any(not name.lower().endswith(IMAGE_SUFFIXES) for name, _ in files):
         raise ValueError("inputs files must be PNG/JPEG images or a single .npy array")
-    images = [decode_image(data, channels, name) for name, data in files]
-    if len({im.shape for im in images}) > 1:
-        raise ValueError(f"images differ in size: {sorted({im.shape for im in images})}")
-    return np.stack(images)
+    return decode_images(files, input_shape)
 
 
 def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, datasets, queue) -> JobAccepted:
@@ -169,7 +169,7 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     if req.dataset_id is not None:
         return _enqueue_dataset(req, meta, settings, jobs, datasets, queue)
     try:
-        raw = decode_inputs(req.inputs) if files is None else _decode_files(files, meta["input_shape"][0])
+        raw = decode_inputs(req.inputs) if files is None else _decode_files(files, meta["input_shape"])
         x = check_inputs(raw, meta["input_shape"])
         if req.labels is not None:
             check_labels(req.labels, len(x), meta["num_classes"])
