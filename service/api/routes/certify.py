@@ -1,8 +1,9 @@
 """``POST /v1/certify``: validate a certify/predict request, save its inputs, queue the job.
 
-The body is JSON (:class:`CertifyRequest`) or multipart: the same fields as form fields
-(``labels`` and ``radii`` as JSON lists) and the inputs as ``inputs`` files, either PNG/JPEG
-images (one input each; :mod:`smoothcert.service.core.images` says which, and every header is checked
+The body is JSON (:class:`CertifyRequest`) or multipart: the same fields as form fields, each
+number or list as the JSON text of its value (``n=1000``, ``labels=[3, 1]``) and checked as
+strictly as in a JSON body, and the inputs as ``inputs`` files, either PNG/JPEG images (one
+input each; :mod:`smoothcert.service.core.images` says which, and every header is checked
 against the model's input shape before any pixel is decoded) or one ``.npy`` array.
 Everything a worker would refuse is refused here first, with a 4xx that says why: parameters
 (schemas), caps (settings), the model (404 unknown, shape and label range from its record). The
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import shutil
 from typing import Any
 
@@ -46,6 +46,7 @@ from smoothcert.service.api.schemas import (
     check_inputs,
     check_labels,
     decode_inputs,
+    form_json,
     validate_body,
 )
 from smoothcert.service.core.images import IMAGE_SUFFIXES
@@ -63,6 +64,9 @@ _BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["model_id", "sigma", "inputs"], "properties": {
         **_FORM_FIELDS, "inputs": {"type": "array", "items": {"type": "string", "format": "binary"},
                                    "description": "PNG/JPEG images, or one .npy array"}}}}}}
+# Form fields given as text (model_id, bound, mode); the others are read as JSON (_form_value).
+_TEXT_FIELDS = frozenset(k for k, v in _FORM_FIELDS.items()
+                         if "string" in {s.get("type") for s in (v, *v.get("anyOf", []))})
 Files = list[tuple[str, bytes]]
 Form = tuple[list[tuple[str, str]], list[tuple[str, str, bytes]]]   # fields; (field, filename, data) per file
 
@@ -129,13 +133,7 @@ def _form_content(form: Form) -> dict[str, Any]:
 def _form_request(form: Form) -> tuple[CertifyRequest, Files]:
     values: dict[str, Any] = {}
     for key, value in form[0]:
-        if key in ("labels", "radii"):
-            try:
-                values[key] = json.loads(value)
-            except json.JSONDecodeError:
-                raise _unprocessable(f"{key} must be a JSON list, e.g. [3, 1, 4]") from None
-        else:
-            values[key] = value
+        values[key] = value if key in _TEXT_FIELDS or key not in _FORM_FIELDS else _form_value(key, value)
     files: Files = []
     for key, name, data in form[1]:
         if key != "inputs":
@@ -144,6 +142,14 @@ def _form_request(form: Form) -> tuple[CertifyRequest, Files]:
     if not files:
         raise _unprocessable("no 'inputs' files: attach PNG/JPEG images or one .npy array")
     return validate_body(CertifyRequest, {**values, "inputs": []}), files
+
+
+def _form_value(key: str, text: str) -> Any:
+    """A non-text form field read as JSON (schemas.form_json); labels and radii must be JSON."""
+    value = form_json(text)
+    if key in ("labels", "radii") and value is text:
+        raise _unprocessable(f"{key} must be a JSON list, e.g. [3, 1, 4]")
+    return value
 
 
 def _decode_files(files: Files, input_shape: list[int]) -> np.ndarray:
