@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,11 +41,13 @@ class Normalization:
                 raise ModelError(f"normalization is not valid JSON: {exc.msg}") from None
         if not isinstance(value, dict) or "mean" not in value:
             raise ModelError('normalization must look like {"mean": [...], "std": [...]}')
-        try:
-            mean = tuple(float(v) for v in value["mean"])
-            std = None if value.get("std") is None else tuple(float(v) for v in value["std"])
-        except (TypeError, ValueError):
-            raise ModelError("normalization mean and std must be lists of numbers") from None
+        # Numbers only: float() would also take "0.5" and true, and NaN would poison every input.
+        lists = [value["mean"]] + ([] if value.get("std") is None else [value["std"]])
+        if not all(isinstance(values, (list, tuple)) and all(_is_finite_number(v) for v in values)
+                   for values in lists):
+            raise ModelError("normalization mean and std must be lists of finite numbers")
+        mean = tuple(float(v) for v in value["mean"])
+        std = None if value.get("std") is None else tuple(float(v) for v in value["std"])
         if std is not None and (len(std) != len(mean) or any(s <= 0 for s in std)):
             raise ModelError("normalization std must be positive and as long as mean")
         return cls(mean, std)
@@ -145,6 +148,11 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     if "extra" in fields and not isinstance(fields["extra"], dict):
         raise ModelError("extra must be a JSON object")
     return fields
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A real number (numpy's too), not a bool or a string, neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_count(value: Any) -> bool:

@@ -2,20 +2,66 @@
 
 Parameter checks that need no model live here (σ > 0, n ≥ 1, α in (0, 1), ...); checks against
 the model (shape, label range) and the settings' caps live in the routes. numpy only, no torch.
+
+Request bodies are typed strictly, as their JSON Schema says: a number is a JSON number, never
+a string (``"n": "1000"`` is refused); an integer is a number without a fractional part (1000 or
+1000.0), never a boolean (``"seed": true`` is refused); labels are integers and pixels numbers.
+The 422 names the field.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-from typing import Any, Literal, TypeVar
+import json
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from smoothcert.models.pixels import as_pixel_batch
 from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, MAX_SEED, Bound, Mode
+
+
+def integral(value: Any) -> Any:
+    """A float with no fractional part as the int it is, and a list's items so; anything else
+    unchanged, for the strict check. JSON Schema counts 1000.0 as an integer, and a Python client
+    sending ``n=1e4`` means 10000. The strict models run it before their integer fields."""
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def form_json(text: Any) -> Any:
+    """A multipart form field's text read as the JSON value it spells (``1000``, ``0.25``,
+    ``[3, 1]``), so that the strict types of a JSON body apply to it: ``seed=true`` is a boolean
+    and ``n="1000"`` a string, both refused. Text that is not JSON (``abc``, ``NaN``, ``inf``)
+    stays text, which a number field then refuses, naming the field."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError:
+        return text
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")   # json.loads would take NaN and Infinity
+
+
+# Numeric multipart form fields (POST /v1/models): the form's text read as JSON, then strict.
+FormInteger = Annotated[int, BeforeValidator(integral), BeforeValidator(form_json), Strict()]
+FormNumber = Annotated[float, BeforeValidator(form_json), Strict()]
 
 
 class CertifyRequest(BaseModel):
@@ -24,7 +70,8 @@ class CertifyRequest(BaseModel):
     ``dataset_id`` names an uploaded dataset (``POST /v1/datasets``): its inputs ``[skip,
     skip + limit)`` are certified in chunks, with the labels of its ``y``."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # strict: no strings for numbers, no booleans for integers (the module docstring)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model_id: str = Field(min_length=1, max_length=64)
     inputs: str | list[Any] | None = None
@@ -47,6 +94,11 @@ class CertifyRequest(BaseModel):
         None, ge=0, allow_inf_nan=False,
         description="only decide 'certified at this radius?' with an anytime-valid test that stops as soon "
                     "as the answer is known; n is then the cap per input")
+
+    @field_validator("skip", "limit", "n0", "n", "batch_size", "seed", "labels", mode="before")
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        return integral(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> CertifyRequest:
@@ -174,11 +226,42 @@ def decode_inputs(value: str | list[Any]) -> np.ndarray:
                                                    or np.issubdtype(arr.dtype, np.integer)):
             raise ValueError(f"inputs .npy must hold numbers, not dtype {getattr(arr, 'dtype', '?')}")
         return arr.astype(np.float64)
+    _check_numbers(value)
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError):
         raise ValueError("inputs must be a rectangular nested list of numbers") from None
     return arr
+
+
+_NUMBERS = frozenset({int, float})   # what JSON numbers parse to; bool is a subclass of int, not one of these
+
+
+def _check_numbers(value: list[Any]) -> None:
+    """ValueError naming the first pixel of the nested list that is not a JSON number (a string,
+    a boolean, null), since numpy would turn "0.5" and true into numbers without a word."""
+    pending: list[tuple[list[Any], str]] = [(value, "inputs")]
+    while pending:
+        items, where = pending.pop()
+        kinds = set(map(type, items))
+        if kinds <= _NUMBERS:
+            continue
+        if kinds == {list}:
+            pending.extend((item, f"{where}[{i}]") for i, item in enumerate(items))
+            continue
+        for i, item in enumerate(items):
+            if type(item) not in _NUMBERS and type(item) is not list:
+                raise ValueError(f"inputs must be a rectangular nested list of numbers: {where}[{i}] is "
+                                 f"{_json_text(item)}, not a number")
+        raise ValueError(f"inputs must be a rectangular nested list of numbers: {where} mixes lists and numbers")
+
+
+def _json_text(item: Any) -> str:
+    if isinstance(item, bool) or item is None:
+        return {True: "true", False: "false", None: "null"}[item]
+    if isinstance(item, str):
+        return f"the string {item[:20]!r}"
+    return f"a {type(item).__name__}"
 
 
 def check_inputs(arr: np.ndarray, input_shape: list[int]) -> np.ndarray:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from smoothcert.service.api.schemas import integral
 from smoothcert.service.core.params import MAX_SEED
 from smoothcert.service.core.train_config import METHODS, OPTIMIZERS, TrainConfig
 
@@ -40,10 +41,12 @@ class TrainRequest(BaseModel):
 
     Ranges are checked by TrainConfig (epochs, batch_size, m, steps >= 1; warmup_epochs >= 0;
     lr > 0; epsilon >= 0); ``sigma`` must be positive here, since the model is registered for
-    certification at that σ. ``seed`` is drawn and recorded when absent.
+    certification at that σ. ``seed`` is drawn and recorded when absent. Types are strict, as
+    for ``POST /v1/certify`` (:mod:`smoothcert.service.api.schemas`): ``"epochs": "5"`` and
+    ``"seed": true`` are refused, naming the field.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dataset: str = Field(min_length=1, max_length=64,
                          description='"digits" (built in) or the id of a dataset uploaded to /v1/datasets')
@@ -63,6 +66,11 @@ class TrainRequest(BaseModel):
     warmup_epochs: int = Field(_default("warmup_epochs"), description="smoothadv: epochs over which epsilon grows")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
     name: str | None = Field(None, min_length=1, max_length=200, description="the registered model's name")
+
+    @field_validator("epochs", "batch_size", "m", "steps", "warmup_epochs", "seed", mode="before")
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        return integral(value)
 
     def config(self, seed: int) -> TrainConfig:
         """The TrainConfig of this request with ``seed``; TrainingError when a value is out of range."""

@@ -153,7 +153,7 @@ def _run_analyze(args) -> int:
 
 def _prepare(args):
     model = _load(args)
-    x = load_inputs(args.inputs, model.info.input_shape[0])
+    x = load_inputs(args.inputs, model.info.input_shape)
     labels = None
     if args.labels:
         labels = load_labels(args.labels, 1 if x.ndim == 3 else len(x))

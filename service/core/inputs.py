@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smoothcert.service.core.images import ImageError, has_image_suffix, read_pixels
+from smoothcert.service.core.images import ImageError, has_image_suffix, read_header, read_pixels, to_unit
 
 
 class InputFileError(ValueError):
@@ -31,30 +31,37 @@ def load_npy(data: bytes | str | Path, what: str = "inputs") -> np.ndarray:
         raise InputFileError(f"{what}: cannot read .npy data ({exc})") from None
 
 
-def decode_image(data: bytes, channels: int, name: str = "image") -> np.ndarray:
-    """A PNG/JPEG as float32 (C, H, W) in [0, 1], converted to 1 (grey) or 3 (RGB) channels."""
+def decode_images(images: Sequence[tuple[str, bytes | Path]], input_shape: Sequence[int]) -> np.ndarray:
+    """PNG/JPEG images, each (name, bytes or path), as float32 (N, C, H, W) in [0, 1] for a model
+    taking ``input_shape`` (C, H, W): 1 channel (grey) or 3 (RGB).
+
+    Every image's header is checked (its size against H x W and the pixel cap, its frames and
+    mode: :mod:`smoothcert.service.core.images`) before any image is decoded, so a refusal costs
+    headers only. InputFileError, naming the image, when one is refused.
+    """
+    channels, height, width = (int(d) for d in input_shape)
     if channels not in (1, 3):
-        raise InputFileError(f"{name}: images can feed 1- or 3-channel models, this one takes {channels}")
+        raise InputFileError(f"images can feed 1- or 3-channel models, this one takes {channels}")
+    size, mode = (height, width), "L" if channels == 1 else "RGB"
     try:
-        pixels = read_pixels(data, name, "L" if channels == 1 else "RGB").astype(np.float32) / 255.0
+        for name, source in images:
+            read_header(source, name).check(size)
+        pixels = np.stack([to_unit(read_pixels(source, name, mode, size)) for name, source in images])
     except ImageError as exc:
         raise InputFileError(str(exc)) from None
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+    return pixels[:, None] if channels == 1 else pixels.transpose(0, 3, 1, 2)
 
 
-def load_inputs(paths: Sequence[str | Path], channels: int) -> np.ndarray:
+def load_inputs(paths: Sequence[str | Path], input_shape: Sequence[int]) -> np.ndarray:
     """Inputs from one .npy file, or from image files and folders of images (sorted by name).
 
-    Returns (C, H, W) or (N, C, H, W) as stored; the engine checks shape and range.
+    A .npy array is returned as stored ((C, H, W) or (N, C, H, W)); the engine checks its shape
+    and range. Images are decoded for a model taking ``input_shape`` (:func:`decode_images`).
     """
     given = [Path(p) for p in paths]
     if len(given) == 1 and given[0].suffix == ".npy":
         return load_npy(given[0])
-    files = image_files(given)
-    images = [decode_image(f.read_bytes(), channels, str(f)) for f in files]
-    if len({im.shape for im in images}) > 1:
-        raise InputFileError(f"images differ in size: {sorted({im.shape for im in images})}")
-    return np.stack(images)
+    return decode_images([(str(f), f) for f in image_files(given)], input_shape)
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:

@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from smoothcert.service.core.dataset_files import DatasetFileError, check_images, check_labels, read_dataset_npz
-from smoothcert.service.core.images import ImageError, has_image_suffix, read_pixels
+from smoothcert.service.core.images import (
+    ImageError,
+    ImageHeader,
+    has_image_suffix,
+    read_header,
+    read_pixels,
+    to_unit,
+)
 
 DIGITS = "digits"
 CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
@@ -170,7 +177,9 @@ def read_image_folder(path: str | Path) -> Dataset:
 
     A folder whose only sub-folders are ``train`` and ``test``, each laid out that way, gives both
     splits. Images are grey when every one of them is, RGB otherwise; all must share one size
-    (nothing is resized).
+    (nothing is resized). Which images are accepted and how they are converted (16-bit grey by
+    1/65535; one frame; transparency only when fully opaque; no CMYK) is
+    :mod:`smoothcert.service.core.images`'s rule; every header is checked before a pixel is decoded.
     """
     path = Path(path)
     if _subfolders(path) == ["test", "train"] and all(
@@ -198,31 +207,46 @@ def _read_classes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarra
         found = f"only {classes[0]!r}" if classes else "none"
         raise DatasetError(f"{path}: an image folder needs one sub-folder of PNG/JPEG images per class, "
                            f"at least two (found {found})")
-    images, labels, names = [], [], []
+    files: list[Path] = []
+    labels: list[int] = []
+    names: list[str] = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (path / name).iterdir()
-                       if p.is_file() and has_image_suffix(p))
-        if not files:
+        found = sorted(p for p in (path / name).iterdir() if p.is_file() and has_image_suffix(p))
+        if not found:
             raise DatasetError(f"{path / name}: no PNG or JPEG images in class folder {name!r}")
-        images += [_read_image(f) for f in files]
-        labels += [label] * len(files)
-        names += [f"{name}/{f.name}" for f in files]
-    if any(im.ndim == 3 for im in images):
-        images = [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in images]
-    sizes = {im.shape[:2]: n for im, n in zip(images, names)}
+        files += found
+        labels += [label] * len(found)
+        names += [f"{name}/{f.name}" for f in found]
+    # Every header is checked (pixel cap, frames, mode) and the sizes compared before any pixel
+    # is decoded; the images are then decoded one by one into the batch.
+    headers = [_read_header(f) for f in files]
+    sizes = {(h.height, h.width): n for h, n in zip(headers, names)}
     if len(sizes) > 1:
         (a, na), (b, nb) = list(sizes.items())[:2]
         raise DatasetError(f"{path}: images differ in size ({a[1]}x{a[0]} {na}, {b[1]}x{b[0]} {nb}); "
                            "resize them to one size first")
-    x = np.stack(images)
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255), np.asarray(labels, dtype=np.int64)
+    [size] = sizes
+    grey = all(h.grey for h in headers)
+    x = np.empty((len(files), 1 if grey else 3, *size), dtype=np.float32)
+    for i, file in enumerate(files):
+        pixels = to_unit(_read_image(file, "L" if grey else "RGB", size))
+        x[i] = pixels if grey else pixels.transpose(2, 0, 1)
+    return x, np.asarray(labels, dtype=np.int64)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """uint8 (H, W) for a grey image, (H, W, 3) otherwise."""
+def _read_header(path: Path) -> ImageHeader:
     try:
-        return read_pixels(path, str(path))
+        header = read_header(path, str(path))
+        header.check()
+    except ImageError as exc:
+        raise DatasetError(str(exc)) from None
+    return header
+
+
+def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (or, 16-bit grey, uint16) pixels: (H, W) for mode L, (H, W, 3) for RGB."""
+    try:
+        return read_pixels(path, str(path), mode, size)
     except ImageError as exc:
         raise DatasetError(str(exc)) from None
 

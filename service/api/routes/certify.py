@@ -1,14 +1,16 @@
 """``POST /v1/certify``: validate a certify/predict request, save its inputs, queue the job.
 
-The body is JSON (:class:`CertifyRequest`) or multipart: the same fields as form fields
-(``labels`` and ``radii`` as JSON lists) and the inputs as ``inputs`` files, either PNG/JPEG
-images (one input each) or one ``.npy`` array. Everything a worker would refuse is refused here
-first, with a 4xx that says why: parameters (schemas), caps (settings), the model (404 unknown,
-shape and label range from its record). The inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``,
-where the worker finds them by the job id (a message names no path); the job record is written
-before the message is sent, and the seed is drawn here so that it is recorded. A dataset job
-(``dataset_id``) is checked against the dataset's record and sent as one message per chunk
-(:mod:`smoothcert.service.core.job_chunks`).
+The body is JSON (:class:`CertifyRequest`) or multipart: the same fields as form fields, each
+number or list as the JSON text of its value (``n=1000``, ``labels=[3, 1]``) and checked as
+strictly as in a JSON body, and the inputs as ``inputs`` files, either PNG/JPEG images (one
+input each; :mod:`smoothcert.service.core.images` says which, and every header is checked
+against the model's input shape before any pixel is decoded) or one ``.npy`` array.
+Everything a worker would refuse is refused here first, with a 4xx that says why: parameters
+(schemas), caps (settings), the model (404 unknown, shape and label range from its record). The
+inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``, where the worker finds them by the job id (a
+message names no path); the job record is written before the message is sent, and the seed is
+drawn here so that it is recorded. A dataset job (``dataset_id``) is checked against the
+dataset's record and sent as one message per chunk (:mod:`smoothcert.service.core.job_chunks`).
 The rate limit, the queue bound and ``Idempotency-Key`` are checked before the body is parsed
 into a job (:mod:`smoothcert.service.api.limits`); a multipart body's fingerprint is its fields and
 the SHA-256 of each file, so it does not depend on the client's boundary.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import shutil
 from typing import Any
 
@@ -45,10 +46,11 @@ from smoothcert.service.api.schemas import (
     check_inputs,
     check_labels,
     decode_inputs,
+    form_json,
     validate_body,
 )
 from smoothcert.service.core.images import IMAGE_SUFFIXES
-from smoothcert.service.core.inputs import decode_image, load_npy
+from smoothcert.service.core.inputs import decode_images, load_npy
 from smoothcert.service.core.job_chunks import chunk_seed, plan_chunks
 from smoothcert.service.core.jobs import new_job_id
 from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
@@ -62,6 +64,9 @@ _BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["model_id", "sigma", "inputs"], "properties": {
         **_FORM_FIELDS, "inputs": {"type": "array", "items": {"type": "string", "format": "binary"},
                                    "description": "PNG/JPEG images, or one .npy array"}}}}}}
+# Form fields given as text (model_id, bound, mode); the others are read as JSON (_form_value).
+_TEXT_FIELDS = frozenset(k for k, v in _FORM_FIELDS.items()
+                         if "string" in {s.get("type") for s in (v, *v.get("anyOf", []))})
 Files = list[tuple[str, bytes]]
 Form = tuple[list[tuple[str, str]], list[tuple[str, str, bytes]]]   # fields; (field, filename, data) per file
 
@@ -128,13 +133,7 @@ def _form_content(form: Form) -> dict[str, Any]:
 def _form_request(form: Form) -> tuple[CertifyRequest, Files]:
     values: dict[str, Any] = {}
     for key, value in form[0]:
-        if key in ("labels", "radii"):
-            try:
-                values[key] = json.loads(value)
-            except json.JSONDecodeError:
-                raise _unprocessable(f"{key} must be a JSON list, e.g. [3, 1, 4]") from None
-        else:
-            values[key] = value
+        values[key] = value if key in _TEXT_FIELDS or key not in _FORM_FIELDS else _form_value(key, value)
     files: Files = []
     for key, name, data in form[1]:
         if key != "inputs":
@@ -145,16 +144,22 @@ def _form_request(form: Form) -> tuple[CertifyRequest, Files]:
     return validate_body(CertifyRequest, {**values, "inputs": []}), files
 
 
-def _decode_files(files: Files, channels: int) -> np.ndarray:
-    """One .npy array, or PNG/JPEG images stacked (N, C, H, W); ValueError otherwise."""
+def _form_value(key: str, text: str) -> Any:
+    """A non-text form field read as JSON (schemas.form_json); labels and radii must be JSON."""
+    value = form_json(text)
+    if key in ("labels", "radii") and value is text:
+        raise _unprocessable(f"{key} must be a JSON list, e.g. [3, 1, 4]")
+    return value
+
+
+def _decode_files(files: Files, input_shape: list[int]) -> np.ndarray:
+    """One .npy array, or PNG/JPEG images (N, C, H, W), each header checked against the model's
+    input shape before any is decoded (inputs.decode_images); ValueError otherwise."""
     if len(files) == 1 and files[0][0].lower().endswith(".npy"):
         return load_npy(files[0][1]).astype(np.float64)
     if any(not name.lower().endswith(IMAGE_SUFFIXES) for name, _ in files):
         raise ValueError("inputs files must be PNG/JPEG images or a single .npy array")
-    images = [decode_image(data, channels, name) for name, data in files]
-    if len({im.shape for im in images}) > 1:
-        raise ValueError(f"images differ in size: {sorted({im.shape for im in images})}")
-    return np.stack(images)
+    return decode_images(files, input_shape)
 
 
 def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, datasets, queue) -> JobAccepted:
@@ -170,7 +175,7 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     if req.dataset_id is not None:
         return _enqueue_dataset(req, meta, settings, jobs, datasets, queue)
     try:
-        raw = decode_inputs(req.inputs) if files is None else _decode_files(files, meta["input_shape"][0])
+        raw = decode_inputs(req.inputs) if files is None else _decode_files(files, meta["input_shape"])
         x = check_inputs(raw, meta["input_shape"])
         if req.labels is not None:
             check_labels(req.labels, len(x), meta["num_classes"])

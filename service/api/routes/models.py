@@ -4,7 +4,9 @@ An upload is stored as a pending model and answered 201 only after a worker load
 it on one batch (a ``check_model`` job the request waits for); a refused model is removed and
 answered 422 with the loader's message. Pickles and lying safetensors headers are refused before
 anything is stored (:meth:`ModelStore.add`), and a multipart body that cannot be parsed is a 422
-too (:class:`UnparsableBodyRoute`). Every 422 of an upload starts with "model refused".
+too (:class:`UnparsableBodyRoute`). Every 422 of an upload starts with "model refused", except
+a form field of the wrong type (``num_classes=10.5``, ``sigma=inf``, ``sigma=true``): numeric
+fields are read as the JSON their text spells and typed strictly, as in ``POST /v1/certify``.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, Upl
 from smoothcert.models.metadata import ModelError, Normalization, check_input_shape, check_num_classes
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_admin, require_key
-from smoothcert.service.api.schemas import ModelRecord
+from smoothcert.service.api.schemas import FormInteger, FormNumber, ModelRecord
 from smoothcert.service.core.jobs import SUCCEEDED, TERMINAL, new_job_id
 from smoothcert.service.core.model_store import READY, UploadTooLarge
 from smoothcert.service.core.queue import CHECK_MODEL_TASK
@@ -64,9 +66,9 @@ def _fields(name, input_shape, num_classes, class_names, arch, normalization, si
 def upload_model(response: Response, settings: SettingsDep, models: ModelsDep, jobs: JobsDep, queue: QueueDep,
                  file: Annotated[UploadFile, File(description=".onnx, or .safetensors with arch")],
                  name: OptionalForm = None, input_shape: OptionalForm = None,
-                 num_classes: Annotated[int | None, Form()] = None, class_names: OptionalForm = None,
+                 num_classes: Annotated[FormInteger | None, Form()] = None, class_names: OptionalForm = None,
                  arch: OptionalForm = None, normalization: OptionalForm = None,
-                 sigma: Annotated[float | None, Form()] = None) -> ModelRecord:
+                 sigma: Annotated[FormNumber | None, Form(allow_inf_nan=False)] = None) -> ModelRecord:
     """Store a model, have a worker load it and run one batch, answer its record."""
     try:
         fields = _fields(name, input_shape, num_classes, class_names, arch, normalization, sigma)

@@ -15,6 +15,7 @@ from smoothcert.models.safetensors_io import save_safetensors_model
 from smoothcert.service.cli.main import main
 from smoothcert.service.core.tsv import CERTIFY_COLUMNS, PREDICT_COLUMNS
 from smoothcert.worker.evaluation.analyze import read_log
+from tests.support.images import frames, grey16, huge_bilevel
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,27 @@ def test_target_radius_rows_and_far_fewer_samples(demo_paths, digits, tmp_path):
     assert len(certified) >= 14 and all(float(row[3]) >= 0.1 for row in certified)
     assert sum(int(row[10]) for row in rows) < 20 * 100_100 / 40
     assert all(row[2] != "-1" for row in certified)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: huge_bilevel(5000, 5000), "big.png: 5000x5000 pixels (width x height), the model takes 8x8"),
+    (lambda: frames("PNG"), "big.png: 3 frames (an animated or multi-picture PNG)"),
+])
+def test_local_image_inputs_are_checked_from_their_headers(demo_paths, tmp_path, capsys, make, message):
+    (tmp_path / "big.png").write_bytes(make())
+    code = main(["certify", str(demo_paths["onnx"]), "--inputs", str(tmp_path), "--sigma", "0.25", "--n", "100"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+
+
+def test_local_16_bit_png_inputs_are_scaled_by_65535(demo_paths, digits, tmp_path, capsys):
+    x = np.load(digits[0])[:2]
+    for i, image in enumerate(x):
+        (tmp_path / f"{i}.png").write_bytes(grey16(image[0]))
+    np.save(tmp_path / "x16.npy", np.round(x * 65535).astype(np.uint16).astype(np.float32) / np.float32(65535))
+    outputs = []
+    for inputs in (tmp_path, tmp_path / "x16.npy"):
+        assert main(["certify", str(demo_paths["onnx"]), "--inputs", str(inputs), "--sigma", "0.25",
+                     "--n0", "10", "--n", "200", "--seed", "0"]) == 0
+        outputs.append([line.split("\t")[:4] for line in capsys.readouterr().out.splitlines()])
+    assert outputs[0] == outputs[1]

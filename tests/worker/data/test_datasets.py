@@ -7,6 +7,7 @@ from PIL import Image
 
 from smoothcert.models.demo import load_digits_split
 from smoothcert.worker.data.datasets import CIFAR_RECORD_BYTES, DatasetError, load_dataset
+from tests.support import images
 
 
 def test_digits_is_the_demo_split_in_unit_pixels():
@@ -171,3 +172,38 @@ def test_unknown_paths_and_formats(tmp_path):
     (tmp_path / "data.csv").write_text("1,2")
     with pytest.raises(DatasetError, match="data.csv: unknown dataset format"):
         load_dataset(tmp_path / "data.csv")
+
+
+def test_image_folder_headers_are_checked_before_any_pixel_is_decoded(tmp_path):
+    _png(tmp_path / "a" / "0.png")
+    (tmp_path / "b").mkdir()
+    # a header claiming 5000x4000 pixels and no pixel data: decoding it would fail otherwise
+    (tmp_path / "b" / "huge.png").write_bytes(images.raw_png(5000, 4000, 8, 0, None))
+    with pytest.raises(DatasetError, match=r"huge\.png: 5000x4000 pixels \(width x height\) is over the cap of "
+                                           r"16,777,216 pixels per image"):
+        load_dataset(tmp_path)
+
+
+def test_image_folder_of_16_bit_grey_is_scaled_by_65535(tmp_path):
+    values = np.linspace(0, 1, 30).reshape(5, 6)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "0.png").write_bytes(images.grey16(values))
+    (tmp_path / "b" / "1.png").write_bytes(images.grey8(values))    # 8- and 16-bit mix in one folder
+    data = load_dataset(tmp_path)
+    assert data.x.shape == (3, 1, 5, 6)
+    assert np.allclose(data.x[0, 0], values, atol=0.5 / 65535) and data.x[0].max() == 1.0
+    assert np.allclose(data.x[2, 0], values, atol=0.5 / 255)
+
+
+@pytest.mark.parametrize("data,phrase", [
+    (images.frames("PNG", size=(6, 5)), "3 frames"),
+    (images.save(Image.new("RGBA", (6, 5), (1, 2, 3, 0))), "not fully opaque"),
+    (images.save(Image.new("CMYK", (6, 5)), "JPEG"), "a CMYK JPEG"),
+])
+def test_image_folder_refuses_what_the_image_rule_refuses(tmp_path, data, phrase):
+    _png(tmp_path / "a" / "0.png")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "odd.png").write_bytes(data)
+    with pytest.raises(DatasetError, match=f"odd.png: .*{phrase}"):
+        load_dataset(tmp_path)
