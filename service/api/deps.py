@@ -101,6 +101,9 @@ def get_limits(request: Request) -> Limits:
     return state.limits
 
 
+LimitsDep = Annotated[Limits, Depends(get_limits)]
+
+
 IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[!-~]+$",
     description="up to 255 visible ASCII characters, new for each new request (a UUID, say): a repeat with the same "

@@ -15,9 +15,24 @@ written, in this order:
 3. Queue bound: the messages waiting in the job's Celery queue (kombu keeps each queue as Redis
    lists named after it, one per priority step), not jobs: a dataset job's chunks are one message
    each, and a message is the unit of waiting work. At ``SMOOTHCERT_MAX_QUEUED_MESSAGES`` or more
-   the submission is 503 with ``Retry-After``; below it, it is accepted whole (so a dataset job may
-   take a queue past the bound by its chunks, and replicas that check at the same instant by one
-   job each). Messages a worker has taken are not waiting and do not count.
+   the submission is 503 with ``Retry-After``. Messages a worker has taken are not waiting and do
+   not count. Once the job is parsed, :meth:`Limits.room` holds room for all of its messages
+   before any is sent (one script: the waiting messages plus the rooms other submissions hold,
+   ``smoothcert:queue-rooms:<queue>``), so a dataset job that would take the queue past the bound
+   is refused whole with the same 503, and concurrent submissions on any number of replicas
+   never take it past the bound either. A room lapses after ``ROOM_TTL_MS`` if its API dies.
+4. Active jobs: a key may have ``SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY`` jobs queued or running;
+   beyond, 429 with ``Retry-After``. Checked here first, then atomically when the job record is
+   created (:meth:`~smoothcert.service.core.jobs.JobStore.create`, which keeps the count from the
+   records' states).
+
+Dataset uploads count against the key's storage quota, ``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY``:
+:meth:`Limits.storage` reserves what an upload will store once its headers are read, against
+the stored datasets recorded with the key plus the other uploads it has in progress (reserved
+in ``smoothcert:storage:<caller>``, lapsing after ``STORAGE_TTL_MS``); beyond, 413. A reservation
+outlives its upload on purpose: another upload that listed the datasets just before this one was
+recorded still counts it; the first reservation that sees the dataset stored, or its deletion,
+drops it.
 
 ``<caller>`` is a SHA-256 of the bearer key, never the key. Model uploads are not limited: they
 need the admin key and each one waits for a worker to check the model.
@@ -28,7 +43,8 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -37,12 +53,64 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from smoothcert.service.api.idempotency import PENDING_RETRY_AFTER_S, IdempotencyStore, Remembered, fingerprint
-from smoothcert.service.core.queue import queue_depth
+from smoothcert.service.core.dataset_store import Admit, DatasetStore
+from smoothcert.service.core.jobs import ActiveJobsExceeded, active_jobs
+from smoothcert.service.core.queue import queue_depth, queue_names  # noqa: F401  (tests read queue_depth here)
 from smoothcert.service.core.settings import Settings
 
 log = logging.getLogger("smoothcert.service")
 RATE_PREFIX = "smoothcert:ratelimit:"
 QUEUE_FULL_RETRY_AFTER_S = 10   # a hint: the queue drains at whatever pace the workers have
+ACTIVE_RETRY_AFTER_S = 10       # a hint too: a slot frees when one of the key's jobs finishes
+ROOMS_PREFIX = "smoothcert:queue-rooms:"
+STORAGE_PREFIX = "smoothcert:storage:"
+ROOM_TTL_MS = 120_000           # far longer than sending one job's messages takes
+STORAGE_TTL_MS = 600_000        # longer than writing the largest dataset takes
+
+# Lua: drop the entries of zset KEYS[1] (member = token, score = expiry ms) and of hash KEYS[2]
+# (token -> amount) that have expired; ``now`` is Redis' clock in ms.
+_LAPSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do redis.call('HDEL', KEYS[2], gone) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do held = held + tonumber(v) end
+local function hold(token, amount, ttl)
+  redis.call('ZADD', KEYS[1], now + ttl, token)
+  redis.call('HSET', KEYS[2], token, amount)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+"""
+
+# KEYS[1], KEYS[2] the queue's rooms (as in _LAPSE), KEYS[3..] the queue's lists; ARGV[1] token
+# ('' only checks), ARGV[2] messages, ARGV[3] bound, ARGV[4] ttl ms. Returns {1 when there is room
+# (and it is held), the messages waiting plus those held}.
+_ROOM = _LAPSE + """
+local depth = held
+for i = 3, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+if depth + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {0, depth} end
+if ARGV[1] ~= '' then hold(ARGV[1], ARGV[2], tonumber(ARGV[4])) end
+return {1, depth}
+"""
+
+# KEYS[1], KEYS[2] the caller's uploads in progress (as in _LAPSE); ARGV[1] dataset id, ARGV[2]
+# bytes it will store, ARGV[3] quota, ARGV[4] bytes of the caller's stored datasets, ARGV[5] ttl
+# ms, ARGV[6..] those datasets' ids: an upload seen stored is counted there, no longer here.
+# Returns {1 when reserved, the bytes in use before this upload}.
+_STORAGE = _LAPSE + """
+for i = 6, #ARGV do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    held = held - tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or 0)
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  end
+end
+local used = tonumber(ARGV[4]) + held
+if used + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {0, used} end
+hold(ARGV[1], ARGV[2], tonumber(ARGV[5]))
+return {1, used}
+"""
 
 # KEYS[1] the caller's theoretical arrival time (TAT, ms); ARGV[1] ms per submission; ARGV[2] burst.
 # Admits when the TAT after this submission is at most burst intervals ahead of now; returns 0
@@ -64,6 +132,11 @@ def caller_id(api_key: str) -> str:
     return hashlib.sha256(b"smoothcert-caller:" + api_key.encode()).hexdigest()[:32]
 
 
+def _held(name: str) -> list[str]:
+    """The two keys of what is held under ``name``: a zset of tokens by expiry, a hash of amounts."""
+    return [name, name + ":amounts"]
+
+
 def _refusal(code: int, detail: str, retry_after_s: int) -> HTTPException:
     return HTTPException(code, detail, headers={"Retry-After": str(max(1, int(retry_after_s)))})
 
@@ -75,6 +148,8 @@ class Limits:
         self.redis, self.settings = client, settings
         self.idempotency = IdempotencyStore(client, settings.idempotency_ttl_s)
         self._gcra = client.register_script(_GCRA)
+        self._room = client.register_script(_ROOM)
+        self._storage = client.register_script(_STORAGE)
 
     def take(self, caller: str) -> None:
         """Count one submission of ``caller``; 429 with Retry-After when over the rate."""
@@ -89,13 +164,85 @@ class Limits:
                            math.ceil(wait_ms / 1000))
 
     def check_room(self, queue: str) -> None:
-        """503 with Retry-After when ``queue`` already holds the bound."""
-        depth, cap = queue_depth(self.redis, queue), self.settings.max_queued_messages
-        if depth >= cap:
+        """503 with Retry-After when ``queue`` already holds the bound (rooms held included)."""
+        self._take_room(queue, "", 1)
+
+    @contextlib.contextmanager
+    def room(self, queue: str, messages: int) -> Iterator[None]:
+        """Hold room for ``messages`` more in ``queue`` while the block sends them; 503 with
+        Retry-After, before the block runs, when they would take it past the bound. The room is
+        given back when the block ends (its messages then wait in the queue, or were never sent)."""
+        token = uuid.uuid4().hex
+        self._take_room(queue, token, messages)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.RedisError):   # else it lapses after ROOM_TTL_MS
+                self._give_back(_held(ROOMS_PREFIX + queue), token)
+
+    def _take_room(self, queue: str, token: str, messages: int) -> None:
+        cap = self.settings.max_queued_messages
+        keys = [*_held(ROOMS_PREFIX + queue), *queue_names(queue)]
+        ok, depth = self._room(keys=keys, args=[token, messages, cap, ROOM_TTL_MS])
+        if not ok:
+            needs = f"; this dataset job needs {messages}, one per chunk" if messages > 1 else ""
             raise _refusal(status.HTTP_503_SERVICE_UNAVAILABLE,
                            f"the {queue!r} queue is full: {depth} messages wait, the bound is {cap} "
-                           "(SMOOTHCERT_MAX_QUEUED_MESSAGES); retry after Retry-After seconds",
+                           f"(SMOOTHCERT_MAX_QUEUED_MESSAGES){needs}; retry after Retry-After seconds",
                            QUEUE_FULL_RETRY_AFTER_S)
+
+    def _give_back(self, keys: list[str], token: str) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.zrem(keys[0], token)
+            pipe.hdel(keys[1], token)
+            pipe.execute()
+
+    def check_active(self, caller: str) -> None:
+        """429 with Retry-After when ``caller`` already has its quota of queued and running jobs."""
+        quota = self.settings.max_active_jobs_per_key
+        active = active_jobs(self.redis, caller)
+        if active >= quota:
+            raise self.too_many_active(active, quota)
+
+    @staticmethod
+    def too_many_active(active: int, quota: int) -> HTTPException:
+        return _refusal(status.HTTP_429_TOO_MANY_REQUESTS,
+                        f"this API key has {active} jobs queued or running, its quota is {quota} "
+                        "(SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY); retry after Retry-After seconds, once one of "
+                        "them has finished (or cancel one: DELETE /v1/jobs/{id})", ACTIVE_RETRY_AFTER_S)
+
+    def storage(self, caller: str, datasets: DatasetStore) -> Admit:
+        """The ``admit`` of :meth:`DatasetStore.add` for ``caller``'s upload: 413 when what it will
+        store takes the caller past its storage quota; otherwise the bytes stay reserved until the
+        dataset is stored (or, given back at once, until the upload fails)."""
+        quota, keys = self.settings.max_storage_bytes_per_key, _held(STORAGE_PREFIX + caller)
+
+        @contextlib.contextmanager
+        def admit(dataset_id: str, stored_bytes: int) -> Iterator[None]:
+            stored, ids = datasets.stored_bytes(caller)
+            ok, used = self._storage(keys=keys,
+                                     args=[dataset_id, stored_bytes, quota, stored, STORAGE_TTL_MS, *ids])
+            if not ok:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                                    f"storage quota: this dataset would take {stored_bytes} bytes stored, and "
+                                    f"this API key already uses {used} of its {quota} bytes "
+                                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY); delete datasets it no longer "
+                                    "needs (DELETE /v1/datasets/{id}) or upload a smaller one")
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(redis.RedisError):   # else it lapses after STORAGE_TTL_MS
+                    self._give_back(keys, dataset_id)
+                raise
+            # Stored: the next reservation sees the dataset on disk and drops this one then (or
+            # forget_storage, when it is deleted first).
+
+        return admit
+
+    def forget_storage(self, owner: str, dataset_id: str) -> None:
+        """Drop what is still reserved for a dataset of ``owner`` that was just deleted."""
+        with contextlib.suppress(redis.RedisError):   # the delete happened; the reservation lapses
+            self._give_back(_held(STORAGE_PREFIX + owner), dataset_id)
 
 
 class Admission:
@@ -104,6 +251,19 @@ class Admission:
     def __init__(self, limits: Limits, caller: str, route: str, idempotency_key: str | None):
         self.limits, self.caller, self.route = limits, caller, route
         self.key = None if idempotency_key is None else limits.idempotency.key(caller, idempotency_key)
+
+    @property
+    def max_active(self) -> int:
+        """The caller's quota of queued and running jobs, for JobStore.create."""
+        return self.limits.settings.max_active_jobs_per_key
+
+    def room(self, queue: str, messages: int) -> contextlib.AbstractContextManager[None]:
+        """Limits.room: hold room for the job's ``messages`` while they are sent."""
+        return self.limits.room(queue, messages)
+
+    def storage(self, datasets: DatasetStore) -> Admit:
+        """Limits.storage for the caller."""
+        return self.limits.storage(self.caller, datasets)
 
     def submit(self, content: Callable[[], Any], create: Callable[[], tuple[BaseModel, str]], *,
                status_code: int, queue: str | None) -> JSONResponse:
@@ -119,7 +279,11 @@ class Admission:
             self.limits.take(self.caller)
             if queue is not None:
                 self.limits.check_room(queue)
-            record, location = create()
+                self.limits.check_active(self.caller)
+            try:
+                record, location = create()
+            except ActiveJobsExceeded as exc:   # a concurrent submission took the last slot
+                raise self.limits.too_many_active(exc.active, exc.quota) from None
         except BaseException:
             if token is not None:
                 with contextlib.suppress(redis.RedisError):   # else it expires after PENDING_TTL_S
@@ -164,6 +328,8 @@ def _documented(description: str) -> dict[str, Any]:
 
 IN_PROGRESS = {409: _documented("a request with the same Idempotency-Key is still in progress")}
 RATE_LIMITED = {429: _documented("over this API key's rate limit (SMOOTHCERT_RATE_LIMIT_PER_MINUTE)")}
+JOBS_LIMITED = {429: _documented("over this API key's rate limit (SMOOTHCERT_RATE_LIMIT_PER_MINUTE), or it "
+                                 "already has SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY jobs queued or running")}
 QUEUE_FULL = {503: _documented("the job's queue holds SMOOTHCERT_MAX_QUEUED_MESSAGES messages; also 503 "
                                "(without Retry-After) when Redis is unreachable")}
 REUSED_KEY = "; or the Idempotency-Key was already used with a different request"

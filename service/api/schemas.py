@@ -172,6 +172,8 @@ class DatasetRecord(BaseModel):
     size_bytes: int
     sha256: str
     created_at: float
+    stored_bytes: int | None = Field(None, description="what x and y take on disk, counted against the uploading "
+                                                       "key's SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY")
 
 
 class LoadedModel(BaseModel):

@@ -14,6 +14,12 @@ member = job id, score = when the record expires, in Redis-clock milliseconds) a
 jobs created and finished (hashes ``:created`` and ``:finished``). A record that expires while
 queued or running leaves a member behind whose score has passed; the scrape drops those
 (:func:`smoothcert.service.api.metrics.job_counts`), so the gauges never drift for long.
+
+A job created with an ``owner`` (the submitting key's caller id) is also a member of
+``smoothcert:owner:<owner>:active`` while it is queued or running, kept by the same scripts and
+scored the same way; :meth:`JobStore.create` refuses, atomically, a new job of an owner who
+already has ``max_active`` live members. The count is the records' own states, so a crashed API
+or worker cannot make it drift: a job counts until its record says it finished, or expires.
 """
 from __future__ import annotations
 
@@ -35,18 +41,25 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
 
 METRICS_PREFIX = "smoothcert:metrics:"
 IN_FLIGHT = (QUEUED, RUNNING)
+OWNER_PREFIX = "smoothcert:owner:"
 
 # Lua, prepended to every script that sets a job's status: track(record, kind, from, to) moves the
 # job between the in-flight sets (score: the record's expiry, Redis clock, ms; +inf without TTL)
 # and counts a terminal state when it is entered. ``from`` is false for a new record. The keys
 # are built from the kind, which is fine on the single Redis server the service uses.
+# The record's owner, when it has one, keeps the job in its active set the same way.
 TRACK_LUA = """
 local function track(record, kind, from, to)
   if from == to then return end
   local m = '""" + METRICS_PREFIX + """jobs:'
   local id = string.sub(record, """ + str(len(PREFIX) + 1) + """)
-  if from == 'queued' or from == 'running' then redis.call('ZREM', m .. from .. ':' .. kind, id) end
-  if to == 'queued' or to == 'running' then
+  local owner = redis.call('HGET', record, 'owner')
+  local active = owner and ('""" + OWNER_PREFIX + """' .. owner .. ':active') or false
+  local was = from == 'queued' or from == 'running'
+  local is = to == 'queued' or to == 'running'
+  if was then redis.call('ZREM', m .. from .. ':' .. kind, id) end
+  if active and was and not is then redis.call('ZREM', active, id) end
+  if is then
     local pttl = redis.call('PTTL', record)
     local score = '+inf'
     if pttl >= 0 then
@@ -55,22 +68,34 @@ local function track(record, kind, from, to)
     end
     redis.call('SADD', m .. 'kinds', kind)
     redis.call('ZADD', m .. to .. ':' .. kind, score, id)
+    if active then redis.call('ZADD', active, score, id) end
   elseif to == 'succeeded' or to == 'failed' or to == 'canceled' then
     redis.call('HINCRBY', m .. 'finished', kind .. ':' .. to, 1)
   end
 end
 """
 
-# KEYS[1] record; ARGV[1] JSON object of its fields (status among them), ARGV[2] ttl.
+# KEYS[1] record, KEYS[2] the owner's active set (or any name without an owner); ARGV[1] JSON
+# object of its fields (status among them, owner when there is one), ARGV[2] ttl, ARGV[3] the
+# owner's quota of active jobs (0: none). Returns {1, active} when created, {0, active} when the
+# owner already has ``quota`` live active jobs (nothing is written then).
 _CREATE = TRACK_LUA + """
-local old = redis.call('HMGET', KEYS[1], 'status', 'kind')
 local fields = cjson.decode(ARGV[1])
+local quota = tonumber(ARGV[3])
+local active = 0
+if fields['owner'] then
+  local t = redis.call('TIME')
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  active = redis.call('ZCARD', KEYS[2])
+  if quota > 0 and active >= quota then return {0, active} end
+end
+local old = redis.call('HMGET', KEYS[1], 'status', 'kind')
+if old[1] then track(KEYS[1], old[2] or '', old[1], 'gone') end
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-if old[1] then track(KEYS[1], old[2] or '', old[1], 'gone') end
 redis.call('HINCRBY', '""" + METRICS_PREFIX + """jobs:created', fields['kind'], 1)
 track(KEYS[1], fields['kind'], false, fields['status'])
-return 1
+return {1, active + 1}
 """
 
 # KEYS[1] record; ARGV[1] new status; ARGV[2] JSON list of allowed current states;
@@ -89,6 +114,25 @@ for _, s in ipairs(allowed) do
 end
 return 0
 """
+
+
+class ActiveJobsExceeded(Exception):
+    """The owner already has its quota of queued and running jobs; nothing was created."""
+
+    def __init__(self, active: int, quota: int):
+        super().__init__(f"{active} jobs queued or running, the quota is {quota}")
+        self.active, self.quota = active, quota
+
+
+def owner_key(owner: str) -> str:
+    """The sorted set of ``owner``'s queued and running jobs (score: when the record expires, ms)."""
+    return OWNER_PREFIX + owner + ":active"
+
+
+def active_jobs(client: redis.Redis, owner: str) -> int:
+    """How many of ``owner``'s jobs are queued or running (records that expired not counted)."""
+    seconds, micros = client.time()
+    return int(client.zcount(owner_key(owner), f"({seconds * 1000 + micros // 1000}", "+inf"))
 
 
 def new_job_id() -> str:
@@ -178,12 +222,22 @@ class JobStore:
     def cancel_key(job_id: str) -> str:
         return JobStore.key(job_id) + ":cancel"
 
-    def create(self, job_id: str, kind: str, params: dict[str, Any], total: int = 0) -> JobRecord:
-        """Write a new queued record (before the task is sent, so the worker always finds it)."""
+    def create(self, job_id: str, kind: str, params: dict[str, Any], total: int = 0, *,
+               owner: str | None = None, max_active: int = 0) -> JobRecord:
+        """Write a new queued record (before the task is sent, so the worker always finds it).
+
+        With an ``owner``, the job counts among the owner's active jobs until it finishes; with
+        ``max_active`` > 0 too, ActiveJobsExceeded when the owner already has that many.
+        """
         rec = JobRecord(id=job_id, kind=kind, total=total, params=params, created_at=_now())
         fields = {"kind": kind, "status": QUEUED, "done": "0", "total": str(total),
                   "created_at": str(rec.created_at), "params": json.dumps(params), "deliveries": "0"}
-        self._create(keys=[self.key(job_id)], args=[json.dumps(fields), self.ttl_s])
+        if owner is not None:
+            fields["owner"] = owner
+        created, active = self._create(keys=[self.key(job_id), owner_key(owner or "")],
+                                       args=[json.dumps(fields), self.ttl_s, max_active])
+        if not created:
+            raise ActiveJobsExceeded(int(active), max_active)
         return rec
 
     def get(self, job_id: str) -> JobRecord | None:

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         1 << 30, ge=1024, description="largest x and y of a dataset .npz once unzipped, checked before unzipping")
     chunk_size: int = Field(100, ge=1, description="inputs per task of a dataset job; with the seed it fixes the "
                                                    "noise each input gets")
+    max_job_samples: int = Field(
+        2_000_000_000, ge=1, description="most Monte Carlo samples one job may ask for: inputs x (n0 + n) for certify "
+                                         "(n is the cap of a target-radius job), inputs x n for predict")
+    max_active_jobs_per_key: int = Field(
+        20, ge=1, description="jobs one API key may have queued or running at once (429 with Retry-After beyond)")
+    max_storage_bytes_per_key: int = Field(
+        8 << 30, ge=1024, description="bytes of stored datasets one API key may keep (413 beyond); deleting frees them")
 
     model_check_timeout_s: float = Field(120.0, gt=0, description="how long an upload waits for a worker")
     task_time_limit_s: int = Field(6 * 3600, ge=60, description="hard limit of one task")

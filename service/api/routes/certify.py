@@ -11,9 +11,11 @@ inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``, where the worker finds them 
 message names no path); the job record is written before the message is sent, and the seed is
 drawn here so that it is recorded. A dataset job (``dataset_id``) is checked against the
 dataset's record and sent as one message per chunk (:mod:`smoothcert.service.core.job_chunks`).
-The rate limit, the queue bound and ``Idempotency-Key`` are checked before the body is parsed
-into a job (:mod:`smoothcert.service.api.limits`); a multipart body's fingerprint is its fields and
-the SHA-256 of each file, so it does not depend on the client's boundary.
+The rate limit, the queue bound, the key's active jobs and ``Idempotency-Key`` are checked before
+the body is parsed into a job (:mod:`smoothcert.service.api.limits`); a multipart body's
+fingerprint is its fields and the SHA-256 of each file, so it does not depend on the client's
+boundary. Once parsed, a job must fit ``SMOOTHCERT_MAX_JOB_SAMPLES`` (422), and room for all of
+its messages is held in the queue before its record is written (503 when they do not fit).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from smoothcert.service.api.deps import (
     require_key,
 )
 from smoothcert.service.api.idempotency import json_content
-from smoothcert.service.api.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
+from smoothcert.service.api.limits import IN_PROGRESS, JOBS_LIMITED, QUEUE_FULL, REUSED_KEY
 from smoothcert.service.api.schemas import (
     CertifyRequest,
     JobAccepted,
@@ -78,8 +80,9 @@ def _unprocessable(message: str) -> HTTPException:
 @router.post("/certify", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
              openapi_extra={"requestBody": _BODY},
              responses={404: {"description": "unknown model or dataset"}, 413: {"description": "body too large"},
-                        422: {"description": "invalid parameters or inputs" + REUSED_KEY},
-                        **IN_PROGRESS, **RATE_LIMITED, **QUEUE_FULL})
+                        422: {"description": "invalid parameters or inputs, or a job over SMOOTHCERT_MAX_JOB_SAMPLES"
+                                             + REUSED_KEY},
+                        **IN_PROGRESS, **JOBS_LIMITED, **QUEUE_FULL})
 async def submit(request: Request, settings: SettingsDep, jobs: JobsDep, models: ModelsDep, datasets: DatasetsDep,
                  queue: QueueDep, admission: AdmissionDep) -> JSONResponse:
     """Queue a certify (or predict) job; poll ``Location`` for its status and result.
@@ -97,7 +100,7 @@ async def submit(request: Request, settings: SettingsDep, jobs: JobsDep, models:
         content, parse = (lambda: json_content(body)), (lambda: (validate_body(CertifyRequest, body), None))
 
     def create() -> tuple[JobAccepted, str]:
-        accepted = _enqueue(*parse(), settings, jobs, models, datasets, queue)
+        accepted = _enqueue(*parse(), settings, jobs, models, datasets, queue, admission)
         return accepted, accepted.location
 
     return await run_in_threadpool(admission.submit, content, create, status_code=status.HTTP_202_ACCEPTED,
@@ -162,7 +165,8 @@ def _decode_files(files: Files, input_shape: list[int]) -> np.ndarray:
     return decode_images(files, input_shape)
 
 
-def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, datasets, queue) -> JobAccepted:
+def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, datasets, queue,
+             admission) -> JobAccepted:
     for name in ("n0", "n"):
         if getattr(req, name) > settings.max_n:
             raise _unprocessable(f"{name}={getattr(req, name)} exceeds this server's cap of {settings.max_n} "
@@ -173,7 +177,7 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     if meta is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {req.model_id!r}")
     if req.dataset_id is not None:
-        return _enqueue_dataset(req, meta, settings, jobs, datasets, queue)
+        return _enqueue_dataset(req, meta, settings, jobs, datasets, queue, admission)
     try:
         raw = decode_inputs(req.inputs) if files is None else _decode_files(files, meta["input_shape"])
         x = check_inputs(raw, meta["input_shape"])
@@ -184,26 +188,30 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     if len(x) > settings.max_inputs:
         raise _unprocessable(f"{len(x)} inputs exceed this server's cap of {settings.max_inputs} per job "
                              "(SMOOTHCERT_MAX_INPUTS); upload them as a dataset (POST /v1/datasets)")
+    _check_budget(req, len(x), settings.max_job_samples)
 
     job_id = new_job_id()
-    folder = settings.jobs_dir / job_id
-    folder.mkdir(parents=True)
-    np.save(folder / "inputs.npy", x)
-    params = _params(req, len(x))
-    spec = {**params, "labels": req.labels, "radii": req.radii}
-    try:
-        jobs.create(job_id, req.mode, params, total=_samples_per_input(req) * len(x))
-        queue.send_task(CERTIFY_TASK, args=[job_id, spec], task_id=job_id)
-    except Exception:
-        shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(Exception):
-            jobs.fail(job_id, "the job could not be queued")
-        raise  # Redis or broker errors become 503 (app.py)
+    with admission.room(QUEUE, 1):
+        folder = settings.jobs_dir / job_id
+        folder.mkdir(parents=True)
+        np.save(folder / "inputs.npy", x)
+        params = _params(req, len(x))
+        spec = {**params, "labels": req.labels, "radii": req.radii}
+        try:
+            jobs.create(job_id, req.mode, params, total=_samples_per_input(req) * len(x), owner=admission.caller,
+                        max_active=admission.max_active)
+            queue.send_task(CERTIFY_TASK, args=[job_id, spec], task_id=job_id)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(Exception):
+                jobs.fail(job_id, "the job could not be queued")
+            raise  # Redis or broker errors become 503 (app.py); ActiveJobsExceeded 429 (limits.py)
     return JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
 
 
-def _enqueue_dataset(req: CertifyRequest, meta, settings, jobs, datasets, queue) -> JobAccepted:
-    """Queue one task per chunk of the dataset's inputs ``[skip, skip + limit)`` (job_chunks.py)."""
+def _enqueue_dataset(req: CertifyRequest, meta, settings, jobs, datasets, queue, admission) -> JobAccepted:
+    """Queue one task per chunk of the dataset's inputs ``[skip, skip + limit)`` (job_chunks.py),
+    all or none: room for every chunk's message is held in the queue before the first is sent."""
     dataset = datasets.get(req.dataset_id)
     if dataset is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {req.dataset_id!r}")
@@ -218,20 +226,29 @@ def _enqueue_dataset(req: CertifyRequest, meta, settings, jobs, datasets, queue)
         raise _unprocessable(f"skip={req.skip} leaves no inputs: dataset {req.dataset_id} holds {size}")
     stop = size if req.limit is None else min(size, req.skip + req.limit)
     ranges = plan_chunks(req.skip, stop, settings.chunk_size)
+    _check_budget(req, stop - req.skip, settings.max_job_samples)
+    bound = settings.max_queued_messages
+    if len(ranges) > bound:
+        raise _unprocessable(f"this dataset job is {len(ranges)} chunks of up to {settings.chunk_size} inputs, one "
+                             f"queue message each, more than the queue's bound of {bound} messages "
+                             f"(SMOOTHCERT_MAX_QUEUED_MESSAGES), so it could never be queued; certify at most "
+                             f"{bound * settings.chunk_size} inputs per job (skip and limit)")
     params = {**_params(req, stop - req.skip), "dataset_id": req.dataset_id, "skip": req.skip, "limit": req.limit,
               "chunk_size": settings.chunk_size, "chunks": len(ranges)}
     spec = {**params, "dataset_sha256": dataset["sha256"], "radii": req.radii}
     job_id = new_job_id()
-    try:
-        jobs.create(job_id, req.mode, params, total=_samples_per_input(req) * (stop - req.skip))
-        for index, (first, end) in enumerate(ranges):
-            chunk = {**spec, "chunk": index, "start": first, "stop": end,
-                     "chunk_seed": chunk_seed(params["seed"], index)}
-            queue.send_task(CERTIFY_CHUNK_TASK, args=[job_id, chunk], task_id=f"{job_id}.{index}")
-    except Exception:
-        with contextlib.suppress(Exception):
-            jobs.fail(job_id, "the job could not be queued")
-        raise
+    with admission.room(QUEUE, len(ranges)):
+        try:
+            jobs.create(job_id, req.mode, params, total=_samples_per_input(req) * (stop - req.skip),
+                        owner=admission.caller, max_active=admission.max_active)
+            for index, (first, end) in enumerate(ranges):
+                chunk = {**spec, "chunk": index, "start": first, "stop": end,
+                         "chunk_seed": chunk_seed(params["seed"], index)}
+                queue.send_task(CERTIFY_CHUNK_TASK, args=[job_id, chunk], task_id=f"{job_id}.{index}")
+        except Exception:
+            with contextlib.suppress(Exception):
+                jobs.fail(job_id, "the job could not be queued")
+            raise
     return JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
 
 
@@ -248,3 +265,14 @@ def _params(req: CertifyRequest, num_inputs: int) -> dict[str, Any]:
 
 def _samples_per_input(req: CertifyRequest) -> int:
     return req.n if req.mode == "predict" else req.n0 + req.n
+
+
+def _check_budget(req: CertifyRequest, num_inputs: int, budget: int) -> None:
+    """422 when the job would draw more than ``budget`` samples (the most it may: a target-radius
+    job's n is its cap per input)."""
+    per_input = _samples_per_input(req)
+    if num_inputs * per_input > budget:
+        what = "n" if req.mode == "predict" else "n0 + n"
+        raise _unprocessable(f"this job asks for {num_inputs} inputs x {per_input} samples ({what}) = "
+                             f"{num_inputs * per_input} samples, over this server's budget of {budget} samples "
+                             "per job (SMOOTHCERT_MAX_JOB_SAMPLES); lower n, or split the inputs into smaller jobs")

@@ -5,8 +5,11 @@ data to certify, like the ``inputs`` of ``POST /v1/certify``, and nothing in it 
 unpickled. The upload is an ``.npz`` with ``x`` (N, C, H, W; floats in [0, 1], or uint8 pixels,
 scaled by 1/255) and ``y`` (N integer labels), checked as :mod:`smoothcert.service.core.dataset_files`
 describes: 413 past the file or unzipped size caps, 422 with a message for anything else.
-Deleting a dataset makes the queued chunks of jobs over it fail with a message. An upload counts
-against the caller's rate limit and takes an ``Idempotency-Key`` (fingerprint: the name, the
+Deleting a dataset makes the queued chunks of jobs over it fail with a message, and frees the
+storage it took. What a key's datasets store counts against ``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY``
+(413 beyond; :meth:`~smoothcert.service.api.limits.Limits.storage`); integer pixels are stored as
+uploaded, so an upload never stores more than x and y unzipped. An upload counts against the
+caller's rate limit and takes an ``Idempotency-Key`` (fingerprint: the name, the
 file name and the file's SHA-256), so a retried upload does not store the dataset twice.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, Upl
 from fastapi.responses import JSONResponse
 
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
-from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, SettingsDep, require_key
+from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, LimitsDep, SettingsDep, require_key
 from smoothcert.service.api.idempotency import file_sha256
 from smoothcert.service.api.limits import IN_PROGRESS, RATE_LIMITED, REUSED_KEY
 from smoothcert.service.api.schemas import DatasetRecord
@@ -29,7 +32,8 @@ _NOT_FOUND = {404: {"description": "unknown dataset"}}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRecord,
-             responses={413: {"description": "file, or x and y unzipped, too large"},
+             responses={413: {"description": "file, or x and y unzipped, too large; or over the key's storage "
+                                             "quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY)"},
                         422: {"description": "not a usable .npz dataset" + REUSED_KEY},
                         **IN_PROGRESS, **RATE_LIMITED})
 def upload_dataset(settings: SettingsDep, datasets: DatasetsDep, admission: AdmissionDep,
@@ -40,16 +44,17 @@ def upload_dataset(settings: SettingsDep, datasets: DatasetsDep, admission: Admi
         return {"name": name, "filename": file.filename, "sha256": file_sha256(file.file)}
 
     def create() -> tuple[DatasetRecord, str]:
-        record = _store(settings, datasets, file, name)
+        record = _store(settings, datasets, file, name, admission)
         return record, f"/v1/datasets/{record.id}"
 
     return admission.submit(content, create, status_code=status.HTTP_201_CREATED, queue=None)
 
 
-def _store(settings, datasets, file: UploadFile, name: str | None) -> DatasetRecord:
+def _store(settings, datasets, file: UploadFile, name: str | None, admission) -> DatasetRecord:
     try:
         meta = datasets.add(file.file, file.filename or "dataset.npz", name, max_bytes=settings.max_dataset_bytes,
-                            max_unpacked_bytes=settings.max_dataset_unpacked_bytes)
+                            max_unpacked_bytes=settings.max_dataset_unpacked_bytes, owner=admission.caller,
+                            admit=admission.storage(datasets))
     except DatasetTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except DatasetFileError as exc:
@@ -72,8 +77,11 @@ def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetRecord:
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
-def delete_dataset(dataset_id: str, datasets: DatasetsDep) -> Response:
-    """Remove the dataset's files."""
+def delete_dataset(dataset_id: str, datasets: DatasetsDep, limits: LimitsDep) -> Response:
+    """Remove the dataset's files; what they took no longer counts against its key's storage quota."""
+    meta = datasets.get(dataset_id)
     if not datasets.delete(dataset_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {dataset_id!r}")
+    if meta and meta.get("owner"):
+        limits.forget_storage(meta["owner"], dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

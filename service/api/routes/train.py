@@ -5,7 +5,7 @@ why: the values (TrainConfig's own checks, 422), the dataset (404 when unknown) 
 images fit the architecture (422). The configuration, with its seed drawn here when absent, is
 built once and travels in the message, so a redelivered task rebuilds the very same run and
 resumes from its checkpoint. The job's ``progress`` counts finished epochs. The rate limit, the
-``train`` queue's bound and ``Idempotency-Key`` apply (:mod:`smoothcert.service.api.limits`). The
+``train`` queue's bound, the key's active jobs and ``Idempotency-Key`` apply (:mod:`smoothcert.service.api.limits`). The
 route reads the JSON body itself, as ``POST /v1/certify`` does, so that those come before the
 body is validated and an undecodable body is a 422 like any other invalid one.
 """
@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, JobsDep, QueueDep, require_admin, require_key
 from smoothcert.service.api.idempotency import json_content
-from smoothcert.service.api.limits import IN_PROGRESS, QUEUE_FULL, RATE_LIMITED, REUSED_KEY
+from smoothcert.service.api.limits import IN_PROGRESS, JOBS_LIMITED, QUEUE_FULL, REUSED_KEY
 from smoothcert.service.api.schemas import JobAccepted, validate_body
 from smoothcert.service.api.train_schemas import DatasetUnknown, TrainRequest, check_fits, dataset_shape
 from smoothcert.service.core.jobs import new_job_id
@@ -36,18 +36,19 @@ _BODY = {"required": True, "content": {"application/json": {"schema": TrainReque
              responses={404: {"description": "unknown dataset"}, 413: {"description": "body too large"},
                         422: {"description": "invalid parameters, or the dataset does not fit the architecture"
                                              + REUSED_KEY},
-                        **IN_PROGRESS, **RATE_LIMITED, **QUEUE_FULL})
+                        **IN_PROGRESS, **JOBS_LIMITED, **QUEUE_FULL})
 async def submit_training(request: Request, jobs: JobsDep, datasets: DatasetsDep, queue: QueueDep,
                           admission: AdmissionDep) -> JSONResponse:
     """Queue a training job; poll ``Location``: ``progress`` counts epochs, ``result.history`` grows
     by one entry per epoch, and the succeeded result names the registered ``model_id``."""
     body = await request.body()
     return await run_in_threadpool(admission.submit, lambda: json_content(body),
-                                   lambda: _enqueue(validate_body(TrainRequest, body), jobs, datasets, queue),
+                                   lambda: _enqueue(validate_body(TrainRequest, body), jobs, datasets, queue,
+                                                    admission),
                                    status_code=status.HTTP_202_ACCEPTED, queue=TRAIN_QUEUE)
 
 
-def _enqueue(req: TrainRequest, jobs, datasets, queue) -> tuple[JobAccepted, str]:
+def _enqueue(req: TrainRequest, jobs, datasets, queue, admission) -> tuple[JobAccepted, str]:
     seed = req.seed if req.seed is not None else draw_seed(DRAWN_SEED_BOUND)
     try:
         config = req.config(seed)
@@ -64,12 +65,14 @@ def _enqueue(req: TrainRequest, jobs, datasets, queue) -> tuple[JobAccepted, str
     job_id = new_job_id()
     params = {"dataset": req.dataset, "name": req.name, **config.to_dict()}
     spec = {"config": config.to_dict(), "dataset": req.dataset, "name": req.name}
-    try:
-        jobs.create(job_id, "train", params, total=config.epochs)
-        queue.send_task(TRAIN_TASK, args=[job_id, spec], task_id=job_id)
-    except Exception:
-        with contextlib.suppress(Exception):
-            jobs.fail(job_id, "the job could not be queued")
-        raise  # Redis or broker errors become 503 (app.py)
+    with admission.room(TRAIN_QUEUE, 1):
+        try:
+            jobs.create(job_id, "train", params, total=config.epochs, owner=admission.caller,
+                        max_active=admission.max_active)
+            queue.send_task(TRAIN_TASK, args=[job_id, spec], task_id=job_id)
+        except Exception:
+            with contextlib.suppress(Exception):
+                jobs.fail(job_id, "the job could not be queued")
+            raise  # Redis or broker errors become 503 (app.py); ActiveJobsExceeded 429 (limits.py)
     accepted = JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
     return accepted, accepted.location

@@ -152,3 +152,71 @@ def test_store_keeps_the_arrays_and_leaves_nothing_behind_a_refusal(tmp_path):
     assert store.delete(meta["id"]) and not store.delete(meta["id"]) and store.get("../etc") is None
     with pytest.raises(DatasetMissing, match="was deleted"):
         store.load(meta["id"], 0, 1)
+
+
+def test_integer_pixels_are_stored_as_uploaded_and_scaled_when_loaded(tmp_path):
+    from smoothcert.service.core.dataset_store import DatasetStore
+
+    store = DatasetStore(tmp_path / "datasets")
+    caps = {"max_bytes": CAP, "max_unpacked_bytes": CAP}
+    cases = [(RNG.integers(0, 256, (5, 1, 4, 4), dtype=np.uint8), np.uint8, 255),
+             (RNG.integers(0, 65536, (5, 1, 4, 4), dtype=np.uint16).astype(">u2"), np.uint16, 65535)]
+    for pixels, stored, scale in cases:
+        with open(npz(tmp_path, compressed=True, x=pixels, y=LABELS.astype(np.uint8)), "rb") as upload:
+            meta = store.add(upload, "px.npz", None, owner="someone", **caps)
+        folder = tmp_path / "datasets" / meta["id"]
+        assert np.load(folder / "x.npy").dtype == stored and np.load(folder / "y.npy").dtype == np.uint8
+        assert meta["stored_bytes"] == sum(p.stat().st_size for p in folder.glob("*.npy"))
+        assert meta["owner"] == "someone" and meta["label_range"] == [0, 4]
+        x, y = store.load(meta["id"], 1, 4)
+        # Bit for bit what scaling the whole upload to float32 at once gave.
+        assert x.dtype == np.float32 and np.array_equal(x, pixels[1:4].astype(np.float32) / np.float32(scale))
+        assert y.dtype == np.int64 and y.tolist() == [1, 2, 3]
+    assert read_dataset_npz(npz(tmp_path, x=cases[1][0], y=LABELS), CAP).x.max() <= 1
+
+
+def test_floats_are_stored_as_float32_at_most_and_fortran_order_survives(tmp_path):
+    from smoothcert.service.core.dataset_store import DatasetStore
+
+    store = DatasetStore(tmp_path / "datasets")
+    caps = {"max_bytes": CAP, "max_unpacked_bytes": CAP}
+    for x, stored in ((IMAGES.astype(np.float64), np.float32), (IMAGES.astype(np.float16), np.float16),
+                      (np.asfortranarray(IMAGES), np.float32)):
+        with open(npz(tmp_path, x=x, y=LABELS), "rb") as upload:
+            meta = store.add(upload, "f.npz", None, **caps)
+        assert np.load(tmp_path / "datasets" / meta["id"] / "x.npy").dtype == stored
+        assert np.array_equal(store.load(meta["id"], 0, 5)[0], x.astype(np.float32))
+
+
+def test_values_are_checked_across_blocks(tmp_path, monkeypatch):
+    from smoothcert.service.core import dataset_files
+
+    monkeypatch.setattr(dataset_files, "BLOCK_BYTES", 64)      # 16 float32 values: one image per block
+    late = IMAGES.copy()
+    late[4, 0, 3, 3] = 1.5                                      # in the last block only
+    with pytest.raises(DatasetFileError, match=r"found values in \[0(\.\d+)?, 1.5\]"):
+        read_dataset_npz(npz(tmp_path, x=late, y=LABELS), CAP)
+    late[4, 0, 3, 3] = np.inf
+    with pytest.raises(DatasetFileError, match="NaN or infinite"):
+        read_dataset_npz(npz(tmp_path, x=late, y=LABELS), CAP)
+    many = np.arange(300) % 7
+    data = read_dataset_npz(npz(tmp_path, x=np.zeros((300, 1, 1, 1), dtype=np.uint8), y=many), CAP)
+    assert data.y.tolist() == many.tolist()
+    with pytest.raises(DatasetFileError, match=r"found values in \[-1, 6\]"):
+        read_dataset_npz(npz(tmp_path, x=np.zeros((300, 1, 1, 1), dtype=np.uint8), y=np.where(many, many, -1)), CAP)
+
+
+def test_a_refusing_admit_leaves_nothing_and_is_told_the_stored_size(tmp_path):
+    from smoothcert.service.core.dataset_store import DatasetStore
+
+    store, seen = DatasetStore(tmp_path / "datasets"), []
+
+    def admit(dataset_id: str, stored_bytes: int):
+        seen.append(stored_bytes)
+        raise DatasetTooLarge("over the quota")
+
+    pixels = np.zeros((5, 1, 4, 4), dtype=np.uint8)
+    with open(npz(tmp_path, x=pixels, y=LABELS), "rb") as upload, pytest.raises(DatasetTooLarge, match="quota"):
+        store.add(upload, "q.npz", None, max_bytes=CAP, max_unpacked_bytes=CAP, admit=admit)
+    assert seen == [pixels.nbytes + LABELS.nbytes + 2 * 128]
+    assert list((tmp_path / "datasets").iterdir()) == []
