@@ -31,8 +31,10 @@ Dataset uploads count against the key's storage quota, ``SMOOTHCERT_MAX_STORAGE_
 the stored datasets recorded with the key plus the other uploads it has in progress (reserved
 in ``smoothcert:storage:<caller>``, lapsing after ``STORAGE_TTL_MS``); beyond, 413. A reservation
 outlives its upload on purpose: another upload that listed the datasets just before this one was
-recorded still counts it; the first reservation that sees the dataset stored, or its deletion,
-drops it.
+recorded still counts it, and one that sees the dataset stored counts it there and skips the
+reservation. Only its lapse or the dataset's deletion drops it: were a reservation dropped once
+some upload saw its dataset stored, a third upload holding an older listing would count it
+nowhere.
 
 ``<caller>`` is a SHA-256 of the bearer key, never the key. Model uploads are not limited: they
 need the admin key and each one waits for a worker to check the model.
@@ -97,14 +99,12 @@ return {1, depth}
 
 # KEYS[1], KEYS[2] the caller's uploads in progress (as in _LAPSE); ARGV[1] dataset id, ARGV[2]
 # bytes it will store, ARGV[3] quota, ARGV[4] bytes of the caller's stored datasets, ARGV[5] ttl
-# ms, ARGV[6..] those datasets' ids: an upload seen stored is counted there, no longer here.
-# Returns {1 when reserved, the bytes in use before this upload}.
+# ms, ARGV[6..] those datasets' ids: an upload seen stored is counted there, not also here
+# (its reservation stays: see the module docstring). Returns {1 when reserved, the bytes in use
+# before this upload}.
 _STORAGE = _LAPSE + """
 for i = 6, #ARGV do
-  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
-    held = held - tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or 0)
-    redis.call('HDEL', KEYS[2], ARGV[i])
-  end
+  held = held - tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or 0)
 end
 local used = tonumber(ARGV[4]) + held
 if used + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {0, used} end
@@ -234,8 +234,7 @@ class Limits:
                 with contextlib.suppress(redis.RedisError):   # else it lapses after STORAGE_TTL_MS
                     self._give_back(keys, dataset_id)
                 raise
-            # Stored: the next reservation sees the dataset on disk and drops this one then (or
-            # forget_storage, when it is deleted first).
+            # Stored: the reservation stays until it lapses or forget_storage drops it on delete.
 
         return admit
 

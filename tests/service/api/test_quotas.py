@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import redis
 
-from smoothcert.service.api.limits import caller_id
+from smoothcert.service.api.limits import STORAGE_PREFIX, STORAGE_TTL_MS, Limits, _held, caller_id
 from smoothcert.service.core.jobs import JobStore, active_jobs
 from smoothcert.service.core.queue import QUEUE, queue_depth
-from tests.support.stack import other_db, stack_env, start_api, stop_process, wait_job
+from smoothcert.service.core.settings import Settings
+from tests.support.stack import other_db, scratch_db, stack_env, start_api, stop_process, wait_job
 
 BIG_USER = "quotas-big-user-key-0123456789"
 QUOTA_USER, QUOTA_ADMIN = "quotas-user-key-0123456789", "quotas-admin-key-0123456789"
@@ -408,3 +409,18 @@ def test_concurrent_dataset_jobs_never_take_the_queue_past_the_bound(idle, demo_
     assert queue_depth(r, QUEUE) == 4 and len(job_records(r)) == 2
     assert not list(r.scan_iter(match="smoothcert:queue-rooms:*:amounts")) or \
         r.hlen(f"smoothcert:queue-rooms:{QUEUE}:amounts") == 0
+
+
+def test_a_reservation_still_counts_for_an_upload_that_listed_the_datasets_before_it_was_stored(redis_url,
+                                                                                                tmp_path):
+    # Three uploads of one key, 1000 bytes each, quota 1500. A is reserved and stored; C lists the
+    # datasets after A was stored; B listed them before. However the three interleave, A counts
+    # once for each of them: C through the listing, B through A's reservation, which C must
+    # therefore not have dropped (it once did, and B then passed the quota).
+    with scratch_db(redis_url, 12) as db:
+        limits = Limits(db, Settings(data_dir=tmp_path, max_storage_bytes_per_key=1500))
+        keys = _held(STORAGE_PREFIX + "caller")
+        # args: upload id, bytes it stores, quota, bytes of the listed datasets, ttl, their ids
+        assert limits._storage(keys=keys, args=["A", 1000, 1500, 0, STORAGE_TTL_MS])[0] == 1
+        assert limits._storage(keys=keys, args=["C", 1000, 1500, 1000, STORAGE_TTL_MS, "A"]) == [0, 1000]
+        assert limits._storage(keys=keys, args=["B", 1000, 1500, 0, STORAGE_TTL_MS]) == [0, 1000]

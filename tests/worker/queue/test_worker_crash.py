@@ -45,8 +45,9 @@ CAP = 2
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crash")
     server = RedisServer(tmp / "redis", persist=False).start()
+    # 50 queued jobs from one key: above the default quota of active jobs per key
     env = stack_env(server.url, tmp / "data", SMOOTHCERT_WORKER_HEARTBEAT_TTL_S="3",
-                    SMOOTHCERT_MAX_DELIVERIES=str(CAP))
+                    SMOOTHCERT_MAX_DELIVERIES=str(CAP), SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY="100")
     api, url = start_api(env, tmp / "api.log")
     procs: list = [api]
     yield {"env": env, "url": url, "tmp": tmp, "redis": redis.Redis.from_url(server.url), "procs": procs}
