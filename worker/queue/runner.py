@@ -7,7 +7,7 @@ the check returned. Files are found by ids, never by a path from a message: the 
 outside them is refused. Every outcome lands in the job record
 (:mod:`smoothcert.service.core.jobs`); nothing is returned to Celery. A task runs again after its
 worker died (late acks), at most ``max_deliveries`` times; running the same job again gives the
-same answer because the seed is part of the message. A dataset job is one task per chunk
+same answer because the seed is part of the record. A dataset job is one task per chunk
 (:mod:`smoothcert.service.core.job_chunks`); the redelivery cap counts per chunk.
 """
 from __future__ import annotations
