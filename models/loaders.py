@@ -1,8 +1,9 @@
 """One entry point from a model file to a base classifier: :func:`load_model`.
 
 The format is told by the file's first bytes (pickles are refused whatever the name says), then
-by its suffix. Every model is run once on a zero batch before it is handed out, so a wrong input
-shape or class count is refused at load time with a message, not at certification time.
+by its suffix. Every model is run on a zero batch and two fixed noisy ones before it is handed
+out (:func:`check_forward`), so a wrong input shape or class count, or scores that are NaN or
+infinite, are refused at load time with a message, not at certification time.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "auto", arch: s
     ``info`` has ``sha256`` and ``format`` filled. Raises ModelError, with a one-line message, for
     a missing file, a pickle, an unknown format or architecture, a safetensors header that lies,
     an ONNX model with external data or non-standard operators, weights that do not fit the
-    architecture, or a model whose output on a zero batch is not (2, num_classes).
+    architecture, or a model that fails :func:`check_forward`.
     """
     path = Path(path)
     if not path.is_file():
@@ -179,18 +180,41 @@ def check_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor], arch:
         raise ModelError(f"weights do not fit {arch}: {len(wrong)} shape mismatches ({_first(wrong)})")
 
 
+CHECK_SEED = 0        # the noisy batches of check_forward: the same for every model and every load
+CHECK_BATCH = 4
+CHECK_SIGMA = 0.25   # a common smoothing noise level; larger noise is the certification's own check
+
+
+def check_batches(input_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """What :func:`check_forward` runs, on the CPU: zeros (2 inputs), uniform [0, 1] images, and
+    the same images plus Gaussian noise of σ = CHECK_SIGMA (CHECK_BATCH each, seed CHECK_SEED)."""
+    generator = torch.Generator().manual_seed(CHECK_SEED)
+    uniform = torch.rand((CHECK_BATCH, *input_shape), generator=generator)
+    noisy = uniform + CHECK_SIGMA * torch.randn(uniform.shape, generator=generator)
+    return {"zeros": torch.zeros((2, *input_shape)), "uniform [0, 1] images": uniform,
+            f"images with Gaussian noise of sigma {CHECK_SIGMA}": noisy}
+
+
 def check_forward(model: BaseClassifier) -> None:
-    """Run a zero batch of 2; raise ModelError unless the scores are (2, num_classes)."""
+    """Run :func:`check_batches`; raise ModelError unless each gives finite scores (B, num_classes).
+
+    A model whose scores are NaN or infinite would have every noisy copy voted for class 0 (argmax
+    of NaN), so its certificates would say nothing about it.
+    """
     shape, classes = model.info.input_shape, model.info.num_classes
-    batch = torch.zeros((2, *shape), device=model.device)
-    try:
-        scores = model.logits(batch)
-    except Exception as exc:  # torch and onnxruntime both raise their own types
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"the model cannot run on input shape {list(shape)}: {first_line}") from None
-    if tuple(scores.shape) != (2, classes):
-        raise ModelError(f"num_classes is {classes} but the model outputs scores of shape "
-                         f"{tuple(scores.shape[1:])} per input")
+    for what, batch in check_batches(shape).items():
+        try:
+            scores = model.logits(batch.to(model.device))
+        except Exception as exc:  # torch and onnxruntime both raise their own types
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"the model cannot run on input shape {list(shape)}: {first_line}") from None
+        if tuple(scores.shape) != (len(batch), classes):
+            raise ModelError(f"num_classes is {classes} but the model outputs scores of shape "
+                             f"{tuple(scores.shape[1:])} per input")
+        bad = int((~torch.isfinite(scores).all(dim=1)).sum())
+        if bad:
+            raise ModelError(f"the model returns NaN or infinite scores for {bad} of {len(batch)} {what}; "
+                             "a certificate needs finite scores")
 
 
 STORED_FIELDS = ("arch", "input_shape", "num_classes", "normalization", "class_names", "sigma", "name")

@@ -85,6 +85,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 METADATA_KEY = "smoothcert"   # key of our JSON inside a safetensors header or ONNX metadata_props
+# A class name labels a row or a plot, not a document; ImageNet's longest is under 100 characters.
+MAX_CLASS_NAME_CHARS = 100
 _DESCRIBED_FIELDS = ("arch", "input_shape", "num_classes", "class_names", "normalization",
                      "sigma", "name", "extra")
 
@@ -133,15 +135,9 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     if "normalization" in fields:
         fields["normalization"] = Normalization.parse(fields["normalization"])
     if "sigma" in fields:
-        sigma = fields["sigma"]
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
-            raise ModelError(f"sigma must be a non-negative number, not {sigma!r}")
-        fields["sigma"] = float(sigma)
+        fields["sigma"] = check_sigma(fields["sigma"])
     if "class_names" in fields:
-        names = fields["class_names"]
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise ModelError("class_names must be a list of strings")
-        fields["class_names"] = list(names)
+        fields["class_names"] = check_class_names(fields["class_names"], fields.get("num_classes"))
     for key in ("arch", "name"):
         if key in fields and not isinstance(fields[key], str):
             raise ModelError(f"{key} must be a string")
@@ -173,6 +169,29 @@ def check_num_classes(value: Any) -> int:
     if _is_count(value):
         return int(value)
     raise ModelError(f"num_classes must be a positive integer, not {value!r}")
+
+
+def check_sigma(value: Any) -> float:
+    """The training noise level ``value`` as a float: a finite number ≥ 0, or ModelError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise ModelError(f"sigma must be a non-negative number, and finite (the training noise level), "
+                         f"not {value!r}")
+    return float(value)
+
+
+def check_class_names(value: Any, num_classes: int | None = None) -> list[str]:
+    """``value`` as a list of class names, or ModelError: non-empty strings of at most
+    :data:`MAX_CLASS_NAME_CHARS` characters, as many as ``num_classes`` when that is known (the
+    loader compares them with the model's class count otherwise)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise ModelError("class_names must be a list of strings")
+    if num_classes is not None and len(value) != num_classes:
+        raise ModelError(f"{len(value)} class_names given for {num_classes} classes; give one name per class")
+    for i, name in enumerate(value):
+        if not 0 < len(name) <= MAX_CLASS_NAME_CHARS:
+            raise ModelError(f"class_names[{i}] has {len(name)} characters; each name must have 1 to "
+                             f"{MAX_CLASS_NAME_CHARS}")
+    return list(value)
 
 
 def fields_from_metadata_map(metadata: dict[str, str] | None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from smoothcert.models.base import Normalize
+from smoothcert.models.base import PEAK_MARGIN, Normalize
 from smoothcert.models.metadata import (
     ModelError,
     ModelInfo,
@@ -71,6 +71,7 @@ class OnnxClassifier:
                  normalization: Normalization | dict | str | None = None,
                  class_names: list[str] | None = None, sigma: float | None = None,
                  name: str | None = None, intra_op_num_threads: int | None = None):
+        graph = check_onnx_contents(path)
         self.session = _open_session(Path(path), device, intra_op_num_threads)
         self.provider = self.session.get_providers()[0]
         on_cuda = self.provider == CUDA_PROVIDER
@@ -109,6 +110,10 @@ class OnnxClassifier:
             normalization=norm if norm is not None else described.get("normalization"),
             sigma=sigma if sigma is not None else described.get("sigma"),
             name=name or described.get("name"), extra=described.get("extra", {}))
+        # Run in chunks of a fixed batch, the graph's memory does not grow with the batch.
+        self._work_bytes = 2 * 4 * int(np.prod(shape))   # the float32 input and its normalized copy
+        if self.fixed_batch is None:
+            self._work_bytes += graph_bytes_per_sample(graph, self._input_name, shape)
 
     def _resolve_num_classes(self, wanted: int | None, out_shape: list,
                              input_shape: tuple[int, int, int]) -> int:
@@ -141,6 +146,10 @@ class OnnxClassifier:
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Top-1 labels (B,) int64 on :attr:`device`."""
         return self.logits(x).argmax(dim=1)
+
+    def work_bytes_per_sample(self) -> int:
+        """From the graph's inferred shapes (:func:`graph_bytes_per_sample`), read at load time."""
+        return self._work_bytes
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -186,7 +195,6 @@ def _open_session(path: Path, device: str | torch.device,
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
-    check_onnx_contents(path)
     providers: list = [CPU_PROVIDER]
     if _wants_cuda(device) and CUDA_PROVIDER in ort.get_available_providers():
         providers.insert(0, (CUDA_PROVIDER, {"device_id": _cuda_index(device)}))
@@ -210,13 +218,13 @@ def _open_session(path: Path, device: str | torch.device,
     raise ModelError(f"{path.name} is not a loadable ONNX model: {first_line}")
 
 
-def check_onnx_contents(path: str | Path) -> None:
+def check_onnx_contents(path: str | Path) -> onnx.ModelProto:
     """Refuse a model that keeps tensors in external files or uses non-standard operators.
 
     Checked on the parsed protobuf (external data is never read), before onnxruntime sees the
     file: its own refusals depend on its version and build, and it would gladly run
     ``com.microsoft`` ops. Subgraphs (If, Loop, Scan) and the model's local functions count too.
-    Raises ModelError with a one-line message.
+    Raises ModelError with a one-line message; returns the parsed model.
     """
     path = Path(path)
     try:
@@ -244,6 +252,71 @@ def check_onnx_contents(path: str | Path) -> None:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             raise ModelError(f"{path.name} keeps weights in external data files (tensor {_short(tensor.name)} "
                              f"in {_short(location)}); smoothcert accepts self-contained .onnx files only")
+    return model
+
+
+_BATCH_DIM = "smoothcert_batch"
+_DEFAULT_ELEMENT_BYTES = 8   # a value of a type not listed below is counted as 8 bytes an element
+_ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+                  onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1,
+                  onnx.TensorProto.INT16: 2, onnx.TensorProto.INT32: 4}
+
+
+def graph_bytes_per_sample(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, int, int]) -> int:
+    """Bytes per input of the values the main graph computes (node outputs), from ONNX shape
+    inference with the batch dimension symbolic and (C, H, W) = ``input_shape``: the peak of those
+    alive at once, running the nodes in the file's order (a value lives from the node that makes
+    it to the last one that reads it), times :data:`~smoothcert.models.base.PEAK_MARGIN`, and at
+    most the sum of all of them.
+
+    A value whose shape holds the batch dimension counts the product of its other dimensions; one
+    without it does not grow with the batch and counts nothing. A value whose shape inference
+    cannot tell counts as much as the largest one it can (at least the input). ``model`` is changed
+    in place.
+    """
+    for graph_input in model.graph.input:
+        if graph_input.name == input_name:
+            dims = graph_input.type.tensor_type.shape.dim
+            dims[0].dim_param = _BATCH_DIM
+            for dim, size in zip(list(dims)[1:], input_shape):
+                dim.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # onnx raises its own types; then nothing is known but the input
+        inferred = model.graph
+    known = {info.name: _per_sample_bytes(info.type.tensor_type)
+             for info in [*inferred.value_info, *inferred.output] if info.type.HasField("tensor_type")}
+    largest = max([4 * int(np.prod(input_shape)), *(size for size in known.values() if size is not None)])
+    nodes = list(model.graph.node)
+    size = {name: largest if known.get(name) is None else known[name]
+            for node in nodes for name in node.output if name}
+    last_use = {name: len(nodes) for name in (out.name for out in model.graph.output)}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            if name in size:
+                last_use[name] = max(last_use.get(name, i), i)
+    live = peak = 0
+    for i, node in enumerate(nodes):
+        live += sum(size[name] for name in node.output if name)
+        peak = max(peak, live)
+        live -= sum(size[name] for name in node.output if name and last_use.get(name, i) <= i)
+        live -= sum(size[name] for name in set(node.input) if name in size and last_use.get(name) == i)
+    return min(sum(size.values()), PEAK_MARGIN * peak)
+
+
+def _per_sample_bytes(tensor_type: onnx.TypeProto.Tensor) -> int | None:
+    """Bytes per input of a value of this type; 0 when it has no batch dimension, None when unknown."""
+    if not tensor_type.HasField("shape"):
+        return None
+    elements, batched = 1, False
+    for dim in tensor_type.shape.dim:
+        if dim.dim_param == _BATCH_DIM:
+            batched = True
+        elif dim.HasField("dim_value") and dim.dim_value >= 0:
+            elements *= dim.dim_value
+        else:
+            return None
+    return elements * _ELEMENT_BYTES.get(tensor_type.elem_type, _DEFAULT_ELEMENT_BYTES) if batched else 0
 
 
 _STANDARD_ONLY = ("smoothcert runs the standard operator sets only (domains '', ai.onnx, ai.onnx.ml), "

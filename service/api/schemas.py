@@ -1,6 +1,7 @@
 """Request and response bodies of the HTTP API v1 (design §4), and input decoding.
 
-Parameter checks that need no model live here (σ > 0, n ≥ 1, α in (0, 1), ...); checks against
+Parameter checks that need no model live here (0 < σ ≤ MAX_SIGMA, n ≥ 1, α in [MIN_ALPHA,
+MAX_ALPHA], CERTIFY's least n for α, ...; the bounds of service/core/params.py); checks against
 the model (shape, label range) and the settings' caps live in the routes. numpy only, no torch.
 
 Request bodies are typed strictly, as their JSON Schema says: a number is a JSON number, never
@@ -30,6 +31,7 @@ from pydantic import (
 )
 
 from smoothcert.models.pixels import as_pixel_batch
+from smoothcert.service.core import params
 from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, MAX_SEED, Bound, Mode
 
 
@@ -79,10 +81,15 @@ class CertifyRequest(BaseModel):
                                    description="certify this uploaded dataset instead of inputs")
     skip: int = Field(0, ge=0, description="dataset jobs: the first input to certify")
     limit: int | None = Field(None, ge=1, description="dataset jobs: certify at most this many inputs")
-    sigma: float = Field(gt=0, allow_inf_nan=False, description="noise level in [0,1] pixel units")
+    sigma: float = Field(gt=0, le=params.MAX_SIGMA, allow_inf_nan=False,
+                         description=f"noise level in [0,1] pixel units, at most {params.MAX_SIGMA:g}")
     n0: int = Field(DEFAULT_N0, ge=1, description="samples that select the class (certify only)")
     n: int = Field(DEFAULT_N, ge=1, description="samples that bound its probability")
-    alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="failure probability of each certificate")
+    # gt/lt keep their messages for 0 and 1; the tighter bounds are the validator's and the schema's.
+    alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1,
+                         json_schema_extra={"minimum": params.MIN_ALPHA, "maximum": params.MAX_ALPHA},
+                         description="failure probability of each certificate, "
+                                     f"in [{params.MIN_ALPHA:g}, {params.MAX_ALPHA:g}]")
     batch_size: int | None = Field(None, ge=1, le=1_000_000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
     bound: Bound = "cohen"
@@ -100,6 +107,12 @@ class CertifyRequest(BaseModel):
     def _integral(cls, value: Any) -> Any:
         return integral(value)
 
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_bounds(cls, alpha: float) -> float:
+        params.check_alpha_bound(alpha)
+        return alpha
+
     @model_validator(mode="after")
     def _one_source(self) -> CertifyRequest:
         if (self.inputs is None) == (self.dataset_id is None):
@@ -110,6 +123,12 @@ class CertifyRequest(BaseModel):
             raise ValueError("skip and limit apply to dataset jobs (dataset_id) only")
         if self.target_radius is not None and (self.mode != "certify" or self.bound != "cohen"):
             raise ValueError("target_radius goes with mode certify and the default bound")
+        return self
+
+    @model_validator(mode="after")
+    def _certify_n(self) -> CertifyRequest:
+        if self.mode == "certify" and self.target_radius is None:   # a target-radius run checks its own reach
+            params.check_certify_n(self.n, self.alpha, self.bound)
         return self
 
 

@@ -110,6 +110,7 @@ def _model_and_inputs(p: argparse.ArgumentParser) -> None:
 def _run_certify(args) -> int:
     from smoothcert.worker.smoothing import certify, certify_at_radius
 
+    options.check_bounds(args, certify=args.target_radius is None)
     model, x, labels = _prepare(args)
     with _progress_bar() as progress:
         if args.target_radius is None:
@@ -134,6 +135,7 @@ def _run_certify(args) -> int:
 def _run_predict(args) -> int:
     from smoothcert.worker.smoothing import predict
 
+    options.check_bounds(args, certify=False)
     model, x, labels = _prepare(args)
     with _progress_bar() as progress:
         run = predict(model, x, sigma=args.sigma, n=args.n, alpha=args.alpha,

@@ -5,7 +5,8 @@ Each adder defines its flags once: names, types, metavars, choices and the defau
 this process: a flag takes its default here and the help says "(default X)". ``local=False``
 is for one that asks the service: a flag stays None unless given, so the service applies the
 same default, and the help says "(server default X)". Adders take a parser or an argument group
-and add in the order that ``--help`` lists.
+and add in the order that ``--help`` lists. :func:`check_bounds` refuses values outside the bounds
+of :mod:`smoothcert.service.core.params` before a model is loaded or a request is sent.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from smoothcert.service.core import params
 from smoothcert.service.core.params import BOUNDS, DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
 
 # The API's and the engine's default bound too; params.py names no constant for it.
@@ -41,7 +43,8 @@ def add_labels(p: Flags, *, local: bool) -> None:
 
 def add_sigma(p: Flags) -> None:
     """``--sigma``, required: the smoothing noise level."""
-    p.add_argument("--sigma", type=float, required=True, help="noise level σ, in [0,1] pixel units")
+    p.add_argument("--sigma", type=float, required=True,
+                   help=f"noise level σ, in [0,1] pixel units, at most {params.MAX_SIGMA:g}")
 
 
 def add_samples(p: Flags, *, local: bool) -> None:
@@ -55,7 +58,8 @@ def add_samples(p: Flags, *, local: bool) -> None:
 def add_run_options(p: Flags, *, local: bool) -> None:
     """``--alpha``, ``--batch-size`` and ``--seed``, which CERTIFY and PREDICT both take."""
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA if local else None,
-                   help=f"failure probability ({_default(DEFAULT_ALPHA, local)})")
+                   help=f"failure probability in [{params.MIN_ALPHA:g}, {params.MAX_ALPHA:g}] "
+                        f"({_default(DEFAULT_ALPHA, local)})")
     p.add_argument("--batch-size", type=int,
                    help="noisy samples per forward pass" + (" (default: by input size)" if local else ""))
     p.add_argument("--seed", type=int, help="noise seed (default: drawn "
@@ -70,6 +74,20 @@ def add_certify_options(p: Flags, *, local: bool) -> None:
     cap = "the cap per input" if local else "the cap"
     p.add_argument("--target-radius", type=float, metavar="R",
                    help=f"only decide 'certified at radius R?'{drawing} (anytime-valid; --n is then {cap})")
+
+
+def check_bounds(args: argparse.Namespace, *, certify: bool) -> None:
+    """ValueError (the engine's message) for a ``--sigma`` above MAX_SIGMA, an ``--alpha`` outside
+    [MIN_ALPHA, MAX_ALPHA], or, when ``certify`` (CERTIFY with a fixed n), an ``--n`` too small for
+    any certificate at that alpha and bound. Flags left at None take the defaults the service
+    applies; other wrong values (σ ≤ 0, n < 1, ...) are left to the engine's or the service's checks."""
+    if args.sigma is not None and args.sigma > 0:
+        params.check_sigma_bound(args.sigma)
+    if args.alpha is not None:
+        params.check_alpha_bound(args.alpha)
+    n = DEFAULT_N if args.n is None else args.n
+    if certify and n >= 1:
+        params.check_certify_n(n, DEFAULT_ALPHA if args.alpha is None else args.alpha, args.bound or DEFAULT_BOUND)
 
 
 def add_model_fields(p: Flags, *, local: bool) -> None:

@@ -113,6 +113,7 @@ def _submit(args) -> int:
         raise ValueError("a dataset job takes its labels from the dataset's y; drop --labels")
     if args.inputs and (args.skip is not None or args.limit is not None):
         raise ValueError("--skip and --limit go with --dataset")
+    options.check_bounds(args, certify=args.mode == "certify" and args.target_radius is None)
     labels = _read_labels(args.labels, args.inputs) if args.labels else None
     with service_client(args) as client:
         accepted = client.submit(args.model_id, args.inputs, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,

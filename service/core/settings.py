@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     redis_password: str = Field("", description="Redis's password (AUTH), added to the Redis URL; `smoothcert up` "
                                                 "generates one for the Redis it starts; required in production")
     device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:1, ...")
+    batch_memory_bytes: int = Field(
+        0, ge=0, description="memory one batch of noisy copies (with the model's intermediate results and scores) "
+                             "may take on the worker's device; a larger batch_size is lowered to fit; 0: a quarter "
+                             "of the memory the device has free when the job starts")
 
     max_n: int = Field(1_000_000, ge=1, description="largest n (and n0) a job may ask for")
     max_inputs: int = Field(10_000, ge=1, description="most inputs in one certify job")

@@ -18,8 +18,9 @@ _PER_CHUNK = ("chunk", "start", "stop", "worker", "pid", "seed", "num_inputs", "
 
 
 def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, progress: Progress,
-              should_cancel: CancelCheck) -> dict[str, Any]:
-    """Certify (or predict) inputs ``[spec["start"], spec["stop"])`` of the job's dataset.
+              should_cancel: CancelCheck, memory_budget: int | None = None) -> dict[str, Any]:
+    """Certify (or predict) inputs ``[spec["start"], spec["stop"])`` of the job's dataset
+    (``memory_budget`` as in :func:`~smoothcert.worker.queue.job_results.run_engine`).
 
     Returns ``{"rows": [...], "provenance": {...}}``; raises DatasetMissing when the dataset was
     deleted or changed, and whatever the engine raises.
@@ -28,7 +29,7 @@ def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, 
     x, y = datasets.load(spec["dataset_id"], start, stop)
     if len(x) != stop - start:
         raise DatasetMissing(f"dataset {spec['dataset_id']} no longer holds inputs {start} to {stop - 1}")
-    result = run_engine(model, x, spec, spec["chunk_seed"], progress, should_cancel)
+    result = run_engine(model, x, spec, spec["chunk_seed"], progress, should_cancel, memory_budget)
     rows = result["results"]
     label_rows(rows, y)
     for row in rows:
@@ -47,7 +48,9 @@ def combine_chunks(spec: dict[str, Any], outcomes: dict[int, dict[str, Any]], el
     chunks = [{k: o["provenance"][k] for k in _PER_CHUNK} for o in ordered]
     shared = {k: v for k, v in first.items() if k not in _PER_CHUNK}
     devices = sorted({c["device"] for c in chunks})
-    provenance = {**shared, "seed": spec["seed"], "batch_size": spec.get("batch_size") or first["batch_size"],
+    sizes = sorted({c["batch_size"] for c in chunks})   # used: each worker fits its own device's memory
+    provenance = {**shared, "seed": spec["seed"],
+                  "batch_size": sizes[0] if len(sizes) == 1 else "mixed: " + ", ".join(map(str, sizes)),
                   "device": devices[0] if len(devices) == 1 else "mixed: " + ", ".join(devices),
                   "num_inputs": len(rows), "elapsed_s": elapsed_s, "model_id": spec["model_id"],
                   "dataset_id": spec["dataset_id"], "dataset_sha256": spec["dataset_sha256"],

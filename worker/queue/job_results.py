@@ -16,10 +16,12 @@ from smoothcert.worker.evaluation.analyze import DEFAULT_RADII
 
 
 def run_engine(model, x: np.ndarray, spec: dict[str, Any], seed: int, progress: smoothing.Progress,
-               should_cancel: smoothing.CancelCheck) -> dict[str, Any]:
+               should_cancel: smoothing.CancelCheck, memory_budget: int | None = None) -> dict[str, Any]:
     """CERTIFY, PREDICT or the test at ``target_radius`` (``spec["mode"]``, ``spec["target_radius"]``)
-    of ``x`` with ``spec``'s parameters; ``Run.to_dict()``. ``spec["n"]`` caps a target-radius run."""
-    common = dict(batch_size=spec.get("batch_size"), seed=seed, progress=progress, should_cancel=should_cancel)
+    of ``x`` with ``spec``'s parameters; ``Run.to_dict()``. ``spec["n"]`` caps a target-radius run.
+    ``memory_budget`` bounds a batch's memory (None: the engine's share of the device's free memory)."""
+    common = dict(batch_size=spec.get("batch_size"), seed=seed, progress=progress, should_cancel=should_cancel,
+                  memory_budget=memory_budget)
     if spec["mode"] == "predict":
         run = smoothing.predict(model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], **common)
     elif spec.get("target_radius") is not None:

@@ -104,7 +104,7 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
     labels = spec.get("labels")
     result = run_engine(model, x, spec, spec["seed"],
                         throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
-                        lambda: jobs.cancel_requested(job_id))
+                        lambda: jobs.cancel_requested(job_id), settings.batch_memory_bytes or None)
     record_result_samples(jobs.redis, result["results"], result["provenance"])
     result["provenance"]["model_id"] = spec["model_id"]
     label_rows(result["results"], labels)
@@ -131,7 +131,7 @@ def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, wo
     index = spec["chunk"]
     outcome = run_chunk(ready_model(spec["model_id"]), spec, DatasetStore(settings.datasets_dir), worker,
                         throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
-                        lambda: ledger.should_stop(job_id))
+                        lambda: ledger.should_stop(job_id), settings.batch_memory_bytes or None)
     record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"])
     return outcome
 

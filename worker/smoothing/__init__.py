@@ -2,8 +2,9 @@
 
 - :func:`certify`, :func:`predict` (module ``certify``): CERTIFY and PREDICT with a fixed n;
 - :func:`certify_at_radius` (module ``sequential``): "certified at r?" with an anytime-valid test;
-- ``results``: their answers; ``sampling``: noisy copies through the model; ``bounds``: the
-  statistics; ``checks``: the parameter checks all three share.
+- ``results``: their answers; ``sampling``: noisy copies through the model; ``memory``: how
+  large a batch fits the device; ``bounds``: the statistics; ``checks``: the parameter checks all
+  three share.
 
 Same seed, same batch size and same device give bit-identical answers. Nothing here imports a
 queue or a web framework: the CLI, the worker's tasks and the benchmarks all call it.

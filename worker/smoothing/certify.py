@@ -22,7 +22,7 @@ from smoothcert.worker.smoothing.sampling import CancelCheck, Counts, Inputs, Pr
 def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0, n: int = DEFAULT_N,
             alpha: float = DEFAULT_ALPHA, *, bound: Bound = "cohen", batch_size: int | None = None,
             seed: int | None = None, progress: Progress | None = None,
-            should_cancel: CancelCheck | None = None) -> Run[Certificate]:
+            should_cancel: CancelCheck | None = None, memory_budget: int | None = None) -> Run[Certificate]:
     """CERTIFY every input of ``x`` ((C, H, W) or (N, C, H, W), floats in [0,1]).
 
     Per input, as in the paper: ĉ_A is the class with most votes among n0 noisy copies; n fresh
@@ -31,10 +31,13 @@ def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0
     bounds p_A and the runner-up instead (:func:`~smoothcert.worker.smoothing.bounds.top2_radius`).
     With probability ≥ 1 − alpha over the sampling, a :class:`Certificate` that does not abstain
     is right: g predicts ĉ_A everywhere within ℓ₂ distance ``radius`` of the input.
-    ``progress(done, total)`` (in samples) and ``should_cancel()`` run between batches.
+    ``progress(done, total)`` (in samples) and ``should_cancel()`` run between batches. A
+    ``batch_size`` larger than fits ``memory_budget`` bytes (None: a share of the device's free
+    memory) is lowered to fit; the provenance records the batch size used. Raises InputError when
+    the model's scores are NaN or infinite for some noisy copy.
     """
     check_params(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, batch_size=batch_size, seed=seed)
-    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
+    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
     # Two disjoint samples per input: n0 copies to select, n fresh ones to estimate, so the class
     # under test was not chosen on the votes that test it. One call draws both (input by input,
     # selection first), so batches stay full across inputs.
@@ -63,18 +66,20 @@ def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0
 
 def predict(model: BaseClassifier, x: Inputs, sigma: float, n: int = DEFAULT_PREDICT_N,
             alpha: float = DEFAULT_ALPHA, *, batch_size: int | None = None, seed: int | None = None,
-            progress: Progress | None = None, should_cancel: CancelCheck | None = None) -> Run[Prediction]:
+            progress: Progress | None = None, should_cancel: CancelCheck | None = None,
+            memory_budget: int | None = None) -> Run[Prediction]:
     """PREDICT every input of ``x``: the top class of n noisy copies, or an abstention.
 
     Abstains when the two-sided binomial test of the top two counts n_A ≥ n_B at p = ½ gives a
     p-value above alpha; a returned class differs from g(x) with probability ≤ alpha. Refuses an
-    n so small that even a unanimous vote could not pass that test.
+    n so small that even a unanimous vote could not pass that test. Batches and scores as in
+    :func:`certify`.
     """
     check_params(sigma=sigma, n=n, alpha=alpha, batch_size=batch_size, seed=seed)
     least = bounds.min_predict_n(alpha)
     if n < least:
         raise InputError(f"n={n} can never pass the test at alpha={alpha}: PREDICT needs n >= {least}")
-    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
+    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
     (counts,) = sampler.sample_counts(n)
     per_input = sampler.elapsed() / len(counts)
     results = []

@@ -2,7 +2,10 @@
 
 Noise is drawn on the model's device from a generator seeded per call (never the global one),
 added in [0,1] pixel space and never clamped. Samples of several inputs share a batch; votes are
-counted on the device. Same seed, same batch size and same device give bit-identical votes.
+counted on the device. Same seed, same batch size and same device give bit-identical votes. A
+batch size larger than the device's memory allows is lowered to what fits (:mod:`.memory`); the
+provenance records the batch size used and the one asked for. Scores that are NaN or infinite
+fail the run: they would all vote for class 0.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from smoothcert.models.base import BaseClassifier
 from smoothcert.models.pixels import PixelError, as_pixel_batch
 from smoothcert.service.core.params import draw_seed
+from smoothcert.worker.smoothing import memory
 from smoothcert.worker.smoothing.checks import InputError
 from smoothcert.worker.smoothing.provenance import software_versions
 
@@ -58,23 +62,30 @@ class Sampler:
 
     Takes parameters that :func:`~smoothcert.worker.smoothing.checks.check_params` accepted;
     checks the inputs themselves. A batch size or seed left at None is chosen here (by input size;
-    at random) and recorded in :meth:`provenance`.
+    at random) and recorded in :meth:`provenance`. A batch size asked for is lowered to what fits
+    ``memory_budget`` bytes (:func:`memory.fit_batch`; None: :func:`memory.default_budget`);
+    the one chosen here is small already (:func:`default_batch_size`) and stays as it is.
     """
 
     def __init__(self, model: BaseClassifier, x: Inputs, sigma: float, batch_size: int | None, seed: int | None,
-                 progress: Progress | None, should_cancel: CancelCheck | None):
+                 progress: Progress | None, should_cancel: CancelCheck | None, memory_budget: int | None = None):
         self.model = model
         device = torch.device(model.device)
         self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
+        self.requested_batch_size = None if batch_size is None else int(batch_size)
         if batch_size is None:
-            batch_size = default_batch_size(model.info.input_shape, device)
-        self.batch_size = int(batch_size)
+            self.batch_size = default_batch_size(model.info.input_shape, device)
+        else:
+            budget = memory.default_budget(device) if memory_budget is None else int(memory_budget)
+            self.batch_size = memory.fit_batch(int(batch_size), memory.bytes_per_copy(model), budget)
         self.sigma, self.seed = float(sigma), int(draw_seed() if seed is None else seed)
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.num_classes = int(model.info.num_classes)
         self.progress, self.should_cancel = progress, should_cancel
         self.noise: torch.Tensor | None = None
         self.largest = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.drawn = 0
         self.started = time.perf_counter()
 
     @property
@@ -93,13 +104,21 @@ class Sampler:
         batch = self.noise[: owner.numel()]
         torch.randn(batch.shape, generator=self.generator, out=batch)
         batch.mul_(self.sigma).add_(self.x.index_select(0, owner))
-        labels = self.model.classify(batch)
-        # Checked once per call (check_labels), not per batch, so a GPU never waits on the host.
+        scores = self.model.logits(batch)
+        labels = scores.argmax(dim=1)
+        # Both checked once per call (check_output), not per batch, so a GPU never waits on the host.
+        self.nonfinite += (~torch.isfinite(scores).all(dim=1)).sum()
         self.largest = torch.maximum(self.largest, labels.max())
+        self.drawn += int(owner.numel())
         return labels
 
-    def check_labels(self) -> None:
-        """Refuse a model that answered a class beyond the count it declares."""
+    def check_output(self) -> None:
+        """Refuse a model whose scores were NaN or infinite for some noisy copy (argmax would have
+        voted them all for class 0), or that answered a class beyond the count it declares."""
+        nonfinite = int(self.nonfinite)
+        if nonfinite:
+            raise InputError(f"the model returned non-finite scores (NaN or infinite) for {nonfinite} of "
+                             f"{self.drawn} noisy copies; no certificate can rest on them")
         if int(self.largest) >= self.num_classes:
             raise InputError(f"the model answered class {int(self.largest)}, but declares {self.num_classes} classes")
 
@@ -126,7 +145,7 @@ class Sampler:
             votes += torch.bincount(slot, minlength=votes.numel())
             if self.progress is not None:
                 self.progress(stop, total)
-        self.check_labels()
+        self.check_output()
         per_stage = votes.view(num_inputs, num_stages, k).cpu().numpy()
         return [per_stage[:, s] for s in range(num_stages)]
 
@@ -134,12 +153,14 @@ class Sampler:
         return time.perf_counter() - self.started
 
     def provenance(self, params: dict[str, Any]) -> dict[str, Any]:
-        """What produced a result: the call's parameters, seed, batch size, device, model, versions."""
+        """What produced a result: the call's parameters, seed, batch size (the one used, and the one
+        asked for: None when chosen here), device, model, versions."""
         info = self.model.info
         return {
             **params,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "requested_batch_size": self.requested_batch_size,
             "num_inputs": self.num_inputs,
             "device": str(self.x.device),
             "runtime": self.model.runtime,

@@ -116,8 +116,8 @@ def p0_for(target_radius: float, sigma: float) -> float:
 def certify_at_radius(model: BaseClassifier, x: Inputs, sigma: float, target_radius: float,
                       n0: int = DEFAULT_N0, n_max: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, *,
                       beta: float | None = None, batch_size: int | None = None, seed: int | None = None,
-                      progress: Progress | None = None,
-                      should_cancel: CancelCheck | None = None) -> Run[RadiusDecision]:
+                      progress: Progress | None = None, should_cancel: CancelCheck | None = None,
+                      memory_budget: int | None = None) -> Run[RadiusDecision]:
     """Decide "is g certified at radius r?" for every input of ``x`` with as few draws as it takes.
 
     Selection as in CERTIFY (n0 draws, never reused); then every undecided input gets fresh
@@ -125,12 +125,13 @@ def certify_at_radius(model: BaseClassifier, x: Inputs, sigma: float, target_rad
     :class:`SequentialTest` decides or n_max is reached. Decided inputs leave; the others fill
     the batch. When r is out of reach even for a unanimous vote of n_max, nothing is drawn.
     Each ``certified_at_r`` is wrong with probability ≤ alpha; ``beta`` (alpha when None) is the
-    level of the futility stop, which never certifies.
+    level of the futility stop, which never certifies. Batches and scores as in
+    :func:`~smoothcert.worker.smoothing.certify.certify`.
     """
     check_params(sigma=sigma, n0=n0, n_max=n_max, alpha=alpha, target_radius=target_radius, beta=beta,
                  batch_size=batch_size, seed=seed)
     beta = alpha if beta is None else beta
-    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel)
+    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
     test = SequentialTest(p0_for(target_radius, sigma), alpha, beta, n_max)
     num = sampler.num_inputs
     n, k = np.zeros(num, dtype=np.int64), np.zeros(num, dtype=np.int64)
@@ -196,4 +197,4 @@ def _test_until_decided(sampler: Sampler, test: SequentialTest, c_hat: np.ndarra
             sampler.progress(done, total)
     if sampler.progress is not None:
         sampler.progress(total, total)  # the rest of the budget was not needed
-    sampler.check_labels()
+    sampler.check_output()

@@ -16,7 +16,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile, status
 
-from smoothcert.models.metadata import ModelError, Normalization, check_input_shape, check_num_classes
+from smoothcert.models.metadata import (
+    ModelError,
+    Normalization,
+    check_class_names,
+    check_input_shape,
+    check_num_classes,
+    check_sigma,
+)
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_admin, require_key
 from smoothcert.service.api.schemas import FormInteger, FormNumber, ModelRecord
@@ -45,17 +52,15 @@ def _fields(name, input_shape, num_classes, class_names, arch, normalization, si
         fields["num_classes"] = check_num_classes(num_classes)
     if class_names:
         names = json_field("class_names", class_names)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        if not isinstance(names, list):
             raise ModelError("class_names must be a JSON list of strings")
-        fields["class_names"] = names
+        fields["class_names"] = check_class_names(names, fields.get("num_classes"))
     if normalization:
         norm = Normalization.parse(normalization)
         fields["normalization"] = (None if norm is None
                                    else {"mean": list(norm.mean), "std": norm.std and list(norm.std)})
     if sigma is not None:
-        if not sigma >= 0:
-            raise ModelError("sigma (the training noise) must be a non-negative number")
-        fields["sigma"] = sigma
+        fields["sigma"] = check_sigma(sigma)
     return fields
 
 

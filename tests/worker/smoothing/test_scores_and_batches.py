@@ -1,0 +1,108 @@
+"""Non-finite scores fail a run instead of voting; a batch_size beyond the device's memory is lowered."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smoothcert.worker.smoothing import InputError, certify, certify_at_radius, memory, predict
+from tests.support.classifiers import ConstantNet, constant, wrap
+
+X = np.full((2, 1, 8, 8), 0.5, dtype=np.float32)
+
+
+class _NanAbove(ConstantNet):
+    """Class 1, with NaN (or +inf) scores for a copy with a pixel above ``limit``; counts those copies."""
+
+    def __init__(self, limit: float = 2.5, value: float = math.nan):
+        super().__init__(label=1, num_classes=4)
+        self.limit, self.value, self.bad = limit, value, 0
+
+    def forward(self, x):
+        over = (x > self.limit).flatten(1).any(dim=1, keepdim=True)
+        self.bad += int(over.sum())
+        return super().forward(x) + torch.where(over, self.value, 0.0)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_scores_on_some_noisy_copies_fail_certify(value):
+    net = _NanAbove(value=value)
+    with pytest.raises(InputError, match=r"^the model returned non-finite scores \(NaN or infinite\) for "
+                                         r"(\d+) of 2200 noisy copies") as excinfo:
+        certify(wrap(net, num_classes=4), X, sigma=1.0, n0=100, n=1000, seed=0)
+    assert 0 < net.bad < 2200 and f"for {net.bad} of 2200" in str(excinfo.value)
+
+
+def test_predict_and_the_test_at_a_radius_fail_the_same_way():
+    with pytest.raises(InputError, match="non-finite scores"):
+        predict(wrap(_NanAbove(), num_classes=4), X, sigma=1.0, n=1000, seed=0)
+    with pytest.raises(InputError, match="non-finite scores"):
+        certify_at_radius(wrap(_NanAbove(), num_classes=4), X, 1.0, 0.5, n0=100, n_max=1000, seed=0)
+
+
+def test_the_same_model_under_mild_noise_certifies():
+    run = certify(wrap(_NanAbove(), num_classes=4), X, sigma=0.1, n0=100, n=1000, seed=0)
+    assert [r.prediction for r in run.results] == [1, 1]
+
+
+PER_COPY = 4 * 64 + 4 * 10 + 9 * 10 + memory.COUNTING_BYTES   # constant(): 1x8x8 input, 10 scores
+
+
+def test_the_cost_of_a_copy():
+    assert memory.bytes_per_copy(constant()) == PER_COPY
+
+
+def test_a_requested_batch_size_beyond_the_budget_is_lowered_to_a_power_of_two_that_fits():
+    run = certify(constant(), X, sigma=0.25, n0=100, n=5000, batch_size=1_000_000, seed=3,
+                  memory_budget=1000 * PER_COPY)
+    assert run.provenance["batch_size"] == 512 and run.provenance["requested_batch_size"] == 1_000_000
+    same = certify(constant(), X, sigma=0.25, n0=100, n=5000, batch_size=512, seed=3)
+    assert [r.to_dict() | {"elapsed_s": 0} for r in run.results] == \
+           [r.to_dict() | {"elapsed_s": 0} for r in same.results]
+
+
+def test_a_batch_size_that_fits_and_the_default_stay_as_they_are():
+    run = certify(constant(), X, sigma=0.25, n0=10, n=100, batch_size=777, seed=1, memory_budget=1000 * PER_COPY)
+    assert run.provenance["batch_size"] == 777
+    run = certify(constant(), X, sigma=0.25, n0=10, n=100, seed=1, memory_budget=1)
+    assert run.provenance["batch_size"] == 10_000 and run.provenance["requested_batch_size"] is None
+    run = certify(constant(), X, sigma=0.25, n0=10, n=100, batch_size=64, seed=1, memory_budget=1)
+    assert run.provenance["batch_size"] == 1
+
+
+def test_a_lowered_batch_gives_bit_identical_counts_at_the_same_seed_and_budget():
+    runs = [certify(constant(), X, sigma=0.25, n0=10, n=3000, batch_size=10**6, seed=5,
+                    memory_budget=300 * PER_COPY) for _ in range(2)]
+    assert runs[0].provenance["batch_size"] == runs[1].provenance["batch_size"] == 256
+    assert [r.n_a for r in runs[0].results] == [r.n_a for r in runs[1].results]
+
+
+def test_fit_batch():
+    assert [memory.fit_batch(10**6, 100, b) for b in (0, 99, 100, 399, 400, 1_000_000)] == [1, 1, 1, 2, 4, 8192]
+    assert [memory.fit_batch(777, 100, b) for b in (77_700, 77_699)] == [777, 512]
+
+
+def test_host_memory_from_meminfo_within_the_cgroup_limit(tmp_path: Path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24684092 kB\nMemAvailable:    2000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert memory.host_available_bytes(meminfo, cgroup) == 2_000_000 * 1024
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("5\n")
+    assert memory.host_available_bytes(meminfo, cgroup) == 2_000_000 * 1024
+    (cgroup / "memory.max").write_text(f"{1 << 30}\n")
+    (cgroup / "memory.current").write_text(f"{1 << 28}\n")
+    assert memory.host_available_bytes(meminfo, cgroup) == (1 << 30) - (1 << 28)
+
+
+def test_host_memory_without_meminfo_falls_back(tmp_path: Path):
+    assert memory.host_available_bytes(tmp_path / "absent", tmp_path / "absent") > 0
+
+
+def test_the_default_budget_is_a_share_of_what_is_free():
+    cpu = torch.device("cpu")
+    assert 0 < memory.default_budget(cpu) <= memory.free_bytes(cpu)
