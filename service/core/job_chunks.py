@@ -37,6 +37,16 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return deliveries
 """
 
+# KEYS[1] record, KEYS[2] chunk results; ARGV[1] chunk, ARGV[2] its outcome (JSON), ARGV[3] ttl.
+# Keeps the outcome only while the job runs (a canceled or failed job's results are dropped by
+# its transition, and none may come back); returns how many chunks have one, or -1.
+_STORE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return redis.call('HLEN', KEYS[2])
+"""
+
 # KEYS[1] record, KEYS[2] per-chunk progress; ARGV[1] chunk, ARGV[2] samples done, ARGV[3] ttl.
 _PROGRESS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -68,6 +78,7 @@ class ChunkLedger:
         self.jobs, self.redis, self.ttl_s = jobs, jobs.redis, jobs.ttl_s
         self._start = self.redis.register_script(_START)
         self._progress = self.redis.register_script(_PROGRESS)
+        self._store = self.redis.register_script(_STORE)
 
     def _key(self, job_id: str, what: str) -> str:
         return f"{JobStore.key(job_id)}:{what}"
@@ -91,13 +102,10 @@ class ChunkLedger:
         return bool(flagged) or (state or b"").decode() in (CANCELED, FAILED)
 
     def store(self, job_id: str, index: int, payload: dict[str, Any]) -> int:
-        """Keep chunk ``index``'s outcome (replacing a previous delivery's); how many chunks have one."""
-        key = self._key(job_id, "chunk_results")
-        with self.redis.pipeline() as pipe:   # MULTI/EXEC: the count includes this chunk
-            pipe.hset(key, str(index), json.dumps(payload))
-            pipe.expire(key, self.ttl_s)
-            pipe.hlen(key)
-            return int(pipe.execute()[-1])
+        """Keep chunk ``index``'s outcome (replacing a previous delivery's); how many chunks have
+        one, or -1 when the job no longer runs (nothing is kept then)."""
+        return int(self._store(keys=[JobStore.key(job_id), self._key(job_id, "chunk_results")],
+                               args=[index, json.dumps(payload), self.ttl_s]))
 
     def results(self, job_id: str) -> dict[int, dict[str, Any]]:
         """Every stored chunk outcome by chunk index."""

@@ -109,6 +109,8 @@ for _, s in ipairs(allowed) do
     redis.call('HSET', KEYS[1], 'status', ARGV[1])
     for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
     track(KEYS[1], redis.call('HGET', KEYS[1], 'kind') or '', current, ARGV[1])
+    -- a dataset job that ends without a result drops its finished chunks' rows at once
+    if ARGV[1] == 'canceled' or ARGV[1] == 'failed' then redis.call('DEL', KEYS[1] .. ':chunk_results') end
     return 1
   end
 end
