@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         8 << 30, ge=1024, description="bytes of stored datasets one API key may keep (413 beyond); deleting frees them")
 
     model_check_timeout_s: float = Field(120.0, gt=0, description="how long an upload waits for a worker")
+    model_check_deadline_s: float = Field(
+        60.0, gt=0, description="longest a worker lets an uploaded model take to load and answer its check "
+                                "batches; a slower model is refused and the process that ran it replaced")
     task_time_limit_s: int = Field(6 * 3600, ge=60, description="hard limit of one task")
     max_deliveries: int = Field(3, ge=1, description="a task redelivered more often than this fails")
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="how long job records stay in Redis")

@@ -34,7 +34,8 @@ def stack_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOOTHCERT_")}
     return {**env, **CAPS, "SMOOTHCERT_REDIS_URL": redis_url, "SMOOTHCERT_DATA_DIR": str(data_dir),
             "SMOOTHCERT_API_KEY": USER_KEY, "SMOOTHCERT_ADMIN_KEY": ADMIN_KEY,
-            "SMOOTHCERT_MODEL_CHECK_TIMEOUT_S": "60", "SMOOTHCERT_DEVICE": "cpu", **extra}
+            "SMOOTHCERT_MODEL_CHECK_TIMEOUT_S": "60", "SMOOTHCERT_MODEL_CHECK_DEADLINE_S": "45",
+            "SMOOTHCERT_DEVICE": "cpu", **extra}
 
 
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):

@@ -56,8 +56,16 @@ def worker_name() -> str:
     return _state["name"] or f"{socket.gethostname()}.{os.getpid()}"
 
 
+def retire_process(reason: str) -> None:
+    """Have this pool process exit once its task has released its lease (a model left running in
+    one of its threads, which nothing can stop). The prefork pool starts a fresh process; the
+    task's message goes back to the queue and is dropped there, its job having ended."""
+    _state["retire"] = reason
+
+
 class LeasedTask(Task):
-    """Every project task: holds a lease while it runs; returns at once if a live worker holds it."""
+    """Every project task: holds a lease while it runs; returns at once if a live worker holds it.
+    A process that :func:`retire_process` marked exits after releasing the lease."""
 
     def __call__(self, *args, **kwargs):
         if self.request.called_directly or not self.request.id:
@@ -75,6 +83,10 @@ class LeasedTask(Task):
                 leases.release(lease)
             except redis.RedisError:
                 log.warning("could not release the lease of task %s", self.request.id)
+            if _state.get("retire"):
+                log.error("worker process %d exits: %s", os.getpid(), _state["retire"])
+                logging.shutdown()
+                os._exit(70)
 
 
 def report_process(device: str | None = None, model: dict[str, Any] | None = None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -33,7 +34,7 @@ from smoothcert.service.core.samples import record_result_samples
 from smoothcert.worker.queue.celery_app import settings
 from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
 from smoothcert.worker.queue.job_results import label_metrics, label_rows, run_engine, throttled
-from smoothcert.worker.queue.liveness import report_process
+from smoothcert.worker.queue.liveness import report_process, retire_process
 from smoothcert.worker.smoothing import Canceled, InputError
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,36 @@ def loaded_model(store: ModelStore, meta: dict[str, Any]):
 
 
 def check_model(model_id: str) -> dict[str, Any]:
-    """Load a pending model (the loader runs it on one batch); return what the loader found out.
+    """Load a pending model (the loader runs it on its check batches); return what it found out.
 
-    Raises ModelError (one line) when the file cannot be loaded or does not fit its metadata.
+    Raises ModelError (one line) when the file cannot be loaded or does not fit its metadata, and
+    when loading and checking take longer than ``SMOOTHCERT_MODEL_CHECK_DEADLINE_S``: a model
+    that does not return (an ONNX Loop of 2^62 iterations) keeps a CPU until its process dies, so
+    the check runs in a thread of its own and, past the deadline, this process is retired.
     """
     store = ModelStore(settings.models_dir)
     meta = store.get(model_id, include_pending=True)
     if meta is None:
         raise ModelError(f"model {model_id} disappeared before it was checked")
-    model = loaded_model(store, meta)
+    outcome: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            outcome["model"] = loaded_model(store, meta)
+        except BaseException as exc:   # handed to the task's thread below
+            outcome["error"] = exc
+
+    checker = threading.Thread(target=load, name=f"check-{model_id}", daemon=True)
+    checker.start()
+    checker.join(settings.model_check_deadline_s)
+    if checker.is_alive():
+        retire_process(f"model {model_id} is still running its check batches")
+        raise ModelError(f"the model did not load and answer its check batches within "
+                         f"{settings.model_check_deadline_s:g} s (SMOOTHCERT_MODEL_CHECK_DEADLINE_S); "
+                         "a model that slow, or one that never returns, would hold a worker")
+    if "error" in outcome:
+        raise outcome["error"]
+    model = outcome["model"]
     found = model.info.to_dict()
     found.pop("sha256", None)
     return {**found, "runtime": model.runtime, "provider": model.provider}
