@@ -18,7 +18,7 @@ from smoothcert.models.metadata import (
 from smoothcert.models.onnx_runtime import graph_bytes_per_sample
 from tests.models.test_onnx_runtime import tiny_onnx
 from tests.support.classifiers import ConstantNet, wrap
-from tests.support.nonfinite import always_nan_onnx, nan_above_onnx, nan_weights_safetensors
+from tests.support.hostile_models import always_nan_onnx, nan_above_onnx, nan_weights_safetensors
 
 
 def test_an_onnx_model_returning_nan_is_refused(tmp_path):

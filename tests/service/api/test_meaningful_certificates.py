@@ -22,7 +22,7 @@ import pytest
 
 from smoothcert.models.metadata import MAX_CLASS_NAME_CHARS, ModelInfo
 from smoothcert.models.safetensors_io import save_safetensors_model
-from tests.support.nonfinite import always_nan_onnx, nan_above_onnx, nan_weights_safetensors
+from tests.support.hostile_models import always_nan_onnx, nan_above_onnx, nan_weights_safetensors
 from tests.support.stack import (
     ADMIN_KEY,
     USER_KEY,

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.support.hostile_models import endless_loop_onnx
 from tests.support.stack import (
     ADMIN_KEY,
     USER_KEY,
@@ -26,7 +27,6 @@ from tests.support.stack import (
     wait_for,
     wait_job,
 )
-from tests.support.wedging import endless_loop_onnx
 
 DEADLINE_S = 3
 

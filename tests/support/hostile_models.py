@@ -1,5 +1,6 @@
-"""Models whose scores are NaN: always, or only on some noisy copies. For the tests that show
-they are refused at upload, or fail a certification, never certified."""
+"""Models that misbehave: scores that are NaN (always, or only on some noisy copies) and a model
+that never returns. For the tests that show they are refused at upload, or fail a certification,
+never certified, and never wedge a worker."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,6 +45,22 @@ def nan_above_onnx(path: Path, threshold: float = 2.5) -> Path:
                                helper.make_node("Sub", ["limit", "top"], ["room"]),
                                helper.make_node("Log", ["room"], ["log"]),
                                helper.make_node("Add", ["linear", "log"], ["scores"])], [limit])
+
+
+def endless_loop_onnx(path: Path) -> Path:
+    """Scores = linear, then 2^62 times scores += 0: an ONNX Loop that spins inside onnxruntime."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["acc_in", "zero"], ["acc_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["n", CLASSES])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["n", CLASSES])],
+        [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
+    return _digits_onnx(path, [helper.make_node("Loop", ["trips", "keep_going", "linear"], ["scores"], body=body)],
+                        [numpy_helper.from_array(np.array(2**62, np.int64), "trips"),
+                         numpy_helper.from_array(np.array(True), "keep_going")])
 
 
 def nan_weights_safetensors(path: Path) -> Path:
