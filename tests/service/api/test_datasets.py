@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from kombu.transport.redis import Channel
 
 from smoothcert.service.core.job_chunks import ChunkLedger, chunk_seed
 from smoothcert.service.core.jobs import JobStore, new_job_id
@@ -21,6 +22,7 @@ from tests.support.stack import (
     start_api,
     start_worker,
     stop_process,
+    wait_for,
     wait_job,
 )
 
@@ -167,7 +169,7 @@ def test_predict_over_a_dataset(api, demo_model, dataset):
     assert len(job["result"]["results"]) == 70 and 0.8 < job["result"]["accuracy"] <= 1
 
 
-def test_cancel_stops_every_chunk(api, demo_model, dataset):
+def test_cancel_stops_every_chunk(api, demo_model, dataset, redis_url):
     job_id = certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], limit=2 * CHUNK, sigma=0.5, n0=10,
                      n=2_000_000, batch_size=500, seed=0)
     deadline = time.monotonic() + 30
@@ -176,8 +178,11 @@ def test_cancel_stops_every_chunk(api, demo_model, dataset):
     assert api.delete(f"/v1/jobs/{job_id}").status_code in (200, 202)
     job = wait_job(api, job_id, timeout=30)
     assert job["status"] == "canceled" and job["result"] is None
-    # Both chunks stop between batches: progress freezes and both workers take new work.
-    time.sleep(0.5)
+    # Both chunks stop between batches: their messages are acknowledged (each worker is free
+    # again: one prefetched message per worker), progress freezes and both take new work.
+    broker = redis.Redis.from_url(redis_url)
+    wait_for(lambda: broker.hlen(Channel.unacked_key) == 0, 30, "both canceled chunks to end")
+    broker.close()
     done = api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"]
     assert 0 < done < job["progress"]["total"]
     after = wait_job(api, certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], limit=2 * CHUNK, **JOB),
