@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.support import images
+from tests.support.proc import memory_bytes
 from tests.support.stack import USER_KEY, stack_env, start_api, stop_process, wait_job
 
 FORM = {"sigma": "0.25", "n0": "20", "n": "200", "seed": "0"}
@@ -31,15 +32,6 @@ def own_api(redis_url, data_dir, worker):
     stop_process(proc)
 
 
-def memory_kib(pid: int, key: str) -> int:
-    """VmHWM (peak resident memory) or VmRSS of a process, from /proc/<pid>/status, in KiB."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {key} in /proc/{pid}/status")
-
-
 def certify(client, model_id, files, **form):
     return client.post("/v1/certify", files=[("inputs", f) for f in files],
                        data={"model_id": model_id, **FORM, **form})
@@ -56,7 +48,7 @@ def test_a_huge_image_small_on_the_wire_is_refused_from_its_header(own_api, demo
         # First a valid upload, so that the peak below already holds what any image request costs.
         warm = certify(client, demo_model["id"], [("d.png", images.grey8(digits[0][0][0]), "image/png")])
         assert warm.status_code == 202, warm.text
-        before = memory_kib(proc.pid, "VmHWM")
+        before = memory_bytes(proc.pid, "VmHWM") // 1024
 
         resp = certify(client, demo_model["id"], [(f"huge{i}.png", huge, "image/png") for i in range(3)])
         assert resp.status_code == 422, resp.text
@@ -67,9 +59,9 @@ def test_a_huge_image_small_on_the_wire_is_refused_from_its_header(own_api, demo
                                                       (f"huge{i}.png", huge, "image/png")])
             assert resp.status_code == 422 and f"huge{i}.png: 13000x13000 pixels" in resp.json()["detail"]
 
-        grown = memory_kib(proc.pid, "VmHWM") - before
+        grown = memory_bytes(proc.pid, "VmHWM") // 1024 - before
         assert grown < MEMORY_BOUND_KIB, f"the API's peak memory grew by {grown} KiB"
-        assert memory_kib(proc.pid, "VmRSS") - before < MEMORY_BOUND_KIB
+        assert memory_bytes(proc.pid, "VmRSS") // 1024 - before < MEMORY_BOUND_KIB
         # and it serves the next request as before
         assert wait_job(client, warm.json()["job_id"])["status"] == "succeeded"
         again = certify(client, demo_model["id"], [("d.png", images.grey8(digits[0][1][0]), "image/png")])

@@ -23,6 +23,7 @@ import pytest
 from smoothcert.models.metadata import MAX_CLASS_NAME_CHARS, ModelInfo
 from smoothcert.models.safetensors_io import save_safetensors_model
 from tests.support.hostile_models import always_nan_onnx, nan_above_onnx, nan_weights_safetensors
+from tests.support.proc import memory_bytes
 from tests.support.stack import (
     ADMIN_KEY,
     USER_KEY,
@@ -163,16 +164,11 @@ def _pool_pid(client) -> int:
     return process["pid"]
 
 
-def _peak_rss(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_a_million_copies_per_batch_stay_within_the_workers_budget(small_budget_stack):
     client, model = small_budget_stack
     pid = _pool_pid(client)   # the pool process that checked the model at upload
-    before = _peak_rss(pid)
+    before = memory_bytes(pid)
     # 100,100 copies of one input: asked for in one batch, about 4 GB of digits_cnn activations.
     job = wait_job(client, submit(client, model_id=model["id"], inputs=IMAGE, sigma=0.25, n0=100, n=100_000,
                                   batch_size=1_000_000, seed=0), timeout=600)
@@ -180,7 +176,7 @@ def test_a_million_copies_per_batch_stay_within_the_workers_budget(small_budget_
     provenance = job["result"]["provenance"]
     # digits_cnn: 256 bytes of noise, 54,568 of layer results, 90 of scores, 64 of counting a copy
     assert provenance["batch_size"] == 1024 == 1 << (BUDGET // (256 + 54_568 + 90 + 64)).bit_length() - 1
-    assert _pool_pid(client) == pid and _peak_rss(pid) - before < 8 * BUDGET
+    assert _pool_pid(client) == pid and memory_bytes(pid) - before < 8 * BUDGET
 
 
 # --- a model's training sigma and class names --------------------------------------------------

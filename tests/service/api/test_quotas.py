@@ -24,6 +24,7 @@ from smoothcert.service.api.limits import STORAGE_PREFIX, STORAGE_TTL_MS, Limits
 from smoothcert.service.core.jobs import JobStore, active_jobs
 from smoothcert.service.core.queue import QUEUE, queue_depth
 from smoothcert.service.core.settings import Settings
+from tests.support.proc import memory_bytes
 from tests.support.stack import other_db, scratch_db, stack_env, start_api, stop_process, wait_job
 
 BIG_USER = "quotas-big-user-key-0123456789"
@@ -46,14 +47,6 @@ def npz(compressed: bool = False, **arrays) -> bytes:
 
 def upload(client: httpx.Client, data: bytes, name: str = "data.npz") -> httpx.Response:
     return client.post("/v1/datasets", files={"file": (name, data)})
-
-
-def high_water_bytes(pid: int) -> int:
-    """The process's peak resident memory (VmHWM)."""
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
 def strip(rows: list[dict]) -> list[dict]:
@@ -156,10 +149,10 @@ def test_a_compressible_uint8_upload_is_stored_as_uint8_without_a_float32_copy(b
     warm = upload(client, npz(x=pixels[:10], y=labels[:10]), "warm.npz")
     assert warm.status_code == 201, warm.text
     assert client.delete(f"/v1/datasets/{warm.json()['id']}").status_code == 204
-    before = high_water_bytes(proc.pid)
+    before = memory_bytes(proc.pid)
     resp = upload(client, data, "zeros.npz")
     assert resp.status_code == 201, resp.text
-    grown = high_water_bytes(proc.pid) - before
+    grown = memory_bytes(proc.pid) - before
     record = resp.json()
     assert (record["num_inputs"], record["input_shape"], record["source_dtype"]) == (rows, [1, 8, 8], "uint8")
 
