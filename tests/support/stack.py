@@ -5,6 +5,7 @@ asks for it (no autouse fixtures), so the unit tests here run without servers.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 import time
@@ -165,6 +166,21 @@ def demo_model(admin, demo_paths) -> dict:
         resp = admin.post("/v1/models", files={"file": ("digits_cnn.safetensors", f)}, data={"name": "digits"})
     assert resp.status_code == 201, resp.text
     return resp.json()
+
+
+def upload_model(admin: httpx.Client, filename: str, content: bytes, **fields: str) -> httpx.Response:
+    """``POST /v1/models`` with ``content`` as the file ``filename`` and ``fields`` as form fields."""
+    return admin.post("/v1/models", files={"file": (filename, io.BytesIO(content))}, data=fields)
+
+
+def upload_model_file(admin: httpx.Client, path: Path, **fields: str) -> httpx.Response:
+    """:func:`upload_model` of the file at ``path``, under its own name."""
+    return upload_model(admin, path.name, path.read_bytes(), **fields)
+
+
+def upload_dataset(client: httpx.Client, content: bytes, filename: str = "data.npz") -> httpx.Response:
+    """``POST /v1/datasets`` with ``content`` as the file ``filename``."""
+    return client.post("/v1/datasets", files={"file": (filename, io.BytesIO(content))})
 
 
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 60.0, until=TERMINAL):

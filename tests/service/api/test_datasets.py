@@ -22,6 +22,7 @@ from tests.support.stack import (
     start_api,
     start_worker,
     stop_process,
+    upload_dataset,
     wait_for,
     wait_job,
 )
@@ -56,10 +57,6 @@ def npz(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def upload(api, data: bytes, name: str = "data.npz") -> httpx.Response:
-    return api.post("/v1/datasets", files={"file": (name, data)})
-
-
 @pytest.fixture(scope="module")
 def digits(demo_paths):
     return np.load(demo_paths["test_x"]), np.load(demo_paths["test_y"])
@@ -67,7 +64,7 @@ def digits(demo_paths):
 
 @pytest.fixture(scope="module")
 def dataset(api, digits) -> dict:
-    resp = upload(api, npz(x=digits[0], y=digits[1]), "digits_test.npz")
+    resp = upload_dataset(api, npz(x=digits[0], y=digits[1]), "digits_test.npz")
     assert resp.status_code == 201, resp.text
     assert resp.headers["Location"] == f"/v1/datasets/{resp.json()['id']}"
     return resp.json()
@@ -201,7 +198,7 @@ def test_cancel_stops_every_chunk(api, demo_model, dataset, redis_url):
     (np.random.default_rng(0).bytes(300 << 10), 413, "limit of 262144 bytes"),
 ])
 def test_bad_uploads_are_refused_with_a_message(api, data, code, phrase):
-    resp = upload(api, data)
+    resp = upload_dataset(api, data)
     assert resp.status_code == code, resp.text
     assert phrase in resp.json()["detail"]
 
@@ -210,7 +207,7 @@ def test_zip_bomb_is_refused_before_unzipping(api):
     buf = io.BytesIO()
     np.savez_compressed(buf, x=np.zeros((8192, 1, 8, 8), dtype=np.float32), y=np.zeros(8192, dtype=np.int64))
     assert len(buf.getvalue()) < 64 << 10   # 2 MiB of arrays once unzipped
-    resp = upload(api, buf.getvalue())
+    resp = upload_dataset(api, buf.getvalue())
     assert resp.status_code == 413, resp.text
     assert "unzip to" in resp.json()["detail"] and f"limit of {1 << 20} bytes" in resp.json()["detail"]
 
@@ -222,7 +219,7 @@ def test_datasets_need_a_key(api):
 @pytest.fixture(scope="module")
 def small_images(api) -> dict:
     """Valid 4x4 images with labels up to 12: they fit neither the digits model's shape nor its classes."""
-    resp = upload(api, npz(x=np.zeros((3, 1, 4, 4), dtype=np.float32), y=np.array([0, 1, 12])))
+    resp = upload_dataset(api, npz(x=np.zeros((3, 1, 4, 4), dtype=np.float32), y=np.array([0, 1, 12])))
     assert resp.status_code == 201, resp.text
     return resp.json()
 
@@ -247,7 +244,7 @@ def test_bad_dataset_jobs_are_refused(api, demo_model, dataset, small_images):
 
 
 def test_labels_outside_the_model_classes_are_refused(api, demo_model):
-    resp = upload(api, npz(x=np.zeros((2, 1, 8, 8), dtype=np.float32), y=np.array([3, 10])))
+    resp = upload_dataset(api, npz(x=np.zeros((2, 1, 8, 8), dtype=np.float32), y=np.array([3, 10])))
     resp = api.post("/v1/certify", json={"model_id": demo_model["id"], "dataset_id": resp.json()["id"], **JOB})
     assert resp.status_code == 422 and "labels up to 10, the model's classes are [0, 10)" in resp.json()["detail"]
 

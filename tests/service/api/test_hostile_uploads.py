@@ -22,7 +22,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from tests.support.stack import ADMIN_KEY
+from tests.support.stack import ADMIN_KEY, upload_dataset, upload_model
 
 # ---------------------------------------------------------------- the watch on the file system
 
@@ -39,14 +39,6 @@ def untouched(data_dir, tmp_path):
     yield tmp_path
     for root, old in zip(watched, before):
         assert tree(root) == old, f"{root} changed: {sorted(tree(root) ^ old)}"
-
-
-def upload_model(admin, filename: str, content: bytes, **fields):
-    return admin.post("/v1/models", files={"file": (filename, io.BytesIO(content))}, data=fields)
-
-
-def upload_dataset(client, content: bytes, filename: str = "data.npz"):
-    return client.post("/v1/datasets", files={"file": (filename, io.BytesIO(content))})
 
 
 def refused(resp, status: int, *phrases: str) -> None:

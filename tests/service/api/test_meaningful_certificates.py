@@ -33,15 +33,12 @@ from tests.support.stack import (
     start_api,
     start_worker,
     stop_process,
+    upload_model_file,
     wait_job,
 )
 
 IMAGE = np.full((1, 8, 8), 0.5).tolist()
 GOOD = {"sigma": 0.25, "n0": 10, "n": 100, "seed": 0}
-
-
-def upload(admin, path: Path, **fields) -> httpx.Response:
-    return admin.post("/v1/models", files={"file": (path.name, io.BytesIO(path.read_bytes()))}, data=fields)
 
 
 def submit(client, **body) -> str:
@@ -56,7 +53,7 @@ def submit(client, **body) -> str:
 def test_a_model_returning_nan_is_refused_at_upload(admin, demo_model, data_dir, tmp_path, build):
     before = sorted(p.name for p in (data_dir / "models").iterdir())
     path = build(tmp_path / ("m.onnx" if build is always_nan_onnx else "m.safetensors"))
-    resp = upload(admin, path, name="nan")
+    resp = upload_model_file(admin, path, name="nan")
     assert resp.status_code == 422, resp.text
     detail = resp.json()["detail"]
     assert detail.startswith("model refused:") and "NaN or infinite scores for 2 of 2 zeros" in detail
@@ -67,7 +64,7 @@ def test_a_model_returning_nan_is_refused_at_upload(admin, demo_model, data_dir,
 
 def test_a_model_nan_under_the_certification_noise_fails_its_job_and_the_worker_goes_on(
         client, admin, demo_model, tmp_path):
-    resp = upload(admin, nan_above_onnx(tmp_path / "nan-above.onnx"), name="nan-above-2.5")
+    resp = upload_model_file(admin, nan_above_onnx(tmp_path / "nan-above.onnx"), name="nan-above-2.5")
     assert resp.status_code == 201, resp.text   # finite on zeros, on [0, 1] images and mild noise
     # σ = 1 around 0.5: a pixel beyond 2.5 in about 3 of 4 copies.
     job = wait_job(client, submit(client, model_id=resp.json()["id"], inputs=IMAGE, sigma=1.0, n0=100, n=1000,
@@ -149,7 +146,7 @@ def small_budget_stack(redis_url, tmp_path_factory, demo_paths):
         api, url = start_api(env, data / "api.log")
         try:
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90) as admin:
-                resp = upload(admin, demo_paths["safetensors"], name="digits")
+                resp = upload_model_file(admin, demo_paths["safetensors"], name="digits")
             assert resp.status_code == 201, resp.text
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90) as client:
                 yield client, resp.json()
@@ -192,7 +189,7 @@ def test_a_million_copies_per_batch_stay_within_the_workers_budget(small_budget_
 ])
 def test_bad_training_sigma_and_class_names_are_refused(admin, demo_model, demo_paths, data_dir, fields, phrase):
     before = sorted(p.name for p in (data_dir / "models").iterdir())
-    resp = upload(admin, demo_paths["onnx"], name="bad-fields", **fields)
+    resp = upload_model_file(admin, demo_paths["onnx"], name="bad-fields", **fields)
     assert resp.status_code == 422, resp.text
     detail = resp.json()["detail"]
     if isinstance(detail, list):   # refused by the form's strict number type before the model check
@@ -208,14 +205,14 @@ def test_a_file_claiming_an_infinite_training_sigma_is_refused(admin, tmp_path):
     info = ModelInfo(format="safetensors", input_shape=(1, 8, 8), num_classes=10, arch="digits_cnn",
                      sigma=math.inf)
     path = save_safetensors_model(tmp_path / "inf-sigma.safetensors", build_network("digits_cnn", 10), info)
-    resp = upload(admin, path)
+    resp = upload_model_file(admin, path)
     assert resp.status_code == 422 and "finite" in resp.json()["detail"], resp.text
     assert all(m.get("sigma") is None or math.isfinite(m["sigma"]) for m in admin.get("/v1/models").json())
 
 
 def test_good_class_names_and_sigma_are_stored(admin, demo_paths):
     names = [f"digit {i}" for i in range(10)]
-    resp = upload(admin, demo_paths["onnx"], class_names=json.dumps(names), sigma="0.25")
+    resp = upload_model_file(admin, demo_paths["onnx"], class_names=json.dumps(names), sigma="0.25")
     assert resp.status_code == 201, resp.text
     assert resp.json()["class_names"] == names and resp.json()["sigma"] == 0.25
     assert admin.delete(f"/v1/models/{resp.json()['id']}").status_code == 204

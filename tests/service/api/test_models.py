@@ -1,15 +1,12 @@
 """Model upload (checked by a worker before 201), listing, deletion, and refused files."""
 from __future__ import annotations
 
-import io
 import json
 import pickle
 
 import pytest
 
-
-def upload(admin, filename: str, content: bytes, **fields):
-    return admin.post("/v1/models", files={"file": (filename, io.BytesIO(content))}, data=fields)
+from tests.support.stack import upload_model
 
 
 def test_safetensors_upload_is_checked_and_listed(client, demo_model, demo_paths):
@@ -21,8 +18,8 @@ def test_safetensors_upload_is_checked_and_listed(client, demo_model, demo_paths
 
 
 def test_onnx_upload_reads_shapes_from_the_file_and_can_be_deleted(admin, demo_paths):
-    resp = upload(admin, "digits.onnx", demo_paths["onnx"].read_bytes(), name="digits-onnx",
-                  normalization=json.dumps({"mean": [0.3], "std": [0.4]}))
+    resp = upload_model(admin, "digits.onnx", demo_paths["onnx"].read_bytes(), name="digits-onnx",
+                        normalization=json.dumps({"mean": [0.3], "std": [0.4]}))
     assert resp.status_code == 201, resp.text
     model = resp.json()
     assert resp.headers["Location"] == f"/v1/models/{model['id']}"
@@ -41,13 +38,13 @@ def test_onnx_upload_reads_shapes_from_the_file_and_can_be_deleted(admin, demo_p
     ("model.safetensors", b"\x10\0\0\0\0\0\0\0{not json}", {}, "model refused"),
 ])
 def test_bad_files_are_refused_with_a_message(admin, name, content, fields, phrase):
-    resp = upload(admin, name, content, **fields)
+    resp = upload_model(admin, name, content, **fields)
     assert resp.status_code == 422, resp.text
     assert phrase in resp.json()["detail"]
 
 
 def test_class_count_mismatch_is_refused(admin, demo_paths):
-    resp = upload(admin, "d.safetensors", demo_paths["safetensors"].read_bytes(), num_classes="7")
+    resp = upload_model(admin, "d.safetensors", demo_paths["safetensors"].read_bytes(), num_classes="7")
     assert resp.status_code == 422 and "model refused" in resp.json()["detail"]
 
 
@@ -59,18 +56,18 @@ def test_class_count_mismatch_is_refused(admin, demo_paths):
     ({"num_classes": "0"}, "num_classes"),
 ])
 def test_bad_metadata_fields_are_refused(admin, demo_paths, fields, phrase):
-    resp = upload(admin, "d.onnx", demo_paths["onnx"].read_bytes(), **fields)
+    resp = upload_model(admin, "d.onnx", demo_paths["onnx"].read_bytes(), **fields)
     assert resp.status_code == 422 and phrase in resp.json()["detail"]
 
 
 def test_refused_uploads_leave_nothing_behind(admin, data_dir):
     before = sorted(p.name for p in (data_dir / "models").iterdir())
-    upload(admin, "model.onnx", b"\x08garbage")
+    upload_model(admin, "model.onnx", b"\x08garbage")
     assert sorted(p.name for p in (data_dir / "models").iterdir()) == before
 
 
 def test_oversized_upload_is_413(admin):
-    resp = upload(admin, "big.onnx", b"\x08" + b"\0" * (4 << 20))
+    resp = upload_model(admin, "big.onnx", b"\x08" + b"\0" * (4 << 20))
     assert resp.status_code == 413
 
 

@@ -25,7 +25,7 @@ from smoothcert.service.core.jobs import JobStore, active_jobs
 from smoothcert.service.core.queue import QUEUE, queue_depth
 from smoothcert.service.core.settings import Settings
 from tests.support.proc import memory_bytes
-from tests.support.stack import other_db, scratch_db, stack_env, start_api, stop_process, wait_job
+from tests.support.stack import other_db, scratch_db, stack_env, start_api, stop_process, upload_dataset, wait_job
 
 BIG_USER = "quotas-big-user-key-0123456789"
 QUOTA_USER, QUOTA_ADMIN = "quotas-user-key-0123456789", "quotas-admin-key-0123456789"
@@ -43,10 +43,6 @@ def npz(compressed: bool = False, **arrays) -> bytes:
     buf = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buf, **arrays)
     return buf.getvalue()
-
-
-def upload(client: httpx.Client, data: bytes, name: str = "data.npz") -> httpx.Response:
-    return client.post("/v1/datasets", files={"file": (name, data)})
 
 
 def strip(rows: list[dict]) -> list[dict]:
@@ -146,11 +142,11 @@ def test_a_compressible_uint8_upload_is_stored_as_uint8_without_a_float32_copy(b
     data = npz(compressed=True, x=pixels, y=labels)
     assert len(data) < 256 << 10
     # A first small upload, so that what one upload allocates anyway is in the baseline.
-    warm = upload(client, npz(x=pixels[:10], y=labels[:10]), "warm.npz")
+    warm = upload_dataset(client, npz(x=pixels[:10], y=labels[:10]), "warm.npz")
     assert warm.status_code == 201, warm.text
     assert client.delete(f"/v1/datasets/{warm.json()['id']}").status_code == 204
     before = memory_bytes(proc.pid)
-    resp = upload(client, data, "zeros.npz")
+    resp = upload_dataset(client, data, "zeros.npz")
     assert resp.status_code == 201, resp.text
     grown = memory_bytes(proc.pid) - before
     record = resp.json()
@@ -167,7 +163,7 @@ def test_a_compressible_uint8_upload_is_stored_as_uint8_without_a_float32_copy(b
     assert grown < pixels.nbytes, f"the API's peak memory grew by {grown} bytes"
 
     # A dataset job over it gives the rows of the same pixels uploaded as float32.
-    floats = upload(client, npz(x=pixels[:100].astype(np.float32) / np.float32(255), y=labels[:100]), "f32.npz")
+    floats = upload_dataset(client, npz(x=pixels[:100].astype(np.float32) / np.float32(255), y=labels[:100]), "f32.npz")
     assert floats.status_code == 201, floats.text
     assert floats.json()["source_dtype"] == "float32"
     job = {"model_id": demo_model["id"], "limit": 100, "sigma": 0.25, "n0": 10, "n": 100, "seed": 17}
@@ -188,7 +184,7 @@ def test_a_compressible_uint8_upload_is_stored_as_uint8_without_a_float32_copy(b
 def test_uint16_pixels_are_stored_as_uint16_and_scaled_when_read(big, data_dir):
     _, client = big
     pixels = np.random.default_rng(3).integers(0, 65536, (6, 1, 8, 8), dtype=np.uint16)
-    resp = upload(client, npz(x=pixels.astype(">u2"), y=np.arange(6, dtype=np.uint8)))   # big-endian too
+    resp = upload_dataset(client, npz(x=pixels.astype(">u2"), y=np.arange(6, dtype=np.uint8)))   # big-endian too
     assert resp.status_code == 201, resp.text
     record = resp.json()
     assert record["source_dtype"] == ">u2"
@@ -203,7 +199,7 @@ def test_uint16_pixels_are_stored_as_uint16_and_scaled_when_read(big, data_dir):
 def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(quota, data_dir, redis_url):
     user, admin = quota["user"], quota["admin"]
     dataset = npz(x=np.zeros((500, 1, 8, 8), dtype=np.uint8), y=np.zeros(500, dtype=np.int64))
-    first = upload(user, dataset, "first.npz")
+    first = upload_dataset(user, dataset, "first.npz")
     assert first.status_code == 201, first.text
     used = first.json()["stored_bytes"]
     assert used == 500 * 64 + 500 * 8 + 2 * 128
@@ -211,7 +207,7 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(quota
     assert caller_id(QUOTA_USER) in meta        # the owner is recorded (not shown by the API)
 
     stored = folders(data_dir / "datasets")
-    refused = upload(user, dataset, "second.npz")
+    refused = upload_dataset(user, dataset, "second.npz")
     assert refused.status_code == 413, refused.text
     detail = refused.json()["detail"]
     assert "storage quota" in detail and f"already uses {used} of its {STORAGE_QUOTA} bytes" in detail
@@ -219,11 +215,11 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(quota
     assert folders(data_dir / "datasets") == stored
     assert [d["id"] for d in user.get("/v1/datasets").json() if d["name"] == "second"] == []
     # Another key has a quota of its own.
-    other = upload(admin, dataset, "admins.npz")
+    other = upload_dataset(admin, dataset, "admins.npz")
     assert other.status_code == 201, other.text
 
     assert user.delete(f"/v1/datasets/{first.json()['id']}").status_code == 204
-    again = upload(user, dataset, "second.npz")
+    again = upload_dataset(user, dataset, "second.npz")
     assert again.status_code == 201, again.text
 
     # Uploads at the same time share the quota: of four, one fits beside nothing, none beside `again`.
@@ -232,7 +228,7 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(quota
 
     def post(i: int) -> None:
         barrier.wait()
-        answers.append(upload(user, dataset, f"race-{i}.npz"))
+        answers.append(upload_dataset(user, dataset, f"race-{i}.npz"))
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
     for t in threads:
@@ -339,8 +335,8 @@ def test_a_job_over_the_sample_budget_is_refused_and_nothing_is_stored(idle, dat
     assert radius.status_code == 422 and "1000100 samples (n0 + n)" in radius.text
 
     # A dataset job counts the inputs it covers.
-    dataset = upload(user, npz(compressed=True, x=np.zeros((10_000, 1, 8, 8), dtype=np.uint8),
-                               y=np.zeros(10_000, dtype=np.int64)))
+    dataset = upload_dataset(user, npz(compressed=True, x=np.zeros((10_000, 1, 8, 8), dtype=np.uint8),
+                                       y=np.zeros(10_000, dtype=np.int64)))
     assert dataset.status_code == 201, dataset.text
     over = user.post("/v1/certify", json={"model_id": demo_model["id"], "dataset_id": dataset.json()["id"],
                                           "sigma": 0.25, "n0": 100, "n": 1_000_000})
@@ -358,7 +354,7 @@ def test_a_job_over_the_sample_budget_is_refused_and_nothing_is_stored(idle, dat
 
 def test_a_dataset_job_that_would_overfill_the_queue_is_refused_whole(idle, demo_model):
     user, r = idle["user"], idle["redis"]
-    dataset = upload(user, npz(x=np.zeros((20, 1, 8, 8), dtype=np.uint8), y=np.zeros(20, dtype=np.int64)))
+    dataset = upload_dataset(user, npz(x=np.zeros((20, 1, 8, 8), dtype=np.uint8), y=np.zeros(20, dtype=np.int64)))
     assert dataset.status_code == 201, dataset.text
     job = {"model_id": demo_model["id"], "dataset_id": dataset.json()["id"], **TINY}
 
@@ -384,7 +380,7 @@ def test_a_dataset_job_that_would_overfill_the_queue_is_refused_whole(idle, demo
 
 def test_concurrent_dataset_jobs_never_take_the_queue_past_the_bound(idle, demo_model):
     user, admin, r = idle["user"], idle["admin"], idle["redis"]
-    dataset = upload(user, npz(x=np.zeros((4, 1, 8, 8), dtype=np.uint8), y=np.zeros(4, dtype=np.int64)))
+    dataset = upload_dataset(user, npz(x=np.zeros((4, 1, 8, 8), dtype=np.uint8), y=np.zeros(4, dtype=np.int64)))
     job = {"model_id": demo_model["id"], "dataset_id": dataset.json()["id"], **TINY}   # 2 chunks each
     barrier, answers = threading.Barrier(6), []
 

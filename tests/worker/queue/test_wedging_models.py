@@ -7,7 +7,6 @@ the spinning thread; the prefork pool starts a fresh one, which serves the next 
 """
 from __future__ import annotations
 
-import io
 import os
 
 import httpx
@@ -24,6 +23,7 @@ from tests.support.stack import (
     start_api,
     start_worker,
     stop_process,
+    upload_model_file,
     wait_for,
     wait_job,
 )
@@ -51,14 +51,10 @@ def pool_pids(client: httpx.Client) -> set[int]:
     return {p["pid"] for w in client.get("/readyz").json()["worker_details"] for p in w["processes"]}
 
 
-def upload(admin: httpx.Client, path, name: str) -> httpx.Response:
-    return admin.post("/v1/models", files={"file": (path.name, io.BytesIO(path.read_bytes()))}, data={"name": name})
-
-
 def test_a_model_that_never_returns_is_refused_and_its_process_replaced(stack, demo_paths):
     admin, user = stack["admin"], stack["user"]
     before = wait_for(lambda: pool_pids(admin), 30, "the pool process's report")
-    resp = upload(admin, endless_loop_onnx(stack["tmp"] / "loop.onnx"), "loop")
+    resp = upload_model_file(admin, endless_loop_onnx(stack["tmp"] / "loop.onnx"), name="loop")
     assert resp.status_code == 422, resp.text
     detail = resp.json()["detail"]
     assert detail.startswith("model refused:") and f"within {DEADLINE_S} s" in detail
@@ -73,7 +69,7 @@ def test_a_model_that_never_returns_is_refused_and_its_process_replaced(stack, d
     assert stack["worker"].poll() is None
 
     # A fresh pool process serves the next upload and the next job.
-    good = upload(admin, demo_paths["safetensors"], "digits")
+    good = upload_model_file(admin, demo_paths["safetensors"], name="digits")
     assert good.status_code == 201, good.text
     x = np.load(demo_paths["test_x"])[:2]
     job = user.post("/v1/certify", json={"model_id": good.json()["id"], "inputs": x.tolist(), "sigma": 0.25,
