@@ -111,6 +111,13 @@ class Up:
                     todo.append(pid)
         return found
 
+    def child(self, word: str) -> int:
+        """The pid of the launcher's one child whose command line holds ``word``."""
+        table = _processes()
+        (pid,) = [pid for pid, (ppid, state, cmd) in table.items()
+                  if ppid == self.proc.pid and state != "Z" and word in cmd]
+        return pid
+
     def environ(self, pid: int) -> dict[str, str]:
         """The environment ``pid`` was started with (what the launcher handed its children)."""
         raw = Path(f"/proc/{pid}/environ").read_bytes()
