@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the stack until Ctrl-C, SIGTERM or SIGHUP (exit 0) or a failure (exit 1, message on stderr)."""
     settings = Settings()
     stack = Stack(settings)
-    for sig in STOP_SIGNALS[1:]:
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # as SIGINT (Ctrl-C) already does
         signal.signal(sig, _raise_interrupt)
     try:
         stack.start()
