@@ -4,12 +4,18 @@ A child runs in its own session, so it is the leader of a new process group: a C
 terminal reaches only the parent, which stops its children in order, and a final SIGKILL of
 the group also takes a child's own children (a Celery worker's pool processes). Its stdout and
 stderr go to one log file, whose tail explains a child that dies early.
+
+A child can also be told to stop when its parent is gone (``parent_death``): on Linux the kernel
+sends it that signal when the parent exits, however it exits, SIGKILL included. ``smoothcert up``
+asks for it; a production server, run by its own supervisor, never gets it.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +24,9 @@ from typing import NamedTuple, TypeVar
 T = TypeVar("T")
 KILL_WAIT_S = 5.0    # after SIGKILL; bounded, so a child stuck in the kernel cannot hang its parent
 TAIL_LINES = 15
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Loaded before any fork: the child between fork and exec only calls it.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 class Child(NamedTuple):
@@ -36,14 +45,35 @@ class NotReady(TimeoutError):
     """A readiness check stayed false for the whole timeout."""
 
 
-def spawn(args: Sequence[str], env: Mapping[str, str], log: Path, *, append: bool = False) -> subprocess.Popen:
+def parent_death(sig: signal.Signals) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when this process exits.
+
+    Linux only (None elsewhere). It runs in the child between fork and exec, and the signal stays
+    set across the exec. The kernel ties it to the thread that forks, so fork from the main thread.
+    A parent that died before the child asked has the child exit at once: no signal would come.
+    """
+    if _LIBC is None:
+        return None
+    parent = os.getpid()
+
+    def ask() -> None:
+        if _LIBC.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(70)
+
+    return ask
+
+
+def spawn(args: Sequence[str], env: Mapping[str, str], log: Path, *, append: bool = False,
+          parent_death_signal: signal.Signals | None = None) -> subprocess.Popen:
     """Start ``args`` with ``env`` in a new session, stdin empty, stdout and stderr into ``log``.
 
     ``log`` is truncated unless ``append`` (a stack restarted in the same folder keeps its history).
+    With ``parent_death_signal``, the child gets that signal when this process exits (:func:`parent_death`).
     """
+    preexec = parent_death(parent_death_signal) if parent_death_signal is not None else None
     with open(log, "ab" if append else "wb") as out:
         return subprocess.Popen(list(args), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
 
 
 def log_tail(log: Path | None, lines: int = TAIL_LINES) -> str:
@@ -89,26 +119,37 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, *, children: I
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0, *,
          escalate: Sequence[tuple[signal.Signals, float]] = ()) -> None:
-    """Stop ``proc``: SIGTERM and up to ``timeout`` seconds, then each ``(signal, grace)`` of
-    ``escalate`` in turn, then SIGKILL to its whole process group. Returns at once when it has exited.
+    """Stop ``proc``, a child from :func:`spawn`: SIGTERM and up to ``timeout`` seconds, then each
+    ``(signal, grace)`` of ``escalate`` in turn, then SIGKILL to its whole process group.
 
     The signals before the last go to the child alone, so it can shut its own children down.
+    The group's SIGKILL comes even after the child has exited: what it left behind in its group
+    (a pool process of a worker that died) goes with it.
     """
     for sig, grace in ((signal.SIGTERM, timeout), *escalate):
         if proc.poll() is not None:
-            return
+            break
         try:
             proc.send_signal(sig)
             proc.wait(grace)
-            return
+            break
         except ProcessLookupError:
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
-    if proc.poll() is not None:
-        return
+    kill_group(proc.pid)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(KILL_WAIT_S)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL to process group ``pgid``; nothing when it has no members left.
+
+    Safe after its leader has exited: Linux gives no new process an id still in use as a group's.
+    """
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         pass

@@ -21,6 +21,8 @@ from urllib.parse import quote
 
 import redis
 
+from smoothcert.service.devstack import processes
+
 
 class RedisServerError(RuntimeError):
     """No server binary, or the server did not come up; the message says which."""
@@ -55,10 +57,13 @@ class RedisServer:
     survive a restart of ``smoothcert up``, and even a killed server loses at most a second.
     ``password`` is what clients must send (AUTH); a new random one when not given. Pass the
     same one to a server restarted on the same port, or its clients can no longer connect.
+    With ``parent_death_signal`` the server gets that signal when this process exits
+    (``processes.parent_death``).
     """
 
     def __init__(self, data_dir: str | Path, port: int | None = None, *, persist: bool = True,
-                 binary: str | None = None, password: str | None = None):
+                 binary: str | None = None, password: str | None = None,
+                 parent_death_signal: signal.Signals | None = None):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
@@ -66,6 +71,7 @@ class RedisServer:
         self.password = password or secrets.token_hex(24)
         if any(c in self.password for c in "\r\n\0"):
             raise RedisServerError("the Redis password cannot hold line breaks or NUL characters")
+        self.parent_death_signal = parent_death_signal
         self.process: subprocess.Popen | None = None
 
     @property
@@ -82,8 +88,9 @@ class RedisServer:
                 "--logfile", str(self.data_dir / "server.log")]
         args += (["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1", "--dbfilename", "dump.rdb"]
                  if self.persist else ["--save", "", "--appendonly", "no"])
+        preexec = None if self.parent_death_signal is None else processes.parent_death(self.parent_death_signal)
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
+                                        stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec)
         quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
         try:
             self.process.stdin.write(f'requirepass "{quoted}"\n'.encode())

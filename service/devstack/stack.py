@@ -4,10 +4,15 @@ Starts (as subprocesses, logs under ``DATA_DIR/logs``) a Redis-protocol server u
 ``SMOOTHCERT_REDIS_URL`` is set, uvicorn serving the API on ``SMOOTHCERT_HOST:SMOOTHCERT_PORT``
 and one Celery worker that consumes both queues (certification and training); waits for
 ``/readyz``; uploads the digits demo model through the API (reused when an identical one is
-already stored); prints the URL, the API key and a curl example; stops everything on Ctrl-C or
-SIGTERM, or when one of the processes dies. The Redis it starts requires a password
-(``SMOOTHCERT_REDIS_PASSWORD``, or a fresh random one), which reaches the API and the worker in
-their ``SMOOTHCERT_REDIS_URL``.
+already stored); prints the URL, the API key and a curl example; stops everything on Ctrl-C,
+SIGTERM or SIGHUP (its terminal closed), or when one of the processes dies. The Redis it starts
+requires a password (``SMOOTHCERT_REDIS_PASSWORD``, or a fresh random one), which reaches the API
+and the worker in their ``SMOOTHCERT_REDIS_URL``.
+
+A launcher that cannot stop them (killed with SIGKILL, or crashed) still takes them along: each
+child gets SIGTERM from the kernel when the launcher exits (``processes.parent_death``), and the
+watchdog (:mod:`~smoothcert.service.devstack.watchdog`) finishes the job with the same steps as
+:meth:`Stack.stop`, down to SIGKILL of each child's process group.
 """
 from __future__ import annotations
 
@@ -29,10 +34,14 @@ from smoothcert.service.devstack import processes
 from smoothcert.service.devstack.commands import api_command, worker_command
 from smoothcert.service.devstack.processes import Child, ChildDied
 from smoothcert.service.devstack.redis_server import RedisServer
+from smoothcert.service.devstack.watchdog import Watchdog
 
 DEMO_NAME = "digits-demo"
 # The worker's warm shutdown (SIGTERM) finishes its task; a cold one (SIGQUIT) abandons it.
 _STOP_GRACE_S, _ESCALATE = 10.0, ((signal.SIGQUIT, 5.0),)
+_REDIS_STOP_S = 10.0
+# The ways a person stops the launcher: Ctrl-C, `kill`, closing its terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stack:
@@ -43,6 +52,7 @@ class Stack:
         self.logs = settings.data_dir / "logs"
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
+        self.watchdog: Watchdog | None = None
 
     def env(self) -> dict[str, str]:
         """The environment every child shares, so they agree on keys, data and broker."""
@@ -54,8 +64,13 @@ class Stack:
     def start(self) -> None:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.watchdog = Watchdog(self.logs / "watchdog.log")
         if not s.redis_url:
-            self.redis = RedisServer(s.data_dir / "redis", password=s.redis_password or None).start()
+            self.redis = RedisServer(s.data_dir / "redis", password=s.redis_password or None,
+                                     parent_death_signal=signal.SIGTERM)
+            self.redis.start()
+            if self.redis.process is not None:
+                self.watchdog.watch("Redis", self.redis.process.pid, ((signal.SIGTERM, _REDIS_STOP_S),))
             s.redis_url = self.redis.url
         _check_port_free(s.host, s.port)
         self._spawn("api", api_command(s.host, s.port))
@@ -64,7 +79,11 @@ class Stack:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = self.logs / f"{name}.log"
-        self.children.append(Child(name, processes.spawn(args, self.env(), log, append=True), log))
+        # SIGTERM when the launcher exits: a server of `up` has no reason to outlive it.
+        proc = processes.spawn(args, self.env(), log, append=True, parent_death_signal=signal.SIGTERM)
+        self.children.append(Child(name, proc, log))
+        if self.watchdog is not None:
+            self.watchdog.watch(name, proc.pid, ((signal.SIGTERM, _STOP_GRACE_S), *_ESCALATE))
 
     def check_alive(self) -> None:
         """Raise ChildDied when a child has exited."""
@@ -89,17 +108,19 @@ class Stack:
             processes.stop(child.proc, _STOP_GRACE_S, escalate=_ESCALATE)
         self.children.clear()
         if self.redis is not None:
-            self.redis.stop()
+            self.redis.stop(_REDIS_STOP_S)
+        if self.watchdog is not None:
+            self.watchdog.close()
 
 
 def register_demo(stack: Stack) -> tuple[dict, Path]:
     """Upload the demo model (built once under ``DATA_DIR/demo``) unless the same is stored."""
-    from smoothcert.models.demo import build_demo  # torch, only in this process
-
     demo_dir = stack.settings.data_dir / "demo"
     paths = {k: demo_dir / v for k, v in (("safetensors", "digits_cnn.safetensors"),
                                           ("test_x", "digits_test_x.npy"), ("test_y", "digits_test_y.npy"))}
     if not all(p.exists() for p in paths.values()):
+        from smoothcert.models.demo import build_demo  # torch, only in this process, only the first time
+
         paths = build_demo(demo_dir, seed=0)
     headers = {"Authorization": f"Bearer {stack.settings.admin_key}"}
     sha = sha256_file(paths["safetensors"])
@@ -150,11 +171,20 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _say(text: str) -> None:
+    """Print to stderr, unless the terminal is gone (SIGHUP): the stopping must go on regardless."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the stack until Ctrl-C/SIGTERM (exit 0) or a failure (exit 1, message on stderr)."""
+    """Run the stack until Ctrl-C, SIGTERM or SIGHUP (exit 0) or a failure (exit 1, message on stderr)."""
     settings = Settings()
     stack = Stack(settings)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # as SIGINT (Ctrl-C) already does
+        signal.signal(sig, _raise_interrupt)
     try:
         stack.start()
         stack.wait_ready()
@@ -164,12 +194,16 @@ def main(argv: list[str] | None = None) -> int:
             stack.check_alive()
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print("\nstopping ...", file=sys.stderr, flush=True)
+        _say("\nstopping ...")
         return 0
     except Exception as exc:  # noqa: BLE001 - one readable line for the operator, then clean up
-        print(f"smoothcert up: {exc}", file=sys.stderr, flush=True)
+        _say(f"smoothcert up: {exc}")
         return 1
     finally:
+        # A second Ctrl-C (or the terminal closing now) must not cut the stopping short; it is
+        # bounded by the stop steps.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         stack.stop()
 
 

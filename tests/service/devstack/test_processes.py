@@ -1,6 +1,7 @@
 """The stack's process launcher on small Python children: logs, sessions, readiness, stopping."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -11,6 +12,7 @@ import pytest
 from smoothcert.service.devstack import processes
 
 PY = sys.executable
+SLEEP = "import time; time.sleep(60)"
 
 
 def python(code: str) -> list[str]:
@@ -87,3 +89,101 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"   # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_stop_also_kills_what_an_exited_child_left_in_its_group(tmp_path):
+    # The child starts a grandchild in its group and exits at SIGTERM without it (a worker whose
+    # pool process outlived it).
+    code = ("import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', SLEEP]); "
+            "print(g.pid, flush=True); time.sleep(60)").replace("SLEEP", repr(SLEEP))
+    log = tmp_path / "leaves.log"
+    proc = processes.spawn(python(code), os.environ, log)
+    grandchild = int(processes.wait_until(lambda: log.read_text().strip(), 10, "the grandchild", interval=0.05))
+    processes.stop(proc, 10)
+    assert proc.returncode == -signal.SIGTERM
+    assert _gone_within(grandchild, 5)
+
+
+def test_a_child_with_a_parent_death_signal_stops_when_its_parent_is_killed(tmp_path):
+    # A parent (in a session of its own) spawns a child that asks for SIGTERM at its parent's death,
+    # and one that does not; then the parent is SIGKILLed.
+    code = f"""
+import os, sys, signal, time
+from pathlib import Path
+from smoothcert.service.devstack import processes
+sleep, tmp = [sys.executable, '-c', {SLEEP!r}], Path({str(tmp_path)!r})
+a = processes.spawn(sleep, os.environ, tmp / 'a.log', parent_death_signal=signal.SIGTERM)
+b = processes.spawn(sleep, os.environ, tmp / 'b.log')
+print(a.pid, b.pid, flush=True)
+time.sleep(60)
+"""
+    log = tmp_path / "parent.log"
+    parent = processes.spawn(python(code), os.environ, log)
+    told, untold = map(int, processes.wait_until(lambda: log.read_text().split(), 20, "the children", interval=0.05))
+    try:
+        parent.kill()
+        parent.wait(5)
+        assert _gone_within(told, 10)
+        assert _alive(untold)      # what the signal changes: without it, the child is orphaned
+    finally:
+        processes.kill_group(untold)
+
+
+def test_the_watchdog_stops_the_processes_of_a_killed_launcher_down_to_their_groups(tmp_path):
+    # A launcher starts the watchdog and a child that ignores SIGTERM and SIGQUIT, with a grandchild
+    # in its group, and tells the watchdog to stop it with SIGTERM, then SIGQUIT, then the group's SIGKILL.
+    child = f"""
+import signal, subprocess, sys, time
+for sig in (signal.SIGTERM, signal.SIGQUIT):
+    signal.signal(sig, signal.SIG_IGN)
+g = subprocess.Popen([sys.executable, '-c', {SLEEP!r}])
+print(g.pid, flush=True)
+time.sleep(60)
+"""
+    launcher = f"""
+import os, signal, sys, time
+from pathlib import Path
+from smoothcert.service.devstack import processes
+from smoothcert.service.devstack.watchdog import Watchdog
+tmp = Path({str(tmp_path)!r})
+w = Watchdog(tmp / 'watchdog.log')
+c = processes.spawn([sys.executable, '-c', {child!r}], os.environ, tmp / 'child.log')
+w.watch('stubborn', c.pid, ((signal.SIGTERM, 0.5), (signal.SIGQUIT, 0.5)))
+print(w.proc.pid, c.pid, flush=True)
+time.sleep(60)
+"""
+    log = tmp_path / "launcher.log"
+    proc = processes.spawn(python(launcher), os.environ, log)
+    watchdog, stubborn = map(int, processes.wait_until(lambda: log.read_text().split(), 20, "the launcher",
+                                                       interval=0.05))
+    grandchild = int(processes.wait_until(lambda: (tmp_path / "child.log").read_text().strip(), 20,
+                                          "the grandchild", interval=0.05))
+    try:
+        proc.kill()
+        proc.wait(5)
+        for pid in (stubborn, grandchild, watchdog):
+            assert _gone_within(pid, 15), (pid, (tmp_path / "watchdog.log").read_text())
+        lines = [json.loads(line) for line in (tmp_path / "watchdog.log").read_text().splitlines()]
+        assert [e["message"] for e in lines] == ["the launcher is gone; stopping stubborn",
+                                                 f"stopping the stubborn (pid {stubborn})"]
+    finally:
+        processes.kill_group(stubborn)
+
+
+def test_after_a_clean_stop_the_watchdog_has_nothing_to_do(tmp_path):
+    from smoothcert.service.devstack.watchdog import Watchdog
+
+    watchdog = Watchdog(tmp_path / "watchdog.log")
+    child = processes.spawn(python("import time; time.sleep(60)"), os.environ, tmp_path / "child.log")
+    watchdog.watch("sleeper", child.pid, ((signal.SIGTERM, 5.0),))
+    processes.stop(child, 5)
+    watchdog.close()
+    assert watchdog.proc.returncode == 0
+    assert (tmp_path / "watchdog.log").read_text() == ""
+
+
+def _gone_within(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    return not _alive(pid)
