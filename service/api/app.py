@@ -23,6 +23,7 @@ from kombu.exceptions import OperationalError
 from smoothcert.service.api.body_limit import BodySizeLimit
 from smoothcert.service.api.deps import document_auth
 from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
+from smoothcert.service.api.page import mount_page
 from smoothcert.service.api.routes import certify, datasets, health, jobs, metrics, models, train
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.jobs import JobStore
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.add_exception_handler(OperationalError, _unavailable)
     for module in (health, metrics, certify, jobs, models, datasets, train):
         app.include_router(document_auth(module.router))
+    mount_page(app)
     return app
 
 
