@@ -12,11 +12,18 @@ queue or a web framework: the CLI, the worker's tasks and the benchmarks all cal
 from smoothcert.worker.smoothing.certify import certify, predict
 from smoothcert.worker.smoothing.checks import InputError, check_params
 from smoothcert.worker.smoothing.results import Answer, Certificate, Prediction, RadiusDecision, Run
-from smoothcert.worker.smoothing.sampling import CancelCheck, Canceled, Inputs, Progress, default_batch_size
+from smoothcert.worker.smoothing.sampling import (
+    CancelCheck,
+    Canceled,
+    Inputs,
+    Progress,
+    default_batch_size,
+    noisy_copies,
+)
 from smoothcert.worker.smoothing.sequential import Verdict, certify_at_radius
 
 __all__ = [
     "Answer", "CancelCheck", "Canceled", "Certificate", "InputError", "Inputs", "Prediction", "Progress",
     "RadiusDecision", "Run", "Verdict", "certify", "certify_at_radius", "check_params", "default_batch_size",
-    "predict",
+    "noisy_copies", "predict",
 ]

@@ -57,6 +57,7 @@ def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0
             radius_cap=cap,
             elapsed_s=per_input,
             p_b_upper=None if est.p_b_upper is None else float(est.p_b_upper[i]),
+            votes=votes(estimation[i]),
         )
         for i in range(len(c_hat))
     ]
@@ -96,9 +97,15 @@ def predict(model: BaseClassifier, x: Inputs, sigma: float, n: int = DEFAULT_PRE
                 n_b=n_b,
                 n=n,
                 elapsed_s=per_input,
+                votes=votes(row),
             )
         )
     return Run(results, sampler.provenance({"mode": "predict", "sigma": sigma, "n": n, "alpha": alpha}))
+
+
+def votes(counts: np.ndarray) -> dict[str, int]:
+    """One input's counts per class as a sparse map, ``{"<class index>": count}`` without zeros."""
+    return {str(c): int(counts[c]) for c in np.flatnonzero(counts)}
 
 
 def _select(selection: Counts) -> np.ndarray:

@@ -26,7 +26,8 @@ class Certificate(Answer):
     With probability ≥ 1 − alpha over the sampling, the smoothed classifier predicts
     ``prediction`` everywhere within ℓ₂ distance ``radius`` of the input. ``prediction`` is None
     (and ``radius`` 0) when the run abstains. ``elapsed_s`` is the input's share of the run's
-    wall time (inputs share batches).
+    wall time (inputs share batches). ``votes`` counts the n estimation copies per class (class
+    index as text, zero counts left out): they sum to n, and ``n_a`` is the votes of ĉ_A.
     """
 
     index: int
@@ -38,6 +39,7 @@ class Certificate(Answer):
     radius_cap: float
     elapsed_s: float
     p_b_upper: float | None = None   # the top2 bound only
+    votes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -51,7 +53,8 @@ class Prediction(Answer):
     """PREDICT's answer for one input: the class (None on abstain) and the binomial test behind it.
 
     If the smoothed classifier's top class is c, the probability that ``prediction`` is a class
-    other than c is at most alpha.
+    other than c is at most alpha. ``votes`` counts the n copies per class (as in :class:`Certificate`);
+    ``n_a`` and ``n_b`` are its two largest counts.
     """
 
     index: int
@@ -61,6 +64,7 @@ class Prediction(Answer):
     n_b: int
     n: int
     elapsed_s: float
+    votes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

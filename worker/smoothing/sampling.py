@@ -57,6 +57,19 @@ def as_input_batch(x: Inputs, input_shape: Sequence[int]) -> np.ndarray:
         raise InputError(str(exc)) from None
 
 
+def noisy_copies(x: Inputs, input_shape: Sequence[int], sigma: float, copies: int, seed: int) -> np.ndarray:
+    """``copies`` noisy copies x + σ·δ, δ ~ N(0, I), of each input of ``x``: float32 (N, copies, C, H, W).
+
+    The noise is drawn as :class:`Sampler` draws it (float32, [0,1] pixel space, no clamping), from
+    a CPU generator of its own seeded with ``seed``: copies to look at, which change none of a
+    run's draws (a run's generator is its own).
+    """
+    batch = torch.from_numpy(as_input_batch(x, input_shape))
+    generator = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn((batch.shape[0], copies, *batch.shape[1:]), generator=generator, dtype=batch.dtype)
+    return noise.mul_(float(sigma)).add_(batch.unsqueeze(1)).numpy()
+
+
 class Sampler:
     """Draws noisy copies of a fixed set of inputs, feeds them to the model, counts the votes.
 

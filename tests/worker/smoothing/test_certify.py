@@ -135,7 +135,7 @@ def test_result_dict_and_provenance_carry_the_contract_fields():
     run = certify(constant(), X, sigma=0.25, n0=10, n=100, seed=3).to_dict()
     row = run["results"][0]
     assert set(row) == {"index", "prediction", "abstained", "radius", "p_a_lower", "n_a", "n", "radius_cap",
-                        "elapsed_s"}
+                        "elapsed_s", "votes"}
     prov = run["provenance"]
     for key in ("sigma", "n0", "n", "alpha", "bound", "seed", "batch_size", "device", "runtime", "precision",
                 "model_sha256", "versions", "elapsed_s"):
