@@ -1,18 +1,20 @@
 """The web page at ``/`` in a real browser against the real stack (Redis, a worker, the API).
 
 What a person does on the page, checked against what the API says over HTTP for the same job:
-certify an uploaded PNG, cancel a long job, read the recent jobs, open ``/docs`` with no
+certify an uploaded PNG, cancel a long job, read the recent jobs and a dataset job's curve, open ``/docs`` with no
 internet, upload a model with the admin key. Every tab is offline (conftest.py).
 """
 from __future__ import annotations
 
+import io
 import re
 
+import numpy as np
 from playwright.sync_api import expect
 
 from tests.browser.conftest import open_page
 from tests.support.images import grey8
-from tests.support.stack import ADMIN_KEY, USER_KEY, upload_model, wait_job
+from tests.support.stack import ADMIN_KEY, USER_KEY, upload_dataset, upload_model, wait_job
 
 
 def test_certify_an_uploaded_png_shows_the_radius_the_api_returns(tab, api_url, client, demo_model, digits_test_set,
@@ -69,26 +71,33 @@ def test_cancel_a_long_job(tab, api_url, client, demo_model):
     assert job["status"] == "canceled" and job["progress"]["done"] < job["progress"]["total"] == 2_000_000
 
 
-def test_the_jobs_table_lists_the_callers_jobs_and_opens_one(tab, api_url, client, demo_model, digits_test_set):
-    x, _ = digits_test_set
-    submitted = client.post("/v1/certify", json={"model_id": demo_model["id"], "inputs": x[:3].tolist(),
-                                                 "sigma": 0.25, "n": 500, "mode": "predict"})
+def test_the_jobs_table_lists_the_callers_jobs_and_opens_a_dataset_jobs_curve(tab, api_url, client, demo_model,
+                                                                               digits_test_set):
+    x, y = digits_test_set
+    buf = io.BytesIO()
+    np.savez(buf, x=x[:3].numpy(), y=y[:3])
+    uploaded = upload_dataset(client, buf.getvalue())
+    assert uploaded.status_code == 201, uploaded.text
+    submitted = client.post("/v1/certify", json={"model_id": demo_model["id"], "dataset_id": uploaded.json()["id"],
+                                                 "sigma": 0.25, "n": 500})
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["job_id"]
-    assert wait_job(client, job_id)["status"] == "succeeded"
+    job = wait_job(client, job_id)
+    assert job["status"] == "succeeded"
     page = open_page(tab, api_url, USER_KEY)
 
     table = page.get_by_test_id("jobs-table")
     expect(table.locator(f'tr[data-job-id="{job_id}"]')).to_have_attribute("data-status", "succeeded")
     listed = client.get("/v1/jobs", params={"limit": 20}).json()["jobs"]
-    assert [r.get_attribute("data-job-id") for r in table.locator("tbody tr").all()] == [j["id"] for j in listed]
     assert listed[0]["id"] == job_id   # newest first
+    assert [r.get_attribute("data-job-id") for r in table.locator("tbody tr").all()] == [j["id"] for j in listed]
 
     table.locator(f'tr[data-job-id="{job_id}"]').get_by_test_id("open-job").click()
     expect(page.get_by_test_id("job-id")).to_have_text(job_id)
     expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", "succeeded")
     expect(page.get_by_test_id("rows-table").locator("tbody tr")).to_have_count(3)
-    expect(page.get_by_test_id("result-radius")).to_have_text(re.compile("predict gives no radius"))
+    expect(page.get_by_test_id("result-radius")).to_have_text(f"{job['result']['results'][0]['radius']:.4f}")
+    expect(page.get_by_test_id("curve").locator("img")).to_have_attribute("src", re.compile("^blob:"))
 
 
 def test_docs_render_with_no_internet(tab, api_url):
