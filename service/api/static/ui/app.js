@@ -327,6 +327,27 @@ function renderJob(job) {
     ? `${done.toLocaleString()} of ${total.toLocaleString()} noisy samples (${pct}%)` : "";
   $("cancel").disabled = TERMINAL.has(job.status) || job.cancel_requested;
   if (job.error) showMessage($("job-error"), job.error);
+  renderParams(job);
+}
+
+function renderParams(job) {
+  const p = job.params || {};
+  const model = state.models.get(p.model_id);
+  const facts = [["kind", job.kind]];
+  if (p.model_id) facts.push(["model", model ? `${model.name || model.id} (${p.model_id})` : p.model_id]);
+  if (p.dataset_id) facts.push(["inputs", `dataset ${p.dataset_id}, ${p.num_inputs} inputs`]);
+  else if (p.num_inputs !== undefined) facts.push(["inputs", String(p.num_inputs)]);
+  if (p.sigma !== undefined) {
+    const sampling = p.mode === "predict" ? `n = ${p.n}` : `n0 = ${p.n0}, n = ${p.n}`;
+    facts.push(["parameters", `σ = ${p.sigma}, ${sampling}, α = ${p.alpha}`
+      + (p.target_radius !== undefined ? `, target radius ${p.target_radius}` : "")]);
+  }
+  for (const name of ["created", "finished"]) {
+    const when = jobTime(job, name);
+    if (when) facts.push([name, when.toLocaleString()]);
+  }
+  const box = $("job-params");
+  box.replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
 }
 
 async function cancelJob() {
