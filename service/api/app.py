@@ -22,6 +22,7 @@ from kombu.exceptions import OperationalError
 
 from smoothcert.service.api.body_limit import BodySizeLimit
 from smoothcert.service.api.deps import document_auth
+from smoothcert.service.api.docs import add_offline_docs
 from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
 from smoothcert.service.api.page import mount_page
 from smoothcert.service.api.routes import certify, datasets, health, jobs, metrics, models, train
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         configure_logging(settings, "api")
     if settings.generated_api_key:
         log.warning("SMOOTHCERT_API_KEY is not set; this process generated the key %s", settings.api_key)
-    app = FastAPI(title="smoothcert", version="1",
+    app = FastAPI(title="smoothcert", version="1", docs_url=None, redoc_url=None,
                   summary="Certified ℓ2 robustness for image classifiers by randomized smoothing")
     app.state.settings = settings
     app.state.redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=10,
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.add_exception_handler(OperationalError, _unavailable)
     for module in (health, metrics, certify, jobs, models, datasets, train):
         app.include_router(document_auth(module.router))
+    add_offline_docs(app)   # /docs and /redoc with their assets served here, never from a CDN
     mount_page(app)
     return app
 

@@ -143,20 +143,39 @@ class Progress(BaseModel):
     total: int
 
 
+JobKind = Literal["certify", "predict", "check_model", "train"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+_TIME = "RFC 3339 UTC with milliseconds (2026-12-01T07:21:41.512Z), the same instant as "
+
+
 class Job(BaseModel):
-    """``GET /v1/jobs/{id}``; times are Unix seconds, ``result`` is set once succeeded."""
+    """``GET /v1/jobs/{id}``; times are Unix seconds (``*_at``) and RFC 3339 UTC text (``*_time``),
+    ``result`` is set once succeeded."""
 
     id: str
-    kind: Literal["certify", "predict", "check_model", "train"]
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    kind: JobKind
+    status: JobStatus
     progress: Progress
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
-    result: dict[str, Any] | None = None
+    result: dict[str, Any] | None = Field(
+        None, description="certify and predict jobs: 'results' holds one row per input; each row of a certify or "
+                          "predict run (not of a target_radius run) has 'votes', the estimation samples' counts "
+                          "per class as {\"<class index>\": count}, zero counts left out, summing to the row's n")
     params: dict[str, Any] = {}
     cancel_requested: bool = False
+    created_time: str | None = Field(None, description=_TIME + "created_at")
+    started_time: str | None = Field(None, description=_TIME + "started_at; null until the job starts")
+    finished_time: str | None = Field(None, description=_TIME + "finished_at; null until the job ends")
+
+
+class JobList(BaseModel):
+    """``GET /v1/jobs``: a page of jobs, newest first, each without its result rows."""
+
+    jobs: list[Job]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null after the last page")
 
 
 class ModelRecord(BaseModel):

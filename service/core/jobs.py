@@ -20,6 +20,20 @@ A job created with an ``owner`` (the submitting key's caller id) is also a membe
 scored the same way; :meth:`JobStore.create` refuses, atomically, a new job of an owner who
 already has ``max_active`` live members. The count is the records' own states, so a crashed API
 or worker cannot make it drift: a job counts until its record says it finished, or expires.
+
+For ``GET /v1/jobs`` the same create script adds the job to two indexes of job ids by creation
+time: ``smoothcert:jobs:index:all`` and, with an owner, ``smoothcert:owner:<owner>:jobs``. Each is
+a sorted set whose members all score 0 and read ``<created, ms, 15 digits>:<id>``
+(:func:`index_entry`), so that lexicographic order is creation order and a page boundary is a
+member (keyset pagination, no duplicates or gaps while jobs are added). A record lives
+``ttl_s`` from its creation, so each create trims the entries older than that and gives the index
+the same TTL: an index holds at most the jobs of one TTL and vanishes with its last record.
+:meth:`JobStore.recent` skips, and removes, any entry whose record is gone all the same (a record
+deleted by hand, a TTL shortened between runs), so a listed job always has its record.
+
+A certify job's worker keeps a few noisy copies of its first inputs for people to look at
+(``<record>:samples``, a hash: field = row index, value = a ``.npy`` of uint8 pixels), written
+with the record's remaining TTL so that they expire together (:meth:`JobStore.keep_samples`).
 """
 from __future__ import annotations
 
@@ -28,6 +42,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -42,6 +57,11 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
 METRICS_PREFIX = "smoothcert:metrics:"
 IN_FLIGHT = (QUEUED, RUNNING)
 OWNER_PREFIX = "smoothcert:owner:"
+ALL_JOBS_INDEX = "smoothcert:jobs:index:all"
+# Noisy copies kept per certify/predict job for people to look at: the first SAMPLE_ROWS rows,
+# SAMPLE_COPIES copies each, fewer rows (and copies) where the inputs are so large that they would
+# take more than SAMPLE_BYTES of Redis.
+SAMPLE_ROWS, SAMPLE_COPIES, SAMPLE_BYTES = 16, 8, 1 << 20
 
 # Lua, prepended to every script that sets a job's status: track(record, kind, from, to) moves the
 # job between the in-flight sets (score: the record's expiry, Redis clock, ms; +inf without TTL)
@@ -79,6 +99,8 @@ end
 # object of its fields (status among them, owner when there is one), ARGV[2] ttl, ARGV[3] the
 # owner's quota of active jobs (0: none). Returns {1, active} when created, {0, active} when the
 # owner already has ``quota`` live active jobs (nothing is written then).
+# KEYS[3] the index of all jobs, KEYS[4] the owner's index (any name without an owner); ARGV[4]
+# the job's index entry, ARGV[5] the exclusive lex bound below which entries are past the TTL.
 _CREATE = TRACK_LUA + """
 local fields = cjson.decode(ARGV[1])
 local quota = tonumber(ARGV[3])
@@ -95,6 +117,13 @@ for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('HINCRBY', '""" + METRICS_PREFIX + """jobs:created', fields['kind'], 1)
 track(KEYS[1], fields['kind'], false, fields['status'])
+local indexes = {KEYS[3]}
+if fields['owner'] then indexes[2] = KEYS[4] end
+for _, index in ipairs(indexes) do
+  redis.call('ZREMRANGEBYLEX', index, '-', ARGV[5])
+  redis.call('ZADD', index, 0, ARGV[4])
+  redis.call('EXPIRE', index, ARGV[2])
+end
 return {1, active + 1}
 """
 
@@ -117,6 +146,16 @@ end
 return 0
 """
 
+# KEYS[1] record, KEYS[2] its samples hash; ARGV: row, npy bytes, row, npy bytes, ...
+# The samples get the record's remaining TTL, so they never outlive it.
+_KEEP_SAMPLES = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV))
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
+
 
 class ActiveJobsExceeded(Exception):
     """The owner already has its quota of queued and running jobs; nothing was created."""
@@ -135,6 +174,31 @@ def active_jobs(client: redis.Redis, owner: str) -> int:
     """How many of ``owner``'s jobs are queued or running (records that expired not counted)."""
     seconds, micros = client.time()
     return int(client.zcount(owner_key(owner), f"({seconds * 1000 + micros // 1000}", "+inf"))
+
+
+def owner_index_key(owner: str) -> str:
+    """The index of ``owner``'s jobs by creation time (the module docstring)."""
+    return OWNER_PREFIX + owner + ":jobs"
+
+
+_INDEX_ENTRY = re.compile(r"^[0-9]{15}:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def index_entry(created_at: float, job_id: str) -> str:
+    """A job's member in the indexes: creation time in ms, zero-padded so text order is time order."""
+    return f"{round(created_at * 1000):015d}:{job_id}"
+
+
+def is_index_entry(value: str) -> bool:
+    """Whether ``value`` has the form of an :func:`index_entry` (a page cursor must)."""
+    return _INDEX_ENTRY.match(value) is not None
+
+
+def rfc3339(seconds: float | None) -> str | None:
+    """Unix seconds as RFC 3339 UTC with milliseconds (``2026-12-01T07:21:41.512Z``); None stays None."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def new_job_id() -> str:
@@ -175,13 +239,17 @@ def job_inputs(jobs_dir: Path, job_id: str) -> Path:
     return inside(jobs_dir, job_folder(jobs_dir, job_id) / INPUTS_FILE)
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _now() -> float:
     return round(time.time(), 3)
 
 
 @dataclass
 class JobRecord:
-    """What ``GET /v1/jobs/{id}`` shows; times are Unix seconds."""
+    """What ``GET /v1/jobs/{id}`` shows; times are Unix seconds (and RFC 3339 in :meth:`to_dict`)."""
 
     id: str
     kind: str                      # "certify" | "predict" | "check_model" | "train"
@@ -198,12 +266,15 @@ class JobRecord:
     deliveries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """The public JSON shape: progress nested, internal counters left out."""
+        """The public JSON shape: progress nested, internal counters left out, each time also as
+        RFC 3339 UTC text (``created_time`` beside ``created_at``, ...)."""
         return {"id": self.id, "kind": self.kind, "status": self.status,
                 "progress": {"done": self.done, "total": self.total},
                 "created_at": self.created_at, "started_at": self.started_at,
                 "finished_at": self.finished_at, "error": self.error, "result": self.result,
-                "params": self.params, "cancel_requested": self.cancel_requested}
+                "params": self.params, "cancel_requested": self.cancel_requested,
+                "created_time": rfc3339(self.created_at), "started_time": rfc3339(self.started_at),
+                "finished_time": rfc3339(self.finished_at)}
 
 
 class JobStore:
@@ -214,6 +285,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
+        self._keep_samples = client.register_script(_KEEP_SAMPLES)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -231,13 +303,16 @@ class JobStore:
         With an ``owner``, the job counts among the owner's active jobs until it finishes; with
         ``max_active`` > 0 too, ActiveJobsExceeded when the owner already has that many.
         """
-        rec = JobRecord(id=job_id, kind=kind, total=total, params=params, created_at=_now())
+        created_at = _now()
+        rec = JobRecord(id=job_id, kind=kind, total=total, params=params, created_at=created_at)
         fields = {"kind": kind, "status": QUEUED, "done": "0", "total": str(total),
                   "created_at": str(rec.created_at), "params": json.dumps(params), "deliveries": "0"}
         if owner is not None:
             fields["owner"] = owner
-        created, active = self._create(keys=[self.key(job_id), owner_key(owner or "")],
-                                       args=[json.dumps(fields), self.ttl_s, max_active])
+        expired = index_entry(created_at - self.ttl_s, "")   # "<ms>:": entries before it are past the TTL
+        created, active = self._create(
+            keys=[self.key(job_id), owner_key(owner or ""), ALL_JOBS_INDEX, owner_index_key(owner or "")],
+            args=[json.dumps(fields), self.ttl_s, max_active, index_entry(created_at, job_id), "(" + expired])
         if not created:
             raise ActiveJobsExceeded(int(active), max_active)
         return rec
@@ -248,6 +323,10 @@ class JobStore:
             pipe.hgetall(self.key(job_id))
             pipe.exists(self.cancel_key(job_id))
             raw, cancel = pipe.execute()
+        return self._parse(job_id, raw, cancel)
+
+    @staticmethod
+    def _parse(job_id: str, raw: dict[bytes, bytes], cancel: Any) -> JobRecord | None:
         if not raw:
             return None
         h = {k.decode(): v.decode() for k, v in raw.items()}
@@ -292,3 +371,67 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.cancel_key(job_id)))
+
+    def recent(self, owner: str | None, *, status: str | None = None, kind: str | None = None, limit: int = 20,
+             after: str | None = None, scan: int = 1000) -> tuple[list[JobRecord], str | None]:
+        """Jobs newest first: ``owner``'s (None: every job), those with ``status`` and ``kind`` when
+        given, at most ``limit``, starting after the index entry ``after`` (a previous page's cursor).
+
+        Returns the records and the cursor of the next page, None at the end. At most ``scan``
+        entries are read per call, so a filter that matches few jobs returns a short (even empty)
+        page with a cursor rather than reading the whole index; entries whose record is gone are
+        skipped and removed.
+        """
+        index = ALL_JOBS_INDEX if owner is None else owner_index_key(owner)
+        start = "+" if after is None else "(" + after
+        picked: list[tuple[str, str]] = []   # (entry, job id)
+        last: str | None = None
+        scanned = 0
+        while len(picked) < limit and scanned < scan:
+            entries = [_text(e) for e in self.redis.zrevrangebylex(index, start, "-", 0, min(100, scan - scanned))]
+            if not entries:
+                return self._records(picked), None
+            scanned += len(entries)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for entry in entries:
+                    pipe.hmget(PREFIX + entry[16:], "status", "kind")
+                states = pipe.execute()
+            gone = [e for e, (s, _) in zip(entries, states) if s is None]
+            if gone:
+                self.redis.zrem(index, *gone)
+            for entry, (s, k) in zip(entries, states):
+                last = entry
+                if s is not None and status in (None, _text(s)) and kind in (None, k and _text(k)):
+                    picked.append((entry, entry[16:]))
+                    if len(picked) == limit:
+                        break
+            start = "(" + entry
+        more = last is not None and bool(self.redis.zrevrangebylex(index, "(" + last, "-", 0, 1))
+        return self._records(picked), last if more else None
+
+    def _records(self, picked: list[tuple[str, str]]) -> list[JobRecord]:
+        """The records of ``picked`` in order, leaving out any that vanished meanwhile."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _, job_id in picked:
+                pipe.hgetall(PREFIX + job_id)
+                pipe.exists(PREFIX + job_id + ":cancel")
+            raw = pipe.execute()
+        records = (self._parse(job_id, raw[2 * i], raw[2 * i + 1]) for i, (_, job_id) in enumerate(picked))
+        return [r for r in records if r is not None]
+
+    @staticmethod
+    def samples_key(job_id: str) -> str:
+        return JobStore.key(job_id) + ":samples"
+
+    def keep_samples(self, job_id: str, rows: dict[int, bytes]) -> bool:
+        """Keep ``rows`` (row index -> a ``.npy`` of its noisy copies) beside the record, expiring
+        with it; False (nothing kept) when the record is gone."""
+        if not rows:
+            return False
+        return self._keep_samples(keys=[self.key(job_id), self.samples_key(job_id)],
+                                  args=[x for item in rows.items() for x in item]) == 1
+
+    def samples(self, job_id: str, row: int) -> bytes | None:
+        """The ``.npy`` of row ``row``'s kept noisy copies, or None when none were kept for it."""
+        value = self.redis.hget(self.samples_key(job_id), str(row))
+        return None if value is None else value if isinstance(value, bytes) else value.encode()

@@ -7,10 +7,11 @@ A chunk's outcome is its result rows (``index`` = position in the dataset, ``lab
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
-from smoothcert.worker.queue.job_results import label_metrics, label_rows, run_engine
+from smoothcert.worker.queue.job_results import kept_samples, label_metrics, label_rows, run_engine
 from smoothcert.worker.smoothing import CancelCheck, Progress
 
 # Provenance fields that differ from chunk to chunk; the job's provenance lists them per chunk.
@@ -18,9 +19,11 @@ _PER_CHUNK = ("chunk", "start", "stop", "worker", "pid", "seed", "num_inputs", "
 
 
 def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, progress: Progress,
-              should_cancel: CancelCheck, memory_budget: int | None = None) -> dict[str, Any]:
+              should_cancel: CancelCheck, memory_budget: int | None = None,
+              keep: Callable[[dict[int, bytes]], Any] | None = None) -> dict[str, Any]:
     """Certify (or predict) inputs ``[spec["start"], spec["stop"])`` of the job's dataset
-    (``memory_budget`` as in :func:`~smoothcert.worker.queue.job_results.run_engine`).
+    (``memory_budget`` as in :func:`~smoothcert.worker.queue.job_results.run_engine`); first hand
+    ``keep`` the noisy copies to keep of those among the job's first rows (job_results.kept_samples).
 
     Returns ``{"rows": [...], "provenance": {...}}``; raises DatasetMissing when the dataset was
     deleted or changed, and whatever the engine raises.
@@ -29,6 +32,8 @@ def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, 
     x, y = datasets.load(spec["dataset_id"], start, stop)
     if len(x) != stop - start:
         raise DatasetMissing(f"dataset {spec['dataset_id']} no longer holds inputs {start} to {stop - 1}")
+    if keep is not None:
+        keep(kept_samples(model, x, spec, start))
     result = run_engine(model, x, spec, spec["chunk_seed"], progress, should_cancel, memory_budget)
     rows = result["results"]
     label_rows(rows, y)

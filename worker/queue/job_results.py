@@ -4,12 +4,15 @@ Shared by the tasks of ordinary jobs and of dataset-job chunks; no Celery, no Re
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from smoothcert.service.core.jobs import SAMPLE_BYTES, SAMPLE_COPIES, SAMPLE_ROWS
 from smoothcert.worker import smoothing
 from smoothcert.worker.evaluation import accuracy
 from smoothcert.worker.evaluation.analyze import DEFAULT_RADII
@@ -31,6 +34,33 @@ def run_engine(model, x: np.ndarray, spec: dict[str, Any], seed: int, progress: 
         run = smoothing.certify(model, x, spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
                                 bound=spec["bound"], **common)
     return run.to_dict()
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of row ``index``'s kept noisy copies: the first 8 bytes of SHA-256(``"<seed>:samples:<index>"``),
+    big-endian, >> 1. Not the job's seed, so keeping them changes none of the job's draws."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:samples:{index}".encode()).digest()[:8], "big") >> 1
+
+
+def kept_samples(model, x: np.ndarray, spec: dict[str, Any], first_index: int) -> dict[int, bytes]:
+    """The noisy copies to keep of the inputs ``x`` (rows ``first_index`` on) that are among the job's
+    first rows: row index -> ``.npy`` of uint8 (copies, C, H, W), clipped to [0, 1] for display.
+
+    A job keeps SAMPLE_COPIES copies of its first SAMPLE_ROWS rows, fewer of both where that would
+    exceed SAMPLE_BYTES (at least one copy of one row); ``spec["skip"]`` is a dataset job's first row.
+    """
+    per_copy = int(np.prod(model.info.input_shape))
+    rows = min(SAMPLE_ROWS, max(1, SAMPLE_BYTES // (SAMPLE_COPIES * per_copy)))
+    copies = min(SAMPLE_COPIES, max(1, SAMPLE_BYTES // per_copy))
+    end = int(spec.get("skip") or 0) + rows
+    kept = {}
+    for i in range(min(len(x), max(0, end - first_index))):
+        noisy = smoothing.noisy_copies(x[i:i + 1], model.info.input_shape, spec["sigma"], copies,
+                                       sample_seed(spec["seed"], first_index + i))[0]
+        out = io.BytesIO()
+        np.save(out, np.rint(np.clip(noisy, 0.0, 1.0) * 255).astype(np.uint8), allow_pickle=False)
+        kept[first_index + i] = out.getvalue()
+    return kept
 
 
 def throttled(report: Callable[[int, int], None], every_s: float = 0.25) -> smoothing.Progress:

@@ -33,7 +33,7 @@ from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.samples import record_result_samples
 from smoothcert.worker.queue.celery_app import settings
 from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
-from smoothcert.worker.queue.job_results import label_metrics, label_rows, run_engine, throttled
+from smoothcert.worker.queue.job_results import kept_samples, label_metrics, label_rows, run_engine, throttled
 from smoothcert.worker.queue.liveness import report_process, retire_process
 from smoothcert.worker.smoothing import Canceled, InputError
 
@@ -124,6 +124,7 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
     model = ready_model(spec["model_id"])
     x = saved_inputs(job_id, spec["num_inputs"])
     labels = spec.get("labels")
+    jobs.keep_samples(job_id, kept_samples(model, x, spec, 0))
     result = run_engine(model, x, spec, spec["seed"],
                         throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
                         lambda: jobs.cancel_requested(job_id), settings.batch_memory_bytes or None)
@@ -153,7 +154,8 @@ def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, wo
     index = spec["chunk"]
     outcome = run_chunk(ready_model(spec["model_id"]), spec, DatasetStore(settings.datasets_dir), worker,
                         throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
-                        lambda: ledger.should_stop(job_id), settings.batch_memory_bytes or None)
+                        lambda: ledger.should_stop(job_id), settings.batch_memory_bytes or None,
+                        keep=lambda rows: ledger.jobs.keep_samples(job_id, rows))
     record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"])
     return outcome
 

@@ -1,4 +1,10 @@
-"""``/v1/jobs/{id}``: status and result, the result as Cohen-style TSV, and cancellation.
+"""``/v1/jobs``: the caller's jobs page by page; ``/v1/jobs/{id}``: status and result, the result as
+Cohen-style TSV, cancellation, and two pictures for people (noisy copies of an input as PNG, the
+certified-accuracy curve as SVG).
+
+The list shows the jobs submitted with the caller's key (the admin key sees every job), newest
+first, from the indexes :mod:`smoothcert.service.core.jobs` keeps; its cursor is an index entry in
+base64url, opaque to clients.
 
 A job id is checked to be one (a UUID, :func:`~smoothcert.service.core.jobs.check_job_id`) before
 it reaches Redis: anything else is an unknown job (404), so a path such as ``<id>:cancel`` or
@@ -6,20 +12,29 @@ it reaches Redis: anything else is an unknown job (404), so a path such as ``<id
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, status
-from fastapi.responses import JSONResponse, PlainTextResponse
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from smoothcert.service.api.deps import JobsDep, require_key
-from smoothcert.service.api.schemas import Job
+from smoothcert.service.api.deps import Credentials, JobsDep, Role, require_key
+from smoothcert.service.api.limits import caller_id
+from smoothcert.service.api.pictures import accuracy_curve_svg, sample_strip_png
+from smoothcert.service.api.schemas import Job, JobKind, JobList, JobStatus
 from smoothcert.service.core.jobs import (
     CANCELED,
     JOB_ID_FORM,
+    QUEUED,
+    SAMPLE_ROWS,
     SUCCEEDED,
     TERMINAL,
     JobRecord,
     JobStore,
+    is_index_entry,
     is_job_id,
 )
 from smoothcert.service.core.tsv import format_tsv
@@ -37,6 +52,44 @@ def _record(jobs: JobStore, job_id: str) -> JobRecord:
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown job {job_id!r}")
     return record
+
+
+def _cursor_entry(cursor: str) -> str:
+    """The index entry a cursor stands for; 422 for anything a previous page did not return."""
+    try:
+        entry = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        entry = ""
+    if not is_index_entry(entry):
+        raise HTTPException(422, f"invalid cursor {cursor[:80]!r}: pass the next_cursor of a previous page as it is")
+    return entry
+
+
+def _listed(record: JobRecord) -> Job:
+    """The record as ``GET /v1/jobs/{id}`` shows it, without the result's rows."""
+    job = record.to_dict()
+    if isinstance(job["result"], dict) and "results" in job["result"]:
+        job["result"] = {**job["result"], "results": None}
+    return Job.model_validate(job)
+
+
+@router.get("", response_model=JobList, responses={422: {"description": "invalid filter, limit or cursor"}})
+def list_jobs(jobs: JobsDep, role: Role, creds: Credentials,
+              status_: Annotated[JobStatus | None, Query(alias="status", description="only jobs in this state")] = None,
+              kind: Annotated[JobKind | None, Query(description="only jobs of this kind (a dataset job is a certify or "
+                                                                "predict job whose params name a dataset_id)")] = None,
+              limit: Annotated[int, Query(ge=1, le=100, description="at most this many jobs")] = 20,
+              cursor: Annotated[str | None, Query(max_length=200, description="the next_cursor of the previous page")]
+              = None) -> JobList:
+    """The jobs submitted with this key, newest first (the admin key sees every key's jobs, and model
+    checks); ``result`` without its rows (``result.results`` is null: read them from ``GET
+    /v1/jobs/{id}``). Follow ``next_cursor`` until it is null; with a filter, a page may hold
+    fewer than ``limit`` jobs (even none) and still have a next one."""
+    owner = None if role == "admin" else caller_id(creds.credentials if creds else "")
+    after = None if cursor is None else _cursor_entry(cursor)
+    records, last = jobs.recent(owner, status=status_, kind=kind, limit=limit, after=after)
+    next_cursor = None if last is None else base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
+    return JobList(jobs=[_listed(r) for r in records], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=Job, responses=_NOT_FOUND)
@@ -75,3 +128,56 @@ def cancel_job(job_id: JobId, jobs: JobsDep):
     code = status.HTTP_202_ACCEPTED if record.status not in TERMINAL else status.HTTP_200_OK
     return JSONResponse(Job.model_validate(record.to_dict()).model_dump(), status_code=code)
 
+
+
+_PICTURE = {404: {"description": "unknown job, or nothing kept for that row"},
+            409: {"description": "the job has not run yet (or, for the curve, has no labels or is not finished)"}}
+
+
+@router.get("/{job_id}/samples.png", response_class=Response, responses={
+    **_PICTURE, 200: {"content": {"image/png": {}}, "description": "the noisy copies side by side"}})
+def get_samples_png(job_id: JobId, jobs: JobsDep,
+                    row: Annotated[int, Query(ge=0, description="the row's index (as in the result's rows)")] = 0
+                    ) -> Response:
+    """Up to 8 noisy copies of input ``row`` as the classifier saw them (the job's σ, clipped to
+    [0, 1] for display), side by side in one PNG, upscaled so that a small digit is visible. The
+    worker keeps them when the job starts, for the job's first 16 rows (fewer for large inputs),
+    with a seed of their own: they are not the copies that were counted, but drawn alike."""
+    record = _record(jobs, job_id)
+    if record.kind not in ("certify", "predict"):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} is a {record.kind} job: only certify and "
+                                                       "predict jobs keep noisy copies")
+    kept = jobs.samples(job_id, row)
+    if kept is not None:
+        copies = np.load(io.BytesIO(kept), allow_pickle=False)
+        return Response(sample_strip_png(copies), media_type="image/png")
+    if record.status == QUEUED:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"job {job_id} is queued: its noisy copies are kept when it starts")
+    first = int(record.params.get("skip") or 0)
+    last = first + min(SAMPLE_ROWS, int(record.params.get("num_inputs") or 0)) - 1
+    raise HTTPException(status.HTTP_404_NOT_FOUND, f"no noisy copies kept for row {row} of job {job_id}: they are kept "
+                                                   f"for its first rows only (at most {first} to {last})")
+
+
+@router.get("/{job_id}/curve.svg", response_class=Response, responses={
+    **_PICTURE, 200: {"content": {"image/svg+xml": {}}, "description": "certified accuracy against radius"}})
+def get_curve_svg(job_id: JobId, jobs: JobsDep) -> Response:
+    """The certified-accuracy curve of a succeeded certify job with labels (given with the inputs,
+    or a dataset's): the share of inputs predicted right with a radius of at least r, against r,
+    with the radius cap (the largest radius n and α allow) marked."""
+    record = _record(jobs, job_id)
+    if record.status != SUCCEEDED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {record.status}: the curve needs a "
+                                                      "succeeded certify job")
+    rows = (record.result or {}).get("results") or []
+    if record.kind != "certify" or not rows or "radius" not in rows[0]:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is a {record.kind} job: a curve needs "
+                                                      "certified radii (a certify job)")
+    if rows[0].get("label") is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} has no labels: submit labels (or certify a "
+                                                      "dataset) to get a certified-accuracy curve")
+    p = record.params
+    title = f"certified accuracy, {len(rows)} inputs, σ={p.get('sigma')}, n={p.get('n')}, α={p.get('alpha')}"
+    svg = accuracy_curve_svg(rows, rows[0].get("radius_cap"), title)
+    return Response(svg, media_type="image/svg+xml")
