@@ -434,8 +434,8 @@ function showRow(job, i) {
   abstained.textContent = row.abstained ? abstentionReason(job, row, predict) : "no";
   $("result-pa").textContent = predict ? `— (predict: p-value ${fmt(row.p_value, 4)})` : fmt(row.p_a_lower, 4);
 
-  renderHistogram($("vote-histogram"), row.votes, model, row.prediction);
-  loadImage($("noisy-samples"), `/v1/jobs/${job.id}/samples.png?row=${i}`, `noisy copies of input ${row.index}`);
+  renderHistogram($("vote-histogram"), row.votes, model, row.prediction, row.target_radius !== undefined);
+  loadImage($("noisy-samples"), `/v1/jobs/${job.id}/samples.png?row=${row.index}`, `noisy copies of input ${row.index}`);
 }
 
 function abstentionReason(job, row, predict) {
@@ -451,10 +451,12 @@ function abstentionReason(job, row, predict) {
     + "(more samples, or a smaller σ, may certify it)";
 }
 
-function renderHistogram(box, votes, model, predicted) {
+function renderHistogram(box, votes, model, predicted, sequential) {
   box.replaceChildren();
   if (!votes) {
-    box.append(el("p", { class: "hint" }, "this row has no vote counts"));
+    box.append(el("p", { class: "hint" }, sequential
+      ? "none kept: a target-radius run tests one class as it samples, and counts no votes per class"
+      : "this row has no vote counts"));
     return;
   }
   let entries = Object.entries(votes).map(([c, k]) => [Number(c), k]);
