@@ -65,7 +65,7 @@ def main(url: str, key: str, out: Path) -> None:
     with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
         context = playwright.chromium.launch_persistent_context(
             profile, executable_path="/usr/bin/chromium", args=FLAGS, headless=True,
-            viewport={"width": 1280, "height": 900}, device_scale_factor=1)
+            viewport={"width": 1280, "height": 1600}, device_scale_factor=1)
         context.set_default_timeout(120_000)
         page = context.new_page()
         page.goto(url + "/")
@@ -77,10 +77,11 @@ def main(url: str, key: str, out: Path) -> None:
         page.get_by_test_id("submit").click()
         expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", DONE, timeout=120_000)
         expect(page.get_by_test_id("noisy-samples").locator("img")).to_be_visible()
-        top = page.locator("main")
-        box = top.bounding_box()
-        job_box = page.locator("#job").bounding_box()
-        clip = {"x": box["x"], "y": 0, "width": box["width"], "height": job_box["y"] + job_box["height"] + 16}
+        page.mouse.move(0, 0)
+        page.locator("header").scroll_into_view_if_needed()   # the viewport holds it all: page coordinates
+        box = page.locator("main").bounding_box()
+        figures = page.locator("#job .figures").bounding_box()
+        clip = {"x": box["x"], "y": 0, "width": box["width"], "height": figures["y"] + figures["height"] + 24}
         save_small(page.screenshot(clip=clip, full_page=True), out / "certify.png")
 
         page.get_by_test_id("jobs-refresh").click()
@@ -89,6 +90,7 @@ def main(url: str, key: str, out: Path) -> None:
         save_small(page.locator("#jobs").screenshot(), out / "jobs.png")
         row.get_by_test_id("open-job").click()
         expect(page.get_by_test_id("curve").locator("img")).to_be_visible()
+        page.mouse.move(0, 0)
         save_small(page.locator("#job").screenshot(), out / "dataset.png", width=640)
         context.close()
 

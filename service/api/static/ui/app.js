@@ -476,7 +476,7 @@ function renderHistogram(box, votes, model, predicted, sequential) {
   for (const [c, k] of entries) {
     const bar = el("span", { class: "bar" });
     bar.style.width = `${(100 * k) / max}%`;
-    box.append(el("div", { class: c !== null && c === predicted ? "bar-row top" : "bar-row",
+    box.append(el("div", { class: c !== null && c === predicted ? "bar-row predicted" : "bar-row",
                            dataset: { class: c === null ? "others" : String(c), count: String(k) } },
       el("span", { class: "bar-label" }, c === null ? "others" : className(model, c)),
       el("span", { class: "bar-track" }, bar),
