@@ -8,13 +8,15 @@ EXTRAS ?= api,worker,devstack,test
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.smoothcert-installed
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: up test lint bench demo clean
 
 up: $(STAMP)
 	$(VENV)/bin/smoothcert up
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 # The layer contracts (import-linter), the types (mypy), the style (ruff); also part of `make test`.
@@ -36,6 +38,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	$(PY) -m tests.support.checks --install-view
 	touch $(STAMP)
+
+# Debian's chromium, which tests/browser drive through Playwright (which then downloads no
+# browser of its own); nothing to do, and nothing printed, when it is already installed.
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -24,6 +24,7 @@ from smoothcert.service.api.body_limit import BodySizeLimit
 from smoothcert.service.api.deps import document_auth
 from smoothcert.service.api.docs import add_offline_docs
 from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
+from smoothcert.service.api.page import mount_page
 from smoothcert.service.api.routes import certify, datasets, health, jobs, metrics, models, train
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.jobs import JobStore
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     for module in (health, metrics, certify, jobs, models, datasets, train):
         app.include_router(document_auth(module.router))
     add_offline_docs(app)   # /docs and /redoc with their assets served here, never from a CDN
+    mount_page(app)
     return app
 
 

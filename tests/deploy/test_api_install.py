@@ -60,3 +60,35 @@ def test_uvicorn_serves_healthz(api_env, tmp_path):
                  "uvicorn of the api-only install", proc, log)
     finally:
         stop_process(proc)
+
+
+def test_the_web_page_ships_in_the_package(api_env):
+    """Every file of the page in the checkout is in the installed package (pyproject's package-data)."""
+    shown = subprocess.run([str(api_env / "bin" / "python"), "-m", "pip", "show", "--files", "smoothcert"],
+                           capture_output=True, text=True, check=True).stdout
+    installed = {line.strip() for line in shown.split("Files:", 1)[1].splitlines() if line.strip()}
+    page = ROOT / "service" / "api" / "static" / "ui"
+    wanted = {"smoothcert/service/api/static/ui/" + p.relative_to(page).as_posix()
+              for p in page.rglob("*") if p.is_file()}
+    assert {"index.html", "app.js", "style.css", "digits/digits.json"} <= {w.split("/ui/", 1)[1] for w in wanted}
+    assert wanted <= installed, sorted(wanted - installed)
+
+
+def test_the_installed_package_serves_the_page(api_env, tmp_path):
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "SMOOTHCERT_DATA_DIR": str(tmp_path),
+           "SMOOTHCERT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    log = tmp_path / "api.log"
+    proc = start_process([str(api_env / "bin" / "uvicorn"), "smoothcert.service.app:create_app", "--factory",
+                          "--host", "127.0.0.1", "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 60,
+                 "uvicorn of the api-only install", proc, log)
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'data-testid="submit"' in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+        assert httpx.get(url + "/ui/app.js").status_code == 200
+        assert httpx.get(url + "/ui/digits/digit-0.png").content.startswith(b"\x89PNG")
+    finally:
+        stop_process(proc)

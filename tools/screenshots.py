@@ -1,0 +1,101 @@
+"""Take the README's screenshots of the web page, against a running ``smoothcert up``.
+
+    PYTHONPATH=<a view of the package> python tools/screenshots.py URL API_KEY [OUT_DIR]
+
+Needs Debian's chromium (``make test`` installs it) and the ``test`` extra (Playwright). It
+certifies demo digit 3 through the page, certifies the first 100 held-out digits as a dataset
+job through the API, opens that job from the page's jobs table, and writes small palette PNGs
+to OUT_DIR (docs/screenshots): certify.png (form and answer), dataset.png (a dataset job and
+its curve), jobs.png (the recent jobs). The jobs and radii shown are whatever that stack
+computes; nothing here is a test.
+"""
+from __future__ import annotations
+
+import io
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+
+from smoothcert.models.demo import load_digits_split
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+OUT = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+DONE = re.compile("succeeded|failed|canceled")
+
+
+def dataset_job(url: str, key: str, model_id: str) -> str:
+    """A finished certify job over the first 100 held-out digits, made through the API."""
+    _, _, test_x, test_y = load_digits_split()
+    buf = io.BytesIO()
+    np.savez(buf, x=test_x[:100], y=test_y[:100])
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as api:
+        up = api.post("/v1/datasets", files={"file": ("digits_test_100.npz", buf.getvalue())})
+        up.raise_for_status()
+        job = api.post("/v1/certify", json={"model_id": model_id, "dataset_id": up.json()["id"], "sigma": 0.25,
+                                            "n": 2000})
+        job.raise_for_status()
+        job_id = job.json()["job_id"]
+        while api.get(f"/v1/jobs/{job_id}").json()["status"] not in ("succeeded", "failed", "canceled"):
+            time.sleep(0.5)
+    return job_id
+
+
+def save_small(png: bytes, path: Path, width: int = 1000) -> None:
+    """``png`` scaled to ``width`` pixels wide and reduced to a 128-colour palette."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if image.width > width:
+        image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    print(f"{path}: {path.stat().st_size} bytes")
+
+
+def main(url: str, key: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as api:
+        model_id = api.get("/v1/models").json()[0]["id"]
+    dataset_job_id = dataset_job(url, key, model_id)
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path="/usr/bin/chromium", args=FLAGS, headless=True,
+            viewport={"width": 1280, "height": 1600}, device_scale_factor=1)
+        context.set_default_timeout(120_000)
+        page = context.new_page()
+        page.goto(url + "/")
+        page.get_by_test_id("api-key").fill(key)
+        page.get_by_test_id("save-key").click()
+        page.get_by_test_id("model-select").select_option(model_id)
+        page.get_by_test_id("demo-digit-3").click()
+        page.get_by_test_id("n").fill("10000")
+        page.get_by_test_id("submit").click()
+        expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", DONE, timeout=120_000)
+        expect(page.get_by_test_id("noisy-samples").locator("img")).to_be_visible()
+        page.mouse.move(0, 0)
+        page.locator("header").scroll_into_view_if_needed()   # the viewport holds it all: page coordinates
+        box = page.locator("main").bounding_box()
+        figures = page.locator("#job .figures").bounding_box()
+        clip = {"x": box["x"], "y": 0, "width": box["width"], "height": figures["y"] + figures["height"] + 24}
+        save_small(page.screenshot(clip=clip, full_page=True), out / "certify.png")
+
+        page.get_by_test_id("jobs-refresh").click()
+        row = page.get_by_test_id("jobs-table").locator(f'tr[data-job-id="{dataset_job_id}"]')
+        expect(row).to_be_visible()
+        save_small(page.locator("#jobs").screenshot(), out / "jobs.png")
+        row.get_by_test_id("open-job").click()
+        expect(page.get_by_test_id("curve").locator("img")).to_be_visible()
+        page.mouse.move(0, 0)
+        save_small(page.locator("#job").screenshot(), out / "dataset.png", width=640)
+        context.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]) if len(sys.argv) > 3 else OUT)
