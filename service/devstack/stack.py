@@ -144,6 +144,7 @@ def banner(stack: Stack, model: dict, test_x: Path) -> str:
     auth = f'-H "Authorization: Bearer {s.api_key}"'
     return "\n".join([
         f"smoothcert is up at {stack.url}  (docs: {stack.url}/docs, logs: {stack.logs})",
+        f"web page: open {stack.url}/ in a browser and paste the API key",
         f"API key: {s.api_key}"
         + ("  (generated; set SMOOTHCERT_API_KEY to choose one)" if s.generated_api_key else ""),
         f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')}, "
