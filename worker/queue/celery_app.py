@@ -21,7 +21,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from smoothcert.service.core.logs import install_worker_hooks  # noqa: E402
-from smoothcert.service.core.queue import QUEUE, make_celery  # noqa: E402
+from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery  # noqa: E402
 from smoothcert.service.core.settings import Settings  # noqa: E402
 from smoothcert.worker.queue import liveness  # noqa: E402
 
@@ -29,6 +29,8 @@ WORKER_TASK_MODULES = ("smoothcert.worker.queue.tasks", "smoothcert.worker.queue
 
 settings = Settings()
 app = make_celery(settings, include=WORKER_TASK_MODULES, task_cls="smoothcert.worker.queue.liveness:LeasedTask")
+# A task whose pool process died goes back to the front of its queue, not the back.
+app.conf.broker_transport = WorkerTransport
 install_worker_hooks(settings)  # JSON log lines with the job id (smoothcert.service.core.logs)
 liveness.install(app)
 
