@@ -32,7 +32,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from smoothcert.service.core.jobs import JobStore
-from smoothcert.service.core.queue import send_first, watchdog_time_limit_s
+from smoothcert.service.core.queue import send_first, soft_time_limit_s, watchdog_time_limit_s
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
 from smoothcert.worker.queue import watchdog
@@ -175,13 +175,18 @@ class Heartbeat:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 _heartbeat: dict[str, Heartbeat] = {}
@@ -223,7 +228,10 @@ def install(app: Celery) -> None:
                                            "(SMOOTHCERT_TASK_TIME_LIMIT_S); its worker process was killed")
             leases = _leases()
             lease = leases.get(task_id)
-            if lease is not None and lease.incarnation == _state["incarnation"]:
+            # Only the killed run's lease, as old as the limit: the message's next delivery (after
+            # the watchdog ended that run) may hold a young one.
+            if (lease is not None and lease.incarnation == _state["incarnation"]
+                    and time.time() - lease.since >= soft_time_limit_s(limit)):
                 leases.release(lease)
         except redis.RedisError:
             log.warning("could not record the hard time limit of task %s", task_id)
