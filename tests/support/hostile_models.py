@@ -82,6 +82,13 @@ def loop_on_noise_onnx(path: Path, threshold: float = 2.5) -> Path:
                          numpy_helper.from_array(np.array(True), "keep_going")])
 
 
+def unused_initializer_onnx(path: Path) -> Path:
+    """A fine model with a weight no node uses: onnxruntime warns about it (in C++, on fd 2) as it
+    loads the model."""
+    return _digits_onnx(path, [helper.make_node("Identity", ["linear"], ["scores"])],
+                        [numpy_helper.from_array(np.zeros((3,), np.float32), "unused")])
+
+
 def nan_weights_safetensors(path: Path) -> Path:
     """A self-describing digits_cnn whose last bias is NaN."""
     net = build_network("digits_cnn", CLASSES)

@@ -20,7 +20,7 @@ import sys
 # between batches and take the cores from the noise generation and from onnxruntime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from smoothcert.service.core.logs import install_worker_hooks  # noqa: E402
+from smoothcert.service.core.logs import capture_output, install_worker_hooks  # noqa: E402
 from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery  # noqa: E402
 from smoothcert.service.core.settings import Settings  # noqa: E402
 from smoothcert.worker.queue import liveness  # noqa: E402
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     # --quiet (a `celery` option, before the sub-command): no start-up banner, so that every
     # line of a JSON log is a JSON object.
     quiet = ["--quiet"] if settings.log_format == "json" else []
+    if settings.log_format == "json":
+        capture_output("worker")   # what Celery, billiard and onnxruntime print past logging
     defaults = [*quiet, "worker", "--loglevel", settings.log_level, "--queues", QUEUE]
     if not any(a.startswith(("-c", "--concurrency")) for a in args):
         defaults += ["--concurrency", str(settings.worker_concurrency)]

@@ -8,7 +8,8 @@ answered 202 and changed nothing, and ``/readyz`` said ready. Now each pool proc
 (:mod:`smoothcert.worker.queue.watchdog`) ends the job past the batch limit, or within seconds of
 a ``DELETE``, releases the lease and has the process replaced; ``/readyz`` names a process stuck
 past that limit (here one stopped with SIGSTOP, so its watchdog cannot act). A worker of its own,
-with a batch floor of FLOOR_S, on database 13 of the session's Redis.
+with a batch floor of FLOOR_S, on database 13 of the session's Redis. Its log, last, is JSON on
+every line, with what Celery, billiard and onnxruntime print past Python's logging.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import redis
 
 from smoothcert.service.core.workers import PROCESSES_PREFIX
 from smoothcert.worker.queue.leases import LEASES_KEY
-from tests.support.hostile_models import loop_on_noise_onnx
+from tests.support.hostile_models import loop_on_noise_onnx, unused_initializer_onnx
 from tests.support.proc import alive
 from tests.support.stack import (
     ADMIN_KEY,
@@ -57,7 +58,7 @@ def stack(redis_url, tmp_path_factory, demo_paths):
         good = upload_model_file(admin, demo_paths["safetensors"], name="digits")
         assert good.status_code == 201, good.text
         yield {"admin": admin, "user": user, "anonymous": httpx.Client(base_url=url, timeout=30), "worker": worker,
-               "name": name, "redis": db, "hostile": hostile.json()["id"], "good": good.json()["id"],
+               "name": name, "tmp": tmp, "redis": db, "hostile": hostile.json()["id"], "good": good.json()["id"],
                "x": np.load(demo_paths["test_x"])[:2]}
         admin.close()
         user.close()
@@ -154,3 +155,26 @@ def test_readyz_names_a_process_stuck_past_its_watchdog(stack):
     assert record["status"] == "failed" and record["error"].startswith("a batch of the model ran longer than")
     serves_the_next_job(stack, pid)
     assert stack["admin"].get("/readyz").status_code == 200
+
+
+def test_every_line_of_the_workers_output_is_json(stack):
+    """After the jobs above (pool processes that exited under the watchdog), a model onnxruntime
+    warns about in C++, and a warm shutdown; as root, Celery's SecurityWarning as well."""
+    warned = upload_model_file(stack["admin"], unused_initializer_onnx(stack["tmp"] / "unused.onnx"), name="unused")
+    assert warned.status_code == 201, warned.text
+    stop_process(stack["worker"])
+    assert stack["worker"].returncode == 0
+    lines = (stack["tmp"] / "worker.log").read_text().splitlines()   # its stdout and stderr
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"line {number} of the worker's output is not JSON: {line!r}")
+    assert all(isinstance(r, dict) and {"time", "level", "logger", "message", "role"} <= r.keys() for r in records)
+    messages = [r["message"] for r in records]
+    assert any("Removing initializer 'unused'" in m for m in messages)              # onnxruntime, fd 2
+    assert any("exited with 'exitcode 70'" in m for m in messages)                   # billiard
+    assert any("Warm shutdown" in m for m in messages)                               # Celery
+    if os.geteuid() == 0:
+        assert any("SecurityWarning" in m for m in messages)
