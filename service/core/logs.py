@@ -189,6 +189,7 @@ def install_worker_hooks(settings: Settings) -> None:
 
 
 _SENTINEL = b"\x00smoothcert-output-drained\x00\n"
+_captured: list[int] = []
 
 
 def capture_output(role: str) -> None:
@@ -196,7 +197,11 @@ def capture_output(role: str) -> None:
     which inherit them) through a pipe to a reader thread that writes it to the original
     descriptor 2: a line that is a JSON object as it is, any other line wrapped as one
     (``logger`` "stdout" or "stderr", level INFO or WARNING, ``role``). Call it once, early, in
-    the process that forks the others; at exit the lines written so far are written out."""
+    the process that forks the others; at exit the lines written so far are written out. A
+    second call does nothing."""
+    if _captured:
+        return
+    _captured.append(os.getpid())
     out = os.dup(2)
     lock = threading.Lock()
     drained = threading.Event()
@@ -208,6 +213,8 @@ def capture_output(role: str) -> None:
                          name=f"smoothcert-{name}", daemon=True).start()
 
     def drain() -> None:
+        if os.getpid() != _captured[0]:
+            return   # a forked pool process: its lines go to the same pipe, read by its parent
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -20,6 +20,8 @@ import sys
 # between batches and take the cores from the noise generation and from onnxruntime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from celery.signals import celeryd_init  # noqa: E402
+
 from smoothcert.service.core.logs import capture_output, install_worker_hooks  # noqa: E402
 from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery  # noqa: E402
 from smoothcert.service.core.settings import Settings  # noqa: E402
@@ -32,6 +34,16 @@ app = make_celery(settings, include=WORKER_TASK_MODULES, task_cls="smoothcert.wo
 # A task whose pool process died goes back to the front of its queue, not the back.
 app.conf.broker_transport = WorkerTransport
 install_worker_hooks(settings)  # JSON log lines with the job id (smoothcert.service.core.logs)
+
+
+@celeryd_init.connect(weak=False)
+def _capture_output(**_) -> None:
+    """A JSON worker's descriptors 1 and 2 become JSON lines too (what Celery, billiard and
+    onnxruntime print past logging); in the worker's main process as it starts, before it forks."""
+    if settings.log_format == "json":
+        capture_output("worker")
+
+
 liveness.install(app)
 
 
@@ -41,8 +53,6 @@ def main(argv: list[str] | None = None) -> None:
     # --quiet (a `celery` option, before the sub-command): no start-up banner, so that every
     # line of a JSON log is a JSON object.
     quiet = ["--quiet"] if settings.log_format == "json" else []
-    if settings.log_format == "json":
-        capture_output("worker")   # what Celery, billiard and onnxruntime print past logging
     defaults = [*quiet, "worker", "--loglevel", settings.log_level, "--queues", QUEUE]
     if not any(a.startswith(("-c", "--concurrency")) for a in args):
         defaults += ["--concurrency", str(settings.worker_concurrency)]
