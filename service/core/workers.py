@@ -53,7 +53,7 @@ def worker_trouble(worker: dict[str, Any], now: float | None = None) -> tuple[bo
     (its concurrency) is stuck."""
     now = time.time() if now is None else now
     name, notes = worker.get("name", "?"), []
-    ttl, age = worker.get("heartbeat_ttl_s"), worker.get("heartbeat_age_s")
+    ttl, age = float(worker.get("heartbeat_ttl_s") or 0), worker.get("heartbeat_age_s")
     stale = bool(ttl and age is not None and age > 2 * ttl / 5 + 1)
     if stale:
         notes.append(f"worker {name} stopped answering: its last heartbeat is {age:.0f} s old "

@@ -157,6 +157,22 @@ def test_readyz_names_a_process_stuck_past_its_watchdog(stack):
     assert stack["admin"].get("/readyz").status_code == 200
 
 
+def test_readyz_notices_a_worker_whose_heartbeat_went_stale(stack):
+    """The worker's main process stopped (SIGSTOP): its heartbeat key lives on for up to its TTL
+    (10 s), but /readyz says not ready once the last beat is older than two beats."""
+    main = stack["worker"].pid
+    os.kill(main, signal.SIGSTOP)
+    try:
+        resp = wait_for(lambda: (r := stack["admin"].get("/readyz")).status_code == 503 and r, 30,
+                        "/readyz to notice the stopped worker")
+        # the first 503 comes while the key still lives (stale after ~5 s, expired after 10 s)
+        detail = resp.json()["detail"]
+        assert detail.startswith(f"no worker can take work: worker {stack['name']} stopped answering: "
+                                 "its last heartbeat is "), detail
+    finally:
+        os.kill(main, signal.SIGCONT)
+    wait_for(lambda: stack["admin"].get("/readyz").status_code == 200, 60, "/readyz to be ready again")
+
 def test_every_line_of_the_workers_output_is_json(stack):
     """After the jobs above (pool processes that exited under the watchdog), a model onnxruntime
     warns about in C++, and a warm shutdown; as root, Celery's SecurityWarning as well."""
