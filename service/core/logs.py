@@ -6,14 +6,20 @@ polls); the job id on every line lets one ``grep`` or one log query tell it. The
 ``/v1/jobs/{job_id}`` paths and from the ``Location`` of a submission's answer), the worker per
 task (:func:`install_worker_hooks`; every task's first argument is its job id). Lines logged
 outside a job omit ``job_id``. ``SMOOTHCERT_LOG_FORMAT=text`` gives one readable line instead,
-``SMOOTHCERT_LOG_LEVEL`` the threshold. Torch-free.
+``SMOOTHCERT_LOG_LEVEL`` the threshold. Not everything a worker prints goes through Python's
+logging (Celery's warnings and shutdown lines, billiard's notes on pool processes, onnxruntime's
+C++ messages written straight to file descriptor 2), so a JSON worker captures its descriptors 1
+and 2 (:func:`capture_output`) and every line comes out a JSON object. Torch-free.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import re
 import sys
+import threading
 from contextvars import ContextVar, Token
 from datetime import datetime, timezone
 from typing import Any
@@ -180,3 +186,76 @@ def install_worker_hooks(settings: Settings) -> None:
     setup_logging.connect(setup, weak=False, dispatch_uid="smoothcert.logs.setup_logging")
     task_prerun.connect(_enter_job, weak=False, dispatch_uid="smoothcert.logs.enter_job")
     task_postrun.connect(_leave_job, weak=False, dispatch_uid="smoothcert.logs.leave_job")
+
+
+_SENTINEL = b"\x00smoothcert-output-drained\x00\n"
+_captured: list[int] = []
+
+
+def capture_output(role: str) -> None:
+    """Send everything written to this process's file descriptors 1 and 2 (and its children's,
+    which inherit them) through a pipe to a reader thread that writes it to the original
+    descriptor 2: a line that is a JSON object as it is, any other line wrapped as one
+    (``logger`` "stdout" or "stderr", level INFO or WARNING, ``role``). Call it once, early, in
+    the process that forks the others; at exit the lines written so far are written out. A
+    second call does nothing."""
+    if _captured:
+        return
+    _captured.append(os.getpid())
+    out = os.dup(2)
+    lock = threading.Lock()
+    drained = threading.Event()
+    for fd, (name, level) in ((1, ("stdout", "INFO")), (2, ("stderr", "WARNING"))):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        threading.Thread(target=_relay, args=(read_end, out, lock, name, level, role, drained),
+                         name=f"smoothcert-{name}", daemon=True).start()
+
+    def drain() -> None:
+        if os.getpid() != _captured[0]:
+            return   # a forked pool process: its lines go to the same pipe, read by its parent
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        try:
+            os.write(2, _SENTINEL)
+        except OSError:
+            return
+        drained.wait(2.0)
+
+    atexit.register(drain)
+
+
+def _relay(read_end: int, out: int, lock: threading.Lock, name: str, level: str, role: str,
+           drained: threading.Event) -> None:
+    with os.fdopen(read_end, "rb") as lines:
+        for raw in lines:
+            if raw == _SENTINEL:
+                drained.set()
+                continue
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not text.strip():
+                continue
+            if not _is_json_object(text):
+                text = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+                                   .replace("+00:00", "Z"), "level": level, "logger": name,
+                                   "message": _ANSI.sub("", text), "role": role}, ensure_ascii=False)
+            data = memoryview(text.encode("utf-8") + b"\n")
+            with lock:
+                while data:
+                    data = data[os.write(out, data):]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")   # onnxruntime colours its messages
+
+
+def _is_json_object(text: str) -> bool:
+    if not text.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False

@@ -8,8 +8,9 @@ Training jobs are routed to their own queue, ``train``, so a long training run n
 certification: a worker consumes ``certify`` (the default), ``train``, or both. Reliability
 settings (design §6): late acks with one prefetched message, so a task whose worker dies is
 redelivered; the Redis visibility timeout exceeds the hard time limit, so a long task is never
-handed out twice while it still runs. A task sent again for a dead worker (:func:`send_first`)
-goes to the front of its queue, ahead of every waiting message.
+handed out twice while it still runs. A task sent again for a dead worker (:func:`send_first`), and
+the message of a task whose pool process died (:class:`WorkerTransport`, the transport a worker
+consumes with), go to the front of their queue, ahead of every waiting message.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.transport.redis import PRIORITY_STEPS, Channel, Transport
+from kombu.transport import virtual
+from kombu.transport.redis import PRIORITY_STEPS, Channel, QoS, Transport
 from kombu.utils.json import dumps
 
 from smoothcert.service.core.settings import Settings
@@ -32,6 +34,19 @@ TRAIN_QUEUE = "train"
 QUEUES = (QUEUE, TRAIN_QUEUE)
 
 
+def soft_time_limit_s(limit_s: float) -> float:
+    """Celery's soft limit for a hard limit of ``limit_s``: 30 s earlier, or a quarter earlier
+    under 2 minutes (``SoftTimeLimitExceeded`` in the task: the job fails with a message)."""
+    return limit_s - min(30.0, limit_s / 4)
+
+
+def watchdog_time_limit_s(limit_s: float) -> float:
+    """When a pool process's watchdog ends a task that is still running (one stuck in native code,
+    where the soft limit's exception never arrives): 10 s before the hard limit, or an eighth
+    before it under 80 s. Celery's hard limit, which kills the process, is the last resort."""
+    return limit_s - min(10.0, limit_s / 8)
+
+
 def celery_config(settings: Settings) -> dict:
     """The Celery settings every process of the service runs with."""
     return dict(
@@ -43,7 +58,7 @@ def celery_config(settings: Settings) -> dict:
         task_reject_on_worker_lost=True,  # a killed worker's task goes back to the queue
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
-        task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
+        task_soft_time_limit=soft_time_limit_s(settings.task_time_limit_s),
         broker_transport_options={"visibility_timeout": settings.task_time_limit_s + 600},
         broker_connection_retry_on_startup=True,
         # The API must answer 503 quickly when Redis is gone, not retry for seconds.
@@ -89,6 +104,29 @@ class _FrontChannel(Channel):
 
 class _FrontTransport(Transport):
     Channel = _FrontChannel
+
+
+class _FrontRequeueQoS(QoS):
+    """Kombu's Redis QoS, except that a message rejected for requeueing goes back to the front of
+    its queue (kombu puts it at the back). Celery rejects that way the message of a task whose
+    pool process died under it (``task_reject_on_worker_lost``: killed, out of memory, retired by
+    its watchdog); it was first in line once already, so it runs before any backlog."""
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if not requeue:
+            return super().reject(delivery_tag, requeue)
+        self.restore_by_tag(delivery_tag, leftmost=False)  # RPUSH: the end consumers BRPOP from
+        virtual.QoS.ack(self, delivery_tag)
+
+
+class _WorkerChannel(Channel):
+    QoS = _FrontRequeueQoS
+
+
+class WorkerTransport(Transport):
+    """The transport a worker consumes with: kombu's Redis transport with :class:`_FrontRequeueQoS`."""
+
+    Channel = _WorkerChannel
 
 
 def send_first(app: Celery, name: str, args: Sequence[Any], task_id: str) -> None:

@@ -62,7 +62,17 @@ class Settings(BaseSettings):
     model_check_deadline_s: float = Field(
         60.0, gt=0, description="longest a worker lets an uploaded model take to load and answer its check "
                                 "batches; a slower model is refused and the process that ran it replaced")
-    task_time_limit_s: int = Field(6 * 3600, ge=60, description="hard limit of one task")
+    task_time_limit_s: int = Field(
+        6 * 3600, ge=10, description="hard limit of one task; the soft limit is 30 s earlier (a quarter of the limit "
+                                     "under 2 min), and a pool process's watchdog ends a task stuck in native code "
+                                     "10 s earlier (an eighth under 80 s)")
+    batch_deadline_floor_s: float = Field(
+        120.0, gt=0, description="a certification batch may always run this long; past max(this, "
+                                 "SMOOTHCERT_BATCH_DEADLINE_FACTOR x the slowest batch the task finished) its job "
+                                 "fails and the pool process that ran it is replaced")
+    batch_deadline_factor: float = Field(
+        10.0, ge=1, description="how many times its task's slowest finished batch a batch may take (see "
+                                "SMOOTHCERT_BATCH_DEADLINE_FLOOR_S)")
     max_deliveries: int = Field(3, ge=1, description="a task redelivered more often than this fails")
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="how long job records stay in Redis")
     worker_concurrency: int = Field(1, ge=1)

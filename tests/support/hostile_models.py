@@ -49,6 +49,13 @@ def nan_above_onnx(path: Path, threshold: float = 2.5) -> Path:
 
 def endless_loop_onnx(path: Path) -> Path:
     """Scores = linear, then 2^62 times scores += 0: an ONNX Loop that spins inside onnxruntime."""
+    return _digits_onnx(path, [_endless_body_loop("trips")],
+                        [numpy_helper.from_array(np.array(2**62, np.int64), "trips"),
+                         numpy_helper.from_array(np.array(True), "keep_going")])
+
+
+def _endless_body_loop(trips: str):
+    """scores = linear, then ``trips`` times scores += 0 (a Loop node)."""
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
          helper.make_node("Add", ["acc_in", "zero"], ["acc_out"])], "body",
@@ -58,9 +65,28 @@ def endless_loop_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["n", CLASSES])],
         [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
-    return _digits_onnx(path, [helper.make_node("Loop", ["trips", "keep_going", "linear"], ["scores"], body=body)],
-                        [numpy_helper.from_array(np.array(2**62, np.int64), "trips"),
+    return helper.make_node("Loop", [trips, "keep_going", "linear"], ["scores"], body=body)
+
+
+def loop_on_noise_onnx(path: Path, threshold: float = 2.5) -> Path:
+    """Scores = linear, then a Loop of 0 iterations while every pixel of the batch is below
+    ``threshold`` and of 2^62 once one is above: it passes the upload check (zeros, images in
+    [0, 1], and those plus noise of σ = 0.25) and spins on a certification's noisier copies (σ = 1)."""
+    top = helper.make_node("ReduceMax", ["flat"], ["top"], keepdims=0)
+    return _digits_onnx(path, [top, helper.make_node("Greater", ["top", "limit"], ["over"]),
+                               helper.make_node("Cast", ["over"], ["over_int"], to=TensorProto.INT64),
+                               helper.make_node("Mul", ["over_int", "big"], ["trips"]),
+                               _endless_body_loop("trips")],
+                        [numpy_helper.from_array(np.array(threshold, np.float32), "limit"),
+                         numpy_helper.from_array(np.array(2**62, np.int64), "big"),
                          numpy_helper.from_array(np.array(True), "keep_going")])
+
+
+def unused_initializer_onnx(path: Path) -> Path:
+    """A fine model with a weight no node uses: onnxruntime warns about it (in C++, on fd 2) as it
+    loads the model."""
+    return _digits_onnx(path, [helper.make_node("Identity", ["linear"], ["scores"])],
+                        [numpy_helper.from_array(np.zeros((3,), np.float32), "unused")])
 
 
 def nan_weights_safetensors(path: Path) -> Path:

@@ -1,5 +1,8 @@
-"""What /proc says of a test's server processes: their memory, for tests that bound it."""
+"""What /proc says of a test's server processes: their memory, for tests that bound it, and
+whether one is still alive."""
 from __future__ import annotations
+
+import os
 
 
 def memory_bytes(pid: int, key: str = "VmHWM") -> int:
@@ -9,3 +12,16 @@ def memory_bytes(pid: int, key: str = "VmHWM") -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024      # the kernel writes kB
     raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -20,8 +20,10 @@ import sys
 # between batches and take the cores from the noise generation and from onnxruntime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from smoothcert.service.core.logs import install_worker_hooks  # noqa: E402
-from smoothcert.service.core.queue import QUEUE, make_celery  # noqa: E402
+from celery.signals import celeryd_init  # noqa: E402
+
+from smoothcert.service.core.logs import capture_output, install_worker_hooks  # noqa: E402
+from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery  # noqa: E402
 from smoothcert.service.core.settings import Settings  # noqa: E402
 from smoothcert.worker.queue import liveness  # noqa: E402
 
@@ -29,7 +31,19 @@ WORKER_TASK_MODULES = ("smoothcert.worker.queue.tasks", "smoothcert.worker.queue
 
 settings = Settings()
 app = make_celery(settings, include=WORKER_TASK_MODULES, task_cls="smoothcert.worker.queue.liveness:LeasedTask")
+# A task whose pool process died goes back to the front of its queue, not the back.
+app.conf.broker_transport = WorkerTransport
 install_worker_hooks(settings)  # JSON log lines with the job id (smoothcert.service.core.logs)
+
+
+@celeryd_init.connect(weak=False)
+def _capture_output(**_) -> None:
+    """A JSON worker's descriptors 1 and 2 become JSON lines too (what Celery, billiard and
+    onnxruntime print past logging); in the worker's main process as it starts, before it forks."""
+    if settings.log_format == "json":
+        capture_output("worker")
+
+
 liveness.install(app)
 
 

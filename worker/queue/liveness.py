@@ -7,8 +7,11 @@
   ``smoothcert:worker-procs:<name>`` (field = pid); the main process drops the entries of pool
   processes that are gone. Only pool processes resolve the device, so the main process never
   touches CUDA (a forked child of a CUDA-initialized parent cannot use CUDA).
-* Every task runs under a lease (:mod:`smoothcert.worker.queue.leases`, via :class:`LeasedTask`), and
-  the heartbeat thread sends the tasks of dead workers again, to the front of their queues. The
+* Every task runs under a lease (:mod:`smoothcert.worker.queue.leases`, via :class:`LeasedTask`) and
+  under its pool process's watchdog (:mod:`smoothcert.worker.queue.watchdog`), and the heartbeat
+  thread sends the tasks of dead workers again, to the front of their queues. A task that Celery's
+  hard time limit killed (its watchdog could not act) has its job failed and its lease released by
+  the main process, which is where Celery handles that limit. The
   heartbeat carries the worker's incarnation, drawn at each start: a worker restarted under the
   same name (a container keeps its hostname) does not vouch for the leases of the one that died.
 """
@@ -25,11 +28,14 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import task_failure, worker_init, worker_process_init, worker_ready, worker_shutdown
 
-from smoothcert.service.core.queue import send_first
+from smoothcert.service.core.jobs import JobStore
+from smoothcert.service.core.queue import send_first, soft_time_limit_s, watchdog_time_limit_s
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
+from smoothcert.worker.queue import watchdog
 from smoothcert.worker.queue.leases import Lease, Leases
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,10 @@ def worker_name() -> str:
     return _state["name"] or f"{socket.gethostname()}.{os.getpid()}"
 
 
+def _jobs() -> JobStore:
+    return JobStore(_client(), ttl_s=_settings.job_ttl_s)
+
+
 def retire_process(reason: str) -> None:
     """Have this pool process exit once its task has released its lease (a model left running in
     one of its threads, which nothing can stop). The prefork pool starts a fresh process; the
@@ -64,8 +74,9 @@ def retire_process(reason: str) -> None:
 
 
 class LeasedTask(Task):
-    """Every project task: holds a lease while it runs; returns at once if a live worker holds it.
-    A process that :func:`retire_process` marked exits after releasing the lease."""
+    """Every project task: holds a lease while it runs, under its process's watchdog; returns at
+    once if a live worker holds the lease. A process that :func:`retire_process` marked exits after
+    releasing the lease. A task's first argument is its job id."""
 
     def __call__(self, *args, **kwargs):
         if self.request.called_directly or not self.request.id:
@@ -76,9 +87,17 @@ class LeasedTask(Task):
         if lease is None:
             log.info("task %s runs on another live worker; this copy of its message is dropped", self.request.id)
             return None
+        job_id = str(args[0]) if args else None
+        limit = _settings.task_time_limit_s
+        watch = watchdog.begin(self.request.id, job_id, limit_s=limit, end_after_s=watchdog_time_limit_s(limit),
+                               floor_s=_settings.batch_deadline_floor_s, factor=_settings.batch_deadline_factor,
+                               release=lambda: leases.release(lease),
+                               fail=lambda message: job_id and _jobs().fail(job_id, message),
+                               report=lambda batch: report_process(batch=batch))
         try:
             return super().__call__(*args, **kwargs)
         finally:
+            watchdog.end(watch)
             try:
                 leases.release(lease)
             except redis.RedisError:
@@ -89,8 +108,9 @@ class LeasedTask(Task):
                 os._exit(70)
 
 
-def report_process(device: str | None = None, model: dict[str, Any] | None = None) -> None:
-    """Record this pool process's device, and a model it loaded, for ``/readyz`` (best effort)."""
+def report_process(device: str | None = None, model: dict[str, Any] | None = None, batch: Any = ...) -> None:
+    """Record this pool process's device, a model it loaded, or the slow batch it runs (``batch``:
+    job_id, since, limit_s; None when it ended), for ``/readyz`` (best effort)."""
     key, field = PROCESSES_PREFIX + worker_name(), str(os.getpid())
     try:
         client = _client()
@@ -100,6 +120,8 @@ def report_process(device: str | None = None, model: dict[str, Any] | None = Non
             entry["device"] = device
         if model is not None:
             entry["models"] = [m for m in entry["models"] if m.get("id") != model.get("id")][-7:] + [model]
+        if batch is not ...:
+            entry["batch"] = batch
         entry["updated_at"] = round(time.time(), 3)
         client.hset(key, field, json.dumps(entry))
         client.expire(key, _settings.worker_heartbeat_ttl_s * 6)
@@ -115,7 +137,8 @@ class Heartbeat:
         self.ttl_s = _settings.worker_heartbeat_ttl_s
         self.record = {"pid": os.getpid(), "host": socket.gethostname(), "incarnation": _state["incarnation"],
                        "started_at": round(time.time(), 3),
-                       "queues": queues, "concurrency": concurrency, "requested_device": _settings.device}
+                       "queues": queues, "concurrency": concurrency, "requested_device": _settings.device,
+                       "heartbeat_ttl_s": self.ttl_s}
         self.stop_event = threading.Event()
 
     def beat(self, client: redis.Redis, leases: Leases) -> None:
@@ -186,6 +209,27 @@ def install(app: Celery) -> None:
         beat = Heartbeat(app, worker_name(), queues, int(concurrency))
         _heartbeat["current"] = beat
         threading.Thread(target=beat.run, name="smoothcert-heartbeat", daemon=True).start()
+
+    @task_failure.connect(weak=False)
+    def _hard_time_limit(task_id=None, exception=None, args=None, **_):
+        """Celery's hard limit killed a task's process (in the main process, where Celery handles
+        it): the job fails saying so and the lease goes, rather than both staying as they were."""
+        if not isinstance(exception, TimeLimitExceeded) or not task_id:
+            return
+        limit = _settings.task_time_limit_s
+        try:
+            if args:
+                _jobs().fail(str(args[0]), f"the job exceeded the {limit:g} s time limit "
+                                           "(SMOOTHCERT_TASK_TIME_LIMIT_S); its worker process was killed")
+            leases = _leases()
+            lease = leases.get(task_id)
+            # Only the killed run's lease, as old as the limit: the message's next delivery (after
+            # the watchdog ended that run) may hold a young one.
+            if (lease is not None and lease.incarnation == _state["incarnation"]
+                    and time.time() - lease.since >= soft_time_limit_s(limit)):
+                leases.release(lease)
+        except redis.RedisError:
+            log.warning("could not record the hard time limit of task %s", task_id)
 
     @worker_shutdown.connect(weak=False)
     def _stop(**_):

@@ -31,6 +31,7 @@ from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore, job_folder, job_inputs
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.samples import record_result_samples
+from smoothcert.worker.queue import watchdog
 from smoothcert.worker.queue.celery_app import settings
 from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
 from smoothcert.worker.queue.job_results import kept_samples, label_metrics, label_rows, run_engine, throttled
@@ -125,9 +126,10 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
     x = saved_inputs(job_id, spec["num_inputs"])
     labels = spec.get("labels")
     jobs.keep_samples(job_id, kept_samples(model, x, spec, 0))
-    result = run_engine(model, x, spec, spec["seed"],
-                        throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
-                        lambda: jobs.cancel_requested(job_id), settings.batch_memory_bytes or None)
+    should_cancel, progress = watchdog.batches(
+        lambda: jobs.cancel_requested(job_id), throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
+        cancel=lambda: jobs.mark_canceled(job_id), cleanup=lambda: drop_inputs_when_done(job_id, jobs))
+    result = run_engine(model, x, spec, spec["seed"], progress, should_cancel, settings.batch_memory_bytes or None)
     record_result_samples(jobs.redis, result["results"], result["provenance"])
     result["provenance"]["model_id"] = spec["model_id"]
     label_rows(result["results"], labels)
@@ -152,9 +154,11 @@ def saved_inputs(job_id: str, count: int) -> np.ndarray:
 def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, worker: str) -> dict[str, Any]:
     """Run chunk ``spec["chunk"]`` of a dataset job; its outcome (rows and provenance)."""
     index = spec["chunk"]
+    should_stop, progress = watchdog.batches(
+        lambda: ledger.should_stop(job_id), throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
+        cancel=lambda: ledger.jobs.mark_canceled(job_id))
     outcome = run_chunk(ready_model(spec["model_id"]), spec, DatasetStore(settings.datasets_dir), worker,
-                        throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
-                        lambda: ledger.should_stop(job_id), settings.batch_memory_bytes or None,
+                        progress, should_stop, settings.batch_memory_bytes or None,
                         keep=lambda rows: ledger.jobs.keep_samples(job_id, rows))
     record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"])
     return outcome

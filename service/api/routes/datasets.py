@@ -20,9 +20,17 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, Upl
 from fastapi.responses import JSONResponse
 
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
-from smoothcert.service.api.deps import AdmissionDep, DatasetsDep, LimitsDep, SettingsDep, require_key
+from smoothcert.service.api.deps import (
+    AdmissionDep,
+    Credentials,
+    DatasetsDep,
+    LimitsDep,
+    Role,
+    SettingsDep,
+    require_key,
+)
 from smoothcert.service.api.idempotency import file_sha256
-from smoothcert.service.api.limits import IN_PROGRESS, RATE_LIMITED, REUSED_KEY
+from smoothcert.service.api.limits import IN_PROGRESS, RATE_LIMITED, REUSED_KEY, caller_id
 from smoothcert.service.api.schemas import DatasetRecord
 from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge
 
@@ -76,10 +84,17 @@ def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetRecord:
     return DatasetRecord.model_validate(meta)
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
-def delete_dataset(dataset_id: str, datasets: DatasetsDep, limits: LimitsDep) -> Response:
-    """Remove the dataset's files; what they took no longer counts against its key's storage quota."""
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={**_NOT_FOUND, 403: {"description": "the dataset was uploaded with another key"}})
+def delete_dataset(dataset_id: str, datasets: DatasetsDep, limits: LimitsDep, role: Role,
+                   creds: Credentials) -> Response:
+    """Remove the dataset's files; what they took no longer counts against its key's storage quota.
+    Only the key that uploaded it, or the admin key, may (403 otherwise)."""
     meta = datasets.get(dataset_id)
+    if meta and meta.get("owner") and role != "admin" and creds is not None \
+            and caller_id(creds.credentials) != meta["owner"]:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"dataset {dataset_id} was uploaded with another key; only "
+                                                       "that key or the admin key (SMOOTHCERT_ADMIN_KEY) may delete it")
     if not datasets.delete(dataset_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {dataset_id!r}")
     if meta and meta.get("owner"):

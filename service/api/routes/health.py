@@ -1,7 +1,8 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers and a worker is alive); no auth.
+"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers and a worker can take work); no auth.
 
 ``/readyz`` answers everyone whether the service is ready, and why not; what the workers are
-(names, hosts, pids, devices, loaded models) only to a caller with a valid key.
+(names, hosts, pids, devices, loaded models, which of them is stuck) only to a caller with a
+valid key.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from smoothcert.service.api.deps import optional_role
 from smoothcert.service.api.schemas import Health, WorkerStatus
-from smoothcert.service.core.workers import read_workers
+from smoothcert.service.core.workers import read_workers, worker_trouble
 
 router = APIRouter(tags=["health"])
 
@@ -26,7 +27,11 @@ def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}})
 def readyz(request: Request, role: Annotated[str | None, Depends(optional_role)]):
-    """200 when Redis answers PING and at least one worker's heartbeat key is fresh; else 503.
+    """200 when Redis answers PING and at least one worker with a fresh heartbeat key can take
+    work; else 503. A worker cannot take work when its heartbeat is older than two beats, or when
+    every pool process is inside one batch past its watchdog's limit
+    (:func:`~smoothcert.service.core.workers.worker_trouble`); a ``detail`` names what is wrong
+    (for a caller without a key: how many workers).
 
     Without a key the answer is ``status`` (and a ``detail`` saying why when not ready). With the
     API or admin key as a bearer token it adds ``redis``, ``workers`` and ``worker_details``: each
@@ -43,9 +48,19 @@ def readyz(request: Request, role: Annotated[str | None, Depends(optional_role)]
     if not details:
         body = Health(status="not ready", redis="ok", workers=[], detail="no worker is running")
         return _answer(body, role, 503)
-    body = Health(status="ready", redis="ok", workers=[w["name"] for w in details],
-                  worker_details=[WorkerStatus.model_validate(w) for w in details])
-    return _answer(body, role, 200)
+    troubles = [worker_trouble(w) for w in details]
+    notes = [note for _, worker_notes in troubles for note in worker_notes]
+    blocked = sum(1 for out, _ in troubles if out)
+    ready = blocked < len(details)
+    body = Health(status="ready" if ready else "not ready", redis="ok", workers=[w["name"] for w in details],
+                  worker_details=[WorkerStatus.model_validate(w) for w in details],
+                  detail=None if not notes else ("" if ready else "no worker can take work: ") + "; ".join(notes))
+    if not notes:
+        return _answer(body, role, 200)
+    troubled = sum(1 for _, worker_notes in troubles if worker_notes)
+    anonymous = (f"{troubled} of {len(details)} workers have a pool process stuck or stopped answering" if ready
+                 else "no worker can take work: every worker is stuck or stopped answering")
+    return _answer(body, role, 200 if ready else 503, detail=anonymous)
 
 
 def _answer(body: Health, role: str | None, status_code: int, detail: str | None = None) -> JSONResponse:

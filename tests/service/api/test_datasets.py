@@ -285,3 +285,19 @@ def test_ledger_stops_chunks_of_canceled_and_failed_jobs(ledger):
     ledger.jobs.fail(failed, "chunk 3 broke")
     assert ledger.should_stop(canceled) and ledger.should_stop(failed)
     assert ledger.start(failed, 1) == 0
+
+
+def test_only_the_uploading_key_or_the_admin_key_deletes_a_dataset(client, admin, digits):
+    """Before, any valid key deleted any dataset (and so failed the jobs queued over it)."""
+    small = npz(x=digits[0][:4], y=digits[1][:4])
+    by_admin = upload_dataset(admin, small).json()["id"]
+    refused = client.delete(f"/v1/datasets/{by_admin}")
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == (f"dataset {by_admin} was uploaded with another key; only that key or the "
+                                        "admin key (SMOOTHCERT_ADMIN_KEY) may delete it")
+    assert client.get(f"/v1/datasets/{by_admin}").status_code == 200   # still there
+    assert admin.delete(f"/v1/datasets/{by_admin}").status_code == 204
+    by_user = upload_dataset(client, small).json()["id"]
+    assert admin.delete(f"/v1/datasets/{by_user}").status_code == 204
+    mine = upload_dataset(client, small).json()["id"]
+    assert client.delete(f"/v1/datasets/{mine}").status_code == 204

@@ -7,13 +7,12 @@ the spinning thread; the prefork pool starts a fresh one, which serves the next 
 """
 from __future__ import annotations
 
-import os
-
 import httpx
 import numpy as np
 import pytest
 
 from tests.support.hostile_models import endless_loop_onnx
+from tests.support.proc import alive
 from tests.support.stack import (
     ADMIN_KEY,
     USER_KEY,
@@ -63,7 +62,7 @@ def test_a_model_that_never_returns_is_refused_and_its_process_replaced(stack, d
 
     # The process that ran the check is gone (its spinning thread with it); the worker is not.
     def replaced() -> bool:
-        return not any(_alive(pid) for pid in before)
+        return not any(alive(pid) for pid in before)
 
     wait_for(replaced, 60, "the retirement of the pool process that ran the check")
     assert stack["worker"].poll() is None
@@ -78,12 +77,3 @@ def test_a_model_that_never_returns_is_refused_and_its_process_replaced(stack, d
     assert wait_job(user, job.json()["job_id"], timeout=60)["status"] == "succeeded"
     # and /readyz stops listing the retired process once the heartbeat prunes it
     wait_for(lambda: pool_pids(admin).isdisjoint(before), 30, "/readyz to drop the retired process")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:     # a zombie has exited too
-        return stat.read().split(") ", 1)[1][0] != "Z"
