@@ -147,7 +147,7 @@ class Job(BaseModel):
     """``GET /v1/jobs/{id}``; times are Unix seconds, ``result`` is set once succeeded."""
 
     id: str
-    kind: Literal["certify", "predict", "check_model", "train"]
+    kind: Literal["certify", "predict", "check_model", "train", "train_denoiser"]
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     progress: Progress
     created_at: float | None = None

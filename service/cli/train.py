@@ -14,7 +14,14 @@ from pathlib import Path
 
 from smoothcert.service.cli.options import add_device
 from smoothcert.service.cli.progress import stderr_bar
-from smoothcert.service.core.train_config import METHODS, OBJECTIVES, OPTIMIZERS, DenoiserConfig, TrainConfig
+from smoothcert.service.core.train_config import (
+    METHODS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    STABILITY_NEEDS_CLASSIFIER,
+    DenoiserConfig,
+    TrainConfig,
+)
 from smoothcert.worker.evaluation.experiment import ExperimentConfig, render_markdown, run_experiment
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
@@ -196,7 +203,7 @@ def _run_train(args) -> int:
 def _run_train_denoiser(args) -> int:
     from smoothcert.service.cli.main import load_classifier_arg
     from smoothcert.worker.data.datasets import load_dataset
-    from smoothcert.worker.training.denoiser import NEEDS_CLASSIFIER, train_denoiser
+    from smoothcert.worker.training.denoiser import train_denoiser
 
     given = {"objective": args.objective, "sigma": args.sigma, "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "depth": args.depth, "width": args.width}
@@ -210,7 +217,7 @@ def _run_train_denoiser(args) -> int:
             given["seed"] = saved["seed"]
     config = DenoiserConfig(**given)
     if config.needs_classifier and not args.classifier:
-        raise CliArgumentError(NEEDS_CLASSIFIER)
+        raise CliArgumentError(STABILITY_NEEDS_CLASSIFIER)
     classifier = None if not args.classifier else load_classifier_arg(args.classifier, args.device)
     data = load_dataset(args.dataset)
     out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.objective}-sigma{config.sigma:g}.safetensors")

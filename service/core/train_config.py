@@ -98,6 +98,8 @@ class TrainConfig:
 
 
 OBJECTIVES = ("mse", "stability")
+STABILITY_NEEDS_CLASSIFIER = ("the stability objective needs the frozen classifier it trains the denoiser for "
+                              "(--classifier MODEL, or classifier in the request); mse does not")
 DENOISER_ARCHS = ("dncnn",)
 
 

@@ -25,14 +25,12 @@ from smoothcert.models.denoisers import save_denoiser
 from smoothcert.models.loaders import resolve_device
 from smoothcert.models.metadata import DenoiserInfo, ModelError
 from smoothcert.models.reproducible import init_weights
+from smoothcert.service.core.train_config import STABILITY_NEEDS_CLASSIFIER as NEEDS_CLASSIFIER
 from smoothcert.service.core.train_config import DenoiserConfig, TrainingError
 from smoothcert.worker.data.datasets import Dataset
 from smoothcert.worker.smoothing.sampling import Canceled
 from smoothcert.worker.training import checkpoints as ckpt
 from smoothcert.worker.training.trainer import EVAL_BATCH, _derived_seed
-
-NEEDS_CLASSIFIER = ("the stability objective needs the frozen classifier it trains the denoiser for "
-                    "(--classifier MODEL, or classifier in the request); mse does not")
 
 
 @dataclass
