@@ -112,7 +112,7 @@ def _checked(meta: dict[str, Any], response: Response, settings, models, jobs, q
 
 @router.post("/pipelines", status_code=status.HTTP_201_CREATED, response_model=ModelRecord,
              dependencies=[Depends(require_admin)],
-             responses={404: {"description": "unknown denoiser or classifier"},
+             responses={404: {"description": "unknown denoiser or classifier"}, 413: {"description": "body too large"},
                         422: {"description": "the parts cannot form a pipeline (not a denoiser, a pipeline as a "
                                              "part, input shapes that differ), or the worker refused it"},
                         503: {"description": "no worker checked the pipeline in time"}})
