@@ -175,10 +175,10 @@ def _load(args):
         return model
     from smoothcert.models.pipeline import compose  # torch: only for the model commands
 
-    return compose(_load_denoiser(args.denoiser, args.device), _load_classifier(args))
+    return compose(load_denoiser_arg(args.denoiser, args.device), _load_classifier(args))
 
 
-def _load_denoiser(path: str, device: str):
+def load_denoiser_arg(path: str, device: str):
     """A denoiser file, or else the id of a denoiser stored under SMOOTHCERT_DATA_DIR."""
     from smoothcert.models.denoisers import load_denoiser
     from smoothcert.models.loaders import load_stored_model

@@ -96,6 +96,9 @@ def _add_train_denoiser(commands) -> None:
     p.add_argument("--classifier", metavar="MODEL",
                    help="the frozen classifier (.safetensors file or stored id); required by stability, "
                         "measured on with mse")
+    p.add_argument("--init", metavar="DENOISER",
+                   help="start from this denoiser's weights (file or stored id, same depth and width), e.g. "
+                        "fine-tune an mse denoiser with stability as Salman et al. do")
     p.add_argument("--out", metavar="DENOISER.safetensors",
                    help="where to write it (default DATASET-dncnn-OBJECTIVE-sigmaS.safetensors)")
     p.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
@@ -201,7 +204,7 @@ def _run_train(args) -> int:
 
 
 def _run_train_denoiser(args) -> int:
-    from smoothcert.service.cli.main import load_classifier_arg
+    from smoothcert.service.cli.main import load_classifier_arg, load_denoiser_arg
     from smoothcert.worker.data.datasets import load_dataset
     from smoothcert.worker.training.denoiser import train_denoiser
 
@@ -219,6 +222,7 @@ def _run_train_denoiser(args) -> int:
     if config.needs_classifier and not args.classifier:
         raise CliArgumentError(STABILITY_NEEDS_CLASSIFIER)
     classifier = None if not args.classifier else load_classifier_arg(args.classifier, args.device)
+    init = None if not args.init else load_denoiser_arg(args.init, args.device)
     data = load_dataset(args.dataset)
     out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.objective}-sigma{config.sigma:g}.safetensors")
     with stderr_bar(config.epochs, "epoch") as bar:
@@ -227,7 +231,7 @@ def _run_train_denoiser(args) -> int:
             bar.update(metrics.epoch - bar.n)
 
         result = train_denoiser(config, data, classifier, progress=progress, checkpoint_dir=args.checkpoint_dir,
-                                device=args.device, name=args.name)
+                                device=args.device, name=args.name, init=init)
     result.save(out)
     m = result.metrics
     test = "" if m["test_mse"] is None else f", test MSE {m['test_mse']:.4f}"

@@ -21,7 +21,7 @@ from torch import nn
 
 from smoothcert.models.architectures import build_denoiser
 from smoothcert.models.base import BaseClassifier
-from smoothcert.models.denoisers import save_denoiser
+from smoothcert.models.denoisers import TorchDenoiser, save_denoiser
 from smoothcert.models.loaders import resolve_device
 from smoothcert.models.metadata import DenoiserInfo, ModelError
 from smoothcert.models.reproducible import init_weights
@@ -89,20 +89,23 @@ def frozen_module(classifier: BaseClassifier | None) -> nn.Module | None:
 def train_denoiser(config: DenoiserConfig, data: Dataset, classifier: BaseClassifier | None = None, *,
                    progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
                    checkpoint_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                   name: str | None = None) -> DenoiserResult:
+                   name: str | None = None, init: TorchDenoiser | None = None) -> DenoiserResult:
     """Train a ``config.arch`` denoiser for ``data``'s images at ``config.sigma``.
 
     ``classifier`` (a loaded base classifier taking ``data``'s images) is required by the
-    stability objective (TrainingError without it) and, given to MSE, only measured on. Progress,
+    stability objective (TrainingError without it) and, given to MSE, only measured on. ``init``, a
+    loaded denoiser of the same architecture and size, gives the starting weights instead of a
+    random draw (Salman et al. fine-tune an MSE-trained denoiser with the stability objective). Progress,
     cancellation and checkpoints as :func:`~smoothcert.worker.training.trainer.train`: the run's
     identity includes the classifier's sha256, so a checkpoint of another classifier is refused.
     """
     if config.needs_classifier and classifier is None:
         raise TrainingError(NEEDS_CLASSIFIER)
     started = time.perf_counter()
-    run = _DenoiserRun(config, data, classifier, _device(device))
+    run = _DenoiserRun(config, data, classifier, _device(device), init)
     identity = {**config.to_dict(), "kind": "denoiser", "dataset_sha256": data.sha256(),
-                "classifier_sha256": None if classifier is None else classifier.info.sha256}
+                "classifier_sha256": None if classifier is None else classifier.info.sha256,
+                "init_sha256": None if init is None else init.info.sha256}
     history = [] if checkpoint_dir is None else _resume(run, checkpoint_dir, identity)
     first = len(history)
     for epoch in range(first, config.epochs):
@@ -148,7 +151,7 @@ class _DenoiserRun:
     """The mutable state of one denoiser training run."""
 
     def __init__(self, config: DenoiserConfig, data: Dataset, classifier: BaseClassifier | None,
-                 device: torch.device):
+                 device: torch.device, init: TorchDenoiser | None = None):
         self.config, self.device = config, device
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         try:
@@ -158,7 +161,9 @@ class _DenoiserRun:
         except ModelError as exc:
             raise TrainingError(str(exc)) from None
         self.network.to(device)
-        init_weights(self.network, self.generator)
+        init_weights(self.network, self.generator)   # drawn with an init too: the stream stays the same
+        if init is not None:
+            self._start_from(init, data)
         self.x = torch.from_numpy(data.x).to(device)
         self.test = None if data.test_x is None else (torch.from_numpy(data.test_x).to(device),
                                                        torch.from_numpy(data.test_y).to(device))
@@ -171,6 +176,16 @@ class _DenoiserRun:
         # The stability targets: the frozen classifier's own labels on the clean training images.
         self.targets = None if self.classifier is None else self._labels(self.x)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr)
+
+    def _start_from(self, init: TorchDenoiser, data: Dataset) -> None:
+        ours = {k: tuple(v.shape) for k, v in self.network.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in init.module.state_dict().items()}
+        if init.info.arch != self.config.arch or ours != theirs or tuple(init.info.input_shape) != data.input_shape:
+            raise TrainingError(f"the initial denoiser ({init.info.arch}, depth {init.info.extra.get('depth')}, width "
+                                f"{init.info.extra.get('width')}, input {list(init.info.input_shape)}) is not the "
+                                f"{self.config.arch} of depth {self.config.depth} and width {self.config.width} for "
+                                f"{list(data.input_shape)} images that this run trains")
+        self.network.load_state_dict({k: v.detach().to(self.device) for k, v in init.module.state_dict().items()})
 
     @torch.no_grad()
     def _labels(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +245,8 @@ def _denoiser_info(config: DenoiserConfig, data: Dataset, identity: dict[str, An
     training = {"objective": config.objective, "sigma": config.sigma, "epochs": config.epochs,
                 "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed, "dataset": data.name,
                 "dataset_sha256": identity["dataset_sha256"], "classifier_sha256": identity["classifier_sha256"],
-                "classifier": None if classifier is None else classifier.info.name}
+                "classifier": None if classifier is None else classifier.info.name,
+                "init_sha256": identity["init_sha256"]}
     metrics = {"train_loss": last.loss, "test_mse": last.test_mse,
                "test_denoised_accuracy": last.test_denoised_accuracy, "train_size": len(data.x),
                "test_size": None if data.test_x is None else len(data.test_x), "elapsed_s": elapsed_s}

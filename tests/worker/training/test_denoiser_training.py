@@ -103,3 +103,18 @@ def test_cli_trains_a_standard_classifier_and_a_denoiser_that_certify_together(t
     assert main(["certify", str(std), "--denoiser", str(den), "--inputs", str(x), "--sigma", "0.5",
                  "--n0", "10", "--n", "50", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("idx\t")
+
+
+def test_stability_fine_tunes_an_mse_denoiser_given_as_init(tiny, classifier, tmp_path):
+    mse = train_denoiser(small(epochs=2), tiny)
+    mse.save(tmp_path / "mse.safetensors")
+    init = load_denoiser(tmp_path / "mse.safetensors", device="cpu")
+    scratch = train_denoiser(small("stability", epochs=1, lr=1e-9), tiny, classifier)
+    tuned = train_denoiser(small("stability", epochs=1, lr=1e-9), tiny, classifier, init=init)
+    # A learning rate of 1e-9 barely moves the weights: each run ends next to where it started.
+    start = init.module.state_dict()
+    assert all(torch.allclose(v, start[k], atol=1e-5) for k, v in tuned.network.state_dict().items())
+    assert not torch.allclose(scratch.network.state_dict()["layers.0.weight"], start["layers.0.weight"], atol=1e-3)
+    assert tuned.info.extra["training"]["init_sha256"] == init.info.sha256
+    with pytest.raises(TrainingError, match="is not the dncnn of depth 4"):
+        train_denoiser(small("stability", depth=4), tiny, classifier, init=init)
