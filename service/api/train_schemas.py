@@ -123,6 +123,9 @@ class DenoiserTrainRequest(BaseModel):
                                        "D(x+δ) against its label on x")
     classifier: str | None = Field(None, min_length=1, max_length=64,
                                    description="id of a stored safetensors classifier; required by stability")
+    init: str | None = Field(None, min_length=1, max_length=64,
+                             description="id of a stored denoiser of the same depth and width to start from "
+                                         "(e.g. an mse one, fine-tuned with stability)")
     sigma: float = Field(_default("sigma", DenoiserConfig), gt=0, allow_inf_nan=False,
                          description="noise level, in [0,1] pixel units")
     epochs: int = Field(_default("epochs", DenoiserConfig), le=MAX_EPOCHS)
@@ -140,7 +143,7 @@ class DenoiserTrainRequest(BaseModel):
 
     def config(self, seed: int) -> DenoiserConfig:
         """The DenoiserConfig of this request with ``seed``; TrainingError when a value is out of range."""
-        return DenoiserConfig(**self.model_dump(exclude={"dataset", "classifier", "seed", "name"}), seed=seed)
+        return DenoiserConfig(**self.model_dump(exclude={"dataset", "classifier", "init", "seed", "name"}), seed=seed)
 
 
 class ModelUnknown(LookupError):
@@ -162,3 +165,20 @@ def check_denoiser_classifier(meta: dict[str, Any] | None, model_id: str, input_
     if list(meta["input_shape"]) != list(input_shape):
         raise ValueError(f"the classifier {model_id} takes images of shape {meta['input_shape']}, dataset {dataset} "
                          f"holds {input_shape}")
+
+
+def check_init_denoiser(meta: dict[str, Any] | None, model_id: str, input_shape: list[int],
+                        config: DenoiserConfig) -> None:
+    """ModelUnknown when ``meta`` (the record of ``model_id``) is None; ValueError unless it is a
+    denoiser of ``config``'s architecture and size for images of ``input_shape``."""
+    if meta is None:
+        raise ModelUnknown(f"unknown init denoiser {model_id!r}")
+    if meta.get("kind") != "denoiser":
+        raise ValueError(f"model {model_id} is not a denoiser; init must be a stored denoiser")
+    extra = meta.get("extra") or {}
+    theirs = (meta.get("arch"), extra.get("depth"), extra.get("width"), list(meta["input_shape"]))
+    ours = (config.arch, config.depth, config.width, list(input_shape))
+    if theirs != ours:
+        raise ValueError(f"the init denoiser {model_id} is {theirs[0]} of depth {theirs[1]} and width {theirs[2]} "
+                         f"for {theirs[3]} images; this run trains {ours[0]} of depth {ours[1]} and width {ours[2]} "
+                         f"for {ours[3]}")

@@ -116,12 +116,12 @@ def train_spec(jobs: JobStore, task_id: str | None, job_id: Any, spec: Any) -> d
 
 
 def train_denoiser_spec(jobs: JobStore, task_id: str | None, job_id: Any, spec: Any) -> dict[str, Any]:
-    """A denoiser training job's ``{"config", "dataset", "classifier", "name"}``; Dropped unless the
-    record's parameters are exactly these (the API records ``{"dataset", "classifier", "name", **config}``)."""
+    """A denoiser training job's ``{"config", "dataset", "classifier", "init", "name"}``; Dropped unless
+    the record's parameters are exactly these (the API records them with the config's fields flat)."""
     record = _record(jobs, job_id, task_id, ("train_denoiser",))
-    keys = {"config", "dataset", "classifier", "name"}
+    keys = {"config", "dataset", "classifier", "init", "name"}
     if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict) or set(spec) != keys:
-        raise Dropped("its parameters are not a denoiser training job's {config, dataset, classifier, name}")
+        raise Dropped("its parameters are not a denoiser training job's {config, dataset, classifier, init, name}")
     if {k: spec[k] for k in keys - {"config"}} | spec["config"] != record.params:
         raise Dropped("its parameters differ from the job record's")
     return spec

@@ -13,8 +13,9 @@ message that does not match its job record is dropped, before any file is touche
 :mod:`smoothcert.worker.queue.tasks` does.
 
 A denoiser training job (``smoothcert.train_denoiser``, also on ``train``) is the same around
-:func:`smoothcert.worker.training.denoiser.train_denoiser`: its spec adds ``classifier`` (a stored
-model id or None), which the worker loads from the model store, and the denoiser it registers is
+:func:`smoothcert.worker.training.denoiser.train_denoiser`: its spec adds ``classifier`` and ``init``
+(stored model ids or None: the frozen classifier, a denoiser to start from), which the worker
+loads from the model store, and the denoiser it registers is
 a ``kind: "denoiser"`` model, ready to be a pipeline's first part.
 """
 from __future__ import annotations
@@ -110,13 +111,15 @@ def run_denoiser_training(job_id: str, spec: dict[str, Any], jobs: JobStore, del
     """Train (or resume) the denoiser ``spec`` describes, register it; return the job's result."""
     config = DenoiserConfig.from_dict(spec["config"])
     data = load_training_data(spec["dataset"])
-    classifier = None
-    if spec["classifier"] is not None:
-        store = ModelStore(settings.models_dir)
-        meta = store.get(spec["classifier"])
-        if meta is None:
-            raise ModelError(f"the classifier {spec['classifier']} was deleted")
-        classifier = load_stored_model(store, meta, settings.device)
+    store = ModelStore(settings.models_dir)
+    loaded = {}
+    for role in ("classifier", "init"):
+        if spec[role] is not None:
+            meta = store.get(spec[role])
+            if meta is None:
+                raise ModelError(f"the {role} model {spec[role]} was deleted")
+            loaded[role] = load_stored_model(store, meta, settings.device)
+    classifier = loaded.get("classifier")
 
     history: list[dict[str, Any]] = []
 
@@ -127,7 +130,7 @@ def run_denoiser_training(job_id: str, spec: dict[str, Any], jobs: JobStore, del
     result = train_denoiser(config, data, classifier, progress=progress,
                             should_cancel=lambda: jobs.cancel_requested(job_id),
                             checkpoint_dir=job_folder(job_id) / "checkpoint", device=settings.device,
-                            name=spec.get("name"))
+                            name=spec.get("name"), init=loaded.get("init"))
     model = register_denoiser(result, job_id)
     return {"model_id": model["id"], "model_name": model.get("name"), "metrics": result.metrics,
             "history": [h.to_dict() for h in result.history], "resumed_from": result.resumed_from,

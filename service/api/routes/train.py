@@ -37,6 +37,7 @@ from smoothcert.service.api.train_schemas import (
     TrainRequest,
     check_denoiser_classifier,
     check_fits,
+    check_init_denoiser,
     dataset_shape,
 )
 from smoothcert.service.core.jobs import new_job_id
@@ -128,14 +129,18 @@ def _enqueue_denoiser(req: DenoiserTrainRequest, jobs, datasets, models, queue, 
         input_shape, _ = dataset_shape(req.dataset, datasets.get(req.dataset))
         if req.classifier is not None:
             check_denoiser_classifier(models.get(req.classifier), req.classifier, input_shape, req.dataset)
+        if req.init is not None:
+            check_init_denoiser(models.get(req.init), req.init, input_shape, config)
     except (DatasetUnknown, ModelUnknown) as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
 
     job_id = new_job_id()
-    params = {"dataset": req.dataset, "classifier": req.classifier, "name": req.name, **config.to_dict()}
-    spec = {"config": config.to_dict(), "dataset": req.dataset, "classifier": req.classifier, "name": req.name}
+    params = {"dataset": req.dataset, "classifier": req.classifier, "init": req.init, "name": req.name,
+              **config.to_dict()}
+    spec = {"config": config.to_dict(), "dataset": req.dataset, "classifier": req.classifier, "init": req.init,
+            "name": req.name}
     with admission.room(TRAIN_QUEUE, 1):
         try:
             jobs.create(job_id, "train_denoiser", params, total=config.epochs, owner=admission.caller,
