@@ -183,7 +183,8 @@ def _run_train(args) -> int:
             given["seed"] = saved["seed"]
     config = TrainConfig(**given)
     data = load_dataset(args.dataset)
-    out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.method}-sigma{config.sigma:g}.safetensors")
+    noise = "" if config.method == "standard" else f"-sigma{config.sigma:g}"
+    out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.method}{noise}.safetensors")
     with stderr_bar(config.epochs, "epoch") as bar:
         def progress(metrics) -> None:
             bar.set_postfix(loss=f"{metrics.loss:.3f}", noisy_acc=f"{metrics.noisy_accuracy:.3f}")
@@ -196,7 +197,8 @@ def _run_train(args) -> int:
     test = "" if m["test_clean_accuracy"] is None else (
         f", test accuracy {m['test_clean_accuracy']:.3f} clean / {m['test_noisy_accuracy']:.3f} under noise")
     resumed = f" (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
-    print(f"trained {config.arch} on {data.name} with {config.method} at σ={config.sigma:g}, seed {config.seed}"
+    trained = "without noise" if config.method == "standard" else f"at σ={config.sigma:g}"
+    print(f"trained {config.arch} on {data.name} with {config.method} {trained}, seed {config.seed}"
           f"{resumed}: loss {m['train_loss']:.3f}, noisy training accuracy {m['train_noisy_accuracy']:.3f}{test}",
           file=sys.stderr)
     print(out)

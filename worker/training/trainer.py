@@ -299,6 +299,7 @@ def _model_info(config: TrainConfig, data: Dataset, digest: str, run: _Run, hist
         format="safetensors", input_shape=data.input_shape, num_classes=run.num_classes, arch=config.arch,
         class_names=data.class_names, normalization=run.normalization,
         sigma=0.0 if config.method == "standard" else float(config.sigma),
-        name=name or f"{data.name}-{config.arch}-{config.method}-sigma{config.sigma:g}",
+        name=name or f"{data.name}-{config.arch}-{config.method}" + (
+            "" if config.method == "standard" else f"-sigma{config.sigma:g}"),
         extra={"method": config.method, "training": training, "metrics": metrics,
                "history": [h.to_dict() for h in history]})
