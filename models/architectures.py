@@ -189,3 +189,46 @@ def build_network(arch: str, num_classes: int) -> nn.Module:
     """
     check_arch(arch)
     return ARCHITECTURES[arch](check_num_classes(num_classes))
+
+
+class DnCNN(nn.Module):
+    """A residual denoiser after Zhang et al.'s DnCNN, without batch norm: ``depth`` 3x3
+    convolutions (``width`` channels between them, ReLU after all but the last) estimate the noise
+    of a (B, C, H, W) batch, and the output is the input minus that estimate. Keys
+    ``layers.<2i>.weight`` / ``.bias``; the first convolution takes ``channels`` channels."""
+
+    def __init__(self, channels: int, depth: int = 6, width: int = 32):
+        super().__init__()
+        if depth < 2 or width < 1 or channels < 1:
+            raise ValueError(f"DnCNN needs depth >= 2, width >= 1 and channels >= 1, not {depth}/{width}/{channels}")
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(width, channels, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - self.layers(x)
+
+
+# Denoisers map [0,1] images to images of the same shape; they are built from the input's
+# channel count and their own size parameters (recorded in the file's metadata), not a class count.
+DENOISER_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"dncnn": DnCNN}
+DENOISER_DEFAULTS: dict[str, dict[str, int]] = {"dncnn": {"depth": 6, "width": 32}}
+
+
+def build_denoiser(arch: str, channels: int, **size: int) -> nn.Module:
+    """A freshly initialized denoiser ``arch`` for images of ``channels`` channels; ``size`` are its
+    size parameters (DnCNN: ``depth``, ``width``), the architecture's defaults for those left out.
+    ModelError for an architecture off the denoiser allow-list or a size it cannot take."""
+    if arch not in DENOISER_ARCHITECTURES:
+        allowed = ", ".join(sorted(DENOISER_ARCHITECTURES))
+        raise ModelError(f"unknown denoiser architecture {arch!r}; allowed: {allowed}")
+    unknown = sorted(set(size) - set(DENOISER_DEFAULTS[arch]))
+    if unknown:
+        raise ModelError(f"{arch} has no size parameter {', '.join(unknown)}; it takes "
+                         f"{', '.join(DENOISER_DEFAULTS[arch])}")
+    try:
+        return DENOISER_ARCHITECTURES[arch](channels, **{**DENOISER_DEFAULTS[arch], **size})
+    except (TypeError, ValueError) as exc:
+        raise ModelError(str(exc)) from None

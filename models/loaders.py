@@ -15,12 +15,14 @@ import torch
 from smoothcert.models.architectures import (
     DEFAULT_INPUT_SHAPE,
     DEFAULT_NUM_CLASSES,
+    DENOISER_ARCHITECTURES,
     HEAD_WEIGHT_KEY,
     build_network,
     check_arch,
 )
 from smoothcert.models.base import BaseClassifier, Normalize, TorchClassifier
 from smoothcert.models.metadata import (
+    PIPELINE,
     ModelError,
     ModelInfo,
     Normalization,
@@ -114,6 +116,9 @@ def _load_safetensors(path: Path, device: torch.device, given: dict[str, Any]) -
     if arch is None:
         raise ModelError(f"{path.name} holds bare weights; name their architecture with arch "
                          f"(one of {', '.join(sorted(DEFAULT_INPUT_SHAPE))})")
+    if arch in DENOISER_ARCHITECTURES:
+        raise ModelError(f"{path.name} is a denoiser ({arch}), not a classifier: certify it in front of one "
+                         "(smoothcert certify CLASSIFIER --denoiser FILE, or a pipeline model in the API)")
     check_arch(arch)
     shape = fields.get("input_shape", DEFAULT_INPUT_SHAPE[arch])
     num_classes = fields.get("num_classes", _head_classes(tensors, arch))
@@ -221,6 +226,18 @@ STORED_FIELDS = ("arch", "input_shape", "num_classes", "normalization", "class_n
 
 
 def load_stored_model(store, meta: dict[str, Any], device: str | torch.device = "auto") -> BaseClassifier:
-    """Load a model of a :class:`~smoothcert.service.core.model_store.ModelStore` with the fields recorded at upload."""
-    return load_model(store.weights_path(meta["id"]), device=device,
+    """Load a model of a :class:`~smoothcert.service.core.model_store.ModelStore` with the fields recorded at upload.
+
+    A pipeline record loads both its parts (:mod:`smoothcert.models.pipeline`); a denoiser's
+    weights load as a :class:`~smoothcert.models.denoisers.TorchDenoiser`, which only a pipeline runs.
+    """
+    from smoothcert.models import denoisers, pipeline  # they build on this module
+
+    if meta.get("kind") == PIPELINE:
+        return pipeline.load_stored_pipeline(store, meta, device)   # type: ignore[return-value]
+    path = store.weights_path(meta["id"])
+    if denoisers.is_denoiser_arch(denoisers.described_arch(path, meta.get("arch"))):
+        fields = {k: meta.get(k) for k in STORED_FIELDS}
+        return denoisers.load_denoiser(path, device=device, **fields)  # type: ignore[return-value]
+    return load_model(path, device=device,
                       **{k: meta.get(k) for k in STORED_FIELDS})

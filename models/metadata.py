@@ -67,12 +67,50 @@ class ModelInfo:
     sha256: str = ""
     name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. training method and metrics
+    parts: dict[str, dict[str, Any]] | None = None   # a pipeline's denoiser and classifier
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         return d
+
+
+DENOISER, PIPELINE = "denoiser", "pipeline"   # a stored record's "kind"; absent: a classifier
+
+
+@dataclass
+class DenoiserInfo:
+    """What is known about a denoiser: it maps [0,1] images of ``input_shape`` to [0,1] images of
+    the same shape. ``sigma`` is the noise level it was trained for, when known; ``extra`` holds
+    its size parameters (``depth``, ``width``) and training record."""
+
+    format: str
+    input_shape: tuple[int, int, int]
+    arch: str | None = None
+    sigma: float | None = None
+    sha256: str = ""
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = DENOISER
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+
+def denoiser_info_json(info: DenoiserInfo) -> str:
+    """The JSON text a denoiser file carries about itself (format and sha256 are left out)."""
+    return json.dumps({"kind": DENOISER, "arch": info.arch, "input_shape": list(info.input_shape),
+                       "sigma": info.sigma, "name": info.name, "extra": info.extra}, sort_keys=True)
+
+
+def pipeline_sha256(denoiser_sha256: str, classifier_sha256: str) -> str:
+    """The sha256 of a pipeline: the hex sha256 of the ASCII text of its parts' hex digests,
+    denoiser first then classifier (128 characters, no separator). A change to either file
+    changes it, and swapping the parts' roles does too."""
+    return hashlib.sha256((denoiser_sha256 + classifier_sha256).encode("ascii")).hexdigest()
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

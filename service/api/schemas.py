@@ -143,7 +143,7 @@ class Progress(BaseModel):
     total: int
 
 
-JobKind = Literal["certify", "predict", "check_model", "train"]
+JobKind = Literal["certify", "predict", "check_model", "train", "train_denoiser"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 _TIME = "RFC 3339 UTC with milliseconds (2026-12-01T07:21:41.512Z), the same instant as "
 
@@ -185,16 +185,33 @@ class ModelRecord(BaseModel):
 
     id: str
     name: str | None = None
-    format: Literal["onnx", "safetensors"]
-    sha256: str
+    kind: Literal["classifier", "denoiser", "pipeline"] = Field(
+        "classifier", description="a denoiser only runs as a pipeline's first part; a pipeline is certifiable")
+    format: Literal["onnx", "safetensors", "pipeline"]
+    sha256: str = Field(description="of the file; a pipeline's is the sha256 of the ASCII text of its denoiser's "
+                                    "and its classifier's hex digests, in that order")
     size_bytes: int
     created_at: float
     input_shape: list[int]
-    num_classes: int
+    num_classes: int | None = Field(None, description="absent for a denoiser")
     arch: str | None = None
     class_names: list[str] | None = None
     normalization: dict[str, Any] | None = None
     sigma: float | None = None
+    denoiser: str | None = Field(None, description="a pipeline's denoiser model id")
+    classifier: str | None = Field(None, description="a pipeline's classifier model id")
+    parts: dict[str, dict[str, Any]] | None = Field(None, description="a pipeline's parts: id, name, sha256, "
+                                                                     "format and arch of each")
+
+
+class PipelineRequest(BaseModel):
+    """``POST /v1/models/pipelines``: a denoiser followed by a classifier, both already uploaded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    denoiser: str = Field(min_length=1, max_length=64, description="id of an uploaded denoiser")
+    classifier: str = Field(min_length=1, max_length=64, description="id of an uploaded classifier")
+    name: str | None = Field(None, min_length=1, max_length=200, description='default "DENOISER + CLASSIFIER"')
 
 
 class DatasetRecord(BaseModel):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smoothcert.service.api.schemas import integral
 from smoothcert.service.core.params import MAX_SEED
-from smoothcert.service.core.train_config import METHODS, OPTIMIZERS, TrainConfig
+from smoothcert.service.core.train_config import METHODS, OBJECTIVES, OPTIMIZERS, DenoiserConfig, TrainConfig
 
 # (channels, height, width) an architecture takes; None: any size (the ResNets pool adaptively,
 # digits_cnn's fully connected layer fixes 8x8).
@@ -31,8 +31,8 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {"digits": {"input_shape": [1, 8, 
 MAX_EPOCHS, MAX_M, MAX_STEPS, MAX_BATCH_SIZE = 10_000, 1024, 1000, 65_536
 
 
-def _default(name: str) -> Any:
-    [f] = [f for f in fields(TrainConfig) if f.name == name]
+def _default(name: str, config: type = TrainConfig) -> Any:
+    [f] = [f for f in fields(config) if f.name == name]
     return None if f.default is MISSING else f.default
 
 
@@ -107,3 +107,78 @@ def check_fits(arch: str, input_shape: list[int], num_classes: int, dataset: str
                          f"{'x'.join(map(str, input_shape))}")
     if num_classes < 2:
         raise ValueError(f"dataset {dataset} has a single class; training needs at least two")
+
+
+class DenoiserTrainRequest(BaseModel):
+    """``POST /v1/train/denoiser``: DenoiserConfig's fields, the dataset, the frozen classifier
+    (a model id; required by ``stability``) and the denoiser's name. Strict types, as for
+    :class:`TrainRequest`; ``seed`` is drawn and recorded when absent."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    dataset: str = Field(min_length=1, max_length=64,
+                         description='"digits" (built in) or the id of a dataset uploaded to /v1/datasets')
+    objective: str = Field(_default("objective", DenoiserConfig), json_schema_extra={"enum": list(OBJECTIVES)},
+                           description="mse: ||D(x+δ) - x||²; stability: cross-entropy of the classifier on "
+                                       "D(x+δ) against its label on x")
+    classifier: str | None = Field(None, min_length=1, max_length=64,
+                                   description="id of a stored safetensors classifier; required by stability")
+    init: str | None = Field(None, min_length=1, max_length=64,
+                             description="id of a stored denoiser of the same depth and width to start from "
+                                         "(e.g. an mse one, fine-tuned with stability)")
+    sigma: float = Field(_default("sigma", DenoiserConfig), gt=0, allow_inf_nan=False,
+                         description="noise level, in [0,1] pixel units")
+    epochs: int = Field(_default("epochs", DenoiserConfig), le=MAX_EPOCHS)
+    batch_size: int = Field(_default("batch_size", DenoiserConfig), le=MAX_BATCH_SIZE, description="images per step")
+    lr: float = Field(_default("lr", DenoiserConfig), description="initial Adam learning rate (cosine towards 0)")
+    depth: int = Field(_default("depth", DenoiserConfig), description="DnCNN convolutions, 2 to 64")
+    width: int = Field(_default("width", DenoiserConfig), description="DnCNN channels, 1 to 1024")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
+    name: str | None = Field(None, min_length=1, max_length=200, description="the registered denoiser's name")
+
+    @field_validator("epochs", "batch_size", "depth", "width", "seed", mode="before")
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        return integral(value)
+
+    def config(self, seed: int) -> DenoiserConfig:
+        """The DenoiserConfig of this request with ``seed``; TrainingError when a value is out of range."""
+        return DenoiserConfig(**self.model_dump(exclude={"dataset", "classifier", "init", "seed", "name"}), seed=seed)
+
+
+class ModelUnknown(LookupError):
+    """No stored model has that id."""
+
+
+def check_denoiser_classifier(meta: dict[str, Any] | None, model_id: str, input_shape: list[int],
+                              dataset: str) -> None:
+    """ModelUnknown when ``meta`` (the record of ``model_id``) is None; ValueError (one line) unless
+    it is a safetensors classifier that takes ``dataset``'s images (the stability objective
+    back-propagates through it)."""
+    if meta is None:
+        raise ModelUnknown(f"unknown classifier model {model_id!r}")
+    kind = meta.get("kind", "classifier")
+    if kind != "classifier" or meta.get("format") != "safetensors":
+        what = f"a {kind}" if kind != "classifier" else f"an {meta.get('format')} classifier"
+        raise ValueError(f"model {model_id} is {what}; the classifier must be a single safetensors classifier "
+                         "(training back-propagates through it)")
+    if list(meta["input_shape"]) != list(input_shape):
+        raise ValueError(f"the classifier {model_id} takes images of shape {meta['input_shape']}, dataset {dataset} "
+                         f"holds {input_shape}")
+
+
+def check_init_denoiser(meta: dict[str, Any] | None, model_id: str, input_shape: list[int],
+                        config: DenoiserConfig) -> None:
+    """ModelUnknown when ``meta`` (the record of ``model_id``) is None; ValueError unless it is a
+    denoiser of ``config``'s architecture and size for images of ``input_shape``."""
+    if meta is None:
+        raise ModelUnknown(f"unknown init denoiser {model_id!r}")
+    if meta.get("kind") != "denoiser":
+        raise ValueError(f"model {model_id} is not a denoiser; init must be a stored denoiser")
+    extra = meta.get("extra") or {}
+    theirs = (meta.get("arch"), extra.get("depth"), extra.get("width"), list(meta["input_shape"]))
+    ours = (config.arch, config.depth, config.width, list(input_shape))
+    if theirs != ours:
+        raise ValueError(f"the init denoiser {model_id} is {theirs[0]} of depth {theirs[1]} and width {theirs[2]} "
+                         f"for {theirs[3]} images; this run trains {ours[0]} of depth {ours[1]} and width {ours[2]} "
+                         f"for {ours[3]}")

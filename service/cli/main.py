@@ -97,6 +97,9 @@ def _worker_main(argv: list[str]) -> int:
 def _model_and_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="an .onnx or .safetensors file, or the id of a model stored under SMOOTHCERT_DATA_DIR")
+    p.add_argument("--denoiser", metavar="DENOISER",
+                   help="certify MODEL behind this denoiser (denoised smoothing): a denoiser .safetensors file "
+                        "(smoothcert train-denoiser), or the id of one stored under SMOOTHCERT_DATA_DIR")
     options.add_inputs(p)
     options.add_labels(p, local=True)
     options.add_sigma(p)
@@ -163,6 +166,39 @@ def _prepare(args):
 
 
 def _load(args):
+    """MODEL (and ``--denoiser``) is a file, or else the id of a model in the store under
+    SMOOTHCERT_DATA_DIR; with ``--denoiser`` the two are one pipeline model."""
+    if args.denoiser is None:
+        model = _load_classifier(args)
+        if not hasattr(model, "logits"):
+            raise ValueError(f"{args.model} is a denoiser: give a classifier as MODEL and this with --denoiser")
+        return model
+    from smoothcert.models.pipeline import compose  # torch: only for the model commands
+
+    return compose(load_denoiser_arg(args.denoiser, args.device), _load_classifier(args))
+
+
+def load_denoiser_arg(path: str, device: str):
+    """A denoiser file, or else the id of a denoiser stored under SMOOTHCERT_DATA_DIR."""
+    from smoothcert.models.denoisers import load_denoiser
+    from smoothcert.models.loaders import load_stored_model
+
+    if Path(path).exists():
+        return load_denoiser(path, device=device)
+    store = ModelStore(Settings().models_dir)
+    meta = store.get(path)
+    if meta is None:
+        raise ValueError(f"no such file: {path} (nor a denoiser with that id in {store.root})")
+    return load_stored_model(store, meta, device)
+
+
+def load_classifier_arg(model: str, device: str):
+    """A self-describing classifier file, or else the id of a classifier stored under SMOOTHCERT_DATA_DIR."""
+    return _load_classifier(argparse.Namespace(model=model, device=device, input_shape=None, arch=None,
+                                               num_classes=None, normalization=None))
+
+
+def _load_classifier(args):
     """MODEL is a file, or else the id of a model in the store under SMOOTHCERT_DATA_DIR."""
     from smoothcert.models.loaders import load_model, load_stored_model  # torch: only for the model commands
 

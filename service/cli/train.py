@@ -14,11 +14,19 @@ from pathlib import Path
 
 from smoothcert.service.cli.options import add_device
 from smoothcert.service.cli.progress import stderr_bar
-from smoothcert.service.core.train_config import METHODS, OPTIMIZERS, TrainConfig
+from smoothcert.service.core.train_config import (
+    METHODS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    STABILITY_NEEDS_CLASSIFIER,
+    DenoiserConfig,
+    TrainConfig,
+)
 from smoothcert.worker.evaluation.experiment import ExperimentConfig, render_markdown, run_experiment
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 _EXPERIMENT = {f.name: f.default for f in fields(ExperimentConfig)}
+_DENOISER = {f.name: f.default for f in fields(DenoiserConfig)}
 _NORMALIZATIONS = "cifar10, cifar10-center, imagenet, imagenet-center, none"
 
 
@@ -27,8 +35,9 @@ class CliArgumentError(ValueError):
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register `train`, `import-checkpoint` and `experiment` on the `smoothcert` subparsers."""
+    """Register `train`, `train-denoiser`, `import-checkpoint` and `experiment` on the `smoothcert` subparsers."""
     _add_train(commands)
+    _add_train_denoiser(commands)
     _add_import(commands)
     _add_experiment(commands)
 
@@ -69,6 +78,42 @@ def _add_train(commands) -> None:
     add_device(p)
     p.add_argument("--name", help="the model's name in its metadata")
     p.set_defaults(handler=_run_train)
+
+
+def _add_train_denoiser(commands) -> None:
+    p = commands.add_parser("train-denoiser", help="train a denoiser for denoised smoothing (mse or stability)",
+                            description="Train a DnCNN denoiser D at noise level σ so that a classifier that "
+                                        "never saw noise can be certified as f(D(x + δ)) (`smoothcert certify "
+                                        "CLASSIFIER --denoiser FILE`); writes one self-describing safetensors file.")
+    d = _DENOISER
+    p.add_argument("--dataset", default="digits",
+                   help="digits (default), an .npz with x (N,C,H,W in [0,1] or uint8) and y, an image folder, or a "
+                        "CIFAR-10 binary folder")
+    p.add_argument("--sigma", type=float, required=True, help="noise level σ in [0,1] pixel units")
+    p.add_argument("--objective", choices=OBJECTIVES, default=d["objective"],
+                   help="mse: ||D(x+δ) - x||²; stability: cross-entropy of the frozen classifier on D(x+δ) against "
+                        "its label on x, needs --classifier (default %(default)s)")
+    p.add_argument("--classifier", metavar="MODEL",
+                   help="the frozen classifier (.safetensors file or stored id); required by stability, "
+                        "measured on with mse")
+    p.add_argument("--init", metavar="DENOISER",
+                   help="start from this denoiser's weights (file or stored id, same depth and width), e.g. "
+                        "fine-tune an mse denoiser with stability as Salman et al. do")
+    p.add_argument("--out", metavar="DENOISER.safetensors",
+                   help="where to write it (default DATASET-dncnn-OBJECTIVE-sigmaS.safetensors)")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d["lr"], help="initial Adam learning rate, cosine to 0 "
+                                                              "(default %(default)s)")
+    p.add_argument("--depth", type=int, default=d["depth"], help="DnCNN convolutions (default %(default)s)")
+    p.add_argument("--width", type=int, default=d["width"], help="DnCNN channels (default %(default)s)")
+    p.add_argument("--seed", type=int, help="seed of every random draw (default: the checkpoint's when resuming, "
+                                            "else drawn and recorded)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save the state after each epoch here, and resume from it when it is there")
+    add_device(p)
+    p.add_argument("--name", help="the denoiser's name in its metadata")
+    p.set_defaults(handler=_run_train_denoiser)
 
 
 def _add_import(commands) -> None:
@@ -138,7 +183,8 @@ def _run_train(args) -> int:
             given["seed"] = saved["seed"]
     config = TrainConfig(**given)
     data = load_dataset(args.dataset)
-    out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.method}-sigma{config.sigma:g}.safetensors")
+    noise = "" if config.method == "standard" else f"-sigma{config.sigma:g}"
+    out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.method}{noise}.safetensors")
     with stderr_bar(config.epochs, "epoch") as bar:
         def progress(metrics) -> None:
             bar.set_postfix(loss=f"{metrics.loss:.3f}", noisy_acc=f"{metrics.noisy_accuracy:.3f}")
@@ -151,9 +197,51 @@ def _run_train(args) -> int:
     test = "" if m["test_clean_accuracy"] is None else (
         f", test accuracy {m['test_clean_accuracy']:.3f} clean / {m['test_noisy_accuracy']:.3f} under noise")
     resumed = f" (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
-    print(f"trained {config.arch} on {data.name} with {config.method} at σ={config.sigma:g}, seed {config.seed}"
+    trained = "without noise" if config.method == "standard" else f"at σ={config.sigma:g}"
+    print(f"trained {config.arch} on {data.name} with {config.method} {trained}, seed {config.seed}"
           f"{resumed}: loss {m['train_loss']:.3f}, noisy training accuracy {m['train_noisy_accuracy']:.3f}{test}",
           file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _run_train_denoiser(args) -> int:
+    from smoothcert.service.cli.main import load_classifier_arg, load_denoiser_arg
+    from smoothcert.worker.data.datasets import load_dataset
+    from smoothcert.worker.training.denoiser import train_denoiser
+
+    given = {"objective": args.objective, "sigma": args.sigma, "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "depth": args.depth, "width": args.width}
+    if args.seed is not None:
+        given["seed"] = args.seed
+    elif args.checkpoint_dir:
+        from smoothcert.worker.training.checkpoints import saved_identity
+
+        saved = saved_identity(args.checkpoint_dir)   # re-running the same command resumes
+        if saved and isinstance(saved.get("seed"), int):
+            given["seed"] = saved["seed"]
+    config = DenoiserConfig(**given)
+    if config.needs_classifier and not args.classifier:
+        raise CliArgumentError(STABILITY_NEEDS_CLASSIFIER)
+    classifier = None if not args.classifier else load_classifier_arg(args.classifier, args.device)
+    init = None if not args.init else load_denoiser_arg(args.init, args.device)
+    data = load_dataset(args.dataset)
+    out = Path(args.out or f"{Path(data.name).stem}-{config.arch}-{config.objective}-sigma{config.sigma:g}.safetensors")
+    with stderr_bar(config.epochs, "epoch") as bar:
+        def progress(metrics) -> None:
+            bar.set_postfix(loss=f"{metrics.loss:.4f}")
+            bar.update(metrics.epoch - bar.n)
+
+        result = train_denoiser(config, data, classifier, progress=progress, checkpoint_dir=args.checkpoint_dir,
+                                device=args.device, name=args.name, init=init)
+    result.save(out)
+    m = result.metrics
+    test = "" if m["test_mse"] is None else f", test MSE {m['test_mse']:.4f}"
+    if m["test_denoised_accuracy"] is not None:
+        test += f", classifier accuracy on denoised noisy test images {m['test_denoised_accuracy']:.3f}"
+    resumed = f" (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
+    print(f"trained {config.arch} on {data.name} with {config.objective} at σ={config.sigma:g}, seed {config.seed}"
+          f"{resumed}: loss {m['train_loss']:.4f}{test}", file=sys.stderr)
     print(out)
     return 0
 

@@ -252,7 +252,7 @@ class JobRecord:
     """What ``GET /v1/jobs/{id}`` shows; times are Unix seconds (and RFC 3339 in :meth:`to_dict`)."""
 
     id: str
-    kind: str                      # "certify" | "predict" | "check_model" | "train"
+    kind: str                      # "certify" | "predict" | "check_model" | "train" | "train_denoiser"
     status: str = QUEUED
     done: int = 0
     total: int = 0

@@ -9,6 +9,11 @@ The record holds ``id``, ``status`` ("pending" until a worker loaded the model a
 batch, then "ready"), ``name``, ``format``, ``filename``, ``size_bytes``, ``sha256``,
 ``created_at`` and the loader's fields (``arch``, ``input_shape``, ``num_classes``,
 ``class_names``, ``normalization``, ``sigma``); ``list()`` returns the ready ones, oldest first.
+A denoiser's record says ``kind: "denoiser"`` (its loader found so) and has no class count. A
+pipeline (:meth:`ModelStore.add_pipeline`) is a record without weights of its own: ``kind:
+"pipeline"``, the ids of its ``denoiser`` and ``classifier``, ``parts`` (each part's id, name,
+sha256, format, arch), the classifier's input shape, classes and normalization, and ``sha256`` =
+:func:`~smoothcert.models.metadata.pipeline_sha256` of the parts' digests.
 Ids, folders and atomic records are :class:`~smoothcert.service.core.store.FolderStore`'s.
 Pickled checkpoints, and safetensors files whose header lies about their tensors, are refused
 before anything is kept: a worker never sees them.
@@ -18,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from smoothcert.models.metadata import ModelError
+from smoothcert.models.metadata import DENOISER, PIPELINE, ModelError, pipeline_sha256
 from smoothcert.models.safetensors_header import looks_pickled, read_safetensors_header
 from smoothcert.service.core.store import FolderStore, copy_upload, created_at
 
@@ -90,3 +95,44 @@ class ModelStore(FolderStore):
         meta.update(fields)
         self.write(model_id, meta)
         return meta
+
+    def add_pipeline(self, denoiser: dict[str, Any], classifier: dict[str, Any],
+                     name: str | None = None) -> dict[str, Any]:
+        """Record a new pending pipeline of two ready records; ModelError (:func:`check_pipeline`)
+        when they cannot be one."""
+        check_pipeline(denoiser, classifier)
+        parts = {role: {k: meta.get(k) for k in ("id", "name", "sha256", "format", "arch")}
+                 for role, meta in (("denoiser", denoiser), ("classifier", classifier))}
+        with self.new_folder() as (model_id, _):
+            meta = {"id": model_id, "kind": PIPELINE, "status": PENDING, "format": PIPELINE,
+                    "name": name or f"{denoiser.get('name')} + {classifier.get('name')}",
+                    "denoiser": denoiser["id"], "classifier": classifier["id"], "parts": parts,
+                    "sha256": pipeline_sha256(denoiser["sha256"], classifier["sha256"]),
+                    "size_bytes": int(denoiser.get("size_bytes", 0)) + int(classifier.get("size_bytes", 0)),
+                    "created_at": created_at(),
+                    **{k: classifier[k] for k in ("input_shape", "num_classes", "class_names", "normalization")
+                       if classifier.get(k) is not None},
+                    **({"sigma": denoiser["sigma"]} if denoiser.get("sigma") is not None else {})}
+            self.write(model_id, meta)
+        return meta
+
+    def pipelines_using(self, model_id: str) -> list[str]:
+        """The ids of the stored pipelines that have ``model_id`` as a part."""
+        return [m["id"] for m in self.list()
+                if m.get("kind") == PIPELINE and model_id in (m.get("denoiser"), m.get("classifier"))]
+
+
+def check_pipeline(denoiser: dict[str, Any], classifier: dict[str, Any]) -> None:
+    """ModelError (one line) unless ``denoiser`` is a denoiser's record, ``classifier`` a
+    classifier's (neither a pipeline) and both take images of the same shape."""
+    for role, meta in (("denoiser", denoiser), ("classifier", classifier)):
+        if meta.get("kind") == PIPELINE:
+            raise ModelError(f"model {meta['id']} is itself a pipeline; a pipeline's {role} must be a single model")
+    if denoiser.get("kind") != DENOISER:
+        raise ModelError(f"model {denoiser['id']} is not a denoiser (it outputs class scores, not images); "
+                         "give a denoiser, e.g. one from smoothcert train-denoiser, as the denoiser")
+    if classifier.get("kind") == DENOISER:
+        raise ModelError(f"model {classifier['id']} is a denoiser; the classifier must output class scores")
+    if list(denoiser["input_shape"]) != list(classifier["input_shape"]):
+        raise ModelError(f"the denoiser {denoiser['id']} takes and returns images of shape {denoiser['input_shape']}, "
+                         f"the classifier {classifier['id']} takes {classifier['input_shape']}; they must agree")

@@ -29,6 +29,7 @@ CERTIFY_TASK = "smoothcert.certify"
 CERTIFY_CHUNK_TASK = "smoothcert.certify_chunk"
 CHECK_MODEL_TASK = "smoothcert.check_model"
 TRAIN_TASK = "smoothcert.train"
+TRAIN_DENOISER_TASK = "smoothcert.train_denoiser"
 QUEUE = "certify"
 TRAIN_QUEUE = "train"
 QUEUES = (QUEUE, TRAIN_QUEUE)
@@ -51,7 +52,7 @@ def celery_config(settings: Settings) -> dict:
     """The Celery settings every process of the service runs with."""
     return dict(
         task_default_queue=QUEUE,
-        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, TRAIN_DENOISER_TASK: {"queue": TRAIN_QUEUE}},
         task_serializer="json", accept_content=["json"],
         task_ignore_result=True,          # results live in our job records
         task_acks_late=True,

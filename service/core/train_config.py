@@ -12,7 +12,7 @@ from typing import Any
 
 from smoothcert.service.core.params import MAX_SEED, draw_seed
 
-METHODS = ("gaussian", "smoothed", "smoothadv")
+METHODS = ("gaussian", "smoothed", "smoothadv", "standard")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -31,7 +31,9 @@ class TrainConfig:
     of smoothed or smoothadv runs the network on ``batch_size * m`` noisy copies. The learning
     rate follows a cosine from ``lr`` towards 0 over the epochs; ``optimizer`` is Adam, or SGD
     with momentum 0.9 and weight decay 1e-4. ``seed`` is drawn when not given; a run that should
-    resume after a kill must be given the same one again.
+    resume after a kill must be given the same one again. ``standard`` trains on clean images (a
+    classifier that never saw noise, as most users have): its ``sigma`` is only the noise of the
+    noisy test accuracy it reports, and the model records a training σ of 0.
     """
 
     arch: str = "digits_cnn"
@@ -79,7 +81,7 @@ class TrainConfig:
 
     def method_params(self) -> dict[str, Any]:
         """The parameters that matter for this method (what the model's metadata records)."""
-        params: dict[str, Any] = {"sigma": self.sigma}
+        params: dict[str, Any] = {"sigma": 0.0 if self.method == "standard" else self.sigma}
         if self.method in ("smoothed", "smoothadv"):
             params["m"] = self.m
         if self.method == "smoothadv":
@@ -89,6 +91,70 @@ class TrainConfig:
     def epsilon_at(self, epoch: int) -> float:
         """SmoothAdv's ε in 0-based ``epoch``: ε·(epoch+1)/warmup_epochs, at most ε."""
         return self.epsilon * min(1.0, (epoch + 1) / max(1, self.warmup_epochs))
+
+    def lr_at(self, epoch: int) -> float:
+        """The cosine schedule: ``lr`` in epoch 0, falling towards 0 by the last epoch."""
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+
+OBJECTIVES = ("mse", "stability")
+STABILITY_NEEDS_CLASSIFIER = ("the stability objective needs the frozen classifier it trains the denoiser for "
+                              "(--classifier MODEL, or classifier in the request); mse does not")
+DENOISER_ARCHS = ("dncnn",)
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """How to train a denoiser D for denoised smoothing at noise level ``sigma``.
+
+    ``objective`` is ``mse``, the mean squared error between D(x + δ) and x, or ``stability``
+    (Salman et al. 2020), the cross-entropy of a frozen classifier f's scores on D(x + δ) against
+    its own label on the clean x, which needs that classifier. δ ~ N(0, σ²I) in [0,1] pixel
+    space, one draw per image and step. ``depth`` and ``width`` size the DnCNN (convolutions,
+    channels between them). Adam, with the learning rate on a cosine from ``lr`` towards 0.
+    ``seed`` as for :class:`TrainConfig`.
+    """
+
+    arch: str = "dncnn"
+    objective: str = "mse"
+    sigma: float = 0.5
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    depth: int = 6
+    width: int = 32
+    seed: int = field(default_factory=draw_seed)
+
+    def __post_init__(self) -> None:
+        if self.arch not in DENOISER_ARCHS:
+            raise TrainingError(f"arch must be a denoiser architecture ({', '.join(DENOISER_ARCHS)}), "
+                                f"not {self.arch!r}")
+        if self.objective not in OBJECTIVES:
+            raise TrainingError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        for name, low, high in (("epochs", 1, MAX_SEED), ("batch_size", 1, MAX_SEED), ("depth", 2, 64),
+                                ("width", 1, 1024), ("seed", 0, MAX_SEED)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= int(value) <= high:
+                raise TrainingError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+        for name in ("sigma", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise TrainingError(f"{name} must be a positive number, not {value!r}")
+
+    @property
+    def needs_classifier(self) -> bool:
+        return self.objective == "stability"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DenoiserConfig:
+        """Build from a dict such as ``to_dict()``'s; unknown keys are refused."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TrainingError(f"unknown denoiser training parameter(s): {', '.join(unknown)}")
+        return cls(**values)
 
     def lr_at(self, epoch: int) -> float:
         """The cosine schedule: ``lr`` in epoch 0, falling towards 0 by the last epoch."""

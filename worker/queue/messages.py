@@ -115,6 +115,18 @@ def train_spec(jobs: JobStore, task_id: str | None, job_id: Any, spec: Any) -> d
     return spec
 
 
+def train_denoiser_spec(jobs: JobStore, task_id: str | None, job_id: Any, spec: Any) -> dict[str, Any]:
+    """A denoiser training job's ``{"config", "dataset", "classifier", "init", "name"}``; Dropped unless
+    the record's parameters are exactly these (the API records them with the config's fields flat)."""
+    record = _record(jobs, job_id, task_id, ("train_denoiser",))
+    keys = {"config", "dataset", "classifier", "init", "name"}
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict) or set(spec) != keys:
+        raise Dropped("its parameters are not a denoiser training job's {config, dataset, classifier, init, name}")
+    if {k: spec[k] for k in keys - {"config"}} | spec["config"] != record.params:
+        raise Dropped("its parameters differ from the job record's")
+    return spec
+
+
 def _record(jobs: JobStore, job_id: Any, task_id: str | None, kinds: tuple[str, ...]) -> JobRecord:
     """The record of ``job_id``, if it is a job id of one of ``kinds`` and (unless ``task_id`` is
     None) the message's task id is the job id."""

@@ -11,6 +11,12 @@ is written by ``TrainResult.save`` into the model store, loaded once as an uploa
 registered ready; the result names its ``model_id``. The task runs on the ``train`` queue. A
 message that does not match its job record is dropped, before any file is touched, as
 :mod:`smoothcert.worker.queue.tasks` does.
+
+A denoiser training job (``smoothcert.train_denoiser``, also on ``train``) is the same around
+:func:`smoothcert.worker.training.denoiser.train_denoiser`: its spec adds ``classifier`` and ``init``
+(stored model ids or None: the frozen classifier, a denoiser to start from), which the worker
+loads from the model store, and the denoiser it registers is
+a ``kind: "denoiser"`` model, ready to be a pipeline's first part.
 """
 from __future__ import annotations
 
@@ -21,20 +27,22 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from smoothcert.models.loaders import load_model
+from smoothcert.models.denoisers import load_denoiser
+from smoothcert.models.loaders import load_model, load_stored_model
 from smoothcert.models.metadata import ModelError
 from smoothcert.service.core.dataset_files import DatasetFileError
 from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
 from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore
 from smoothcert.service.core.jobs import job_folder as folder_of_job
 from smoothcert.service.core.model_store import READY, ModelStore
-from smoothcert.service.core.queue import TRAIN_TASK
-from smoothcert.service.core.train_config import TrainConfig, TrainingError
+from smoothcert.service.core.queue import TRAIN_DENOISER_TASK, TRAIN_TASK
+from smoothcert.service.core.train_config import DenoiserConfig, TrainConfig, TrainingError
 from smoothcert.worker.data.datasets import DIGITS, Dataset, load_digits
 from smoothcert.worker.queue import messages
 from smoothcert.worker.queue.celery_app import app, settings
 from smoothcert.worker.queue.runner import admitted, job_store
 from smoothcert.worker.smoothing.sampling import Canceled
+from smoothcert.worker.training.denoiser import DenoiserResult, train_denoiser
 from smoothcert.worker.training.trainer import EpochMetrics, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -99,18 +107,82 @@ def register_model(result: TrainResult, job_id: str) -> dict[str, Any]:
         raise
 
 
+def run_denoiser_training(job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: int) -> dict[str, Any]:
+    """Train (or resume) the denoiser ``spec`` describes, register it; return the job's result."""
+    config = DenoiserConfig.from_dict(spec["config"])
+    data = load_training_data(spec["dataset"])
+    store = ModelStore(settings.models_dir)
+    loaded = {}
+    for role in ("classifier", "init"):
+        if spec[role] is not None:
+            meta = store.get(spec[role])
+            if meta is None:
+                raise ModelError(f"the {role} model {spec[role]} was deleted")
+            loaded[role] = load_stored_model(store, meta, settings.device)
+    classifier = loaded.get("classifier")
+
+    history: list[dict[str, Any]] = []
+
+    def progress(metrics) -> None:
+        history[:] = [h for h in history if h["epoch"] < metrics.epoch] + [{**metrics.to_dict(), "delivery": delivery}]
+        jobs.transition(job_id, RUNNING, [RUNNING], done=metrics.epoch, result={"history": history})
+
+    result = train_denoiser(config, data, classifier, progress=progress,
+                            should_cancel=lambda: jobs.cancel_requested(job_id),
+                            checkpoint_dir=job_folder(job_id) / "checkpoint", device=settings.device,
+                            name=spec.get("name"), init=loaded.get("init"))
+    model = register_denoiser(result, job_id)
+    return {"model_id": model["id"], "model_name": model.get("name"), "metrics": result.metrics,
+            "history": [h.to_dict() for h in result.history], "resumed_from": result.resumed_from,
+            "deliveries": delivery}
+
+
+def register_denoiser(result: DenoiserResult, job_id: str) -> dict[str, Any]:
+    """Store the trained denoiser as a ready model (once per job, also when the task is redelivered)."""
+    store = ModelStore(settings.models_dir)
+    for meta in store.list():
+        if meta.get("train_job") == job_id:
+            return meta
+    path = result.save(job_folder(job_id) / "denoiser.safetensors")
+    with open(path, "rb") as f:
+        meta = store.add(f, path.name, {"name": result.info.name, "train_job": job_id})
+    try:
+        denoiser = load_denoiser(store.weights_path(meta["id"]), device=settings.device)
+        found = {k: v for k, v in denoiser.info.to_dict().items()
+                 if v not in (None, {}) and k not in ("format", "sha256")}
+        return store.update(meta["id"], **found, runtime=denoiser.runtime, provider=denoiser.provider, status=READY)
+    except BaseException:
+        store.delete(meta["id"])
+        raise
+
+
 @app.task(name=TRAIN_TASK, bind=True)
 def train_task(self, job_id: str, spec: dict[str, Any]) -> None:
     """Train the model of job ``job_id``; every outcome lands in its record."""
     jobs = job_store()
     trusted = messages.checked(self.name, job_id, lambda: messages.train_spec(jobs, self.request.id, job_id, spec))
-    if trusted is None:
-        return
+    if trusted is not None:
+        _train_job(job_id, jobs, lambda delivery: run_training(job_id, trusted, jobs, delivery))
+
+
+@app.task(name=TRAIN_DENOISER_TASK, bind=True)
+def train_denoiser_task(self, job_id: str, spec: dict[str, Any]) -> None:
+    """Train the denoiser of job ``job_id``; every outcome lands in its record."""
+    jobs = job_store()
+    trusted = messages.checked(self.name, job_id,
+                               lambda: messages.train_denoiser_spec(jobs, self.request.id, job_id, spec))
+    if trusted is not None:
+        _train_job(job_id, jobs, lambda delivery: run_denoiser_training(job_id, trusted, jobs, delivery))
+
+
+def _train_job(job_id: str, jobs: JobStore, run) -> None:
+    """Admit this delivery, run ``run(delivery)`` as the job and record its outcome; the job's
+    folder (its checkpoint) is removed once the job has ended, kept for a redelivery otherwise."""
     try:
         delivery = jobs.start(job_id)
         if not admitted(jobs, job_id, delivery):
             return
-        _record_outcome(job_id, jobs, lambda: jobs.succeed(job_id, run_training(job_id, trusted, jobs, delivery)))
+        _record_outcome(job_id, jobs, lambda: jobs.succeed(job_id, run(delivery)))
     finally:
         record = jobs.get(job_id)
         if record is None or record.status in TERMINAL:  # keep the checkpoint for a redelivery

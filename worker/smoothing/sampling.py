@@ -167,7 +167,7 @@ class Sampler:
 
     def provenance(self, params: dict[str, Any]) -> dict[str, Any]:
         """What produced a result: the call's parameters, seed, batch size (the one used, and the one
-        asked for: None when chosen here), device, model, versions."""
+        asked for: None when chosen here), device, model (a pipeline's parts too), versions."""
         info = self.model.info
         return {
             **params,
@@ -182,6 +182,7 @@ class Sampler:
             "model_sha256": info.sha256,
             "model_format": info.format,
             "model_arch": info.arch,
+            **({"model_parts": info.parts} if info.parts else {}),   # a pipeline names its two files
             "versions": software_versions(),
             "elapsed_s": self.elapsed(),
         }

@@ -1,7 +1,8 @@
 """Training base classifiers that smooth well: Gaussian augmentation, the smoothed soft loss, SmoothAdv.
 
 Three recipes, all with the noise added in [0,1] pixel space *before* the model's normalization
-layer and never clamped, exactly as at certification:
+layer and never clamped, exactly as at certification (and ``standard``, plain cross-entropy on
+clean images, the baseline that a denoiser is put in front of):
 
 - ``gaussian`` (Cohen et al. 2019): cross-entropy of f(x+η), η ~ N(0, σ²I), one copy per image.
 - ``smoothed``: the plug-in smoothed soft loss −log((1/m) Σᵢ softmax(f(x+ηᵢ))_y) over m copies.
@@ -249,6 +250,9 @@ class _Run:
     def _step_loss(self, x: torch.Tensor, y: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The batch's loss, the number of noisy copies classified right, and how many copies."""
         config = self.config
+        if config.method == "standard":
+            logits = self.model(x)
+            return nn.functional.cross_entropy(logits, y), (logits.argmax(1) == y).sum(), len(y)
         if config.method == "gaussian":
             logits = self.model(x + self.noise(tuple(x.shape)))
             return nn.functional.cross_entropy(logits, y), (logits.argmax(1) == y).sum(), len(y)
@@ -293,7 +297,9 @@ def _model_info(config: TrainConfig, data: Dataset, digest: str, run: _Run, hist
                 "seed": config.seed, "dataset": data.name, "dataset_sha256": digest}
     return ModelInfo(
         format="safetensors", input_shape=data.input_shape, num_classes=run.num_classes, arch=config.arch,
-        class_names=data.class_names, normalization=run.normalization, sigma=float(config.sigma),
-        name=name or f"{data.name}-{config.arch}-{config.method}-sigma{config.sigma:g}",
+        class_names=data.class_names, normalization=run.normalization,
+        sigma=0.0 if config.method == "standard" else float(config.sigma),
+        name=name or f"{data.name}-{config.arch}-{config.method}" + (
+            "" if config.method == "standard" else f"-sigma{config.sigma:g}"),
         extra={"method": config.method, "training": training, "metrics": metrics,
                "history": [h.to_dict() for h in history]})

@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from smoothcert.models.metadata import DENOISER
 from smoothcert.service.api.deps import (
     AdmissionDep,
     DatasetsDep,
@@ -176,6 +177,9 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     meta = models.get(req.model_id)
     if meta is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {req.model_id!r}")
+    if meta.get("kind") == DENOISER:
+        raise _unprocessable(f"model {req.model_id} is a denoiser, which outputs images, not classes; certify a "
+                             "pipeline of it and a classifier (POST /v1/models/pipelines)")
     if req.dataset_id is not None:
         return _enqueue_dataset(req, meta, settings, jobs, datasets, queue, admission)
     try:

@@ -1,4 +1,4 @@
-"""``/v1/models``: upload (admin), list, show, delete (admin).
+"""``/v1/models``: upload (admin), register a pipeline (admin), list, show, delete (admin).
 
 An upload is stored as a pending model and answered 201 only after a worker loaded it and ran
 it on one batch (a ``check_model`` job the request waits for); a refused model is removed and
@@ -26,7 +26,7 @@ from smoothcert.models.metadata import (
 )
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_admin, require_key
-from smoothcert.service.api.schemas import FormInteger, FormNumber, ModelRecord
+from smoothcert.service.api.schemas import FormInteger, FormNumber, ModelRecord, PipelineRequest
 from smoothcert.service.core.jobs import SUCCEEDED, TERMINAL, new_job_id
 from smoothcert.service.core.model_store import READY, UploadTooLarge
 from smoothcert.service.core.queue import CHECK_MODEL_TASK
@@ -82,6 +82,12 @@ def upload_model(response: Response, settings: SettingsDep, models: ModelsDep, j
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except ModelError as exc:
         raise HTTPException(422, f"model refused: {exc}") from None
+    return _checked(meta, response, settings, models, jobs, queue)
+
+
+def _checked(meta: dict[str, Any], response: Response, settings, models, jobs, queue) -> ModelRecord:
+    """Have a worker load the pending model ``meta`` and run it on its check batches; its ready
+    record, or the 422 / 503 that says why not (the pending record is removed then)."""
     model_id, job_id = meta["id"], new_job_id()
     try:
         jobs.create(job_id, "check_model", {"model_id": model_id})
@@ -102,6 +108,29 @@ def upload_model(response: Response, settings: SettingsDep, models: ModelsDep, j
     meta = models.update(model_id, **found, status=READY, check_job=job_id)
     response.headers["Location"] = f"/v1/models/{model_id}"
     return ModelRecord.model_validate(meta)
+
+
+@router.post("/pipelines", status_code=status.HTTP_201_CREATED, response_model=ModelRecord,
+             dependencies=[Depends(require_admin)],
+             responses={404: {"description": "unknown denoiser or classifier"}, 413: {"description": "body too large"},
+                        422: {"description": "the parts cannot form a pipeline (not a denoiser, a pipeline as a "
+                                             "part, input shapes that differ), or the worker refused it"},
+                        503: {"description": "no worker checked the pipeline in time"}})
+def register_pipeline(body: PipelineRequest, response: Response, settings: SettingsDep, models: ModelsDep,
+                      jobs: JobsDep, queue: QueueDep) -> ModelRecord:
+    """Register a denoiser followed by a classifier as one model (denoised smoothing): its id works
+    wherever a model id does. The noise is added before the denoiser; the classifier keeps its own
+    normalization. A worker loads both parts and runs the pipeline on one batch before the 201."""
+    parts = {}
+    for role in ("denoiser", "classifier"):
+        parts[role] = models.get(getattr(body, role))
+        if parts[role] is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown {role} model {getattr(body, role)!r}")
+    try:
+        meta = models.add_pipeline(parts["denoiser"], parts["classifier"], body.name)
+    except ModelError as exc:
+        raise HTTPException(422, f"pipeline refused: {exc}") from None
+    return _checked(meta, response, settings, models, jobs, queue)
 
 
 def _wait(jobs, job_id: str, timeout_s: float):
@@ -130,9 +159,13 @@ def get_model(model_id: str, models: ModelsDep) -> ModelRecord:
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(require_admin)],
-               responses={404: {"description": "unknown model"}})
+               responses={404: {"description": "unknown model"}, 409: {"description": "a pipeline uses the model"}})
 def delete_model(model_id: str, models: ModelsDep) -> Response:
-    """Remove the model's files; jobs already queued for it fail with a message."""
+    """Remove the model's files; jobs already queued for it fail with a message. A model that a
+    pipeline uses is kept (409) until those pipelines are deleted."""
+    if models.get(model_id) is not None and (users := models.pipelines_using(model_id)):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"model {model_id} is a part of pipeline(s) "
+                                                      f"{', '.join(users)}; delete those first")
     if models.get(model_id) is None or not models.delete(model_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
