@@ -108,6 +108,7 @@ def test_the_index_never_lists_a_gone_record_and_is_trimmed_past_the_ttl(redis_u
         r.zadd(ALL_JOBS_INDEX, {index_entry(time.time() - 7200, old): 0})
         r.zadd(owner_index_key("o"), {index_entry(time.time() - 7200, old): 0})
         store.create(gone, "certify", {}, owner="o")
+        time.sleep(0.005)  # a later millisecond: two jobs of one millisecond are ordered by id
         store.create(kept, "certify", {}, owner="o")
         entries = [e.decode()[16:] for e in r.zrange(ALL_JOBS_INDEX, 0, -1)]
         assert entries == [gone, kept]                                  # the old entry trimmed on create
