@@ -51,3 +51,29 @@ clean:
 .PHONY: openapi
 openapi: $(STAMP)
 	$(PY) -m smoothcert.service.devstack.openapi_doc
+
+# The compose deployment (docker/, CPU flavour: two certify workers and the trainer) in containers:
+# docker where a Docker engine answers, podman otherwise (installed here when missing, as root).
+# SMOOTHCERT_PORT and the keys come from the environment or docker/.env (created when missing).
+# `make deploy-test` starts its own deployment, injects faults into it and removes it again.
+.PHONY: deploy-tools deploy-up deploy-down deploy-test
+DEPLOY_STAMP := $(VENV)/.smoothcert-deploy-installed
+DEPLOY := $(PY) -m smoothcert.service.devstack.deploy
+
+deploy-tools:
+	@if docker info >/dev/null 2>&1; then echo "using the Docker engine"; \
+	elif command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null; then :; \
+	else $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null'; fi
+
+$(DEPLOY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS),deploy]'
+	touch $(DEPLOY_STAMP)
+
+deploy-up: deploy-tools $(DEPLOY_STAMP)
+	$(DEPLOY) up
+
+deploy-down: deploy-tools $(DEPLOY_STAMP)
+	$(DEPLOY) down
+
+deploy-test: deploy-tools $(DEPLOY_STAMP)
+	$(PY) -m pytest -q -m deploy tests/deploy

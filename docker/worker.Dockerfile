@@ -3,8 +3,10 @@
 # onnxruntime-gpu (the `gpu` extra). torch 2.13 and onnxruntime-gpu 1.31 are both CUDA 13 builds,
 # so the base image is CUDA 13; the host needs an NVIDIA driver that supports CUDA 13 (580+).
 # Build from the repository root: docker build -f docker/worker.Dockerfile -t smoothcert-worker .
+# The CPU flavour (docker/compose.cpu.yml) is this file with four build arguments swapped: a plain
+# Debian RUNTIME_IMAGE, the CPU torch index, onnxruntime and the `worker` extra.
 ARG PYTHON_IMAGE=python:3.12-slim
-ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG RUNTIME_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
@@ -14,11 +16,13 @@ COPY worker worker
 COPY models models
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-FROM ${CUDA_IMAGE}
+FROM ${RUNTIME_IMAGE}
 # Same torch as the Makefile's TORCH_SPEC, CUDA build; tests/deploy checks the two agree.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
-ARG ONNXRUNTIME_GPU_VERSION=1.31.1
+ARG ONNXRUNTIME=onnxruntime-gpu
+ARG ONNXRUNTIME_VERSION=1.31.1
+ARG WORKER_EXTRA=gpu
 # PYTORCH_NVML_BASED_CUDA_CHECK: torch.cuda.is_available() asks NVML instead of initialising
 # CUDA, so a check in the prefork parent cannot poison the children it forks later.
 # REMAP_SIGTERM: `docker stop` sends SIGTERM; make it Celery's cold shutdown, which requeues the
@@ -39,10 +43,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-RUN pip install "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
+RUN pip install "${ONNXRUNTIME}==${ONNXRUNTIME_VERSION}"
 
 COPY --from=wheel /wheels /wheels
-RUN pip install "$(ls /wheels/*.whl)[gpu]" && rm -rf /wheels
+RUN pip install "$(ls /wheels/*.whl)[${WORKER_EXTRA}]" && rm -rf /wheels
 
 COPY docker/gpu-claim.sh /usr/local/bin/smoothcert-gpu-claim
 RUN chmod 0755 /usr/local/bin/smoothcert-gpu-claim \
