@@ -24,9 +24,8 @@ from smoothcert.service.core.params import DEFAULT_PREDICT_N
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.tsv import format_tsv
 
-# Idle OpenMP threads of torch would otherwise spin between batches and slow down onnxruntime
-# and the noise generation on the same cores; set before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The commands that run a model in this process; they tune it (smoothcert.models.tuning) first.
+MODEL_COMMANDS = frozenset({"certify", "predict", "train", "import-checkpoint", "experiment"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:  # everything after `worker` belongs to `celery worker`, options first
         return _worker_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command in MODEL_COMMANDS:
+        from smoothcert.models import tuning  # standard library only: before torch is imported
+
+        tuning.tune_process()
+        tuning.apply_threads()   # now, before a command's own thread settings (training's)
     try:
         return args.handler(args) or 0
     except (ValueError, OSError) as exc:  # every error class of ours derives from ValueError

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from smoothcert.models import tuning
 from smoothcert.models.base import BaseClassifier
 from smoothcert.models.pixels import PixelError, as_pixel_batch
 from smoothcert.service.core.params import draw_seed
@@ -154,7 +155,8 @@ class Sampler:
 
     def provenance(self, params: dict[str, Any]) -> dict[str, Any]:
         """What produced a result: the call's parameters, seed, batch size (the one used, and the one
-        asked for: None when chosen here), device, model, versions."""
+        asked for: None when chosen here), device, model, versions, and the process settings it ran
+        under (:func:`smoothcert.models.tuning.applied`, and torch's thread count)."""
         info = self.model.info
         return {
             **params,
@@ -170,5 +172,6 @@ class Sampler:
             "model_format": info.format,
             "model_arch": info.arch,
             "versions": software_versions(),
+            "tuning": {**tuning.applied(), "torch_threads": torch.get_num_threads()},
             "elapsed_s": self.elapsed(),
         }
