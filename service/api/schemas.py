@@ -32,7 +32,7 @@ from pydantic import (
 
 from smoothcert.models.pixels import as_pixel_batch
 from smoothcert.service.core import params
-from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, MAX_SEED, Bound, Mode
+from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, MAX_SEED, Bound, Mode, Runtime
 
 
 def integral(value: Any) -> Any:
@@ -101,6 +101,9 @@ class CertifyRequest(BaseModel):
         None, ge=0, allow_inf_nan=False,
         description="only decide 'certified at this radius?' with an anytime-valid test that stops as soon "
                     "as the answer is known; n is then the cap per input")
+    runtime: Runtime = Field(params.DEFAULT_RUNTIME, description=(
+        "what evaluates the model: auto (the fastest on the worker's device, measured once per model), torch "
+        "or onnxruntime (a safetensors model is then exported to ONNX); an ONNX model runs in onnxruntime only"))
 
     @field_validator("skip", "limit", "n0", "n", "batch_size", "seed", "labels", mode="before")
     @classmethod

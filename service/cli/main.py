@@ -106,6 +106,7 @@ def _model_and_inputs(p: argparse.ArgumentParser) -> None:
     options.add_sigma(p)
     options.add_run_options(p, local=True)
     options.add_device(p)
+    options.add_runtime(p, local=True)
     options.add_out(p, local=True)
     options.add_model_fields(p.add_argument_group("bare safetensors weights (files without smoothcert metadata)"),
                              local=True)
@@ -158,7 +159,12 @@ def _run_analyze(args) -> int:
 
 
 def _prepare(args):
+    from smoothcert.models.runtimes import select_runtime
+    from smoothcert.worker.smoothing import default_batch_size
+
     model = _load(args)
+    batch = args.batch_size or default_batch_size(model.info.input_shape, model.device)
+    model = select_runtime(model, args.runtime, batch_size=batch, cache_dir=cache_dir())
     x = load_inputs(args.inputs, model.info.input_shape)
     labels = None
     if args.labels:
@@ -184,6 +190,12 @@ def _load(args):
             raise ValueError(f"--input-shape must look like 3,32,32, got {args.input_shape!r}") from None
     return load_model(args.model, device=args.device, arch=args.arch, input_shape=input_shape,
                       num_classes=args.num_classes, normalization=args.normalization)
+
+
+def cache_dir() -> Path:
+    """Where the CLI keeps runtime choices and ONNX exports: ``$XDG_CACHE_HOME/smoothcert``
+    (default ``~/.cache/smoothcert``); safe to delete."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smoothcert"
 
 
 @contextmanager

@@ -101,6 +101,14 @@ def add_model_fields(p: Flags, *, local: bool) -> None:
     p.add_argument("--normalization", help='JSON, e.g. {"mean": [0.5], "std": [0.25]}')
 
 
+def add_runtime(p: Flags, *, local: bool) -> None:
+    """``--runtime``: what evaluates the model (auto: the fastest, measured once per model and cached)."""
+    where = "here" if local else "on the worker's device"
+    p.add_argument("--runtime", choices=params.RUNTIMES, default=params.DEFAULT_RUNTIME if local else None,
+                   help=f"auto: the fastest {where}, measured once per model; torch or onnxruntime pin one "
+                        f"(an ONNX model runs in onnxruntime only) ({_default(params.DEFAULT_RUNTIME, local)})")
+
+
 def add_device(p: Flags) -> None:
     """``--device`` of a command that runs a model in this process."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

@@ -168,6 +168,7 @@ class Sampler:
             "runtime": self.model.runtime,
             "provider": self.model.provider,
             "precision": self.model.precision,
+            "runtime_choice": getattr(self.model, "runtime_choice", None),
             "model_sha256": info.sha256,
             "model_format": info.format,
             "model_arch": info.arch,

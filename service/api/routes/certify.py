@@ -176,6 +176,9 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     meta = models.get(req.model_id)
     if meta is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {req.model_id!r}")
+    if req.runtime == "torch" and meta.get("format") == "onnx":
+        raise _unprocessable(f"runtime torch needs a safetensors model; model {req.model_id} is ONNX, which runs "
+                             "in onnxruntime only: use runtime auto or onnxruntime")
     if req.dataset_id is not None:
         return _enqueue_dataset(req, meta, settings, jobs, datasets, queue, admission)
     try:
@@ -257,7 +260,7 @@ def _params(req: CertifyRequest, num_inputs: int) -> dict[str, Any]:
     seed = req.seed if req.seed is not None else draw_seed(DRAWN_SEED_BOUND)
     params = {"model_id": req.model_id, "mode": req.mode, "sigma": req.sigma, "n0": req.n0, "n": req.n,
               "alpha": req.alpha, "bound": req.bound, "batch_size": req.batch_size, "seed": seed,
-              "num_inputs": num_inputs}
+              "num_inputs": num_inputs, "runtime": req.runtime}
     if req.target_radius is not None:
         params["target_radius"] = req.target_radius
     return params
