@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 # The same names as smoothcert.service.core.params.Runtime (models/ does not import the service).
 RUNTIMES = ("auto", "torch", "onnxruntime")
 CANDIDATES = ("torch", "torch-channels-last", "onnxruntime")
+CUDA_CANDIDATES = (*CANDIDATES, "torch-compiled")   # inductor: minutes to compile on a small CPU, not there
+# The same names as smoothcert.service.core.params.Precision. The noise is drawn and added in
+# float32 whatever the precision; a reduced-precision model casts each noisy batch on the way in.
+PRECISIONS = ("float32", "float16", "bfloat16")
+_REDUCED = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CHOICES_FILE = "runtime-choices.json"
 EXPORT_VERSION = 1          # part of the cache key: a new exporter makes new exports
 MEASURE_ROUNDS = 2          # rounds over the candidates, interleaved so a busy moment hits them all
@@ -63,26 +68,82 @@ class ChannelsLastClassifier(TorchClassifier):
         return self.logits(x).argmax(dim=1)
 
 
+class ReducedPrecisionClassifier(TorchClassifier):
+    """A torch model computing in float16 or bfloat16: weights cast once, each float32 noisy batch
+    cast on the way in, scores cast back to float32. It is another classifier than the float32
+    one (labels may differ near a tie); a certificate made with it holds for it."""
+
+    def __init__(self, model: TorchClassifier, precision: str):
+        module = copy.deepcopy(model.module).to(dtype=_REDUCED[precision])
+        super().__init__(module, model.info, model.device)
+        self.precision = precision
+        self._dtype = _REDUCED[precision]
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.to(self._dtype)).float()
+
+    @torch.inference_mode()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x).argmax(dim=1)
+
+
+class CompiledClassifier(TorchClassifier):
+    """A torch model compiled by ``torch.compile`` (inductor); compiled at its first batch."""
+
+    def __init__(self, model: TorchClassifier):
+        super().__init__(model.module, model.info, model.device)
+        self._compiled = torch.compile(model.module, dynamic=True)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compiled(x)
+
+    @torch.inference_mode()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x).argmax(dim=1)
+
+
+def check_precision(model: BaseClassifier, runtime: str, precision: str) -> None:
+    """ModelError (what is allowed, in one line) unless ``model`` can run in ``precision`` with
+    ``runtime``: float32 everywhere; bfloat16 in torch; float16 in torch on a CUDA device."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return
+    if not isinstance(model, TorchClassifier) or runtime == "onnxruntime":
+        raise ModelError(f"precision {precision} runs in torch only (a safetensors model, runtime auto or torch); "
+                         "onnxruntime evaluates the float32 graph")
+    if precision == "float16" and model.device.type != "cuda":
+        raise ModelError(f"precision float16 needs a CUDA device, not {model.device}; use float32 "
+                         "(or bfloat16, which torch runs on a CPU)")
+
+
 def batch_class(batch_size: int) -> int:
     """The power of two at or above ``batch_size``: batches of one class share a runtime choice."""
     return 1 << max(0, int(batch_size) - 1).bit_length()
 
 
 def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: int,
-                   cache_dir: str | Path | None = None) -> BaseClassifier:
+                   cache_dir: str | Path | None = None, precision: str = "float32") -> BaseClassifier:
     """``model`` in the runtime ``runtime`` asks for (module docstring), with ``runtime_choice``
     set: ``{"requested", "chosen", "how", ...}``. ``model`` is what the loader returned (torch for
-    safetensors, onnxruntime for ONNX); it is returned as it is when it already runs where asked.
+    safetensors, onnxruntime for ONNX); a copy of it is returned when it already runs where asked.
+    A reduced ``precision`` runs in torch (:func:`check_precision`), not measured against others.
     Without ``cache_dir`` exports go to a temporary folder and nothing is cached. Raises ModelError
-    for an unknown runtime, for ``"torch"`` on an ONNX model, and when a pinned onnxruntime export
-    fails or disagrees with torch.
+    for an unknown runtime or precision, for ``"torch"`` on an ONNX model, for a precision the
+    runtime or device cannot run, and when a pinned onnxruntime export fails or disagrees with torch.
     """
     if runtime not in RUNTIMES:
         raise ModelError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "torch" and not isinstance(model, TorchClassifier):
+        raise ModelError("runtime torch needs a safetensors model; an ONNX model is its own graph and runs "
+                         "in onnxruntime only (use runtime auto or onnxruntime)")
+    check_precision(model, runtime, precision)
+    if precision != "float32":
+        assert isinstance(model, TorchClassifier)   # check_precision refused the others
+        return _mark(ReducedPrecisionClassifier(model, precision), runtime, "torch", f"precision {precision}: torch")
     if not isinstance(model, TorchClassifier):
-        if runtime == "torch":
-            raise ModelError("runtime torch needs a safetensors model; an ONNX model is its own graph and runs "
-                             "in onnxruntime only (use runtime auto or onnxruntime)")
         return _mark(model, runtime, model.runtime, "the model's own format")
     if runtime == "torch":
         return _mark(model, runtime, "torch", "pinned")
@@ -92,7 +153,7 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
     key = f"{model.info.sha256}|{model.device}|batch<={batch_class(batch_size)}"
     choices = _read_choices(cache)
     cached = choices.get(key)
-    if cached is not None and cached.get("chosen") in CANDIDATES:
+    if cached is not None and cached.get("chosen") in CUDA_CANDIDATES:
         try:
             chosen = _build(cached["chosen"], model, cache)
         except ModelError as exc:
@@ -101,7 +162,7 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
             log.info("runtime for %s: %s, from the cache %s", key, cached["chosen"], cache / CHOICES_FILE)
             return _mark(chosen, runtime, cached["chosen"], "auto, from the cache", cached.get("measured"))
     built: dict[str, BaseClassifier] = {}
-    for name in CANDIDATES:
+    for name in CUDA_CANDIDATES if model.device.type == "cuda" else CANDIDATES:
         try:
             built[name] = _build(name, model, cache)
         except (ModelError, RuntimeError, ValueError, OSError) as exc:
@@ -119,7 +180,8 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
 
 
 def measure(candidates: dict[str, BaseClassifier], batch_size: int) -> dict[str, float]:
-    """Samples per second of each candidate's ``logits`` on a fixed uniform batch of ``batch_size``:
+    """Samples per second of each candidate's ``logits`` on a fixed uniform batch of ``batch_size``
+    (a candidate whose first batch fails is left out, with a log line):
     the best of MEASURE_ROUNDS interleaved rounds of MEASURE_BATCHES batches, after a warm-up
     (batches above MEASURE_MAX_BATCH are timed at that size)."""
     any_model = next(iter(candidates.values()))
@@ -127,8 +189,13 @@ def measure(candidates: dict[str, BaseClassifier], batch_size: int) -> dict[str,
     size = min(int(batch_size), MEASURE_MAX_BATCH)
     x = torch.rand((size, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     best: dict[str, float] = {}
-    for name, candidate in candidates.items():
-        candidate.logits(x)
+    for name, candidate in list(candidates.items()):
+        try:
+            candidate.logits(x)   # warm-up; a compiled candidate compiles here
+        except Exception as exc:   # each runtime raises its own types
+            log.warning("runtime %s skipped: its first batch failed: %s", name, str(exc).splitlines()[0] if str(exc)
+                        else type(exc).__name__)
+            candidates = {k: v for k, v in candidates.items() if k != name}
     for _ in range(MEASURE_ROUNDS):
         for name, candidate in candidates.items():
             started = time.perf_counter()
@@ -146,6 +213,8 @@ def _build(name: str, model: TorchClassifier, cache: Path) -> BaseClassifier:
         return model
     if name == "torch-channels-last":
         return ChannelsLastClassifier(model)
+    if name == "torch-compiled":
+        return CompiledClassifier(model)
     return _onnx_candidate(model, cache)
 
 

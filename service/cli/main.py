@@ -107,6 +107,7 @@ def _model_and_inputs(p: argparse.ArgumentParser) -> None:
     options.add_run_options(p, local=True)
     options.add_device(p)
     options.add_runtime(p, local=True)
+    options.add_precision(p, local=True)
     options.add_out(p, local=True)
     options.add_model_fields(p.add_argument_group("bare safetensors weights (files without smoothcert metadata)"),
                              local=True)
@@ -163,8 +164,8 @@ def _prepare(args):
     from smoothcert.worker.smoothing import default_batch_size
 
     model = _load(args)
-    batch = args.batch_size or default_batch_size(model.info.input_shape, model.device)
-    model = select_runtime(model, args.runtime, batch_size=batch, cache_dir=cache_dir())
+    batch = args.batch_size or default_batch_size(model.info.input_shape, model.device, model)
+    model = select_runtime(model, args.runtime, batch_size=batch, cache_dir=cache_dir(), precision=args.precision)
     x = load_inputs(args.inputs, model.info.input_shape)
     labels = None
     if args.labels:

@@ -109,6 +109,13 @@ def add_runtime(p: Flags, *, local: bool) -> None:
                         f"(an ONNX model runs in onnxruntime only) ({_default(params.DEFAULT_RUNTIME, local)})")
 
 
+def add_precision(p: Flags, *, local: bool) -> None:
+    """``--precision``: the model's arithmetic (the noise stays float32)."""
+    p.add_argument("--precision", choices=params.PRECISIONS, default=params.DEFAULT_PRECISION if local else None,
+                   help="float32, or float16 (torch on a CUDA device) or bfloat16 (torch); the noise is drawn and "
+                        f"added in float32 ({_default(params.DEFAULT_PRECISION, local)})")
+
+
 def add_device(p: Flags) -> None:
     """``--device`` of a command that runs a model in this process."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

@@ -41,8 +41,8 @@ from smoothcert.worker.smoothing import Canceled, InputError, default_batch_size
 log = logging.getLogger(__name__)
 MODEL_CACHE_SIZE = 4
 _models: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (id, sha256) -> classifier, per process
-# (id, sha256, runtime asked for, batch size class) -> the classifier in the runtime chosen for it
-_runtimes: OrderedDict[tuple[str, str, str, int], Any] = OrderedDict()
+# (id, sha256, runtime asked for, precision, batch size class) -> the classifier in the runtime chosen
+_runtimes: OrderedDict[tuple[str, str, str, str, int], Any] = OrderedDict()
 _clients: dict[str, Any] = {}
 
 
@@ -123,21 +123,23 @@ def ready_model(model_id: str, spec: dict[str, Any] | None = None):
     model = loaded_model(store, meta)
     if spec is None:
         return model
-    return runtime_model(model, meta, spec.get("runtime", "torch"), spec.get("batch_size"))
+    return runtime_model(model, meta, spec.get("runtime", "torch"), spec.get("batch_size"),
+                         spec.get("precision", "float32"))
 
 
-def runtime_model(model, meta: dict[str, Any], runtime: str, batch_size: int | None):
-    """``model`` in ``runtime`` (models/runtimes.py), for batches of ``batch_size`` (None: the
+def runtime_model(model, meta: dict[str, Any], runtime: str, batch_size: int | None, precision: str = "float32"):
+    """``model`` in ``runtime`` and ``precision`` (models/runtimes.py), for batches of ``batch_size`` (None: the
     engine's default); the choice and the ONNX export are cached under ``DATA_DIR/cache``, and
     the last few such models stay loaded in this process."""
-    batch = batch_size or default_batch_size(model.info.input_shape, model.device)
-    key = (meta["id"], meta["sha256"], runtime, batch_class(batch))
+    batch = batch_size or default_batch_size(model.info.input_shape, model.device, model)
+    key = (meta["id"], meta["sha256"], runtime, precision, batch_class(batch))
     if key in _runtimes:
         _runtimes.move_to_end(key)
     else:
         while len(_runtimes) >= MODEL_CACHE_SIZE:
             _runtimes.popitem(last=False)
-        _runtimes[key] = select_runtime(model, runtime, batch_size=batch, cache_dir=settings.data_dir / "cache")
+        _runtimes[key] = select_runtime(model, runtime, batch_size=batch, cache_dir=settings.data_dir / "cache",
+                                        precision=precision)
     return _runtimes[key]
 
 

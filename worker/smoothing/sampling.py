@@ -39,8 +39,12 @@ class Canceled(RuntimeError):
     """The cancel check asked the run to stop; raised between batches."""
 
 
-def default_batch_size(input_shape: Sequence[int], device: torch.device) -> int:
-    """A batch that keeps the noise buffer near 16 MB on a CPU (160 MB on a GPU), at most 10,000."""
+def default_batch_size(input_shape: Sequence[int], device: torch.device, model: BaseClassifier | None = None) -> int:
+    """A batch that keeps the noise buffer near 16 MB on a CPU, at most 10,000. On a GPU, given the
+    ``model``, as many copies as a share of the device's free memory holds
+    (:func:`memory.batch_for_memory` of :func:`memory.free_bytes`); without it, 160 MB of noise."""
+    if device.type == "cuda" and model is not None:
+        return memory.batch_for_memory(memory.bytes_per_copy(model), memory.free_bytes(device))
     per_sample = int(np.prod(input_shape))
     budget = 40_000_000 if device.type == "cuda" else 4_000_000
     return max(1, min(10_000, budget // per_sample))
@@ -75,7 +79,7 @@ class Sampler:
         self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
         self.requested_batch_size = None if batch_size is None else int(batch_size)
         if batch_size is None:
-            self.batch_size = default_batch_size(model.info.input_shape, device)
+            self.batch_size = default_batch_size(model.info.input_shape, device, model)
         else:
             budget = memory.default_budget(device) if memory_budget is None else int(memory_budget)
             self.batch_size = memory.fit_batch(int(batch_size), memory.bytes_per_copy(model), budget)

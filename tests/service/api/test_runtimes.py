@@ -59,3 +59,17 @@ def test_an_unknown_runtime_is_422_naming_the_allowed_ones(client, demo_model, i
     assert resp.status_code == 422
     text = str(resp.json()["detail"])
     assert "runtime" in text and all(name in text for name in ("auto", "torch", "onnxruntime"))
+
+
+def test_a_bfloat16_job_runs_in_torch_and_records_its_precision(client, demo_model, inputs):
+    provenance = _run(client, model_id=demo_model["id"], inputs=inputs, precision="bfloat16")
+    assert provenance["precision"] == "bfloat16" and provenance["runtime"] == "torch"
+
+
+@pytest.mark.parametrize("body, phrase", [
+    ({"precision": "float16"}, "precision float16 needs a CUDA device and this server's workers run on the CPU"),
+    ({"precision": "bfloat16", "runtime": "onnxruntime"}, "precision bfloat16 runs in torch only"),
+])
+def test_a_precision_the_workers_cannot_run_is_422(client, demo_model, inputs, body, phrase):
+    resp = client.post("/v1/certify", json={"model_id": demo_model["id"], "inputs": inputs, "sigma": 0.25, **body})
+    assert resp.status_code == 422 and phrase in resp.json()["detail"]

@@ -43,3 +43,10 @@ def test_runtime_torch_on_an_onnx_file_is_an_error_that_says_why(demo_paths, tmp
     assert capsys.readouterr().err.strip() == (
         "smoothcert: error: runtime torch needs a safetensors model; an ONNX model is its own graph and runs in "
         "onnxruntime only (use runtime auto or onnxruntime)")
+
+
+def test_float16_on_the_cpu_is_an_error_and_bfloat16_is_recorded(demo_paths, tmp_path, capsys):
+    assert _certify(demo_paths, tmp_path, "--device", "cpu", "--precision", "float16") == 2
+    assert "precision float16 needs a CUDA device, not cpu" in capsys.readouterr().err
+    assert _certify(demo_paths, tmp_path, "--device", "cpu", "--precision", "bfloat16") == 0
+    assert json.loads((tmp_path / "r.tsv.json").read_text())["precision"] == "bfloat16"

@@ -13,7 +13,7 @@ from tests.support.stack import scratch_db
 
 PARAMS = {"model_id": "m1", "mode": "certify", "sigma": 0.25, "n0": 10, "n": 50, "alpha": 0.001,
           "bound": "clopper-pearson", "batch_size": None, "seed": 3, "num_inputs": 2, "target_radius": 0.5,
-          "runtime": "auto"}
+          "runtime": "auto", "precision": "float32"}
 
 
 @pytest.fixture
