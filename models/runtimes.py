@@ -43,9 +43,10 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 _REDUCED = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CHOICES_FILE = "runtime-choices.json"
 EXPORT_VERSION = 1          # part of the cache key: a new exporter makes new exports
-MEASURE_ROUNDS = 2          # rounds over the candidates, interleaved so a busy moment hits them all
+MEASURE_ROUNDS = 3          # rounds over the candidates, interleaved so a busy moment hits them all
 MEASURE_BATCHES = 1         # timed batches per candidate and round (after one warm-up batch)
-MEASURE_MAX_BATCH = 2048    # larger batches are timed at this size: a load should not take minutes
+MEASURE_BUDGET_S = 10.0     # no round starts after this many seconds of timing (a large model)
+MEASURE_MAX_BATCH = 4096    # larger batches are timed at this size: a load should not take minutes
 AGREEMENT_RTOL = 1e-3
 
 
@@ -130,7 +131,7 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
     set: ``{"requested", "chosen", "how", ...}``. ``model`` is what the loader returned (torch for
     safetensors, onnxruntime for ONNX); a copy of it is returned when it already runs where asked.
     A reduced ``precision`` runs in torch (:func:`check_precision`), not measured against others.
-    Without ``cache_dir`` exports go to a temporary folder and nothing is cached. Raises ModelError
+    Without ``cache_dir`` the export is made in a temporary folder and nothing is cached. Raises ModelError
     for an unknown runtime or precision, for ``"torch"`` on an ONNX model, for a precision the
     runtime or device cannot run, and when a pinned onnxruntime export fails or disagrees with torch.
     """
@@ -147,7 +148,13 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
         return _mark(model, runtime, model.runtime, "the model's own format")
     if runtime == "torch":
         return _mark(model, runtime, "torch", "pinned")
-    cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="smoothcert-runtime-"))
+    if cache_dir is None:   # an onnxruntime session holds its graph: the export's folder can go
+        with tempfile.TemporaryDirectory(prefix="smoothcert-runtime-") as tmp:
+            return _select(model, runtime, batch_size, Path(tmp), keep=False)
+    return _select(model, runtime, batch_size, Path(cache_dir), keep=True)
+
+
+def _select(model: TorchClassifier, runtime: str, batch_size: int, cache: Path, keep: bool) -> BaseClassifier:
     if runtime == "onnxruntime":
         return _mark(_onnx_candidate(model, cache), runtime, "onnxruntime", "pinned")
     key = f"{model.info.sha256}|{model.device}|batch<={batch_class(batch_size)}"
@@ -174,7 +181,7 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
     choices = _read_choices(cache)   # again: another process may have written meanwhile
     choices[key] = {"chosen": best, "measured": {k: round(v, 1) for k, v in measured.items()},
                     "at": round(time.time(), 3)}
-    if cache_dir is not None:
+    if keep:
         _write_choices(cache, choices)
     return _mark(built[best], runtime, best, "auto, measured", measured)
 
@@ -182,8 +189,8 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
 def measure(candidates: dict[str, BaseClassifier], batch_size: int) -> dict[str, float]:
     """Samples per second of each candidate's ``logits`` on a fixed uniform batch of ``batch_size``
     (a candidate whose first batch fails is left out, with a log line):
-    the best of MEASURE_ROUNDS interleaved rounds of MEASURE_BATCHES batches, after a warm-up
-    (batches above MEASURE_MAX_BATCH are timed at that size)."""
+    the best of MEASURE_ROUNDS interleaved rounds of MEASURE_BATCHES batches (no round begun after
+    MEASURE_BUDGET_S), after a warm-up (batches above MEASURE_MAX_BATCH are timed at that size)."""
     any_model = next(iter(candidates.values()))
     shape, device = any_model.info.input_shape, any_model.device
     size = min(int(batch_size), MEASURE_MAX_BATCH)
@@ -196,7 +203,10 @@ def measure(candidates: dict[str, BaseClassifier], batch_size: int) -> dict[str,
             log.warning("runtime %s skipped: its first batch failed: %s", name, str(exc).splitlines()[0] if str(exc)
                         else type(exc).__name__)
             candidates = {k: v for k, v in candidates.items() if k != name}
-    for _ in range(MEASURE_ROUNDS):
+    timing_began = time.perf_counter()
+    for round_ in range(MEASURE_ROUNDS):
+        if round_ and time.perf_counter() - timing_began > MEASURE_BUDGET_S:
+            break
         for name, candidate in candidates.items():
             started = time.perf_counter()
             for _ in range(MEASURE_BATCHES):
