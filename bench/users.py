@@ -38,6 +38,7 @@ PLAN = {"digits_cnn": (20, 10_000), "cifar_resnet20": (4, 10_000), "imagenet_res
 N0 = 100
 SIGMA = 0.25
 PEER_BATCH = 400
+RAW_ROUND_S = 2.0
 KEY = "bench-key-0123456789abcdef"
 
 PEER_LOOP = r'''
@@ -156,7 +157,8 @@ def _bench_model(arch: str, files: dict[str, Path], root: Path, args) -> list[di
 
 
 def _raw_rows(arch: str, files: dict[str, Path], device: str) -> list[dict]:
-    """Plain forward passes of each runtime at certification's batch size: best of 3 rounds."""
+    """Plain forward passes of each runtime at certification's batch size: best of 3 interleaved
+    rounds of about RAW_ROUND_S each."""
     import torch
 
     from smoothcert.models.loaders import load_model
@@ -171,12 +173,15 @@ def _raw_rows(arch: str, files: dict[str, Path], device: str) -> list[dict]:
     except ValueError as exc:
         print(f"{arch}: onnxruntime skipped: {exc}", file=sys.stderr)
     x = torch.rand((batch, *base.info.input_shape), generator=torch.Generator().manual_seed(0)).to(base.device)
-    count, n = PLAN[arch]
-    batches = max(2, min(-(-count * (N0 + n) // batch), -(-20_000 // batch)))
     rows = []
     best: dict[str, float] = {}
+    slowest = 0.0
     for model in candidates.values():
+        model.logits(x)   # warm-up, and how long one batch takes: each round is about RAW_ROUND_S
+        started = time.perf_counter()
         model.logits(x)
+        slowest = max(slowest, time.perf_counter() - started)
+    batches = max(2, min(50, int(RAW_ROUND_S / max(slowest, 1e-6))))
     for _ in range(3):
         for name, model in candidates.items():
             started = time.perf_counter()
