@@ -10,8 +10,10 @@ a certification's time then goes to the kernel. :func:`tune_process` therefore
 - lets idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``, read when torch first loads
   OpenMP, so set before torch is imported) instead of spinning against onnxruntime and the noise
   generation on the same cores;
-- gives each of ``processes`` processes sharing the machine an equal share of its cores as
-  threads (torch's and onnxruntime's intra-op pools), so that processes x threads = cores.
+- gives torch's and onnxruntime's intra-op pools one thread per core of the process's CPU set,
+  whatever the number of ``processes`` sharing them: an equal share (processes x threads = cores)
+  measured 0.74x of that for two processes on the 2-core machine (README, Speed), and the idle
+  threads sleep.
 
 A setting the user made is kept: ``MALLOC_*`` or ``GLIBC_TUNABLES`` in the environment leave
 malloc alone, ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` are not overwritten, and
@@ -29,8 +31,10 @@ from typing import Any
 # mallopt parameter numbers of glibc's malloc.h
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 MALLOC_SETTINGS = {"M_MMAP_MAX": (M_MMAP_MAX, 0),              # no mmap for large blocks: reuse the heap
-                   "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 2**31 - 1)}   # and never shrink it
+                   "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 2**31 - 1),   # and never shrink it
+                   "M_ARENA_MAX": (M_ARENA_MAX, 1)}             # one heap, whichever thread frees
 USER_MALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
                     "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 OFF_VAR = "SMOOTHCERT_TUNING"
@@ -71,8 +75,8 @@ def tune_process(processes: int = 1) -> dict[str, Any]:
     if user_threads.isdigit() and int(user_threads) > 0:
         _state["threads"], _state["threads_source"] = int(user_threads), "OMP_NUM_THREADS"
     else:
-        _state["threads"] = max(1, cores() // max(1, int(processes)))
-        _state["threads_source"] = f"{cores()} cores / {max(1, int(processes))} processes"
+        _state["threads"] = cores()
+        _state["threads_source"] = f"{cores()} cores, for each of {max(1, int(processes))} processes"
     import sys
 
     if "torch" in sys.modules:

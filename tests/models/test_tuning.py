@@ -13,7 +13,7 @@ from smoothcert.models.tuning import cores
 from smoothcert.worker.queue.celery_app import _concurrency
 from tests.support.stack import wait_job
 
-TUNED_MALLOC = "M_MMAP_MAX=0 M_TRIM_THRESHOLD=2147483647"
+TUNED_MALLOC = "M_MMAP_MAX=0 M_TRIM_THRESHOLD=2147483647 M_ARENA_MAX=1"
 
 
 def _certify_in_a_fresh_process(demo_paths, tmp_path, **env: str) -> dict:
@@ -33,7 +33,7 @@ def _certify_in_a_fresh_process(demo_paths, tmp_path, **env: str) -> dict:
 def test_the_cli_tunes_malloc_openmp_and_threads_and_records_them(demo_paths, tmp_path):
     tuning = _certify_in_a_fresh_process(demo_paths, tmp_path)
     assert tuning == {"tuning": "on", "malloc": TUNED_MALLOC, "omp_wait_policy": "PASSIVE",
-                      "threads": cores(), "threads_source": f"{cores()} cores / 1 processes",
+                      "threads": cores(), "threads_source": f"{cores()} cores, for each of 1 processes",
                       "torch_threads": cores()}
 
 
@@ -64,6 +64,6 @@ def test_a_worker_job_records_the_tuning_of_its_pool_process(client, demo_model,
     job = wait_job(client, resp.json()["job_id"])
     assert job["status"] == "succeeded", job["error"]
     tuning = job["result"]["provenance"]["tuning"]
-    # The session's worker runs one pool process (tests/support/stack.py): it gets every core.
+    # Every pool process gets a thread per core (the session's worker runs one).
     assert tuning["tuning"] == "on" and tuning["malloc"] == TUNED_MALLOC
     assert tuning["threads"] == tuning["torch_threads"] == cores()
