@@ -64,7 +64,7 @@ def tune_process(processes: int = 1) -> dict[str, Any]:
         return applied()
     _state["tuning"] = "on"
     _state["malloc"] = _tune_malloc()
-    if "OMP_WAIT_POLICY" in os.environ:
+    if os.environ.get("OMP_WAIT_POLICY"):
         _state["omp_wait_policy"] = os.environ["OMP_WAIT_POLICY"] + (
             "" if _state.get("omp_wait_policy_set") else " (user)")
     else:
@@ -86,8 +86,8 @@ def tune_process(processes: int = 1) -> dict[str, Any]:
 
 def _tune_malloc() -> str:
     """``mallopt`` the settings of :data:`MALLOC_SETTINGS` on glibc; what happened, in words."""
-    if any(var in os.environ for var in USER_MALLOC_VARS):
-        return "user (" + ", ".join(v for v in USER_MALLOC_VARS if v in os.environ) + ")"
+    if any(os.environ.get(var) for var in USER_MALLOC_VARS):   # an empty one sets nothing
+        return "user (" + ", ".join(v for v in USER_MALLOC_VARS if os.environ.get(v)) + ")"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "default (not glibc)"
     if "malloc_done" in _state:
