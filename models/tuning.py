@@ -12,8 +12,8 @@ a certification's time then goes to the kernel. :func:`tune_process` therefore
   generation on the same cores;
 - gives torch's and onnxruntime's intra-op pools one thread per core of the process's CPU set,
   whatever the number of ``processes`` sharing them: an equal share (processes x threads = cores)
-  measured 0.74x of that for two processes on the 2-core machine (README, Speed), and the idle
-  threads sleep.
+  was no faster for two processes on the 2-core machine (0.97x quiet, 0.74x busy; README, Speed),
+  and the idle threads sleep.
 
 A setting the user made is kept: ``MALLOC_*`` or ``GLIBC_TUNABLES`` in the environment leave
 malloc alone, ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` are not overwritten, and
