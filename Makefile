@@ -23,8 +23,9 @@ test: $(STAMP) $(CHROMIUM)
 lint: $(STAMP)
 	$(PY) -m tests.support.checks
 
+# What users get (raw forward, CLI, a dataset job through the service) per model; see bench/users.py.
 bench: $(STAMP)
-	$(PY) -m bench.throughput
+	$(PY) -m bench.users
 
 demo: $(STAMP)
 	$(PY) -m smoothcert.models.demo var/demo

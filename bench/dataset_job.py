@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 _stop(api.proc)
     report = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows}
+              "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -8,11 +8,9 @@ certification draws. Certification: ``certify`` on one input (n0 + n noisy sampl
 generation, the forward passes, counting). The ratio of the two is the engine's efficiency; 1.0
 means the smoothing machinery costs nothing beyond the model.
 
-glibc malloc hands large freed blocks back to the kernel, and the page faults of re-allocating
-them make torch CPU throughput swing by ~1.6x from run to run. The benchmark therefore re-executes
-itself with the allocator pinned (no mmap for large blocks, no trimming, one arena) and with
-OpenMP's idle threads sleeping instead of spinning (as the CLI and worker run), and prints those
-settings with the figures.
+The process runs under the settings the CLI and the worker give themselves
+(:func:`smoothcert.models.tuning.tune_process`: malloc, OpenMP wait policy, threads) and nothing
+else; they are printed with the figures.
 """
 from __future__ import annotations
 
@@ -25,21 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-PINNED_ENV = {
-    "MALLOC_MMAP_MAX_": "0",                  # large blocks come from the heap, not fresh mmaps
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),   # and are never handed back to the kernel
-    "MALLOC_ARENA_MAX": "1",
-    "OMP_WAIT_POLICY": "PASSIVE",             # torch's idle threads leave the cores to onnxruntime
-}
 DEFAULT_ARCHS = ("digits_cnn", "cifar_resnet20")
 RUNTIMES = ("torch", "onnxruntime")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if any(os.environ.get(k) != v for k, v in PINNED_ENV.items()):
-        os.execve(sys.executable, [sys.executable, "-m", "bench.throughput", *sys.argv[1:]],
-                  {**os.environ, **PINNED_ENV})
+    from smoothcert.models import tuning
+
+    tuning.tune_process()   # what `smoothcert certify` does at start-up, before torch is imported
+    tuning.apply_threads()
     import torch
 
     rows = []
@@ -50,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(measure(model, arch, runtime, args.n, args.n0, args.repeats, args.batch_size))
                 _print_row(rows[-1])
     report = {
-        "pinned_env": PINNED_ENV,
+        "tuning": tuning.applied(),
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "rows": rows,
     }
-    print("pinned: " + " ".join(f"{k}={v}" for k, v in PINNED_ENV.items())
+    print("settings: " + " ".join(f"{k}={v}" for k, v in tuning.applied().items())
           + f"; torch threads {report['torch_threads']}; {report['cores']} cores; torch {torch.__version__}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from smoothcert.models import tuning
 from smoothcert.models.base import PEAK_MARGIN, Normalize
 from smoothcert.models.metadata import (
     ModelError,
@@ -61,7 +62,8 @@ class OnnxClassifier:
     describes the graph, whose normalization is usually built in; only an explicit
     ``normalization`` argument is applied, in torch, in front of the graph. A fixed batch
     dimension is honoured by running in chunks of that size (the last one zero-padded).
-    ``intra_op_num_threads=None`` keeps onnxruntime's default.
+    ``intra_op_num_threads=None`` takes this process's share of the cores when it was tuned
+    (:func:`smoothcert.models.tuning.threads`), else onnxruntime's default.
     """
 
     runtime = "onnxruntime"
@@ -193,6 +195,8 @@ def _open_session(path: Path, device: str | torch.device,
     # Idle onnxruntime threads spin for a while after each run; on a CPU they would then fight
     # torch's noise generation for the same cores between two forward passes.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if intra_op_num_threads is None:
+        intra_op_num_threads = tuning.threads()
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
     providers: list = [CPU_PROVIDER]

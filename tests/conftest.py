@@ -26,6 +26,15 @@ from tests.support.stack import (  # noqa: F401
 )
 
 
+def pytest_configure(config):
+    # The CLI keeps runtime choices and ONNX exports under $XDG_CACHE_HOME/smoothcert: a session's
+    # own, empty at the start (the user's cache is left alone), for this process and its children.
+    import os
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="smoothcert-test-cache-")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -32,7 +32,16 @@ from pydantic import (
 
 from smoothcert.models.pixels import as_pixel_batch
 from smoothcert.service.core import params
-from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, MAX_SEED, Bound, Mode
+from smoothcert.service.core.params import (
+    DEFAULT_ALPHA,
+    DEFAULT_N,
+    DEFAULT_N0,
+    MAX_SEED,
+    Bound,
+    Mode,
+    Precision,
+    Runtime,
+)
 
 
 def integral(value: Any) -> Any:
@@ -101,6 +110,12 @@ class CertifyRequest(BaseModel):
         None, ge=0, allow_inf_nan=False,
         description="only decide 'certified at this radius?' with an anytime-valid test that stops as soon "
                     "as the answer is known; n is then the cap per input")
+    runtime: Runtime = Field(params.DEFAULT_RUNTIME, description=(
+        "what evaluates the model: auto (the fastest on the worker's device, measured once per model), torch "
+        "or onnxruntime (a safetensors model is then exported to ONNX); an ONNX model runs in onnxruntime only"))
+    precision: Precision = Field(params.DEFAULT_PRECISION, description=(
+        "the model's arithmetic: float32, or float16 (torch on a CUDA device) or bfloat16 (torch); the noise is "
+        "drawn and added in float32, and the certificate holds for the classifier in this precision"))
 
     @field_validator("skip", "limit", "n0", "n", "batch_size", "seed", "labels", mode="before")
     @classmethod

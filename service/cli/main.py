@@ -24,9 +24,8 @@ from smoothcert.service.core.params import DEFAULT_PREDICT_N
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.tsv import format_tsv
 
-# Idle OpenMP threads of torch would otherwise spin between batches and slow down onnxruntime
-# and the noise generation on the same cores; set before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The commands that run a model in this process; they tune it (smoothcert.models.tuning) first.
+MODEL_COMMANDS = frozenset({"certify", "predict", "train", "import-checkpoint", "experiment"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:  # everything after `worker` belongs to `celery worker`, options first
         return _worker_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command in MODEL_COMMANDS:
+        from smoothcert.models import tuning  # standard library only: before torch is imported
+
+        tuning.tune_process()
+        tuning.apply_threads()   # now, before a command's own thread settings (training's)
     try:
         return args.handler(args) or 0
     except (ValueError, OSError) as exc:  # every error class of ours derives from ValueError
@@ -105,6 +109,8 @@ def _model_and_inputs(p: argparse.ArgumentParser) -> None:
     options.add_sigma(p)
     options.add_run_options(p, local=True)
     options.add_device(p)
+    options.add_runtime(p, local=True)
+    options.add_precision(p, local=True)
     options.add_out(p, local=True)
     options.add_model_fields(p.add_argument_group("bare safetensors weights (files without smoothcert metadata)"),
                              local=True)
@@ -157,7 +163,12 @@ def _run_analyze(args) -> int:
 
 
 def _prepare(args):
+    from smoothcert.models.runtimes import select_runtime
+    from smoothcert.worker.smoothing import default_batch_size
+
     model = _load(args)
+    batch = args.batch_size or default_batch_size(model.info.input_shape, model.device, model)
+    model = select_runtime(model, args.runtime, batch_size=batch, cache_dir=cache_dir(), precision=args.precision)
     x = load_inputs(args.inputs, model.info.input_shape)
     labels = None
     if args.labels:
@@ -216,6 +227,12 @@ def _load_classifier(args):
             raise ValueError(f"--input-shape must look like 3,32,32, got {args.input_shape!r}") from None
     return load_model(args.model, device=args.device, arch=args.arch, input_shape=input_shape,
                       num_classes=args.num_classes, normalization=args.normalization)
+
+
+def cache_dir() -> Path:
+    """Where the CLI keeps runtime choices and ONNX exports: ``$XDG_CACHE_HOME/smoothcert``
+    (default ``~/.cache/smoothcert``); safe to delete."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smoothcert"
 
 
 @contextmanager

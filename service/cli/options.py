@@ -101,6 +101,21 @@ def add_model_fields(p: Flags, *, local: bool) -> None:
     p.add_argument("--normalization", help='JSON, e.g. {"mean": [0.5], "std": [0.25]}')
 
 
+def add_runtime(p: Flags, *, local: bool) -> None:
+    """``--runtime``: what evaluates the model (auto: the fastest, measured once per model and cached)."""
+    where = "here" if local else "on the worker's device"
+    p.add_argument("--runtime", choices=params.RUNTIMES, default=params.DEFAULT_RUNTIME if local else None,
+                   help=f"auto: the fastest {where}, measured once per model; torch or onnxruntime pin one "
+                        f"(an ONNX model runs in onnxruntime only) ({_default(params.DEFAULT_RUNTIME, local)})")
+
+
+def add_precision(p: Flags, *, local: bool) -> None:
+    """``--precision``: the model's arithmetic (the noise stays float32)."""
+    p.add_argument("--precision", choices=params.PRECISIONS, default=params.DEFAULT_PRECISION if local else None,
+                   help="float32, or float16 (torch on a CUDA device) or bfloat16 (torch); the noise is drawn and "
+                        f"added in float32 ({_default(params.DEFAULT_PRECISION, local)})")
+
+
 def add_device(p: Flags) -> None:
     """``--device`` of a command that runs a model in this process."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

@@ -43,6 +43,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     options.add_samples(submit, local=False)
     options.add_run_options(submit, local=False)
     options.add_certify_options(submit, local=False)
+    options.add_runtime(submit, local=False)
+    options.add_precision(submit, local=False)
     submit.add_argument("--wait", action="store_true", help="wait for the result and write its TSV")
     _result_options(submit)
     submit.set_defaults(handler=_submit)
@@ -118,6 +120,7 @@ def _submit(args) -> int:
     with service_client(args) as client:
         accepted = client.submit(args.model_id, args.inputs, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                  batch_size=args.batch_size, seed=args.seed, bound=args.bound, mode=args.mode,
+                                 runtime=args.runtime, precision=args.precision,
                                  labels=labels, dataset_id=args.dataset, skip=args.skip, limit=args.limit,
                                  target_radius=args.target_radius)
         job_id = accepted["job_id"]

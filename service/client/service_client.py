@@ -94,7 +94,8 @@ class ServiceClient:
                seed: int | None = None, bound: str | None = None, mode: str | None = None,
                labels: Sequence[int] | None = None, radii: Sequence[float] | None = None,
                dataset_id: str | None = None, skip: int | None = None, limit: int | None = None,
-               target_radius: float | None = None) -> dict:
+               target_radius: float | None = None, runtime: str | None = None,
+               precision: str | None = None) -> dict:
         """Queue a certify (or ``mode="predict"``) job; the server's ``{job_id, status, location}``.
 
         ``inputs`` is one ``.npy`` file (sent as base64 in a JSON body) or PNG/JPEG files and
@@ -108,7 +109,8 @@ class ServiceClient:
                   "batch_size": batch_size, "seed": seed, "bound": bound, "mode": mode,
                   "labels": None if labels is None else [int(y) for y in labels],
                   "radii": None if radii is None else [float(r) for r in radii],
-                  "dataset_id": dataset_id, "skip": skip, "limit": limit, "target_radius": target_radius}
+                  "dataset_id": dataset_id, "skip": skip, "limit": limit, "target_radius": target_radius,
+                  "runtime": runtime, "precision": precision}
         params = {k: v for k, v in params.items() if v is not None}
         if dataset_id is not None:
             return self._submit("/v1/certify", lambda: {"json": params}).json()

@@ -12,9 +12,18 @@ from typing import Final, Literal, get_args
 Bound = Literal["cohen", "top2"]
 """How CERTIFY bounds the selected class: Cohen et al.'s one-class bound, or the two-class one."""
 Mode = Literal["certify", "predict"]
+Runtime = Literal["auto", "torch", "onnxruntime"]
+"""What evaluates the base classifier: the fastest on the device, measured at load (auto), or one
+pinned; an ONNX model runs in onnxruntime only (smoothcert.models.runtimes)."""
+Precision = Literal["float32", "float16", "bfloat16"]
+"""The base classifier's arithmetic; the noise is drawn and added in float32 whatever it is."""
 
 BOUNDS: Final[tuple[Bound, ...]] = get_args(Bound)
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
+RUNTIMES: Final[tuple[Runtime, ...]] = get_args(Runtime)
+PRECISIONS: Final[tuple[Precision, ...]] = get_args(Precision)
+DEFAULT_RUNTIME: Final[Runtime] = "auto"
+DEFAULT_PRECISION: Final[Precision] = "float32"
 
 DEFAULT_N0: Final = 100          # samples that select the class
 DEFAULT_N: Final = 100_000       # samples that bound its probability (the cap of a target-radius run)

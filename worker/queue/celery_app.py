@@ -13,19 +13,15 @@ worker; ``smoothcert worker`` calls :func:`main`.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-# Set before a worker process first imports torch: idle OpenMP threads would otherwise spin
-# between batches and take the cores from the noise generation and from onnxruntime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from celery.signals import celeryd_init, worker_process_init
 
-from celery.signals import celeryd_init  # noqa: E402
-
-from smoothcert.service.core.logs import capture_output, install_worker_hooks  # noqa: E402
-from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery  # noqa: E402
-from smoothcert.service.core.settings import Settings  # noqa: E402
-from smoothcert.worker.queue import liveness  # noqa: E402
+from smoothcert.models import tuning
+from smoothcert.service.core.logs import capture_output, install_worker_hooks
+from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery
+from smoothcert.service.core.settings import Settings
+from smoothcert.worker.queue import liveness
 
 WORKER_TASK_MODULES = ("smoothcert.worker.queue.tasks", "smoothcert.worker.queue.train_tasks")
 
@@ -56,7 +52,29 @@ def main(argv: list[str] | None = None) -> None:
     defaults = [*quiet, "worker", "--loglevel", settings.log_level, "--queues", QUEUE]
     if not any(a.startswith(("-c", "--concurrency")) for a in args):
         defaults += ["--concurrency", str(settings.worker_concurrency)]
+    # Before the task modules import torch (the OpenMP wait policy is read then): malloc, OpenMP
+    # and each pool process's share of the cores (smoothcert.models.tuning).
+    tuning.tune_process(_concurrency(args, settings.worker_concurrency))
     app.worker_main(defaults + args)
+
+
+def _concurrency(args: list[str], default: int) -> int:
+    """The pool size ``celery worker`` will use: the last -c/--concurrency option, else ``default``."""
+    value = str(default)
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--concurrency") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--concurrency="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-c") and len(arg) > 2:
+            value = arg[2:]
+    return int(value) if value.isdigit() and int(value) > 0 else default
+
+
+@worker_process_init.connect(weak=False)
+def _pool_process_threads(**_) -> None:
+    """Each pool process takes its share of the cores as torch threads (forked, it starts with the parent's)."""
+    tuning.apply_threads()
 
 
 if __name__ == "__main__":

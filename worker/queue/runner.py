@@ -25,6 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from smoothcert.models.loaders import load_stored_model as load_from_store
 from smoothcert.models.metadata import ModelError
+from smoothcert.models.runtimes import batch_class, select_runtime
 from smoothcert.service.core.dataset_files import DatasetFileError
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.job_chunks import ChunkLedger
@@ -36,11 +37,13 @@ from smoothcert.worker.queue.celery_app import settings
 from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
 from smoothcert.worker.queue.job_results import kept_samples, label_metrics, label_rows, run_engine, throttled
 from smoothcert.worker.queue.liveness import report_process, retire_process
-from smoothcert.worker.smoothing import Canceled, InputError
+from smoothcert.worker.smoothing import Canceled, InputError, default_batch_size
 
 log = logging.getLogger(__name__)
 MODEL_CACHE_SIZE = 4
 _models: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (id, sha256) -> classifier, per process
+# (id, sha256, runtime asked for, precision, batch size class) -> the classifier in the runtime chosen
+_runtimes: OrderedDict[tuple[str, str, str, str, int], Any] = OrderedDict()
 _clients: dict[str, Any] = {}
 
 
@@ -110,19 +113,41 @@ def check_model(model_id: str) -> dict[str, Any]:
     return {**found, "runtime": model.runtime, "provider": model.provider}
 
 
-def ready_model(model_id: str):
-    """The loaded model of a ready stored model; ModelError when it was deleted."""
+def ready_model(model_id: str, spec: dict[str, Any] | None = None):
+    """The loaded model of a ready stored model; ModelError when it was deleted. With a job's
+    ``spec``, in the runtime it asks for (a record without one is from before runtimes were
+    chosen: torch, as then)."""
     store = ModelStore(settings.models_dir)
     meta = store.get(model_id)
     if meta is None:
         raise ModelError(f"model {model_id} was deleted")
-    return loaded_model(store, meta)
+    model = loaded_model(store, meta)
+    if spec is None:
+        return model
+    return runtime_model(model, meta, spec.get("runtime", "torch"), spec.get("batch_size"),
+                         spec.get("precision", "float32"))
+
+
+def runtime_model(model, meta: dict[str, Any], runtime: str, batch_size: int | None, precision: str = "float32"):
+    """``model`` in ``runtime`` and ``precision`` (models/runtimes.py), for batches of ``batch_size`` (None: the
+    engine's default); the choice and the ONNX export are cached under ``DATA_DIR/cache``, and
+    the last few such models stay loaded in this process."""
+    batch = batch_size or default_batch_size(model.info.input_shape, model.device, model)
+    key = (meta["id"], meta["sha256"], runtime, precision, batch_class(batch))
+    if key in _runtimes:
+        _runtimes.move_to_end(key)
+    else:
+        while len(_runtimes) >= MODEL_CACHE_SIZE:
+            _runtimes.popitem(last=False)
+        _runtimes[key] = select_runtime(model, runtime, batch_size=batch, cache_dir=settings.data_dir / "cache",
+                                        precision=precision)
+    return _runtimes[key]
 
 
 def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]:
     """Run a certify/predict job described by ``spec`` (checked against its record) on the inputs
     saved for it, and return its result."""
-    model = ready_model(spec["model_id"])
+    model = ready_model(spec["model_id"], spec)
     x = saved_inputs(job_id, spec["num_inputs"])
     labels = spec.get("labels")
     jobs.keep_samples(job_id, kept_samples(model, x, spec, 0))
@@ -157,7 +182,7 @@ def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, wo
     should_stop, progress = watchdog.batches(
         lambda: ledger.should_stop(job_id), throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
         cancel=lambda: ledger.jobs.mark_canceled(job_id))
-    outcome = run_chunk(ready_model(spec["model_id"]), spec, DatasetStore(settings.datasets_dir), worker,
+    outcome = run_chunk(ready_model(spec["model_id"], spec), spec, DatasetStore(settings.datasets_dir), worker,
                         progress, should_stop, settings.batch_memory_bytes or None,
                         keep=lambda rows: ledger.jobs.keep_samples(job_id, rows))
     record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"])

@@ -72,6 +72,15 @@ def host_available_bytes(meminfo: Path = _MEMINFO, cgroup: Path = _CGROUP) -> in
     return min(known) if known else FALLBACK_BYTES
 
 
+MAX_GPU_BATCH = 1 << 14   # beyond this a GPU is busy anyway, and one batch's votes wait too long
+
+
+def batch_for_memory(per_copy: int, free: int, cap: int = MAX_GPU_BATCH) -> int:
+    """The default batch of a GPU: the largest power of two of copies of ``per_copy`` bytes that fits
+    BUDGET_FRACTION of ``free`` bytes, at most ``cap`` (a power of two), at least 1."""
+    return min(cap, fit_batch(cap, per_copy, int(BUDGET_FRACTION * free)))
+
+
 def fit_batch(requested: int, per_copy: int, budget: int) -> int:
     """``requested`` when that many copies of ``per_copy`` bytes fit ``budget``, else the largest
     power of two that does (at least 1)."""

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from smoothcert.models import tuning
 from smoothcert.models.base import BaseClassifier
 from smoothcert.models.pixels import PixelError, as_pixel_batch
 from smoothcert.service.core.params import draw_seed
@@ -38,8 +39,12 @@ class Canceled(RuntimeError):
     """The cancel check asked the run to stop; raised between batches."""
 
 
-def default_batch_size(input_shape: Sequence[int], device: torch.device) -> int:
-    """A batch that keeps the noise buffer near 16 MB on a CPU (160 MB on a GPU), at most 10,000."""
+def default_batch_size(input_shape: Sequence[int], device: torch.device, model: BaseClassifier | None = None) -> int:
+    """A batch that keeps the noise buffer near 16 MB on a CPU, at most 10,000. On a GPU, given the
+    ``model``, as many copies as a share of the device's free memory holds
+    (:func:`memory.batch_for_memory` of :func:`memory.free_bytes`); without it, 160 MB of noise."""
+    if device.type == "cuda" and model is not None:
+        return memory.batch_for_memory(memory.bytes_per_copy(model), memory.free_bytes(device))
     per_sample = int(np.prod(input_shape))
     budget = 40_000_000 if device.type == "cuda" else 4_000_000
     return max(1, min(10_000, budget // per_sample))
@@ -87,7 +92,7 @@ class Sampler:
         self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
         self.requested_batch_size = None if batch_size is None else int(batch_size)
         if batch_size is None:
-            self.batch_size = default_batch_size(model.info.input_shape, device)
+            self.batch_size = default_batch_size(model.info.input_shape, device, model)
         else:
             budget = memory.default_budget(device) if memory_budget is None else int(memory_budget)
             self.batch_size = memory.fit_batch(int(batch_size), memory.bytes_per_copy(model), budget)
@@ -167,7 +172,8 @@ class Sampler:
 
     def provenance(self, params: dict[str, Any]) -> dict[str, Any]:
         """What produced a result: the call's parameters, seed, batch size (the one used, and the one
-        asked for: None when chosen here), device, model (a pipeline's parts too), versions."""
+        asked for: None when chosen here), device, model (a pipeline's parts too), versions, and the
+        process settings it ran under (:func:`smoothcert.models.tuning.applied`, and torch's thread count)."""
         info = self.model.info
         return {
             **params,
@@ -179,10 +185,12 @@ class Sampler:
             "runtime": self.model.runtime,
             "provider": self.model.provider,
             "precision": self.model.precision,
+            "runtime_choice": getattr(self.model, "runtime_choice", None),
             "model_sha256": info.sha256,
             "model_format": info.format,
             "model_arch": info.arch,
             **({"model_parts": info.parts} if info.parts else {}),   # a pipeline names its two files
             "versions": software_versions(),
+            "tuning": {**tuning.applied(), "torch_threads": torch.get_num_threads()},
             "elapsed_s": self.elapsed(),
         }

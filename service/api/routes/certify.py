@@ -180,6 +180,18 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     if meta.get("kind") == DENOISER:
         raise _unprocessable(f"model {req.model_id} is a denoiser, which outputs images, not classes; certify a "
                              "pipeline of it and a classifier (POST /v1/models/pipelines)")
+    if meta.get("format") == "pipeline" and (req.runtime != "auto" or req.precision != "float32"):
+        raise _unprocessable(f"model {req.model_id} is a pipeline, whose parts each run in their own loader: "
+                             "runtime auto and precision float32 only")
+    if req.runtime == "torch" and meta.get("format") == "onnx":
+        raise _unprocessable(f"runtime torch needs a safetensors model; model {req.model_id} is ONNX, which runs "
+                             "in onnxruntime only: use runtime auto or onnxruntime")
+    if req.precision != "float32" and (req.runtime == "onnxruntime" or meta.get("format") == "onnx"):
+        raise _unprocessable(f"precision {req.precision} runs in torch only (a safetensors model, runtime auto or "
+                             "torch); onnxruntime evaluates the float32 graph")
+    if req.precision == "float16" and settings.device == "cpu":
+        raise _unprocessable("precision float16 needs a CUDA device and this server's workers run on the CPU "
+                             "(SMOOTHCERT_DEVICE=cpu); use float32, or bfloat16")
     if req.dataset_id is not None:
         return _enqueue_dataset(req, meta, settings, jobs, datasets, queue, admission)
     try:
@@ -261,7 +273,7 @@ def _params(req: CertifyRequest, num_inputs: int) -> dict[str, Any]:
     seed = req.seed if req.seed is not None else draw_seed(DRAWN_SEED_BOUND)
     params = {"model_id": req.model_id, "mode": req.mode, "sigma": req.sigma, "n0": req.n0, "n": req.n,
               "alpha": req.alpha, "bound": req.bound, "batch_size": req.batch_size, "seed": seed,
-              "num_inputs": num_inputs}
+              "num_inputs": num_inputs, "runtime": req.runtime, "precision": req.precision}
     if req.target_radius is not None:
         params["target_radius"] = req.target_radius
     return params

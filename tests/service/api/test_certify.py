@@ -52,7 +52,7 @@ def test_queue_gives_the_engine_answer_for_the_same_seed(client, demo_model, dem
 
     x = digits[0][:2]
     job = wait_job(client, submit(client, model_id=demo_model["id"], inputs=x.tolist(), sigma=0.25,
-                                  n0=20, n=300, seed=123, batch_size=64))
+                                  n0=20, n=300, seed=123, batch_size=64, runtime="torch"))
     direct = certify(load_model(demo_paths["safetensors"], device="cpu"), x, 0.25, n0=20, n=300,
                      seed=123, batch_size=64).to_dict()["results"]
     assert [(r["prediction"], r["n_a"], r["radius"]) for r in job["result"]["results"]] == \

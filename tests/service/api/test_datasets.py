@@ -30,7 +30,8 @@ from tests.support.stack import (
 CHUNK = 50
 LIMITS = {"SMOOTHCERT_CHUNK_SIZE": str(CHUNK), "SMOOTHCERT_MAX_DATASET_BYTES": str(256 << 10),
           "SMOOTHCERT_MAX_DATASET_UNPACKED_BYTES": str(1 << 20)}
-JOB = {"sigma": 0.25, "n0": 10, "n": 100, "seed": 11}
+# runtime torch: the chunks are compared with the engine running the torch model in this process
+JOB = {"sigma": 0.25, "n0": 10, "n": 100, "seed": 11, "runtime": "torch"}
 
 
 @pytest.fixture(scope="module")

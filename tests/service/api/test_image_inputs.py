@@ -75,7 +75,7 @@ def test_a_16_bit_digit_is_scaled_not_clipped_and_gets_the_class_of_its_8_bit_ve
 
     x, y = digits
     index = int(np.flatnonzero(y == 3)[0])
-    form = {"n0": "100", "n": "1000", "batch_size": "100", "labels": json.dumps([3])}
+    form = {"n0": "100", "n": "1000", "batch_size": "100", "labels": json.dumps([3]), "runtime": "torch"}
     rows = {}
     for name, data in (("d8.png", images.grey8(x[index][0])), ("d16.png", images.grey16(x[index][0]))):
         resp = certify(client, demo_model["id"], [(name, data, "image/png")], **form)

@@ -166,9 +166,10 @@ def test_a_million_copies_per_batch_stay_within_the_workers_budget(small_budget_
     client, model = small_budget_stack
     pid = _pool_pid(client)   # the pool process that checked the model at upload
     before = memory_bytes(pid)
-    # 100,100 copies of one input: asked for in one batch, about 4 GB of digits_cnn activations.
+    # 100,100 copies of one input: asked for in one batch, about 4 GB of digits_cnn activations
+    # (runtime torch: the figures below are the torch module's layer results).
     job = wait_job(client, submit(client, model_id=model["id"], inputs=IMAGE, sigma=0.25, n0=100, n=100_000,
-                                  batch_size=1_000_000, seed=0), timeout=600)
+                                  batch_size=1_000_000, seed=0, runtime="torch"), timeout=600)
     assert job["status"] == "succeeded", job["error"]
     provenance = job["result"]["provenance"]
     # digits_cnn: 256 bytes of noise, 54,568 of layer results, 90 of scores, 64 of counting a copy

@@ -90,6 +90,9 @@ def test_a_denoiser_alone_cannot_be_certified_and_a_part_in_use_cannot_be_delete
     assert resp.status_code == 422 and "is a denoiser" in resp.json()["detail"]
     resp = admin.delete(f"/v1/models/{denoiser['id']}")
     assert resp.status_code == 409 and pipeline["id"] in resp.json()["detail"]
+    for pin in ({"runtime": "torch"}, {"runtime": "onnxruntime"}, {"precision": "bfloat16"}):
+        resp = client.post("/v1/certify", json={"model_id": pipeline["id"], "inputs": digits[0].tolist(), **JOB, **pin})
+        assert resp.status_code == 422 and "is a pipeline" in resp.json()["detail"], (pin, resp.text)
 
 
 def test_a_pipeline_job_gives_the_rows_of_certify_with_denoiser(client, pipeline, denoiser_file, demo_paths,

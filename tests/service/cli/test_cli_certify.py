@@ -37,7 +37,8 @@ def _rows(path):
 def test_certify_demo_model_writes_cohen_tsv_and_provenance(demo_paths, digits, tmp_path, fmt):
     out = tmp_path / "r.tsv"
     code = main(["certify", str(demo_paths[fmt]), "--inputs", str(digits[0]), "--labels", str(digits[1]),
-                 "--sigma", "0.25", "--n0", "50", "--n", "2000", "--seed", "1", "--out", str(out)])
+                 "--sigma", "0.25", "--n0", "50", "--n", "2000", "--seed", "1", "--out", str(out),
+                 "--runtime", "onnxruntime" if fmt == "onnx" else "torch"])
     assert code == 0
     header, rows = _rows(out)
     assert tuple(header) == CERTIFY_COLUMNS and len(rows) == 20
@@ -54,7 +55,8 @@ def test_onnx_and_torch_give_the_same_certificates(demo_paths, digits, tmp_path)
     for fmt in ("onnx", "safetensors"):
         outs.append(tmp_path / f"{fmt}.tsv")
         main(["certify", str(demo_paths[fmt]), "--inputs", str(digits[0]), "--sigma", "0.25", "--n0", "20",
-              "--n", "500", "--seed", "4", "--batch-size", "256", "--out", str(outs[-1])])
+              "--n", "500", "--seed", "4", "--batch-size", "256", "--out", str(outs[-1]),
+              "--runtime", "onnxruntime" if fmt == "onnx" else "torch"])
     onnx_rows, torch_rows = (_rows(p)[1] for p in outs)
     # identical noise; the two runtimes may differ in the last float bits, so allow one flipped vote
     for a, b in zip(onnx_rows, torch_rows):

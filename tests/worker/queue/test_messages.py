@@ -12,7 +12,8 @@ from smoothcert.worker.queue.messages import Dropped, certify_spec, check_model_
 from tests.support.stack import scratch_db
 
 PARAMS = {"model_id": "m1", "mode": "certify", "sigma": 0.25, "n0": 10, "n": 50, "alpha": 0.001,
-          "bound": "clopper-pearson", "batch_size": None, "seed": 3, "num_inputs": 2, "target_radius": 0.5}
+          "bound": "clopper-pearson", "batch_size": None, "seed": 3, "num_inputs": 2, "target_radius": 0.5,
+          "runtime": "auto", "precision": "float32"}
 
 
 @pytest.fixture
@@ -42,6 +43,7 @@ def test_the_api_message_of_a_certify_job_passes_with_its_labels(jobs):
     ({"sigma": 0.5, "n": 1}, "its parameters differ from the job record's: n, sigma"),
     ({"target_radius": None}, "differ from the job record's: target_radius"),
     ({"extra": 1}, "differ from the job record's: extra"),
+    ({"runtime": "torch"}, "differ from the job record's: runtime"),
 ])
 def test_a_certify_message_unlike_its_record_is_dropped(jobs, change, reason):
     job_id = recorded(jobs, "certify", PARAMS)

@@ -85,6 +85,28 @@ def test_fit_batch():
     assert [memory.fit_batch(777, 100, b) for b in (77_700, 77_699)] == [777, 512]
 
 
+def test_a_gpus_default_batch_is_the_power_of_two_a_quarter_of_its_free_memory_holds():
+    # 1000 bytes a copy; a quarter of 4 MB holds 1000 copies: 512. Capped at MAX_GPU_BATCH; at least 1.
+    assert memory.batch_for_memory(1000, 4_000_000) == 512
+    assert memory.batch_for_memory(1000, 1 << 50) == memory.MAX_GPU_BATCH
+    assert memory.batch_for_memory(1000, 10) == 1
+    assert memory.batch_for_memory(1000, 1 << 50, cap=64) == 64
+
+
+@pytest.mark.gpu
+def test_a_cuda_batch_follows_the_free_device_memory(demo_paths):
+    import torch
+
+    from smoothcert.models.loaders import load_model
+    from smoothcert.worker.smoothing import default_batch_size
+
+    model = load_model(demo_paths["safetensors"], device="cuda")
+    free = memory.free_bytes(model.device)
+    assert default_batch_size(model.info.input_shape, model.device, model) == \
+        memory.batch_for_memory(memory.bytes_per_copy(model), free)
+    assert torch.cuda.mem_get_info(model.device)[0] <= free
+
+
 def test_host_memory_from_meminfo_within_the_cgroup_limit(tmp_path: Path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24684092 kB\nMemAvailable:    2000000 kB\n")
