@@ -154,7 +154,9 @@ def test_readyz_names_a_process_stuck_past_its_watchdog(stack):
     record = wait_job(stack["user"], job_id, timeout=60)
     assert record["status"] == "failed" and record["error"].startswith("a batch of the model ran longer than")
     serves_the_next_job(stack, pid)
-    assert stack["admin"].get("/readyz").status_code == 200
+    # The exited process's entry goes at the worker's next heartbeat (every TTL/5), which can come
+    # after a quick next job has already finished.
+    wait_for(lambda: stack["admin"].get("/readyz").status_code == 200, 30, "/readyz to be ready again")
 
 
 def test_readyz_notices_a_worker_whose_heartbeat_went_stale(stack):
