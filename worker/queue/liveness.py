@@ -35,7 +35,7 @@ from smoothcert.service.core.jobs import JobStore
 from smoothcert.service.core.queue import send_first, soft_time_limit_s, watchdog_time_limit_s
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
-from smoothcert.worker.queue import watchdog
+from smoothcert.worker.queue import outage, watchdog
 from smoothcert.worker.queue.leases import Lease, Leases
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class LeasedTask(Task):
         finally:
             watchdog.end(watch)
             try:
-                leases.release(lease)
+                outage.persist(lambda: leases.release(lease), f"releasing the lease of task {self.request.id}",
+                               job_id)
             except redis.RedisError:
                 log.warning("could not release the lease of task %s", self.request.id)
             if _state.get("retire"):

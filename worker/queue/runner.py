@@ -32,7 +32,7 @@ from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore, job_folder, job_inputs
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.samples import record_result_samples
-from smoothcert.worker.queue import watchdog
+from smoothcert.worker.queue import outage, watchdog
 from smoothcert.worker.queue.celery_app import settings
 from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
 from smoothcert.worker.queue.job_results import kept_samples, label_metrics, label_rows, run_engine, throttled
@@ -45,6 +45,7 @@ _models: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (id, sha256) -> cl
 # (id, sha256, runtime asked for, precision, batch size class) -> the classifier in the runtime chosen
 _runtimes: OrderedDict[tuple[str, str, str, str, int], Any] = OrderedDict()
 _clients: dict[str, Any] = {}
+_UNKNOWN: Any = object()   # a record that could not be read
 
 
 def job_store() -> JobStore:
@@ -152,10 +153,13 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
     labels = spec.get("labels")
     jobs.keep_samples(job_id, kept_samples(model, x, spec, 0))
     should_cancel, progress = watchdog.batches(
-        lambda: jobs.cancel_requested(job_id), throttled(lambda done, total: jobs.set_progress(job_id, done, total)),
+        lambda: outage.tolerant(lambda: jobs.cancel_requested(job_id), False, "a cancel check", job_id),
+        throttled(lambda done, total: outage.tolerant(lambda: jobs.set_progress(job_id, done, total), None,
+                                                      "a progress write", job_id)),
         cancel=lambda: jobs.mark_canceled(job_id), cleanup=lambda: drop_inputs_when_done(job_id, jobs))
     result = run_engine(model, x, spec, spec["seed"], progress, should_cancel, settings.batch_memory_bytes or None)
-    record_result_samples(jobs.redis, result["results"], result["provenance"])
+    outage.tolerant(lambda: record_result_samples(jobs.redis, result["results"], result["provenance"]), None,
+                    "counting the samples drawn", job_id)
     result["provenance"]["model_id"] = spec["model_id"]
     label_rows(result["results"], labels)
     if labels is not None:
@@ -180,12 +184,15 @@ def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, wo
     """Run chunk ``spec["chunk"]`` of a dataset job; its outcome (rows and provenance)."""
     index = spec["chunk"]
     should_stop, progress = watchdog.batches(
-        lambda: ledger.should_stop(job_id), throttled(lambda done, total: ledger.set_progress(job_id, index, done)),
+        lambda: outage.tolerant(lambda: ledger.should_stop(job_id), False, "a cancel check", job_id),
+        throttled(lambda done, total: outage.tolerant(lambda: ledger.set_progress(job_id, index, done), None,
+                                                      "a progress write", job_id)),
         cancel=lambda: ledger.jobs.mark_canceled(job_id))
     outcome = run_chunk(ready_model(spec["model_id"], spec), spec, DatasetStore(settings.datasets_dir), worker,
                         progress, should_stop, settings.batch_memory_bytes or None,
                         keep=lambda rows: ledger.jobs.keep_samples(job_id, rows))
-    record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"])
+    outage.tolerant(lambda: record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"]), None,
+                    "counting the samples drawn", job_id)
     return outcome
 
 
@@ -193,17 +200,26 @@ def complete_chunk(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: Ch
     """Run a chunk and keep its outcome; when every chunk has one, combine them into the result.
 
     Any chunk task that finds all outcomes stored may combine them (a redelivered last chunk
-    too); the record turns succeeded once, whoever wins, so no lock is needed.
+    too); the record turns succeeded once, whoever wins, so no lock is needed. Storing the
+    outcome, combining and clearing are each tried again while Redis is away (outage.persist).
     """
-    if ledger.store(job_id, spec["chunk"], run_dataset_chunk(job_id, spec, ledger, worker)) < spec["chunks"]:
+    outcome = run_dataset_chunk(job_id, spec, ledger, worker)
+    stored = outage.persist(lambda: ledger.store(job_id, spec["chunk"], outcome),
+                            f"storing the outcome of chunk {spec['chunk']}", job_id)
+    if stored is None or stored < spec["chunks"]:
         return
+    if outage.persist(lambda: combine(job_id, spec, jobs, ledger), "recording the job's result", job_id):
+        outage.persist(lambda: ledger.clear(job_id), "clearing the chunk outcomes", job_id)
+
+
+def combine(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedger) -> bool:
+    """Combine the stored chunk outcomes into the job's result; whether this call recorded it."""
     record = jobs.get(job_id)
     outcomes = ledger.results(job_id)
     if record is None or record.status != RUNNING or len(outcomes) < spec["chunks"]:
-        return  # canceled or failed meanwhile, or another chunk task combined and cleared them
+        return False  # canceled or failed meanwhile, or another chunk task combined and cleared them
     elapsed = max(0.0, time.time() - (record.started_at or time.time()))
-    if jobs.succeed(job_id, combine_chunks(spec, outcomes, elapsed)):
-        ledger.clear(job_id)
+    return jobs.succeed(job_id, combine_chunks(spec, outcomes, elapsed))
 
 
 def admitted(jobs: JobStore, job_id: str, deliveries: int, what: str = "the job") -> bool:
@@ -212,7 +228,8 @@ def admitted(jobs: JobStore, job_id: str, deliveries: int, what: str = "the job"
     if deliveries == 0:
         return False
     if deliveries > settings.max_deliveries:
-        jobs.fail(job_id, f"{what} was started {deliveries - 1} times and its worker died each time")
+        message = f"{what} was started {deliveries - 1} times and its worker died each time"
+        outage.persist(lambda: jobs.fail(job_id, message), "recording the job's failure", job_id)
         return False
     return True
 
@@ -220,29 +237,39 @@ def admitted(jobs: JobStore, job_id: str, deliveries: int, what: str = "the job"
 def finish(job_id: str, jobs: JobStore, work) -> None:
     """Run ``work()`` as job ``job_id`` and record how it ended; never raises for job errors."""
     if admitted(jobs, job_id, jobs.start(job_id)):
-        record_errors(job_id, jobs, lambda: jobs.succeed(job_id, work()))
+        def run() -> None:
+            result = work()
+            outage.persist(lambda: jobs.succeed(job_id, result), "recording the job's result", job_id)
+        record_errors(job_id, jobs, run)
 
 
 def record_errors(job_id: str, jobs: JobStore, work) -> None:
-    """Run ``work()``; a cancellation or an error ends job ``job_id`` accordingly."""
+    """Run ``work()``; a cancellation or an error ends job ``job_id`` accordingly. The ending is
+    tried again while Redis is away (outage.persist)."""
     try:
         work()
     except Canceled:
-        jobs.mark_canceled(job_id)
+        outage.persist(lambda: jobs.mark_canceled(job_id), "recording the cancellation", job_id)
     except (ModelError, InputError, DatasetFileError) as exc:
-        jobs.fail(job_id, str(exc))
+        _fail(job_id, jobs, str(exc))
     except SoftTimeLimitExceeded:
-        jobs.fail(job_id, f"the job exceeded the {settings.task_time_limit_s} s time limit")
+        _fail(job_id, jobs, f"the job exceeded the {settings.task_time_limit_s} s time limit")
     except Exception as exc:  # a bug or a broken runtime: record it, keep the worker alive
         log.exception("job %s failed", job_id)
-        jobs.fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
+        _fail(job_id, jobs, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _fail(job_id: str, jobs: JobStore, error: str) -> None:
+    outage.persist(lambda: jobs.fail(job_id, error), "recording the job's failure", job_id)
 
 
 def drop_inputs_when_done(job_id: str, jobs: JobStore) -> None:
     """Delete a job's folder of saved inputs once it has ended; a job still in flight keeps them
     for the next delivery. Only ``DATA_DIR/jobs/<id>`` is ever removed, and not when it resolves
-    elsewhere."""
-    record = jobs.get(job_id)
+    elsewhere. While Redis is away nothing is removed: whether the job ended is not known."""
+    record = outage.tolerant(lambda: jobs.get(job_id), _UNKNOWN, "the cleanup of the saved inputs", job_id)
+    if record is _UNKNOWN:
+        return
     if record is None or record.status in TERMINAL:
         try:
             folder = job_folder(settings.jobs_dir, job_id)
