@@ -13,26 +13,16 @@ import json
 import os
 import signal
 
-import httpx
-import numpy as np
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 from smoothcert.service.core.jobs import JobStore, new_job_id
 from smoothcert.worker.queue import runner
 from smoothcert.worker.queue.leases import LEASES_KEY
-from tests.support.hostile_models import loop_on_noise_onnx
+from tests.support.hostile_stack import hostile_stack, submit
 from tests.support.proc import alive
 from tests.support.stack import (
-    ADMIN_KEY,
-    USER_KEY,
-    other_db,
     scratch_db,
-    stack_env,
-    start_api,
-    start_worker,
-    stop_process,
-    upload_model_file,
     wait_for,
     wait_job,
 )
@@ -67,31 +57,9 @@ LIMIT_S = 20   # the next job runs in a fresh pool process, which takes seconds 
 
 @pytest.fixture(scope="module")
 def limited(redis_url, tmp_path_factory, demo_paths):
-    tmp = tmp_path_factory.mktemp("time-limit")
-    with scratch_db(redis_url, 4) as db:
-        env = stack_env(other_db(redis_url, 4), tmp / "data", SMOOTHCERT_TASK_TIME_LIMIT_S=str(LIMIT_S),
-                        SMOOTHCERT_BATCH_DEADLINE_FLOOR_S="600")
-        worker, _ = start_worker(env, tmp / "worker.log", "limited@%h")
-        api, url = start_api(env, tmp / "api.log")
-        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90)
-        user = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90)
-        hostile = upload_model_file(admin, loop_on_noise_onnx(tmp / "loop-on-noise.onnx"), name="loop-on-noise")
-        good = upload_model_file(admin, demo_paths["safetensors"], name="digits")
-        assert hostile.status_code == 201 and good.status_code == 201, (hostile.text, good.text)
-        yield {"user": user, "worker": worker, "redis": db, "hostile": hostile.json()["id"],
-               "good": good.json()["id"], "x": np.load(demo_paths["test_x"])[:2]}
-        admin.close()
-        user.close()
-        stop_process(api)
-        stop_process(worker)
-
-
-def _submit(limited, model: str, sigma: float) -> str:
-    resp = limited["user"].post("/v1/certify", json={"model_id": limited[model], "inputs": limited["x"].tolist(),
-                                                     "sigma": sigma, "n0": 100, "n": 1000, "seed": 3,
-                                                     "batch_size": 500})
-    assert resp.status_code == 202, resp.text
-    return resp.json()["job_id"]
+    with hostile_stack(redis_url, 4, tmp_path_factory.mktemp("time-limit"), demo_paths, "limited@%h",
+                       SMOOTHCERT_TASK_TIME_LIMIT_S=str(LIMIT_S), SMOOTHCERT_BATCH_DEADLINE_FLOOR_S="600") as stack:
+        yield stack
 
 
 def _running_pid(limited, job_id: str) -> int:
@@ -112,19 +80,19 @@ def _ends_and_the_worker_goes_on(limited, job_id: str, pid: int, how: str) -> No
     wait_for(lambda: limited["redis"].hget(LEASES_KEY, job_id) is None, 60, "the lease to go")
     wait_for(lambda: not alive(pid), 30, "the stuck pool process to exit")
     assert limited["worker"].poll() is None
-    good = wait_job(limited["user"], _submit(limited, "good", 0.25), timeout=120)
+    good = wait_job(limited["user"], submit(limited, "good", 0.25), timeout=120)
     assert good["status"] == "succeeded", good["error"]
 
 
 def test_a_task_stuck_in_its_model_at_the_time_limit_fails_and_releases_its_lease(limited):
-    job_id = _submit(limited, "hostile", 1.0)
+    job_id = submit(limited, "hostile", 1.0)
     pid = _running_pid(limited, job_id)
     # the watchdog's end, before Celery's hard limit: the process is replaced
     _ends_and_the_worker_goes_on(limited, job_id, pid, "replaced")
 
 
 def test_a_task_killed_by_the_hard_time_limit_fails_and_releases_its_lease(limited):
-    job_id = _submit(limited, "hostile", 1.0)
+    job_id = submit(limited, "hostile", 1.0)
     pid = _running_pid(limited, job_id)
     os.kill(pid, signal.SIGSTOP)    # not even its watchdog runs: Celery's hard limit kills it
     _ends_and_the_worker_goes_on(limited, job_id, pid, "killed")

@@ -18,23 +18,15 @@ import os
 import signal
 import time
 
-import httpx
-import numpy as np
 import pytest
 import redis
 
 from smoothcert.service.core.workers import PROCESSES_PREFIX
 from smoothcert.worker.queue.leases import LEASES_KEY
-from tests.support.hostile_models import loop_on_noise_onnx, unused_initializer_onnx
+from tests.support.hostile_models import unused_initializer_onnx
+from tests.support.hostile_stack import hostile_stack, submit
 from tests.support.proc import alive
 from tests.support.stack import (
-    ADMIN_KEY,
-    USER_KEY,
-    other_db,
-    scratch_db,
-    stack_env,
-    start_api,
-    start_worker,
     stop_process,
     upload_model_file,
     wait_for,
@@ -46,32 +38,9 @@ FLOOR_S = 6
 
 @pytest.fixture(scope="module")
 def stack(redis_url, tmp_path_factory, demo_paths):
-    tmp = tmp_path_factory.mktemp("watchdog")
-    with scratch_db(redis_url, 13) as db:
-        env = stack_env(other_db(redis_url, 13), tmp / "data", SMOOTHCERT_BATCH_DEADLINE_FLOOR_S=str(FLOOR_S))
-        worker, name = start_worker(env, tmp / "worker.log", "watchdog@%h")
-        api, url = start_api(env, tmp / "api.log")
-        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90)
-        user = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90)
-        hostile = upload_model_file(admin, loop_on_noise_onnx(tmp / "loop-on-noise.onnx"), name="loop-on-noise")
-        assert hostile.status_code == 201, hostile.text   # it passes the upload check
-        good = upload_model_file(admin, demo_paths["safetensors"], name="digits")
-        assert good.status_code == 201, good.text
-        yield {"admin": admin, "user": user, "anonymous": httpx.Client(base_url=url, timeout=30), "worker": worker,
-               "name": name, "tmp": tmp, "redis": db, "hostile": hostile.json()["id"], "good": good.json()["id"],
-               "x": np.load(demo_paths["test_x"])[:2]}
-        admin.close()
-        user.close()
-        stop_process(api)
-        stop_process(worker)
-
-
-def submit(stack, model: str, sigma: float) -> str:
-    resp = stack["user"].post("/v1/certify", json={"model_id": stack[model], "inputs": stack["x"].tolist(),
-                                                   "sigma": sigma, "n0": 100, "n": 1000, "seed": 3,
-                                                   "batch_size": 500})
-    assert resp.status_code == 202, resp.text
-    return resp.json()["job_id"]
+    with hostile_stack(redis_url, 13, tmp_path_factory.mktemp("watchdog"), demo_paths, "watchdog@%h",
+                       SMOOTHCERT_BATCH_DEADLINE_FLOOR_S=str(FLOOR_S)) as stack:
+        yield stack
 
 
 def lease(client: redis.Redis, job_id: str) -> dict | None:
