@@ -90,18 +90,25 @@ def run_training(job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: in
 
 def register_model(result: TrainResult, job_id: str) -> dict[str, Any]:
     """Store the trained model as a ready model (once per job, also when the task is redelivered)."""
+    return _register(result, job_id, "model.safetensors", load_model)
+
+
+def _register(result: TrainResult | DenoiserResult, job_id: str, filename: str, load) -> dict[str, Any]:
+    """Store a trained network's file as a ready model once per job (a redelivered task finds the
+    first one), after the same check an upload gets: ``load`` the stored file (the loader runs it on
+    its check batches); a file that fails is removed again."""
     store = ModelStore(settings.models_dir)
     for meta in store.list():
         if meta.get("train_job") == job_id:
             return meta
-    path = result.save(job_folder(job_id) / "model.safetensors")
+    path = result.save(job_folder(job_id) / filename)
     with open(path, "rb") as f:
         meta = store.add(f, path.name, {"name": result.info.name, "train_job": job_id})
     try:
-        # The same check an upload gets: load the stored file and run it on one batch.
-        model = load_model(store.weights_path(meta["id"]), device=settings.device)
-        found = {k: v for k, v in model.info.to_dict().items() if v not in (None, {}) and k not in ("format", "sha256")}
-        return store.update(meta["id"], **found, runtime=model.runtime, provider=model.provider, status=READY)
+        loaded = load(store.weights_path(meta["id"]), device=settings.device)
+        found = {k: v for k, v in loaded.info.to_dict().items()
+                 if v not in (None, {}) and k not in ("format", "sha256")}
+        return store.update(meta["id"], **found, runtime=loaded.runtime, provider=loaded.provider, status=READY)
     except BaseException:
         store.delete(meta["id"])
         raise
@@ -139,21 +146,7 @@ def run_denoiser_training(job_id: str, spec: dict[str, Any], jobs: JobStore, del
 
 def register_denoiser(result: DenoiserResult, job_id: str) -> dict[str, Any]:
     """Store the trained denoiser as a ready model (once per job, also when the task is redelivered)."""
-    store = ModelStore(settings.models_dir)
-    for meta in store.list():
-        if meta.get("train_job") == job_id:
-            return meta
-    path = result.save(job_folder(job_id) / "denoiser.safetensors")
-    with open(path, "rb") as f:
-        meta = store.add(f, path.name, {"name": result.info.name, "train_job": job_id})
-    try:
-        denoiser = load_denoiser(store.weights_path(meta["id"]), device=settings.device)
-        found = {k: v for k, v in denoiser.info.to_dict().items()
-                 if v not in (None, {}) and k not in ("format", "sha256")}
-        return store.update(meta["id"], **found, runtime=denoiser.runtime, provider=denoiser.provider, status=READY)
-    except BaseException:
-        store.delete(meta["id"])
-        raise
+    return _register(result, job_id, "denoiser.safetensors", load_denoiser)
 
 
 @app.task(name=TRAIN_TASK, bind=True)
