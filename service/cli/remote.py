@@ -73,6 +73,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     upload.add_argument("--class-names", help="comma-separated, or a JSON list")
     upload.add_argument("--json", action="store_true", help="print the model record as JSON instead of its id")
     upload.set_defaults(handler=_upload, admin=True)
+    pipeline = actions.add_parser("pipeline", parents=[connection],
+                                  help="register an uploaded denoiser and classifier as one model (admin key); "
+                                       "prints its id")
+    pipeline.add_argument("--denoiser", required=True, metavar="ID", help="id of an uploaded denoiser")
+    pipeline.add_argument("--classifier", required=True, metavar="ID", help="id of an uploaded classifier")
+    pipeline.add_argument("--name", help='default "DENOISER + CLASSIFIER"')
+    pipeline.add_argument("--json", action="store_true", help="print the model record as JSON instead of its id")
+    pipeline.set_defaults(handler=_register_pipeline, admin=True)
     listing = actions.add_parser("list", parents=[connection], help="list the ready models")
     listing.add_argument("--json", action="store_true", help="print the records as JSON")
     listing.set_defaults(handler=_list_models)
@@ -216,6 +224,19 @@ def _upload(args) -> int:
     print(model["id"])
     print(f"uploaded {model.get('name') or Path(args.file).name}: {model['format']}, input {model['input_shape']}, "
           f"{model['num_classes']} classes, sha256 {model['sha256'][:12]}", file=sys.stderr)
+    return 0
+
+
+def _register_pipeline(args) -> int:
+    with service_client(args) as client:
+        model = client.register_pipeline(args.denoiser, args.classifier, name=args.name)
+    if args.json:
+        print(json.dumps(model, indent=2))
+        return 0
+    print(model["id"])
+    print(f"registered {model.get('name')}: denoiser {args.denoiser} then classifier {args.classifier}, "
+          f"input {model['input_shape']}, {model['num_classes']} classes, sha256 {model['sha256'][:12]}",
+          file=sys.stderr)
     return 0
 
 

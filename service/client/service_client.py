@@ -197,6 +197,12 @@ class ServiceClient:
             return self._request("POST", "/v1/models", data=form, files={"file": (path.name, f)},
                                  timeout=self.upload_timeout).json()
 
+    def register_pipeline(self, denoiser_id: str, classifier_id: str, *, name: str | None = None) -> dict:
+        """Register an uploaded denoiser followed by an uploaded classifier as one model (admin
+        key); its record once a worker checked that the two parts fit together."""
+        body = {"denoiser": denoiser_id, "classifier": classifier_id, **({"name": name} if name else {})}
+        return self._request("POST", "/v1/models/pipelines", json=body, timeout=self.upload_timeout).json()
+
     def list_models(self) -> list[dict]:
         """Every ready model, oldest first."""
         return self._request("GET", "/v1/models").json()

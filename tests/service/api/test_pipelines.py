@@ -12,7 +12,7 @@ import pytest
 from smoothcert.models.metadata import pipeline_sha256
 from smoothcert.service.cli.main import main
 from tests.support.denoisers import random_denoiser
-from tests.support.stack import upload_dataset, upload_model_file, wait_job
+from tests.support.stack import ADMIN_KEY, upload_dataset, upload_model_file, wait_job
 
 JOB = {"sigma": 0.5, "n0": 20, "n": 200, "alpha": 0.001, "batch_size": 100, "seed": 5}
 
@@ -133,3 +133,18 @@ def test_a_dataset_predict_job_runs_on_a_pipeline(client, pipeline, digits):
     job = wait_job(client, resp.json()["job_id"], timeout=120)
     assert job["status"] == "succeeded", job["error"]
     assert len(job["result"]["results"]) == 6 and job["result"]["provenance"]["model_sha256"] == pipeline["sha256"]
+
+
+def test_the_cli_registers_a_pipeline_and_reports_a_refusal(api_url, client, denoiser, demo_model, capsys):
+    connection = ["--url", api_url, "--api-key", ADMIN_KEY]
+    assert main(["models", "pipeline", "--denoiser", denoiser["id"], "--classifier", demo_model["id"],
+                 "--name", "from the cli", "--json", *connection]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["kind"] == "pipeline" and record["name"] == "from the cli"
+    assert (record["denoiser"], record["classifier"]) == (denoiser["id"], demo_model["id"])
+    assert client.get(f"/v1/models/{record['id']}").json()["sha256"] == record["sha256"]
+    # The classifier as denoiser: the API's 422 reaches the user as one line and exit status 2.
+    assert main(["models", "pipeline", "--denoiser", demo_model["id"], "--classifier", demo_model["id"],
+                 *connection]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "is not a denoiser" in captured.err
