@@ -5,6 +5,7 @@ the ones these tests submit, whatever else the session runs.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -120,3 +121,26 @@ def test_the_index_never_lists_a_gone_record_and_is_trimmed_past_the_ttl(redis_u
             assert [j.id for j in records] == [kept] and cursor is None
         assert [e.decode()[16:] for e in r.zrange(ALL_JOBS_INDEX, 0, -1)] == [kept]
         assert store.recent("nobody") == ([], None)
+
+
+def test_a_listing_reads_each_results_summary_not_its_rows(redis_url):
+    """A succeeded job's record keeps its result without rows beside the full one, and the listing
+    reads that; a record written before summaries existed is still listed from its full result."""
+    with scratch_db(redis_url, 8) as r:
+        store = JobStore(r)
+        rows = [{"index": i, "prediction": 3, "radius": 0.5} for i in range(1000)]
+        new, old = new_job_id(), new_job_id()
+        for job_id in (old, new):
+            store.create(job_id, "certify", {"sigma": 0.25}, owner="o")
+            store.start(job_id)
+            time.sleep(0.005)
+        store.succeed(new, {"results": rows, "certified_accuracy": {"0.0": 1.0}})
+        r.hset(JobStore.key(old), mapping={"status": "succeeded", "result": json.dumps({"results": rows})})
+        summary = json.loads(r.hget(JobStore.key(new), "result_summary"))
+        assert summary == {"results": None, "certified_accuracy": {"0.0": 1.0}}
+        assert len(r.hget(JobStore.key(new), "result_summary")) < 100 < len(r.hget(JobStore.key(new), "result"))
+        records, _ = store.recent("o")
+        assert [j.id for j in records] == [new, old]
+        assert records[0].result == summary
+        assert records[1].result == {"results": rows}           # the old record: read whole, as before
+        assert store.get(new).result["results"] == rows          # a single job still reads its rows
