@@ -26,12 +26,14 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    computed_field,
     field_validator,
     model_validator,
 )
 
 from smoothcert.models.pixels import as_pixel_batch
 from smoothcert.service.core import params
+from smoothcert.service.core.jobs import rfc3339
 from smoothcert.service.core.params import (
     DEFAULT_ALPHA,
     DEFAULT_N,
@@ -209,6 +211,7 @@ class ModelRecord(BaseModel):
     created_at: float
     input_shape: list[int]
     num_classes: int | None = Field(None, description="absent for a denoiser")
+
     arch: str | None = None
     class_names: list[str] | None = None
     normalization: dict[str, Any] | None = None
@@ -217,6 +220,11 @@ class ModelRecord(BaseModel):
     classifier: str | None = Field(None, description="a pipeline's classifier model id")
     parts: dict[str, dict[str, Any]] | None = Field(None, description="a pipeline's parts: id, name, sha256, "
                                                                      "format and arch of each")
+
+    @computed_field(description=_TIME + "created_at")  # type: ignore[prop-decorator]
+    @property
+    def created_time(self) -> str | None:
+        return rfc3339(self.created_at)
 
 
 class PipelineRequest(BaseModel):
@@ -242,8 +250,14 @@ class DatasetRecord(BaseModel):
     size_bytes: int
     sha256: str
     created_at: float
+
     stored_bytes: int | None = Field(None, description="what x and y take on disk, counted against the uploading "
                                                        "key's SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY")
+
+    @computed_field(description=_TIME + "created_at")  # type: ignore[prop-decorator]
+    @property
+    def created_time(self) -> str | None:
+        return rfc3339(self.created_at)
 
 
 class LoadedModel(BaseModel):

@@ -15,7 +15,7 @@ import redis
 from kombu.transport.redis import Channel
 
 from smoothcert.service.core.job_chunks import ChunkLedger, chunk_seed
-from smoothcert.service.core.jobs import JobStore, new_job_id
+from smoothcert.service.core.jobs import JobStore, new_job_id, rfc3339
 from tests.support.stack import (
     USER_KEY,
     stack_env,
@@ -91,6 +91,7 @@ def test_upload_answers_the_record_and_it_is_listed(api, dataset, digits):
     assert dataset["source_dtype"] == "float32" and dataset["name"] == "digits_test"
     assert api.get(f"/v1/datasets/{dataset['id']}").json() == dataset
     assert dataset["id"] in [d["id"] for d in api.get("/v1/datasets").json()]
+    assert dataset["created_time"] == rfc3339(dataset["created_at"])
 
 
 def test_uint8_upload_and_delete(api, digits):

@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+from smoothcert.service.core.jobs import rfc3339
 from tests.support.stack import upload_model
 
 
@@ -15,6 +16,7 @@ def test_safetensors_upload_is_checked_and_listed(client, demo_model, demo_paths
     assert demo_model["arch"] == "digits_cnn" and len(demo_model["sha256"]) == 64
     assert client.get(f"/v1/models/{demo_model['id']}").json()["sha256"] == demo_model["sha256"]
     assert demo_model["id"] in [m["id"] for m in client.get("/v1/models").json()]
+    assert demo_model["created_time"] == rfc3339(demo_model["created_at"])
 
 
 def test_onnx_upload_reads_shapes_from_the_file_and_can_be_deleted(admin, demo_paths):
