@@ -17,7 +17,7 @@ up: $(STAMP)
 	$(VENV)/bin/smoothcert up
 
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The layer contracts (import-linter), the types (mypy), the style (ruff); also part of `make test`.
 lint: $(STAMP)
