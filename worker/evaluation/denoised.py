@@ -56,6 +56,7 @@ PARTS: dict[str, tuple[str, str | None]] = {"gaussian": ("gaussian", None), "sta
                                             "diffusion": ("standard", "diffusion")}
 # What training each model needs first (the stability objective fine-tunes the MSE denoiser for
 # the standard classifier; the others need no more than the classifier they are measured with).
+# A model is named after the row that certifies it first, and ROWS order trains each after its needs.
 NEEDS: dict[str, tuple[str, ...]] = {"gaussian": (), "standard": (), "mse": ("standard",),
                                      "stability": ("standard", "mse"), "diffusion": ("standard",)}
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75)
@@ -127,7 +128,7 @@ class DenoisedConfig:
     limit: int | None = 300           # certify only the first ``limit`` test images (None: all)
 
     def __post_init__(self) -> None:
-        """Refuse a setting that a training would refuse, before anything is trained (TrainingError)."""
+        """Refuse a setting that a training would refuse before anything is trained (ValueError)."""
         object.__setattr__(self, "rows", check_rows(self.rows))
         self.train_config("gaussian")
         for objective in ("mse", "stability"):
@@ -209,6 +210,8 @@ def run_denoised_experiment(config: DenoisedConfig, out_dir: str | Path, *, data
     if data.test_x is None:
         raise ValueError(f"{data.name} has no test split to certify")
     test_x, test_y = data.test_x[:config.limit], data.test_y[:config.limit]
+    if "diffusion" in models_for(config.rows):
+        diffusion_config(config, data.name)
     out = Path(out_dir)
     for folder in ("models", "certify"):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -235,6 +238,22 @@ def run_denoised_experiment(config: DenoisedConfig, out_dir: str | Path, *, data
     write_outputs(paths, render_markdown(result), render_tsv(result), lambda png: plot_curves(result, png),
                   result.to_dict())
     return result
+
+
+def diffusion_config(config: DenoisedConfig, dataset: str):
+    """The diffusion denoiser's DiffusionConfig (``diffusion_epochs``, else its default epochs;
+    ``seed``). ValueError where this installation has no diffusion training, TrainingError where
+    DiffusionConfig refuses the settings: both before anything is trained."""
+    try:
+        from smoothcert.service.core.train_config import DiffusionConfig
+        from smoothcert.worker.training.diffusion import train_diffusion  # noqa: F401
+    except ImportError:
+        raise ValueError("the diffusion row needs diffusion training (smoothcert train-diffusion), which this "
+                         "installation lacks; leave it out with --rows gaussian,standard,mse,stability") from None
+    given: dict[str, Any] = {"seed": config.seed, "name": f"{dataset}-diffusion"}
+    if config.diffusion_epochs is not None:
+        given["epochs"] = config.diffusion_epochs
+    return DiffusionConfig(**given)
 
 
 class _Trainer:
@@ -280,13 +299,10 @@ class _Trainer:
         trained.save(self.path(objective))
 
     def _train_diffusion(self) -> None:
-        from smoothcert.service.core.train_config import DiffusionConfig
         from smoothcert.worker.training.diffusion import train_diffusion
 
-        given: dict[str, Any] = {"seed": self.config.seed, "name": f"{self.data.name}-diffusion"}
-        if self.config.diffusion_epochs is not None:
-            given["epochs"] = self.config.diffusion_epochs
-        result = train_diffusion(DiffusionConfig(**given), self.data, self.path("diffusion"), device=self.device)
+        config = diffusion_config(self.config, self.data.name)
+        result = train_diffusion(config, self.data, self.path("diffusion"), device=self.device)
         if Path(result.path).resolve() != self.path("diffusion").resolve():
             raise ValueError(f"train_diffusion wrote {result.path}, not {self.path('diffusion')}")
 

@@ -82,6 +82,10 @@ def test_an_unknown_row_is_a_usage_error_naming_the_rows(tmp_path, capsys):
     assert "--rows: only with --denoised" in capsys.readouterr().err
     assert main(["experiment", "--denoised", "--methods", "gaussian", "--out-dir", str(tmp_path)]) == 2
     assert "--methods: not with --denoised" in capsys.readouterr().err
+    assert main(["experiment", "--denoised", "--sigmas", "0.25,0.5", "--out-dir", str(tmp_path)]) == 2
+    assert "--denoised compares the rows at one σ" in capsys.readouterr().err
+    assert main(["experiment", "--denoised", "--denoiser-epochs", "0", "--out-dir", str(tmp_path)]) == 2
+    assert "epochs must be an integer from 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())      # refused before anything was trained
 
 
