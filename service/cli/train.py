@@ -306,8 +306,8 @@ def _run_experiment(args) -> int:
     if args.denoised:
         return _run_denoised(args, _given(args, _SHARED_OPTIONS + _DENOISED_OPTIONS))
     options = _given(args, _SHARED_OPTIONS + _METHOD_OPTIONS)
-    options["methods"] = tuple(_names(",".join(METHODS) if args.methods is None else args.methods, METHODS,
-                                      "--methods"))
+    methods = ",".join(_EXPERIMENT["methods"]) if args.methods is None else args.methods
+    options["methods"] = tuple(_names(methods, METHODS, "--methods"))
     for flag in ("sigmas", "radii"):
         if getattr(args, flag) is not None:
             options[flag] = tuple(_numbers(getattr(args, flag), f"--{flag}"))
