@@ -54,11 +54,11 @@ LABELS = {"gaussian": "gaussian", "standard": "standard", "mse": "standard + mse
 PARTS: dict[str, tuple[str, str | None]] = {"gaussian": ("gaussian", None), "standard": ("standard", None),
                                             "mse": ("standard", "mse"), "stability": ("standard", "stability"),
                                             "diffusion": ("standard", "diffusion")}
-# What training each model needs first (the stability objective fine-tunes the MSE denoiser for
-# the standard classifier; the others need no more than the classifier they are measured with).
+# What each model's training needs first: the stability objective fine-tunes the MSE denoiser for
+# the standard classifier, and the MSE denoiser is measured with that classifier while it trains.
 # A model is named after the row that certifies it first, and ROWS order trains each after its needs.
 NEEDS: dict[str, tuple[str, ...]] = {"gaussian": (), "standard": (), "mse": ("standard",),
-                                     "stability": ("standard", "mse"), "diffusion": ("standard",)}
+                                     "stability": ("standard", "mse"), "diffusion": ()}
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75)
 
 
@@ -177,6 +177,8 @@ class DenoisedRow:
 
 @dataclass
 class DenoisedResult:
+    """The trained models (by name), the certified rows in :data:`ROWS` order, and the output paths."""
+
     config: DenoisedConfig
     models: dict[str, TrainedModel]
     rows: list[DenoisedRow]
