@@ -22,11 +22,13 @@ from smoothcert.service.core.train_config import (
     DenoiserConfig,
     TrainConfig,
 )
+from smoothcert.worker.evaluation import denoised
 from smoothcert.worker.evaluation.experiment import ExperimentConfig, render_markdown, run_experiment
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 _EXPERIMENT = {f.name: f.default for f in fields(ExperimentConfig)}
 _DENOISER = {f.name: f.default for f in fields(DenoiserConfig)}
+_DENOISED = {f.name: f.default for f in fields(denoised.DenoisedConfig)}
 _NORMALIZATIONS = "cifar10, cifar10-center, imagenet, imagenet-center, none"
 
 
@@ -137,31 +139,51 @@ def _add_import(commands) -> None:
 
 
 def _add_experiment(commands) -> None:
-    p = commands.add_parser("experiment", help="train gaussian, smoothed and smoothadv on digits, certify, compare",
+    p = commands.add_parser("experiment", help="train gaussian, smoothed and smoothadv on digits, certify, compare "
+                                               "(--denoised: a classifier without noise behind denoisers)",
                             description="Train each method at each σ on the digits training split, certify the "
-                                        "test split, and write the certified-accuracy table and curves.")
-    p.add_argument("--out-dir", default="var/experiment", help="default var/experiment")
-    d = _EXPERIMENT
-    p.add_argument("--methods", default=",".join(d["methods"]), help="comma-separated (default all three)")
-    p.add_argument("--sigmas", default=",".join(f"{s:g}" for s in d["sigmas"]),
-                   help="comma-separated training and certification σ (default %(default)s)")
-    p.add_argument("--radii", default=",".join(f"{r:g}" for r in d["radii"]),
-                   help="comma-separated radii of the table (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs per model (default %(default)s)")
-    p.add_argument("--m", type=int, default=d["m"],
-                   help="noise samples per image, smoothed and smoothadv (default %(default)s)")
-    p.add_argument("--epsilon", type=float, default=d["epsilon"], help="smoothadv attack radius (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d["steps"], help="smoothadv PGD steps (default %(default)s)")
-    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"],
-                   help="smoothadv epsilon warm-up epochs (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="default %(default)s")
-    p.add_argument("--lr", type=float, default=d["lr"], help="default %(default)s")
-    p.add_argument("--n0", type=int, default=d["n0"], help="certification selection samples (default %(default)s)")
-    p.add_argument("--n", type=int, default=d["n"],
-                   help="certification samples (default %(default)s; 10000 reaches radius 1.5 at σ=0.5)")
-    p.add_argument("--alpha", type=float, default=d["alpha"], help="default %(default)s")
-    p.add_argument("--seed", type=int, default=d["seed"], help="default %(default)s")
-    p.add_argument("--limit", type=int, help="certify only the first N test images")
+                                        "test split, and write the certified-accuracy table and curves. With "
+                                        "--denoised, the denoised-smoothing comparison instead, at one σ: a classifier "
+                                        "trained with Gaussian noise, one trained without noise alone, and that one "
+                                        "behind a DnCNN trained with MSE, behind the MSE denoiser fine-tuned with the "
+                                        "stability objective (batch 32, lr 3e-4), and behind a one-step diffusion "
+                                        "denoiser; every trained file lands in OUT_DIR/models and works with "
+                                        "`smoothcert certify CLASSIFIER --denoiser FILE`.")
+    d, e = _EXPERIMENT, _DENOISED
+    p.add_argument("--denoised", action="store_true",
+                   help="run the denoised-smoothing comparison (rows: --rows) instead of the training methods'")
+    p.add_argument("--out-dir", help="default var/experiment (var/experiment-denoised with --denoised)")
+    p.add_argument("--methods", help="comma-separated (default all three; not with --denoised)")
+    p.add_argument("--rows", help=f"--denoised: comma-separated rows from {', '.join(denoised.ROWS)} (default all); a "
+                                  "row trains what it stands on (stability: the standard classifier and the MSE "
+                                  "denoiser it starts from)")
+    p.add_argument("--sigmas", help="comma-separated training and certification σ (default "
+                                    f"{','.join(f'{s:g}' for s in d['sigmas'])}; with --denoised one σ, default "
+                                    f"{e['sigma']:g})")
+    p.add_argument("--radii", help="comma-separated radii of the table (default "
+                                   f"{','.join(f'{r:g}' for r in d['radii'])}; with --denoised "
+                                   f"{','.join(f'{r:g}' for r in e['radii'])})")
+    p.add_argument("--epochs", type=int,
+                   help=f"training epochs per classifier (default {d['epochs']}; {e['epochs']} with --denoised)")
+    p.add_argument("--denoiser-epochs", type=int,
+                   help=f"--denoised: epochs of the MSE denoiser, and of its stability fine-tuning "
+                        f"(default {e['denoiser_epochs']})")
+    p.add_argument("--diffusion-epochs", type=int,
+                   help="--denoised: epochs of the diffusion denoiser (default: train-diffusion's)")
+    p.add_argument("--m", type=int, help=f"noise samples per image, smoothed and smoothadv (default {d['m']})")
+    p.add_argument("--epsilon", type=float, help=f"smoothadv attack radius (default {d['epsilon']})")
+    p.add_argument("--steps", type=int, help=f"smoothadv PGD steps (default {d['steps']})")
+    p.add_argument("--warmup-epochs", type=int, help=f"smoothadv epsilon warm-up epochs (default {d['warmup_epochs']})")
+    p.add_argument("--batch-size", type=int, help=f"classifier training batch (default {d['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"classifier learning rate (default {d['lr']})")
+    p.add_argument("--n0", type=int, help=f"certification selection samples (default {d['n0']})")
+    p.add_argument("--n", type=int,
+                   help=f"certification samples (default {d['n']}; 10000 reaches radius 1.5 at σ=0.5)")
+    p.add_argument("--alpha", type=float, help=f"default {d['alpha']}")
+    p.add_argument("--seed", type=int, help=f"seed of every training and of the certification noise "
+                                            f"(default {d['seed']})")
+    p.add_argument("--limit", type=int, help="certify only the first N test images (default all; "
+                                             f"{e['limit']} with --denoised)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     p.set_defaults(handler=_run_experiment)
 
@@ -266,27 +288,71 @@ def _run_import(args) -> int:
     return 0
 
 
+_SHARED_OPTIONS = ("epochs", "batch_size", "lr", "n0", "n", "alpha", "seed", "limit")
+_METHOD_OPTIONS = ("methods", "m", "epsilon", "steps", "warmup_epochs")
+_DENOISED_OPTIONS = ("rows", "denoiser_epochs", "diffusion_epochs")
+
+
+def _given(args, names: tuple[str, ...]) -> dict:
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
 def _run_experiment(args) -> int:
-    options = {k: getattr(args, k) for k in ("epochs", "m", "epsilon", "steps", "warmup_epochs", "batch_size",
-                                              "lr", "n0", "n", "alpha", "seed", "limit")
-               if getattr(args, k) is not None}
-    config = ExperimentConfig(methods=tuple(_names(args.methods, METHODS, "--methods")),
-                              sigmas=tuple(_numbers(args.sigmas, "--sigmas")),
-                              radii=tuple(_numbers(args.radii, "--radii")), **options)
+    mixed = _given(args, _METHOD_OPTIONS if args.denoised else _DENOISED_OPTIONS)
+    if mixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in mixed)
+        raise CliArgumentError(f"{flags}: not with --denoised (its rows are chosen by --rows)" if args.denoised
+                               else f"{flags}: only with --denoised")
+    if args.denoised:
+        return _run_denoised(args, _given(args, _SHARED_OPTIONS + _DENOISED_OPTIONS))
+    options = _given(args, _SHARED_OPTIONS + _METHOD_OPTIONS)
+    methods = ",".join(_EXPERIMENT["methods"]) if args.methods is None else args.methods
+    options["methods"] = tuple(_names(methods, METHODS, "--methods"))
+    for flag in ("sigmas", "radii"):
+        if getattr(args, flag) is not None:
+            options[flag] = tuple(_numbers(getattr(args, flag), f"--{flag}"))
+    config = ExperimentConfig(**options)
     with stderr_bar(2 * len(config.methods) * len(config.sigmas), "step") as bar:
-        started = [0]
-
-        def step(description: str) -> None:
-            bar.update(1 if started[0] else 0)   # the previous step is done
-            started[0] += 1
-            bar.set_description(description)
-
-        result = run_experiment(config, args.out_dir, device=args.device, step=step)
+        result = run_experiment(config, args.out_dir or "var/experiment", device=args.device, step=_stepper(bar))
         bar.update(1)
     print(render_markdown(result))
     print(f"table {result.paths['table_md']}, curves {result.paths['plot']}, summary {result.paths['summary']}",
           file=sys.stderr)
     return 0
+
+
+def _run_denoised(args, options: dict) -> int:
+    if "rows" in options:
+        options["rows"] = tuple(_names(options["rows"], denoised.ROWS, "--rows"))
+    if args.sigmas is not None:
+        sigmas = _numbers(args.sigmas, "--sigmas")
+        if len(sigmas) != 1:
+            raise CliArgumentError(f"--sigmas: --denoised compares the rows at one σ, got {args.sigmas!r}")
+        options["sigma"] = sigmas[0]
+    if args.radii is not None:
+        options["radii"] = tuple(_numbers(args.radii, "--radii"))
+    config = denoised.DenoisedConfig(**options)
+    steps = denoised.plan(config.rows)
+    with stderr_bar(len(steps), "step") as bar:
+        result = denoised.run_denoised_experiment(config, args.out_dir or "var/experiment-denoised",
+                                                  device=args.device, step=_stepper(bar))
+        bar.update(1)
+    print(denoised.render_markdown(result))
+    print(f"table {result.paths['table_md']}, curves {result.paths['plot']}, summary {result.paths['summary']}, "
+          f"models {Path(result.paths['summary']).parent / 'models'} ({result.elapsed_s:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _stepper(bar):
+    """A step callback for the experiments: the previous step is done, the next one's name shows."""
+    started = [0]
+
+    def step(description: str) -> None:
+        bar.update(1 if started[0] else 0)
+        started[0] += 1
+        bar.set_description(description)
+
+    return step
 
 
 def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,6 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
     training and each certification (2 per model)."""
     from smoothcert.models.loaders import load_model
     from smoothcert.models.reproducible import single_threaded  # torch: only when an experiment runs
-    from smoothcert.worker.smoothing import certify
     from smoothcert.worker.training.trainer import train
 
     data = data or load_digits()
@@ -127,26 +126,49 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, data: Datas
             if step:
                 step(f"certify {method} σ={sigma:g}")
             model = load_model(model_path, device=device)
-            run = certify(model, test_x, sigma=sigma, n0=config.n0, n=config.n, alpha=config.alpha,
-                          seed=config.seed)
-            results = [r.to_dict() for r in run.results]
             log_path = out / "certify" / f"{tag}.tsv"
-            log_path.write_text(format_tsv(results, test_y.tolist()))
+            certified = certify_split(model, test_x, test_y, log_path, sigma=sigma, n0=config.n0, n=config.n,
+                                      alpha=config.alpha, seed=config.seed, radii=config.radii)
             rows.append(ExperimentRow(
-                method=method, sigma=sigma, accuracy=certified_accuracy(results, test_y, config.radii),
-                curve=certified_accuracy(results, test_y, curve_radii(config)),
-                radius_cap=results[0]["radius_cap"], abstained=float(np.mean([r["abstained"] for r in results])),
+                method=method, sigma=sigma, accuracy=certified.accuracy, curve=certified.curve,
+                radius_cap=certified.radius_cap, abstained=certified.abstained,
                 clean_accuracy=trained.metrics["test_clean_accuracy"], train_s=train_s,
-                certify_s=run.provenance["elapsed_s"], model_path=str(model_path), log_path=str(log_path),
+                certify_s=certified.certify_s, model_path=str(model_path), log_path=str(log_path),
                 training=trained.info.extra["training"]))
-    paths = {"table_md": str(out / "certified_accuracy.md"), "table_tsv": str(out / "certified_accuracy.tsv"),
-             "plot": str(out / "certified_accuracy.png"), "summary": str(out / "summary.json")}
+    paths = output_paths(out)
     result = ExperimentResult(config, rows, paths, data.name, len(test_x))
-    Path(paths["table_md"]).write_text(render_markdown(result) + "\n")
-    Path(paths["table_tsv"]).write_text(render_tsv(result) + "\n")
-    plot_curves(result, paths["plot"])
-    Path(paths["summary"]).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    write_outputs(paths, render_markdown(result), render_tsv(result), lambda png: plot_curves(result, png),
+                  result.to_dict())
     return result
+
+
+@dataclass
+class Certified:
+    """One model certified on the test split: the table's and the curve's certified accuracies,
+    the radius cap, the share of abstentions and the engine's elapsed time."""
+
+    accuracy: list[float]
+    curve: list[float]
+    radius_cap: float
+    abstained: float
+    certify_s: float
+
+
+def certify_split(model, x: np.ndarray, y: np.ndarray, log_path: Path, *, sigma: float, n0: int, n: int,
+                  alpha: float, seed: int, radii: Sequence[float]) -> Certified:
+    """CERTIFY ``model`` (a loaded base classifier or pipeline) on ``x`` as `smoothcert certify`
+    does with the same parameters and seed, write the per-image TSV (with the labels ``y``) to
+    ``log_path``, and measure certified accuracy at ``radii`` and on the curves' grid."""
+    from smoothcert.worker.smoothing import certify  # torch: only when an experiment runs
+
+    run = certify(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed)
+    results = [r.to_dict() for r in run.results]
+    log_path.write_text(format_tsv(results, y.tolist()))
+    return Certified(accuracy=certified_accuracy(results, y, radii),
+                     curve=certified_accuracy(results, y, curve_grid(radii)),
+                     radius_cap=results[0]["radius_cap"],
+                     abstained=float(np.mean([r["abstained"] for r in results])),
+                     certify_s=run.provenance["elapsed_s"])
 
 
 def certified_accuracy(results: list[dict], labels: np.ndarray, radii) -> list[float]:
@@ -157,55 +179,107 @@ def certified_accuracy(results: list[dict], labels: np.ndarray, radii) -> list[f
 
 def curve_radii(config: ExperimentConfig) -> list[float]:
     """The fine grid of radii the curves are drawn on, from 0 to the largest table radius."""
-    return np.linspace(0.0, max(config.radii), CURVE_POINTS).tolist()
+    return curve_grid(config.radii)
+
+
+def curve_grid(radii: Sequence[float]) -> list[float]:
+    """:data:`CURVE_POINTS` radii from 0 to the largest of ``radii``."""
+    return np.linspace(0.0, max(radii), CURVE_POINTS).tolist()
 
 
 def _label(r: float) -> str:
     return f"{r:g}"
 
 
+def output_paths(out: Path) -> dict[str, str]:
+    """Where the table, the curves and the summary of an experiment in ``out`` go."""
+    return {"table_md": str(out / "certified_accuracy.md"), "table_tsv": str(out / "certified_accuracy.tsv"),
+            "plot": str(out / "certified_accuracy.png"), "summary": str(out / "summary.json")}
+
+
+def write_outputs(paths: dict[str, str], markdown: str, tsv: str, plot: Callable[[str], None],
+                  summary: dict[str, Any]) -> None:
+    """Write the table (Markdown and TSV), the curves (``plot(png_path)``) and the summary JSON."""
+    Path(paths["table_md"]).write_text(markdown + "\n")
+    Path(paths["table_tsv"]).write_text(tsv + "\n")
+    plot(paths["plot"])
+    Path(paths["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+TableRow = tuple[Sequence[str], Sequence[float], float]
+"""One line of a table: its leading cells, certified accuracy at each radius, its radius cap."""
+
+
+def markdown_table(heads: Sequence[str], rows: Sequence[TableRow], radii: Sequence[float]) -> str:
+    """Columns ``heads`` then one per radius, certified accuracy in percent; a cell beyond the
+    row's radius cap shows ``–`` (no input could be certified there with this n)."""
+    lines = ["| " + " | ".join([*heads, *(_label(r) for r in radii)]) + " |",
+             "|" + "---|" * (len(heads) + len(radii))]
+    for cells, accuracies, cap in rows:
+        values = [f"{100 * a:.1f}" if r <= cap else "–" for r, a in zip(radii, accuracies)]
+        lines.append("| " + " | ".join([*cells, *values]) + " |")
+    return "\n".join(lines)
+
+
+def tsv_table(heads: Sequence[str], rows: Sequence[TableRow], radii: Sequence[float]) -> str:
+    """Columns ``heads``, radius_cap, then the fraction at each radius (floats at full precision)."""
+    lines = ["\t".join([*heads, "radius_cap", *(_label(r) for r in radii)])]
+    lines += ["\t".join([*cells, repr(cap), *map(repr, accuracies)]) for cells, accuracies, cap in rows]
+    return "\n".join(lines)
+
+
 def render_markdown(result: ExperimentResult) -> str:
     """The table: one row per (method, σ), certified accuracy in percent at each radius; a cell
     beyond the run's radius cap shows ``–`` (no input could be certified there with this n)."""
-    radii = result.config.radii
-    lines = ["| method | σ | " + " | ".join(_label(r) for r in radii) + " |",
-             "|---|---|" + "---|" * len(radii)]
-    for row in result.rows:
-        cells = [f"{100 * a:.1f}" if r <= row.radius_cap else "–" for r, a in zip(radii, row.accuracy)]
-        lines.append(f"| {row.method} | {row.sigma:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["method", "σ"], [([row.method, f"{row.sigma:g}"], row.accuracy, row.radius_cap)
+                                            for row in result.rows], result.config.radii)
 
 
 def render_tsv(result: ExperimentResult) -> str:
     """The table as TSV: method, sigma, radius_cap, then the fraction at each radius."""
-    lines = ["\t".join(["method", "sigma", "radius_cap", *(_label(r) for r in result.config.radii)])]
-    lines += ["\t".join([row.method, repr(row.sigma), repr(row.radius_cap), *map(repr, row.accuracy)])
-              for row in result.rows]
-    return "\n".join(lines)
+    return tsv_table(["method", "sigma"], [([row.method, repr(row.sigma)], row.accuracy, row.radius_cap)
+                                           for row in result.rows], result.config.radii)
 
 
-def plot_curves(result: ExperimentResult, out_png: str | Path) -> None:
-    """One PNG: a panel per σ, certified accuracy against radius, one curve per method."""
+Panel = tuple[str, Sequence[tuple[str, Sequence[float]]], float | None]
+"""One panel of curves: its title, (label, certified accuracy on the grid) per curve, the radius
+cap to mark (None: no mark)."""
+
+
+def plot_panels(panels: Sequence[Panel], radii: Sequence[float], title: str, out_png: str | Path) -> None:
+    """One PNG of side-by-side panels sharing the y axis: certified accuracy against radius
+    (``radii``, the grid the curves were measured on), a dotted line at each panel's radius cap."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    sigmas = sorted({row.sigma for row in result.rows})
-    fig = Figure(figsize=(5.0 * len(sigmas), 4.0))
+    fig = Figure(figsize=(5.0 * len(panels), 4.0))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(sigmas), sharey=True, squeeze=False)[0]
-    radii = curve_radii(result.config)
-    for ax, sigma in zip(axes, sigmas):
-        for row in (r for r in result.rows if r.sigma == sigma):
-            ax.plot(radii, row.curve, label=row.method)
-        ax.axvline(min(r.radius_cap for r in result.rows if r.sigma == sigma), color="grey",
-                   linestyle=":", linewidth=1, label="radius cap")
-        ax.set_title(f"σ = {sigma:g}")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (panel_title, curves, cap) in zip(axes, panels):
+        for label, curve in curves:
+            ax.plot(radii, curve, label=label)
+        if cap is not None:
+            ax.axvline(cap, color="grey", linestyle=":", linewidth=1, label="radius cap")
+        ax.set_title(panel_title)
         ax.set_xlabel("radius (ℓ₂)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("certified accuracy")
     axes[-1].legend(fontsize="small")
-    fig.suptitle(f"{result.dataset} test split ({result.test_size} images), n = {result.config.n}, "
-                 f"α = {result.config.alpha:g}", fontsize="medium")
+    fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(out_png, format="png", dpi=110)
+
+
+def plot_title(dataset: str, test_size: int, n: int, alpha: float) -> str:
+    """The figure's title: the images certified and CERTIFY's sample count and level."""
+    return f"{dataset} test split ({test_size} images), n = {n}, α = {alpha:g}"
+
+
+def plot_curves(result: ExperimentResult, out_png: str | Path) -> None:
+    """One PNG: a panel per σ, certified accuracy against radius, one curve per method."""
+    sigmas = sorted({row.sigma for row in result.rows})
+    panels = [(f"σ = {sigma:g}", [(row.method, row.curve) for row in result.rows if row.sigma == sigma],
+               min(row.radius_cap for row in result.rows if row.sigma == sigma)) for sigma in sigmas]
+    plot_panels(panels, curve_radii(result.config),
+                plot_title(result.dataset, result.test_size, result.config.n, result.config.alpha), out_png)
