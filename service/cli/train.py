@@ -153,7 +153,8 @@ def _add_experiment(commands) -> None:
     p.add_argument("--denoised", action="store_true",
                    help="run the denoised-smoothing comparison (rows: --rows) instead of the training methods'")
     p.add_argument("--out-dir", help="default var/experiment (var/experiment-denoised with --denoised)")
-    p.add_argument("--methods", help="comma-separated (default all three; not with --denoised)")
+    p.add_argument("--methods", help="comma-separated from gaussian, smoothed, smoothadv, standard (default the "
+                                     "first three; not with --denoised)")
     p.add_argument("--rows", help=f"--denoised: comma-separated rows from {', '.join(denoised.ROWS)} (default all); a "
                                   "row trains what it stands on (stability: the standard classifier and the MSE "
                                   "denoiser it starts from)")
