@@ -236,7 +236,7 @@ def load_stored_model(store, meta: dict[str, Any], device: str | torch.device = 
     if meta.get("kind") == PIPELINE:
         return pipeline.load_stored_pipeline(store, meta, device)   # type: ignore[return-value]
     path = store.weights_path(meta["id"])
-    if denoisers.is_denoiser_arch(denoisers.described_arch(path, meta.get("arch"))):
+    if denoisers.is_denoiser_file(path, meta.get("arch")):
         fields = {k: meta.get(k) for k in STORED_FIELDS}
         return denoisers.load_denoiser(path, device=device, **fields)  # type: ignore[return-value]
     return load_model(path, device=device,
