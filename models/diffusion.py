@@ -280,8 +280,8 @@ def onnx_metadata(path: str | Path) -> dict[str, str]:
 
 
 def is_onnx_denoiser(path: str | Path) -> bool:
-    """Whether an ONNX file's metadata says ``kind: "denoiser"`` (any other file: False)."""
-    return Path(path).suffix.lower() == ".onnx" and described_kind(onnx_metadata(path)) == "denoiser"
+    """Whether an ONNX file's metadata says ``kind: "denoiser"``; ModelError for a file that is not ONNX."""
+    return described_kind(onnx_metadata(path)) == "denoiser"
 
 
 def load_onnx_diffusion(path: str | Path, *, device: str | torch.device = "auto",

@@ -151,6 +151,8 @@ def test_the_onnx_form_denoises_and_certifies_as_the_torch_model_does(tmp_path, 
     onnx_denoiser = load_denoiser(onnx_path, device="cpu")
     assert isinstance(onnx_denoiser, OnnxDiffusionDenoiser) and onnx_denoiser.info.format == "onnx"
     assert np.array_equal(onnx_denoiser.alphas_cumprod, torch_denoiser.alphas_cumprod)
+    with pytest.raises(ModelError, match="is a denoiser .* not a classifier"):
+        load_model(onnx_path, device="cpu")
     clean = digits_test_set[0][:16]
     noisy = clean + 0.5 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(4))
     a, b = torch_denoiser.for_sigma(0.5).denoise(noisy), onnx_denoiser.for_sigma(0.5).denoise(noisy)
