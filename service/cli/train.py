@@ -333,7 +333,7 @@ def _add_train_diffusion(commands) -> None:
                    help="digits (default), an .npz with x (N,C,H,W in [0,1] or uint8) and y, an image folder, or a "
                         "CIFAR-10 binary folder")
     p.add_argument("--out", metavar="DIFFUSION.safetensors",
-                   help="where to write it (default DATASET-diffusion-TT.safetensors)")
+                   help="where to write it (default DATASET-diffusion-T<timesteps>.safetensors)")
     p.add_argument("--onnx", metavar="FILE.onnx",
                    help="also write the ONNX form (inputs x_t float32 (B,C,H,W) and t int64 (B,), the schedule in "
                         "its metadata_props)")
