@@ -115,15 +115,17 @@ def save_denoiser(path: str | Path, network: torch.nn.Module, info: DenoiserInfo
 def load_denoiser(path: str | Path, *, device: str | torch.device = "auto", arch: str | None = None,
                   input_shape: tuple[int, int, int] | None = None, sigma: float | None = None,
                   name: str | None = None, **_ignored: Any) -> Any:
-    """Load a safetensors denoiser on ``device`` and check it (:func:`check_denoiser`).
+    """Load a denoiser file (safetensors, or the ONNX form of a diffusion model) on ``device`` and
+    check it (:func:`check_denoiser`).
 
     The input shape comes from ``input_shape`` or the file; the size parameters from the file's
     ``extra``, else from the weights (DnCNN: the first convolution's width and the number of
     convolutions). A ``diffusion_unet`` file, or an ONNX file whose metadata says it is a denoiser,
     loads as an unbound diffusion denoiser (:mod:`smoothcert.models.diffusion`), checked at
     :func:`registration_sigma`. Classifier fields (class count, normalization) are ignored: a
-    denoiser has none. Raises ModelError, one line, for a missing or pickled file, an architecture that is not a
-    denoiser's, weights that do not fit it, or outputs that are not finite images of the input's shape.
+    denoiser has none. Raises ModelError, one line, for a missing or pickled file, an architecture
+    that is not a denoiser's, weights that do not fit it, or outputs that are not finite images of
+    the input's shape.
     """
     path = Path(path)
     if not path.is_file():
