@@ -14,8 +14,10 @@ State-dict layouts are kept compatible with published checkpoints:
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from smoothcert.models.metadata import ModelError, check_num_classes
@@ -211,10 +213,93 @@ class DnCNN(nn.Module):
         return x - self.layers(x)
 
 
+class _TimestepEmbedding(nn.Module):
+    """Sinusoidal features of the (0-based) timestep t, through a two-layer MLP: (B,) -> (B, width)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.half = max(1, width // 2)
+        self.mlp = nn.Sequential(nn.Linear(2 * self.half, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        steps = torch.arange(self.half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(steps * (-math.log(10000.0) / self.half))
+        args = t.to(torch.float32).reshape(-1, 1) * freqs.reshape(1, -1)
+        return self.mlp(torch.cat([torch.sin(args), torch.cos(args)], dim=1))
+
+
+class _TimeBlock(nn.Module):
+    """Two 3x3 convolutions with the timestep embedding added between them, and a shortcut."""
+
+    def __init__(self, cin: int, cout: int, emb: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.act(self.conv1(x)) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.conv2(self.act(h))
+
+
+class DiffusionUNet(nn.Module):
+    """A small ε-prediction U-Net: ``forward(x_t, t)`` takes images (B, C, H, W) in the model's
+    [−1, 1] scale with noise of timestep ``t`` (B,) (0-based, int64) and returns the noise
+    estimate ε̂ of the same shape. ``width`` channels at full resolution, doubled at each of
+    ``levels`` stride-2 down-samplings (H and W must be divisible by 2^levels); every block sees a
+    sinusoidal embedding of t. One-step denoising with it is :mod:`smoothcert.models.diffusion`."""
+
+    def __init__(self, channels: int, width: int = 32, levels: int = 1):
+        super().__init__()
+        if width < 2 or channels < 1 or not 0 <= levels <= 4:
+            raise ValueError(f"diffusion_unet needs width >= 2, channels >= 1 and 0 <= levels <= 4, not "
+                             f"{width}/{channels}/{levels}")
+        widths = [width * 2 ** i for i in range(levels + 1)]
+        self.embed = _TimestepEmbedding(width)
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.down_blocks = nn.ModuleList(_TimeBlock(w, w, width) for w in widths[:-1])
+        self.downs = nn.ModuleList(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1) for w in widths[:-1])
+        self.middle = _TimeBlock(widths[-1], widths[-1], width)
+        self.ups = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                               nn.Conv2d(2 * w, w, 3, padding=1)) for w in widths[:-1])
+        self.up_blocks = nn.ModuleList(_TimeBlock(2 * w, w, width) for w in widths[:-1])
+        self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb = self.embed(t)
+        h = self.inp(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downs):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.middle(h, emb)
+        for up, block in zip(reversed(self.ups), reversed(self.up_blocks)):
+            h = block(torch.cat([up(h), skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def diffusion_levels(height: int, width: int, most: int = 2) -> int:
+    """The down-samplings a diffusion_unet makes for (height, width) images: as many as keep both
+    divisible and the coarsest map at least 4 pixels a side, at most ``most`` (digits 8x8: 1,
+    CIFAR 32x32: 2)."""
+    levels = 0
+    while levels < most and height % 2 ** (levels + 1) == 0 and width % 2 ** (levels + 1) == 0 \
+            and min(height, width) // 2 ** (levels + 1) >= 4:
+        levels += 1
+    return levels
+
+
 # Denoisers map [0,1] images to images of the same shape; they are built from the input's
 # channel count and their own size parameters (recorded in the file's metadata), not a class count.
-DENOISER_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"dncnn": DnCNN}
-DENOISER_DEFAULTS: dict[str, dict[str, int]] = {"dncnn": {"depth": 6, "width": 32}}
+# diffusion_unet is an ε-prediction network (x_t, t) -> ε̂, a denoiser only through
+# smoothcert.models.diffusion's one-step denoising at a bound σ.
+DENOISER_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"dncnn": DnCNN, "diffusion_unet": DiffusionUNet}
+DENOISER_DEFAULTS: dict[str, dict[str, int]] = {"dncnn": {"depth": 6, "width": 32},
+                                                "diffusion_unet": {"width": 32, "levels": 1}}
+DIFFUSION_ARCHITECTURES = frozenset({"diffusion_unet"})
 
 
 def build_denoiser(arch: str, channels: int, **size: int) -> nn.Module:

@@ -35,6 +35,15 @@ class BaseClassifier(Protocol):
         intermediate result and the scores, per input (what the model frees as it goes counts too)."""
 
 
+def bind_sigma(model: Any, sigma: float) -> Any:
+    """``model.for_sigma(sigma)`` for a model that needs the noise level (a pipeline whose
+    denoiser is a diffusion model picks its timestep from it), else ``model`` itself. The engine
+    calls it with the run's σ before sampling; the bound model is a new object, the argument is
+    left as it is (workers share a loaded model across jobs of different σ)."""
+    for_sigma = getattr(model, "for_sigma", None)
+    return model if for_sigma is None else for_sigma(sigma)
+
+
 class Normalize(torch.nn.Module):
     """First layer of every torch model: (x - mean) / std per channel (std may be absent)."""
 

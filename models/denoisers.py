@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from smoothcert.models.architectures import DENOISER_ARCHITECTURES, DENOISER_DEFAULTS, build_denoiser
-from smoothcert.models.base import _leaf_output_bytes, _meta_copy
-from smoothcert.models.loaders import check_batches, check_state_dict, resolve_device
+from smoothcert.models.architectures import (
+    DENOISER_ARCHITECTURES,
+    DENOISER_DEFAULTS,
+    DIFFUSION_ARCHITECTURES,
+    build_denoiser,
+)
+from smoothcert.models.base import _leaf_output_bytes, _meta_copy, bind_sigma
+from smoothcert.models.loaders import CHECK_SIGMA, check_batches, check_state_dict, resolve_device
 from smoothcert.models.metadata import (
     METADATA_KEY,
     DenoiserInfo,
@@ -34,6 +39,28 @@ from smoothcert.models.safetensors_io import load_safetensors_state
 
 def is_denoiser_arch(arch: Any) -> bool:
     return isinstance(arch, str) and arch in DENOISER_ARCHITECTURES
+
+
+def is_denoiser(model: Any) -> bool:
+    """Whether a loaded model is a denoiser (a DnCNN or a diffusion denoiser): its info is a DenoiserInfo."""
+    return isinstance(getattr(model, "info", None), DenoiserInfo)
+
+
+def is_denoiser_file(path: str | Path, arch: str | None = None) -> bool:
+    """Whether a model file holds a denoiser: a safetensors file naming a denoiser architecture
+    (``arch`` overrides it), or an ONNX file whose metadata says ``kind: "denoiser"``."""
+    if Path(path).suffix.lower() == ".onnx" and not arch:
+        from smoothcert.models.diffusion import is_onnx_denoiser
+
+        return is_onnx_denoiser(path)
+    return is_denoiser_arch(described_arch(path, arch))
+
+
+def registration_sigma(denoiser: Any) -> float:
+    """The σ at which loading and registration checks run a denoiser that needs one (a diffusion
+    denoiser): its recorded ``sigma``, else :data:`~smoothcert.models.loaders.CHECK_SIGMA` (0.25),
+    the noise of the check batches."""
+    return float(denoiser.info.sigma) if denoiser.info.sigma else CHECK_SIGMA
 
 
 def described_arch(path: str | Path, arch: str | None = None) -> str | None:
@@ -87,19 +114,30 @@ def save_denoiser(path: str | Path, network: torch.nn.Module, info: DenoiserInfo
 
 def load_denoiser(path: str | Path, *, device: str | torch.device = "auto", arch: str | None = None,
                   input_shape: tuple[int, int, int] | None = None, sigma: float | None = None,
-                  name: str | None = None, **_ignored: Any) -> TorchDenoiser:
-    """Load a safetensors denoiser on ``device`` and check it (:func:`check_denoiser`).
+                  name: str | None = None, **_ignored: Any) -> Any:
+    """Load a denoiser file (safetensors, or the ONNX form of a diffusion model) on ``device`` and
+    check it (:func:`check_denoiser`).
 
     The input shape comes from ``input_shape`` or the file; the size parameters from the file's
     ``extra``, else from the weights (DnCNN: the first convolution's width and the number of
-    convolutions). Classifier fields (class count, normalization) are ignored: a denoiser has
-    none. Raises ModelError, one line, for a missing or pickled file, an architecture that is not a
-    denoiser's, weights that do not fit it, or outputs that are not finite images of the input's shape.
+    convolutions). A ``diffusion_unet`` file, or an ONNX file whose metadata says it is a denoiser,
+    loads as an unbound diffusion denoiser (:mod:`smoothcert.models.diffusion`), checked at
+    :func:`registration_sigma`. Classifier fields (class count, normalization) are ignored: a
+    denoiser has none. Raises ModelError, one line, for a missing or pickled file, an architecture
+    that is not a denoiser's, weights that do not fit it, or outputs that are not finite images of
+    the input's shape.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"no such file: {path}")
     refuse_pickled_checkpoint(path)
+    if path.suffix.lower() == ".onnx":
+        from smoothcert.models.diffusion import load_onnx_diffusion
+
+        onnx_denoiser = load_onnx_diffusion(path, device=resolve_device(device), input_shape=input_shape,
+                                            sigma=sigma, name=name)
+        check_denoiser(onnx_denoiser)
+        return onnx_denoiser
     if path.suffix.lower() != ".safetensors":
         raise ModelError(f"{path.name}: a denoiser must be a .safetensors file of an allow-listed denoiser "
                          f"architecture ({', '.join(sorted(DENOISER_ARCHITECTURES))})")
@@ -117,7 +155,7 @@ def load_denoiser(path: str | Path, *, device: str | torch.device = "auto", arch
         raise ModelError(f"{path.name}: a denoiser needs its input_shape [C, H, W]")
     shape = fields["input_shape"]
     extra = dict(fields.get("extra", {}))
-    size = {k: int(extra[k]) if k in extra else _size_from_weights(tensors, k)
+    size = {k: int(extra[k]) if k in extra else _size_from_weights(tensors, k, arch)
             for k in DENOISER_DEFAULTS[arch]}
     state, _ = load_safetensors_state(path)
     with torch.device("meta"):
@@ -126,13 +164,21 @@ def load_denoiser(path: str | Path, *, device: str | torch.device = "auto", arch
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     info = DenoiserInfo(format="safetensors", input_shape=shape, arch=arch, sigma=fields.get("sigma"),
                         sha256=sha256_file(path), name=fields.get("name"), extra={**extra, **size})
-    denoiser = TorchDenoiser(net, info, resolve_device(device))
+    if arch in DIFFUSION_ARCHITECTURES:
+        from smoothcert.models.diffusion import diffusion_from_module
+
+        denoiser: Any = diffusion_from_module(net, info, resolve_device(device))
+    else:
+        denoiser = TorchDenoiser(net, info, resolve_device(device))
     check_denoiser(denoiser)
     return denoiser
 
 
-def _size_from_weights(tensors: dict[str, dict], key: str) -> int:
-    """DnCNN's ``depth`` (its convolutions) or ``width`` (the first one's outputs) read from the weights."""
+def _size_from_weights(tensors: dict[str, dict], key: str, arch: str = "dncnn") -> int:
+    """DnCNN's ``depth`` (its convolutions) or ``width`` (the first one's outputs) read from the
+    weights; another architecture's default (its files record their sizes)."""
+    if arch != "dncnn":
+        return DENOISER_DEFAULTS[arch][key]
     convs = [k for k, t in tensors.items()
              if k.startswith("layers.") and k.endswith(".weight") and len(t["shape"]) == 4]
     if key == "depth":
@@ -141,9 +187,10 @@ def _size_from_weights(tensors: dict[str, dict], key: str) -> int:
     return int(first["shape"][0]) if first and first["shape"] else DENOISER_DEFAULTS["dncnn"]["width"]
 
 
-def check_denoiser(denoiser: TorchDenoiser) -> None:
-    """Run :func:`~smoothcert.models.loaders.check_batches`; ModelError unless each gives finite
-    images of the input's shape."""
+def check_denoiser(denoiser: Any) -> None:
+    """Run :func:`~smoothcert.models.loaders.check_batches` (a denoiser that needs σ bound to
+    :func:`registration_sigma`); ModelError unless each gives finite images of the input's shape."""
+    denoiser = bind_sigma(denoiser, registration_sigma(denoiser))
     shape = denoiser.info.input_shape
     for what, batch in check_batches(shape).items():
         try:

@@ -21,6 +21,7 @@ from smoothcert.models.architectures import (
     check_arch,
 )
 from smoothcert.models.base import BaseClassifier, Normalize, TorchClassifier
+from smoothcert.models.diffusion import is_onnx_denoiser
 from smoothcert.models.metadata import (
     PIPELINE,
     ModelError,
@@ -97,6 +98,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "auto", arch: s
         class_names=class_names, sigma=sigma, name=name).items() if v is not None})
     sha256 = sha256_file(path)
     if fmt == "onnx":
+        if is_onnx_denoiser(path):
+            raise ModelError(f"{path.name} is a denoiser (an ONNX diffusion model), not a classifier: certify it in "
+                             "front of one (smoothcert certify CLASSIFIER --denoiser FILE, or a pipeline model)")
         model: BaseClassifier = OnnxClassifier(path, device=target, **given)
     else:
         model = _load_safetensors(path, target, {**given, "arch": arch} if arch else given)
@@ -236,7 +240,7 @@ def load_stored_model(store, meta: dict[str, Any], device: str | torch.device = 
     if meta.get("kind") == PIPELINE:
         return pipeline.load_stored_pipeline(store, meta, device)   # type: ignore[return-value]
     path = store.weights_path(meta["id"])
-    if denoisers.is_denoiser_arch(denoisers.described_arch(path, meta.get("arch"))):
+    if denoisers.is_denoiser_file(path, meta.get("arch")):
         fields = {k: meta.get(k) for k in STORED_FIELDS}
         return denoisers.load_denoiser(path, device=device, **fields)  # type: ignore[return-value]
     return load_model(path, device=device,

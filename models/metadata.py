@@ -238,3 +238,17 @@ def fields_from_metadata_map(metadata: dict[str, str] | None) -> dict[str, Any]:
     if not metadata or METADATA_KEY not in metadata:
         return {}
     return parse_info_json(metadata[METADATA_KEY])
+
+
+def described_kind(metadata: dict[str, str] | None) -> str | None:
+    """The ``kind`` a file's string map says (``"denoiser"`` for a denoiser, written by
+    :func:`denoiser_info_json`), or None: a classifier's metadata has none, and unreadable JSON
+    is left to the loader to refuse."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None
+    try:
+        doc = json.loads(metadata[METADATA_KEY])
+    except (json.JSONDecodeError, TypeError):
+        return None
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    return kind if isinstance(kind, str) else None

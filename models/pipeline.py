@@ -9,12 +9,14 @@ naming both files, which every result's provenance repeats.
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from smoothcert.models.base import BaseClassifier
-from smoothcert.models.denoisers import TorchDenoiser, load_denoiser
+from smoothcert.models.base import BaseClassifier, bind_sigma
+from smoothcert.models.denoisers import TorchDenoiser, is_denoiser, load_denoiser, registration_sigma
 from smoothcert.models.loaders import check_forward, load_model
 from smoothcert.models.metadata import PIPELINE, ModelError, ModelInfo, pipeline_sha256
 
@@ -60,20 +62,35 @@ class DenoisedClassifier:
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x).argmax(dim=1)
 
+    def for_sigma(self, sigma: float) -> DenoisedClassifier:
+        """This pipeline with its denoiser bound to the run's σ, a new object (a diffusion denoiser
+        picks its timestep; the provenance's ``model_parts.denoiser`` then names σ and timestep);
+        itself when the denoiser ignores σ (DnCNN)."""
+        bind = getattr(self.denoiser, "for_sigma", None)
+        if bind is None:
+            return self
+        bound = copy.copy(self)
+        bound.denoiser = bind(sigma)
+        parts = {role: dict(part) for role, part in (self.info.parts or {}).items()}
+        parts["denoiser"].update(bound.denoiser.sigma_binding)
+        bound.info = replace(self.info, parts=parts)
+        return bound
+
     def work_bytes_per_sample(self) -> int:
         """Both parts' per-input memory: the denoised batch is alive while the classifier runs."""
         return self.denoiser.work_bytes_per_sample() + self.classifier.work_bytes_per_sample()
 
 
 def compose(denoiser: TorchDenoiser, classifier: BaseClassifier, **kwargs: Any) -> DenoisedClassifier:
-    """The pipeline of two loaded parts, run on the check batches of every model (check_forward)."""
-    if not isinstance(denoiser, TorchDenoiser):
+    """The pipeline of two loaded parts, run on the check batches of every model (check_forward),
+    with a denoiser that needs σ bound to its :func:`~smoothcert.models.denoisers.registration_sigma`."""
+    if not is_denoiser(denoiser):
         raise ModelError("the first part of a pipeline must be a denoiser")
-    if isinstance(classifier, (TorchDenoiser, DenoisedClassifier)):
+    if is_denoiser(classifier) or isinstance(classifier, DenoisedClassifier):
         raise ModelError("the second part of a pipeline must be a classifier, not "
-                         + ("a denoiser" if isinstance(classifier, TorchDenoiser) else "a pipeline"))
+                         + ("a denoiser" if is_denoiser(classifier) else "a pipeline"))
     model = DenoisedClassifier(denoiser, classifier, **kwargs)
-    check_forward(model)
+    check_forward(bind_sigma(model, registration_sigma(denoiser)))
     return model
 
 

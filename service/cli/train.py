@@ -20,6 +20,7 @@ from smoothcert.service.core.train_config import (
     OPTIMIZERS,
     STABILITY_NEEDS_CLASSIFIER,
     DenoiserConfig,
+    DiffusionConfig,
     TrainConfig,
 )
 from smoothcert.worker.evaluation import denoised
@@ -29,6 +30,7 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 _EXPERIMENT = {f.name: f.default for f in fields(ExperimentConfig)}
 _DENOISER = {f.name: f.default for f in fields(DenoiserConfig)}
 _DENOISED = {f.name: f.default for f in fields(denoised.DenoisedConfig)}
+_DIFFUSION = {f.name: f.default for f in fields(DiffusionConfig)}
 _NORMALIZATIONS = "cifar10, cifar10-center, imagenet, imagenet-center, none"
 
 
@@ -42,6 +44,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_train_denoiser(commands)
     _add_import(commands)
     _add_experiment(commands)
+    _add_train_diffusion(commands)
 
 
 def _add_train(commands) -> None:
@@ -384,3 +387,79 @@ def _shape(text: str | None) -> tuple[int, int, int] | None:
     if len(shape) != 3 or min(shape) < 1:
         raise CliArgumentError(f"--input-shape must look like 3,32,32, got {text!r}")
     return shape  # type: ignore[return-value]
+
+
+def _add_train_diffusion(commands) -> None:
+    p = commands.add_parser("train-diffusion", help="train a small diffusion model for one-step diffusion denoising",
+                            description="Train an ε-prediction diffusion model (DDPM loss, linear β schedule) on a "
+                                        "dataset's images; `smoothcert certify CLASSIFIER --denoiser FILE` then "
+                                        "denoises each noisy copy in one step at the timestep that matches σ. "
+                                        "Writes one self-describing safetensors file (the schedule in its metadata).")
+    d = _DIFFUSION
+    p.add_argument("--dataset", default="digits",
+                   help="digits (default), an .npz with x (N,C,H,W in [0,1] or uint8) and y, an image folder, or a "
+                        "CIFAR-10 binary folder")
+    p.add_argument("--out", metavar="DIFFUSION.safetensors",
+                   help="where to write it (default DATASET-diffusion-T<timesteps>.safetensors)")
+    p.add_argument("--onnx", metavar="FILE.onnx",
+                   help="also write the ONNX form (inputs x_t float32 (B,C,H,W) and t int64 (B,), the schedule in "
+                        "its metadata_props)")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d["lr"], help="initial Adam learning rate, cosine to 0 "
+                                                              "(default %(default)s)")
+    p.add_argument("--timesteps", type=int, default=d["timesteps"],
+                   help="T, the schedule's steps (default %(default)s). A shorter T is fine: one step is taken at "
+                        "the timestep nearest σ, and T only has to reach the largest σ you certify (the β range "
+                        "stays the same, so a short T reaches large noise in fewer, coarser steps)")
+    p.add_argument("--beta-start", type=float, default=d["beta_start"], help="first β (default %(default)s)")
+    p.add_argument("--beta-end", type=float, default=d["beta_end"], help="last β (default %(default)s)")
+    p.add_argument("--width", type=int, default=d["width"], help="diffusion_unet channels (default %(default)s)")
+    p.add_argument("--seed", type=int, help="seed of every random draw (default: the checkpoint's when resuming, "
+                                            "else drawn and recorded)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save the state after each epoch here, and resume from it when it is there")
+    add_device(p)
+    p.add_argument("--name", help="the model's name in its metadata")
+    p.set_defaults(handler=_run_train_diffusion)
+
+
+def _run_train_diffusion(args) -> int:
+    from smoothcert.worker.data.datasets import load_dataset
+    from smoothcert.worker.training.diffusion import train_diffusion
+
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "timesteps": args.timesteps,
+             "beta_start": args.beta_start, "beta_end": args.beta_end, "width": args.width, "name": args.name}
+    if args.seed is not None:
+        given["seed"] = args.seed
+    elif args.checkpoint_dir:
+        from smoothcert.worker.training.checkpoints import saved_identity
+
+        saved = saved_identity(args.checkpoint_dir)   # re-running the same command resumes
+        if saved and isinstance(saved.get("seed"), int):
+            given["seed"] = saved["seed"]
+    config = DiffusionConfig(**given)
+    data = load_dataset(args.dataset)
+    out = Path(args.out or f"{Path(data.name).stem}-diffusion-T{config.timesteps}.safetensors")
+    with stderr_bar(config.epochs, "epoch") as bar:
+        def progress(metrics) -> None:
+            bar.set_postfix(loss=f"{metrics.loss:.4f}")
+            bar.update(metrics.epoch - bar.n)
+
+        result = train_diffusion(config, data, out, checkpoint_dir=args.checkpoint_dir and Path(args.checkpoint_dir),
+                                 device=args.device, progress=progress)
+    if args.onnx:
+        from smoothcert.models.denoisers import load_denoiser
+        from smoothcert.models.diffusion import export_diffusion_onnx
+
+        export_diffusion_onnx(load_denoiser(result.path, device="cpu"), Path(args.onnx))
+    m = result.metrics
+    test = "" if not m["test_mse"] else ", one-step test MSE " + ", ".join(
+        f"{v:.4f} at σ={k} (noisy {float(k) ** 2:.4f})" for k, v in m["test_mse"].items())
+    resumed = f" (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
+    print(f"trained diffusion_unet on {data.name} with T={config.timesteps}, seed {config.seed}{resumed}: "
+          f"loss {m['train_loss']:.4f}{test}, {m['elapsed_s']:.0f} s", file=sys.stderr)
+    print(out)
+    if args.onnx:
+        print(args.onnx)
+    return 0

@@ -159,3 +159,60 @@ class DenoiserConfig:
     def lr_at(self, epoch: int) -> float:
         """The cosine schedule: ``lr`` in epoch 0, falling towards 0 by the last epoch."""
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """How to train an ε-prediction diffusion model for one-step diffusion denoising.
+
+    DDPM's loss (Ho et al. 2020): a timestep t uniform over 0 … T−1 and ε ~ N(0, I) per image and
+    step, images scaled to [−1, 1], the MSE between ε and the network's ε̂(√ᾱ_t·x + √(1 − ᾱ_t)·ε, t).
+    The β schedule is linear from ``beta_start`` to ``beta_end`` over ``timesteps`` (T) steps;
+    ᾱ_t = Π (1 − β_s) goes into the file's metadata. A shorter T is fine: one-step denoising only
+    needs some step near each σ (the last step must reach the largest σ certified). ``width``
+    sizes the diffusion_unet (channels at full resolution). Adam, the learning rate on a cosine
+    from ``lr`` towards 0. ``seed`` as for :class:`TrainConfig`; ``name`` is the model's name
+    (default DATASET-diffusion-T). The defaults are the digits recipe of the README (a few minutes
+    on two CPU cores).
+    """
+
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 3e-3
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    width: int = 32
+    seed: int = field(default_factory=draw_seed)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("epochs", 1, MAX_SEED), ("batch_size", 1, MAX_SEED), ("timesteps", 1, 100_000),
+                                ("width", 2, 1024), ("seed", 0, MAX_SEED)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= int(value) <= high:
+                raise TrainingError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+        for name in ("lr", "beta_start", "beta_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise TrainingError(f"{name} must be a positive number, not {value!r}")
+        if not self.beta_start <= self.beta_end < 1:
+            raise TrainingError(f"the β schedule needs beta_start <= beta_end < 1, not {self.beta_start} and "
+                                f"{self.beta_end}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+            raise TrainingError(f"name must be a non-empty string, not {self.name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DiffusionConfig:
+        """Build from a dict such as ``to_dict()``'s; unknown keys are refused."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TrainingError(f"unknown diffusion training parameter(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def lr_at(self, epoch: int) -> float:
+        """The cosine schedule: ``lr`` in epoch 0, falling towards 0 by the last epoch."""
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))

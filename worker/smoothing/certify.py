@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from smoothcert.models.base import BaseClassifier
+from smoothcert.models.base import BaseClassifier, bind_sigma
 from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_PREDICT_N, Bound
 from smoothcert.worker.smoothing import bounds
 from smoothcert.worker.smoothing.checks import InputError, check_params
@@ -37,7 +37,7 @@ def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0
     the model's scores are NaN or infinite for some noisy copy.
     """
     check_params(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, batch_size=batch_size, seed=seed)
-    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
+    sampler = Sampler(bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
     # Two disjoint samples per input: n0 copies to select, n fresh ones to estimate, so the class
     # under test was not chosen on the votes that test it. One call draws both (input by input,
     # selection first), so batches stay full across inputs.
@@ -80,7 +80,7 @@ def predict(model: BaseClassifier, x: Inputs, sigma: float, n: int = DEFAULT_PRE
     least = bounds.min_predict_n(alpha)
     if n < least:
         raise InputError(f"n={n} can never pass the test at alpha={alpha}: PREDICT needs n >= {least}")
-    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
+    sampler = Sampler(bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
     (counts,) = sampler.sample_counts(n)
     per_input = sampler.elapsed() / len(counts)
     results = []

@@ -28,7 +28,7 @@ from scipy.special import betaln
 from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
-from smoothcert.models.base import BaseClassifier
+from smoothcert.models.base import BaseClassifier, bind_sigma
 from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
 from smoothcert.worker.smoothing.checks import check_params
 from smoothcert.worker.smoothing.results import RadiusDecision, Run
@@ -131,7 +131,7 @@ def certify_at_radius(model: BaseClassifier, x: Inputs, sigma: float, target_rad
     check_params(sigma=sigma, n0=n0, n_max=n_max, alpha=alpha, target_radius=target_radius, beta=beta,
                  batch_size=batch_size, seed=seed)
     beta = alpha if beta is None else beta
-    sampler = Sampler(model, x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
+    sampler = Sampler(bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
     test = SequentialTest(p0_for(target_radius, sigma), alpha, beta, n_max)
     num = sampler.num_inputs
     n, k = np.zeros(num, dtype=np.int64), np.zeros(num, dtype=np.int64)

@@ -1,0 +1,83 @@
+"""A diffusion denoiser over HTTP on the real stack: uploaded as safetensors and as its ONNX (x_t, t)
+form, both recorded as denoisers; registered in front of the demo classifier, a certify job through
+the real worker gives the rows of `smoothcert certify CLASSIFIER --denoiser FILE` for the same seed,
+and its provenance names the timestep the job's σ chose."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from smoothcert.models.denoisers import load_denoiser
+from smoothcert.models.diffusion import export_diffusion_onnx, timestep_for_sigma
+from smoothcert.service.cli.main import main
+from tests.models.test_diffusion import random_diffusion
+from tests.support.stack import upload_model_file, wait_job
+
+JOB = {"sigma": 0.5, "n0": 20, "n": 200, "alpha": 0.001, "batch_size": 100, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def diffusion_files(tmp_path_factory) -> dict[str, object]:
+    folder = tmp_path_factory.mktemp("diffusion")
+    path = random_diffusion(folder / "diffusion.safetensors")
+    return {"safetensors": path, "onnx": export_diffusion_onnx(load_denoiser(path, device="cpu"), folder / "d.onnx")}
+
+
+@pytest.fixture(scope="module")
+def uploaded(admin, diffusion_files) -> dict[str, dict]:
+    records = {}
+    for fmt, path in diffusion_files.items():
+        resp = upload_model_file(admin, path)
+        assert resp.status_code == 201, resp.text
+        records[fmt] = resp.json()
+    return records
+
+
+def test_both_forms_of_a_diffusion_denoiser_are_recorded_as_denoisers(uploaded):
+    for fmt, record in uploaded.items():
+        assert record["kind"] == "denoiser" and record["format"] == fmt, record
+        assert record["input_shape"] == [1, 8, 8] and record["num_classes"] is None
+
+
+def test_a_diffusion_pipeline_job_gives_the_rows_of_certify_with_denoiser(admin, client, uploaded, diffusion_files,
+                                                                          demo_model, demo_paths, tmp_path):
+    resp = admin.post("/v1/models/pipelines", json={"denoiser": uploaded["safetensors"]["id"],
+                                                    "classifier": demo_model["id"]})
+    assert resp.status_code == 201, resp.text
+    pipeline = resp.json()
+    x = np.load(demo_paths["test_x"])[:6]
+    resp = client.post("/v1/certify", json={"model_id": pipeline["id"], "inputs": x.tolist(), **JOB})
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, resp.json()["job_id"], timeout=120)
+    assert job["status"] == "succeeded", job["error"]
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "cli.tsv"
+    assert main(["certify", str(demo_paths["safetensors"]), "--denoiser", str(diffusion_files["safetensors"]),
+                 "--inputs", str(tmp_path / "x.npy"), *[f"--{k.replace('_', '-')}={v}" for k, v in JOB.items()],
+                 "--out", str(out)]) == 0
+    lines = [line.split("\t") for line in out.read_text().splitlines()]
+    cli = [dict(zip(lines[0], line)) for line in lines[1:]]
+    api = job["result"]["results"]
+    assert [(-1 if r["prediction"] is None else r["prediction"], r["n_a"]) for r in api] == [
+        (int(r["predict"]), int(r["n_a"])) for r in cli]
+    assert [r["radius"] or 0.0 for r in api] == pytest.approx([float(r["radius"]) for r in cli], rel=1e-9)
+    schedule = load_denoiser(diffusion_files["safetensors"], device="cpu").alphas_cumprod
+    part = job["result"]["provenance"]["model_parts"]["denoiser"]
+    assert part["id"] == uploaded["safetensors"]["id"] and part["sha256"] == uploaded["safetensors"]["sha256"]
+    assert (part["sigma"], part["timestep"]) == (0.5, timestep_for_sigma(schedule, 0.5))
+    cli_provenance = json.loads((tmp_path / "cli.tsv.json").read_text())
+    assert cli_provenance["model_parts"]["denoiser"]["timestep"] == part["timestep"]
+
+
+def test_an_onnx_diffusion_pipeline_refuses_a_sigma_beyond_its_schedule(admin, client, uploaded, demo_model,
+                                                                         demo_paths):
+    resp = admin.post("/v1/models/pipelines", json={"denoiser": uploaded["onnx"]["id"],
+                                                    "classifier": demo_model["id"]})
+    assert resp.status_code == 201, resp.text
+    x = np.load(demo_paths["test_x"])[:2]
+    resp = client.post("/v1/certify", json={"model_id": resp.json()["id"], "inputs": x.tolist(), **{**JOB, "sigma": 2}})
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, resp.json()["job_id"], timeout=120)
+    assert job["status"] == "failed" and "beyond this diffusion model's schedule" in job["error"], job
