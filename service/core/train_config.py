@@ -179,7 +179,7 @@ class DiffusionConfig:
     epochs: int = 60
     batch_size: int = 128
     lr: float = 3e-3
-    timesteps: int = 1000
+    timesteps: int = 300
     beta_start: float = 1e-4
     beta_end: float = 0.02
     width: int = 32

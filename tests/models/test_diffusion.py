@@ -13,14 +13,8 @@ import torch
 from smoothcert.models.architectures import build_denoiser
 from smoothcert.models.base import bind_sigma
 from smoothcert.models.denoisers import is_denoiser_file, load_denoiser, save_denoiser
-from smoothcert.models.diffusion import (
-    OnnxDiffusionDenoiser,
-    TorchDiffusionDenoiser,
-    export_diffusion_onnx,
-    largest_sigma,
-    linear_schedule,
-    timestep_for_sigma,
-)
+from smoothcert.models.diffusion import OnnxDiffusionDenoiser, TorchDiffusionDenoiser, export_diffusion_onnx
+from smoothcert.models.diffusion_schedule import largest_sigma, linear_schedule, timestep_for_sigma
 from smoothcert.models.loaders import load_model
 from smoothcert.models.metadata import DenoiserInfo, ModelError
 from smoothcert.models.pipeline import compose

@@ -23,7 +23,7 @@ from torch import nn
 
 from smoothcert.models.architectures import build_denoiser, diffusion_levels
 from smoothcert.models.denoisers import save_denoiser
-from smoothcert.models.diffusion import linear_schedule, timestep_for_sigma
+from smoothcert.models.diffusion_schedule import linear_schedule, timestep_for_sigma
 from smoothcert.models.metadata import DenoiserInfo, ModelError
 from smoothcert.models.reproducible import init_weights
 from smoothcert.service.core.train_config import DiffusionConfig, TrainingError

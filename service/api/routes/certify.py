@@ -31,7 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smoothcert.models.metadata import DENOISER
+from smoothcert.models.diffusion_schedule import timestep_for_sigma
+from smoothcert.models.metadata import DENOISER, ModelError
 from smoothcert.service.api.deps import (
     AdmissionDep,
     DatasetsDep,
@@ -166,6 +167,17 @@ def _decode_files(files: Files, input_shape: list[int]) -> np.ndarray:
     return decode_images(files, input_shape)
 
 
+def _check_denoiser_sigma(denoiser: dict[str, Any] | None, req: CertifyRequest) -> None:
+    """422 when the pipeline's denoiser is a diffusion model whose schedule does not reach ``req.sigma``
+    (the worker would fail the job with the same words)."""
+    schedule = ((denoiser or {}).get("extra") or {}).get("schedule")
+    if isinstance(schedule, dict) and "alphas_cumprod" in schedule:
+        try:
+            timestep_for_sigma(schedule["alphas_cumprod"], req.sigma)
+        except ModelError as exc:
+            raise _unprocessable(f"model {req.model_id}: {exc}") from None
+
+
 def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, datasets, queue,
              admission) -> JobAccepted:
     for name in ("n0", "n"):
@@ -183,6 +195,8 @@ def _enqueue(req: CertifyRequest, files: Files | None, settings, jobs, models, d
     if meta.get("format") == "pipeline" and (req.runtime != "auto" or req.precision != "float32"):
         raise _unprocessable(f"model {req.model_id} is a pipeline, whose parts each run in their own loader: "
                              "runtime auto and precision float32 only")
+    if meta.get("format") == "pipeline":
+        _check_denoiser_sigma(models.get(meta["denoiser"]), req)
     if req.runtime == "torch" and meta.get("format") == "onnx":
         raise _unprocessable(f"runtime torch needs a safetensors model; model {req.model_id} is ONNX, which runs "
                              "in onnxruntime only: use runtime auto or onnxruntime")
