@@ -136,6 +136,8 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
     set: ``{"requested", "chosen", "how", ...}``. ``model`` is what the loader returned (torch for
     safetensors, onnxruntime for ONNX); a copy of it is returned when it already runs where asked.
     A reduced ``precision`` runs in torch (:func:`check_precision`), not measured against others.
+    A pipeline with ``"auto"`` and float32 comes back with each part in its own fastest runtime
+    (the classifier's choice as above, the denoiser's by :func:`select_denoiser_runtime`).
     Without ``cache_dir`` the export is made in a temporary folder and nothing is cached. Raises ModelError
     for an unknown runtime or precision, for ``"torch"`` on an ONNX model, for a precision the
     runtime or device cannot run, and when a pinned onnxruntime export fails or disagrees with torch.
