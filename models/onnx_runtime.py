@@ -183,6 +183,49 @@ class OnnxClassifier:
         return out
 
 
+class OnnxDenoiser:
+    """A denoiser exported to ONNX (:func:`smoothcert.models.runtimes.select_denoiser_runtime`), run by
+    onnxruntime on the CPU or through IO binding on CUDA, with the outputs clamped to [0, 1] as
+    :class:`~smoothcert.models.denoisers.TorchDenoiser` clamps them. ``info`` is the torch
+    denoiser's: the network is the same, only the runtime differs."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, info, *, device: str | torch.device = "cpu", work_bytes: int = 0):
+        check_onnx_contents(path)
+        self.session = _open_session(Path(path), device, None)
+        self.provider = self.session.get_providers()[0]
+        on_cuda = self.provider == CUDA_PROVIDER
+        self.device = torch.device("cuda", _cuda_index(device)) if on_cuda else torch.device("cpu")
+        self.precision = "float32"
+        self.info = info
+        self._input_name = self.session.get_inputs()[0].name
+        self._output_name = self.session.get_outputs()[0].name
+        self._work_bytes = work_bytes
+
+    def denoise(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] for a float32 batch of the same shape."""
+        x = x.to(dtype=torch.float32).contiguous()
+        if self.device.type == "cuda":
+            x = x.to(self.device)
+            out = torch.empty_like(x)
+            binding = self.session.io_binding()
+            index = self.device.index or 0
+            binding.bind_input(self._input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+            binding.bind_output(self._output_name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+            torch.cuda.current_stream(self.device).synchronize()
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        else:
+            (array,) = self.session.run([self._output_name], {self._input_name: x.detach().cpu().numpy()})
+            out = torch.from_numpy(array)
+        return out.clamp_(0.0, 1.0)
+
+    def work_bytes_per_sample(self) -> int:
+        """The torch denoiser's figure (the same layers' outputs)."""
+        return self._work_bytes
+
+
 def _cuda_index(device: str | torch.device) -> int:
     if str(device) == "auto":
         return 0

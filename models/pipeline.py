@@ -76,6 +76,16 @@ class DenoisedClassifier:
         bound.info = replace(self.info, parts=parts)
         return bound
 
+    def with_parts(self, denoiser: Any, classifier: BaseClassifier) -> DenoisedClassifier:
+        """This pipeline with its parts replaced by the same networks in other runtimes
+        (:func:`smoothcert.models.runtimes.select_runtime`): ``info`` and sha256 stay, ``runtime``
+        and ``provider`` name the new parts'."""
+        other = copy.copy(self)
+        other.denoiser, other.classifier = denoiser, classifier
+        other.runtime = "+".join(dict.fromkeys([denoiser.runtime, classifier.runtime]))
+        other.provider = "+".join(dict.fromkeys([denoiser.provider, classifier.provider]))
+        return other
+
     def work_bytes_per_sample(self) -> int:
         """Both parts' per-input memory: the denoised batch is alive while the classifier runs."""
         return self.denoiser.work_bytes_per_sample() + self.classifier.work_bytes_per_sample()

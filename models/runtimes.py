@@ -8,7 +8,10 @@ that fails to build, or whose scores on the loader's check batches do not agree 
 labels, scores within a relative 1e-3), is skipped with a log line. The choice is cached per model
 sha256, device and batch size class (the next power of two) in ``<cache_dir>/runtime-choices.json``,
 the export in ``<cache_dir>/exports/<sha256>.onnx``, so a second load measures nothing. ``"torch"``
-and ``"onnxruntime"`` pin one. An ONNX upload is its own graph and runs in onnxruntime only.
+and ``"onnxruntime"`` pin one. An ONNX upload is its own graph and runs in onnxruntime only. A
+pipeline (denoiser + classifier) with ``"auto"`` gets each part in its fastest runtime: the
+classifier as above, a DnCNN denoiser in torch or onnxruntime on its export
+(:func:`select_denoiser_runtime`).
 
 The certificate is about the classifier actually evaluated: with onnxruntime that is the exported
 graph, which is why it must agree with the torch module before it is used, and why the chosen
@@ -48,6 +51,8 @@ MEASURE_BATCHES = 1         # timed batches per candidate and round (after one w
 MEASURE_BUDGET_S = 10.0     # no round starts after this many seconds of timing (a large model)
 MEASURE_MAX_BATCH = 4096    # larger batches are timed at this size: a load should not take minutes
 AGREEMENT_RTOL = 1e-3
+DENOISER_AGREEMENT_ATOL = 1e-4   # denoised [0,1] pixels, onnxruntime against torch
+EXPORTABLE_DENOISERS = frozenset({"dncnn"})   # plain convolutions; a diffusion denoiser stays in torch
 
 
 class ChannelsLastClassifier(TorchClassifier):
@@ -131,6 +136,8 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
     set: ``{"requested", "chosen", "how", ...}``. ``model`` is what the loader returned (torch for
     safetensors, onnxruntime for ONNX); a copy of it is returned when it already runs where asked.
     A reduced ``precision`` runs in torch (:func:`check_precision`), not measured against others.
+    A pipeline with ``"auto"`` and float32 comes back with each part in its own fastest runtime
+    (the classifier's choice as above, the denoiser's by :func:`select_denoiser_runtime`).
     Without ``cache_dir`` the export is made in a temporary folder and nothing is cached. Raises ModelError
     for an unknown runtime or precision, for ``"torch"`` on an ONNX model, for a precision the
     runtime or device cannot run, and when a pinned onnxruntime export fails or disagrees with torch.
@@ -140,6 +147,8 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
     if runtime == "torch" and not isinstance(model, TorchClassifier):
         raise ModelError("runtime torch needs a safetensors model; an ONNX model is its own graph and runs "
                          "in onnxruntime only (use runtime auto or onnxruntime)")
+    if runtime == "auto" and precision == "float32" and _is_pipeline(model):
+        return _select_pipeline(model, batch_size, cache_dir)
     check_precision(model, runtime, precision)
     if precision != "float32":
         assert isinstance(model, TorchClassifier)   # check_precision refused the others
@@ -186,8 +195,9 @@ def _select(model: TorchClassifier, runtime: str, batch_size: int, cache: Path, 
     return _mark(built[best], runtime, best, "auto, measured", measured)
 
 
-def measure(candidates: dict[str, BaseClassifier], batch_size: int) -> dict[str, float]:
-    """Samples per second of each candidate's ``logits`` on a fixed uniform batch of ``batch_size``
+def measure(candidates: dict[str, Any], batch_size: int, call: str = "logits") -> dict[str, float]:
+    """Samples per second of each candidate's ``logits`` (or method ``call``: a denoiser's ``denoise``)
+    on a fixed uniform batch of ``batch_size``
     (a candidate whose first batch fails is left out, with a log line):
     the best of MEASURE_ROUNDS interleaved rounds of MEASURE_BATCHES batches (no round begun after
     MEASURE_BUDGET_S), after a warm-up (batches above MEASURE_MAX_BATCH are timed at that size)."""
@@ -198,7 +208,7 @@ def measure(candidates: dict[str, BaseClassifier], batch_size: int) -> dict[str,
     best: dict[str, float] = {}
     for name, candidate in list(candidates.items()):
         try:
-            candidate.logits(x)   # warm-up; a compiled candidate compiles here
+            getattr(candidate, call)(x)   # warm-up; a compiled candidate compiles here
         except Exception as exc:   # each runtime raises its own types
             log.warning("runtime %s skipped: its first batch failed: %s", name, str(exc).splitlines()[0] if str(exc)
                         else type(exc).__name__)
@@ -210,12 +220,102 @@ def measure(candidates: dict[str, BaseClassifier], batch_size: int) -> dict[str,
         for name, candidate in candidates.items():
             started = time.perf_counter()
             for _ in range(MEASURE_BATCHES):
-                candidate.logits(x)
+                getattr(candidate, call)(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rate = MEASURE_BATCHES * len(x) / max(time.perf_counter() - started, 1e-9)
             best[name] = max(best.get(name, 0.0), rate)
     return best
+
+
+def _is_pipeline(model: Any) -> bool:
+    from smoothcert.models.pipeline import DenoisedClassifier
+
+    return isinstance(model, DenoisedClassifier)
+
+
+def _select_pipeline(model: Any, batch_size: int, cache_dir: str | Path | None) -> Any:
+    """A pipeline with each part in its fastest runtime: the classifier as any model
+    (:func:`select_runtime`), the denoiser by :func:`select_denoiser_runtime`; both choices are in
+    the pipeline's ``runtime_choice`` under ``parts``."""
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="smoothcert-runtime-") as tmp:
+            return _select_pipeline(model, batch_size, tmp)
+    classifier = select_runtime(model.classifier, "auto", batch_size=batch_size, cache_dir=cache_dir)
+    denoiser = select_denoiser_runtime(model.denoiser, batch_size=batch_size, cache_dir=cache_dir)
+    chosen = model.with_parts(denoiser, classifier)
+    parts = {"denoiser": denoiser.runtime_choice, "classifier": classifier.runtime_choice}
+    chosen.runtime_choice = {"requested": "auto", "chosen": chosen.runtime, "how": "auto, per part",
+                             "parts": parts}
+    return chosen
+
+
+def select_denoiser_runtime(denoiser: Any, *, batch_size: int, cache_dir: str | Path) -> Any:
+    """``denoiser`` (a :class:`~smoothcert.models.denoisers.TorchDenoiser`) in its fastest runtime, with
+    ``runtime_choice`` set, as :func:`select_runtime` chooses for a classifier: torch as loaded, or
+    onnxruntime on its ONNX export (DnCNN only, :data:`EXPORTABLE_DENOISERS`; any other denoiser stays
+    in torch), used only when its images agree with torch's within DENOISER_AGREEMENT_ATOL on the
+    loader's check batches. Measured at ``batch_size``; cached per denoiser sha256, device and batch
+    size class beside the classifiers' choices, the export under ``exports/``."""
+    if denoiser.info.arch not in EXPORTABLE_DENOISERS:
+        return _mark(denoiser, "auto", denoiser.runtime, "auto, the only runtime of this denoiser")
+    cache = Path(cache_dir)
+    key = f"denoiser|{denoiser.info.sha256}|{denoiser.device}|batch<={batch_class(batch_size)}"
+    cached = _read_choices(cache).get(key)
+    if cached is not None and cached.get("chosen") in ("torch", "onnxruntime"):
+        try:
+            chosen = denoiser if cached["chosen"] == "torch" else onnx_denoiser(denoiser, cache)
+        except ModelError as exc:
+            log.warning("runtime %s cached for %s no longer builds (%s); measuring again", cached["chosen"], key, exc)
+        else:
+            return _mark(chosen, "auto", cached["chosen"], "auto, from the cache", cached.get("measured"))
+    built: dict[str, Any] = {"torch": denoiser}
+    try:
+        built["onnxruntime"] = onnx_denoiser(denoiser, cache)
+    except (ModelError, RuntimeError, ValueError, OSError) as exc:
+        log.warning("runtime onnxruntime skipped for %s: %s", key, str(exc).splitlines()[0] if str(exc) else exc)
+    measured = measure(built, batch_size, call="denoise")
+    best = max(measured, key=lambda name: measured[name])
+    log.info("runtime for %s: measured %s samples/s; chose %s", key,
+             ", ".join(f"{k} {v:,.0f}" for k, v in measured.items()), best)
+    choices = _read_choices(cache)
+    choices[key] = {"chosen": best, "measured": {k: round(v, 1) for k, v in measured.items()},
+                    "at": round(time.time(), 3)}
+    _write_choices(cache, choices)
+    return _mark(built[best], "auto", best, "auto, measured", measured)
+
+
+def onnx_denoiser(denoiser: Any, cache: Path) -> Any:
+    """onnxruntime on the denoiser's ONNX export (made once, kept under ``cache/exports``), checked
+    to give torch's images on the loader's check batches."""
+    from smoothcert.models.onnx_runtime import OnnxDenoiser
+
+    path = cache / "exports" / f"denoiser-{denoiser.info.sha256}-v{EXPORT_VERSION}.onnx"
+    if not path.is_file():
+        export_module(denoiser.module, path, denoiser.info.input_shape)
+    try:
+        exported = OnnxDenoiser(path, denoiser.info, device=denoiser.device,
+                           work_bytes=denoiser.work_bytes_per_sample())
+    except ModelError:
+        path.unlink(missing_ok=True)
+        raise
+    exported.graph_sha256 = sha256_file(path)
+    check_denoiser_agreement(denoiser, exported)
+    return exported
+
+
+def check_denoiser_agreement(reference: Any, other: Any) -> None:
+    """ModelError unless ``other`` denoises every check batch of the loader to within
+    DENOISER_AGREEMENT_ATOL (absolute, in [0, 1] pixels) of ``reference``."""
+    from smoothcert.models.loaders import check_batches
+
+    for what, batch in check_batches(reference.info.input_shape).items():
+        want = reference.denoise(batch.to(reference.device)).float().cpu()
+        got = other.denoise(batch.to(other.device)).float().cpu()
+        gap = float((want - got).abs().max())
+        if not gap <= DENOISER_AGREEMENT_ATOL:   # NaN fails too
+            raise ModelError(f"the {other.runtime} export of the denoiser disagrees with torch on the {what}: "
+                             f"pixels differ by up to {gap:.3g}")
 
 
 def _build(name: str, model: TorchClassifier, cache: Path) -> BaseClassifier:

@@ -28,3 +28,18 @@ def test_the_benchmarks_refuse_unknown_models_naming_the_known_ones(capsys):
             module._parse(["--models", "vgg16"])
         assert "unknown models vgg16; use some of" in capsys.readouterr().err
     assert users._parse([]).models == ["digits_cnn", "cifar_resnet20", "imagenet_resnet50"]
+
+
+def test_a_path_is_compared_with_the_raw_runs_around_it_and_a_part_alone_with_nothing():
+    rows = [{"model": "m", "path": "raw onnxruntime", "runtime": "onnxruntime", "samples_per_s": 100.0},
+            {"model": "m", "path": "cli onnx", "runtime": "torch", "samples_per_s": 90.0,
+             "raw_around": {"onnxruntime": [80.0, 120.0], "torch": [60.0, 60.0]}},
+            {"model": "m", "path": "denoiser alone, torch", "runtime": "torch", "samples_per_s": 300.0,
+             "part": "denoiser"}]
+    users._ratios(rows)
+    assert rows[0]["vs_fastest_raw"] == 1.0
+    # the fastest runtime's mean of the runs before and after (100), the spread over each, its own runtime's
+    assert rows[1]["vs_fastest_raw"] == pytest.approx(0.9) and rows[1]["vs_raw_spread"] == (0.75, 1.125)
+    assert rows[1]["vs_own_raw"] == pytest.approx(1.5)
+    assert rows[2]["vs_fastest_raw"] is None
+    assert users._parse(["--no-pipeline", "--no-service"]).pipeline is False

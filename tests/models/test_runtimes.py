@@ -1,6 +1,7 @@
 """Runtime choice (models/runtimes.py): the export agrees with torch, auto measures once, pins are kept."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -8,9 +9,22 @@ import torch
 
 from smoothcert.models.architectures import DEFAULT_INPUT_SHAPE, build_network
 from smoothcert.models.base import Normalize, TorchClassifier
+from smoothcert.models.denoisers import load_denoiser
 from smoothcert.models.loaders import load_model
 from smoothcert.models.metadata import ModelError, ModelInfo, Normalization
-from smoothcert.models.runtimes import CANDIDATES, CHOICES_FILE, batch_class, select_runtime
+from smoothcert.models.pipeline import load_pipeline
+from smoothcert.models.runtimes import (
+    CANDIDATES,
+    CHOICES_FILE,
+    DENOISER_AGREEMENT_ATOL,
+    batch_class,
+    check_denoiser_agreement,
+    onnx_denoiser,
+    select_denoiser_runtime,
+    select_runtime,
+)
+from smoothcert.worker.smoothing import certify
+from tests.support.denoisers import random_denoiser
 
 
 def _random_torch_model(arch: str) -> TorchClassifier:
@@ -114,3 +128,44 @@ def test_on_cuda_every_precision_runs_and_auto_considers_the_compiled_model(demo
         assert onnx.provider == "CUDAExecutionProvider" and onnx.device.type == "cuda"
         x = torch.rand((64, 1, 8, 8), device="cuda")
         assert onnx.logits(x).device.type == "cuda"     # I/O binding: the scores stay on the device
+
+
+def _pipeline(demo_paths, tmp_path, **size):
+    return load_pipeline(random_denoiser(tmp_path / "dncnn.safetensors", **size), demo_paths["safetensors"],
+                         device="cpu")
+
+
+def test_a_pipelines_dncnn_gets_its_runtime_by_measurement_checked_cached_and_recorded(demo_paths, tmp_path):
+    pipeline = _pipeline(demo_paths, tmp_path)
+    first = select_runtime(pipeline, "auto", batch_size=1000, cache_dir=tmp_path / "cache")
+    choice = first.runtime_choice
+    assert choice["how"] == "auto, per part" and choice["chosen"] == first.runtime
+    denoiser, classifier = choice["parts"]["denoiser"], choice["parts"]["classifier"]
+    assert denoiser["how"] == classifier["how"] == "auto, measured"
+    assert set(denoiser["measured_samples_per_s"]) == {"torch", "onnxruntime"}   # the export built and agreed
+    assert first.denoiser.runtime == denoiser["chosen"] and first.classifier.runtime_choice == classifier
+    assert first.info.sha256 == pipeline.info.sha256 and not hasattr(pipeline, "runtime_choice")
+    second = select_runtime(pipeline, "auto", batch_size=1000, cache_dir=tmp_path / "cache")
+    assert second.runtime_choice["parts"]["denoiser"]["how"] == "auto, from the cache"
+    assert second.runtime_choice["parts"]["denoiser"]["chosen"] == denoiser["chosen"]
+    # The export's images are torch's within the agreement tolerance on noisy inputs too.
+    exported = onnx_denoiser(pipeline.denoiser, tmp_path / "cache")
+    generator = torch.Generator().manual_seed(1)
+    noisy = torch.rand((200, 1, 8, 8), generator=generator) + 0.5 * torch.randn((200, 1, 8, 8), generator=generator)
+    assert float((exported.denoise(noisy) - pipeline.denoiser.denoise(noisy)).abs().max()) <= DENOISER_AGREEMENT_ATOL
+    # Every result names the runtime of both parts.
+    run = certify(first, torch.rand((2, 1, 8, 8), generator=generator), 0.25, n0=10, n=50, seed=0)
+    assert run.provenance["runtime_choice"]["parts"]["denoiser"]["chosen"] == denoiser["chosen"]
+    assert run.provenance["runtime"] == first.runtime and run.provenance["model_sha256"] == pipeline.info.sha256
+
+
+def test_a_denoiser_export_that_changes_the_images_is_refused_and_other_denoisers_stay_in_torch(tmp_path):
+    reference = load_denoiser(random_denoiser(tmp_path / "a.safetensors", seed=0), device="cpu")
+    other = load_denoiser(random_denoiser(tmp_path / "b.safetensors", seed=1), device="cpu")
+    with pytest.raises(ModelError, match="export of the denoiser disagrees with torch on the .*pixels differ by up to"):
+        check_denoiser_agreement(reference, other)
+    check_denoiser_agreement(reference, reference)
+    reference.info = dataclasses.replace(reference.info, arch="not-exportable")
+    kept = select_denoiser_runtime(reference, batch_size=100, cache_dir=tmp_path / "cache")
+    assert kept.runtime == "torch" and kept.runtime_choice["how"] == "auto, the only runtime of this denoiser"
+    assert not (tmp_path / "cache" / "exports").exists()
