@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from smoothcert.models.metadata import ModelError
 from smoothcert.models.safetensors_header import read_safetensors_header
+from smoothcert.service.core.train_config import TrainingError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "smoothcert-training-checkpoint/1"
@@ -120,3 +121,22 @@ def check_identity(state: TrainingState, identity: dict[str, Any], directory: st
         raise CheckpointError(
             f"the checkpoint in {directory} belongs to another run ({key}: {state.identity.get(key)!r} there, "
             f"{identity.get(key)!r} now); use another checkpoint folder or delete it to start over")
+
+
+def resume(directory: str | Path, identity: dict[str, Any], network: torch.nn.Module,
+           optimizer: torch.optim.Optimizer, generator: torch.Generator) -> list[dict[str, Any]]:
+    """Restore a run's ``network``, ``optimizer`` and ``generator`` from the checkpoint in
+    ``directory`` when there is one, after checking it is a checkpoint of the run ``identity``
+    names; the finished epochs' history (empty for a fresh start). TrainingError, one line, for a
+    checkpoint of another run or one that cannot be read."""
+    try:
+        state = load_state(directory)
+        if state is None:
+            return []
+        check_identity(state, identity, directory)
+    except CheckpointError as exc:
+        raise TrainingError(str(exc)) from None
+    network.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    generator.set_state(state.generator)
+    return list(state.history)

@@ -106,7 +106,8 @@ def train_denoiser(config: DenoiserConfig, data: Dataset, classifier: BaseClassi
     identity = {**config.to_dict(), "kind": "denoiser", "dataset_sha256": data.sha256(),
                 "classifier_sha256": None if classifier is None else classifier.info.sha256,
                 "init_sha256": None if init is None else init.info.sha256}
-    history = [] if checkpoint_dir is None else _resume(run, checkpoint_dir, identity)
+    history = [] if checkpoint_dir is None else [
+        DenoiserEpoch(**h) for h in ckpt.resume(checkpoint_dir, identity, run.network, run.optimizer, run.generator)]
     first = len(history)
     for epoch in range(first, config.epochs):
         tick = time.perf_counter()
@@ -124,20 +125,6 @@ def train_denoiser(config: DenoiserConfig, data: Dataset, classifier: BaseClassi
             progress(metrics)
     info = _denoiser_info(config, data, identity, classifier, history, time.perf_counter() - started, name)
     return DenoiserResult(run.network.to("cpu").eval(), info, history, resumed_from=first)
-
-
-def _resume(run: _DenoiserRun, checkpoint_dir: str | Path, identity: dict[str, Any]) -> list[DenoiserEpoch]:
-    try:
-        state = ckpt.load_state(checkpoint_dir)
-        if state is None:
-            return []
-        ckpt.check_identity(state, identity, checkpoint_dir)
-    except ckpt.CheckpointError as exc:
-        raise TrainingError(str(exc)) from None
-    run.network.load_state_dict(state.model)
-    run.optimizer.load_state_dict(state.optimizer)
-    run.generator.set_state(state.generator)
-    return [DenoiserEpoch(**h) for h in state.history]
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -85,7 +85,8 @@ def train_diffusion(config: DiffusionConfig, dataset: Dataset, out: Path, *, che
     started = time.perf_counter()
     run = _DiffusionRun(config, dataset, _device(device))
     identity = {**config.to_dict(), "kind": "diffusion", "dataset_sha256": dataset.sha256(), "levels": run.levels}
-    history = [] if checkpoint_dir is None else _resume(run, checkpoint_dir, identity)
+    history = [] if checkpoint_dir is None else [
+        DiffusionEpoch(**h) for h in ckpt.resume(checkpoint_dir, identity, run.network, run.optimizer, run.generator)]
     first = len(history)
     for epoch in range(first, config.epochs):
         tick = time.perf_counter()
@@ -103,20 +104,6 @@ def train_diffusion(config: DiffusionConfig, dataset: Dataset, out: Path, *, che
     info = _diffusion_info(config, dataset, run, identity, history, time.perf_counter() - started)
     path = save_denoiser(Path(out), network, info)
     return DiffusionResult(path, info, network, history, resumed_from=first)
-
-
-def _resume(run: _DiffusionRun, checkpoint_dir: str | Path, identity: dict[str, Any]) -> list[DiffusionEpoch]:
-    try:
-        state = ckpt.load_state(checkpoint_dir)
-        if state is None:
-            return []
-        ckpt.check_identity(state, identity, checkpoint_dir)
-    except ckpt.CheckpointError as exc:
-        raise TrainingError(str(exc)) from None
-    run.network.load_state_dict(state.model)
-    run.optimizer.load_state_dict(state.optimizer)
-    run.generator.set_state(state.generator)
-    return [DiffusionEpoch(**h) for h in state.history]
 
 
 class _DiffusionRun:

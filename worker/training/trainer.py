@@ -107,7 +107,8 @@ def train(config: TrainConfig, data: Dataset, *, progress: Progress | None = Non
     run = _Run(config, data, _device(device))
     digest = data.sha256()
     identity = {**config.to_dict(), "dataset_sha256": digest, "num_classes": run.num_classes}
-    history = [] if checkpoint_dir is None else _resume(run, checkpoint_dir, identity)
+    history = [] if checkpoint_dir is None else [
+        EpochMetrics(**h) for h in ckpt.resume(checkpoint_dir, identity, run.network, run.optimizer, run.generator)]
     first = len(history)
     for epoch in range(first, config.epochs):
         tick = time.perf_counter()
@@ -125,20 +126,6 @@ def train(config: TrainConfig, data: Dataset, *, progress: Progress | None = Non
     info = _model_info(config, data, digest, run, history, time.perf_counter() - started, name)
     network = run.network.to("cpu").eval()
     return TrainResult(network, info, history, resumed_from=first)
-
-
-def _resume(run: _Run, checkpoint_dir: str | Path, identity: dict[str, Any]) -> list[EpochMetrics]:
-    """Restore ``run`` from the checkpoint in ``checkpoint_dir``, if there is one; return the
-    finished epochs' metrics (none for a fresh start)."""
-    try:
-        state = ckpt.load_state(checkpoint_dir)
-        if state is None:
-            return []
-        ckpt.check_identity(state, identity, checkpoint_dir)
-    except ckpt.CheckpointError as exc:
-        raise TrainingError(str(exc)) from None
-    run.restore(state)
-    return [EpochMetrics(**h) for h in state.history]
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -208,11 +195,6 @@ class _Run:
         if out.shape[1] != self.num_classes:
             raise TrainingError(f"{self.config.arch} outputs {out.shape[1]} scores, {data.name} has "
                                 f"{self.num_classes} classes")
-
-    def restore(self, state: ckpt.TrainingState) -> None:
-        self.network.load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.generator.set_state(state.generator)
 
     def state(self, epoch: int, identity: dict[str, Any], history: list[dict]) -> ckpt.TrainingState:
         return ckpt.TrainingState(epoch=epoch, model=self.network.state_dict(),
