@@ -85,15 +85,38 @@ def _add_train(commands) -> None:
     p.set_defaults(handler=_run_train)
 
 
+def _add_image_dataset(p: argparse.ArgumentParser) -> None:
+    """--dataset of the commands that train on images alone (their labels are not used)."""
+    p.add_argument("--dataset", default="digits",
+                   help="digits (default), an .npz with x (N,C,H,W in [0,1] or uint8) and y, an image folder, or a "
+                        "CIFAR-10 binary folder")
+
+
+def _add_schedule(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """--epochs, --batch-size and --lr (Adam, cosine to 0) with ``defaults``."""
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                   help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults["lr"],
+                   help="initial Adam learning rate, cosine to 0 (default %(default)s)")
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    """--seed, --checkpoint-dir and --device, which every training command takes."""
+    p.add_argument("--seed", type=int, help="seed of every random draw (default: the checkpoint's when resuming, "
+                                            "else drawn and recorded)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save the state after each epoch here, and resume from it when it is there")
+    add_device(p)
+
+
 def _add_train_denoiser(commands) -> None:
     p = commands.add_parser("train-denoiser", help="train a denoiser for denoised smoothing (mse or stability)",
                             description="Train a DnCNN denoiser D at noise level σ so that a classifier that "
                                         "never saw noise can be certified as f(D(x + δ)) (`smoothcert certify "
                                         "CLASSIFIER --denoiser FILE`); writes one self-describing safetensors file.")
     d = _DENOISER
-    p.add_argument("--dataset", default="digits",
-                   help="digits (default), an .npz with x (N,C,H,W in [0,1] or uint8) and y, an image folder, or a "
-                        "CIFAR-10 binary folder")
+    _add_image_dataset(p)
     p.add_argument("--sigma", type=float, required=True, help="noise level σ in [0,1] pixel units")
     p.add_argument("--objective", choices=OBJECTIVES, default=d["objective"],
                    help="mse: ||D(x+δ) - x||²; stability: cross-entropy of the frozen classifier on D(x+δ) against "
@@ -106,17 +129,10 @@ def _add_train_denoiser(commands) -> None:
                         "fine-tune an mse denoiser with stability as Salman et al. do")
     p.add_argument("--out", metavar="DENOISER.safetensors",
                    help="where to write it (default DATASET-dncnn-OBJECTIVE-sigmaS.safetensors)")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per step (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d["lr"], help="initial Adam learning rate, cosine to 0 "
-                                                              "(default %(default)s)")
+    _add_schedule(p, d)
     p.add_argument("--depth", type=int, default=d["depth"], help="DnCNN convolutions (default %(default)s)")
     p.add_argument("--width", type=int, default=d["width"], help="DnCNN channels (default %(default)s)")
-    p.add_argument("--seed", type=int, help="seed of every random draw (default: the checkpoint's when resuming, "
-                                            "else drawn and recorded)")
-    p.add_argument("--checkpoint-dir", metavar="DIR",
-                   help="save the state after each epoch here, and resume from it when it is there")
-    add_device(p)
+    _add_run(p)
     p.add_argument("--name", help="the denoiser's name in its metadata")
     p.set_defaults(handler=_run_train_denoiser)
 
@@ -396,30 +412,21 @@ def _add_train_diffusion(commands) -> None:
                                         "denoises each noisy copy in one step at the timestep that matches σ. "
                                         "Writes one self-describing safetensors file (the schedule in its metadata).")
     d = _DIFFUSION
-    p.add_argument("--dataset", default="digits",
-                   help="digits (default), an .npz with x (N,C,H,W in [0,1] or uint8) and y, an image folder, or a "
-                        "CIFAR-10 binary folder")
+    _add_image_dataset(p)
     p.add_argument("--out", metavar="DIFFUSION.safetensors",
                    help="where to write it (default DATASET-diffusion-T<timesteps>.safetensors)")
     p.add_argument("--onnx", metavar="FILE.onnx",
                    help="also write the ONNX form (inputs x_t float32 (B,C,H,W) and t int64 (B,), the schedule in "
                         "its metadata_props)")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per step (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d["lr"], help="initial Adam learning rate, cosine to 0 "
-                                                              "(default %(default)s)")
+    _add_schedule(p, d)
     p.add_argument("--timesteps", type=int, default=d["timesteps"],
-                   help="T, the schedule's steps (default %(default)s). A shorter T is fine: one step is taken at "
-                        "the timestep nearest σ, and T only has to reach the largest σ you certify (the β range "
-                        "stays the same, so a short T reaches large noise in fewer, coarser steps)")
+                   help="T, the schedule's steps (default %(default)s, which reaches σ ≈ 2.2). T only has to reach "
+                        "the largest σ you certify: one step is taken at the timestep nearest σ, and with the same "
+                        "β range a short T reaches large noise in fewer, coarser steps")
     p.add_argument("--beta-start", type=float, default=d["beta_start"], help="first β (default %(default)s)")
     p.add_argument("--beta-end", type=float, default=d["beta_end"], help="last β (default %(default)s)")
     p.add_argument("--width", type=int, default=d["width"], help="diffusion_unet channels (default %(default)s)")
-    p.add_argument("--seed", type=int, help="seed of every random draw (default: the checkpoint's when resuming, "
-                                            "else drawn and recorded)")
-    p.add_argument("--checkpoint-dir", metavar="DIR",
-                   help="save the state after each epoch here, and resume from it when it is there")
-    add_device(p)
+    _add_run(p)
     p.add_argument("--name", help="the model's name in its metadata")
     p.set_defaults(handler=_run_train_diffusion)
 
