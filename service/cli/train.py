@@ -208,6 +208,20 @@ def _add_experiment(commands) -> None:
     p.set_defaults(handler=_run_experiment)
 
 
+def _seed(args) -> dict[str, int]:
+    """``{"seed": S}``: --seed, else the seed of the run in --checkpoint-dir (so re-running the same
+    command resumes it), else nothing (the config draws one and records it)."""
+    if args.seed is not None:
+        return {"seed": args.seed}
+    if args.checkpoint_dir:
+        from smoothcert.worker.training.checkpoints import saved_identity
+
+        saved = saved_identity(args.checkpoint_dir)
+        if saved and isinstance(saved.get("seed"), int):
+            return {"seed": saved["seed"]}
+    return {}
+
+
 def _run_train(args) -> int:
     from smoothcert.worker.data.datasets import load_dataset
     from smoothcert.worker.training.trainer import train
@@ -215,14 +229,7 @@ def _run_train(args) -> int:
     given = {"arch": args.arch, "method": args.method, "sigma": args.sigma, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer, "m": args.m,
              "epsilon": args.epsilon, "steps": args.steps, "warmup_epochs": args.warmup_epochs}
-    if args.seed is not None:
-        given["seed"] = args.seed
-    elif args.checkpoint_dir:
-        from smoothcert.worker.training.checkpoints import saved_identity
-
-        saved = saved_identity(args.checkpoint_dir)   # re-running the same command resumes
-        if saved and isinstance(saved.get("seed"), int):
-            given["seed"] = saved["seed"]
+    given.update(_seed(args))
     config = TrainConfig(**given)
     data = load_dataset(args.dataset)
     noise = "" if config.method == "standard" else f"-sigma{config.sigma:g}"
@@ -254,14 +261,7 @@ def _run_train_denoiser(args) -> int:
 
     given = {"objective": args.objective, "sigma": args.sigma, "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "depth": args.depth, "width": args.width}
-    if args.seed is not None:
-        given["seed"] = args.seed
-    elif args.checkpoint_dir:
-        from smoothcert.worker.training.checkpoints import saved_identity
-
-        saved = saved_identity(args.checkpoint_dir)   # re-running the same command resumes
-        if saved and isinstance(saved.get("seed"), int):
-            given["seed"] = saved["seed"]
+    given.update(_seed(args))
     config = DenoiserConfig(**given)
     if config.needs_classifier and not args.classifier:
         raise CliArgumentError(STABILITY_NEEDS_CLASSIFIER)
@@ -437,14 +437,7 @@ def _run_train_diffusion(args) -> int:
 
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "timesteps": args.timesteps,
              "beta_start": args.beta_start, "beta_end": args.beta_end, "width": args.width, "name": args.name}
-    if args.seed is not None:
-        given["seed"] = args.seed
-    elif args.checkpoint_dir:
-        from smoothcert.worker.training.checkpoints import saved_identity
-
-        saved = saved_identity(args.checkpoint_dir)   # re-running the same command resumes
-        if saved and isinstance(saved.get("seed"), int):
-            given["seed"] = saved["seed"]
+    given.update(_seed(args))
     config = DiffusionConfig(**given)
     data = load_dataset(args.dataset)
     out = Path(args.out or f"{Path(data.name).stem}-diffusion-T{config.timesteps}.safetensors")

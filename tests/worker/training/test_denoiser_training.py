@@ -11,24 +11,12 @@ from smoothcert.models.denoisers import load_denoiser
 from smoothcert.models.loaders import load_model
 from smoothcert.service.cli.main import main
 from smoothcert.service.core.train_config import DenoiserConfig, TrainConfig, TrainingError
-from smoothcert.worker.data.datasets import Dataset
 from smoothcert.worker.training import checkpoints as training_checkpoint
 from smoothcert.worker.training.denoiser import train_denoiser
 from smoothcert.worker.training.trainer import train
-from tests.worker.training.test_training import Killed, strokes
+from tests.worker.training.test_training import Killed
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Dataset:
-    return Dataset("tiny-strokes", *strokes(96, 5), *strokes(64, 6))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,23 +36,12 @@ def strokes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data() -> Dataset:
     return Dataset("strokes", *strokes(256, 0), *strokes(512, 1), class_names=["h", "v", "d", "a"])
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Dataset:
-    return Dataset("tiny-strokes", *strokes(96, 5), *strokes(64, 6))
 
 
 def small(method: str = "gaussian", **overrides) -> TrainConfig:
