@@ -22,7 +22,6 @@ from torch import nn
 from smoothcert.models.architectures import build_denoiser
 from smoothcert.models.base import BaseClassifier
 from smoothcert.models.denoisers import TorchDenoiser, save_denoiser
-from smoothcert.models.loaders import resolve_device
 from smoothcert.models.metadata import DenoiserInfo, ModelError
 from smoothcert.models.reproducible import init_weights
 from smoothcert.service.core.train_config import STABILITY_NEEDS_CLASSIFIER as NEEDS_CLASSIFIER
@@ -30,7 +29,7 @@ from smoothcert.service.core.train_config import DenoiserConfig, TrainingError
 from smoothcert.worker.data.datasets import Dataset
 from smoothcert.worker.smoothing.sampling import Canceled
 from smoothcert.worker.training import checkpoints as ckpt
-from smoothcert.worker.training.trainer import EVAL_BATCH, _derived_seed
+from smoothcert.worker.training.trainer import EVAL_BATCH, _derived_seed, _device
 
 
 @dataclass
@@ -125,13 +124,6 @@ def train_denoiser(config: DenoiserConfig, data: Dataset, classifier: BaseClassi
             progress(metrics)
     info = _denoiser_info(config, data, identity, classifier, history, time.perf_counter() - started, name)
     return DenoiserResult(run.network.to("cpu").eval(), info, history, resumed_from=first)
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        return resolve_device(device)
-    except ModelError as exc:
-        raise TrainingError(str(exc)) from None
 
 
 class _DenoiserRun:

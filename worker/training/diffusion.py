@@ -29,8 +29,7 @@ from smoothcert.models.reproducible import init_weights
 from smoothcert.service.core.train_config import DiffusionConfig, TrainingError
 from smoothcert.worker.data.datasets import Dataset
 from smoothcert.worker.training import checkpoints as ckpt
-from smoothcert.worker.training.denoiser import _device
-from smoothcert.worker.training.trainer import EVAL_BATCH, _derived_seed
+from smoothcert.worker.training.trainer import EVAL_BATCH, _derived_seed, _device
 
 ARCH = "diffusion_unet"
 EVAL_SIGMAS = (0.25, 0.5)   # the test split's one-step denoising error is measured at these σ
