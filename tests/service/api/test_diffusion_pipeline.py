@@ -14,9 +14,9 @@ from smoothcert.models.diffusion import export_diffusion_onnx
 from smoothcert.models.diffusion_schedule import timestep_for_sigma
 from smoothcert.models.metadata import ModelError
 from smoothcert.models.pipeline import load_pipeline
-from smoothcert.service.cli.main import main
 from smoothcert.worker.smoothing.certify import certify
 from tests.models.test_diffusion import random_diffusion
+from tests.support.cli_rows import assert_same_certificates, cli_certify
 from tests.support.stack import upload_model_file, wait_job
 
 JOB = {"sigma": 0.5, "n0": 20, "n": 200, "alpha": 0.001, "batch_size": 100, "seed": 5}
@@ -56,17 +56,8 @@ def test_a_diffusion_pipeline_job_gives_the_rows_of_certify_with_denoiser(admin,
     assert resp.status_code == 202, resp.text
     job = wait_job(client, resp.json()["job_id"], timeout=120)
     assert job["status"] == "succeeded", job["error"]
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "cli.tsv"
-    assert main(["certify", str(demo_paths["safetensors"]), "--denoiser", str(diffusion_files["safetensors"]),
-                 "--inputs", str(tmp_path / "x.npy"), *[f"--{k.replace('_', '-')}={v}" for k, v in JOB.items()],
-                 "--out", str(out)]) == 0
-    lines = [line.split("\t") for line in out.read_text().splitlines()]
-    cli = [dict(zip(lines[0], line)) for line in lines[1:]]
-    api = job["result"]["results"]
-    assert [(-1 if r["prediction"] is None else r["prediction"], r["n_a"]) for r in api] == [
-        (int(r["predict"]), int(r["n_a"])) for r in cli]
-    assert [r["radius"] or 0.0 for r in api] == pytest.approx([float(r["radius"]) for r in cli], rel=1e-9)
+    cli = cli_certify(demo_paths["safetensors"], diffusion_files["safetensors"], x, JOB, tmp_path)
+    assert_same_certificates(job["result"]["results"], cli)
     schedule = load_denoiser(diffusion_files["safetensors"], device="cpu").alphas_cumprod
     part = job["result"]["provenance"]["model_parts"]["denoiser"]
     assert part["id"] == uploaded["safetensors"]["id"] and part["sha256"] == uploaded["safetensors"]["sha256"]

@@ -11,6 +11,7 @@ import pytest
 
 from smoothcert.models.metadata import pipeline_sha256
 from smoothcert.service.cli.main import main
+from tests.support.cli_rows import assert_same_certificates, cli_certify
 from tests.support.denoisers import random_denoiser
 from tests.support.stack import ADMIN_KEY, upload_dataset, upload_model_file, wait_job
 
@@ -103,18 +104,8 @@ def test_a_pipeline_job_gives_the_rows_of_certify_with_denoiser(client, pipeline
     assert resp.status_code == 202, resp.text
     job = wait_job(client, resp.json()["job_id"], timeout=120)
     assert job["status"] == "succeeded", job["error"]
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "cli.tsv"
-    assert main(["certify", str(demo_paths["safetensors"]), "--denoiser", str(denoiser_file), "--inputs",
-                 str(tmp_path / "x.npy"), *[f"--{k.replace('_', '-')}={v}" for k, v in JOB.items()],
-                 "--out", str(out)]) == 0
-    lines = [line.split("\t") for line in out.read_text().splitlines()]
-    cli = [dict(zip(lines[0], line)) for line in lines[1:]]
-    api = job["result"]["results"]
-    # The TSV writes an abstention as class -1 (Cohen et al.'s layout); JSON as null.
-    assert [(-1 if r["prediction"] is None else r["prediction"], r["n_a"]) for r in api] == [
-        (int(r["predict"]), int(r["n_a"])) for r in cli]
-    assert [r["radius"] or 0.0 for r in api] == pytest.approx([float(r["radius"]) for r in cli], rel=1e-9)
+    cli = cli_certify(demo_paths["safetensors"], denoiser_file, x, JOB, tmp_path)
+    assert_same_certificates(job["result"]["results"], cli)
     provenance = job["result"]["provenance"]
     assert provenance["model_id"] == pipeline["id"] and provenance["model_sha256"] == pipeline["sha256"]
     assert {role: (p["id"], p["sha256"]) for role, p in provenance["model_parts"].items()} == {
