@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.options import add_models, check_models
+
 PLAN = {"cifar_resnet110": 100_000, "imagenet_resnet50": 10_000}
 RUNTIMES = ("torch", "torch-channels-last", "torch-compiled", "onnxruntime")
 PRECISIONS = ("float32", "float16", "bfloat16")
@@ -148,14 +150,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(PLAN), type=lambda s: s.split(","))
+    add_models(p, PLAN)
     p.add_argument("--budget-s", type=float, default=540.0, help="start no row after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="print the plan and build the networks on the CPU")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
-    unknown = sorted(set(args.models) - set(PLAN))
-    if unknown:
-        p.error(f"unknown models {', '.join(unknown)}; use some of {', '.join(PLAN)}")
+    check_models(p, args, PLAN)
     return args
 
 

@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.options import add_models, check_models
+
 # (number of inputs, n) per model: enough samples for a steady rate, few enough to stay short.
 PLAN = {"digits_cnn": (20, 10_000), "cifar_resnet20": (4, 10_000), "imagenet_resnet50": (1, 300)}
 N0 = 100
@@ -420,8 +422,7 @@ def _ratio(value: float | None) -> str:
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench.users", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(PLAN), type=lambda s: s.split(","),
-                   help=f"some of {', '.join(PLAN)}")
+    add_models(p, PLAN)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-service", dest="service", action="store_false", help="skip the dataset jobs")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
@@ -429,9 +430,7 @@ def _parse(argv):
     p.add_argument("--peer-all", action="store_true", help="the peer loop for every model, not only ResNet-20")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
-    unknown = sorted(set(args.models) - set(PLAN))
-    if unknown:
-        p.error(f"unknown models {', '.join(unknown)}; use some of {', '.join(PLAN)}")
+    check_models(p, args, PLAN)
     return args
 
 
