@@ -188,14 +188,9 @@ def diffusion_from_module(module: torch.nn.Module, info: DenoiserInfo, device: t
 
 def onnx_metadata(path: str | Path) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file as a map (external data is not read)."""
-    import onnx
+    from smoothcert.models.onnx_runtime import parse_onnx
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError, and onnx's own checks
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"{Path(path).name} is not a loadable ONNX model: {first_line}") from None
-    return {p.key: p.value for p in model.metadata_props}
+    return {p.key: p.value for p in parse_onnx(path).metadata_props}
 
 
 def is_onnx_denoiser(path: str | Path) -> bool:

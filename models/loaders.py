@@ -21,7 +21,6 @@ from smoothcert.models.architectures import (
     check_arch,
 )
 from smoothcert.models.base import BaseClassifier, Normalize, TorchClassifier
-from smoothcert.models.diffusion import is_onnx_denoiser
 from smoothcert.models.metadata import (
     PIPELINE,
     ModelError,
@@ -98,9 +97,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "auto", arch: s
         class_names=class_names, sigma=sigma, name=name).items() if v is not None})
     sha256 = sha256_file(path)
     if fmt == "onnx":
-        if is_onnx_denoiser(path):
-            raise ModelError(f"{path.name} is a denoiser (an ONNX diffusion model), not a classifier: certify it in "
-                             "front of one (smoothcert certify CLASSIFIER --denoiser FILE, or a pipeline model)")
         model: BaseClassifier = OnnxClassifier(path, device=target, **given)
     else:
         model = _load_safetensors(path, target, {**given, "arch": arch} if arch else given)

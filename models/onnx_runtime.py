@@ -29,6 +29,7 @@ from smoothcert.models.metadata import (
     Normalization,
     check_input_shape,
     check_num_classes,
+    described_kind,
     fields_from_metadata_map,
 )
 
@@ -74,6 +75,9 @@ class OnnxClassifier:
                  class_names: list[str] | None = None, sigma: float | None = None,
                  name: str | None = None, intra_op_num_threads: int | None = None):
         graph = check_onnx_contents(path)
+        if described_kind({p.key: p.value for p in graph.metadata_props}) == "denoiser":
+            raise ModelError(f"{Path(path).name} is a denoiser (an ONNX diffusion model), not a classifier: certify "
+                             "it in front of one (smoothcert certify CLASSIFIER --denoiser FILE, or a pipeline model)")
         self.session = _open_session(Path(path), device, intra_op_num_threads)
         self.provider = self.session.get_providers()[0]
         on_cuda = self.provider == CUDA_PROVIDER
@@ -265,6 +269,15 @@ def _open_session(path: Path, device: str | torch.device,
     raise ModelError(f"{path.name} is not a loadable ONNX model: {first_line}")
 
 
+def parse_onnx(path: str | Path) -> onnx.ModelProto:
+    """The ONNX file's protobuf, its external data not read; ModelError (one line) when it does not parse."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, and onnx's own checks
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{Path(path).name} is not a loadable ONNX model: {first_line}") from None
+
+
 def check_onnx_contents(path: str | Path) -> onnx.ModelProto:
     """Refuse a model that keeps tensors in external files or uses non-standard operators.
 
@@ -274,11 +287,7 @@ def check_onnx_contents(path: str | Path) -> onnx.ModelProto:
     Raises ModelError with a one-line message; returns the parsed model.
     """
     path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError, and onnx's own checks
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"{path.name} is not a loadable ONNX model: {first_line}") from None
+    model = parse_onnx(path)
     local = {(f.domain, f.name) for f in model.functions}
     local_domains = {domain for domain, _ in local}
     graphs = [model.graph, *_subgraphs(model.graph.node)]
