@@ -13,6 +13,7 @@ import pytest
 
 from smoothcert.service.devstack.redis_server import free_port
 from tests.support.devstack import Up, alive, processes_with_data_dir, seed_demo, up_env
+from tests.support.stack import wait_for
 
 GONE_WITHIN_S = 60.0   # the watchdog's longest path: 10 s warm, 5 s cold, then SIGKILL
 
@@ -67,6 +68,10 @@ WAYS = {"ctrl-c": (Up.ctrl_c, 0), "sigterm": (lambda up: up.proc.send_signal(sig
 @pytest.mark.parametrize("way", list(WAYS))
 def test_every_process_of_the_stack_stops_and_the_port_is_free_again(stacks, way):
     up = stacks.running()
+    # The worker's pool process can come up a moment after the banner and /readyz (a clean-clone run
+    # once saw only the main process): wait for it, so that the snapshot below holds every process.
+    wait_for(lambda: sum("celery_app" in c for c in up.descendants().values()) >= 2, 60,
+             "the worker's pool process")
     before = up.descendants()
     commands = list(before.values())
     # What must stop: Redis, the API, the worker and its pool process(es), and the watchdog.
