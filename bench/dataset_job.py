@@ -11,6 +11,7 @@ certifies the whole split with seed 0. Reported per worker count: the job's own
 the wall time from submit to result as the client sees it. Each worker count gets fresh worker
 processes, so every worker loads the model once inside the timing (milliseconds for this one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,50 +45,84 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         demo = build_demo(root / "demo", seed=0)
         with RedisServer(root / "redis", persist=False) as server:
-            env = {**os.environ, "SMOOTHCERT_REDIS_URL": server.url, "SMOOTHCERT_DATA_DIR": str(root / "data"),
-                   "SMOOTHCERT_API_KEY": KEY, "SMOOTHCERT_ADMIN_KEY": KEY, "SMOOTHCERT_DEVICE": args.device,
-                   "SMOOTHCERT_CHUNK_SIZE": str(args.chunk_size), "SMOOTHCERT_MAX_N": str(max(args.n, 10**6))}
+            env = {
+                **os.environ,
+                "SMOOTHCERT_REDIS_URL": server.url,
+                "SMOOTHCERT_DATA_DIR": str(root / "data"),
+                "SMOOTHCERT_API_KEY": KEY,
+                "SMOOTHCERT_ADMIN_KEY": KEY,
+                "SMOOTHCERT_DEVICE": args.device,
+                "SMOOTHCERT_CHUNK_SIZE": str(args.chunk_size),
+                "SMOOTHCERT_MAX_N": str(max(args.n, 10**6)),
+            }
             port = free_port()
-            api = processes.Child("API", processes.spawn(api_command("127.0.0.1", port), env, root / "api.log"),
-                                  root / "api.log")
+            api = processes.Child(
+                "API",
+                processes.spawn(api_command("127.0.0.1", port), env, root / "api.log"),
+                root / "api.log",
+            )
             try:
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                                  headers={"Authorization": f"Bearer {KEY}"}) as client:
+                with httpx.Client(
+                    base_url=f"http://127.0.0.1:{port}",
+                    timeout=120,
+                    headers={"Authorization": f"Bearer {KEY}"},
+                ) as client:
                     _wait(lambda: client.get("/healthz").status_code == 200, "the API", [api])
                     model_id, dataset_id = _upload(client, demo, env, root, server.url)
                     for count in args.workers:
-                        rows.append(_measure(client, count, model_id, dataset_id, args, env, root, server.url))
+                        rows.append(
+                            _measure(
+                                client, count, model_id, dataset_id, args, env, root, server.url
+                            )
+                        )
                         print(json.dumps(rows[-1]))
             finally:
                 _stop(api.proc)
-    report = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "rows": rows}
+    report = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "rows": rows,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
-def _upload(client: httpx.Client, demo: dict, env: dict, root: Path, redis_url: str) -> tuple[str, str]:
+def _upload(
+    client: httpx.Client, demo: dict, env: dict, root: Path, redis_url: str
+) -> tuple[str, str]:
     """The demo model (checked by a temporary worker) and the digits test split as a dataset."""
     workers = _start_workers(1, env, root, redis_url, "check")
     try:
         with open(demo["safetensors"], "rb") as f:
-            model = client.post("/v1/models", files={"file": ("digits_cnn.safetensors", f)}).raise_for_status()
+            model = client.post(
+                "/v1/models", files={"file": ("digits_cnn.safetensors", f)}
+            ).raise_for_status()
     finally:
         _stop_all(workers)
     buf_path = root / "digits_test.npz"
     np.savez(buf_path, x=np.load(demo["test_x"]), y=np.load(demo["test_y"]))
     with open(buf_path, "rb") as f:
-        dataset = client.post("/v1/datasets", files={"file": ("digits_test.npz", f)}).raise_for_status()
+        dataset = client.post(
+            "/v1/datasets", files={"file": ("digits_test.npz", f)}
+        ).raise_for_status()
     return model.json()["id"], dataset.json()["id"]
 
 
-def _measure(client, count: int, model_id: str, dataset_id: str, args, env, root: Path, redis_url: str) -> dict:
+def _measure(
+    client, count: int, model_id: str, dataset_id: str, args, env, root: Path, redis_url: str
+) -> dict:
     workers = _start_workers(count, env, root, redis_url, f"w{count}")
     try:
         submitted = time.perf_counter()
-        body = {"model_id": model_id, "dataset_id": dataset_id, "sigma": args.sigma, "n0": args.n0, "n": args.n,
-                "seed": 0}
+        body = {
+            "model_id": model_id,
+            "dataset_id": dataset_id,
+            "sigma": args.sigma,
+            "n0": args.n0,
+            "n": args.n,
+            "seed": 0,
+        }
         job_id = client.post("/v1/certify", json=body).raise_for_status().json()["job_id"]
         while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in TERMINAL:
             time.sleep(0.2)
@@ -97,24 +132,46 @@ def _measure(client, count: int, model_id: str, dataset_id: str, args, env, root
     if job["status"] != "succeeded":
         raise SystemExit(f"the job {job['status']}: {job['error']}")
     totals, provenance = job["result"]["totals"], job["result"]["provenance"]
-    return {"workers": count, "inputs": totals["inputs"], "chunks": totals["chunks"], "n0": args.n0, "n": args.n,
-            "images_per_s": round(totals["images_per_s"], 3), "job_elapsed_s": round(totals["elapsed_s"], 2),
-            "submit_to_result_s": round(wall, 2), "workers_used": provenance["workers"],
-            "device": provenance["device"], "batch_size": provenance["batch_size"],
-            "certified_accuracy_at_0": job["result"]["certified_accuracy"][0]["accuracy"]}
+    return {
+        "workers": count,
+        "inputs": totals["inputs"],
+        "chunks": totals["chunks"],
+        "n0": args.n0,
+        "n": args.n,
+        "images_per_s": round(totals["images_per_s"], 3),
+        "job_elapsed_s": round(totals["elapsed_s"], 2),
+        "submit_to_result_s": round(wall, 2),
+        "workers_used": provenance["workers"],
+        "device": provenance["device"],
+        "batch_size": provenance["batch_size"],
+        "certified_accuracy_at_0": job["result"]["certified_accuracy"][0]["accuracy"],
+    }
 
 
-def _start_workers(count: int, env: dict, root: Path, redis_url: str, tag: str) -> list[subprocess.Popen]:
+def _start_workers(
+    count: int, env: dict, root: Path, redis_url: str, tag: str
+) -> list[subprocess.Popen]:
     workers = []
     for i in range(count):
         log = root / f"worker-{tag}-{i}.log"
-        command = worker_command("--concurrency", "1", "--hostname", f"{tag}-{i}@%h", "--without-mingle",
-                                 "--without-gossip")
-        workers.append(processes.Child(f"worker {tag}-{i}", processes.spawn(command, env, log), log))
+        command = worker_command(
+            "--concurrency",
+            "1",
+            "--hostname",
+            f"{tag}-{i}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        )
+        workers.append(
+            processes.Child(f"worker {tag}-{i}", processes.spawn(command, env, log), log)
+        )
     client = redis.Redis.from_url(redis_url)
     try:
-        _wait(lambda: len(list(client.scan_iter(match=f"{HEARTBEAT_PREFIX}{tag}-*"))) == count, f"{count} workers",
-              workers)
+        _wait(
+            lambda: len(list(client.scan_iter(match=f"{HEARTBEAT_PREFIX}{tag}-*"))) == count,
+            f"{count} workers",
+            workers,
+        )
     except SystemExit:
         _stop_all([w.proc for w in workers])
         raise
@@ -124,7 +181,9 @@ def _start_workers(count: int, env: dict, root: Path, redis_url: str, tag: str) 
 def _wait(check, what: str, children: list[processes.Child], timeout: float = 120.0) -> None:
     """processes.wait_until, ending the benchmark in one line when a child dies or time runs out."""
     try:
-        processes.wait_until(check, timeout, what, children=children, ignore=(httpx.HTTPError, redis.RedisError))
+        processes.wait_until(
+            check, timeout, what, children=children, ignore=(httpx.HTTPError, redis.RedisError)
+        )
     except (processes.NotReady, processes.ChildDied) as exc:
         raise SystemExit(str(exc)) from None
 
@@ -140,9 +199,15 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.dataset_job", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workers", default="1,2", type=lambda s: [int(v) for v in s.split(",")],
-                   help="worker counts to measure, e.g. 1,2")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.dataset_job", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--workers",
+        default="1,2",
+        type=lambda s: [int(v) for v in s.split(",")],
+        help="worker counts to measure, e.g. 1,2",
+    )
     p.add_argument("--n0", type=int, default=100)
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--sigma", type=float, default=0.25)

@@ -12,6 +12,7 @@ memory), the raw forward rate on a ready batch, the certification rate, their ra
 per certified image. The process tunes itself as the CLI does and sets nothing else. Rows that
 would start after ``--budget-s`` are left out, saying so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,24 @@ RAW_BATCHES = 10
 
 def plan(models: list[str]) -> list[tuple[str, str, str]]:
     """(model, runtime, precision) rows in the order they run; onnxruntime in float32 only."""
-    return [(m, r, p) for m in models for r in RUNTIMES for p in PRECISIONS
-            if not (r == "onnxruntime" and p != "float32")]
+    return [
+        (m, r, p)
+        for m in models
+        for r in RUNTIMES
+        for p in PRECISIONS
+        if not (r == "onnxruntime" and p != "float32")
+    ]
 
 
 def build(arch: str, device: str):
     """A TorchClassifier of ``arch`` with random weights of seed 0 on ``device``."""
     import torch
 
-    from smoothcert.models.architectures import DEFAULT_INPUT_SHAPE, DEFAULT_NUM_CLASSES, build_network
+    from smoothcert.models.architectures import (
+        DEFAULT_INPUT_SHAPE,
+        DEFAULT_NUM_CLASSES,
+        build_network,
+    )
     from smoothcert.models.base import Normalize, TorchClassifier
     from smoothcert.models.metadata import ModelInfo, Normalization
 
@@ -48,8 +58,13 @@ def build(arch: str, device: str):
     shape, classes = DEFAULT_INPUT_SHAPE[arch], DEFAULT_NUM_CLASSES[arch]
     norm = Normalization(mean=(0.5,) * shape[0], std=(0.25,) * shape[0])
     module = torch.nn.Sequential(Normalize(norm, shape[0]), build_network(arch, classes)).eval()
-    info = ModelInfo(format="safetensors", input_shape=shape, num_classes=classes, arch=arch,
-                     sha256=f"bench-gpu-{arch}")
+    info = ModelInfo(
+        format="safetensors",
+        input_shape=shape,
+        num_classes=classes,
+        arch=arch,
+        sha256=f"bench-gpu-{arch}",
+    )
     return TorchClassifier(module, info, device)
 
 
@@ -84,7 +99,7 @@ def measure_row(model, arch: str, runtime: str, precision: str, n: int) -> dict:
     device = model.device
     batch = default_batch_size(model.info.input_shape, device, model)
     ready = torch.rand((batch, *model.info.input_shape), device=device)
-    model.logits(ready)   # warm-up (a compiled model compiles here)
+    model.logits(ready)  # warm-up (a compiled model compiles here)
     torch.cuda.synchronize(device)
     started = time.perf_counter()
     for _ in range(RAW_BATCHES):
@@ -92,14 +107,26 @@ def measure_row(model, arch: str, runtime: str, precision: str, n: int) -> dict:
     torch.cuda.synchronize(device)
     raw = RAW_BATCHES * batch / (time.perf_counter() - started)
     x = np.full(model.info.input_shape, 0.5, dtype=np.float32)
-    certify(model, x, sigma=SIGMA, n0=N0, n=batch, batch_size=batch, seed=0)   # warm-up of the engine's path
+    certify(
+        model, x, sigma=SIGMA, n0=N0, n=batch, batch_size=batch, seed=0
+    )  # warm-up of the engine's path
     started = time.perf_counter()
     certify(model, x, sigma=SIGMA, n0=N0, n=n, batch_size=batch, seed=1)
     seconds = time.perf_counter() - started
     rate = (N0 + n) / seconds
-    return {"model": arch, "runtime": runtime, "precision": precision, "provider": model.provider,
-            "batch_size": batch, "n": n, "raw_samples_per_s": raw, "certify_samples_per_s": rate,
-            "ratio": rate / raw, "seconds_per_image": seconds, "images_per_s": 1 / seconds}
+    return {
+        "model": arch,
+        "runtime": runtime,
+        "precision": precision,
+        "provider": model.provider,
+        "batch_size": batch,
+        "n": n,
+        "raw_samples_per_s": raw,
+        "certify_samples_per_s": rate,
+        "ratio": rate / raw,
+        "seconds_per_image": seconds,
+        "images_per_s": 1 / seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.models:
             model = build(arch, "cpu")
             params = sum(p.numel() for p in model.module.parameters())
-            print(f"{arch}: {params:,} parameters, input {list(model.info.input_shape)}, n = {PLAN[arch]:,}")
+            print(
+                f"{arch}: {params:,} parameters, input {list(model.info.input_shape)}, n = {PLAN[arch]:,}"
+            )
         for arch, runtime, precision in rows_planned:
             print(f"would run {arch} {runtime} {precision}")
         return 0
@@ -129,20 +158,32 @@ def main(argv: list[str] | None = None) -> int:
         bases = {arch: build(arch, "cuda") for arch in args.models}
         for arch, runtime, precision in rows_planned:
             if time.perf_counter() - started > args.budget_s:
-                print(f"left out (past --budget-s {args.budget_s:g}): {arch} {runtime} {precision}", flush=True)
+                print(
+                    f"left out (past --budget-s {args.budget_s:g}): {arch} {runtime} {precision}",
+                    flush=True,
+                )
                 continue
             try:
                 model = variant(bases[arch], runtime, precision, Path(tmp))
                 row = measure_row(model, arch, runtime, precision, PLAN[arch])
-            except Exception as exc:   # one runtime failing (a compiler, a provider) leaves the others
-                print(f"{arch} {runtime} {precision}: failed: {str(exc).splitlines()[0] if str(exc) else exc}",
-                      flush=True)
+            except (
+                Exception
+            ) as exc:  # one runtime failing (a compiler, a provider) leaves the others
+                print(
+                    f"{arch} {runtime} {precision}: failed: {str(exc).splitlines()[0] if str(exc) else exc}",
+                    flush=True,
+                )
                 continue
             rows.append(row)
-            print(f"{arch:<18} {runtime:<20} {precision:<9} {row['provider']:<22} batch {row['batch_size']:>6} "
-                  f"raw {row['raw_samples_per_s']:>12,.0f}/s certify {row['certify_samples_per_s']:>12,.0f}/s "
-                  f"ratio {row['ratio']:.2f}  {row['seconds_per_image']:.3f} s/image", flush=True)
-    print(f"device {torch.cuda.get_device_name(0)}; torch {torch.__version__}; settings {tuning.applied()}")
+            print(
+                f"{arch:<18} {runtime:<20} {precision:<9} {row['provider']:<22} batch {row['batch_size']:>6} "
+                f"raw {row['raw_samples_per_s']:>12,.0f}/s certify {row['certify_samples_per_s']:>12,.0f}/s "
+                f"ratio {row['ratio']:.2f}  {row['seconds_per_image']:.3f} s/image",
+                flush=True,
+            )
+    print(
+        f"device {torch.cuda.get_device_name(0)}; torch {torch.__version__}; settings {tuning.applied()}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
@@ -151,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     add_models(p, PLAN)
-    p.add_argument("--budget-s", type=float, default=540.0, help="start no row after this many seconds")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and build the networks on the CPU")
+    p.add_argument(
+        "--budget-s", type=float, default=540.0, help="start no row after this many seconds"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and build the networks on the CPU"
+    )
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     check_models(p, args, PLAN)

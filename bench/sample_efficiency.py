@@ -11,6 +11,7 @@ Two workloads:
 For both it prints the mean samples per input (n0 included) of each protocol, their ratio, and
 the certified accuracy at r of each (for the synthetic set, "accuracy" is the certified share).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,15 +24,23 @@ import numpy as np
 from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
 
 
-def synthetic(radius: float, sigma: float, n: int, n0: int, alpha: float, count: int, seed: int) -> dict:
+def synthetic(
+    radius: float, sigma: float, n: int, n0: int, alpha: float, count: int, seed: int
+) -> dict:
     from smoothcert.worker.smoothing import bounds
     from smoothcert.worker.smoothing.sequential import MIN_CHUNK, SequentialTest, p0_for
 
     rng = np.random.default_rng(seed)
     kind = rng.random(count)
-    p_a = np.where(kind < 0.6, 1 - rng.beta(0.5, 200, count),            # confident inputs
-                   np.where(kind < 0.9, rng.uniform(0.5, 1.0, count),      # in between
-                            rng.uniform(0.2, 0.5, count)))                 # hopeless
+    p_a = np.where(
+        kind < 0.6,
+        1 - rng.beta(0.5, 200, count),  # confident inputs
+        np.where(
+            kind < 0.9,
+            rng.uniform(0.5, 1.0, count),  # in between
+            rng.uniform(0.2, 0.5, count),
+        ),
+    )  # hopeless
     n_a = rng.binomial(n, p_a)
     _, radius_fixed, _ = bounds.cohen_radius(n_a, n, alpha, sigma)
     fixed_certified = radius_fixed >= radius
@@ -44,10 +53,19 @@ def synthetic(radius: float, sigma: float, n: int, n0: int, alpha: float, count:
         k[active] += rng.binomial(step, p_a[active])
         used[active] += step
         verdict[active] = test.decide(used[active], k[active])
-    return _row("synthetic p_A", count, n0 + n, n0 + used.mean(), fixed_certified.mean(), (verdict == 1).mean())
+    return _row(
+        "synthetic p_A",
+        count,
+        n0 + n,
+        n0 + used.mean(),
+        fixed_certified.mean(),
+        (verdict == 1).mean(),
+    )
 
 
-def digits(radius: float, sigma: float, n: int, n0: int, alpha: float, limit: int | None, seed: int) -> dict:
+def digits(
+    radius: float, sigma: float, n: int, n0: int, alpha: float, limit: int | None, seed: int
+) -> dict:
     from smoothcert.models.demo import build_demo
     from smoothcert.models.loaders import load_model
     from smoothcert.worker.smoothing import certify, certify_at_radius
@@ -64,23 +82,41 @@ def digits(radius: float, sigma: float, n: int, n0: int, alpha: float, limit: in
     seq_s = time.perf_counter() - started
     fixed_acc = np.mean([r.prediction == t and r.radius >= radius for r, t in zip(fixed, y)])
     seq_acc = np.mean([d.certified_at_r and d.prediction == t for d, t in zip(seq, y)])
-    row = _row("digits test set", len(x), n0 + n, np.mean([d.samples_used for d in seq]), fixed_acc, seq_acc)
+    row = _row(
+        "digits test set",
+        len(x),
+        n0 + n,
+        np.mean([d.samples_used for d in seq]),
+        fixed_acc,
+        seq_acc,
+    )
     row.update(fixed_seconds=fixed_s, sequential_seconds=seq_s)
     return row
 
 
 def _row(name, count, fixed_samples, seq_samples, fixed_acc, seq_acc) -> dict:
-    row = {"workload": name, "inputs": count, "fixed_samples_per_input": float(fixed_samples),
-           "sequential_samples_per_input": float(seq_samples), "ratio": float(fixed_samples / seq_samples),
-           "fixed_certified_accuracy": float(fixed_acc), "sequential_certified_accuracy": float(seq_acc)}
-    print(f"{name:<16} {count:>6} inputs  fixed {fixed_samples:>9,.0f}/input  sequential {seq_samples:>9,.0f}/input"
-          f"  {row['ratio']:6.1f}x fewer  certified accuracy at r: fixed {100 * fixed_acc:.1f}%"
-          f"  sequential {100 * seq_acc:.1f}%", flush=True)
+    row = {
+        "workload": name,
+        "inputs": count,
+        "fixed_samples_per_input": float(fixed_samples),
+        "sequential_samples_per_input": float(seq_samples),
+        "ratio": float(fixed_samples / seq_samples),
+        "fixed_certified_accuracy": float(fixed_acc),
+        "sequential_certified_accuracy": float(seq_acc),
+    }
+    print(
+        f"{name:<16} {count:>6} inputs  fixed {fixed_samples:>9,.0f}/input  sequential {seq_samples:>9,.0f}/input"
+        f"  {row['ratio']:6.1f}x fewer  certified accuracy at r: fixed {100 * fixed_acc:.1f}%"
+        f"  sequential {100 * seq_acc:.1f}%",
+        flush=True,
+    )
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.sample_efficiency", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.sample_efficiency", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--radius", type=float, default=0.25)
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--n", type=int, default=DEFAULT_N)
@@ -90,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-digits", action="store_true", help="only the synthetic workload")
     args = p.parse_args(argv)
-    print(f"r = {args.radius}, sigma = {args.sigma}, alpha = {args.alpha}, n0 = {args.n0}, fixed n = {args.n}")
+    print(
+        f"r = {args.radius}, sigma = {args.sigma}, alpha = {args.alpha}, n0 = {args.n0}, fixed n = {args.n}"
+    )
     synthetic(args.radius, args.sigma, args.n, args.n0, args.alpha, 20_000, args.seed)
     if not args.skip_digits:
         digits(args.radius, args.sigma, args.n, args.n0, args.alpha, args.limit, args.seed)

@@ -12,6 +12,7 @@ The process runs under the settings the CLI and the worker give themselves
 (:func:`smoothcert.models.tuning.tune_process`: malloc, OpenMP wait policy, threads) and nothing
 else; they are printed with the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from smoothcert.models import tuning
 
-    tuning.tune_process()   # what `smoothcert certify` does at start-up, before torch is imported
+    tuning.tune_process()  # what `smoothcert certify` does at start-up, before torch is imported
     tuning.apply_threads()
     import torch
 
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.archs.split(","):
             for runtime in args.runtimes.split(","):
                 model = _build(arch, runtime, Path(tmp), args.device)
-                rows.append(measure(model, arch, runtime, args.n, args.n0, args.repeats, args.batch_size))
+                rows.append(
+                    measure(model, arch, runtime, args.n, args.n0, args.repeats, args.batch_size)
+                )
                 _print_row(rows[-1])
     report = {
         "tuning": tuning.applied(),
@@ -50,14 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "rows": rows,
     }
-    print("settings: " + " ".join(f"{k}={v}" for k, v in tuning.applied().items())
-          + f"; torch threads {report['torch_threads']}; {report['cores']} cores; torch {torch.__version__}")
+    print(
+        "settings: "
+        + " ".join(f"{k}={v}" for k, v in tuning.applied().items())
+        + f"; torch threads {report['torch_threads']}; {report['cores']} cores; torch {torch.__version__}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
-def measure(model, arch: str, runtime: str, n: int, n0: int, repeats: int, batch_size: int | None) -> dict:
+def measure(
+    model, arch: str, runtime: str, n: int, n0: int, repeats: int, batch_size: int | None
+) -> dict:
     """Best-of-``repeats`` raw and certification throughput (samples/s), interleaved, and their ratio."""
     import numpy as np
     import torch
@@ -83,10 +91,18 @@ def measure(model, arch: str, runtime: str, n: int, n0: int, repeats: int, batch
         certify(model, x, sigma=0.25, n0=n0, n=n, batch_size=batch, seed=rep)
         cert.append(samples / (time.perf_counter() - started))
     return {
-        "arch": arch, "runtime": runtime, "provider": model.provider, "device": str(model.device),
-        "batch_size": batch, "n0": n0, "n": n, "raw_samples_per_s": max(raw),
-        "certify_samples_per_s": max(cert), "ratio": max(cert) / max(raw),
-        "raw_all": raw, "certify_all": cert,
+        "arch": arch,
+        "runtime": runtime,
+        "provider": model.provider,
+        "device": str(model.device),
+        "batch_size": batch,
+        "n0": n0,
+        "n": n,
+        "raw_samples_per_s": max(raw),
+        "certify_samples_per_s": max(cert),
+        "ratio": max(cert) / max(raw),
+        "raw_all": raw,
+        "certify_all": cert,
     }
 
 
@@ -124,13 +140,18 @@ def _sync(device) -> None:
 
 
 def _print_row(row: dict) -> None:
-    print(f"{row['arch']:<16} {row['runtime']:<12} {row['provider']:<22} batch {row['batch_size']:>5}  "
-          f"raw {row['raw_samples_per_s']:>10,.0f}/s  certify {row['certify_samples_per_s']:>10,.0f}/s  "
-          f"ratio {row['ratio']:.3f}", flush=True)
+    print(
+        f"{row['arch']:<16} {row['runtime']:<12} {row['provider']:<22} batch {row['batch_size']:>5}  "
+        f"raw {row['raw_samples_per_s']:>10,.0f}/s  certify {row['certify_samples_per_s']:>10,.0f}/s  "
+        f"ratio {row['ratio']:.3f}",
+        flush=True,
+    )
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--archs", default=",".join(DEFAULT_ARCHS))
     p.add_argument("--runtimes", default=",".join(RUNTIMES))
     p.add_argument("--n", type=int, default=10_000)

@@ -28,6 +28,7 @@ the spread: over the raw run before it and the one after it), and the CLI over t
 with the issue's targets (certify >= 0.9x raw; digits safetensors within 10% of ONNX; ResNet-20
 CLI >= 2.5x the peer loop; a pipeline >= 0.9x its two networks' raw forward).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ PEER_BATCH = 400
 RAW_ROUND_S = 2.0
 KEY = "bench-key-0123456789abcdef"
 
-PEER_LOOP = r'''
+PEER_LOOP = r"""
 import json, sys, time
 import numpy as np, torch
 from safetensors.torch import load_file
@@ -81,7 +82,7 @@ for image in x:
     counts(image, n0)
     counts(image, n)
 print(json.dumps({"samples_per_s": len(x) * (n0 + n) / (time.perf_counter() - started)}))
-'''
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()
     from smoothcert.models import tuning
 
-    tuning.tune_process()   # as `smoothcert certify` does at start-up, before torch is imported
+    tuning.tune_process()  # as `smoothcert certify` does at start-up, before torch is imported
     tuning.apply_threads()
     import torch
 
@@ -108,15 +109,24 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 _print_row(row)
     _ratios(rows)
-    settings = {"tuning": tuning.applied(), "torch_threads": torch.get_num_threads(), "cores": tuning.cores(),
-                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                "device": args.device, "load_average (1/5/15 min, start; end)": " / ".join(
-                    "/".join(f"{v:.1f}" for v in load) for load in (load_at_start, os.getloadavg()))}
+    settings = {
+        "tuning": tuning.applied(),
+        "torch_threads": torch.get_num_threads(),
+        "cores": tuning.cores(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "load_average (1/5/15 min, start; end)": " / ".join(
+            "/".join(f"{v:.1f}" for v in load) for load in (load_at_start, os.getloadavg())
+        ),
+    }
     print()
     _print_table(rows)
     print("settings: " + "; ".join(f"{k}={v}" for k, v in settings.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n"
+        )
     return 0
 
 
@@ -126,7 +136,11 @@ def _model_files(arch: str, folder: Path) -> dict[str, Path]:
     import numpy as np
     import torch
 
-    from smoothcert.models.architectures import DEFAULT_INPUT_SHAPE, DEFAULT_NUM_CLASSES, build_network
+    from smoothcert.models.architectures import (
+        DEFAULT_INPUT_SHAPE,
+        DEFAULT_NUM_CLASSES,
+        build_network,
+    )
     from smoothcert.models.base import Normalize
     from smoothcert.models.demo import build_demo, export_onnx
     from smoothcert.models.metadata import ModelInfo, Normalization, info_to_json
@@ -143,12 +157,24 @@ def _model_files(arch: str, folder: Path) -> dict[str, Path]:
         shape, classes = DEFAULT_INPUT_SHAPE[arch], DEFAULT_NUM_CLASSES[arch]
         norm = Normalization(mean=(0.5,) * shape[0], std=(0.25,) * shape[0])
         net = build_network(arch, classes).eval()
-        info = ModelInfo(format="safetensors", input_shape=shape, num_classes=classes, arch=arch,
-                         normalization=norm, name=f"bench-{arch}")
-        paths = {"safetensors": save_safetensors_model(folder / f"{arch}.safetensors", net, info),
-                 "onnx": folder / f"{arch}.onnx"}
-        export_onnx(torch.nn.Sequential(Normalize(norm, shape[0]), net).eval(), paths["onnx"], info_to_json(info),
-                    input_shape=shape)
+        info = ModelInfo(
+            format="safetensors",
+            input_shape=shape,
+            num_classes=classes,
+            arch=arch,
+            normalization=norm,
+            name=f"bench-{arch}",
+        )
+        paths = {
+            "safetensors": save_safetensors_model(folder / f"{arch}.safetensors", net, info),
+            "onnx": folder / f"{arch}.onnx",
+        }
+        export_onnx(
+            torch.nn.Sequential(Normalize(norm, shape[0]), net).eval(),
+            paths["onnx"],
+            info_to_json(info),
+            input_shape=shape,
+        )
         rng = np.random.default_rng(0)
         x = rng.random((count, *shape), dtype=np.float32)
         y = rng.integers(0, classes, count)
@@ -199,8 +225,10 @@ def _bench_model(arch: str, files: dict[str, Path], root: Path, args) -> tuple[l
     rows, raw = _raw_rows(arch, files, args.device)
     for row in rows:
         _print_row(row)
-    paths = [lambda fmt=fmt: _cli_row(arch, fmt, files, root, args.device, count, n)
-             for fmt in ("safetensors", "onnx")]
+    paths = [
+        lambda fmt=fmt: _cli_row(arch, fmt, files, root, args.device, count, n)
+        for fmt in ("safetensors", "onnx")
+    ]
     if arch == "cifar_resnet20" or args.peer_all:
         paths.append(lambda: _peer_row(arch, files, count, n))
     rows += _bracketed(raw, count * (N0 + n), paths)
@@ -223,10 +251,20 @@ def _raw_rows(arch: str, files: dict[str, Path], device: str) -> tuple[list[dict
         candidates["onnxruntime"] = select_runtime(base, "onnxruntime", batch_size=batch)
     except ValueError as exc:
         print(f"{arch}: onnxruntime skipped: {exc}", file=sys.stderr)
-    x = torch.rand((batch, *base.info.input_shape), generator=torch.Generator().manual_seed(0)).to(base.device)
+    x = torch.rand((batch, *base.info.input_shape), generator=torch.Generator().manual_seed(0)).to(
+        base.device
+    )
     best = _fastest_of({name: model.logits for name, model in candidates.items()}, x)
-    rows = [{"model": arch, "path": f"raw {name}", "runtime": name, "batch_size": batch, "samples_per_s": rate}
-            for name, rate in best.items()]
+    rows = [
+        {
+            "model": arch,
+            "path": f"raw {name}",
+            "runtime": name,
+            "batch_size": batch,
+            "samples_per_s": rate,
+        }
+        for name, rate in best.items()
+    ]
     return rows, Raw({name: model.logits for name, model in candidates.items()}, x, base.device)
 
 
@@ -237,7 +275,7 @@ def _fastest_of(forwards: dict, x) -> dict[str, float]:
     best: dict[str, float] = {}
     slowest = 0.0
     for forward in forwards.values():
-        forward(x)   # warm-up, and how long one batch takes: each round is about RAW_ROUND_S
+        forward(x)  # warm-up, and how long one batch takes: each round is about RAW_ROUND_S
         started = time.perf_counter()
         forward(x)
         slowest = max(slowest, time.perf_counter() - started)
@@ -249,7 +287,9 @@ def _fastest_of(forwards: dict, x) -> dict[str, float]:
                 forward(x)
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
-            best[name] = max(best.get(name, 0.0), batches * len(x) / (time.perf_counter() - started))
+            best[name] = max(
+                best.get(name, 0.0), batches * len(x) / (time.perf_counter() - started)
+            )
     return best
 
 
@@ -268,57 +308,161 @@ def _pipeline_rows(files: dict[str, Path], classifier: Raw, root: Path, args) ->
     count, n = PLAN["digits_cnn"]
     network = build_denoiser("dncnn", 1)
     init_weights(network, torch.Generator().manual_seed(0))
-    path = save_denoiser(root / "dncnn.safetensors", network, DenoiserInfo(
-        format="safetensors", input_shape=(1, 8, 8), arch="dncnn", name="bench-dncnn",
-        extra=dict(DENOISER_DEFAULTS["dncnn"])))
+    path = save_denoiser(
+        root / "dncnn.safetensors",
+        network,
+        DenoiserInfo(
+            format="safetensors",
+            input_shape=(1, 8, 8),
+            arch="dncnn",
+            name="bench-dncnn",
+            extra=dict(DENOISER_DEFAULTS["dncnn"]),
+        ),
+    )
     torch_denoiser = load_denoiser(path, device=args.device)
-    denoisers = {"torch": torch_denoiser.denoise,
-                 "onnxruntime": onnx_denoiser(torch_denoiser, root / "pipeline-cache").denoise}
+    denoisers = {
+        "torch": torch_denoiser.denoise,
+        "onnxruntime": onnx_denoiser(torch_denoiser, root / "pipeline-cache").denoise,
+    }
     x = classifier.x
     best = _fastest_of(denoisers, x)
-    rows = [{"model": model, "path": f"denoiser alone, {name}", "runtime": name, "batch_size": len(x),
-             "samples_per_s": rate, "part": "denoiser"} for name, rate in best.items()]
-    raw = Raw({f"{d} + {c}": (lambda batch, d=d, c=c: classifier.forwards[c](denoisers[d](batch)))
-               for d in denoisers for c in classifier.forwards}, x, classifier.device)
-    rows += [{"model": model, "path": f"raw {name}", "runtime": name, "batch_size": len(x), "samples_per_s": rate}
-             for name, rate in _fastest_of(raw.forwards, x).items()]
+    rows = [
+        {
+            "model": model,
+            "path": f"denoiser alone, {name}",
+            "runtime": name,
+            "batch_size": len(x),
+            "samples_per_s": rate,
+            "part": "denoiser",
+        }
+        for name, rate in best.items()
+    ]
+    raw = Raw(
+        {
+            f"{d} + {c}": (lambda batch, d=d, c=c: classifier.forwards[c](denoisers[d](batch)))
+            for d in denoisers
+            for c in classifier.forwards
+        },
+        x,
+        classifier.device,
+    )
+    rows += [
+        {
+            "model": model,
+            "path": f"raw {name}",
+            "runtime": name,
+            "batch_size": len(x),
+            "samples_per_s": rate,
+        }
+        for name, rate in _fastest_of(raw.forwards, x).items()
+    ]
     for row in rows:
         _print_row(row)
     files = {**files, "denoiser": path}
-    rows += _bracketed(raw, count * (N0 + n), [
-        lambda: {**_cli_row("digits_cnn", "safetensors", files, root, args.device, count, n, denoiser=path),
-                 "model": model}])
+    rows += _bracketed(
+        raw,
+        count * (N0 + n),
+        [
+            lambda: {
+                **_cli_row(
+                    "digits_cnn", "safetensors", files, root, args.device, count, n, denoiser=path
+                ),
+                "model": model,
+            }
+        ],
+    )
     return rows
 
 
-def _cli_row(arch: str, fmt: str, files: dict[str, Path], root: Path, device: str, count: int, n: int,
-             denoiser: Path | None = None) -> dict:
+def _cli_row(
+    arch: str,
+    fmt: str,
+    files: dict[str, Path],
+    root: Path,
+    device: str,
+    count: int,
+    n: int,
+    denoiser: Path | None = None,
+) -> dict:
     out = root / f"{arch}-{fmt}{'-denoised' if denoiser else ''}.tsv"
-    env = {**os.environ, "XDG_CACHE_HOME": str(root / "cli-cache")}   # a fresh cache: as a new user
+    env = {**os.environ, "XDG_CACHE_HOME": str(root / "cli-cache")}  # a fresh cache: as a new user
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "smoothcert.service.cli", "certify", str(files[fmt]), "--inputs",
-                    str(files["x"]), "--sigma", str(SIGMA), "--n0", str(N0), "--n", str(n), "--seed", "0",
-                    "--device", device, "--out", str(out), *(["--denoiser", str(denoiser)] if denoiser else [])],
-                   env=env, check=True, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smoothcert.service.cli",
+            "certify",
+            str(files[fmt]),
+            "--inputs",
+            str(files["x"]),
+            "--sigma",
+            str(SIGMA),
+            "--n0",
+            str(N0),
+            "--n",
+            str(n),
+            "--seed",
+            "0",
+            "--device",
+            device,
+            "--out",
+            str(out),
+            *(["--denoiser", str(denoiser)] if denoiser else []),
+        ],
+        env=env,
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - started
     provenance = json.loads(Path(str(out) + ".json").read_text())
-    return {"model": arch, "path": f"cli {fmt}" + (" --denoiser" if denoiser else ""),
-            "runtime": _chosen(provenance["runtime_choice"]),
-            "batch_size": provenance["batch_size"],
-            "samples_per_s": count * (N0 + n) / provenance["elapsed_s"], "process_wall_s": round(wall, 1)}
+    return {
+        "model": arch,
+        "path": f"cli {fmt}" + (" --denoiser" if denoiser else ""),
+        "runtime": _chosen(provenance["runtime_choice"]),
+        "batch_size": provenance["batch_size"],
+        "samples_per_s": count * (N0 + n) / provenance["elapsed_s"],
+        "process_wall_s": round(wall, 1),
+    }
 
 
 def _peer_row(arch: str, files: dict[str, Path], count: int, n: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_", "GLIBC_TUNABLES"))}
-    result = subprocess.run([sys.executable, "-c", PEER_LOOP, arch, str(files["safetensors"]), str(files["x"]),
-                             str(N0), str(n), str(SIGMA), str(PEER_BATCH)], env=env, check=True,
-                            capture_output=True, text=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "OMP_", "GLIBC_TUNABLES"))
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PEER_LOOP,
+            arch,
+            str(files["safetensors"]),
+            str(files["x"]),
+            str(N0),
+            str(n),
+            str(SIGMA),
+            str(PEER_BATCH),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     rate = json.loads(result.stdout.strip().splitlines()[-1])["samples_per_s"]
-    return {"model": arch, "path": "peer loop (torch, default settings)", "runtime": "torch",
-            "batch_size": PEER_BATCH, "samples_per_s": rate}
+    return {
+        "model": arch,
+        "path": "peer loop (torch, default settings)",
+        "runtime": "torch",
+        "batch_size": PEER_BATCH,
+        "samples_per_s": rate,
+    }
 
 
-def _service_rows(files: dict[str, dict[str, Path]], fastest: dict[str, Raw], root: Path, args) -> list[dict]:
+def _service_rows(
+    files: dict[str, dict[str, Path]], fastest: dict[str, Raw], root: Path, args
+) -> list[dict]:
     """A dataset job per model on a private stack with one worker; the chunks' own certification
     time, bracketed by raw runs of the fastest forward as the CLI rows are."""
     import httpx
@@ -331,28 +475,53 @@ def _service_rows(files: dict[str, dict[str, Path]], fastest: dict[str, Raw], ro
 
     rows = []
     with RedisServer(root / "redis", persist=False) as server:
-        env = {**os.environ, "SMOOTHCERT_REDIS_URL": server.url, "SMOOTHCERT_DATA_DIR": str(root / "data"),
-               "SMOOTHCERT_API_KEY": KEY, "SMOOTHCERT_ADMIN_KEY": KEY, "SMOOTHCERT_DEVICE": args.device,
-               "SMOOTHCERT_MODEL_CHECK_DEADLINE_S": "600", "SMOOTHCERT_MODEL_CHECK_TIMEOUT_S": "900"}
+        env = {
+            **os.environ,
+            "SMOOTHCERT_REDIS_URL": server.url,
+            "SMOOTHCERT_DATA_DIR": str(root / "data"),
+            "SMOOTHCERT_API_KEY": KEY,
+            "SMOOTHCERT_ADMIN_KEY": KEY,
+            "SMOOTHCERT_DEVICE": args.device,
+            "SMOOTHCERT_MODEL_CHECK_DEADLINE_S": "600",
+            "SMOOTHCERT_MODEL_CHECK_TIMEOUT_S": "900",
+        }
         port = free_port()
-        api = processes.Child("API", processes.spawn(api_command("127.0.0.1", port), env, root / "api.log"),
-                              root / "api.log")
+        api = processes.Child(
+            "API",
+            processes.spawn(api_command("127.0.0.1", port), env, root / "api.log"),
+            root / "api.log",
+        )
         workers = _start_workers(1, env, root, server.url, "bench")
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=900,
-                              headers={"Authorization": f"Bearer {KEY}"}) as client:
+            with httpx.Client(
+                base_url=f"http://127.0.0.1:{port}",
+                timeout=900,
+                headers={"Authorization": f"Bearer {KEY}"},
+            ) as client:
                 _wait(lambda: client.get("/healthz").status_code == 200, "the API", [api])
                 for arch, paths in files.items():
                     count, n = PLAN[arch]
                     before = fastest[arch].rates(count * (N0 + n))
                     with open(paths["safetensors"], "rb") as f:
-                        model = client.post("/v1/models", files={"file": (paths["safetensors"].name, f)})
+                        model = client.post(
+                            "/v1/models", files={"file": (paths["safetensors"].name, f)}
+                        )
                     with open(paths["npz"], "rb") as f:
                         dataset = client.post("/v1/datasets", files={"file": ("data.npz", f)})
-                    body = {"model_id": model.raise_for_status().json()["id"], "sigma": SIGMA, "n0": N0, "n": n,
-                            "dataset_id": dataset.raise_for_status().json()["id"], "seed": 0}
-                    job_id = client.post("/v1/certify", json=body).raise_for_status().json()["job_id"]
-                    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in TERMINAL:
+                    body = {
+                        "model_id": model.raise_for_status().json()["id"],
+                        "sigma": SIGMA,
+                        "n0": N0,
+                        "n": n,
+                        "dataset_id": dataset.raise_for_status().json()["id"],
+                        "seed": 0,
+                    }
+                    job_id = (
+                        client.post("/v1/certify", json=body).raise_for_status().json()["job_id"]
+                    )
+                    while (job := client.get(f"/v1/jobs/{job_id}").json())[
+                        "status"
+                    ] not in TERMINAL:
                         time.sleep(0.2)
                     if job["status"] != "succeeded":
                         raise SystemExit(f"the {arch} dataset job {job['status']}: {job['error']}")
@@ -360,12 +529,17 @@ def _service_rows(files: dict[str, dict[str, Path]], fastest: dict[str, Raw], ro
                     provenance = job["result"]["provenance"]
                     # The chunks' own certification time: the first job of a model also chose its runtime.
                     certifying = sum(c["elapsed_s"] for c in provenance["chunks"])
-                    rows.append({"model": arch, "path": "service dataset job (safetensors)",
-                                 "runtime": _chosen(provenance["runtime_choice"]),
-                                 "batch_size": provenance["batch_size"],
-                                 "samples_per_s": count * (N0 + n) / certifying,
-                                 "job_elapsed_s": round(job["result"]["totals"]["elapsed_s"], 1),
-                                 "raw_around": {k: [v, after[k]] for k, v in before.items()}})
+                    rows.append(
+                        {
+                            "model": arch,
+                            "path": "service dataset job (safetensors)",
+                            "runtime": _chosen(provenance["runtime_choice"]),
+                            "batch_size": provenance["batch_size"],
+                            "samples_per_s": count * (N0 + n) / certifying,
+                            "job_elapsed_s": round(job["result"]["totals"]["elapsed_s"], 1),
+                            "raw_around": {k: [v, after[k]] for k, v in before.items()},
+                        }
+                    )
         finally:
             _stop_all(workers)
             _stop(api.proc)
@@ -375,7 +549,11 @@ def _service_rows(files: dict[str, dict[str, Path]], fastest: dict[str, Raw], ro
 def _chosen(choice: dict) -> str:
     """The runtime a provenance's ``runtime_choice`` names; a pipeline's as "<denoiser's> + <classifier's>"."""
     parts = choice.get("parts")
-    return choice["chosen"] if not parts else f"{parts['denoiser']['chosen']} + {parts['classifier']['chosen']}"
+    return (
+        choice["chosen"]
+        if not parts
+        else f"{parts['denoiser']['chosen']} + {parts['classifier']['chosen']}"
+    )
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -386,11 +564,15 @@ def _ratios(rows: list[dict]) -> None:
         onnx = next((r["samples_per_s"] for r in mine if r["path"] == "cli onnx"), None)
         for r in mine:
             r["vs_fastest_raw"] = None if raw is None or r.get("part") else r["samples_per_s"] / raw
-            if r.get("raw_around"):   # against the raw runs of its own minutes: the fastest runtime's, its own
+            if r.get(
+                "raw_around"
+            ):  # against the raw runs of its own minutes: the fastest runtime's, its own
                 means = {k: (before + after) / 2 for k, (before, after) in r["raw_around"].items()}
                 best = max(means, key=lambda k: means[k])
                 r["vs_fastest_raw"] = r["samples_per_s"] / means[best]
-                r["vs_raw_spread"] = tuple(r["samples_per_s"] / v for v in sorted(r["raw_around"][best], reverse=True))
+                r["vs_raw_spread"] = tuple(
+                    r["samples_per_s"] / v for v in sorted(r["raw_around"][best], reverse=True)
+                )
                 own = r["raw_around"].get(r["runtime"])
                 r["vs_own_raw"] = None if own is None else 2 * r["samples_per_s"] / sum(own)
             if peer is not None:
@@ -400,19 +582,33 @@ def _ratios(rows: list[dict]) -> None:
 
 
 def _print_row(row: dict) -> None:
-    print(f"{row['model']:<18} {row['path']:<36} {row['runtime']:<20} batch {row['batch_size']:>6}  "
-          f"{row['samples_per_s']:>10,.0f} samples/s", flush=True)
+    print(
+        f"{row['model']:<18} {row['path']:<36} {row['runtime']:<20} batch {row['batch_size']:>6}  "
+        f"{row['samples_per_s']:>10,.0f} samples/s",
+        flush=True,
+    )
 
 
 def _print_table(rows: list[dict]) -> None:
-    print("| model | path | runtime | batch | samples/s | x fastest raw | (before / after) | x own runtime raw "
-          "| x peer loop | x CLI ONNX |")
+    print(
+        "| model | path | runtime | batch | samples/s | x fastest raw | (before / after) | x own runtime raw "
+        "| x peer loop | x CLI ONNX |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         spread = r.get("vs_raw_spread")
-        cells = [r["model"], r["path"], r["runtime"], str(r["batch_size"]), f"{r['samples_per_s']:,.0f}",
-                 _ratio(r.get("vs_fastest_raw")), "" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}",
-                 _ratio(r.get("vs_own_raw")), _ratio(r.get("vs_peer_loop")), _ratio(r.get("vs_cli_onnx"))]
+        cells = [
+            r["model"],
+            r["path"],
+            r["runtime"],
+            str(r["batch_size"]),
+            f"{r['samples_per_s']:,.0f}",
+            _ratio(r.get("vs_fastest_raw")),
+            "" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}",
+            _ratio(r.get("vs_own_raw")),
+            _ratio(r.get("vs_peer_loop")),
+            _ratio(r.get("vs_cli_onnx")),
+        ]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -424,10 +620,18 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench.users", description=__doc__.split("\n\n")[0])
     add_models(p, PLAN)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-service", dest="service", action="store_false", help="skip the dataset jobs")
-    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
-                   help="skip the denoiser + digits pipeline rows")
-    p.add_argument("--peer-all", action="store_true", help="the peer loop for every model, not only ResNet-20")
+    p.add_argument(
+        "--no-service", dest="service", action="store_false", help="skip the dataset jobs"
+    )
+    p.add_argument(
+        "--no-pipeline",
+        dest="pipeline",
+        action="store_false",
+        help="skip the denoiser + digits pipeline rows",
+    )
+    p.add_argument(
+        "--peer-all", action="store_true", help="the peer loop for every model, not only ResNet-20"
+    )
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     check_models(p, args, PLAN)

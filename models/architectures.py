@@ -12,6 +12,7 @@ State-dict layouts are kept compatible with published checkpoints:
 - ``imagenet_resnet50``: Bottleneck ResNet-50 whose keys and shapes equal torchvision's
   ``resnet50`` (stride on the 3x3 convolution, "ResNet v1.5").
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from smoothcert.models.metadata import ModelError, check_num_classes
 
-HEAD_WEIGHT_KEY = "fc.weight"   # (num_classes, features) in every allow-listed architecture
+HEAD_WEIGHT_KEY = "fc.weight"  # (num_classes, features) in every allow-listed architecture
 
 
 class DigitsCNN(nn.Module):
@@ -32,7 +33,7 @@ class DigitsCNN(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
-        self.pool = nn.MaxPool2d(2)                        # 8x8 -> 4x4
+        self.pool = nn.MaxPool2d(2)  # 8x8 -> 4x4
         self.fc1 = nn.Linear(64 * 4 * 4, 128)
         self.fc = nn.Linear(128, num_classes)
         self.relu = nn.ReLU()
@@ -50,8 +51,10 @@ def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 def _downsample(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
     """1x1 projection shortcut; keys ``downsample.0`` (conv) and ``downsample.1`` (batch norm)."""
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
-                         nn.BatchNorm2d(out_planes))
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_planes),
+    )
 
 
 class BasicBlock(nn.Module):
@@ -66,8 +69,9 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (_downsample(in_planes, planes, stride)
-                           if stride != 1 or in_planes != planes else None)
+        self.downsample = (
+            _downsample(in_planes, planes, stride) if stride != 1 or in_planes != planes else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -91,8 +95,11 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (_downsample(in_planes, out_planes, stride)
-                           if stride != 1 or in_planes != out_planes else None)
+        self.downsample = (
+            _downsample(in_planes, out_planes, stride)
+            if stride != 1 or in_planes != out_planes
+            else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -102,8 +109,13 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
-def _make_stage(block: type[BasicBlock] | type[Bottleneck], in_planes: int, planes: int,
-                blocks: int, stride: int) -> nn.Sequential:
+def _make_stage(
+    block: type[BasicBlock] | type[Bottleneck],
+    in_planes: int,
+    planes: int,
+    blocks: int,
+    stride: int,
+) -> nn.Sequential:
     layers = [block(in_planes, planes, stride)]
     layers += [block(planes * block.expansion, planes) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
@@ -123,7 +135,7 @@ class CifarResNet(nn.Module):
         self.layer1 = _make_stage(BasicBlock, 16, 16, n, stride=1)
         self.layer2 = _make_stage(BasicBlock, 16, 32, n, stride=2)
         self.layer3 = _make_stage(BasicBlock, 32, 64, n, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)   # the original's AvgPool2d(8) at 32x32 input
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # the original's AvgPool2d(8) at 32x32 input
         self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -202,7 +214,9 @@ class DnCNN(nn.Module):
     def __init__(self, channels: int, depth: int = 6, width: int = 32):
         super().__init__()
         if depth < 2 or width < 1 or channels < 1:
-            raise ValueError(f"DnCNN needs depth >= 2, width >= 1 and channels >= 1, not {depth}/{width}/{channels}")
+            raise ValueError(
+                f"DnCNN needs depth >= 2, width >= 1 and channels >= 1, not {depth}/{width}/{channels}"
+            )
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
@@ -219,7 +233,9 @@ class _TimestepEmbedding(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.half = max(1, width // 2)
-        self.mlp = nn.Sequential(nn.Linear(2 * self.half, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * self.half, 2 * width), nn.SiLU(), nn.Linear(2 * width, width)
+        )
 
     def forward(self, t: Tensor) -> Tensor:
         steps = torch.arange(self.half, device=t.device, dtype=torch.float32)
@@ -254,16 +270,22 @@ class DiffusionUNet(nn.Module):
     def __init__(self, channels: int, width: int = 32, levels: int = 1):
         super().__init__()
         if width < 2 or channels < 1 or not 0 <= levels <= 4:
-            raise ValueError(f"diffusion_unet needs width >= 2, channels >= 1 and 0 <= levels <= 4, not "
-                             f"{width}/{channels}/{levels}")
-        widths = [width * 2 ** i for i in range(levels + 1)]
+            raise ValueError(
+                f"diffusion_unet needs width >= 2, channels >= 1 and 0 <= levels <= 4, not "
+                f"{width}/{channels}/{levels}"
+            )
+        widths = [width * 2**i for i in range(levels + 1)]
         self.embed = _TimestepEmbedding(width)
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
         self.down_blocks = nn.ModuleList(_TimeBlock(w, w, width) for w in widths[:-1])
         self.downs = nn.ModuleList(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1) for w in widths[:-1])
         self.middle = _TimeBlock(widths[-1], widths[-1], width)
-        self.ups = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                               nn.Conv2d(2 * w, w, 3, padding=1)) for w in widths[:-1])
+        self.ups = nn.ModuleList(
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2 * w, w, 3, padding=1)
+            )
+            for w in widths[:-1]
+        )
         self.up_blocks = nn.ModuleList(_TimeBlock(2 * w, w, width) for w in widths[:-1])
         self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
 
@@ -286,8 +308,12 @@ def diffusion_levels(height: int, width: int, most: int = 2) -> int:
     divisible and the coarsest map at least 4 pixels a side, at most ``most`` (digits 8x8: 1,
     CIFAR 32x32: 2)."""
     levels = 0
-    while levels < most and height % 2 ** (levels + 1) == 0 and width % 2 ** (levels + 1) == 0 \
-            and min(height, width) // 2 ** (levels + 1) >= 4:
+    while (
+        levels < most
+        and height % 2 ** (levels + 1) == 0
+        and width % 2 ** (levels + 1) == 0
+        and min(height, width) // 2 ** (levels + 1) >= 4
+    ):
         levels += 1
     return levels
 
@@ -296,9 +322,14 @@ def diffusion_levels(height: int, width: int, most: int = 2) -> int:
 # channel count and their own size parameters (recorded in the file's metadata), not a class count.
 # diffusion_unet is an ε-prediction network (x_t, t) -> ε̂, a denoiser only through
 # smoothcert.models.diffusion's one-step denoising at a bound σ.
-DENOISER_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"dncnn": DnCNN, "diffusion_unet": DiffusionUNet}
-DENOISER_DEFAULTS: dict[str, dict[str, int]] = {"dncnn": {"depth": 6, "width": 32},
-                                                "diffusion_unet": {"width": 32, "levels": 1}}
+DENOISER_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "dncnn": DnCNN,
+    "diffusion_unet": DiffusionUNet,
+}
+DENOISER_DEFAULTS: dict[str, dict[str, int]] = {
+    "dncnn": {"depth": 6, "width": 32},
+    "diffusion_unet": {"width": 32, "levels": 1},
+}
 DIFFUSION_ARCHITECTURES = frozenset({"diffusion_unet"})
 
 
@@ -311,8 +342,10 @@ def build_denoiser(arch: str, channels: int, **size: int) -> nn.Module:
         raise ModelError(f"unknown denoiser architecture {arch!r}; allowed: {allowed}")
     unknown = sorted(set(size) - set(DENOISER_DEFAULTS[arch]))
     if unknown:
-        raise ModelError(f"{arch} has no size parameter {', '.join(unknown)}; it takes "
-                         f"{', '.join(DENOISER_DEFAULTS[arch])}")
+        raise ModelError(
+            f"{arch} has no size parameter {', '.join(unknown)}; it takes "
+            f"{', '.join(DENOISER_DEFAULTS[arch])}"
+        )
     try:
         return DENOISER_ARCHITECTURES[arch](channels, **{**DENOISER_DEFAULTS[arch], **size})
     except (TypeError, ValueError) as exc:

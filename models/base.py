@@ -5,6 +5,7 @@ The engine needs :meth:`BaseClassifier.logits`: a batch of noisy images in [0,1]
 checking that they are finite. Normalization is the model's own business, applied after the noise.
 :meth:`BaseClassifier.work_bytes_per_sample` tells the engine how large a batch fits in memory.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,10 +20,10 @@ from smoothcert.models.metadata import ModelInfo, Normalization
 @runtime_checkable
 class BaseClassifier(Protocol):
     info: ModelInfo
-    device: torch.device   # where inputs and noise live
-    runtime: str           # "torch" | "onnxruntime"
-    provider: str          # what actually runs it, e.g. "cpu", "cuda:0", "CPUExecutionProvider"
-    precision: str         # "float32", ...
+    device: torch.device  # where inputs and noise live
+    runtime: str  # "torch" | "onnxruntime"
+    provider: str  # what actually runs it, e.g. "cpu", "cuda:0", "CPUExecutionProvider"
+    precision: str  # "float32", ...
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Scores (B, K) for a float32 batch (B, C, H, W) on :attr:`device`."""
@@ -65,7 +66,9 @@ class TorchClassifier:
 
     runtime = "torch"
 
-    def __init__(self, module: torch.nn.Module, info: ModelInfo, device: str | torch.device = "cpu"):
+    def __init__(
+        self, module: torch.nn.Module, info: ModelInfo, device: str | torch.device = "cpu"
+    ):
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.info = info
@@ -87,10 +90,15 @@ class TorchClassifier:
             try:
                 # On the meta device only shapes are computed: no arithmetic, no memory, and the
                 # module itself is not called (a copy whose weights are meta tensors is).
-                self._work_bytes = _leaf_output_bytes(_meta_copy(self.module), self.info.input_shape,
-                                                      torch.device("meta"))
-            except Exception:  # an operation without a meta kernel, or a module that cannot be copied
-                self._work_bytes = _leaf_output_bytes(self.module, self.info.input_shape, self.device)
+                self._work_bytes = _leaf_output_bytes(
+                    _meta_copy(self.module), self.info.input_shape, torch.device("meta")
+                )
+            except (
+                Exception
+            ):  # an operation without a meta kernel, or a module that cannot be copied
+                self._work_bytes = _leaf_output_bytes(
+                    self.module, self.info.input_shape, self.device
+                )
         return self._work_bytes
 
 
@@ -98,7 +106,9 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``module`` whose parameters and buffers are meta tensors (the weights are not copied)."""
     memo: dict[int, Any] = {}
     for param in module.parameters():
-        memo[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+        memo[id(param)] = torch.nn.Parameter(
+            torch.empty_like(param, device="meta"), param.requires_grad
+        )
     for buffer in module.buffers():
         memo[id(buffer)] = torch.empty_like(buffer, device="meta")
     return copy.deepcopy(module, memo)
@@ -110,8 +120,9 @@ PEAK_MARGIN = 2
 
 
 @torch.inference_mode()
-def _leaf_output_bytes(module: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device,
-                       batch: int = 2) -> int:
+def _leaf_output_bytes(
+    module: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device, batch: int = 2
+) -> int:
     """Bytes per input of the tensors the leaf modules of ``module`` return on a zero batch: the
     peak of those alive at once (each is freed when nothing refers to it any more, as in a real
     inference pass) times :data:`PEAK_MARGIN`, and at most the sum of all of them."""
@@ -125,7 +136,9 @@ def _leaf_output_bytes(module: torch.nn.Module, input_shape: tuple[int, ...], de
     def count(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
         nonlocal total, live, peak
         for out in output if isinstance(output, (tuple, list)) else (output,):
-            if isinstance(out, torch.Tensor) and id(out) not in alive:   # an in-place result is its input
+            if (
+                isinstance(out, torch.Tensor) and id(out) not in alive
+            ):  # an in-place result is its input
                 size = out.numel() * out.element_size()
                 total += size
                 live += size

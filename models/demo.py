@@ -8,6 +8,7 @@ generator and training runs on one thread (torch results depend on the thread co
 
     python -m smoothcert.models.demo OUT_DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     return x[:split], y[:split], x[split:], y[split:]
 
 
-def train_digits_cnn(train_x: np.ndarray, train_y: np.ndarray, norm: Normalization,
-                     seed: int = 0) -> nn.Sequential:
+def train_digits_cnn(
+    train_x: np.ndarray, train_y: np.ndarray, norm: Normalization, seed: int = 0
+) -> nn.Sequential:
     """``Sequential(Normalize, digits_cnn)`` trained with Gaussian augmentation at DEMO_SIGMA."""
     generator = torch.Generator().manual_seed(seed)
     # Construction draws a throwaway init from the global generator; fork_rng leaves it as it was.
@@ -62,14 +64,15 @@ def train_digits_cnn(train_x: np.ndarray, train_y: np.ndarray, norm: Normalizati
     return model.eval()
 
 
-def _train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  generator: torch.Generator) -> None:
+def _train_epochs(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS)
     for _ in range(EPOCHS):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), BATCH_SIZE):
-            idx = order[start:start + BATCH_SIZE]
+            idx = order[start : start + BATCH_SIZE]
             noisy = x[idx] + DEMO_SIGMA * torch.randn(x[idx].shape, generator=generator)
             loss = nn.functional.cross_entropy(model(noisy), y[idx])
             optimizer.zero_grad()
@@ -78,19 +81,30 @@ def _train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         schedule.step()
 
 
-def export_onnx(model: nn.Module, path: Path, metadata_json: str,
-                input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE[DEMO_ARCH]) -> None:
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    metadata_json: str,
+    input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE[DEMO_ARCH],
+) -> None:
     """Write ``model`` (normalization included) taking (B, *input_shape) as ONNX with a dynamic
     batch axis, and ``metadata_json`` under key ``smoothcert`` in its metadata_props. Needs the
     ``onnx`` package (torch's exporter itself imports it)."""
     import onnx
 
     dummy = torch.zeros((2, *input_shape))
-    with warnings.catch_warnings():   # the TorchScript exporter is deprecated, and still the
-        warnings.simplefilter("ignore", DeprecationWarning)   # one that needs no onnxscript
-        torch.onnx.export(model, (dummy,), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], opset_version=17,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and still the
+        warnings.simplefilter("ignore", DeprecationWarning)  # one that needs no onnxscript
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     proto = onnx.load(str(path))
     proto.metadata_props.add(key=METADATA_KEY, value=metadata_json)
     onnx.save(proto, str(path))
@@ -114,13 +128,28 @@ def build_demo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         predictions = model(torch.from_numpy(test_x)).argmax(dim=1).numpy()
     accuracy = float((predictions == test_y).mean())
     info = ModelInfo(
-        format="safetensors", input_shape=DEFAULT_INPUT_SHAPE[DEMO_ARCH], num_classes=10,
-        arch=DEMO_ARCH, class_names=[str(d) for d in range(10)], normalization=norm,
-        sigma=DEMO_SIGMA, name="digits-demo",
-        extra={"method": "gaussian_augmentation", "epochs": EPOCHS, "seed": seed,
-               "clean_test_accuracy": accuracy, "dataset": "sklearn load_digits"})
-    paths = {"safetensors": out / "digits_cnn.safetensors", "onnx": out / "digits_cnn.onnx",
-             "test_x": out / "digits_test_x.npy", "test_y": out / "digits_test_y.npy"}
+        format="safetensors",
+        input_shape=DEFAULT_INPUT_SHAPE[DEMO_ARCH],
+        num_classes=10,
+        arch=DEMO_ARCH,
+        class_names=[str(d) for d in range(10)],
+        normalization=norm,
+        sigma=DEMO_SIGMA,
+        name="digits-demo",
+        extra={
+            "method": "gaussian_augmentation",
+            "epochs": EPOCHS,
+            "seed": seed,
+            "clean_test_accuracy": accuracy,
+            "dataset": "sklearn load_digits",
+        },
+    )
+    paths = {
+        "safetensors": out / "digits_cnn.safetensors",
+        "onnx": out / "digits_cnn.onnx",
+        "test_x": out / "digits_test_x.npy",
+        "test_y": out / "digits_test_y.npy",
+    }
     save_safetensors_model(paths["safetensors"], model[1], info)
     export_onnx(model, paths["onnx"], info_to_json(info))
     np.save(paths["test_x"], test_x)

@@ -8,6 +8,7 @@ as the classifiers are (:func:`save_denoiser`), its size parameters in the metad
 :func:`load_denoiser` checks it as :func:`~smoothcert.models.loaders.check_forward` checks a
 classifier: finite images of the input's shape, on the same check batches.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -79,7 +80,9 @@ class TorchDenoiser:
 
     runtime = "torch"
 
-    def __init__(self, module: torch.nn.Module, info: DenoiserInfo, device: str | torch.device = "cpu"):
+    def __init__(
+        self, module: torch.nn.Module, info: DenoiserInfo, device: str | torch.device = "cpu"
+    ):
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.info = info
@@ -96,25 +99,37 @@ class TorchDenoiser:
         """The bytes of the leaf modules' outputs per input, as for a torch classifier."""
         if self._work_bytes is None:
             try:
-                self._work_bytes = _leaf_output_bytes(_meta_copy(self.module), self.info.input_shape,
-                                                      torch.device("meta"))
+                self._work_bytes = _leaf_output_bytes(
+                    _meta_copy(self.module), self.info.input_shape, torch.device("meta")
+                )
             except Exception:  # an operation without a meta kernel
-                self._work_bytes = _leaf_output_bytes(self.module, self.info.input_shape, self.device)
+                self._work_bytes = _leaf_output_bytes(
+                    self.module, self.info.input_shape, self.device
+                )
         return self._work_bytes
 
 
 def save_denoiser(path: str | Path, network: torch.nn.Module, info: DenoiserInfo) -> Path:
     """Write ``network.state_dict()`` with ``info`` in the header, as :func:`load_denoiser` reads it."""
     if not is_denoiser_arch(info.arch):
-        raise ModelError(f"info.arch must be a denoiser architecture ({', '.join(sorted(DENOISER_ARCHITECTURES))})")
+        raise ModelError(
+            f"info.arch must be a denoiser architecture ({', '.join(sorted(DENOISER_ARCHITECTURES))})"
+        )
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in network.state_dict().items()}
     save_file(state, str(path), metadata={METADATA_KEY: denoiser_info_json(info)})
     return Path(path)
 
 
-def load_denoiser(path: str | Path, *, device: str | torch.device = "auto", arch: str | None = None,
-                  input_shape: tuple[int, int, int] | None = None, sigma: float | None = None,
-                  name: str | None = None, **_ignored: Any) -> Any:
+def load_denoiser(
+    path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    arch: str | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    sigma: float | None = None,
+    name: str | None = None,
+    **_ignored: Any,
+) -> Any:
     """Load a denoiser file (safetensors, or the ONNX form of a diffusion model) on ``device`` and
     check it (:func:`check_denoiser`).
 
@@ -134,36 +149,55 @@ def load_denoiser(path: str | Path, *, device: str | torch.device = "auto", arch
     if path.suffix.lower() == ".onnx":
         from smoothcert.models.diffusion import load_onnx_diffusion
 
-        onnx_denoiser = load_onnx_diffusion(path, device=resolve_device(device), input_shape=input_shape,
-                                            sigma=sigma, name=name)
+        onnx_denoiser = load_onnx_diffusion(
+            path, device=resolve_device(device), input_shape=input_shape, sigma=sigma, name=name
+        )
         check_denoiser(onnx_denoiser)
         return onnx_denoiser
     if path.suffix.lower() != ".safetensors":
-        raise ModelError(f"{path.name}: a denoiser must be a .safetensors file of an allow-listed denoiser "
-                         f"architecture ({', '.join(sorted(DENOISER_ARCHITECTURES))})")
+        raise ModelError(
+            f"{path.name}: a denoiser must be a .safetensors file of an allow-listed denoiser "
+            f"architecture ({', '.join(sorted(DENOISER_ARCHITECTURES))})"
+        )
     tensors, metadata = read_safetensors_header(path)
     described = fields_from_metadata_map(metadata)
-    given = check_fields({k: v for k, v in dict(input_shape=input_shape, sigma=sigma, name=name).items()
-                          if v is not None})
+    given = check_fields(
+        {
+            k: v
+            for k, v in dict(input_shape=input_shape, sigma=sigma, name=name).items()
+            if v is not None
+        }
+    )
     fields = {**described, **given, **({"arch": arch} if arch else {})}
     arch = fields.get("arch")
     if not is_denoiser_arch(arch):
-        raise ModelError(f"{path.name} is not a denoiser: its architecture is {arch!r}, a denoiser's is one of "
-                         f"{', '.join(sorted(DENOISER_ARCHITECTURES))}")
+        raise ModelError(
+            f"{path.name} is not a denoiser: its architecture is {arch!r}, a denoiser's is one of "
+            f"{', '.join(sorted(DENOISER_ARCHITECTURES))}"
+        )
     assert arch is not None
     if "input_shape" not in fields:
         raise ModelError(f"{path.name}: a denoiser needs its input_shape [C, H, W]")
     shape = fields["input_shape"]
     extra = dict(fields.get("extra", {}))
-    size = {k: int(extra[k]) if k in extra else _size_from_weights(tensors, k, arch)
-            for k in DENOISER_DEFAULTS[arch]}
+    size = {
+        k: int(extra[k]) if k in extra else _size_from_weights(tensors, k, arch)
+        for k in DENOISER_DEFAULTS[arch]
+    }
     state, _ = load_safetensors_state(path)
     with torch.device("meta"):
         net = build_denoiser(arch, shape[0], **size)
     check_state_dict(net, state, arch)
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    info = DenoiserInfo(format="safetensors", input_shape=shape, arch=arch, sigma=fields.get("sigma"),
-                        sha256=sha256_file(path), name=fields.get("name"), extra={**extra, **size})
+    info = DenoiserInfo(
+        format="safetensors",
+        input_shape=shape,
+        arch=arch,
+        sigma=fields.get("sigma"),
+        sha256=sha256_file(path),
+        name=fields.get("name"),
+        extra={**extra, **size},
+    )
     if arch in DIFFUSION_ARCHITECTURES:
         from smoothcert.models.diffusion import diffusion_from_module
 
@@ -179,12 +213,17 @@ def _size_from_weights(tensors: dict[str, dict], key: str, arch: str = "dncnn") 
     weights; another architecture's default (its files record their sizes)."""
     if arch != "dncnn":
         return DENOISER_DEFAULTS[arch][key]
-    convs = [k for k, t in tensors.items()
-             if k.startswith("layers.") and k.endswith(".weight") and len(t["shape"]) == 4]
+    convs = [
+        k
+        for k, t in tensors.items()
+        if k.startswith("layers.") and k.endswith(".weight") and len(t["shape"]) == 4
+    ]
     if key == "depth":
         return max(len(convs), 2)
     first = tensors.get("layers.0.weight")
-    return int(first["shape"][0]) if first and first["shape"] else DENOISER_DEFAULTS["dncnn"]["width"]
+    return (
+        int(first["shape"][0]) if first and first["shape"] else DENOISER_DEFAULTS["dncnn"]["width"]
+    )
 
 
 def check_denoiser(denoiser: Any) -> None:
@@ -197,9 +236,13 @@ def check_denoiser(denoiser: Any) -> None:
             out = denoiser.denoise(batch.to(denoiser.device))
         except Exception as exc:  # torch raises its own types for a shape mismatch
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"the denoiser cannot run on input shape {list(shape)}: {first_line}") from None
+            raise ModelError(
+                f"the denoiser cannot run on input shape {list(shape)}: {first_line}"
+            ) from None
         if tuple(out.shape) != tuple(batch.shape):
-            raise ModelError(f"the denoiser turns images of shape {list(shape)} into {list(out.shape[1:])}; "
-                             "it must keep the input's shape")
+            raise ModelError(
+                f"the denoiser turns images of shape {list(shape)} into {list(out.shape[1:])}; "
+                "it must keep the input's shape"
+            )
         if not bool(torch.isfinite(out).all()):
             raise ModelError(f"the denoiser returns NaN or infinite pixels for {what}")

@@ -21,6 +21,7 @@ Two forms: a safetensors ``diffusion_unet`` (:class:`TorchDiffusionDenoiser`, lo
 "epsilon", "schedule": {"alphas_cumprod": [...], ...}}, ...}`` (:func:`export_diffusion_onnx`
 writes it for the project's own models).
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from smoothcert.models.diffusion_schedule import check_alphas_cumprod, schedule_of, sigma_at, timestep_for_sigma
+from smoothcert.models.diffusion_schedule import (
+    check_alphas_cumprod,
+    schedule_of,
+    sigma_at,
+    timestep_for_sigma,
+)
 from smoothcert.models.metadata import (
     METADATA_KEY,
     DenoiserInfo,
@@ -48,10 +54,11 @@ from smoothcert.models.metadata import (
 )
 
 PREDICTION = "epsilon"
-TIMESTEP_DTYPE = "int64"   # what the ONNX form's ``t`` input takes
+TIMESTEP_DTYPE = "int64"  # what the ONNX form's ``t`` input takes
 
 
 # --- the denoisers ------------------------------------------------------------------------------
+
 
 class DiffusionDenoiser:
     """One-step denoising with an ε-prediction model (module docstring); subclasses give ε̂.
@@ -85,15 +92,20 @@ class DiffusionDenoiser:
         exactly (the schedule is discrete); empty when unbound."""
         if self.timestep is None:
             return {}
-        return {"sigma": self.sigma, "timestep": self.timestep,
-                "timestep_sigma": sigma_at(self.alphas_cumprod, self.timestep)}
+        return {
+            "sigma": self.sigma,
+            "timestep": self.timestep,
+            "timestep_sigma": sigma_at(self.alphas_cumprod, self.timestep),
+        }
 
     @torch.inference_mode()
     def denoise(self, x: torch.Tensor) -> torch.Tensor:
         """[0,1] images (B, C, H, W) for noisy ones of the bound σ on :attr:`device`; ModelError when unbound."""
         if self.timestep is None:
-            raise ModelError("a diffusion denoiser needs the noise level σ to choose its timestep: bind it with "
-                             "for_sigma(σ) (the engine does, through bind_sigma)")
+            raise ModelError(
+                "a diffusion denoiser needs the noise level σ to choose its timestep: bind it with "
+                "for_sigma(σ) (the engine does, through bind_sigma)"
+            )
         alpha = float(self.alphas_cumprod[self.timestep])
         keep, noise = math.sqrt(alpha), math.sqrt(1.0 - alpha)
         x_t = keep * (2.0 * x.to(torch.float32) - 1.0)
@@ -124,8 +136,13 @@ class _AtTimestep(torch.nn.Module):
 class TorchDiffusionDenoiser(DiffusionDenoiser):
     """An ε-prediction ``nn.Module`` ``module(x_t, t)`` (e.g. ``diffusion_unet``) in eval mode."""
 
-    def __init__(self, module: torch.nn.Module, info: DenoiserInfo, alphas_cumprod: Any,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        info: DenoiserInfo,
+        alphas_cumprod: Any,
+        device: str | torch.device = "cpu",
+    ):
         super().__init__(info, alphas_cumprod, device)
         self.module = module.to(self.device).eval()
         self._work_bytes: int | None = None
@@ -141,7 +158,9 @@ class TorchDiffusionDenoiser(DiffusionDenoiser):
         if self._work_bytes is None:
             wrapped = _AtTimestep(self.module)
             try:
-                leaves = _leaf_output_bytes(_meta_copy(wrapped), self.info.input_shape, torch.device("meta"))
+                leaves = _leaf_output_bytes(
+                    _meta_copy(wrapped), self.info.input_shape, torch.device("meta")
+                )
             except Exception:  # an operation without a meta kernel
                 leaves = _leaf_output_bytes(wrapped, self.info.input_shape, self.device)
             self._work_bytes = leaves + self._scratch_bytes()
@@ -154,7 +173,9 @@ class OnnxDiffusionDenoiser(DiffusionDenoiser):
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, info: DenoiserInfo, alphas_cumprod: Any, session: Any, graph: Any):
+    def __init__(
+        self, path: str | Path, info: DenoiserInfo, alphas_cumprod: Any, session: Any, graph: Any
+    ):
         super().__init__(info, alphas_cumprod, "cpu")
         self.session = session
         self.provider = session.get_providers()[0]
@@ -163,27 +184,37 @@ class OnnxDiffusionDenoiser(DiffusionDenoiser):
         steps = [i for i in inputs if i.type == "tensor(int64)" and len(i.shape) == 1]
         if len(inputs) != 2 or len(images) != 1 or len(steps) != 1:
             got = ", ".join(f"{i.name} {i.type} rank {len(i.shape)}" for i in inputs)
-            raise ModelError(f"{Path(path).name}: an ONNX diffusion denoiser takes two inputs, x_t float32 "
-                             f"(B, C, H, W) and t int64 (B,), not {got}")
+            raise ModelError(
+                f"{Path(path).name}: an ONNX diffusion denoiser takes two inputs, x_t float32 "
+                f"(B, C, H, W) and t int64 (B,), not {got}"
+            )
         self._x_name, self._t_name = images[0].name, steps[0].name
         self._out_name = session.get_outputs()[0].name
         from smoothcert.models.onnx_runtime import graph_bytes_per_sample
 
-        self._work_bytes = graph_bytes_per_sample(graph, self._x_name, info.input_shape) + self._scratch_bytes()
+        self._work_bytes = (
+            graph_bytes_per_sample(graph, self._x_name, info.input_shape) + self._scratch_bytes()
+        )
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         x = x_t.detach().to("cpu", torch.float32).contiguous().numpy()
-        (out,) = self.session.run([self._out_name], {self._x_name: x,
-                                                      self._t_name: np.full(x.shape[0], t, dtype=np.int64)})
+        (out,) = self.session.run(
+            [self._out_name],
+            {self._x_name: x, self._t_name: np.full(x.shape[0], t, dtype=np.int64)},
+        )
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x_t.device)
 
     def work_bytes_per_sample(self) -> int:
         return self._work_bytes
 
 
-def diffusion_from_module(module: torch.nn.Module, info: DenoiserInfo, device: torch.device) -> TorchDiffusionDenoiser:
+def diffusion_from_module(
+    module: torch.nn.Module, info: DenoiserInfo, device: torch.device
+) -> TorchDiffusionDenoiser:
     """A loaded ``diffusion_unet`` as a denoiser; its schedule from ``info.extra``."""
-    return TorchDiffusionDenoiser(module, info, schedule_of(info.extra, info.name or str(info.arch)), device)
+    return TorchDiffusionDenoiser(
+        module, info, schedule_of(info.extra, info.name or str(info.arch)), device
+    )
 
 
 def onnx_metadata(path: str | Path) -> dict[str, str]:
@@ -198,38 +229,62 @@ def is_onnx_denoiser(path: str | Path) -> bool:
     return described_kind(onnx_metadata(path)) == "denoiser"
 
 
-def load_onnx_diffusion(path: str | Path, *, device: str | torch.device = "auto",
-                        input_shape: tuple[int, int, int] | None = None, sigma: float | None = None,
-                        name: str | None = None) -> OnnxDiffusionDenoiser:
+def load_onnx_diffusion(
+    path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    input_shape: tuple[int, int, int] | None = None,
+    sigma: float | None = None,
+    name: str | None = None,
+) -> OnnxDiffusionDenoiser:
     """An ONNX diffusion denoiser (module docstring), unbound and not yet checked (the caller
     runs :func:`~smoothcert.models.denoisers.check_denoiser`). ModelError, one line, for a file of
     external data or non-standard operators, one that does not say it is an ε-prediction denoiser
     with a schedule, or inputs other than (x_t float32, t int64)."""
-    from smoothcert.models.onnx_runtime import _open_session, _resolve_input_shape, check_onnx_contents
+    from smoothcert.models.onnx_runtime import (
+        _open_session,
+        _resolve_input_shape,
+        check_onnx_contents,
+    )
 
     path = Path(path)
     graph = check_onnx_contents(path)
     metadata = {p.key: p.value for p in graph.metadata_props}
     if described_kind(metadata) != "denoiser":
-        raise ModelError(f"{path.name} is not a denoiser: its metadata_props[{METADATA_KEY!r}] must say "
-                         '"kind": "denoiser"')
+        raise ModelError(
+            f"{path.name} is not a denoiser: its metadata_props[{METADATA_KEY!r}] must say "
+            '"kind": "denoiser"'
+        )
     described = fields_from_metadata_map(metadata)
     extra = dict(described.get("extra", {}))
     if extra.get("prediction", PREDICTION) != PREDICTION:
-        raise ModelError(f"{path.name}: only ε-prediction diffusion models are supported, not "
-                         f"prediction {extra.get('prediction')!r}")
+        raise ModelError(
+            f"{path.name}: only ε-prediction diffusion models are supported, not "
+            f"prediction {extra.get('prediction')!r}"
+        )
     alphas = schedule_of(extra, path.name)
     session = _open_session(path, device, None)
     x_inputs = [i for i in session.get_inputs() if i.type == "tensor(float)" and len(i.shape) == 4]
-    given = check_fields({k: v for k, v in dict(input_shape=input_shape, sigma=sigma, name=name).items()
-                          if v is not None})
+    given = check_fields(
+        {
+            k: v
+            for k, v in dict(input_shape=input_shape, sigma=sigma, name=name).items()
+            if v is not None
+        }
+    )
     wanted = given.get("input_shape") or described.get("input_shape")
     shape = _resolve_input_shape(wanted, x_inputs[0].shape) if x_inputs else wanted
     if shape is None:
         raise ModelError(f"{path.name}: a denoiser needs its input_shape [C, H, W]")
-    info = DenoiserInfo(format="onnx", input_shape=tuple(shape), arch=described.get("arch"),
-                        sigma=given.get("sigma", described.get("sigma")), sha256=sha256_file(path),
-                        name=given.get("name", described.get("name")), extra=extra)
+    info = DenoiserInfo(
+        format="onnx",
+        input_shape=tuple(shape),
+        arch=described.get("arch"),
+        sigma=given.get("sigma", described.get("sigma")),
+        sha256=sha256_file(path),
+        name=given.get("name", described.get("name")),
+        extra=extra,
+    )
     return OnnxDiffusionDenoiser(path, info, alphas, session, graph)
 
 
@@ -243,18 +298,34 @@ def export_diffusion_onnx(denoiser: TorchDiffusionDenoiser, path: str | Path) ->
     module = copy.deepcopy(denoiser.module).cpu().eval()
     x = torch.zeros((2, *denoiser.info.input_shape))
     t = torch.zeros(2, dtype=torch.int64)
-    info = replace(denoiser.info, format="onnx", extra={**denoiser.info.extra, "prediction": PREDICTION,
-                                                       "timestep_input": TIMESTEP_DTYPE,
-                                                       "exported_from": denoiser.info.sha256})
+    info = replace(
+        denoiser.info,
+        format="onnx",
+        extra={
+            **denoiser.info.extra,
+            "prediction": PREDICTION,
+            "timestep_input": TIMESTEP_DTYPE,
+            "exported_from": denoiser.info.sha256,
+        },
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     try:
-        with warnings.catch_warnings():   # the TorchScript exporter is deprecated; it needs no onnxscript
+        with (
+            warnings.catch_warnings()
+        ):  # the TorchScript exporter is deprecated; it needs no onnxscript
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(module, (x, t), tmp, dynamo=False, input_names=["x_t", "t"], output_names=["eps"],
-                              opset_version=17, dynamic_axes={"x_t": {0: "batch"}, "t": {0: "batch"},
-                                                              "eps": {0: "batch"}})
+            torch.onnx.export(
+                module,
+                (x, t),
+                tmp,
+                dynamo=False,
+                input_names=["x_t", "t"],
+                output_names=["eps"],
+                opset_version=17,
+                dynamic_axes={"x_t": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
+            )
         proto = onnx.load(tmp)
         proto.metadata_props.add(key=METADATA_KEY, value=denoiser_info_json(info))
         onnx.save(proto, tmp)

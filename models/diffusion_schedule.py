@@ -3,6 +3,7 @@
 Torch-free (numpy only), so the API can refuse a σ that a pipeline's diffusion denoiser cannot
 take before a job is queued; :mod:`smoothcert.models.diffusion` denoises with it.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,21 +13,29 @@ import numpy as np
 
 from smoothcert.models.metadata import ModelError
 
-DEFAULT_BETA_START, DEFAULT_BETA_END = 1e-4, 0.02   # Ho et al.'s linear schedule
+DEFAULT_BETA_START, DEFAULT_BETA_END = 1e-4, 0.02  # Ho et al.'s linear schedule
 # (2σ)² above the last step's ratio by more than rounding is out of the schedule's range.
 _RANGE_RTOL = 1e-9
 
 
-def linear_schedule(timesteps: int, beta_start: float = DEFAULT_BETA_START,
-                    beta_end: float = DEFAULT_BETA_END) -> dict[str, Any]:
+def linear_schedule(
+    timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: float = DEFAULT_BETA_END
+) -> dict[str, Any]:
     """The metadata of a linear-β schedule: β_t evenly spaced from ``beta_start`` to ``beta_end``
     over ``timesteps`` steps, ``alphas_cumprod`` ᾱ_t = Π_{s≤t} (1 − β_s), and how it was made."""
     if timesteps < 1 or not 0 < beta_start <= beta_end < 1:
-        raise ModelError(f"a linear schedule needs timesteps >= 1 and 0 < beta_start <= beta_end < 1, not "
-                         f"{timesteps}, {beta_start}, {beta_end}")
+        raise ModelError(
+            f"a linear schedule needs timesteps >= 1 and 0 < beta_start <= beta_end < 1, not "
+            f"{timesteps}, {beta_start}, {beta_end}"
+        )
     betas = np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
-    return {"kind": "linear", "timesteps": int(timesteps), "beta_start": float(beta_start),
-            "beta_end": float(beta_end), "alphas_cumprod": np.cumprod(1.0 - betas).tolist()}
+    return {
+        "kind": "linear",
+        "timesteps": int(timesteps),
+        "beta_start": float(beta_start),
+        "beta_end": float(beta_end),
+        "alphas_cumprod": np.cumprod(1.0 - betas).tolist(),
+    }
 
 
 def check_alphas_cumprod(values: Any) -> np.ndarray:
@@ -39,7 +48,9 @@ def check_alphas_cumprod(values: Any) -> np.ndarray:
     if alphas.ndim != 1 or alphas.size == 0 or not np.isfinite(alphas).all():
         raise ModelError("the schedule's alphas_cumprod must be a non-empty list of finite numbers")
     if (alphas <= 0).any() or (alphas > 1).any() or (np.diff(alphas) > 0).any():
-        raise ModelError("the schedule's alphas_cumprod must lie in (0, 1] and never increase with t")
+        raise ModelError(
+            "the schedule's alphas_cumprod must lie in (0, 1] and never increase with t"
+        )
     return alphas
 
 
@@ -67,17 +78,23 @@ def timestep_for_sigma(alphas_cumprod: Any, sigma: float) -> int:
     ModelError for σ ≤ 0 or not finite, and for σ beyond the last step's noise level (more than
     rounding above it), naming the largest σ the schedule covers.
     """
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating)) or not math.isfinite(sigma) \
-            or sigma <= 0:
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, (int, float, np.floating))
+        or not math.isfinite(sigma)
+        or sigma <= 0
+    ):
         raise ModelError(f"a diffusion denoiser needs a noise level σ > 0, not {sigma!r}")
     ratios = noise_ratios(alphas_cumprod)
     target = (2.0 * float(sigma)) ** 2
     if target > ratios[-1] * (1.0 + _RANGE_RTOL):
         most = math.sqrt(ratios[-1]) / 2.0
-        raise ModelError(f"σ = {sigma:g} is beyond this diffusion model's schedule: its noisiest step "
-                         f"(t = {len(ratios) - 1}) matches σ = {most:.4g} in [0,1] pixels; certify at σ <= "
-                         f"{most:.4g}, or use a model with a longer schedule")
-    return int(np.argmin(np.abs(ratios - target)))   # argmin: the first of equal distances
+        raise ModelError(
+            f"σ = {sigma:g} is beyond this diffusion model's schedule: its noisiest step "
+            f"(t = {len(ratios) - 1}) matches σ = {most:.4g} in [0,1] pixels; certify at σ <= "
+            f"{most:.4g}, or use a model with a longer schedule"
+        )
+    return int(np.argmin(np.abs(ratios - target)))  # argmin: the first of equal distances
 
 
 def schedule_of(extra: dict[str, Any], what: str) -> np.ndarray:
@@ -85,8 +102,10 @@ def schedule_of(extra: dict[str, Any], what: str) -> np.ndarray:
     naming ``what`` (the file) when it is missing or malformed."""
     schedule = extra.get("schedule")
     if not isinstance(schedule, dict) or "alphas_cumprod" not in schedule:
-        raise ModelError(f"{what}: a diffusion denoiser's metadata needs extra.schedule.alphas_cumprod "
-                         "(ᾱ_t per timestep)")
+        raise ModelError(
+            f"{what}: a diffusion denoiser's metadata needs extra.schedule.alphas_cumprod "
+            "(ᾱ_t per timestep)"
+        )
     try:
         return check_alphas_cumprod(schedule["alphas_cumprod"])
     except ModelError as exc:

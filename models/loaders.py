@@ -5,6 +5,7 @@ by its suffix. Every model is run on a zero batch and two fixed noisy ones befor
 out (:func:`check_forward`), so a wrong input shape or class count, or scores that are NaN or
 infinite, are refused at load time with a message, not at certification time.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,7 @@ from smoothcert.models.onnx_runtime import OnnxClassifier
 from smoothcert.models.safetensors_header import read_safetensors_header, refuse_pickled_checkpoint
 from smoothcert.models.safetensors_io import load_safetensors_state
 
-ONNX_FIRST_BYTE = b"\x08"   # protobuf tag of ModelProto.ir_version, the field exporters write first
+ONNX_FIRST_BYTE = b"\x08"  # protobuf tag of ModelProto.ir_version, the field exporters write first
 _SHOWN_KEYS = 3
 
 
@@ -70,11 +71,18 @@ def detect_format(path: str | Path) -> str:
     raise ModelError(f"{path.name} is neither ONNX nor safetensors")
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "auto", arch: str | None = None,
-               input_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
-               normalization: Normalization | dict | str | None = None,
-               class_names: list[str] | None = None, sigma: float | None = None,
-               name: str | None = None) -> BaseClassifier:
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    arch: str | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
+    normalization: Normalization | dict | str | None = None,
+    class_names: list[str] | None = None,
+    sigma: float | None = None,
+    name: str | None = None,
+) -> BaseClassifier:
     """Load an ONNX or safetensors model as a validated base classifier on ``device``.
 
     Explicit arguments override what the file says about itself (``arch`` concerns safetensors
@@ -92,9 +100,20 @@ def load_model(path: str | Path, *, device: str | torch.device = "auto", arch: s
         raise ModelError(f"no such file: {path}")
     fmt = detect_format(path)
     target = resolve_device(device)
-    given = check_fields({k: v for k, v in dict(
-        input_shape=input_shape, num_classes=num_classes, normalization=normalization,
-        class_names=class_names, sigma=sigma, name=name).items() if v is not None})
+    given = check_fields(
+        {
+            k: v
+            for k, v in dict(
+                input_shape=input_shape,
+                num_classes=num_classes,
+                normalization=normalization,
+                class_names=class_names,
+                sigma=sigma,
+                name=name,
+            ).items()
+            if v is not None
+        }
+    )
     sha256 = sha256_file(path)
     if fmt == "onnx":
         model: BaseClassifier = OnnxClassifier(path, device=target, **given)
@@ -104,8 +123,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "auto", arch: s
     model.info.format = fmt
     check_forward(model)
     if model.info.class_names is not None and len(model.info.class_names) != model.info.num_classes:
-        raise ModelError(f"{len(model.info.class_names)} class_names given for "
-                         f"{model.info.num_classes} classes")
+        raise ModelError(
+            f"{len(model.info.class_names)} class_names given for {model.info.num_classes} classes"
+        )
     return model
 
 
@@ -114,11 +134,15 @@ def _load_safetensors(path: Path, device: torch.device, given: dict[str, Any]) -
     fields = {**fields_from_metadata_map(metadata), **given}
     arch = fields.get("arch")
     if arch is None:
-        raise ModelError(f"{path.name} holds bare weights; name their architecture with arch "
-                         f"(one of {', '.join(sorted(DEFAULT_INPUT_SHAPE))})")
+        raise ModelError(
+            f"{path.name} holds bare weights; name their architecture with arch "
+            f"(one of {', '.join(sorted(DEFAULT_INPUT_SHAPE))})"
+        )
     if arch in DENOISER_ARCHITECTURES:
-        raise ModelError(f"{path.name} is a denoiser ({arch}), not a classifier: certify it in front of one "
-                         "(smoothcert certify CLASSIFIER --denoiser FILE, or a pipeline model in the API)")
+        raise ModelError(
+            f"{path.name} is a denoiser ({arch}), not a classifier: certify it in front of one "
+            "(smoothcert certify CLASSIFIER --denoiser FILE, or a pipeline model in the API)"
+        )
     check_arch(arch)
     shape = fields.get("input_shape", DEFAULT_INPUT_SHAPE[arch])
     num_classes = fields.get("num_classes", _head_classes(tensors, arch))
@@ -135,10 +159,17 @@ def _load_safetensors(path: Path, device: torch.device, given: dict[str, Any]) -
         module = torch.nn.Sequential(Normalize(norm, shape[0]), net)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
-    info = ModelInfo(format="safetensors", input_shape=shape, num_classes=num_classes, arch=arch,
-                     class_names=fields.get("class_names"), normalization=norm,
-                     sigma=fields.get("sigma"), name=fields.get("name"),
-                     extra=fields.get("extra", {}))
+    info = ModelInfo(
+        format="safetensors",
+        input_shape=shape,
+        num_classes=num_classes,
+        arch=arch,
+        class_names=fields.get("class_names"),
+        normalization=norm,
+        sigma=fields.get("sigma"),
+        name=fields.get("name"),
+        extra=fields.get("extra", {}),
+    )
     return TorchClassifier(module, info, device)
 
 
@@ -161,7 +192,7 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
     prefixes = {k.split(".", 1)[0] for k in unexpected if "." in k}
     if missing and len(prefixes) == 1:
         prefix = prefixes.pop() + "."
-        if {k[len(prefix):] for k in unexpected if k.startswith(prefix)} >= set(missing):
+        if {k[len(prefix) :] for k in unexpected if k.startswith(prefix)} >= set(missing):
             return f" (the file's keys carry the prefix {prefix!r}: strip it)"
     return ""
 
@@ -179,15 +210,20 @@ def check_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor], arch:
             parts.append(f"unexpected {len(unexpected)} keys ({_first(unexpected)})")
         hint = _prefix_hint(missing, unexpected)
         raise ModelError(f"weights do not fit {arch}: {'; '.join(parts)}{hint}")
-    wrong = [f"{k} {tuple(state[k].shape)} != {shape}" for k, shape in expected.items()
-             if tuple(state[k].shape) != shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {shape}"
+        for k, shape in expected.items()
+        if tuple(state[k].shape) != shape
+    ]
     if wrong:
-        raise ModelError(f"weights do not fit {arch}: {len(wrong)} shape mismatches ({_first(wrong)})")
+        raise ModelError(
+            f"weights do not fit {arch}: {len(wrong)} shape mismatches ({_first(wrong)})"
+        )
 
 
-CHECK_SEED = 0        # the noisy batches of check_forward: the same for every model and every load
+CHECK_SEED = 0  # the noisy batches of check_forward: the same for every model and every load
 CHECK_BATCH = 4
-CHECK_SIGMA = 0.25   # a common smoothing noise level; larger noise is the certification's own check
+CHECK_SIGMA = 0.25  # a common smoothing noise level; larger noise is the certification's own check
 
 
 def check_batches(input_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
@@ -196,8 +232,11 @@ def check_batches(input_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(CHECK_SEED)
     uniform = torch.rand((CHECK_BATCH, *input_shape), generator=generator)
     noisy = uniform + CHECK_SIGMA * torch.randn(uniform.shape, generator=generator)
-    return {"zeros": torch.zeros((2, *input_shape)), "uniform [0, 1] images": uniform,
-            f"images with Gaussian noise of sigma {CHECK_SIGMA}": noisy}
+    return {
+        "zeros": torch.zeros((2, *input_shape)),
+        "uniform [0, 1] images": uniform,
+        f"images with Gaussian noise of sigma {CHECK_SIGMA}": noisy,
+    }
 
 
 def check_forward(model: BaseClassifier) -> None:
@@ -212,20 +251,36 @@ def check_forward(model: BaseClassifier) -> None:
             scores = model.logits(batch.to(model.device))
         except Exception as exc:  # torch and onnxruntime both raise their own types
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"the model cannot run on input shape {list(shape)}: {first_line}") from None
+            raise ModelError(
+                f"the model cannot run on input shape {list(shape)}: {first_line}"
+            ) from None
         if tuple(scores.shape) != (len(batch), classes):
-            raise ModelError(f"num_classes is {classes} but the model outputs scores of shape "
-                             f"{tuple(scores.shape[1:])} per input")
+            raise ModelError(
+                f"num_classes is {classes} but the model outputs scores of shape "
+                f"{tuple(scores.shape[1:])} per input"
+            )
         bad = int((~torch.isfinite(scores).all(dim=1)).sum())
         if bad:
-            raise ModelError(f"the model returns NaN or infinite scores for {bad} of {len(batch)} {what}; "
-                             "a certificate needs finite scores")
+            raise ModelError(
+                f"the model returns NaN or infinite scores for {bad} of {len(batch)} {what}; "
+                "a certificate needs finite scores"
+            )
 
 
-STORED_FIELDS = ("arch", "input_shape", "num_classes", "normalization", "class_names", "sigma", "name")
+STORED_FIELDS = (
+    "arch",
+    "input_shape",
+    "num_classes",
+    "normalization",
+    "class_names",
+    "sigma",
+    "name",
+)
 
 
-def load_stored_model(store, meta: dict[str, Any], device: str | torch.device = "auto") -> BaseClassifier:
+def load_stored_model(
+    store, meta: dict[str, Any], device: str | torch.device = "auto"
+) -> BaseClassifier:
     """Load a model of a :class:`~smoothcert.service.core.model_store.ModelStore` with the fields recorded at upload.
 
     A pipeline record loads both its parts (:mod:`smoothcert.models.pipeline`); a denoiser's
@@ -234,10 +289,9 @@ def load_stored_model(store, meta: dict[str, Any], device: str | torch.device = 
     from smoothcert.models import denoisers, pipeline  # they build on this module
 
     if meta.get("kind") == PIPELINE:
-        return pipeline.load_stored_pipeline(store, meta, device)   # type: ignore[return-value]
+        return pipeline.load_stored_pipeline(store, meta, device)  # type: ignore[return-value]
     path = store.weights_path(meta["id"])
     if denoisers.is_denoiser_file(path, meta.get("arch")):
         fields = {k: meta.get(k) for k in STORED_FIELDS}
         return denoisers.load_denoiser(path, device=device, **fields)  # type: ignore[return-value]
-    return load_model(path, device=device,
-                      **{k: meta.get(k) for k in STORED_FIELDS})
+    return load_model(path, device=device, **{k: meta.get(k) for k in STORED_FIELDS})

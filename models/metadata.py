@@ -2,6 +2,7 @@
 
 Torch-free on purpose: the API process reads and validates metadata without a model runtime.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,10 @@ class Normalization:
             raise ModelError('normalization must look like {"mean": [...], "std": [...]}')
         # Numbers only: float() would also take "0.5" and true, and NaN would poison every input.
         lists = [value["mean"]] + ([] if value.get("std") is None else [value["std"]])
-        if not all(isinstance(values, (list, tuple)) and all(_is_finite_number(v) for v in values)
-                   for values in lists):
+        if not all(
+            isinstance(values, (list, tuple)) and all(_is_finite_number(v) for v in values)
+            for values in lists
+        ):
             raise ModelError("normalization mean and std must be lists of finite numbers")
         mean = tuple(float(v) for v in value["mean"])
         std = None if value.get("std") is None else tuple(float(v) for v in value["std"])
@@ -57,17 +60,17 @@ class Normalization:
 class ModelInfo:
     """Everything the engine, the store and the API need to know about one model."""
 
-    format: str                                  # "onnx" | "safetensors"
-    input_shape: tuple[int, int, int]            # (C, H, W)
+    format: str  # "onnx" | "safetensors"
+    input_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
-    arch: str | None = None                      # allow-listed architecture (safetensors)
+    arch: str | None = None  # allow-listed architecture (safetensors)
     class_names: list[str] | None = None
     normalization: Normalization | None = None
-    sigma: float | None = None                   # training noise level, when known
+    sigma: float | None = None  # training noise level, when known
     sha256: str = ""
     name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. training method and metrics
-    parts: dict[str, dict[str, Any]] | None = None   # a pipeline's denoiser and classifier
+    parts: dict[str, dict[str, Any]] | None = None  # a pipeline's denoiser and classifier
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -76,7 +79,7 @@ class ModelInfo:
         return d
 
 
-DENOISER, PIPELINE = "denoiser", "pipeline"   # a stored record's "kind"; absent: a classifier
+DENOISER, PIPELINE = "denoiser", "pipeline"  # a stored record's "kind"; absent: a classifier
 
 
 @dataclass
@@ -102,8 +105,17 @@ class DenoiserInfo:
 
 def denoiser_info_json(info: DenoiserInfo) -> str:
     """The JSON text a denoiser file carries about itself (format and sha256 are left out)."""
-    return json.dumps({"kind": DENOISER, "arch": info.arch, "input_shape": list(info.input_shape),
-                       "sigma": info.sigma, "name": info.name, "extra": info.extra}, sort_keys=True)
+    return json.dumps(
+        {
+            "kind": DENOISER,
+            "arch": info.arch,
+            "input_shape": list(info.input_shape),
+            "sigma": info.sigma,
+            "name": info.name,
+            "extra": info.extra,
+        },
+        sort_keys=True,
+    )
 
 
 def pipeline_sha256(denoiser_sha256: str, classifier_sha256: str) -> str:
@@ -122,11 +134,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-METADATA_KEY = "smoothcert"   # key of our JSON inside a safetensors header or ONNX metadata_props
+METADATA_KEY = "smoothcert"  # key of our JSON inside a safetensors header or ONNX metadata_props
 # A class name labels a row or a plot, not a document; ImageNet's longest is under 100 characters.
 MAX_CLASS_NAME_CHARS = 100
-_DESCRIBED_FIELDS = ("arch", "input_shape", "num_classes", "class_names", "normalization",
-                     "sigma", "name", "extra")
+_DESCRIBED_FIELDS = (
+    "arch",
+    "input_shape",
+    "num_classes",
+    "class_names",
+    "normalization",
+    "sigma",
+    "name",
+    "extra",
+)
 
 
 def info_to_json(info: ModelInfo) -> str:
@@ -137,8 +157,9 @@ def info_to_json(info: ModelInfo) -> str:
         "input_shape": list(info.input_shape),
         "num_classes": info.num_classes,
         "class_names": info.class_names,
-        "normalization": None if norm is None else {
-            "mean": list(norm.mean), "std": None if norm.std is None else list(norm.std)},
+        "normalization": None
+        if norm is None
+        else {"mean": list(norm.mean), "std": None if norm.std is None else list(norm.std)},
         "sigma": info.sigma,
         "name": info.name,
         "extra": info.extra,
@@ -196,8 +217,7 @@ def _is_count(value: Any) -> bool:
 
 def check_input_shape(value: Any) -> tuple[int, int, int]:
     """``value`` as a (C, H, W) tuple of positive ints, or ModelError."""
-    if (isinstance(value, (list, tuple)) and len(value) == 3
-            and all(_is_count(v) for v in value)):
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_count(v) for v in value):
         return (int(value[0]), int(value[1]), int(value[2]))
     raise ModelError(f"input_shape must be three positive integers [C, H, W], not {value!r}")
 
@@ -211,9 +231,15 @@ def check_num_classes(value: Any) -> int:
 
 def check_sigma(value: Any) -> float:
     """The training noise level ``value`` as a float: a finite number ≥ 0, or ModelError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
-        raise ModelError(f"sigma must be a non-negative number, and finite (the training noise level), "
-                         f"not {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise ModelError(
+            f"sigma must be a non-negative number, and finite (the training noise level), "
+            f"not {value!r}"
+        )
     return float(value)
 
 
@@ -224,11 +250,15 @@ def check_class_names(value: Any, num_classes: int | None = None) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
         raise ModelError("class_names must be a list of strings")
     if num_classes is not None and len(value) != num_classes:
-        raise ModelError(f"{len(value)} class_names given for {num_classes} classes; give one name per class")
+        raise ModelError(
+            f"{len(value)} class_names given for {num_classes} classes; give one name per class"
+        )
     for i, name in enumerate(value):
         if not 0 < len(name) <= MAX_CLASS_NAME_CHARS:
-            raise ModelError(f"class_names[{i}] has {len(name)} characters; each name must have 1 to "
-                             f"{MAX_CLASS_NAME_CHARS}")
+            raise ModelError(
+                f"class_names[{i}] has {len(name)} characters; each name must have 1 to "
+                f"{MAX_CLASS_NAME_CHARS}"
+            )
     return list(value)
 
 

@@ -7,6 +7,7 @@ on the CPU. Models must be self-contained files of standard ONNX operators: befo
 opens a file, :func:`check_onnx_contents` refuses weights in external data files and operators of
 any other domain (custom ops, onnxruntime's own extensions).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,11 @@ log = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
-_OUTPUT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
-                  "tensor(double)": torch.float64}
+_OUTPUT_DTYPES = {
+    "tensor(float)": torch.float32,
+    "tensor(float16)": torch.float16,
+    "tensor(double)": torch.float64,
+}
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 # ONNX's own operator sets. Any other domain is either a custom-op library the process would have
 # to load, or onnxruntime's extensions (com.microsoft contrib ops: a larger, less reviewed surface
@@ -69,15 +73,25 @@ class OnnxClassifier:
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, *, device: str | torch.device = "auto",
-                 input_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
-                 normalization: Normalization | dict | str | None = None,
-                 class_names: list[str] | None = None, sigma: float | None = None,
-                 name: str | None = None, intra_op_num_threads: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str | torch.device = "auto",
+        input_shape: tuple[int, int, int] | None = None,
+        num_classes: int | None = None,
+        normalization: Normalization | dict | str | None = None,
+        class_names: list[str] | None = None,
+        sigma: float | None = None,
+        name: str | None = None,
+        intra_op_num_threads: int | None = None,
+    ):
         graph = check_onnx_contents(path)
         if described_kind({p.key: p.value for p in graph.metadata_props}) == "denoiser":
-            raise ModelError(f"{Path(path).name} is a denoiser (an ONNX diffusion model), not a classifier: certify "
-                             "it in front of one (smoothcert certify CLASSIFIER --denoiser FILE, or a pipeline model)")
+            raise ModelError(
+                f"{Path(path).name} is a denoiser (an ONNX diffusion model), not a classifier: certify "
+                "it in front of one (smoothcert certify CLASSIFIER --denoiser FILE, or a pipeline model)"
+            )
         self.session = _open_session(Path(path), device, intra_op_num_threads)
         self.provider = self.session.get_providers()[0]
         on_cuda = self.provider == CUDA_PROVIDER
@@ -88,14 +102,18 @@ class OnnxClassifier:
 
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
-            raise ModelError(f"the ONNX graph takes {len(inputs)} inputs; smoothcert feeds exactly "
-                             "one image batch")
+            raise ModelError(
+                f"the ONNX graph takes {len(inputs)} inputs; smoothcert feeds exactly "
+                "one image batch"
+            )
         if not outputs:
             raise ModelError("the ONNX graph has no output")
         graph_in, graph_out = inputs[0], outputs[0]
         if graph_in.type != "tensor(float)" or len(graph_in.shape) != 4:
-            raise ModelError(f"the ONNX input must be a 4-d float32 tensor (B, C, H, W), not "
-                             f"{graph_in.type} {graph_in.shape}")
+            raise ModelError(
+                f"the ONNX input must be a 4-d float32 tensor (B, C, H, W), not "
+                f"{graph_in.type} {graph_in.shape}"
+            )
         if graph_out.type not in _OUTPUT_DTYPES:
             raise ModelError(f"the ONNX output must be floating point, not {graph_out.type}")
         self._input_name, self._output_name = graph_in.name, graph_out.name
@@ -107,29 +125,38 @@ class OnnxClassifier:
         shape = _resolve_input_shape(input_shape or described.get("input_shape"), graph_in.shape)
         norm = Normalization.parse(normalization)
         self._normalize = None if norm is None else _build_normalize(norm, shape[0], self.device)
-        self._num_classes: int | None = None   # known once resolved: lets CUDA preallocate outputs
+        self._num_classes: int | None = None  # known once resolved: lets CUDA preallocate outputs
         self._num_classes = self._resolve_num_classes(
-            num_classes or described.get("num_classes"), graph_out.shape, shape)
+            num_classes or described.get("num_classes"), graph_out.shape, shape
+        )
         self.info = ModelInfo(
-            format="onnx", input_shape=shape, num_classes=self._num_classes, arch=None,
+            format="onnx",
+            input_shape=shape,
+            num_classes=self._num_classes,
+            arch=None,
             class_names=class_names if class_names is not None else described.get("class_names"),
             normalization=norm if norm is not None else described.get("normalization"),
             sigma=sigma if sigma is not None else described.get("sigma"),
-            name=name or described.get("name"), extra=described.get("extra", {}))
+            name=name or described.get("name"),
+            extra=described.get("extra", {}),
+        )
         # Run in chunks of a fixed batch, the graph's memory does not grow with the batch.
-        self._work_bytes = 2 * 4 * int(np.prod(shape))   # the float32 input and its normalized copy
+        self._work_bytes = 2 * 4 * int(np.prod(shape))  # the float32 input and its normalized copy
         if self.fixed_batch is None:
             self._work_bytes += graph_bytes_per_sample(graph, self._input_name, shape)
 
-    def _resolve_num_classes(self, wanted: int | None, out_shape: list,
-                             input_shape: tuple[int, int, int]) -> int:
+    def _resolve_num_classes(
+        self, wanted: int | None, out_shape: list, input_shape: tuple[int, int, int]
+    ) -> int:
         if wanted is not None:
             return check_num_classes(wanted)
         if len(out_shape) == 2 and isinstance(out_shape[1], int) and out_shape[1] > 0:
             return out_shape[1]
         probe = self.logits(torch.zeros((1, *input_shape), device=self.device))
         if probe.dim() != 2:
-            raise ModelError(f"the ONNX output must be scores (B, K), got shape {tuple(probe.shape)}")
+            raise ModelError(
+                f"the ONNX output must be scores (B, K), got shape {tuple(probe.shape)}"
+            )
         return probe.shape[1]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +168,7 @@ class OnnxClassifier:
             return self._run(x.contiguous())
         chunks = []
         for start in range(0, x.shape[0], self.fixed_batch):
-            chunk = x[start:start + self.fixed_batch]
+            chunk = x[start : start + self.fixed_batch]
             rows = chunk.shape[0]
             if rows < self.fixed_batch:
                 pad = chunk.new_zeros((self.fixed_batch - rows, *chunk.shape[1:]))
@@ -169,14 +196,23 @@ class OnnxClassifier:
         x = x.to(self.device)
         index = self.device.index or 0
         binding = self.session.io_binding()
-        binding.bind_input(self._input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_input(
+            self._input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr()
+        )
         out = None
         if self._num_classes is not None:
-            out = torch.empty((x.shape[0], self._num_classes), dtype=self._output_dtype,
-                              device=self.device)
-            binding.bind_output(self._output_name, "cuda", index, _NUMPY_DTYPES[out.dtype],
-                                tuple(out.shape), out.data_ptr())
-        else:   # probing for the class count: let onnxruntime allocate
+            out = torch.empty(
+                (x.shape[0], self._num_classes), dtype=self._output_dtype, device=self.device
+            )
+            binding.bind_output(
+                self._output_name,
+                "cuda",
+                index,
+                _NUMPY_DTYPES[out.dtype],
+                tuple(out.shape),
+                out.data_ptr(),
+            )
+        else:  # probing for the class count: let onnxruntime allocate
             binding.bind_output(self._output_name, "cuda", index)
         # onnxruntime computes on its own CUDA stream: torch's writes to x must be finished.
         torch.cuda.current_stream(self.device).synchronize()
@@ -195,7 +231,9 @@ class OnnxDenoiser:
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, info, *, device: str | torch.device = "cpu", work_bytes: int = 0):
+    def __init__(
+        self, path: str | Path, info, *, device: str | torch.device = "cpu", work_bytes: int = 0
+    ):
         check_onnx_contents(path)
         self.session = _open_session(Path(path), device, None)
         self.provider = self.session.get_providers()[0]
@@ -215,13 +253,19 @@ class OnnxDenoiser:
             out = torch.empty_like(x)
             binding = self.session.io_binding()
             index = self.device.index or 0
-            binding.bind_input(self._input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
-            binding.bind_output(self._output_name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+            binding.bind_input(
+                self._input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr()
+            )
+            binding.bind_output(
+                self._output_name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr()
+            )
             torch.cuda.current_stream(self.device).synchronize()
             self.session.run_with_iobinding(binding)
             binding.synchronize_outputs()
         else:
-            (array,) = self.session.run([self._output_name], {self._input_name: x.detach().cpu().numpy()})
+            (array,) = self.session.run(
+                [self._output_name], {self._input_name: x.detach().cpu().numpy()}
+            )
             out = torch.from_numpy(array)
         return out.clamp_(0.0, 1.0)
 
@@ -236,8 +280,9 @@ def _cuda_index(device: str | torch.device) -> int:
     return torch.device(device).index or 0
 
 
-def _open_session(path: Path, device: str | torch.device,
-                  intra_op_num_threads: int | None) -> ort.InferenceSession:
+def _open_session(
+    path: Path, device: str | torch.device, intra_op_num_threads: int | None
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     # Idle onnxruntime threads spin for a while after each run; on a CPU they would then fight
     # torch's noise generation for the same cores between two forward passes.
@@ -256,15 +301,17 @@ def _open_session(path: Path, device: str | torch.device,
         private = Path(private_dir) / "model.onnx"
         try:
             os.link(path, private)
-        except OSError:   # another filesystem, or links not allowed
+        except OSError:  # another filesystem, or links not allowed
             shutil.copyfile(path, private)
         try:
             return ort.InferenceSession(str(private), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
             text = str(exc).strip()
     if "External data" in text or "external data" in text:
-        raise ModelError(f"{path.name} keeps weights in external data files; smoothcert accepts "
-                         "self-contained .onnx files only")
+        raise ModelError(
+            f"{path.name} keeps weights in external data files; smoothcert accepts "
+            "self-contained .onnx files only"
+        )
     first_line = text.splitlines()[0] if text else "unknown onnxruntime error"
     raise ModelError(f"{path.name} is not a loadable ONNX model: {first_line}")
 
@@ -293,32 +340,49 @@ def check_onnx_contents(path: str | Path) -> onnx.ModelProto:
     graphs = [model.graph, *_subgraphs(model.graph.node)]
     for function in model.functions:
         graphs += _subgraphs(function.node)
-    nodes = [node for graph in graphs for node in graph.node] + [n for f in model.functions for n in f.node]
+    nodes = [node for graph in graphs for node in graph.node] + [
+        n for f in model.functions for n in f.node
+    ]
     for node in nodes:
         if node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in local:
-            raise ModelError(f"{path.name} uses the operator {_short(node.domain + ':' + node.op_type)}, "
-                             f"which is not standard ONNX; {_STANDARD_ONLY}")
+            raise ModelError(
+                f"{path.name} uses the operator {_short(node.domain + ':' + node.op_type)}, "
+                f"which is not standard ONNX; {_STANDARD_ONLY}"
+            )
     # An import no node uses is refused too: it asks onnxruntime for an operator set all the same.
     for opset in [*model.opset_import, *(o for f in model.functions for o in f.opset_import)]:
         if opset.domain not in STANDARD_DOMAINS and opset.domain not in local_domains:
-            raise ModelError(f"{path.name} imports the operator set {_short(opset.domain)}, which is not "
-                             f"standard ONNX; {_STANDARD_ONLY}")
+            raise ModelError(
+                f"{path.name} imports the operator set {_short(opset.domain)}, which is not "
+                f"standard ONNX; {_STANDARD_ONLY}"
+            )
     for tensor in _tensors(graphs, nodes):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            raise ModelError(f"{path.name} keeps weights in external data files (tensor {_short(tensor.name)} "
-                             f"in {_short(location)}); smoothcert accepts self-contained .onnx files only")
+            raise ModelError(
+                f"{path.name} keeps weights in external data files (tensor {_short(tensor.name)} "
+                f"in {_short(location)}); smoothcert accepts self-contained .onnx files only"
+            )
     return model
 
 
 _BATCH_DIM = "smoothcert_batch"
-_DEFAULT_ELEMENT_BYTES = 8   # a value of a type not listed below is counted as 8 bytes an element
-_ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-                  onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1,
-                  onnx.TensorProto.INT16: 2, onnx.TensorProto.INT32: 4}
+_DEFAULT_ELEMENT_BYTES = 8  # a value of a type not listed below is counted as 8 bytes an element
+_ELEMENT_BYTES = {
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.INT8: 1,
+    onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.INT16: 2,
+    onnx.TensorProto.INT32: 4,
+}
 
 
-def graph_bytes_per_sample(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, int, int]) -> int:
+def graph_bytes_per_sample(
+    model: onnx.ModelProto, input_name: str, input_shape: tuple[int, int, int]
+) -> int:
     """Bytes per input of the values the main graph computes (node outputs), from ONNX shape
     inference with the batch dimension symbolic and (C, H, W) = ``input_shape``: the peak of those
     alive at once, running the nodes in the file's order (a value lives from the node that makes
@@ -340,12 +404,21 @@ def graph_bytes_per_sample(model: onnx.ModelProto, input_name: str, input_shape:
         inferred = onnx.shape_inference.infer_shapes(model).graph
     except Exception:  # onnx raises its own types; then nothing is known but the input
         inferred = model.graph
-    known = {info.name: _per_sample_bytes(info.type.tensor_type)
-             for info in [*inferred.value_info, *inferred.output] if info.type.HasField("tensor_type")}
-    largest = max([4 * int(np.prod(input_shape)), *(size for size in known.values() if size is not None)])
+    known = {
+        info.name: _per_sample_bytes(info.type.tensor_type)
+        for info in [*inferred.value_info, *inferred.output]
+        if info.type.HasField("tensor_type")
+    }
+    largest = max(
+        [4 * int(np.prod(input_shape)), *(size for size in known.values() if size is not None)]
+    )
     nodes = list(model.graph.node)
-    size = {name: largest if known.get(name) is None else known[name]
-            for node in nodes for name in node.output if name}
+    size = {
+        name: largest if known.get(name) is None else known[name]
+        for node in nodes
+        for name in node.output
+        if name
+    }
     last_use = {name: len(nodes) for name in (out.name for out in model.graph.output)}
     for i, node in enumerate(nodes):
         for name in node.input:
@@ -356,7 +429,9 @@ def graph_bytes_per_sample(model: onnx.ModelProto, input_name: str, input_shape:
         live += sum(size[name] for name in node.output if name)
         peak = max(peak, live)
         live -= sum(size[name] for name in node.output if name and last_use.get(name, i) <= i)
-        live -= sum(size[name] for name in set(node.input) if name in size and last_use.get(name) == i)
+        live -= sum(
+            size[name] for name in set(node.input) if name in size and last_use.get(name) == i
+        )
     return min(sum(size.values()), PEAK_MARGIN * peak)
 
 
@@ -372,11 +447,17 @@ def _per_sample_bytes(tensor_type: onnx.TypeProto.Tensor) -> int | None:
             elements *= dim.dim_value
         else:
             return None
-    return elements * _ELEMENT_BYTES.get(tensor_type.elem_type, _DEFAULT_ELEMENT_BYTES) if batched else 0
+    return (
+        elements * _ELEMENT_BYTES.get(tensor_type.elem_type, _DEFAULT_ELEMENT_BYTES)
+        if batched
+        else 0
+    )
 
 
-_STANDARD_ONLY = ("smoothcert runs the standard operator sets only (domains '', ai.onnx, ai.onnx.ml), "
-                  "no custom or onnxruntime-specific ops")
+_STANDARD_ONLY = (
+    "smoothcert runs the standard operator sets only (domains '', ai.onnx, ai.onnx.ml), "
+    "no custom or onnxruntime-specific ops"
+)
 
 
 def _short(text: str) -> str:
@@ -393,7 +474,9 @@ def _subgraphs(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.GraphProto]:
                 yield from _subgraphs(graph.node)
 
 
-def _tensors(graphs: list[onnx.GraphProto], nodes: list[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+def _tensors(
+    graphs: list[onnx.GraphProto], nodes: list[onnx.NodeProto]
+) -> Iterator[onnx.TensorProto]:
     """Initializers (dense and sparse) of ``graphs`` and tensor-valued attributes of ``nodes``."""
     for graph in graphs:
         yield from graph.initializer
@@ -402,8 +485,10 @@ def _tensors(graphs: list[onnx.GraphProto], nodes: list[onnx.NodeProto]) -> Iter
     for node in nodes:
         for attr in node.attribute:
             yield from [*([attr.t] if attr.HasField("t") else []), *attr.tensors]
-            for sparse in [*([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []),
-                           *attr.sparse_tensors]:
+            for sparse in [
+                *([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []),
+                *attr.sparse_tensors,
+            ]:
                 yield from (sparse.values, sparse.indices)
 
 
@@ -412,14 +497,17 @@ def _resolve_input_shape(wanted, graph_shape: list) -> tuple[int, int, int]:
     graph_chw = graph_shape[1:]
     if wanted is None:
         if not all(isinstance(d, int) and d > 0 for d in graph_chw):
-            raise ModelError(f"the ONNX input shape {graph_shape} has symbolic image dimensions; "
-                             "pass input_shape [C, H, W]")
+            raise ModelError(
+                f"the ONNX input shape {graph_shape} has symbolic image dimensions; "
+                "pass input_shape [C, H, W]"
+            )
         return check_input_shape(tuple(graph_chw))
     shape = check_input_shape(tuple(wanted))
     for given, fixed in zip(shape, graph_chw):
         if isinstance(fixed, int) and fixed > 0 and fixed != given:
-            raise ModelError(f"input_shape {list(shape)} disagrees with the ONNX input "
-                             f"{graph_shape}")
+            raise ModelError(
+                f"input_shape {list(shape)} disagrees with the ONNX input {graph_shape}"
+            )
     return shape
 
 

@@ -7,6 +7,7 @@ shape, classes, class names) with ``format`` "pipeline", the pipeline's sha256
 (:func:`~smoothcert.models.metadata.pipeline_sha256` of the two files' digests), and ``parts``
 naming both files, which every result's provenance repeats.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,12 @@ from typing import Any
 import torch
 
 from smoothcert.models.base import BaseClassifier, bind_sigma
-from smoothcert.models.denoisers import TorchDenoiser, is_denoiser, load_denoiser, registration_sigma
+from smoothcert.models.denoisers import (
+    TorchDenoiser,
+    is_denoiser,
+    load_denoiser,
+    registration_sigma,
+)
 from smoothcert.models.loaders import check_forward, load_model
 from smoothcert.models.metadata import PIPELINE, ModelError, ModelInfo, pipeline_sha256
 
@@ -34,12 +40,20 @@ class DenoisedClassifier:
     parts take different input shapes.
     """
 
-    def __init__(self, denoiser: TorchDenoiser, classifier: BaseClassifier, *, name: str | None = None,
-                 ids: dict[str, str] | None = None):
+    def __init__(
+        self,
+        denoiser: TorchDenoiser,
+        classifier: BaseClassifier,
+        *,
+        name: str | None = None,
+        ids: dict[str, str] | None = None,
+    ):
         d, c = denoiser.info, classifier.info
         if tuple(d.input_shape) != tuple(c.input_shape):
-            raise ModelError(f"the denoiser takes and returns images of shape {list(d.input_shape)}, the classifier "
-                             f"takes {list(c.input_shape)}; a pipeline's parts must agree")
+            raise ModelError(
+                f"the denoiser takes and returns images of shape {list(d.input_shape)}, the classifier "
+                f"takes {list(c.input_shape)}; a pipeline's parts must agree"
+            )
         self.denoiser, self.classifier = denoiser, classifier
         self.device = denoiser.device
         self.runtime = "+".join(dict.fromkeys([denoiser.runtime, classifier.runtime]))
@@ -49,10 +63,17 @@ class DenoisedClassifier:
         for role, model_id in (ids or {}).items():
             parts[role]["id"] = model_id
         self.info = ModelInfo(
-            format=PIPELINE, input_shape=c.input_shape, num_classes=c.num_classes, arch=f"{d.arch}+{c.arch}",
-            class_names=c.class_names, normalization=c.normalization, sigma=d.sigma,
+            format=PIPELINE,
+            input_shape=c.input_shape,
+            num_classes=c.num_classes,
+            arch=f"{d.arch}+{c.arch}",
+            class_names=c.class_names,
+            normalization=c.normalization,
+            sigma=d.sigma,
             sha256=pipeline_sha256(d.sha256, c.sha256),
-            name=name or f"{d.name or d.arch} + {c.name or c.arch}", parts=parts)
+            name=name or f"{d.name or d.arch} + {c.name or c.arch}",
+            parts=parts,
+        )
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,28 +112,37 @@ class DenoisedClassifier:
         return self.denoiser.work_bytes_per_sample() + self.classifier.work_bytes_per_sample()
 
 
-def compose(denoiser: TorchDenoiser, classifier: BaseClassifier, **kwargs: Any) -> DenoisedClassifier:
+def compose(
+    denoiser: TorchDenoiser, classifier: BaseClassifier, **kwargs: Any
+) -> DenoisedClassifier:
     """The pipeline of two loaded parts, run on the check batches of every model (check_forward),
     with a denoiser that needs σ bound to its :func:`~smoothcert.models.denoisers.registration_sigma`."""
     if not is_denoiser(denoiser):
         raise ModelError("the first part of a pipeline must be a denoiser")
     if is_denoiser(classifier) or isinstance(classifier, DenoisedClassifier):
-        raise ModelError("the second part of a pipeline must be a classifier, not "
-                         + ("a denoiser" if is_denoiser(classifier) else "a pipeline"))
+        raise ModelError(
+            "the second part of a pipeline must be a classifier, not "
+            + ("a denoiser" if is_denoiser(classifier) else "a pipeline")
+        )
     model = DenoisedClassifier(denoiser, classifier, **kwargs)
     check_forward(bind_sigma(model, registration_sigma(denoiser)))
     return model
 
 
-def load_pipeline(denoiser_path, classifier_path, *, device: str | torch.device = "auto",
-                  **classifier_fields: Any) -> DenoisedClassifier:
+def load_pipeline(
+    denoiser_path, classifier_path, *, device: str | torch.device = "auto", **classifier_fields: Any
+) -> DenoisedClassifier:
     """Load a denoiser file and a classifier file (``classifier_fields`` as for
     :func:`~smoothcert.models.loaders.load_model`) as one checked pipeline on ``device``."""
-    return compose(load_denoiser(denoiser_path, device=device),
-                   load_model(classifier_path, device=device, **classifier_fields))
+    return compose(
+        load_denoiser(denoiser_path, device=device),
+        load_model(classifier_path, device=device, **classifier_fields),
+    )
 
 
-def load_stored_pipeline(store, meta: dict[str, Any], device: str | torch.device = "auto") -> DenoisedClassifier:
+def load_stored_pipeline(
+    store, meta: dict[str, Any], device: str | torch.device = "auto"
+) -> DenoisedClassifier:
     """Load a pipeline record of the model store: both parts with their recorded fields.
 
     ModelError when a part was deleted or is no longer the file the pipeline was registered with.
@@ -126,7 +156,13 @@ def load_stored_pipeline(store, meta: dict[str, Any], device: str | torch.device
             raise ModelError(f"the {role} {meta[role]} of pipeline {meta['id']} was deleted")
         recorded = (meta.get("parts") or {}).get(role, {}).get("sha256")
         if recorded is not None and part.get("sha256") != recorded:
-            raise ModelError(f"the {role} {meta[role]} of pipeline {meta['id']} is not the file it was registered with")
+            raise ModelError(
+                f"the {role} {meta[role]} of pipeline {meta['id']} is not the file it was registered with"
+            )
         parts[role] = load_stored_model(store, part, device)
-    return compose(parts["denoiser"], parts["classifier"], name=meta.get("name"),
-                   ids={"denoiser": meta["denoiser"], "classifier": meta["classifier"]})
+    return compose(
+        parts["denoiser"],
+        parts["classifier"],
+        name=meta.get("name"),
+        ids={"denoiser": meta["denoiser"], "classifier": meta["classifier"]},
+    )

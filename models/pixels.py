@@ -3,6 +3,7 @@
 numpy only, so the API (which refuses bad inputs before queueing them), the dataset readers and
 the engine share one set of checks and messages.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ def check_pixel_values(arr: np.ndarray, hint: str = " (scale 8-bit images by 1/2
         raise PixelError("inputs contain NaN or infinite values")
     low, high = float(arr.min()), float(arr.max())
     if low < 0.0 or high > 1.0:
-        raise PixelError(f"inputs must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}]{hint}")
+        raise PixelError(
+            f"inputs must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}]{hint}"
+        )
 
 
 def as_pixel_batch(arr: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
@@ -30,12 +33,16 @@ def as_pixel_batch(arr: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
     outside [0, 1].
     """
     if not np.issubdtype(arr.dtype, np.floating):
-        raise PixelError(f"inputs must be floats in [0, 1], got dtype {arr.dtype} (scale 8-bit images by 1/255)")
+        raise PixelError(
+            f"inputs must be floats in [0, 1], got dtype {arr.dtype} (scale 8-bit images by 1/255)"
+        )
     expected = tuple(int(d) for d in input_shape)
     if arr.shape == expected:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[1:] != expected or arr.shape[0] == 0:
-        raise PixelError(f"inputs have shape {list(arr.shape)}, the model takes {list(expected)} "
-                         f"or [N, {', '.join(map(str, expected))}]")
+        raise PixelError(
+            f"inputs have shape {list(arr.shape)}, the model takes {list(expected)} "
+            f"or [N, {', '.join(map(str, expected))}]"
+        )
     check_pixel_values(arr)
     return np.ascontiguousarray(arr, dtype=np.float32)

@@ -1,4 +1,5 @@
 """Training that gives the same weights on every machine: seeded initialization, one CPU thread."""
+
 from __future__ import annotations
 
 import math

@@ -18,6 +18,7 @@ graph, which is why it must agree with the torch module before it is used, and w
 runtime, the way it was chosen and the export's sha256 are recorded (``runtime_choice``) in the
 provenance of every result.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,20 +40,25 @@ log = logging.getLogger(__name__)
 # The same names as smoothcert.service.core.params.Runtime (models/ does not import the service).
 RUNTIMES = ("auto", "torch", "onnxruntime")
 CANDIDATES = ("torch", "torch-channels-last", "onnxruntime")
-CUDA_CANDIDATES = (*CANDIDATES, "torch-compiled")   # inductor: minutes to compile on a small CPU, not there
+CUDA_CANDIDATES = (
+    *CANDIDATES,
+    "torch-compiled",
+)  # inductor: minutes to compile on a small CPU, not there
 # The same names as smoothcert.service.core.params.Precision. The noise is drawn and added in
 # float32 whatever the precision; a reduced-precision model casts each noisy batch on the way in.
 PRECISIONS = ("float32", "float16", "bfloat16")
 _REDUCED = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CHOICES_FILE = "runtime-choices.json"
-EXPORT_VERSION = 1          # part of the cache key: a new exporter makes new exports
-MEASURE_ROUNDS = 3          # rounds over the candidates, interleaved so a busy moment hits them all
-MEASURE_BATCHES = 1         # timed batches per candidate and round (after one warm-up batch)
-MEASURE_BUDGET_S = 10.0     # no round starts after this many seconds of timing (a large model)
-MEASURE_MAX_BATCH = 4096    # larger batches are timed at this size: a load should not take minutes
+EXPORT_VERSION = 1  # part of the cache key: a new exporter makes new exports
+MEASURE_ROUNDS = 3  # rounds over the candidates, interleaved so a busy moment hits them all
+MEASURE_BATCHES = 1  # timed batches per candidate and round (after one warm-up batch)
+MEASURE_BUDGET_S = 10.0  # no round starts after this many seconds of timing (a large model)
+MEASURE_MAX_BATCH = 4096  # larger batches are timed at this size: a load should not take minutes
 AGREEMENT_RTOL = 1e-3
-DENOISER_AGREEMENT_ATOL = 1e-4   # denoised [0,1] pixels, onnxruntime against torch
-EXPORTABLE_DENOISERS = frozenset({"dncnn"})   # plain convolutions; a diffusion denoiser stays in torch
+DENOISER_AGREEMENT_ATOL = 1e-4  # denoised [0,1] pixels, onnxruntime against torch
+EXPORTABLE_DENOISERS = frozenset(
+    {"dncnn"}
+)  # plain convolutions; a diffusion denoiser stays in torch
 
 
 class ChannelsLastClassifier(TorchClassifier):
@@ -118,11 +124,15 @@ def check_precision(model: BaseClassifier, runtime: str, precision: str) -> None
     if precision == "float32":
         return
     if not isinstance(model, TorchClassifier) or runtime == "onnxruntime":
-        raise ModelError(f"precision {precision} runs in torch only (a safetensors model, runtime auto or torch); "
-                         "onnxruntime evaluates the float32 graph")
+        raise ModelError(
+            f"precision {precision} runs in torch only (a safetensors model, runtime auto or torch); "
+            "onnxruntime evaluates the float32 graph"
+        )
     if precision == "float16" and model.device.type != "cuda":
-        raise ModelError(f"precision float16 needs a CUDA device, not {model.device}; use float32 "
-                         "(or bfloat16, which torch runs on a CPU)")
+        raise ModelError(
+            f"precision float16 needs a CUDA device, not {model.device}; use float32 "
+            "(or bfloat16, which torch runs on a CPU)"
+        )
 
 
 def batch_class(batch_size: int) -> int:
@@ -130,8 +140,14 @@ def batch_class(batch_size: int) -> int:
     return 1 << max(0, int(batch_size) - 1).bit_length()
 
 
-def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: int,
-                   cache_dir: str | Path | None = None, precision: str = "float32") -> BaseClassifier:
+def select_runtime(
+    model: BaseClassifier,
+    runtime: str = "auto",
+    *,
+    batch_size: int,
+    cache_dir: str | Path | None = None,
+    precision: str = "float32",
+) -> BaseClassifier:
     """``model`` in the runtime ``runtime`` asks for (module docstring), with ``runtime_choice``
     set: ``{"requested", "chosen", "how", ...}``. ``model`` is what the loader returned (torch for
     safetensors, onnxruntime for ONNX); a copy of it is returned when it already runs where asked.
@@ -145,25 +161,34 @@ def select_runtime(model: BaseClassifier, runtime: str = "auto", *, batch_size: 
     if runtime not in RUNTIMES:
         raise ModelError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if runtime == "torch" and not isinstance(model, TorchClassifier):
-        raise ModelError("runtime torch needs a safetensors model; an ONNX model is its own graph and runs "
-                         "in onnxruntime only (use runtime auto or onnxruntime)")
+        raise ModelError(
+            "runtime torch needs a safetensors model; an ONNX model is its own graph and runs "
+            "in onnxruntime only (use runtime auto or onnxruntime)"
+        )
     if runtime == "auto" and precision == "float32" and _is_pipeline(model):
         return _select_pipeline(model, batch_size, cache_dir)
     check_precision(model, runtime, precision)
     if precision != "float32":
-        assert isinstance(model, TorchClassifier)   # check_precision refused the others
-        return _mark(ReducedPrecisionClassifier(model, precision), runtime, "torch", f"precision {precision}: torch")
+        assert isinstance(model, TorchClassifier)  # check_precision refused the others
+        return _mark(
+            ReducedPrecisionClassifier(model, precision),
+            runtime,
+            "torch",
+            f"precision {precision}: torch",
+        )
     if not isinstance(model, TorchClassifier):
         return _mark(model, runtime, model.runtime, "the model's own format")
     if runtime == "torch":
         return _mark(model, runtime, "torch", "pinned")
-    if cache_dir is None:   # an onnxruntime session holds its graph: the export's folder can go
+    if cache_dir is None:  # an onnxruntime session holds its graph: the export's folder can go
         with tempfile.TemporaryDirectory(prefix="smoothcert-runtime-") as tmp:
             return _select(model, runtime, batch_size, Path(tmp), keep=False)
     return _select(model, runtime, batch_size, Path(cache_dir), keep=True)
 
 
-def _select(model: TorchClassifier, runtime: str, batch_size: int, cache: Path, keep: bool) -> BaseClassifier:
+def _select(
+    model: TorchClassifier, runtime: str, batch_size: int, cache: Path, keep: bool
+) -> BaseClassifier:
     if runtime == "onnxruntime":
         return _mark(_onnx_candidate(model, cache), runtime, "onnxruntime", "pinned")
     key = f"{model.info.sha256}|{model.device}|batch<={batch_class(batch_size)}"
@@ -173,23 +198,44 @@ def _select(model: TorchClassifier, runtime: str, batch_size: int, cache: Path, 
         try:
             chosen = _build(cached["chosen"], model, cache)
         except ModelError as exc:
-            log.warning("runtime %s cached for %s no longer builds (%s); measuring again", cached["chosen"], key, exc)
+            log.warning(
+                "runtime %s cached for %s no longer builds (%s); measuring again",
+                cached["chosen"],
+                key,
+                exc,
+            )
         else:
-            log.info("runtime for %s: %s, from the cache %s", key, cached["chosen"], cache / CHOICES_FILE)
-            return _mark(chosen, runtime, cached["chosen"], "auto, from the cache", cached.get("measured"))
+            log.info(
+                "runtime for %s: %s, from the cache %s", key, cached["chosen"], cache / CHOICES_FILE
+            )
+            return _mark(
+                chosen, runtime, cached["chosen"], "auto, from the cache", cached.get("measured")
+            )
     built: dict[str, BaseClassifier] = {}
     for name in CUDA_CANDIDATES if model.device.type == "cuda" else CANDIDATES:
         try:
             built[name] = _build(name, model, cache)
         except (ModelError, RuntimeError, ValueError, OSError) as exc:
-            log.warning("runtime %s skipped for %s: %s", name, key, str(exc).splitlines()[0] if str(exc) else exc)
+            log.warning(
+                "runtime %s skipped for %s: %s",
+                name,
+                key,
+                str(exc).splitlines()[0] if str(exc) else exc,
+            )
     measured = measure(built, batch_size)
     best = max(measured, key=lambda name: measured[name])
-    log.info("runtime for %s: measured %s samples/s; chose %s", key,
-             ", ".join(f"{k} {v:,.0f}" for k, v in measured.items()), best)
-    choices = _read_choices(cache)   # again: another process may have written meanwhile
-    choices[key] = {"chosen": best, "measured": {k: round(v, 1) for k, v in measured.items()},
-                    "at": round(time.time(), 3)}
+    log.info(
+        "runtime for %s: measured %s samples/s; chose %s",
+        key,
+        ", ".join(f"{k} {v:,.0f}" for k, v in measured.items()),
+        best,
+    )
+    choices = _read_choices(cache)  # again: another process may have written meanwhile
+    choices[key] = {
+        "chosen": best,
+        "measured": {k: round(v, 1) for k, v in measured.items()},
+        "at": round(time.time(), 3),
+    }
     if keep:
         _write_choices(cache, choices)
     return _mark(built[best], runtime, best, "auto, measured", measured)
@@ -208,10 +254,13 @@ def measure(candidates: dict[str, Any], batch_size: int, call: str = "logits") -
     best: dict[str, float] = {}
     for name, candidate in list(candidates.items()):
         try:
-            getattr(candidate, call)(x)   # warm-up; a compiled candidate compiles here
-        except Exception as exc:   # each runtime raises its own types
-            log.warning("runtime %s skipped: its first batch failed: %s", name, str(exc).splitlines()[0] if str(exc)
-                        else type(exc).__name__)
+            getattr(candidate, call)(x)  # warm-up; a compiled candidate compiles here
+        except Exception as exc:  # each runtime raises its own types
+            log.warning(
+                "runtime %s skipped: its first batch failed: %s",
+                name,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
             candidates = {k: v for k, v in candidates.items() if k != name}
     timing_began = time.perf_counter()
     for round_ in range(MEASURE_ROUNDS):
@@ -241,12 +290,18 @@ def _select_pipeline(model: Any, batch_size: int, cache_dir: str | Path | None) 
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="smoothcert-runtime-") as tmp:
             return _select_pipeline(model, batch_size, tmp)
-    classifier = select_runtime(model.classifier, "auto", batch_size=batch_size, cache_dir=cache_dir)
+    classifier = select_runtime(
+        model.classifier, "auto", batch_size=batch_size, cache_dir=cache_dir
+    )
     denoiser = select_denoiser_runtime(model.denoiser, batch_size=batch_size, cache_dir=cache_dir)
     chosen = model.with_parts(denoiser, classifier)
     parts = {"denoiser": denoiser.runtime_choice, "classifier": classifier.runtime_choice}
-    chosen.runtime_choice = {"requested": "auto", "chosen": chosen.runtime, "how": "auto, per part",
-                             "parts": parts}
+    chosen.runtime_choice = {
+        "requested": "auto",
+        "chosen": chosen.runtime,
+        "how": "auto, per part",
+        "parts": parts,
+    }
     return chosen
 
 
@@ -266,21 +321,39 @@ def select_denoiser_runtime(denoiser: Any, *, batch_size: int, cache_dir: str | 
         try:
             chosen = denoiser if cached["chosen"] == "torch" else onnx_denoiser(denoiser, cache)
         except ModelError as exc:
-            log.warning("runtime %s cached for %s no longer builds (%s); measuring again", cached["chosen"], key, exc)
+            log.warning(
+                "runtime %s cached for %s no longer builds (%s); measuring again",
+                cached["chosen"],
+                key,
+                exc,
+            )
         else:
-            return _mark(chosen, "auto", cached["chosen"], "auto, from the cache", cached.get("measured"))
+            return _mark(
+                chosen, "auto", cached["chosen"], "auto, from the cache", cached.get("measured")
+            )
     built: dict[str, Any] = {"torch": denoiser}
     try:
         built["onnxruntime"] = onnx_denoiser(denoiser, cache)
     except (ModelError, RuntimeError, ValueError, OSError) as exc:
-        log.warning("runtime onnxruntime skipped for %s: %s", key, str(exc).splitlines()[0] if str(exc) else exc)
+        log.warning(
+            "runtime onnxruntime skipped for %s: %s",
+            key,
+            str(exc).splitlines()[0] if str(exc) else exc,
+        )
     measured = measure(built, batch_size, call="denoise")
     best = max(measured, key=lambda name: measured[name])
-    log.info("runtime for %s: measured %s samples/s; chose %s", key,
-             ", ".join(f"{k} {v:,.0f}" for k, v in measured.items()), best)
+    log.info(
+        "runtime for %s: measured %s samples/s; chose %s",
+        key,
+        ", ".join(f"{k} {v:,.0f}" for k, v in measured.items()),
+        best,
+    )
     choices = _read_choices(cache)
-    choices[key] = {"chosen": best, "measured": {k: round(v, 1) for k, v in measured.items()},
-                    "at": round(time.time(), 3)}
+    choices[key] = {
+        "chosen": best,
+        "measured": {k: round(v, 1) for k, v in measured.items()},
+        "at": round(time.time(), 3),
+    }
     _write_choices(cache, choices)
     return _mark(built[best], "auto", best, "auto, measured", measured)
 
@@ -294,8 +367,9 @@ def onnx_denoiser(denoiser: Any, cache: Path) -> Any:
     if not path.is_file():
         export_module(denoiser.module, path, denoiser.info.input_shape)
     try:
-        exported = OnnxDenoiser(path, denoiser.info, device=denoiser.device,
-                           work_bytes=denoiser.work_bytes_per_sample())
+        exported = OnnxDenoiser(
+            path, denoiser.info, device=denoiser.device, work_bytes=denoiser.work_bytes_per_sample()
+        )
     except ModelError:
         path.unlink(missing_ok=True)
         raise
@@ -313,9 +387,11 @@ def check_denoiser_agreement(reference: Any, other: Any) -> None:
         want = reference.denoise(batch.to(reference.device)).float().cpu()
         got = other.denoise(batch.to(other.device)).float().cpu()
         gap = float((want - got).abs().max())
-        if not gap <= DENOISER_AGREEMENT_ATOL:   # NaN fails too
-            raise ModelError(f"the {other.runtime} export of the denoiser disagrees with torch on the {what}: "
-                             f"pixels differ by up to {gap:.3g}")
+        if not gap <= DENOISER_AGREEMENT_ATOL:  # NaN fails too
+            raise ModelError(
+                f"the {other.runtime} export of the denoiser disagrees with torch on the {what}: "
+                f"pixels differ by up to {gap:.3g}"
+            )
 
 
 def _build(name: str, model: TorchClassifier, cache: Path) -> BaseClassifier:
@@ -337,12 +413,16 @@ def _onnx_candidate(model: TorchClassifier, cache: Path) -> BaseClassifier:
     if not path.is_file():
         export_module(model.module, path, model.info.input_shape)
     try:
-        onnx_model = OnnxClassifier(path, device=model.device, input_shape=model.info.input_shape,
-                                    num_classes=model.info.num_classes)
+        onnx_model = OnnxClassifier(
+            path,
+            device=model.device,
+            input_shape=model.info.input_shape,
+            num_classes=model.info.num_classes,
+        )
     except ModelError:
-        path.unlink(missing_ok=True)   # a damaged export is made again next time
+        path.unlink(missing_ok=True)  # a damaged export is made again next time
         raise
-    onnx_model.info = model.info     # the classifier of the uploaded file (its sha256, format, arch)
+    onnx_model.info = model.info  # the classifier of the uploaded file (its sha256, format, arch)
     onnx_model.graph_sha256 = sha256_file(path)
     check_agreement(model, onnx_model)
     return onnx_model
@@ -359,10 +439,11 @@ def export_module(module: torch.nn.Module, path: Path, input_shape: tuple[int, i
     try:
         export_onnx(copy.deepcopy(module).cpu().eval(), Path(tmp), "{}", input_shape=input_shape)
         os.replace(tmp, path)
-    except Exception as exc:   # the exporter raises many types; the candidate is then skipped
+    except Exception as exc:  # the exporter raises many types; the candidate is then skipped
         Path(tmp).unlink(missing_ok=True)
-        raise ModelError(f"the ONNX export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
-            from None
+        raise ModelError(
+            f"the ONNX export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 def check_agreement(reference: TorchClassifier, other: BaseClassifier) -> None:
@@ -377,12 +458,19 @@ def check_agreement(reference: TorchClassifier, other: BaseClassifier) -> None:
         wrong = int((want.argmax(dim=1) != got.argmax(dim=1)).sum())
         gap = float((want - got).abs().max())
         if wrong or gap > AGREEMENT_RTOL * scale:
-            raise ModelError(f"the {other.runtime} export disagrees with torch on the {what}: {wrong} labels "
-                             f"differ, scores by up to {gap:.3g}")
+            raise ModelError(
+                f"the {other.runtime} export disagrees with torch on the {what}: {wrong} labels "
+                f"differ, scores by up to {gap:.3g}"
+            )
 
 
-def _mark(model: BaseClassifier, requested: str, chosen: str, how: str,
-          measured: dict[str, float] | None = None) -> BaseClassifier:
+def _mark(
+    model: BaseClassifier,
+    requested: str,
+    chosen: str,
+    how: str,
+    measured: dict[str, float] | None = None,
+) -> BaseClassifier:
     """A shallow copy of ``model`` (the same weights or session) carrying its ``runtime_choice``:
     the loaded model may be shared by calls that asked for different runtimes."""
     model = copy.copy(model)
@@ -391,7 +479,7 @@ def _mark(model: BaseClassifier, requested: str, chosen: str, how: str,
         choice["measured_samples_per_s"] = {k: round(v, 1) for k, v in measured.items()}
     if getattr(model, "graph_sha256", None):
         choice["graph_sha256"] = model.graph_sha256
-    model.runtime_choice = choice   # type: ignore[attr-defined]
+    model.runtime_choice = choice  # type: ignore[attr-defined]
     return model
 
 
@@ -409,4 +497,3 @@ def _write_choices(cache: Path, choices: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(choices, f, indent=1, sort_keys=True)
     os.replace(tmp, cache / CHOICES_FILE)
-

@@ -3,6 +3,7 @@
 The header is checked first by :func:`~smoothcert.models.safetensors_header.read_safetensors_header`
 (no torch), so a file that lies about its sizes is refused before any tensor is read.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,9 @@ from smoothcert.models.metadata import METADATA_KEY, ModelError, ModelInfo, info
 from smoothcert.models.safetensors_header import read_safetensors_header
 
 
-def load_safetensors_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+def load_safetensors_state(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     """The tensors of a validated safetensors file (on CPU) and its ``__metadata__`` map.
 
     The header is checked by :func:`read_safetensors_header` before the safetensors library
@@ -38,8 +41,9 @@ def save_safetensors_model(path: str | Path, network: torch.nn.Module, info: Mod
     argument. Returns the path written.
     """
     if info.arch is None:
-        raise ModelError("info.arch is required: a safetensors file holds weights of a named "
-                         "architecture")
+        raise ModelError(
+            "info.arch is required: a safetensors file holds weights of a named architecture"
+        )
     check_arch(info.arch)
     # Clones: state_dict tensors may share storage (tied weights), which save_file refuses.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in network.state_dict().items()}

@@ -20,6 +20,7 @@ malloc alone, ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` are not overwritten, a
 ``SMOOTHCERT_TUNING=0`` turns all of it off. What was applied (and what was kept) is
 :func:`applied`, recorded in the provenance of every result. Standard library only at import.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,11 +33,19 @@ from typing import Any
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-MALLOC_SETTINGS = {"M_MMAP_MAX": (M_MMAP_MAX, 0),              # no mmap for large blocks: reuse the heap
-                   "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 2**31 - 1),   # and never shrink it
-                   "M_ARENA_MAX": (M_ARENA_MAX, 1)}             # one heap, whichever thread frees
-USER_MALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
-                    "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+MALLOC_SETTINGS = {
+    "M_MMAP_MAX": (M_MMAP_MAX, 0),  # no mmap for large blocks: reuse the heap
+    "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 2**31 - 1),  # and never shrink it
+    "M_ARENA_MAX": (M_ARENA_MAX, 1),
+}  # one heap, whichever thread frees
+USER_MALLOC_VARS = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+    "MALLOC_TOP_PAD_",
+    "GLIBC_TUNABLES",
+)
 OFF_VAR = "SMOOTHCERT_TUNING"
 
 _state: dict[str, Any] = {}
@@ -66,7 +75,8 @@ def tune_process(processes: int = 1) -> dict[str, Any]:
     _state["malloc"] = _tune_malloc()
     if os.environ.get("OMP_WAIT_POLICY"):
         _state["omp_wait_policy"] = os.environ["OMP_WAIT_POLICY"] + (
-            "" if _state.get("omp_wait_policy_set") else " (user)")
+            "" if _state.get("omp_wait_policy_set") else " (user)"
+        )
     else:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         _state["omp_wait_policy_set"] = True
@@ -76,7 +86,9 @@ def tune_process(processes: int = 1) -> dict[str, Any]:
         _state["threads"], _state["threads_source"] = int(user_threads), "OMP_NUM_THREADS"
     else:
         _state["threads"] = cores()
-        _state["threads_source"] = f"{cores()} cores, for each of {max(1, int(processes))} processes"
+        _state["threads_source"] = (
+            f"{cores()} cores, for each of {max(1, int(processes))} processes"
+        )
     import sys
 
     if "torch" in sys.modules:
@@ -86,7 +98,7 @@ def tune_process(processes: int = 1) -> dict[str, Any]:
 
 def _tune_malloc() -> str:
     """``mallopt`` the settings of :data:`MALLOC_SETTINGS` on glibc; what happened, in words."""
-    if any(os.environ.get(var) for var in USER_MALLOC_VARS):   # an empty one sets nothing
+    if any(os.environ.get(var) for var in USER_MALLOC_VARS):  # an empty one sets nothing
         return "user (" + ", ".join(v for v in USER_MALLOC_VARS if os.environ.get(v)) + ")"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "default (not glibc)"
@@ -94,10 +106,17 @@ def _tune_malloc() -> str:
         return str(_state["malloc_done"])
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        done = [name for name, (param, value) in MALLOC_SETTINGS.items() if libc.mallopt(param, value) == 1]
+        done = [
+            name
+            for name, (param, value) in MALLOC_SETTINGS.items()
+            if libc.mallopt(param, value) == 1
+        ]
     except (OSError, AttributeError):
         done = []
-    result = " ".join(f"{name}={MALLOC_SETTINGS[name][1]}" for name in done) or "default (mallopt failed)"
+    result = (
+        " ".join(f"{name}={MALLOC_SETTINGS[name][1]}" for name in done)
+        or "default (mallopt failed)"
+    )
     _state["malloc_done"] = result
     return result
 

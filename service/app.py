@@ -2,6 +2,7 @@
 
 The application itself is built in :mod:`smoothcert.service.api.app`.
 """
+
 from smoothcert.service.api.app import create_app
 
 __all__ = ["create_app"]

@@ -4,6 +4,7 @@ The fixtures of the real stack live in :mod:`tests.support.stack`. GPU tests run
 present and are reported as skipped elsewhere. The demo model (digits_cnn trained on
 scikit-learn's digits) is built once per session for every test that asks.
 """
+
 from pathlib import Path
 
 import numpy as np

@@ -9,6 +9,7 @@ load_digits_split), so the demo model never saw them in training. Pixels are the
 values scaled to 8-bit grey (round(v / 16 * 255)); the API reads them back as v / 16 to within
 1/510. digits.json lists each file with its label and its index in the test split.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,13 @@ def write_digits(out: Path) -> list[dict]:
         name = f"digit-{label}.png"
         Image.fromarray(pixels).save(out / name, optimize=True)
         entries.append({"file": name, "label": label, "test_index": index})
-    (out / "digits.json").write_text(json.dumps({"source": "scikit-learn load_digits, test split of models/demo.py",
-                                                 "digits": entries}, indent=1) + "\n")
+    (out / "digits.json").write_text(
+        json.dumps(
+            {"source": "scikit-learn load_digits, test split of models/demo.py", "digits": entries},
+            indent=1,
+        )
+        + "\n"
+    )
     return entries
 
 

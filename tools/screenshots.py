@@ -9,6 +9,7 @@ to OUT_DIR (docs/screenshots): certify.png (form and answer), dataset.png (a dat
 its curve), jobs.png (the recent jobs). The jobs and radii shown are whatever that stack
 computes; nothing here is a test.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,16 @@ from playwright.sync_api import expect, sync_playwright
 
 from smoothcert.models.demo import load_digits_split
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 OUT = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 DONE = re.compile("succeeded|failed|canceled")
 
@@ -39,11 +48,17 @@ def dataset_job(url: str, key: str, model_id: str) -> str:
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as api:
         up = api.post("/v1/datasets", files={"file": ("digits_test_100.npz", buf.getvalue())})
         up.raise_for_status()
-        job = api.post("/v1/certify", json={"model_id": model_id, "dataset_id": up.json()["id"], "sigma": 0.25,
-                                            "n": 2000})
+        job = api.post(
+            "/v1/certify",
+            json={"model_id": model_id, "dataset_id": up.json()["id"], "sigma": 0.25, "n": 2000},
+        )
         job.raise_for_status()
         job_id = job.json()["job_id"]
-        while api.get(f"/v1/jobs/{job_id}").json()["status"] not in ("succeeded", "failed", "canceled"):
+        while api.get(f"/v1/jobs/{job_id}").json()["status"] not in (
+            "succeeded",
+            "failed",
+            "canceled",
+        ):
             time.sleep(0.5)
     return job_id
 
@@ -64,8 +79,13 @@ def main(url: str, key: str, out: Path) -> None:
     dataset_job_id = dataset_job(url, key, model_id)
     with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path="/usr/bin/chromium", args=FLAGS, headless=True,
-            viewport={"width": 1280, "height": 1600}, device_scale_factor=1)
+            profile,
+            executable_path="/usr/bin/chromium",
+            args=FLAGS,
+            headless=True,
+            viewport={"width": 1280, "height": 1600},
+            device_scale_factor=1,
+        )
         context.set_default_timeout(120_000)
         page = context.new_page()
         page.goto(url + "/")
@@ -75,13 +95,22 @@ def main(url: str, key: str, out: Path) -> None:
         page.get_by_test_id("demo-digit-3").click()
         page.get_by_test_id("n").fill("10000")
         page.get_by_test_id("submit").click()
-        expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", DONE, timeout=120_000)
+        expect(page.get_by_test_id("job-status")).to_have_attribute(
+            "data-status", DONE, timeout=120_000
+        )
         expect(page.get_by_test_id("noisy-samples").locator("img")).to_be_visible()
         page.mouse.move(0, 0)
-        page.locator("header").scroll_into_view_if_needed()   # the viewport holds it all: page coordinates
+        page.locator(
+            "header"
+        ).scroll_into_view_if_needed()  # the viewport holds it all: page coordinates
         box = page.locator("main").bounding_box()
         figures = page.locator("#job .figures").bounding_box()
-        clip = {"x": box["x"], "y": 0, "width": box["width"], "height": figures["y"] + figures["height"] + 24}
+        clip = {
+            "x": box["x"],
+            "y": 0,
+            "width": box["width"],
+            "height": figures["y"] + figures["height"] + 24,
+        }
         save_small(page.screenshot(clip=clip, full_page=True), out / "certify.png")
 
         page.get_by_test_id("jobs-refresh").click()

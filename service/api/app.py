@@ -10,6 +10,7 @@ Errors are JSON ``{"detail": ...}``: 422 for invalid requests (without echoing t
 Observability: ``/metrics`` (Prometheus text; requests are counted by a middleware) and JSON log
 lines that carry the job id (:mod:`smoothcert.service.core.logs`), uvicorn's own lines included.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,41 +47,59 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     if configure_logs:
         configure_logging(settings, "api")
     if settings.generated_api_key:
-        log.warning("SMOOTHCERT_API_KEY is not set; this process generated the key %s", settings.api_key)
-    app = FastAPI(title="smoothcert", version="1", docs_url=None, redoc_url=None,
-                  summary="Certified ℓ2 robustness for image classifiers by randomized smoothing")
+        log.warning(
+            "SMOOTHCERT_API_KEY is not set; this process generated the key %s", settings.api_key
+        )
+    app = FastAPI(
+        title="smoothcert",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        summary="Certified ℓ2 robustness for image classifiers by randomized smoothing",
+    )
     app.state.settings = settings
-    app.state.redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=10,
-                                           health_check_interval=30)
+    app.state.redis = redis.Redis.from_url(
+        settings.broker_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
+    )
     app.state.jobs = JobStore(app.state.redis, ttl_s=settings.job_ttl_s)
     app.state.models = ModelStore(settings.models_dir)
     app.state.datasets = DatasetStore(settings.datasets_dir)
     app.state.queue = make_celery(settings)
     app.state.http_metrics = HttpMetrics()
 
-    app.add_middleware(BodySizeLimit, default_limit=settings.max_request_bytes,
-                       limits={("POST", "/v1/models"): settings.max_upload_bytes + (1 << 20),
-                               ("POST", "/v1/datasets"): settings.max_dataset_bytes + (1 << 20)})
-    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics,
-                       paths=lambda: app.openapi()["paths"])
+    app.add_middleware(
+        BodySizeLimit,
+        default_limit=settings.max_request_bytes,
+        limits={
+            ("POST", "/v1/models"): settings.max_upload_bytes + (1 << 20),
+            ("POST", "/v1/datasets"): settings.max_dataset_bytes + (1 << 20),
+        },
+    )
+    app.add_middleware(
+        HttpMetricsMiddleware, metrics=app.state.http_metrics, paths=lambda: app.openapi()["paths"]
+    )
     app.add_middleware(JobIdMiddleware)  # outermost: every line of a request knows its job
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(redis.RedisError, _unavailable)
     app.add_exception_handler(OperationalError, _unavailable)
     for module in (health, metrics, certify, jobs, models, datasets, train):
         app.include_router(document_auth(module.router))
-    add_offline_docs(app)   # /docs and /redoc with their assets served here, never from a CDN
+    add_offline_docs(app)  # /docs and /redoc with their assets served here, never from a CDN
     mount_page(app)
     return app
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's default echoes each offending value, which can be megabytes of pixels.
-    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-              for e in exc.errors()]
+    detail = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
     return JSONResponse({"detail": detail}, status_code=422)
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("backend unavailable: %s", exc)
-    return JSONResponse({"detail": f"the job store or queue (Redis) is unreachable: {exc}"}, status_code=503)
+    return JSONResponse(
+        {"detail": f"the job store or queue (Redis) is unreachable: {exc}"}, status_code=503
+    )

@@ -5,6 +5,7 @@ A declared ``Content-Length`` over the cap is refused without reading the body; 
 counted as it arrives and refused once it passes the cap. Caps are per (method, path), with a
 default for everything else.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,16 @@ def _message(limit: int) -> str:
 
 async def _respond(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -6,6 +6,7 @@ without the admin right is 403. Keys are compared in constant time. A route that
 or datasets takes an :class:`~smoothcert.service.api.limits.Admission` (rate limit, queue bound,
 ``Idempotency-Key``) for the caller's key.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -59,7 +60,9 @@ def _matches(given: str, expected: str) -> bool:
 
 
 def _unauthorized(message: str) -> HTTPException:
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 def _role(settings: Settings, key: str) -> str | None:
@@ -104,18 +107,30 @@ def get_limits(request: Request) -> Limits:
 LimitsDep = Annotated[Limits, Depends(get_limits)]
 
 
-IdempotencyKey = Annotated[str | None, Header(
-    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[!-~]+$",
-    description="up to 255 visible ASCII characters, new for each new request (a UUID, say): a repeat with the same "
-                "key and request (from this API key, within SMOOTHCERT_IDEMPOTENCY_TTL_S) gets the first answer "
-                "again instead of creating another job")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[!-~]+$",
+        description="up to 255 visible ASCII characters, new for each new request (a UUID, say): "
+        "a repeat with the same key and request (from this API key, within "
+        "SMOOTHCERT_IDEMPOTENCY_TTL_S) gets the first answer again instead of creating another job",
+    ),
+]
 
 
-def get_admission(request: Request, creds: Credentials, role: Role,
-                  idempotency_key: IdempotencyKey = None) -> Admission:
+def get_admission(
+    request: Request, creds: Credentials, role: Role, idempotency_key: IdempotencyKey = None
+) -> Admission:
     """This submission's gate: the caller's rate limit, the queue bound and its Idempotency-Key."""
-    return Admission(get_limits(request), caller_id(creds.credentials), f"{request.method} {request.url.path}",
-                     idempotency_key)
+    return Admission(
+        get_limits(request),
+        caller_id(creds.credentials),
+        f"{request.method} {request.url.path}",
+        idempotency_key,
+    )
 
 
 AdmissionDep = Annotated[Admission, Depends(get_admission)]
@@ -124,11 +139,20 @@ AdmissionDep = Annotated[Admission, Depends(get_admission)]
 def require_admin(role: Role) -> None:
     """403 unless the caller used the admin key."""
     if role != "admin":
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs the admin key (SMOOTHCERT_ADMIN_KEY)")
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "this needs the admin key (SMOOTHCERT_ADMIN_KEY)"
+        )
 
 
-_ERROR_BODY = {"application/json": {"schema": {
-    "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
+_ERROR_BODY = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["detail"],
+            "properties": {"detail": {"type": "string"}},
+        }
+    }
+}
 UNAUTHORIZED = {"description": "missing or invalid API key", "content": _ERROR_BODY}
 FORBIDDEN = {"description": "the admin key is needed", "content": _ERROR_BODY}
 

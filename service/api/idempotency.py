@@ -10,6 +10,7 @@ do not matter); the same key with another fingerprint is a client error. A reque
 releases its reservation, so only accepted submissions are remembered. Finishing and releasing
 go through one Lua script that touches the record only while it is this request's reservation.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ from typing import IO, Any
 import redis
 
 PREFIX = "smoothcert:idempotency:"
-PENDING_TTL_S = 300       # a reservation whose API process died frees itself after this
+PENDING_TTL_S = 300  # a reservation whose API process died frees itself after this
 PENDING_RETRY_AFTER_S = 1  # what a concurrent duplicate is told to wait
 
 # KEYS[1] record; ARGV[1] our token; ARGV[2] the finished record ("" releases); ARGV[3] its ttl.
@@ -85,7 +86,7 @@ class IdempotencyStore:
         """``(token, None)`` when this request now holds the key, ``(None, record)`` when another does."""
         token = secrets.token_hex(16)
         pending = json.dumps({"token": token, "fingerprint": fingerprint, "answer": None})
-        for _ in range(3):   # the other record may expire between SET NX and GET
+        for _ in range(3):  # the other record may expire between SET NX and GET
             if self.redis.set(key, pending, nx=True, ex=PENDING_TTL_S):
                 return token, None
             raw = self.redis.get(key)

@@ -39,6 +39,7 @@ nowhere.
 ``<caller>`` is a SHA-256 of the bearer key, never the key. Model uploads are not limited: they
 need the admin key and each one waits for a worker to check the model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,12 @@ from fastapi import HTTPException, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from smoothcert.service.api.idempotency import PENDING_RETRY_AFTER_S, IdempotencyStore, Remembered, fingerprint
+from smoothcert.service.api.idempotency import (
+    PENDING_RETRY_AFTER_S,
+    IdempotencyStore,
+    Remembered,
+    fingerprint,
+)
 from smoothcert.service.core.dataset_store import Admit, DatasetStore
 from smoothcert.service.core.jobs import ActiveJobsExceeded, active_jobs
 from smoothcert.service.core.queue import queue_depth, queue_names  # noqa: F401  (tests read queue_depth here)
@@ -62,12 +68,12 @@ from smoothcert.service.core.settings import Settings
 
 log = logging.getLogger("smoothcert.service")
 RATE_PREFIX = "smoothcert:ratelimit:"
-QUEUE_FULL_RETRY_AFTER_S = 10   # a hint: the queue drains at whatever pace the workers have
-ACTIVE_RETRY_AFTER_S = 10       # a hint too: a slot frees when one of the key's jobs finishes
+QUEUE_FULL_RETRY_AFTER_S = 10  # a hint: the queue drains at whatever pace the workers have
+ACTIVE_RETRY_AFTER_S = 10  # a hint too: a slot frees when one of the key's jobs finishes
 ROOMS_PREFIX = "smoothcert:queue-rooms:"
 STORAGE_PREFIX = "smoothcert:storage:"
-ROOM_TTL_MS = 120_000           # far longer than sending one job's messages takes
-STORAGE_TTL_MS = 600_000        # longer than writing the largest dataset takes
+ROOM_TTL_MS = 120_000  # far longer than sending one job's messages takes
+STORAGE_TTL_MS = 600_000  # longer than writing the largest dataset takes
 
 # Lua: drop the entries of zset KEYS[1] (member = token, score = expiry ms) and of hash KEYS[2]
 # (token -> amount) that have expired; ``now`` is Redis' clock in ms.
@@ -89,20 +95,25 @@ end
 # KEYS[1], KEYS[2] the queue's rooms (as in _LAPSE), KEYS[3..] the queue's lists; ARGV[1] token
 # ('' only checks), ARGV[2] messages, ARGV[3] bound, ARGV[4] ttl ms. Returns {1 when there is room
 # (and it is held), the messages waiting plus those held}.
-_ROOM = _LAPSE + """
+_ROOM = (
+    _LAPSE
+    + """
 local depth = held
 for i = 3, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
 if depth + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {0, depth} end
 if ARGV[1] ~= '' then hold(ARGV[1], ARGV[2], tonumber(ARGV[4])) end
 return {1, depth}
 """
+)
 
 # KEYS[1], KEYS[2] the caller's uploads in progress (as in _LAPSE); ARGV[1] dataset id, ARGV[2]
 # bytes it will store, ARGV[3] quota, ARGV[4] bytes of the caller's stored datasets, ARGV[5] ttl
 # ms, ARGV[6..] those datasets' ids: an upload seen stored is counted there, not also here
 # (its reservation stays: see the module docstring). Returns {1 when reserved, the bytes in use
 # before this upload}.
-_STORAGE = _LAPSE + """
+_STORAGE = (
+    _LAPSE
+    + """
 for i = 6, #ARGV do
   held = held - tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or 0)
 end
@@ -111,6 +122,7 @@ if used + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {0, used} end
 hold(ARGV[1], ARGV[2], tonumber(ARGV[5]))
 return {1, used}
 """
+)
 
 # KEYS[1] the caller's theoretical arrival time (TAT, ms); ARGV[1] ms per submission; ARGV[2] burst.
 # Admits when the TAT after this submission is at most burst intervals ahead of now; returns 0
@@ -156,12 +168,16 @@ class Limits:
         per_minute = self.settings.rate_limit_per_minute
         if per_minute <= 0:
             return
-        wait_ms = int(self._gcra(keys=[RATE_PREFIX + caller], args=[60_000 / per_minute, per_minute]))
+        wait_ms = int(
+            self._gcra(keys=[RATE_PREFIX + caller], args=[60_000 / per_minute, per_minute])
+        )
         if wait_ms > 0:
-            raise _refusal(status.HTTP_429_TOO_MANY_REQUESTS,
-                           f"rate limit: at most {per_minute} submissions per minute per API key "
-                           "(SMOOTHCERT_RATE_LIMIT_PER_MINUTE); retry after Retry-After seconds",
-                           math.ceil(wait_ms / 1000))
+            raise _refusal(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"rate limit: at most {per_minute} submissions per minute per API key "
+                "(SMOOTHCERT_RATE_LIMIT_PER_MINUTE); retry after Retry-After seconds",
+                math.ceil(wait_ms / 1000),
+            )
 
     def check_room(self, queue: str) -> None:
         """503 with Retry-After when ``queue`` already holds the bound (rooms held included)."""
@@ -177,7 +193,7 @@ class Limits:
         try:
             yield
         finally:
-            with contextlib.suppress(redis.RedisError):   # else it lapses after ROOM_TTL_MS
+            with contextlib.suppress(redis.RedisError):  # else it lapses after ROOM_TTL_MS
                 self._give_back(_held(ROOMS_PREFIX + queue), token)
 
     def _take_room(self, queue: str, token: str, messages: int) -> None:
@@ -186,10 +202,12 @@ class Limits:
         ok, depth = self._room(keys=keys, args=[token, messages, cap, ROOM_TTL_MS])
         if not ok:
             needs = f"; this dataset job needs {messages}, one per chunk" if messages > 1 else ""
-            raise _refusal(status.HTTP_503_SERVICE_UNAVAILABLE,
-                           f"the {queue!r} queue is full: {depth} messages wait, the bound is {cap} "
-                           f"(SMOOTHCERT_MAX_QUEUED_MESSAGES){needs}; retry after Retry-After seconds",
-                           QUEUE_FULL_RETRY_AFTER_S)
+            raise _refusal(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"the {queue!r} queue is full: {depth} messages wait, the bound is {cap} "
+                f"(SMOOTHCERT_MAX_QUEUED_MESSAGES){needs}; retry after Retry-After seconds",
+                QUEUE_FULL_RETRY_AFTER_S,
+            )
 
     def _give_back(self, keys: list[str], token: str) -> None:
         with self.redis.pipeline() as pipe:
@@ -206,10 +224,13 @@ class Limits:
 
     @staticmethod
     def too_many_active(active: int, quota: int) -> HTTPException:
-        return _refusal(status.HTTP_429_TOO_MANY_REQUESTS,
-                        f"this API key has {active} jobs queued or running, its quota is {quota} "
-                        "(SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY); retry after Retry-After seconds, once one of "
-                        "them has finished (or cancel one: DELETE /v1/jobs/{id})", ACTIVE_RETRY_AFTER_S)
+        return _refusal(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"this API key has {active} jobs queued or running, its quota is {quota} "
+            "(SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY); retry after Retry-After seconds, once one of "
+            "them has finished (or cancel one: DELETE /v1/jobs/{id})",
+            ACTIVE_RETRY_AFTER_S,
+        )
 
     def storage(self, caller: str, datasets: DatasetStore) -> Admit:
         """The ``admit`` of :meth:`DatasetStore.add` for ``caller``'s upload: 413 when what it will
@@ -220,18 +241,21 @@ class Limits:
         @contextlib.contextmanager
         def admit(dataset_id: str, stored_bytes: int) -> Iterator[None]:
             stored, ids = datasets.stored_bytes(caller)
-            ok, used = self._storage(keys=keys,
-                                     args=[dataset_id, stored_bytes, quota, stored, STORAGE_TTL_MS, *ids])
+            ok, used = self._storage(
+                keys=keys, args=[dataset_id, stored_bytes, quota, stored, STORAGE_TTL_MS, *ids]
+            )
             if not ok:
-                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                                    f"storage quota: this dataset would take {stored_bytes} bytes stored, and "
-                                    f"this API key already uses {used} of its {quota} bytes "
-                                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY); delete datasets it no longer "
-                                    "needs (DELETE /v1/datasets/{id}) or upload a smaller one")
+                raise HTTPException(
+                    status.HTTP_413_CONTENT_TOO_LARGE,
+                    f"storage quota: this dataset would take {stored_bytes} bytes stored, and "
+                    f"this API key already uses {used} of its {quota} bytes "
+                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY); delete datasets it no longer "
+                    "needs (DELETE /v1/datasets/{id}) or upload a smaller one",
+                )
             try:
                 yield
             except BaseException:
-                with contextlib.suppress(redis.RedisError):   # else it lapses after STORAGE_TTL_MS
+                with contextlib.suppress(redis.RedisError):  # else it lapses after STORAGE_TTL_MS
                     self._give_back(keys, dataset_id)
                 raise
             # Stored: the reservation stays until it lapses or forget_storage drops it on delete.
@@ -240,7 +264,7 @@ class Limits:
 
     def forget_storage(self, owner: str, dataset_id: str) -> None:
         """Drop what is still reserved for a dataset of ``owner`` that was just deleted."""
-        with contextlib.suppress(redis.RedisError):   # the delete happened; the reservation lapses
+        with contextlib.suppress(redis.RedisError):  # the delete happened; the reservation lapses
             self._give_back(_held(STORAGE_PREFIX + owner), dataset_id)
 
 
@@ -249,7 +273,9 @@ class Admission:
 
     def __init__(self, limits: Limits, caller: str, route: str, idempotency_key: str | None):
         self.limits, self.caller, self.route = limits, caller, route
-        self.key = None if idempotency_key is None else limits.idempotency.key(caller, idempotency_key)
+        self.key = (
+            None if idempotency_key is None else limits.idempotency.key(caller, idempotency_key)
+        )
 
     @property
     def max_active(self) -> int:
@@ -264,8 +290,14 @@ class Admission:
         """Limits.storage for the caller."""
         return self.limits.storage(self.caller, datasets)
 
-    def submit(self, content: Callable[[], Any], create: Callable[[], tuple[BaseModel, str]], *,
-               status_code: int, queue: str | None) -> JSONResponse:
+    def submit(
+        self,
+        content: Callable[[], Any],
+        create: Callable[[], tuple[BaseModel, str]],
+        *,
+        status_code: int,
+        queue: str | None,
+    ) -> JSONResponse:
         """The answer to the submission: ``create()`` (the record and its ``Location``) runs only
         once the limits let it; ``content()`` is the request in normal form (for the fingerprint)."""
         store, token, digest = self.limits.idempotency, None, ""
@@ -281,28 +313,39 @@ class Admission:
                 self.limits.check_active(self.caller)
             try:
                 record, location = create()
-            except ActiveJobsExceeded as exc:   # a concurrent submission took the last slot
+            except ActiveJobsExceeded as exc:  # a concurrent submission took the last slot
                 raise self.limits.too_many_active(exc.active, exc.quota) from None
         except BaseException:
             if token is not None:
-                with contextlib.suppress(redis.RedisError):   # else it expires after PENDING_TTL_S
+                with contextlib.suppress(redis.RedisError):  # else it expires after PENDING_TTL_S
                     store.release(self.key, token)
             raise
-        answer = {"status_code": status_code, "body": record.model_dump(mode="json"), "location": location}
+        answer = {
+            "status_code": status_code,
+            "body": record.model_dump(mode="json"),
+            "location": location,
+        }
         if token is not None:
             try:
                 store.remember(self.key, token, digest, answer)
-            except redis.RedisError as exc:   # the job exists: answer 202 all the same
+            except redis.RedisError as exc:  # the job exists: answer 202 all the same
                 log.warning("could not remember Idempotency-Key answer %s: %s", location, exc)
         return _response(answer)
 
     def _answer_repeat(self, other: Remembered, digest: str) -> JSONResponse:
         if other.fingerprint != digest:
-            raise HTTPException(422, "this Idempotency-Key was already used with a different request (another "
-                                     "body or route); send a new key for a new request")
+            raise HTTPException(
+                422,
+                "this Idempotency-Key was already used with a different request (another "
+                "body or route); send a new key for a new request",
+            )
         if other.answer is None:
-            raise _refusal(status.HTTP_409_CONFLICT, "a request with this Idempotency-Key is still in progress; "
-                                                     "retry after Retry-After seconds", PENDING_RETRY_AFTER_S)
+            raise _refusal(
+                status.HTTP_409_CONFLICT,
+                "a request with this Idempotency-Key is still in progress; "
+                "retry after Retry-After seconds",
+                PENDING_RETRY_AFTER_S,
+            )
         return _response(other.answer, replayed=True)
 
 
@@ -315,10 +358,21 @@ def _response(answer: dict[str, Any], replayed: bool = False) -> JSONResponse:
 
 # --- OpenAPI: the answers above, with their Retry-After header ----------------------------------
 
-_ERROR_BODY = {"application/json": {"schema": {
-    "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
-_RETRY_AFTER = {"Retry-After": {"description": "whole seconds to wait before sending the request again",
-                                "schema": {"type": "integer", "minimum": 1}}}
+_ERROR_BODY = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["detail"],
+            "properties": {"detail": {"type": "string"}},
+        }
+    }
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "whole seconds to wait before sending the request again",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
 
 
 def _documented(description: str) -> dict[str, Any]:
@@ -326,9 +380,19 @@ def _documented(description: str) -> dict[str, Any]:
 
 
 IN_PROGRESS = {409: _documented("a request with the same Idempotency-Key is still in progress")}
-RATE_LIMITED = {429: _documented("over this API key's rate limit (SMOOTHCERT_RATE_LIMIT_PER_MINUTE)")}
-JOBS_LIMITED = {429: _documented("over this API key's rate limit (SMOOTHCERT_RATE_LIMIT_PER_MINUTE), or it "
-                                 "already has SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY jobs queued or running")}
-QUEUE_FULL = {503: _documented("the job's queue holds SMOOTHCERT_MAX_QUEUED_MESSAGES messages; also 503 "
-                               "(without Retry-After) when Redis is unreachable")}
+RATE_LIMITED = {
+    429: _documented("over this API key's rate limit (SMOOTHCERT_RATE_LIMIT_PER_MINUTE)")
+}
+JOBS_LIMITED = {
+    429: _documented(
+        "over this API key's rate limit (SMOOTHCERT_RATE_LIMIT_PER_MINUTE), or it "
+        "already has SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY jobs queued or running"
+    )
+}
+QUEUE_FULL = {
+    503: _documented(
+        "the job's queue holds SMOOTHCERT_MAX_QUEUED_MESSAGES messages; also 503 "
+        "(without Retry-After) when Redis is unreachable"
+    )
+}
 REUSED_KEY = "; or the Idempotency-Key was already used with a different request"

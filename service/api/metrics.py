@@ -11,6 +11,7 @@ with :func:`record_samples` when a job or a dataset chunk finishes.
 When Redis cannot be read the scrape still answers 200, with this process's HTTP metrics and
 ``smoothcert_redis_up 0``, so the outage itself is what alerts. Torch-free: workers import it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,12 +42,13 @@ JOBS_KEY = METRICS_PREFIX + "jobs:"
 
 # ---------------------------------------------------------------- exposition format
 
+
 @dataclass
 class Family:
     """One metric family: its samples are ``(name suffix, labels, value)``."""
 
     name: str
-    type: str                      # counter | gauge | histogram
+    type: str  # counter | gauge | histogram
     help: str
     samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
 
@@ -73,16 +75,22 @@ def render(families: Iterable[Family]) -> str:
     """The text exposition of ``families``: HELP and TYPE lines, then one line per sample."""
     lines = []
     for fam in families:
-        lines.append(f"# HELP {fam.name} {fam.help.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
+        lines.append(
+            f"# HELP {fam.name} {fam.help.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}"
+        )
         lines.append(f"# TYPE {fam.name} {fam.type}")
         for suffix, labels, value in fam.samples:
             text = ",".join(f'{k}="{_escape_label(str(v))}"' for k, v in labels.items())
-            lines.append(f"{fam.name}{suffix}{{{text}}} {_number(value)}" if text
-                         else f"{fam.name}{suffix} {_number(value)}")
+            lines.append(
+                f"{fam.name}{suffix}{{{text}}} {_number(value)}"
+                if text
+                else f"{fam.name}{suffix} {_number(value)}"
+            )
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- HTTP requests of this process
+
 
 class HttpMetrics:
     """Request counts by (method, route, status) and a duration histogram by (method, route)."""
@@ -106,10 +114,16 @@ class HttpMetrics:
             hist[-1] += 1
 
     def families(self) -> list[Family]:
-        requests = Family("smoothcert_http_requests_total", "counter",
-                          "HTTP requests this API process answered, by method, route template and status")
-        durations = Family("smoothcert_http_request_duration_seconds", "histogram",
-                           "time this API process took to answer a request, by method and route template")
+        requests = Family(
+            "smoothcert_http_requests_total",
+            "counter",
+            "HTTP requests this API process answered, by method, route template and status",
+        )
+        durations = Family(
+            "smoothcert_http_request_duration_seconds",
+            "histogram",
+            "time this API process took to answer a request, by method and route template",
+        )
         with self._lock:
             for (method, route, status), count in sorted(self._requests.items()):
                 requests.add(count, method=method, route=route, status=status)
@@ -168,7 +182,10 @@ class HttpMetricsMiddleware:
 
 # ---------------------------------------------------------------- shared state in Redis
 
-def job_counts(client: redis.Redis) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[tuple[str, str], int]]:
+
+def job_counts(
+    client: redis.Redis,
+) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[tuple[str, str], int]]:
     """``(in flight by (kind, state), created by kind, finished by (kind, state))``.
 
     Members of the in-flight sets whose record has expired (score = expiry time, before now on
@@ -206,7 +223,7 @@ def queue_depths(client: redis.Redis) -> tuple[dict[str, int], int]:
         pipe.hlen(Channel.unacked_key)
         replies = pipe.execute()
     per = len(queue_names(QUEUE))
-    depths = {q: sum(replies[i * per:(i + 1) * per]) for i, q in enumerate(QUEUES)}
+    depths = {q: sum(replies[i * per : (i + 1) * per]) for i, q in enumerate(QUEUES)}
     return depths, int(replies[-1])
 
 
@@ -224,32 +241,58 @@ def redis_families(client: redis.Redis) -> list[Family]:
     for (kind, state), count in sorted(in_flight.items()):
         jobs.add(count, kind=kind, status=state)
     made = Family("smoothcert_jobs_created_total", "counter", "jobs submitted, by kind")
-    done = Family("smoothcert_jobs_finished_total", "counter",
-                  "jobs that reached a final status (succeeded, failed, canceled), by kind and status")
+    done = Family(
+        "smoothcert_jobs_finished_total",
+        "counter",
+        "jobs that reached a final status (succeeded, failed, canceled), by kind and status",
+    )
     for kind in kinds:
         made.add(created.get(kind, 0), kind=kind)
         for state in sorted(TERMINAL):
             done.add(finished.get((kind, state), 0), kind=kind, status=state)
 
     depths, unacked = queue_depths(client)
-    queued = Family("smoothcert_queue_messages", "gauge", "task messages waiting in each Celery queue")
+    queued = Family(
+        "smoothcert_queue_messages", "gauge", "task messages waiting in each Celery queue"
+    )
     for queue, depth in depths.items():
         queued.add(depth, queue=queue)
-    taken = Family("smoothcert_queue_unacked_messages", "gauge",
-                   "task messages a worker has taken and not yet acknowledged (running or prefetched)")
+    taken = Family(
+        "smoothcert_queue_unacked_messages",
+        "gauge",
+        "task messages a worker has taken and not yet acknowledged (running or prefetched)",
+    )
     taken.add(unacked)
 
-    workers = Family("smoothcert_workers", "gauge", "workers with a live heartbeat").add(live_workers(client))
+    workers = Family("smoothcert_workers", "gauge", "workers with a live heartbeat").add(
+        live_workers(client)
+    )
     drawn, busy = samples(client)
-    return [jobs, made, done, queued, taken, workers,
-            Family("smoothcert_samples_total", "counter",
-                   "Monte Carlo samples drawn by all workers in finished jobs and dataset chunks").add(drawn),
-            Family("smoothcert_sampling_seconds_total", "counter",
-                   "seconds workers spent drawing those samples; rate(samples)/rate(seconds) is the "
-                   "throughput of a busy worker").add(busy),
-            Family("smoothcert_samples_per_second", "gauge",
-                   "average throughput of a busy worker since the counters began: samples_total / "
-                   "sampling_seconds_total (0 before the first sample)").add(drawn / busy if busy > 0 else 0.0)]
+    return [
+        jobs,
+        made,
+        done,
+        queued,
+        taken,
+        workers,
+        Family(
+            "smoothcert_samples_total",
+            "counter",
+            "Monte Carlo samples drawn by all workers in finished jobs and dataset chunks",
+        ).add(drawn),
+        Family(
+            "smoothcert_sampling_seconds_total",
+            "counter",
+            "seconds workers spent drawing those samples; rate(samples)/rate(seconds) is the "
+            "throughput of a busy worker",
+        ).add(busy),
+        Family(
+            "smoothcert_samples_per_second",
+            "gauge",
+            "average throughput of a busy worker since the counters began: samples_total / "
+            "sampling_seconds_total (0 before the first sample)",
+        ).add(drawn / busy if busy > 0 else 0.0),
+    ]
 
 
 def exposition(client: redis.Redis, http: HttpMetrics) -> str:
@@ -261,6 +304,11 @@ def exposition(client: redis.Redis, http: HttpMetrics) -> str:
     except redis.RedisError as exc:
         log.warning("metrics: Redis unreachable: %s", exc)
         up = 0
-    families.append(Family("smoothcert_redis_up", "gauge",
-                           "1 when this scrape could read Redis (jobs, queues, workers, samples), else 0").add(up))
+    families.append(
+        Family(
+            "smoothcert_redis_up",
+            "gauge",
+            "1 when this scrape could read Redis (jobs, queues, workers, samples), else 0",
+        ).add(up)
+    )
     return render(families)

@@ -5,6 +5,7 @@ JavaScript, no build step; the page loads nothing from elsewhere, which its Cont
 enforces in the browser. It is open (no key): the page asks for the API key itself and sends it
 as the bearer header of the API calls it makes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,10 @@ from fastapi.staticfiles import StaticFiles
 UI_DIR = Path(__file__).resolve().parent / "static" / "ui"
 # Everything from this origin only; images may also be blob: URLs (the job's noisy copies and
 # curve are fetched with the key, then shown from memory).
-CSP = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
-       "form-action 'self'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
 
 
 def mount_page(app: FastAPI) -> None:
@@ -26,5 +29,8 @@ def mount_page(app: FastAPI) -> None:
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page() -> FileResponse:
-        return FileResponse(UI_DIR / "index.html", media_type="text/html",
-                            headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+        return FileResponse(
+            UI_DIR / "index.html",
+            media_type="text/html",
+            headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"},
+        )

@@ -3,6 +3,7 @@ and the certified-accuracy curve of a labelled certify job as hand-written SVG.
 
 numpy and Pillow only (the API's own dependencies); nothing here reads Redis or files.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,7 +14,10 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image
 
-STRIP_MIN_SIDE, STRIP_GAP = 64, 2   # px: a copy is upscaled to at least this side; white gap between copies
+STRIP_MIN_SIDE, STRIP_GAP = (
+    64,
+    2,
+)  # px: a copy is upscaled to at least this side; white gap between copies
 
 
 def sample_strip_png(copies: np.ndarray) -> bytes:
@@ -27,30 +31,40 @@ def sample_strip_png(copies: np.ndarray) -> bytes:
     k, c, h, w = copies.shape
     scale = max(1, STRIP_MIN_SIDE // max(h, w))
     pixels = copies if c in (1, 3) else copies[:, :1]
-    big = pixels.repeat(scale, axis=2).repeat(scale, axis=3).transpose(0, 2, 3, 1)   # K, H·s, W·s, C
+    big = pixels.repeat(scale, axis=2).repeat(scale, axis=3).transpose(0, 2, 3, 1)  # K, H·s, W·s, C
     gap = np.full((h * scale, STRIP_GAP, big.shape[3]), 255, dtype=np.uint8)
     parts: list[np.ndarray] = []
     for i, copy in enumerate(big):
         parts.extend([gap, copy] if i else [copy])
     strip = np.concatenate(parts, axis=1)
-    image = Image.fromarray(strip[:, :, 0] if strip.shape[2] == 1 else strip)   # uint8: grey (L) or RGB
+    image = Image.fromarray(
+        strip[:, :, 0] if strip.shape[2] == 1 else strip
+    )  # uint8: grey (L) or RGB
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
 
 
 WIDTH, HEIGHT = 560, 360
-LEFT, RIGHT, TOP, BOTTOM = 64, 24, 40, 56   # margins, px
+LEFT, RIGHT, TOP, BOTTOM = 64, 24, 40, 56  # margins, px
 
 
 def certified_accuracy_points(rows: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
     """The step curve of certified accuracy against radius as (radius, accuracy) corners from
     radius 0: the share of rows predicted right (``prediction == label``) with ``radius`` ≥ r, the
     definition of :mod:`smoothcert.worker.evaluation.accuracy`. The curve ends at the largest radius."""
-    radii = np.sort([float(r["radius"]) for r in rows if r["prediction"] is not None and r["prediction"] == r["label"]])
+    radii = np.sort(
+        [
+            float(r["radius"])
+            for r in rows
+            if r["prediction"] is not None and r["prediction"] == r["label"]
+        ]
+    )
     total, steps = len(rows), np.unique(radii)
-    at = (len(radii) - np.searchsorted(radii, steps, "left")) / total       # accuracy at each step's radius
-    after = (len(radii) - np.searchsorted(radii, steps, "right")) / total   # and just past it
+    at = (
+        len(radii) - np.searchsorted(radii, steps, "left")
+    ) / total  # accuracy at each step's radius
+    after = (len(radii) - np.searchsorted(radii, steps, "right")) / total  # and just past it
     points = [(0.0, len(radii) / total)]
     for radius, a, b in zip(steps.tolist(), at.tolist(), after.tolist()):
         points += [(radius, a), (radius, b)]
@@ -72,32 +86,51 @@ def accuracy_curve_svg(rows: Sequence[dict[str, Any]], radius_cap: float | None,
         return TOP + plot_h * (1 - a)
 
     corners = points + [(x_max, points[-1][1])]
-    path = " ".join(f"{'M' if i == 0 else 'L'}{x(r):.1f},{y(a):.1f}" for i, (r, a) in enumerate(corners))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
-             f"<title>{escape(title)}</title>",
-             f'<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
-             f'<text x="{WIDTH / 2:.0f}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    path = " ".join(
+        f"{'M' if i == 0 else 'L'}{x(r):.1f},{y(a):.1f}" for i, (r, a) in enumerate(corners)
+    )
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+        f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
+        f"<title>{escape(title)}</title>",
+        f'<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
+        f'<text x="{WIDTH / 2:.0f}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>',
+    ]
     for tick in np.linspace(0, 1, 6):
-        parts.append(f'<line x1="{LEFT - 4}" y1="{y(tick):.1f}" x2="{LEFT + plot_w}" y2="{y(tick):.1f}" '
-                     'stroke="#ddd"/>')
-        parts.append(f'<text x="{LEFT - 8}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.1f}</text>')
+        parts.append(
+            f'<line x1="{LEFT - 4}" y1="{y(tick):.1f}" x2="{LEFT + plot_w}" y2="{y(tick):.1f}" '
+            'stroke="#ddd"/>'
+        )
+        parts.append(
+            f'<text x="{LEFT - 8}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.1f}</text>'
+        )
     for tick in _ticks(x_max):
-        parts.append(f'<line x1="{x(tick):.1f}" y1="{TOP + plot_h}" x2="{x(tick):.1f}" y2="{TOP + plot_h + 4}" '
-                     'stroke="black"/>')
-        parts.append(f'<text x="{x(tick):.1f}" y="{TOP + plot_h + 18}" text-anchor="middle">{tick:g}</text>')
-    parts += [f'<line x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}" stroke="black"/>',
-              f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}" stroke="black"/>',
-              f'<text class="x-label" x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 12}" text-anchor="middle">'
-              'radius (ℓ2, in [0,1] pixel units)</text>',
-              f'<text class="y-label" x="16" y="{TOP + plot_h / 2:.0f}" text-anchor="middle" '
-              f'transform="rotate(-90 16 {TOP + plot_h / 2:.0f})">certified accuracy</text>']
+        parts.append(
+            f'<line x1="{x(tick):.1f}" y1="{TOP + plot_h}" x2="{x(tick):.1f}" y2="{TOP + plot_h + 4}" '
+            'stroke="black"/>'
+        )
+        parts.append(
+            f'<text x="{x(tick):.1f}" y="{TOP + plot_h + 18}" text-anchor="middle">{tick:g}</text>'
+        )
+    parts += [
+        f'<line x1="{LEFT}" y1="{TOP + plot_h}" x2="{LEFT + plot_w}" y2="{TOP + plot_h}" stroke="black"/>',
+        f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}" stroke="black"/>',
+        f'<text class="x-label" x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 12}" text-anchor="middle">'
+        "radius (ℓ2, in [0,1] pixel units)</text>",
+        f'<text class="y-label" x="16" y="{TOP + plot_h / 2:.0f}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {TOP + plot_h / 2:.0f})">certified accuracy</text>',
+    ]
     if radius_cap is not None:
-        parts += [f'<line class="radius-cap" x1="{x(radius_cap):.1f}" y1="{TOP}" x2="{x(radius_cap):.1f}" '
-                  f'y2="{TOP + plot_h}" stroke="#c0392b" stroke-dasharray="5,4"/>',
-                  f'<text class="radius-cap-label" x="{x(radius_cap) - 4:.1f}" y="{TOP + 14}" text-anchor="end" '
-                  f'fill="#c0392b">radius cap {radius_cap:.4g}</text>']
-    parts += [f'<path class="curve" d="{path}" fill="none" stroke="#1f5fa8" stroke-width="2"/>', "</svg>"]
+        parts += [
+            f'<line class="radius-cap" x1="{x(radius_cap):.1f}" y1="{TOP}" x2="{x(radius_cap):.1f}" '
+            f'y2="{TOP + plot_h}" stroke="#c0392b" stroke-dasharray="5,4"/>',
+            f'<text class="radius-cap-label" x="{x(radius_cap) - 4:.1f}" y="{TOP + 14}" text-anchor="end" '
+            f'fill="#c0392b">radius cap {radius_cap:.4g}</text>',
+        ]
+    parts += [
+        f'<path class="curve" d="{path}" fill="none" stroke="#1f5fa8" stroke-width="2"/>',
+        "</svg>",
+    ]
     return "\n".join(parts) + "\n"
 
 

@@ -9,6 +9,7 @@ a string (``"n": "1000"`` is refused); an integer is a number without a fraction
 1000.0), never a boolean (``"seed": true`` is refused); labels are integers and pixels numbers.
 The 422 names the field.
 """
+
 from __future__ import annotations
 
 import base64
@@ -69,7 +70,7 @@ def form_json(text: Any) -> Any:
 
 
 def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")   # json.loads would take NaN and Infinity
+    raise ValueError(f"{name} is not a JSON number")  # json.loads would take NaN and Infinity
 
 
 # Numeric multipart form fields (POST /v1/models): the form's text read as JSON, then strict.
@@ -88,36 +89,62 @@ class CertifyRequest(BaseModel):
 
     model_id: str = Field(min_length=1, max_length=64)
     inputs: str | list[Any] | None = None
-    dataset_id: str | None = Field(None, min_length=1, max_length=64,
-                                   description="certify this uploaded dataset instead of inputs")
+    dataset_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="certify this uploaded dataset instead of inputs",
+    )
     skip: int = Field(0, ge=0, description="dataset jobs: the first input to certify")
-    limit: int | None = Field(None, ge=1, description="dataset jobs: certify at most this many inputs")
-    sigma: float = Field(gt=0, le=params.MAX_SIGMA, allow_inf_nan=False,
-                         description=f"noise level in [0,1] pixel units, at most {params.MAX_SIGMA:g}")
+    limit: int | None = Field(
+        None, ge=1, description="dataset jobs: certify at most this many inputs"
+    )
+    sigma: float = Field(
+        gt=0,
+        le=params.MAX_SIGMA,
+        allow_inf_nan=False,
+        description=f"noise level in [0,1] pixel units, at most {params.MAX_SIGMA:g}",
+    )
     n0: int = Field(DEFAULT_N0, ge=1, description="samples that select the class (certify only)")
     n: int = Field(DEFAULT_N, ge=1, description="samples that bound its probability")
     # gt/lt keep their messages for 0 and 1; the tighter bounds are the validator's and the schema's.
-    alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1,
-                         json_schema_extra={"minimum": params.MIN_ALPHA, "maximum": params.MAX_ALPHA},
-                         description="failure probability of each certificate, "
-                                     f"in [{params.MIN_ALPHA:g}, {params.MAX_ALPHA:g}]")
+    alpha: float = Field(
+        DEFAULT_ALPHA,
+        gt=0,
+        lt=1,
+        json_schema_extra={"minimum": params.MIN_ALPHA, "maximum": params.MAX_ALPHA},
+        description="failure probability of each certificate, "
+        f"in [{params.MIN_ALPHA:g}, {params.MAX_ALPHA:g}]",
+    )
     batch_size: int | None = Field(None, ge=1, le=1_000_000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
     bound: Bound = "cohen"
     labels: list[int] | None = Field(None, description="true classes, one per input")
     mode: Mode = "certify"
-    radii: list[float] | None = Field(None, max_length=1000,
-                                      description="radii of the certified-accuracy curve (labels given)")
+    radii: list[float] | None = Field(
+        None, max_length=1000, description="radii of the certified-accuracy curve (labels given)"
+    )
     target_radius: float | None = Field(
-        None, ge=0, allow_inf_nan=False,
+        None,
+        ge=0,
+        allow_inf_nan=False,
         description="only decide 'certified at this radius?' with an anytime-valid test that stops as soon "
-                    "as the answer is known; n is then the cap per input")
-    runtime: Runtime = Field(params.DEFAULT_RUNTIME, description=(
-        "what evaluates the model: auto (the fastest on the worker's device, measured once per model), torch "
-        "or onnxruntime (a safetensors model is then exported to ONNX); an ONNX model runs in onnxruntime only"))
-    precision: Precision = Field(params.DEFAULT_PRECISION, description=(
-        "the model's arithmetic: float32, or float16 (torch on a CUDA device) or bfloat16 (torch); the noise is "
-        "drawn and added in float32, and the certificate holds for the classifier in this precision"))
+        "as the answer is known; n is then the cap per input",
+    )
+    runtime: Runtime = Field(
+        params.DEFAULT_RUNTIME,
+        description=(
+            "what evaluates the model: auto (the fastest on the worker's device, measured once per model), torch "
+            "or onnxruntime (a safetensors model is then exported to ONNX); an ONNX model runs in onnxruntime only"
+        ),
+    )
+    precision: Precision = Field(
+        params.DEFAULT_PRECISION,
+        description=(
+            "the model's arithmetic: float32, or float16 (torch on a CUDA device) or bfloat16 (torch); the noise is "
+            "drawn and added in float32, and the certificate holds for the classifier in this precision"
+        ),
+    )
 
     @field_validator("skip", "limit", "n0", "n", "batch_size", "seed", "labels", mode="before")
     @classmethod
@@ -133,9 +160,13 @@ class CertifyRequest(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> CertifyRequest:
         if (self.inputs is None) == (self.dataset_id is None):
-            raise ValueError("give either inputs or dataset_id (a dataset uploaded to /v1/datasets)")
+            raise ValueError(
+                "give either inputs or dataset_id (a dataset uploaded to /v1/datasets)"
+            )
         if self.dataset_id is not None and self.labels is not None:
-            raise ValueError("a dataset job takes its labels from the dataset's y; do not send labels")
+            raise ValueError(
+                "a dataset job takes its labels from the dataset's y; do not send labels"
+            )
         if self.dataset_id is None and (self.skip or self.limit is not None):
             raise ValueError("skip and limit apply to dataset jobs (dataset_id) only")
         if self.target_radius is not None and (self.mode != "certify" or self.bound != "cohen"):
@@ -144,7 +175,9 @@ class CertifyRequest(BaseModel):
 
     @model_validator(mode="after")
     def _certify_n(self) -> CertifyRequest:
-        if self.mode == "certify" and self.target_radius is None:   # a target-radius run checks its own reach
+        if (
+            self.mode == "certify" and self.target_radius is None
+        ):  # a target-radius run checks its own reach
             params.check_certify_n(self.n, self.alpha, self.bound)
         return self
 
@@ -178,21 +211,29 @@ class Job(BaseModel):
     finished_at: float | None = None
     error: str | None = None
     result: dict[str, Any] | None = Field(
-        None, description="certify and predict jobs: 'results' holds one row per input; each row of a certify or "
-                          "predict run (not of a target_radius run) has 'votes', the estimation samples' counts "
-                          "per class as {\"<class index>\": count}, zero counts left out, summing to the row's n")
+        None,
+        description="certify and predict jobs: 'results' holds one row per input; each row of a certify or "
+        "predict run (not of a target_radius run) has 'votes', the estimation samples' counts "
+        'per class as {"<class index>": count}, zero counts left out, summing to the row\'s n',
+    )
     params: dict[str, Any] = {}
     cancel_requested: bool = False
     created_time: str | None = Field(None, description=_TIME + "created_at")
-    started_time: str | None = Field(None, description=_TIME + "started_at; null until the job starts")
-    finished_time: str | None = Field(None, description=_TIME + "finished_at; null until the job ends")
+    started_time: str | None = Field(
+        None, description=_TIME + "started_at; null until the job starts"
+    )
+    finished_time: str | None = Field(
+        None, description=_TIME + "finished_at; null until the job ends"
+    )
 
 
 class JobList(BaseModel):
     """``GET /v1/jobs``: a page of jobs, newest first, each without its result rows."""
 
     jobs: list[Job]
-    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null after the last page")
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null after the last page"
+    )
 
 
 class ModelRecord(BaseModel):
@@ -203,10 +244,14 @@ class ModelRecord(BaseModel):
     id: str
     name: str | None = None
     kind: Literal["classifier", "denoiser", "pipeline"] = Field(
-        "classifier", description="a denoiser only runs as a pipeline's first part; a pipeline is certifiable")
+        "classifier",
+        description="a denoiser only runs as a pipeline's first part; a pipeline is certifiable",
+    )
     format: Literal["onnx", "safetensors", "pipeline"]
-    sha256: str = Field(description="of the file; a pipeline's is the sha256 of the ASCII text of its denoiser's "
-                                    "and its classifier's hex digests, in that order")
+    sha256: str = Field(
+        description="of the file; a pipeline's is the sha256 of the ASCII text of its denoiser's "
+        "and its classifier's hex digests, in that order"
+    )
     size_bytes: int
     created_at: float
     input_shape: list[int]
@@ -218,8 +263,9 @@ class ModelRecord(BaseModel):
     sigma: float | None = None
     denoiser: str | None = Field(None, description="a pipeline's denoiser model id")
     classifier: str | None = Field(None, description="a pipeline's classifier model id")
-    parts: dict[str, dict[str, Any]] | None = Field(None, description="a pipeline's parts: id, name, sha256, "
-                                                                     "format and arch of each")
+    parts: dict[str, dict[str, Any]] | None = Field(
+        None, description="a pipeline's parts: id, name, sha256, format and arch of each"
+    )
 
     @computed_field(description=_TIME + "created_at")  # type: ignore[prop-decorator]
     @property
@@ -234,7 +280,9 @@ class PipelineRequest(BaseModel):
 
     denoiser: str = Field(min_length=1, max_length=64, description="id of an uploaded denoiser")
     classifier: str = Field(min_length=1, max_length=64, description="id of an uploaded classifier")
-    name: str | None = Field(None, min_length=1, max_length=200, description='default "DENOISER + CLASSIFIER"')
+    name: str | None = Field(
+        None, min_length=1, max_length=200, description='default "DENOISER + CLASSIFIER"'
+    )
 
 
 class DatasetRecord(BaseModel):
@@ -251,8 +299,11 @@ class DatasetRecord(BaseModel):
     sha256: str
     created_at: float
 
-    stored_bytes: int | None = Field(None, description="what x and y take on disk, counted against the uploading "
-                                                       "key's SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY")
+    stored_bytes: int | None = Field(
+        None,
+        description="what x and y take on disk, counted against the uploading "
+        "key's SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY",
+    )
 
     @computed_field(description=_TIME + "created_at")  # type: ignore[prop-decorator]
     @property
@@ -308,9 +359,12 @@ def decode_inputs(value: str | list[Any]) -> np.ndarray:
             arr = np.load(io.BytesIO(raw), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise ValueError(f"inputs is base64 but not a .npy array file: {exc}") from None
-        if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.floating)
-                                                   or np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"inputs .npy must hold numbers, not dtype {getattr(arr, 'dtype', '?')}")
+        if not isinstance(arr, np.ndarray) or not (
+            np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+        ):
+            raise ValueError(
+                f"inputs .npy must hold numbers, not dtype {getattr(arr, 'dtype', '?')}"
+            )
         return arr.astype(np.float64)
     _check_numbers(value)
     try:
@@ -320,7 +374,9 @@ def decode_inputs(value: str | list[Any]) -> np.ndarray:
     return arr
 
 
-_NUMBERS = frozenset({int, float})   # what JSON numbers parse to; bool is a subclass of int, not one of these
+_NUMBERS = frozenset(
+    {int, float}
+)  # what JSON numbers parse to; bool is a subclass of int, not one of these
 
 
 def _check_numbers(value: list[Any]) -> None:
@@ -337,9 +393,13 @@ def _check_numbers(value: list[Any]) -> None:
             continue
         for i, item in enumerate(items):
             if type(item) not in _NUMBERS and type(item) is not list:
-                raise ValueError(f"inputs must be a rectangular nested list of numbers: {where}[{i}] is "
-                                 f"{_json_text(item)}, not a number")
-        raise ValueError(f"inputs must be a rectangular nested list of numbers: {where} mixes lists and numbers")
+                raise ValueError(
+                    f"inputs must be a rectangular nested list of numbers: {where}[{i}] is "
+                    f"{_json_text(item)}, not a number"
+                )
+        raise ValueError(
+            f"inputs must be a rectangular nested list of numbers: {where} mixes lists and numbers"
+        )
 
 
 def _json_text(item: Any) -> str:
@@ -371,6 +431,12 @@ def validate_body(model: type[Body], data: bytes | str | dict[str, Any]) -> Body
     """``data`` (raw JSON, or fields already parsed from a form) as ``model``; an invalid body is
     the 422 FastAPI gives its own body parameters (errors located under ``body``)."""
     try:
-        return model.model_validate(data) if isinstance(data, dict) else model.model_validate_json(data)
+        return (
+            model.model_validate(data)
+            if isinstance(data, dict)
+            else model.model_validate_json(data)
+        )
     except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        ) from None

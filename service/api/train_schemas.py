@@ -6,6 +6,7 @@ know: that the dataset exists and that its images fit the architecture. :data:`A
 repeats, without torch, which images each allow-listed architecture takes
 (``models/architectures.py`` builds the networks; a test keeps the two in step).
 """
+
 from __future__ import annotations
 
 from dataclasses import MISSING, fields
@@ -15,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smoothcert.service.api.schemas import integral
 from smoothcert.service.core.params import MAX_SEED
-from smoothcert.service.core.train_config import METHODS, OBJECTIVES, OPTIMIZERS, DenoiserConfig, TrainConfig
+from smoothcert.service.core.train_config import (
+    METHODS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    DenoiserConfig,
+    TrainConfig,
+)
 
 # (channels, height, width) an architecture takes; None: any size (the ResNets pool adaptively,
 # digits_cnn's fully connected layer fixes 8x8).
@@ -26,7 +33,9 @@ ARCH_INPUTS: dict[str, tuple[int, int | None, int | None]] = {
     "imagenet_resnet50": (3, None, None),
 }
 # Datasets every worker has without an upload: input shape [C, H, W] and class count.
-BUILTIN_DATASETS: dict[str, dict[str, Any]] = {"digits": {"input_shape": [1, 8, 8], "num_classes": 10}}
+BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
+    "digits": {"input_shape": [1, 8, 8], "num_classes": 10}
+}
 # Upper bounds that keep one request from occupying a trainer for months.
 MAX_EPOCHS, MAX_M, MAX_STEPS, MAX_BATCH_SIZE = 10_000, 1024, 1000, 65_536
 
@@ -48,24 +57,44 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    dataset: str = Field(min_length=1, max_length=64,
-                         description='"digits" (built in) or the id of a dataset uploaded to /v1/datasets')
+    dataset: str = Field(
+        min_length=1,
+        max_length=64,
+        description='"digits" (built in) or the id of a dataset uploaded to /v1/datasets',
+    )
     # The enums document the choices; TrainConfig (method, optimizer) and check_fits (arch) refuse others.
     arch: str = Field(_default("arch"), json_schema_extra={"enum": list(ARCH_INPUTS)})
     method: str = Field(_default("method"), json_schema_extra={"enum": list(METHODS)})
-    sigma: float = Field(_default("sigma"), gt=0, allow_inf_nan=False,
-                         description="training noise level, in [0,1] pixel units")
+    sigma: float = Field(
+        _default("sigma"),
+        gt=0,
+        allow_inf_nan=False,
+        description="training noise level, in [0,1] pixel units",
+    )
     epochs: int = Field(_default("epochs"), le=MAX_EPOCHS)
-    batch_size: int = Field(_default("batch_size"), le=MAX_BATCH_SIZE, description="images per step")
-    lr: float = Field(_default("lr"), description="initial learning rate (cosine schedule towards 0)")
+    batch_size: int = Field(
+        _default("batch_size"), le=MAX_BATCH_SIZE, description="images per step"
+    )
+    lr: float = Field(
+        _default("lr"), description="initial learning rate (cosine schedule towards 0)"
+    )
     optimizer: str = Field(_default("optimizer"), json_schema_extra={"enum": list(OPTIMIZERS)})
-    m: int = Field(_default("m"), le=MAX_M, description="noise samples per image (smoothed, smoothadv)")
-    epsilon: float = Field(_default("epsilon"), description="smoothadv: l2 attack radius in [0,1] pixel units "
-                                                           "(Salman et al.'s --epsilon 64 is 64/256 = 0.25)")
+    m: int = Field(
+        _default("m"), le=MAX_M, description="noise samples per image (smoothed, smoothadv)"
+    )
+    epsilon: float = Field(
+        _default("epsilon"),
+        description="smoothadv: l2 attack radius in [0,1] pixel units "
+        "(Salman et al.'s --epsilon 64 is 64/256 = 0.25)",
+    )
     steps: int = Field(_default("steps"), le=MAX_STEPS, description="smoothadv: PGD steps")
-    warmup_epochs: int = Field(_default("warmup_epochs"), description="smoothadv: epochs over which epsilon grows")
+    warmup_epochs: int = Field(
+        _default("warmup_epochs"), description="smoothadv: epochs over which epsilon grows"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
-    name: str | None = Field(None, min_length=1, max_length=200, description="the registered model's name")
+    name: str | None = Field(
+        None, min_length=1, max_length=200, description="the registered model's name"
+    )
 
     @field_validator("epochs", "batch_size", "m", "steps", "warmup_epochs", "seed", mode="before")
     @classmethod
@@ -91,20 +120,28 @@ def dataset_shape(dataset: str, uploaded: dict[str, Any] | None) -> tuple[list[i
         known = BUILTIN_DATASETS[dataset]
         return list(known["input_shape"]), known["num_classes"]
     if uploaded is None:
-        raise DatasetUnknown(f"unknown dataset {dataset!r}: give {' or '.join(BUILTIN_DATASETS)}, "
-                             "or the id of a dataset uploaded to /v1/datasets")
+        raise DatasetUnknown(
+            f"unknown dataset {dataset!r}: give {' or '.join(BUILTIN_DATASETS)}, "
+            "or the id of a dataset uploaded to /v1/datasets"
+        )
     return list(uploaded["input_shape"]), int(uploaded["label_range"][1]) + 1
 
 
 def check_fits(arch: str, input_shape: list[int], num_classes: int, dataset: str) -> None:
     """ValueError (one line) unless ``arch`` is allow-listed and takes ``dataset``'s images."""
     if arch not in ARCH_INPUTS:
-        raise ValueError(f"unknown architecture {arch!r}; allowed: {', '.join(sorted(ARCH_INPUTS))}")
+        raise ValueError(
+            f"unknown architecture {arch!r}; allowed: {', '.join(sorted(ARCH_INPUTS))}"
+        )
     takes = ARCH_INPUTS[arch]
-    if len(input_shape) != 3 or any(want is not None and want != got for want, got in zip(takes, input_shape)):
+    if len(input_shape) != 3 or any(
+        want is not None and want != got for want, got in zip(takes, input_shape)
+    ):
         wanted = "x".join("any" if d is None else str(d) for d in takes)
-        raise ValueError(f"{arch} takes images of shape {wanted} (CxHxW), dataset {dataset} holds "
-                         f"{'x'.join(map(str, input_shape))}")
+        raise ValueError(
+            f"{arch} takes images of shape {wanted} (CxHxW), dataset {dataset} holds "
+            f"{'x'.join(map(str, input_shape))}"
+        )
     if num_classes < 2:
         raise ValueError(f"dataset {dataset} has a single class; training needs at least two")
 
@@ -116,25 +153,49 @@ class DenoiserTrainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    dataset: str = Field(min_length=1, max_length=64,
-                         description='"digits" (built in) or the id of a dataset uploaded to /v1/datasets')
-    objective: str = Field(_default("objective", DenoiserConfig), json_schema_extra={"enum": list(OBJECTIVES)},
-                           description="mse: ||D(x+δ) - x||²; stability: cross-entropy of the classifier on "
-                                       "D(x+δ) against its label on x")
-    classifier: str | None = Field(None, min_length=1, max_length=64,
-                                   description="id of a stored safetensors classifier; required by stability")
-    init: str | None = Field(None, min_length=1, max_length=64,
-                             description="id of a stored denoiser of the same depth and width to start from "
-                                         "(e.g. an mse one, fine-tuned with stability)")
-    sigma: float = Field(_default("sigma", DenoiserConfig), gt=0, allow_inf_nan=False,
-                         description="noise level, in [0,1] pixel units")
+    dataset: str = Field(
+        min_length=1,
+        max_length=64,
+        description='"digits" (built in) or the id of a dataset uploaded to /v1/datasets',
+    )
+    objective: str = Field(
+        _default("objective", DenoiserConfig),
+        json_schema_extra={"enum": list(OBJECTIVES)},
+        description="mse: ||D(x+δ) - x||²; stability: cross-entropy of the classifier on "
+        "D(x+δ) against its label on x",
+    )
+    classifier: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="id of a stored safetensors classifier; required by stability",
+    )
+    init: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="id of a stored denoiser of the same depth and width to start from "
+        "(e.g. an mse one, fine-tuned with stability)",
+    )
+    sigma: float = Field(
+        _default("sigma", DenoiserConfig),
+        gt=0,
+        allow_inf_nan=False,
+        description="noise level, in [0,1] pixel units",
+    )
     epochs: int = Field(_default("epochs", DenoiserConfig), le=MAX_EPOCHS)
-    batch_size: int = Field(_default("batch_size", DenoiserConfig), le=MAX_BATCH_SIZE, description="images per step")
-    lr: float = Field(_default("lr", DenoiserConfig), description="initial Adam learning rate (cosine towards 0)")
+    batch_size: int = Field(
+        _default("batch_size", DenoiserConfig), le=MAX_BATCH_SIZE, description="images per step"
+    )
+    lr: float = Field(
+        _default("lr", DenoiserConfig), description="initial Adam learning rate (cosine towards 0)"
+    )
     depth: int = Field(_default("depth", DenoiserConfig), description="DnCNN convolutions, 2 to 64")
     width: int = Field(_default("width", DenoiserConfig), description="DnCNN channels, 1 to 1024")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
-    name: str | None = Field(None, min_length=1, max_length=200, description="the registered denoiser's name")
+    name: str | None = Field(
+        None, min_length=1, max_length=200, description="the registered denoiser's name"
+    )
 
     @field_validator("epochs", "batch_size", "depth", "width", "seed", mode="before")
     @classmethod
@@ -143,15 +204,18 @@ class DenoiserTrainRequest(BaseModel):
 
     def config(self, seed: int) -> DenoiserConfig:
         """The DenoiserConfig of this request with ``seed``; TrainingError when a value is out of range."""
-        return DenoiserConfig(**self.model_dump(exclude={"dataset", "classifier", "init", "seed", "name"}), seed=seed)
+        return DenoiserConfig(
+            **self.model_dump(exclude={"dataset", "classifier", "init", "seed", "name"}), seed=seed
+        )
 
 
 class ModelUnknown(LookupError):
     """No stored model has that id."""
 
 
-def check_denoiser_classifier(meta: dict[str, Any] | None, model_id: str, input_shape: list[int],
-                              dataset: str) -> None:
+def check_denoiser_classifier(
+    meta: dict[str, Any] | None, model_id: str, input_shape: list[int], dataset: str
+) -> None:
     """ModelUnknown when ``meta`` (the record of ``model_id``) is None; ValueError (one line) unless
     it is a safetensors classifier that takes ``dataset``'s images (the stability objective
     back-propagates through it)."""
@@ -160,15 +224,20 @@ def check_denoiser_classifier(meta: dict[str, Any] | None, model_id: str, input_
     kind = meta.get("kind", "classifier")
     if kind != "classifier" or meta.get("format") != "safetensors":
         what = f"a {kind}" if kind != "classifier" else f"an {meta.get('format')} classifier"
-        raise ValueError(f"model {model_id} is {what}; the classifier must be a single safetensors classifier "
-                         "(training back-propagates through it)")
+        raise ValueError(
+            f"model {model_id} is {what}; the classifier must be a single safetensors classifier "
+            "(training back-propagates through it)"
+        )
     if list(meta["input_shape"]) != list(input_shape):
-        raise ValueError(f"the classifier {model_id} takes images of shape {meta['input_shape']}, dataset {dataset} "
-                         f"holds {input_shape}")
+        raise ValueError(
+            f"the classifier {model_id} takes images of shape {meta['input_shape']}, dataset {dataset} "
+            f"holds {input_shape}"
+        )
 
 
-def check_init_denoiser(meta: dict[str, Any] | None, model_id: str, input_shape: list[int],
-                        config: DenoiserConfig) -> None:
+def check_init_denoiser(
+    meta: dict[str, Any] | None, model_id: str, input_shape: list[int], config: DenoiserConfig
+) -> None:
     """ModelUnknown when ``meta`` (the record of ``model_id``) is None; ValueError unless it is a
     denoiser of ``config``'s architecture and size for images of ``input_shape``."""
     if meta is None:
@@ -179,6 +248,8 @@ def check_init_denoiser(meta: dict[str, Any] | None, model_id: str, input_shape:
     theirs = (meta.get("arch"), extra.get("depth"), extra.get("width"), list(meta["input_shape"]))
     ours = (config.arch, config.depth, config.width, list(input_shape))
     if theirs != ours:
-        raise ValueError(f"the init denoiser {model_id} is {theirs[0]} of depth {theirs[1]} and width {theirs[2]} "
-                         f"for {theirs[3]} images; this run trains {ours[0]} of depth {ours[1]} and width {ours[2]} "
-                         f"for {ours[3]}")
+        raise ValueError(
+            f"the init denoiser {model_id} is {theirs[0]} of depth {theirs[1]} and width {theirs[2]} "
+            f"for {theirs[3]} images; this run trains {ours[0]} of depth {ours[1]} and width {ours[2]} "
+            f"for {ours[3]}"
+        )

@@ -1,4 +1,5 @@
 """``python -m smoothcert.service.cli``: the ``smoothcert`` command."""
+
 import sys
 
 from smoothcert.service.cli.main import main

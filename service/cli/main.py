@@ -6,6 +6,7 @@ wait, cancel, models, datasets) live in cli_remote.py. Expected failures (bad in
 files, API errors) end with a one-line message on stderr and exit status 2; set SMOOTHCERT_DEBUG=1
 to see the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,16 @@ MODEL_COMMANDS = frozenset({"certify", "predict", "train", "import-checkpoint", 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `smoothcert` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["worker"]:  # everything after `worker` belongs to `celery worker`, options first
+    if argv[:1] == [
+        "worker"
+    ]:  # everything after `worker` belongs to `celery worker`, options first
         return _worker_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in MODEL_COMMANDS:
         from smoothcert.models import tuning  # standard library only: before torch is imported
 
         tuning.tune_process()
-        tuning.apply_threads()   # now, before a command's own thread settings (training's)
+        tuning.apply_threads()  # now, before a command's own thread settings (training's)
     try:
         return args.handler(args) or 0
     except (ValueError, OSError) as exc:  # every error class of ours derives from ValueError
@@ -53,31 +56,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smoothcert", description="Certified robustness by randomized smoothing.")
+    parser = argparse.ArgumentParser(
+        prog="smoothcert", description="Certified robustness by randomized smoothing."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    certify = commands.add_parser("certify", help="certify inputs: class and certified l2 radius, or abstain")
+    certify = commands.add_parser(
+        "certify", help="certify inputs: class and certified l2 radius, or abstain"
+    )
     _model_and_inputs(certify)
     options.add_samples(certify, local=True)
     options.add_certify_options(certify, local=True)
     certify.set_defaults(handler=_run_certify)
 
-    predict = commands.add_parser("predict", help="predict with the smoothed classifier, or abstain")
+    predict = commands.add_parser(
+        "predict", help="predict with the smoothed classifier, or abstain"
+    )
     _model_and_inputs(predict)
-    predict.add_argument("--n", type=int, default=DEFAULT_PREDICT_N, help="samples per input (default %(default)s)")
+    predict.add_argument(
+        "--n", type=int, default=DEFAULT_PREDICT_N, help="samples per input (default %(default)s)"
+    )
     predict.set_defaults(handler=_run_predict)
 
-    analyze = commands.add_parser("analyze", help="certified accuracy at radii from certification TSV files")
+    analyze = commands.add_parser(
+        "analyze", help="certified accuracy at radii from certification TSV files"
+    )
     analyze.add_argument("files", nargs="+", metavar="FILE")
     analyze.add_argument("--radii", help="comma-separated radii (default 0,0.25,...,4)")
     analyze.add_argument("--format", choices=("table", "json", "tsv"), default="table")
     analyze.add_argument("--plot", metavar="PNG", help="also draw the curves into this PNG")
     analyze.set_defaults(handler=_run_analyze)
 
-    up = commands.add_parser("up", help="run the local stack: Redis, the API and one worker (SMOOTHCERT_* settings)")
+    up = commands.add_parser(
+        "up", help="run the local stack: Redis, the API and one worker (SMOOTHCERT_* settings)"
+    )
     up.set_defaults(handler=lambda args: _stack_main())
-    worker = commands.add_parser("worker", help="run a Celery worker; further options go to `celery worker`",
-                                 add_help=False)
+    worker = commands.add_parser(
+        "worker", help="run a Celery worker; further options go to `celery worker`", add_help=False
+    )
     worker.add_argument("celery_args", nargs=argparse.REMAINDER)
     worker.set_defaults(handler=lambda args: _worker_main(args.celery_args))
 
@@ -99,11 +115,17 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def _model_and_inputs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="an .onnx or .safetensors file, or the id of a model stored under SMOOTHCERT_DATA_DIR")
-    p.add_argument("--denoiser", metavar="DENOISER",
-                   help="certify MODEL behind this denoiser (denoised smoothing): a denoiser .safetensors file "
-                        "(smoothcert train-denoiser), or the id of one stored under SMOOTHCERT_DATA_DIR")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="an .onnx or .safetensors file, or the id of a model stored under SMOOTHCERT_DATA_DIR",
+    )
+    p.add_argument(
+        "--denoiser",
+        metavar="DENOISER",
+        help="certify MODEL behind this denoiser (denoised smoothing): a denoiser .safetensors file "
+        "(smoothcert train-denoiser), or the id of one stored under SMOOTHCERT_DATA_DIR",
+    )
     options.add_inputs(p)
     options.add_labels(p, local=True)
     options.add_sigma(p)
@@ -112,8 +134,10 @@ def _model_and_inputs(p: argparse.ArgumentParser) -> None:
     options.add_runtime(p, local=True)
     options.add_precision(p, local=True)
     options.add_out(p, local=True)
-    options.add_model_fields(p.add_argument_group("bare safetensors weights (files without smoothcert metadata)"),
-                             local=True)
+    options.add_model_fields(
+        p.add_argument_group("bare safetensors weights (files without smoothcert metadata)"),
+        local=True,
+    )
 
 
 def _run_certify(args) -> int:
@@ -123,20 +147,41 @@ def _run_certify(args) -> int:
     model, x, labels = _prepare(args)
     with _progress_bar() as progress:
         if args.target_radius is None:
-            run = certify(model, x, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
-                          batch_size=args.batch_size, seed=args.seed, bound=args.bound, progress=progress)
+            run = certify(
+                model,
+                x,
+                sigma=args.sigma,
+                n0=args.n0,
+                n=args.n,
+                alpha=args.alpha,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                bound=args.bound,
+                progress=progress,
+            )
         else:  # --n caps the draws per input
-            run = certify_at_radius(model, x, args.sigma, args.target_radius, n0=args.n0, n_max=args.n,
-                                    alpha=args.alpha, batch_size=args.batch_size, seed=args.seed,
-                                    progress=progress)
+            run = certify_at_radius(
+                model,
+                x,
+                args.sigma,
+                args.target_radius,
+                n0=args.n0,
+                n_max=args.n,
+                alpha=args.alpha,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                progress=progress,
+            )
     _write(args, run, labels)
     if args.target_radius is None:
         certified = sum(not r.abstained for r in run.results)
         what = f"certified {certified} of {len(run.results)} inputs ({len(run.results) - certified} abstained)"
     else:
         certified = sum(r.certified_at_r for r in run.results)
-        what = (f"certified {certified} of {len(run.results)} inputs at radius {args.target_radius} with "
-                f"{run.provenance['samples_used'] / len(run.results):,.0f} samples per input")
+        what = (
+            f"certified {certified} of {len(run.results)} inputs at radius {args.target_radius} with "
+            f"{run.provenance['samples_used'] / len(run.results):,.0f} samples per input"
+        )
     print(f"{what}{_accuracy(run, labels)} in {run.provenance['elapsed_s']:.1f} s", file=sys.stderr)
     return 0
 
@@ -147,12 +192,23 @@ def _run_predict(args) -> int:
     options.check_bounds(args, certify=False)
     model, x, labels = _prepare(args)
     with _progress_bar() as progress:
-        run = predict(model, x, sigma=args.sigma, n=args.n, alpha=args.alpha,
-                      batch_size=args.batch_size, seed=args.seed, progress=progress)
+        run = predict(
+            model,
+            x,
+            sigma=args.sigma,
+            n=args.n,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=progress,
+        )
     _write(args, run, labels)
     answered = sum(not r.abstained for r in run.results)
-    print(f"predicted {answered} of {len(run.results)} inputs{_accuracy(run, labels)}"
-          f" in {run.provenance['elapsed_s']:.1f} s", file=sys.stderr)
+    print(
+        f"predicted {answered} of {len(run.results)} inputs{_accuracy(run, labels)}"
+        f" in {run.provenance['elapsed_s']:.1f} s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -168,7 +224,9 @@ def _prepare(args):
 
     model = _load(args)
     batch = args.batch_size or default_batch_size(model.info.input_shape, model.device, model)
-    model = select_runtime(model, args.runtime, batch_size=batch, cache_dir=cache_dir(), precision=args.precision)
+    model = select_runtime(
+        model, args.runtime, batch_size=batch, cache_dir=cache_dir(), precision=args.precision
+    )
     x = load_inputs(args.inputs, model.info.input_shape)
     labels = None
     if args.labels:
@@ -182,7 +240,9 @@ def _load(args):
     if args.denoiser is None:
         model = _load_classifier(args)
         if not hasattr(model, "logits"):
-            raise ValueError(f"{args.model} is a denoiser: give a classifier as MODEL and this with --denoiser")
+            raise ValueError(
+                f"{args.model} is a denoiser: give a classifier as MODEL and this with --denoiser"
+            )
         return model
     from smoothcert.models.pipeline import compose  # torch: only for the model commands
 
@@ -205,28 +265,49 @@ def load_denoiser_arg(path: str, device: str):
 
 def load_classifier_arg(model: str, device: str):
     """A self-describing classifier file, or else the id of a classifier stored under SMOOTHCERT_DATA_DIR."""
-    return _load_classifier(argparse.Namespace(model=model, device=device, input_shape=None, arch=None,
-                                               num_classes=None, normalization=None))
+    return _load_classifier(
+        argparse.Namespace(
+            model=model,
+            device=device,
+            input_shape=None,
+            arch=None,
+            num_classes=None,
+            normalization=None,
+        )
+    )
 
 
 def _load_classifier(args):
     """MODEL is a file, or else the id of a model in the store under SMOOTHCERT_DATA_DIR."""
-    from smoothcert.models.loaders import load_model, load_stored_model  # torch: only for the model commands
+    from smoothcert.models.loaders import (
+        load_model,
+        load_stored_model,
+    )  # torch: only for the model commands
 
     if not Path(args.model).exists():
         store = ModelStore(Settings().models_dir)
         meta = store.get(args.model)
         if meta is None:
-            raise ValueError(f"no such file: {args.model} (nor a model with that id in {store.root})")
+            raise ValueError(
+                f"no such file: {args.model} (nor a model with that id in {store.root})"
+            )
         return load_stored_model(store, meta, args.device)
     input_shape = None
     if args.input_shape:
         try:
             input_shape = tuple(int(v) for v in args.input_shape.split(","))
         except ValueError:
-            raise ValueError(f"--input-shape must look like 3,32,32, got {args.input_shape!r}") from None
-    return load_model(args.model, device=args.device, arch=args.arch, input_shape=input_shape,
-                      num_classes=args.num_classes, normalization=args.normalization)
+            raise ValueError(
+                f"--input-shape must look like 3,32,32, got {args.input_shape!r}"
+            ) from None
+    return load_model(
+        args.model,
+        device=args.device,
+        arch=args.arch,
+        input_shape=input_shape,
+        num_classes=args.num_classes,
+        normalization=args.normalization,
+    )
 
 
 def cache_dir() -> Path:
@@ -239,6 +320,7 @@ def cache_dir() -> Path:
 def _progress_bar():
     """A progress callback drawing a bar on stderr, silent when stderr is not a terminal."""
     with stderr_bar(0, "samples", unit_scale=True) as bar:
+
         def update(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -247,7 +329,9 @@ def _progress_bar():
 
 
 def _write(args, run, labels) -> None:
-    text = format_tsv([r.to_dict() for r in run.results], None if labels is None else labels.tolist())
+    text = format_tsv(
+        [r.to_dict() for r in run.results], None if labels is None else labels.tolist()
+    )
     options.write_out(text, args.out, run.provenance)
 
 

@@ -8,6 +8,7 @@ same default, and the help says "(server default X)". Adders take a parser or an
 and add in the order that ``--help`` lists. :func:`check_bounds` refuses values outside the bounds
 of :mod:`smoothcert.service.core.params` before a model is loaded or a request is sent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from smoothcert.service.core.params import BOUNDS, DEFAULT_ALPHA, DEFAULT_N, DEF
 DEFAULT_BOUND = "cohen"
 INPUTS_HELP = ".npy of shape (N,C,H,W) or (C,H,W) in [0,1], or PNG/JPEG files or folders"
 
-Flags = argparse._ActionsContainer   # an ArgumentParser or an argument group
+Flags = argparse._ActionsContainer  # an ArgumentParser or an argument group
 
 
 def _default(value: Any, local: bool) -> str:
@@ -43,37 +44,69 @@ def add_labels(p: Flags, *, local: bool) -> None:
 
 def add_sigma(p: Flags) -> None:
     """``--sigma``, required: the smoothing noise level."""
-    p.add_argument("--sigma", type=float, required=True,
-                   help=f"noise level σ, in [0,1] pixel units, at most {params.MAX_SIGMA:g}")
+    p.add_argument(
+        "--sigma",
+        type=float,
+        required=True,
+        help=f"noise level σ, in [0,1] pixel units, at most {params.MAX_SIGMA:g}",
+    )
 
 
 def add_samples(p: Flags, *, local: bool) -> None:
     """CERTIFY's ``--n0`` (selection) and ``--n`` (estimation) sample counts."""
-    p.add_argument("--n0", type=int, default=DEFAULT_N0 if local else None,
-                   help=f"samples to select the class ({_default(DEFAULT_N0, local)})")
-    p.add_argument("--n", type=int, default=DEFAULT_N if local else None,
-                   help=f"samples to bound its probability ({_default(DEFAULT_N, local)})")
+    p.add_argument(
+        "--n0",
+        type=int,
+        default=DEFAULT_N0 if local else None,
+        help=f"samples to select the class ({_default(DEFAULT_N0, local)})",
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        default=DEFAULT_N if local else None,
+        help=f"samples to bound its probability ({_default(DEFAULT_N, local)})",
+    )
 
 
 def add_run_options(p: Flags, *, local: bool) -> None:
     """``--alpha``, ``--batch-size`` and ``--seed``, which CERTIFY and PREDICT both take."""
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA if local else None,
-                   help=f"failure probability in [{params.MIN_ALPHA:g}, {params.MAX_ALPHA:g}] "
-                        f"({_default(DEFAULT_ALPHA, local)})")
-    p.add_argument("--batch-size", type=int,
-                   help="noisy samples per forward pass" + (" (default: by input size)" if local else ""))
-    p.add_argument("--seed", type=int, help="noise seed (default: drawn "
-                                            + ("at random" if local else "by the server") + " and recorded)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA if local else None,
+        help=f"failure probability in [{params.MIN_ALPHA:g}, {params.MAX_ALPHA:g}] "
+        f"({_default(DEFAULT_ALPHA, local)})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="noisy samples per forward pass" + (" (default: by input size)" if local else ""),
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="noise seed (default: drawn "
+        + ("at random" if local else "by the server")
+        + " and recorded)",
+    )
 
 
 def add_certify_options(p: Flags, *, local: bool) -> None:
     """CERTIFY's ``--bound`` and ``--target-radius``."""
-    p.add_argument("--bound", choices=BOUNDS, default=DEFAULT_BOUND if local else None,
-                   help=_default(DEFAULT_BOUND, local))
+    p.add_argument(
+        "--bound",
+        choices=BOUNDS,
+        default=DEFAULT_BOUND if local else None,
+        help=_default(DEFAULT_BOUND, local),
+    )
     drawing = ", drawing until the answer is known" if local else ""
     cap = "the cap per input" if local else "the cap"
-    p.add_argument("--target-radius", type=float, metavar="R",
-                   help=f"only decide 'certified at radius R?'{drawing} (anytime-valid; --n is then {cap})")
+    p.add_argument(
+        "--target-radius",
+        type=float,
+        metavar="R",
+        help=f"only decide 'certified at radius R?'{drawing} (anytime-valid; --n is then {cap})",
+    )
 
 
 def check_bounds(args: argparse.Namespace, *, certify: bool) -> None:
@@ -87,16 +120,24 @@ def check_bounds(args: argparse.Namespace, *, certify: bool) -> None:
         params.check_alpha_bound(args.alpha)
     n = DEFAULT_N if args.n is None else args.n
     if certify and n >= 1:
-        params.check_certify_n(n, DEFAULT_ALPHA if args.alpha is None else args.alpha, args.bound or DEFAULT_BOUND)
+        params.check_certify_n(
+            n, DEFAULT_ALPHA if args.alpha is None else args.alpha, args.bound or DEFAULT_BOUND
+        )
 
 
 def add_model_fields(p: Flags, *, local: bool) -> None:
     """``--arch``, ``--input-shape``, ``--num-classes`` and ``--normalization``: what a model file
     without smoothcert metadata cannot say itself (``local``: a file loaded here; else an upload)."""
-    p.add_argument("--arch", help="architecture name, e.g. digits_cnn, cifar_resnet20" if local
-                   else "architecture, required for bare safetensors weights, e.g. digits_cnn")
-    p.add_argument("--input-shape",
-                   help="C,H,W, e.g. 3,32,32" + ("" if local else " (read from ONNX and smoothcert files)"))
+    p.add_argument(
+        "--arch",
+        help="architecture name, e.g. digits_cnn, cifar_resnet20"
+        if local
+        else "architecture, required for bare safetensors weights, e.g. digits_cnn",
+    )
+    p.add_argument(
+        "--input-shape",
+        help="C,H,W, e.g. 3,32,32" + ("" if local else " (read from ONNX and smoothcert files)"),
+    )
     p.add_argument("--num-classes", type=int)
     p.add_argument("--normalization", help='JSON, e.g. {"mean": [0.5], "std": [0.25]}')
 
@@ -104,16 +145,24 @@ def add_model_fields(p: Flags, *, local: bool) -> None:
 def add_runtime(p: Flags, *, local: bool) -> None:
     """``--runtime``: what evaluates the model (auto: the fastest, measured once per model and cached)."""
     where = "here" if local else "on the worker's device"
-    p.add_argument("--runtime", choices=params.RUNTIMES, default=params.DEFAULT_RUNTIME if local else None,
-                   help=f"auto: the fastest {where}, measured once per model; torch or onnxruntime pin one "
-                        f"(an ONNX model runs in onnxruntime only) ({_default(params.DEFAULT_RUNTIME, local)})")
+    p.add_argument(
+        "--runtime",
+        choices=params.RUNTIMES,
+        default=params.DEFAULT_RUNTIME if local else None,
+        help=f"auto: the fastest {where}, measured once per model; torch or onnxruntime pin one "
+        f"(an ONNX model runs in onnxruntime only) ({_default(params.DEFAULT_RUNTIME, local)})",
+    )
 
 
 def add_precision(p: Flags, *, local: bool) -> None:
     """``--precision``: the model's arithmetic (the noise stays float32)."""
-    p.add_argument("--precision", choices=params.PRECISIONS, default=params.DEFAULT_PRECISION if local else None,
-                   help="float32, or float16 (torch on a CUDA device) or bfloat16 (torch); the noise is drawn and "
-                        f"added in float32 ({_default(params.DEFAULT_PRECISION, local)})")
+    p.add_argument(
+        "--precision",
+        choices=params.PRECISIONS,
+        default=params.DEFAULT_PRECISION if local else None,
+        help="float32, or float16 (torch on a CUDA device) or bfloat16 (torch); the noise is drawn and "
+        f"added in float32 ({_default(params.DEFAULT_PRECISION, local)})",
+    )
 
 
 def add_device(p: Flags) -> None:
@@ -124,7 +173,11 @@ def add_device(p: Flags) -> None:
 def add_out(p: Flags, *, local: bool) -> None:
     """``--out TSV``: where :func:`write_out` puts the rows and their provenance."""
     rows = "rows" if local else "the rows"
-    p.add_argument("--out", metavar="TSV", help=f"write {rows} here (default stdout) and provenance to TSV.json")
+    p.add_argument(
+        "--out",
+        metavar="TSV",
+        help=f"write {rows} here (default stdout) and provenance to TSV.json",
+    )
 
 
 def write_out(text: str, out: str | None, provenance: dict[str, Any] | None = None) -> None:

@@ -8,6 +8,7 @@ call the API v1 through :class:`~smoothcert.service.client.service_client.Servic
 stderr, so the output pipes; errors are ClientError (a ValueError) and end as one line with exit
 status 2 in cli.main.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,18 +27,31 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the HTTP subcommands on the `smoothcert` parser's subcommand list."""
     connection = argparse.ArgumentParser(add_help=False)
     where = connection.add_argument_group("service")
-    where.add_argument("--url", help=f"the API's base URL (default ${ENV_URL}, else http://127.0.0.1:8000)")
-    where.add_argument("--api-key", help=f"bearer key (default ${ENV_KEY}; model upload/delete: ${ENV_ADMIN_KEY})")
+    where.add_argument(
+        "--url", help=f"the API's base URL (default ${ENV_URL}, else http://127.0.0.1:8000)"
+    )
+    where.add_argument(
+        "--api-key", help=f"bearer key (default ${ENV_KEY}; model upload/delete: ${ENV_ADMIN_KEY})"
+    )
 
-    submit = commands.add_parser("submit", parents=[connection],
-                                 help="queue a certify or predict job on the service; prints the job id")
-    submit.add_argument("model_id", metavar="MODEL_ID", help="a model id from `smoothcert models list`")
+    submit = commands.add_parser(
+        "submit",
+        parents=[connection],
+        help="queue a certify or predict job on the service; prints the job id",
+    )
+    submit.add_argument(
+        "model_id", metavar="MODEL_ID", help="a model id from `smoothcert models list`"
+    )
     source = submit.add_mutually_exclusive_group(required=True)
     options.add_inputs(source, required=False)
-    source.add_argument("--dataset", metavar="ID", help="a dataset id from `smoothcert datasets upload`")
+    source.add_argument(
+        "--dataset", metavar="ID", help="a dataset id from `smoothcert datasets upload`"
+    )
     options.add_labels(submit, local=False)
     submit.add_argument("--skip", type=int, help="with --dataset: start at this input (default 0)")
-    submit.add_argument("--limit", type=int, help="with --dataset: certify at most this many inputs")
+    submit.add_argument(
+        "--limit", type=int, help="with --dataset: certify at most this many inputs"
+    )
     options.add_sigma(submit)
     submit.add_argument("--mode", choices=MODES, default="certify", help="default certify")
     options.add_samples(submit, local=False)
@@ -49,37 +63,55 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _result_options(submit)
     submit.set_defaults(handler=_submit)
 
-    status = commands.add_parser("status", parents=[connection], help="show a job's status and progress")
+    status = commands.add_parser(
+        "status", parents=[connection], help="show a job's status and progress"
+    )
     status.add_argument("job_id", metavar="JOB_ID")
     status.add_argument("--json", action="store_true", help="print the whole job record as JSON")
     status.set_defaults(handler=_status)
 
-    wait = commands.add_parser("wait", parents=[connection], help="wait for a job and write its results TSV")
+    wait = commands.add_parser(
+        "wait", parents=[connection], help="wait for a job and write its results TSV"
+    )
     wait.add_argument("job_id", metavar="JOB_ID")
     _result_options(wait)
     wait.set_defaults(handler=_wait)
 
-    cancel = commands.add_parser("cancel", parents=[connection], help="cancel a queued or running job")
+    cancel = commands.add_parser(
+        "cancel", parents=[connection], help="cancel a queued or running job"
+    )
     cancel.add_argument("job_id", metavar="JOB_ID")
     cancel.set_defaults(handler=_cancel)
 
     models = commands.add_parser("models", help="upload, list and delete the service's models")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    upload = actions.add_parser("upload", parents=[connection], help="upload a model (admin key); prints its id")
+    upload = actions.add_parser(
+        "upload", parents=[connection], help="upload a model (admin key); prints its id"
+    )
     upload.add_argument("file", metavar="FILE", help="an .onnx file, or a .safetensors file")
     upload.add_argument("--name")
     options.add_model_fields(upload, local=False)
     upload.add_argument("--sigma", type=float, help="the noise level the model was trained with")
     upload.add_argument("--class-names", help="comma-separated, or a JSON list")
-    upload.add_argument("--json", action="store_true", help="print the model record as JSON instead of its id")
+    upload.add_argument(
+        "--json", action="store_true", help="print the model record as JSON instead of its id"
+    )
     upload.set_defaults(handler=_upload, admin=True)
-    pipeline = actions.add_parser("pipeline", parents=[connection],
-                                  help="register an uploaded denoiser and classifier as one model (admin key); "
-                                       "prints its id")
-    pipeline.add_argument("--denoiser", required=True, metavar="ID", help="id of an uploaded denoiser")
-    pipeline.add_argument("--classifier", required=True, metavar="ID", help="id of an uploaded classifier")
+    pipeline = actions.add_parser(
+        "pipeline",
+        parents=[connection],
+        help="register an uploaded denoiser and classifier as one model (admin key); prints its id",
+    )
+    pipeline.add_argument(
+        "--denoiser", required=True, metavar="ID", help="id of an uploaded denoiser"
+    )
+    pipeline.add_argument(
+        "--classifier", required=True, metavar="ID", help="id of an uploaded classifier"
+    )
     pipeline.add_argument("--name", help='default "DENOISER + CLASSIFIER"')
-    pipeline.add_argument("--json", action="store_true", help="print the model record as JSON instead of its id")
+    pipeline.add_argument(
+        "--json", action="store_true", help="print the model record as JSON instead of its id"
+    )
     pipeline.set_defaults(handler=_register_pipeline, admin=True)
     listing = actions.add_parser("list", parents=[connection], help="list the ready models")
     listing.add_argument("--json", action="store_true", help="print the records as JSON")
@@ -88,10 +120,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     delete.add_argument("model_id", metavar="ID")
     delete.set_defaults(handler=_delete_model, admin=True)
 
-    datasets = commands.add_parser("datasets", help="upload, list and delete datasets to certify as one job")
+    datasets = commands.add_parser(
+        "datasets", help="upload, list and delete datasets to certify as one job"
+    )
     actions = datasets.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
-    upload = actions.add_parser("upload", parents=[connection], help="upload an .npz with x and y; prints its id")
-    upload.add_argument("file", metavar="FILE", help="numpy.savez file: x (N,C,H,W) in [0,1] or uint8, y labels")
+    upload = actions.add_parser(
+        "upload", parents=[connection], help="upload an .npz with x and y; prints its id"
+    )
+    upload.add_argument(
+        "file", metavar="FILE", help="numpy.savez file: x (N,C,H,W) in [0,1] or uint8, y labels"
+    )
     upload.add_argument("--name")
     upload.set_defaults(handler=_upload_dataset)
     listing = actions.add_parser("list", parents=[connection], help="list the datasets")
@@ -104,17 +142,29 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def _result_options(p: argparse.ArgumentParser) -> None:
     options.add_out(p, local=False)
-    p.add_argument("--timeout", type=float, metavar="S", help="stop waiting after S seconds (the job goes on)")
+    p.add_argument(
+        "--timeout", type=float, metavar="S", help="stop waiting after S seconds (the job goes on)"
+    )
 
 
 def service_client(args: argparse.Namespace):
     """A ServiceClient for the URL and key that the options and environment name."""
     from smoothcert.service.client.service_client import ClientError, ServiceClient
 
-    url = args.url or os.environ.get(ENV_URL) or f"http://127.0.0.1:{os.environ.get('SMOOTHCERT_PORT') or 8000}"
-    key = args.api_key or (getattr(args, "admin", False) and os.environ.get(ENV_ADMIN_KEY)) or os.environ.get(ENV_KEY)
+    url = (
+        args.url
+        or os.environ.get(ENV_URL)
+        or f"http://127.0.0.1:{os.environ.get('SMOOTHCERT_PORT') or 8000}"
+    )
+    key = (
+        args.api_key
+        or (getattr(args, "admin", False) and os.environ.get(ENV_ADMIN_KEY))
+        or os.environ.get(ENV_KEY)
+    )
     if not key:
-        raise ClientError(f"no API key: set {ENV_KEY} (`smoothcert up` prints it) or pass --api-key")
+        raise ClientError(
+            f"no API key: set {ENV_KEY} (`smoothcert up` prints it) or pass --api-key"
+        )
     return ServiceClient(url, key)
 
 
@@ -126,11 +176,25 @@ def _submit(args) -> int:
     options.check_bounds(args, certify=args.mode == "certify" and args.target_radius is None)
     labels = _read_labels(args.labels, args.inputs) if args.labels else None
     with service_client(args) as client:
-        accepted = client.submit(args.model_id, args.inputs, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
-                                 batch_size=args.batch_size, seed=args.seed, bound=args.bound, mode=args.mode,
-                                 runtime=args.runtime, precision=args.precision,
-                                 labels=labels, dataset_id=args.dataset, skip=args.skip, limit=args.limit,
-                                 target_radius=args.target_radius)
+        accepted = client.submit(
+            args.model_id,
+            args.inputs,
+            args.sigma,
+            n0=args.n0,
+            n=args.n,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            bound=args.bound,
+            mode=args.mode,
+            runtime=args.runtime,
+            precision=args.precision,
+            labels=labels,
+            dataset_id=args.dataset,
+            skip=args.skip,
+            limit=args.limit,
+            target_radius=args.target_radius,
+        )
         job_id = accepted["job_id"]
         if not args.wait:
             print(job_id)
@@ -151,11 +215,16 @@ def _follow(client, job_id: str, args) -> int:
     try:
         record = client.wait(job_id, timeout=args.timeout)
     except KeyboardInterrupt:
-        print(f"smoothcert: stopped waiting; job {job_id} keeps running (`smoothcert cancel {job_id}` stops it)",
-              file=sys.stderr)
+        print(
+            f"smoothcert: stopped waiting; job {job_id} keeps running (`smoothcert cancel {job_id}` stops it)",
+            file=sys.stderr,
+        )
         return 130
     if record["status"] != "succeeded":
-        raise ClientError(f"job {job_id} {record['status']}" + (f": {record['error']}" if record.get("error") else ""))
+        raise ClientError(
+            f"job {job_id} {record['status']}"
+            + (f": {record['error']}" if record.get("error") else "")
+        )
     result = record.get("result") or {}
     if "results" not in result:  # a job without per-input rows (a model check)
         options.write_out(json.dumps(result, indent=2) + "\n", args.out)
@@ -187,7 +256,11 @@ def _status(args) -> int:
     done, total = record["progress"]["done"], record["progress"]["total"]
     share = f" ({100 * done / total:.0f}%)" if total else ""
     line = f"{record['id']}\t{record['kind']}\t{record['status']}\t{done}/{total} samples{share}"
-    if record.get("cancel_requested") and record["status"] not in ("canceled", "succeeded", "failed"):
+    if record.get("cancel_requested") and record["status"] not in (
+        "canceled",
+        "succeeded",
+        "failed",
+    ):
         line += "\tcancel requested"
     if record.get("error"):
         line += f"\terror: {record['error']}"
@@ -198,7 +271,11 @@ def _status(args) -> int:
 def _cancel(args) -> int:
     with service_client(args) as client:
         record = client.cancel(args.job_id)
-    what = "canceled" if record["status"] == "canceled" else "cancel requested; it stops between two batches"
+    what = (
+        "canceled"
+        if record["status"] == "canceled"
+        else "cancel requested; it stops between two batches"
+    )
     print(f"job {record['id']}: {what}", file=sys.stderr)
     return 0
 
@@ -209,21 +286,33 @@ def _upload(args) -> int:
         try:
             shape = [int(v) for v in args.input_shape.strip("[]() ").split(",")]
         except ValueError:
-            raise ValueError(f"--input-shape must look like 3,32,32, got {args.input_shape!r}") from None
+            raise ValueError(
+                f"--input-shape must look like 3,32,32, got {args.input_shape!r}"
+            ) from None
     names = None
     if args.class_names:
         text = args.class_names.strip()
         names = json.loads(text) if text.startswith("[") else [n.strip() for n in text.split(",")]
     with service_client(args) as client:
-        model = client.upload_model(args.file, name=args.name, arch=args.arch, input_shape=shape,
-                                    num_classes=args.num_classes, normalization=args.normalization,
-                                    sigma=args.sigma, class_names=names)
+        model = client.upload_model(
+            args.file,
+            name=args.name,
+            arch=args.arch,
+            input_shape=shape,
+            num_classes=args.num_classes,
+            normalization=args.normalization,
+            sigma=args.sigma,
+            class_names=names,
+        )
     if args.json:
         print(json.dumps(model, indent=2))
         return 0
     print(model["id"])
-    print(f"uploaded {model.get('name') or Path(args.file).name}: {model['format']}, input {model['input_shape']}, "
-          f"{model['num_classes']} classes, sha256 {model['sha256'][:12]}", file=sys.stderr)
+    print(
+        f"uploaded {model.get('name') or Path(args.file).name}: {model['format']}, input {model['input_shape']}, "
+        f"{model['num_classes']} classes, sha256 {model['sha256'][:12]}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -234,9 +323,11 @@ def _register_pipeline(args) -> int:
         print(json.dumps(model, indent=2))
         return 0
     print(model["id"])
-    print(f"registered {model.get('name')}: denoiser {args.denoiser} then classifier {args.classifier}, "
-          f"input {model['input_shape']}, {model['num_classes']} classes, sha256 {model['sha256'][:12]}",
-          file=sys.stderr)
+    print(
+        f"registered {model.get('name')}: denoiser {args.denoiser} then classifier {args.classifier}, "
+        f"input {model['input_shape']}, {model['num_classes']} classes, sha256 {model['sha256'][:12]}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -258,8 +349,11 @@ def _upload_dataset(args) -> int:
     with service_client(args) as client:
         dataset = client.upload_dataset(args.file, name=args.name)
     print(dataset["id"])
-    print(f"uploaded {dataset['name']}: {dataset['num_inputs']} inputs of shape {dataset['input_shape']}, "
-          f"labels {dataset['label_range'][0]}..{dataset['label_range'][1]}", file=sys.stderr)
+    print(
+        f"uploaded {dataset['name']}: {dataset['num_inputs']} inputs of shape {dataset['input_shape']}, "
+        f"labels {dataset['label_range'][0]}..{dataset['label_range'][1]}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -285,8 +379,12 @@ def _table(args, records: list[dict], columns: tuple[str, ...]) -> None:
     print("\t".join(columns))
     for record in records:
         values = [record.get(c) for c in columns]
-        print("\t".join("-" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)
-                        for v in values))
+        print(
+            "\t".join(
+                "-" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+                for v in values
+            )
+        )
 
 
 def _read_labels(path: str, inputs: list[str]) -> list[int]:

@@ -1,4 +1,5 @@
 """The Python client of the API v1: :class:`ServiceClient` (see :mod:`.service_client`)."""
+
 from smoothcert.service.client.service_client import ClientError, ServiceClient
 
 __all__ = ["ClientError", "ServiceClient"]

@@ -10,6 +10,7 @@ the same key, when the server says to come back (429, 503, 409, with ``Retry-Aft
 connection fails: a retry of a request whose answer was lost returns the job it created instead
 of a second one. :meth:`ServiceClient.wait` rides out a server or Redis that is briefly away.
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,7 +29,9 @@ from tqdm import tqdm
 from smoothcert.service.core.inputs import image_files
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-RETRY_STATUS = frozenset({409, 429, 503})  # answers that come with Retry-After: the request may pass later
+RETRY_STATUS = frozenset(
+    {409, 429, 503}
+)  # answers that come with Retry-After: the request may pass later
 UNAVAILABLE = frozenset({502, 503, 504})
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -36,13 +39,21 @@ _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 class ClientError(ValueError):
     """A request that did not succeed; ``status_code`` is None when no answer came back."""
 
-    def __init__(self, message: str, status_code: int | None = None, detail: Any = None,
-                 retry_after: float | None = None, answer_lost: bool = False):
+    def __init__(
+        self,
+        message: str,
+        status_code: int | None = None,
+        detail: Any = None,
+        retry_after: float | None = None,
+        answer_lost: bool = False,
+    ):
         super().__init__(" ".join(message.split()))
         self.status_code = status_code
         self.detail = detail
         self.retry_after = retry_after
-        self.answer_lost = answer_lost  # the request may have reached the server; its answer did not come
+        self.answer_lost = (
+            answer_lost  # the request may have reached the server; its answer did not come
+        )
 
 
 def _detail_text(detail: Any) -> str:
@@ -69,14 +80,23 @@ class ServiceClient:
     :meth:`close`.
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0,
-                 upload_timeout: float = 300.0, transport: httpx.BaseTransport | None = None,
-                 retries: int = 3, max_retry_wait_s: float = 60.0):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        upload_timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+        retries: int = 3,
+        max_retry_wait_s: float = 60.0,
+    ):
         self.base_url = base_url.rstrip("/")
         self.upload_timeout = max(timeout, upload_timeout)
         self.retries, self.max_retry_wait_s = retries, max_retry_wait_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
 
     def __enter__(self) -> ServiceClient:
         return self
@@ -89,13 +109,28 @@ class ServiceClient:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def submit(self, model_id: str, inputs: Sequence[str | Path] | None, sigma: float, *, n0: int | None = None,
-               n: int | None = None, alpha: float | None = None, batch_size: int | None = None,
-               seed: int | None = None, bound: str | None = None, mode: str | None = None,
-               labels: Sequence[int] | None = None, radii: Sequence[float] | None = None,
-               dataset_id: str | None = None, skip: int | None = None, limit: int | None = None,
-               target_radius: float | None = None, runtime: str | None = None,
-               precision: str | None = None) -> dict:
+    def submit(
+        self,
+        model_id: str,
+        inputs: Sequence[str | Path] | None,
+        sigma: float,
+        *,
+        n0: int | None = None,
+        n: int | None = None,
+        alpha: float | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        bound: str | None = None,
+        mode: str | None = None,
+        labels: Sequence[int] | None = None,
+        radii: Sequence[float] | None = None,
+        dataset_id: str | None = None,
+        skip: int | None = None,
+        limit: int | None = None,
+        target_radius: float | None = None,
+        runtime: str | None = None,
+        precision: str | None = None,
+    ) -> dict:
         """Queue a certify (or ``mode="predict"``) job; the server's ``{job_id, status, location}``.
 
         ``inputs`` is one ``.npy`` file (sent as base64 in a JSON body) or PNG/JPEG files and
@@ -105,12 +140,25 @@ class ServiceClient:
         """
         if (inputs is None) == (dataset_id is None):
             raise ClientError("give either inputs or a dataset id")
-        params = {"model_id": model_id, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
-                  "batch_size": batch_size, "seed": seed, "bound": bound, "mode": mode,
-                  "labels": None if labels is None else [int(y) for y in labels],
-                  "radii": None if radii is None else [float(r) for r in radii],
-                  "dataset_id": dataset_id, "skip": skip, "limit": limit, "target_radius": target_radius,
-                  "runtime": runtime, "precision": precision}
+        params = {
+            "model_id": model_id,
+            "sigma": sigma,
+            "n0": n0,
+            "n": n,
+            "alpha": alpha,
+            "batch_size": batch_size,
+            "seed": seed,
+            "bound": bound,
+            "mode": mode,
+            "labels": None if labels is None else [int(y) for y in labels],
+            "radii": None if radii is None else [float(r) for r in radii],
+            "dataset_id": dataset_id,
+            "skip": skip,
+            "limit": limit,
+            "target_radius": target_radius,
+            "runtime": runtime,
+            "precision": precision,
+        }
         params = {k: v for k, v in params.items() if v is not None}
         if dataset_id is not None:
             return self._submit("/v1/certify", lambda: {"json": params}).json()
@@ -119,15 +167,24 @@ class ServiceClient:
             body = {**params, "inputs": base64.b64encode(_read(paths[0])).decode("ascii")}
             return self._submit("/v1/certify", lambda: {"json": body}).json()
         form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
-        files = [("inputs", (p.name, _read(p), _MIME[p.suffix.lower()])) for p in image_files(paths)]
+        files = [
+            ("inputs", (p.name, _read(p), _MIME[p.suffix.lower()])) for p in image_files(paths)
+        ]
         return self._submit("/v1/certify", lambda: {"data": form, "files": files}).json()
 
     def status(self, job_id: str) -> dict:
         """The job record: ``{id, kind, status, progress: {done, total}, ..., error, result}``."""
         return self._request("GET", f"/v1/jobs/{_segment(job_id)}").json()
 
-    def wait(self, job_id: str, timeout: float | None = None, progress: bool | None = None,
-             poll_s: float = 0.1, max_poll_s: float = 2.0, max_outage_s: float = 120.0) -> dict:
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        progress: bool | None = None,
+        poll_s: float = 0.1,
+        max_poll_s: float = 2.0,
+        max_outage_s: float = 120.0,
+    ) -> dict:
         """Poll until the job is succeeded, failed or canceled; its last record.
 
         Polls start every ``poll_s`` seconds and back off to ``max_poll_s``. A progress bar (in
@@ -141,8 +198,15 @@ class ServiceClient:
         show = sys.stderr.isatty() if progress is None else progress
         delay, record = poll_s, self.status(job_id)
         outage_since: float | None = None
-        with tqdm(total=record["progress"]["total"] or None, unit="samples", unit_scale=True, file=sys.stderr,
-                  disable=not show, dynamic_ncols=True, desc=job_id[:8]) as bar:
+        with tqdm(
+            total=record["progress"]["total"] or None,
+            unit="samples",
+            unit_scale=True,
+            file=sys.stderr,
+            disable=not show,
+            dynamic_ncols=True,
+            desc=job_id[:8],
+        ) as bar:
             while True:
                 done, total = record["progress"]["done"], record["progress"]["total"]
                 if total and bar.total != total:
@@ -153,8 +217,10 @@ class ServiceClient:
                     return record
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise ClientError(f"job {job_id} is still {record['status']} after {timeout:g} s "
-                                      f"({done} of {total} samples); it keeps running on the server")
+                    raise ClientError(
+                        f"job {job_id} is still {record['status']} after {timeout:g} s "
+                        f"({done} of {total} samples); it keeps running on the server"
+                    )
                 time.sleep(delay if left is None else min(delay, left))
                 delay = min(delay * 1.5, max_poll_s)
                 try:
@@ -177,31 +243,60 @@ class ServiceClient:
 
     # -- models -------------------------------------------------------------------------------
 
-    def upload_model(self, path: str | Path, *, name: str | None = None, arch: str | None = None,
-                     input_shape: Sequence[int] | None = None, num_classes: int | None = None,
-                     normalization: dict | str | None = None, sigma: float | None = None,
-                     class_names: Sequence[str] | None = None) -> dict:
+    def upload_model(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        arch: str | None = None,
+        input_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+        normalization: dict | str | None = None,
+        sigma: float | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> dict:
         """Upload an .onnx or .safetensors model (admin key); its record once a worker checked it.
 
         ``normalization`` is ``{"mean": [...], "std": [...]}`` or its JSON text; the server checks
         every field and answers 422 with its reason.
         """
         path = Path(path)
-        fields = {"name": name, "arch": arch, "num_classes": num_classes, "sigma": sigma,
-                  "input_shape": None if input_shape is None else json.dumps([int(d) for d in input_shape]),
-                  "class_names": None if class_names is None else json.dumps(list(class_names)),
-                  "normalization": normalization if normalization is None or isinstance(normalization, str)
-                  else json.dumps(normalization)}
+        fields = {
+            "name": name,
+            "arch": arch,
+            "num_classes": num_classes,
+            "sigma": sigma,
+            "input_shape": None
+            if input_shape is None
+            else json.dumps([int(d) for d in input_shape]),
+            "class_names": None if class_names is None else json.dumps(list(class_names)),
+            "normalization": normalization
+            if normalization is None or isinstance(normalization, str)
+            else json.dumps(normalization),
+        }
         form = {k: str(v) for k, v in fields.items() if v is not None}
         with _open(path) as f:
-            return self._request("POST", "/v1/models", data=form, files={"file": (path.name, f)},
-                                 timeout=self.upload_timeout).json()
+            return self._request(
+                "POST",
+                "/v1/models",
+                data=form,
+                files={"file": (path.name, f)},
+                timeout=self.upload_timeout,
+            ).json()
 
-    def register_pipeline(self, denoiser_id: str, classifier_id: str, *, name: str | None = None) -> dict:
+    def register_pipeline(
+        self, denoiser_id: str, classifier_id: str, *, name: str | None = None
+    ) -> dict:
         """Register an uploaded denoiser followed by an uploaded classifier as one model (admin
         key); its record once a worker checked that the two parts fit together."""
-        body = {"denoiser": denoiser_id, "classifier": classifier_id, **({"name": name} if name else {})}
-        return self._request("POST", "/v1/models/pipelines", json=body, timeout=self.upload_timeout).json()
+        body = {
+            "denoiser": denoiser_id,
+            "classifier": classifier_id,
+            **({"name": name} if name else {}),
+        }
+        return self._request(
+            "POST", "/v1/models/pipelines", json=body, timeout=self.upload_timeout
+        ).json()
 
     def list_models(self) -> list[dict]:
         """Every ready model, oldest first."""
@@ -220,10 +315,14 @@ class ServiceClient:
         """Upload an ``.npz`` with ``x`` (N, C, H, W) and ``y`` (N labels); its record (``id``)."""
         path = Path(path)
         with _open(path) as f:
+
             def attempt() -> dict[str, Any]:
                 f.seek(0)  # a retry sends the whole file again
-                return {"data": {"name": name} if name else {}, "files": {"file": (path.name, f)},
-                        "timeout": self.upload_timeout}
+                return {
+                    "data": {"name": name} if name else {},
+                    "files": {"file": (path.name, f)},
+                    "timeout": self.upload_timeout,
+                }
 
             return self._submit("/v1/datasets", attempt).json()
 
@@ -262,12 +361,18 @@ class ServiceClient:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
-            raise ClientError(f"cannot connect to the smoothcert service at {self.base_url} ({exc}); "
-                              "is it running?") from None
+            raise ClientError(
+                f"cannot connect to the smoothcert service at {self.base_url} ({exc}); "
+                "is it running?"
+            ) from None
         except httpx.TimeoutException:
-            raise ClientError(f"no answer from {self.base_url} to {method} {path} in time", answer_lost=True) from None
+            raise ClientError(
+                f"no answer from {self.base_url} to {method} {path} in time", answer_lost=True
+            ) from None
         except httpx.TransportError as exc:
-            raise ClientError(f"{method} {self.base_url}{path} failed: {exc}", answer_lost=True) from None
+            raise ClientError(
+                f"{method} {self.base_url}{path} failed: {exc}", answer_lost=True
+            ) from None
         except httpx.HTTPError as exc:
             raise ClientError(f"{method} {self.base_url}{path} failed: {exc}") from None
         if resp.is_success:
@@ -276,9 +381,12 @@ class ServiceClient:
             detail = resp.json()["detail"]
         except (ValueError, KeyError, TypeError):
             detail = resp.text[:300] or resp.reason_phrase
-        raise ClientError(f"{method} {path}: {resp.status_code} {resp.reason_phrase}: {_detail_text(detail)}",
-                          status_code=resp.status_code, detail=detail,
-                          retry_after=_seconds(resp.headers.get("Retry-After")))
+        raise ClientError(
+            f"{method} {path}: {resp.status_code} {resp.reason_phrase}: {_detail_text(detail)}",
+            status_code=resp.status_code,
+            detail=detail,
+            retry_after=_seconds(resp.headers.get("Retry-After")),
+        )
 
 
 def _seconds(value: str | None) -> float | None:

@@ -19,6 +19,7 @@ stored is never larger than what was uploaded unzipped; :func:`as_float_pixels` 
 pixels into the float32 [0, 1] every model takes, the same values the upload's own scaling gives.
 numpy only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,12 +37,15 @@ import numpy as np
 from smoothcert.models.pixels import PixelError, check_pixel_values
 
 REQUIRED = ("x", "y")
-MAX_MEMBERS = 64                    # numpy.savez writes one member per array; a dataset needs two
-MAX_DIRECTORY_BYTES = 64 << 10      # ample for MAX_MEMBERS entries with long names
+MAX_MEMBERS = 64  # numpy.savez writes one member per array; a dataset needs two
+MAX_DIRECTORY_BYTES = 64 << 10  # ample for MAX_MEMBERS entries with long names
 _MEMBER_NAME = re.compile(r"[^/\\\x00]+\.npy")
 _HINT = "save it with numpy.savez(path, x=images, y=labels)"
-BLOCK_BYTES = 1 << 20               # what the checks and the writer hold of a member at a time
-PIXEL_SCALES = {"uint8": 255, "uint16": 65535}   # integer pixels: stored as uploaded, scaled when read
+BLOCK_BYTES = 1 << 20  # what the checks and the writer hold of a member at a time
+PIXEL_SCALES = {
+    "uint8": 255,
+    "uint16": 65535,
+}  # integer pixels: stored as uploaded, scaled when read
 _FLOAT_HINT = " (or upload uint8 pixels, scaled by 1/255 here)"
 
 
@@ -54,9 +58,9 @@ class DatasetTooLarge(DatasetFileError):
 
 
 class DatasetArrays(NamedTuple):
-    x: np.ndarray          # float32 (N, C, H, W) in [0, 1]
-    y: np.ndarray          # int64 (N,), ≥ 0
-    source_dtype: str      # x's dtype as uploaded
+    x: np.ndarray  # float32 (N, C, H, W) in [0, 1]
+    y: np.ndarray  # int64 (N,), ≥ 0
+    source_dtype: str  # x's dtype as uploaded
 
 
 def read_dataset_npz(path: str | Path, max_unpacked_bytes: int) -> DatasetArrays:
@@ -80,9 +84,9 @@ class _Member(NamedTuple):
     key: str
     shape: tuple[int, ...]
     fortran_order: bool
-    dtype: np.dtype          # as uploaded
-    data_offset: int         # bytes of .npy header before the data
-    stored: np.dtype         # as written by DatasetFile.store
+    dtype: np.dtype  # as uploaded
+    data_offset: int  # bytes of .npy header before the data
+    stored: np.dtype  # as written by DatasetFile.store
 
     @property
     def elements(self) -> int:
@@ -90,8 +94,14 @@ class _Member(NamedTuple):
 
     def stored_header(self) -> bytes:
         out = io.BytesIO()
-        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(self.stored),
-                                                   "fortran_order": self.fortran_order, "shape": self.shape})
+        np.lib.format.write_array_header_1_0(
+            out,
+            {
+                "descr": np.lib.format.dtype_to_descr(self.stored),
+                "fortran_order": self.fortran_order,
+                "shape": self.shape,
+            },
+        )
         return out.getvalue()
 
     def stored_bytes(self) -> int:
@@ -127,11 +137,15 @@ class DatasetFile:
         missing = [key for key in REQUIRED if f"{key}.npy" not in members]
         if missing:
             found = ", ".join(sorted(name.removesuffix(".npy") for name in members)) or "nothing"
-            raise DatasetFileError(f"the .npz lacks {' and '.join(missing)} (it holds {found}); {_HINT}")
+            raise DatasetFileError(
+                f"the .npz lacks {' and '.join(missing)} (it holds {found}); {_HINT}"
+            )
         declared = sum(members[f"{key}.npy"].file_size for key in REQUIRED)
         if declared > max_unpacked_bytes:
-            raise DatasetTooLarge(f"x and y unzip to {declared} bytes, over this server's limit of "
-                                  f"{max_unpacked_bytes} bytes (SMOOTHCERT_MAX_DATASET_UNPACKED_BYTES)")
+            raise DatasetTooLarge(
+                f"x and y unzip to {declared} bytes, over this server's limit of "
+                f"{max_unpacked_bytes} bytes (SMOOTHCERT_MAX_DATASET_UNPACKED_BYTES)"
+            )
         self.x = _member_header(archive, members["x.npy"], "x")
         self.y = _member_header(archive, members["y.npy"], "y")
         _check_image_layout(self.x.shape, self.x.dtype)
@@ -177,8 +191,9 @@ class DatasetFile:
         _check_label_range(int(low), int(high))
         return int(low), int(high)
 
-    def _copy(self, m: _Member, out: BinaryIO,
-              check: Callable[[np.ndarray], None] | None) -> tuple[float, float]:
+    def _copy(
+        self, m: _Member, out: BinaryIO, check: Callable[[np.ndarray], None] | None
+    ) -> tuple[float, float]:
         """Stream member ``m`` to ``out`` in its stored form, ``check(block)`` on each block; the
         smallest and largest value seen."""
         out.write(m.stored_header())
@@ -210,7 +225,14 @@ def _reading(key: str) -> Iterator[None]:
     """Turn what zipfile and zlib raise on a damaged member into one DatasetFileError."""
     try:
         yield
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
         # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method.
         raise DatasetFileError(f"{key}: the .npz is damaged or unreadable ({exc})") from None
 
@@ -250,22 +272,28 @@ def _check_directory_size(path: str | Path) -> None:
         end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # None without an end record
     size_field, entries_field = zipfile._ECD_SIZE, zipfile._ECD_ENTRIES_TOTAL  # type: ignore[attr-defined]
     if end is not None and end[size_field] > MAX_DIRECTORY_BYTES:
-        raise DatasetFileError(f"the .npz's zip directory takes {end[size_field]} bytes "
-                               f"({end[entries_field]} entries declared), over the "
-                               f"{MAX_DIRECTORY_BYTES} a dataset of x and y needs; {_HINT}")
+        raise DatasetFileError(
+            f"the .npz's zip directory takes {end[size_field]} bytes "
+            f"({end[entries_field]} entries declared), over the "
+            f"{MAX_DIRECTORY_BYTES} a dataset of x and y needs; {_HINT}"
+        )
 
 
 def _check_member_names(names: list[str]) -> None:
     """At most MAX_MEMBERS members, each a plain ``<key>.npy``: nothing is extracted, but a path
     such as ``../x`` or a stray file is no numpy.savez output and is refused as hostile."""
     if len(names) > MAX_MEMBERS:
-        raise DatasetFileError(f"the .npz holds {len(names)} members, over {MAX_MEMBERS}; a dataset needs "
-                               f"only x and y; {_HINT}")
+        raise DatasetFileError(
+            f"the .npz holds {len(names)} members, over {MAX_MEMBERS}; a dataset needs "
+            f"only x and y; {_HINT}"
+        )
     for name in names:
         if not _MEMBER_NAME.fullmatch(name):
             shown = name if len(name) <= 60 else name[:60] + "..."
-            raise DatasetFileError(f"the .npz holds a member named {shown!r}; numpy.savez writes only "
-                                   f"<key>.npy members, without folders; {_HINT}")
+            raise DatasetFileError(
+                f"the .npz holds a member named {shown!r}; numpy.savez writes only "
+                f"<key>.npy members, without folders; {_HINT}"
+            )
 
 
 def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> _Member:
@@ -276,13 +304,20 @@ def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) ->
             offset = member.tell()
     if dtype.hasobject or dtype.kind not in "biuf":
         raise DatasetFileError(
-            f"{key} has dtype {dtype}" + (", which holds pickled Python objects; smoothcert never "
-                                          "unpickles uploads" if dtype.hasobject else "")
-            + "; save plain numbers")
+            f"{key} has dtype {dtype}"
+            + (
+                ", which holds pickled Python objects; smoothcert never unpickles uploads"
+                if dtype.hasobject
+                else ""
+            )
+            + "; save plain numbers"
+        )
     size = math.prod(shape) * dtype.itemsize
     if offset + size != info.file_size:
-        raise DatasetFileError(f"{key}: its header declares shape {list(shape)} ({size} bytes of data) "
-                               f"but the member holds {info.file_size - offset}")
+        raise DatasetFileError(
+            f"{key}: its header declares shape {list(shape)} ({size} bytes of data) "
+            f"but the member holds {info.file_size - offset}"
+        )
     return _Member(info, key, tuple(shape), bool(fortran_order), dtype, offset, dtype)
 
 
@@ -320,15 +355,21 @@ def check_labels(y: np.ndarray, count: int) -> np.ndarray:
 def _check_image_layout(shape: tuple[int, ...], dtype: np.dtype) -> None:
     if len(shape) != 4 or 0 in shape:
         hint = " (add the channel axis: x[:, None])" if len(shape) == 3 else ""
-        raise DatasetFileError(f"x must be (N, C, H, W) with no empty axis, got shape {list(shape)}{hint}")
+        raise DatasetFileError(
+            f"x must be (N, C, H, W) with no empty axis, got shape {list(shape)}{hint}"
+        )
     if dtype.kind != "f" and dtype.name not in PIXEL_SCALES:
-        raise DatasetFileError(f"x must hold floats in [0, 1] or uint8 pixels (or uint16, scaled by 1/65535), "
-                               f"not {dtype}")
+        raise DatasetFileError(
+            f"x must hold floats in [0, 1] or uint8 pixels (or uint16, scaled by 1/65535), "
+            f"not {dtype}"
+        )
 
 
 def _check_label_layout(shape: tuple[int, ...], dtype: np.dtype, count: int) -> None:
     if len(shape) != 1 or dtype.kind not in "iu":
-        raise DatasetFileError(f"y must be a 1-d array of integer labels, got {dtype} of shape {list(shape)}")
+        raise DatasetFileError(
+            f"y must be a 1-d array of integer labels, got {dtype} of shape {list(shape)}"
+        )
     if shape[0] != count:
         raise DatasetFileError(f"x holds {count} images but y holds {shape[0]} labels")
 

@@ -16,6 +16,7 @@ keeps ids, folders and records), so an upload in progress is invisible; ``get``,
 ``delete`` see every complete dataset. Workers read slices of ``x.npy`` memory-mapped, without
 loading all, and get float32 in [0, 1].
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,12 @@ from typing import Any, BinaryIO, ContextManager
 
 import numpy as np
 
-from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge, as_float_pixels, open_dataset_npz
+from smoothcert.service.core.dataset_files import (
+    DatasetFileError,
+    DatasetTooLarge,
+    as_float_pixels,
+    open_dataset_npz,
+)
 from smoothcert.service.core.store import FolderStore, copy_upload, created_at
 
 # admit(dataset id, bytes it will store): entered once the upload's headers are checked and before
@@ -40,8 +46,17 @@ class DatasetMissing(DatasetFileError):
 class DatasetStore(FolderStore):
     """Datasets under ``root``; safe to use from the API and the workers."""
 
-    def add(self, src: BinaryIO, filename: str, name: str | None, *, max_bytes: int,
-            max_unpacked_bytes: int, owner: str | None = None, admit: Admit | None = None) -> dict[str, Any]:
+    def add(
+        self,
+        src: BinaryIO,
+        filename: str,
+        name: str | None,
+        *,
+        max_bytes: int,
+        max_unpacked_bytes: int,
+        owner: str | None = None,
+        admit: Admit | None = None,
+    ) -> dict[str, Any]:
         """Check an uploaded ``.npz`` and store its arrays; return the new record.
 
         Raises DatasetTooLarge past ``max_bytes`` (the file) or ``max_unpacked_bytes`` (x and y
@@ -51,18 +66,35 @@ class DatasetStore(FolderStore):
         """
         with self.new_folder() as (dataset_id, folder):
             upload = folder / "upload.npz.part"
-            sha256, size = copy_upload(src, upload, max_bytes, too_large=lambda: DatasetTooLarge(
-                f"the dataset file exceeds this server's limit of {max_bytes} bytes (SMOOTHCERT_MAX_DATASET_BYTES)"))
-            with open_dataset_npz(upload, max_unpacked_bytes) as data, \
-                    (admit or _admit_all)(dataset_id, data.stored_bytes):
+            sha256, size = copy_upload(
+                src,
+                upload,
+                max_bytes,
+                too_large=lambda: DatasetTooLarge(
+                    f"the dataset file exceeds this server's limit of {max_bytes} bytes (SMOOTHCERT_MAX_DATASET_BYTES)"
+                ),
+            )
+            with (
+                open_dataset_npz(upload, max_unpacked_bytes) as data,
+                (admit or _admit_all)(dataset_id, data.stored_bytes),
+            ):
                 with open(folder / "x.npy", "wb") as x_out, open(folder / "y.npy", "wb") as y_out:
                     label_range = data.store(x_out, y_out)
                 upload.unlink()
-                meta = {"id": dataset_id, "name": name or Path(filename).stem or dataset_id,
-                        "filename": Path(filename).name, "num_inputs": data.num_inputs,
-                        "input_shape": data.input_shape, "label_range": list(label_range),
-                        "source_dtype": data.source_dtype, "size_bytes": size, "sha256": sha256,
-                        "stored_bytes": data.stored_bytes, "owner": owner, "created_at": created_at()}
+                meta = {
+                    "id": dataset_id,
+                    "name": name or Path(filename).stem or dataset_id,
+                    "filename": Path(filename).name,
+                    "num_inputs": data.num_inputs,
+                    "input_shape": data.input_shape,
+                    "label_range": list(label_range),
+                    "source_dtype": data.source_dtype,
+                    "size_bytes": size,
+                    "sha256": sha256,
+                    "stored_bytes": data.stored_bytes,
+                    "owner": owner,
+                    "created_at": created_at(),
+                }
                 self.write(dataset_id, meta)
         return meta
 

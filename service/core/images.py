@@ -27,6 +27,7 @@ the training image folders):
 Pixels come back as integers whose dtype is their depth (uint8, or uint16 for 16-bit grey);
 :func:`to_unit` scales them to [0, 1] by that depth's largest value.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,15 +40,23 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-GREY_MODES = ("1", "L", "LA", "I;16")     # Pillow's modes of images without colour
+GREY_MODES = ("1", "L", "LA", "I;16")  # Pillow's modes of images without colour
 COLOUR_MODES = ("RGB", "RGBA", "P")
-FORMATS = ("PNG", "JPEG")                  # Pillow's JPEG reader also opens MPO, a JPEG with several pictures
+FORMATS = ("PNG", "JPEG")  # Pillow's JPEG reader also opens MPO, a JPEG with several pictures
 MAX_IMAGE_PIXELS = 4096 * 4096
-ACCEPTED = ("accepted: PNG or JPEG, one frame, grey (1, L, 16-bit grey PNG), RGB or palette colour; "
-            "alpha only when fully opaque")
+ACCEPTED = (
+    "accepted: PNG or JPEG, one frame, grey (1, L, 16-bit grey PNG), RGB or palette colour; "
+    "alpha only when fully opaque"
+)
 # The first bytes of formats Pillow could read but that are not accepted, to name them in the refusal.
-_OTHER_FORMATS = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-                  (b"BM", "BMP"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"))
+_OTHER_FORMATS = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+)
 Source = bytes | str | Path
 
 
@@ -60,38 +69,50 @@ class ImageHeader:
     """What a PNG/JPEG's header says, read without decoding a pixel."""
 
     name: str
-    format: str          # PNG, JPEG or MPO
-    mode: str            # Pillow's mode, e.g. L, I;16, RGB, RGBA, P, CMYK
+    format: str  # PNG, JPEG or MPO
+    mode: str  # Pillow's mode, e.g. L, I;16, RGB, RGBA, P, CMYK
     width: int
     height: int
     frames: int
-    bits: int            # bits per channel as decoded: 8, or 16
-    transparency: bool   # an alpha channel, or transparent colours or palette entries
+    bits: int  # bits per channel as decoded: 8, or 16
+    transparency: bool  # an alpha channel, or transparent colours or palette entries
 
     @property
     def grey(self) -> bool:
         return self.mode in GREY_MODES
 
-    def check(self, size: tuple[int, int] | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    def check(
+        self, size: tuple[int, int] | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+    ) -> None:
         """ImageError unless this image is accepted (module docstring) and, when ``size`` (height,
         width: the model's) is given, exactly that size; nothing is resized."""
         what = f"{self.name}: {self.width}x{self.height} pixels (width x height)"
         if self.frames != 1:
-            raise ImageError(f"{self.name}: {self.frames} frames (an animated or multi-picture {self.format}); "
-                             f"only single-frame images are accepted ({ACCEPTED})")
+            raise ImageError(
+                f"{self.name}: {self.frames} frames (an animated or multi-picture {self.format}); "
+                f"only single-frame images are accepted ({ACCEPTED})"
+            )
         if size is not None and (self.height, self.width) != tuple(size):
-            raise ImageError(f"{what}, the model takes {size[1]}x{size[0]}; resize it first (nothing is "
-                             "resized here)")
+            raise ImageError(
+                f"{what}, the model takes {size[1]}x{size[0]}; resize it first (nothing is "
+                "resized here)"
+            )
         if self.width * self.height > max_pixels:
             raise ImageError(f"{what} is over the cap of {max_pixels:,} pixels per image")
         if self.mode == "CMYK":
-            raise ImageError(f"{self.name}: a CMYK {self.format}; convert it to RGB with its colour profile first "
-                             f"({ACCEPTED})")
+            raise ImageError(
+                f"{self.name}: a CMYK {self.format}; convert it to RGB with its colour profile first "
+                f"({ACCEPTED})"
+            )
         if self.bits != 8 and self.mode != "I;16":
-            raise ImageError(f"{self.name}: a {self.bits}-bit colour or grey-and-alpha {self.format}, which would "
-                             f"be decoded to 8 bits; save it as 8-bit ({ACCEPTED})")
+            raise ImageError(
+                f"{self.name}: a {self.bits}-bit colour or grey-and-alpha {self.format}, which would "
+                f"be decoded to 8 bits; save it as 8-bit ({ACCEPTED})"
+            )
         if self.mode not in GREY_MODES + COLOUR_MODES:
-            raise ImageError(f"{self.name}: {self.format} mode {self.mode} is not accepted ({ACCEPTED})")
+            raise ImageError(
+                f"{self.name}: {self.format} mode {self.mode} is not accepted ({ACCEPTED})"
+            )
 
 
 def has_image_suffix(path: str | Path) -> bool:
@@ -104,26 +125,39 @@ def _opened(source: Source, name: str) -> Iterator[tuple[ImageFile.ImageFile, Im
     """The image opened lazily (Pillow reads the header only) with its header; ImageError when
     it is not a PNG or JPEG, and for any error while the caller decodes it."""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS) as image:
+        with Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS
+        ) as image:
             yield image, _header(image, name)
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: over the cap of {MAX_IMAGE_PIXELS:,} pixels per image ({exc})") from None
+        raise ImageError(
+            f"{name}: over the cap of {MAX_IMAGE_PIXELS:,} pixels per image ({exc})"
+        ) from None
     except UnidentifiedImageError as exc:
         other = _other_format(source)
         if other:
             raise ImageError(f"{name}: a {other} image; only PNG and JPEG are accepted") from None
         raise ImageError(f"{name}: not a readable PNG or JPEG image ({exc})") from None
-    except OSError as exc:   # truncated or corrupt data, found while decoding
+    except OSError as exc:  # truncated or corrupt data, found while decoding
         raise ImageError(f"{name}: not a readable PNG or JPEG image ({exc})") from None
 
 
 def _header(image: ImageFile.ImageFile, name: str) -> ImageHeader:
     args = image.tile[0].args if image.tile else None
-    rawmode = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")
+    rawmode = (
+        args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")
+    )
     bits = 16 if ";16" in str(rawmode) else 8
-    return ImageHeader(name=name, format=str(image.format), mode=image.mode, width=image.width,
-                       height=image.height, frames=int(getattr(image, "n_frames", 1)), bits=bits,
-                       transparency=image.has_transparency_data)
+    return ImageHeader(
+        name=name,
+        format=str(image.format),
+        mode=image.mode,
+        width=image.width,
+        height=image.height,
+        frames=int(getattr(image, "n_frames", 1)),
+        bits=bits,
+        transparency=image.has_transparency_data,
+    )
 
 
 def _other_format(source: Source) -> str | None:
@@ -147,8 +181,13 @@ def read_header(source: Source, name: str) -> ImageHeader:
         return header
 
 
-def read_pixels(source: Source, name: str, mode: str | None = None, size: tuple[int, int] | None = None,
-                max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def read_pixels(
+    source: Source,
+    name: str,
+    mode: str | None = None,
+    size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> np.ndarray:
     """The pixels of a PNG/JPEG given as bytes or a path: (H, W) grey or (H, W, 3) RGB, uint8, or
     uint16 for a 16-bit grey PNG.
 
@@ -162,7 +201,9 @@ def read_pixels(source: Source, name: str, mode: str | None = None, size: tuple[
         if header.mode == "I;16":
             grey = np.asarray(image, dtype=np.uint16)
             if header.transparency and np.any(grey == image.info.get("transparency")):
-                _refuse_transparent(header, int(np.count_nonzero(grey == image.info["transparency"])))
+                _refuse_transparent(
+                    header, int(np.count_nonzero(grey == image.info["transparency"]))
+                )
             return grey if target == "L" else np.repeat(grey[..., None], 3, axis=2)
         if header.transparency:
             alpha = np.asarray(image.convert("RGBA").getchannel("A"))
@@ -172,9 +213,11 @@ def read_pixels(source: Source, name: str, mode: str | None = None, size: tuple[
 
 
 def _refuse_transparent(header: ImageHeader, count: int) -> None:
-    raise ImageError(f"{header.name}: {count} of {header.width * header.height} pixels are not fully opaque; "
-                     "images with transparency are accepted only when fully opaque (flatten it onto a "
-                     "background first)")
+    raise ImageError(
+        f"{header.name}: {count} of {header.width * header.height} pixels are not fully opaque; "
+        "images with transparency are accepted only when fully opaque (flatten it onto a "
+        "background first)"
+    )
 
 
 def to_unit(pixels: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 numpy and Pillow only (no torch), so the API can use it too. Never unpickles: ``.npy`` files are
 read with ``allow_pickle=False``.
 """
+
 from __future__ import annotations
 
 import io
@@ -11,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from smoothcert.service.core.images import ImageError, has_image_suffix, read_header, read_pixels, to_unit
+from smoothcert.service.core.images import (
+    ImageError,
+    has_image_suffix,
+    read_header,
+    read_pixels,
+    to_unit,
+)
 
 
 class InputFileError(ValueError):
@@ -31,7 +38,9 @@ def load_npy(data: bytes | str | Path, what: str = "inputs") -> np.ndarray:
         raise InputFileError(f"{what}: cannot read .npy data ({exc})") from None
 
 
-def decode_images(images: Sequence[tuple[str, bytes | Path]], input_shape: Sequence[int]) -> np.ndarray:
+def decode_images(
+    images: Sequence[tuple[str, bytes | Path]], input_shape: Sequence[int]
+) -> np.ndarray:
     """PNG/JPEG images, each (name, bytes or path), as float32 (N, C, H, W) in [0, 1] for a model
     taking ``input_shape`` (C, H, W): 1 channel (grey) or 3 (RGB).
 
@@ -46,7 +55,9 @@ def decode_images(images: Sequence[tuple[str, bytes | Path]], input_shape: Seque
     try:
         for name, source in images:
             read_header(source, name).check(size)
-        pixels = np.stack([to_unit(read_pixels(source, name, mode, size)) for name, source in images])
+        pixels = np.stack(
+            [to_unit(read_pixels(source, name, mode, size)) for name, source in images]
+        )
     except ImageError as exc:
         raise InputFileError(str(exc)) from None
     return pixels[:, None] if channels == 1 else pixels.transpose(0, 3, 1, 2)
@@ -75,7 +86,9 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
                 raise InputFileError(f"no such file: {path}")
             files.append(path)
         else:
-            raise InputFileError(f"{path}: give one .npy file, or PNG/JPEG files or folders of them")
+            raise InputFileError(
+                f"{path}: give one .npy file, or PNG/JPEG files or folders of them"
+            )
     if not files:
         raise InputFileError("no PNG or JPEG images found in " + ", ".join(map(str, paths)))
     return files
@@ -92,7 +105,9 @@ def load_labels(path: str | Path, count: int) -> np.ndarray:
         except (OSError, ValueError) as exc:
             raise InputFileError(f"labels: cannot read {path} ({exc})") from None
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise InputFileError(f"labels must be a 1-d integer array, got {labels.dtype} of shape {labels.shape}")
+        raise InputFileError(
+            f"labels must be a 1-d integer array, got {labels.dtype} of shape {labels.shape}"
+        )
     if len(labels) != count:
         raise InputFileError(f"{len(labels)} labels for {count} inputs")
     return labels.astype(np.int64)

@@ -14,6 +14,7 @@ only. Once ``:chunk_results`` holds every chunk, whichever chunk task sees that 
 two may race, but the result is the same and the job turns succeeded once (the record's
 transition script), so the step needs no lock.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,9 @@ from smoothcert.service.core.jobs import CANCELED, FAILED, TRACK_LUA, JobStore
 # KEYS[1] record, KEYS[2] deliveries; ARGV[1] chunk, ARGV[2] now, ARGV[3] ttl.
 # A queued or running job turns (stays) running; returns the chunk's delivery count, 0 otherwise.
 # track() keeps the jobs-by-state metrics in step (see smoothcert.service.core.jobs).
-_START = TRACK_LUA + """
+_START = (
+    TRACK_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running')
@@ -36,6 +39,7 @@ local deliveries = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return deliveries
 """
+)
 
 # KEYS[1] record, KEYS[2] chunk results; ARGV[1] chunk, ARGV[2] its outcome (JSON), ARGV[3] ttl.
 # Keeps the outcome only while the job runs (a canceled or failed job's results are dropped by
@@ -85,13 +89,19 @@ class ChunkLedger:
 
     def start(self, job_id: str, index: int) -> int:
         """Mark the job running; chunk ``index``'s delivery count, or 0 when the job is over."""
-        return int(self._start(keys=[JobStore.key(job_id), self._key(job_id, "chunk_deliveries")],
-                               args=[index, round(time.time(), 3), self.ttl_s]))
+        return int(
+            self._start(
+                keys=[JobStore.key(job_id), self._key(job_id, "chunk_deliveries")],
+                args=[index, round(time.time(), 3), self.ttl_s],
+            )
+        )
 
     def set_progress(self, job_id: str, index: int, done: int) -> None:
         """Chunk ``index`` has drawn ``done`` samples; the record's ``done`` becomes the sum."""
-        self._progress(keys=[JobStore.key(job_id), self._key(job_id, "chunk_done")],
-                       args=[index, int(done), self.ttl_s])
+        self._progress(
+            keys=[JobStore.key(job_id), self._key(job_id, "chunk_done")],
+            args=[index, int(done), self.ttl_s],
+        )
 
     def should_stop(self, job_id: str) -> bool:
         """True once the job was canceled, or failed in another chunk."""
@@ -104,8 +114,12 @@ class ChunkLedger:
     def store(self, job_id: str, index: int, payload: dict[str, Any]) -> int:
         """Keep chunk ``index``'s outcome (replacing a previous delivery's); how many chunks have
         one, or -1 when the job no longer runs (nothing is kept then)."""
-        return int(self._store(keys=[JobStore.key(job_id), self._key(job_id, "chunk_results")],
-                               args=[index, json.dumps(payload), self.ttl_s]))
+        return int(
+            self._store(
+                keys=[JobStore.key(job_id), self._key(job_id, "chunk_results")],
+                args=[index, json.dumps(payload), self.ttl_s],
+            )
+        )
 
     def results(self, job_id: str) -> dict[int, dict[str, Any]]:
         """Every stored chunk outcome by chunk index."""
@@ -114,4 +128,6 @@ class ChunkLedger:
 
     def clear(self, job_id: str) -> None:
         """Drop the chunk state of a finished job (its record keeps the combined result)."""
-        self.redis.delete(*(self._key(job_id, w) for w in ("chunk_results", "chunk_done", "chunk_deliveries")))
+        self.redis.delete(
+            *(self._key(job_id, w) for w in ("chunk_results", "chunk_done", "chunk_deliveries"))
+        )

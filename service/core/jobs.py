@@ -35,6 +35,7 @@ A certify job's worker keeps a few noisy copies of its first inputs for people t
 (``<record>:samples``, a hash: field = row index, value = a ``.npy`` of uint8 pixels), written
 with the record's remaining TTL so that they expire together (:meth:`JobStore.keep_samples`).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,13 @@ import redis
 from smoothcert.service.core.store import inside
 
 PREFIX = "smoothcert:job:"
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "canceled",
+)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
 
 METRICS_PREFIX = "smoothcert:metrics:"
@@ -68,13 +75,20 @@ SAMPLE_ROWS, SAMPLE_COPIES, SAMPLE_BYTES = 16, 8, 1 << 20
 # and counts a terminal state when it is entered. ``from`` is false for a new record. The keys
 # are built from the kind, which is fine on the single Redis server the service uses.
 # The record's owner, when it has one, keeps the job in its active set the same way.
-TRACK_LUA = """
+TRACK_LUA = (
+    """
 local function track(record, kind, from, to)
   if from == to then return end
-  local m = '""" + METRICS_PREFIX + """jobs:'
-  local id = string.sub(record, """ + str(len(PREFIX) + 1) + """)
+  local m = '"""
+    + METRICS_PREFIX
+    + """jobs:'
+  local id = string.sub(record, """
+    + str(len(PREFIX) + 1)
+    + """)
   local owner = redis.call('HGET', record, 'owner')
-  local active = owner and ('""" + OWNER_PREFIX + """' .. owner .. ':active') or false
+  local active = owner and ('"""
+    + OWNER_PREFIX
+    + """' .. owner .. ':active') or false
   local was = from == 'queued' or from == 'running'
   local is = to == 'queued' or to == 'running'
   if was then redis.call('ZREM', m .. from .. ':' .. kind, id) end
@@ -94,6 +108,7 @@ local function track(record, kind, from, to)
   end
 end
 """
+)
 
 # KEYS[1] record, KEYS[2] the owner's active set (or any name without an owner); ARGV[1] JSON
 # object of its fields (status among them, owner when there is one), ARGV[2] ttl, ARGV[3] the
@@ -101,7 +116,9 @@ end
 # owner already has ``quota`` live active jobs (nothing is written then).
 # KEYS[3] the index of all jobs, KEYS[4] the owner's index (any name without an owner); ARGV[4]
 # the job's index entry, ARGV[5] the exclusive lex bound below which entries are past the TTL.
-_CREATE = TRACK_LUA + """
+_CREATE = (
+    TRACK_LUA
+    + """
 local fields = cjson.decode(ARGV[1])
 local quota = tonumber(ARGV[3])
 local active = 0
@@ -115,7 +132,9 @@ local old = redis.call('HMGET', KEYS[1], 'status', 'kind')
 if old[1] then track(KEYS[1], old[2] or '', old[1], 'gone') end
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('HINCRBY', '""" + METRICS_PREFIX + """jobs:created', fields['kind'], 1)
+redis.call('HINCRBY', '"""
+    + METRICS_PREFIX
+    + """jobs:created', fields['kind'], 1)
 track(KEYS[1], fields['kind'], false, fields['status'])
 local indexes = {KEYS[3]}
 if fields['owner'] then indexes[2] = KEYS[4] end
@@ -126,10 +145,13 @@ for _, index in ipairs(indexes) do
 end
 return {1, active + 1}
 """
+)
 
 # KEYS[1] record; ARGV[1] new status; ARGV[2] JSON list of allowed current states;
 # ARGV[3] JSON object of extra fields to set. Returns 1 when the transition happened.
-_TRANSITION = TRACK_LUA + """
+_TRANSITION = (
+    TRACK_LUA
+    + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
 local allowed = cjson.decode(ARGV[2])
@@ -145,6 +167,7 @@ for _, s in ipairs(allowed) do
 end
 return 0
 """
+)
 
 # KEYS[1] record, KEYS[2] its samples hash; ARGV: row, npy bytes, row, npy bytes, ...
 # The samples get the record's remaining TTL, so they never outlive it.
@@ -181,7 +204,9 @@ def owner_index_key(owner: str) -> str:
     return OWNER_PREFIX + owner + ":jobs"
 
 
-_INDEX_ENTRY = re.compile(r"^[0-9]{15}:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_INDEX_ENTRY = re.compile(
+    r"^[0-9]{15}:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+)
 
 
 def index_entry(created_at: float, job_id: str) -> str:
@@ -198,7 +223,11 @@ def rfc3339(seconds: float | None) -> str | None:
     """Unix seconds as RFC 3339 UTC with milliseconds (``2026-12-01T07:21:41.512Z``); None stays None."""
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(seconds, timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def new_job_id() -> str:
@@ -207,7 +236,9 @@ def new_job_id() -> str:
 
 
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-JOB_ID_FORM = "a UUID in lowercase hex, 8-4-4-4-12 digits (e.g. 3f2b8c1e-5d4a-4b6f-9e7d-0a1b2c3d4e5f)"
+JOB_ID_FORM = (
+    "a UUID in lowercase hex, 8-4-4-4-12 digits (e.g. 3f2b8c1e-5d4a-4b6f-9e7d-0a1b2c3d4e5f)"
+)
 INPUTS_FILE = "inputs.npy"
 
 
@@ -252,7 +283,7 @@ class JobRecord:
     """What ``GET /v1/jobs/{id}`` shows; times are Unix seconds (and RFC 3339 in :meth:`to_dict`)."""
 
     id: str
-    kind: str                      # "certify" | "predict" | "check_model" | "train" | "train_denoiser"
+    kind: str  # "certify" | "predict" | "check_model" | "train" | "train_denoiser"
     status: str = QUEUED
     done: int = 0
     total: int = 0
@@ -268,18 +299,38 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         """The public JSON shape: progress nested, internal counters left out, each time also as
         RFC 3339 UTC text (``created_time`` beside ``created_at``, ...)."""
-        return {"id": self.id, "kind": self.kind, "status": self.status,
-                "progress": {"done": self.done, "total": self.total},
-                "created_at": self.created_at, "started_at": self.started_at,
-                "finished_at": self.finished_at, "error": self.error, "result": self.result,
-                "params": self.params, "cancel_requested": self.cancel_requested,
-                "created_time": rfc3339(self.created_at), "started_time": rfc3339(self.started_at),
-                "finished_time": rfc3339(self.finished_at)}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "progress": {"done": self.done, "total": self.total},
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+            "result": self.result,
+            "params": self.params,
+            "cancel_requested": self.cancel_requested,
+            "created_time": rfc3339(self.created_at),
+            "started_time": rfc3339(self.started_at),
+            "finished_time": rfc3339(self.finished_at),
+        }
 
 
 # The hash fields a listing reads: all that _parse uses but the full result.
-_LISTED_FIELDS = ("kind", "status", "done", "total", "created_at", "started_at", "finished_at", "error",
-                  "params", "deliveries", "result_summary")
+_LISTED_FIELDS = (
+    "kind",
+    "status",
+    "done",
+    "total",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "error",
+    "params",
+    "deliveries",
+    "result_summary",
+)
 
 
 class JobStore:
@@ -301,8 +352,16 @@ class JobStore:
     def cancel_key(job_id: str) -> str:
         return JobStore.key(job_id) + ":cancel"
 
-    def create(self, job_id: str, kind: str, params: dict[str, Any], total: int = 0, *,
-               owner: str | None = None, max_active: int = 0) -> JobRecord:
+    def create(
+        self,
+        job_id: str,
+        kind: str,
+        params: dict[str, Any],
+        total: int = 0,
+        *,
+        owner: str | None = None,
+        max_active: int = 0,
+    ) -> JobRecord:
         """Write a new queued record (before the task is sent, so the worker always finds it).
 
         With an ``owner``, the job counts among the owner's active jobs until it finishes; with
@@ -310,14 +369,35 @@ class JobStore:
         """
         created_at = _now()
         rec = JobRecord(id=job_id, kind=kind, total=total, params=params, created_at=created_at)
-        fields = {"kind": kind, "status": QUEUED, "done": "0", "total": str(total),
-                  "created_at": str(rec.created_at), "params": json.dumps(params), "deliveries": "0"}
+        fields = {
+            "kind": kind,
+            "status": QUEUED,
+            "done": "0",
+            "total": str(total),
+            "created_at": str(rec.created_at),
+            "params": json.dumps(params),
+            "deliveries": "0",
+        }
         if owner is not None:
             fields["owner"] = owner
-        expired = index_entry(created_at - self.ttl_s, "")   # "<ms>:": entries before it are past the TTL
+        expired = index_entry(
+            created_at - self.ttl_s, ""
+        )  # "<ms>:": entries before it are past the TTL
         created, active = self._create(
-            keys=[self.key(job_id), owner_key(owner or ""), ALL_JOBS_INDEX, owner_index_key(owner or "")],
-            args=[json.dumps(fields), self.ttl_s, max_active, index_entry(created_at, job_id), "(" + expired])
+            keys=[
+                self.key(job_id),
+                owner_key(owner or ""),
+                ALL_JOBS_INDEX,
+                owner_index_key(owner or ""),
+            ],
+            args=[
+                json.dumps(fields),
+                self.ttl_s,
+                max_active,
+                index_entry(created_at, job_id),
+                "(" + expired,
+            ],
+        )
         if not created:
             raise ActiveJobsExceeded(int(active), max_active)
         return rec
@@ -337,22 +417,38 @@ class JobStore:
         h = {k.decode(): v.decode() for k, v in raw.items()}
         num = lambda name: float(h[name]) if h.get(name) else None  # noqa: E731
         return JobRecord(
-            id=job_id, kind=h.get("kind", ""), status=h.get("status", QUEUED),
-            done=int(h.get("done", 0)), total=int(h.get("total", 0)),
-            created_at=num("created_at"), started_at=num("started_at"), finished_at=num("finished_at"),
-            error=h.get("error") or None, result=json.loads(h["result"]) if h.get("result") else None,
-            params=json.loads(h.get("params") or "{}"), cancel_requested=bool(cancel),
-            deliveries=int(h.get("deliveries", 0)))
+            id=job_id,
+            kind=h.get("kind", ""),
+            status=h.get("status", QUEUED),
+            done=int(h.get("done", 0)),
+            total=int(h.get("total", 0)),
+            created_at=num("created_at"),
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            error=h.get("error") or None,
+            result=json.loads(h["result"]) if h.get("result") else None,
+            params=json.loads(h.get("params") or "{}"),
+            cancel_requested=bool(cancel),
+            deliveries=int(h.get("deliveries", 0)),
+        )
 
     def transition(self, job_id: str, to: str, allowed_from: Iterable[str], **fields: Any) -> bool:
         """Set status ``to`` (and ``fields``) only if the current status is in ``allowed_from``."""
-        extra = {k: json.dumps(v) if k == "result" else ("" if v is None else str(v)) for k, v in fields.items()}
+        extra = {
+            k: json.dumps(v) if k == "result" else ("" if v is None else str(v))
+            for k, v in fields.items()
+        }
         if isinstance(fields.get("result"), dict) and "results" in fields["result"]:
             # What a listing shows: the result without its rows, so a page of large dataset jobs
             # reads a few hundred bytes per job instead of every row of each.
             extra["result_summary"] = json.dumps({**fields["result"], "results": None})
-        return self._transition(keys=[self.key(job_id)],
-                                args=[to, json.dumps(list(allowed_from)), json.dumps(extra)]) == 1
+        return (
+            self._transition(
+                keys=[self.key(job_id)],
+                args=[to, json.dumps(list(allowed_from)), json.dumps(extra)],
+            )
+            == 1
+        )
 
     def start(self, job_id: str) -> int:
         """Mark running (from queued, or running again on redelivery); return the delivery count,
@@ -381,8 +477,16 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.cancel_key(job_id)))
 
-    def recent(self, owner: str | None, *, status: str | None = None, kind: str | None = None, limit: int = 20,
-             after: str | None = None, scan: int = 1000) -> tuple[list[JobRecord], str | None]:
+    def recent(
+        self,
+        owner: str | None,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 20,
+        after: str | None = None,
+        scan: int = 1000,
+    ) -> tuple[list[JobRecord], str | None]:
         """Jobs newest first: ``owner``'s (None: every job), those with ``status`` and ``kind`` when
         given, at most ``limit``, starting after the index entry ``after`` (a previous page's cursor).
 
@@ -393,11 +497,14 @@ class JobStore:
         """
         index = ALL_JOBS_INDEX if owner is None else owner_index_key(owner)
         start = "+" if after is None else "(" + after
-        picked: list[tuple[str, str]] = []   # (entry, job id)
+        picked: list[tuple[str, str]] = []  # (entry, job id)
         last: str | None = None
         scanned = 0
         while len(picked) < limit and scanned < scan:
-            entries = [_text(e) for e in self.redis.zrevrangebylex(index, start, "-", 0, min(100, scan - scanned))]
+            entries = [
+                _text(e)
+                for e in self.redis.zrevrangebylex(index, start, "-", 0, min(100, scan - scanned))
+            ]
             if not entries:
                 return self._records(picked), None
             scanned += len(entries)
@@ -430,7 +537,7 @@ class JobStore:
             raw = pipe.execute()
         records = []
         for i, (_, job_id) in enumerate(picked):
-            values, has_result, cancel = raw[3 * i: 3 * i + 3]
+            values, has_result, cancel = raw[3 * i : 3 * i + 3]
             h = {name: v for name, v in zip(_LISTED_FIELDS, values) if v is not None}
             if "result_summary" in h:
                 h["result"] = h.pop("result_summary")
@@ -450,8 +557,13 @@ class JobStore:
         with it; False (nothing kept) when the record is gone."""
         if not rows:
             return False
-        return self._keep_samples(keys=[self.key(job_id), self.samples_key(job_id)],
-                                  args=[x for item in rows.items() for x in item]) == 1
+        return (
+            self._keep_samples(
+                keys=[self.key(job_id), self.samples_key(job_id)],
+                args=[x for item in rows.items() for x in item],
+            )
+            == 1
+        )
 
     def samples(self, job_id: str, row: int) -> bytes | None:
         """The ``.npy`` of row ``row``'s kept noisy copies, or None when none were kept for it."""

@@ -11,6 +11,7 @@ logging (Celery's warnings and shutdown lines, billiard's notes on pool processe
 C++ messages written straight to file descriptor 2), so a JSON worker captures its descriptors 1
 and 2 (:func:`capture_output`) and every line comes out a JSON object. Torch-free.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -61,10 +62,14 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-                    .replace("+00:00", "Z"),
-            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
-            "role": self.role}
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "role": self.role,
+        }
         job_id = current_job_id(record)
         if job_id:
             entry["job_id"] = job_id
@@ -116,7 +121,9 @@ def configure_logging(settings: Settings, role: str) -> logging.Handler:
         root.removeHandler(old)
     handler = _StderrHandler()
     handler.setLevel(level)
-    handler.setFormatter(JsonFormatter(role) if settings.log_format == "json" else TextFormatter(role))
+    handler.setFormatter(
+        JsonFormatter(role) if settings.log_format == "json" else TextFormatter(role)
+    )
     root.addHandler(handler)
     root.setLevel(level)
     for name in UVICORN_LOGGERS:
@@ -143,7 +150,9 @@ class JobIdMiddleware:
 
         async def send_with_job(message):
             if message["type"] == "http.response.start" and not JOB_ID.get():
-                location = dict(message.get("headers") or ()).get(b"location", b"").decode("latin-1")
+                location = (
+                    dict(message.get("headers") or ()).get(b"location", b"").decode("latin-1")
+                )
                 created = _JOB_PATH.match(location)
                 if created:
                     JOB_ID.set(created.group(1))
@@ -159,7 +168,11 @@ _task_tokens: dict[str, Token] = {}
 
 
 def _enter_job(task_id: str | None = None, args: Any = None, **_: Any) -> None:
-    job_id = args[0] if args and isinstance(args[0], str) else (job_id_of_task(task_id) if task_id else None)
+    job_id = (
+        args[0]
+        if args and isinstance(args[0], str)
+        else (job_id_of_task(task_id) if task_id else None)
+    )
     token = JOB_ID.set(job_id)
     if task_id:
         _task_tokens[task_id] = token
@@ -209,12 +222,16 @@ def capture_output(role: str) -> None:
         read_end, write_end = os.pipe()
         os.dup2(write_end, fd)
         os.close(write_end)
-        threading.Thread(target=_relay, args=(read_end, out, lock, name, level, role, drained),
-                         name=f"smoothcert-{name}", daemon=True).start()
+        threading.Thread(
+            target=_relay,
+            args=(read_end, out, lock, name, level, role, drained),
+            name=f"smoothcert-{name}",
+            daemon=True,
+        ).start()
 
     def drain() -> None:
         if os.getpid() != _captured[0]:
-            return   # a forked pool process: its lines go to the same pipe, read by its parent
+            return  # a forked pool process: its lines go to the same pipe, read by its parent
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -229,8 +246,15 @@ def capture_output(role: str) -> None:
     atexit.register(drain)
 
 
-def _relay(read_end: int, out: int, lock: threading.Lock, name: str, level: str, role: str,
-           drained: threading.Event) -> None:
+def _relay(
+    read_end: int,
+    out: int,
+    lock: threading.Lock,
+    name: str,
+    level: str,
+    role: str,
+    drained: threading.Event,
+) -> None:
     with os.fdopen(read_end, "rb") as lines:
         for raw in lines:
             if raw == _SENTINEL:
@@ -240,16 +264,25 @@ def _relay(read_end: int, out: int, lock: threading.Lock, name: str, level: str,
             if not text.strip():
                 continue
             if not _is_json_object(text):
-                text = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-                                   .replace("+00:00", "Z"), "level": level, "logger": name,
-                                   "message": _ANSI.sub("", text), "role": role}, ensure_ascii=False)
+                text = json.dumps(
+                    {
+                        "time": datetime.now(timezone.utc)
+                        .isoformat(timespec="milliseconds")
+                        .replace("+00:00", "Z"),
+                        "level": level,
+                        "logger": name,
+                        "message": _ANSI.sub("", text),
+                        "role": role,
+                    },
+                    ensure_ascii=False,
+                )
             data = memoryview(text.encode("utf-8") + b"\n")
             with lock:
                 while data:
-                    data = data[os.write(out, data):]
+                    data = data[os.write(out, data) :]
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")   # onnxruntime colours its messages
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # onnxruntime colours its messages
 
 
 def _is_json_object(text: str) -> bool:

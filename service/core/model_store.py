@@ -18,6 +18,7 @@ Ids, folders and atomic records are :class:`~smoothcert.service.core.store.Folde
 Pickled checkpoints, and safetensors files whose header lies about their tensors, are refused
 before anything is kept: a worker never sees them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,14 +37,18 @@ class UploadTooLarge(ModelError):
 
 
 def detect_format(filename: str, head: bytes) -> str:
-    """"onnx" or "safetensors" from the file name and its first (at least 9) bytes; ModelError otherwise."""
+    """ "onnx" or "safetensors" from the file name and its first (at least 9) bytes; ModelError otherwise."""
     if looks_pickled(head):
-        raise ModelError(f"{filename} is a pickled PyTorch checkpoint; smoothcert never unpickles model files "
-                         "(that runs the uploader's code); convert it to safetensors or export it to ONNX")
+        raise ModelError(
+            f"{filename} is a pickled PyTorch checkpoint; smoothcert never unpickles model files "
+            "(that runs the uploader's code); convert it to safetensors or export it to ONNX"
+        )
     suffix = Path(filename or "").suffix.lower()
     if suffix not in FORMATS:
-        raise ModelError(f"unsupported model file {filename!r}: upload a .onnx file or a .safetensors file "
-                         "with an allow-listed arch")
+        raise ModelError(
+            f"unsupported model file {filename!r}: upload a .onnx file or a .safetensors file "
+            "with an allow-listed arch"
+        )
     return FORMATS[suffix]
 
 
@@ -57,8 +62,9 @@ class ModelStore(FolderStore):
             raise KeyError(model_id)
         return self.file(model_id, f"model.{meta['format']}")
 
-    def add(self, src: BinaryIO, filename: str, fields: dict[str, Any], *,
-            max_bytes: int | None = None) -> dict[str, Any]:
+    def add(
+        self, src: BinaryIO, filename: str, fields: dict[str, Any], *, max_bytes: int | None = None
+    ) -> dict[str, Any]:
         """Copy an upload into a new pending model and return its record.
 
         ``fields`` are the user's metadata (name, arch, input_shape, ...), stored as given for the
@@ -69,15 +75,29 @@ class ModelStore(FolderStore):
         fmt = detect_format(filename, head)
         with self.new_folder() as (model_id, folder):
             weights = folder / f"model.{fmt}"
-            sha256, size = copy_upload(src, weights, max_bytes, head=head, too_large=lambda: UploadTooLarge(
-                f"the model file exceeds the {max_bytes}-byte upload limit"))
+            sha256, size = copy_upload(
+                src,
+                weights,
+                max_bytes,
+                head=head,
+                too_large=lambda: UploadTooLarge(
+                    f"the model file exceeds the {max_bytes}-byte upload limit"
+                ),
+            )
             if fmt == "safetensors":
                 # Plain Python that reads the header only: offsets beyond the file, overlapping
                 # tensors or a huge header length are refused here, without a worker.
                 read_safetensors_header(weights)
-            meta = {**{k: v for k, v in fields.items() if v is not None},
-                    "id": model_id, "status": PENDING, "format": fmt, "filename": Path(filename).name,
-                    "size_bytes": size, "sha256": sha256, "created_at": created_at()}
+            meta = {
+                **{k: v for k, v in fields.items() if v is not None},
+                "id": model_id,
+                "status": PENDING,
+                "format": fmt,
+                "filename": Path(filename).name,
+                "size_bytes": size,
+                "sha256": sha256,
+                "created_at": created_at(),
+            }
             meta.setdefault("name", Path(filename).stem)
             self.write(model_id, meta)
         return meta
@@ -85,7 +105,9 @@ class ModelStore(FolderStore):
     def get(self, model_id: str, *, include_pending: bool = False) -> dict[str, Any] | None:
         """The record, or None when absent (or still pending, unless ``include_pending``)."""
         meta = self.read(model_id)
-        return meta if meta is not None and (include_pending or meta.get("status") == READY) else None
+        return (
+            meta if meta is not None and (include_pending or meta.get("status") == READY) else None
+        )
 
     def update(self, model_id: str, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into the record (e.g. status=READY and the loader's findings)."""
@@ -96,30 +118,47 @@ class ModelStore(FolderStore):
         self.write(model_id, meta)
         return meta
 
-    def add_pipeline(self, denoiser: dict[str, Any], classifier: dict[str, Any],
-                     name: str | None = None) -> dict[str, Any]:
+    def add_pipeline(
+        self, denoiser: dict[str, Any], classifier: dict[str, Any], name: str | None = None
+    ) -> dict[str, Any]:
         """Record a new pending pipeline of two ready records; ModelError (:func:`check_pipeline`)
         when they cannot be one."""
         check_pipeline(denoiser, classifier)
-        parts = {role: {k: meta.get(k) for k in ("id", "name", "sha256", "format", "arch")}
-                 for role, meta in (("denoiser", denoiser), ("classifier", classifier))}
+        parts = {
+            role: {k: meta.get(k) for k in ("id", "name", "sha256", "format", "arch")}
+            for role, meta in (("denoiser", denoiser), ("classifier", classifier))
+        }
         with self.new_folder() as (model_id, _):
-            meta = {"id": model_id, "kind": PIPELINE, "status": PENDING, "format": PIPELINE,
-                    "name": name or f"{denoiser.get('name')} + {classifier.get('name')}",
-                    "denoiser": denoiser["id"], "classifier": classifier["id"], "parts": parts,
-                    "sha256": pipeline_sha256(denoiser["sha256"], classifier["sha256"]),
-                    "size_bytes": int(denoiser.get("size_bytes", 0)) + int(classifier.get("size_bytes", 0)),
-                    "created_at": created_at(),
-                    **{k: classifier[k] for k in ("input_shape", "num_classes", "class_names", "normalization")
-                       if classifier.get(k) is not None},
-                    **({"sigma": denoiser["sigma"]} if denoiser.get("sigma") is not None else {})}
+            meta = {
+                "id": model_id,
+                "kind": PIPELINE,
+                "status": PENDING,
+                "format": PIPELINE,
+                "name": name or f"{denoiser.get('name')} + {classifier.get('name')}",
+                "denoiser": denoiser["id"],
+                "classifier": classifier["id"],
+                "parts": parts,
+                "sha256": pipeline_sha256(denoiser["sha256"], classifier["sha256"]),
+                "size_bytes": int(denoiser.get("size_bytes", 0))
+                + int(classifier.get("size_bytes", 0)),
+                "created_at": created_at(),
+                **{
+                    k: classifier[k]
+                    for k in ("input_shape", "num_classes", "class_names", "normalization")
+                    if classifier.get(k) is not None
+                },
+                **({"sigma": denoiser["sigma"]} if denoiser.get("sigma") is not None else {}),
+            }
             self.write(model_id, meta)
         return meta
 
     def pipelines_using(self, model_id: str) -> list[str]:
         """The ids of the stored pipelines that have ``model_id`` as a part."""
-        return [m["id"] for m in self.list()
-                if m.get("kind") == PIPELINE and model_id in (m.get("denoiser"), m.get("classifier"))]
+        return [
+            m["id"]
+            for m in self.list()
+            if m.get("kind") == PIPELINE and model_id in (m.get("denoiser"), m.get("classifier"))
+        ]
 
 
 def check_pipeline(denoiser: dict[str, Any], classifier: dict[str, Any]) -> None:
@@ -127,12 +166,20 @@ def check_pipeline(denoiser: dict[str, Any], classifier: dict[str, Any]) -> None
     classifier's (neither a pipeline) and both take images of the same shape."""
     for role, meta in (("denoiser", denoiser), ("classifier", classifier)):
         if meta.get("kind") == PIPELINE:
-            raise ModelError(f"model {meta['id']} is itself a pipeline; a pipeline's {role} must be a single model")
+            raise ModelError(
+                f"model {meta['id']} is itself a pipeline; a pipeline's {role} must be a single model"
+            )
     if denoiser.get("kind") != DENOISER:
-        raise ModelError(f"model {denoiser['id']} is not a denoiser (it outputs class scores, not images); "
-                         "give a denoiser, e.g. one from smoothcert train-denoiser, as the denoiser")
+        raise ModelError(
+            f"model {denoiser['id']} is not a denoiser (it outputs class scores, not images); "
+            "give a denoiser, e.g. one from smoothcert train-denoiser, as the denoiser"
+        )
     if classifier.get("kind") == DENOISER:
-        raise ModelError(f"model {classifier['id']} is a denoiser; the classifier must output class scores")
+        raise ModelError(
+            f"model {classifier['id']} is a denoiser; the classifier must output class scores"
+        )
     if list(denoiser["input_shape"]) != list(classifier["input_shape"]):
-        raise ModelError(f"the denoiser {denoiser['id']} takes and returns images of shape {denoiser['input_shape']}, "
-                         f"the classifier {classifier['id']} takes {classifier['input_shape']}; they must agree")
+        raise ModelError(
+            f"the denoiser {denoiser['id']} takes and returns images of shape {denoiser['input_shape']}, "
+            f"the classifier {classifier['id']} takes {classifier['input_shape']}; they must agree"
+        )

@@ -3,6 +3,7 @@
 The API's schemas, the CLI and the engine take their defaults from here, so a default changes in
 one place. Standard library only: the API and the CLI import this without torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,12 +26,12 @@ PRECISIONS: Final[tuple[Precision, ...]] = get_args(Precision)
 DEFAULT_RUNTIME: Final[Runtime] = "auto"
 DEFAULT_PRECISION: Final[Precision] = "float32"
 
-DEFAULT_N0: Final = 100          # samples that select the class
-DEFAULT_N: Final = 100_000       # samples that bound its probability (the cap of a target-radius run)
-DEFAULT_ALPHA: Final = 0.001     # failure probability of each answer
+DEFAULT_N0: Final = 100  # samples that select the class
+DEFAULT_N: Final = 100_000  # samples that bound its probability (the cap of a target-radius run)
+DEFAULT_ALPHA: Final = 0.001  # failure probability of each answer
 DEFAULT_PREDICT_N: Final = 1_000  # samples of PREDICT when called in-process (CLI, engine)
 
-MAX_SEED: Final = 2**63 - 1      # the largest seed accepted (a torch generator takes 64 bits)
+MAX_SEED: Final = 2**63 - 1  # the largest seed accepted (a torch generator takes 64 bits)
 DRAWN_SEED_BOUND: Final = 2**53  # seeds drawn by the API stay exact in JavaScript clients
 
 
@@ -69,16 +70,20 @@ near α = 1 it rounds to 1 (at α = 1 − 10^-12 from n ≈ 20,000 on) and σ·�
 def check_sigma_bound(sigma: float) -> None:
     """ValueError unless ``sigma`` (a positive number) is at most :data:`MAX_SIGMA`."""
     if sigma > MAX_SIGMA:
-        raise ValueError(f"sigma must be at most {MAX_SIGMA:g} (noise in [0, 1] pixel units; beyond it the "
-                         f"noisy copies no longer depend on the input), got {sigma!r}")
+        raise ValueError(
+            f"sigma must be at most {MAX_SIGMA:g} (noise in [0, 1] pixel units; beyond it the "
+            f"noisy copies no longer depend on the input), got {sigma!r}"
+        )
 
 
 def check_alpha_bound(alpha: float) -> None:
     """ValueError unless ``alpha`` (a number in (0, 1)) lies in [:data:`MIN_ALPHA`, :data:`MAX_ALPHA`]."""
     if not MIN_ALPHA <= alpha <= MAX_ALPHA:
-        raise ValueError(f"alpha must lie in [{MIN_ALPHA:g}, {MAX_ALPHA:g}] (below it the confidence bound is "
-                         f"not computed reliably, above it a certificate is more likely wrong than right), "
-                         f"got {alpha!r}")
+        raise ValueError(
+            f"alpha must lie in [{MIN_ALPHA:g}, {MAX_ALPHA:g}] (below it the confidence bound is "
+            f"not computed reliably, above it a certificate is more likely wrong than right), "
+            f"got {alpha!r}"
+        )
 
 
 def min_certify_n(alpha: float, bound: Bound = "cohen") -> int:
@@ -90,7 +95,7 @@ def min_certify_n(alpha: float, bound: Bound = "cohen") -> int:
     """
     level = alpha if bound == "cohen" else alpha / 2
     n = max(1, math.floor(math.log2(1 / level)) + 1)
-    while n > 1 and level ** (1.0 / (n - 1)) > 0.5:   # rounding of log2 may have overshot by one
+    while n > 1 and level ** (1.0 / (n - 1)) > 0.5:  # rounding of log2 may have overshot by one
         n -= 1
     while not level ** (1.0 / n) > 0.5:
         n += 1
@@ -101,5 +106,7 @@ def check_certify_n(n: int, alpha: float, bound: Bound = "cohen") -> None:
     """ValueError unless CERTIFY's ``n`` lets a unanimous vote certify (:func:`min_certify_n`)."""
     least = min_certify_n(alpha, bound)
     if n < least:
-        raise ValueError(f"n={n} is too small for alpha={alpha!r}: even if all {n} samples agree, the {bound} "
-                         f"bound certifies no radius (its cap would be <= 0); CERTIFY needs n >= {least}")
+        raise ValueError(
+            f"n={n} is too small for alpha={alpha!r}: even if all {n} samples agree, the {bound} "
+            f"bound certifies no radius (its cap would be <= 0); CERTIFY needs n >= {least}"
+        )

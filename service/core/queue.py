@@ -12,6 +12,7 @@ handed out twice while it still runs. A task sent again for a dead worker (:func
 the message of a task whose pool process died (:class:`WorkerTransport`, the transport a worker
 consumes with), go to the front of their queue, ahead of every waiting message.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -52,9 +53,13 @@ def celery_config(settings: Settings) -> dict:
     """The Celery settings every process of the service runs with."""
     return dict(
         task_default_queue=QUEUE,
-        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, TRAIN_DENOISER_TASK: {"queue": TRAIN_QUEUE}},
-        task_serializer="json", accept_content=["json"],
-        task_ignore_result=True,          # results live in our job records
+        task_routes={
+            TRAIN_TASK: {"queue": TRAIN_QUEUE},
+            TRAIN_DENOISER_TASK: {"queue": TRAIN_QUEUE},
+        },
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in our job records
         task_acks_late=True,
         task_reject_on_worker_lost=True,  # a killed worker's task goes back to the queue
         worker_prefetch_multiplier=1,
@@ -69,10 +74,18 @@ def celery_config(settings: Settings) -> dict:
     )
 
 
-def make_celery(settings: Settings, *, include: Sequence[str] = (), task_cls: str | None = None) -> Celery:
+def make_celery(
+    settings: Settings, *, include: Sequence[str] = (), task_cls: str | None = None
+) -> Celery:
     """A Celery app on ``settings.broker_url``; a worker passes its task modules and task class."""
     options = {"task_cls": task_cls} if task_cls else {}
-    app = Celery("smoothcert", broker=settings.broker_url, set_as_default=False, include=list(include), **options)
+    app = Celery(
+        "smoothcert",
+        broker=settings.broker_url,
+        set_as_default=False,
+        include=list(include),
+        **options,
+    )
     app.conf.update(celery_config(settings))
     return app
 

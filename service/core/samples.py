@@ -3,6 +3,7 @@
 A hash in Redis with the fields ``samples`` and ``seconds`` (time spent sampling), so that the
 service's samples per second is one division, whichever worker drew them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,9 @@ def samples_drawn(rows: Iterable[dict[str, Any]], provenance: dict[str, Any]) ->
     target-radius run), else its ``n`` plus the run's ``n0`` selection draws (CERTIFY; PREDICT
     draws ``n`` only)."""
     n0 = int(provenance.get("n0") or 0) if provenance.get("mode") == "certify" else 0
-    return sum(int(r["samples_used"]) if "samples_used" in r else int(r.get("n") or 0) + n0 for r in rows)
+    return sum(
+        int(r["samples_used"]) if "samples_used" in r else int(r.get("n") or 0) + n0 for r in rows
+    )
 
 
 def record_samples(client: redis.Redis, samples: int, seconds: float) -> None:
@@ -39,6 +42,10 @@ def record_samples(client: redis.Redis, samples: int, seconds: float) -> None:
         log.warning("could not record %d samples in the metrics: %s", samples, exc)
 
 
-def record_result_samples(client: redis.Redis, rows: Iterable[dict[str, Any]], provenance: dict[str, Any]) -> None:
+def record_result_samples(
+    client: redis.Redis, rows: Iterable[dict[str, Any]], provenance: dict[str, Any]
+) -> None:
     """:func:`record_samples` for a finished run: its rows and its provenance (``elapsed_s``)."""
-    record_samples(client, samples_drawn(rows, provenance), float(provenance.get("elapsed_s") or 0.0))
+    record_samples(
+        client, samples_drawn(rows, provenance), float(provenance.get("elapsed_s") or 0.0)
+    )

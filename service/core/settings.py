@@ -6,6 +6,7 @@ refuses to start. The admin key defaults to the API key in development only. The
 is ``SMOOTHCERT_REDIS_PASSWORD`` or the one inside ``SMOOTHCERT_REDIS_URL``; production refuses
 to start without one, as it does without keys.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -29,65 +30,126 @@ class Settings(BaseSettings):
     env: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_key: str = Field("", description="Bearer key for /v1 routes; generated in development when empty")
-    admin_key: str = Field("", description="Bearer key for model upload/delete; the API key in development when empty")
+    api_key: str = Field(
+        "", description="Bearer key for /v1 routes; generated in development when empty"
+    )
+    admin_key: str = Field(
+        "", description="Bearer key for model upload/delete; the API key in development when empty"
+    )
     data_dir: Path = Field(Path("var/data"), description="models, uploaded inputs, results")
-    redis_url: str = Field("", description="when set, `smoothcert up` uses it instead of starting Redis")
-    redis_password: str = Field("", description="Redis's password (AUTH), added to the Redis URL; `smoothcert up` "
-                                                "generates one for the Redis it starts; required in production")
+    redis_url: str = Field(
+        "", description="when set, `smoothcert up` uses it instead of starting Redis"
+    )
+    redis_password: str = Field(
+        "",
+        description="Redis's password (AUTH), added to the Redis URL; `smoothcert up` "
+        "generates one for the Redis it starts; required in production",
+    )
     device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:1, ...")
     batch_memory_bytes: int = Field(
-        0, ge=0, description="memory one batch of noisy copies (with the model's intermediate results and scores) "
-                             "may take on the worker's device; a larger batch_size is lowered to fit; 0: a quarter "
-                             "of the memory the device has free when the job starts")
+        0,
+        ge=0,
+        description="memory one batch of noisy copies (with the model's intermediate results and scores) "
+        "may take on the worker's device; a larger batch_size is lowered to fit; 0: a quarter "
+        "of the memory the device has free when the job starts",
+    )
 
     max_n: int = Field(1_000_000, ge=1, description="largest n (and n0) a job may ask for")
     max_inputs: int = Field(10_000, ge=1, description="most inputs in one certify job")
-    max_request_bytes: int = Field(64 << 20, ge=1024, description="largest JSON/multipart certify body")
+    max_request_bytes: int = Field(
+        64 << 20, ge=1024, description="largest JSON/multipart certify body"
+    )
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest model upload")
-    max_dataset_bytes: int = Field(256 << 20, ge=1024, description="largest dataset upload (.npz file)")
+    max_dataset_bytes: int = Field(
+        256 << 20, ge=1024, description="largest dataset upload (.npz file)"
+    )
     max_dataset_unpacked_bytes: int = Field(
-        1 << 30, ge=1024, description="largest x and y of a dataset .npz once unzipped, checked before unzipping")
-    chunk_size: int = Field(100, ge=1, description="inputs per task of a dataset job; with the seed it fixes the "
-                                                   "noise each input gets")
+        1 << 30,
+        ge=1024,
+        description="largest x and y of a dataset .npz once unzipped, checked before unzipping",
+    )
+    chunk_size: int = Field(
+        100,
+        ge=1,
+        description="inputs per task of a dataset job; with the seed it fixes the "
+        "noise each input gets",
+    )
     max_job_samples: int = Field(
-        2_000_000_000, ge=1, description="most Monte Carlo samples one job may ask for: inputs x (n0 + n) for certify "
-                                         "(n is the cap of a target-radius job), inputs x n for predict")
+        2_000_000_000,
+        ge=1,
+        description="most Monte Carlo samples one job may ask for: inputs x (n0 + n) for certify "
+        "(n is the cap of a target-radius job), inputs x n for predict",
+    )
     max_active_jobs_per_key: int = Field(
-        20, ge=1, description="jobs one API key may have queued or running at once (429 with Retry-After beyond)")
+        20,
+        ge=1,
+        description="jobs one API key may have queued or running at once (429 with Retry-After beyond)",
+    )
     max_storage_bytes_per_key: int = Field(
-        8 << 30, ge=1024, description="bytes of stored datasets one API key may keep (413 beyond); deleting frees them")
+        8 << 30,
+        ge=1024,
+        description="bytes of stored datasets one API key may keep (413 beyond); deleting frees them",
+    )
 
-    model_check_timeout_s: float = Field(120.0, gt=0, description="how long an upload waits for a worker")
+    model_check_timeout_s: float = Field(
+        120.0, gt=0, description="how long an upload waits for a worker"
+    )
     model_check_deadline_s: float = Field(
-        60.0, gt=0, description="longest a worker lets an uploaded model take to load and answer its check "
-                                "batches; a slower model is refused and the process that ran it replaced")
+        60.0,
+        gt=0,
+        description="longest a worker lets an uploaded model take to load and answer its check "
+        "batches; a slower model is refused and the process that ran it replaced",
+    )
     task_time_limit_s: int = Field(
-        6 * 3600, ge=10, description="hard limit of one task; the soft limit is 30 s earlier (a quarter of the limit "
-                                     "under 2 min), and a pool process's watchdog ends a task stuck in native code "
-                                     "10 s earlier (an eighth under 80 s)")
+        6 * 3600,
+        ge=10,
+        description="hard limit of one task; the soft limit is 30 s earlier (a quarter of the limit "
+        "under 2 min), and a pool process's watchdog ends a task stuck in native code "
+        "10 s earlier (an eighth under 80 s)",
+    )
     batch_deadline_floor_s: float = Field(
-        120.0, gt=0, description="a certification batch may always run this long; past max(this, "
-                                 "SMOOTHCERT_BATCH_DEADLINE_FACTOR x the slowest batch the task finished) its job "
-                                 "fails and the pool process that ran it is replaced")
+        120.0,
+        gt=0,
+        description="a certification batch may always run this long; past max(this, "
+        "SMOOTHCERT_BATCH_DEADLINE_FACTOR x the slowest batch the task finished) its job "
+        "fails and the pool process that ran it is replaced",
+    )
     batch_deadline_factor: float = Field(
-        10.0, ge=1, description="how many times its task's slowest finished batch a batch may take (see "
-                                "SMOOTHCERT_BATCH_DEADLINE_FLOOR_S)")
-    max_deliveries: int = Field(3, ge=1, description="a task redelivered more often than this fails")
+        10.0,
+        ge=1,
+        description="how many times its task's slowest finished batch a batch may take (see "
+        "SMOOTHCERT_BATCH_DEADLINE_FLOOR_S)",
+    )
+    max_deliveries: int = Field(
+        3, ge=1, description="a task redelivered more often than this fails"
+    )
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="how long job records stay in Redis")
     worker_concurrency: int = Field(1, ge=1)
     worker_heartbeat_ttl_s: int = Field(
-        10, ge=2, description="a worker whose heartbeat is older than this counts as dead; its running tasks "
-                              "are sent again")
+        10,
+        ge=2,
+        description="a worker whose heartbeat is older than this counts as dead; its running tasks "
+        "are sent again",
+    )
 
     max_queued_messages: int = Field(
-        1000, ge=1, description="messages waiting in one Celery queue (certify or train) at which job submissions "
-                                "to that queue get 503 with Retry-After; a dataset job sends one message per chunk")
+        1000,
+        ge=1,
+        description="messages waiting in one Celery queue (certify or train) at which job submissions "
+        "to that queue get 503 with Retry-After; a dataset job sends one message per chunk",
+    )
     rate_limit_per_minute: int = Field(
-        120, ge=0, description="job submissions and dataset uploads per API key per minute, in bursts of up to this "
-                               "many (429 with Retry-After beyond); idempotent replays are free; 0 turns it off")
-    idempotency_ttl_s: int = Field(24 * 3600, ge=60, description="how long an Idempotency-Key is remembered")
-    log_format: Literal["json", "text"] = Field("json", description="log lines of the API and the workers")
+        120,
+        ge=0,
+        description="job submissions and dataset uploads per API key per minute, in bursts of up to this "
+        "many (429 with Retry-After beyond); idempotent replays are free; 0 turns it off",
+    )
+    idempotency_ttl_s: int = Field(
+        24 * 3600, ge=60, description="how long an Idempotency-Key is remembered"
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="log lines of the API and the workers"
+    )
     log_level: str = Field("INFO", description="Python log level of the API and the workers")
 
     _generated_api_key: bool = PrivateAttr(False)
@@ -97,19 +159,24 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         in_url = _url_password(self.redis_url)
         if in_url and self.redis_password and in_url != self.redis_password:
-            raise ValueError("SMOOTHCERT_REDIS_URL holds a password other than SMOOTHCERT_REDIS_PASSWORD; "
-                             "set only one of them")
+            raise ValueError(
+                "SMOOTHCERT_REDIS_URL holds a password other than SMOOTHCERT_REDIS_PASSWORD; "
+                "set only one of them"
+            )
         if self.env == "production":
             for name in ("api_key", "admin_key"):
                 value = getattr(self, name)
                 if value.strip().lower() in WELL_KNOWN_KEYS or len(value) < 16:
                     raise ValueError(
                         f"SMOOTHCERT_{name.upper()} must be set to a secret of at least 16 characters "
-                        "when SMOOTHCERT_ENV=production")
+                        "when SMOOTHCERT_ENV=production"
+                    )
             password = in_url or self.redis_password
             if password.strip().lower() in WELL_KNOWN_KEYS or len(password) < 16:
-                raise ValueError("SMOOTHCERT_REDIS_PASSWORD (or a password in SMOOTHCERT_REDIS_URL) must be set to a "
-                                 "secret of at least 16 characters when SMOOTHCERT_ENV=production")
+                raise ValueError(
+                    "SMOOTHCERT_REDIS_PASSWORD (or a password in SMOOTHCERT_REDIS_URL) must be set to a "
+                    "secret of at least 16 characters when SMOOTHCERT_ENV=production"
+                )
         else:
             if not self.api_key:
                 self.api_key = secrets.token_urlsafe(24)

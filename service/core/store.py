@@ -7,6 +7,7 @@ resolves outside the root (a link), as a second line of defence. A record is rep
 (written to a temporary file, then renamed), so readers never see half of one, and a folder
 without its record (an upload in progress, or one that failed) is invisible. Standard library only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,8 +96,13 @@ class FolderStore:
             raise
 
 
-def copy_upload(src: BinaryIO, dest: Path, max_bytes: int | None, too_large: Callable[[], Exception],
-                head: bytes = b"") -> tuple[str, int]:
+def copy_upload(
+    src: BinaryIO,
+    dest: Path,
+    max_bytes: int | None,
+    too_large: Callable[[], Exception],
+    head: bytes = b"",
+) -> tuple[str, int]:
     """Write ``head`` and then the rest of ``src`` to ``dest``; return the sha256 hex digest and size.
 
     ``head`` is what the caller already read from ``src`` to sniff its format. Raises

@@ -3,6 +3,7 @@
 Torch-free on purpose: the CLI's argument parser and the API can build and check a configuration
 without a model runtime. :func:`smoothcert.worker.training.trainer.train` runs it.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,16 +56,35 @@ class TrainConfig:
         if self.method not in METHODS:
             raise TrainingError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
-        for name, low in (("epochs", 1), ("batch_size", 1), ("m", 1), ("steps", 1), ("warmup_epochs", 0),
-                          ("seed", 0)):
+            raise TrainingError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}"
+            )
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("m", 1),
+            ("steps", 1),
+            ("warmup_epochs", 0),
+            ("seed", 0),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= int(value) <= MAX_SEED:
-                raise TrainingError(f"{name} must be an integer >= {low} (and below 2^63), not {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, Integral)
+                or not low <= int(value) <= MAX_SEED
+            ):
+                raise TrainingError(
+                    f"{name} must be an integer >= {low} (and below 2^63), not {value!r}"
+                )
         for name, positive in (("sigma", False), ("lr", True), ("epsilon", False)):
             value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or value < 0 or (positive and value == 0)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+                or (positive and value == 0)
+            ):
                 kind = "positive" if positive else "non-negative"
                 raise TrainingError(f"{name} must be a {kind} number, not {value!r}")
 
@@ -98,8 +118,10 @@ class TrainConfig:
 
 
 OBJECTIVES = ("mse", "stability")
-STABILITY_NEEDS_CLASSIFIER = ("the stability objective needs the frozen classifier it trains the denoiser for "
-                              "(--classifier MODEL, or classifier in the request); mse does not")
+STABILITY_NEEDS_CLASSIFIER = (
+    "the stability objective needs the frozen classifier it trains the denoiser for "
+    "(--classifier MODEL, or classifier in the request); mse does not"
+)
 DENOISER_ARCHS = ("dncnn",)
 
 
@@ -127,18 +149,38 @@ class DenoiserConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in DENOISER_ARCHS:
-            raise TrainingError(f"arch must be a denoiser architecture ({', '.join(DENOISER_ARCHS)}), "
-                                f"not {self.arch!r}")
+            raise TrainingError(
+                f"arch must be a denoiser architecture ({', '.join(DENOISER_ARCHS)}), "
+                f"not {self.arch!r}"
+            )
         if self.objective not in OBJECTIVES:
-            raise TrainingError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
-        for name, low, high in (("epochs", 1, MAX_SEED), ("batch_size", 1, MAX_SEED), ("depth", 2, 64),
-                                ("width", 1, 1024), ("seed", 0, MAX_SEED)):
+            raise TrainingError(
+                f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}"
+            )
+        for name, low, high in (
+            ("epochs", 1, MAX_SEED),
+            ("batch_size", 1, MAX_SEED),
+            ("depth", 2, 64),
+            ("width", 1, 1024),
+            ("seed", 0, MAX_SEED),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= int(value) <= high:
-                raise TrainingError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, Integral)
+                or not low <= int(value) <= high
+            ):
+                raise TrainingError(
+                    f"{name} must be an integer from {low} to {high}, not {value!r}"
+                )
         for name in ("sigma", "lr"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise TrainingError(f"{name} must be a positive number, not {value!r}")
 
     @property
@@ -187,18 +229,36 @@ class DiffusionConfig:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        for name, low, high in (("epochs", 1, MAX_SEED), ("batch_size", 1, MAX_SEED), ("timesteps", 1, 100_000),
-                                ("width", 2, 1024), ("seed", 0, MAX_SEED)):
+        for name, low, high in (
+            ("epochs", 1, MAX_SEED),
+            ("batch_size", 1, MAX_SEED),
+            ("timesteps", 1, 100_000),
+            ("width", 2, 1024),
+            ("seed", 0, MAX_SEED),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= int(value) <= high:
-                raise TrainingError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, Integral)
+                or not low <= int(value) <= high
+            ):
+                raise TrainingError(
+                    f"{name} must be an integer from {low} to {high}, not {value!r}"
+                )
         for name in ("lr", "beta_start", "beta_end"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise TrainingError(f"{name} must be a positive number, not {value!r}")
         if not self.beta_start <= self.beta_end < 1:
-            raise TrainingError(f"the β schedule needs beta_start <= beta_end < 1, not {self.beta_start} and "
-                                f"{self.beta_end}")
+            raise TrainingError(
+                f"the β schedule needs beta_start <= beta_end < 1, not {self.beta_start} and "
+                f"{self.beta_end}"
+            )
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise TrainingError(f"name must be a non-empty string, not {self.name!r}")
 

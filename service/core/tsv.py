@@ -1,15 +1,41 @@
 """Result rows as TSV: Cohen et al.'s columns first (so their tools read our files), then ours."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "p_a_lower", "n_a", "n", "radius_cap")
+CERTIFY_COLUMNS = (
+    "idx",
+    "label",
+    "predict",
+    "radius",
+    "correct",
+    "time",
+    "p_a_lower",
+    "n_a",
+    "n",
+    "radius_cap",
+)
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "p_value", "n_a", "n_b", "n")
-AT_RADIUS_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "p_a_lower", "n_a", "n",
-                     "certified_at_r", "samples_used", "target_radius")
+AT_RADIUS_COLUMNS = (
+    "idx",
+    "label",
+    "predict",
+    "radius",
+    "correct",
+    "time",
+    "p_a_lower",
+    "n_a",
+    "n",
+    "certified_at_r",
+    "samples_used",
+    "target_radius",
+)
 
 
-def format_tsv(results: Sequence[dict], labels: Sequence[int] | Mapping[int, int] | None = None) -> str:
+def format_tsv(
+    results: Sequence[dict], labels: Sequence[int] | Mapping[int, int] | None = None
+) -> str:
     """Render certify or predict result dicts (``Run.to_dict()["results"]``) as one TSV text.
 
     ``labels[row["index"]]`` is a row's label. ``predict`` is −1 on abstention; ``label`` is −1
@@ -20,7 +46,13 @@ def format_tsv(results: Sequence[dict], labels: Sequence[int] | Mapping[int, int
     """
     certify = bool(results) and "radius" in results[0]
     at_radius = certify and "certified_at_r" in results[0]
-    columns = list(AT_RADIUS_COLUMNS if at_radius else CERTIFY_COLUMNS if certify or not results else PREDICT_COLUMNS)
+    columns = list(
+        AT_RADIUS_COLUMNS
+        if at_radius
+        else CERTIFY_COLUMNS
+        if certify or not results
+        else PREDICT_COLUMNS
+    )
     top2 = certify and "p_b_upper" in results[0]
     if top2:
         columns.append("p_b_upper")
@@ -31,16 +63,27 @@ def format_tsv(results: Sequence[dict], labels: Sequence[int] | Mapping[int, int
         prediction = -1 if row["prediction"] is None else int(row["prediction"])
         correct = int(labels is not None and prediction == label and prediction != -1)
         values = {
-            "idx": index, "label": label, "predict": prediction, "correct": correct,
-            "time": repr(float(row["elapsed_s"])), **{k: row[k] for k in ("n_a", "n")},
+            "idx": index,
+            "label": label,
+            "predict": prediction,
+            "correct": correct,
+            "time": repr(float(row["elapsed_s"])),
+            **{k: row[k] for k in ("n_a", "n")},
         }
         if at_radius:
-            values.update(radius=repr(float(row["radius"])), p_a_lower=repr(float(row["p_a_lower"])),
-                          certified_at_r=int(row["certified_at_r"]), samples_used=row["samples_used"],
-                          target_radius=repr(float(row["target_radius"])))
+            values.update(
+                radius=repr(float(row["radius"])),
+                p_a_lower=repr(float(row["p_a_lower"])),
+                certified_at_r=int(row["certified_at_r"]),
+                samples_used=row["samples_used"],
+                target_radius=repr(float(row["target_radius"])),
+            )
         elif certify:
-            values.update(radius=repr(float(row["radius"])), p_a_lower=repr(float(row["p_a_lower"])),
-                          radius_cap=repr(float(row["radius_cap"])))
+            values.update(
+                radius=repr(float(row["radius"])),
+                p_a_lower=repr(float(row["p_a_lower"])),
+                radius_cap=repr(float(row["radius_cap"])),
+            )
             if top2:
                 values["p_b_upper"] = repr(float(row["p_b_upper"]))
         else:

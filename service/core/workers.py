@@ -5,6 +5,7 @@ pool processes the hash ``smoothcert:worker-procs:<name>`` (field = pid), as
 :mod:`smoothcert.worker.queue.liveness` describes; ``/readyz`` and ``/metrics`` read them here.
 :func:`worker_trouble` says why a worker that still has a heartbeat key cannot take work.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,18 +30,20 @@ def read_workers(client: redis.Redis) -> list[dict[str, Any]]:
     with client.pipeline(transaction=False) as pipe:
         for k in keys:
             pipe.get(k)
-            pipe.hgetall(PROCESSES_PREFIX + k.decode()[len(HEARTBEAT_PREFIX):])
+            pipe.hgetall(PROCESSES_PREFIX + k.decode()[len(HEARTBEAT_PREFIX) :])
             pipe.pttl(k)
         replies = pipe.execute()
     workers = []
     for k, beat, procs, ttl_ms in zip(keys, replies[::3], replies[1::3], replies[2::3]):
         record = json.loads(beat) if beat else {}
-        record["name"] = k.decode()[len(HEARTBEAT_PREFIX):]
+        record["name"] = k.decode()[len(HEARTBEAT_PREFIX) :]
         if record.get("heartbeat_ttl_s") and ttl_ms is not None and ttl_ms >= 0:
             # Each beat sets the key's TTL afresh, so what it lost since tells the beat's age
             # on Redis's clock (no clock of the worker's host involved).
             record["heartbeat_age_s"] = max(0.0, float(record["heartbeat_ttl_s"]) - ttl_ms / 1000)
-        record["processes"] = sorted((json.loads(v) for v in procs.values()), key=lambda p: p.get("pid", 0))
+        record["processes"] = sorted(
+            (json.loads(v) for v in procs.values()), key=lambda p: p.get("pid", 0)
+        )
         workers.append(record)
     return workers
 
@@ -56,16 +59,23 @@ def worker_trouble(worker: dict[str, Any], now: float | None = None) -> tuple[bo
     ttl, age = float(worker.get("heartbeat_ttl_s") or 0), worker.get("heartbeat_age_s")
     stale = bool(ttl and age is not None and age > 2 * ttl / 5 + 1)
     if stale:
-        notes.append(f"worker {name} stopped answering: its last heartbeat is {age:.0f} s old "
-                     f"(it beats every {ttl / 5:g} s)")
+        notes.append(
+            f"worker {name} stopped answering: its last heartbeat is {age:.0f} s old "
+            f"(it beats every {ttl / 5:g} s)"
+        )
     stuck = []
     for proc in worker.get("processes", []):
         batch = proc.get("batch")
-        if isinstance(batch, dict) and now > float(batch["since"]) + float(batch["limit_s"]) + STUCK_SLACK_S:
+        if (
+            isinstance(batch, dict)
+            and now > float(batch["since"]) + float(batch["limit_s"]) + STUCK_SLACK_S
+        ):
             stuck.append(proc)
-            notes.append(f"worker {name}: pool process {proc.get('pid')} has been inside one batch of job "
-                         f"{batch.get('job_id')} for {now - float(batch['since']):.0f} s, past its watchdog's "
-                         f"limit of {float(batch['limit_s']):g} s")
+            notes.append(
+                f"worker {name}: pool process {proc.get('pid')} has been inside one batch of job "
+                f"{batch.get('job_id')} for {now - float(batch['since']):.0f} s, past its watchdog's "
+                f"limit of {float(batch['limit_s']):g} s"
+            )
     full = max(1, int(worker.get("concurrency") or 1))
     return stale or len(stuck) >= full, notes
 

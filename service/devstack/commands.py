@@ -2,6 +2,7 @@
 
 Named by module path, not imported: the dev stack never imports the worker's code.
 """
+
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,17 @@ WORKER_MODULE = "smoothcert.worker.queue.celery_app"
 
 def api_command(host: str, port: int) -> list[str]:
     """uvicorn serving the API's app factory on ``host:port``."""
-    return [sys.executable, "-m", "uvicorn", API_FACTORY, "--factory", "--host", host, "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        API_FACTORY,
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def worker_command(*options: str) -> list[str]:

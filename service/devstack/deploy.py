@@ -17,6 +17,7 @@ reads the environment first for the ``${...}`` of the files, and a generated ove
 (``var/deploy/<project>/local.yml``) hands the same values to the containers.
 State and caches live under ``var/deploy/`` of the checkout (gitignored).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,7 @@ class DeployError(RuntimeError):
 class Engine:
     """The container engine and how to run compose with it."""
 
-    name: str                      # "docker" or "podman"
+    name: str  # "docker" or "podman"
     env: dict[str, str] = field(default_factory=dict)
 
     def compose_command(self) -> list[str]:
@@ -84,16 +85,22 @@ def detect_engine(root: Path) -> Engine:
     if docker_engine_answers():
         return Engine("docker", dict(os.environ))
     if shutil.which("podman") is None:
-        raise DeployError("no Docker engine answers and podman is not installed; `make deploy-tools` installs it "
-                          "(apt-get install podman runc debootstrap)")
+        raise DeployError(
+            "no Docker engine answers and podman is not installed; `make deploy-tools` installs it "
+            "(apt-get install podman runc debootstrap)"
+        )
     try:
         import podman_compose  # noqa: F401 - only whether it is there
     except ImportError:
         raise DeployError("podman-compose is missing: pip install '.[deploy]'") from None
-    return Engine("podman", {**os.environ, "CONTAINERS_CONF": str(root / "docker" / "podman" / "containers.conf")})
+    return Engine(
+        "podman",
+        {**os.environ, "CONTAINERS_CONF": str(root / "docker" / "podman" / "containers.conf")},
+    )
 
 
 # --- settings ----------------------------------------------------------------------------------
+
 
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines; comments and blank lines skipped."""
@@ -125,11 +132,16 @@ def ensure_env_file(root: Path, environ: dict[str, str]) -> tuple[Path, bool]:
 
 def effective_settings(env_file: Path, environ: dict[str, str]) -> dict[str, str]:
     """docker/.env with the environment's SMOOTHCERT_* variables on top; refuses placeholder secrets."""
-    values = {**read_env_file(env_file), **{k: v for k, v in environ.items() if k.startswith("SMOOTHCERT_")}}
+    values = {
+        **read_env_file(env_file),
+        **{k: v for k, v in environ.items() if k.startswith("SMOOTHCERT_")},
+    }
     weak = [k for k in SECRETS if values.get(k, "").lower() in PLACEHOLDERS]
     if weak:
-        raise DeployError(f"{', '.join(weak)} still {'have' if len(weak) > 1 else 'has'} the example value in "
-                          f"{env_file}; set them there or in the environment (or delete the file to get random ones)")
+        raise DeployError(
+            f"{', '.join(weak)} still {'have' if len(weak) > 1 else 'has'} the example value in "
+            f"{env_file}; set them there or in the environment (or delete the file to get random ones)"
+        )
     return values
 
 
@@ -137,8 +149,12 @@ def local_override(path: Path, environ: dict[str, str]) -> Path:
     """A compose file that hands the environment's SMOOTHCERT_* variables to the app containers,
     over their env_file (docker/.env), and runs CERTIFY_WORKERS workers (in the file, so that
     ``down`` knows every replica too). JSON is YAML; ``$`` is doubled against interpolation."""
-    passed = {k: v.replace("$", "$$") for k, v in sorted(environ.items()) if k.startswith("SMOOTHCERT_")}
-    services: dict[str, dict] = {name: {"environment": passed} for name in ("api", "worker", "trainer")}
+    passed = {
+        k: v.replace("$", "$$") for k, v in sorted(environ.items()) if k.startswith("SMOOTHCERT_")
+    }
+    services: dict[str, dict] = {
+        name: {"environment": passed} for name in ("api", "worker", "trainer")
+    }
     services["worker"]["scale"] = CERTIFY_WORKERS
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
@@ -147,6 +163,7 @@ def local_override(path: Path, environ: dict[str, str]) -> Path:
 
 
 # --- images --------------------------------------------------------------------------------------
+
 
 def run(args: list[str], env: dict[str, str], what: str, **kwargs) -> subprocess.CompletedProcess:
     """Run a step, its output on the terminal; DeployError naming ``what`` when it fails."""
@@ -164,33 +181,63 @@ def build_base_images(engine: Engine, root: Path, state: Path) -> None:
     """The Debian, Python and Redis base images, each built only when missing (podman)."""
     if not podman_image_exists(engine, DEBIAN_IMAGE):
         if os.geteuid() != 0:
-            raise DeployError("building the Debian base image needs root (debootstrap); run as root or with sudo")
+            raise DeployError(
+                "building the Debian base image needs root (debootstrap); run as root or with sudo"
+            )
         rootfs = state / "rootfs"
         shutil.rmtree(rootfs, ignore_errors=True)
         print(f"building {DEBIAN_IMAGE} with debootstrap (about a minute) ...", flush=True)
-        run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR], engine.env, "debootstrap",
-            stdout=subprocess.DEVNULL)
+        run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR],
+            engine.env,
+            "debootstrap",
+            stdout=subprocess.DEVNULL,
+        )
         # apt in a build must not try to start the services it installs (there is no init)
         policy = rootfs / "usr" / "sbin" / "policy-rc.d"
         policy.write_text("#!/bin/sh\nexit 101\n")
         policy.chmod(0o755)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        run(["podman", "import", "-q", "-", DEBIAN_IMAGE], engine.env, "podman import", stdin=tar.stdout,
-            stdout=subprocess.DEVNULL)
+        run(
+            ["podman", "import", "-q", "-", DEBIAN_IMAGE],
+            engine.env,
+            "podman import",
+            stdin=tar.stdout,
+            stdout=subprocess.DEVNULL,
+        )
         tar.wait()
         shutil.rmtree(rootfs, ignore_errors=True)
-    for image, dockerfile in ((PYTHON_IMAGE, "python.Dockerfile"), (REDIS_IMAGE, "redis.Dockerfile")):
+    for image, dockerfile in (
+        (PYTHON_IMAGE, "python.Dockerfile"),
+        (REDIS_IMAGE, "redis.Dockerfile"),
+    ):
         if not podman_image_exists(engine, image):
             print(f"building {image} ...", flush=True)
-            run(["podman", "build", "-q", "--build-arg", f"DEBIAN_IMAGE={DEBIAN_IMAGE}", "-f",
-                 str(root / "docker" / "base" / dockerfile), "-t", image, str(root / "docker" / "base")],
-                engine.env, f"building {image}", stdout=subprocess.DEVNULL)
+            run(
+                [
+                    "podman",
+                    "build",
+                    "-q",
+                    "--build-arg",
+                    f"DEBIAN_IMAGE={DEBIAN_IMAGE}",
+                    "-f",
+                    str(root / "docker" / "base" / dockerfile),
+                    "-t",
+                    image,
+                    str(root / "docker" / "base"),
+                ],
+                engine.env,
+                f"building {image}",
+                stdout=subprocess.DEVNULL,
+            )
 
 
 @functools.lru_cache(maxsize=1)
 def host_pip_config() -> dict[str, str]:
     """``cert`` and ``find-links`` of this interpreter's pip configuration (environment included)."""
-    done = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    )
     found: dict[str, str] = {}
     for line in done.stdout.splitlines():
         key, _, value = line.partition("=")
@@ -214,7 +261,9 @@ def podman_build_args(state: Path) -> str:
     """The -v mounts that give a build the host's CA bundle and wheel folder, and a pip.conf for them."""
     config = host_pip_config()
     mounts, pip_conf = [], ["[global]"]
-    cert = config.get("cert") or next((p for p in ("/etc/ssl/certs/ca-certificates.crt",) if Path(p).exists()), "")
+    cert = config.get("cert") or next(
+        (p for p in ("/etc/ssl/certs/ca-certificates.crt",) if Path(p).exists()), ""
+    )
     if cert and Path(cert).is_file():
         mounts.append(f"-v {cert}:{BUILD_MOUNT}/ca-bundle.crt:ro")
         pip_conf.append(f"cert = {BUILD_MOUNT}/ca-bundle.crt")
@@ -229,6 +278,7 @@ def podman_build_args(state: Path) -> str:
 
 
 # --- the deployment --------------------------------------------------------------------------------
+
 
 @dataclass
 class Deployment:
@@ -245,16 +295,30 @@ class Deployment:
 
     def compose(self, *args: str) -> list[str]:
         docker = self.root / "docker"
-        files = [docker / "docker-compose.yml", docker / "compose.cpu.yml",
-                 self.state / self.project / "local.yml"]
-        return [*self.engine.compose_command(), "--project-name", self.project,
-                *[a for f in files for a in ("-f", str(f))], "--profile", "train", *args]
+        files = [
+            docker / "docker-compose.yml",
+            docker / "compose.cpu.yml",
+            self.state / self.project / "local.yml",
+        ]
+        return [
+            *self.engine.compose_command(),
+            "--project-name",
+            self.project,
+            *[a for f in files for a in ("-f", str(f))],
+            "--profile",
+            "train",
+            *args,
+        ]
 
     def env(self) -> dict[str, str]:
         env = {**self.engine.env, **self.environ}
         if self.engine.name == "podman":
-            env |= {"CONTAINERS_CONF": self.engine.env["CONTAINERS_CONF"], "PYTHON_IMAGE": PYTHON_IMAGE,
-                    "RUNTIME_IMAGE": DEBIAN_IMAGE, "REDIS_IMAGE": REDIS_IMAGE}
+            env |= {
+                "CONTAINERS_CONF": self.engine.env["CONTAINERS_CONF"],
+                "PYTHON_IMAGE": PYTHON_IMAGE,
+                "RUNTIME_IMAGE": DEBIAN_IMAGE,
+                "REDIS_IMAGE": REDIS_IMAGE,
+            }
             # The local CPU wheel outranks the index's torch of the same version (its +cpu local
             # label sorts higher); the index then serves only torch's own dependencies.
             if local_torch_wheel(host_pip_config()) is not None:
@@ -265,7 +329,10 @@ class Deployment:
         """docker/.env and the environment override; the effective settings."""
         env_file, created = ensure_env_file(self.root, self.environ)
         if created:
-            print(f"wrote {env_file} from docker/.env.example with random keys and Redis password", flush=True)
+            print(
+                f"wrote {env_file} from docker/.env.example with random keys and Redis password",
+                flush=True,
+            )
         settings = effective_settings(env_file, self.environ)
         local_override(self.state / self.project / "local.yml", self.environ)
         return settings
@@ -279,14 +346,29 @@ class Deployment:
             extra = [f"--podman-build-args={podman_build_args(self.state)}"]
         command = self.compose()
         at = command.index("--project-name")
-        for service in ("api", "worker"):   # one after the other: the worker's trainer twin reuses its image
-            run([*command[:at], *extra, *command[at:], "build", service], self.env(), f"building the {service} image")
+        for service in (
+            "api",
+            "worker",
+        ):  # one after the other: the worker's trainer twin reuses its image
+            run(
+                [*command[:at], *extra, *command[at:], "build", service],
+                self.env(),
+                f"building the {service} image",
+            )
 
     def up(self) -> None:
-        run(self.compose("up", "-d", "--scale", f"worker={CERTIFY_WORKERS}"), self.env(), "starting the deployment")
+        run(
+            self.compose("up", "-d", "--scale", f"worker={CERTIFY_WORKERS}"),
+            self.env(),
+            "starting the deployment",
+        )
 
     def down(self, volumes: bool = False) -> None:
-        run(self.compose("down", *(["--volumes"] if volumes else [])), self.env(), "stopping the deployment")
+        run(
+            self.compose("down", *(["--volumes"] if volumes else [])),
+            self.env(),
+            "stopping the deployment",
+        )
         if self.engine.name == "podman":
             self._podman_leftovers(volumes)
 
@@ -295,32 +377,50 @@ class Deployment:
         (started again by hand), the network, and with ``volumes`` the named volumes."""
         env, label = self.env(), f"label=com.docker.compose.project={self.project}"
         quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        for _ in range(3):   # dependents (--requires) go with --depend; a second pass catches the rest
+        for _ in range(
+            3
+        ):  # dependents (--requires) go with --depend; a second pass catches the rest
             left = self.containers(all_states=True)
             if not left:
                 break
             subprocess.run(["podman", "rm", "-f", "--depend", *left], **quiet)
         subprocess.run(["podman", "network", "rm", "-f", f"{self.project}_default"], **quiet)
         if volumes:
-            names = subprocess.run(["podman", "volume", "ls", "-q", "--filter", label], env=env, capture_output=True,
-                                   text=True).stdout.split()
+            names = subprocess.run(
+                ["podman", "volume", "ls", "-q", "--filter", label],
+                env=env,
+                capture_output=True,
+                text=True,
+            ).stdout.split()
             if names:
                 subprocess.run(["podman", "volume", "rm", "-f", *names], **quiet)
 
     def containers(self, service: str | None = None, all_states: bool = False) -> list[str]:
         """Names of the project's containers (of ``service``), sorted."""
-        args = [self.engine.name, "ps", "--format", "{{.Names}}", "--filter",
-                f"label=com.docker.compose.project={self.project}"]
+        args = [
+            self.engine.name,
+            "ps",
+            "--format",
+            "{{.Names}}",
+            "--filter",
+            f"label=com.docker.compose.project={self.project}",
+        ]
         if service:
             args += ["--filter", f"label=com.docker.compose.service={service}"]
         if all_states:
             args.append("--all")
-        out = subprocess.run(args, env=self.env(), capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            args, env=self.env(), capture_output=True, text=True, check=True
+        ).stdout
         return sorted(out.split())
 
     def logs(self, container: str, lines: int = 30) -> str:
-        done = subprocess.run([self.engine.name, "logs", "--tail", str(lines), container], env=self.env(),
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [self.engine.name, "logs", "--tail", str(lines), container],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+        )
         return done.stdout + done.stderr
 
 
@@ -342,7 +442,9 @@ def ready_workers(url: str, api_key: str) -> dict[str, list[str]]:
     return by_queue
 
 
-def wait_ready(deployment: Deployment, settings: dict[str, str], timeout: float = READY_TIMEOUT_S) -> dict:
+def wait_ready(
+    deployment: Deployment, settings: dict[str, str], timeout: float = READY_TIMEOUT_S
+) -> dict:
     """Wait until /readyz lists both certify workers and the trainer; DeployError with logs if not."""
     url, key = url_of(settings), settings["SMOOTHCERT_API_KEY"]
     deadline, workers = time.monotonic() + timeout, {}
@@ -359,8 +461,10 @@ def wait_ready(deployment: Deployment, settings: dict[str, str], timeout: float 
             raise DeployError(f"container {name} exited:\n{deployment.logs(name)}")
         time.sleep(1)
     tails = "\n".join(f"--- {c}\n{deployment.logs(c, 10)}" for c in deployment.containers())
-    raise DeployError(f"{url}/readyz did not list {CERTIFY_WORKERS} certify workers and the trainer within "
-                      f"{timeout:.0f} s (it lists {workers}):\n{tails}")
+    raise DeployError(
+        f"{url}/readyz did not list {CERTIFY_WORKERS} certify workers and the trainer within "
+        f"{timeout:.0f} s (it lists {workers}):\n{tails}"
+    )
 
 
 def register_demo(url: str, admin_key: str, demo_dir: Path) -> dict:
@@ -376,8 +480,13 @@ def register_demo(url: str, admin_key: str, demo_dir: Path) -> dict:
         if model.get("name") == "digits-demo" and model.get("sha256") == sha:
             return model
     with open(path, "rb") as f:
-        resp = httpx.post(f"{url}/v1/models", headers=headers, timeout=200, files={"file": (path.name, f)},
-                          data={"name": "digits-demo"})
+        resp = httpx.post(
+            f"{url}/v1/models",
+            headers=headers,
+            timeout=200,
+            files={"file": (path.name, f)},
+            data={"name": "digits-demo"},
+        )
     if resp.status_code != 201:
         raise DeployError(f"uploading the demo model failed: {resp.status_code} {resp.text}")
     return resp.json()
@@ -389,40 +498,56 @@ def banner(deployment: Deployment, settings: dict[str, str], model: dict) -> str
     import numpy as np
 
     image = np.load(deployment.state / "demo" / "digits_test_x.npy")[0].round(4).tolist()
-    body = json.dumps({"model_id": model["id"], "inputs": image, "sigma": 0.25, "n": 10000}, separators=(",", ":"))
-    return "\n".join([
-        f"smoothcert is up at {url}  (docs: {url}/docs; {deployment.engine.name} compose project "
-        f"{deployment.project}: {', '.join(deployment.containers())})",
-        f"API key: {key}",
-        f"admin key: {settings['SMOOTHCERT_ADMIN_KEY']}  (model upload and delete)",
-        f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')})",
-        "",
-        "certify one test digit:",
-        f"  curl -s {auth} -H 'Content-Type: application/json' -d '{body}' {url}/v1/certify",
-        "then poll the job it names:",
-        f"  curl -s {auth} {url}/v1/jobs/JOB_ID",
-        f"health and numbers (no key): {url}/readyz  {url}/metrics",
-        "",
-        "`make deploy-down` stops it (the data and Redis volumes stay).",
-    ])
+    body = json.dumps(
+        {"model_id": model["id"], "inputs": image, "sigma": 0.25, "n": 10000}, separators=(",", ":")
+    )
+    return "\n".join(
+        [
+            f"smoothcert is up at {url}  (docs: {url}/docs; {deployment.engine.name} compose project "
+            f"{deployment.project}: {', '.join(deployment.containers())})",
+            f"API key: {key}",
+            f"admin key: {settings['SMOOTHCERT_ADMIN_KEY']}  (model upload and delete)",
+            f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')})",
+            "",
+            "certify one test digit:",
+            f"  curl -s {auth} -H 'Content-Type: application/json' -d '{body}' {url}/v1/certify",
+            "then poll the job it names:",
+            f"  curl -s {auth} {url}/v1/jobs/JOB_ID",
+            f"health and numbers (no key): {url}/readyz  {url}/metrics",
+            "",
+            "`make deploy-down` stops it (the data and Redis volumes stay).",
+        ]
+    )
 
 
 def check_port(settings: dict[str, str]) -> None:
     if not re.fullmatch(r"\d{1,5}", settings.get("SMOOTHCERT_PORT", "8000")):
-        raise DeployError(f"SMOOTHCERT_PORT must be a port number, not {settings['SMOOTHCERT_PORT']!r}")
+        raise DeployError(
+            f"SMOOTHCERT_PORT must be a port number, not {settings['SMOOTHCERT_PORT']!r}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smoothcert.service.devstack.deploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m smoothcert.service.devstack.deploy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("up", "down", "build", "engine"))
-    parser.add_argument("--project", default=DEFAULT_PROJECT, help="compose project name (default: smoothcert)")
-    parser.add_argument("--volumes", action="store_true", help="down: also delete the data and Redis volumes")
+    parser.add_argument(
+        "--project", default=DEFAULT_PROJECT, help="compose project name (default: smoothcert)"
+    )
+    parser.add_argument(
+        "--volumes", action="store_true", help="down: also delete the data and Redis volumes"
+    )
     parser.add_argument("--no-demo", action="store_true", help="up: do not upload the demo model")
     args = parser.parse_args(argv)
     root = Path.cwd()
     if not (root / "docker" / "docker-compose.yml").exists():
-        print("run this from the repository root (docker/docker-compose.yml not found)", file=sys.stderr)
+        print(
+            "run this from the repository root (docker/docker-compose.yml not found)",
+            file=sys.stderr,
+        )
         return 2
     try:
         deployment = Deployment(root, args.project, detect_engine(root))
@@ -440,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         deployment.up()
         wait_ready(deployment, settings)
         if not args.no_demo:
-            model = register_demo(url_of(settings), settings["SMOOTHCERT_ADMIN_KEY"], deployment.state / "demo")
+            model = register_demo(
+                url_of(settings), settings["SMOOTHCERT_ADMIN_KEY"], deployment.state / "demo"
+            )
             print(banner(deployment, settings, model), flush=True)
         return 0
     except DeployError as exc:

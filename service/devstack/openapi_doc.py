@@ -6,6 +6,7 @@ a test does too. The app is built with throwaway settings: creating it opens no 
 neither Redis nor a worker is needed. The text is deterministic (sorted keys, indent 2, a final
 newline) so that a diff shows exactly what changed in the API.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,12 @@ DEFAULT_PATH = Path("openapi/openapi.json")
 def openapi_document() -> dict:
     """The OpenAPI document the app serves at ``/openapi.json``."""
     with tempfile.TemporaryDirectory() as data_dir:
-        settings = Settings(env="development", api_key="openapi-document-key", data_dir=data_dir,
-                            redis_url="redis://127.0.0.1:1/0")
+        settings = Settings(
+            env="development",
+            api_key="openapi-document-key",
+            data_dir=data_dir,
+            redis_url="redis://127.0.0.1:1/0",
+        )
         return create_app(settings, configure_logs=False).openapi()
 
 
@@ -43,24 +48,37 @@ def stale_diff(path: Path, limit: int = 40) -> str | None:
         return f"{path} does not exist"
     if current == fresh:
         return None
-    lines = list(difflib.unified_diff(current.splitlines(), fresh.splitlines(), f"{path} (checked in)",
-                                      f"{path} (from the app)", lineterm=""))
+    lines = list(
+        difflib.unified_diff(
+            current.splitlines(),
+            fresh.splitlines(),
+            f"{path} (checked in)",
+            f"{path} (from the app)",
+            lineterm="",
+        )
+    )
     more = f"\n... {len(lines) - limit} more diff lines" if len(lines) > limit else ""
     return "\n".join(lines[:limit]) + more
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smoothcert.service.devstack.openapi_doc",
-                                     description="Write (or --check) the API's OpenAPI document.")
+    parser = argparse.ArgumentParser(
+        prog="python -m smoothcert.service.devstack.openapi_doc",
+        description="Write (or --check) the API's OpenAPI document.",
+    )
     parser.add_argument("--path", type=Path, default=DEFAULT_PATH, help=f"default {DEFAULT_PATH}")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the app's document")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the file differs from the app's document"
+    )
     args = parser.parse_args(argv)
     if args.check:
         diff = stale_diff(args.path)
         if diff is None:
             print(f"{args.path} is up to date")
             return 0
-        print(f"{args.path} is out of date with the app; run `make openapi`\n{diff}", file=sys.stderr)
+        print(
+            f"{args.path} is out of date with the app; run `make openapi`\n{diff}", file=sys.stderr
+        )
         return 1
     args.path.parent.mkdir(parents=True, exist_ok=True)
     args.path.write_text(openapi_text(), encoding="utf-8")

@@ -9,6 +9,7 @@ A child can also be told to stop when its parent is gone (``parent_death``): on 
 sends it that signal when the parent exits, however it exits, SIGKILL included. ``smoothcert up``
 asks for it; a production server, run by its own supervisor, never gets it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")
-KILL_WAIT_S = 5.0    # after SIGKILL; bounded, so a child stuck in the kernel cannot hang its parent
+KILL_WAIT_S = 5.0  # after SIGKILL; bounded, so a child stuck in the kernel cannot hang its parent
 TAIL_LINES = 15
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Loaded before any fork: the child between fork and exec only calls it.
@@ -63,8 +64,14 @@ def parent_death(sig: signal.Signals) -> Callable[[], None] | None:
     return ask
 
 
-def spawn(args: Sequence[str], env: Mapping[str, str], log: Path, *, append: bool = False,
-          parent_death_signal: signal.Signals | None = None) -> subprocess.Popen:
+def spawn(
+    args: Sequence[str],
+    env: Mapping[str, str],
+    log: Path,
+    *,
+    append: bool = False,
+    parent_death_signal: signal.Signals | None = None,
+) -> subprocess.Popen:
     """Start ``args`` with ``env`` in a new session, stdin empty, stdout and stderr into ``log``.
 
     ``log`` is truncated unless ``append`` (a stack restarted in the same folder keeps its history).
@@ -72,8 +79,15 @@ def spawn(args: Sequence[str], env: Mapping[str, str], log: Path, *, append: boo
     """
     preexec = parent_death(parent_death_signal) if parent_death_signal is not None else None
     with open(log, "ab" if append else "wb") as out:
-        return subprocess.Popen(list(args), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
+        return subprocess.Popen(
+            list(args),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
 
 
 def log_tail(log: Path | None, lines: int = TAIL_LINES) -> str:
@@ -90,12 +104,21 @@ def check_alive(children: Iterable[Child]) -> None:
     """Raise ChildDied for the first of ``children`` that has exited."""
     for child in children:
         if child.proc.poll() is not None:
-            raise ChildDied(f"the {child.name} exited with code {child.proc.returncode}; see {child.log}:\n"
-                            f"{log_tail(child.log)}")
+            raise ChildDied(
+                f"the {child.name} exited with code {child.proc.returncode}; see {child.log}:\n"
+                f"{log_tail(child.log)}"
+            )
 
 
-def wait_until(check: Callable[[], T], timeout: float, what: str, *, children: Iterable[Child] = (),
-               ignore: tuple[type[BaseException], ...] = (), interval: float = 0.1) -> T:
+def wait_until(
+    check: Callable[[], T],
+    timeout: float,
+    what: str,
+    *,
+    children: Iterable[Child] = (),
+    ignore: tuple[type[BaseException], ...] = (),
+    interval: float = 0.1,
+) -> T:
     """Poll ``check()`` until it returns something truthy, and return that.
 
     Before each try, ChildDied is raised when one of ``children`` has exited: a server that
@@ -117,8 +140,12 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, *, children: I
     raise NotReady(f"{what} not ready within {timeout:.0f} s")
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15.0, *,
-         escalate: Sequence[tuple[signal.Signals, float]] = ()) -> None:
+def stop(
+    proc: subprocess.Popen,
+    timeout: float = 15.0,
+    *,
+    escalate: Sequence[tuple[signal.Signals, float]] = (),
+) -> None:
     """Stop ``proc``, a child from :func:`spawn`: SIGTERM and up to ``timeout`` seconds, then each
     ``(signal, grace)`` of ``escalate`` in turn, then SIGKILL to its whole process group.
 

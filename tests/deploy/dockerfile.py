@@ -1,4 +1,5 @@
 """Just enough Dockerfile and .env reading for the deployment tests (no docker engine here)."""
+
 from __future__ import annotations
 
 import re
@@ -7,15 +8,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # pip options that take a value, so the value is not mistaken for a requirement.
-PIP_VALUE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "-c", "--constraint",
-                     "-r", "--requirement", "-t", "--target", "--wheel-dir", "-w"}
+PIP_VALUE_OPTIONS = {
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "-c",
+    "--constraint",
+    "-r",
+    "--requirement",
+    "-t",
+    "--target",
+    "--wheel-dir",
+    "-w",
+}
 
 
 def instructions(path: Path) -> list[list[tuple[str, str]]]:
     """The Dockerfile as (INSTRUCTION, arguments) lists: [0] holds the global ARGs before the
     first FROM (maybe none), then one list per stage, the last being the image. Comment lines
     are dropped first, as Docker drops them before joining continuation lines."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.lstrip().startswith("#")]
+    lines = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if not line.lstrip().startswith("#")
+    ]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
     stages: list[list[tuple[str, str]]] = [[]]
     for line in joined.splitlines():
@@ -73,7 +91,7 @@ def image_installs(stages: list[list[tuple[str, str]]], index: int) -> list[PipI
             words = shlex.split(command)
             for start in range(len(words) - 1):
                 if words[start] in ("pip", "pip3") and words[start + 1] == "install":
-                    found.append(_pip_install(words[start + 2:]))
+                    found.append(_pip_install(words[start + 2 :]))
                     break
     return found
 

@@ -7,6 +7,7 @@ uvicorn factory path), queue names are ones the Celery app declares, docker/.env
 documents exactly the Settings fields and is refused in production until its keys change, and
 the Dockerfiles copy files that exist and keep the engine (torch, onnxruntime) out of the API image.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,7 +23,13 @@ from ruamel.yaml import YAML
 
 from smoothcert.service.core.queue import QUEUES
 from smoothcert.service.core.settings import Settings
-from tests.deploy.dockerfile import env_file, image_installs, instructions, requirement_name, resolve_from
+from tests.deploy.dockerfile import (
+    env_file,
+    image_installs,
+    instructions,
+    requirement_name,
+    resolve_from,
+)
 from tests.support.paths import ROOT
 
 DOCKER = ROOT / "docker"
@@ -46,13 +53,17 @@ def load_compose() -> dict:
 def spec_errors(doc: dict) -> list[str]:
     schema = compose_spec_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in validator.iter_errors(doc)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+        for e in validator.iter_errors(doc)
+    ]
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
     """Compose's ${VAR}, ${VAR:-default} and ${VAR-default}, and ${VAR:?error} and ${VAR?error}
     (compose refuses to start with the error when VAR is unset, or with ":?" empty), with values
     from .env."""
+
     def one(m: re.Match) -> str:
         name, op, default = m.group(1), m.group(2) or "", m.group(3) or ""
         if name in env and (env[name] or not op.startswith(":")):
@@ -60,7 +71,10 @@ def interpolate(value: str, env: dict[str, str]) -> str:
         if op.endswith("?"):
             raise ValueError(f"compose refuses to start: {name}: {default}")
         return default
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", one, value).replace("$$", "$")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", one, value).replace(
+        "$$", "$"
+    )
 
 
 def pyproject() -> dict:
@@ -79,6 +93,7 @@ def env() -> dict[str, str]:
 
 # --- the Compose Specification ---------------------------------------------------------------
 
+
 def test_compose_file_follows_the_compose_specification(compose):
     assert spec_errors(compose) == []
 
@@ -88,11 +103,14 @@ def test_the_specification_check_catches_mistakes(compose):
     misspelt["services"]["worker"]["comand"] = misspelt["services"]["worker"].pop("command")
     assert any("comand" in e for e in spec_errors(misspelt))
     no_capabilities = copy.deepcopy(compose)
-    del no_capabilities["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"]
+    del no_capabilities["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0][
+        "capabilities"
+    ]
     assert any("capabilities" in e for e in spec_errors(no_capabilities))
 
 
 # --- services, volumes, settings ---------------------------------------------------------------
+
 
 def test_services_and_named_volumes(compose):
     services = compose["services"]
@@ -114,7 +132,10 @@ def test_redis_keeps_an_append_only_file_on_a_volume(compose):
 
 
 def test_one_data_volume_is_mounted_at_the_data_dir(compose, env):
-    mounts = {name: [interpolate(m, env) for m in compose["services"][name]["volumes"]] for name in APP_SERVICES}
+    mounts = {
+        name: [interpolate(m, env) for m in compose["services"][name]["volumes"]]
+        for name in APP_SERVICES
+    }
     targets = {name: {m.split(":")[1]: m.split(":")[0] for m in ms} for name, ms in mounts.items()}
     data_dir = env["SMOOTHCERT_DATA_DIR"]
     assert {t.get(data_dir) for t in targets.values()} == {"data"}
@@ -135,17 +156,25 @@ def test_env_example_documents_every_setting_and_nothing_else(env):
     documented = {k for k in env if k.startswith("SMOOTHCERT_")}
     fields = {f"SMOOTHCERT_{name.upper()}" for name in Settings.model_fields}
     assert sorted(documented - fields) == [], "not a Settings field"
-    assert sorted(fields - documented) == [], "a Settings field docker/.env.example does not document"
+    assert sorted(fields - documented) == [], (
+        "a Settings field docker/.env.example does not document"
+    )
 
 
 def test_env_example_is_refused_in_production_until_the_keys_change(env):
-    values = {k.removeprefix("SMOOTHCERT_").lower(): v for k, v in env.items() if k.startswith("SMOOTHCERT_")}
+    values = {
+        k.removeprefix("SMOOTHCERT_").lower(): v
+        for k, v in env.items()
+        if k.startswith("SMOOTHCERT_")
+    }
     assert values["env"] == "production"
     with pytest.raises(ValidationError, match="SMOOTHCERT_API_KEY"):
         Settings(**values)
     with pytest.raises(ValidationError, match="SMOOTHCERT_REDIS_PASSWORD"):
         Settings(**{**values, "api_key": "k" * 32, "admin_key": "a" * 32})
-    settings = Settings(**{**values, "api_key": "k" * 32, "admin_key": "a" * 32, "redis_password": "r" * 32})
+    settings = Settings(
+        **{**values, "api_key": "k" * 32, "admin_key": "a" * 32, "redis_password": "r" * 32}
+    )
     assert settings.env == "production" and str(settings.data_dir) == env["SMOOTHCERT_DATA_DIR"]
     assert settings.broker_url == f"redis://:{'r' * 32}@redis:6379/0"
 
@@ -154,15 +183,24 @@ def test_redis_needs_the_password_and_is_published_nowhere(compose, env):
     redis = compose["services"]["redis"]
     command = [interpolate(part, env) for part in redis["command"]]
     assert command[command.index("--requirepass") + 1] == env["SMOOTHCERT_REDIS_PASSWORD"]
-    with pytest.raises(ValueError, match="set SMOOTHCERT_REDIS_PASSWORD"):   # compose refuses to start without one
+    with pytest.raises(
+        ValueError, match="set SMOOTHCERT_REDIS_PASSWORD"
+    ):  # compose refuses to start without one
         [interpolate(part, {**env, "SMOOTHCERT_REDIS_PASSWORD": ""}) for part in redis["command"]]
-    assert interpolate(redis["environment"]["REDISCLI_AUTH"], env) == env["SMOOTHCERT_REDIS_PASSWORD"]
-    assert "ports" not in redis and "network_mode" not in redis, "only the project's own network reaches Redis"
-    for name in APP_SERVICES:   # the password reaches the app containers through .env, nothing else
-        assert "SMOOTHCERT_REDIS_PASSWORD" not in str(compose["services"][name].get("environment", ""))
+    assert (
+        interpolate(redis["environment"]["REDISCLI_AUTH"], env) == env["SMOOTHCERT_REDIS_PASSWORD"]
+    )
+    assert "ports" not in redis and "network_mode" not in redis, (
+        "only the project's own network reaches Redis"
+    )
+    for name in APP_SERVICES:  # the password reaches the app containers through .env, nothing else
+        assert "SMOOTHCERT_REDIS_PASSWORD" not in str(
+            compose["services"][name].get("environment", "")
+        )
 
 
 # --- the API service and image -----------------------------------------------------------------
+
 
 def api_command() -> list[str]:
     final = instructions(DOCKER / "api.Dockerfile")[-1]
@@ -223,8 +261,9 @@ def test_api_image_is_a_plain_install_of_the_api_extra():
     stages = instructions(DOCKER / "api.Dockerfile")
     assert "slim" in resolve_from(stages, -1) and "cuda" not in resolve_from(stages, -1)
     installs = image_installs(stages, -1)
-    assert [cmd.requirements for cmd in installs] == [[".[api]"]], \
+    assert [cmd.requirements for cmd in installs] == [[".[api]"]], (
         "the API image installs the `api` extra and lists nothing by hand"
+    )
     assert "--no-deps" not in installs[0].options
 
 
@@ -235,7 +274,9 @@ def declared_queues() -> set[str]:
     queues = {v for k, v in vars(celery_app).items() if k.endswith("QUEUE") and isinstance(v, str)}
     queues.add(conf.task_default_queue)
     routes = conf.task_routes or {}
-    queues |= {r["queue"] for r in (routes.values() if isinstance(routes, dict) else []) if "queue" in r}
+    queues |= {
+        r["queue"] for r in (routes.values() if isinstance(routes, dict) else []) if "queue" in r
+    }
     queues |= {q.name for q in conf.task_queues or ()}
     return queues
 
@@ -249,7 +290,9 @@ def effective_worker_options(command: list[str], monkeypatch) -> dict:
     from smoothcert.worker.queue import celery_app
 
     scripts = pyproject()["project"]["scripts"]
-    assert scripts.get(command[0]) == "smoothcert.service.cli.main:main", f"{command[0]} is not our console script"
+    assert scripts.get(command[0]) == "smoothcert.service.cli.main:main", (
+        f"{command[0]} is not our console script"
+    )
     captured: list[list[str]] = []
     monkeypatch.setattr(celery_app.app, "worker_main", captured.append)
     try:
@@ -278,7 +321,9 @@ def test_gpu_services_reserve_gpus_and_can_scale(compose):
         service = compose["services"][name]
         assert service["build"]["dockerfile"] == "docker/worker.Dockerfile"
         [device] = service["deploy"]["resources"]["reservations"]["devices"]
-        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and "count" in device
+        assert (
+            device["driver"] == "nvidia" and "gpu" in device["capabilities"] and "count" in device
+        )
         assert service["shm_size"]
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert "container_name" not in service and "ports" not in service, "--scale needs neither"
@@ -289,25 +334,38 @@ def test_worker_image_is_cuda_torch_pinned_like_the_makefile():
     stages = instructions(DOCKER / "worker.Dockerfile")
     assert re.match(r"nvidia/cuda:[\d.]+-cudnn-runtime-", resolve_from(stages, -1))
     installs = image_installs(stages, -1)
-    [torch] = [cmd for cmd in installs if any(requirement_name(r) == "torch" for r in cmd.requirements)]
+    [torch] = [
+        cmd for cmd in installs if any(requirement_name(r) == "torch" for r in cmd.requirements)
+    ]
     makefile = re.search(r"^TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text(), re.M)
     assert torch.requirements == [f"torch=={makefile.group(1)}"]
     assert re.match(r"https://download\.pytorch\.org/whl/cu\d+$", torch.option("--index-url"))
-    assert any(r.endswith(".whl)[gpu]") or r.endswith("[gpu]") for cmd in installs for r in cmd.requirements)
+    assert any(
+        r.endswith(".whl)[gpu]") or r.endswith("[gpu]")
+        for cmd in installs
+        for r in cmd.requirements
+    )
     final = stages[-1]
     assert [args for op, args in final if op == "USER"][-1] not in ("root", "0")
     entrypoint = json.loads([args for op, args in final if op == "ENTRYPOINT"][-1])
-    assert any(op == "COPY" and args.split() == ["docker/gpu-claim.sh", f"/usr/local/bin/{entrypoint[0]}"]
-               for op, args in final)
+    assert any(
+        op == "COPY" and args.split() == ["docker/gpu-claim.sh", f"/usr/local/bin/{entrypoint[0]}"]
+        for op, args in final
+    )
     command = json.loads([args for op, args in final if op == "CMD"][-1])
-    assert command[command.index("--queues") + 1] in QUEUES, "`docker run` of the image must consume a queue"
+    assert command[command.index("--queues") + 1] in QUEUES, (
+        "`docker run` of the image must consume a queue"
+    )
 
 
 @pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "worker.Dockerfile"])
 def test_dockerfiles_copy_files_that_exist_and_run_as_a_user(dockerfile):
     stages = instructions(DOCKER / dockerfile)
-    allowed = [line[1:].rstrip("/") for line in (DOCKER / f"{dockerfile}.dockerignore").read_text().splitlines()
-               if line.startswith("!")]
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (DOCKER / f"{dockerfile}.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
     for stage in stages:
         for op, args in stage:
             if op != "COPY" or args.startswith("--from"):
@@ -315,5 +373,7 @@ def test_dockerfiles_copy_files_that_exist_and_run_as_a_user(dockerfile):
             *sources, _ = json.loads(args) if args.startswith("[") else args.split()
             for source in sources:
                 assert (ROOT / source).exists(), f"{dockerfile}: COPY {source}: no such file"
-                assert source.rstrip("/") in allowed, f"{dockerfile}: {source} is left out of the build context"
+                assert source.rstrip("/") in allowed, (
+                    f"{dockerfile}: {source} is left out of the build context"
+                )
     assert [args for op, args in stages[-1] if op == "USER"][-1] == "smoothcert"

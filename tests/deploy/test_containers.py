@@ -11,6 +11,7 @@ Each fault test records how long the recovery took (the summary prints it). The 
 heartbeat TTL is set to HEARTBEAT_TTL_S for this deployment, so a task that comes back "at
 once" after ``stop`` (well under the TTL) is told apart from one reaped after a dead heartbeat.
 """
+
 from __future__ import annotations
 
 import io
@@ -42,7 +43,7 @@ HEARTBEAT_TTL_S = 30
 # a plain `podman stop` gets the same grace this way, as `docker stop` does from the container.
 STOP_GRACE_S = "60"
 DEPLOY = [sys.executable, "-m", "smoothcert.service.devstack.deploy"]
-UP_TIMEOUT_S = 1500        # a cold build of the worker image (torch) on two shared cores
+UP_TIMEOUT_S = 1500  # a cold build of the worker image (torch) on two shared cores
 JOB_TIMEOUT_S = 300
 ENGINE_MODULES = ("torch", "onnxruntime", "onnx", "safetensors", "scipy", "matplotlib", "sklearn")
 # Paths the engine itself changes in every container: the mount points of the hosts, hostname
@@ -58,8 +59,13 @@ class Deployed:
     admin_key: str
 
     def engine(self, *args: str, check: bool = True, timeout: float = 180) -> str:
-        done = subprocess.run([self.deployment.engine.name, *args], env=self.deployment.env(), capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run(
+            [self.deployment.engine.name, *args],
+            env=self.deployment.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert not check or done.returncode == 0, f"{args}: {done.stderr}"
         return done.stdout
 
@@ -68,7 +74,9 @@ class Deployed:
         return name
 
     def redis_cli(self, *args: str) -> str:
-        return self.engine("exec", self.one("redis"), "redis-cli", "--no-auth-warning", *args).strip()
+        return self.engine(
+            "exec", self.one("redis"), "redis-cli", "--no-auth-warning", *args
+        ).strip()
 
     def hostname(self, container: str) -> str:
         return self.engine("inspect", "--format", "{{.Config.Hostname}}", container).strip()
@@ -81,47 +89,74 @@ def tail(path: Path, lines: int = 60) -> str:
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory) -> Deployed:
     tmp = tmp_path_factory.mktemp("deploy")
-    keys = {"SMOOTHCERT_API_KEY": secrets.token_urlsafe(24), "SMOOTHCERT_ADMIN_KEY": secrets.token_urlsafe(24),
-            "SMOOTHCERT_REDIS_PASSWORD": secrets.token_urlsafe(24)}
+    keys = {
+        "SMOOTHCERT_API_KEY": secrets.token_urlsafe(24),
+        "SMOOTHCERT_ADMIN_KEY": secrets.token_urlsafe(24),
+        "SMOOTHCERT_REDIS_PASSWORD": secrets.token_urlsafe(24),
+    }
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SMOOTHCERT_")}
-    environ |= keys | {"SMOOTHCERT_HOST": "127.0.0.1", "SMOOTHCERT_PORT": str(free_port()),
-                       "SMOOTHCERT_WORKER_HEARTBEAT_TTL_S": str(HEARTBEAT_TTL_S)}
+    environ |= keys | {
+        "SMOOTHCERT_HOST": "127.0.0.1",
+        "SMOOTHCERT_PORT": str(free_port()),
+        "SMOOTHCERT_WORKER_HEARTBEAT_TTL_S": str(HEARTBEAT_TTL_S),
+    }
     env_file = ROOT / "docker" / ".env"
     had_env_file = env_file.exists()
     log = tmp / "up.log"
     try:
         with open(log, "w") as out:
-            done = subprocess.run([*DEPLOY, "up", "--project", PROJECT, "--no-demo"], cwd=ROOT, env=environ,
-                                  stdout=out, stderr=subprocess.STDOUT, timeout=UP_TIMEOUT_S)
+            done = subprocess.run(
+                [*DEPLOY, "up", "--project", PROJECT, "--no-demo"],
+                cwd=ROOT,
+                env=environ,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=UP_TIMEOUT_S,
+            )
         assert done.returncode == 0, tail(log)
         deployment = Deployment(ROOT, PROJECT, detect_engine(ROOT), environ)
-        yield Deployed(deployment, f"http://127.0.0.1:{environ['SMOOTHCERT_PORT']}", keys["SMOOTHCERT_API_KEY"],
-                       keys["SMOOTHCERT_ADMIN_KEY"])
+        yield Deployed(
+            deployment,
+            f"http://127.0.0.1:{environ['SMOOTHCERT_PORT']}",
+            keys["SMOOTHCERT_API_KEY"],
+            keys["SMOOTHCERT_ADMIN_KEY"],
+        )
     finally:
-        subprocess.run([*DEPLOY, "down", "--project", PROJECT, "--volumes"], cwd=ROOT, env=environ, timeout=300,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*DEPLOY, "down", "--project", PROJECT, "--volumes"],
+            cwd=ROOT,
+            env=environ,
+            timeout=300,
+            stdout=subprocess.DEVNULL,
+        )
         if not had_env_file:
             env_file.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
 def client(deployed) -> httpx.Client:
-    with httpx.Client(base_url=deployed.url, headers={"Authorization": f"Bearer {deployed.api_key}"},
-                      timeout=60) as c:
+    with httpx.Client(
+        base_url=deployed.url, headers={"Authorization": f"Bearer {deployed.api_key}"}, timeout=60
+    ) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def admin(deployed) -> httpx.Client:
-    with httpx.Client(base_url=deployed.url, headers={"Authorization": f"Bearer {deployed.admin_key}"},
-                      timeout=200) as c:
+    with httpx.Client(
+        base_url=deployed.url,
+        headers={"Authorization": f"Bearer {deployed.admin_key}"},
+        timeout=200,
+    ) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def model(admin, demo_paths) -> dict:
     with open(demo_paths["safetensors"], "rb") as f:
-        resp = admin.post("/v1/models", files={"file": ("digits_cnn.safetensors", f)}, data={"name": "digits"})
+        resp = admin.post(
+            "/v1/models", files={"file": ("digits_cnn.safetensors", f)}, data={"name": "digits"}
+        )
     assert resp.status_code == 201, resp.text
     return resp.json()
 
@@ -139,8 +174,11 @@ def poll(client: httpx.Client, job_id: str, timeout: float = JOB_TIMEOUT_S) -> d
             resp = client.get(f"/v1/jobs/{job_id}")
         except httpx.TransportError:
             resp = None
-        if resp is not None and resp.status_code == 200 and resp.json()["status"] in ("succeeded", "failed",
-                                                                                       "canceled"):
+        if (
+            resp is not None
+            and resp.status_code == 200
+            and resp.json()["status"] in ("succeeded", "failed", "canceled")
+        ):
             return resp.json()
         assert resp is None or resp.status_code in (200, 502, 503), (resp.status_code, resp.text)
         time.sleep(0.2)
@@ -148,8 +186,18 @@ def poll(client: httpx.Client, job_id: str, timeout: float = JOB_TIMEOUT_S) -> d
 
 
 def submit(client: httpx.Client, model: dict, digits, n: int, seed: int) -> str:
-    resp = client.post("/v1/certify", json={"model_id": model["id"], "inputs": digits[0][:4].tolist(), "sigma": 0.25,
-                                            "n0": 100, "n": n, "seed": seed, "batch_size": 500})
+    resp = client.post(
+        "/v1/certify",
+        json={
+            "model_id": model["id"],
+            "inputs": digits[0][:4].tolist(),
+            "sigma": 0.25,
+            "n0": 100,
+            "n": n,
+            "seed": seed,
+            "batch_size": 500,
+        },
+    )
     assert resp.status_code == 202, resp.text
     return resp.json()["job_id"]
 
@@ -165,10 +213,18 @@ def lease(deployed: Deployed, job_id: str) -> dict | None:
 
 def running_on(deployed: Deployed, client: httpx.Client, job_id: str) -> str:
     """The worker container that holds the job's lease, once it has drawn samples."""
-    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0 and lease(deployed, job_id),
-             JOB_TIMEOUT_S, f"job {job_id} running")
+    wait_for(
+        lambda: (
+            client.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0
+            and lease(deployed, job_id)
+        ),
+        JOB_TIMEOUT_S,
+        f"job {job_id} running",
+    )
     host = lease(deployed, job_id)["worker"].partition("@")[2]
-    [container] = [c for c in deployed.deployment.containers("worker") if deployed.hostname(c) == host]
+    [container] = [
+        c for c in deployed.deployment.containers("worker") if deployed.hostname(c) == host
+    ]
     return container
 
 
@@ -187,13 +243,16 @@ def restore_workers(deployed: Deployed, client: httpx.Client, container: str) ->
 
 # --- the images and containers ------------------------------------------------------------------
 
+
 def test_the_api_container_has_no_engine_and_every_container_runs_unprivileged(deployed):
-    found = "import importlib.util as u; print([m for m in {!r} if u.find_spec(m)])".format(ENGINE_MODULES)
+    found = "import importlib.util as u; print([m for m in {!r} if u.find_spec(m)])".format(
+        ENGINE_MODULES
+    )
     assert deployed.engine("exec", deployed.one("api"), "python", "-c", found).strip() == "[]"
-    worker = deployed.deployment.containers("worker")[0]   # the check can fail: the worker has them
+    worker = deployed.deployment.containers("worker")[0]  # the check can fail: the worker has them
     assert "torch" in deployed.engine("exec", worker, "python", "-c", found)
     containers = deployed.deployment.containers()
-    assert len(containers) == 5, containers    # redis, api, two workers, the trainer
+    assert len(containers) == 5, containers  # redis, api, two workers, the trainer
     for container in containers:
         users = deployed.engine("top", container, "user").split()[1:]
         assert users and "root" not in users, (container, users)
@@ -203,33 +262,56 @@ def test_the_api_container_has_no_engine_and_every_container_runs_unprivileged(d
 def test_healthchecks_pass_and_readyz_lists_both_workers(deployed, client):
     for service in ("redis", "api"):
         container = deployed.one(service)
-        if deployed.deployment.engine.name == "podman":   # no systemd here to schedule podman's checks
+        if (
+            deployed.deployment.engine.name == "podman"
+        ):  # no systemd here to schedule podman's checks
             deployed.engine("healthcheck", "run", container)
         else:
-            wait_for(lambda: deployed.engine("inspect", "--format", "{{.State.Health.Status}}", container).strip()
-                     == "healthy", 120, f"{container} healthy")
+            wait_for(
+                lambda: (
+                    deployed.engine(
+                        "inspect", "--format", "{{.State.Health.Status}}", container
+                    ).strip()
+                    == "healthy"
+                ),
+                120,
+                f"{container} healthy",
+            )
     hostnames = {deployed.hostname(c) for c in deployed.deployment.containers("worker")}
-    assert {name.partition("@")[2] for name in certify_workers(client)} == hostnames and len(hostnames) == 2
+    assert {name.partition("@")[2] for name in certify_workers(client)} == hostnames and len(
+        hostnames
+    ) == 2
     ready = client.get("/readyz").json()
     assert any(w["queues"] == ["train"] for w in ready["worker_details"])
 
 
 # --- the service through the containers ---------------------------------------------------------
 
+
 def test_upload_certify_and_a_dataset_job_over_both_workers(deployed, client, model, digits):
     assert model["input_shape"] == [1, 8, 8] and model["num_classes"] == 10
     record = poll(client, submit(client, model, digits, n=2000, seed=1))
     assert record["status"] == "succeeded", record["error"]
     rows = record["result"]["results"]
-    assert [r["prediction"] for r in rows if not r["abstained"]] == \
-        [int(y) for r, y in zip(rows, digits[1][:4]) if not r["abstained"]]
+    assert [r["prediction"] for r in rows if not r["abstained"]] == [
+        int(y) for r, y in zip(rows, digits[1][:4]) if not r["abstained"]
+    ]
 
     buf = io.BytesIO()
     np.savez(buf, x=digits[0][:300], y=digits[1][:300])
     resp = client.post("/v1/datasets", files={"file": ("digits.npz", buf.getvalue())})
     assert resp.status_code == 201, resp.text
-    resp = client.post("/v1/certify", json={"model_id": model["id"], "dataset_id": resp.json()["id"], "sigma": 0.25,
-                                            "n0": 10, "n": 200, "seed": 11})
+    resp = client.post(
+        "/v1/certify",
+        json={
+            "model_id": model["id"],
+            "dataset_id": resp.json()["id"],
+            "sigma": 0.25,
+            "n0": 10,
+            "n": 200,
+            "seed": 11,
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = poll(client, resp.json()["job_id"])
     assert job["status"] == "succeeded", job["error"]
@@ -237,12 +319,24 @@ def test_upload_certify_and_a_dataset_job_over_both_workers(deployed, client, mo
     provenance = job["result"]["provenance"]
     assert len(provenance["chunks"]) == 3
     workers = {w.partition("@")[2] for w in provenance["workers"]}
-    assert workers == {deployed.hostname(c) for c in deployed.deployment.containers("worker")}, provenance["workers"]
+    assert workers == {deployed.hostname(c) for c in deployed.deployment.containers("worker")}, (
+        provenance["workers"]
+    )
 
 
 def test_a_short_training_job_runs_on_the_trainer(deployed, admin):
-    resp = admin.post("/v1/train", json={"dataset": "digits", "method": "gaussian", "sigma": 0.25, "batch_size": 128,
-                                         "seed": 3, "epochs": 1, "name": "trained-in-a-container"})
+    resp = admin.post(
+        "/v1/train",
+        json={
+            "dataset": "digits",
+            "method": "gaussian",
+            "sigma": 0.25,
+            "batch_size": 128,
+            "seed": 3,
+            "epochs": 1,
+            "name": "trained-in-a-container",
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = poll(admin, resp.json()["job_id"])
     assert job["status"] == "succeeded", job["error"]
@@ -252,6 +346,7 @@ def test_a_short_training_job_runs_on_the_trainer(deployed, admin):
 
 
 # --- faults -----------------------------------------------------------------------------------------
+
 
 def test_a_worker_killed_mid_job_loses_nothing(deployed, client, model, digits, record_property):
     job_id = submit(client, model, digits, n=20_000, seed=20261201)
@@ -268,11 +363,15 @@ def test_a_worker_killed_mid_job_loses_nothing(deployed, client, model, digits, 
 
     again = poll(client, submit(client, model, digits, n=20_000, seed=20261201))
     assert again["status"] == "succeeded", again["error"]
-    assert without_timings(record["result"]["results"]) == without_timings(again["result"]["results"])
+    assert without_timings(record["result"]["results"]) == without_timings(
+        again["result"]["results"]
+    )
     restore_workers(deployed, client, victim)
 
 
-def test_a_worker_stopped_mid_job_puts_the_task_back_at_once(deployed, client, model, digits, record_property):
+def test_a_worker_stopped_mid_job_puts_the_task_back_at_once(
+    deployed, client, model, digits, record_property
+):
     job_id = submit(client, model, digits, n=20_000, seed=7)
     stopped = running_on(deployed, client, job_id)
     [other] = [c for c in deployed.deployment.containers("worker") if c != stopped]
@@ -280,8 +379,11 @@ def test_a_worker_stopped_mid_job_puts_the_task_back_at_once(deployed, client, m
     deployed.engine("stop", "--time", STOP_GRACE_S, stopped)
     stop_s = time.monotonic() - began
     other_host = deployed.hostname(other)
-    wait_for(lambda: (lease(deployed, job_id) or {}).get("worker", "").endswith("@" + other_host), 120,
-             "the other worker taking the job")
+    wait_for(
+        lambda: (lease(deployed, job_id) or {}).get("worker", "").endswith("@" + other_host),
+        120,
+        "the other worker taking the job",
+    )
     taken_s = time.monotonic() - began
     record = poll(client, job_id)
     done_s = time.monotonic() - began
@@ -294,7 +396,9 @@ def test_a_worker_stopped_mid_job_puts_the_task_back_at_once(deployed, client, m
     restore_workers(deployed, client, stopped)
 
 
-def test_a_redis_restart_between_submit_and_poll_loses_no_record(deployed, client, model, digits, record_property):
+def test_a_redis_restart_between_submit_and_poll_loses_no_record(
+    deployed, client, model, digits, record_property
+):
     # Both certify workers stopped first, so the job waits in the queue (a message in Redis) and its
     # record is "queued" while Redis goes down and comes back from its append-only file.
     workers = deployed.deployment.containers("worker")
@@ -303,7 +407,9 @@ def test_a_redis_restart_between_submit_and_poll_loses_no_record(deployed, clien
     began = time.monotonic()
     deployed.engine("restart", deployed.one("redis"))
     answer = lambda: client.get(f"/v1/jobs/{job_id}")  # noqa: E731 - 503 while the API reconnects
-    record = wait_for(lambda: answer().status_code == 200 and answer().json(), 60, "the record after the restart")
+    record = wait_for(
+        lambda: answer().status_code == 200 and answer().json(), 60, "the record after the restart"
+    )
     assert record["id"] == job_id and record["status"] == "queued"
     deployed.engine("start", *workers)
     record = poll(client, job_id)
@@ -314,24 +420,36 @@ def test_a_redis_restart_between_submit_and_poll_loses_no_record(deployed, clien
     wait_for(lambda: len(certify_workers(client)) == 2, 180, "two certify workers again")
 
 
-def test_an_api_restart_shows_pollers_503_at_worst_then_the_job(deployed, client, model, digits, record_property):
+def test_an_api_restart_shows_pollers_503_at_worst_then_the_job(
+    deployed, client, model, digits, record_property
+):
     job_id = submit(client, model, digits, n=20_000, seed=4)
-    seen: list[tuple[int | str, str | None]] = []   # (HTTP status or "unreachable", the job's status)
+    seen: list[
+        tuple[int | str, str | None]
+    ] = []  # (HTTP status or "unreachable", the job's status)
     waited: dict = {}
     stop = threading.Event()
 
-    def watch() -> None:   # a plain poller: every answer it gets, through the restart and after it
-        with httpx.Client(base_url=deployed.url, headers={"Authorization": f"Bearer {deployed.api_key}"},
-                          timeout=10) as c:
+    def watch() -> None:  # a plain poller: every answer it gets, through the restart and after it
+        with httpx.Client(
+            base_url=deployed.url,
+            headers={"Authorization": f"Bearer {deployed.api_key}"},
+            timeout=10,
+        ) as c:
             while not stop.is_set():
                 try:
                     resp = c.get(f"/v1/jobs/{job_id}")
-                    seen.append((resp.status_code, resp.json().get("status") if resp.status_code == 200 else None))
+                    seen.append(
+                        (
+                            resp.status_code,
+                            resp.json().get("status") if resp.status_code == 200 else None,
+                        )
+                    )
                 except httpx.TransportError:
                     seen.append(("unreachable", None))
                 time.sleep(0.05)
 
-    def wait() -> None:   # the project's client, polling since before the restart, rides it out
+    def wait() -> None:  # the project's client, polling since before the restart, rides it out
         with ServiceClient(deployed.url, deployed.api_key) as service:
             try:
                 waited["record"] = service.wait(job_id, timeout=JOB_TIMEOUT_S, progress=False)
@@ -364,6 +482,10 @@ def test_an_api_restart_shows_pollers_503_at_worst_then_the_job(deployed, client
 def test_nothing_is_written_outside_the_volumes(deployed):
     """Run last: every container's own layer after all of the above, restarts included."""
     for container in deployed.deployment.containers():
-        changed = [line.split(None, 1) for line in deployed.engine("diff", container).splitlines() if line.strip()]
+        changed = [
+            line.split(None, 1)
+            for line in deployed.engine("diff", container).splitlines()
+            if line.strip()
+        ]
         outside = [f"{kind} {path}" for kind, path in changed if path not in ENGINE_OWNED]
         assert outside == [], (container, outside)

@@ -3,6 +3,7 @@ and the GPU reservation dropped, nothing else; checked without an engine, in `ma
 
 The containers themselves run in tests/deploy/test_containers.py (`make deploy-test`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,13 @@ import pytest
 import tomllib
 from ruamel.yaml import YAML
 
-from tests.deploy.dockerfile import arg_defaults, expand, image_installs, instructions, requirement_name
+from tests.deploy.dockerfile import (
+    arg_defaults,
+    expand,
+    image_installs,
+    instructions,
+    requirement_name,
+)
 from tests.deploy.test_compose import COMPOSE, DOCKER, extra_requirements, load_compose, spec_errors
 from tests.support.paths import ROOT
 
@@ -59,7 +66,12 @@ def test_the_cpu_flavour_follows_the_compose_specification(cpu):
 
 
 def test_it_swaps_build_arguments_and_drops_the_reservation_only(cpu):
-    allowed = {"redis": {"image"}, "api": {"build"}, "worker": {"build", "deploy"}, "trainer": {"build", "deploy"}}
+    allowed = {
+        "redis": {"image"},
+        "api": {"build"},
+        "worker": {"build", "deploy"},
+        "trainer": {"build", "deploy"},
+    }
     assert set(cpu["services"]) == set(allowed)
     for name, service in cpu["services"].items():
         assert set(service) <= allowed[name], name
@@ -72,8 +84,10 @@ def test_it_swaps_build_arguments_and_drops_the_reservation_only(cpu):
         assert {k: v for k, v in build.items() if k != "args"} == base[name]["build"], name
 
 
-@pytest.mark.parametrize("service, dockerfile", [("api", "api.Dockerfile"), ("worker", "worker.Dockerfile"),
-                                                 ("trainer", "worker.Dockerfile")])
+@pytest.mark.parametrize(
+    "service, dockerfile",
+    [("api", "api.Dockerfile"), ("worker", "worker.Dockerfile"), ("trainer", "worker.Dockerfile")],
+)
 def test_every_build_argument_is_one_the_dockerfile_declares(cpu, service, dockerfile):
     stages = instructions(DOCKER / dockerfile)
     declared = {args.partition("=")[0] for stage in stages for op, args in stage if op == "ARG"}
@@ -83,13 +97,21 @@ def test_every_build_argument_is_one_the_dockerfile_declares(cpu, service, docke
 def test_the_cpu_worker_image_installs_cpu_torch_onnxruntime_and_the_worker_extra(cpu):
     args = {k: default(v) for k, v in cpu["services"]["worker"]["build"]["args"].items()}
     stages = instructions(DOCKER / "worker.Dockerfile")
-    final = expand(next(a for op, a in stages[-1] if op == "FROM"), {**arg_defaults(stages, 0), **args})
+    final = expand(
+        next(a for op, a in stages[-1] if op == "FROM"), {**arg_defaults(stages, 0), **args}
+    )
     assert "cuda" not in final and final.startswith("debian:")
     # the Dockerfile's installs with the CPU arguments in place of its defaults
-    stages[-1] = [(op, f"{a.partition('=')[0]}={args[a.partition('=')[0]]}")
-                  if op == "ARG" and a.partition("=")[0] in args else (op, a) for op, a in stages[-1]]
+    stages[-1] = [
+        (op, f"{a.partition('=')[0]}={args[a.partition('=')[0]]}")
+        if op == "ARG" and a.partition("=")[0] in args
+        else (op, a)
+        for op, a in stages[-1]
+    ]
     installs = image_installs(stages, -1)
-    [torch] = [cmd for cmd in installs if any(requirement_name(r) == "torch" for r in cmd.requirements)]
+    [torch] = [
+        cmd for cmd in installs if any(requirement_name(r) == "torch" for r in cmd.requirements)
+    ]
     assert torch.option("--index-url") == "https://download.pytorch.org/whl/cpu"
     names = {requirement_name(r) for cmd in installs for r in cmd.requirements}
     assert "onnxruntime" in names and "onnxruntime-gpu" not in names
@@ -98,9 +120,14 @@ def test_the_cpu_worker_image_installs_cpu_torch_onnxruntime_and_the_worker_extr
 
 
 def test_make_test_leaves_the_container_tests_to_make_deploy_test():
-    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"][
+        "addopts"
+    ]
     assert "-m 'not deploy'" in addopts
-    assert "pytestmark = pytest.mark.deploy" in (ROOT / "tests" / "deploy" / "test_containers.py").read_text()
+    assert (
+        "pytestmark = pytest.mark.deploy"
+        in (ROOT / "tests" / "deploy" / "test_containers.py").read_text()
+    )
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^deploy-test:.*\n\t.*pytest .*-m deploy tests/deploy", makefile, re.M)
     assert COMPOSE.name in (ROOT / "service" / "devstack" / "deploy.py").read_text()

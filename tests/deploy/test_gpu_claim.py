@@ -3,6 +3,7 @@
 Run here with a stand-in nvidia-smi that lists two GPUs and a lock directory in tmp_path; the
 "worker" is a shell that writes the CUDA_VISIBLE_DEVICES it got and then sleeps, holding the lock.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,11 +31,26 @@ def claim(tmp_path):
 
     def start(name: str, **env: str) -> tuple[subprocess.Popen, Path]:
         out = tmp_path / f"{name}.out"
-        environ = {"PATH": f"{bin_dir}:/usr/bin:/bin", "GPU_CLAIM_DIR": str(tmp_path / "locks"),
-                   "GPU_CLAIM_WAIT_S": "0.1", **env}
+        environ = {
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "GPU_CLAIM_DIR": str(tmp_path / "locks"),
+            "GPU_CLAIM_WAIT_S": "0.1",
+            **env,
+        }
         proc = subprocess.Popen(
-            ["bash", str(SCRIPT), "sh", "-c", 'echo "${CUDA_VISIBLE_DEVICES:-none}" > "$0"; exec sleep 60', str(out)],
-            env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                "bash",
+                str(SCRIPT),
+                "sh",
+                "-c",
+                'echo "${CUDA_VISIBLE_DEVICES:-none}" > "$0"; exec sleep 60',
+                str(out),
+            ],
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         started.append(proc)
         return proc, out
 
@@ -67,17 +83,22 @@ def test_replicas_take_different_gpus_and_a_spare_waits_for_one(claim):
     assert spare.poll() is None and second.poll() is None
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"CUDA_VISIBLE_DEVICES": "3"}, "3"),
-    ({"SMOOTHCERT_DEVICE": "cpu"}, "none"),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"CUDA_VISIBLE_DEVICES": "3"}, "3"),
+        ({"SMOOTHCERT_DEVICE": "cpu"}, "none"),
+    ],
+)
 def test_an_explicit_choice_is_left_alone(claim, env, expected):
     _, out = claim("pinned", **env)
     assert visible_devices(out) == expected
 
 
 def test_without_a_gpu_the_command_runs_on_the_cpu(claim, tmp_path):
-    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'No devices were found' >&2\nexit 6\n")
+    (tmp_path / "bin" / "nvidia-smi").write_text(
+        "#!/bin/sh\necho 'No devices were found' >&2\nexit 6\n"
+    )
     proc, out = claim("cpu")
     assert visible_devices(out) == "none"
     assert not (tmp_path / "locks").exists() or not os.listdir(tmp_path / "locks")

@@ -1,4 +1,5 @@
 """The allow-list: layouts that published checkpoints (torchvision, Cohen et al.) load into."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ from smoothcert.models.metadata import ModelError
 
 
 def _meta_network(arch: str, num_classes: int) -> torch.nn.Module:
-    with torch.device("meta"):   # shapes only, no initialization cost
+    with torch.device("meta"):  # shapes only, no initialization cost
         return build_network(arch, num_classes)
 
 
@@ -26,8 +27,14 @@ def test_resnet50_state_dict_matches_torchvision_layout():
     assert len(state) == 320
     assert sum(p.numel() for p in net.parameters()) == 25_557_032
     keys = list(state)
-    assert keys[:6] == ["conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean",
-                        "bn1.running_var", "bn1.num_batches_tracked"]
+    assert keys[:6] == [
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.bias",
+        "bn1.running_mean",
+        "bn1.running_var",
+        "bn1.num_batches_tracked",
+    ]
     assert keys[-2:] == ["fc.weight", "fc.bias"]
     expected_shapes = {
         "conv1.weight": (64, 3, 7, 7),
@@ -46,9 +53,14 @@ def test_resnet50_state_dict_matches_torchvision_layout():
     }
     assert {k: tuple(state[k].shape) for k in expected_shapes} == expected_shapes
     assert sorted({k.split(".")[0] for k in keys if k.startswith("layer")}) == [
-        "layer1", "layer2", "layer3", "layer4"]
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+    ]
     assert [k for k in keys if "downsample.0" in k] == [
-        f"layer{i}.0.downsample.0.weight" for i in (1, 2, 3, 4)]
+        f"layer{i}.0.downsample.0.weight" for i in (1, 2, 3, 4)
+    ]
     assert "layer3.6.conv1.weight" not in state and "layer3.5.conv1.weight" in state
 
 
@@ -57,8 +69,9 @@ def test_resnet50_stride_sits_on_the_3x3_convolution():
     assert net.layer2[0].conv1.stride == (1, 1) and net.layer2[0].conv2.stride == (2, 2)
 
 
-@pytest.mark.parametrize("arch, blocks, params", [("cifar_resnet20", 3, 272_474),
-                                                  ("cifar_resnet110", 18, 1_730_714)])
+@pytest.mark.parametrize(
+    "arch, blocks, params", [("cifar_resnet20", 3, 272_474), ("cifar_resnet110", 18, 1_730_714)]
+)
 def test_cifar_resnet_uses_cohen_et_al_key_layout(arch, blocks, params):
     net = _meta_network(arch, 10)
     state = net.state_dict()
@@ -70,7 +83,9 @@ def test_cifar_resnet_uses_cohen_et_al_key_layout(arch, blocks, params):
     assert f"layer3.{blocks}.conv1.weight" not in state
     # Projection shortcuts only where the width or resolution changes.
     assert [k for k in state if k.endswith("downsample.0.weight")] == [
-        "layer2.0.downsample.0.weight", "layer3.0.downsample.0.weight"]
+        "layer2.0.downsample.0.weight",
+        "layer3.0.downsample.0.weight",
+    ]
     assert tuple(state["layer2.0.downsample.0.weight"].shape) == (32, 16, 1, 1)
     assert tuple(state["layer3.0.downsample.1.running_var"].shape) == (64,)
     assert tuple(state["fc.weight"].shape) == (10, 64)
@@ -92,7 +107,9 @@ def test_every_architecture_has_defaults_and_an_fc_head(arch):
 
 
 def test_unknown_architecture_is_refused_with_the_allowed_names():
-    with pytest.raises(ModelError, match="unknown architecture 'vgg16'.*cifar_resnet20.*digits_cnn"):
+    with pytest.raises(
+        ModelError, match="unknown architecture 'vgg16'.*cifar_resnet20.*digits_cnn"
+    ):
         build_network("vgg16", 10)
 
 

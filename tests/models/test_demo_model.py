@@ -1,4 +1,5 @@
 """The demo model: trained in seconds, accurate, deterministic, written in both formats."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_demo_weights_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
         one = demo.build_demo(tmp_path / "one")["safetensors"].read_bytes()
         torch.set_num_threads(4)
         four = demo.build_demo(tmp_path / "four")["safetensors"].read_bytes()
-        assert torch.get_num_threads() == 4   # restored after training
+        assert torch.get_num_threads() == 4  # restored after training
     finally:
         torch.set_num_threads(threads)
     assert one == four

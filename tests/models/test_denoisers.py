@@ -1,4 +1,5 @@
 """Denoisers and pipeline models: [0,1] images in and out, shapes checked, provenance naming both parts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def test_the_denoiser_maps_unit_images_to_unit_images_of_the_same_shape(tmp_path
     raw = denoiser.module(noisy)
     out = denoiser.denoise(noisy)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
-    assert raw.min() < 0 and raw.max() > 1     # so the bounds above are the clamp's doing
+    assert raw.min() < 0 and raw.max() > 1  # so the bounds above are the clamp's doing
     assert torch.equal(out, raw.clamp(0, 1))
 
 
@@ -42,11 +43,15 @@ def test_a_denoiser_is_not_a_classifier_nor_a_classifier_a_denoiser(tmp_path, de
 
 
 def test_a_pipeline_refuses_parts_whose_shapes_differ(tmp_path, demo_paths):
-    denoiser = load_denoiser(random_denoiser(tmp_path / "d.safetensors", input_shape=(1, 6, 6)), device="cpu")
+    denoiser = load_denoiser(
+        random_denoiser(tmp_path / "d.safetensors", input_shape=(1, 6, 6)), device="cpu"
+    )
     classifier = load_model(demo_paths["safetensors"], device="cpu")
     with pytest.raises(ModelError, match=r"shape \[1, 6, 6\].* takes \[1, 8, 8\]"):
         DenoisedClassifier(denoiser, classifier)
-    with pytest.raises(ModelError, match="second part of a pipeline must be a classifier, not a denoiser"):
+    with pytest.raises(
+        ModelError, match="second part of a pipeline must be a classifier, not a denoiser"
+    ):
         compose(denoiser, denoiser)
 
 
@@ -60,7 +65,13 @@ def test_a_pipeline_certifies_f_of_d_and_names_both_parts(tmp_path, demo_paths, 
     run = certify(pipeline, x, 0.5, n0=20, n=200, alpha=0.001, batch_size=100, seed=7)
 
     class ByHand:
-        info, device, runtime, provider, precision = classifier.info, torch.device("cpu"), "torch", "cpu", "float32"
+        info, device, runtime, provider, precision = (
+            classifier.info,
+            torch.device("cpu"),
+            "torch",
+            "cpu",
+            "float32",
+        )
 
         @torch.inference_mode()
         def logits(self, batch):
@@ -70,6 +81,7 @@ def test_a_pipeline_certifies_f_of_d_and_names_both_parts(tmp_path, demo_paths, 
             return pipeline.work_bytes_per_sample()
 
     expected = certify(ByHand(), x, 0.5, n0=20, n=200, alpha=0.001, batch_size=100, seed=7)
+
     def rows(r):
         return [(row.prediction, row.n_a, row.radius, row.abstained) for row in r.results]
 
@@ -77,6 +89,8 @@ def test_a_pipeline_certifies_f_of_d_and_names_both_parts(tmp_path, demo_paths, 
     parts = run.provenance["model_parts"]
     assert parts["denoiser"]["sha256"] == denoiser.info.sha256
     assert parts["classifier"]["sha256"] == classifier.info.sha256
-    assert run.provenance["model_sha256"] == pipeline_sha256(denoiser.info.sha256, classifier.info.sha256)
+    assert run.provenance["model_sha256"] == pipeline_sha256(
+        denoiser.info.sha256, classifier.info.sha256
+    )
     assert run.provenance["model_format"] == "pipeline" and "model_parts" not in expected.provenance
     assert np.isfinite([r.radius for r in run.results if not r.abstained]).all()

@@ -1,5 +1,6 @@
 """The load-time check refuses models whose scores are NaN or infinite, and metadata that would be
 stored as something other than a finite number or a short name; the memory estimate of a batch."""
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,11 @@ class _NanBelowZero(ConstantNet):
 def test_the_noisy_batch_catches_what_zeros_and_clean_images_do_not():
     model = wrap(_NanBelowZero(label=1, num_classes=4), num_classes=4)
     batches = check_batches(model.info.input_shape)
-    assert [bool(torch.isfinite(model.logits(b)).all()) for b in batches.values()] == [True, True, False]
+    assert [bool(torch.isfinite(model.logits(b)).all()) for b in batches.values()] == [
+        True,
+        True,
+        False,
+    ]
     with pytest.raises(ModelError, match=f"images with Gaussian noise of sigma {CHECK_SIGMA}"):
         check_forward(model)
 
@@ -56,7 +61,7 @@ def test_the_check_batches_are_fixed():
 def test_a_model_nan_only_under_strong_noise_passes_the_load_check(tmp_path):
     model = load_model(nan_above_onnx(tmp_path / "m.onnx"), device="cpu")
     x = torch.full((2, 1, 8, 8), 0.5)
-    x[1, 0, 0, 0] = 3.0   # what σ = 1 noise gives a pixel now and then
+    x[1, 0, 0, 0] = 3.0  # what σ = 1 noise gives a pixel now and then
     finite = torch.isfinite(model.logits(x)).all(dim=1)
     assert finite.tolist() == [True, False]
 
@@ -74,13 +79,19 @@ def test_a_file_claiming_an_infinite_sigma_is_refused():
         parse_info_json('{"sigma": Infinity, "num_classes": 10}')
 
 
-@pytest.mark.parametrize("names,phrase", [
-    (["a"] * 9, "9 class_names given for 10 classes"),
-    (["a"] * 11, "11 class_names given for 10 classes"),
-    (["a"] * 9 + [""], r"class_names\[9\] has 0 characters"),
-    (["a"] * 9 + ["x" * (MAX_CLASS_NAME_CHARS + 1)], f"has {MAX_CLASS_NAME_CHARS + 1} characters"),
-    (["a"] * 9 + [7], "class_names must be a list of strings"),
-])
+@pytest.mark.parametrize(
+    "names,phrase",
+    [
+        (["a"] * 9, "9 class_names given for 10 classes"),
+        (["a"] * 11, "11 class_names given for 10 classes"),
+        (["a"] * 9 + [""], r"class_names\[9\] has 0 characters"),
+        (
+            ["a"] * 9 + ["x" * (MAX_CLASS_NAME_CHARS + 1)],
+            f"has {MAX_CLASS_NAME_CHARS + 1} characters",
+        ),
+        (["a"] * 9 + [7], "class_names must be a list of strings"),
+    ],
+)
 def test_class_names_are_one_short_name_per_class(demo_paths, names, phrase):
     with pytest.raises(ModelError, match=phrase):
         check_fields({"num_classes": 10, "class_names": names})
@@ -108,7 +119,9 @@ def test_the_memory_estimate_of_a_torch_model_runs_a_copy_on_the_meta_device():
     model = wrap(net, input_shape=(1, 4, 4), num_classes=3)
     estimate = model.work_bytes_per_sample()
     assert net.calls == 0 and estimate == model.work_bytes_per_sample()
-    assert estimate == _leaf_output_bytes(net, (1, 4, 4), torch.device("cpu")) == 3 * 4   # the scores
+    assert (
+        estimate == _leaf_output_bytes(net, (1, 4, 4), torch.device("cpu")) == 3 * 4
+    )  # the scores
 
 
 def test_the_memory_estimate_counts_results_alive_at_once(demo_paths):
@@ -123,20 +136,28 @@ def test_the_graph_estimate_follows_the_values_alive_at_once(tmp_path):
     from onnx import helper, load
 
     # flat (n, 4) then y = flat + flat (n, 4): 16 bytes each per input, both alive at the Add.
-    path = tiny_onnx(tmp_path / "m.onnx", [helper.make_node("Add", ["flat", "flat"], ["y"])], {"": 17})
+    path = tiny_onnx(
+        tmp_path / "m.onnx", [helper.make_node("Add", ["flat", "flat"], ["y"])], {"": 17}
+    )
     assert graph_bytes_per_sample(load(str(path)), "x", (1, 2, 2)) == 32
     model = load_model(path, device="cpu", num_classes=4)
-    assert model.work_bytes_per_sample() == 32 + 2 * 16   # and the input with its normalized copy
+    assert model.work_bytes_per_sample() == 32 + 2 * 16  # and the input with its normalized copy
 
 
 def test_a_value_of_unknown_shape_counts_as_the_largest_known(tmp_path):
     from onnx import helper, load, shape_inference
 
     # Reshape to a shape computed at run time: inference knows y's rank, not its dimensions.
-    nodes = [helper.make_node("Shape", ["flat"], ["dims"]), helper.make_node("Reshape", ["flat", "dims"], ["r"]),
-             helper.make_node("Identity", ["r"], ["y"])]
+    nodes = [
+        helper.make_node("Shape", ["flat"], ["dims"]),
+        helper.make_node("Reshape", ["flat", "dims"], ["r"]),
+        helper.make_node("Identity", ["r"], ["y"]),
+    ]
     proto = load(str(tiny_onnx(tmp_path / "m.onnx", nodes, {"": 17})))
-    inferred = {v.name: v.type.tensor_type.shape for v in shape_inference.infer_shapes(proto).graph.value_info}
+    inferred = {
+        v.name: v.type.tensor_type.shape
+        for v in shape_inference.infer_shapes(proto).graph.value_info
+    }
     assert "r" not in inferred or not any(d.HasField("dim_value") for d in inferred["r"].dim)
     # flat 16 bytes, dims nothing per input (no batch dimension), r as large as flat, y 16: 48
     assert graph_bytes_per_sample(proto, "x", (1, 2, 2)) == 48

@@ -1,4 +1,5 @@
 """load_model: one entry point, every file validated before it is handed out."""
+
 from __future__ import annotations
 
 import pickle
@@ -31,15 +32,27 @@ def _one_line_model_error(excinfo: pytest.ExceptionInfo) -> str:
 
 def test_self_describing_safetensors_round_trip(tmp_path):
     net = build_network("cifar_resnet20", 10).eval()
-    info = ModelInfo(format="safetensors", input_shape=(3, 32, 32), num_classes=10,
-                     arch="cifar_resnet20", class_names=[f"c{i}" for i in range(10)],
-                     normalization=CIFAR_NORM, sigma=0.5, name="r20", extra={"method": "test"})
+    info = ModelInfo(
+        format="safetensors",
+        input_shape=(3, 32, 32),
+        num_classes=10,
+        arch="cifar_resnet20",
+        class_names=[f"c{i}" for i in range(10)],
+        normalization=CIFAR_NORM,
+        sigma=0.5,
+        name="r20",
+        extra={"method": "test"},
+    )
     path = save_safetensors_model(tmp_path / "r20.safetensors", net, info)
     model = load_model(path, device="cpu")
     assert isinstance(model, BaseClassifier) and isinstance(model, TorchClassifier)
     assert model.runtime == "torch" and model.device == torch.device("cpu")
     loaded = model.info
-    assert (loaded.arch, loaded.input_shape, loaded.num_classes) == ("cifar_resnet20", (3, 32, 32), 10)
+    assert (loaded.arch, loaded.input_shape, loaded.num_classes) == (
+        "cifar_resnet20",
+        (3, 32, 32),
+        10,
+    )
     assert loaded.class_names == info.class_names and loaded.normalization == CIFAR_NORM
     assert (loaded.sigma, loaded.name, loaded.extra) == (0.5, "r20", {"method": "test"})
     assert loaded.format == "safetensors" and loaded.sha256 == sha256_file(path)
@@ -51,8 +64,13 @@ def test_self_describing_safetensors_round_trip(tmp_path):
 
 
 def test_explicit_arguments_override_the_file(demo_paths):
-    model = load_model(demo_paths["safetensors"], device="cpu", sigma=0.5, name="renamed",
-                       class_names=list("abcdefghij"))
+    model = load_model(
+        demo_paths["safetensors"],
+        device="cpu",
+        sigma=0.5,
+        name="renamed",
+        class_names=list("abcdefghij"),
+    )
     assert (model.info.sigma, model.info.name) == (0.5, "renamed")
     assert model.info.class_names[0] == "a"
 
@@ -63,8 +81,8 @@ def test_bare_weights_need_an_architecture(tmp_path):
         load_model(path, device="cpu")
     _one_line_model_error(excinfo)
     model = load_model(path, device="cpu", arch="digits_cnn")
-    assert model.info.num_classes == 7            # read from fc.weight
-    assert model.info.input_shape == (1, 8, 8)   # the architecture's default
+    assert model.info.num_classes == 7  # read from fc.weight
+    assert model.info.input_shape == (1, 8, 8)  # the architecture's default
     assert model.info.normalization is None and model.info.sigma is None
 
 
@@ -103,8 +121,11 @@ def test_shape_mismatch_is_refused_in_one_line(tmp_path):
     state["fc1.weight"] = torch.zeros((128, 512))
     path = tmp_path / "wrong.safetensors"
     save_file(state, str(path))
-    with pytest.raises(ModelError, match=r"1 shape mismatches \(fc1.weight \(128, 512\) != "
-                                         r"\(128, 1024\)\)") as excinfo:
+    with pytest.raises(
+        ModelError,
+        match=r"1 shape mismatches \(fc1.weight \(128, 512\) != "
+        r"\(128, 1024\)\)",
+    ) as excinfo:
         load_model(path, device="cpu", arch="digits_cnn")
     _one_line_model_error(excinfo)
 
@@ -150,8 +171,9 @@ def test_pickles_are_refused_whatever_the_suffix(tmp_path, suffix):
 @pytest.mark.parametrize("zipped", [True, False])
 def test_torch_save_checkpoints_are_refused(tmp_path, zipped):
     path = tmp_path / "checkpoint.safetensors"
-    torch.save(build_network("digits_cnn", 10).state_dict(), path,
-               _use_new_zipfile_serialization=zipped)
+    torch.save(
+        build_network("digits_cnn", 10).state_dict(), path, _use_new_zipfile_serialization=zipped
+    )
     with pytest.raises(ModelError, match="convert it to safetensors"):
         load_model(path, arch="digits_cnn")
 
@@ -183,12 +205,15 @@ def test_device_auto_and_bad_devices(demo_paths):
         load_model(demo_paths["safetensors"], device="tpu:7")
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(sigma=-0.1), "sigma must be a non-negative number"),
-    (dict(class_names=[0, 1]), "class_names must be a list of strings"),
-    (dict(input_shape=(1, 8)), "input_shape must be three positive integers"),
-    (dict(normalization={"mean": [0.5], "std": [0.0]}), "std must be positive"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(sigma=-0.1), "sigma must be a non-negative number"),
+        (dict(class_names=[0, 1]), "class_names must be a list of strings"),
+        (dict(input_shape=(1, 8)), "input_shape must be three positive integers"),
+        (dict(normalization={"mean": [0.5], "std": [0.0]}), "std must be positive"),
+    ],
+)
 def test_explicit_arguments_are_validated(demo_paths, bad, message):
     for kind in ("safetensors", "onnx"):
         with pytest.raises(ModelError, match=message):

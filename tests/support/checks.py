@@ -1,10 +1,11 @@
-"""The project's static checks: the layer contracts, the types, the style.
+"""The project's static checks: the layer contracts, the types, the style, the format.
 
-``python -m tests.support.checks`` runs all three (``make lint``); tests/test_checks.py runs each.
+``python -m tests.support.checks`` runs all four (``make lint``); tests/test_checks.py runs each.
 
 - **Layers**: the import-linter contracts of pyproject.toml (the one-way rule).
 - **Types**: mypy on the packages pyproject.toml names (the engine and the shared contract).
 - **Style**: ruff with pyproject.toml's settings (line length, import order).
+- **Format**: ``ruff format --check`` (100 columns): run ``ruff format .`` to fix.
 
 The editable install maps ``smoothcert.service`` to ``service/`` through an import hook, which
 neither import-linter nor mypy can follow, so both run over a *namespace view*: a ``smoothcert/``
@@ -13,6 +14,7 @@ make a temporary one; ``python -m tests.support.checks --install-view`` (run by 
 install step) puts a lasting one on the virtual environment's path, so that ``lint-imports`` and
 ``mypy`` also work when called by hand. Both views link the same files the editable install maps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +59,9 @@ def install_view() -> Path:
 
 
 def _run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600
+    )
 
 
 def lint_imports(source: Path = ROOT) -> subprocess.CompletedProcess:
@@ -71,8 +75,11 @@ def lint_imports(source: Path = ROOT) -> subprocess.CompletedProcess:
 def type_check() -> subprocess.CompletedProcess:
     """mypy over the packages that pyproject.toml's ``[tool.mypy]`` names."""
     with namespace_view() as view:
-        return _run([str(BIN / "mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--no-incremental"],
-                    view, MYPYPATH=str(view))
+        return _run(
+            [str(BIN / "mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--no-incremental"],
+            view,
+            MYPYPATH=str(view),
+        )
 
 
 def style_check() -> subprocess.CompletedProcess:
@@ -80,7 +87,17 @@ def style_check() -> subprocess.CompletedProcess:
     return _run([str(BIN / "ruff"), "check", "--no-cache", "."], ROOT)
 
 
-CHECKS = {"layers": lint_imports, "types": type_check, "style": style_check}
+def format_check() -> subprocess.CompletedProcess:
+    """``ruff format --check`` over the checkout: every file as ``ruff format`` writes it."""
+    return _run([str(BIN / "ruff"), "format", "--check", "--no-cache", "."], ROOT)
+
+
+CHECKS = {
+    "layers": lint_imports,
+    "types": type_check,
+    "style": style_check,
+    "format": format_check,
+}
 
 
 def main() -> int:

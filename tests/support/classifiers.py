@@ -1,4 +1,5 @@
 """Base classifiers whose smoothed behaviour has a closed form, for the statistical tests."""
+
 from __future__ import annotations
 
 import torch
@@ -37,12 +38,18 @@ class LinearNet(torch.nn.Module):
         return torch.stack([-s, s], dim=1)
 
 
-def wrap(net: torch.nn.Module, input_shape=(1, 8, 8), num_classes: int = 10, device="cpu") -> TorchClassifier:
-    info = ModelInfo(format="test", input_shape=input_shape, num_classes=num_classes, sha256="0" * 64)
+def wrap(
+    net: torch.nn.Module, input_shape=(1, 8, 8), num_classes: int = 10, device="cpu"
+) -> TorchClassifier:
+    info = ModelInfo(
+        format="test", input_shape=input_shape, num_classes=num_classes, sha256="0" * 64
+    )
     return TorchClassifier(net, info, device)
 
 
-def constant(label: int = 3, num_classes: int = 10, input_shape=(1, 8, 8), device="cpu") -> TorchClassifier:
+def constant(
+    label: int = 3, num_classes: int = 10, input_shape=(1, 8, 8), device="cpu"
+) -> TorchClassifier:
     return wrap(ConstantNet(label, num_classes), input_shape, num_classes, device)
 
 

@@ -6,6 +6,7 @@ master hangs the terminal up as closing its window does (SIGHUP, and writes that
 process of the stack is found through /proc: the launcher's descendants, and whatever carries
 the stack's data folder in its environment (which every child inherits).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ import httpx
 import pytest
 
 # Run in the new session: make the terminal on stdin the controlling one, then become `smoothcert up`.
-_CONTROLLING_TTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+_CONTROLLING_TTY = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+)
 UP_COMMAND = ("-m", "smoothcert.service.cli", "up")
 BANNER_END = "Ctrl-C stops everything"
 
@@ -33,8 +36,13 @@ def up_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     """The environment of a `smoothcert up` on ``port`` keeping everything in ``data_dir``: no
     SMOOTHCERT_* setting of the caller's, so keys and the Redis password are generated as `make up` does."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOOTHCERT_")}
-    return {**env, "SMOOTHCERT_PORT": str(port), "SMOOTHCERT_DATA_DIR": str(data_dir.resolve()),
-            "SMOOTHCERT_DEVICE": "cpu", **extra}
+    return {
+        **env,
+        "SMOOTHCERT_PORT": str(port),
+        "SMOOTHCERT_DATA_DIR": str(data_dir.resolve()),
+        "SMOOTHCERT_DEVICE": "cpu",
+        **extra,
+    }
 
 
 def seed_demo(data_dir: Path, demo_paths: dict[str, Path]) -> None:
@@ -51,8 +59,14 @@ class Up:
         self.env, self.data_dir = env, Path(env["SMOOTHCERT_DATA_DIR"]).resolve()
         self.url = f"http://127.0.0.1:{env['SMOOTHCERT_PORT']}"
         master, slave = os.openpty()
-        self.proc = subprocess.Popen([sys.executable, "-c", _CONTROLLING_TTY, *UP_COMMAND], env=env,
-                                     stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CONTROLLING_TTY, *UP_COMMAND],
+            env=env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
         os.close(slave)
         self._master: int | None = master
         self._chunks: list[bytes] = []
@@ -66,7 +80,7 @@ class Up:
                 continue
             try:
                 data = os.read(self._master, 4096)
-            except OSError:      # EIO: every holder of the slave has gone
+            except OSError:  # EIO: every holder of the slave has gone
                 return
             if not data:
                 return
@@ -81,8 +95,10 @@ class Up:
         deadline = time.monotonic() + timeout
         while BANNER_END not in self.output:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no banner from smoothcert up (exit {self.proc.poll()}):\n{self.output}\n"
-                            f"{self.log_tails()}")
+                pytest.fail(
+                    f"no banner from smoothcert up (exit {self.proc.poll()}):\n{self.output}\n"
+                    f"{self.log_tails()}"
+                )
             time.sleep(0.2)
         assert httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200
         return self.output
@@ -93,8 +109,10 @@ class Up:
 
     def log_tails(self) -> str:
         logs = sorted((self.data_dir / "logs").glob("*.log"))
-        return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-                         for log in logs)
+        return "\n".join(
+            f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            for log in logs
+        )
 
     def descendants(self) -> dict[int, str]:
         """pid -> command line of every live process below the launcher."""
@@ -114,14 +132,19 @@ class Up:
     def child(self, word: str) -> int:
         """The pid of the launcher's one child whose command line holds ``word``."""
         table = _processes()
-        (pid,) = [pid for pid, (ppid, state, cmd) in table.items()
-                  if ppid == self.proc.pid and state != "Z" and word in cmd]
+        (pid,) = [
+            pid
+            for pid, (ppid, state, cmd) in table.items()
+            if ppid == self.proc.pid and state != "Z" and word in cmd
+        ]
         return pid
 
     def environ(self, pid: int) -> dict[str, str]:
         """The environment ``pid`` was started with (what the launcher handed its children)."""
         raw = Path(f"/proc/{pid}/environ").read_bytes()
-        return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+        return dict(
+            item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+        )
 
     def ctrl_c(self) -> None:
         os.write(self._master, b"\x03")
@@ -157,7 +180,9 @@ def _processes() -> dict[int, tuple[int, str, str]]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (
+                (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
         except OSError:
             continue
         table[int(stat.parent.name)] = (int(fields[1]), fields[0], cmdline.strip())

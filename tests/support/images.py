@@ -4,6 +4,7 @@ Each helper returns the file's bytes. Pillow writes every kind but two, which ar
 chunk by chunk: a 16-bit colour PNG (Pillow cannot save one) and a PNG whose header claims a
 size its (absent) pixel data never backs, to show that a refusal comes from the header alone.
 """
+
 from __future__ import annotations
 
 import io

@@ -7,6 +7,7 @@ stdout: ``{"outcomes": [{"index", "status", "retry_after", "detail", "job_id", "
 
     python tests/service/load_client.py URL API_KEY MODEL_ID [--submissions 60] [--concurrency 12]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,23 @@ def poll(client: httpx.Client, job_id: str, timeout: float) -> str:
 
 
 def one(client: httpx.Client, args: argparse.Namespace, index: int) -> dict[str, Any]:
-    body = {"model_id": args.model_id, "inputs": IMAGE, "sigma": 0.25, "n0": args.n0, "n": args.n,
-            "seed": args.seed + index}
+    body = {
+        "model_id": args.model_id,
+        "inputs": IMAGE,
+        "sigma": 0.25,
+        "n0": args.n0,
+        "n": args.n,
+        "seed": args.seed + index,
+    }
     resp = client.post("/v1/certify", json=body)
-    out: dict[str, Any] = {"index": index, "status": resp.status_code, "retry_after": resp.headers.get("Retry-After"),
-                           "detail": None, "job_id": None, "final": None}
+    out: dict[str, Any] = {
+        "index": index,
+        "status": resp.status_code,
+        "retry_after": resp.headers.get("Retry-After"),
+        "detail": None,
+        "job_id": None,
+        "final": None,
+    }
     if resp.status_code == 202:
         out["job_id"] = resp.json()["job_id"]
         out["final"] = poll(client, out["job_id"], args.job_timeout)
@@ -61,9 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="job i gets seed + i")
     parser.add_argument("--job-timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.api_key}"}, timeout=60,
-                      limits=limits) as client, ThreadPoolExecutor(args.concurrency) as pool:
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=args.concurrency
+    )
+    with (
+        httpx.Client(
+            base_url=args.url,
+            headers={"Authorization": f"Bearer {args.api_key}"},
+            timeout=60,
+            limits=limits,
+        ) as client,
+        ThreadPoolExecutor(args.concurrency) as pool,
+    ):
         outcomes = list(pool.map(lambda i: one(client, args, i), range(args.submissions)))
     json.dump({"outcomes": outcomes}, sys.stdout)
     print()

@@ -1,5 +1,6 @@
 """What /proc says of a test's server processes: their memory, for tests that bound it, and
 whether one is still alive."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ def memory_bytes(pid: int, key: str = "VmHWM") -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024      # the kernel writes kB
+                return int(line.split()[1]) * 1024  # the kernel writes kB
     raise AssertionError(f"no {key} in /proc/{pid}/status")
 
 

@@ -2,6 +2,7 @@
 process and the API under uvicorn, reached over HTTP with httpx. Nothing starts unless a test
 asks for it (no autouse fixtures), so the unit tests here run without servers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,27 +26,42 @@ from smoothcert.service.devstack.redis_server import RedisServer, free_port
 USER_KEY, ADMIN_KEY = "user-key-for-tests-0123456789", "admin-key-for-tests-0123456789"
 # Small caps so that the 413 and "exceeds the cap" paths are cheap to reach. No rate limit:
 # the suite submits faster than a person would; test_limits and test_load turn it on.
-CAPS = {"SMOOTHCERT_MAX_N": "2000000", "SMOOTHCERT_MAX_INPUTS": "64",
-        "SMOOTHCERT_MAX_REQUEST_BYTES": str(256 << 10), "SMOOTHCERT_MAX_UPLOAD_BYTES": str(2 << 20),
-        "SMOOTHCERT_RATE_LIMIT_PER_MINUTE": "0"}
+CAPS = {
+    "SMOOTHCERT_MAX_N": "2000000",
+    "SMOOTHCERT_MAX_INPUTS": "64",
+    "SMOOTHCERT_MAX_REQUEST_BYTES": str(256 << 10),
+    "SMOOTHCERT_MAX_UPLOAD_BYTES": str(2 << 20),
+    "SMOOTHCERT_RATE_LIMIT_PER_MINUTE": "0",
+}
 
 
 def stack_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of every process of the test stack."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOOTHCERT_")}
-    return {**env, **CAPS, "SMOOTHCERT_REDIS_URL": redis_url, "SMOOTHCERT_DATA_DIR": str(data_dir),
-            "SMOOTHCERT_API_KEY": USER_KEY, "SMOOTHCERT_ADMIN_KEY": ADMIN_KEY,
-            "SMOOTHCERT_MODEL_CHECK_TIMEOUT_S": "60", "SMOOTHCERT_MODEL_CHECK_DEADLINE_S": "45",
-            "SMOOTHCERT_DEVICE": "cpu", **extra}
+    return {
+        **env,
+        **CAPS,
+        "SMOOTHCERT_REDIS_URL": redis_url,
+        "SMOOTHCERT_DATA_DIR": str(data_dir),
+        "SMOOTHCERT_API_KEY": USER_KEY,
+        "SMOOTHCERT_ADMIN_KEY": ADMIN_KEY,
+        "SMOOTHCERT_MODEL_CHECK_TIMEOUT_S": "60",
+        "SMOOTHCERT_MODEL_CHECK_DEADLINE_S": "45",
+        "SMOOTHCERT_DEVICE": "cpu",
+        **extra,
+    }
 
 
-def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(
+    check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
     """Poll ``check()`` until truthy (processes.wait_until); fail with the whole process log when
     ``proc`` dies or time runs out."""
     children = [] if proc is None else [processes.Child(what, proc, log)]
     try:
-        return processes.wait_until(check, timeout, what, children=children,
-                                    ignore=(httpx.HTTPError, redis.RedisError))
+        return processes.wait_until(
+            check, timeout, what, children=children, ignore=(httpx.HTTPError, redis.RedisError)
+        )
     except processes.ChildDied:
         reason = f"exited with {proc.returncode}"
     except processes.NotReady:
@@ -68,7 +84,9 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = start_process(api_command("127.0.0.1", port), env, log)
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 30, "the API", proc, log)
+    wait_for(
+        lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 30, "the API", proc, log
+    )
     return proc, url
 
 
@@ -110,18 +128,33 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     server.stop()
 
 
-def start_worker(env: dict[str, str], log: Path, hostname: str, *options: str) -> tuple[subprocess.Popen, str]:
+def start_worker(
+    env: dict[str, str], log: Path, hostname: str, *options: str
+) -> tuple[subprocess.Popen, str]:
     """A prefork worker with concurrency 1 and the Celery ``hostname`` (``%h``: this host), ready
     once its heartbeat key is in Redis; returns the process and the worker's name."""
-    proc = start_process(worker_command("--concurrency", "1", "--hostname", hostname, "--without-mingle",
-                                        "--without-gossip", *options), env, log)
+    proc = start_process(
+        worker_command(
+            "--concurrency",
+            "1",
+            "--hostname",
+            hostname,
+            "--without-mingle",
+            "--without-gossip",
+            *options,
+        ),
+        env,
+        log,
+    )
     client = redis.Redis.from_url(env["SMOOTHCERT_REDIS_URL"])
     pattern = HEARTBEAT_PREFIX + hostname.replace("%h", "*")
     try:
-        [key] = wait_for(lambda: list(client.scan_iter(match=pattern)), 60, f"the worker {hostname}", proc, log)
+        [key] = wait_for(
+            lambda: list(client.scan_iter(match=pattern)), 60, f"the worker {hostname}", proc, log
+        )
     finally:
         client.close()
-    return proc, key.decode()[len(HEARTBEAT_PREFIX):]
+    return proc, key.decode()[len(HEARTBEAT_PREFIX) :]
 
 
 @pytest.fixture(scope="session")
@@ -142,14 +175,18 @@ def api_url(redis_url, data_dir, worker) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def client(api_url) -> Iterator[httpx.Client]:
     """Authorized with the user key."""
-    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90) as c:
+    with httpx.Client(
+        base_url=api_url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90
+    ) as c:
         yield c
 
 
 @pytest.fixture(scope="session")
 def admin(api_url) -> Iterator[httpx.Client]:
     """Authorized with the admin key."""
-    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90) as c:
+    with httpx.Client(
+        base_url=api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90
+    ) as c:
         yield c
 
 
@@ -163,12 +200,16 @@ def anonymous(api_url) -> Iterator[httpx.Client]:
 def demo_model(admin, demo_paths) -> dict:
     """The demo's safetensors model, uploaded through the API."""
     with open(demo_paths["safetensors"], "rb") as f:
-        resp = admin.post("/v1/models", files={"file": ("digits_cnn.safetensors", f)}, data={"name": "digits"})
+        resp = admin.post(
+            "/v1/models", files={"file": ("digits_cnn.safetensors", f)}, data={"name": "digits"}
+        )
     assert resp.status_code == 201, resp.text
     return resp.json()
 
 
-def upload_model(admin: httpx.Client, filename: str, content: bytes, **fields: str) -> httpx.Response:
+def upload_model(
+    admin: httpx.Client, filename: str, content: bytes, **fields: str
+) -> httpx.Response:
     """``POST /v1/models`` with ``content`` as the file ``filename`` and ``fields`` as form fields."""
     return admin.post("/v1/models", files={"file": (filename, io.BytesIO(content))}, data=fields)
 
@@ -178,7 +219,9 @@ def upload_model_file(admin: httpx.Client, path: Path, **fields: str) -> httpx.R
     return upload_model(admin, path.name, path.read_bytes(), **fields)
 
 
-def upload_dataset(client: httpx.Client, content: bytes, filename: str = "data.npz") -> httpx.Response:
+def upload_dataset(
+    client: httpx.Client, content: bytes, filename: str = "data.npz"
+) -> httpx.Response:
     """``POST /v1/datasets`` with ``content`` as the file ``filename``."""
     return client.post("/v1/datasets", files={"file": (filename, io.BytesIO(content))})
 

@@ -7,6 +7,7 @@ Nothing is unpickled: an ``.npz`` is checked member by member exactly as an uplo
 (``data_batch_*.bin``, ``test_batch.bin``: records of 1 label byte + 3072 pixel bytes), not from
 the Python version's pickles. numpy and Pillow only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from smoothcert.service.core.dataset_files import DatasetFileError, check_images, check_labels, read_dataset_npz
+from smoothcert.service.core.dataset_files import (
+    DatasetFileError,
+    check_images,
+    check_labels,
+    read_dataset_npz,
+)
 from smoothcert.service.core.images import (
     ImageError,
     ImageHeader,
@@ -29,7 +35,7 @@ from smoothcert.service.core.images import (
 DIGITS = "digits"
 CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
 CIFAR_CLASSES = 10
-_NO_UNPACK_CAP = 1 << 62    # a local file the user names is not an upload: no size cap
+_NO_UNPACK_CAP = 1 << 62  # a local file the user names is not an upload: no size cap
 
 
 class DatasetError(DatasetFileError):
@@ -41,8 +47,8 @@ class Dataset:
     """Images in [0, 1] pixel space and their labels, with an optional held-out test split."""
 
     name: str
-    x: np.ndarray                        # float32 (N, C, H, W) in [0, 1]
-    y: np.ndarray                        # int64 (N,)
+    x: np.ndarray  # float32 (N, C, H, W) in [0, 1]
+    y: np.ndarray  # int64 (N,)
     test_x: np.ndarray | None = None
     test_y: np.ndarray | None = None
     class_names: list[str] | None = None
@@ -60,11 +66,15 @@ class Dataset:
             raise DatasetError(f"{self.name}: {exc}") from None
         if self.test_x is not None:
             if self.test_x.shape[1:] != self.x.shape[1:]:
-                raise DatasetError(f"{self.name}: test images are {list(self.test_x.shape[1:])}, "
-                                   f"training images {list(self.x.shape[1:])}")
+                raise DatasetError(
+                    f"{self.name}: test images are {list(self.test_x.shape[1:])}, "
+                    f"training images {list(self.x.shape[1:])}"
+                )
         largest = max(int(self.y.max()), -1 if self.test_y is None else int(self.test_y.max()))
         if self.class_names is not None and largest >= len(self.class_names):
-            raise DatasetError(f"{self.name}: label {largest} but only {len(self.class_names)} class names")
+            raise DatasetError(
+                f"{self.name}: label {largest} but only {len(self.class_names)} class names"
+            )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -100,15 +110,18 @@ def load_dataset(spec: str | Path) -> Dataset:
             return read_cifar10_dir(path)
         return read_image_folder(path)
     if not path.is_file():
-        raise DatasetError(f"no such dataset: {spec} (give digits, an .npz file, an image folder or a "
-                           "CIFAR-10 binary folder)")
+        raise DatasetError(
+            f"no such dataset: {spec} (give digits, an .npz file, an image folder or a "
+            "CIFAR-10 binary folder)"
+        )
     if path.suffix.lower() == ".npz":
         return read_npz(path)
     if path.suffix.lower() == ".bin":
         x, y = read_cifar10_batch(path)
         return Dataset(path.name, x, y, class_names=_cifar_class_names(path.parent))
-    raise DatasetError(f"{path.name}: unknown dataset format (give an .npz file, a CIFAR-10 .bin file "
-                       "or a folder)")
+    raise DatasetError(
+        f"{path.name}: unknown dataset format (give an .npz file, a CIFAR-10 .bin file or a folder)"
+    )
 
 
 def load_digits() -> Dataset:
@@ -134,14 +147,18 @@ def read_cifar10_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % CIFAR_RECORD_BYTES:
-        raise DatasetError(f"{path.name}: {raw.size} bytes is not a whole number of {CIFAR_RECORD_BYTES}-byte "
-                           "records (1 label byte + 3072 pixel bytes): truncated, or not CIFAR-10 binary")
+        raise DatasetError(
+            f"{path.name}: {raw.size} bytes is not a whole number of {CIFAR_RECORD_BYTES}-byte "
+            "records (1 label byte + 3072 pixel bytes): truncated, or not CIFAR-10 binary"
+        )
     records = raw.reshape(-1, CIFAR_RECORD_BYTES)
     labels = records[:, 0].astype(np.int64)
     if labels.max() >= CIFAR_CLASSES:
         bad = int(np.argmax(labels >= CIFAR_CLASSES))
-        raise DatasetError(f"{path.name}: record {bad} has label byte {labels[bad]}, not a CIFAR-10 class "
-                           "(0-9); CIFAR-100's binary files (2 label bytes) are not supported")
+        raise DatasetError(
+            f"{path.name}: record {bad} has label byte {labels[bad]}, not a CIFAR-10 class "
+            "(0-9); CIFAR-100's binary files (2 label bytes) are not supported"
+        )
     images = records[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255)
     return images, labels
 
@@ -151,10 +168,16 @@ def read_cifar10_dir(path: str | Path) -> Dataset:
     path = Path(path)
     batches = sorted(path.glob("data_batch_*.bin"), key=lambda p: _batch_number(p.name))
     if not batches:
-        raise DatasetError(f"{path}: no data_batch_*.bin files (the training split of CIFAR-10's binary version)")
+        raise DatasetError(
+            f"{path}: no data_batch_*.bin files (the training split of CIFAR-10's binary version)"
+        )
     parts = [read_cifar10_batch(p) for p in batches]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    test = read_cifar10_batch(path / "test_batch.bin") if (path / "test_batch.bin").is_file() else (None, None)
+    test = (
+        read_cifar10_batch(path / "test_batch.bin")
+        if (path / "test_batch.bin").is_file()
+        else (None, None)
+    )
     return Dataset(path.name, x, y, *test, class_names=_cifar_class_names(path))
 
 
@@ -183,7 +206,8 @@ def read_image_folder(path: str | Path) -> Dataset:
     """
     path = Path(path)
     if _subfolders(path) == ["test", "train"] and all(
-            _subfolders(path / split) for split in ("train", "test")):
+        _subfolders(path / split) for split in ("train", "test")
+    ):
         classes = _subfolders(path / "train")
         if _subfolders(path / "test") != classes:
             raise DatasetError(f"{path}: train/ and test/ must hold the same class folders")
@@ -205,8 +229,10 @@ def _subfolders(path: Path) -> list[str]:
 def _read_classes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
-        raise DatasetError(f"{path}: an image folder needs one sub-folder of PNG/JPEG images per class, "
-                           f"at least two (found {found})")
+        raise DatasetError(
+            f"{path}: an image folder needs one sub-folder of PNG/JPEG images per class, "
+            f"at least two (found {found})"
+        )
     files: list[Path] = []
     labels: list[int] = []
     names: list[str] = []
@@ -223,8 +249,10 @@ def _read_classes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarra
     sizes = {(h.height, h.width): n for h, n in zip(headers, names)}
     if len(sizes) > 1:
         (a, na), (b, nb) = list(sizes.items())[:2]
-        raise DatasetError(f"{path}: images differ in size ({a[1]}x{a[0]} {na}, {b[1]}x{b[0]} {nb}); "
-                           "resize them to one size first")
+        raise DatasetError(
+            f"{path}: images differ in size ({a[1]}x{a[0]} {na}, {b[1]}x{b[0]} {nb}); "
+            "resize them to one size first"
+        )
     [size] = sizes
     grey = all(h.grey for h in headers)
     x = np.empty((len(files), 1 if grey else 3, *size), dtype=np.float32)

@@ -1,4 +1,5 @@
 """Certified accuracy: the one definition that logs, experiments and job results all report. numpy only."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,8 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def certified_accuracy(correct: Sequence[bool] | np.ndarray, radius: Sequence[float] | np.ndarray,
-                       radii: Sequence[float]) -> np.ndarray:
+def certified_accuracy(
+    correct: Sequence[bool] | np.ndarray,
+    radius: Sequence[float] | np.ndarray,
+    radii: Sequence[float],
+) -> np.ndarray:
     """For each r in ``radii``, the fraction of inputs that are correct and certified at radius ≥ r.
 
     ``correct[i]`` says whether input i's certified class is its label (False for an abstention)

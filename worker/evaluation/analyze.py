@@ -115,14 +115,16 @@ def read_log(path: str | Path) -> CertLog:
         fields = line.split("\t")
         if len(fields) != len(header):
             raise AnalyzeError(
-                f"{name}:{lineno}: {len(fields)} fields, expected {len(header)} as in the header")
+                f"{name}:{lineno}: {len(fields)} fields, expected {len(header)} as in the header"
+            )
         for column, (parse, expected, _) in _PARSERS.items():
             text = fields[position[column]].strip()
             try:
                 values[column].append(parse(text))
             except ValueError:
                 raise AnalyzeError(
-                    f"{name}:{lineno}: column {column}: {text[:40]!r} is not {expected}") from None
+                    f"{name}:{lineno}: column {column}: {text[:40]!r} is not {expected}"
+                ) from None
     arrays = {c: np.asarray(values[c], dtype=dtype) for c, (_, _, dtype) in _PARSERS.items()}
     return CertLog(path=name, **arrays)
 
@@ -147,9 +149,11 @@ def analyze(paths: Sequence[str | Path], radii: Sequence[float]) -> dict:
     radii = [float(r) for r in radii]
     curves = {str(p): certified_accuracy(read_log(p), radii) for p in paths}
     envelope = np.max(np.stack(list(curves.values())), axis=0)
-    return {"radii": radii,
-            "curves": {name: curve.tolist() for name, curve in curves.items()},
-            "envelope": envelope.tolist()}
+    return {
+        "radii": radii,
+        "curves": {name: curve.tolist() for name, curve in curves.items()},
+        "envelope": envelope.tolist(),
+    }
 
 
 def parse_radii(text: str) -> list[float]:
@@ -216,8 +220,7 @@ def plot(report: dict, out_png: str | Path) -> None:
     radii = report["radii"]
     for name, curve in report["curves"].items():
         ax.step(radii, curve, where="pre", label=name)
-    ax.step(radii, report["envelope"], where="pre", color="black", linestyle="--",
-            label="envelope")
+    ax.step(radii, report["envelope"], where="pre", color="black", linestyle="--", label="envelope")
     ax.set_xlabel("radius (ℓ₂)")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
@@ -230,8 +233,13 @@ def plot(report: dict, out_png: str | Path) -> None:
         raise AnalyzeError(f"{out_png}: cannot write plot: {exc.strerror or exc}") from None
 
 
-def run_cli(paths: Sequence[str], radii_text: str | None, fmt: str, plot_path: str | None,
-            out: IO[str] | None = None) -> int:
+def run_cli(
+    paths: Sequence[str],
+    radii_text: str | None,
+    fmt: str,
+    plot_path: str | None,
+    out: IO[str] | None = None,
+) -> int:
     """`smoothcert analyze`: print the report for `paths` in `fmt` to `out` (stdout by default),
     write the plot when `plot_path` is given, return the exit code (0). `radii_text` None means
     DEFAULT_RADII. AnalyzeError propagates for the caller to print as one line."""

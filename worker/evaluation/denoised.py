@@ -26,6 +26,7 @@ denoiser too (written under models/, not certified), so no row can lack a part. 
 
 Importing this module does not import torch (the CLI reads the defaults from it).
 """
+
 from __future__ import annotations
 
 import time
@@ -48,17 +49,31 @@ from smoothcert.worker.evaluation.experiment import (
 )
 
 ROWS = ("gaussian", "standard", "mse", "stability", "diffusion")
-LABELS = {"gaussian": "gaussian", "standard": "standard", "mse": "standard + mse",
-          "stability": "standard + stability", "diffusion": "standard + diffusion"}
+LABELS = {
+    "gaussian": "gaussian",
+    "standard": "standard",
+    "mse": "standard + mse",
+    "stability": "standard + stability",
+    "diffusion": "standard + diffusion",
+}
 # What each row certifies: its classifier, and the denoiser in front of it (None: the classifier alone).
-PARTS: dict[str, tuple[str, str | None]] = {"gaussian": ("gaussian", None), "standard": ("standard", None),
-                                            "mse": ("standard", "mse"), "stability": ("standard", "stability"),
-                                            "diffusion": ("standard", "diffusion")}
+PARTS: dict[str, tuple[str, str | None]] = {
+    "gaussian": ("gaussian", None),
+    "standard": ("standard", None),
+    "mse": ("standard", "mse"),
+    "stability": ("standard", "stability"),
+    "diffusion": ("standard", "diffusion"),
+}
 # What each model's training needs first: the stability objective fine-tunes the MSE denoiser for
 # the standard classifier, and the MSE denoiser is measured with that classifier while it trains.
 # A model is named after the row that certifies it first, and ROWS order trains each after its needs.
-NEEDS: dict[str, tuple[str, ...]] = {"gaussian": (), "standard": (), "mse": ("standard",),
-                                     "stability": ("standard", "mse"), "diffusion": ()}
+NEEDS: dict[str, tuple[str, ...]] = {
+    "gaussian": (),
+    "standard": (),
+    "mse": ("standard",),
+    "stability": ("standard", "mse"),
+    "diffusion": (),
+}
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75)
 
 
@@ -66,7 +81,9 @@ def check_rows(rows: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``rows`` in :data:`ROWS` order, once each; ValueError naming the allowed rows otherwise."""
     wrong = [r for r in rows if r not in ROWS]
     if wrong or not rows:
-        raise ValueError(f"rows: {', '.join(map(str, wrong)) or 'nothing given'}; choose from {', '.join(ROWS)}")
+        raise ValueError(
+            f"rows: {', '.join(map(str, wrong)) or 'nothing given'}; choose from {', '.join(ROWS)}"
+        )
     return tuple(r for r in ROWS if r in rows)
 
 
@@ -125,7 +142,7 @@ class DenoisedConfig:
     n: int = 1000
     alpha: float = 0.001
     seed: int = 0
-    limit: int | None = 300           # certify only the first ``limit`` test images (None: all)
+    limit: int | None = 300  # certify only the first ``limit`` test images (None: all)
 
     def __post_init__(self) -> None:
         """Refuse a setting that a training would refuse before anything is trained (ValueError)."""
@@ -138,14 +155,32 @@ class DenoisedConfig:
 
     def train_config(self, method: str) -> TrainConfig:
         """A classifier's training: ``gaussian`` at σ, or ``standard`` (σ only sets its noisy test accuracy)."""
-        return TrainConfig(arch="digits_cnn", method=method, sigma=self.sigma, epochs=self.epochs,
-                           batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+        return TrainConfig(
+            arch="digits_cnn",
+            method=method,
+            sigma=self.sigma,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+        )
 
     def denoiser_config(self, objective: str) -> DenoiserConfig:
-        batch_size, lr = ((self.mse_batch_size, self.mse_lr) if objective == "mse"
-                          else (self.stability_batch_size, self.stability_lr))
-        return DenoiserConfig(objective=objective, sigma=self.sigma, epochs=self.denoiser_epochs,
-                              batch_size=batch_size, lr=lr, depth=self.depth, width=self.width, seed=self.seed)
+        batch_size, lr = (
+            (self.mse_batch_size, self.mse_lr)
+            if objective == "mse"
+            else (self.stability_batch_size, self.stability_lr)
+        )
+        return DenoiserConfig(
+            objective=objective,
+            sigma=self.sigma,
+            epochs=self.denoiser_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            depth=self.depth,
+            width=self.width,
+            seed=self.seed,
+        )
 
 
 @dataclass
@@ -167,8 +202,8 @@ class DenoisedRow:
     label: str
     classifier: str
     denoiser: str | None
-    accuracy: list[float]             # certified accuracy at each radius of the config
-    curve: list[float]                # ... at each radius of curve_grid(config.radii)
+    accuracy: list[float]  # certified accuracy at each radius of the config
+    curve: list[float]  # ... at each radius of curve_grid(config.radii)
     radius_cap: float
     abstained: float
     certify_s: float
@@ -189,29 +224,57 @@ class DenoisedResult:
 
     def table(self) -> list[dict[str, Any]]:
         """The table as records, one per row, with the TSV's columns and values."""
-        return [{"row": r.label, "sigma": self.config.sigma, "radius_cap": r.radius_cap,
-                 **{f"{radius:g}": a for radius, a in zip(self.config.radii, r.accuracy)}} for r in self.rows]
+        return [
+            {
+                "row": r.label,
+                "sigma": self.config.sigma,
+                "radius_cap": r.radius_cap,
+                **{f"{radius:g}": a for radius, a in zip(self.config.radii, r.accuracy)},
+            }
+            for r in self.rows
+        ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "dataset": self.dataset, "test_size": self.test_size,
-                "paths": self.paths, "elapsed_s": self.elapsed_s,
-                "models": {k: asdict(m) for k, m in self.models.items()},
-                "rows": [asdict(r) for r in self.rows], "table": self.table()}
+        return {
+            "config": asdict(self.config),
+            "dataset": self.dataset,
+            "test_size": self.test_size,
+            "paths": self.paths,
+            "elapsed_s": self.elapsed_s,
+            "models": {k: asdict(m) for k, m in self.models.items()},
+            "rows": [asdict(r) for r in self.rows],
+            "table": self.table(),
+        }
 
 
-def run_denoised_experiment(config: DenoisedConfig, out_dir: str | Path, *, data: Dataset | None = None,
-                            device: str = "cpu", step: Callable[[str], None] | None = None) -> DenoisedResult:
+def run_denoised_experiment(
+    config: DenoisedConfig,
+    out_dir: str | Path,
+    *,
+    data: Dataset | None = None,
+    device: str = "cpu",
+    step: Callable[[str], None] | None = None,
+) -> DenoisedResult:
     """Train what ``config.rows`` need on ``data`` (digits by default), certify each row on its
     test split and write the outputs listed in the module docstring. ``step(description)`` is
     called before each training and each certification, as :func:`plan` lists them."""
-    from smoothcert.worker.smoothing.checks import check_params  # torch: only when an experiment runs
+    from smoothcert.worker.smoothing.checks import (
+        check_params,
+    )  # torch: only when an experiment runs
 
-    check_params(sigma=config.sigma, alpha=config.alpha, n0=config.n0, n=config.n, bound="cohen", seed=config.seed)
+    check_params(
+        sigma=config.sigma,
+        alpha=config.alpha,
+        n0=config.n0,
+        n=config.n,
+        bound="cohen",
+        seed=config.seed,
+    )
     started = time.perf_counter()
     data = data or load_digits()
     if data.test_x is None:
         raise ValueError(f"{data.name} has no test split to certify")
-    test_x, test_y = data.test_x[:config.limit], data.test_y[:config.limit]
+    test_x, test_y = data.test_x[: config.limit], data.test_y[: config.limit]
     if "diffusion" in models_for(config.rows):
         diffusion_config(config, data.name)
     out = Path(out_dir)
@@ -229,16 +292,42 @@ def run_denoised_experiment(config: DenoisedConfig, out_dir: str | Path, *, data
             step(f"certify {LABELS[row]}")
         classifier, denoiser = PARTS[row]
         log_path = out / "certify" / f"{row}.tsv"
-        certified = certify_split(trainer.load(classifier, denoiser), test_x, test_y, log_path, sigma=config.sigma,
-                                  n0=config.n0, n=config.n, alpha=config.alpha, seed=config.seed, radii=config.radii)
-        rows.append(DenoisedRow(row=row, label=LABELS[row], classifier=classifier, denoiser=denoiser,
-                                accuracy=certified.accuracy, curve=certified.curve, radius_cap=certified.radius_cap,
-                                abstained=certified.abstained, certify_s=certified.certify_s, log_path=str(log_path)))
+        certified = certify_split(
+            trainer.load(classifier, denoiser),
+            test_x,
+            test_y,
+            log_path,
+            sigma=config.sigma,
+            n0=config.n0,
+            n=config.n,
+            alpha=config.alpha,
+            seed=config.seed,
+            radii=config.radii,
+        )
+        rows.append(
+            DenoisedRow(
+                row=row,
+                label=LABELS[row],
+                classifier=classifier,
+                denoiser=denoiser,
+                accuracy=certified.accuracy,
+                curve=certified.curve,
+                radius_cap=certified.radius_cap,
+                abstained=certified.abstained,
+                certify_s=certified.certify_s,
+                log_path=str(log_path),
+            )
+        )
     paths = output_paths(out)
     result = DenoisedResult(config, trainer.trained, rows, paths, data.name, len(test_x))
     result.elapsed_s = time.perf_counter() - started
-    write_outputs(paths, render_markdown(result), render_tsv(result), lambda png: plot_curves(result, png),
-                  result.to_dict())
+    write_outputs(
+        paths,
+        render_markdown(result),
+        render_tsv(result),
+        lambda png: plot_curves(result, png),
+        result.to_dict(),
+    )
     return result
 
 
@@ -262,7 +351,9 @@ class _Trainer:
         return self.dir / f"{model}.safetensors"
 
     def train(self, model: str) -> None:
-        from smoothcert.models.reproducible import single_threaded  # torch: only when an experiment runs
+        from smoothcert.models.reproducible import (
+            single_threaded,
+        )  # torch: only when an experiment runs
 
         tick = time.perf_counter()
         with single_threaded():
@@ -274,30 +365,48 @@ class _Trainer:
                 self._train_diffusion()
         train_s = time.perf_counter() - tick
         info = self._load_part(model).info
-        self.trained[model] = TrainedModel(model=model, path=str(self.path(model)), train_s=train_s,
-                                           training=info.extra.get("training", {}),
-                                           metrics=info.extra.get("metrics", {}))
+        self.trained[model] = TrainedModel(
+            model=model,
+            path=str(self.path(model)),
+            train_s=train_s,
+            training=info.extra.get("training", {}),
+            metrics=info.extra.get("metrics", {}),
+        )
 
     def _train_classifier(self, method: str) -> None:
         from smoothcert.worker.training.trainer import train
 
-        trained = train(self.config.train_config(method), self.data, device=self.device,
-                        name=f"{self.data.name}-{method}")
+        trained = train(
+            self.config.train_config(method),
+            self.data,
+            device=self.device,
+            name=f"{self.data.name}-{method}",
+        )
         trained.save(self.path(method))
 
     def _train_denoiser(self, objective: str) -> None:
         from smoothcert.worker.training.denoiser import train_denoiser
 
         init = self._load_part("mse") if objective == "stability" else None
-        trained = train_denoiser(self.config.denoiser_config(objective), self.data, self._load_part("standard"),
-                                 device=self.device, name=f"{self.data.name}-dncnn-{objective}", init=init)
+        trained = train_denoiser(
+            self.config.denoiser_config(objective),
+            self.data,
+            self._load_part("standard"),
+            device=self.device,
+            name=f"{self.data.name}-dncnn-{objective}",
+            init=init,
+        )
         trained.save(self.path(objective))
 
     def _train_diffusion(self) -> None:
         from smoothcert.worker.training.diffusion import train_diffusion
 
-        train_diffusion(diffusion_config(self.config, self.data.name), self.data, self.path("diffusion"),
-                        device=self.device)
+        train_diffusion(
+            diffusion_config(self.config, self.data.name),
+            self.data,
+            self.path("diffusion"),
+            device=self.device,
+        )
 
     def _load_part(self, model: str):
         """A trained file through the CLI's loaders: ``load_model`` (classifiers), ``load_denoiser`` (denoisers)."""
@@ -322,20 +431,33 @@ def _table_rows(result: DenoisedResult, label_cell: Callable[[DenoisedRow], list
 
 def render_markdown(result: DenoisedResult) -> str:
     """The table: one line per row, certified accuracy in percent at each radius (``–`` beyond the cap)."""
-    return markdown_table(["base classifier"], _table_rows(result, lambda r: [r.label]), result.config.radii)
+    return markdown_table(
+        ["base classifier"], _table_rows(result, lambda r: [r.label]), result.config.radii
+    )
 
 
 def render_tsv(result: DenoisedResult) -> str:
     """The table as TSV: row, sigma, radius_cap, then the fraction at each radius (:meth:`DenoisedResult.table`)."""
-    return tsv_table(["row", "sigma"], _table_rows(result, lambda r: [r.label, repr(result.config.sigma)]),
-                     result.config.radii)
+    return tsv_table(
+        ["row", "sigma"],
+        _table_rows(result, lambda r: [r.label, repr(result.config.sigma)]),
+        result.config.radii,
+    )
 
 
 def plot_curves(result: DenoisedResult, out_png: str | Path) -> None:
     """One panel at σ: certified accuracy against radius, one curve per row; the radius cap is
     marked when it falls within the table's radii (beyond them it would only stretch the axis)."""
     cap = min(r.radius_cap for r in result.rows)
-    plot_panels([(f"σ = {result.config.sigma:g}", [(r.label, r.curve) for r in result.rows],
-                  cap if cap <= max(result.config.radii) else None)],
-                curve_grid(result.config.radii), plot_title(result.dataset, result.test_size, result.config.n,
-                                                              result.config.alpha), out_png)
+    plot_panels(
+        [
+            (
+                f"σ = {result.config.sigma:g}",
+                [(r.label, r.curve) for r in result.rows],
+                cap if cap <= max(result.config.radii) else None,
+            )
+        ],
+        curve_grid(result.config.radii),
+        plot_title(result.dataset, result.test_size, result.config.n, result.config.alpha),
+        out_png,
+    )

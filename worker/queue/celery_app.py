@@ -11,6 +11,7 @@ died is sent again as soon as that worker's heartbeat expires.
 ``python -m smoothcert.worker.queue.celery_app [celery worker options]`` (or :func:`main`) starts a
 worker; ``smoothcert worker`` calls :func:`main`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,7 +27,9 @@ from smoothcert.worker.queue import liveness
 WORKER_TASK_MODULES = ("smoothcert.worker.queue.tasks", "smoothcert.worker.queue.train_tasks")
 
 settings = Settings()
-app = make_celery(settings, include=WORKER_TASK_MODULES, task_cls="smoothcert.worker.queue.liveness:LeasedTask")
+app = make_celery(
+    settings, include=WORKER_TASK_MODULES, task_cls="smoothcert.worker.queue.liveness:LeasedTask"
+)
 # A task whose pool process died goes back to the front of its queue, not the back.
 app.conf.broker_transport = WorkerTransport
 install_worker_hooks(settings)  # JSON log lines with the job id (smoothcert.service.core.logs)

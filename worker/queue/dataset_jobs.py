@@ -4,6 +4,7 @@ The split, the chunk seeds and the Redis ledger are in :mod:`smoothcert.service.
 A chunk's outcome is its result rows (``index`` = position in the dataset, ``label`` from its
 ``y``) and a short provenance naming the worker that computed it. No Celery, no Redis here.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,12 +16,30 @@ from smoothcert.worker.queue.job_results import kept_samples, label_metrics, lab
 from smoothcert.worker.smoothing import CancelCheck, Progress
 
 # Provenance fields that differ from chunk to chunk; the job's provenance lists them per chunk.
-_PER_CHUNK = ("chunk", "start", "stop", "worker", "pid", "seed", "num_inputs", "device", "elapsed_s", "batch_size")
+_PER_CHUNK = (
+    "chunk",
+    "start",
+    "stop",
+    "worker",
+    "pid",
+    "seed",
+    "num_inputs",
+    "device",
+    "elapsed_s",
+    "batch_size",
+)
 
 
-def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, progress: Progress,
-              should_cancel: CancelCheck, memory_budget: int | None = None,
-              keep: Callable[[dict[int, bytes]], Any] | None = None) -> dict[str, Any]:
+def run_chunk(
+    model,
+    spec: dict[str, Any],
+    datasets: DatasetStore,
+    worker: str,
+    progress: Progress,
+    should_cancel: CancelCheck,
+    memory_budget: int | None = None,
+    keep: Callable[[dict[int, bytes]], Any] | None = None,
+) -> dict[str, Any]:
     """Certify (or predict) inputs ``[spec["start"], spec["stop"])`` of the job's dataset
     (``memory_budget`` as in :func:`~smoothcert.worker.queue.job_results.run_engine`); first hand
     ``keep`` the noisy copies to keep of those among the job's first rows (job_results.kept_samples).
@@ -31,7 +50,9 @@ def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, 
     start, stop = spec["start"], spec["stop"]
     x, y = datasets.load(spec["dataset_id"], start, stop)
     if len(x) != stop - start:
-        raise DatasetMissing(f"dataset {spec['dataset_id']} no longer holds inputs {start} to {stop - 1}")
+        raise DatasetMissing(
+            f"dataset {spec['dataset_id']} no longer holds inputs {start} to {stop - 1}"
+        )
     if keep is not None:
         keep(kept_samples(model, x, spec, start))
     result = run_engine(model, x, spec, spec["chunk_seed"], progress, should_cancel, memory_budget)
@@ -39,12 +60,20 @@ def run_chunk(model, spec: dict[str, Any], datasets: DatasetStore, worker: str, 
     label_rows(rows, y)
     for row in rows:
         row["index"] += start
-    provenance = {**result["provenance"], "chunk": spec["chunk"], "start": start, "stop": stop,
-                  "worker": worker, "pid": os.getpid()}
+    provenance = {
+        **result["provenance"],
+        "chunk": spec["chunk"],
+        "start": start,
+        "stop": stop,
+        "worker": worker,
+        "pid": os.getpid(),
+    }
     return {"rows": rows, "provenance": provenance}
 
 
-def combine_chunks(spec: dict[str, Any], outcomes: dict[int, dict[str, Any]], elapsed_s: float) -> dict[str, Any]:
+def combine_chunks(
+    spec: dict[str, Any], outcomes: dict[int, dict[str, Any]], elapsed_s: float
+) -> dict[str, Any]:
     """The job's result from every chunk's outcome: rows in dataset order, the label metrics,
     totals and a provenance with one entry per chunk. ``elapsed_s`` is the job's wall time."""
     ordered = [outcomes[i] for i in range(spec["chunks"])]
@@ -53,19 +82,43 @@ def combine_chunks(spec: dict[str, Any], outcomes: dict[int, dict[str, Any]], el
     chunks = [{k: o["provenance"][k] for k in _PER_CHUNK} for o in ordered]
     shared = {k: v for k, v in first.items() if k not in _PER_CHUNK}
     devices = sorted({c["device"] for c in chunks})
-    sizes = sorted({c["batch_size"] for c in chunks})   # used: each worker fits its own device's memory
-    provenance = {**shared, "seed": spec["seed"],
-                  "batch_size": sizes[0] if len(sizes) == 1 else "mixed: " + ", ".join(map(str, sizes)),
-                  "device": devices[0] if len(devices) == 1 else "mixed: " + ", ".join(devices),
-                  "num_inputs": len(rows), "elapsed_s": elapsed_s, "model_id": spec["model_id"],
-                  "dataset_id": spec["dataset_id"], "dataset_sha256": spec["dataset_sha256"],
-                  "skip": spec["skip"], "limit": spec["limit"], "chunk_size": spec["chunk_size"],
-                  "chunk_seed": "first 8 bytes of SHA-256('<seed>:<chunk>'), big-endian, >> 1",
-                  "workers": sorted({c["worker"] for c in chunks}), "chunks": chunks}
-    totals = {"inputs": len(rows), "abstentions": sum(r["abstained"] for r in rows), "chunks": len(chunks),
-              "elapsed_s": elapsed_s, "images_per_s": len(rows) / elapsed_s if elapsed_s > 0 else None}
-    if spec.get("target_radius") is not None:  # what the test spent against what a fixed n would have
-        totals.update(samples_used=sum(r["samples_used"] for r in rows),
-                      samples_fixed_n=len(rows) * (spec["n0"] + spec["n"]))
-    return {"results": rows, "provenance": provenance, "totals": totals,
-            **label_metrics(rows, spec["mode"], spec.get("radii"))}
+    sizes = sorted(
+        {c["batch_size"] for c in chunks}
+    )  # used: each worker fits its own device's memory
+    provenance = {
+        **shared,
+        "seed": spec["seed"],
+        "batch_size": sizes[0] if len(sizes) == 1 else "mixed: " + ", ".join(map(str, sizes)),
+        "device": devices[0] if len(devices) == 1 else "mixed: " + ", ".join(devices),
+        "num_inputs": len(rows),
+        "elapsed_s": elapsed_s,
+        "model_id": spec["model_id"],
+        "dataset_id": spec["dataset_id"],
+        "dataset_sha256": spec["dataset_sha256"],
+        "skip": spec["skip"],
+        "limit": spec["limit"],
+        "chunk_size": spec["chunk_size"],
+        "chunk_seed": "first 8 bytes of SHA-256('<seed>:<chunk>'), big-endian, >> 1",
+        "workers": sorted({c["worker"] for c in chunks}),
+        "chunks": chunks,
+    }
+    totals = {
+        "inputs": len(rows),
+        "abstentions": sum(r["abstained"] for r in rows),
+        "chunks": len(chunks),
+        "elapsed_s": elapsed_s,
+        "images_per_s": len(rows) / elapsed_s if elapsed_s > 0 else None,
+    }
+    if (
+        spec.get("target_radius") is not None
+    ):  # what the test spent against what a fixed n would have
+        totals.update(
+            samples_used=sum(r["samples_used"] for r in rows),
+            samples_fixed_n=len(rows) * (spec["n0"] + spec["n"]),
+        )
+    return {
+        "results": rows,
+        "provenance": provenance,
+        "totals": totals,
+        **label_metrics(rows, spec["mode"], spec.get("radii")),
+    }

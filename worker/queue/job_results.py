@@ -2,6 +2,7 @@
 
 Shared by the tasks of ordinary jobs and of dataset-job chunks; no Celery, no Redis.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,28 +19,58 @@ from smoothcert.worker.evaluation import accuracy
 from smoothcert.worker.evaluation.analyze import DEFAULT_RADII
 
 
-def run_engine(model, x: np.ndarray, spec: dict[str, Any], seed: int, progress: smoothing.Progress,
-               should_cancel: smoothing.CancelCheck, memory_budget: int | None = None) -> dict[str, Any]:
+def run_engine(
+    model,
+    x: np.ndarray,
+    spec: dict[str, Any],
+    seed: int,
+    progress: smoothing.Progress,
+    should_cancel: smoothing.CancelCheck,
+    memory_budget: int | None = None,
+) -> dict[str, Any]:
     """CERTIFY, PREDICT or the test at ``target_radius`` (``spec["mode"]``, ``spec["target_radius"]``)
     of ``x`` with ``spec``'s parameters; ``Run.to_dict()``. ``spec["n"]`` caps a target-radius run.
     ``memory_budget`` bounds a batch's memory (None: the engine's share of the device's free memory)."""
-    common = dict(batch_size=spec.get("batch_size"), seed=seed, progress=progress, should_cancel=should_cancel,
-                  memory_budget=memory_budget)
+    common = dict(
+        batch_size=spec.get("batch_size"),
+        seed=seed,
+        progress=progress,
+        should_cancel=should_cancel,
+        memory_budget=memory_budget,
+    )
     if spec["mode"] == "predict":
         run = smoothing.predict(model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], **common)
     elif spec.get("target_radius") is not None:
-        run = smoothing.certify_at_radius(model, x, spec["sigma"], spec["target_radius"], n0=spec["n0"],
-                                          n_max=spec["n"], alpha=spec["alpha"], **common)
+        run = smoothing.certify_at_radius(
+            model,
+            x,
+            spec["sigma"],
+            spec["target_radius"],
+            n0=spec["n0"],
+            n_max=spec["n"],
+            alpha=spec["alpha"],
+            **common,
+        )
     else:
-        run = smoothing.certify(model, x, spec["sigma"], n0=spec["n0"], n=spec["n"], alpha=spec["alpha"],
-                                bound=spec["bound"], **common)
+        run = smoothing.certify(
+            model,
+            x,
+            spec["sigma"],
+            n0=spec["n0"],
+            n=spec["n"],
+            alpha=spec["alpha"],
+            bound=spec["bound"],
+            **common,
+        )
     return run.to_dict()
 
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of row ``index``'s kept noisy copies: the first 8 bytes of SHA-256(``"<seed>:samples:<index>"``),
     big-endian, >> 1. Not the job's seed, so keeping them changes none of the job's draws."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:samples:{index}".encode()).digest()[:8], "big") >> 1
+    return (
+        int.from_bytes(hashlib.sha256(f"{seed}:samples:{index}".encode()).digest()[:8], "big") >> 1
+    )
 
 
 def kept_samples(model, x: np.ndarray, spec: dict[str, Any], first_index: int) -> dict[int, bytes]:
@@ -55,8 +86,13 @@ def kept_samples(model, x: np.ndarray, spec: dict[str, Any], first_index: int) -
     end = int(spec.get("skip") or 0) + rows
     kept = {}
     for i in range(min(len(x), max(0, end - first_index))):
-        noisy = smoothing.noisy_copies(x[i:i + 1], model.info.input_shape, spec["sigma"], copies,
-                                       sample_seed(spec["seed"], first_index + i))[0]
+        noisy = smoothing.noisy_copies(
+            x[i : i + 1],
+            model.info.input_shape,
+            spec["sigma"],
+            copies,
+            sample_seed(spec["seed"], first_index + i),
+        )[0]
         out = io.BytesIO()
         np.save(out, np.rint(np.clip(noisy, 0.0, 1.0) * 255).astype(np.uint8), allow_pickle=False)
         kept[first_index + i] = out.getvalue()
@@ -82,20 +118,28 @@ def label_rows(rows: list[dict[str, Any]], labels: Sequence[int] | None) -> None
         row["label"] = None if labels is None else int(labels[i])
 
 
-def label_metrics(rows: list[dict[str, Any]], mode: str, radii: Sequence[float] | None) -> dict[str, Any]:
+def label_metrics(
+    rows: list[dict[str, Any]], mode: str, radii: Sequence[float] | None
+) -> dict[str, Any]:
     """``certified_accuracy`` at ``radii`` (certify) or ``accuracy`` (predict) of labelled rows;
     rows of a target-radius run add ``certified_accuracy_at_r``: the share certified at r and right."""
     if mode == "certify":
-        metrics: dict[str, Any] = {"certified_accuracy": certified_accuracy(rows, radii or DEFAULT_RADII)}
+        metrics: dict[str, Any] = {
+            "certified_accuracy": certified_accuracy(rows, radii or DEFAULT_RADII)
+        }
         if rows and "certified_at_r" in rows[0]:
-            metrics["certified_accuracy_at_r"] = float(np.mean(
-                [r["certified_at_r"] and r["prediction"] == r["label"] for r in rows]))
+            metrics["certified_accuracy_at_r"] = float(
+                np.mean([r["certified_at_r"] and r["prediction"] == r["label"] for r in rows])
+            )
         return metrics
     return {"accuracy": float(np.mean([r["prediction"] == r["label"] for r in rows]))}
 
 
-def certified_accuracy(rows: list[dict[str, Any]], radii: Sequence[float]) -> list[dict[str, float]]:
+def certified_accuracy(
+    rows: list[dict[str, Any]], radii: Sequence[float]
+) -> list[dict[str, float]]:
     """Share of rows predicted right (``prediction == label``) with radius ≥ r, for each r in ``radii``."""
-    shares = accuracy.certified_accuracy([r["prediction"] == r["label"] for r in rows], [r["radius"] for r in rows],
-                                         radii)
+    shares = accuracy.certified_accuracy(
+        [r["prediction"] == r["label"] for r in rows], [r["radius"] for r in rows], radii
+    )
     return [{"radius": float(r), "accuracy": float(a)} for r, a in zip(radii, shares)]

@@ -27,6 +27,7 @@ the task time limit (hours). Leases close that gap.
 The Lua scripts read heartbeat keys they are not given in KEYS; that is fine on a single Redis
 server (what the service uses) and would need hash tags on a cluster.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ end
 # KEYS[1] leases; ARGV[1] task id, ARGV[2] new lease (JSON), ARGV[3] this worker's incarnation,
 # ARGV[4] heartbeat prefix. 1: the lease is ours now; 0: another live worker holds it (a pool
 # process of this same worker incarnation may take over: the one before it died).
-_CLAIM = _ALIVE + """
+_CLAIM = (
+    _ALIVE
+    + """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current and cjson.decode(current)['incarnation'] ~= ARGV[3] and alive(current, ARGV[4]) then
   return 0
@@ -60,6 +63,7 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
+)
 
 # KEYS[1] leases; ARGV[1] task id, ARGV[2] token. Deletes the lease only if it is still that token's.
 _RELEASE = """
@@ -73,12 +77,15 @@ return 0
 
 # KEYS[1] leases; ARGV[1] task id, ARGV[2] the lease as read, ARGV[3] heartbeat prefix.
 # Takes (deletes) the lease if it is unchanged and its worker is still dead; 1 if taken.
-_TAKE = _ALIVE + """
+_TAKE = (
+    _ALIVE
+    + """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current ~= ARGV[2] or alive(current, ARGV[3]) then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
@@ -95,14 +102,31 @@ class Lease:
     args: list[Any]
 
     def to_json(self) -> str:
-        return json.dumps({"worker": self.worker, "incarnation": self.incarnation, "pid": self.pid,
-                           "token": self.token, "since": self.since, "task": self.task, "args": self.args})
+        return json.dumps(
+            {
+                "worker": self.worker,
+                "incarnation": self.incarnation,
+                "pid": self.pid,
+                "token": self.token,
+                "since": self.since,
+                "task": self.task,
+                "args": self.args,
+            }
+        )
 
     @classmethod
     def from_json(cls, task_id: str, raw: str | bytes) -> Lease:
         d = json.loads(raw)
-        return cls(task_id, d["worker"], d["incarnation"], int(d["pid"]), d["token"], float(d["since"]),
-                   d["task"], d["args"])
+        return cls(
+            task_id,
+            d["worker"],
+            d["incarnation"],
+            int(d["pid"]),
+            d["token"],
+            float(d["since"]),
+            d["task"],
+            d["args"],
+        )
 
 
 class Leases:
@@ -116,11 +140,23 @@ class Leases:
         self._release = client.register_script(_RELEASE)
         self._take = client.register_script(_TAKE)
 
-    def claim(self, task_id: str, worker: str, incarnation: str, pid: int, task: str,
-              args: list[Any]) -> Lease | None:
+    def claim(
+        self, task_id: str, worker: str, incarnation: str, pid: int, task: str, args: list[Any]
+    ) -> Lease | None:
         """The new lease of this run, or None when another live worker holds one."""
-        lease = Lease(task_id, worker, incarnation, pid, uuid.uuid4().hex, round(time.time(), 3), task, list(args))
-        won = self._claim(keys=[LEASES_KEY], args=[task_id, lease.to_json(), incarnation, self.prefix])
+        lease = Lease(
+            task_id,
+            worker,
+            incarnation,
+            pid,
+            uuid.uuid4().hex,
+            round(time.time(), 3),
+            task,
+            list(args),
+        )
+        won = self._claim(
+            keys=[LEASES_KEY], args=[task_id, lease.to_json(), incarnation, self.prefix]
+        )
         return lease if won == 1 else None
 
     def release(self, lease: Lease) -> bool:
@@ -133,8 +169,12 @@ class Leases:
     def all(self) -> list[Lease]:
         return [Lease.from_json(k.decode(), v) for k, v in self.redis.hgetall(LEASES_KEY).items()]
 
-    def reap(self, resend: Callable[[Lease], None], skip_incarnation: str | None = None,
-             now: float | None = None) -> list[Lease]:
+    def reap(
+        self,
+        resend: Callable[[Lease], None],
+        skip_incarnation: str | None = None,
+        now: float | None = None,
+    ) -> list[Lease]:
         """Take every lease whose worker is dead and call ``resend`` with it; the leases taken.
 
         A lease younger than the heartbeat TTL is left alone: its worker may not have written its
@@ -155,13 +195,21 @@ class Leases:
         taken = []
         for key, value in raw.items():
             lease = Lease.from_json(key.decode(), value)
-            if lease.incarnation in alive or lease.incarnation == skip_incarnation or now - lease.since < self.ttl_s:
+            if (
+                lease.incarnation in alive
+                or lease.incarnation == skip_incarnation
+                or now - lease.since < self.ttl_s
+            ):
                 continue
             if self._take(keys=[LEASES_KEY], args=[lease.task_id, value, self.prefix]) == 1:
                 try:
                     resend(lease)
-                except Exception:  # put it back for the next look; the original message stays as well
-                    logging.getLogger(__name__).exception("could not send task %s again", lease.task_id)
+                except (
+                    Exception
+                ):  # put it back for the next look; the original message stays as well
+                    logging.getLogger(__name__).exception(
+                        "could not send task %s again", lease.task_id
+                    )
                     self.redis.hsetnx(LEASES_KEY, key, value)
                     continue
                 taken.append(lease)

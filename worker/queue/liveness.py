@@ -15,6 +15,7 @@
   heartbeat carries the worker's incarnation, drawn at each start: a worker restarted under the
   same name (a container keeps its hostname) does not vouch for the leases of the one that died.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,13 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.exceptions import TimeLimitExceeded
-from celery.signals import task_failure, worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    task_failure,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from smoothcert.service.core.jobs import JobStore
 from smoothcert.service.core.queue import send_first, soft_time_limit_s, watchdog_time_limit_s
@@ -44,13 +51,15 @@ _settings = Settings()
 # Set in the main process before the pool forks, so every pool process shares them: the worker's
 # name and its incarnation (a random id per start; a restarted container keeps its hostname).
 _state: dict[str, Any] = {"name": None, "incarnation": uuid.uuid4().hex[:16]}
-_clients: dict[int, redis.Redis] = {}     # pid -> client, so a forked child makes its own
+_clients: dict[int, redis.Redis] = {}  # pid -> client, so a forked child makes its own
 
 
 def _client() -> redis.Redis:
     pid = os.getpid()
     if pid not in _clients:
-        _clients[pid] = redis.Redis.from_url(_settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+        _clients[pid] = redis.Redis.from_url(
+            _settings.broker_url, socket_connect_timeout=5, socket_timeout=30
+        )
     return _clients[pid]
 
 
@@ -82,25 +91,43 @@ class LeasedTask(Task):
         if self.request.called_directly or not self.request.id:
             return super().__call__(*args, **kwargs)
         leases = _leases()
-        lease = leases.claim(self.request.id, self.request.hostname or worker_name(), _state["incarnation"],
-                             os.getpid(), self.name, list(args))
+        lease = leases.claim(
+            self.request.id,
+            self.request.hostname or worker_name(),
+            _state["incarnation"],
+            os.getpid(),
+            self.name,
+            list(args),
+        )
         if lease is None:
-            log.info("task %s runs on another live worker; this copy of its message is dropped", self.request.id)
+            log.info(
+                "task %s runs on another live worker; this copy of its message is dropped",
+                self.request.id,
+            )
             return None
         job_id = str(args[0]) if args else None
         limit = _settings.task_time_limit_s
-        watch = watchdog.begin(self.request.id, job_id, limit_s=limit, end_after_s=watchdog_time_limit_s(limit),
-                               floor_s=_settings.batch_deadline_floor_s, factor=_settings.batch_deadline_factor,
-                               release=lambda: leases.release(lease),
-                               fail=lambda message: job_id and _jobs().fail(job_id, message),
-                               report=lambda batch: report_process(batch=batch))
+        watch = watchdog.begin(
+            self.request.id,
+            job_id,
+            limit_s=limit,
+            end_after_s=watchdog_time_limit_s(limit),
+            floor_s=_settings.batch_deadline_floor_s,
+            factor=_settings.batch_deadline_factor,
+            release=lambda: leases.release(lease),
+            fail=lambda message: job_id and _jobs().fail(job_id, message),
+            report=lambda batch: report_process(batch=batch),
+        )
         try:
             return super().__call__(*args, **kwargs)
         finally:
             watchdog.end(watch)
             try:
-                outage.persist(lambda: leases.release(lease), f"releasing the lease of task {self.request.id}",
-                               job_id)
+                outage.persist(
+                    lambda: leases.release(lease),
+                    f"releasing the lease of task {self.request.id}",
+                    job_id,
+                )
             except redis.RedisError:
                 log.warning("could not release the lease of task %s", self.request.id)
             if _state.get("retire"):
@@ -109,7 +136,9 @@ class LeasedTask(Task):
                 os._exit(70)
 
 
-def report_process(device: str | None = None, model: dict[str, Any] | None = None, batch: Any = ...) -> None:
+def report_process(
+    device: str | None = None, model: dict[str, Any] | None = None, batch: Any = ...
+) -> None:
     """Record this pool process's device, a model it loaded, or the slow batch it runs (``batch``:
     job_id, since, limit_s; None when it ended), for ``/readyz`` (best effort)."""
     key, field = PROCESSES_PREFIX + worker_name(), str(os.getpid())
@@ -120,7 +149,9 @@ def report_process(device: str | None = None, model: dict[str, Any] | None = Non
         if device is not None:
             entry["device"] = device
         if model is not None:
-            entry["models"] = [m for m in entry["models"] if m.get("id") != model.get("id")][-7:] + [model]
+            entry["models"] = [m for m in entry["models"] if m.get("id") != model.get("id")][
+                -7:
+            ] + [model]
         if batch is not ...:
             entry["batch"] = batch
         entry["updated_at"] = round(time.time(), 3)
@@ -136,10 +167,16 @@ class Heartbeat:
     def __init__(self, app: Celery, name: str, queues: list[str], concurrency: int):
         self.app, self.name = app, name
         self.ttl_s = _settings.worker_heartbeat_ttl_s
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "incarnation": _state["incarnation"],
-                       "started_at": round(time.time(), 3),
-                       "queues": queues, "concurrency": concurrency, "requested_device": _settings.device,
-                       "heartbeat_ttl_s": self.ttl_s}
+        self.record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "incarnation": _state["incarnation"],
+            "started_at": round(time.time(), 3),
+            "queues": queues,
+            "concurrency": concurrency,
+            "requested_device": _settings.device,
+            "heartbeat_ttl_s": self.ttl_s,
+        }
         self.stop_event = threading.Event()
 
     def beat(self, client: redis.Redis, leases: Leases) -> None:
@@ -150,8 +187,12 @@ class Heartbeat:
                 client.hdel(procs_key, pid)
         client.expire(procs_key, self.ttl_s * 6)
         for lease in leases.reap(self.resend, skip_incarnation=_state["incarnation"]):
-            log.warning("worker %s stopped beating; task %s (%s) was sent again", lease.worker, lease.task_id,
-                        lease.task)
+            log.warning(
+                "worker %s stopped beating; task %s (%s) was sent again",
+                lease.worker,
+                lease.task_id,
+                lease.task,
+            )
 
     def resend(self, lease: Lease) -> None:
         """Send a dead worker's task again, to the front of its queue: it was first in line once
@@ -159,7 +200,9 @@ class Heartbeat:
         send_first(self.app, lease.task, lease.args, lease.task_id)
 
     def run(self) -> None:
-        client = redis.Redis.from_url(_settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+        client = redis.Redis.from_url(
+            _settings.broker_url, socket_connect_timeout=2, socket_timeout=5
+        )
         leases = Leases(client, HEARTBEAT_PREFIX, self.ttl_s)
         while not self.stop_event.is_set():
             try:
@@ -205,8 +248,12 @@ def install(app: Celery) -> None:
     @worker_ready.connect(weak=False)
     def _start(sender=None, **_):
         _state["name"] = getattr(sender, "hostname", None) or _state["name"]
-        queues = sorted(q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", []) or [])
-        concurrency = getattr(getattr(sender, "pool", None), "limit", None) or _settings.worker_concurrency
+        queues = sorted(
+            q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", []) or []
+        )
+        concurrency = (
+            getattr(getattr(sender, "pool", None), "limit", None) or _settings.worker_concurrency
+        )
         beat = Heartbeat(app, worker_name(), queues, int(concurrency))
         _heartbeat["current"] = beat
         threading.Thread(target=beat.run, name="smoothcert-heartbeat", daemon=True).start()
@@ -220,14 +267,20 @@ def install(app: Celery) -> None:
         limit = _settings.task_time_limit_s
         try:
             if args:
-                _jobs().fail(str(args[0]), f"the job exceeded the {limit:g} s time limit "
-                                           "(SMOOTHCERT_TASK_TIME_LIMIT_S); its worker process was killed")
+                _jobs().fail(
+                    str(args[0]),
+                    f"the job exceeded the {limit:g} s time limit "
+                    "(SMOOTHCERT_TASK_TIME_LIMIT_S); its worker process was killed",
+                )
             leases = _leases()
             lease = leases.get(task_id)
             # Only the killed run's lease, as old as the limit: the message's next delivery (after
             # the watchdog ended that run) may hold a young one.
-            if (lease is not None and lease.incarnation == _state["incarnation"]
-                    and time.time() - lease.since >= soft_time_limit_s(limit)):
+            if (
+                lease is not None
+                and lease.incarnation == _state["incarnation"]
+                and time.time() - lease.since >= soft_time_limit_s(limit)
+            ):
                 leases.release(lease)
         except redis.RedisError:
             log.warning("could not record the hard time limit of task %s", task_id)

@@ -12,6 +12,7 @@ radii). Files are never named by a message: a job's inputs are ``DATA_DIR/jobs/<
 dataset's files are found by its id in the dataset store (:mod:`smoothcert.service.core.jobs`,
 :mod:`smoothcert.service.core.store`). No Celery here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,12 @@ def checked(task: str, job_id: Any, check: Callable[[], T]) -> T | None:
     try:
         return check()
     except Dropped as exc:
-        log.warning("dropped a %s message for job %s: %s; nothing was run and no file was touched",
-                    task, str(job_id)[:80], exc)
+        log.warning(
+            "dropped a %s message for job %s: %s; nothing was run and no file was touched",
+            task,
+            str(job_id)[:80],
+            exc,
+        )
         return None
 
 
@@ -56,15 +61,19 @@ def certify_spec(jobs: JobStore, task_id: str | None, job_id: Any, spec: Any) ->
     _same_parameters(record, spec, _CERTIFY_ONLY)
     count = record.params.get("num_inputs")
     labels, radii = spec.get("labels"), spec.get("radii")
-    if labels is not None and not (isinstance(labels, list) and len(labels) == count
-                                   and all(isinstance(v, int) and not isinstance(v, bool) for v in labels)):
+    if labels is not None and not (
+        isinstance(labels, list)
+        and len(labels) == count
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
+    ):
         raise Dropped(f"its labels are not {count} integers, one per input")
     _check_radii(radii)
     return {**record.params, "labels": labels, "radii": radii}
 
 
-def chunk_spec(jobs: JobStore, datasets: DatasetStore, task_id: str | None, job_id: Any,
-               spec: Any) -> dict[str, Any]:
+def chunk_spec(
+    jobs: JobStore, datasets: DatasetStore, task_id: str | None, job_id: Any, spec: Any
+) -> dict[str, Any]:
     """What chunk ``spec["chunk"]`` of a dataset job runs with: the record's parameters, the chunk's
     range and seed as they follow from them, and the message's radii. Dropped on any mismatch."""
     record = _record(jobs, job_id, None, CERTIFY_KINDS)
@@ -75,31 +84,47 @@ def chunk_spec(jobs: JobStore, datasets: DatasetStore, task_id: str | None, job_
         raise Dropped("its parameters are not a JSON object")
     index = spec.get("chunk")
     chunks = params.get("chunks")
-    if not isinstance(index, int) or isinstance(index, bool) or not isinstance(chunks, int) \
-            or not 0 <= index < chunks:
+    if (
+        not isinstance(index, int)
+        or isinstance(index, bool)
+        or not isinstance(chunks, int)
+        or not 0 <= index < chunks
+    ):
         raise Dropped(f"chunk {index!r} is not one of the job's {chunks} chunks")
     if task_id != f"{job_id}.{index}":
-        raise Dropped(f"its task id {str(task_id)[:80]!r} is not {job_id}.{index}, the id of chunk {index}")
+        raise Dropped(
+            f"its task id {str(task_id)[:80]!r} is not {job_id}.{index}, the id of chunk {index}"
+        )
     _same_parameters(record, spec, _CHUNK_ONLY)
     skip = params["skip"]
     start, stop = plan_chunks(skip, skip + params["num_inputs"], params["chunk_size"])[index]
     derived = {"start": start, "stop": stop, "chunk_seed": chunk_seed(params["seed"], index)}
     differ = [k for k, v in derived.items() if spec.get(k) != v]
     if differ:
-        raise Dropped(f"its {', '.join(differ)} differ from what the job record gives for chunk {index}")
+        raise Dropped(
+            f"its {', '.join(differ)} differ from what the job record gives for chunk {index}"
+        )
     dataset = datasets.get(params["dataset_id"])
     sha256 = spec.get("dataset_sha256")
     if dataset is not None and dataset.get("sha256") != sha256:
         raise Dropped(f"its dataset_sha256 is not that of dataset {params['dataset_id']}")
     _check_radii(spec.get("radii"))
-    return {**params, **derived, "chunk": index, "radii": spec.get("radii"), "dataset_sha256": sha256}
+    return {
+        **params,
+        **derived,
+        "chunk": index,
+        "radii": spec.get("radii"),
+        "dataset_sha256": sha256,
+    }
 
 
 def check_model_message(jobs: JobStore, task_id: str | None, job_id: Any, model_id: Any) -> str:
     """The model a check_model job loads; Dropped unless the record names that model."""
     record = _record(jobs, job_id, task_id, ("check_model",))
     if record.params != {"model_id": model_id}:
-        raise Dropped(f"job {job_id} checks model {record.params.get('model_id')!r}, not {str(model_id)[:80]!r}")
+        raise Dropped(
+            f"job {job_id} checks model {record.params.get('model_id')!r}, not {str(model_id)[:80]!r}"
+        )
     return str(model_id)
 
 
@@ -107,21 +132,28 @@ def train_spec(jobs: JobStore, task_id: str | None, job_id: Any, spec: Any) -> d
     """A training job's ``{"config", "dataset", "name"}``; Dropped unless the record's parameters are
     exactly these (the API records ``{"dataset", "name", **config}``)."""
     record = _record(jobs, job_id, task_id, ("train",))
-    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict) \
-            or set(spec) != {"config", "dataset", "name"}:
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("config"), dict)
+        or set(spec) != {"config", "dataset", "name"}
+    ):
         raise Dropped("its parameters are not a training job's {config, dataset, name}")
     if {"dataset": spec["dataset"], "name": spec["name"], **spec["config"]} != record.params:
         raise Dropped("its parameters differ from the job record's")
     return spec
 
 
-def train_denoiser_spec(jobs: JobStore, task_id: str | None, job_id: Any, spec: Any) -> dict[str, Any]:
+def train_denoiser_spec(
+    jobs: JobStore, task_id: str | None, job_id: Any, spec: Any
+) -> dict[str, Any]:
     """A denoiser training job's ``{"config", "dataset", "classifier", "init", "name"}``; Dropped unless
     the record's parameters are exactly these (the API records them with the config's fields flat)."""
     record = _record(jobs, job_id, task_id, ("train_denoiser",))
     keys = {"config", "dataset", "classifier", "init", "name"}
     if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict) or set(spec) != keys:
-        raise Dropped("its parameters are not a denoiser training job's {config, dataset, classifier, init, name}")
+        raise Dropped(
+            "its parameters are not a denoiser training job's {config, dataset, classifier, init, name}"
+        )
     if {k: spec[k] for k in keys - {"config"}} | spec["config"] != record.params:
         raise Dropped("its parameters differ from the job record's")
     return spec
@@ -147,17 +179,26 @@ def _same_parameters(record: JobRecord, spec: Any, message_only: tuple[str, ...]
     if not isinstance(spec, dict):
         raise Dropped("its parameters are not a JSON object")
     given = {k: v for k, v in spec.items() if k not in message_only}
-    differ = sorted(k for k in set(given) | set(record.params)
-                    if given.get(k, _ABSENT) != record.params.get(k, _ABSENT))
+    differ = sorted(
+        k
+        for k in set(given) | set(record.params)
+        if given.get(k, _ABSENT) != record.params.get(k, _ABSENT)
+    )
     if differ:
-        raise Dropped("its parameters differ from the job record's: " + ", ".join(map(str, differ))[:200])
+        raise Dropped(
+            "its parameters differ from the job record's: " + ", ".join(map(str, differ))[:200]
+        )
     if record.params.get("mode", record.kind) != record.kind:
-        raise Dropped(f"job {record.id} is a {record.kind} job, its record says mode {record.params['mode']!r}")
+        raise Dropped(
+            f"job {record.id} is a {record.kind} job, its record says mode {record.params['mode']!r}"
+        )
 
 
 def _check_radii(radii: Any) -> None:
     if radii is None:
         return
     if not isinstance(radii, list) or not all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0 for r in radii):
+        isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0
+        for r in radii
+    ):
         raise Dropped("its radii are not a list of finite non-negative numbers")

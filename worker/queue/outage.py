@@ -15,6 +15,7 @@ Only ``redis.ConnectionError`` and ``redis.TimeoutError`` count as an outage (a 
 its append-only file answers ``BusyLoadingError``, a ConnectionError); any other error is raised
 as it is. No Celery here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,22 +28,27 @@ import redis
 
 log = logging.getLogger(__name__)
 
-OUTCOME_RETRY_S = 120.0   # how long an outcome or a lease release is tried before it is given up
+OUTCOME_RETRY_S = 120.0  # how long an outcome or a lease release is tried before it is given up
 FIRST_PAUSE_S = 0.25
 MAX_PAUSE_S = 5.0
 OUTAGE = (redis.ConnectionError, redis.TimeoutError)
 
 T = TypeVar("T")
 _lock = threading.Lock()
-_state = {"away": False}   # per process: a warning was logged and no call has got through since
+_state = {"away": False}  # per process: a warning was logged and no call has got through since
 
 
 def _lost(what: str, exc: BaseException, job_id: str | None) -> None:
     with _lock:
         first, _state["away"] = not _state["away"], True
     if first:
-        log.warning("Redis is unreachable (%s: %s); %s; the task goes on", type(exc).__name__, exc, what,
-                    extra={"job_id": job_id})
+        log.warning(
+            "Redis is unreachable (%s: %s); %s; the task goes on",
+            type(exc).__name__,
+            exc,
+            what,
+            extra={"job_id": job_id},
+        )
 
 
 def _back(job_id: str | None) -> None:
@@ -64,8 +70,9 @@ def tolerant(call: Callable[[], T], default: T, what: str, job_id: str | None = 
     return value
 
 
-def persist(call: Callable[[], T], what: str, job_id: str | None = None,
-            retry_s: float = OUTCOME_RETRY_S) -> T | None:
+def persist(
+    call: Callable[[], T], what: str, job_id: str | None = None, retry_s: float = OUTCOME_RETRY_S
+) -> T | None:
     """``call()``, tried again while Redis cannot be reached, for up to ``retry_s``; None when
     it was given up (logged as an error naming ``what``)."""
     deadline = time.monotonic() + retry_s
@@ -75,8 +82,14 @@ def persist(call: Callable[[], T], what: str, job_id: str | None = None,
             value = call()
         except OUTAGE as exc:
             if time.monotonic() + pause > deadline:
-                log.error("gave up on %s: Redis stayed unreachable for %g s (%s: %s)", what, retry_s,
-                          type(exc).__name__, exc, extra={"job_id": job_id})
+                log.error(
+                    "gave up on %s: Redis stayed unreachable for %g s (%s: %s)",
+                    what,
+                    retry_s,
+                    type(exc).__name__,
+                    exc,
+                    extra={"job_id": job_id},
+                )
                 return None
             _lost(what + f" is tried again for up to {retry_s:g} s", exc, job_id)
             time.sleep(pause)

@@ -10,6 +10,7 @@ worker died (late acks), at most ``max_deliveries`` times; running the same job 
 same answer because the seed is part of the record. A dataset job is one task per chunk
 (:mod:`smoothcert.service.core.job_chunks`); the redelivery cap counts per chunk.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,23 +36,33 @@ from smoothcert.service.core.samples import record_result_samples
 from smoothcert.worker.queue import outage, watchdog
 from smoothcert.worker.queue.celery_app import settings
 from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
-from smoothcert.worker.queue.job_results import kept_samples, label_metrics, label_rows, run_engine, throttled
+from smoothcert.worker.queue.job_results import (
+    kept_samples,
+    label_metrics,
+    label_rows,
+    run_engine,
+    throttled,
+)
 from smoothcert.worker.queue.liveness import report_process, retire_process
 from smoothcert.worker.smoothing import Canceled, InputError, default_batch_size
 
 log = logging.getLogger(__name__)
 MODEL_CACHE_SIZE = 4
-_models: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (id, sha256) -> classifier, per process
+_models: OrderedDict[tuple[str, str], Any] = (
+    OrderedDict()
+)  # (id, sha256) -> classifier, per process
 # (id, sha256, runtime asked for, precision, batch size class) -> the classifier in the runtime chosen
 _runtimes: OrderedDict[tuple[str, str, str, str, int], Any] = OrderedDict()
 _clients: dict[str, Any] = {}
-_UNKNOWN: Any = object()   # a record that could not be read
+_UNKNOWN: Any = object()  # a record that could not be read
 
 
 def job_store() -> JobStore:
     """This process's JobStore (one Redis connection pool, created after the fork)."""
     if "jobs" not in _clients:
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+        client = redis.Redis.from_url(
+            settings.broker_url, socket_connect_timeout=5, socket_timeout=30
+        )
         _clients["jobs"] = JobStore(client, ttl_s=settings.job_ttl_s)
     return _clients["jobs"]
 
@@ -73,8 +84,14 @@ def loaded_model(store: ModelStore, meta: dict[str, Any]):
             _models.popitem(last=False)
         _models[key] = load_from_store(store, meta, device=settings.device)
         model = _models[key]
-        report_process(model={"id": meta["id"], "name": meta.get("name"), "runtime": model.runtime,
-                              "provider": model.provider})
+        report_process(
+            model={
+                "id": meta["id"],
+                "name": meta.get("name"),
+                "runtime": model.runtime,
+                "provider": model.provider,
+            }
+        )
     return _models[key]
 
 
@@ -95,7 +112,7 @@ def check_model(model_id: str) -> dict[str, Any]:
     def load() -> None:
         try:
             outcome["model"] = loaded_model(store, meta)
-        except BaseException as exc:   # handed to the task's thread below
+        except BaseException as exc:  # handed to the task's thread below
             outcome["error"] = exc
 
     checker = threading.Thread(target=load, name=f"check-{model_id}", daemon=True)
@@ -103,9 +120,11 @@ def check_model(model_id: str) -> dict[str, Any]:
     checker.join(settings.model_check_deadline_s)
     if checker.is_alive():
         retire_process(f"model {model_id} is still running its check batches")
-        raise ModelError(f"the model did not load and answer its check batches within "
-                         f"{settings.model_check_deadline_s:g} s (SMOOTHCERT_MODEL_CHECK_DEADLINE_S); "
-                         "a model that slow, or one that never returns, would hold a worker")
+        raise ModelError(
+            f"the model did not load and answer its check batches within "
+            f"{settings.model_check_deadline_s:g} s (SMOOTHCERT_MODEL_CHECK_DEADLINE_S); "
+            "a model that slow, or one that never returns, would hold a worker"
+        )
     if "error" in outcome:
         raise outcome["error"]
     model = outcome["model"]
@@ -125,11 +144,18 @@ def ready_model(model_id: str, spec: dict[str, Any] | None = None):
     model = loaded_model(store, meta)
     if spec is None:
         return model
-    return runtime_model(model, meta, spec.get("runtime", "torch"), spec.get("batch_size"),
-                         spec.get("precision", "float32"))
+    return runtime_model(
+        model,
+        meta,
+        spec.get("runtime", "torch"),
+        spec.get("batch_size"),
+        spec.get("precision", "float32"),
+    )
 
 
-def runtime_model(model, meta: dict[str, Any], runtime: str, batch_size: int | None, precision: str = "float32"):
+def runtime_model(
+    model, meta: dict[str, Any], runtime: str, batch_size: int | None, precision: str = "float32"
+):
     """``model`` in ``runtime`` and ``precision`` (models/runtimes.py), for batches of ``batch_size`` (None: the
     engine's default); the choice and the ONNX export are cached under ``DATA_DIR/cache``, and
     the last few such models stay loaded in this process."""
@@ -140,8 +166,13 @@ def runtime_model(model, meta: dict[str, Any], runtime: str, batch_size: int | N
     else:
         while len(_runtimes) >= MODEL_CACHE_SIZE:
             _runtimes.popitem(last=False)
-        _runtimes[key] = select_runtime(model, runtime, batch_size=batch, cache_dir=settings.data_dir / "cache",
-                                        precision=precision)
+        _runtimes[key] = select_runtime(
+            model,
+            runtime,
+            batch_size=batch,
+            cache_dir=settings.data_dir / "cache",
+            precision=precision,
+        )
     return _runtimes[key]
 
 
@@ -153,13 +184,26 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
     labels = spec.get("labels")
     jobs.keep_samples(job_id, kept_samples(model, x, spec, 0))
     should_cancel, progress = watchdog.batches(
-        lambda: outage.tolerant(lambda: jobs.cancel_requested(job_id), False, "a cancel check", job_id),
-        throttled(lambda done, total: outage.tolerant(lambda: jobs.set_progress(job_id, done, total), None,
-                                                      "a progress write", job_id)),
-        cancel=lambda: jobs.mark_canceled(job_id), cleanup=lambda: drop_inputs_when_done(job_id, jobs))
-    result = run_engine(model, x, spec, spec["seed"], progress, should_cancel, settings.batch_memory_bytes or None)
-    outage.tolerant(lambda: record_result_samples(jobs.redis, result["results"], result["provenance"]), None,
-                    "counting the samples drawn", job_id)
+        lambda: outage.tolerant(
+            lambda: jobs.cancel_requested(job_id), False, "a cancel check", job_id
+        ),
+        throttled(
+            lambda done, total: outage.tolerant(
+                lambda: jobs.set_progress(job_id, done, total), None, "a progress write", job_id
+            )
+        ),
+        cancel=lambda: jobs.mark_canceled(job_id),
+        cleanup=lambda: drop_inputs_when_done(job_id, jobs),
+    )
+    result = run_engine(
+        model, x, spec, spec["seed"], progress, should_cancel, settings.batch_memory_bytes or None
+    )
+    outage.tolerant(
+        lambda: record_result_samples(jobs.redis, result["results"], result["provenance"]),
+        None,
+        "counting the samples drawn",
+        job_id,
+    )
     result["provenance"]["model_id"] = spec["model_id"]
     label_rows(result["results"], labels)
     if labels is not None:
@@ -172,31 +216,60 @@ def saved_inputs(job_id: str, count: int) -> np.ndarray:
     they are not there, or are not the ``count`` inputs the record speaks of."""
     try:
         x = np.load(job_inputs(settings.jobs_dir, job_id), allow_pickle=False)
-    except (OSError, ValueError, EOFError):  # missing, unreadable, a pickle, a link out of the data dir
-        raise InputError(f"the saved inputs of job {job_id} are missing from the data dir "
-                         f"(jobs/{job_id}/inputs.npy)") from None
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+    ):  # missing, unreadable, a pickle, a link out of the data dir
+        raise InputError(
+            f"the saved inputs of job {job_id} are missing from the data dir "
+            f"(jobs/{job_id}/inputs.npy)"
+        ) from None
     if x.ndim < 1 or len(x) != count:
-        raise InputError(f"the saved inputs of job {job_id} are not the {count} inputs its record names")
+        raise InputError(
+            f"the saved inputs of job {job_id} are not the {count} inputs its record names"
+        )
     return x
 
 
-def run_dataset_chunk(job_id: str, spec: dict[str, Any], ledger: ChunkLedger, worker: str) -> dict[str, Any]:
+def run_dataset_chunk(
+    job_id: str, spec: dict[str, Any], ledger: ChunkLedger, worker: str
+) -> dict[str, Any]:
     """Run chunk ``spec["chunk"]`` of a dataset job; its outcome (rows and provenance)."""
     index = spec["chunk"]
     should_stop, progress = watchdog.batches(
-        lambda: outage.tolerant(lambda: ledger.should_stop(job_id), False, "a cancel check", job_id),
-        throttled(lambda done, total: outage.tolerant(lambda: ledger.set_progress(job_id, index, done), None,
-                                                      "a progress write", job_id)),
-        cancel=lambda: ledger.jobs.mark_canceled(job_id))
-    outcome = run_chunk(ready_model(spec["model_id"], spec), spec, DatasetStore(settings.datasets_dir), worker,
-                        progress, should_stop, settings.batch_memory_bytes or None,
-                        keep=lambda rows: ledger.jobs.keep_samples(job_id, rows))
-    outage.tolerant(lambda: record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"]), None,
-                    "counting the samples drawn", job_id)
+        lambda: outage.tolerant(
+            lambda: ledger.should_stop(job_id), False, "a cancel check", job_id
+        ),
+        throttled(
+            lambda done, total: outage.tolerant(
+                lambda: ledger.set_progress(job_id, index, done), None, "a progress write", job_id
+            )
+        ),
+        cancel=lambda: ledger.jobs.mark_canceled(job_id),
+    )
+    outcome = run_chunk(
+        ready_model(spec["model_id"], spec),
+        spec,
+        DatasetStore(settings.datasets_dir),
+        worker,
+        progress,
+        should_stop,
+        settings.batch_memory_bytes or None,
+        keep=lambda rows: ledger.jobs.keep_samples(job_id, rows),
+    )
+    outage.tolerant(
+        lambda: record_result_samples(ledger.redis, outcome["rows"], outcome["provenance"]),
+        None,
+        "counting the samples drawn",
+        job_id,
+    )
     return outcome
 
 
-def complete_chunk(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedger, worker: str) -> None:
+def complete_chunk(
+    job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedger, worker: str
+) -> None:
     """Run a chunk and keep its outcome; when every chunk has one, combine them into the result.
 
     Any chunk task that finds all outcomes stored may combine them (a redelivered last chunk
@@ -204,11 +277,16 @@ def complete_chunk(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: Ch
     outcome, combining and clearing are each tried again while Redis is away (outage.persist).
     """
     outcome = run_dataset_chunk(job_id, spec, ledger, worker)
-    stored = outage.persist(lambda: ledger.store(job_id, spec["chunk"], outcome),
-                            f"storing the outcome of chunk {spec['chunk']}", job_id)
+    stored = outage.persist(
+        lambda: ledger.store(job_id, spec["chunk"], outcome),
+        f"storing the outcome of chunk {spec['chunk']}",
+        job_id,
+    )
     if stored is None or stored < spec["chunks"]:
         return
-    if outage.persist(lambda: combine(job_id, spec, jobs, ledger), "recording the job's result", job_id):
+    if outage.persist(
+        lambda: combine(job_id, spec, jobs, ledger), "recording the job's result", job_id
+    ):
         outage.persist(lambda: ledger.clear(job_id), "clearing the chunk outcomes", job_id)
 
 
@@ -217,7 +295,9 @@ def combine(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedg
     record = jobs.get(job_id)
     outcomes = ledger.results(job_id)
     if record is None or record.status != RUNNING or len(outcomes) < spec["chunks"]:
-        return False  # canceled or failed meanwhile, or another chunk task combined and cleared them
+        return (
+            False  # canceled or failed meanwhile, or another chunk task combined and cleared them
+        )
     elapsed = max(0.0, time.time() - (record.started_at or time.time()))
     return jobs.succeed(job_id, combine_chunks(spec, outcomes, elapsed))
 
@@ -237,9 +317,13 @@ def admitted(jobs: JobStore, job_id: str, deliveries: int, what: str = "the job"
 def finish(job_id: str, jobs: JobStore, work) -> None:
     """Run ``work()`` as job ``job_id`` and record how it ended; never raises for job errors."""
     if admitted(jobs, job_id, jobs.start(job_id)):
+
         def run() -> None:
             result = work()
-            outage.persist(lambda: jobs.succeed(job_id, result), "recording the job's result", job_id)
+            outage.persist(
+                lambda: jobs.succeed(job_id, result), "recording the job's result", job_id
+            )
+
         record_errors(job_id, jobs, run)
 
 
@@ -267,13 +351,17 @@ def drop_inputs_when_done(job_id: str, jobs: JobStore) -> None:
     """Delete a job's folder of saved inputs once it has ended; a job still in flight keeps them
     for the next delivery. Only ``DATA_DIR/jobs/<id>`` is ever removed, and not when it resolves
     elsewhere. While Redis is away nothing is removed: whether the job ended is not known."""
-    record = outage.tolerant(lambda: jobs.get(job_id), _UNKNOWN, "the cleanup of the saved inputs", job_id)
+    record = outage.tolerant(
+        lambda: jobs.get(job_id), _UNKNOWN, "the cleanup of the saved inputs", job_id
+    )
     if record is _UNKNOWN:
         return
     if record is None or record.status in TERMINAL:
         try:
             folder = job_folder(settings.jobs_dir, job_id)
         except ValueError:
-            log.warning("job %s: its folder resolves outside %s; left alone", job_id, settings.jobs_dir)
+            log.warning(
+                "job %s: its folder resolves outside %s; left alone", job_id, settings.jobs_dir
+            )
             return
         shutil.rmtree(folder, ignore_errors=True)

@@ -5,6 +5,7 @@ dropped with one warning line that says why, before any file is touched; the job
 one, is left as it was. The work itself is :mod:`smoothcert.worker.queue.runner`, plain functions
 that run without a broker; the training task is :mod:`smoothcert.worker.queue.train_tasks`.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ from smoothcert.worker.queue.runner import (
 def certify_task(self, job_id: str, spec: dict[str, Any]) -> None:
     """Certify or predict the inputs saved for ``job_id`` with its recorded parameters."""
     jobs = job_store()
-    trusted = checked(self.name, job_id, lambda: messages.certify_spec(jobs, self.request.id, job_id, spec))
+    trusted = checked(
+        self.name, job_id, lambda: messages.certify_spec(jobs, self.request.id, job_id, spec)
+    )
     if trusted is None:
         return
     try:
@@ -46,11 +49,18 @@ def certify_task(self, job_id: str, spec: dict[str, Any]) -> None:
 def certify_chunk_task(self, job_id: str, spec: dict[str, Any]) -> None:
     """Certify one chunk of a dataset job (``spec``: the job's parameters and the chunk's range)."""
     jobs, ledger = job_store(), chunk_ledger()
-    trusted = checked(self.name, job_id, lambda: messages.chunk_spec(jobs, DatasetStore(settings.datasets_dir),
-                                                                self.request.id, job_id, spec))
+    trusted = checked(
+        self.name,
+        job_id,
+        lambda: messages.chunk_spec(
+            jobs, DatasetStore(settings.datasets_dir), self.request.id, job_id, spec
+        ),
+    )
     if trusted is None:
         return
-    if not admitted(jobs, job_id, ledger.start(job_id, trusted["chunk"]), f"chunk {trusted['chunk']}"):
+    if not admitted(
+        jobs, job_id, ledger.start(job_id, trusted["chunk"]), f"chunk {trusted['chunk']}"
+    ):
         return  # canceled, failed in another chunk, complete, or past the redelivery cap
     worker = self.request.hostname or f"{socket.gethostname()}.{os.getpid()}"
     record_errors(job_id, jobs, lambda: complete_chunk(job_id, trusted, jobs, ledger, worker))
@@ -60,6 +70,10 @@ def certify_chunk_task(self, job_id: str, spec: dict[str, Any]) -> None:
 def check_model_task(self, job_id: str, model_id: str) -> None:
     """Load and try a freshly uploaded model; the API waits for this job's record."""
     jobs = job_store()
-    model = checked(self.name, job_id, lambda: messages.check_model_message(jobs, self.request.id, job_id, model_id))
+    model = checked(
+        self.name,
+        job_id,
+        lambda: messages.check_model_message(jobs, self.request.id, job_id, model_id),
+    )
     if model is not None:
         finish(job_id, jobs, lambda: check_model(model))

@@ -18,6 +18,7 @@ A denoiser training job (``smoothcert.train_denoiser``, also on ``train``) is th
 loads from the model store, and the denoiser it registers is
 a ``kind: "denoiser"`` model, ready to be a pipeline's first part.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,7 +66,9 @@ def load_training_data(dataset: str) -> Dataset:
     return Dataset(meta["name"], x, y)
 
 
-def run_training(job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: int) -> dict[str, Any]:
+def run_training(
+    job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: int
+) -> dict[str, Any]:
     """Train (or resume) the run ``spec`` describes, register the model; return the job's result."""
     config = TrainConfig.from_dict(spec["config"])
     data = load_training_data(spec["dataset"])
@@ -78,14 +81,27 @@ def run_training(job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: in
         # running -> running: a canceled or finished record is left alone
         jobs.transition(job_id, RUNNING, [RUNNING], done=metrics.epoch, result={"history": history})
 
-    result = train(config, data, progress=progress, should_cancel=lambda: jobs.cancel_requested(job_id),
-                   checkpoint_dir=job_folder(job_id) / "checkpoint", device=settings.device,
-                   name=spec.get("name"))
+    result = train(
+        config,
+        data,
+        progress=progress,
+        should_cancel=lambda: jobs.cancel_requested(job_id),
+        checkpoint_dir=job_folder(job_id) / "checkpoint",
+        device=settings.device,
+        name=spec.get("name"),
+    )
     model = register_model(result, job_id)
     recorded = {h["epoch"]: h for h in history}
-    return {"model_id": model["id"], "model_name": model.get("name"), "metrics": result.metrics,
-            "history": [recorded.get(h.epoch, {**h.to_dict(), "delivery": None}) for h in result.history],
-            "resumed_from": result.resumed_from, "deliveries": delivery}
+    return {
+        "model_id": model["id"],
+        "model_name": model.get("name"),
+        "metrics": result.metrics,
+        "history": [
+            recorded.get(h.epoch, {**h.to_dict(), "delivery": None}) for h in result.history
+        ],
+        "resumed_from": result.resumed_from,
+        "deliveries": delivery,
+    }
 
 
 def register_model(result: TrainResult, job_id: str) -> dict[str, Any]:
@@ -93,7 +109,9 @@ def register_model(result: TrainResult, job_id: str) -> dict[str, Any]:
     return _register(result, job_id, "model.safetensors", load_model)
 
 
-def _register(result: TrainResult | DenoiserResult, job_id: str, filename: str, load) -> dict[str, Any]:
+def _register(
+    result: TrainResult | DenoiserResult, job_id: str, filename: str, load
+) -> dict[str, Any]:
     """Store a trained network's file as a ready model once per job (a redelivered task finds the
     first one), after the same check an upload gets: ``load`` the stored file (the loader runs it on
     its check batches); a file that fails is removed again."""
@@ -106,15 +124,22 @@ def _register(result: TrainResult | DenoiserResult, job_id: str, filename: str, 
         meta = store.add(f, path.name, {"name": result.info.name, "train_job": job_id})
     try:
         loaded = load(store.weights_path(meta["id"]), device=settings.device)
-        found = {k: v for k, v in loaded.info.to_dict().items()
-                 if v not in (None, {}) and k not in ("format", "sha256")}
-        return store.update(meta["id"], **found, runtime=loaded.runtime, provider=loaded.provider, status=READY)
+        found = {
+            k: v
+            for k, v in loaded.info.to_dict().items()
+            if v not in (None, {}) and k not in ("format", "sha256")
+        }
+        return store.update(
+            meta["id"], **found, runtime=loaded.runtime, provider=loaded.provider, status=READY
+        )
     except BaseException:
         store.delete(meta["id"])
         raise
 
 
-def run_denoiser_training(job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: int) -> dict[str, Any]:
+def run_denoiser_training(
+    job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: int
+) -> dict[str, Any]:
     """Train (or resume) the denoiser ``spec`` describes, register it; return the job's result."""
     config = DenoiserConfig.from_dict(spec["config"])
     data = load_training_data(spec["dataset"])
@@ -131,17 +156,31 @@ def run_denoiser_training(job_id: str, spec: dict[str, Any], jobs: JobStore, del
     history: list[dict[str, Any]] = []
 
     def progress(metrics) -> None:
-        history[:] = [h for h in history if h["epoch"] < metrics.epoch] + [{**metrics.to_dict(), "delivery": delivery}]
+        history[:] = [h for h in history if h["epoch"] < metrics.epoch] + [
+            {**metrics.to_dict(), "delivery": delivery}
+        ]
         jobs.transition(job_id, RUNNING, [RUNNING], done=metrics.epoch, result={"history": history})
 
-    result = train_denoiser(config, data, classifier, progress=progress,
-                            should_cancel=lambda: jobs.cancel_requested(job_id),
-                            checkpoint_dir=job_folder(job_id) / "checkpoint", device=settings.device,
-                            name=spec.get("name"), init=loaded.get("init"))
+    result = train_denoiser(
+        config,
+        data,
+        classifier,
+        progress=progress,
+        should_cancel=lambda: jobs.cancel_requested(job_id),
+        checkpoint_dir=job_folder(job_id) / "checkpoint",
+        device=settings.device,
+        name=spec.get("name"),
+        init=loaded.get("init"),
+    )
     model = register_denoiser(result, job_id)
-    return {"model_id": model["id"], "model_name": model.get("name"), "metrics": result.metrics,
-            "history": [h.to_dict() for h in result.history], "resumed_from": result.resumed_from,
-            "deliveries": delivery}
+    return {
+        "model_id": model["id"],
+        "model_name": model.get("name"),
+        "metrics": result.metrics,
+        "history": [h.to_dict() for h in result.history],
+        "resumed_from": result.resumed_from,
+        "deliveries": delivery,
+    }
 
 
 def register_denoiser(result: DenoiserResult, job_id: str) -> dict[str, Any]:
@@ -153,7 +192,9 @@ def register_denoiser(result: DenoiserResult, job_id: str) -> dict[str, Any]:
 def train_task(self, job_id: str, spec: dict[str, Any]) -> None:
     """Train the model of job ``job_id``; every outcome lands in its record."""
     jobs = job_store()
-    trusted = messages.checked(self.name, job_id, lambda: messages.train_spec(jobs, self.request.id, job_id, spec))
+    trusted = messages.checked(
+        self.name, job_id, lambda: messages.train_spec(jobs, self.request.id, job_id, spec)
+    )
     if trusted is not None:
         _train_job(job_id, jobs, lambda delivery: run_training(job_id, trusted, jobs, delivery))
 
@@ -162,10 +203,13 @@ def train_task(self, job_id: str, spec: dict[str, Any]) -> None:
 def train_denoiser_task(self, job_id: str, spec: dict[str, Any]) -> None:
     """Train the denoiser of job ``job_id``; every outcome lands in its record."""
     jobs = job_store()
-    trusted = messages.checked(self.name, job_id,
-                               lambda: messages.train_denoiser_spec(jobs, self.request.id, job_id, spec))
+    trusted = messages.checked(
+        self.name, job_id, lambda: messages.train_denoiser_spec(jobs, self.request.id, job_id, spec)
+    )
     if trusted is not None:
-        _train_job(job_id, jobs, lambda delivery: run_denoiser_training(job_id, trusted, jobs, delivery))
+        _train_job(
+            job_id, jobs, lambda delivery: run_denoiser_training(job_id, trusted, jobs, delivery)
+        )
 
 
 def _train_job(job_id: str, jobs: JobStore, run) -> None:
@@ -182,7 +226,9 @@ def _train_job(job_id: str, jobs: JobStore, run) -> None:
             try:
                 shutil.rmtree(job_folder(job_id), ignore_errors=True)
             except ValueError:
-                log.warning("job %s: its folder resolves outside %s; left alone", job_id, settings.jobs_dir)
+                log.warning(
+                    "job %s: its folder resolves outside %s; left alone", job_id, settings.jobs_dir
+                )
 
 
 def _record_outcome(job_id: str, jobs: JobStore, work) -> None:
@@ -194,8 +240,11 @@ def _record_outcome(job_id: str, jobs: JobStore, work) -> None:
     except (TrainingError, ModelError, DatasetFileError) as exc:
         jobs.fail(job_id, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
     except SoftTimeLimitExceeded:
-        jobs.fail(job_id, f"the job exceeded the {settings.task_time_limit_s} s time limit "
-                          "(SMOOTHCERT_TASK_TIME_LIMIT_S)")
+        jobs.fail(
+            job_id,
+            f"the job exceeded the {settings.task_time_limit_s} s time limit "
+            "(SMOOTHCERT_TASK_TIME_LIMIT_S)",
+        )
     except Exception as exc:  # a bug or a broken runtime: record it, keep the worker alive
         log.exception("training job %s failed", job_id)
         jobs.fail(job_id, f"internal error: {type(exc).__name__}: {exc}")

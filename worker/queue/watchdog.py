@@ -25,6 +25,7 @@ running after :data:`REPORT_AFTER_S` is written into the process's entry for ``/
 (``batch``: job, start, limit), so that a process stuck past its limit, whose watchdog could not
 act, shows there. No Celery here; the task class and the runner bring the actions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,10 +38,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.25          # how often the watchdog looks
-CANCEL_POLL_S = 0.5    # how often it reads the cancel flag while a batch runs
-CANCEL_GRACE_S = 2.0   # how long a canceled job's batch may still run before the process is ended
-REPORT_AFTER_S = 1.0   # a batch running this long is reported for /readyz
+POLL_S = 0.25  # how often the watchdog looks
+CANCEL_POLL_S = 0.5  # how often it reads the cancel flag while a batch runs
+CANCEL_GRACE_S = 2.0  # how long a canceled job's batch may still run before the process is ended
+REPORT_AFTER_S = 1.0  # a batch running this long is reported for /readyz
 EXIT_CODE = 70
 
 
@@ -55,22 +56,22 @@ class Watch:
 
     task_id: str
     job_id: str | None
-    limit_s: float                       # SMOOTHCERT_TASK_TIME_LIMIT_S, for the message
-    deadline: float                      # monotonic: when the watchdog ends the task
+    limit_s: float  # SMOOTHCERT_TASK_TIME_LIMIT_S, for the message
+    deadline: float  # monotonic: when the watchdog ends the task
     floor_s: float
     factor: float
-    release: Callable[[], Any]           # the task's lease
-    fail: Callable[[str], Any]           # the job fails with this message
-    report: Callable[[dict[str, Any] | None], Any]   # a slow batch for /readyz (None: no batch)
+    release: Callable[[], Any]  # the task's lease
+    fail: Callable[[str], Any]  # the job fails with this message
+    report: Callable[[dict[str, Any] | None], Any]  # a slow batch for /readyz (None: no batch)
     should_stop: Callable[[], bool] | None = None
     cancel: Callable[[], Any] | None = None
     cleanup: Callable[[], Any] | None = None
-    batch_since: float | None = None     # monotonic start of the batch in flight
-    batch_wall: float = 0.0              # the same, wall clock, for /readyz
+    batch_since: float | None = None  # monotonic start of the batch in flight
+    batch_wall: float = 0.0  # the same, wall clock, for /readyz
     slowest_s: float = 0.0
     cancel_seen: float | None = None
     cancel_polled: float = 0.0
-    reported: float | None = None        # batch_since of the batch reported
+    reported: float | None = None  # batch_since of the batch reported
     ending: bool = False
 
     def batch_limit(self) -> float:
@@ -81,14 +82,33 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"watch": None, "thread_pid": None}
 
 
-def begin(task_id: str, job_id: str | None, *, limit_s: float, end_after_s: float, floor_s: float, factor: float,
-          release: Callable[[], Any], fail: Callable[[str], Any],
-          report: Callable[[dict[str, Any] | None], Any]) -> Watch:
+def begin(
+    task_id: str,
+    job_id: str | None,
+    *,
+    limit_s: float,
+    end_after_s: float,
+    floor_s: float,
+    factor: float,
+    release: Callable[[], Any],
+    fail: Callable[[str], Any],
+    report: Callable[[dict[str, Any] | None], Any],
+) -> Watch:
     """Watch the task starting now in this process; ``end_after_s`` from now it is ended."""
-    watch = Watch(task_id, job_id, limit_s, time.monotonic() + end_after_s, floor_s, factor, release, fail, report)
+    watch = Watch(
+        task_id,
+        job_id,
+        limit_s,
+        time.monotonic() + end_after_s,
+        floor_s,
+        factor,
+        release,
+        fail,
+        report,
+    )
     with _lock:
         _state["watch"] = watch
-        if _state["thread_pid"] != os.getpid():   # a forked pool process inherits no threads
+        if _state["thread_pid"] != os.getpid():  # a forked pool process inherits no threads
             _state["thread_pid"] = os.getpid()
             threading.Thread(target=_run, name="smoothcert-watchdog", daemon=True).start()
     return watch
@@ -108,8 +128,13 @@ def end(watch: Watch) -> None:
         watch.report(None)
 
 
-def batches(should_stop: Callable[[], bool], progress: Callable[[int, int], None], *, cancel: Callable[[], Any],
-            cleanup: Callable[[], Any] | None = None) -> tuple[Callable[[], bool], Callable[[int, int], None]]:
+def batches(
+    should_stop: Callable[[], bool],
+    progress: Callable[[int, int], None],
+    *,
+    cancel: Callable[[], Any],
+    cleanup: Callable[[], Any] | None = None,
+) -> tuple[Callable[[], bool], Callable[[int, int], None]]:
     """The engine's ``should_cancel`` and ``progress`` for the watched task: a batch runs from one
     to the other. ``should_stop`` is also polled by the watchdog while a batch runs; ``cancel``
     records the cancellation when it ends the job, ``cleanup`` runs after the job ended. Outside a
@@ -144,13 +169,21 @@ def _run() -> None:
         try:
             _look(watch, time.monotonic())
         except Exception:  # a Redis hiccup: look again next time
-            log.exception("the watchdog could not look at task %s", watch.task_id, extra={"job_id": watch.job_id})
+            log.exception(
+                "the watchdog could not look at task %s",
+                watch.task_id,
+                extra={"job_id": watch.job_id},
+            )
 
 
 def _look(watch: Watch, now: float) -> None:
     if now >= watch.deadline:
-        return _end(watch, "fail", f"the job exceeded the {watch.limit_s:g} s time limit "
-                                   "(SMOOTHCERT_TASK_TIME_LIMIT_S); its worker process was replaced")
+        return _end(
+            watch,
+            "fail",
+            f"the job exceeded the {watch.limit_s:g} s time limit "
+            "(SMOOTHCERT_TASK_TIME_LIMIT_S); its worker process was replaced",
+        )
     since = watch.batch_since
     if since is None:
         if watch.reported is not None:
@@ -159,20 +192,35 @@ def _look(watch: Watch, now: float) -> None:
         return
     limit = watch.batch_limit()
     if now - since > limit:
-        return _end(watch, "fail", (
-            f"a batch of the model ran longer than {limit:.3g} s, the limit for this job: the larger of "
-            f"SMOOTHCERT_BATCH_DEADLINE_FLOOR_S ({watch.floor_s:g} s) and SMOOTHCERT_BATCH_DEADLINE_FACTOR "
-            f"({watch.factor:g}) x its slowest finished batch ({watch.slowest_s:.3g} s); a model that does not "
-            "return would hold the worker, so the job was stopped and its worker process replaced"))
+        return _end(
+            watch,
+            "fail",
+            (
+                f"a batch of the model ran longer than {limit:.3g} s, the limit for this job: the larger of "
+                f"SMOOTHCERT_BATCH_DEADLINE_FLOOR_S ({watch.floor_s:g} s) and SMOOTHCERT_BATCH_DEADLINE_FACTOR "
+                f"({watch.factor:g}) x its slowest finished batch ({watch.slowest_s:.3g} s); a model that does not "
+                "return would hold the worker, so the job was stopped and its worker process replaced"
+            ),
+        )
     if watch.should_stop is not None and now - watch.cancel_polled >= CANCEL_POLL_S:
         watch.cancel_polled = now
         if watch.cancel_seen is None and watch.should_stop():
             watch.cancel_seen = now
     if watch.cancel_seen is not None and now - watch.cancel_seen >= CANCEL_GRACE_S:
-        return _end(watch, "cancel", f"the job was canceled while a batch of its model ran for {now - since:.1f} s")
+        return _end(
+            watch,
+            "cancel",
+            f"the job was canceled while a batch of its model ran for {now - since:.1f} s",
+        )
     if watch.reported != since and now - since >= REPORT_AFTER_S:
         watch.reported = since
-        watch.report({"job_id": watch.job_id, "since": round(watch.batch_wall, 3), "limit_s": round(limit, 3)})
+        watch.report(
+            {
+                "job_id": watch.job_id,
+                "since": round(watch.batch_wall, 3),
+                "limit_s": round(limit, 3),
+            }
+        )
 
 
 def _end(watch: Watch, how: str, message: str) -> None:
@@ -181,7 +229,12 @@ def _end(watch: Watch, how: str, message: str) -> None:
         if _state["watch"] is not watch or watch.ending:
             return
         watch.ending = True
-    log.error("watchdog: %s; worker process %d exits", message, os.getpid(), extra={"job_id": watch.job_id})
+    log.error(
+        "watchdog: %s; worker process %d exits",
+        message,
+        os.getpid(),
+        extra={"job_id": watch.job_id},
+    )
     try:
         if how == "cancel" and watch.cancel is not None:
             watch.cancel()
@@ -190,9 +243,14 @@ def _end(watch: Watch, how: str, message: str) -> None:
         if watch.cleanup is not None:
             watch.cleanup()
         watch.release()
-    except Exception:  # Redis is away: the message's next delivery runs the job again (redelivery cap)
-        log.exception("the watchdog could not record the end of task %s", watch.task_id,
-                      extra={"job_id": watch.job_id})
+    except (
+        Exception
+    ):  # Redis is away: the message's next delivery runs the job again (redelivery cap)
+        log.exception(
+            "the watchdog could not record the end of task %s",
+            watch.task_id,
+            extra={"job_id": watch.job_id},
+        )
     finally:
         logging.shutdown()
         os._exit(EXIT_CODE)

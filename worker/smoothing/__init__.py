@@ -9,6 +9,7 @@
 Same seed, same batch size and same device give bit-identical answers. Nothing here imports a
 queue or a web framework: the CLI, the worker's tasks and the benchmarks all call it.
 """
+
 from smoothcert.worker.smoothing.certify import certify, predict
 from smoothcert.worker.smoothing.checks import InputError, check_params
 from smoothcert.worker.smoothing.results import Answer, Certificate, Prediction, RadiusDecision, Run
@@ -23,7 +24,21 @@ from smoothcert.worker.smoothing.sampling import (
 from smoothcert.worker.smoothing.sequential import Verdict, certify_at_radius
 
 __all__ = [
-    "Answer", "CancelCheck", "Canceled", "Certificate", "InputError", "Inputs", "Prediction", "Progress",
-    "RadiusDecision", "Run", "Verdict", "certify", "certify_at_radius", "check_params", "default_batch_size",
-    "noisy_copies", "predict",
+    "Answer",
+    "CancelCheck",
+    "Canceled",
+    "Certificate",
+    "InputError",
+    "Inputs",
+    "Prediction",
+    "Progress",
+    "RadiusDecision",
+    "Run",
+    "Verdict",
+    "certify",
+    "certify_at_radius",
+    "check_params",
+    "default_batch_size",
+    "noisy_copies",
+    "predict",
 ]

@@ -2,6 +2,7 @@
 
 Every function here is vectorised over inputs: counts may be scalars or arrays.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def upper_confidence_bound(k: npt.ArrayLike, n: npt.ArrayLike, alpha: float) -> 
     return np.where(k < n, bound, 1.0)
 
 
-def cohen_radius(n_a: npt.ArrayLike, n: int, alpha: float,
-                 sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cohen_radius(
+    n_a: npt.ArrayLike, n: int, alpha: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cohen et al.'s CERTIFY bound: (p_a_lower, radius, abstained).
 
     With probability ≥ 1 − alpha, p_A ≥ p_a_lower, and then the smoothed classifier's class is
@@ -47,8 +49,9 @@ def cohen_radius(n_a: npt.ArrayLike, n: int, alpha: float,
     return p_a_lower, radius, abstained
 
 
-def top2_radius(counts: np.ndarray, c_hat: np.ndarray, alpha: float,
-                sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def top2_radius(
+    counts: np.ndarray, c_hat: np.ndarray, alpha: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The two-class bound: (p_a_lower, p_b_upper, radius, abstained) for count rows ``counts`` (N, K).
 
     p_a_lower is taken at alpha/2 for the selected class; each of the K − 1 other classes gets a
@@ -66,7 +69,9 @@ def top2_radius(counts: np.ndarray, c_hat: np.ndarray, alpha: float,
     others = counts.astype(np.float64)
     others[rows, c_hat] = -1  # excluded from the max below
     if num_classes > 1:
-        per_class = upper_confidence_bound(np.maximum(others, 0), n[:, None], alpha / (2 * (num_classes - 1)))
+        per_class = upper_confidence_bound(
+            np.maximum(others, 0), n[:, None], alpha / (2 * (num_classes - 1))
+        )
         p_b_upper = np.where(others >= 0, per_class, 0.0).max(axis=1)
     else:
         p_b_upper = np.zeros(num_inputs)
@@ -77,7 +82,9 @@ def top2_radius(counts: np.ndarray, c_hat: np.ndarray, alpha: float,
     return p_a_lower, p_b_upper, np.where(abstained, 0.0, radius), abstained
 
 
-def radius_cap(n: int, alpha: float, sigma: float, bound: Bound = "cohen", num_classes: int = 2) -> float:
+def radius_cap(
+    n: int, alpha: float, sigma: float, bound: Bound = "cohen", num_classes: int = 2
+) -> float:
     """The largest radius the bound can give with n samples: the radius of a unanimous vote.
 
     For ``cohen`` this is σ·Φ⁻¹(alpha^(1/n)) (3.8115σ at n = 100,000, alpha = 0.001).

@@ -5,6 +5,7 @@ in [0,1] pixel space (the base classifier normalises after it) and never clamped
 below follows the paper's pseudocode line by line, for every input of ``x`` at once; sampling is
 :mod:`~smoothcert.worker.smoothing.sampling`, the statistics :mod:`~smoothcert.worker.smoothing.bounds`.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -12,17 +13,34 @@ from typing import NamedTuple
 import numpy as np
 
 from smoothcert.models.base import BaseClassifier, bind_sigma
-from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, DEFAULT_PREDICT_N, Bound
+from smoothcert.service.core.params import (
+    DEFAULT_ALPHA,
+    DEFAULT_N,
+    DEFAULT_N0,
+    DEFAULT_PREDICT_N,
+    Bound,
+)
 from smoothcert.worker.smoothing import bounds
 from smoothcert.worker.smoothing.checks import InputError, check_params
 from smoothcert.worker.smoothing.results import Certificate, Prediction, Run
 from smoothcert.worker.smoothing.sampling import CancelCheck, Counts, Inputs, Progress, Sampler
 
 
-def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0, n: int = DEFAULT_N,
-            alpha: float = DEFAULT_ALPHA, *, bound: Bound = "cohen", batch_size: int | None = None,
-            seed: int | None = None, progress: Progress | None = None,
-            should_cancel: CancelCheck | None = None, memory_budget: int | None = None) -> Run[Certificate]:
+def certify(
+    model: BaseClassifier,
+    x: Inputs,
+    sigma: float,
+    n0: int = DEFAULT_N0,
+    n: int = DEFAULT_N,
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    bound: Bound = "cohen",
+    batch_size: int | None = None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+    should_cancel: CancelCheck | None = None,
+    memory_budget: int | None = None,
+) -> Run[Certificate]:
     """CERTIFY every input of ``x`` ((C, H, W) or (N, C, H, W), floats in [0,1]).
 
     Per input, as in the paper: ĉ_A is the class with most votes among n0 noisy copies; n fresh
@@ -36,8 +54,12 @@ def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0
     memory) is lowered to fit; the provenance records the batch size used. Raises InputError when
     the model's scores are NaN or infinite for some noisy copy.
     """
-    check_params(sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, batch_size=batch_size, seed=seed)
-    sampler = Sampler(bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
+    check_params(
+        sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, batch_size=batch_size, seed=seed
+    )
+    sampler = Sampler(
+        bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget
+    )
     # Two disjoint samples per input: n0 copies to select, n fresh ones to estimate, so the class
     # under test was not chosen on the votes that test it. One call draws both (input by input,
     # selection first), so batches stay full across inputs.
@@ -65,10 +87,19 @@ def certify(model: BaseClassifier, x: Inputs, sigma: float, n0: int = DEFAULT_N0
     return Run(results, sampler.provenance(params))
 
 
-def predict(model: BaseClassifier, x: Inputs, sigma: float, n: int = DEFAULT_PREDICT_N,
-            alpha: float = DEFAULT_ALPHA, *, batch_size: int | None = None, seed: int | None = None,
-            progress: Progress | None = None, should_cancel: CancelCheck | None = None,
-            memory_budget: int | None = None) -> Run[Prediction]:
+def predict(
+    model: BaseClassifier,
+    x: Inputs,
+    sigma: float,
+    n: int = DEFAULT_PREDICT_N,
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+    should_cancel: CancelCheck | None = None,
+    memory_budget: int | None = None,
+) -> Run[Prediction]:
     """PREDICT every input of ``x``: the top class of n noisy copies, or an abstention.
 
     Abstains when the two-sided binomial test of the top two counts n_A ≥ n_B at p = ½ gives a
@@ -79,8 +110,12 @@ def predict(model: BaseClassifier, x: Inputs, sigma: float, n: int = DEFAULT_PRE
     check_params(sigma=sigma, n=n, alpha=alpha, batch_size=batch_size, seed=seed)
     least = bounds.min_predict_n(alpha)
     if n < least:
-        raise InputError(f"n={n} can never pass the test at alpha={alpha}: PREDICT needs n >= {least}")
-    sampler = Sampler(bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
+        raise InputError(
+            f"n={n} can never pass the test at alpha={alpha}: PREDICT needs n >= {least}"
+        )
+    sampler = Sampler(
+        bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget
+    )
     (counts,) = sampler.sample_counts(n)
     per_input = sampler.elapsed() / len(counts)
     results = []
@@ -100,7 +135,9 @@ def predict(model: BaseClassifier, x: Inputs, sigma: float, n: int = DEFAULT_PRE
                 votes=votes(row),
             )
         )
-    return Run(results, sampler.provenance({"mode": "predict", "sigma": sigma, "n": n, "alpha": alpha}))
+    return Run(
+        results, sampler.provenance({"mode": "predict", "sigma": sigma, "n": n, "alpha": alpha})
+    )
 
 
 def votes(counts: np.ndarray) -> dict[str, int]:
@@ -119,11 +156,12 @@ class _Estimate(NamedTuple):
     p_a_lower: np.ndarray
     radius: np.ndarray
     abstained: np.ndarray
-    p_b_upper: np.ndarray | None   # the top2 bound only
+    p_b_upper: np.ndarray | None  # the top2 bound only
 
 
-def _estimate(estimation: Counts, c_hat: np.ndarray, n: int, alpha: float, sigma: float,
-              bound: Bound) -> _Estimate:
+def _estimate(
+    estimation: Counts, c_hat: np.ndarray, n: int, alpha: float, sigma: float, bound: Bound
+) -> _Estimate:
     """n_A = the votes for ĉ_A among the n estimation copies, and the bound and radius they give."""
     n_a = estimation[np.arange(len(c_hat)), c_hat]
     if bound == "cohen":

@@ -4,6 +4,7 @@ The bounds beyond plain ranges (σ ≤ MAX_SIGMA, MIN_ALPHA ≤ α ≤ MAX_ALPHA
 defined, with their reasons, in :mod:`smoothcert.service.core.params`; the API and the CLI apply
 the same ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,19 @@ class InputError(ValueError):
     """The inputs or parameters of a call cannot be certified; the message says why, in one line."""
 
 
-def check_params(*, sigma: float, alpha: float, n0: int | None = None, n: int | None = None,
-                 n_max: int | None = None, bound: str | None = None, target_radius: float | None = None,
-                 beta: float | None = None, batch_size: int | None = None, seed: int | None = None) -> None:
+def check_params(
+    *,
+    sigma: float,
+    alpha: float,
+    n0: int | None = None,
+    n: int | None = None,
+    n_max: int | None = None,
+    bound: str | None = None,
+    target_radius: float | None = None,
+    beta: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+) -> None:
     """Raise :class:`InputError` for the first parameter that is out of its range.
 
     A parameter left at None is not checked: the call has no such parameter (PREDICT has no n0
@@ -48,8 +59,9 @@ def check_params(*, sigma: float, alpha: float, n0: int | None = None, n: int | 
         raise InputError(f"bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
     if bound is not None and n is not None:
         _bounded(check_certify_n, n, alpha, bound)
-    if target_radius is not None and not (_is_real(target_radius) and math.isfinite(target_radius)
-                                          and target_radius >= 0):
+    if target_radius is not None and not (
+        _is_real(target_radius) and math.isfinite(target_radius) and target_radius >= 0
+    ):
         raise InputError(f"target_radius must be a finite number >= 0, got {target_radius!r}")
     if beta is not None and not (_is_real(beta) and 0 < beta < 1):
         raise InputError(f"beta must lie strictly between 0 and 1, got {beta!r}")

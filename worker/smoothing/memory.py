@@ -7,6 +7,7 @@ pool processes on the same device and to the model's own workspace), and lowers 
 to the largest power of two that does: so that small changes in free memory rarely change the
 batch size, and with it the noise stream.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ import torch
 from smoothcert.models.base import BaseClassifier
 
 BUDGET_FRACTION = 0.25
-FALLBACK_BYTES = 1 << 30   # what a host that says nothing about its memory is assumed to have free
+FALLBACK_BYTES = 1 << 30  # what a host that says nothing about its memory is assumed to have free
 # Per copy: the int64 sample number, input, stage, vote slot and label of sampling.py, and spare.
 COUNTING_BYTES = 64
 _MEMINFO = Path("/proc/meminfo")
@@ -30,7 +31,9 @@ def bytes_per_copy(model: BaseClassifier) -> int:
     counted as float64 with their finiteness flags, and the counting."""
     channels, height, width = model.info.input_shape
     classes = model.info.num_classes
-    return 4 * channels * height * width + model.work_bytes_per_sample() + 9 * classes + COUNTING_BYTES
+    return (
+        4 * channels * height * width + model.work_bytes_per_sample() + 9 * classes + COUNTING_BYTES
+    )
 
 
 def default_budget(device: torch.device) -> int:
@@ -72,7 +75,7 @@ def host_available_bytes(meminfo: Path = _MEMINFO, cgroup: Path = _CGROUP) -> in
     return min(known) if known else FALLBACK_BYTES
 
 
-MAX_GPU_BATCH = 1 << 14   # beyond this a GPU is busy anyway, and one batch's votes wait too long
+MAX_GPU_BATCH = 1 << 14  # beyond this a GPU is busy anyway, and one batch's votes wait too long
 
 
 def batch_for_memory(per_copy: int, free: int, cap: int = MAX_GPU_BATCH) -> int:

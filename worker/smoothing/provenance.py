@@ -1,4 +1,5 @@
 """Versions of the software that produced a result, recorded in every result's provenance."""
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """What CERTIFY, PREDICT and the test at a target radius answer, one row per input, and their run."""
+
 from __future__ import annotations
 
 from dataclasses import Field, asdict, dataclass, field
@@ -38,7 +39,7 @@ class Certificate(Answer):
     n: int
     radius_cap: float
     elapsed_s: float
-    p_b_upper: float | None = None   # the top2 bound only
+    p_b_upper: float | None = None  # the top2 bound only
     votes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

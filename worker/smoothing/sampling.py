@@ -7,6 +7,7 @@ batch size larger than the device's memory allows is lowered to what fits (:mod:
 provenance records the batch size used and the one asked for. Scores that are NaN or infinite
 fail the run: they would all vote for class 0.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,7 +40,9 @@ class Canceled(RuntimeError):
     """The cancel check asked the run to stop; raised between batches."""
 
 
-def default_batch_size(input_shape: Sequence[int], device: torch.device, model: BaseClassifier | None = None) -> int:
+def default_batch_size(
+    input_shape: Sequence[int], device: torch.device, model: BaseClassifier | None = None
+) -> int:
     """A batch that keeps the noise buffer near 16 MB on a CPU, at most 10,000. On a GPU, given the
     ``model``, as many copies as a share of the device's free memory holds
     (:func:`memory.batch_for_memory` of :func:`memory.free_bytes`); without it, 160 MB of noise."""
@@ -62,7 +65,9 @@ def as_input_batch(x: Inputs, input_shape: Sequence[int]) -> np.ndarray:
         raise InputError(str(exc)) from None
 
 
-def noisy_copies(x: Inputs, input_shape: Sequence[int], sigma: float, copies: int, seed: int) -> np.ndarray:
+def noisy_copies(
+    x: Inputs, input_shape: Sequence[int], sigma: float, copies: int, seed: int
+) -> np.ndarray:
     """``copies`` noisy copies x + σ·δ, δ ~ N(0, I), of each input of ``x``: float32 (N, copies, C, H, W).
 
     The noise is drawn as :class:`Sampler` draws it (float32, [0,1] pixel space, no clamping), from
@@ -71,7 +76,9 @@ def noisy_copies(x: Inputs, input_shape: Sequence[int], sigma: float, copies: in
     """
     batch = torch.from_numpy(as_input_batch(x, input_shape))
     generator = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn((batch.shape[0], copies, *batch.shape[1:]), generator=generator, dtype=batch.dtype)
+    noise = torch.randn(
+        (batch.shape[0], copies, *batch.shape[1:]), generator=generator, dtype=batch.dtype
+    )
     return noise.mul_(float(sigma)).add_(batch.unsqueeze(1)).numpy()
 
 
@@ -85,8 +92,17 @@ class Sampler:
     the one chosen here is small already (:func:`default_batch_size`) and stays as it is.
     """
 
-    def __init__(self, model: BaseClassifier, x: Inputs, sigma: float, batch_size: int | None, seed: int | None,
-                 progress: Progress | None, should_cancel: CancelCheck | None, memory_budget: int | None = None):
+    def __init__(
+        self,
+        model: BaseClassifier,
+        x: Inputs,
+        sigma: float,
+        batch_size: int | None,
+        seed: int | None,
+        progress: Progress | None,
+        should_cancel: CancelCheck | None,
+        memory_budget: int | None = None,
+    ):
         self.model = model
         device = torch.device(model.device)
         self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
@@ -95,7 +111,9 @@ class Sampler:
             self.batch_size = default_batch_size(model.info.input_shape, device, model)
         else:
             budget = memory.default_budget(device) if memory_budget is None else int(memory_budget)
-            self.batch_size = memory.fit_batch(int(batch_size), memory.bytes_per_copy(model), budget)
+            self.batch_size = memory.fit_batch(
+                int(batch_size), memory.bytes_per_copy(model), budget
+            )
         self.sigma, self.seed = float(sigma), int(draw_seed() if seed is None else seed)
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.num_classes = int(model.info.num_classes)
@@ -118,7 +136,9 @@ class Sampler:
     def classify_noisy(self, owner: torch.Tensor) -> torch.Tensor:
         """Labels of one noisy copy of input ``owner[j]`` for each j (at most ``batch_size``)."""
         if self.noise is None:
-            self.noise = torch.empty((self.batch_size, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
+            self.noise = torch.empty(
+                (self.batch_size, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device
+            )
         batch = self.noise[: owner.numel()]
         torch.randn(batch.shape, generator=self.generator, out=batch)
         batch.mul_(self.sigma).add_(self.x.index_select(0, owner))
@@ -135,10 +155,14 @@ class Sampler:
         voted them all for class 0), or that answered a class beyond the count it declares."""
         nonfinite = int(self.nonfinite)
         if nonfinite:
-            raise InputError(f"the model returned non-finite scores (NaN or infinite) for {nonfinite} of "
-                             f"{self.drawn} noisy copies; no certificate can rest on them")
+            raise InputError(
+                f"the model returned non-finite scores (NaN or infinite) for {nonfinite} of "
+                f"{self.drawn} noisy copies; no certificate can rest on them"
+            )
         if int(self.largest) >= self.num_classes:
-            raise InputError(f"the model answered class {int(self.largest)}, but declares {self.num_classes} classes")
+            raise InputError(
+                f"the model answered class {int(self.largest)}, but declares {self.num_classes} classes"
+            )
 
     def sample_counts(self, *sizes: int) -> list[Counts]:
         """Votes (N, K) per stage: ``sizes[s]`` noisy copies of every input, each stage its own.
@@ -189,7 +213,7 @@ class Sampler:
             "model_sha256": info.sha256,
             "model_format": info.format,
             "model_arch": info.arch,
-            **({"model_parts": info.parts} if info.parts else {}),   # a pipeline names its two files
+            **({"model_parts": info.parts} if info.parts else {}),  # a pipeline names its two files
             "versions": software_versions(),
             "tuning": {**tuning.applied(), "torch_threads": torch.get_num_threads()},
             "elapsed_s": self.elapsed(),

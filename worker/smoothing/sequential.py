@@ -15,6 +15,7 @@ it costs no α.
 Re-checking an ordinary Clopper–Pearson bound after every batch is not valid: it multiplies the
 chances of a false certificate (tests/worker/smoothing/test_sequential.py measures it).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,26 +36,40 @@ from smoothcert.worker.smoothing.results import RadiusDecision, Run
 from smoothcert.worker.smoothing.sampling import CancelCheck, Inputs, Progress, Sampler
 
 PRIOR = (0.5, 0.5)
-MIN_CHUNK = 32  # draws per input between two looks, at least; after that each look at most doubles n
+MIN_CHUNK = (
+    32  # draws per input between two looks, at least; after that each look at most doubles n
+)
 
 
 class Verdict(IntEnum):
     """What :meth:`SequentialTest.decide` says of one input after a look."""
 
     CERTIFIED = 1
-    UNDECIDED = 0   # draw more
-    STOPPED = -1    # no certificate: hopeless, or the cap reached
+    UNDECIDED = 0  # draw more
+    STOPPED = -1  # no certificate: hopeless, or the cap reached
 
 
-def log_e_value(p: npt.ArrayLike, k: npt.ArrayLike, n: npt.ArrayLike, *, prior: tuple[float, float] = PRIOR,
-                upper: bool = True) -> np.ndarray:
+def log_e_value(
+    p: npt.ArrayLike,
+    k: npt.ArrayLike,
+    n: npt.ArrayLike,
+    *,
+    prior: tuple[float, float] = PRIOR,
+    upper: bool = True,
+) -> np.ndarray:
     """ln E_n(p) for k votes in n draws; ``upper=False`` gives the mirrored statistic (q < p)."""
     a, b = prior
     k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
     tail = beta_dist.logsf if upper else beta_dist.logcdf
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_e: np.ndarray = (betaln(k + a, n - k + b) - betaln(a, b) + tail(p, k + a, n - k + b) - tail(p, a, b)
-                             - k * np.log(p) - (n - k) * np.log1p(-np.asarray(p, dtype=np.float64)))
+        log_e: np.ndarray = (
+            betaln(k + a, n - k + b)
+            - betaln(a, b)
+            + tail(p, k + a, n - k + b)
+            - tail(p, a, b)
+            - k * np.log(p)
+            - (n - k) * np.log1p(-np.asarray(p, dtype=np.float64))
+        )
     return log_e
 
 
@@ -76,7 +91,9 @@ class SequentialTest:
         n, k = np.asarray(n), np.asarray(k)
         certified = log_e_value(self.p0, k, n) >= math.log(1 / self.alpha)
         hopeless = log_e_value(self.p0, k, n, upper=False) >= math.log(1 / self.beta)
-        stopped = np.where(hopeless | (n >= self.n_max), Verdict.STOPPED.value, Verdict.UNDECIDED.value)
+        stopped = np.where(
+            hopeless | (n >= self.n_max), Verdict.STOPPED.value, Verdict.UNDECIDED.value
+        )
         return np.where(certified, Verdict.CERTIFIED.value, stopped)
 
     def reachable(self) -> bool:
@@ -113,11 +130,22 @@ def p0_for(target_radius: float, sigma: float) -> float:
     return float(norm.cdf(target_radius / sigma))
 
 
-def certify_at_radius(model: BaseClassifier, x: Inputs, sigma: float, target_radius: float,
-                      n0: int = DEFAULT_N0, n_max: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, *,
-                      beta: float | None = None, batch_size: int | None = None, seed: int | None = None,
-                      progress: Progress | None = None, should_cancel: CancelCheck | None = None,
-                      memory_budget: int | None = None) -> Run[RadiusDecision]:
+def certify_at_radius(
+    model: BaseClassifier,
+    x: Inputs,
+    sigma: float,
+    target_radius: float,
+    n0: int = DEFAULT_N0,
+    n_max: int = DEFAULT_N,
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    beta: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+    should_cancel: CancelCheck | None = None,
+    memory_budget: int | None = None,
+) -> Run[RadiusDecision]:
     """Decide "is g certified at radius r?" for every input of ``x`` with as few draws as it takes.
 
     Selection as in CERTIFY (n0 draws, never reused); then every undecided input gets fresh
@@ -128,10 +156,20 @@ def certify_at_radius(model: BaseClassifier, x: Inputs, sigma: float, target_rad
     level of the futility stop, which never certifies. Batches and scores as in
     :func:`~smoothcert.worker.smoothing.certify.certify`.
     """
-    check_params(sigma=sigma, n0=n0, n_max=n_max, alpha=alpha, target_radius=target_radius, beta=beta,
-                 batch_size=batch_size, seed=seed)
+    check_params(
+        sigma=sigma,
+        n0=n0,
+        n_max=n_max,
+        alpha=alpha,
+        target_radius=target_radius,
+        beta=beta,
+        batch_size=batch_size,
+        seed=seed,
+    )
     beta = alpha if beta is None else beta
-    sampler = Sampler(bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget)
+    sampler = Sampler(
+        bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget
+    )
     test = SequentialTest(p0_for(target_radius, sigma), alpha, beta, n_max)
     num = sampler.num_inputs
     n, k = np.zeros(num, dtype=np.int64), np.zeros(num, dtype=np.int64)
@@ -151,26 +189,53 @@ def certify_at_radius(model: BaseClassifier, x: Inputs, sigma: float, target_rad
         certain = p_a_lower > 0.5
         certified = bool(verdict[i] == Verdict.CERTIFIED)
         if not reachable:
-            reason = (f"r/sigma = {target_radius / sigma:.4g} is beyond reach of n_max = {n_max} draws "
-                      f"at alpha = {alpha}")
+            reason = (
+                f"r/sigma = {target_radius / sigma:.4g} is beyond reach of n_max = {n_max} draws "
+                f"at alpha = {alpha}"
+            )
         elif certified:
             reason = "certified"
         else:
             reason = "cap reached" if n[i] >= n_max else "stopped early: p_A is below Phi(r/sigma)"
-        results.append(RadiusDecision(
-            index=i, prediction=int(c_hat[i]) if certain else None, certified_at_r=certified,
-            target_radius=float(target_radius), radius=float(sigma * norm.ppf(p_a_lower)) if certain else 0.0,
-            p_a_lower=p_a_lower, n_a=int(k[i]), n=int(n[i]), samples_used=used0 + int(n[i]), reason=reason,
-            elapsed_s=per_input))
-    params = {"mode": "certify", "target_radius": float(target_radius), "sigma": sigma, "n0": n0,
-              "n_max": n_max, "alpha": alpha, "beta": beta, "bound": "sequential"}
+        results.append(
+            RadiusDecision(
+                index=i,
+                prediction=int(c_hat[i]) if certain else None,
+                certified_at_r=certified,
+                target_radius=float(target_radius),
+                radius=float(sigma * norm.ppf(p_a_lower)) if certain else 0.0,
+                p_a_lower=p_a_lower,
+                n_a=int(k[i]),
+                n=int(n[i]),
+                samples_used=used0 + int(n[i]),
+                reason=reason,
+                elapsed_s=per_input,
+            )
+        )
+    params = {
+        "mode": "certify",
+        "target_radius": float(target_radius),
+        "sigma": sigma,
+        "n0": n0,
+        "n_max": n_max,
+        "alpha": alpha,
+        "beta": beta,
+        "bound": "sequential",
+    }
     provenance = sampler.provenance(params)
     provenance["samples_used"] = int(sum(r.samples_used for r in results))
     return Run(results, provenance)
 
 
-def _test_until_decided(sampler: Sampler, test: SequentialTest, c_hat: np.ndarray, n: np.ndarray, k: np.ndarray,
-                        verdict: np.ndarray, n0: int) -> None:
+def _test_until_decided(
+    sampler: Sampler,
+    test: SequentialTest,
+    c_hat: np.ndarray,
+    n: np.ndarray,
+    k: np.ndarray,
+    verdict: np.ndarray,
+    n0: int,
+) -> None:
     """Draw for the undecided inputs until none is left; updates n, k, verdict in place."""
     device = sampler.x.device
     c_hat_t = torch.from_numpy(c_hat).to(device)
@@ -180,15 +245,20 @@ def _test_until_decided(sampler: Sampler, test: SequentialTest, c_hat: np.ndarra
     while (active := np.flatnonzero(verdict == Verdict.UNDECIDED)).size:
         sampler.check_cancel()
         share = max(MIN_CHUNK, -(-batch // active.size))
-        want = np.minimum(np.minimum(np.maximum(n[active], MIN_CHUNK), share), test.n_max - n[active])
+        want = np.minimum(
+            np.minimum(np.maximum(n[active], MIN_CHUNK), share), test.n_max - n[active]
+        )
         fits = np.cumsum(want) <= batch
         fits[0] = True
         active, want = active[fits], want[fits]
         want[0] = min(want[0], batch)
         owner = torch.from_numpy(np.repeat(np.arange(active.size), want)).to(device)
         labels = sampler.classify_noisy(torch.from_numpy(active).to(device)[owner])
-        hits = torch.bincount(owner, weights=(labels == c_hat_t[active][owner]).to(torch.float64),
-                              minlength=active.size)
+        hits = torch.bincount(
+            owner,
+            weights=(labels == c_hat_t[active][owner]).to(torch.float64),
+            minlength=active.size,
+        )
         n[active] += want
         k[active] += hits.round().to(torch.int64).cpu().numpy()
         verdict[active] = test.decide(n[active], k[active])

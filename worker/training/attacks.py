@@ -10,6 +10,7 @@ keeps x+δ inside the box, so after the two projections δ satisfies both constr
 ε is in [0,1]-pixel ℓ₂ units: Salman et al.'s ``--epsilon 64`` (divided by 256 in their code)
 is ε = 0.25 here.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ def smoothed_soft_loss(logits: Tensor, y: Tensor) -> Tensor:
     """
     m = logits.shape[1]
     log_p = torch.log_softmax(logits, dim=2)
-    log_p_true = log_p.gather(2, y.view(-1, 1, 1).expand(-1, m, 1)).squeeze(2)     # (B, m)
+    log_p_true = log_p.gather(2, y.view(-1, 1, 1).expand(-1, m, 1)).squeeze(2)  # (B, m)
     return math.log(m) - torch.logsumexp(log_p_true, dim=1)
 
 
@@ -54,8 +55,9 @@ def frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def pgd_l2_smoothed(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, epsilon: float,
-                    steps: int) -> Tensor:
+def pgd_l2_smoothed(
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, epsilon: float, steps: int
+) -> Tensor:
     """SmoothAdv's perturbation δ (B, C, H, W) for inputs x in [0,1] and fixed noise (B, m, C, H, W).
 
     Each of the ``steps`` steps raises :func:`smoothed_soft_loss` of the m copies x+δ+ηᵢ along

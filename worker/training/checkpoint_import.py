@@ -26,6 +26,7 @@ The file is a pickle, so it is opened only with ``torch.load(weights_only=True)`
 restricted unpickler admits tensors and plain containers and refuses any other object without
 building it. Local files only: the HTTP API takes safetensors and ONNX, never pickles.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -37,7 +38,12 @@ from typing import Any
 
 import torch
 
-from smoothcert.models.architectures import DEFAULT_INPUT_SHAPE, HEAD_WEIGHT_KEY, build_network, check_arch
+from smoothcert.models.architectures import (
+    DEFAULT_INPUT_SHAPE,
+    HEAD_WEIGHT_KEY,
+    build_network,
+    check_arch,
+)
 from smoothcert.models.loaders import check_state_dict, load_model
 from smoothcert.models.metadata import ModelError, ModelInfo, Normalization, sha256_file
 from smoothcert.models.safetensors_io import save_safetensors_model
@@ -52,8 +58,11 @@ NORMALIZATIONS: dict[str, Normalization | None] = {
     "none": None,
 }
 # The ``arch`` strings of the published checkpoints, mapped to our allow-list.
-PUBLISHED_ARCHS = {"resnet50": "imagenet_resnet50", "cifar_resnet20": "cifar_resnet20",
-                   "cifar_resnet110": "cifar_resnet110"}
+PUBLISHED_ARCHS = {
+    "resnet50": "imagenet_resnet50",
+    "cifar_resnet20": "cifar_resnet20",
+    "cifar_resnet110": "cifar_resnet110",
+}
 _NOISE_IN_PATH = re.compile(r"noise_(\d+(?:\.\d+)?)")
 
 
@@ -74,8 +83,10 @@ def parse_normalization(text: str) -> Normalization | None:
     if text in NORMALIZATIONS:
         return NORMALIZATIONS[text]
     if not text.lstrip().startswith("{"):
-        raise ModelError(f"unknown normalization {text!r}; use one of {', '.join(NORMALIZATIONS)} or JSON "
-                         '{"mean": [...], "std": [...]}')
+        raise ModelError(
+            f"unknown normalization {text!r}; use one of {', '.join(NORMALIZATIONS)} or JSON "
+            '{"mean": [...], "std": [...]}'
+        )
     return Normalization.parse(text)
 
 
@@ -90,27 +101,34 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"no such file: {path}")
     try:
-        with warnings.catch_warnings():   # torch warns about pickle protocols it may not parse
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not parse
             warnings.simplefilter("ignore", UserWarning)
             doc = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ModelError(f"{path.name}: refused: it holds Python objects other than tensors and plain "
-                         f"containers, which torch.load(weights_only=True) does not build ({_culprit(exc)})") from None
+        raise ModelError(
+            f"{path.name}: refused: it holds Python objects other than tensors and plain "
+            f"containers, which torch.load(weights_only=True) does not build ({_culprit(exc)})"
+        ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile and pickle errors here
-        raise ModelError(f"{path.name}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise ModelError(
+            f"{path.name}: not a readable PyTorch checkpoint ({_first_line(exc)})"
+        ) from None
     if isinstance(doc, dict) and isinstance(doc.get("state_dict"), dict):
         return doc
     if isinstance(doc, dict) and doc and all(isinstance(v, torch.Tensor) for v in doc.values()):
         return {"state_dict": doc}
-    raise ModelError(f"{path.name}: expected a dict with 'arch' and 'state_dict' (Cohen et al.'s and Salman "
-                     f"et al.'s layout) or a state dict, found {type(doc).__name__}")
+    raise ModelError(
+        f"{path.name}: expected a dict with 'arch' and 'state_dict' (Cohen et al.'s and Salman "
+        f"et al.'s layout) or a state dict, found {type(doc).__name__}"
+    )
 
 
 def network_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The network's own keys: ``module.`` (DataParallel) and the ``1.`` of the Sequential
     wrapper stripped. Returns them and the keys left out (the wrapper's first layer, ``0.*``)."""
+
     def strip(key: str) -> str:
-        return key[len("module."):] if key.startswith("module.") else key
+        return key[len("module.") :] if key.startswith("module.") else key
 
     state = {strip(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if not any(k.startswith("1.") for k in state):
@@ -119,9 +137,16 @@ def network_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     return {strip(k[2:]): v for k, v in state.items() if k.startswith("1.")}, ignored
 
 
-def import_checkpoint(path: str | Path, out: str | Path, *, normalization: Normalization | None,
-                      arch: str | None = None, sigma: float | None = None, name: str | None = None,
-                      input_shape: tuple[int, int, int] | None = None) -> ImportedModel:
+def import_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    *,
+    normalization: Normalization | None,
+    arch: str | None = None,
+    sigma: float | None = None,
+    name: str | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+) -> ImportedModel:
     """Convert a local checkpoint to a self-describing safetensors file at ``out``.
 
     ``arch`` defaults to the checkpoint's own (``resnet50`` is ``imagenet_resnet50``); a
@@ -136,22 +161,37 @@ def import_checkpoint(path: str | Path, out: str | Path, *, normalization: Norma
     state, ignored = network_state(doc["state_dict"])
     head = state.get(HEAD_WEIGHT_KEY)
     if head is None or head.ndim != 2:
-        raise ModelError(f"{path.name}: no {HEAD_WEIGHT_KEY} weights after stripping the wrapper "
-                         f"(first keys: {', '.join(list(state)[:3])})")
+        raise ModelError(
+            f"{path.name}: no {HEAD_WEIGHT_KEY} weights after stripping the wrapper "
+            f"(first keys: {', '.join(list(state)[:3])})"
+        )
     with torch.device("meta"):
         net = build_network(arch, int(head.shape[0]))
     check_state_dict(net, state, arch)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                        strict=True, assign=True)
+    net.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+        strict=True,
+        assign=True,
+    )
     if sigma is None:
         found = _NOISE_IN_PATH.search(str(path))
         sigma = float(found.group(1)) if found else None
     epoch = doc.get("epoch") if isinstance(doc.get("epoch"), int) else None
-    info = ModelInfo(format="safetensors", input_shape=input_shape or DEFAULT_INPUT_SHAPE[arch],
-                     num_classes=int(head.shape[0]), arch=arch, normalization=normalization, sigma=sigma,
-                     name=name or path.name,
-                     extra={"imported_from": path.name, "source_sha256": sha256_file(path),
-                            "checkpoint_arch": source_arch, "checkpoint_epoch": epoch})
+    info = ModelInfo(
+        format="safetensors",
+        input_shape=input_shape or DEFAULT_INPUT_SHAPE[arch],
+        num_classes=int(head.shape[0]),
+        arch=arch,
+        normalization=normalization,
+        sigma=sigma,
+        name=name or path.name,
+        extra={
+            "imported_from": path.name,
+            "source_sha256": sha256_file(path),
+            "checkpoint_arch": source_arch,
+            "checkpoint_epoch": epoch,
+        },
+    )
     save_safetensors_model(out, net, info)
     loaded = load_model(out, device="cpu")
     return ImportedModel(out, loaded.info, source_arch, epoch, ignored)

@@ -6,6 +6,7 @@ and step counts that are not tensors, the metrics so far) is JSON in the header'
 ``__metadata__``. Never a pickle. The file is written beside its final name and renamed over it,
 so a kill mid-write leaves the previous epoch's checkpoint intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,9 @@ class TrainingState:
 
     epoch: int
     model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]              # torch's Optimizer.state_dict() layout
-    generator: torch.Tensor                # torch.Generator.get_state(), uint8
-    identity: dict[str, Any]               # the run's configuration and data digest
+    optimizer: dict[str, Any]  # torch's Optimizer.state_dict() layout
+    generator: torch.Tensor  # torch.Generator.get_state(), uint8
+    identity: dict[str, Any]  # the run's configuration and data digest
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -59,8 +60,13 @@ def save_state(directory: str | Path, state: TrainingState) -> Path:
             else:
                 scalars.setdefault(str(index), {})[name] = value
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    doc = {"format": FORMAT, "epoch": state.epoch, "identity": state.identity, "history": state.history,
-           "optimizer": {"param_groups": state.optimizer["param_groups"], "scalars": scalars}}
+    doc = {
+        "format": FORMAT,
+        "epoch": state.epoch,
+        "identity": state.identity,
+        "history": state.history,
+        "optimizer": {"param_groups": state.optimizer["param_groups"], "scalars": scalars},
+    }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory)
@@ -80,7 +86,9 @@ def load_state(directory: str | Path) -> TrainingState | None:
             doc = json.loads((f.metadata() or {})[_META_KEY])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # the library's errors carry no stable type
-        raise CheckpointError(f"{path}: not a readable training checkpoint ({exc}); delete it to start over") from None
+        raise CheckpointError(
+            f"{path}: not a readable training checkpoint ({exc}); delete it to start over"
+        ) from None
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {doc.get('format')!r}")
     optimizer_state: dict[int, dict[str, Any]] = {}
@@ -92,7 +100,7 @@ def load_state(directory: str | Path) -> TrainingState | None:
             optimizer_state.setdefault(int(index), {})[name] = value
     return TrainingState(
         epoch=int(doc["epoch"]),
-        model={k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+        model={k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")},
         optimizer={"state": optimizer_state, "param_groups": doc["optimizer"]["param_groups"]},
         generator=tensors["generator"],
         identity=doc["identity"],
@@ -115,16 +123,26 @@ def saved_identity(directory: str | Path) -> dict[str, Any] | None:
 
 def check_identity(state: TrainingState, identity: dict[str, Any], directory: str | Path) -> None:
     """Raise CheckpointError unless the checkpoint was written by a run with this identity."""
-    wrong = [k for k in sorted(set(identity) | set(state.identity)) if identity.get(k) != state.identity.get(k)]
+    wrong = [
+        k
+        for k in sorted(set(identity) | set(state.identity))
+        if identity.get(k) != state.identity.get(k)
+    ]
     if wrong:
         key = wrong[0]
         raise CheckpointError(
             f"the checkpoint in {directory} belongs to another run ({key}: {state.identity.get(key)!r} there, "
-            f"{identity.get(key)!r} now); use another checkpoint folder or delete it to start over")
+            f"{identity.get(key)!r} now); use another checkpoint folder or delete it to start over"
+        )
 
 
-def resume(directory: str | Path, identity: dict[str, Any], network: torch.nn.Module,
-           optimizer: torch.optim.Optimizer, generator: torch.Generator) -> list[dict[str, Any]]:
+def resume(
+    directory: str | Path,
+    identity: dict[str, Any],
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> list[dict[str, Any]]:
     """Restore a run's ``network``, ``optimizer`` and ``generator`` from the checkpoint in
     ``directory`` when there is one, after checking it is a checkpoint of the run ``identity``
     names; the finished epochs' history (empty for a fresh start). TrainingError, one line, for a

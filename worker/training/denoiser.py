@@ -8,6 +8,7 @@ from one generator seeded per run; with a ``checkpoint_dir`` each finished epoch
 later call with the same configuration, data and classifier resumes to the same weights as an
 uninterrupted run (:mod:`smoothcert.worker.training.checkpoints`). No Celery here.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,7 +38,7 @@ class DenoiserEpoch:
     """One finished epoch: the training loss, and on the test split (when there is one) the MSE
     of D(x + δ) against x and, with a classifier, its accuracy on D(x + δ)."""
 
-    epoch: int                      # 1-based
+    epoch: int  # 1-based
     epochs: int
     loss: float
     test_mse: float | None
@@ -77,18 +78,28 @@ def frozen_module(classifier: BaseClassifier | None) -> nn.Module | None:
         return None
     module = getattr(classifier, "module", None)
     if not isinstance(module, nn.Module):
-        raise TrainingError("the stability objective back-propagates through the classifier: give a .safetensors "
-                            f"classifier, not a {classifier.info.format} one")
+        raise TrainingError(
+            "the stability objective back-propagates through the classifier: give a .safetensors "
+            f"classifier, not a {classifier.info.format} one"
+        )
     module = module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
     return module
 
 
-def train_denoiser(config: DenoiserConfig, data: Dataset, classifier: BaseClassifier | None = None, *,
-                   progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
-                   checkpoint_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                   name: str | None = None, init: TorchDenoiser | None = None) -> DenoiserResult:
+def train_denoiser(
+    config: DenoiserConfig,
+    data: Dataset,
+    classifier: BaseClassifier | None = None,
+    *,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    name: str | None = None,
+    init: TorchDenoiser | None = None,
+) -> DenoiserResult:
     """Train a ``config.arch`` denoiser for ``data``'s images at ``config.sigma``.
 
     ``classifier`` (a loaded base classifier taking ``data``'s images) is required by the
@@ -102,53 +113,98 @@ def train_denoiser(config: DenoiserConfig, data: Dataset, classifier: BaseClassi
         raise TrainingError(NEEDS_CLASSIFIER)
     started = time.perf_counter()
     run = _DenoiserRun(config, data, classifier, _device(device), init)
-    identity = {**config.to_dict(), "kind": "denoiser", "dataset_sha256": data.sha256(),
-                "classifier_sha256": None if classifier is None else classifier.info.sha256,
-                "init_sha256": None if init is None else init.info.sha256}
-    history = [] if checkpoint_dir is None else [
-        DenoiserEpoch(**h) for h in ckpt.resume(checkpoint_dir, identity, run.network, run.optimizer, run.generator)]
+    identity = {
+        **config.to_dict(),
+        "kind": "denoiser",
+        "dataset_sha256": data.sha256(),
+        "classifier_sha256": None if classifier is None else classifier.info.sha256,
+        "init_sha256": None if init is None else init.info.sha256,
+    }
+    history = (
+        []
+        if checkpoint_dir is None
+        else [
+            DenoiserEpoch(**h)
+            for h in ckpt.resume(
+                checkpoint_dir, identity, run.network, run.optimizer, run.generator
+            )
+        ]
+    )
     first = len(history)
     for epoch in range(first, config.epochs):
         tick = time.perf_counter()
         loss = run.epoch(epoch, should_cancel)
         test_mse, test_accuracy = run.evaluate(epoch)
-        metrics = DenoiserEpoch(epoch=epoch + 1, epochs=config.epochs, loss=loss, test_mse=test_mse,
-                                test_denoised_accuracy=test_accuracy, lr=config.lr_at(epoch),
-                                elapsed_s=time.perf_counter() - tick)
+        metrics = DenoiserEpoch(
+            epoch=epoch + 1,
+            epochs=config.epochs,
+            loss=loss,
+            test_mse=test_mse,
+            test_denoised_accuracy=test_accuracy,
+            lr=config.lr_at(epoch),
+            elapsed_s=time.perf_counter() - tick,
+        )
         history.append(metrics)
         if checkpoint_dir is not None:
-            ckpt.save_state(checkpoint_dir, ckpt.TrainingState(
-                epoch=epoch + 1, model=run.network.state_dict(), optimizer=run.optimizer.state_dict(),
-                generator=run.generator.get_state(), identity=identity, history=[h.to_dict() for h in history]))
+            ckpt.save_state(
+                checkpoint_dir,
+                ckpt.TrainingState(
+                    epoch=epoch + 1,
+                    model=run.network.state_dict(),
+                    optimizer=run.optimizer.state_dict(),
+                    generator=run.generator.get_state(),
+                    identity=identity,
+                    history=[h.to_dict() for h in history],
+                ),
+            )
         if progress is not None:
             progress(metrics)
-    info = _denoiser_info(config, data, identity, classifier, history, time.perf_counter() - started, name)
+    info = _denoiser_info(
+        config, data, identity, classifier, history, time.perf_counter() - started, name
+    )
     return DenoiserResult(run.network.to("cpu").eval(), info, history, resumed_from=first)
 
 
 class _DenoiserRun:
     """The mutable state of one denoiser training run."""
 
-    def __init__(self, config: DenoiserConfig, data: Dataset, classifier: BaseClassifier | None,
-                 device: torch.device, init: TorchDenoiser | None = None):
+    def __init__(
+        self,
+        config: DenoiserConfig,
+        data: Dataset,
+        classifier: BaseClassifier | None,
+        device: torch.device,
+        init: TorchDenoiser | None = None,
+    ):
         self.config, self.device = config, device
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         try:
             with torch.random.fork_rng(devices=[]):
-                self.network = build_denoiser(config.arch, data.input_shape[0], depth=config.depth,
-                                              width=config.width)
+                self.network = build_denoiser(
+                    config.arch, data.input_shape[0], depth=config.depth, width=config.width
+                )
         except ModelError as exc:
             raise TrainingError(str(exc)) from None
         self.network.to(device)
-        init_weights(self.network, self.generator)   # drawn with an init too: the stream stays the same
+        init_weights(
+            self.network, self.generator
+        )  # drawn with an init too: the stream stays the same
         if init is not None:
             self._start_from(init, data)
         self.x = torch.from_numpy(data.x).to(device)
-        self.test = None if data.test_x is None else (torch.from_numpy(data.test_x).to(device),
-                                                       torch.from_numpy(data.test_y).to(device))
+        self.test = (
+            None
+            if data.test_x is None
+            else (
+                torch.from_numpy(data.test_x).to(device),
+                torch.from_numpy(data.test_y).to(device),
+            )
+        )
         if classifier is not None and tuple(classifier.info.input_shape) != tuple(data.input_shape):
-            raise TrainingError(f"the classifier takes images of shape {list(classifier.info.input_shape)}, "
-                                f"{data.name} holds {list(data.input_shape)}")
+            raise TrainingError(
+                f"the classifier takes images of shape {list(classifier.info.input_shape)}, "
+                f"{data.name} holds {list(data.input_shape)}"
+            )
         self.classifier = frozen_module(classifier)
         if self.classifier is not None:
             self.classifier.to(device)
@@ -159,17 +215,27 @@ class _DenoiserRun:
     def _start_from(self, init: TorchDenoiser, data: Dataset) -> None:
         ours = {k: tuple(v.shape) for k, v in self.network.state_dict().items()}
         theirs = {k: tuple(v.shape) for k, v in init.module.state_dict().items()}
-        if init.info.arch != self.config.arch or ours != theirs or tuple(init.info.input_shape) != data.input_shape:
-            raise TrainingError(f"the initial denoiser ({init.info.arch}, depth {init.info.extra.get('depth')}, width "
-                                f"{init.info.extra.get('width')}, input {list(init.info.input_shape)}) is not the "
-                                f"{self.config.arch} of depth {self.config.depth} and width {self.config.width} for "
-                                f"{list(data.input_shape)} images that this run trains")
-        self.network.load_state_dict({k: v.detach().to(self.device) for k, v in init.module.state_dict().items()})
+        if (
+            init.info.arch != self.config.arch
+            or ours != theirs
+            or tuple(init.info.input_shape) != data.input_shape
+        ):
+            raise TrainingError(
+                f"the initial denoiser ({init.info.arch}, depth {init.info.extra.get('depth')}, width "
+                f"{init.info.extra.get('width')}, input {list(init.info.input_shape)}) is not the "
+                f"{self.config.arch} of depth {self.config.depth} and width {self.config.width} for "
+                f"{list(data.input_shape)} images that this run trains"
+            )
+        self.network.load_state_dict(
+            {k: v.detach().to(self.device) for k, v in init.module.state_dict().items()}
+        )
 
     @torch.no_grad()
     def _labels(self, x: torch.Tensor) -> torch.Tensor:
         assert self.classifier is not None
-        return torch.cat([self.classifier(x[i:i + EVAL_BATCH]).argmax(1) for i in range(0, len(x), EVAL_BATCH)])
+        return torch.cat(
+            [self.classifier(x[i : i + EVAL_BATCH]).argmax(1) for i in range(0, len(x), EVAL_BATCH)]
+        )
 
     def epoch(self, epoch: int, should_cancel: Callable[[], bool] | None) -> float:
         """One pass over the training images; the mean loss."""
@@ -182,15 +248,19 @@ class _DenoiserRun:
         for start in range(0, len(order), config.batch_size):
             if should_cancel is not None and should_cancel():
                 raise Canceled("canceled")
-            index = order[start:start + config.batch_size]
+            index = order[start : start + config.batch_size]
             x = self.x[index]
-            noisy = x + config.sigma * torch.randn(x.shape, generator=self.generator, device=self.device)
+            noisy = x + config.sigma * torch.randn(
+                x.shape, generator=self.generator, device=self.device
+            )
             out = self.network(noisy)
             if self.config.objective == "mse":
                 loss = nn.functional.mse_loss(out, x)
             else:
                 assert self.classifier is not None and self.targets is not None
-                loss = nn.functional.cross_entropy(self.classifier(out.clamp(0.0, 1.0)), self.targets[index])
+                loss = nn.functional.cross_entropy(
+                    self.classifier(out.clamp(0.0, 1.0)), self.targets[index]
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -204,33 +274,68 @@ class _DenoiserRun:
         if self.test is None:
             return None, None
         x, y = self.test
-        generator = torch.Generator(device=self.device).manual_seed(_derived_seed(self.config.seed, f"eval:{epoch}"))
+        generator = torch.Generator(device=self.device).manual_seed(
+            _derived_seed(self.config.seed, f"eval:{epoch}")
+        )
         self.network.eval()
         squared, correct = 0.0, 0
         for start in range(0, len(x), EVAL_BATCH):
-            batch = x[start:start + EVAL_BATCH]
-            noise = self.config.sigma * torch.randn(batch.shape, generator=generator, device=self.device)
+            batch = x[start : start + EVAL_BATCH]
+            noise = self.config.sigma * torch.randn(
+                batch.shape, generator=generator, device=self.device
+            )
             clean = self.network(batch + noise).clamp(0.0, 1.0)
             squared += float(((clean - batch) ** 2).sum())
             if self.classifier is not None:
-                correct += int((self.classifier(clean).argmax(1) == y[start:start + EVAL_BATCH]).sum())
+                correct += int(
+                    (self.classifier(clean).argmax(1) == y[start : start + EVAL_BATCH]).sum()
+                )
         return squared / x.numel(), (correct / len(x) if self.classifier is not None else None)
 
 
-def _denoiser_info(config: DenoiserConfig, data: Dataset, identity: dict[str, Any],
-                   classifier: BaseClassifier | None, history: list[DenoiserEpoch], elapsed_s: float,
-                   name: str | None) -> DenoiserInfo:
+def _denoiser_info(
+    config: DenoiserConfig,
+    data: Dataset,
+    identity: dict[str, Any],
+    classifier: BaseClassifier | None,
+    history: list[DenoiserEpoch],
+    elapsed_s: float,
+    name: str | None,
+) -> DenoiserInfo:
     last = history[-1]
-    training = {"objective": config.objective, "sigma": config.sigma, "epochs": config.epochs,
-                "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed, "dataset": data.name,
-                "dataset_sha256": identity["dataset_sha256"], "classifier_sha256": identity["classifier_sha256"],
-                "classifier": None if classifier is None else classifier.info.name,
-                "init_sha256": identity["init_sha256"]}
-    metrics = {"train_loss": last.loss, "test_mse": last.test_mse,
-               "test_denoised_accuracy": last.test_denoised_accuracy, "train_size": len(data.x),
-               "test_size": None if data.test_x is None else len(data.test_x), "elapsed_s": elapsed_s}
+    training = {
+        "objective": config.objective,
+        "sigma": config.sigma,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+        "dataset": data.name,
+        "dataset_sha256": identity["dataset_sha256"],
+        "classifier_sha256": identity["classifier_sha256"],
+        "classifier": None if classifier is None else classifier.info.name,
+        "init_sha256": identity["init_sha256"],
+    }
+    metrics = {
+        "train_loss": last.loss,
+        "test_mse": last.test_mse,
+        "test_denoised_accuracy": last.test_denoised_accuracy,
+        "train_size": len(data.x),
+        "test_size": None if data.test_x is None else len(data.test_x),
+        "elapsed_s": elapsed_s,
+    }
     return DenoiserInfo(
-        format="safetensors", input_shape=data.input_shape, arch=config.arch, sigma=float(config.sigma),
+        format="safetensors",
+        input_shape=data.input_shape,
+        arch=config.arch,
+        sigma=float(config.sigma),
         name=name or f"{data.name}-{config.arch}-{config.objective}-sigma{config.sigma:g}",
-        extra={"depth": config.depth, "width": config.width, "objective": config.objective, "training": training,
-               "metrics": metrics, "history": [h.to_dict() for h in history]})
+        extra={
+            "depth": config.depth,
+            "width": config.width,
+            "objective": config.objective,
+            "training": training,
+            "metrics": metrics,
+            "history": [h.to_dict() for h in history],
+        },
+    )

@@ -10,6 +10,7 @@ comes from one generator seeded per run; with a ``checkpoint_dir`` each finished
 and a later call with the same configuration and data resumes to the same weights as an
 uninterrupted run (:mod:`smoothcert.worker.training.checkpoints`). No Celery here.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,7 +33,7 @@ from smoothcert.worker.training import checkpoints as ckpt
 from smoothcert.worker.training.trainer import EVAL_BATCH, _derived_seed, _device
 
 ARCH = "diffusion_unet"
-EVAL_SIGMAS = (0.25, 0.5)   # the test split's one-step denoising error is measured at these σ
+EVAL_SIGMAS = (0.25, 0.5)  # the test split's one-step denoising error is measured at these σ
 
 
 @dataclass
@@ -41,7 +42,7 @@ class DiffusionEpoch:
     MSE of the one-step denoised D(x + δ) against x at each σ of :data:`EVAL_SIGMAS` the schedule
     reaches (keys ``"0.25"``, ``"0.5"``; the noisy input's own MSE is σ²)."""
 
-    epoch: int                      # 1-based
+    epoch: int  # 1-based
     epochs: int
     loss: float
     test_mse: dict[str, float] | None
@@ -70,8 +71,15 @@ class DiffusionResult:
 Progress = Callable[[DiffusionEpoch], None]
 
 
-def train_diffusion(config: DiffusionConfig, dataset: Dataset, out: Path, *, checkpoint_dir: Path | None = None,
-                    device: str = "cpu", progress: Progress | None = None) -> DiffusionResult:
+def train_diffusion(
+    config: DiffusionConfig,
+    dataset: Dataset,
+    out: Path,
+    *,
+    checkpoint_dir: Path | None = None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> DiffusionResult:
     """Train a ``diffusion_unet`` on ``dataset``'s training images and write it to ``out``.
 
     ``dataset`` is a :class:`~smoothcert.worker.data.datasets.Dataset` (as
@@ -83,20 +91,47 @@ def train_diffusion(config: DiffusionConfig, dataset: Dataset, out: Path, *, che
     """
     started = time.perf_counter()
     run = _DiffusionRun(config, dataset, _device(device))
-    identity = {**config.to_dict(), "kind": "diffusion", "dataset_sha256": dataset.sha256(), "levels": run.levels}
-    history = [] if checkpoint_dir is None else [
-        DiffusionEpoch(**h) for h in ckpt.resume(checkpoint_dir, identity, run.network, run.optimizer, run.generator)]
+    identity = {
+        **config.to_dict(),
+        "kind": "diffusion",
+        "dataset_sha256": dataset.sha256(),
+        "levels": run.levels,
+    }
+    history = (
+        []
+        if checkpoint_dir is None
+        else [
+            DiffusionEpoch(**h)
+            for h in ckpt.resume(
+                checkpoint_dir, identity, run.network, run.optimizer, run.generator
+            )
+        ]
+    )
     first = len(history)
     for epoch in range(first, config.epochs):
         tick = time.perf_counter()
         loss = run.epoch(epoch)
-        metrics = DiffusionEpoch(epoch=epoch + 1, epochs=config.epochs, loss=loss, test_mse=run.evaluate(epoch),
-                                 lr=config.lr_at(epoch), elapsed_s=time.perf_counter() - tick)
+        metrics = DiffusionEpoch(
+            epoch=epoch + 1,
+            epochs=config.epochs,
+            loss=loss,
+            test_mse=run.evaluate(epoch),
+            lr=config.lr_at(epoch),
+            elapsed_s=time.perf_counter() - tick,
+        )
         history.append(metrics)
         if checkpoint_dir is not None:
-            ckpt.save_state(checkpoint_dir, ckpt.TrainingState(
-                epoch=epoch + 1, model=run.network.state_dict(), optimizer=run.optimizer.state_dict(),
-                generator=run.generator.get_state(), identity=identity, history=[h.to_dict() for h in history]))
+            ckpt.save_state(
+                checkpoint_dir,
+                ckpt.TrainingState(
+                    epoch=epoch + 1,
+                    model=run.network.state_dict(),
+                    optimizer=run.optimizer.state_dict(),
+                    generator=run.generator.get_state(),
+                    identity=identity,
+                    history=[h.to_dict() for h in history],
+                ),
+            )
         if progress is not None:
             progress(metrics)
     network = run.network.to("cpu").eval()
@@ -114,13 +149,17 @@ class _DiffusionRun:
             self.schedule = linear_schedule(config.timesteps, config.beta_start, config.beta_end)
         except ModelError as exc:
             raise TrainingError(str(exc)) from None
-        self.alphas = torch.tensor(self.schedule["alphas_cumprod"], dtype=torch.float32, device=device)
+        self.alphas = torch.tensor(
+            self.schedule["alphas_cumprod"], dtype=torch.float32, device=device
+        )
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         _, height, width = data.input_shape
         self.levels = diffusion_levels(height, width)
         try:
             with torch.random.fork_rng(devices=[]):
-                self.network = build_denoiser(ARCH, data.input_shape[0], width=config.width, levels=self.levels)
+                self.network = build_denoiser(
+                    ARCH, data.input_shape[0], width=config.width, levels=self.levels
+                )
         except ModelError as exc:
             raise TrainingError(str(exc)) from None
         self.network.to(device)
@@ -138,8 +177,10 @@ class _DiffusionRun:
         order = torch.randperm(len(self.x), generator=self.generator, device=self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for start in range(0, len(order), config.batch_size):
-            x0 = 2.0 * self.x[order[start:start + config.batch_size]] - 1.0
-            t = torch.randint(0, config.timesteps, (len(x0),), generator=self.generator, device=self.device)
+            x0 = 2.0 * self.x[order[start : start + config.batch_size]] - 1.0
+            t = torch.randint(
+                0, config.timesteps, (len(x0),), generator=self.generator, device=self.device
+            )
             eps = torch.randn(x0.shape, generator=self.generator, device=self.device)
             alpha = self.alphas[t].view(-1, 1, 1, 1)
             x_t = alpha.sqrt() * x0 + (1.0 - alpha).sqrt() * eps
@@ -156,37 +197,67 @@ class _DiffusionRun:
         noise draw per image from a generator of its own; None without a test split."""
         if self.test is None:
             return None
-        generator = torch.Generator(device=self.device).manual_seed(_derived_seed(self.config.seed, f"eval:{epoch}"))
+        generator = torch.Generator(device=self.device).manual_seed(
+            _derived_seed(self.config.seed, f"eval:{epoch}")
+        )
         self.network.eval()
         found = {}
         for sigma in EVAL_SIGMAS:
             try:
                 t = timestep_for_sigma(self.schedule["alphas_cumprod"], sigma)
-            except ModelError:   # beyond a short schedule
+            except ModelError:  # beyond a short schedule
                 continue
             alpha = float(self.alphas[t])
             squared = 0.0
             for start in range(0, len(self.test), EVAL_BATCH):
-                x = self.test[start:start + EVAL_BATCH]
+                x = self.test[start : start + EVAL_BATCH]
                 noisy = x + sigma * torch.randn(x.shape, generator=generator, device=self.device)
-                x_t = alpha ** 0.5 * (2.0 * noisy - 1.0)
+                x_t = alpha**0.5 * (2.0 * noisy - 1.0)
                 steps = torch.full((len(x),), t, dtype=torch.int64, device=self.device)
-                x0 = (x_t - (1.0 - alpha) ** 0.5 * self.network(x_t, steps)) / alpha ** 0.5
+                x0 = (x_t - (1.0 - alpha) ** 0.5 * self.network(x_t, steps)) / alpha**0.5
                 squared += float((((x0 + 1.0) / 2.0).clamp(0.0, 1.0) - x).pow(2).sum())
             found[f"{sigma:g}"] = squared / self.test.numel()
         return found
 
 
-def _diffusion_info(config: DiffusionConfig, data: Dataset, run: _DiffusionRun, identity: dict[str, Any],
-                    history: list[DiffusionEpoch], elapsed_s: float) -> DenoiserInfo:
+def _diffusion_info(
+    config: DiffusionConfig,
+    data: Dataset,
+    run: _DiffusionRun,
+    identity: dict[str, Any],
+    history: list[DiffusionEpoch],
+    elapsed_s: float,
+) -> DenoiserInfo:
     last = history[-1]
-    training = {"objective": "ddpm-epsilon", "epochs": config.epochs, "batch_size": config.batch_size,
-                "lr": config.lr, "seed": config.seed, "dataset": data.name,
-                "dataset_sha256": identity["dataset_sha256"]}
-    metrics = {"train_loss": last.loss, "test_mse": last.test_mse, "train_size": len(data.x),
-               "test_size": None if data.test_x is None else len(data.test_x), "elapsed_s": elapsed_s}
+    training = {
+        "objective": "ddpm-epsilon",
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+        "dataset": data.name,
+        "dataset_sha256": identity["dataset_sha256"],
+    }
+    metrics = {
+        "train_loss": last.loss,
+        "test_mse": last.test_mse,
+        "train_size": len(data.x),
+        "test_size": None if data.test_x is None else len(data.test_x),
+        "elapsed_s": elapsed_s,
+    }
     return DenoiserInfo(
-        format="safetensors", input_shape=data.input_shape, arch=ARCH, sigma=None,
+        format="safetensors",
+        input_shape=data.input_shape,
+        arch=ARCH,
+        sigma=None,
         name=config.name or f"{data.name}-diffusion-T{config.timesteps}",
-        extra={"width": config.width, "levels": run.levels, "prediction": "epsilon", "schedule": run.schedule,
-               "training": training, "metrics": metrics, "history": [h.to_dict() for h in history]})
+        extra={
+            "width": config.width,
+            "levels": run.levels,
+            "prediction": "epsilon",
+            "schedule": run.schedule,
+            "training": training,
+            "metrics": metrics,
+            "history": [h.to_dict() for h in history],
+        },
+    )

@@ -15,6 +15,7 @@ never the global one. With a ``checkpoint_dir`` the state after each epoch is sa
 later call with the same configuration and data resumes from it, ending with the same weights as
 an uninterrupted run. No Celery here: the CLI, the worker task and the tests call :func:`train`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,7 +41,7 @@ from smoothcert.worker.smoothing.sampling import Canceled
 from smoothcert.worker.training import checkpoints as ckpt
 from smoothcert.worker.training.attacks import noisy_logits, pgd_l2_smoothed, smoothed_soft_loss
 
-SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.9, 1e-4      # Cohen et al.'s values
+SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.9, 1e-4  # Cohen et al.'s values
 EVAL_BATCH = 1024
 
 
@@ -53,13 +54,13 @@ class EpochMetrics:
     noisy copy of each held-out image, when the dataset has a test split.
     """
 
-    epoch: int                      # 1-based
+    epoch: int  # 1-based
     epochs: int
     loss: float
     noisy_accuracy: float
     test_noisy_accuracy: float | None
     lr: float
-    epsilon: float | None           # smoothadv only
+    epsilon: float | None  # smoothadv only
     elapsed_s: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,9 +91,16 @@ Progress = Callable[[EpochMetrics], None]
 CancelCheck = Callable[[], bool]
 
 
-def train(config: TrainConfig, data: Dataset, *, progress: Progress | None = None,
-          should_cancel: CancelCheck | None = None, checkpoint_dir: str | Path | None = None,
-          device: str | torch.device = "cpu", name: str | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    data: Dataset,
+    *,
+    progress: Progress | None = None,
+    should_cancel: CancelCheck | None = None,
+    checkpoint_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    name: str | None = None,
+) -> TrainResult:
     """Train ``config.arch`` on ``data`` with ``config.method``; return the model and its metrics.
 
     ``progress(EpochMetrics)`` runs after each epoch, once that epoch's checkpoint is written;
@@ -107,20 +115,35 @@ def train(config: TrainConfig, data: Dataset, *, progress: Progress | None = Non
     run = _Run(config, data, _device(device))
     digest = data.sha256()
     identity = {**config.to_dict(), "dataset_sha256": digest, "num_classes": run.num_classes}
-    history = [] if checkpoint_dir is None else [
-        EpochMetrics(**h) for h in ckpt.resume(checkpoint_dir, identity, run.network, run.optimizer, run.generator)]
+    history = (
+        []
+        if checkpoint_dir is None
+        else [
+            EpochMetrics(**h)
+            for h in ckpt.resume(
+                checkpoint_dir, identity, run.network, run.optimizer, run.generator
+            )
+        ]
+    )
     first = len(history)
     for epoch in range(first, config.epochs):
         tick = time.perf_counter()
         loss, accuracy = run.epoch(epoch, should_cancel)
         metrics = EpochMetrics(
-            epoch=epoch + 1, epochs=config.epochs, loss=loss, noisy_accuracy=accuracy,
-            test_noisy_accuracy=run.test_accuracy(noisy=True, epoch=epoch), lr=config.lr_at(epoch),
+            epoch=epoch + 1,
+            epochs=config.epochs,
+            loss=loss,
+            noisy_accuracy=accuracy,
+            test_noisy_accuracy=run.test_accuracy(noisy=True, epoch=epoch),
+            lr=config.lr_at(epoch),
             epsilon=config.epsilon_at(epoch) if config.method == "smoothadv" else None,
-            elapsed_s=time.perf_counter() - tick)
+            elapsed_s=time.perf_counter() - tick,
+        )
         history.append(metrics)
         if checkpoint_dir is not None:
-            ckpt.save_state(checkpoint_dir, run.state(epoch + 1, identity, [h.to_dict() for h in history]))
+            ckpt.save_state(
+                checkpoint_dir, run.state(epoch + 1, identity, [h.to_dict() for h in history])
+            )
         if progress is not None:
             progress(metrics)
     info = _model_info(config, data, digest, run, history, time.perf_counter() - started, name)
@@ -149,8 +172,9 @@ def channel_normalization(x: np.ndarray) -> Normalization:
     flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
     mean = flat.mean(axis=1, dtype=np.float64)
     std = np.sqrt(flat.var(axis=1, dtype=np.float64))
-    return Normalization(mean=tuple(float(v) for v in mean),
-                         std=tuple(float(s) if s > 1e-3 else 1.0 for s in std))
+    return Normalization(
+        mean=tuple(float(v) for v in mean), std=tuple(float(s) if s > 1e-3 else 1.0 for s in std)
+    )
 
 
 class _Run:
@@ -160,8 +184,10 @@ class _Run:
         self.config, self.device = config, device
         self.num_classes = data.num_classes
         if self.num_classes < 2:
-            raise TrainingError(f"{data.name}: training needs at least two classes, the labels give "
-                                f"{self.num_classes}")
+            raise TrainingError(
+                f"{data.name}: training needs at least two classes, the labels give "
+                f"{self.num_classes}"
+            )
         self.normalization = channel_normalization(data.x)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         # Construction draws a throwaway init from the global generator; fork_rng restores it.
@@ -172,17 +198,31 @@ class _Run:
             raise TrainingError(str(exc)) from None
         self.network.to(device)
         init_weights(self.network, self.generator)
-        self.model = nn.Sequential(Normalize(self.normalization, data.input_shape[0]), self.network).to(device)
+        self.model = nn.Sequential(
+            Normalize(self.normalization, data.input_shape[0]), self.network
+        ).to(device)
         self.x = torch.from_numpy(data.x).to(device)
         self.y = torch.from_numpy(data.y).to(device)
-        self.test = None if data.test_x is None else (torch.from_numpy(data.test_x).to(device),
-                                                       torch.from_numpy(data.test_y).to(device))
+        self.test = (
+            None
+            if data.test_x is None
+            else (
+                torch.from_numpy(data.test_x).to(device),
+                torch.from_numpy(data.test_y).to(device),
+            )
+        )
         self._check_shapes(data)
         if config.optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                self.model.parameters(), lr=config.lr
+            )
         else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=SGD_MOMENTUM,
-                                             weight_decay=SGD_WEIGHT_DECAY)
+            self.optimizer = torch.optim.SGD(
+                self.model.parameters(),
+                lr=config.lr,
+                momentum=SGD_MOMENTUM,
+                weight_decay=SGD_WEIGHT_DECAY,
+            )
 
     def _check_shapes(self, data: Dataset) -> None:
         try:
@@ -190,16 +230,27 @@ class _Run:
                 out = self.model.eval()(self.x[:2])
         except Exception as exc:  # torch raises RuntimeError and others for a shape mismatch
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise TrainingError(f"{self.config.arch} cannot take {data.name}'s images of shape "
-                                f"{list(data.input_shape)}: {first_line}") from None
+            raise TrainingError(
+                f"{self.config.arch} cannot take {data.name}'s images of shape "
+                f"{list(data.input_shape)}: {first_line}"
+            ) from None
         if out.shape[1] != self.num_classes:
-            raise TrainingError(f"{self.config.arch} outputs {out.shape[1]} scores, {data.name} has "
-                                f"{self.num_classes} classes")
+            raise TrainingError(
+                f"{self.config.arch} outputs {out.shape[1]} scores, {data.name} has "
+                f"{self.num_classes} classes"
+            )
 
-    def state(self, epoch: int, identity: dict[str, Any], history: list[dict]) -> ckpt.TrainingState:
-        return ckpt.TrainingState(epoch=epoch, model=self.network.state_dict(),
-                                  optimizer=self.optimizer.state_dict(), generator=self.generator.get_state(),
-                                  identity=identity, history=history)
+    def state(
+        self, epoch: int, identity: dict[str, Any], history: list[dict]
+    ) -> ckpt.TrainingState:
+        return ckpt.TrainingState(
+            epoch=epoch,
+            model=self.network.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            generator=self.generator.get_state(),
+            identity=identity,
+            history=history,
+        )
 
     def noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.config.sigma * torch.randn(shape, generator=self.generator, device=self.device)
@@ -218,7 +269,7 @@ class _Run:
         for start in range(0, len(order), config.batch_size):
             if should_cancel is not None and should_cancel():
                 raise Canceled("canceled")
-            index = order[start:start + config.batch_size]
+            index = order[start : start + config.batch_size]
             x, y = self.x[index], self.y[index]
             loss, hits, copies = self._step_loss(x, y, epsilon)
             self.optimizer.zero_grad(set_to_none=True)
@@ -229,7 +280,9 @@ class _Run:
             seen += copies
         return float(loss_sum) / len(order), int(correct) / seen
 
-    def _step_loss(self, x: torch.Tensor, y: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _step_loss(
+        self, x: torch.Tensor, y: torch.Tensor, epsilon: float
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The batch's loss, the number of noisy copies classified right, and how many copies."""
         config = self.config
         if config.method == "standard":
@@ -255,33 +308,65 @@ class _Run:
             return None
         x, y = self.test
         generator = torch.Generator(device=self.device).manual_seed(
-            _derived_seed(self.config.seed, f"eval:{epoch}"))
+            _derived_seed(self.config.seed, f"eval:{epoch}")
+        )
         self.model.eval()
         correct = 0
         for start in range(0, len(x), EVAL_BATCH):
-            batch = x[start:start + EVAL_BATCH]
+            batch = x[start : start + EVAL_BATCH]
             if noisy:
-                batch = batch + self.config.sigma * torch.randn(batch.shape, generator=generator, device=self.device)
-            correct += int((self.model(batch).argmax(1) == y[start:start + EVAL_BATCH]).sum())
+                batch = batch + self.config.sigma * torch.randn(
+                    batch.shape, generator=generator, device=self.device
+                )
+            correct += int((self.model(batch).argmax(1) == y[start : start + EVAL_BATCH]).sum())
         return correct / len(x)
 
 
-def _model_info(config: TrainConfig, data: Dataset, digest: str, run: _Run, history: list[EpochMetrics],
-                elapsed_s: float, name: str | None) -> ModelInfo:
+def _model_info(
+    config: TrainConfig,
+    data: Dataset,
+    digest: str,
+    run: _Run,
+    history: list[EpochMetrics],
+    elapsed_s: float,
+    name: str | None,
+) -> ModelInfo:
     last = history[-1]
-    metrics = {"train_loss": last.loss, "train_noisy_accuracy": last.noisy_accuracy,
-               "test_noisy_accuracy": run.test_accuracy(noisy=True, epoch=config.epochs),
-               "test_clean_accuracy": run.test_accuracy(noisy=False),
-               "test_size": None if data.test_x is None else len(data.test_x),
-               "train_size": len(data.x), "elapsed_s": elapsed_s}
-    training = {"method": config.method, **config.method_params(), "epochs": config.epochs,
-                "batch_size": config.batch_size, "lr": config.lr, "optimizer": config.optimizer,
-                "seed": config.seed, "dataset": data.name, "dataset_sha256": digest}
+    metrics = {
+        "train_loss": last.loss,
+        "train_noisy_accuracy": last.noisy_accuracy,
+        "test_noisy_accuracy": run.test_accuracy(noisy=True, epoch=config.epochs),
+        "test_clean_accuracy": run.test_accuracy(noisy=False),
+        "test_size": None if data.test_x is None else len(data.test_x),
+        "train_size": len(data.x),
+        "elapsed_s": elapsed_s,
+    }
+    training = {
+        "method": config.method,
+        **config.method_params(),
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "optimizer": config.optimizer,
+        "seed": config.seed,
+        "dataset": data.name,
+        "dataset_sha256": digest,
+    }
     return ModelInfo(
-        format="safetensors", input_shape=data.input_shape, num_classes=run.num_classes, arch=config.arch,
-        class_names=data.class_names, normalization=run.normalization,
+        format="safetensors",
+        input_shape=data.input_shape,
+        num_classes=run.num_classes,
+        arch=config.arch,
+        class_names=data.class_names,
+        normalization=run.normalization,
         sigma=0.0 if config.method == "standard" else float(config.sigma),
-        name=name or f"{data.name}-{config.arch}-{config.method}" + (
-            "" if config.method == "standard" else f"-sigma{config.sigma:g}"),
-        extra={"method": config.method, "training": training, "metrics": metrics,
-               "history": [h.to_dict() for h in history]})
+        name=name
+        or f"{data.name}-{config.arch}-{config.method}"
+        + ("" if config.method == "standard" else f"-sigma{config.sigma:g}"),
+        extra={
+            "method": config.method,
+            "training": training,
+            "metrics": metrics,
+            "history": [h.to_dict() for h in history],
+        },
+    )

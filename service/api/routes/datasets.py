@@ -12,6 +12,7 @@ uploaded, so an upload never stores more than x and y unzipped. An upload counts
 caller's rate limit and takes an ``Idempotency-Key`` (fingerprint: the name, the
 file name and the file's SHA-256), so a retried upload does not store the dataset twice.
 """
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -34,20 +35,38 @@ from smoothcert.service.api.limits import IN_PROGRESS, RATE_LIMITED, REUSED_KEY,
 from smoothcert.service.api.schemas import DatasetRecord
 from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(require_key)],
-                   route_class=UnparsableBodyRoute)  # a body that cannot be parsed is 422, not 400
+router = APIRouter(
+    prefix="/v1/datasets",
+    tags=["datasets"],
+    dependencies=[Depends(require_key)],
+    route_class=UnparsableBodyRoute,
+)  # a body that cannot be parsed is 422, not 400
 _NOT_FOUND = {404: {"description": "unknown dataset"}}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRecord,
-             responses={413: {"description": "file, or x and y unzipped, too large; or over the key's storage "
-                                             "quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY)"},
-                        422: {"description": "not a usable .npz dataset" + REUSED_KEY},
-                        **IN_PROGRESS, **RATE_LIMITED})
-def upload_dataset(settings: SettingsDep, datasets: DatasetsDep, admission: AdmissionDep,
-                   file: Annotated[UploadFile, File(description=".npz (numpy.savez) with x and y")],
-                   name: Annotated[str | None, Form(max_length=200)] = None) -> JSONResponse:
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetRecord,
+    responses={
+        413: {
+            "description": "file, or x and y unzipped, too large; or over the key's storage "
+            "quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY)"
+        },
+        422: {"description": "not a usable .npz dataset" + REUSED_KEY},
+        **IN_PROGRESS,
+        **RATE_LIMITED,
+    },
+)
+def upload_dataset(
+    settings: SettingsDep,
+    datasets: DatasetsDep,
+    admission: AdmissionDep,
+    file: Annotated[UploadFile, File(description=".npz (numpy.savez) with x and y")],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> JSONResponse:
     """Check and store an ``.npz`` dataset; answer its record (``id`` is the ``dataset_id`` to certify)."""
+
     def content() -> dict:
         return {"name": name, "filename": file.filename, "sha256": file_sha256(file.file)}
 
@@ -60,9 +79,15 @@ def upload_dataset(settings: SettingsDep, datasets: DatasetsDep, admission: Admi
 
 def _store(settings, datasets, file: UploadFile, name: str | None, admission) -> DatasetRecord:
     try:
-        meta = datasets.add(file.file, file.filename or "dataset.npz", name, max_bytes=settings.max_dataset_bytes,
-                            max_unpacked_bytes=settings.max_dataset_unpacked_bytes, owner=admission.caller,
-                            admit=admission.storage(datasets))
+        meta = datasets.add(
+            file.file,
+            file.filename or "dataset.npz",
+            name,
+            max_bytes=settings.max_dataset_bytes,
+            max_unpacked_bytes=settings.max_dataset_unpacked_bytes,
+            owner=admission.caller,
+            admit=admission.storage(datasets),
+        )
     except DatasetTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except DatasetFileError as exc:
@@ -84,17 +109,29 @@ def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetRecord:
     return DatasetRecord.model_validate(meta)
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT,
-               responses={**_NOT_FOUND, 403: {"description": "the dataset was uploaded with another key"}})
-def delete_dataset(dataset_id: str, datasets: DatasetsDep, limits: LimitsDep, role: Role,
-                   creds: Credentials) -> Response:
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**_NOT_FOUND, 403: {"description": "the dataset was uploaded with another key"}},
+)
+def delete_dataset(
+    dataset_id: str, datasets: DatasetsDep, limits: LimitsDep, role: Role, creds: Credentials
+) -> Response:
     """Remove the dataset's files; what they took no longer counts against its key's storage quota.
     Only the key that uploaded it, or the admin key, may (403 otherwise)."""
     meta = datasets.get(dataset_id)
-    if meta and meta.get("owner") and role != "admin" and creds is not None \
-            and caller_id(creds.credentials) != meta["owner"]:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"dataset {dataset_id} was uploaded with another key; only "
-                                                       "that key or the admin key (SMOOTHCERT_ADMIN_KEY) may delete it")
+    if (
+        meta
+        and meta.get("owner")
+        and role != "admin"
+        and creds is not None
+        and caller_id(creds.credentials) != meta["owner"]
+    ):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"dataset {dataset_id} was uploaded with another key; only "
+            "that key or the admin key (SMOOTHCERT_ADMIN_KEY) may delete it",
+        )
     if not datasets.delete(dataset_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {dataset_id!r}")
     if meta and meta.get("owner"):

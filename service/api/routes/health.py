@@ -4,6 +4,7 @@
 (names, hosts, pids, devices, loaded models, which of them is stuck) only to a caller with a
 valid key.
 """
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -25,7 +26,12 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}})
+@router.get(
+    "/readyz",
+    response_model=Health,
+    response_model_exclude_none=True,
+    responses={503: {"model": Health}},
+)
 def readyz(request: Request, role: Annotated[str | None, Depends(optional_role)]):
     """200 when Redis answers PING and at least one worker with a fresh heartbeat key can take
     work; else 503. A worker cannot take work when its heartbeat is older than two beats, or when
@@ -43,7 +49,9 @@ def readyz(request: Request, role: Annotated[str | None, Depends(optional_role)]
         client.ping()
         details = read_workers(client)
     except redis.RedisError as exc:
-        body = Health(status="not ready", redis="unreachable", workers=[], detail=f"Redis unreachable: {exc}")
+        body = Health(
+            status="not ready", redis="unreachable", workers=[], detail=f"Redis unreachable: {exc}"
+        )
         return _answer(body, role, 503, detail="Redis unreachable")
     if not details:
         body = Health(status="not ready", redis="ok", workers=[], detail="no worker is running")
@@ -52,18 +60,29 @@ def readyz(request: Request, role: Annotated[str | None, Depends(optional_role)]
     notes = [note for _, worker_notes in troubles for note in worker_notes]
     blocked = sum(1 for out, _ in troubles if out)
     ready = blocked < len(details)
-    body = Health(status="ready" if ready else "not ready", redis="ok", workers=[w["name"] for w in details],
-                  worker_details=[WorkerStatus.model_validate(w) for w in details],
-                  detail=None if not notes else ("" if ready else "no worker can take work: ") + "; ".join(notes))
+    body = Health(
+        status="ready" if ready else "not ready",
+        redis="ok",
+        workers=[w["name"] for w in details],
+        worker_details=[WorkerStatus.model_validate(w) for w in details],
+        detail=None
+        if not notes
+        else ("" if ready else "no worker can take work: ") + "; ".join(notes),
+    )
     if not notes:
         return _answer(body, role, 200)
     troubled = sum(1 for _, worker_notes in troubles if worker_notes)
-    anonymous = (f"{troubled} of {len(details)} workers have a pool process stuck or stopped answering" if ready
-                 else "no worker can take work: every worker is stuck or stopped answering")
+    anonymous = (
+        f"{troubled} of {len(details)} workers have a pool process stuck or stopped answering"
+        if ready
+        else "no worker can take work: every worker is stuck or stopped answering"
+    )
     return _answer(body, role, 200 if ready else 503, detail=anonymous)
 
 
-def _answer(body: Health, role: str | None, status_code: int, detail: str | None = None) -> JSONResponse:
+def _answer(
+    body: Health, role: str | None, status_code: int, detail: str | None = None
+) -> JSONResponse:
     """``body`` for a key holder; for anyone else its status and ``detail`` (or the shorter one given)."""
     if role is None:
         body = Health(status=body.status, detail=detail or body.detail)

@@ -10,6 +10,7 @@ A job id is checked to be one (a UUID, :func:`~smoothcert.service.core.jobs.chec
 it reaches Redis: anything else is an unknown job (404), so a path such as ``<id>:cancel`` or
 ``<id>:chunk_results`` never names one of the job's internal keys.
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,8 +47,10 @@ JobId = Annotated[str, Path(description="the id that submitting the job returned
 
 def _record(jobs: JobStore, job_id: str) -> JobRecord:
     if not is_job_id(job_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"unknown job {job_id[:80]!r}: job ids are {JOB_ID_FORM}, as submitting a job returns")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"unknown job {job_id[:80]!r}: job ids are {JOB_ID_FORM}, as submitting a job returns",
+        )
     record = jobs.get(job_id)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown job {job_id!r}")
@@ -61,7 +64,9 @@ def _cursor_entry(cursor: str) -> str:
     except (binascii.Error, ValueError):
         entry = ""
     if not is_index_entry(entry):
-        raise HTTPException(422, f"invalid cursor {cursor[:80]!r}: pass the next_cursor of a previous page as it is")
+        raise HTTPException(
+            422, f"invalid cursor {cursor[:80]!r}: pass the next_cursor of a previous page as it is"
+        )
     return entry
 
 
@@ -73,14 +78,28 @@ def _listed(record: JobRecord) -> Job:
     return Job.model_validate(job)
 
 
-@router.get("", response_model=JobList, responses={422: {"description": "invalid filter, limit or cursor"}})
-def list_jobs(jobs: JobsDep, role: Role, creds: Credentials,
-              status_: Annotated[JobStatus | None, Query(alias="status", description="only jobs in this state")] = None,
-              kind: Annotated[JobKind | None, Query(description="only jobs of this kind (a dataset job is a certify or "
-                                                                "predict job whose params name a dataset_id)")] = None,
-              limit: Annotated[int, Query(ge=1, le=100, description="at most this many jobs")] = 20,
-              cursor: Annotated[str | None, Query(max_length=200, description="the next_cursor of the previous page")]
-              = None) -> JobList:
+@router.get(
+    "", response_model=JobList, responses={422: {"description": "invalid filter, limit or cursor"}}
+)
+def list_jobs(
+    jobs: JobsDep,
+    role: Role,
+    creds: Credentials,
+    status_: Annotated[
+        JobStatus | None, Query(alias="status", description="only jobs in this state")
+    ] = None,
+    kind: Annotated[
+        JobKind | None,
+        Query(
+            description="only jobs of this kind (a dataset job is a certify or "
+            "predict job whose params name a dataset_id)"
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="at most this many jobs")] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="the next_cursor of the previous page")
+    ] = None,
+) -> JobList:
     """The jobs submitted with this key, newest first (the admin key sees every key's jobs, and model
     checks); ``result`` without its rows (``result.results`` is null: read them from ``GET
     /v1/jobs/{id}``). Follow ``next_cursor`` until it is null; with a filter, a page may hold
@@ -88,7 +107,9 @@ def list_jobs(jobs: JobsDep, role: Role, creds: Credentials,
     owner = None if role == "admin" else caller_id(creds.credentials if creds else "")
     after = None if cursor is None else _cursor_entry(cursor)
     records, last = jobs.recent(owner, status=status_, kind=kind, limit=limit, after=after)
-    next_cursor = None if last is None else base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
+    next_cursor = (
+        None if last is None else base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
+    )
     return JobList(jobs=[_listed(r) for r in records], next_cursor=next_cursor)
 
 
@@ -98,25 +119,40 @@ def get_job(job_id: JobId, jobs: JobsDep) -> Job:
     return Job.model_validate(_record(jobs, job_id).to_dict())
 
 
-@router.get("/{job_id}/results.tsv", response_class=PlainTextResponse,
-            responses={**_NOT_FOUND, 409: {"description": "the job has not succeeded"}})
+@router.get(
+    "/{job_id}/results.tsv",
+    response_class=PlainTextResponse,
+    responses={**_NOT_FOUND, 409: {"description": "the job has not succeeded"}},
+)
 def get_results_tsv(job_id: JobId, jobs: JobsDep) -> PlainTextResponse:
     """The results in the CLI's TSV: Cohen's columns first, then ours."""
 
     record = _record(jobs, job_id)
     if record.status != SUCCEEDED:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {record.status}, not succeeded")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job_id} is {record.status}, not succeeded"
+        )
     if record.kind not in ("certify", "predict"):
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is a {record.kind} job, without results")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job_id} is a {record.kind} job, without results"
+        )
     rows = record.result["results"]
     # By row index, not position: a dataset job's rows are numbered from its skip.
-    labels = None if rows and rows[0].get("label") is None else {r["index"]: r["label"] for r in rows}
+    labels = (
+        None if rows and rows[0].get("label") is None else {r["index"]: r["label"] for r in rows}
+    )
     return PlainTextResponse(format_tsv(rows, labels), media_type="text/tab-separated-values")
 
 
-@router.delete("/{job_id}", response_model=Job,
-               responses={**_NOT_FOUND, 202: {"description": "cancel requested; the job stops between batches"},
-                          409: {"description": "the job already finished"}})
+@router.delete(
+    "/{job_id}",
+    response_model=Job,
+    responses={
+        **_NOT_FOUND,
+        202: {"description": "cancel requested; the job stops between batches"},
+        409: {"description": "the job already finished"},
+    },
+)
 def cancel_job(job_id: JobId, jobs: JobsDep):
     """Cancel: a queued job at once (200), a running one between two batches (202)."""
     record = _record(jobs, job_id)
@@ -129,54 +165,85 @@ def cancel_job(job_id: JobId, jobs: JobsDep):
     return JSONResponse(Job.model_validate(record.to_dict()).model_dump(), status_code=code)
 
 
+_PICTURE = {
+    404: {"description": "unknown job, or nothing kept for that row"},
+    409: {
+        "description": "the job has not run yet (or, for the curve, has no labels or is not finished)"
+    },
+}
 
-_PICTURE = {404: {"description": "unknown job, or nothing kept for that row"},
-            409: {"description": "the job has not run yet (or, for the curve, has no labels or is not finished)"}}
 
-
-@router.get("/{job_id}/samples.png", response_class=Response, responses={
-    **_PICTURE, 200: {"content": {"image/png": {}}, "description": "the noisy copies side by side"}})
-def get_samples_png(job_id: JobId, jobs: JobsDep,
-                    row: Annotated[int, Query(ge=0, description="the row's index (as in the result's rows)")] = 0
-                    ) -> Response:
+@router.get(
+    "/{job_id}/samples.png",
+    response_class=Response,
+    responses={
+        **_PICTURE,
+        200: {"content": {"image/png": {}}, "description": "the noisy copies side by side"},
+    },
+)
+def get_samples_png(
+    job_id: JobId,
+    jobs: JobsDep,
+    row: Annotated[int, Query(ge=0, description="the row's index (as in the result's rows)")] = 0,
+) -> Response:
     """Up to 8 noisy copies of input ``row`` as the classifier saw them (the job's σ, clipped to
     [0, 1] for display), side by side in one PNG, upscaled so that a small digit is visible. The
     worker keeps them when the job starts, for the job's first 16 rows (fewer for large inputs),
     with a seed of their own: they are not the copies that were counted, but drawn alike."""
     record = _record(jobs, job_id)
     if record.kind not in ("certify", "predict"):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} is a {record.kind} job: only certify and "
-                                                       "predict jobs keep noisy copies")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"job {job_id} is a {record.kind} job: only certify and predict jobs keep noisy copies",
+        )
     kept = jobs.samples(job_id, row)
     if kept is not None:
         copies = np.load(io.BytesIO(kept), allow_pickle=False)
         return Response(sample_strip_png(copies), media_type="image/png")
     if record.status == QUEUED:
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            f"job {job_id} is queued: its noisy copies are kept when it starts")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job_id} is queued: its noisy copies are kept when it starts",
+        )
     first = int(record.params.get("skip") or 0)
     last = first + min(SAMPLE_ROWS, int(record.params.get("num_inputs") or 0)) - 1
-    raise HTTPException(status.HTTP_404_NOT_FOUND, f"no noisy copies kept for row {row} of job {job_id}: they are kept "
-                                                   f"for its first rows only (at most {first} to {last})")
+    raise HTTPException(
+        status.HTTP_404_NOT_FOUND,
+        f"no noisy copies kept for row {row} of job {job_id}: they are kept "
+        f"for its first rows only (at most {first} to {last})",
+    )
 
 
-@router.get("/{job_id}/curve.svg", response_class=Response, responses={
-    **_PICTURE, 200: {"content": {"image/svg+xml": {}}, "description": "certified accuracy against radius"}})
+@router.get(
+    "/{job_id}/curve.svg",
+    response_class=Response,
+    responses={
+        **_PICTURE,
+        200: {"content": {"image/svg+xml": {}}, "description": "certified accuracy against radius"},
+    },
+)
 def get_curve_svg(job_id: JobId, jobs: JobsDep) -> Response:
     """The certified-accuracy curve of a succeeded certify job with labels (given with the inputs,
     or a dataset's): the share of inputs predicted right with a radius of at least r, against r,
     with the radius cap (the largest radius n and α allow) marked."""
     record = _record(jobs, job_id)
     if record.status != SUCCEEDED:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {record.status}: the curve needs a "
-                                                      "succeeded certify job")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job_id} is {record.status}: the curve needs a succeeded certify job",
+        )
     rows = (record.result or {}).get("results") or []
     if record.kind != "certify" or not rows or "radius" not in rows[0]:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is a {record.kind} job: a curve needs "
-                                                      "certified radii (a certify job)")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job_id} is a {record.kind} job: a curve needs certified radii (a certify job)",
+        )
     if rows[0].get("label") is None:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} has no labels: submit labels (or certify a "
-                                                      "dataset) to get a certified-accuracy curve")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job_id} has no labels: submit labels (or certify a "
+            "dataset) to get a certified-accuracy curve",
+        )
     p = record.params
     title = f"certified accuracy, {len(rows)} inputs, σ={p.get('sigma')}, n={p.get('n')}, α={p.get('alpha')}"
     svg = accuracy_curve_svg(rows, rows[0].get("radius_cap"), title)

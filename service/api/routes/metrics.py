@@ -3,6 +3,7 @@
 No auth, like ``/healthz``: scrapers rarely carry keys and nothing here names a job or a model.
 The numbers and why each is cheap to read are in :mod:`smoothcert.service.api.metrics`.
 """
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -13,8 +14,12 @@ from smoothcert.service.api.metrics import CONTENT_TYPE, exposition
 
 router = APIRouter(tags=["health"])
 
-_DOC = {200: {"description": "metrics in the Prometheus text format, version 0.0.4",
-              "content": {"text/plain": {"schema": {"type": "string"}}}}}
+_DOC = {
+    200: {
+        "description": "metrics in the Prometheus text format, version 0.0.4",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=_DOC)

@@ -8,6 +8,7 @@ too (:class:`UnparsableBodyRoute`). Every 422 of an upload starts with "model re
 a form field of the wrong type (``num_classes=10.5``, ``sigma=inf``, ``sigma=true``): numeric
 fields are read as the JSON their text spells and typed strictly, as in ``POST /v1/certify``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,19 +26,33 @@ from smoothcert.models.metadata import (
     check_sigma,
 )
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
-from smoothcert.service.api.deps import JobsDep, ModelsDep, QueueDep, SettingsDep, require_admin, require_key
+from smoothcert.service.api.deps import (
+    JobsDep,
+    ModelsDep,
+    QueueDep,
+    SettingsDep,
+    require_admin,
+    require_key,
+)
 from smoothcert.service.api.schemas import FormInteger, FormNumber, ModelRecord, PipelineRequest
 from smoothcert.service.core.jobs import SUCCEEDED, TERMINAL, new_job_id
 from smoothcert.service.core.model_store import READY, UploadTooLarge
 from smoothcert.service.core.queue import CHECK_MODEL_TASK
 
-router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_key)],
-                   route_class=UnparsableBodyRoute)
+router = APIRouter(
+    prefix="/v1/models",
+    tags=["models"],
+    dependencies=[Depends(require_key)],
+    route_class=UnparsableBodyRoute,
+)
 OptionalForm = Annotated[str | None, Form()]
 
 
-def _fields(name, input_shape, num_classes, class_names, arch, normalization, sigma) -> dict[str, Any]:
+def _fields(
+    name, input_shape, num_classes, class_names, arch, normalization, sigma
+) -> dict[str, Any]:
     """The upload's metadata fields, parsed and type-checked (ModelError otherwise)."""
+
     def json_field(label: str, text: str) -> Any:
         try:
             return json.loads(text)
@@ -57,27 +72,46 @@ def _fields(name, input_shape, num_classes, class_names, arch, normalization, si
         fields["class_names"] = check_class_names(names, fields.get("num_classes"))
     if normalization:
         norm = Normalization.parse(normalization)
-        fields["normalization"] = (None if norm is None
-                                   else {"mean": list(norm.mean), "std": norm.std and list(norm.std)})
+        fields["normalization"] = (
+            None if norm is None else {"mean": list(norm.mean), "std": norm.std and list(norm.std)}
+        )
     if sigma is not None:
         fields["sigma"] = check_sigma(sigma)
     return fields
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelRecord,
-             dependencies=[Depends(require_admin)],
-             responses={413: {"description": "file too large"}, 422: {"description": "model refused"},
-                        503: {"description": "no worker checked the model in time"}})
-def upload_model(response: Response, settings: SettingsDep, models: ModelsDep, jobs: JobsDep, queue: QueueDep,
-                 file: Annotated[UploadFile, File(description=".onnx, or .safetensors with arch")],
-                 name: OptionalForm = None, input_shape: OptionalForm = None,
-                 num_classes: Annotated[FormInteger | None, Form()] = None, class_names: OptionalForm = None,
-                 arch: OptionalForm = None, normalization: OptionalForm = None,
-                 sigma: Annotated[FormNumber | None, Form(allow_inf_nan=False)] = None) -> ModelRecord:
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelRecord,
+    dependencies=[Depends(require_admin)],
+    responses={
+        413: {"description": "file too large"},
+        422: {"description": "model refused"},
+        503: {"description": "no worker checked the model in time"},
+    },
+)
+def upload_model(
+    response: Response,
+    settings: SettingsDep,
+    models: ModelsDep,
+    jobs: JobsDep,
+    queue: QueueDep,
+    file: Annotated[UploadFile, File(description=".onnx, or .safetensors with arch")],
+    name: OptionalForm = None,
+    input_shape: OptionalForm = None,
+    num_classes: Annotated[FormInteger | None, Form()] = None,
+    class_names: OptionalForm = None,
+    arch: OptionalForm = None,
+    normalization: OptionalForm = None,
+    sigma: Annotated[FormNumber | None, Form(allow_inf_nan=False)] = None,
+) -> ModelRecord:
     """Store a model, have a worker load it and run one batch, answer its record."""
     try:
         fields = _fields(name, input_shape, num_classes, class_names, arch, normalization, sigma)
-        meta = models.add(file.file, file.filename or "", fields, max_bytes=settings.max_upload_bytes)
+        meta = models.add(
+            file.file, file.filename or "", fields, max_bytes=settings.max_upload_bytes
+        )
     except UploadTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except ModelError as exc:
@@ -85,7 +119,9 @@ def upload_model(response: Response, settings: SettingsDep, models: ModelsDep, j
     return _checked(meta, response, settings, models, jobs, queue)
 
 
-def _checked(meta: dict[str, Any], response: Response, settings, models, jobs, queue) -> ModelRecord:
+def _checked(
+    meta: dict[str, Any], response: Response, settings, models, jobs, queue
+) -> ModelRecord:
     """Have a worker load the pending model ``meta`` and run it on its check batches; its ready
     record, or the 422 / 503 that says why not (the pending record is removed then)."""
     model_id, job_id = meta["id"], new_job_id()
@@ -100,9 +136,11 @@ def _checked(meta: dict[str, Any], response: Response, settings, models, jobs, q
         models.delete(model_id)
         if record is None or record.status not in TERMINAL:
             jobs.request_cancel(job_id)
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                                f"no worker loaded the model within {settings.model_check_timeout_s:g} s; "
-                                "is a worker running? (GET /readyz)")
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"no worker loaded the model within {settings.model_check_timeout_s:g} s; "
+                "is a worker running? (GET /readyz)",
+            )
         raise HTTPException(422, f"model refused: {record.error or record.status}")
     found = {k: v for k, v in record.result.items() if v not in (None, {}) and k != "format"}
     meta = models.update(model_id, **found, status=READY, check_job=job_id)
@@ -110,14 +148,29 @@ def _checked(meta: dict[str, Any], response: Response, settings, models, jobs, q
     return ModelRecord.model_validate(meta)
 
 
-@router.post("/pipelines", status_code=status.HTTP_201_CREATED, response_model=ModelRecord,
-             dependencies=[Depends(require_admin)],
-             responses={404: {"description": "unknown denoiser or classifier"}, 413: {"description": "body too large"},
-                        422: {"description": "the parts cannot form a pipeline (not a denoiser, a pipeline as a "
-                                             "part, input shapes that differ), or the worker refused it"},
-                        503: {"description": "no worker checked the pipeline in time"}})
-def register_pipeline(body: PipelineRequest, response: Response, settings: SettingsDep, models: ModelsDep,
-                      jobs: JobsDep, queue: QueueDep) -> ModelRecord:
+@router.post(
+    "/pipelines",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelRecord,
+    dependencies=[Depends(require_admin)],
+    responses={
+        404: {"description": "unknown denoiser or classifier"},
+        413: {"description": "body too large"},
+        422: {
+            "description": "the parts cannot form a pipeline (not a denoiser, a pipeline as a "
+            "part, input shapes that differ), or the worker refused it"
+        },
+        503: {"description": "no worker checked the pipeline in time"},
+    },
+)
+def register_pipeline(
+    body: PipelineRequest,
+    response: Response,
+    settings: SettingsDep,
+    models: ModelsDep,
+    jobs: JobsDep,
+    queue: QueueDep,
+) -> ModelRecord:
     """Register a denoiser followed by a classifier as one model (denoised smoothing): its id works
     wherever a model id does. The noise is added before the denoiser; the classifier keeps its own
     normalization. A worker loads both parts and runs the pipeline on one batch before the 201."""
@@ -125,7 +178,9 @@ def register_pipeline(body: PipelineRequest, response: Response, settings: Setti
     for role in ("denoiser", "classifier"):
         parts[role] = models.get(getattr(body, role))
         if parts[role] is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown {role} model {getattr(body, role)!r}")
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"unknown {role} model {getattr(body, role)!r}"
+            )
     try:
         meta = models.add_pipeline(parts["denoiser"], parts["classifier"], body.name)
     except ModelError as exc:
@@ -150,7 +205,9 @@ def list_models(models: ModelsDep) -> list[ModelRecord]:
     return [ModelRecord.model_validate(m) for m in models.list()]
 
 
-@router.get("/{model_id}", response_model=ModelRecord, responses={404: {"description": "unknown model"}})
+@router.get(
+    "/{model_id}", response_model=ModelRecord, responses={404: {"description": "unknown model"}}
+)
 def get_model(model_id: str, models: ModelsDep) -> ModelRecord:
     meta = models.get(model_id)
     if meta is None:
@@ -158,15 +215,23 @@ def get_model(model_id: str, models: ModelsDep) -> ModelRecord:
     return ModelRecord.model_validate(meta)
 
 
-@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(require_admin)],
-               responses={404: {"description": "unknown model"}, 409: {"description": "a pipeline uses the model"}})
+@router.delete(
+    "/{model_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require_admin)],
+    responses={
+        404: {"description": "unknown model"},
+        409: {"description": "a pipeline uses the model"},
+    },
+)
 def delete_model(model_id: str, models: ModelsDep) -> Response:
     """Remove the model's files; jobs already queued for it fail with a message. A model that a
     pipeline uses is kept (409) until those pipelines are deleted."""
     if models.get(model_id) is not None and (users := models.pipelines_using(model_id)):
-        raise HTTPException(status.HTTP_409_CONFLICT, f"model {model_id} is a part of pipeline(s) "
-                                                      f"{', '.join(users)}; delete those first")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"model {model_id} is a part of pipeline(s) {', '.join(users)}; delete those first",
+        )
     if models.get(model_id) is None or not models.delete(model_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-

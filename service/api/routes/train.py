@@ -10,6 +10,7 @@ resumes from its checkpoint. The job's ``progress`` counts finished epochs. The 
 route reads the JSON body itself, as ``POST /v1/certify`` does, so that those come before the
 body is validated and an undecodable body is a 422 like any other invalid one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,24 +47,43 @@ from smoothcert.service.core.queue import TRAIN_DENOISER_TASK, TRAIN_QUEUE, TRAI
 from smoothcert.service.core.train_config import STABILITY_NEEDS_CLASSIFIER, TrainingError
 
 router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)])
-_BODY = {"required": True, "content": {"application/json": {"schema": TrainRequest.model_json_schema()}}}
+_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": TrainRequest.model_json_schema()}},
+}
 
 
-@router.post("/train", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
-             dependencies=[Depends(require_admin)], openapi_extra={"requestBody": _BODY},
-             responses={404: {"description": "unknown dataset"}, 413: {"description": "body too large"},
-                        422: {"description": "invalid parameters, or the dataset does not fit the architecture"
-                                             + REUSED_KEY},
-                        **IN_PROGRESS, **JOBS_LIMITED, **QUEUE_FULL})
-async def submit_training(request: Request, jobs: JobsDep, datasets: DatasetsDep, queue: QueueDep,
-                          admission: AdmissionDep) -> JSONResponse:
+@router.post(
+    "/train",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    dependencies=[Depends(require_admin)],
+    openapi_extra={"requestBody": _BODY},
+    responses={
+        404: {"description": "unknown dataset"},
+        413: {"description": "body too large"},
+        422: {
+            "description": "invalid parameters, or the dataset does not fit the architecture"
+            + REUSED_KEY
+        },
+        **IN_PROGRESS,
+        **JOBS_LIMITED,
+        **QUEUE_FULL,
+    },
+)
+async def submit_training(
+    request: Request, jobs: JobsDep, datasets: DatasetsDep, queue: QueueDep, admission: AdmissionDep
+) -> JSONResponse:
     """Queue a training job; poll ``Location``: ``progress`` counts epochs, ``result.history`` grows
     by one entry per epoch, and the succeeded result names the registered ``model_id``."""
     body = await request.body()
-    return await run_in_threadpool(admission.submit, lambda: json_content(body),
-                                   lambda: _enqueue(validate_body(TrainRequest, body), jobs, datasets, queue,
-                                                    admission),
-                                   status_code=status.HTTP_202_ACCEPTED, queue=TRAIN_QUEUE)
+    return await run_in_threadpool(
+        admission.submit,
+        lambda: json_content(body),
+        lambda: _enqueue(validate_body(TrainRequest, body), jobs, datasets, queue, admission),
+        status_code=status.HTTP_202_ACCEPTED,
+        queue=TRAIN_QUEUE,
+    )
 
 
 def _enqueue(req: TrainRequest, jobs, datasets, queue, admission) -> tuple[JobAccepted, str]:
@@ -85,8 +105,14 @@ def _enqueue(req: TrainRequest, jobs, datasets, queue, admission) -> tuple[JobAc
     spec = {"config": config.to_dict(), "dataset": req.dataset, "name": req.name}
     with admission.room(TRAIN_QUEUE, 1):
         try:
-            jobs.create(job_id, "train", params, total=config.epochs, owner=admission.caller,
-                        max_active=admission.max_active)
+            jobs.create(
+                job_id,
+                "train",
+                params,
+                total=config.epochs,
+                owner=admission.caller,
+                max_active=admission.max_active,
+            )
             queue.send_task(TRAIN_TASK, args=[job_id, spec], task_id=job_id)
         except Exception:
             with contextlib.suppress(Exception):
@@ -96,28 +122,55 @@ def _enqueue(req: TrainRequest, jobs, datasets, queue, admission) -> tuple[JobAc
     return accepted, accepted.location
 
 
-_DENOISER_BODY = {"required": True,
-                  "content": {"application/json": {"schema": DenoiserTrainRequest.model_json_schema()}}}
+_DENOISER_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": DenoiserTrainRequest.model_json_schema()}},
+}
 
 
-@router.post("/train/denoiser", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
-             dependencies=[Depends(require_admin)], openapi_extra={"requestBody": _DENOISER_BODY},
-             responses={404: {"description": "unknown dataset or classifier"}, 413: {"description": "body too large"},
-                        422: {"description": "invalid parameters, stability without a classifier, or a classifier "
-                                             "that does not fit" + REUSED_KEY},
-                        **IN_PROGRESS, **JOBS_LIMITED, **QUEUE_FULL})
-async def submit_denoiser_training(request: Request, jobs: JobsDep, datasets: DatasetsDep, models: ModelsDep,
-                                   queue: QueueDep, admission: AdmissionDep) -> JSONResponse:
+@router.post(
+    "/train/denoiser",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    dependencies=[Depends(require_admin)],
+    openapi_extra={"requestBody": _DENOISER_BODY},
+    responses={
+        404: {"description": "unknown dataset or classifier"},
+        413: {"description": "body too large"},
+        422: {
+            "description": "invalid parameters, stability without a classifier, or a classifier "
+            "that does not fit" + REUSED_KEY
+        },
+        **IN_PROGRESS,
+        **JOBS_LIMITED,
+        **QUEUE_FULL,
+    },
+)
+async def submit_denoiser_training(
+    request: Request,
+    jobs: JobsDep,
+    datasets: DatasetsDep,
+    models: ModelsDep,
+    queue: QueueDep,
+    admission: AdmissionDep,
+) -> JSONResponse:
     """Queue the training of a denoiser on the ``train`` queue; the succeeded result names the
     registered denoiser's ``model_id``, ready for ``POST /v1/models/pipelines``."""
     body = await request.body()
-    return await run_in_threadpool(admission.submit, lambda: json_content(body),
-                                   lambda: _enqueue_denoiser(validate_body(DenoiserTrainRequest, body), jobs,
-                                                             datasets, models, queue, admission),
-                                   status_code=status.HTTP_202_ACCEPTED, queue=TRAIN_QUEUE)
+    return await run_in_threadpool(
+        admission.submit,
+        lambda: json_content(body),
+        lambda: _enqueue_denoiser(
+            validate_body(DenoiserTrainRequest, body), jobs, datasets, models, queue, admission
+        ),
+        status_code=status.HTTP_202_ACCEPTED,
+        queue=TRAIN_QUEUE,
+    )
 
 
-def _enqueue_denoiser(req: DenoiserTrainRequest, jobs, datasets, models, queue, admission) -> tuple[JobAccepted, str]:
+def _enqueue_denoiser(
+    req: DenoiserTrainRequest, jobs, datasets, models, queue, admission
+) -> tuple[JobAccepted, str]:
     seed = req.seed if req.seed is not None else draw_seed(DRAWN_SEED_BOUND)
     try:
         config = req.config(seed)
@@ -128,7 +181,9 @@ def _enqueue_denoiser(req: DenoiserTrainRequest, jobs, datasets, models, queue, 
     try:
         input_shape, _ = dataset_shape(req.dataset, datasets.get(req.dataset))
         if req.classifier is not None:
-            check_denoiser_classifier(models.get(req.classifier), req.classifier, input_shape, req.dataset)
+            check_denoiser_classifier(
+                models.get(req.classifier), req.classifier, input_shape, req.dataset
+            )
         if req.init is not None:
             check_init_denoiser(models.get(req.init), req.init, input_shape, config)
     except (DatasetUnknown, ModelUnknown) as exc:
@@ -137,14 +192,30 @@ def _enqueue_denoiser(req: DenoiserTrainRequest, jobs, datasets, models, queue, 
         raise HTTPException(422, str(exc)) from None
 
     job_id = new_job_id()
-    params = {"dataset": req.dataset, "classifier": req.classifier, "init": req.init, "name": req.name,
-              **config.to_dict()}
-    spec = {"config": config.to_dict(), "dataset": req.dataset, "classifier": req.classifier, "init": req.init,
-            "name": req.name}
+    params = {
+        "dataset": req.dataset,
+        "classifier": req.classifier,
+        "init": req.init,
+        "name": req.name,
+        **config.to_dict(),
+    }
+    spec = {
+        "config": config.to_dict(),
+        "dataset": req.dataset,
+        "classifier": req.classifier,
+        "init": req.init,
+        "name": req.name,
+    }
     with admission.room(TRAIN_QUEUE, 1):
         try:
-            jobs.create(job_id, "train_denoiser", params, total=config.epochs, owner=admission.caller,
-                        max_active=admission.max_active)
+            jobs.create(
+                job_id,
+                "train_denoiser",
+                params,
+                total=config.epochs,
+                owner=admission.caller,
+                max_active=admission.max_active,
+            )
             queue.send_task(TRAIN_DENOISER_TASK, args=[job_id, spec], task_id=job_id)
         except Exception:
             with contextlib.suppress(Exception):

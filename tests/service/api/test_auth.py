@@ -1,4 +1,5 @@
 """Bearer keys: /v1 needs one (401), model upload and delete need the admin key (403)."""
+
 from __future__ import annotations
 
 import httpx
@@ -7,8 +8,16 @@ import pytest
 from tests.support.stack import USER_KEY
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("GET", "/v1/jobs/x"), ("POST", "/v1/certify"),
-                                         ("POST", "/v1/models"), ("DELETE", "/v1/jobs/x")])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/jobs/x"),
+        ("POST", "/v1/certify"),
+        ("POST", "/v1/models"),
+        ("DELETE", "/v1/jobs/x"),
+    ],
+)
 def test_v1_without_key_is_401(anonymous, method, path):
     resp = anonymous.request(method, path)
     assert resp.status_code == 401 and "missing API key" in resp.json()["detail"]
@@ -40,4 +49,3 @@ def test_both_keys_read(client, admin):
 def test_health_routes_are_open(anonymous):
     assert anonymous.get("/healthz").json() == {"status": "ok"}
     assert anonymous.get("/readyz").status_code == 200
-

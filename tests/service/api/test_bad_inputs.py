@@ -1,4 +1,5 @@
 """Every bad certify request gets a 4xx with a JSON detail that says what was wrong, never a 500."""
+
 from __future__ import annotations
 
 import base64
@@ -69,7 +70,9 @@ def test_unknown_model_is_404(client):
 
 
 def test_malformed_json_is_422(client):
-    resp = client.post("/v1/certify", content=b'{"model_id": ', headers={"Content-Type": "application/json"})
+    resp = client.post(
+        "/v1/certify", content=b'{"model_id": ', headers={"Content-Type": "application/json"}
+    )
     assert resp.status_code == 422 and resp.json()["detail"]
 
 
@@ -80,5 +83,7 @@ def test_oversized_body_is_413(client, demo_model):
 
 
 def test_validation_errors_do_not_echo_the_inputs(client, demo_model):
-    resp = client.post("/v1/certify", json={"model_id": demo_model["id"], "inputs": IMAGE, "sigma": "x"})
+    resp = client.post(
+        "/v1/certify", json={"model_id": demo_model["id"], "inputs": IMAGE, "sigma": "x"}
+    )
     assert resp.status_code == 422 and "0.5" not in resp.text

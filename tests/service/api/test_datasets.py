@@ -3,6 +3,7 @@
 This module runs a second worker beside the session's and its own API process, so that the
 chunk size and the dataset caps can be small (both share the session's Redis and data folder).
 """
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,11 @@ from tests.support.stack import (
 )
 
 CHUNK = 50
-LIMITS = {"SMOOTHCERT_CHUNK_SIZE": str(CHUNK), "SMOOTHCERT_MAX_DATASET_BYTES": str(256 << 10),
-          "SMOOTHCERT_MAX_DATASET_UNPACKED_BYTES": str(1 << 20)}
+LIMITS = {
+    "SMOOTHCERT_CHUNK_SIZE": str(CHUNK),
+    "SMOOTHCERT_MAX_DATASET_BYTES": str(256 << 10),
+    "SMOOTHCERT_MAX_DATASET_UNPACKED_BYTES": str(1 << 20),
+}
 # runtime torch: the chunks are compared with the engine running the torch model in this process
 JOB = {"sigma": 0.25, "n0": 10, "n": 100, "seed": 11, "runtime": "torch"}
 
@@ -47,7 +51,9 @@ def second_worker(redis_url, data_dir, worker) -> str:
 def api(redis_url, data_dir, worker, second_worker):
     """A client of an API with chunks of 50 inputs and small dataset caps, authorized as a user."""
     proc, url = start_api(stack_env(redis_url, data_dir, **LIMITS), data_dir / "api-datasets.log")
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90) as client:
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90
+    ) as client:
         yield client
     stop_process(proc)
 
@@ -96,12 +102,19 @@ def test_upload_answers_the_record_and_it_is_listed(api, dataset, digits):
 
 def test_uint8_upload_and_delete(api, digits):
     pixels = (digits[0][:10] * 255).round().astype(np.uint8)
-    resp = api.post("/v1/datasets", files={"file": ("px.npz", npz(x=pixels, y=digits[1][:10]))}, data={"name": "px"})
+    resp = api.post(
+        "/v1/datasets",
+        files={"file": ("px.npz", npz(x=pixels, y=digits[1][:10]))},
+        data={"name": "px"},
+    )
     assert resp.status_code == 201, resp.text
     record = resp.json()
     assert record["source_dtype"] == "uint8" and record["name"] == "px"
     assert api.delete(f"/v1/datasets/{record['id']}").status_code == 204
-    for resp in (api.get(f"/v1/datasets/{record['id']}"), api.delete(f"/v1/datasets/{record['id']}")):
+    for resp in (
+        api.get(f"/v1/datasets/{record['id']}"),
+        api.delete(f"/v1/datasets/{record['id']}"),
+    ):
         assert resp.status_code == 404 and "unknown dataset" in resp.json()["detail"]
 
 
@@ -110,11 +123,19 @@ def test_dataset_job_is_split_into_chunks_that_both_workers_run(finished, second
     assert finished["progress"] == {"done": 359 * 110, "total": 359 * 110}
     provenance = finished["result"]["provenance"]
     chunks = provenance["chunks"]
-    assert [(c["start"], c["stop"]) for c in chunks] == [(a, min(a + CHUNK, 359)) for a in range(0, 359, CHUNK)]
+    assert [(c["start"], c["stop"]) for c in chunks] == [
+        (a, min(a + CHUNK, 359)) for a in range(0, 359, CHUNK)
+    ]
     assert [c["seed"] for c in chunks] == [chunk_seed(11, i) for i in range(8)]
-    assert provenance["seed"] == 11 and provenance["num_inputs"] == 359 and provenance["chunk_size"] == CHUNK
+    assert (
+        provenance["seed"] == 11
+        and provenance["num_inputs"] == 359
+        and provenance["chunk_size"] == CHUNK
+    )
     # Both idle workers block on the queue when the 8 messages arrive, and each holds one at a time.
-    assert second_worker in provenance["workers"] and len(provenance["workers"]) == 2, provenance["workers"]
+    assert second_worker in provenance["workers"] and len(provenance["workers"]) == 2, provenance[
+        "workers"
+    ]
 
 
 def test_rows_are_in_dataset_order_with_labels_and_totals(finished, digits):
@@ -137,23 +158,38 @@ def test_each_chunk_is_the_engine_answer_for_its_seed(finished, demo_paths, digi
 
     model = load_model(demo_paths["safetensors"], device="cpu")
     rows = finished["result"]["results"]
-    for chunk in finished["result"]["provenance"]["chunks"][6:]:   # one full chunk and the short last one
+    for chunk in finished["result"]["provenance"]["chunks"][
+        6:
+    ]:  # one full chunk and the short last one
         a, b = chunk["start"], chunk["stop"]
-        direct = engine_certify(model, digits[0][a:b], 0.25, n0=10, n=100, seed=chunk["seed"],
-                                batch_size=chunk["batch_size"]).to_dict()["results"]
-        assert [(r["prediction"], r["n_a"], r["radius"]) for r in rows[a:b]] == \
-               [(r["prediction"], r["n_a"], r["radius"]) for r in direct]
+        direct = engine_certify(
+            model,
+            digits[0][a:b],
+            0.25,
+            n0=10,
+            n=100,
+            seed=chunk["seed"],
+            batch_size=chunk["batch_size"],
+        ).to_dict()["results"]
+        assert [(r["prediction"], r["n_a"], r["radius"]) for r in rows[a:b]] == [
+            (r["prediction"], r["n_a"], r["radius"]) for r in direct
+        ]
 
 
 def test_the_same_seed_gives_the_same_rows(api, demo_model, dataset, finished):
     # The first two chunks again (limit=100 keeps their ranges, hence their seeds), on whichever workers.
-    again = wait_job(api, certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], limit=2 * CHUNK, **JOB))
+    again = wait_job(
+        api,
+        certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], limit=2 * CHUNK, **JOB),
+    )
     strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
-    assert strip(again["result"]["results"]) == strip(finished["result"]["results"][:2 * CHUNK])
+    assert strip(again["result"]["results"]) == strip(finished["result"]["results"][: 2 * CHUNK])
 
 
 def test_skip_and_limit_and_the_tsv(api, demo_model, dataset, digits):
-    job_id = certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], skip=100, limit=60, **JOB)
+    job_id = certify(
+        api, model_id=demo_model["id"], dataset_id=dataset["id"], skip=100, limit=60, **JOB
+    )
     job = wait_job(api, job_id)
     assert job["params"]["chunks"] == 2 and job["progress"]["total"] == 60 * 110
     assert [r["index"] for r in job["result"]["results"]] == list(range(100, 160))
@@ -162,17 +198,40 @@ def test_skip_and_limit_and_the_tsv(api, demo_model, dataset, digits):
 
 
 def test_predict_over_a_dataset(api, demo_model, dataset):
-    job = wait_job(api, certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], limit=70, mode="predict",
-                                sigma=0.25, n=100, seed=2))
+    job = wait_job(
+        api,
+        certify(
+            api,
+            model_id=demo_model["id"],
+            dataset_id=dataset["id"],
+            limit=70,
+            mode="predict",
+            sigma=0.25,
+            n=100,
+            seed=2,
+        ),
+    )
     assert job["status"] == "succeeded" and job["kind"] == "predict"
     assert len(job["result"]["results"]) == 70 and 0.8 < job["result"]["accuracy"] <= 1
 
 
 def test_cancel_stops_every_chunk(api, demo_model, dataset, redis_url):
-    job_id = certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], limit=2 * CHUNK, sigma=0.5, n0=10,
-                     n=2_000_000, batch_size=500, seed=0)
+    job_id = certify(
+        api,
+        model_id=demo_model["id"],
+        dataset_id=dataset["id"],
+        limit=2 * CHUNK,
+        sigma=0.5,
+        n0=10,
+        n=2_000_000,
+        batch_size=500,
+        seed=0,
+    )
     deadline = time.monotonic() + 30
-    while api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] == 0 and time.monotonic() < deadline:
+    while (
+        api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] == 0
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert api.delete(f"/v1/jobs/{job_id}").status_code in (200, 202)
     job = wait_job(api, job_id, timeout=30)
@@ -184,21 +243,35 @@ def test_cancel_stops_every_chunk(api, demo_model, dataset, redis_url):
     broker.close()
     done = api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"]
     assert 0 < done < job["progress"]["total"]
-    after = wait_job(api, certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], limit=2 * CHUNK, **JOB),
-                     timeout=30)
+    after = wait_job(
+        api,
+        certify(api, model_id=demo_model["id"], dataset_id=dataset["id"], limit=2 * CHUNK, **JOB),
+        timeout=30,
+    )
     assert after["status"] == "succeeded" and len(after["result"]["provenance"]["workers"]) == 2
     assert api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] == done
 
 
-@pytest.mark.parametrize("data,code,phrase", [
-    (npz(x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3, dtype=int)), 422, "pickled Python objects"),
-    (npz(x=np.zeros((3, 1, 8, 8))), 422, "lacks y"),
-    (npz(x=np.full((3, 1, 8, 8), np.nan), y=np.zeros(3, dtype=int)), 422, "NaN"),
-    (npz(x=np.full((3, 1, 8, 8), 2.0), y=np.zeros(3, dtype=int)), 422, "[0, 1]"),
-    (npz(x=np.zeros((3, 1, 8, 8)), y=np.zeros(2, dtype=int)), 422, "x holds 3 images but y holds 2"),
-    (b"not a zip", 422, "not an .npz"),
-    (np.random.default_rng(0).bytes(300 << 10), 413, "limit of 262144 bytes"),
-])
+@pytest.mark.parametrize(
+    "data,code,phrase",
+    [
+        (
+            npz(x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3, dtype=int)),
+            422,
+            "pickled Python objects",
+        ),
+        (npz(x=np.zeros((3, 1, 8, 8))), 422, "lacks y"),
+        (npz(x=np.full((3, 1, 8, 8), np.nan), y=np.zeros(3, dtype=int)), 422, "NaN"),
+        (npz(x=np.full((3, 1, 8, 8), 2.0), y=np.zeros(3, dtype=int)), 422, "[0, 1]"),
+        (
+            npz(x=np.zeros((3, 1, 8, 8)), y=np.zeros(2, dtype=int)),
+            422,
+            "x holds 3 images but y holds 2",
+        ),
+        (b"not a zip", 422, "not an .npz"),
+        (np.random.default_rng(0).bytes(300 << 10), 413, "limit of 262144 bytes"),
+    ],
+)
 def test_bad_uploads_are_refused_with_a_message(api, data, code, phrase):
     resp = upload_dataset(api, data)
     assert resp.status_code == code, resp.text
@@ -207,11 +280,15 @@ def test_bad_uploads_are_refused_with_a_message(api, data, code, phrase):
 
 def test_zip_bomb_is_refused_before_unzipping(api):
     buf = io.BytesIO()
-    np.savez_compressed(buf, x=np.zeros((8192, 1, 8, 8), dtype=np.float32), y=np.zeros(8192, dtype=np.int64))
-    assert len(buf.getvalue()) < 64 << 10   # 2 MiB of arrays once unzipped
+    np.savez_compressed(
+        buf, x=np.zeros((8192, 1, 8, 8), dtype=np.float32), y=np.zeros(8192, dtype=np.int64)
+    )
+    assert len(buf.getvalue()) < 64 << 10  # 2 MiB of arrays once unzipped
     resp = upload_dataset(api, buf.getvalue())
     assert resp.status_code == 413, resp.text
-    assert "unzip to" in resp.json()["detail"] and f"limit of {1 << 20} bytes" in resp.json()["detail"]
+    assert (
+        "unzip to" in resp.json()["detail"] and f"limit of {1 << 20} bytes" in resp.json()["detail"]
+    )
 
 
 def test_datasets_need_a_key(api):
@@ -221,7 +298,9 @@ def test_datasets_need_a_key(api):
 @pytest.fixture(scope="module")
 def small_images(api) -> dict:
     """Valid 4x4 images with labels up to 12: they fit neither the digits model's shape nor its classes."""
-    resp = upload_dataset(api, npz(x=np.zeros((3, 1, 4, 4), dtype=np.float32), y=np.array([0, 1, 12])))
+    resp = upload_dataset(
+        api, npz(x=np.zeros((3, 1, 4, 4), dtype=np.float32), y=np.array([0, 1, 12]))
+    )
     assert resp.status_code == 201, resp.text
     return resp.json()
 
@@ -229,7 +308,11 @@ def small_images(api) -> dict:
 def test_bad_dataset_jobs_are_refused(api, demo_model, dataset, small_images):
     good = {"model_id": demo_model["id"], "dataset_id": dataset["id"], **JOB}
     cases = [
-        ({"dataset_id": small_images["id"]}, 422, "holds inputs of shape [1, 4, 4], the model takes [1, 8, 8]"),
+        (
+            {"dataset_id": small_images["id"]},
+            422,
+            "holds inputs of shape [1, 4, 4], the model takes [1, 8, 8]",
+        ),
         ({"dataset_id": "no-such-dataset"}, 404, "unknown dataset"),
         ({"inputs": np.zeros((1, 8, 8)).tolist()}, 422, "either inputs or dataset_id"),
         ({"labels": [1]}, 422, "do not send labels"),
@@ -240,15 +323,27 @@ def test_bad_dataset_jobs_are_refused(api, demo_model, dataset, small_images):
         resp = api.post("/v1/certify", json={**good, **change})
         assert resp.status_code == code, (change, resp.text)
         assert phrase in str(resp.json()["detail"]), (change, resp.text)
-    resp = api.post("/v1/certify", json={"model_id": demo_model["id"], "inputs": np.zeros((1, 8, 8)).tolist(),
-                                         "skip": 1, **JOB})
+    resp = api.post(
+        "/v1/certify",
+        json={
+            "model_id": demo_model["id"],
+            "inputs": np.zeros((1, 8, 8)).tolist(),
+            "skip": 1,
+            **JOB,
+        },
+    )
     assert resp.status_code == 422 and "dataset jobs" in str(resp.json()["detail"])
 
 
 def test_labels_outside_the_model_classes_are_refused(api, demo_model):
     resp = upload_dataset(api, npz(x=np.zeros((2, 1, 8, 8), dtype=np.float32), y=np.array([3, 10])))
-    resp = api.post("/v1/certify", json={"model_id": demo_model["id"], "dataset_id": resp.json()["id"], **JOB})
-    assert resp.status_code == 422 and "labels up to 10, the model's classes are [0, 10)" in resp.json()["detail"]
+    resp = api.post(
+        "/v1/certify", json={"model_id": demo_model["id"], "dataset_id": resp.json()["id"], **JOB}
+    )
+    assert (
+        resp.status_code == 422
+        and "labels up to 10, the model's classes are [0, 10)" in resp.json()["detail"]
+    )
 
 
 @pytest.fixture
@@ -264,15 +359,17 @@ def test_ledger_redelivery_overwrites_a_chunk_and_progress_sums_chunks(ledger):
     assert (ledger.start(job_id, 0), ledger.start(job_id, 1), ledger.start(job_id, 0)) == (1, 1, 2)
     ledger.set_progress(job_id, 0, 30)
     ledger.set_progress(job_id, 1, 50)
-    ledger.set_progress(job_id, 0, 10)     # chunk 0 was redelivered and starts over
+    ledger.set_progress(job_id, 0, 10)  # chunk 0 was redelivered and starts over
     record = ledger.jobs.get(job_id)
     assert record.status == "running" and record.done == 60 and record.started_at
     assert ledger.store(job_id, 0, {"rows": [1]}) == 1
-    assert ledger.store(job_id, 0, {"rows": [1]}) == 1     # a redelivered chunk counts once
+    assert ledger.store(job_id, 0, {"rows": [1]}) == 1  # a redelivered chunk counts once
     assert ledger.store(job_id, 1, {"rows": [2]}) == 2
     assert ledger.results(job_id) == {0: {"rows": [1]}, 1: {"rows": [2]}}
-    assert ledger.jobs.succeed(job_id, {"results": []}) and not ledger.jobs.succeed(job_id, {"results": []})
-    assert ledger.start(job_id, 1) == 0     # a late delivery after success does nothing
+    assert ledger.jobs.succeed(job_id, {"results": []}) and not ledger.jobs.succeed(
+        job_id, {"results": []}
+    )
+    assert ledger.start(job_id, 1) == 0  # a late delivery after success does nothing
     ledger.clear(job_id)
     assert ledger.results(job_id) == {}
 
@@ -295,9 +392,11 @@ def test_only_the_uploading_key_or_the_admin_key_deletes_a_dataset(client, admin
     by_admin = upload_dataset(admin, small).json()["id"]
     refused = client.delete(f"/v1/datasets/{by_admin}")
     assert refused.status_code == 403
-    assert refused.json()["detail"] == (f"dataset {by_admin} was uploaded with another key; only that key or the "
-                                        "admin key (SMOOTHCERT_ADMIN_KEY) may delete it")
-    assert client.get(f"/v1/datasets/{by_admin}").status_code == 200   # still there
+    assert refused.json()["detail"] == (
+        f"dataset {by_admin} was uploaded with another key; only that key or the "
+        "admin key (SMOOTHCERT_ADMIN_KEY) may delete it"
+    )
+    assert client.get(f"/v1/datasets/{by_admin}").status_code == 200  # still there
     assert admin.delete(f"/v1/datasets/{by_admin}").status_code == 204
     by_user = upload_dataset(client, small).json()["id"]
     assert admin.delete(f"/v1/datasets/{by_user}").status_code == 204

@@ -2,6 +2,7 @@
 form, both recorded as denoisers; registered in front of the demo classifier, a certify job through
 the real worker gives the rows of `smoothcert certify CLASSIFIER --denoiser FILE` for the same seed,
 and its provenance names the timestep the job's σ chose."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,10 @@ JOB = {"sigma": 0.5, "n0": 20, "n": 200, "alpha": 0.001, "batch_size": 100, "see
 def diffusion_files(tmp_path_factory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("diffusion")
     path = random_diffusion(folder / "diffusion.safetensors")
-    return {"safetensors": path, "onnx": export_diffusion_onnx(load_denoiser(path, device="cpu"), folder / "d.onnx")}
+    return {
+        "safetensors": path,
+        "onnx": export_diffusion_onnx(load_denoiser(path, device="cpu"), folder / "d.onnx"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +49,19 @@ def test_both_forms_of_a_diffusion_denoiser_are_recorded_as_denoisers(uploaded):
         assert record["input_shape"] == [1, 8, 8] and record["num_classes"] is None
 
 
-def test_a_diffusion_pipeline_job_gives_the_rows_of_certify_with_denoiser(admin, client, uploaded, diffusion_files,
-                                                                          demo_model, demo_paths, tmp_path):
-    resp = admin.post("/v1/models/pipelines", json={"denoiser": uploaded["safetensors"]["id"],
-                                                    "classifier": demo_model["id"]})
+def test_a_diffusion_pipeline_job_gives_the_rows_of_certify_with_denoiser(
+    admin, client, uploaded, diffusion_files, demo_model, demo_paths, tmp_path
+):
+    resp = admin.post(
+        "/v1/models/pipelines",
+        json={"denoiser": uploaded["safetensors"]["id"], "classifier": demo_model["id"]},
+    )
     assert resp.status_code == 201, resp.text
     pipeline = resp.json()
     x = np.load(demo_paths["test_x"])[:6]
-    resp = client.post("/v1/certify", json={"model_id": pipeline["id"], "inputs": x.tolist(), **JOB})
+    resp = client.post(
+        "/v1/certify", json={"model_id": pipeline["id"], "inputs": x.tolist(), **JOB}
+    )
     assert resp.status_code == 202, resp.text
     job = wait_job(client, resp.json()["job_id"], timeout=120)
     assert job["status"] == "succeeded", job["error"]
@@ -60,23 +69,37 @@ def test_a_diffusion_pipeline_job_gives_the_rows_of_certify_with_denoiser(admin,
     assert_same_certificates(job["result"]["results"], cli)
     schedule = load_denoiser(diffusion_files["safetensors"], device="cpu").alphas_cumprod
     part = job["result"]["provenance"]["model_parts"]["denoiser"]
-    assert part["id"] == uploaded["safetensors"]["id"] and part["sha256"] == uploaded["safetensors"]["sha256"]
+    assert (
+        part["id"] == uploaded["safetensors"]["id"]
+        and part["sha256"] == uploaded["safetensors"]["sha256"]
+    )
     assert (part["sigma"], part["timestep"]) == (0.5, timestep_for_sigma(schedule, 0.5))
     cli_provenance = json.loads((tmp_path / "cli.tsv.json").read_text())
     assert cli_provenance["model_parts"]["denoiser"]["timestep"] == part["timestep"]
 
 
-def test_an_onnx_diffusion_pipeline_refuses_a_sigma_beyond_its_schedule(admin, client, uploaded, demo_model,
-                                                                         demo_paths, diffusion_files):
-    resp = admin.post("/v1/models/pipelines", json={"denoiser": uploaded["onnx"]["id"],
-                                                    "classifier": demo_model["id"]})
+def test_an_onnx_diffusion_pipeline_refuses_a_sigma_beyond_its_schedule(
+    admin, client, uploaded, demo_model, demo_paths, diffusion_files
+):
+    resp = admin.post(
+        "/v1/models/pipelines",
+        json={"denoiser": uploaded["onnx"]["id"], "classifier": demo_model["id"]},
+    )
     assert resp.status_code == 201, resp.text
     x = np.load(demo_paths["test_x"])[:2]
     pipeline = resp.json()
     newest = [j["id"] for j in client.get("/v1/jobs", params={"limit": 1}).json()["jobs"]]
-    resp = client.post("/v1/certify", json={"model_id": pipeline["id"], "inputs": x.tolist(), **{**JOB, "sigma": 2}})
-    assert resp.status_code == 422 and "beyond this diffusion model's schedule" in resp.json()["detail"], resp.text
-    assert [j["id"] for j in client.get("/v1/jobs", params={"limit": 1}).json()["jobs"]] == newest   # none queued
+    resp = client.post(
+        "/v1/certify",
+        json={"model_id": pipeline["id"], "inputs": x.tolist(), **{**JOB, "sigma": 2}},
+    )
+    assert (
+        resp.status_code == 422
+        and "beyond this diffusion model's schedule" in resp.json()["detail"]
+    ), resp.text
+    assert [
+        j["id"] for j in client.get("/v1/jobs", params={"limit": 1}).json()["jobs"]
+    ] == newest  # none queued
     # Past the API (a job queued before this check existed) the engine refuses the σ with the same words.
     model = load_pipeline(diffusion_files["onnx"], demo_paths["safetensors"], device="cpu")
     with pytest.raises(ModelError, match="beyond this diffusion model's schedule"):

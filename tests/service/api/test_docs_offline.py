@@ -1,4 +1,5 @@
 """``/docs`` and ``/redoc`` load nothing from the internet: every script and style comes from the API."""
+
 from __future__ import annotations
 
 import re

@@ -9,6 +9,7 @@ checks) and must conform to the document: a documented status code, content type
 body, and every error must be JSON with a `detail`. Generation is derandomized and bounded (25
 examples an operation), so a run is reproducible and takes about 20 s; a failure prints a curl line.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,18 +59,37 @@ def errors_say_why(ctx, response, case) -> None:
         try:
             detail = json.loads(response.content)["detail"]
         except (ValueError, KeyError, TypeError):
-            raise AssertionError(f"{case.operation.label} answered {response.status_code} without a JSON "
-                                 f"detail: {response.content[:200]!r}") from None
-        assert detail, f"{case.operation.label} answered {response.status_code} with an empty detail"
+            raise AssertionError(
+                f"{case.operation.label} answered {response.status_code} without a JSON "
+                f"detail: {response.content[:200]!r}"
+            ) from None
+        assert detail, (
+            f"{case.operation.label} answered {response.status_code} with an empty detail"
+        )
 
 
-CHECKS = [no_undeclared_server_error, errors_say_why, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance]
+CHECKS = [
+    no_undeclared_server_error,
+    errors_say_why,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 
 @SCHEMA.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_api_conforms_to_its_document(case, fuzz_api):
-    case.call_and_validate(base_url=fuzz_api, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                           checks=CHECKS, timeout=30)
+    case.call_and_validate(
+        base_url=fuzz_api,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        checks=CHECKS,
+        timeout=30,
+    )

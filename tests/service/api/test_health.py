@@ -1,5 +1,6 @@
 """/healthz and /readyz (what the workers are only for a key holder), and 503 (not 500) when Redis
 cannot be reached."""
+
 from __future__ import annotations
 
 import httpx
@@ -15,30 +16,50 @@ def test_readyz_names_the_live_worker(client):
 
 def test_readyz_describes_each_worker_its_device_and_loaded_models(client, demo_model):
     # The upload's check ran in the worker's pool process, which keeps the model loaded.
-    (worker,) = [w for w in client.get("/readyz").json()["worker_details"] if w["name"].startswith("test@")]
-    assert worker["queues"] == ["certify"] and worker["concurrency"] == 1 and worker["requested_device"] == "cpu"
+    (worker,) = [
+        w for w in client.get("/readyz").json()["worker_details"] if w["name"].startswith("test@")
+    ]
+    assert (
+        worker["queues"] == ["certify"]
+        and worker["concurrency"] == 1
+        and worker["requested_device"] == "cpu"
+    )
     (process,) = worker["processes"]
     assert process["device"] == "cpu" and process["pid"] != worker["pid"]
     loaded = {m["id"]: m for m in process["models"]}
-    assert loaded[demo_model["id"]]["runtime"] == "torch" and loaded[demo_model["id"]]["provider"] == "cpu"
+    assert (
+        loaded[demo_model["id"]]["runtime"] == "torch"
+        and loaded[demo_model["id"]]["provider"] == "cpu"
+    )
 
 
 def test_redis_unreachable_is_503(api_without_redis):
     assert httpx.get(f"{api_without_redis}/healthz").status_code == 200
     ready = httpx.get(f"{api_without_redis}/readyz")
     assert ready.status_code == 503 and "Redis unreachable" in ready.json()["detail"]
-    resp = httpx.get(f"{api_without_redis}/v1/jobs/{new_job_id()}", headers={"Authorization": f"Bearer {USER_KEY}"})
+    resp = httpx.get(
+        f"{api_without_redis}/v1/jobs/{new_job_id()}",
+        headers={"Authorization": f"Bearer {USER_KEY}"},
+    )
     assert resp.status_code == 503 and "unreachable" in resp.json()["detail"]
-    assert ready.json() == {"status": "not ready", "detail": "Redis unreachable"}   # no address without a key
-    keyed = httpx.get(f"{api_without_redis}/readyz", headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert ready.json() == {
+        "status": "not ready",
+        "detail": "Redis unreachable",
+    }  # no address without a key
+    keyed = httpx.get(
+        f"{api_without_redis}/readyz", headers={"Authorization": f"Bearer {USER_KEY}"}
+    )
     assert keyed.status_code == 503 and keyed.json()["redis"] == "unreachable"
 
 
-def test_readyz_without_a_valid_key_says_only_whether_it_is_ready(api_url, anonymous, client, demo_model):
+def test_readyz_without_a_valid_key_says_only_whether_it_is_ready(
+    api_url, anonymous, client, demo_model
+):
     keyed = client.get("/readyz").json()
     names = keyed["workers"]
-    pids = [w["pid"] for w in keyed["worker_details"]] + [p["pid"] for w in keyed["worker_details"]
-                                                           for p in w["processes"]]
+    pids = [w["pid"] for w in keyed["worker_details"]] + [
+        p["pid"] for w in keyed["worker_details"] for p in w["processes"]
+    ]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {USER_KEY}"}):
         resp = anonymous.get("/readyz", headers=headers)
         assert resp.status_code == 200 and resp.json() == {"status": "ready"}

@@ -5,6 +5,7 @@ written, and nothing is left behind in the data dir (no pending model, no partia
 Payloads are built in memory, so the test's own tmp dir stays empty: it only names the marker
 file that an unpickled payload would create.
 """
+
 from __future__ import annotations
 
 import io
@@ -63,20 +64,31 @@ class Marker:
 
 
 def plain_pickle(protocol: int):
-    return lambda marker: pickle.dumps({"fc.weight": [1.0, 2.0], "hook": Marker(marker)}, protocol=protocol)
+    return lambda marker: pickle.dumps(
+        {"fc.weight": [1.0, 2.0], "hook": Marker(marker)}, protocol=protocol
+    )
 
 
 def torch_save(zip_format: bool):
     def build(marker: Path) -> bytes:
         buf = io.BytesIO()
-        torch.save({"fc.weight": torch.zeros(2), "hook": Marker(marker)}, buf,
-                   _use_new_zipfile_serialization=zip_format)
+        torch.save(
+            {"fc.weight": torch.zeros(2), "hook": Marker(marker)},
+            buf,
+            _use_new_zipfile_serialization=zip_format,
+        )
         return buf.getvalue()
+
     return build
 
 
-PICKLES = {"pickle4": plain_pickle(4), "pickle2": plain_pickle(2), "pickle0": plain_pickle(0),
-           "torch-zip": torch_save(True), "torch-legacy": torch_save(False)}
+PICKLES = {
+    "pickle4": plain_pickle(4),
+    "pickle2": plain_pickle(2),
+    "pickle0": plain_pickle(0),
+    "torch-zip": torch_save(True),
+    "torch-legacy": torch_save(False),
+}
 
 
 @pytest.mark.parametrize("kind", sorted(PICKLES))
@@ -90,18 +102,21 @@ def test_the_pickle_payloads_are_live(tmp_path, kind):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("kind,filename,phrases", [
-    ("pickle4", "model.safetensors", ["never unpickles"]),
-    ("pickle4", "model.pt", ["never unpickles"]),
-    ("pickle2", "model.pth", ["never unpickles"]),
-    ("pickle4", "model.onnx", ["never unpickles"]),
-    ("torch-zip", "model.safetensors", ["never unpickles"]),
-    ("torch-zip", "model.pt", ["never unpickles"]),
-    ("torch-legacy", "model.pth", ["never unpickles"]),
-    # Protocol 0 has no magic bytes to sniff: refused by what it is not (its name, or a safetensors header).
-    ("pickle0", "model.pt", ["upload a .onnx file"]),
-    ("pickle0", "model.safetensors", ["model refused", "safetensors header length"]),
-])
+@pytest.mark.parametrize(
+    "kind,filename,phrases",
+    [
+        ("pickle4", "model.safetensors", ["never unpickles"]),
+        ("pickle4", "model.pt", ["never unpickles"]),
+        ("pickle2", "model.pth", ["never unpickles"]),
+        ("pickle4", "model.onnx", ["never unpickles"]),
+        ("torch-zip", "model.safetensors", ["never unpickles"]),
+        ("torch-zip", "model.pt", ["never unpickles"]),
+        ("torch-legacy", "model.pth", ["never unpickles"]),
+        # Protocol 0 has no magic bytes to sniff: refused by what it is not (its name, or a safetensors header).
+        ("pickle0", "model.pt", ["upload a .onnx file"]),
+        ("pickle0", "model.safetensors", ["model refused", "safetensors header length"]),
+    ],
+)
 def test_pickles_are_refused_and_never_unpickled(admin, untouched, kind, filename, phrases):
     marker = untouched / "unpickled"
     refused(upload_model(admin, filename, PICKLES[kind](marker), arch="digits_cnn"), 422, *phrases)
@@ -121,15 +136,42 @@ def f32(begin: int, end: int, shape: list[int] | None = None) -> dict:
     return {"dtype": "F32", "shape": shape or [(end - begin) // 4], "data_offsets": [begin, end]}
 
 
-@pytest.mark.parametrize("content,phrase", [
-    (safetensors({"w": f32(0, 4096)}, bytes(8)), "header describes 4096 bytes of tensor data, the file holds 8"),
-    (safetensors({"a": f32(0, 16), "b": f32(8, 24)}, bytes(24)), "starts at byte 8, expected 16"),
-    (safetensors({"w": f32(0, 16, [10**12])}, bytes(16)), "claims 16 bytes, its shape [1000000000000]"),
-    (safetensors({"w": f32(0, 16)}, bytes(16), declared_length=2**62), "header length 4611686018427387904"),
-    (safetensors({"w": f32(0, 16)}, bytes(16), declared_length=100_000_001), "does not fit"),
-], ids=["beyond-the-file", "overlapping", "shape-vs-offsets", "huge-header", "header-over-the-cap"])
+@pytest.mark.parametrize(
+    "content,phrase",
+    [
+        (
+            safetensors({"w": f32(0, 4096)}, bytes(8)),
+            "header describes 4096 bytes of tensor data, the file holds 8",
+        ),
+        (
+            safetensors({"a": f32(0, 16), "b": f32(8, 24)}, bytes(24)),
+            "starts at byte 8, expected 16",
+        ),
+        (
+            safetensors({"w": f32(0, 16, [10**12])}, bytes(16)),
+            "claims 16 bytes, its shape [1000000000000]",
+        ),
+        (
+            safetensors({"w": f32(0, 16)}, bytes(16), declared_length=2**62),
+            "header length 4611686018427387904",
+        ),
+        (safetensors({"w": f32(0, 16)}, bytes(16), declared_length=100_000_001), "does not fit"),
+    ],
+    ids=[
+        "beyond-the-file",
+        "overlapping",
+        "shape-vs-offsets",
+        "huge-header",
+        "header-over-the-cap",
+    ],
+)
 def test_lying_safetensors_headers_are_refused(admin, untouched, content, phrase):
-    refused(upload_model(admin, "lying.safetensors", content, arch="digits_cnn"), 422, "model refused", phrase)
+    refused(
+        upload_model(admin, "lying.safetensors", content, arch="digits_cnn"),
+        422,
+        "model refused",
+        phrase,
+    )
 
 
 # ---------------------------------------------------------------- ONNX: custom ops, external data
@@ -139,34 +181,74 @@ def test_lying_safetensors_headers_are_refused(admin, untouched, content, phrase
 def onnx_bytes(nodes: list, opsets: dict[str, int], initializers=()) -> bytes:
     """x (n, 1, 8, 8) -> Flatten -> nodes -> y; serialized as is (onnx.save would follow external data)."""
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["x"], ["flat"]), *nodes], "hostile",
+        [helper.make_node("Flatten", ["x"], ["flat"]), *nodes],
+        "hostile",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
-                              ir_version=8)
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        list(initializers),
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], ir_version=8
+    )
     return model.SerializeToString()
 
 
 def external_weight(location: str) -> TensorProto:
-    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[64], data_location=TensorProto.EXTERNAL)
+    weight = TensorProto(
+        name="w", data_type=TensorProto.FLOAT, dims=[64], data_location=TensorProto.EXTERNAL
+    )
     for key, value in [("location", location), ("offset", "0"), ("length", "256")]:
         weight.external_data.add(key=key, value=value)
     return weight
 
 
-@pytest.mark.parametrize("content,phrase", [
-    (onnx_bytes([helper.make_node("Exfiltrate", ["flat"], ["y"], domain="com.evil")], {"": 17, "com.evil": 1}),
-     "uses the operator 'com.evil:Exfiltrate', which is not standard ONNX"),
-    # onnxruntime would run this contrib op as it is: the allow-list, not onnxruntime, refuses it.
-    (onnx_bytes([helper.make_node("Gelu", ["flat"], ["y"], domain="com.microsoft")], {"": 17, "com.microsoft": 1}),
-     "uses the operator 'com.microsoft:Gelu'"),
-    (onnx_bytes([helper.make_node("Identity", ["flat"], ["y"])], {"": 17, "com.evil": 1}),
-     "imports the operator set 'com.evil'"),
-    (onnx_bytes([helper.make_node("Add", ["flat", "w"], ["y"])], {"": 17}, [external_weight("../../../etc/passwd")]),
-     "external data files (tensor 'w' in '../../../etc/passwd')"),
-    (onnx_bytes([helper.make_node("Add", ["flat", "w"], ["y"])], {"": 17}, [external_weight("/etc/passwd")]),
-     "external data files (tensor 'w' in '/etc/passwd')"),
-], ids=["custom-domain", "onnxruntime-contrib-op", "custom-opset-import", "external-relative", "external-absolute"])
+@pytest.mark.parametrize(
+    "content,phrase",
+    [
+        (
+            onnx_bytes(
+                [helper.make_node("Exfiltrate", ["flat"], ["y"], domain="com.evil")],
+                {"": 17, "com.evil": 1},
+            ),
+            "uses the operator 'com.evil:Exfiltrate', which is not standard ONNX",
+        ),
+        # onnxruntime would run this contrib op as it is: the allow-list, not onnxruntime, refuses it.
+        (
+            onnx_bytes(
+                [helper.make_node("Gelu", ["flat"], ["y"], domain="com.microsoft")],
+                {"": 17, "com.microsoft": 1},
+            ),
+            "uses the operator 'com.microsoft:Gelu'",
+        ),
+        (
+            onnx_bytes([helper.make_node("Identity", ["flat"], ["y"])], {"": 17, "com.evil": 1}),
+            "imports the operator set 'com.evil'",
+        ),
+        (
+            onnx_bytes(
+                [helper.make_node("Add", ["flat", "w"], ["y"])],
+                {"": 17},
+                [external_weight("../../../etc/passwd")],
+            ),
+            "external data files (tensor 'w' in '../../../etc/passwd')",
+        ),
+        (
+            onnx_bytes(
+                [helper.make_node("Add", ["flat", "w"], ["y"])],
+                {"": 17},
+                [external_weight("/etc/passwd")],
+            ),
+            "external data files (tensor 'w' in '/etc/passwd')",
+        ),
+    ],
+    ids=[
+        "custom-domain",
+        "onnxruntime-contrib-op",
+        "custom-opset-import",
+        "external-relative",
+        "external-absolute",
+    ],
+)
 def test_hostile_onnx_models_are_refused(admin, untouched, content, phrase):
     refused(upload_model(admin, "hostile.onnx", content), 422, "model refused", phrase)
 
@@ -182,15 +264,17 @@ def npy(array: np.ndarray) -> bytes:
 
 def zip_bomb() -> bytes:
     """An honest .npz whose x is over 1 GiB of zeros (the stack's default unzipped cap), ~5 MB zipped."""
-    count = (1 << 30) // 256 + 1          # images of 1x8x8 float32, 256 bytes each
+    count = (1 << 30) // 256 + 1  # images of 1x8x8 float32, 256 bytes each
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (count, 1, 8, 8)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (count, 1, 8, 8)}
+    )
     zeros, left, buf = bytes(64 << 20), count * 256, io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         with archive.open("x.npy", "w", force_zip64=True) as member:
             member.write(header.getvalue())
             while left:
-                member.write(zeros[:min(left, len(zeros))])
+                member.write(zeros[: min(left, len(zeros))])
                 left -= min(left, len(zeros))
         archive.writestr("y.npy", npy(np.zeros(count, dtype=np.uint8)))
     return buf.getvalue()
@@ -213,14 +297,18 @@ def test_a_zip_bomb_dataset_is_refused_from_its_declared_sizes(client, untouched
     refused(upload_dataset(client, bomb), 413, "x and y unzip to", "over this server's limit")
 
 
-@pytest.mark.parametrize("names,status,phrase", [
-    ([f"junk-{i:06d}" for i in range(5000)], 422, "zip directory takes"),
-    ([f"arr_{i}.npy" for i in range(100)], 422, "holds 102 members, over 64"),
-    (["../x.npy"], 422, "member named '../x.npy'"),
-    (["../../../../tmp/evil.npy"], 422, "member named '../../../../tmp/evil.npy'"),
-    (["/etc/cron.d/evil.npy"], 422, "member named '/etc/cron.d/evil.npy'"),
-    (["nested/dir/x.npy"], 422, "without folders"),
-], ids=["5000-entries", "100-arrays", "dotdot", "deep-dotdot", "absolute", "nested"])
+@pytest.mark.parametrize(
+    "names,status,phrase",
+    [
+        ([f"junk-{i:06d}" for i in range(5000)], 422, "zip directory takes"),
+        ([f"arr_{i}.npy" for i in range(100)], 422, "holds 102 members, over 64"),
+        (["../x.npy"], 422, "member named '../x.npy'"),
+        (["../../../../tmp/evil.npy"], 422, "member named '../../../../tmp/evil.npy'"),
+        (["/etc/cron.d/evil.npy"], 422, "member named '/etc/cron.d/evil.npy'"),
+        (["nested/dir/x.npy"], 422, "without folders"),
+    ],
+    ids=["5000-entries", "100-arrays", "dotdot", "deep-dotdot", "absolute", "nested"],
+)
 def test_archives_numpy_savez_would_not_write_are_refused(client, untouched, names, status, phrase):
     refused(upload_dataset(client, npz_with(names)), status, phrase)
 
@@ -233,8 +321,10 @@ def declare_body(api_url: str, path: str, length: int) -> tuple[int, dict, float
     seconds until the answer. Reads the answer by its Content-Length, so a server that keeps the
     connection open cannot hang the test (the socket times out after 10 s anyway)."""
     url = urlsplit(api_url)
-    head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
-            f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\n\r\n--b\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\n\r\n--b\r\n"
+    )
     start = time.monotonic()
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
         sock.sendall(head.encode())
@@ -259,16 +349,28 @@ def test_a_declared_10_gb_body_is_refused_before_it_is_read(api_url, client, unt
 
 # ---------------------------------------------------------------- multipart bodies that cannot be parsed
 
-TOO_MANY_PARTS = b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n1\r\n' % i
-                          for i in range(1001)) + b"--b--\r\n"
+TOO_MANY_PARTS = (
+    b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n1\r\n' % i for i in range(1001)
+    )
+    + b"--b--\r\n"
+)
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/datasets"])
-@pytest.mark.parametrize("content_type,body,phrase", [
-    ("multipart/form-data", b"--b\r\n", "Missing boundary"),
-    ("multipart/form-data; boundary=b", TOO_MANY_PARTS, "Too many fields"),
-    ("multipart/form-data; boundary=b", b"--b\r\nno headers--b--\r\n", "Invalid multipart data"),
-], ids=["no-boundary", "1001-parts", "headerless-part"])
+@pytest.mark.parametrize(
+    "content_type,body,phrase",
+    [
+        ("multipart/form-data", b"--b\r\n", "Missing boundary"),
+        ("multipart/form-data; boundary=b", TOO_MANY_PARTS, "Too many fields"),
+        (
+            "multipart/form-data; boundary=b",
+            b"--b\r\nno headers--b--\r\n",
+            "Invalid multipart data",
+        ),
+    ],
+    ids=["no-boundary", "1001-parts", "headerless-part"],
+)
 def test_unparsable_multipart_bodies_are_422(admin, untouched, path, content_type, body, phrase):
     resp = admin.post(path, content=body, headers={"Content-Type": content_type})
     refused(resp, 422, phrase)

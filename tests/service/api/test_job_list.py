@@ -3,6 +3,7 @@
 A second API on the session's Redis and worker serves another key, so that key's jobs are only
 the ones these tests submit, whatever else the session runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,13 @@ import httpx
 import numpy as np
 import pytest
 
-from smoothcert.service.core.jobs import ALL_JOBS_INDEX, JobStore, index_entry, new_job_id, owner_index_key
+from smoothcert.service.core.jobs import (
+    ALL_JOBS_INDEX,
+    JobStore,
+    index_entry,
+    new_job_id,
+    owner_index_key,
+)
 from tests.support.stack import scratch_db, stack_env, start_api, stop_process, wait_job
 
 OTHER_KEY = "another-user-key-for-tests-0123"
@@ -23,8 +30,12 @@ TINY = {"inputs": np.full((1, 8, 8), 0.5).tolist(), "sigma": 0.25, "n0": 10, "n"
 @pytest.fixture(scope="module")
 def other(redis_url, data_dir, worker) -> Iterator[httpx.Client]:
     """A client of an API that takes OTHER_KEY as its user key (the same Redis, worker and admin key)."""
-    proc, url = start_api(stack_env(redis_url, data_dir, SMOOTHCERT_API_KEY=OTHER_KEY), data_dir / "api-other.log")
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=90) as c:
+    proc, url = start_api(
+        stack_env(redis_url, data_dir, SMOOTHCERT_API_KEY=OTHER_KEY), data_dir / "api-other.log"
+    )
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=90
+    ) as c:
         yield c
     stop_process(proc)
 
@@ -34,7 +45,12 @@ def submitted(other, demo_model) -> list[dict]:
     """Seven finished jobs of OTHER_KEY in submission order: five certify, then two predict."""
     ids = []
     for i in range(7):
-        body = {"model_id": demo_model["id"], **TINY, "seed": 100 + i, "mode": "predict" if i >= 5 else "certify"}
+        body = {
+            "model_id": demo_model["id"],
+            **TINY,
+            "seed": 100 + i,
+            "mode": "predict" if i >= 5 else "certify",
+        }
         resp = other.post("/v1/certify", json=body)
         assert resp.status_code == 202, resp.text
         ids.append(resp.json()["job_id"])
@@ -64,20 +80,23 @@ def test_newest_first_in_pages_without_duplicates_or_gaps(other, submitted):
     job = submitted[-1]
     assert listed[0] == {**job, "result": {**job["result"], "results": None}}
     assert all(j["status"] == "succeeded" and j["result"]["results"] is None for j in listed)
-    assert other.get("/v1/jobs").json()["jobs"] == listed   # default limit 20 holds all seven
+    assert other.get("/v1/jobs").json()["jobs"] == listed  # default limit 20 holds all seven
 
 
 def test_filters_by_kind_and_status(other, submitted):
     predict_ids = [j["id"] for j in reversed(submitted[5:])]
     assert [j["id"] for page in walk(other, kind="predict") for j in page] == predict_ids
-    assert [j["id"] for page in walk(other, kind="certify", limit=2) for j in page] == \
-           [j["id"] for j in reversed(submitted[:5])]
+    assert [j["id"] for page in walk(other, kind="certify", limit=2) for j in page] == [
+        j["id"] for j in reversed(submitted[:5])
+    ]
     assert len([j for page in walk(other, status="succeeded") for j in page]) == 7
     assert walk(other, status="queued") == [[]]
     assert walk(other, kind="train") == [[]]
 
 
-def test_a_key_sees_only_its_own_jobs_and_the_admin_sees_all(other, submitted, client, admin, demo_model):
+def test_a_key_sees_only_its_own_jobs_and_the_admin_sees_all(
+    other, submitted, client, admin, demo_model
+):
     resp = client.post("/v1/certify", json={"model_id": demo_model["id"], **TINY, "seed": 1})
     assert resp.status_code == 202, resp.text
     mine = resp.json()["job_id"]
@@ -90,11 +109,17 @@ def test_a_key_sees_only_its_own_jobs_and_the_admin_sees_all(other, submitted, c
     wait_job(client, mine)
 
 
-@pytest.mark.parametrize("query,phrase", [
-    ({"status": "done"}, "status"), ({"kind": "dataset"}, "kind"), ({"limit": 0}, "limit"),
-    ({"limit": 101}, "limit"), ({"cursor": "not-a-cursor"}, "cursor"),
-    ({"cursor": "MDAwMDAwMDAwMDAwMDAwOng"}, "cursor"),   # base64url of an entry with a bad id
-])
+@pytest.mark.parametrize(
+    "query,phrase",
+    [
+        ({"status": "done"}, "status"),
+        ({"kind": "dataset"}, "kind"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"cursor": "MDAwMDAwMDAwMDAwMDAwOng"}, "cursor"),  # base64url of an entry with a bad id
+    ],
+)
 def test_bad_filters_and_cursors_are_422(client, query, phrase):
     resp = client.get("/v1/jobs", params=query)
     assert resp.status_code == 422, resp.text
@@ -112,10 +137,10 @@ def test_the_index_never_lists_a_gone_record_and_is_trimmed_past_the_ttl(redis_u
         time.sleep(0.005)  # a later millisecond: two jobs of one millisecond are ordered by id
         store.create(kept, "certify", {}, owner="o")
         entries = [e.decode()[16:] for e in r.zrange(ALL_JOBS_INDEX, 0, -1)]
-        assert entries == [gone, kept]                                  # the old entry trimmed on create
+        assert entries == [gone, kept]  # the old entry trimmed on create
         assert [e.decode()[16:] for e in r.zrange(owner_index_key("o"), 0, -1)] == [gone, kept]
         assert 0 < r.ttl(ALL_JOBS_INDEX) <= 3600 and 0 < r.ttl(owner_index_key("o")) <= 3600
-        r.delete(JobStore.key(gone))                                    # a record gone before its time
+        r.delete(JobStore.key(gone))  # a record gone before its time
         for owner in ("o", None):
             records, cursor = store.recent(owner)
             assert [j.id for j in records] == [kept] and cursor is None
@@ -135,12 +160,19 @@ def test_a_listing_reads_each_results_summary_not_its_rows(redis_url):
             store.start(job_id)
             time.sleep(0.005)
         store.succeed(new, {"results": rows, "certified_accuracy": {"0.0": 1.0}})
-        r.hset(JobStore.key(old), mapping={"status": "succeeded", "result": json.dumps({"results": rows})})
+        r.hset(
+            JobStore.key(old),
+            mapping={"status": "succeeded", "result": json.dumps({"results": rows})},
+        )
         summary = json.loads(r.hget(JobStore.key(new), "result_summary"))
         assert summary == {"results": None, "certified_accuracy": {"0.0": 1.0}}
-        assert len(r.hget(JobStore.key(new), "result_summary")) < 100 < len(r.hget(JobStore.key(new), "result"))
+        assert (
+            len(r.hget(JobStore.key(new), "result_summary"))
+            < 100
+            < len(r.hget(JobStore.key(new), "result"))
+        )
         records, _ = store.recent("o")
         assert [j.id for j in records] == [new, old]
         assert records[0].result == summary
-        assert records[1].result == {"results": rows}           # the old record: read whole, as before
-        assert store.get(new).result["results"] == rows          # a single job still reads its rows
+        assert records[1].result == {"results": rows}  # the old record: read whole, as before
+        assert store.get(new).result["results"] == rows  # a single job still reads its rows

@@ -5,6 +5,7 @@
 connections to an extra API instance with a small rate limit and a small queue bound, on the
 session's Redis, so the session's worker runs what is accepted; then it polls those to the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,23 @@ from tests.support.paths import TESTS
 from tests.support.stack import stack_env, start_api, stop_process
 
 SUBMISSIONS, CONCURRENCY = 60, 12
-RATE, CAP = 20, 2          # per minute (bursts of 20: at least 40 of the 60 must be refused); waiting messages
+RATE, CAP = (
+    20,
+    2,
+)  # per minute (bursts of 20: at least 40 of the 60 must be refused); waiting messages
 LOAD_KEY = "load-test-key-0123456789"
 CLIENT = TESTS / "support" / "load_client.py"
 
 
 @pytest.fixture(scope="module")
 def load_api(redis_url, data_dir, worker):
-    env = stack_env(redis_url, data_dir, SMOOTHCERT_RATE_LIMIT_PER_MINUTE=str(RATE),
-                    SMOOTHCERT_MAX_QUEUED_MESSAGES=str(CAP), SMOOTHCERT_API_KEY=LOAD_KEY)
+    env = stack_env(
+        redis_url,
+        data_dir,
+        SMOOTHCERT_RATE_LIMIT_PER_MINUTE=str(RATE),
+        SMOOTHCERT_MAX_QUEUED_MESSAGES=str(CAP),
+        SMOOTHCERT_API_KEY=LOAD_KEY,
+    )
     proc, url = start_api(env, data_dir / "api-load.log")
     yield url
     stop_process(proc)
@@ -36,10 +45,30 @@ def load_api(redis_url, data_dir, worker):
 
 def test_burst_gets_accepted_and_run_or_refused_with_retry_after(load_api, redis_url, demo_model):
     seed = secrets.randbelow(2**40)
-    run = subprocess.run([sys.executable, str(CLIENT), load_api, LOAD_KEY, demo_model["id"],
-                          "--submissions", str(SUBMISSIONS), "--concurrency", str(CONCURRENCY),
-                          "--n0", "10", "--n", "50", "--seed", str(seed), "--job-timeout", "120"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(CLIENT),
+            load_api,
+            LOAD_KEY,
+            demo_model["id"],
+            "--submissions",
+            str(SUBMISSIONS),
+            "--concurrency",
+            str(CONCURRENCY),
+            "--n0",
+            "10",
+            "--n",
+            "50",
+            "--seed",
+            str(seed),
+            "--job-timeout",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     outcomes = json.loads(run.stdout)["outcomes"]
     assert sorted(o["index"] for o in outcomes) == list(range(SUBMISSIONS))
@@ -51,7 +80,9 @@ def test_burst_gets_accepted_and_run_or_refused_with_retry_after(load_api, redis
     accepted, refused = by_status.get(202, []), by_status.get(429, []) + by_status.get(503, [])
     assert accepted and by_status.get(429), sorted(by_status)
     assert [o for o in accepted if o["final"] != "succeeded"] == []
-    assert [o for o in refused if not (o["retry_after"] or "").isdigit() or int(o["retry_after"]) < 1] == []
+    assert [
+        o for o in refused if not (o["retry_after"] or "").isdigit() or int(o["retry_after"]) < 1
+    ] == []
     assert all("rate limit" in o["detail"] for o in by_status.get(429, []))
     assert all("queue is full" in o["detail"] for o in by_status.get(503, []))
     # One job record per accepted submission, none for a refused one.

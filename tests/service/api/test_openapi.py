@@ -1,4 +1,5 @@
 """openapi/openapi.json: it is the app's document (drift test), and it documents auth and errors."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,11 @@ from smoothcert.service.devstack.openapi_doc import main, openapi_document, open
 from tests.support.paths import ROOT
 
 CHECKED_IN = ROOT / "openapi" / "openapi.json"
-ADMIN_OPERATIONS = {("post", "/v1/models"), ("delete", "/v1/models/{model_id}"), ("post", "/v1/train")}
+ADMIN_OPERATIONS = {
+    ("post", "/v1/models"),
+    ("delete", "/v1/models/{model_id}"),
+    ("post", "/v1/train"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +31,21 @@ def v1_operations(document: dict):
 
 def test_checked_in_document_matches_the_app():
     diff = stale_diff(CHECKED_IN)
-    assert diff is None, f"openapi/openapi.json is out of date with the app; run `make openapi`\n{diff}"
+    assert diff is None, (
+        f"openapi/openapi.json is out of date with the app; run `make openapi`\n{diff}"
+    )
 
 
 def test_bearer_scheme_guards_every_v1_operation_and_no_health_route(document):
     schemes = document["components"]["securitySchemes"]
-    bearer = [name for name, s in schemes.items() if s["type"] == "http" and s["scheme"] == "bearer"]
+    bearer = [
+        name for name, s in schemes.items() if s["type"] == "http" and s["scheme"] == "bearer"
+    ]
     assert len(bearer) == 1
     for method, path, operation in v1_operations(document):
-        assert {bearer[0]: []} in operation.get("security", []), f"{method.upper()} {path} has no bearer security"
+        assert {bearer[0]: []} in operation.get("security", []), (
+            f"{method.upper()} {path} has no bearer security"
+        )
     for path in ("/healthz", "/readyz"):
         assert "security" not in document["paths"][path]["get"]
 
@@ -45,22 +56,29 @@ def test_every_v1_operation_documents_its_client_errors(document):
         codes = set(operation["responses"])
         expected = {"401"}
         if "{" in path:
-            expected |= {"404", "422"}      # unknown id; path parameters are validated
+            expected |= {"404", "422"}  # unknown id; path parameters are validated
         if "requestBody" in operation:
-            expected |= {"413", "422"}      # every body passes the size limit and validation
+            expected |= {"413", "422"}  # every body passes the size limit and validation
         if (method, path) in ADMIN_OPERATIONS:
             expected.add("403")
         missing += [f"{method.upper()} {path}: {code}" for code in sorted(expected - codes)]
         for code, response in operation["responses"].items():
             if code.startswith("4"):
-                assert response.get("description"), f"{method.upper()} {path} {code} has no description"
+                assert response.get("description"), (
+                    f"{method.upper()} {path} {code} has no description"
+                )
     assert not missing, "undocumented error responses: " + ", ".join(missing)
     assert ADMIN_OPERATIONS <= {(m, p) for m, p, _ in v1_operations(document)}
 
 
 def test_403_is_documented_only_where_the_admin_key_is_needed(document):
-    for method, path in [("get", "/v1/models"), ("get", "/v1/models/{model_id}"), ("post", "/v1/certify"),
-                         ("get", "/v1/jobs/{job_id}"), ("delete", "/v1/jobs/{job_id}")]:
+    for method, path in [
+        ("get", "/v1/models"),
+        ("get", "/v1/models/{model_id}"),
+        ("post", "/v1/certify"),
+        ("get", "/v1/jobs/{job_id}"),
+        ("delete", "/v1/jobs/{job_id}"),
+    ]:
         assert "403" not in document["paths"][path][method]["responses"], f"{method.upper()} {path}"
 
 

@@ -1,5 +1,6 @@
 """The page's files as shipped: the test ids end-to-end tests rely on, nothing from elsewhere, and
 demo digits that are what tools/demo_digits.py makes. The page in a browser: tests/browser."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,9 +15,28 @@ from tests.support.paths import ROOT
 
 UI = ROOT / "service" / "api" / "static" / "ui"
 # issue 14's list: stable hooks for end-to-end tests
-TEST_IDS = ("api-key", "save-key", "model-select", "image-input", "sigma", "n", "alpha", "submit", "job-id",
-            "job-status", "progress", "cancel", "result-class", "result-radius", "result-cap", "result-abstained",
-            "vote-histogram", "noisy-samples", "jobs-table", "curve")
+TEST_IDS = (
+    "api-key",
+    "save-key",
+    "model-select",
+    "image-input",
+    "sigma",
+    "n",
+    "alpha",
+    "submit",
+    "job-id",
+    "job-status",
+    "progress",
+    "cancel",
+    "result-class",
+    "result-radius",
+    "result-cap",
+    "result-abstained",
+    "vote-histogram",
+    "noisy-samples",
+    "jobs-table",
+    "curve",
+)
 
 
 def test_the_page_carries_every_test_id_once():
@@ -28,7 +48,9 @@ def test_the_page_carries_every_test_id_once():
 def test_the_page_names_no_other_origin():
     for path in UI.glob("*.*"):
         if path.suffix in (".html", ".js", ".css"):
-            assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", path.read_text(), re.I), path.name
+            assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", path.read_text(), re.I), (
+                path.name
+            )
 
 
 def test_the_demo_digits_are_what_the_tool_makes(tmp_path):

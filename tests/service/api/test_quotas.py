@@ -10,6 +10,7 @@ chunks of 2 inputs: ``idle`` with a queue bound of BOUND messages, ``roomy`` wit
 bound (so that rooms held by concurrent submissions do not refuse them first). That database is
 emptied before each test that uses it.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,12 +26,22 @@ from smoothcert.service.core.jobs import JobStore, active_jobs
 from smoothcert.service.core.queue import QUEUE, queue_depth
 from smoothcert.service.core.settings import Settings
 from tests.support.proc import memory_bytes
-from tests.support.stack import other_db, scratch_db, stack_env, start_api, stop_process, upload_dataset, wait_job
+from tests.support.stack import (
+    other_db,
+    scratch_db,
+    stack_env,
+    start_api,
+    stop_process,
+    upload_dataset,
+    wait_job,
+)
 
 BIG_USER = "quotas-big-user-key-0123456789"
 QUOTA_USER, QUOTA_ADMIN = "quotas-user-key-0123456789", "quotas-admin-key-0123456789"
 IDLE_USER, IDLE_ADMIN = "quotas-idle-user-key-0123456789", "quotas-idle-admin-key-0123456789"
-STORAGE_QUOTA = 64 << 10          # one dataset of 500 8x8 uint8 images (36,256 bytes stored) fits, two do not
+STORAGE_QUOTA = (
+    64 << 10
+)  # one dataset of 500 8x8 uint8 images (36,256 bytes stored) fits, two do not
 IDLE_DB, BOUND, CHUNK, IDLE_ACTIVE = 13, 5, 2, 3
 TINY = {"sigma": 0.25, "n0": 10, "n": 50}
 
@@ -70,11 +81,19 @@ def big(redis_url, data_dir, worker):
 def quota(redis_url, data_dir, worker):
     """An API with a storage quota of STORAGE_QUOTA bytes and one active job per key: user and
     admin clients."""
-    env = stack_env(redis_url, data_dir, SMOOTHCERT_API_KEY=QUOTA_USER, SMOOTHCERT_ADMIN_KEY=QUOTA_ADMIN,
-                    SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY=str(STORAGE_QUOTA), SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY="1")
+    env = stack_env(
+        redis_url,
+        data_dir,
+        SMOOTHCERT_API_KEY=QUOTA_USER,
+        SMOOTHCERT_ADMIN_KEY=QUOTA_ADMIN,
+        SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY=str(STORAGE_QUOTA),
+        SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY="1",
+    )
     proc, url = start_api(env, data_dir / "api-quotas.log")
-    with httpx.Client(base_url=url, headers=bearer(QUOTA_USER), timeout=90) as user, \
-            httpx.Client(base_url=url, headers=bearer(QUOTA_ADMIN), timeout=90) as admin:
+    with (
+        httpx.Client(base_url=url, headers=bearer(QUOTA_USER), timeout=90) as user,
+        httpx.Client(base_url=url, headers=bearer(QUOTA_ADMIN), timeout=90) as admin,
+    ):
         yield {"user": user, "admin": admin}
     stop_process(proc)
 
@@ -86,9 +105,14 @@ def idle_apis(redis_url, data_dir, worker):
     messages, one with the default bound. Their URLs."""
     urls = {}
     for name, bound in (("idle", BOUND), ("roomy", None)):
-        env = stack_env(other_db(redis_url, IDLE_DB), data_dir, SMOOTHCERT_API_KEY=IDLE_USER,
-                        SMOOTHCERT_ADMIN_KEY=IDLE_ADMIN, SMOOTHCERT_CHUNK_SIZE=str(CHUNK),
-                        SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY=str(IDLE_ACTIVE))
+        env = stack_env(
+            other_db(redis_url, IDLE_DB),
+            data_dir,
+            SMOOTHCERT_API_KEY=IDLE_USER,
+            SMOOTHCERT_ADMIN_KEY=IDLE_ADMIN,
+            SMOOTHCERT_CHUNK_SIZE=str(CHUNK),
+            SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY=str(IDLE_ACTIVE),
+        )
         if bound is not None:
             env["SMOOTHCERT_MAX_QUEUED_MESSAGES"] = str(bound)
         for cap in ("SMOOTHCERT_MAX_N", "SMOOTHCERT_MAX_INPUTS", "SMOOTHCERT_MAX_REQUEST_BYTES"):
@@ -102,8 +126,10 @@ def idle_apis(redis_url, data_dir, worker):
 def on_idle_db(url: str, redis_url: str):
     r = redis.Redis.from_url(other_db(redis_url, IDLE_DB))
     r.flushdb()
-    with httpx.Client(base_url=url, headers=bearer(IDLE_USER), timeout=90) as user, \
-            httpx.Client(base_url=url, headers=bearer(IDLE_ADMIN), timeout=90) as admin:
+    with (
+        httpx.Client(base_url=url, headers=bearer(IDLE_USER), timeout=90) as user,
+        httpx.Client(base_url=url, headers=bearer(IDLE_ADMIN), timeout=90) as admin,
+    ):
         yield {"user": user, "admin": admin, "redis": r}
     r.flushdb()
     r.close()
@@ -123,7 +149,9 @@ def roomy(idle_apis, redis_url):
 
 
 def job_records(r: redis.Redis) -> list[str]:
-    return sorted(k.decode() for k in r.scan_iter(match="smoothcert:job:*") if k.decode().count(":") == 2)
+    return sorted(
+        k.decode() for k in r.scan_iter(match="smoothcert:job:*") if k.decode().count(":") == 2
+    )
 
 
 def folders(path) -> list[str]:
@@ -132,13 +160,16 @@ def folders(path) -> list[str]:
 
 # --- finding 3: datasets stored in their uploaded dtype ------------------------------------
 
-def test_a_compressible_uint8_upload_is_stored_as_uint8_without_a_float32_copy(big, digits, data_dir, demo_model):
+
+def test_a_compressible_uint8_upload_is_stored_as_uint8_without_a_float32_copy(
+    big, digits, data_dir, demo_model
+):
     proc, client = big
-    rows = 400_000                      # 25.6 MB of uint8 pixels, 102 MB as float32; about 30 kB zipped
+    rows = 400_000  # 25.6 MB of uint8 pixels, 102 MB as float32; about 30 kB zipped
     pixels = np.zeros((rows, 1, 8, 8), dtype=np.uint8)
-    pixels[:len(digits[0])] = np.round(digits[0] * 255).astype(np.uint8)
+    pixels[: len(digits[0])] = np.round(digits[0] * 255).astype(np.uint8)
     labels = np.zeros(rows, dtype=np.int64)
-    labels[:len(digits[1])] = digits[1]
+    labels[: len(digits[1])] = digits[1]
     data = npz(compressed=True, x=pixels, y=labels)
     assert len(data) < 256 << 10
     # A first small upload, so that what one upload allocates anyway is in the baseline.
@@ -150,23 +181,38 @@ def test_a_compressible_uint8_upload_is_stored_as_uint8_without_a_float32_copy(b
     assert resp.status_code == 201, resp.text
     grown = memory_bytes(proc.pid) - before
     record = resp.json()
-    assert (record["num_inputs"], record["input_shape"], record["source_dtype"]) == (rows, [1, 8, 8], "uint8")
+    assert (record["num_inputs"], record["input_shape"], record["source_dtype"]) == (
+        rows,
+        [1, 8, 8],
+        "uint8",
+    )
 
     # On disk: the uint8 bytes and the labels as uploaded, plus two .npy headers; no float32.
     folder = data_dir / "datasets" / record["id"]
     on_disk = sum(p.stat().st_size for p in folder.iterdir() if p.name != "meta.json")
     assert on_disk == record["stored_bytes"] <= pixels.nbytes + labels.nbytes + 2 * 128
     stored = np.load(folder / "x.npy", mmap_mode="r")
-    assert stored.dtype == np.uint8 and np.array_equal(stored[:len(digits[0])], pixels[:len(digits[0])])
+    assert stored.dtype == np.uint8 and np.array_equal(
+        stored[: len(digits[0])], pixels[: len(digits[0])]
+    )
     # The API checked and wrote it block by block: its peak memory grew by less than the uint8
     # array itself (the float32 copy an upload used to make is four times that).
     assert grown < pixels.nbytes, f"the API's peak memory grew by {grown} bytes"
 
     # A dataset job over it gives the rows of the same pixels uploaded as float32.
-    floats = upload_dataset(client, npz(x=pixels[:100].astype(np.float32) / np.float32(255), y=labels[:100]), "f32.npz")
+    floats = upload_dataset(
+        client, npz(x=pixels[:100].astype(np.float32) / np.float32(255), y=labels[:100]), "f32.npz"
+    )
     assert floats.status_code == 201, floats.text
     assert floats.json()["source_dtype"] == "float32"
-    job = {"model_id": demo_model["id"], "limit": 100, "sigma": 0.25, "n0": 10, "n": 100, "seed": 17}
+    job = {
+        "model_id": demo_model["id"],
+        "limit": 100,
+        "sigma": 0.25,
+        "n0": 10,
+        "n": 100,
+        "seed": 17,
+    }
     results = []
     for dataset_id in (record["id"], floats.json()["id"]):
         accepted = client.post("/v1/certify", json={**job, "dataset_id": dataset_id})
@@ -184,19 +230,27 @@ def test_a_compressible_uint8_upload_is_stored_as_uint8_without_a_float32_copy(b
 def test_uint16_pixels_are_stored_as_uint16_and_scaled_when_read(big, data_dir):
     _, client = big
     pixels = np.random.default_rng(3).integers(0, 65536, (6, 1, 8, 8), dtype=np.uint16)
-    resp = upload_dataset(client, npz(x=pixels.astype(">u2"), y=np.arange(6, dtype=np.uint8)))   # big-endian too
+    resp = upload_dataset(
+        client, npz(x=pixels.astype(">u2"), y=np.arange(6, dtype=np.uint8))
+    )  # big-endian too
     assert resp.status_code == 201, resp.text
     record = resp.json()
     assert record["source_dtype"] == ">u2"
     folder = data_dir / "datasets" / record["id"]
-    assert np.load(folder / "x.npy").dtype == np.dtype("=u2") and np.load(folder / "y.npy").dtype == np.uint8
+    assert (
+        np.load(folder / "x.npy").dtype == np.dtype("=u2")
+        and np.load(folder / "y.npy").dtype == np.uint8
+    )
     assert record["stored_bytes"] == pixels.nbytes + 6 + 2 * 128
     assert client.delete(f"/v1/datasets/{record['id']}").status_code == 204
 
 
 # --- per-key storage quota -------------------------------------------------------------------
 
-def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(quota, data_dir, redis_url):
+
+def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(
+    quota, data_dir, redis_url
+):
     user, admin = quota["user"], quota["admin"]
     dataset = npz(x=np.zeros((500, 1, 8, 8), dtype=np.uint8), y=np.zeros(500, dtype=np.int64))
     first = upload_dataset(user, dataset, "first.npz")
@@ -204,13 +258,15 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(quota
     used = first.json()["stored_bytes"]
     assert used == 500 * 64 + 500 * 8 + 2 * 128
     meta = (data_dir / "datasets" / first.json()["id"] / "meta.json").read_text()
-    assert caller_id(QUOTA_USER) in meta        # the owner is recorded (not shown by the API)
+    assert caller_id(QUOTA_USER) in meta  # the owner is recorded (not shown by the API)
 
     stored = folders(data_dir / "datasets")
     refused = upload_dataset(user, dataset, "second.npz")
     assert refused.status_code == 413, refused.text
     detail = refused.json()["detail"]
-    assert "storage quota" in detail and f"already uses {used} of its {STORAGE_QUOTA} bytes" in detail
+    assert (
+        "storage quota" in detail and f"already uses {used} of its {STORAGE_QUOTA} bytes" in detail
+    )
     assert f"would take {used} bytes" in detail and "SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY" in detail
     assert folders(data_dir / "datasets") == stored
     assert [d["id"] for d in user.get("/v1/datasets").json() if d["name"] == "second"] == []
@@ -241,16 +297,24 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(quota
     for record in (*mine, other.json()):
         client = admin if record["id"] == other.json()["id"] else user
         assert client.delete(f"/v1/datasets/{record['id']}").status_code == 204
-    r = redis.Redis.from_url(redis_url)        # refused uploads gave their reservations back
+    r = redis.Redis.from_url(redis_url)  # refused uploads gave their reservations back
     assert r.hlen(f"smoothcert:storage:{caller_id(QUOTA_USER)}:amounts") <= 1
 
 
 # --- per-key active jobs ---------------------------------------------------------------------
 
+
 def test_one_active_job_per_key_then_429_until_it_ends(quota, demo_model):
     user, admin = quota["user"], quota["admin"]
-    long = {"model_id": demo_model["id"], "inputs": np.full((1, 8, 8), 0.5).tolist(), "sigma": 0.5, "n0": 10,
-            "n": 2_000_000, "batch_size": 500, "seed": 0}
+    long = {
+        "model_id": demo_model["id"],
+        "inputs": np.full((1, 8, 8), 0.5).tolist(),
+        "sigma": 0.5,
+        "n0": 10,
+        "n": 2_000_000,
+        "batch_size": 500,
+        "seed": 0,
+    }
     small = {"model_id": demo_model["id"], "inputs": np.full((1, 8, 8), 0.5).tolist(), **TINY}
     first = user.post("/v1/certify", json=long)
     assert first.status_code == 202, first.text
@@ -259,20 +323,26 @@ def test_one_active_job_per_key_then_429_until_it_ends(quota, demo_model):
     assert refused.status_code == 429, refused.text
     assert int(refused.headers["Retry-After"]) >= 1
     detail = refused.json()["detail"]
-    assert "1 jobs queued or running, its quota is 1" in detail and "SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY" in detail
-    trained = admin.post("/v1/train", json={"dataset": "digits", "epochs": 1})   # another key
+    assert (
+        "1 jobs queued or running, its quota is 1" in detail
+        and "SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY" in detail
+    )
+    trained = admin.post("/v1/train", json={"dataset": "digits", "epochs": 1})  # another key
     assert trained.status_code == 202, trained.text
     assert admin.delete(f"/v1/jobs/{trained.json()['job_id']}").status_code in (200, 202)
 
     assert user.delete(f"/v1/jobs/{first.json()['job_id']}").status_code in (200, 202)
     assert wait_job(user, first.json()["job_id"], timeout=60)["status"] == "canceled"
-    second = user.post("/v1/certify", json=small)          # canceled frees the slot
+    second = user.post("/v1/certify", json=small)  # canceled frees the slot
     assert second.status_code == 202, second.text
     assert wait_job(user, second.json()["job_id"])["status"] == "succeeded"
-    third = user.post("/v1/certify", json=small)           # and so does succeeded
+    third = user.post("/v1/certify", json=small)  # and so does succeeded
     assert third.status_code == 202, third.text
     assert wait_job(user, third.json()["job_id"])["status"] == "succeeded"
-    assert wait_job(admin, trained.json()["job_id"], timeout=120)["status"] in ("canceled", "succeeded")
+    assert wait_job(admin, trained.json()["job_id"], timeout=120)["status"] in (
+        "canceled",
+        "succeeded",
+    )
 
 
 def test_concurrent_submissions_never_pass_the_active_quota(roomy, data_dir, demo_model):
@@ -292,7 +362,9 @@ def test_concurrent_submissions_never_pass_the_active_quota(roomy, data_dir, dem
         t.join()
     accepted = [a.json()["job_id"] for a in answers if a.status_code == 202]
     refused = [a for a in answers if a.status_code != 202]
-    assert len(accepted) == IDLE_ACTIVE and {a.status_code for a in refused} == {429}, [a.text for a in answers]
+    assert len(accepted) == IDLE_ACTIVE and {a.status_code for a in refused} == {429}, [
+        a.text for a in answers
+    ]
     assert all(f"its quota is {IDLE_ACTIVE}" in a.json()["detail"] for a in refused)
     # A refused submission leaves no record and no inputs behind.
     assert job_records(r) == sorted(f"smoothcert:job:{j}" for j in accepted)
@@ -306,15 +378,20 @@ def test_concurrent_submissions_never_pass_the_active_quota(roomy, data_dir, dem
     assert store.fail(accepted[1], "the worker gave up")
     assert store.start(accepted[2]) and store.succeed(accepted[2], {"results": []})
     assert active_jobs(r, caller_id(IDLE_USER)) == 0
-    again = [user.post("/v1/certify", json={**job, "seed": 100 + i}) for i in range(IDLE_ACTIVE + 1)]
+    again = [
+        user.post("/v1/certify", json={**job, "seed": 100 + i}) for i in range(IDLE_ACTIVE + 1)
+    ]
     assert [a.status_code for a in again] == [202] * IDLE_ACTIVE + [429]
     # A record that expires while queued stops counting (its slot is not lost).
     r.pexpire(f"smoothcert:job:{again[0].json()['job_id']}", 1)
-    store.redis.zadd(f"smoothcert:owner:{caller_id(IDLE_USER)}:active", {again[0].json()["job_id"]: 1})
+    store.redis.zadd(
+        f"smoothcert:owner:{caller_id(IDLE_USER)}:active", {again[0].json()["job_id"]: 1}
+    )
     assert user.post("/v1/certify", json={**job, "seed": 200}).status_code == 202
 
 
 # --- per-job sample budget -------------------------------------------------------------------
+
 
 def test_a_job_over_the_sample_budget_is_refused_and_nothing_is_stored(idle, data_dir, demo_model):
     user, r = idle["user"], idle["redis"]
@@ -328,23 +405,53 @@ def test_a_job_over_the_sample_budget_is_refused_and_nothing_is_stored(idle, dat
     detail = huge.json()["detail"]
     assert "10000 inputs x 1000100 samples (n0 + n) = 10001000000 samples" in detail
     assert "budget of 2000000000 samples per job (SMOOTHCERT_MAX_JOB_SAMPLES)" in detail
-    predict = user.post("/v1/certify", data={**form, "mode": "predict"}, files=[("inputs", ("x.npy", buf.getvalue()))])
-    assert predict.status_code == 422 and "10000 inputs x 1000000 samples (n) = 10000000000" in predict.text
-    radius = user.post("/v1/certify", data={**form, "target_radius": "0.1"},
-                       files=[("inputs", ("x.npy", buf.getvalue()))])
+    predict = user.post(
+        "/v1/certify",
+        data={**form, "mode": "predict"},
+        files=[("inputs", ("x.npy", buf.getvalue()))],
+    )
+    assert (
+        predict.status_code == 422
+        and "10000 inputs x 1000000 samples (n) = 10000000000" in predict.text
+    )
+    radius = user.post(
+        "/v1/certify",
+        data={**form, "target_radius": "0.1"},
+        files=[("inputs", ("x.npy", buf.getvalue()))],
+    )
     assert radius.status_code == 422 and "1000100 samples (n0 + n)" in radius.text
 
     # A dataset job counts the inputs it covers.
-    dataset = upload_dataset(user, npz(compressed=True, x=np.zeros((10_000, 1, 8, 8), dtype=np.uint8),
-                                       y=np.zeros(10_000, dtype=np.int64)))
+    dataset = upload_dataset(
+        user,
+        npz(
+            compressed=True,
+            x=np.zeros((10_000, 1, 8, 8), dtype=np.uint8),
+            y=np.zeros(10_000, dtype=np.int64),
+        ),
+    )
     assert dataset.status_code == 201, dataset.text
-    over = user.post("/v1/certify", json={"model_id": demo_model["id"], "dataset_id": dataset.json()["id"],
-                                          "sigma": 0.25, "n0": 100, "n": 1_000_000})
+    over = user.post(
+        "/v1/certify",
+        json={
+            "model_id": demo_model["id"],
+            "dataset_id": dataset.json()["id"],
+            "sigma": 0.25,
+            "n0": 100,
+            "n": 1_000_000,
+        },
+    )
     assert over.status_code == 422 and "10000 inputs x 1000100 samples" in over.json()["detail"]
-    assert job_records(r) == [] and folders(data_dir / "jobs") == jobs_dir and queue_depth(r, QUEUE) == 0
+    assert (
+        job_records(r) == []
+        and folders(data_dir / "jobs") == jobs_dir
+        and queue_depth(r, QUEUE) == 0
+    )
 
     # The next valid request passes; Cohen's n = 100,000 over 10,000 inputs fits the default budget.
-    ok = user.post("/v1/certify", data={**form, "n": "100000"}, files=[("inputs", ("x.npy", buf.getvalue()))])
+    ok = user.post(
+        "/v1/certify", data={**form, "n": "100000"}, files=[("inputs", ("x.npy", buf.getvalue()))]
+    )
     assert ok.status_code == 202, ok.text
     assert user.get(ok.headers["Location"]).json()["progress"]["total"] == 10_000 * 100_100
     assert user.delete(f"/v1/datasets/{dataset.json()['id']}").status_code == 204
@@ -352,36 +459,53 @@ def test_a_job_over_the_sample_budget_is_refused_and_nothing_is_stored(idle, dat
 
 # --- dataset jobs against the queue bound ------------------------------------------------------
 
+
 def test_a_dataset_job_that_would_overfill_the_queue_is_refused_whole(idle, demo_model):
     user, r = idle["user"], idle["redis"]
-    dataset = upload_dataset(user, npz(x=np.zeros((20, 1, 8, 8), dtype=np.uint8), y=np.zeros(20, dtype=np.int64)))
+    dataset = upload_dataset(
+        user, npz(x=np.zeros((20, 1, 8, 8), dtype=np.uint8), y=np.zeros(20, dtype=np.int64))
+    )
     assert dataset.status_code == 201, dataset.text
     job = {"model_id": demo_model["id"], "dataset_id": dataset.json()["id"], **TINY}
 
-    assert user.post("/v1/certify", json={**job, "limit": 6}).status_code == 202       # 3 chunks
+    assert user.post("/v1/certify", json={**job, "limit": 6}).status_code == 202  # 3 chunks
     assert queue_depth(r, QUEUE) == 3
     records = job_records(r)
-    refused = user.post("/v1/certify", json={**job, "limit": 6})                       # 3 more: 6 > 5
+    refused = user.post("/v1/certify", json={**job, "limit": 6})  # 3 more: 6 > 5
     assert refused.status_code == 503, refused.text
     assert int(refused.headers["Retry-After"]) >= 1
     detail = refused.json()["detail"]
-    assert "queue is full: 3 messages wait, the bound is 5" in detail and "needs 3, one per chunk" in detail
+    assert (
+        "queue is full: 3 messages wait, the bound is 5" in detail
+        and "needs 3, one per chunk" in detail
+    )
     assert queue_depth(r, QUEUE) == 3 and job_records(r) == records
-    never = user.post("/v1/certify", json=job)                                         # 10 chunks > 5
+    never = user.post("/v1/certify", json=job)  # 10 chunks > 5
     assert never.status_code == 422 and "10 chunks" in never.json()["detail"]
-    assert "could never be queued" in never.json()["detail"] and "at most 10 inputs" in never.json()["detail"]
-    fits = user.post("/v1/certify", json={**job, "limit": 4})                          # 2 chunks: exactly 5
+    assert (
+        "could never be queued" in never.json()["detail"]
+        and "at most 10 inputs" in never.json()["detail"]
+    )
+    fits = user.post("/v1/certify", json={**job, "limit": 4})  # 2 chunks: exactly 5
     assert fits.status_code == 202, fits.text
     assert queue_depth(r, QUEUE) == BOUND
-    single = user.post("/v1/certify", json={"model_id": demo_model["id"], "inputs": np.zeros((1, 8, 8)).tolist(),
-                                            **TINY})
+    single = user.post(
+        "/v1/certify",
+        json={"model_id": demo_model["id"], "inputs": np.zeros((1, 8, 8)).tolist(), **TINY},
+    )
     assert single.status_code == 503 and "queue is full" in single.json()["detail"]
 
 
 def test_concurrent_dataset_jobs_never_take_the_queue_past_the_bound(idle, demo_model):
     user, admin, r = idle["user"], idle["admin"], idle["redis"]
-    dataset = upload_dataset(user, npz(x=np.zeros((4, 1, 8, 8), dtype=np.uint8), y=np.zeros(4, dtype=np.int64)))
-    job = {"model_id": demo_model["id"], "dataset_id": dataset.json()["id"], **TINY}   # 2 chunks each
+    dataset = upload_dataset(
+        user, npz(x=np.zeros((4, 1, 8, 8), dtype=np.uint8), y=np.zeros(4, dtype=np.int64))
+    )
+    job = {
+        "model_id": demo_model["id"],
+        "dataset_id": dataset.json()["id"],
+        **TINY,
+    }  # 2 chunks each
     barrier, answers = threading.Barrier(6), []
 
     def post(client: httpx.Client, seed: int) -> None:
@@ -396,12 +520,15 @@ def test_concurrent_dataset_jobs_never_take_the_queue_past_the_bound(idle, demo_
     codes = sorted(a.status_code for a in answers)
     assert codes == [202, 202, 503, 503, 503, 503], [a.text for a in answers]
     assert queue_depth(r, QUEUE) == 4 and len(job_records(r)) == 2
-    assert not list(r.scan_iter(match="smoothcert:queue-rooms:*:amounts")) or \
-        r.hlen(f"smoothcert:queue-rooms:{QUEUE}:amounts") == 0
+    assert (
+        not list(r.scan_iter(match="smoothcert:queue-rooms:*:amounts"))
+        or r.hlen(f"smoothcert:queue-rooms:{QUEUE}:amounts") == 0
+    )
 
 
-def test_a_reservation_still_counts_for_an_upload_that_listed_the_datasets_before_it_was_stored(redis_url,
-                                                                                                tmp_path):
+def test_a_reservation_still_counts_for_an_upload_that_listed_the_datasets_before_it_was_stored(
+    redis_url, tmp_path
+):
     # Three uploads of one key, 1000 bytes each, quota 1500. A is reserved and stored; C lists the
     # datasets after A was stored; B listed them before. However the three interleave, A counts
     # once for each of them: C through the listing, B through A's reservation, which C must
@@ -411,5 +538,8 @@ def test_a_reservation_still_counts_for_an_upload_that_listed_the_datasets_befor
         keys = _held(STORAGE_PREFIX + "caller")
         # args: upload id, bytes it stores, quota, bytes of the listed datasets, ttl, their ids
         assert limits._storage(keys=keys, args=["A", 1000, 1500, 0, STORAGE_TTL_MS])[0] == 1
-        assert limits._storage(keys=keys, args=["C", 1000, 1500, 1000, STORAGE_TTL_MS, "A"]) == [0, 1000]
+        assert limits._storage(keys=keys, args=["C", 1000, 1500, 1000, STORAGE_TTL_MS, "A"]) == [
+            0,
+            1000,
+        ]
         assert limits._storage(keys=keys, args=["B", 1000, 1500, 0, STORAGE_TTL_MS]) == [0, 1000]

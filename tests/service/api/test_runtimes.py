@@ -1,4 +1,5 @@
 """The runtime of a job: auto by default, pinned on request, torch refused for an ONNX model, recorded."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,35 +28,57 @@ def test_a_job_runs_in_the_fastest_runtime_by_default_and_records_it(client, dem
     choice = provenance["runtime_choice"]
     assert choice["requested"] == "auto" and choice["chosen"] in CANDIDATES
     assert choice["how"] in ("auto, measured", "auto, from the cache")
-    assert provenance["runtime"] == ("onnxruntime" if choice["chosen"] == "onnxruntime" else "torch")
+    assert provenance["runtime"] == (
+        "onnxruntime" if choice["chosen"] == "onnxruntime" else "torch"
+    )
     assert provenance["provider"] and provenance["precision"] == "float32"
 
 
-@pytest.mark.parametrize("runtime, provider", [("torch", "cpu"), ("onnxruntime", "CPUExecutionProvider")])
+@pytest.mark.parametrize(
+    "runtime, provider", [("torch", "cpu"), ("onnxruntime", "CPUExecutionProvider")]
+)
 def test_a_pinned_runtime_is_the_one_that_runs(client, demo_model, inputs, runtime, provider):
     provenance = _run(client, model_id=demo_model["id"], inputs=inputs, runtime=runtime)
     assert provenance["runtime"] == runtime and provenance["provider"] == provider
-    assert provenance["runtime_choice"] == {"requested": runtime, "chosen": runtime, "how": "pinned",
-                                            **({"graph_sha256": provenance["runtime_choice"].get("graph_sha256")}
-                                               if runtime == "onnxruntime" else {})}
+    assert provenance["runtime_choice"] == {
+        "requested": runtime,
+        "chosen": runtime,
+        "how": "pinned",
+        **(
+            {"graph_sha256": provenance["runtime_choice"].get("graph_sha256")}
+            if runtime == "onnxruntime"
+            else {}
+        ),
+    }
 
 
-def test_runtime_torch_on_an_onnx_model_is_422_and_auto_runs_it_in_onnxruntime(client, admin, demo_paths, inputs):
+def test_runtime_torch_on_an_onnx_model_is_422_and_auto_runs_it_in_onnxruntime(
+    client, admin, demo_paths, inputs
+):
     resp = upload_model_file(admin, demo_paths["onnx"])
     assert resp.status_code == 201, resp.text
     model_id = resp.json()["id"]
-    refused = client.post("/v1/certify", json={"model_id": model_id, "inputs": inputs, "sigma": 0.25,
-                                               "runtime": "torch"})
+    refused = client.post(
+        "/v1/certify",
+        json={"model_id": model_id, "inputs": inputs, "sigma": 0.25, "runtime": "torch"},
+    )
     assert refused.status_code == 422
-    assert refused.json()["detail"] == (f"runtime torch needs a safetensors model; model {model_id} is ONNX, which "
-                                        "runs in onnxruntime only: use runtime auto or onnxruntime")
+    assert refused.json()["detail"] == (
+        f"runtime torch needs a safetensors model; model {model_id} is ONNX, which "
+        "runs in onnxruntime only: use runtime auto or onnxruntime"
+    )
     provenance = _run(client, model_id=model_id, inputs=inputs)
-    assert provenance["runtime"] == "onnxruntime" and provenance["runtime_choice"]["chosen"] == "onnxruntime"
+    assert (
+        provenance["runtime"] == "onnxruntime"
+        and provenance["runtime_choice"]["chosen"] == "onnxruntime"
+    )
 
 
 def test_an_unknown_runtime_is_422_naming_the_allowed_ones(client, demo_model, inputs):
-    resp = client.post("/v1/certify", json={"model_id": demo_model["id"], "inputs": inputs, "sigma": 0.25,
-                                            "runtime": "tensorrt"})
+    resp = client.post(
+        "/v1/certify",
+        json={"model_id": demo_model["id"], "inputs": inputs, "sigma": 0.25, "runtime": "tensorrt"},
+    )
     assert resp.status_code == 422
     text = str(resp.json()["detail"])
     assert "runtime" in text and all(name in text for name in ("auto", "torch", "onnxruntime"))
@@ -66,10 +89,21 @@ def test_a_bfloat16_job_runs_in_torch_and_records_its_precision(client, demo_mod
     assert provenance["precision"] == "bfloat16" and provenance["runtime"] == "torch"
 
 
-@pytest.mark.parametrize("body, phrase", [
-    ({"precision": "float16"}, "precision float16 needs a CUDA device and this server's workers run on the CPU"),
-    ({"precision": "bfloat16", "runtime": "onnxruntime"}, "precision bfloat16 runs in torch only"),
-])
+@pytest.mark.parametrize(
+    "body, phrase",
+    [
+        (
+            {"precision": "float16"},
+            "precision float16 needs a CUDA device and this server's workers run on the CPU",
+        ),
+        (
+            {"precision": "bfloat16", "runtime": "onnxruntime"},
+            "precision bfloat16 runs in torch only",
+        ),
+    ],
+)
 def test_a_precision_the_workers_cannot_run_is_422(client, demo_model, inputs, body, phrase):
-    resp = client.post("/v1/certify", json={"model_id": demo_model["id"], "inputs": inputs, "sigma": 0.25, **body})
+    resp = client.post(
+        "/v1/certify", json={"model_id": demo_model["id"], "inputs": inputs, "sigma": 0.25, **body}
+    )
     assert resp.status_code == 422 and phrase in resp.json()["detail"]

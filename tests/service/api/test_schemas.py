@@ -1,4 +1,5 @@
 """Input decoding and checks of the certify request, without servers."""
+
 from __future__ import annotations
 
 import base64
@@ -27,12 +28,15 @@ def test_single_input_gets_a_batch_axis():
     assert check_inputs(np.zeros((1, 4, 4)), [1, 4, 4]).dtype == np.float32
 
 
-@pytest.mark.parametrize("arr,phrase", [
-    (np.zeros((0, 1, 4, 4)), "shape [0, 1, 4, 4]"),
-    (np.zeros((4, 4)), "the model takes [1, 4, 4]"),
-    (np.full((1, 4, 4), 255.0), "scale 8-bit images"),
-    (np.full((1, 4, 4), np.nan), "NaN"),
-])
+@pytest.mark.parametrize(
+    "arr,phrase",
+    [
+        (np.zeros((0, 1, 4, 4)), "shape [0, 1, 4, 4]"),
+        (np.zeros((4, 4)), "the model takes [1, 4, 4]"),
+        (np.full((1, 4, 4), 255.0), "scale 8-bit images"),
+        (np.full((1, 4, 4), np.nan), "NaN"),
+    ],
+)
 def test_bad_arrays(arr, phrase):
     with pytest.raises(ValueError, match=phrase.replace("[", r"\[").replace("]", r"\]")):
         check_inputs(arr, [1, 4, 4])

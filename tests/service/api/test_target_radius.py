@@ -1,4 +1,5 @@
 """`target_radius` through the API: ordinary and dataset jobs, rows, TSV, totals, bad requests."""
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,20 @@ def submit(client, **body) -> str:
 
 def test_target_radius_job_answers_certified_at_r_with_few_samples(client, demo_model, digits):
     x, y = digits
-    job = wait_job(client, submit(client, model_id=demo_model["id"], inputs=x[:10].tolist(), labels=y[:10].tolist(),
-                                  sigma=0.25, target_radius=0.1, n=100_000, seed=3), timeout=120)
+    job = wait_job(
+        client,
+        submit(
+            client,
+            model_id=demo_model["id"],
+            inputs=x[:10].tolist(),
+            labels=y[:10].tolist(),
+            sigma=0.25,
+            target_radius=0.1,
+            n=100_000,
+            seed=3,
+        ),
+        timeout=120,
+    )
     assert job["status"] == "succeeded", job["error"]
     rows = job["result"]["results"]
     assert len(rows) == 10 and all("certified_at_r" in r and "samples_used" in r for r in rows)
@@ -42,10 +55,23 @@ def test_dataset_job_reports_samples_against_fixed_n(client, admin, demo_model, 
     x, y = digits
     buffer = io.BytesIO()
     np.savez(buffer, x=x[:40], y=y[:40])
-    resp = client.post("/v1/datasets", files={"file": ("d.npz", buffer.getvalue())}, data={"name": "forty"})
+    resp = client.post(
+        "/v1/datasets", files={"file": ("d.npz", buffer.getvalue())}, data={"name": "forty"}
+    )
     assert resp.status_code == 201, resp.text
-    job = wait_job(client, submit(client, model_id=demo_model["id"], dataset_id=resp.json()["id"], sigma=0.25,
-                                  target_radius=0.1, n=100_000, seed=5), timeout=180)
+    job = wait_job(
+        client,
+        submit(
+            client,
+            model_id=demo_model["id"],
+            dataset_id=resp.json()["id"],
+            sigma=0.25,
+            target_radius=0.1,
+            n=100_000,
+            seed=5,
+        ),
+        timeout=180,
+    )
     assert job["status"] == "succeeded", job["error"]
     totals = job["result"]["totals"]
     assert totals["samples_fixed_n"] == 40 * 100_100
@@ -53,12 +79,22 @@ def test_dataset_job_reports_samples_against_fixed_n(client, admin, demo_model, 
     assert "certified_accuracy_at_r" in job["result"]
 
 
-@pytest.mark.parametrize("extra,phrase", [
-    ({"target_radius": -0.1}, "greater than or equal"),
-    ({"target_radius": 0.1, "mode": "predict"}, "target_radius goes with"),
-    ({"target_radius": 0.1, "bound": "top2"}, "target_radius goes with"),
-])
+@pytest.mark.parametrize(
+    "extra,phrase",
+    [
+        ({"target_radius": -0.1}, "greater than or equal"),
+        ({"target_radius": 0.1, "mode": "predict"}, "target_radius goes with"),
+        ({"target_radius": 0.1, "bound": "top2"}, "target_radius goes with"),
+    ],
+)
 def test_bad_target_radius_requests(client, demo_model, digits, extra, phrase):
-    resp = client.post("/v1/certify", json={"model_id": demo_model["id"], "inputs": digits[0][:1].tolist(),
-                                            "sigma": 0.25, **extra})
+    resp = client.post(
+        "/v1/certify",
+        json={
+            "model_id": demo_model["id"],
+            "inputs": digits[0][:1].tolist(),
+            "sigma": 0.25,
+            **extra,
+        },
+    )
     assert resp.status_code == 422 and phrase in resp.text

@@ -6,6 +6,7 @@ trained model is then certified by the session's worker through the API. Also: t
 refusals, cancel, a queued job whose dataset was deleted, and a trainer killed with SIGKILL
 mid-run that resumes from its checkpoint.
 """
+
 from __future__ import annotations
 
 import io
@@ -65,18 +66,22 @@ def pool_children(pid: int) -> list[int]:
 
 # --- the request is checked in the API ---------------------------------------------------------
 
-@pytest.mark.parametrize("body, code, message", [
-    ({"method": "adversarial"}, 422, "method must be one of gaussian, smoothed, smoothadv"),
-    ({"sigma": 0}, 422, "greater than 0"),
-    ({"sigma": -0.5}, 422, "greater than 0"),
-    ({"epochs": 0}, 422, "epochs must be an integer >= 1"),
-    ({"lr": 0}, 422, "lr must be a positive number"),
-    ({"m": 0, "method": "smoothed"}, 422, "m must be an integer >= 1"),
-    ({"arch": "vgg16"}, 422, "unknown architecture 'vgg16'"),
-    ({"arch": "cifar_resnet20"}, 422, "cifar_resnet20 takes images of shape 3xanyxany"),
-    ({"dataset": "0123456789abcdef"}, 404, "unknown dataset '0123456789abcdef'"),
-    ({"learning_rate": 0.1}, 422, "learning_rate"),
-])
+
+@pytest.mark.parametrize(
+    "body, code, message",
+    [
+        ({"method": "adversarial"}, 422, "method must be one of gaussian, smoothed, smoothadv"),
+        ({"sigma": 0}, 422, "greater than 0"),
+        ({"sigma": -0.5}, 422, "greater than 0"),
+        ({"epochs": 0}, 422, "epochs must be an integer >= 1"),
+        ({"lr": 0}, 422, "lr must be a positive number"),
+        ({"m": 0, "method": "smoothed"}, 422, "m must be an integer >= 1"),
+        ({"arch": "vgg16"}, 422, "unknown architecture 'vgg16'"),
+        ({"arch": "cifar_resnet20"}, 422, "cifar_resnet20 takes images of shape 3xanyxany"),
+        ({"dataset": "0123456789abcdef"}, 404, "unknown dataset '0123456789abcdef'"),
+        ({"learning_rate": 0.1}, 422, "learning_rate"),
+    ],
+)
 def test_bad_requests_are_refused_with_a_message(admin, body, code, message):
     resp = admin.post("/v1/train", json={**FAST, **body})
     assert resp.status_code == code, resp.text
@@ -97,10 +102,14 @@ def test_the_api_tables_match_the_architectures_and_the_digits():
         assert all(want in (None, got) for want, got in zip(takes, DEFAULT_INPUT_SHAPE[arch])), arch
         check_fits(arch, list(DEFAULT_INPUT_SHAPE[arch]), 10, "x")
     digits = load_digits()
-    assert BUILTIN_DATASETS["digits"] == {"input_shape": list(digits.input_shape), "num_classes": digits.num_classes}
+    assert BUILTIN_DATASETS["digits"] == {
+        "input_shape": list(digits.input_shape),
+        "num_classes": digits.num_classes,
+    }
 
 
 # --- the job ------------------------------------------------------------------------------------
+
 
 def test_train_on_digits_then_certify_the_registered_model(admin, trainer, demo_paths):
     job_id = train(admin, epochs=2, name="digits-trained")
@@ -111,31 +120,55 @@ def test_train_on_digits_then_certify_the_registered_model(admin, trainer, demo_
     assert job["params"]["seed"] == 3 and job["params"]["dataset"] == "digits"
     # the epochs appeared one by one while the job ran
     running = [r for r in seen if r["status"] == "running" and r["result"]]
-    assert running and all(len(r["result"]["history"]) == r["progress"]["done"] >= 1 for r in running)
+    assert running and all(
+        len(r["result"]["history"]) == r["progress"]["done"] >= 1 for r in running
+    )
     result = job["result"]
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     for epoch in result["history"]:
-        assert epoch["loss"] > 0 and 0 <= epoch["noisy_accuracy"] <= 1 and 0 <= epoch["test_noisy_accuracy"] <= 1
+        assert (
+            epoch["loss"] > 0
+            and 0 <= epoch["noisy_accuracy"] <= 1
+            and 0 <= epoch["test_noisy_accuracy"] <= 1
+        )
     assert result["history"][1]["loss"] < result["history"][0]["loss"]
     assert result["metrics"]["test_noisy_accuracy"] > 0.5 and result["resumed_from"] == 0
 
     model = admin.get(f"/v1/models/{result['model_id']}").json()
     assert result["model_id"] in [m["id"] for m in admin.get("/v1/models").json()]
-    assert model["name"] == "digits-trained" and model["format"] == "safetensors" and model["arch"] == "digits_cnn"
-    assert model["input_shape"] == [1, 8, 8] and model["num_classes"] == 10 and model["sigma"] == 0.25
+    assert (
+        model["name"] == "digits-trained"
+        and model["format"] == "safetensors"
+        and model["arch"] == "digits_cnn"
+    )
+    assert (
+        model["input_shape"] == [1, 8, 8] and model["num_classes"] == 10 and model["sigma"] == 0.25
+    )
     assert len(model["normalization"]["mean"]) == 1 and len(model["sha256"]) == 64
     assert model["extra"]["method"] == "gaussian" and model["train_job"] == job_id
 
     x, y = np.load(demo_paths["test_x"])[:4], np.load(demo_paths["test_y"])[:4]
-    resp = admin.post("/v1/certify", json={"model_id": model["id"], "inputs": x.tolist(), "labels": y.tolist(),
-                                           "sigma": 0.25, "n0": 20, "n": 200, "seed": 0})
+    resp = admin.post(
+        "/v1/certify",
+        json={
+            "model_id": model["id"],
+            "inputs": x.tolist(),
+            "labels": y.tolist(),
+            "sigma": 0.25,
+            "n0": 20,
+            "n": 200,
+            "seed": 0,
+        },
+    )
     assert resp.status_code == 202, resp.text
     certified = wait_job(admin, resp.json()["job_id"])
     assert certified["status"] == "succeeded", certified["error"]
     assert len(certified["result"]["results"]) == 4
 
 
-def test_cancel_a_running_job_and_a_queued_job_fails_when_its_dataset_is_gone(admin, trainer, data_dir):
+def test_cancel_a_running_job_and_a_queued_job_fails_when_its_dataset_is_gone(
+    admin, trainer, data_dir
+):
     long = train(admin, epochs=500)
     watch(admin, long, lambda r: r["status"] == "running")
     # queued behind it: a job on an uploaded dataset, which is deleted before the job starts
@@ -150,7 +183,9 @@ def test_cancel_a_running_job_and_a_queued_job_fails_when_its_dataset_is_gone(ad
     canceled = wait_job(admin, long, timeout=30)
     assert canceled["status"] == "canceled" and canceled["progress"]["done"] < 500
     failed = wait_job(admin, orphan, timeout=30)
-    assert failed["status"] == "failed" and failed["error"] == f"dataset {dataset['id']} was deleted"
+    assert (
+        failed["status"] == "failed" and failed["error"] == f"dataset {dataset['id']} was deleted"
+    )
     assert not (data_dir / "jobs" / long).exists(), "a finished job keeps no checkpoint"
 
 
@@ -158,7 +193,7 @@ def test_train_on_an_uploaded_dataset(admin, trainer):
     rng = np.random.default_rng(1)
     x = rng.random((60, 1, 8, 8), dtype=np.float32) * 0.2
     y = np.arange(60) % 3
-    x[y == 1, :, :4] += 0.8                            # three easy classes
+    x[y == 1, :, :4] += 0.8  # three easy classes
     x[y == 2, :, 4:] += 0.8
     buffer = io.BytesIO()
     np.savez(buffer, x=x, y=y)
@@ -167,14 +202,21 @@ def test_train_on_an_uploaded_dataset(admin, trainer):
     assert job["status"] == "succeeded", job["error"]
     model = admin.get(f"/v1/models/{job['result']['model_id']}").json()
     assert model["num_classes"] == 3 and model["input_shape"] == [1, 8, 8]
-    assert job["result"]["metrics"]["train_size"] == 60 and job["result"]["metrics"]["test_size"] is None
+    assert (
+        job["result"]["metrics"]["train_size"] == 60
+        and job["result"]["metrics"]["test_size"] is None
+    )
 
 
 def test_a_killed_trainer_resumes_from_its_last_epoch(admin, trainer):
     job_id = train(admin, epochs=3)
-    seen = watch(admin, job_id, lambda r: r["progress"]["done"] >= 1 or r["status"] not in ("queued", "running"))
+    seen = watch(
+        admin,
+        job_id,
+        lambda r: r["progress"]["done"] >= 1 or r["status"] not in ("queued", "running"),
+    )
     assert seen[-1]["status"] == "running", seen[-1]
-    assert seen[-1]["result"]["history"][0]["epoch"] == 1          # metrics visible while it runs
+    assert seen[-1]["result"]["history"][0]["epoch"] == 1  # metrics visible while it runs
     [child] = pool_children(trainer.pid)
     os.kill(child, signal.SIGKILL)
     job = wait_job(admin, job_id, timeout=90)

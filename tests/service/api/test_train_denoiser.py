@@ -1,5 +1,6 @@
 """Denoiser training jobs end to end: ``POST /v1/train/denoiser`` on a real Redis and a trainer
 that consumes only the ``train`` queue; the registered denoiser then forms a pipeline."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -10,13 +11,26 @@ from smoothcert.service.core.queue import TRAIN_QUEUE
 from tests.support.denoisers import random_denoiser
 from tests.support.stack import stack_env, start_worker, stop_process, upload_model_file, wait_job
 
-FAST = {"dataset": "digits", "objective": "mse", "sigma": 0.5, "epochs": 1, "depth": 3, "width": 8, "seed": 4}
+FAST = {
+    "dataset": "digits",
+    "objective": "mse",
+    "sigma": 0.5,
+    "epochs": 1,
+    "depth": 3,
+    "width": 8,
+    "seed": 4,
+}
 
 
 @pytest.fixture(scope="module")
 def trainer(redis_url, data_dir) -> Iterator[None]:
-    proc, _ = start_worker(stack_env(redis_url, data_dir), data_dir / "denoiser-trainer.log", "dtrainer@tests",
-                           "--queues", TRAIN_QUEUE)
+    proc, _ = start_worker(
+        stack_env(redis_url, data_dir),
+        data_dir / "denoiser-trainer.log",
+        "dtrainer@tests",
+        "--queues",
+        TRAIN_QUEUE,
+    )
     yield
     stop_process(proc)
 
@@ -30,37 +44,67 @@ def uploaded_denoiser(admin, tmp_path_factory) -> dict:
     return resp.json()
 
 
-def test_bad_denoiser_requests_are_refused_with_a_message(admin, client, demo_model, uploaded_denoiser):
+def test_bad_denoiser_requests_are_refused_with_a_message(
+    admin, client, demo_model, uploaded_denoiser
+):
     for body, code, phrase in [
         ({"objective": "stability"}, 422, "stability objective needs the frozen classifier"),
-        ({"objective": "stability", "classifier": "nosuchmodel"}, 404, "unknown classifier model 'nosuchmodel'"),
-        ({"objective": "stability", "classifier": uploaded_denoiser["id"]}, 422, "is a denoiser; the classifier must"),
+        (
+            {"objective": "stability", "classifier": "nosuchmodel"},
+            404,
+            "unknown classifier model 'nosuchmodel'",
+        ),
+        (
+            {"objective": "stability", "classifier": uploaded_denoiser["id"]},
+            422,
+            "is a denoiser; the classifier must",
+        ),
         ({"objective": "ssim"}, 422, "objective must be one of mse, stability"),
         ({"depth": 1}, 422, "depth must be an integer from 2 to 64"),
         ({"dataset": "nosuchdataset"}, 404, "unknown dataset"),
         ({"init": "nosuchmodel"}, 404, "unknown init denoiser 'nosuchmodel'"),
         ({"init": demo_model["id"]}, 422, "is not a denoiser; init must be"),
-        ({"init": uploaded_denoiser["id"], "width": 9}, 422, "this run trains dncnn of depth 3 and width 9"),
+        (
+            {"init": uploaded_denoiser["id"], "width": 9},
+            422,
+            "this run trains dncnn of depth 3 and width 9",
+        ),
     ]:
         got = admin.post("/v1/train/denoiser", json={**FAST, **body})
         assert got.status_code == code and phrase in str(got.json()["detail"]), (body, got.text)
     assert client.post("/v1/train/denoiser", json=FAST).status_code == 403
 
 
-def test_a_trained_denoiser_is_registered_and_forms_a_pipeline(admin, trainer, demo_model, uploaded_denoiser):
-    resp = admin.post("/v1/train/denoiser", json={**FAST, "objective": "stability", "classifier": demo_model["id"],
-                                                  "init": uploaded_denoiser["id"], "name": "digits-denoiser"})
+def test_a_trained_denoiser_is_registered_and_forms_a_pipeline(
+    admin, trainer, demo_model, uploaded_denoiser
+):
+    resp = admin.post(
+        "/v1/train/denoiser",
+        json={
+            **FAST,
+            "objective": "stability",
+            "classifier": demo_model["id"],
+            "init": uploaded_denoiser["id"],
+            "name": "digits-denoiser",
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = wait_job(admin, resp.json()["job_id"], timeout=180)
     assert job["status"] == "succeeded", job["error"]
     assert job["kind"] == "train_denoiser" and job["progress"] == {"done": 1, "total": 1}
     assert job["params"]["classifier"] == demo_model["id"] and job["params"]["seed"] == 4
     result = job["result"]
-    assert [h["epoch"] for h in result["history"]] == [1] and 0 <= result["metrics"]["test_denoised_accuracy"] <= 1
+    assert [h["epoch"] for h in result["history"]] == [1] and 0 <= result["metrics"][
+        "test_denoised_accuracy"
+    ] <= 1
     model = admin.get(f"/v1/models/{result['model_id']}").json()
-    assert model["kind"] == "denoiser" and model["name"] == "digits-denoiser" and model["sigma"] == 0.5
+    assert (
+        model["kind"] == "denoiser" and model["name"] == "digits-denoiser" and model["sigma"] == 0.5
+    )
     assert model["extra"]["training"]["classifier_sha256"] == demo_model["sha256"]
     assert model["extra"]["training"]["init_sha256"] == uploaded_denoiser["sha256"]
-    resp = admin.post("/v1/models/pipelines", json={"denoiser": model["id"], "classifier": demo_model["id"]})
+    resp = admin.post(
+        "/v1/models/pipelines", json={"denoiser": model["id"], "classifier": demo_model["id"]}
+    )
     assert resp.status_code == 201, resp.text
     assert resp.json()["parts"]["denoiser"]["sha256"] == model["sha256"]

@@ -3,6 +3,7 @@
 Commands run in-process through ``cli.main`` with ``SMOOTHCERT_URL`` and the keys in the
 environment; one test runs the installed console script.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,9 +63,21 @@ def model_id(api_url, demo_paths) -> str:
         mp.setenv("SMOOTHCERT_ADMIN_KEY", ADMIN_KEY)
         mp.delenv("SMOOTHCERT_API_KEY", raising=False)
         stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout):   # capsys is function-scoped
-            assert main(["models", "upload", str(demo_paths["safetensors"]), "--name", "digits-cli",
-                         "--sigma", "0.25"]) == 0
+        with contextlib.redirect_stdout(stdout):  # capsys is function-scoped
+            assert (
+                main(
+                    [
+                        "models",
+                        "upload",
+                        str(demo_paths["safetensors"]),
+                        "--name",
+                        "digits-cli",
+                        "--sigma",
+                        "0.25",
+                    ]
+                )
+                == 0
+            )
     return stdout.getvalue().strip()
 
 
@@ -74,10 +87,22 @@ def test_models_upload_list_and_delete(service, capsys, model_id, demo_paths):
     header, *rows = [line.split("\t") for line in out.splitlines()]
     assert header[:3] == ["id", "name", "format"]
     row = next(r for r in rows if r[0] == model_id)
-    assert row[1:6] == ["digits-cli", "safetensors", "digits_cnn", "1,8,8", "10"] and float(row[6]) == 0.25
+    assert (
+        row[1:6] == ["digits-cli", "safetensors", "digits_cnn", "1,8,8", "10"]
+        and float(row[6]) == 0.25
+    )
 
-    code, out, err = run(capsys, "models", "upload", str(demo_paths["onnx"]), "--json",
-                         "--normalization", '{"mean": [0.3], "std": [0.4]}', "--class-names", ",".join("0123456789"))
+    code, out, err = run(
+        capsys,
+        "models",
+        "upload",
+        str(demo_paths["onnx"]),
+        "--json",
+        "--normalization",
+        '{"mean": [0.3], "std": [0.4]}',
+        "--class-names",
+        ",".join("0123456789"),
+    )
     assert code == 0, err
     onnx = json.loads(out)
     assert onnx["format"] == "onnx" and onnx["class_names"] == list("0123456789")
@@ -88,13 +113,33 @@ def test_models_upload_list_and_delete(service, capsys, model_id, demo_paths):
 
 def test_submit_wait_writes_the_tsv(service, capsys, model_id, digits, tmp_path):
     out_tsv = tmp_path / "r.tsv"
-    code, out, err = run(capsys, "submit", model_id, "--inputs", str(digits["x"]), "--labels", str(digits["y"]),
-                         "--sigma", "0.25", "--n0", "50", "--n", "2000", "--seed", "3", "--wait", "--out", str(out_tsv))
+    code, out, err = run(
+        capsys,
+        "submit",
+        model_id,
+        "--inputs",
+        str(digits["x"]),
+        "--labels",
+        str(digits["y"]),
+        "--sigma",
+        "0.25",
+        "--n0",
+        "50",
+        "--n",
+        "2000",
+        "--seed",
+        "3",
+        "--wait",
+        "--out",
+        str(out_tsv),
+    )
     assert code == 0, err
     assert out == "" and "submitted job" in err and "certified" in err and "correct" in err
     assert tuple(out_tsv.read_text().splitlines()[0].split("\t")) == CERTIFY_COLUMNS
     log = read_log(out_tsv)
-    assert log.idx.tolist() == list(range(12)) and log.label.tolist() == np.load(digits["y"]).tolist()
+    assert (
+        log.idx.tolist() == list(range(12)) and log.label.tolist() == np.load(digits["y"]).tolist()
+    )
     # The demo model (~96% clean accuracy, trained at σ = 0.25) certifies most digits at σ = 0.25.
     assert log.correct.mean() >= 0.7 and (log.radius[log.correct] > 0).all()
     provenance = json.loads((tmp_path / "r.tsv.json").read_text())
@@ -102,8 +147,21 @@ def test_submit_wait_writes_the_tsv(service, capsys, model_id, digits, tmp_path)
 
 
 def test_submit_then_status_then_wait(service, capsys, model_id, digits, tmp_path):
-    code, out, _ = run(capsys, "submit", model_id, "--inputs", str(digits["png"]), "--sigma", "0.25",
-                       "--mode", "predict", "--n", "200", "--seed", "0")
+    code, out, _ = run(
+        capsys,
+        "submit",
+        model_id,
+        "--inputs",
+        str(digits["png"]),
+        "--sigma",
+        "0.25",
+        "--mode",
+        "predict",
+        "--n",
+        "200",
+        "--seed",
+        "0",
+    )
     job_id = out.strip()
     assert code == 0 and len(job_id) == 36
     code, out, _ = run(capsys, "status", job_id)
@@ -120,12 +178,34 @@ def test_submit_then_status_then_wait(service, capsys, model_id, digits, tmp_pat
 def test_dataset_upload_and_job(service, capsys, model_id, digits, tmp_path):
     x, y = np.load(digits["x"]), np.load(digits["y"])
     np.savez(tmp_path / "digits.npz", x=x, y=y)
-    code, out, err = run(capsys, "datasets", "upload", str(tmp_path / "digits.npz"), "--name", "digits-12")
+    code, out, err = run(
+        capsys, "datasets", "upload", str(tmp_path / "digits.npz"), "--name", "digits-12"
+    )
     dataset_id = out.strip()
     assert code == 0 and "12 inputs" in err, err
     out_tsv = tmp_path / "d.tsv"
-    code, _, err = run(capsys, "submit", model_id, "--dataset", dataset_id, "--skip", "2", "--limit", "6",
-                       "--sigma", "0.25", "--n0", "20", "--n", "500", "--seed", "0", "--wait", "--out", str(out_tsv))
+    code, _, err = run(
+        capsys,
+        "submit",
+        model_id,
+        "--dataset",
+        dataset_id,
+        "--skip",
+        "2",
+        "--limit",
+        "6",
+        "--sigma",
+        "0.25",
+        "--n0",
+        "20",
+        "--n",
+        "500",
+        "--seed",
+        "0",
+        "--wait",
+        "--out",
+        str(out_tsv),
+    )
     assert code == 0, err
     log = read_log(out_tsv)
     assert log.idx.tolist() == list(range(2, 8)) and log.label.tolist() == y[2:8].tolist()
@@ -137,8 +217,23 @@ def test_dataset_upload_and_job(service, capsys, model_id, digits, tmp_path):
 def test_wait_timeout_then_cancel(service, capsys, model_id, tmp_path):
     x = tmp_path / "x.npy"
     np.save(x, np.full((4, 1, 8, 8), 0.5, dtype=np.float32))
-    code, out, _ = run(capsys, "submit", model_id, "--inputs", str(x), "--sigma", "0.5", "--n0", "10",
-                       "--n", "2000000", "--batch-size", "500", "--seed", "0")
+    code, out, _ = run(
+        capsys,
+        "submit",
+        model_id,
+        "--inputs",
+        str(x),
+        "--sigma",
+        "0.5",
+        "--n0",
+        "10",
+        "--n",
+        "2000000",
+        "--batch-size",
+        "500",
+        "--seed",
+        "0",
+    )
     job_id = out.strip()
     code, out, err = run(capsys, "wait", job_id, "--timeout", "0.5")
     assert code == 2 and "keeps running" in err and len(err.splitlines()) == 1
@@ -158,7 +253,12 @@ def test_api_errors_are_one_line_exit_2(service, capsys, model_id, digits, monke
 
     monkeypatch.setenv("SMOOTHCERT_API_KEY", "wrong-key")
     code, out, err = run(capsys, "models", "list")
-    assert code == 2 and out == "" and err.startswith("smoothcert: error:") and len(err.splitlines()) == 1
+    assert (
+        code == 2
+        and out == ""
+        and err.startswith("smoothcert: error:")
+        and len(err.splitlines()) == 1
+    )
     assert "401" in err and "invalid API key" in err
 
     monkeypatch.delenv("SMOOTHCERT_API_KEY")
@@ -175,14 +275,21 @@ def test_unreachable_service_is_one_line_naming_the_url(service, capsys):
 
 def test_console_script(service, model_id):
     script = Path(sys.executable).with_name("smoothcert")
-    proc = subprocess.run([str(script), "models", "list"], env=dict(os.environ), capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [str(script), "models", "list"],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert model_id in proc.stdout
 
 
 def test_the_client_and_cli_import_without_torch():
-    code = ("import sys, smoothcert.service.client.service_client, smoothcert.service.cli.main; "
-            "bad = [k for k in ('torch', 'onnxruntime') if k in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, smoothcert.service.client.service_client, smoothcert.service.cli.main; "
+        "bad = [k for k in ('torch', 'onnxruntime') if k in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -3,6 +3,7 @@ ride out an outage.
 
 Dataset uploads stand in for submissions where a test needs no worker (they pass the same gate).
 """
+
 from __future__ import annotations
 
 import io
@@ -48,10 +49,14 @@ def test_a_rate_limited_upload_waits_retry_after_and_goes_through(limited_api, t
     started = time.monotonic()
     with httpx.Client(base_url=limited_api, headers={"Authorization": f"Bearer {USER_KEY}"}) as raw:
         while 429 not in codes and len(codes) < 3 * RATE:
-            codes.append(raw.post("/v1/datasets", files={"file": ("d.npz", open(path, "rb"))}).status_code)
+            codes.append(
+                raw.post("/v1/datasets", files={"file": ("d.npz", open(path, "rb"))}).status_code
+            )
     elapsed = time.monotonic() - started
     assert codes[-1] == 429 and set(codes[:-1]) == {201}
-    assert RATE <= len(codes) - 1 <= RATE + int(elapsed) + 1  # the burst, plus what refilled meanwhile
+    assert (
+        RATE <= len(codes) - 1 <= RATE + int(elapsed) + 1
+    )  # the burst, plus what refilled meanwhile
     with ServiceClient(limited_api, USER_KEY) as client:
         record = client.upload_dataset(path, name="after-the-limit")
         names = [d["name"] for d in client.list_datasets()]
@@ -105,15 +110,20 @@ def test_wait_rides_out_a_redis_restart_and_gives_up_after_max_outage(tmp_path):
         time.sleep(1.5)  # the append-only file is fsynced every second
         outcome: dict = {}
         with ServiceClient(url, USER_KEY) as client:
-            waiter = threading.Thread(target=lambda: outcome.update(record=client.wait(first, timeout=90,
-                                                                                       max_outage_s=60)))
+            waiter = threading.Thread(
+                target=lambda: outcome.update(
+                    record=client.wait(first, timeout=90, max_outage_s=60)
+                )
+            )
             waiter.start()
             time.sleep(0.5)
             server.process.kill()
             server.process.wait()
             server.process = None
             time.sleep(2)  # polls meanwhile get 503
-            server = RedisServer(tmp_path / "redis", port=server.port, persist=True, password=server.password).start()
+            server = RedisServer(
+                tmp_path / "redis", port=server.port, persist=True, password=server.password
+            ).start()
             jobs = JobStore(redis.Redis.from_url(server.url))
             assert jobs.start(first) == 1 and jobs.succeed(first, {"results": []})
             waiter.join(60)

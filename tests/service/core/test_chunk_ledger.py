@@ -1,5 +1,6 @@
 """The chunk ledger of dataset jobs on a real Redis: finished chunks' rows do not outlive a job
 that ends without a result."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,5 +38,5 @@ def test_the_rows_of_finished_chunks_go_when_the_job_ends_without_a_result(ledge
 def test_a_running_job_keeps_each_chunks_latest_outcome(ledger):
     job_id = running_job(ledger)
     assert ledger.store(job_id, 0, {"rows": [1]}) == 1
-    assert ledger.store(job_id, 0, {"rows": [2]}) == 1      # a redelivery replaces its own entry
+    assert ledger.store(job_id, 0, {"rows": [2]}) == 1  # a redelivery replaces its own entry
     assert ledger.results(job_id) == {0: {"rows": [2]}}

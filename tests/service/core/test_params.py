@@ -1,4 +1,5 @@
 """The shared certification parameters: the values, the seeds drawn, and that the module stays stdlib-only."""
+
 import ast
 import sys
 from pathlib import Path
@@ -8,8 +9,12 @@ from smoothcert.service.core import params
 
 
 def test_defaults_and_bounds_keep_their_values():
-    assert (params.DEFAULT_N0, params.DEFAULT_N, params.DEFAULT_ALPHA, params.DEFAULT_PREDICT_N) == \
-        (100, 100_000, 0.001, 1_000)
+    assert (
+        params.DEFAULT_N0,
+        params.DEFAULT_N,
+        params.DEFAULT_ALPHA,
+        params.DEFAULT_PREDICT_N,
+    ) == (100, 100_000, 0.001, 1_000)
     assert params.MAX_SEED == 2**63 - 1 and params.DRAWN_SEED_BOUND == 2**53
     assert params.BOUNDS == get_args(params.Bound) == ("cohen", "top2")
     assert params.MODES == get_args(params.Mode) == ("certify", "predict")

@@ -1,4 +1,5 @@
 """Settings from SMOOTHCERT_* variables; production refuses weak keys and a Redis without a password."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,11 +37,18 @@ def test_environment_variables_are_read(monkeypatch, tmp_path):
     monkeypatch.setenv("SMOOTHCERT_MAX_N", "5000")
     s = Settings()
     assert (s.port, s.api_key, s.data_dir, s.broker_url, s.max_n) == (
-        9123, "k" * 20, tmp_path, "redis://example:1/2", 5000)
+        9123,
+        "k" * 20,
+        tmp_path,
+        "redis://example:1/2",
+        5000,
+    )
     assert not s.generated_api_key and s.admin_key == "k" * 20
 
 
-@pytest.mark.parametrize("api_key,admin_key", [("", ""), ("changeme", "a" * 20), ("a" * 20, ""), ("short", "b" * 20)])
+@pytest.mark.parametrize(
+    "api_key,admin_key", [("", ""), ("changeme", "a" * 20), ("a" * 20, ""), ("short", "b" * 20)]
+)
 def test_production_refuses_empty_or_default_keys(monkeypatch, api_key, admin_key):
     monkeypatch.setenv("SMOOTHCERT_ENV", "production")
     monkeypatch.setenv("SMOOTHCERT_API_KEY", api_key)
@@ -63,22 +71,33 @@ def test_the_redis_password_goes_into_the_broker_url(monkeypatch):
     assert Settings().broker_url == "redis://:p%40ss%2Fword%3A1@redis:6379/0"
     monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "rediss://app@redis:6380/2")
     assert Settings().broker_url == "rediss://app:p%40ss%2Fword%3A1@redis:6380/2"
-    monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://:p%40ss%2Fword%3A1@redis:6379/0")   # the same, twice
+    monkeypatch.setenv(
+        "SMOOTHCERT_REDIS_URL", "redis://:p%40ss%2Fword%3A1@redis:6379/0"
+    )  # the same, twice
     assert Settings().broker_url == "redis://:p%40ss%2Fword%3A1@redis:6379/0"
     monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://:other@redis:6379/0")
     with pytest.raises(ValidationError, match="SMOOTHCERT_REDIS_URL holds a password other than"):
         Settings()
 
 
-@pytest.mark.parametrize("password,url", [("", "redis://redis:6379/0"), ("change-me", "redis://redis:6379/0"),
-                                          ("short", "redis://redis:6379/0"), ("", "redis://:changeme@redis:6379/0")])
+@pytest.mark.parametrize(
+    "password,url",
+    [
+        ("", "redis://redis:6379/0"),
+        ("change-me", "redis://redis:6379/0"),
+        ("short", "redis://redis:6379/0"),
+        ("", "redis://:changeme@redis:6379/0"),
+    ],
+)
 def test_production_refuses_a_redis_without_a_real_password(monkeypatch, password, url):
     monkeypatch.setenv("SMOOTHCERT_ENV", "production")
     monkeypatch.setenv("SMOOTHCERT_API_KEY", "u" * 24)
     monkeypatch.setenv("SMOOTHCERT_ADMIN_KEY", "a" * 24)
     monkeypatch.setenv("SMOOTHCERT_REDIS_URL", url)
     monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", password)
-    with pytest.raises(ValidationError, match="SMOOTHCERT_REDIS_PASSWORD .* at least 16 characters"):
+    with pytest.raises(
+        ValidationError, match="SMOOTHCERT_REDIS_PASSWORD .* at least 16 characters"
+    ):
         Settings()
     monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://:" + "s" * 20 + "@redis:6379/0")
     monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", "")

@@ -1,12 +1,31 @@
 """TSV rows keep Cohen et al.'s column order and full-precision numbers."""
+
 from smoothcert.service.core.tsv import CERTIFY_COLUMNS, format_tsv
 from smoothcert.worker.evaluation.analyze import read_log
 
 ROWS = [
-    {"index": 0, "prediction": 3, "abstained": False, "radius": 0.1234567890123456, "p_a_lower": 0.7,
-     "n_a": 700, "n": 1000, "radius_cap": 0.77, "elapsed_s": 0.5},
-    {"index": 1, "prediction": None, "abstained": True, "radius": 0.0, "p_a_lower": 0.3,
-     "n_a": 300, "n": 1000, "radius_cap": 0.77, "elapsed_s": 0.5},
+    {
+        "index": 0,
+        "prediction": 3,
+        "abstained": False,
+        "radius": 0.1234567890123456,
+        "p_a_lower": 0.7,
+        "n_a": 700,
+        "n": 1000,
+        "radius_cap": 0.77,
+        "elapsed_s": 0.5,
+    },
+    {
+        "index": 1,
+        "prediction": None,
+        "abstained": True,
+        "radius": 0.0,
+        "p_a_lower": 0.3,
+        "n_a": 300,
+        "n": 1000,
+        "radius_cap": 0.77,
+        "elapsed_s": 0.5,
+    },
 ]
 
 
@@ -28,8 +47,18 @@ def test_without_labels_label_is_minus_one_and_nothing_is_correct():
 
 
 def test_predict_rows_and_top2_column():
-    predict = [{"index": 0, "prediction": 2, "abstained": False, "p_value": 0.001, "n_a": 90, "n_b": 10,
-                "n": 100, "elapsed_s": 0.1}]
+    predict = [
+        {
+            "index": 0,
+            "prediction": 2,
+            "abstained": False,
+            "p_value": 0.001,
+            "n_a": 90,
+            "n_b": 10,
+            "n": 100,
+            "elapsed_s": 0.1,
+        }
+    ]
     header, row = format_tsv(predict, labels=[2]).splitlines()
     assert header.split("\t")[:5] == ["idx", "label", "predict", "correct", "time"]
     assert row.split("\t")[:4] == ["0", "2", "2", "1"]

@@ -5,6 +5,7 @@ docker/.env is written from docker/.env.example once, with the environment's sec
 ones; the environment then wins over it, placeholder secrets are refused, and the generated
 override hands the environment to the containers as a valid Compose file.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,9 @@ def test_env_file_is_written_once_with_random_or_given_secrets(root):
 
 def test_the_environment_wins_over_the_env_file_and_placeholders_are_refused(root):
     path, _ = ensure_env_file(root, {})
-    settings = effective_settings(path, {"SMOOTHCERT_PORT": "18000", "SMOOTHCERT_ADMIN_KEY": "a" * 32, "HOME": "/"})
+    settings = effective_settings(
+        path, {"SMOOTHCERT_PORT": "18000", "SMOOTHCERT_ADMIN_KEY": "a" * 32, "HOME": "/"}
+    )
     assert settings["SMOOTHCERT_PORT"] == "18000" and settings["SMOOTHCERT_ADMIN_KEY"] == "a" * 32
     assert "HOME" not in settings
     with pytest.raises(DeployError, match="SMOOTHCERT_REDIS_PASSWORD still has the example value"):
@@ -59,7 +62,9 @@ def test_the_environment_wins_over_the_env_file_and_placeholders_are_refused(roo
 
 
 def test_the_local_override_hands_the_environment_to_the_containers(tmp_path):
-    path = local_override(tmp_path / "p" / "local.yml", {"SMOOTHCERT_API_KEY": "a$b", "PATH": "/bin"})
+    path = local_override(
+        tmp_path / "p" / "local.yml", {"SMOOTHCERT_API_KEY": "a$b", "PATH": "/bin"}
+    )
     override = json.loads(path.read_text())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     for name in ("api", "worker", "trainer"):

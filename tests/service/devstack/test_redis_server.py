@@ -1,5 +1,6 @@
 """The Redis that `smoothcert up` and the suite start requires a password: without it a client
 gets nothing, can queue nothing, and the password shows in no process list."""
+
 from __future__ import annotations
 
 from urllib.parse import urlsplit
@@ -24,8 +25,13 @@ def test_a_client_without_the_password_gets_nothing(redis_url, worker, password)
     # The session's Redis, which the session's API and worker use (with the password).
     assert redis.Redis.from_url(redis_url).ping()
     outsider = redis.Redis.from_url(without_password(redis_url, password), socket_timeout=5)
-    for attempt in (outsider.ping, outsider.keys, lambda: outsider.hgetall("smoothcert:leases"),
-                    lambda: outsider.lpush(QUEUE, b"{}"), lambda: outsider.config_set("requirepass", "")):
+    for attempt in (
+        outsider.ping,
+        outsider.keys,
+        lambda: outsider.hgetall("smoothcert:leases"),
+        lambda: outsider.lpush(QUEUE, b"{}"),
+        lambda: outsider.config_set("requirepass", ""),
+    ):
         with pytest.raises(redis.AuthenticationError):
             attempt()
     sender = make_celery(Settings(redis_url=without_password(redis_url, password)))

@@ -1,5 +1,6 @@
 """``smoothcert up`` end to end: it starts Redis (with a password), the API and a worker, registers
 the demo, and the curl example it prints certifies a digit; SIGTERM stops every process it started."""
+
 from __future__ import annotations
 
 import os
@@ -53,13 +54,21 @@ def redis_port_of_children(pid: int) -> int:
 
 def test_up_serves_the_printed_curl_example_and_stops_cleanly(tmp_path, demo_paths):
     (tmp_path / "demo").mkdir()
-    for key in ("safetensors", "test_x", "test_y"):   # skip training the demo again
+    for key in ("safetensors", "test_x", "test_y"):  # skip training the demo again
         shutil.copy(demo_paths[key], tmp_path / "demo" / demo_paths[key].name)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOOTHCERT_")}
-    env.update(SMOOTHCERT_PORT=str(port), SMOOTHCERT_DATA_DIR=str(tmp_path), SMOOTHCERT_DEVICE="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "smoothcert.service.devstack.stack"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    env.update(
+        SMOOTHCERT_PORT=str(port), SMOOTHCERT_DATA_DIR=str(tmp_path), SMOOTHCERT_DEVICE="cpu"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smoothcert.service.devstack.stack"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         out = read_until(proc, "Ctrl-C stops everything", timeout=120)
         assert f"http://127.0.0.1:{port}" in out
@@ -67,9 +76,14 @@ def test_up_serves_the_printed_curl_example_and_stops_cleanly(tmp_path, demo_pat
         curl = shlex.split(next(line for line in out.splitlines() if "/v1/certify" in line))
         body, url = curl[curl.index("-d") + 1], curl[-1]
         assert f"Authorization: Bearer {key}" in curl
-        with httpx.Client(headers={"Authorization": f"Bearer {key}"}, base_url=url.rsplit("/v1/", 1)[0],
-                          timeout=30) as client:
-            resp = client.post("/v1/certify", content=body, headers={"Content-Type": "application/json"})
+        with httpx.Client(
+            headers={"Authorization": f"Bearer {key}"},
+            base_url=url.rsplit("/v1/", 1)[0],
+            timeout=30,
+        ) as client:
+            resp = client.post(
+                "/v1/certify", content=body, headers={"Content-Type": "application/json"}
+            )
             assert resp.status_code == 202, resp.text
             job = wait_job(client, resp.json()["job_id"])
         assert job["status"] == "succeeded", job["error"]

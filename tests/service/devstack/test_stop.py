@@ -3,6 +3,7 @@ closing (SIGHUP), or a SIGKILL that leaves it no say (the kernel's parent-death 
 watchdog). Each way is tried on a real stack; the `up` started afterwards on the same port,
 which would fail with "in use" behind a leftover API, is the stack the next way stops.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from smoothcert.service.devstack.redis_server import free_port
 from tests.support.devstack import Up, alive, processes_with_data_dir, seed_demo, up_env
 from tests.support.stack import wait_for
 
-GONE_WITHIN_S = 60.0   # the watchdog's longest path: 10 s warm, 5 s cold, then SIGKILL
+GONE_WITHIN_S = 60.0  # the watchdog's longest path: 10 s warm, 5 s cold, then SIGKILL
 
 
 class Stacks:
@@ -61,8 +62,12 @@ def _kill(up: Up) -> None:
     os.kill(up.proc.pid, signal.SIGKILL)
 
 
-WAYS = {"ctrl-c": (Up.ctrl_c, 0), "sigterm": (lambda up: up.proc.send_signal(signal.SIGTERM), 0),
-        "terminal-closed": (Up.hang_up, 0), "sigkill": (_kill, -signal.SIGKILL)}
+WAYS = {
+    "ctrl-c": (Up.ctrl_c, 0),
+    "sigterm": (lambda up: up.proc.send_signal(signal.SIGTERM), 0),
+    "terminal-closed": (Up.hang_up, 0),
+    "sigkill": (_kill, -signal.SIGKILL),
+}
 
 
 @pytest.mark.parametrize("way", list(WAYS))
@@ -70,25 +75,30 @@ def test_every_process_of_the_stack_stops_and_the_port_is_free_again(stacks, way
     up = stacks.running()
     # The worker's pool process can come up a moment after the banner and /readyz (a clean-clone run
     # once saw only the main process): wait for it, so that the snapshot below holds every process.
-    wait_for(lambda: sum("celery_app" in c for c in up.descendants().values()) >= 2, 60,
-             "the worker's pool process")
+    wait_for(
+        lambda: sum("celery_app" in c for c in up.descendants().values()) >= 2,
+        60,
+        "the worker's pool process",
+    )
     before = up.descendants()
     commands = list(before.values())
     # What must stop: Redis, the API, the worker and its pool process(es), and the watchdog.
     assert any("-server" in c.split(" ")[0] for c in commands), commands
     assert any("uvicorn" in c for c in commands), commands
-    assert sum("celery_app" in c for c in commands) >= 2, commands   # main process and pool
+    assert sum("celery_app" in c for c in commands) >= 2, commands  # main process and pool
     assert any("devstack.watchdog" in c for c in commands), commands
     stop, code = WAYS[way]
     try:
         stop(up)
         assert up.proc.wait(GONE_WITHIN_S) == code, up.output
         deadline = time.monotonic() + GONE_WITHIN_S
-        while time.monotonic() < deadline and (any(map(alive, before)) or processes_with_data_dir(up.data_dir)):
+        while time.monotonic() < deadline and (
+            any(map(alive, before)) or processes_with_data_dir(up.data_dir)
+        ):
             time.sleep(0.2)
         left = {pid: cmd for pid, cmd in before.items() if alive(pid)}
         assert not left, f"still running after {way}: {left}\n{up.log_tails()}"
         assert not processes_with_data_dir(up.data_dir)
     finally:
-        up.close()   # and whatever it left, so that the next way starts on a free port
-    stacks.start()   # a second `up` on the same port starts (and is the next way's stack)
+        up.close()  # and whatever it left, so that the next way starts on a free port
+    stacks.start()  # a second `up` on the same port starts (and is the next way's stack)

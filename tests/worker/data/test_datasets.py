@@ -1,4 +1,5 @@
 """Dataset readers on small files the tests write: what they read, and the one-line refusals."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,6 +21,7 @@ def test_digits_is_the_demo_split_in_unit_pixels():
 
 # --- .npz ---------------------------------------------------------------------------------------
 
+
 def test_npz_of_floats_or_uint8(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, size=(6, 3, 4, 5), dtype=np.uint8)
     y = np.array([0, 1, 2, 0, 1, 2])
@@ -31,13 +33,25 @@ def test_npz_of_floats_or_uint8(tmp_path):
         assert np.allclose(data.x, x / 255.0) and data.num_classes == 3 and data.name == name
 
 
-@pytest.mark.parametrize("arrays,message", [
-    ({"x": np.zeros((2, 1, 4, 4)), "y": np.array([object(), 1], dtype=object)}, "pickled Python objects"),
-    ({"x": np.zeros((2, 1, 4, 4))}, "lacks y"),
-    ({"x": np.zeros((2, 4, 4)), "y": np.zeros(2, dtype=int)}, r"must be \(N, C, H, W\).*add the channel axis"),
-    ({"x": np.full((2, 1, 4, 4), 2.0), "y": np.zeros(2, dtype=int)}, r"must lie in \[0, 1\]"),
-    ({"x": np.zeros((2, 1, 4, 4)), "y": np.zeros(3, dtype=int)}, "2 images but y holds 3 labels"),
-])
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        (
+            {"x": np.zeros((2, 1, 4, 4)), "y": np.array([object(), 1], dtype=object)},
+            "pickled Python objects",
+        ),
+        ({"x": np.zeros((2, 1, 4, 4))}, "lacks y"),
+        (
+            {"x": np.zeros((2, 4, 4)), "y": np.zeros(2, dtype=int)},
+            r"must be \(N, C, H, W\).*add the channel axis",
+        ),
+        ({"x": np.full((2, 1, 4, 4), 2.0), "y": np.zeros(2, dtype=int)}, r"must lie in \[0, 1\]"),
+        (
+            {"x": np.zeros((2, 1, 4, 4)), "y": np.zeros(3, dtype=int)},
+            "2 images but y holds 3 labels",
+        ),
+    ],
+)
 def test_malformed_npz_is_refused_in_one_line(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DatasetError, match=message) as error:
@@ -53,6 +67,7 @@ def test_a_file_that_is_not_a_zip_is_not_an_npz(tmp_path):
 
 # --- CIFAR-10 binary ----------------------------------------------------------------------------
 
+
 def _cifar_records(labels, seed):
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
@@ -66,7 +81,18 @@ def test_cifar10_binary_folder_reads_train_and_test_splits(tmp_path):
     first.tofile(tmp_path / "data_batch_1.bin")
     second.tofile(tmp_path / "data_batch_2.bin")
     test.tofile(tmp_path / "test_batch.bin")
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     (tmp_path / "batches.meta.txt").write_text("\n".join(names) + "\n\n")
     data = load_dataset(tmp_path)
     assert data.x.shape == (5, 3, 32, 32) and data.test_x.shape == (1, 3, 32, 32)
@@ -86,7 +112,9 @@ def test_a_single_cifar_batch_file_is_a_dataset(tmp_path):
 def test_truncated_cifar_binary_is_refused(tmp_path):
     records, _ = _cifar_records([1, 2], 0)
     (tmp_path / "data_batch_1.bin").write_bytes(records.tobytes()[:-100])
-    with pytest.raises(DatasetError, match=f"data_batch_1.bin: {2 * CIFAR_RECORD_BYTES - 100} bytes .* truncated"):
+    with pytest.raises(
+        DatasetError, match=f"data_batch_1.bin: {2 * CIFAR_RECORD_BYTES - 100} bytes .* truncated"
+    ):
         load_dataset(tmp_path)
 
 
@@ -105,6 +133,7 @@ def test_a_cifar_folder_needs_its_training_batches(tmp_path):
 
 
 # --- image folders ------------------------------------------------------------------------------
+
 
 def _png(path, size=(6, 5), mode="L", value=128):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +168,9 @@ def test_image_folder_with_train_and_test_splits(tmp_path):
 
 
 def test_empty_image_folder_is_refused(tmp_path):
-    with pytest.raises(DatasetError, match="needs one sub-folder of PNG/JPEG images per class.*found none"):
+    with pytest.raises(
+        DatasetError, match="needs one sub-folder of PNG/JPEG images per class.*found none"
+    ):
         load_dataset(tmp_path)
 
 
@@ -179,8 +210,11 @@ def test_image_folder_headers_are_checked_before_any_pixel_is_decoded(tmp_path):
     (tmp_path / "b").mkdir()
     # a header claiming 5000x4000 pixels and no pixel data: decoding it would fail otherwise
     (tmp_path / "b" / "huge.png").write_bytes(images.raw_png(5000, 4000, 8, 0, None))
-    with pytest.raises(DatasetError, match=r"huge\.png: 5000x4000 pixels \(width x height\) is over the cap of "
-                                           r"16,777,216 pixels per image"):
+    with pytest.raises(
+        DatasetError,
+        match=r"huge\.png: 5000x4000 pixels \(width x height\) is over the cap of "
+        r"16,777,216 pixels per image",
+    ):
         load_dataset(tmp_path)
 
 
@@ -189,18 +223,21 @@ def test_image_folder_of_16_bit_grey_is_scaled_by_65535(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
         (tmp_path / cls / "0.png").write_bytes(images.grey16(values))
-    (tmp_path / "b" / "1.png").write_bytes(images.grey8(values))    # 8- and 16-bit mix in one folder
+    (tmp_path / "b" / "1.png").write_bytes(images.grey8(values))  # 8- and 16-bit mix in one folder
     data = load_dataset(tmp_path)
     assert data.x.shape == (3, 1, 5, 6)
     assert np.allclose(data.x[0, 0], values, atol=0.5 / 65535) and data.x[0].max() == 1.0
     assert np.allclose(data.x[2, 0], values, atol=0.5 / 255)
 
 
-@pytest.mark.parametrize("data,phrase", [
-    (images.frames("PNG", size=(6, 5)), "3 frames"),
-    (images.save(Image.new("RGBA", (6, 5), (1, 2, 3, 0))), "not fully opaque"),
-    (images.save(Image.new("CMYK", (6, 5)), "JPEG"), "a CMYK JPEG"),
-])
+@pytest.mark.parametrize(
+    "data,phrase",
+    [
+        (images.frames("PNG", size=(6, 5)), "3 frames"),
+        (images.save(Image.new("RGBA", (6, 5), (1, 2, 3, 0))), "not fully opaque"),
+        (images.save(Image.new("CMYK", (6, 5)), "JPEG"), "a CMYK JPEG"),
+    ],
+)
 def test_image_folder_refuses_what_the_image_rule_refuses(tmp_path, data, phrase):
     _png(tmp_path / "a" / "0.png")
     (tmp_path / "b").mkdir()

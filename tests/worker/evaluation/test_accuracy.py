@@ -1,4 +1,5 @@
 """The one definition of certified accuracy, and the three views of it agreeing on the same inputs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,12 @@ from smoothcert.worker.queue import job_results
 
 RADII = [0.0, 0.3, 0.5, 1.0]
 # input 1 abstains, input 3 is certified but wrong: only inputs 0 and 2 count
-ROWS = [{"prediction": 1, "label": 1, "radius": 0.3}, {"prediction": None, "label": 1, "radius": 0.0},
-        {"prediction": 2, "label": 2, "radius": 0.9}, {"prediction": 0, "label": 1, "radius": 0.5}]
+ROWS = [
+    {"prediction": 1, "label": 1, "radius": 0.3},
+    {"prediction": None, "label": 1, "radius": 0.0},
+    {"prediction": 2, "label": 2, "radius": 0.9},
+    {"prediction": 0, "label": 1, "radius": 0.5},
+]
 EXPECTED = [0.5, 0.5, 0.25, 0.0]
 
 
@@ -24,9 +29,17 @@ def test_no_inputs_is_zero_at_every_radius():
 
 def test_log_experiment_and_job_views_agree():
     correct = np.array([r["prediction"] == r["label"] for r in ROWS])
-    log = analyze.CertLog(path="-", idx=np.arange(4), label=np.array([1, 1, 2, 1]), predict=np.array([1, -1, 2, 0]),
-                          radius=np.array([r["radius"] for r in ROWS]), correct=correct, time=np.zeros(4))
+    log = analyze.CertLog(
+        path="-",
+        idx=np.arange(4),
+        label=np.array([1, 1, 2, 1]),
+        predict=np.array([1, -1, 2, 0]),
+        radius=np.array([r["radius"] for r in ROWS]),
+        correct=correct,
+        time=np.zeros(4),
+    )
     assert analyze.certified_accuracy(log, RADII).tolist() == EXPECTED
     assert experiment.certified_accuracy(ROWS, [1, 1, 2, 1], RADII) == EXPECTED
-    assert job_results.certified_accuracy(ROWS, RADII) == [{"radius": r, "accuracy": a}
-                                                           for r, a in zip(RADII, EXPECTED)]
+    assert job_results.certified_accuracy(ROWS, RADII) == [
+        {"radius": r, "accuracy": a} for r, a in zip(RADII, EXPECTED)
+    ]

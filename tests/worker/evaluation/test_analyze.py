@@ -27,8 +27,9 @@ from tests.support.paths import TESTS
 TESTS_DIR = TESTS
 # The copy in tests/data keeps a clean clone self-contained; SMOOTHCERT_REFERENCE_DIR may point
 # at another copy of the same three logs.
-REFERENCE_DIR = Path(os.environ.get("SMOOTHCERT_REFERENCE_DIR",
-                                    TESTS_DIR / "data" / "cohen-imagenet"))
+REFERENCE_DIR = Path(
+    os.environ.get("SMOOTHCERT_REFERENCE_DIR", TESTS_DIR / "data" / "cohen-imagenet")
+)
 SIGMAS = ("0.25", "0.50", "1.00")
 COHEN_FILES = [REFERENCE_DIR / f"noise_{s}_sigma_{s}.tsv" for s in SIGMAS]
 
@@ -57,13 +58,19 @@ def files() -> list[str]:
 @pytest.fixture
 def ours(tmp_path: Path) -> Path:
     """A log in our format: plain-seconds time and extra columns after Cohen's."""
-    return write_log(tmp_path, "\n".join([
-        OUR_HEADER,
-        "0\t3\t3\t0.8\t1\t1.25\t0.9\t95000\t100000\t3.81",
-        "1\t4\t-1\t0.0\t0\t0.5\t0.3\t40000\t100000\t3.81",
-        "2\t5\t5\t2.0\t1\t2\t0.99\t99900\t100000\t3.81",
-        "3\t6\t7\t1.5\t0\t3.0e-1\t0.95\t97000\t100000\t3.81",
-    ]) + "\n")
+    return write_log(
+        tmp_path,
+        "\n".join(
+            [
+                OUR_HEADER,
+                "0\t3\t3\t0.8\t1\t1.25\t0.9\t95000\t100000\t3.81",
+                "1\t4\t-1\t0.0\t0\t0.5\t0.3\t40000\t100000\t3.81",
+                "2\t5\t5\t2.0\t1\t2\t0.99\t99900\t100000\t3.81",
+                "3\t6\t7\t1.5\t0\t3.0e-1\t0.95\t97000\t100000\t3.81",
+            ]
+        )
+        + "\n",
+    )
 
 
 def test_envelope_reproduces_cohen_imagenet_row(files):
@@ -98,8 +105,7 @@ def test_plain_seconds_time_and_extra_columns(ours):
 
 
 def test_columns_found_by_header_name(tmp_path):
-    path = write_log(tmp_path, "time\tcorrect\tradius\tpredict\tlabel\tidx\n"
-                               "1.0\t1\t0.7\t2\t2\t0\n")
+    path = write_log(tmp_path, "time\tcorrect\tradius\tpredict\tlabel\tidx\n1.0\t1\t0.7\t2\t2\t0\n")
     log = read_log(path)
     assert log.radius.tolist() == [0.7] and log.correct.tolist() == [True]
 
@@ -185,13 +191,18 @@ def test_run_cli_prints_report(files):
 
 BAD_LOGS = {
     "missing column": ("idx\tlabel\tpredict\tcorrect\ttime\n0\t1\t1\t1\t0.5\n", 1, "radius"),
-    "bad number": (OUR_HEADER + "\n0\t1\t1\t0.5\t1\t1.0\t0.9\t9\t10\t3\n"
-                   "1\t1\t1\tabc\t1\t1.0\t0.9\t9\t10\t3\n", 3, "radius"),
+    "bad number": (
+        OUR_HEADER + "\n0\t1\t1\t0.5\t1\t1.0\t0.9\t9\t10\t3\n1\t1\t1\tabc\t1\t1.0\t0.9\t9\t10\t3\n",
+        3,
+        "radius",
+    ),
     "ragged row": ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\n", 2, "fields"),
-    "correct not 0/1": ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t2\t1\n", 2,
-                        "correct"),
-    "bad time": ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:2:x\n", 2,
-                 "time"),
+    "correct not 0/1": (
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t2\t1\n",
+        2,
+        "correct",
+    ),
+    "bad time": ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:2:x\n", 2, "time"),
     "empty file": ("", 1, "header"),
 }
 
@@ -214,8 +225,17 @@ def test_missing_file_names_file(tmp_path):
 
 
 def test_cli_analyze_end_to_end(files, tmp_path):
-    command = [sys.executable, "-m", "smoothcert.service.cli", "analyze", *files,
-               "--radii", ",".join(map(str, PAPER_RADII)), "--format", "json"]
+    command = [
+        sys.executable,
+        "-m",
+        "smoothcert.service.cli",
+        "analyze",
+        *files,
+        "--radii",
+        ",".join(map(str, PAPER_RADII)),
+        "--format",
+        "json",
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "no output: is `analyze` wired into smoothcert.service.cli?"

@@ -3,6 +3,7 @@
 Database 7 of the session's server, so the session worker's own reaper never sees these leases.
 A worker is alive when its heartbeat key exists and names the lease's incarnation.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,12 @@ def test_a_live_worker_keeps_its_task_and_a_dead_ones_is_taken_over(client):
     beat(client, "a", "a-1")
     first = leases.claim("job-1", "a", "a-1", 101, "smoothcert.certify", ["job-1", {"seed": 1}])
     assert first is not None and leases.get("job-1") == first
-    assert leases.claim("job-1", "b", "b-1", 202, "smoothcert.certify", ["job-1", {}]) is None  # a is alive
-    again = leases.claim("job-1", "a", "a-1", 102, "smoothcert.certify", ["job-1", {}])  # a's new pool process
+    assert (
+        leases.claim("job-1", "b", "b-1", 202, "smoothcert.certify", ["job-1", {}]) is None
+    )  # a is alive
+    again = leases.claim(
+        "job-1", "a", "a-1", 102, "smoothcert.certify", ["job-1", {}]
+    )  # a's new pool process
     assert again is not None and again.token != first.token
     assert not leases.release(first)  # an old run cannot drop the new run's lease
     client.delete(PREFIX + "a")  # a's heartbeat expired
@@ -52,11 +57,16 @@ def test_a_restarted_worker_with_the_same_name_is_not_the_dead_one(client):
     beat(client, "host", "old")
     leases.claim("job-2", "host", "old", 7, "smoothcert.certify", ["job-2", {}])
     beat(client, "host", "new")
-    assert leases.claim("job-2", "other", "other-1", 8, "smoothcert.certify", ["job-2", {}]) is not None
+    assert (
+        leases.claim("job-2", "other", "other-1", 8, "smoothcert.certify", ["job-2", {}])
+        is not None
+    )
     client.hdel(LEASES_KEY, "job-2")
     leases.claim("job-3", "host", "old", 7, "smoothcert.certify", ["job-3", {}])
     sent: list = []
-    assert [lease.task_id for lease in leases.reap(sent.append, skip_incarnation="new", now=later())] == ["job-3"]
+    assert [
+        lease.task_id for lease in leases.reap(sent.append, skip_incarnation="new", now=later())
+    ] == ["job-3"]
     assert [lease.task_id for lease in sent] == ["job-3"]
 
 
@@ -68,12 +78,14 @@ def test_reap_resends_each_dead_lease_once_and_leaves_the_rest(client):
     one.claim("job-train", "dead-too", "dead-too-1", 1, "smoothcert.train", ["job-train", {}])
     sent: list = []
     now = later()
-    reaped = (one.reap(sent.append, skip_incarnation="me-1", now=now)
-              + two.reap(sent.append, skip_incarnation="me-1", now=now))
+    reaped = one.reap(sent.append, skip_incarnation="me-1", now=now) + two.reap(
+        sent.append, skip_incarnation="me-1", now=now
+    )
     assert sorted(lease.task_id for lease in reaped) == ["job-dead", "job-train"]
     assert sorted((s.task_id, s.task, json.dumps(s.args)) for s in sent) == [
         ("job-dead", "smoothcert.certify", '["job-dead", {"seed": 3}]'),
-        ("job-train", "smoothcert.train", '["job-train", {}]')]
+        ("job-train", "smoothcert.train", '["job-train", {}]'),
+    ]
     assert sorted(k.decode() for k in client.hkeys(LEASES_KEY)) == ["job-alive", "job-mine"]
 
 

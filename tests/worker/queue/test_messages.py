@@ -1,6 +1,7 @@
 """The message checks on their own, against records on a real Redis (database 6 of the session's
 server): what the API sends passes, and each way a message can disagree with its record is a
 :class:`Dropped` that says which. The end-to-end attacks are in test_crafted_messages.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,12 +9,30 @@ import pytest
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.job_chunks import chunk_seed
 from smoothcert.service.core.jobs import JobStore, new_job_id
-from smoothcert.worker.queue.messages import Dropped, certify_spec, check_model_message, chunk_spec, train_spec
+from smoothcert.worker.queue.messages import (
+    Dropped,
+    certify_spec,
+    check_model_message,
+    chunk_spec,
+    train_spec,
+)
 from tests.support.stack import scratch_db
 
-PARAMS = {"model_id": "m1", "mode": "certify", "sigma": 0.25, "n0": 10, "n": 50, "alpha": 0.001,
-          "bound": "clopper-pearson", "batch_size": None, "seed": 3, "num_inputs": 2, "target_radius": 0.5,
-          "runtime": "auto", "precision": "float32"}
+PARAMS = {
+    "model_id": "m1",
+    "mode": "certify",
+    "sigma": 0.25,
+    "n0": 10,
+    "n": 50,
+    "alpha": 0.001,
+    "bound": "clopper-pearson",
+    "batch_size": None,
+    "seed": 3,
+    "num_inputs": 2,
+    "target_radius": 0.5,
+    "runtime": "auto",
+    "precision": "float32",
+}
 
 
 @pytest.fixture
@@ -30,21 +49,28 @@ def recorded(jobs: JobStore, kind: str, params: dict) -> str:
 
 def test_the_api_message_of_a_certify_job_passes_with_its_labels(jobs):
     job_id = recorded(jobs, "certify", PARAMS)
-    message = {**PARAMS, "labels": [1, 2], "radii": [0, 0.5]}      # as certify.py sends it
-    assert certify_spec(jobs, job_id, job_id, message) == {**PARAMS, "labels": [1, 2], "radii": [0, 0.5]}
-    legacy = {**message, "inputs_path": "/etc/passwd"}               # an older API's path: never used
+    message = {**PARAMS, "labels": [1, 2], "radii": [0, 0.5]}  # as certify.py sends it
+    assert certify_spec(jobs, job_id, job_id, message) == {
+        **PARAMS,
+        "labels": [1, 2],
+        "radii": [0, 0.5],
+    }
+    legacy = {**message, "inputs_path": "/etc/passwd"}  # an older API's path: never used
     assert "inputs_path" not in certify_spec(jobs, job_id, job_id, legacy)
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"labels": [1]}, "its labels are not 2 integers"),
-    ({"labels": [1, "2"]}, "its labels are not 2 integers"),
-    ({"radii": [-1]}, "its radii are not a list of finite non-negative numbers"),
-    ({"sigma": 0.5, "n": 1}, "its parameters differ from the job record's: n, sigma"),
-    ({"target_radius": None}, "differ from the job record's: target_radius"),
-    ({"extra": 1}, "differ from the job record's: extra"),
-    ({"runtime": "torch"}, "differ from the job record's: runtime"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"labels": [1]}, "its labels are not 2 integers"),
+        ({"labels": [1, "2"]}, "its labels are not 2 integers"),
+        ({"radii": [-1]}, "its radii are not a list of finite non-negative numbers"),
+        ({"sigma": 0.5, "n": 1}, "its parameters differ from the job record's: n, sigma"),
+        ({"target_radius": None}, "differ from the job record's: target_radius"),
+        ({"extra": 1}, "differ from the job record's: extra"),
+        ({"runtime": "torch"}, "differ from the job record's: runtime"),
+    ],
+)
 def test_a_certify_message_unlike_its_record_is_dropped(jobs, change, reason):
     job_id = recorded(jobs, "certify", PARAMS)
     with pytest.raises(Dropped, match=reason):
@@ -54,10 +80,12 @@ def test_a_certify_message_unlike_its_record_is_dropped(jobs, change, reason):
 def test_ids_kinds_and_task_ids_must_be_the_records(jobs):
     job_id = recorded(jobs, "train", {"x": 1})
     message = {**PARAMS, "labels": None, "radii": None}
-    for args, reason in [((job_id, job_id), f"job {job_id} is a train job, not certify or predict"),
-                         (("f" * 36, "f" * 36), "is not a job id"),
-                         ((new_job_id(), job_id), "is not its job id"),
-                         ((None, new_job_id()), "there is no record of job")]:
+    for args, reason in [
+        ((job_id, job_id), f"job {job_id} is a train job, not certify or predict"),
+        (("f" * 36, "f" * 36), "is not a job id"),
+        ((new_job_id(), job_id), "is not its job id"),
+        ((None, new_job_id()), "there is no record of job"),
+    ]:
         task_id, given = args
         with pytest.raises(Dropped, match=reason):
             certify_spec(jobs, task_id, given, message)
@@ -86,19 +114,38 @@ def test_a_chunk_must_be_the_one_its_record_gives(jobs, tmp_path):
     datasets = DatasetStore(tmp_path)
     (tmp_path / "ds1").mkdir()
     datasets.write("ds1", {"id": "ds1", "sha256": "a" * 64, "num_inputs": 5})
-    params = {**PARAMS, "num_inputs": 5, "dataset_id": "ds1", "skip": 2, "limit": 5, "chunk_size": 2, "chunks": 3}
+    params = {
+        **PARAMS,
+        "num_inputs": 5,
+        "dataset_id": "ds1",
+        "skip": 2,
+        "limit": 5,
+        "chunk_size": 2,
+        "chunks": 3,
+    }
     job_id = recorded(jobs, "certify", params)
-    spec = {**params, "dataset_sha256": "a" * 64, "radii": None, "chunk": 2, "start": 6, "stop": 7,
-            "chunk_seed": chunk_seed(3, 2)}
+    spec = {
+        **params,
+        "dataset_sha256": "a" * 64,
+        "radii": None,
+        "chunk": 2,
+        "start": 6,
+        "stop": 7,
+        "chunk_seed": chunk_seed(3, 2),
+    }
     assert chunk_spec(jobs, datasets, f"{job_id}.2", job_id, spec)["stop"] == 7
-    for change, reason in [({"chunk": 3}, "chunk 3 is not one of the job's 3 chunks"),
-                           ({"chunk": True}, "is not one of the job's 3 chunks"),
-                           ({"start": 0}, "its start differ from what the job record gives"),
-                           ({"chunk_seed": 3}, "its chunk_seed differ"),
-                           ({"dataset_sha256": "b" * 64}, "its dataset_sha256 is not that of dataset ds1"),
-                           ({"skip": 0}, "differ from the job record's: skip")]:
+    for change, reason in [
+        ({"chunk": 3}, "chunk 3 is not one of the job's 3 chunks"),
+        ({"chunk": True}, "is not one of the job's 3 chunks"),
+        ({"start": 0}, "its start differ from what the job record gives"),
+        ({"chunk_seed": 3}, "its chunk_seed differ"),
+        ({"dataset_sha256": "b" * 64}, "its dataset_sha256 is not that of dataset ds1"),
+        ({"skip": 0}, "differ from the job record's: skip"),
+    ]:
         with pytest.raises(Dropped, match=reason):
-            chunk_spec(jobs, datasets, f"{job_id}.{change.get('chunk', 2)}", job_id, {**spec, **change})
+            chunk_spec(
+                jobs, datasets, f"{job_id}.{change.get('chunk', 2)}", job_id, {**spec, **change}
+            )
     with pytest.raises(Dropped, match=f"is not {job_id}.2, the id of chunk 2"):
         chunk_spec(jobs, datasets, job_id, job_id, spec)
     with pytest.raises(Dropped, match="dataset job, which runs as chunks"):

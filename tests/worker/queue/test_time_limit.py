@@ -7,6 +7,7 @@ worker of its own, its pool process's watchdog ends it before the hard limit, an
 watchdog cannot act (the process is stopped), Celery's hard limit kills it and the worker's main
 process fails the job and releases the lease.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,18 +53,28 @@ def test_a_job_past_its_soft_time_limit_fails_saying_so(jobs):
 # A task that its model holds inside native code past the time limit, on a worker of its own
 # (database 4) with SMOOTHCERT_TASK_TIME_LIMIT_S = LIMIT_S and a batch floor far above it. Before,
 # Celery's hard limit killed the process and the record stayed `running`, error null, lease held.
-LIMIT_S = 20   # the next job runs in a fresh pool process, which takes seconds to start on a busy machine
+LIMIT_S = (
+    20  # the next job runs in a fresh pool process, which takes seconds to start on a busy machine
+)
 
 
 @pytest.fixture(scope="module")
 def limited(redis_url, tmp_path_factory, demo_paths):
-    with hostile_stack(redis_url, 4, tmp_path_factory.mktemp("time-limit"), demo_paths, "limited@%h",
-                       SMOOTHCERT_TASK_TIME_LIMIT_S=str(LIMIT_S), SMOOTHCERT_BATCH_DEADLINE_FLOOR_S="600") as stack:
+    with hostile_stack(
+        redis_url,
+        4,
+        tmp_path_factory.mktemp("time-limit"),
+        demo_paths,
+        "limited@%h",
+        SMOOTHCERT_TASK_TIME_LIMIT_S=str(LIMIT_S),
+        SMOOTHCERT_BATCH_DEADLINE_FLOOR_S="600",
+    ) as stack:
         yield stack
 
 
 def _running_pid(limited, job_id: str) -> int:
     """The pool process running ``job_id``, once the job is running."""
+
     def pid():
         raw = limited["redis"].hget(LEASES_KEY, job_id)
         record = limited["user"].get(f"/v1/jobs/{job_id}").json()
@@ -75,8 +86,10 @@ def _running_pid(limited, job_id: str) -> int:
 def _ends_and_the_worker_goes_on(limited, job_id: str, pid: int, how: str) -> None:
     record = wait_job(limited["user"], job_id, timeout=LIMIT_S + 60)
     assert record["status"] == "failed"
-    assert record["error"] == (f"the job exceeded the {LIMIT_S} s time limit (SMOOTHCERT_TASK_TIME_LIMIT_S); "
-                               f"its worker process was {how}")
+    assert record["error"] == (
+        f"the job exceeded the {LIMIT_S} s time limit (SMOOTHCERT_TASK_TIME_LIMIT_S); "
+        f"its worker process was {how}"
+    )
     wait_for(lambda: limited["redis"].hget(LEASES_KEY, job_id) is None, 60, "the lease to go")
     wait_for(lambda: not alive(pid), 30, "the stuck pool process to exit")
     assert limited["worker"].poll() is None
@@ -94,5 +107,5 @@ def test_a_task_stuck_in_its_model_at_the_time_limit_fails_and_releases_its_leas
 def test_a_task_killed_by_the_hard_time_limit_fails_and_releases_its_lease(limited):
     job_id = submit(limited, "hostile", 1.0)
     pid = _running_pid(limited, job_id)
-    os.kill(pid, signal.SIGSTOP)    # not even its watchdog runs: Celery's hard limit kills it
+    os.kill(pid, signal.SIGSTOP)  # not even its watchdog runs: Celery's hard limit kills it
     _ends_and_the_worker_goes_on(limited, job_id, pid, "killed")

@@ -5,6 +5,7 @@ The worker's check gives it SMOOTHCERT_MODEL_CHECK_DEADLINE_S, then refuses it (
 422 that says why, before the API's own wait runs out) and retires the pool process that holds
 the spinning thread; the prefork pool starts a fresh one, which serves the next upload and job.
 """
+
 from __future__ import annotations
 
 import httpx
@@ -34,11 +35,17 @@ DEADLINE_S = 3
 def stack(redis_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wedging")
     with scratch_db(redis_url, 15):
-        env = stack_env(other_db(redis_url, 15), tmp / "data", SMOOTHCERT_MODEL_CHECK_DEADLINE_S=str(DEADLINE_S))
+        env = stack_env(
+            other_db(redis_url, 15), tmp / "data", SMOOTHCERT_MODEL_CHECK_DEADLINE_S=str(DEADLINE_S)
+        )
         worker, _ = start_worker(env, tmp / "worker.log", "wedging@%h")
         api, url = start_api(env, tmp / "api.log")
-        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90)
-        user = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90)
+        admin = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90
+        )
+        user = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=90
+        )
         yield {"admin": admin, "user": user, "worker": worker, "tmp": tmp}
         admin.close()
         user.close()
@@ -47,7 +54,9 @@ def stack(redis_url, tmp_path_factory):
 
 
 def pool_pids(client: httpx.Client) -> set[int]:
-    return {p["pid"] for w in client.get("/readyz").json()["worker_details"] for p in w["processes"]}
+    return {
+        p["pid"] for w in client.get("/readyz").json()["worker_details"] for p in w["processes"]
+    }
 
 
 def test_a_model_that_never_returns_is_refused_and_its_process_replaced(stack, demo_paths):
@@ -71,8 +80,17 @@ def test_a_model_that_never_returns_is_refused_and_its_process_replaced(stack, d
     good = upload_model_file(admin, demo_paths["safetensors"], name="digits")
     assert good.status_code == 201, good.text
     x = np.load(demo_paths["test_x"])[:2]
-    job = user.post("/v1/certify", json={"model_id": good.json()["id"], "inputs": x.tolist(), "sigma": 0.25,
-                                         "n0": 10, "n": 100, "seed": 0})
+    job = user.post(
+        "/v1/certify",
+        json={
+            "model_id": good.json()["id"],
+            "inputs": x.tolist(),
+            "sigma": 0.25,
+            "n0": 10,
+            "n": 100,
+            "seed": 0,
+        },
+    )
     assert job.status_code == 202, job.text
     assert wait_job(user, job.json()["job_id"], timeout=60)["status"] == "succeeded"
     # and /readyz stops listing the retired process once the heartbeat prunes it

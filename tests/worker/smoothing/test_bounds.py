@@ -1,4 +1,5 @@
 """The statistics of a certificate against closed forms (exact; no sampling, no failure probability)."""
+
 import math
 
 import numpy as np
@@ -8,12 +9,16 @@ from scipy.stats import binom, binomtest, norm
 from smoothcert.worker.smoothing import bounds
 
 
-@pytest.mark.parametrize("n_a,n", [(1, 10), (7, 10), (550, 1000), (99_000, 100_000), (100_000, 100_000)])
+@pytest.mark.parametrize(
+    "n_a,n", [(1, 10), (7, 10), (550, 1000), (99_000, 100_000), (100_000, 100_000)]
+)
 @pytest.mark.parametrize("alpha", [0.001, 0.05])
 def test_one_sided_lower_bound_is_the_two_sided_interval_at_twice_alpha(n_a, n, alpha):
     two_sided = binomtest(n_a, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact")
     # scipy finds the interval by root search, hence the tolerance
-    assert float(bounds.lower_confidence_bound(n_a, n, alpha)) == pytest.approx(two_sided.low, rel=1e-8, abs=1e-15)
+    assert float(bounds.lower_confidence_bound(n_a, n, alpha)) == pytest.approx(
+        two_sided.low, rel=1e-8, abs=1e-15
+    )
 
 
 def test_lower_bound_is_zero_not_nan_without_votes():
@@ -33,13 +38,17 @@ def test_lower_bound_covers_p_with_probability_at_least_one_minus_alpha():
 
 @pytest.mark.parametrize("n,first_certified", [(100_000, 50_490), (1_000, 550)])
 def test_smallest_non_abstaining_count(n, first_certified):
-    _, _, abstained = bounds.cohen_radius(np.array([first_certified - 1, first_certified]), n, 0.001, 1.0)
+    _, _, abstained = bounds.cohen_radius(
+        np.array([first_certified - 1, first_certified]), n, 0.001, 1.0
+    )
     assert list(abstained) == [True, False]
 
 
 def test_radius_cap_closed_form():
     assert bounds.radius_cap(100_000, 0.001, 1.0) == pytest.approx(3.8115, abs=5e-5)
-    assert bounds.radius_cap(100_000, 0.001, 0.5) == pytest.approx(0.5 * norm.ppf(0.001 ** 1e-5), rel=1e-12)
+    assert bounds.radius_cap(100_000, 0.001, 0.5) == pytest.approx(
+        0.5 * norm.ppf(0.001**1e-5), rel=1e-12
+    )
 
 
 def test_top2_spends_alpha_over_both_classes_by_union_bound():

@@ -1,4 +1,5 @@
 """CERTIFY and PREDICT against classifiers whose smoothed probabilities are known in closed form."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ def test_constant_classifier_reaches_the_radius_cap_exactly():
     run = certify(constant(label=3), X, sigma=0.5, n0=100, n=100_000, alpha=0.001, seed=0)
     (cert,) = run.results
     assert cert.prediction == 3 and cert.n_a == 100_000 and not cert.abstained
-    assert cert.radius == cert.radius_cap == pytest.approx(0.5 * norm.ppf(0.001 ** 1e-5), rel=1e-12)
+    assert cert.radius == cert.radius_cap == pytest.approx(0.5 * norm.ppf(0.001**1e-5), rel=1e-12)
     assert cert.radius == pytest.approx(0.5 * 3.8115, abs=1e-4)
 
 
@@ -52,7 +53,9 @@ def test_same_seed_and_batch_size_give_identical_results_and_another_seed_does_n
     first = certify(model, xs, sigma=0.5, n0=50, n=5000, batch_size=777, seed=42)
     again = certify(model, xs, sigma=0.5, n0=50, n=5000, batch_size=777, seed=42)
     other = certify(model, xs, sigma=0.5, n0=50, n=5000, batch_size=777, seed=43)
-    strip = lambda run: [{k: v for k, v in r.to_dict().items() if k != "elapsed_s"} for r in run.results]
+    strip = lambda run: [
+        {k: v for k, v in r.to_dict().items() if k != "elapsed_s"} for r in run.results
+    ]
     assert strip(first) == strip(again)
     assert [r.n_a for r in first.results] != [r.n_a for r in other.results]
     assert first.provenance["seed"] == 42 and first.provenance["batch_size"] == 777
@@ -86,8 +89,16 @@ def test_batches_mix_inputs_and_stay_full_and_progress_reaches_the_total():
     model = wrap(net, num_classes=4)
     ticks = []
     xs = np.full((3, 1, 8, 8), 0.5, dtype=np.float32)
-    run = certify(model, xs, sigma=0.25, n0=10, n=1000, batch_size=64, seed=0,
-                  progress=lambda done, total: ticks.append((done, total)))
+    run = certify(
+        model,
+        xs,
+        sigma=0.25,
+        n0=10,
+        n=1000,
+        batch_size=64,
+        seed=0,
+        progress=lambda done, total: ticks.append((done, total)),
+    )
     assert all(size == 64 for size in net.sizes[:-1]) and sum(net.sizes) == 3 * 1010
     assert ticks[-1] == (3030, 3030) and all(a[0] < b[0] for a, b in zip(ticks, ticks[1:]))
     assert [r.n_a for r in run.results] == [1000, 1000, 1000]
@@ -101,12 +112,16 @@ def test_cancel_check_stops_between_batches():
         return len(calls) > 2
 
     with pytest.raises(Canceled):
-        certify(constant(), X, sigma=0.25, n0=10, n=10_000, batch_size=100, should_cancel=should_cancel)
+        certify(
+            constant(), X, sigma=0.25, n0=10, n=10_000, batch_size=100, should_cancel=should_cancel
+        )
     assert len(calls) == 3
 
 
 def test_top2_bound_on_a_constant_classifier():
-    run = certify(constant(label=2, num_classes=5), X, sigma=1.0, n0=20, n=1000, bound="top2", seed=0)
+    run = certify(
+        constant(label=2, num_classes=5), X, sigma=1.0, n0=20, n=1000, bound="top2", seed=0
+    )
     cert = run.results[0]
     assert cert.prediction == 2 and cert.radius == pytest.approx(cert.radius_cap)
     # each runner-up bound is 1 - (alpha/8)^(1/n); p_B <= 1 - p_A caps it lower here
@@ -134,11 +149,34 @@ def test_predict_abstains_on_a_coin_flip():
 def test_result_dict_and_provenance_carry_the_contract_fields():
     run = certify(constant(), X, sigma=0.25, n0=10, n=100, seed=3).to_dict()
     row = run["results"][0]
-    assert set(row) == {"index", "prediction", "abstained", "radius", "p_a_lower", "n_a", "n", "radius_cap",
-                        "elapsed_s", "votes"}
+    assert set(row) == {
+        "index",
+        "prediction",
+        "abstained",
+        "radius",
+        "p_a_lower",
+        "n_a",
+        "n",
+        "radius_cap",
+        "elapsed_s",
+        "votes",
+    }
     prov = run["provenance"]
-    for key in ("sigma", "n0", "n", "alpha", "bound", "seed", "batch_size", "device", "runtime", "precision",
-                "model_sha256", "versions", "elapsed_s"):
+    for key in (
+        "sigma",
+        "n0",
+        "n",
+        "alpha",
+        "bound",
+        "seed",
+        "batch_size",
+        "device",
+        "runtime",
+        "precision",
+        "model_sha256",
+        "versions",
+        "elapsed_s",
+    ):
         assert key in prov
     assert prov["versions"]["torch"] == torch.__version__
 

@@ -1,8 +1,15 @@
 """The one parameter check of certify, predict and certify_at_radius: its messages, and that all three use it."""
+
 import numpy as np
 import pytest
 
-from smoothcert.worker.smoothing import InputError, certify, certify_at_radius, check_params, predict
+from smoothcert.worker.smoothing import (
+    InputError,
+    certify,
+    certify_at_radius,
+    check_params,
+    predict,
+)
 from tests.support.classifiers import constant
 
 X = np.full((1, 8, 8), 0.5, dtype=np.float32)
@@ -37,8 +44,18 @@ def test_each_parameter_is_refused_with_its_own_message(bad, message):
 
 def test_none_is_not_checked_and_numpy_integers_are_counts():
     check_params(sigma=0.25, alpha=0.001)
-    check_params(sigma=np.float64(0.5), alpha=0.05, n0=np.int64(5), n=np.int32(7), n_max=np.uint16(9),
-                 bound="top2", target_radius=0, beta=0.5, batch_size=np.int64(1), seed=2**63 - 1)
+    check_params(
+        sigma=np.float64(0.5),
+        alpha=0.05,
+        n0=np.int64(5),
+        n=np.int32(7),
+        n_max=np.uint16(9),
+        bound="top2",
+        target_radius=0,
+        beta=0.5,
+        batch_size=np.int64(1),
+        seed=2**63 - 1,
+    )
 
 
 def test_the_first_bad_parameter_is_the_one_reported():
@@ -51,13 +68,21 @@ def test_the_first_bad_parameter_is_the_one_reported():
     [
         lambda **kw: certify(constant(), X, **{"sigma": 0.25, "n0": 10, "n": 100, **kw}),
         lambda **kw: predict(constant(), X, **{"sigma": 0.25, "n": 100, **kw}),
-        lambda **kw: certify_at_radius(constant(), X, **{"sigma": 0.25, "target_radius": 0.1, "n0": 10,
-                                                         "n_max": 100, **kw}),
+        lambda **kw: certify_at_radius(
+            constant(), X, **{"sigma": 0.25, "target_radius": 0.1, "n0": 10, "n_max": 100, **kw}
+        ),
     ],
     ids=["certify", "predict", "certify_at_radius"],
 )
-@pytest.mark.parametrize("bad,message", [({"sigma": 0.0}, "sigma"), ({"alpha": 1.5}, "alpha"),
-                                         ({"batch_size": -1}, "batch_size"), ({"seed": -1}, "seed")])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"sigma": 0.0}, "sigma"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_all_three_functions_refuse_the_same_way(call, bad, message):
     with pytest.raises(InputError, match=f"^{message} must"):
         call(**bad)

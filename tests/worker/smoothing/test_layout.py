@@ -1,4 +1,5 @@
 """The engine's modules import each other one way, at module level only, and the package exports the API."""
+
 import ast
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -23,14 +24,21 @@ def _imported(node: ast.AST) -> set[str]:
             elif sub.module.startswith(PACKAGE + "."):
                 found.add(sub.module.split(".")[3])
         elif isinstance(sub, ast.Import):
-            found.update(a.name.split(".")[3] for a in sub.names if a.name.startswith(PACKAGE + "."))
+            found.update(
+                a.name.split(".")[3] for a in sub.names if a.name.startswith(PACKAGE + ".")
+            )
     return found
 
 
 def test_no_function_level_imports():
-    lazy = [f"{name}.py:{node.lineno}" for name, tree in _modules().items() for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))]
+    lazy = [
+        f"{name}.py:{node.lineno}"
+        for name, tree in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for sub in ast.walk(node)
+        if isinstance(sub, (ast.Import, ast.ImportFrom))
+    ]
     assert not lazy
 
 
@@ -48,5 +56,17 @@ def test_modules_import_each_other_without_a_cycle():
 def test_the_package_exports_the_api():
     for name in smoothing.__all__:
         assert getattr(smoothing, name) is not None
-    assert {"certify", "predict", "certify_at_radius", "Run", "Certificate", "Prediction", "RadiusDecision",
-            "Canceled", "InputError", "Progress", "CancelCheck", "default_batch_size"} <= set(smoothing.__all__)
+    assert {
+        "certify",
+        "predict",
+        "certify_at_radius",
+        "Run",
+        "Certificate",
+        "Prediction",
+        "RadiusDecision",
+        "Canceled",
+        "InputError",
+        "Progress",
+        "CancelCheck",
+        "default_batch_size",
+    } <= set(smoothing.__all__)

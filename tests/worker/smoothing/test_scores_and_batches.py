@@ -1,4 +1,5 @@
 """Non-finite scores fail a run instead of voting; a batch_size beyond the device's memory is lowered."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,11 @@ class _NanAbove(ConstantNet):
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_non_finite_scores_on_some_noisy_copies_fail_certify(value):
     net = _NanAbove(value=value)
-    with pytest.raises(InputError, match=r"^the model returned non-finite scores \(NaN or infinite\) for "
-                                         r"(\d+) of 2200 noisy copies") as excinfo:
+    with pytest.raises(
+        InputError,
+        match=r"^the model returned non-finite scores \(NaN or infinite\) for "
+        r"(\d+) of 2200 noisy copies",
+    ) as excinfo:
         certify(wrap(net, num_classes=4), X, sigma=1.0, n0=100, n=1000, seed=0)
     assert 0 < net.bad < 2200 and f"for {net.bad} of 2200" in str(excinfo.value)
 
@@ -48,7 +52,7 @@ def test_the_same_model_under_mild_noise_certifies():
     assert [r.prediction for r in run.results] == [1, 1]
 
 
-PER_COPY = 4 * 64 + 4 * 10 + 9 * 10 + memory.COUNTING_BYTES   # constant(): 1x8x8 input, 10 scores
+PER_COPY = 4 * 64 + 4 * 10 + 9 * 10 + memory.COUNTING_BYTES  # constant(): 1x8x8 input, 10 scores
 
 
 def test_the_cost_of_a_copy():
@@ -56,16 +60,36 @@ def test_the_cost_of_a_copy():
 
 
 def test_a_requested_batch_size_beyond_the_budget_is_lowered_to_a_power_of_two_that_fits():
-    run = certify(constant(), X, sigma=0.25, n0=100, n=5000, batch_size=1_000_000, seed=3,
-                  memory_budget=1000 * PER_COPY)
-    assert run.provenance["batch_size"] == 512 and run.provenance["requested_batch_size"] == 1_000_000
+    run = certify(
+        constant(),
+        X,
+        sigma=0.25,
+        n0=100,
+        n=5000,
+        batch_size=1_000_000,
+        seed=3,
+        memory_budget=1000 * PER_COPY,
+    )
+    assert (
+        run.provenance["batch_size"] == 512 and run.provenance["requested_batch_size"] == 1_000_000
+    )
     same = certify(constant(), X, sigma=0.25, n0=100, n=5000, batch_size=512, seed=3)
-    assert [r.to_dict() | {"elapsed_s": 0} for r in run.results] == \
-           [r.to_dict() | {"elapsed_s": 0} for r in same.results]
+    assert [r.to_dict() | {"elapsed_s": 0} for r in run.results] == [
+        r.to_dict() | {"elapsed_s": 0} for r in same.results
+    ]
 
 
 def test_a_batch_size_that_fits_and_the_default_stay_as_they_are():
-    run = certify(constant(), X, sigma=0.25, n0=10, n=100, batch_size=777, seed=1, memory_budget=1000 * PER_COPY)
+    run = certify(
+        constant(),
+        X,
+        sigma=0.25,
+        n0=10,
+        n=100,
+        batch_size=777,
+        seed=1,
+        memory_budget=1000 * PER_COPY,
+    )
     assert run.provenance["batch_size"] == 777
     run = certify(constant(), X, sigma=0.25, n0=10, n=100, seed=1, memory_budget=1)
     assert run.provenance["batch_size"] == 10_000 and run.provenance["requested_batch_size"] is None
@@ -74,14 +98,32 @@ def test_a_batch_size_that_fits_and_the_default_stay_as_they_are():
 
 
 def test_a_lowered_batch_gives_bit_identical_counts_at_the_same_seed_and_budget():
-    runs = [certify(constant(), X, sigma=0.25, n0=10, n=3000, batch_size=10**6, seed=5,
-                    memory_budget=300 * PER_COPY) for _ in range(2)]
+    runs = [
+        certify(
+            constant(),
+            X,
+            sigma=0.25,
+            n0=10,
+            n=3000,
+            batch_size=10**6,
+            seed=5,
+            memory_budget=300 * PER_COPY,
+        )
+        for _ in range(2)
+    ]
     assert runs[0].provenance["batch_size"] == runs[1].provenance["batch_size"] == 256
     assert [r.n_a for r in runs[0].results] == [r.n_a for r in runs[1].results]
 
 
 def test_fit_batch():
-    assert [memory.fit_batch(10**6, 100, b) for b in (0, 99, 100, 399, 400, 1_000_000)] == [1, 1, 1, 2, 4, 8192]
+    assert [memory.fit_batch(10**6, 100, b) for b in (0, 99, 100, 399, 400, 1_000_000)] == [
+        1,
+        1,
+        1,
+        2,
+        4,
+        8192,
+    ]
     assert [memory.fit_batch(777, 100, b) for b in (77_700, 77_699)] == [777, 512]
 
 
@@ -102,8 +144,9 @@ def test_a_cuda_batch_follows_the_free_device_memory(demo_paths):
 
     model = load_model(demo_paths["safetensors"], device="cuda")
     free = memory.free_bytes(model.device)
-    assert default_batch_size(model.info.input_shape, model.device, model) == \
-        memory.batch_for_memory(memory.bytes_per_copy(model), free)
+    assert default_batch_size(
+        model.info.input_shape, model.device, model
+    ) == memory.batch_for_memory(memory.bytes_per_copy(model), free)
     assert torch.cuda.mem_get_info(model.device)[0] <= free
 
 

@@ -1,10 +1,17 @@
 """The anytime-valid test at a target radius: error rate at the worst case, closed forms, agreement."""
+
 import numpy as np
 import pytest
 import torch
 
 from smoothcert.worker.smoothing import InputError, bounds, certify, certify_at_radius
-from smoothcert.worker.smoothing.sequential import MIN_CHUNK, SequentialTest, Verdict, lower_confidence_sequence, p0_for
+from smoothcert.worker.smoothing.sequential import (
+    MIN_CHUNK,
+    SequentialTest,
+    Verdict,
+    lower_confidence_sequence,
+    p0_for,
+)
 from tests.support.classifiers import constant, linear
 
 X = np.full((1, 8, 8), 0.5, dtype=np.float32)
@@ -27,9 +34,11 @@ def simulate(p_a: float, decide, n_max: int, runs: int, seed: int):
 
 def naive_clopper_pearson(p0, alpha, n_max):
     """Certify as soon as the fixed-n Clopper-Pearson bound exceeds p0: re-checked, so unsound."""
+
     def decide(n, k):
         certified = bounds.lower_confidence_bound(k, n, alpha) > p0
         return np.where(certified, 1, np.where(n >= n_max, -1, 0))
+
     return decide
 
 
@@ -59,7 +68,9 @@ def test_futility_stop_costs_no_alpha_and_stops_hopeless_inputs_early():
 
 
 def test_unanimous_votes_certify_one_sigma_within_a_few_hundred_samples():
-    run = certify_at_radius(constant(label=4), X, sigma=0.5, target_radius=0.5, n0=100, n_max=100_000, seed=0)
+    run = certify_at_radius(
+        constant(label=4), X, sigma=0.5, target_radius=0.5, n0=100, n_max=100_000, seed=0
+    )
     (decision,) = run.results
     assert decision.certified_at_r and decision.prediction == 4
     assert decision.samples_used <= 400 and decision.radius >= 0.5
@@ -67,7 +78,9 @@ def test_unanimous_votes_certify_one_sigma_within_a_few_hundred_samples():
 
 def test_radius_beyond_reach_answers_without_sampling():
     # Φ⁻¹(α^(1/n_max)) = 3.81 at n_max = 100,000 and α = 0.001; r/σ = 4 is beyond it.
-    run = certify_at_radius(constant(), X, sigma=0.25, target_radius=1.0, n0=100, n_max=100_000, seed=0)
+    run = certify_at_radius(
+        constant(), X, sigma=0.25, target_radius=1.0, n0=100, n_max=100_000, seed=0
+    )
     (decision,) = run.results
     assert not decision.certified_at_r and decision.samples_used == 0
     assert "beyond reach" in decision.reason
@@ -85,7 +98,11 @@ def test_agrees_with_fixed_n_on_easy_inputs_and_uses_far_fewer_samples():
     model, xs = _linear_inputs([0.3, 0.4, -0.5, 0.6])
     fixed = certify(model, xs, sigma=0.25, n0=100, n=100_000, seed=3)
     seq = certify_at_radius(model, xs, sigma=0.25, target_radius=0.1, n0=100, n_max=100_000, seed=3)
-    assert [r.radius >= 0.1 for r in fixed.results] == [d.certified_at_r for d in seq.results] == [True] * 4
+    assert (
+        [r.radius >= 0.1 for r in fixed.results]
+        == [d.certified_at_r for d in seq.results]
+        == [True] * 4
+    )
     assert [r.prediction for r in fixed.results] == [d.prediction for d in seq.results]
     assert sum(d.samples_used for d in seq.results) * 40 < 4 * 100_100
     assert seq.provenance["samples_used"] == sum(d.samples_used for d in seq.results)
@@ -103,8 +120,14 @@ def test_hard_inputs_take_the_samples_and_every_answer_is_honest():
 def test_confidence_sequence_lower_bound_is_below_the_fixed_n_bound_and_grows_with_n():
     # The price of validity at any stopping time: a little wider than Clopper-Pearson.
     for k, n in [(90, 100), (900, 1000), (9000, 10_000)]:
-        assert lower_confidence_sequence(k, n, 0.001) < float(bounds.lower_confidence_bound(k, n, 0.001))
-    assert lower_confidence_sequence(900, 1000, 0.001) < lower_confidence_sequence(9000, 10_000, 0.001) < 0.9
+        assert lower_confidence_sequence(k, n, 0.001) < float(
+            bounds.lower_confidence_bound(k, n, 0.001)
+        )
+    assert (
+        lower_confidence_sequence(900, 1000, 0.001)
+        < lower_confidence_sequence(9000, 10_000, 0.001)
+        < 0.9
+    )
     assert lower_confidence_sequence(0, 100, 0.001) == 0.0
 
 

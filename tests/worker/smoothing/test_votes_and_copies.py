@@ -1,4 +1,5 @@
 """Votes per class in every certify and predict row, and the noisy copies kept to look at."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,6 +45,6 @@ def test_noisy_copies_are_x_plus_gaussian_noise_of_sigma_and_reproducible():
     # errors) and the sample std by more than 2% (6.4 standard errors) each with probability < 1e-5.
     for i in range(2):
         assert abs(noise[i].mean()) < 0.005 and abs(noise[i].std() / 0.25 - 1) < 0.02
-    assert (copies < 0).any() and (copies > 1).any()   # never clamped: the classifier sees them so
+    assert (copies < 0).any() and (copies > 1).any()  # never clamped: the classifier sees them so
     assert np.array_equal(copies, noisy_copies(x, (1, 8, 8), 0.25, 400, seed=5))
     assert not np.array_equal(copies, noisy_copies(x, (1, 8, 8), 0.25, 400, seed=6))

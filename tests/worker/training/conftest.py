@@ -1,4 +1,5 @@
 """Fixtures the training tests share: one torch thread, and a tiny stroke dataset."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """The smoothed soft loss and SmoothAdv's PGD: the estimator's formula, the constraints on δ, and
 that the attack does raise the loss it attacks."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,12 @@ import pytest
 import torch
 
 from smoothcert.models.architectures import build_network
-from smoothcert.worker.training.attacks import noisy_logits, pgd_l2_smoothed, project_l2, smoothed_soft_loss
+from smoothcert.worker.training.attacks import (
+    noisy_logits,
+    pgd_l2_smoothed,
+    project_l2,
+    smoothed_soft_loss,
+)
 
 
 def test_smoothed_soft_loss_is_the_plug_in_estimator_and_stays_finite():
@@ -23,7 +29,9 @@ def test_smoothed_soft_loss_is_the_plug_in_estimator_and_stays_finite():
 
 
 def test_project_l2_scales_only_what_lies_outside_the_ball():
-    delta = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 0.01)])   # norms 2 and 0.02
+    delta = torch.stack(
+        [torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 0.01)]
+    )  # norms 2 and 0.02
     projected = project_l2(delta, 0.5)
     assert projected[0].norm().item() == pytest.approx(0.5) and torch.equal(projected[1], delta[1])
 
@@ -42,7 +50,9 @@ def setting():
 
 
 @pytest.mark.parametrize("epsilon,steps", [(0.25, 1), (0.5, 2), (1.0, 5)])
-def test_pgd_delta_stays_in_the_ball_and_the_box_and_raises_the_smoothed_loss(setting, epsilon, steps):
+def test_pgd_delta_stays_in_the_ball_and_the_box_and_raises_the_smoothed_loss(
+    setting, epsilon, steps
+):
     model, x, y, noise = setting
     delta = pgd_l2_smoothed(model, x, y, noise, epsilon, steps)
     assert delta.shape == x.shape and not delta.requires_grad
