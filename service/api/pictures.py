@@ -14,6 +14,8 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image
 
+from smoothcert.service.core.accuracy import certified_accuracy_steps
+
 STRIP_MIN_SIDE, STRIP_GAP = (
     64,
     2,
@@ -51,24 +53,12 @@ LEFT, RIGHT, TOP, BOTTOM = 64, 24, 40, 56  # margins, px
 
 def certified_accuracy_points(rows: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
     """The step curve of certified accuracy against radius as (radius, accuracy) corners from
-    radius 0: the share of rows predicted right (``prediction == label``) with ``radius`` ≥ r, the
-    definition of :mod:`smoothcert.worker.evaluation.accuracy`. The curve ends at the largest radius."""
-    radii = np.sort(
-        [
-            float(r["radius"])
-            for r in rows
-            if r["prediction"] is not None and r["prediction"] == r["label"]
-        ]
-    )
-    total, steps = len(rows), np.unique(radii)
-    at = (
-        len(radii) - np.searchsorted(radii, steps, "left")
-    ) / total  # accuracy at each step's radius
-    after = (len(radii) - np.searchsorted(radii, steps, "right")) / total  # and just past it
-    points = [(0.0, len(radii) / total)]
-    for radius, a, b in zip(steps.tolist(), at.tolist(), after.tolist()):
-        points += [(radius, a), (radius, b)]
-    return points
+    radius 0 (:func:`smoothcert.service.core.accuracy.certified_accuracy_steps`): the share of rows
+    predicted right (``prediction == label``) with ``radius`` ≥ r. The curve ends at the largest
+    radius."""
+    correct = [r["prediction"] is not None and r["prediction"] == r["label"] for r in rows]
+    radius = [float(r["radius"]) if right else 0.0 for r, right in zip(rows, correct)]
+    return certified_accuracy_steps(correct, radius)
 
 
 def accuracy_curve_svg(rows: Sequence[dict[str, Any]], radius_cap: float | None, title: str) -> str:

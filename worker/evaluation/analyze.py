@@ -3,7 +3,7 @@
 A certification log is a tab-separated file with a header line whose columns include Cohen et
 al.'s `idx label predict radius correct time` (ours add `p_a_lower n_a n radius_cap ...` after
 them; columns are found by name and the rest are ignored). Certified accuracy at radius r is the
-share of rows with `correct == 1` and `radius >= r` (:mod:`smoothcert.worker.evaluation.accuracy`);
+share of rows with `correct == 1` and `radius >= r` (:mod:`smoothcert.service.core.accuracy`);
 the envelope takes, at each radius, the best over the files given (the way the paper's tables
 take the best over σ).
 
@@ -22,7 +22,7 @@ from typing import IO, Sequence
 
 import numpy as np
 
-from smoothcert.worker.evaluation import accuracy
+from smoothcert.service.core.accuracy import certified_accuracy
 
 REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 DEFAULT_RADII = [0.25 * i for i in range(17)]  # 0, 0.25, ..., 4.0
@@ -129,12 +129,11 @@ def read_log(path: str | Path) -> CertLog:
     return CertLog(path=name, **arrays)
 
 
-def certified_accuracy(log: CertLog, radii: Sequence[float]) -> np.ndarray:
-    """Share of rows with correct == 1 and radius >= r, for each r in radii (float64 array).
-
-    A log with no rows has accuracy 0.0 at every radius.
+def certified_accuracy_of_log(log: CertLog, radii: Sequence[float]) -> np.ndarray:
+    """Share of the log's rows with correct == 1 and radius >= r, for each r in radii (float64
+    array). A log with no rows has accuracy 0.0 at every radius.
     """
-    return accuracy.certified_accuracy(log.correct, log.radius, radii)
+    return certified_accuracy(log.correct, log.radius, radii)
 
 
 def analyze(paths: Sequence[str | Path], radii: Sequence[float]) -> dict:
@@ -147,7 +146,7 @@ def analyze(paths: Sequence[str | Path], radii: Sequence[float]) -> dict:
     if not paths:
         raise AnalyzeError("no certification logs given")
     radii = [float(r) for r in radii]
-    curves = {str(p): certified_accuracy(read_log(p), radii) for p in paths}
+    curves = {str(p): certified_accuracy_of_log(read_log(p), radii) for p in paths}
     envelope = np.max(np.stack(list(curves.values())), axis=0)
     return {
         "radii": radii,

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from smoothcert.service.core.accuracy import certified_accuracy
 from smoothcert.service.core.train_config import METHODS, TrainConfig
 from smoothcert.service.core.tsv import format_tsv
 from smoothcert.worker.data.datasets import Dataset, load_digits
-from smoothcert.worker.evaluation import accuracy
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 CURVE_POINTS = 301  # the plotted curves: certified accuracy on a fine grid of radii
@@ -232,18 +232,21 @@ def certify_split(
     results = [r.to_dict() for r in run.results]
     log_path.write_text(format_tsv(results, y.tolist()))
     return Certified(
-        accuracy=certified_accuracy(results, y, radii),
-        curve=certified_accuracy(results, y, curve_grid(radii)),
+        accuracy=certified_accuracy_of_results(results, y, radii),
+        curve=certified_accuracy_of_results(results, y, curve_grid(radii)),
         radius_cap=results[0]["radius_cap"],
         abstained=float(np.mean([r["abstained"] for r in results])),
         certify_s=run.provenance["elapsed_s"],
     )
 
 
-def certified_accuracy(results: list[dict], labels: np.ndarray, radii) -> list[float]:
-    """Share of inputs certified with the right class at radius ≥ r, for each r (accuracy.py)."""
+def certified_accuracy_of_results(
+    results: list[dict], labels: np.ndarray, radii: Sequence[float]
+) -> list[float]:
+    """Share of the engine's ``results`` (``Certificate.to_dict()`` rows) certified with their
+    ``labels``' class at radius ≥ r, for each r in ``radii`` (service/core/accuracy.py)."""
     correct = [r["prediction"] == int(y) for r, y in zip(results, labels)]
-    return accuracy.certified_accuracy(correct, [r["radius"] for r in results], radii).tolist()
+    return certified_accuracy(correct, [r["radius"] for r in results], radii).tolist()
 
 
 def curve_radii(config: ExperimentConfig) -> list[float]:

@@ -38,8 +38,8 @@ def test_log_experiment_and_job_views_agree():
         correct=correct,
         time=np.zeros(4),
     )
-    assert analyze.certified_accuracy(log, RADII).tolist() == EXPECTED
-    assert experiment.certified_accuracy(ROWS, [1, 1, 2, 1], RADII) == EXPECTED
+    assert analyze.certified_accuracy_of_log(log, RADII).tolist() == EXPECTED
+    assert experiment.certified_accuracy_of_results(ROWS, [1, 1, 2, 1], RADII) == EXPECTED
     assert job_results.certified_accuracy(ROWS, RADII) == [
         {"radius": r, "accuracy": a} for r, a in zip(RADII, EXPECTED)
     ]

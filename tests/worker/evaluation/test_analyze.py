@@ -15,7 +15,7 @@ from smoothcert.worker.evaluation.analyze import (
     DEFAULT_RADII,
     AnalyzeError,
     analyze,
-    certified_accuracy,
+    certified_accuracy_of_log,
     parse_radii,
     parse_time,
     read_log,
@@ -101,7 +101,8 @@ def test_plain_seconds_time_and_extra_columns(ours):
     assert log.time.tolist() == pytest.approx([1.25, 0.5, 2.0, 0.3])
     assert log.predict.tolist() == [3, -1, 5, 7]
     assert log.correct.tolist() == [True, False, True, False]
-    assert certified_accuracy(log, [0, 0.8, 1.0, 2.0, 2.01]).tolist() == [0.5, 0.5, 0.25, 0.25, 0]
+    shares = certified_accuracy_of_log(log, [0, 0.8, 1.0, 2.0, 2.01])
+    assert shares.tolist() == [0.5, 0.5, 0.25, 0.25, 0]
 
 
 def test_columns_found_by_header_name(tmp_path):
@@ -119,7 +120,8 @@ def test_curves_monotone_non_increasing(files):
 def test_accuracy_at_radius_zero_is_share_correct(files, ours):
     for path in [*files, ours]:
         log = read_log(path)
-        assert certified_accuracy(log, [0.0])[0] == pytest.approx(log.correct.mean(), abs=1e-15)
+        share = certified_accuracy_of_log(log, [0.0])[0]
+        assert share == pytest.approx(log.correct.mean(), abs=1e-15)
 
 
 def test_header_only_log_has_zero_accuracy(tmp_path):

@@ -12,7 +12,7 @@ from smoothcert.service.cli.train import add_commands
 from smoothcert.worker.evaluation.analyze import analyze
 from smoothcert.worker.evaluation.experiment import (
     ExperimentConfig,
-    certified_accuracy,
+    certified_accuracy_of_results,
     run_experiment,
 )
 
@@ -32,7 +32,8 @@ def test_certified_accuracy_counts_right_classes_at_or_beyond_each_radius():
         {"prediction": 2, "radius": 0.9},
         {"prediction": 0, "radius": 0.5},
     ]
-    assert certified_accuracy(results, [1, 1, 2, 1], [0.0, 0.3, 0.5, 1.0]) == [0.5, 0.5, 0.25, 0.0]
+    shares = certified_accuracy_of_results(results, [1, 1, 2, 1], [0.0, 0.3, 0.5, 1.0])
+    assert shares == [0.5, 0.5, 0.25, 0.0]
 
 
 def test_experiment_writes_models_logs_table_and_plot(tmp_path):

@@ -1,0 +1,51 @@
+"""Certified accuracy: the one definition that job results, certification logs, experiments and
+the API's curve all report.
+
+Certified accuracy at radius r is the share of inputs whose certified class is their label (an
+abstention never is) with a certified radius ≥ r. numpy only: the API imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def certified_accuracy(
+    correct: Sequence[bool] | np.ndarray,
+    radius: Sequence[float] | np.ndarray,
+    radii: Sequence[float] | np.ndarray,
+) -> np.ndarray:
+    """For each r in ``radii``, the fraction of inputs that are correct and certified at radius ≥ r.
+
+    ``correct[i]`` says whether input i's certified class is its label (False for an abstention)
+    and ``radius[i]`` is its certified radius. Returns a float64 array, one entry per radius;
+    with no inputs, accuracy is 0.0 at every radius.
+    """
+    right = np.asarray(correct, dtype=bool)
+    radius = np.asarray(radius, dtype=np.float64)
+    r = np.asarray(radii, dtype=np.float64).reshape(-1, 1)
+    if len(right) == 0:
+        return np.zeros(r.shape[0])
+    return (right & (radius >= r)).mean(axis=1)
+
+
+def certified_accuracy_steps(
+    correct: Sequence[bool] | np.ndarray, radius: Sequence[float] | np.ndarray
+) -> list[tuple[float, float]]:
+    """The whole curve of :func:`certified_accuracy`, exactly, as (radius, accuracy) corners.
+
+    The curve is a step function that falls only at the radii of correct inputs: it starts with
+    (0.0, accuracy at 0), then each such radius s, in increasing order, gives two corners, (s,
+    accuracy at s) and (s, accuracy just past s), the latter being the accuracy at the next such
+    radius (0.0 past the largest). With no inputs it is [(0.0, 0.0)].
+    """
+    right = np.asarray(correct, dtype=bool)
+    steps = np.unique(np.asarray(radius, dtype=np.float64)[right]).tolist()
+    at = certified_accuracy(right, radius, [0.0, *steps]).tolist()
+    past = [*at[2:], 0.0]
+    points = [(0.0, at[0])]
+    for step, a, b in zip(steps, at[1:], past):
+        points += [(step, a), (step, b)]
+    return points
