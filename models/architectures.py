@@ -232,14 +232,14 @@ class _TimestepEmbedding(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.half = max(1, width // 2)
+        self.n_freqs = max(1, width // 2)  # not `half`: that is Module.half()
         self.mlp = nn.Sequential(
-            nn.Linear(2 * self.half, 2 * width), nn.SiLU(), nn.Linear(2 * width, width)
+            nn.Linear(2 * self.n_freqs, 2 * width), nn.SiLU(), nn.Linear(2 * width, width)
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        steps = torch.arange(self.half, device=t.device, dtype=torch.float32)
-        freqs = torch.exp(steps * (-math.log(10000.0) / self.half))
+        steps = torch.arange(self.n_freqs, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(steps * (-math.log(10000.0) / self.n_freqs))
         args = t.to(torch.float32).reshape(-1, 1) * freqs.reshape(1, -1)
         return self.mlp(torch.cat([torch.sin(args), torch.cos(args)], dim=1))
 

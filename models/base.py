@@ -48,6 +48,9 @@ def bind_sigma(model: Any, sigma: float) -> Any:
 class Normalize(torch.nn.Module):
     """First layer of every torch model: (x - mean) / std per channel (std may be absent)."""
 
+    mean: torch.Tensor  # buffers, (1, C, 1, 1)
+    std: torch.Tensor
+
     def __init__(self, norm: Normalization | None, channels: int):
         super().__init__()
         mean = norm.mean if norm else (0.0,) * channels

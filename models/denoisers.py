@@ -12,7 +12,7 @@ classifier: finite images of the input's shape, on the same check batches.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
@@ -73,6 +73,24 @@ def described_arch(path: str | Path, arch: str | None = None) -> str | None:
         return None
     _, metadata = read_safetensors_header(path)
     return fields_from_metadata_map(metadata).get("arch")
+
+
+class Denoiser(Protocol):
+    """What a pipeline runs as its first part: :class:`TorchDenoiser`, its ONNX export
+    (:class:`~smoothcert.models.onnx_runtime.OnnxDenoiser`), or a diffusion denoiser bound to σ
+    (:mod:`smoothcert.models.diffusion`)."""
+
+    info: DenoiserInfo
+    device: torch.device  # where inputs live
+    runtime: str
+    provider: str
+    precision: str
+
+    def denoise(self, x: torch.Tensor) -> torch.Tensor:
+        """[0,1] images (B, C, H, W) for a float32 batch of the same shape on :attr:`device`."""
+
+    def work_bytes_per_sample(self) -> int:
+        """An upper estimate of the memory one more input adds to a pass, as for a classifier."""
 
 
 class TorchDenoiser:

@@ -289,9 +289,9 @@ def load_stored_model(
     from smoothcert.models import denoisers, pipeline  # they build on this module
 
     if meta.get("kind") == PIPELINE:
-        return pipeline.load_stored_pipeline(store, meta, device)  # type: ignore[return-value]
+        return pipeline.load_stored_pipeline(store, meta, device)
     path = store.weights_path(meta["id"])
     if denoisers.is_denoiser_file(path, meta.get("arch")):
         fields = {k: meta.get(k) for k in STORED_FIELDS}
-        return denoisers.load_denoiser(path, device=device, **fields)  # type: ignore[return-value]
+        return denoisers.load_denoiser(path, device=device, **fields)  # Any: not a classifier
     return load_model(path, device=device, **{k: meta.get(k) for k in STORED_FIELDS})

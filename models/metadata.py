@@ -212,7 +212,7 @@ def _is_finite_number(value: Any) -> bool:
 
 def _is_count(value: Any) -> bool:
     """A positive integer (numpy integers too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0
 
 
 def check_input_shape(value: Any) -> tuple[int, int, int]:
@@ -234,7 +234,7 @@ def check_sigma(value: Any) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
-        or not (math.isfinite(value) and value >= 0)
+        or not (math.isfinite(value) and float(value) >= 0)
     ):
         raise ModelError(
             f"sigma must be a non-negative number, and finite (the training noise level), "

@@ -72,6 +72,7 @@ class OnnxClassifier:
     """
 
     runtime = "onnxruntime"
+    graph_sha256: str | None = None  # the export's, when the runtime choice made the file
 
     def __init__(
         self,
@@ -230,6 +231,7 @@ class OnnxDenoiser:
     denoiser's: the network is the same, only the runtime differs."""
 
     runtime = "onnxruntime"
+    graph_sha256: str | None = None  # the export's sha256 (smoothcert.models.runtimes sets it)
 
     def __init__(
         self, path: str | Path, info, *, device: str | torch.device = "cpu", work_bytes: int = 0
@@ -368,7 +370,7 @@ def check_onnx_contents(path: str | Path) -> onnx.ModelProto:
 
 _BATCH_DIM = "smoothcert_batch"
 _DEFAULT_ELEMENT_BYTES = 8  # a value of a type not listed below is counted as 8 bytes an element
-_ELEMENT_BYTES = {
+_ELEMENT_BYTES: dict[int, int] = {  # by TensorProto.DataType
     onnx.TensorProto.FLOAT: 4,
     onnx.TensorProto.FLOAT16: 2,
     onnx.TensorProto.BFLOAT16: 2,
@@ -398,27 +400,21 @@ def graph_bytes_per_sample(
         if graph_input.name == input_name:
             dims = graph_input.type.tensor_type.shape.dim
             dims[0].dim_param = _BATCH_DIM
-            for dim, size in zip(list(dims)[1:], input_shape):
-                dim.dim_value = size
+            for dim, extent in zip(list(dims)[1:], input_shape):
+                dim.dim_value = extent
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
     except Exception:  # onnx raises its own types; then nothing is known but the input
         inferred = model.graph
-    known = {
-        info.name: _per_sample_bytes(info.type.tensor_type)
+    inferred_bytes = (
+        (info.name, _per_sample_bytes(info.type.tensor_type))
         for info in [*inferred.value_info, *inferred.output]
         if info.type.HasField("tensor_type")
-    }
-    largest = max(
-        [4 * int(np.prod(input_shape)), *(size for size in known.values() if size is not None)]
     )
+    known = {name: nbytes for name, nbytes in inferred_bytes if nbytes is not None}
+    largest = max([4 * int(np.prod(input_shape)), *known.values()])
     nodes = list(model.graph.node)
-    size = {
-        name: largest if known.get(name) is None else known[name]
-        for node in nodes
-        for name in node.output
-        if name
-    }
+    size = {name: known.get(name, largest) for node in nodes for name in node.output if name}
     last_use = {name: len(nodes) for name in (out.name for out in model.graph.output)}
     for i, node in enumerate(nodes):
         for name in node.input:

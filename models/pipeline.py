@@ -18,7 +18,7 @@ import torch
 
 from smoothcert.models.base import BaseClassifier, bind_sigma
 from smoothcert.models.denoisers import (
-    TorchDenoiser,
+    Denoiser,
     is_denoiser,
     load_denoiser,
     registration_sigma,
@@ -42,7 +42,7 @@ class DenoisedClassifier:
 
     def __init__(
         self,
-        denoiser: TorchDenoiser,
+        denoiser: Denoiser,
         classifier: BaseClassifier,
         *,
         name: str | None = None,
@@ -90,10 +90,11 @@ class DenoisedClassifier:
         bind = getattr(self.denoiser, "for_sigma", None)
         if bind is None:
             return self
+        denoiser = bind(sigma)  # a bound diffusion denoiser: it names its σ and timestep
         bound = copy.copy(self)
-        bound.denoiser = bind(sigma)
+        bound.denoiser = denoiser
         parts = {role: dict(part) for role, part in (self.info.parts or {}).items()}
-        parts["denoiser"].update(bound.denoiser.sigma_binding)
+        parts["denoiser"].update(denoiser.sigma_binding)
         bound.info = replace(self.info, parts=parts)
         return bound
 
@@ -112,9 +113,7 @@ class DenoisedClassifier:
         return self.denoiser.work_bytes_per_sample() + self.classifier.work_bytes_per_sample()
 
 
-def compose(
-    denoiser: TorchDenoiser, classifier: BaseClassifier, **kwargs: Any
-) -> DenoisedClassifier:
+def compose(denoiser: Denoiser, classifier: BaseClassifier, **kwargs: Any) -> DenoisedClassifier:
     """The pipeline of two loaded parts, run on the check batches of every model (check_forward),
     with a denoiser that needs σ bound to its :func:`~smoothcert.models.denoisers.registration_sigma`."""
     if not is_denoiser(denoiser):
@@ -149,7 +148,7 @@ def load_stored_pipeline(
     """
     from smoothcert.models.loaders import load_stored_model
 
-    parts = {}
+    parts: dict[str, Any] = {}  # a denoiser and a classifier: compose() checks which is which
     for role in ("denoiser", "classifier"):
         part = store.get(meta[role])
         if part is None:

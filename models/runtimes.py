@@ -68,7 +68,9 @@ class ChannelsLastClassifier(TorchClassifier):
     memory_format = "channels_last"
 
     def __init__(self, model: TorchClassifier):
-        module = copy.deepcopy(model.module).to(memory_format=torch.channels_last)
+        # Module.to takes memory_format (documented, parsed by torch._C._nn._parse_to); torch's
+        # overloads of it leave the keyword out.
+        module = copy.deepcopy(model.module).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         super().__init__(module, model.info, model.device)
 
     @torch.inference_mode()
@@ -290,7 +292,8 @@ def _select_pipeline(model: Any, batch_size: int, cache_dir: str | Path | None) 
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="smoothcert-runtime-") as tmp:
             return _select_pipeline(model, batch_size, tmp)
-    classifier = select_runtime(
+    # select_runtime's models carry runtime_choice (set by _mark), which BaseClassifier does not name.
+    classifier: Any = select_runtime(
         model.classifier, "auto", batch_size=batch_size, cache_dir=cache_dir
     )
     denoiser = select_denoiser_runtime(model.denoiser, batch_size=batch_size, cache_dir=cache_dir)
@@ -477,8 +480,9 @@ def _mark(
     choice: dict[str, Any] = {"requested": requested, "chosen": chosen, "how": how}
     if measured:
         choice["measured_samples_per_s"] = {k: round(v, 1) for k, v in measured.items()}
-    if getattr(model, "graph_sha256", None):
-        choice["graph_sha256"] = model.graph_sha256
+    graph_sha256 = getattr(model, "graph_sha256", None)  # an onnxruntime export's
+    if graph_sha256:
+        choice["graph_sha256"] = graph_sha256
     model.runtime_choice = choice  # type: ignore[attr-defined]
     return model
 
