@@ -1,5 +1,5 @@
 """Certified accuracy: the one definition that job results, certification logs, experiments and
-the API's curve all report.
+the API's curve all report, and the radii a curve is reported at when none are asked for.
 
 Certified accuracy at radius r is the share of inputs whose certified class is their label (an
 abstention never is) with a certified radius ≥ r. numpy only: the API imports this module.
@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+# The curve's radii when none are given: a job's ``certified_accuracy`` and `smoothcert analyze`.
+DEFAULT_CURVE_RADII: tuple[float, ...] = tuple(0.25 * i for i in range(17))  # 0, 0.25, ..., 4.0
 
 
 def certified_accuracy(

@@ -22,10 +22,12 @@ from typing import IO, Sequence
 
 import numpy as np
 
-from smoothcert.service.core.accuracy import certified_accuracy
+from smoothcert.service.core.accuracy import DEFAULT_CURVE_RADII, certified_accuracy
 
 REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
-DEFAULT_RADII = [0.25 * i for i in range(17)]  # 0, 0.25, ..., 4.0
+# The old name of the curve's default radii (0, 0.25, ..., 4.0), kept while
+# worker/queue/job_results.py imports it from here; new code takes DEFAULT_CURVE_RADII.
+DEFAULT_RADII = DEFAULT_CURVE_RADII
 FORMATS = ("table", "json", "tsv")
 
 # str(datetime.timedelta), as in Cohen's logs: "0:02:31.238689", "1 day, 0:00:01"
@@ -241,10 +243,10 @@ def run_cli(
 ) -> int:
     """`smoothcert analyze`: print the report for `paths` in `fmt` to `out` (stdout by default),
     write the plot when `plot_path` is given, return the exit code (0). `radii_text` None means
-    DEFAULT_RADII. AnalyzeError propagates for the caller to print as one line."""
+    DEFAULT_CURVE_RADII. AnalyzeError propagates for the caller to print as one line."""
     if fmt not in FORMATS:
         raise AnalyzeError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    radii = DEFAULT_RADII if radii_text is None else parse_radii(radii_text)
+    radii = DEFAULT_CURVE_RADII if radii_text is None else parse_radii(radii_text)
     report = analyze(paths, radii)
     if plot_path:
         plot(report, plot_path)

@@ -74,7 +74,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "stability": ("standard", "mse"),
     "diffusion": (),
 }
-DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75)
+TABLE_RADII = (0.0, 0.25, 0.5, 0.75)  # the table's columns (--radii)
 
 
 def check_rows(rows: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -126,7 +126,7 @@ class DenoisedConfig:
 
     rows: tuple[str, ...] = ROWS
     sigma: float = 0.5
-    radii: tuple[float, ...] = DEFAULT_RADII
+    radii: tuple[float, ...] = TABLE_RADII
     epochs: int = 40
     batch_size: int = 128
     lr: float = 5e-3

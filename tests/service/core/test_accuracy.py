@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smoothcert.service.core.accuracy import certified_accuracy, certified_accuracy_steps
+from smoothcert.service.core.accuracy import (
+    DEFAULT_CURVE_RADII,
+    certified_accuracy,
+    certified_accuracy_steps,
+)
 
 # input 1 abstains, input 3 is certified but wrong: only inputs 0 and 2 count
 CORRECT = [True, False, True, False]
@@ -15,6 +19,11 @@ RADIUS = [0.3, 0.0, 0.9, 0.5]
 def test_correct_and_certified_at_or_beyond_each_radius():
     shares = certified_accuracy(CORRECT, RADIUS, [0.0, 0.3, 0.5, 0.9, 1.0])
     assert shares.dtype == np.float64 and shares.tolist() == [0.5, 0.5, 0.25, 0.25, 0.0]
+
+
+def test_the_curves_default_radii_are_0_to_4_in_quarters():
+    assert DEFAULT_CURVE_RADII == tuple(0.25 * i for i in range(17))
+    assert DEFAULT_CURVE_RADII[0] == 0.0 and DEFAULT_CURVE_RADII[-1] == 4.0
 
 
 def test_no_inputs_is_zero_at_every_radius():

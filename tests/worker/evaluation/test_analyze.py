@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from smoothcert.service.core.accuracy import DEFAULT_CURVE_RADII
 from smoothcert.worker.evaluation.analyze import (
     DEFAULT_RADII,
     AnalyzeError,
@@ -112,7 +113,7 @@ def test_columns_found_by_header_name(tmp_path):
 
 
 def test_curves_monotone_non_increasing(files):
-    for curve in analyze(files, DEFAULT_RADII)["curves"].values():
+    for curve in analyze(files, DEFAULT_CURVE_RADII)["curves"].values():
         assert all(a >= b for a, b in zip(curve, curve[1:]))
         assert all(0.0 <= x <= 1.0 for x in curve)
 
@@ -130,9 +131,8 @@ def test_header_only_log_has_zero_accuracy(tmp_path):
     assert analyze([path], [0.0, 1.0])["curves"][str(path)] == [0.0, 0.0]
 
 
-def test_default_radii():
-    assert DEFAULT_RADII == [0.25 * i for i in range(17)]
-    assert DEFAULT_RADII[0] == 0.0 and DEFAULT_RADII[-1] == 4.0
+def test_default_radii_are_the_curves_of_the_shared_contract():
+    assert DEFAULT_RADII is DEFAULT_CURVE_RADII  # the old name, which job_results.py imports
 
 
 def test_parse_radii():
