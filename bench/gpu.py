@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.options import add_models, check_models
@@ -94,7 +95,7 @@ def measure_row(model, arch: str, runtime: str, precision: str, n: int) -> dict:
     import numpy as np
     import torch
 
-    from smoothcert.worker.smoothing import certify, default_batch_size
+    from smoothcert.worker.smoothing import RunOptions, certify, default_batch_size
 
     device = model.device
     batch = default_batch_size(model.info.input_shape, device, model)
@@ -107,11 +108,11 @@ def measure_row(model, arch: str, runtime: str, precision: str, n: int) -> dict:
     torch.cuda.synchronize(device)
     raw = RAW_BATCHES * batch / (time.perf_counter() - started)
     x = np.full(model.info.input_shape, 0.5, dtype=np.float32)
-    certify(
-        model, x, sigma=SIGMA, n0=N0, n=batch, batch_size=batch, seed=0
-    )  # warm-up of the engine's path
+    # The warm-up may leave less free than the batch was chosen for: lowered then, and recorded.
+    options = RunOptions(batch_size=batch, seed=0, lower_batch_size=True)
+    certify(model, x, sigma=SIGMA, n0=N0, n=batch, options=options)  # warm-up of the engine's path
     started = time.perf_counter()
-    certify(model, x, sigma=SIGMA, n0=N0, n=n, batch_size=batch, seed=1)
+    run = certify(model, x, sigma=SIGMA, n0=N0, n=n, options=replace(options, seed=1))
     seconds = time.perf_counter() - started
     rate = (N0 + n) / seconds
     return {
@@ -120,6 +121,7 @@ def measure_row(model, arch: str, runtime: str, precision: str, n: int) -> dict:
         "precision": precision,
         "provider": model.provider,
         "batch_size": batch,
+        "certify_batch_size": run.provenance["batch_size"],
         "n": n,
         "raw_samples_per_s": raw,
         "certify_samples_per_s": rate,

@@ -68,17 +68,20 @@ def digits(
 ) -> dict:
     from smoothcert.models.demo import build_demo
     from smoothcert.models.loaders import load_model
-    from smoothcert.worker.smoothing import certify, certify_at_radius
+    from smoothcert.worker.smoothing import RunOptions, certify, certify_at_radius
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_demo(tmp, seed=0)
         model = load_model(paths["onnx"], device="auto")
         x, y = np.load(paths["test_x"])[:limit], np.load(paths["test_y"])[:limit]
     started = time.perf_counter()
-    fixed = certify(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed).results
+    options = RunOptions(seed=seed)
+    fixed = certify(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, options=options).results
     fixed_s = time.perf_counter() - started
     started = time.perf_counter()
-    seq = certify_at_radius(model, x, sigma, radius, n0=n0, n_max=n, alpha=alpha, seed=seed).results
+    seq = certify_at_radius(
+        model, x, sigma, radius, n0=n0, n_max=n, alpha=alpha, options=options
+    ).results
     seq_s = time.perf_counter() - started
     fixed_acc = np.mean([r.prediction == t and r.radius >= radius for r, t in zip(fixed, y)])
     seq_acc = np.mean([d.certified_at_r and d.prediction == t for d, t in zip(seq, y)])

@@ -70,7 +70,7 @@ def measure(
     import numpy as np
     import torch
 
-    from smoothcert.worker.smoothing import certify, default_batch_size
+    from smoothcert.worker.smoothing import RunOptions, certify, default_batch_size
 
     batch = batch_size or default_batch_size(model.info.input_shape, model.device)
     generator = torch.Generator().manual_seed(0)
@@ -79,7 +79,7 @@ def measure(
     samples = n0 + n
     batches = -(-samples // batch)
     model.logits(ready)  # warm-up: first-call allocations and kernel selection
-    certify(model, x, sigma=0.25, n0=n0, n=batch, batch_size=batch, seed=0)
+    certify(model, x, sigma=0.25, n0=n0, n=batch, options=RunOptions(batch_size=batch, seed=0))
     raw, cert = [], []
     for rep in range(repeats):
         started = time.perf_counter()
@@ -88,7 +88,7 @@ def measure(
         _sync(model.device)
         raw.append(batches * batch / (time.perf_counter() - started))
         started = time.perf_counter()
-        certify(model, x, sigma=0.25, n0=n0, n=n, batch_size=batch, seed=rep)
+        certify(model, x, sigma=0.25, n0=n0, n=n, options=RunOptions(batch_size=batch, seed=rep))
         cert.append(samples / (time.perf_counter() - started))
     return {
         "arch": arch,

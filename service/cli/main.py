@@ -145,7 +145,7 @@ def _run_certify(args) -> int:
 
     options.check_bounds(args, certify=args.target_radius is None)
     model, x, labels = _prepare(args)
-    with _progress_bar() as progress:
+    with _progress_bar() as progress, _batch_size_refused():
         if args.target_radius is None:
             run = certify(
                 model,
@@ -154,10 +154,8 @@ def _run_certify(args) -> int:
                 n0=args.n0,
                 n=args.n,
                 alpha=args.alpha,
-                batch_size=args.batch_size,
-                seed=args.seed,
                 bound=args.bound,
-                progress=progress,
+                options=_run_options(args, progress),
             )
         else:  # --n caps the draws per input
             run = certify_at_radius(
@@ -168,9 +166,7 @@ def _run_certify(args) -> int:
                 n0=args.n0,
                 n_max=args.n,
                 alpha=args.alpha,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                progress=progress,
+                options=_run_options(args, progress),
             )
     _write(args, run, labels)
     if args.target_radius is None:
@@ -191,16 +187,14 @@ def _run_predict(args) -> int:
 
     options.check_bounds(args, certify=False)
     model, x, labels = _prepare(args)
-    with _progress_bar() as progress:
+    with _progress_bar() as progress, _batch_size_refused():
         run = predict(
             model,
             x,
             sigma=args.sigma,
             n=args.n,
             alpha=args.alpha,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            progress=progress,
+            options=_run_options(args, progress),
         )
     _write(args, run, labels)
     answered = sum(not r.abstained for r in run.results)
@@ -216,6 +210,30 @@ def _run_analyze(args) -> int:
     from smoothcert.worker.evaluation.analyze import run_cli
 
     return run_cli(args.files, args.radii, args.format, args.plot)
+
+
+def _run_options(args, progress):
+    """The engine's run options of a local certify or predict: ``--batch-size`` and ``--seed`` as
+    given, never lowered (a batch size that does not fit is refused: :func:`_batch_size_refused`)."""
+    from smoothcert.worker.smoothing import RunOptions
+
+    return RunOptions(batch_size=args.batch_size, seed=args.seed, progress=progress)
+
+
+@contextmanager
+def _batch_size_refused():
+    """The engine's refusal of a ``--batch-size`` beyond the device's memory, in the CLI's words."""
+    from smoothcert.worker.smoothing import BatchSizeError
+
+    try:
+        yield
+    except BatchSizeError as exc:
+        raise ValueError(
+            f"--batch-size {exc.requested} does not fit this device's memory: at most "
+            f"{exc.fits} noisy copies of this model fit a batch ({exc.budget:,} bytes, a share of "
+            f"what is free); give --batch-size {exc.fits} or less, or leave it out to have one "
+            "chosen that fits"
+        ) from None
 
 
 def _prepare(args):

@@ -10,7 +10,7 @@ from smoothcert.models.denoisers import load_denoiser
 from smoothcert.models.loaders import load_model
 from smoothcert.models.metadata import ModelError, pipeline_sha256
 from smoothcert.models.pipeline import DenoisedClassifier, compose, load_pipeline
-from smoothcert.worker.smoothing import certify
+from smoothcert.worker.smoothing import RunOptions, certify
 from tests.support.denoisers import random_denoiser
 
 
@@ -62,7 +62,9 @@ def test_a_pipeline_certifies_f_of_d_and_names_both_parts(tmp_path, demo_paths, 
     pipeline = load_pipeline(path, demo_paths["safetensors"], device="cpu")
     denoiser, classifier = pipeline.denoiser, pipeline.classifier
     x = digits_test_set[0][:6].numpy()
-    run = certify(pipeline, x, 0.5, n0=20, n=200, alpha=0.001, batch_size=100, seed=7)
+    run = certify(
+        pipeline, x, 0.5, n0=20, n=200, alpha=0.001, options=RunOptions(batch_size=100, seed=7)
+    )
 
     class ByHand:
         info, device, runtime, provider, precision = (
@@ -80,7 +82,9 @@ def test_a_pipeline_certifies_f_of_d_and_names_both_parts(tmp_path, demo_paths, 
         def work_bytes_per_sample(self):
             return pipeline.work_bytes_per_sample()
 
-    expected = certify(ByHand(), x, 0.5, n0=20, n=200, alpha=0.001, batch_size=100, seed=7)
+    expected = certify(
+        ByHand(), x, 0.5, n0=20, n=200, alpha=0.001, options=RunOptions(batch_size=100, seed=7)
+    )
 
     def rows(r):
         return [(row.prediction, row.n_a, row.radius, row.abstained) for row in r.results]

@@ -24,7 +24,7 @@ from smoothcert.models.loaders import load_model
 from smoothcert.models.metadata import DenoiserInfo, ModelError
 from smoothcert.models.pipeline import compose
 from smoothcert.models.reproducible import init_weights
-from smoothcert.worker.smoothing import certify
+from smoothcert.worker.smoothing import RunOptions, certify
 
 
 def closed_form_alphas(
@@ -153,7 +153,9 @@ def test_a_pipeline_binds_sigma_per_run_and_its_provenance_names_the_timestep(
         pipeline.logits(torch.from_numpy(x))
     schedule = pipeline.denoiser.alphas_cumprod
     for sigma in (0.25, 0.5):
-        run = certify(pipeline, x, sigma, n0=10, n=50, alpha=0.01, batch_size=60, seed=3)
+        run = certify(
+            pipeline, x, sigma, n0=10, n=50, alpha=0.01, options=RunOptions(batch_size=60, seed=3)
+        )
         part = run.provenance["model_parts"]["denoiser"]
         assert (part["sigma"], part["timestep"]) == (sigma, timestep_for_sigma(schedule, sigma))
         assert part["sha256"] == pipeline.denoiser.info.sha256
@@ -162,7 +164,7 @@ def test_a_pipeline_binds_sigma_per_run_and_its_provenance_names_the_timestep(
     )  # untouched
     assert bind_sigma(pipeline, 0.5).info.sha256 == pipeline.info.sha256
     with pytest.raises(ModelError, match=rf"σ = 1 is beyond .* σ = {largest_sigma(schedule):.4g}"):
-        certify(pipeline, x, 1.0, n0=10, n=50, alpha=0.01, seed=3)
+        certify(pipeline, x, 1.0, n0=10, n=50, alpha=0.01, options=RunOptions(seed=3))
 
 
 def test_the_onnx_form_denoises_and_certifies_as_the_torch_model_does(
@@ -185,7 +187,15 @@ def test_the_onnx_form_denoises_and_certifies_as_the_torch_model_does(
     classifier = load_model(demo_paths["safetensors"], device="cpu")
     x = clean[:4].numpy()
     runs = [
-        certify(compose(d, classifier), x, 0.5, n0=20, n=100, alpha=0.01, batch_size=120, seed=9)
+        certify(
+            compose(d, classifier),
+            x,
+            0.5,
+            n0=20,
+            n=100,
+            alpha=0.01,
+            options=RunOptions(batch_size=120, seed=9),
+        )
         for d in (torch_denoiser, onnx_denoiser)
     ]
     rows = [[(r.prediction, r.n_a, r.radius) for r in run.results] for run in runs]

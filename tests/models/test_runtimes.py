@@ -24,7 +24,7 @@ from smoothcert.models.runtimes import (
     select_denoiser_runtime,
     select_runtime,
 )
-from smoothcert.worker.smoothing import certify
+from smoothcert.worker.smoothing import RunOptions, certify
 from tests.support.denoisers import random_denoiser
 
 
@@ -216,7 +216,14 @@ def test_a_pipelines_dncnn_gets_its_runtime_by_measurement_checked_cached_and_re
         <= DENOISER_AGREEMENT_ATOL
     )
     # Every result names the runtime of both parts.
-    run = certify(first, torch.rand((2, 1, 8, 8), generator=generator), 0.25, n0=10, n=50, seed=0)
+    run = certify(
+        first,
+        torch.rand((2, 1, 8, 8), generator=generator),
+        0.25,
+        n0=10,
+        n=50,
+        options=RunOptions(seed=0),
+    )
     assert run.provenance["runtime_choice"]["parts"]["denoiser"]["chosen"] == denoiser["chosen"]
     assert (
         run.provenance["runtime"] == first.runtime

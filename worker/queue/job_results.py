@@ -30,16 +30,20 @@ def run_engine(
 ) -> dict[str, Any]:
     """CERTIFY, PREDICT or the test at ``target_radius`` (``spec["mode"]``, ``spec["target_radius"]``)
     of ``x`` with ``spec``'s parameters; ``Run.to_dict()``. ``spec["n"]`` caps a target-radius run.
-    ``memory_budget`` bounds a batch's memory (None: the engine's share of the device's free memory)."""
-    common = dict(
+    ``memory_budget`` bounds a batch's memory (None: the engine's share of the device's free memory);
+    a job's ``batch_size`` beyond it is lowered to fit, and the provenance records both sizes."""
+    options = smoothing.RunOptions(
         batch_size=spec.get("batch_size"),
         seed=seed,
         progress=progress,
         should_cancel=should_cancel,
         memory_budget=memory_budget,
+        lower_batch_size=True,
     )
     if spec["mode"] == "predict":
-        run = smoothing.predict(model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], **common)
+        run = smoothing.predict(
+            model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], options=options
+        )
     elif spec.get("target_radius") is not None:
         run = smoothing.certify_at_radius(
             model,
@@ -49,7 +53,7 @@ def run_engine(
             n0=spec["n0"],
             n_max=spec["n"],
             alpha=spec["alpha"],
-            **common,
+            options=options,
         )
     else:
         run = smoothing.certify(
@@ -60,7 +64,7 @@ def run_engine(
             n=spec["n"],
             alpha=spec["alpha"],
             bound=spec["bound"],
-            **common,
+            options=options,
         )
     return run.to_dict()
 

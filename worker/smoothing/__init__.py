@@ -2,6 +2,8 @@
 
 - :func:`certify`, :func:`predict` (module ``certify``): CERTIFY and PREDICT with a fixed n;
 - :func:`certify_at_radius` (module ``sequential``): "certified at r?" with an anytime-valid test;
+- :class:`RunOptions` (module ``options``): how a call runs (batch size, seed, progress, cancel
+  check, memory budget, whether a batch size that does not fit may be lowered);
 - ``results``: their answers; ``sampling``: noisy copies through the model; ``memory``: how
   large a batch fits the device; ``bounds``: the statistics; ``checks``: the parameter checks all
   three share.
@@ -11,13 +13,12 @@ queue or a web framework: the CLI, the worker's tasks and the benchmarks all cal
 """
 
 from smoothcert.worker.smoothing.certify import certify, predict
-from smoothcert.worker.smoothing.checks import InputError, check_params
+from smoothcert.worker.smoothing.checks import BatchSizeError, InputError, check_params
+from smoothcert.worker.smoothing.options import CancelCheck, Progress, RunOptions
 from smoothcert.worker.smoothing.results import Answer, Certificate, Prediction, RadiusDecision, Run
 from smoothcert.worker.smoothing.sampling import (
-    CancelCheck,
     Canceled,
     Inputs,
-    Progress,
     default_batch_size,
     noisy_copies,
 )
@@ -25,6 +26,7 @@ from smoothcert.worker.smoothing.sequential import Verdict, certify_at_radius
 
 __all__ = [
     "Answer",
+    "BatchSizeError",
     "CancelCheck",
     "Canceled",
     "Certificate",
@@ -34,6 +36,7 @@ __all__ = [
     "Progress",
     "RadiusDecision",
     "Run",
+    "RunOptions",
     "Verdict",
     "certify",
     "certify_at_radius",

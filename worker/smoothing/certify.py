@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from smoothcert.models.base import BaseClassifier, bind_sigma
+from smoothcert.models.base import BaseClassifier
 from smoothcert.service.core.params import (
     DEFAULT_ALPHA,
     DEFAULT_N,
@@ -22,8 +22,9 @@ from smoothcert.service.core.params import (
 )
 from smoothcert.worker.smoothing import bounds
 from smoothcert.worker.smoothing.checks import InputError, check_params
+from smoothcert.worker.smoothing.options import RunOptions
 from smoothcert.worker.smoothing.results import Certificate, Prediction, Run
-from smoothcert.worker.smoothing.sampling import CancelCheck, Counts, Inputs, Progress, Sampler
+from smoothcert.worker.smoothing.sampling import Counts, Inputs, open_sampler
 
 
 def certify(
@@ -35,11 +36,7 @@ def certify(
     alpha: float = DEFAULT_ALPHA,
     *,
     bound: Bound = "cohen",
-    batch_size: int | None = None,
-    seed: int | None = None,
-    progress: Progress | None = None,
-    should_cancel: CancelCheck | None = None,
-    memory_budget: int | None = None,
+    options: RunOptions | None = None,
 ) -> Run[Certificate]:
     """CERTIFY every input of ``x`` ((C, H, W) or (N, C, H, W), floats in [0,1]).
 
@@ -49,17 +46,23 @@ def certify(
     bounds p_A and the runner-up instead (:func:`~smoothcert.worker.smoothing.bounds.top2_radius`).
     With probability ≥ 1 − alpha over the sampling, a :class:`Certificate` that does not abstain
     is right: g predicts ĉ_A everywhere within ℓ₂ distance ``radius`` of the input.
-    ``progress(done, total)`` (in samples) and ``should_cancel()`` run between batches. A
-    ``batch_size`` larger than fits ``memory_budget`` bytes (None: a share of the device's free
-    memory) is lowered to fit; the provenance records the batch size used. Raises InputError when
-    the model's scores are NaN or infinite for some noisy copy.
+    ``options`` (:class:`RunOptions`; None: its defaults) says how it runs: batch size, seed,
+    progress and cancel check between batches, memory budget. A ``batch_size`` larger than fits
+    the memory budget is refused with :class:`~.checks.BatchSizeError` (an InputError), or lowered
+    to fit when ``options.lower_batch_size``; the provenance records the batch size used and the
+    one asked for. Raises InputError when the model's scores are NaN or infinite for some noisy copy.
     """
+    options = options or RunOptions()
     check_params(
-        sigma=sigma, n0=n0, n=n, alpha=alpha, bound=bound, batch_size=batch_size, seed=seed
+        sigma=sigma,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        bound=bound,
+        batch_size=options.batch_size,
+        seed=options.seed,
     )
-    sampler = Sampler(
-        bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget
-    )
+    sampler = open_sampler(model, x, sigma, options)
     # Two disjoint samples per input: n0 copies to select, n fresh ones to estimate, so the class
     # under test was not chosen on the votes that test it. One call draws both (input by input,
     # selection first), so batches stay full across inputs.
@@ -94,28 +97,23 @@ def predict(
     n: int = DEFAULT_PREDICT_N,
     alpha: float = DEFAULT_ALPHA,
     *,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    progress: Progress | None = None,
-    should_cancel: CancelCheck | None = None,
-    memory_budget: int | None = None,
+    options: RunOptions | None = None,
 ) -> Run[Prediction]:
     """PREDICT every input of ``x``: the top class of n noisy copies, or an abstention.
 
     Abstains when the two-sided binomial test of the top two counts n_A ≥ n_B at p = ½ gives a
     p-value above alpha; a returned class differs from g(x) with probability ≤ alpha. Refuses an
-    n so small that even a unanimous vote could not pass that test. Batches and scores as in
-    :func:`certify`.
+    n so small that even a unanimous vote could not pass that test. ``options``, batches and
+    scores as in :func:`certify`.
     """
-    check_params(sigma=sigma, n=n, alpha=alpha, batch_size=batch_size, seed=seed)
+    options = options or RunOptions()
+    check_params(sigma=sigma, n=n, alpha=alpha, batch_size=options.batch_size, seed=options.seed)
     least = bounds.min_predict_n(alpha)
     if n < least:
         raise InputError(
             f"n={n} can never pass the test at alpha={alpha}: PREDICT needs n >= {least}"
         )
-    sampler = Sampler(
-        bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget
-    )
+    sampler = open_sampler(model, x, sigma, options)
     (counts,) = sampler.sample_counts(n)
     per_input = sampler.elapsed() / len(counts)
     results = []

@@ -26,6 +26,26 @@ class InputError(ValueError):
     """The inputs or parameters of a call cannot be certified; the message says why, in one line."""
 
 
+class BatchSizeError(InputError):
+    """A ``batch_size`` asked for does not fit the memory budget, and lowering it was not asked for.
+
+    ``requested``: the batch size asked for; ``fits``: the most noisy copies of the model that fit
+    ``budget`` bytes.
+    """
+
+    def __init__(self, requested: int, fits: int, budget: int):
+        self.requested, self.fits, self.budget = requested, fits, budget
+        super().__init__(
+            f"batch_size={requested} does not fit the memory budget ({budget:,} bytes hold at most "
+            f"{fits} noisy copies of this model): give a batch_size of at most {fits}, leave it "
+            "out to have one chosen that fits, or ask for it to be lowered to fit "
+            "(lower_batch_size=True), which changes the noise stream"
+        )
+
+    def __reduce__(self):
+        return type(self), (self.requested, self.fits, self.budget)
+
+
 def check_params(
     *,
     sigma: float,

@@ -5,7 +5,8 @@ per copy that count the votes. :func:`fit_batch` keeps a batch size that fits a 
 default a quarter of what the device has free when the run starts (the rest is left to the other
 pool processes on the same device and to the model's own workspace), and lowers one that does not
 to the largest power of two that does: so that small changes in free memory rarely change the
-batch size, and with it the noise stream.
+batch size, and with it the noise stream. The engine lowers a batch size the caller gave only
+when the caller asks for it, and otherwise refuses it (``sampling.fitting_batch_size``).
 """
 
 from __future__ import annotations
@@ -84,8 +85,13 @@ def batch_for_memory(per_copy: int, free: int, cap: int = MAX_GPU_BATCH) -> int:
     return min(cap, fit_batch(cap, per_copy, int(BUDGET_FRACTION * free)))
 
 
+def copies_that_fit(per_copy: int, budget: int) -> int:
+    """How many copies of ``per_copy`` bytes fit ``budget`` bytes (at least 1)."""
+    return max(1, budget // max(1, per_copy))
+
+
 def fit_batch(requested: int, per_copy: int, budget: int) -> int:
     """``requested`` when that many copies of ``per_copy`` bytes fit ``budget``, else the largest
     power of two that does (at least 1)."""
-    fits = max(1, budget // max(1, per_copy))
+    fits = copies_that_fit(per_copy, budget)
     return requested if requested <= fits else 1 << (fits.bit_length() - 1)

@@ -3,15 +3,16 @@
 Noise is drawn on the model's device from a generator seeded per call (never the global one),
 added in [0,1] pixel space and never clamped. Samples of several inputs share a batch; votes are
 counted on the device. Same seed, same batch size and same device give bit-identical votes. A
-batch size larger than the device's memory allows is lowered to what fits (:mod:`.memory`); the
-provenance records the batch size used and the one asked for. Scores that are NaN or infinite
-fail the run: they would all vote for class 0.
+batch size larger than the device's memory allows (:mod:`.memory`) is refused, or lowered to what
+fits when the call asks for it (:class:`~.options.RunOptions`); the provenance records the batch
+size used and the one asked for. Scores that are NaN or infinite fail the run: they would all vote
+for class 0.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,17 +20,14 @@ import numpy.typing as npt
 import torch
 
 from smoothcert.models import tuning
-from smoothcert.models.base import BaseClassifier
+from smoothcert.models.base import BaseClassifier, bind_sigma
 from smoothcert.models.pixels import PixelError, as_pixel_batch
 from smoothcert.service.core.params import draw_seed
 from smoothcert.worker.smoothing import memory
-from smoothcert.worker.smoothing.checks import InputError
+from smoothcert.worker.smoothing.checks import BatchSizeError, InputError
+from smoothcert.worker.smoothing.options import CancelCheck, Progress, RunOptions
 from smoothcert.worker.smoothing.provenance import software_versions
 
-Progress = Callable[[int, int], None]
-"""``progress(done, total)``, in samples, called between batches."""
-CancelCheck = Callable[[], bool]
-"""``should_cancel()``, called between batches: True stops the run with :class:`Canceled`."""
 Inputs = npt.ArrayLike | torch.Tensor
 """One input (C, H, W) or a batch (N, C, H, W) of floats in [0, 1]."""
 Counts = npt.NDArray[np.int64]
@@ -82,42 +80,57 @@ def noisy_copies(
     return noise.mul_(float(sigma)).add_(batch.unsqueeze(1)).numpy()
 
 
+def open_sampler(
+    model: BaseClassifier, x: Inputs, sigma: float, options: RunOptions | None
+) -> Sampler:
+    """The :class:`Sampler` of one engine call: ``model`` bound to ``sigma``
+    (:func:`~smoothcert.models.base.bind_sigma`), the inputs ``x``, run as ``options`` says
+    (None: :class:`RunOptions`' defaults)."""
+    return Sampler(bind_sigma(model, sigma), x, sigma, options or RunOptions())
+
+
+def fitting_batch_size(model: BaseClassifier, device: torch.device, options: RunOptions) -> int:
+    """The batch size a run uses: :func:`default_batch_size` when ``options.batch_size`` is None;
+    else ``options.batch_size`` when that many copies fit ``options.memory_budget`` bytes (None:
+    :func:`memory.default_budget`). One that does not fit is lowered to the largest power of two
+    that does when ``options.lower_batch_size`` (:func:`memory.fit_batch`), and otherwise refused
+    with :class:`~.checks.BatchSizeError`: a seed and a batch size mean one noise stream."""
+    if options.batch_size is None:
+        return default_batch_size(model.info.input_shape, device, model)
+    requested, per_copy = int(options.batch_size), memory.bytes_per_copy(model)
+    budget = (
+        memory.default_budget(device)
+        if options.memory_budget is None
+        else int(options.memory_budget)
+    )
+    fitted = memory.fit_batch(requested, per_copy, budget)
+    if fitted != requested and not options.lower_batch_size:
+        raise BatchSizeError(requested, memory.copies_that_fit(per_copy, budget), budget)
+    return fitted
+
+
 class Sampler:
     """Draws noisy copies of a fixed set of inputs, feeds them to the model, counts the votes.
 
-    Takes parameters that :func:`~smoothcert.worker.smoothing.checks.check_params` accepted;
-    checks the inputs themselves. A batch size or seed left at None is chosen here (by input size;
-    at random) and recorded in :meth:`provenance`. A batch size asked for is lowered to what fits
-    ``memory_budget`` bytes (:func:`memory.fit_batch`; None: :func:`memory.default_budget`);
-    the one chosen here is small already (:func:`default_batch_size`) and stays as it is.
+    Built by :func:`open_sampler`; takes parameters and options that
+    :func:`~smoothcert.worker.smoothing.checks.check_params` accepted and checks the inputs
+    themselves. A batch size or seed left at None is chosen here (by input size; at random) and
+    recorded in :meth:`provenance`; a batch size asked for must fit the memory budget, or is
+    lowered when the options ask for it (:func:`fitting_batch_size`).
     """
 
-    def __init__(
-        self,
-        model: BaseClassifier,
-        x: Inputs,
-        sigma: float,
-        batch_size: int | None,
-        seed: int | None,
-        progress: Progress | None,
-        should_cancel: CancelCheck | None,
-        memory_budget: int | None = None,
-    ):
+    def __init__(self, model: BaseClassifier, x: Inputs, sigma: float, options: RunOptions):
         self.model = model
         device = torch.device(model.device)
         self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
-        self.requested_batch_size = None if batch_size is None else int(batch_size)
-        if batch_size is None:
-            self.batch_size = default_batch_size(model.info.input_shape, device, model)
-        else:
-            budget = memory.default_budget(device) if memory_budget is None else int(memory_budget)
-            self.batch_size = memory.fit_batch(
-                int(batch_size), memory.bytes_per_copy(model), budget
-            )
+        self.requested_batch_size = None if options.batch_size is None else int(options.batch_size)
+        self.batch_size = fitting_batch_size(model, device, options)
+        seed = options.seed
         self.sigma, self.seed = float(sigma), int(draw_seed() if seed is None else seed)
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.num_classes = int(model.info.num_classes)
-        self.progress, self.should_cancel = progress, should_cancel
+        self.progress: Progress | None = options.progress
+        self.should_cancel: CancelCheck | None = options.should_cancel
         self.noise: torch.Tensor | None = None
         self.largest = torch.zeros((), dtype=torch.int64, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)

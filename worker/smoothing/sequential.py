@@ -29,11 +29,12 @@ from scipy.special import betaln
 from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
-from smoothcert.models.base import BaseClassifier, bind_sigma
+from smoothcert.models.base import BaseClassifier
 from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
 from smoothcert.worker.smoothing.checks import check_params
+from smoothcert.worker.smoothing.options import RunOptions
 from smoothcert.worker.smoothing.results import RadiusDecision, Run
-from smoothcert.worker.smoothing.sampling import CancelCheck, Inputs, Progress, Sampler
+from smoothcert.worker.smoothing.sampling import Inputs, Sampler, open_sampler
 
 PRIOR = (0.5, 0.5)
 MIN_CHUNK = (
@@ -140,11 +141,7 @@ def certify_at_radius(
     alpha: float = DEFAULT_ALPHA,
     *,
     beta: float | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    progress: Progress | None = None,
-    should_cancel: CancelCheck | None = None,
-    memory_budget: int | None = None,
+    options: RunOptions | None = None,
 ) -> Run[RadiusDecision]:
     """Decide "is g certified at radius r?" for every input of ``x`` with as few draws as it takes.
 
@@ -153,9 +150,10 @@ def certify_at_radius(
     :class:`SequentialTest` decides or n_max is reached. Decided inputs leave; the others fill
     the batch. When r is out of reach even for a unanimous vote of n_max, nothing is drawn.
     Each ``certified_at_r`` is wrong with probability ≤ alpha; ``beta`` (alpha when None) is the
-    level of the futility stop, which never certifies. Batches and scores as in
+    level of the futility stop, which never certifies. ``options``, batches and scores as in
     :func:`~smoothcert.worker.smoothing.certify.certify`.
     """
+    options = options or RunOptions()
     check_params(
         sigma=sigma,
         n0=n0,
@@ -163,13 +161,11 @@ def certify_at_radius(
         alpha=alpha,
         target_radius=target_radius,
         beta=beta,
-        batch_size=batch_size,
-        seed=seed,
+        batch_size=options.batch_size,
+        seed=options.seed,
     )
     beta = alpha if beta is None else beta
-    sampler = Sampler(
-        bind_sigma(model, sigma), x, sigma, batch_size, seed, progress, should_cancel, memory_budget
-    )
+    sampler = open_sampler(model, x, sigma, options)
     test = SequentialTest(p0_for(target_radius, sigma), alpha, beta, n_max)
     num = sampler.num_inputs
     n, k = np.zeros(num, dtype=np.int64), np.zeros(num, dtype=np.int64)

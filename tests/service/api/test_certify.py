@@ -57,7 +57,7 @@ def test_certify_succeeds_with_one_result_per_input_and_full_progress(client, de
 
 def test_queue_gives_the_engine_answer_for_the_same_seed(client, demo_model, demo_paths, digits):
     from smoothcert.models.loaders import load_model
-    from smoothcert.worker.smoothing import certify
+    from smoothcert.worker.smoothing import RunOptions, certify
 
     x = digits[0][:2]
     job = wait_job(
@@ -80,8 +80,7 @@ def test_queue_gives_the_engine_answer_for_the_same_seed(client, demo_model, dem
         0.25,
         n0=20,
         n=300,
-        seed=123,
-        batch_size=64,
+        options=RunOptions(batch_size=64, seed=123),
     ).to_dict()["results"]
     assert [(r["prediction"], r["n_a"], r["radius"]) for r in job["result"]["results"]] == [
         (r["prediction"], r["n_a"], r["radius"]) for r in direct

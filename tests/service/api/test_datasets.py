@@ -154,6 +154,7 @@ def test_rows_are_in_dataset_order_with_labels_and_totals(finished, digits):
 
 def test_each_chunk_is_the_engine_answer_for_its_seed(finished, demo_paths, digits):
     from smoothcert.models.loaders import load_model
+    from smoothcert.worker.smoothing import RunOptions
     from smoothcert.worker.smoothing import certify as engine_certify
 
     model = load_model(demo_paths["safetensors"], device="cpu")
@@ -168,8 +169,7 @@ def test_each_chunk_is_the_engine_answer_for_its_seed(finished, demo_paths, digi
             0.25,
             n0=10,
             n=100,
-            seed=chunk["seed"],
-            batch_size=chunk["batch_size"],
+            options=RunOptions(batch_size=chunk["batch_size"], seed=chunk["seed"]),
         ).to_dict()["results"]
         assert [(r["prediction"], r["n_a"], r["radius"]) for r in rows[a:b]] == [
             (r["prediction"], r["n_a"], r["radius"]) for r in direct

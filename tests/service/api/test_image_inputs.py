@@ -100,6 +100,7 @@ def test_a_16_bit_digit_is_scaled_not_clipped_and_gets_the_class_of_its_8_bit_ve
     client, demo_model, demo_paths, digits
 ):
     from smoothcert.models.loaders import load_model
+    from smoothcert.worker.smoothing import RunOptions
     from smoothcert.worker.smoothing import certify as engine_certify
 
     x, y = digits
@@ -132,8 +133,7 @@ def test_a_16_bit_digit_is_scaled_not_clipped_and_gets_the_class_of_its_8_bit_ve
         0.25,
         n0=100,
         n=1000,
-        seed=0,
-        batch_size=100,
+        options=RunOptions(batch_size=100, seed=0),
     ).to_dict()["results"][0]
     assert (rows["d16.png"]["prediction"], rows["d16.png"]["n_a"]) == (
         direct["prediction"],

@@ -73,7 +73,7 @@ def test_rows_are_the_engines_for_the_same_seed_although_copies_were_kept(
     labelled, demo_paths, digits
 ):
     from smoothcert.models.loaders import load_model
-    from smoothcert.worker.smoothing import certify
+    from smoothcert.worker.smoothing import RunOptions, certify
 
     direct = certify(
         load_model(demo_paths["safetensors"], device="cpu"),
@@ -81,8 +81,7 @@ def test_rows_are_the_engines_for_the_same_seed_although_copies_were_kept(
         0.25,
         n0=20,
         n=200,
-        seed=31,
-        batch_size=64,
+        options=RunOptions(batch_size=64, seed=31),
     ).to_dict()["results"]
     served = labelled["result"]["results"]
     drop = ("elapsed_s", "label")

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 
@@ -244,6 +245,42 @@ def test_bad_input_exits_2_with_one_line(build, extra, message, demo_paths, tmp_
     assert code == 2 and message in err and "\n" not in err and err.startswith("smoothcert: error:")
 
 
+@pytest.mark.parametrize("command", ["certify", "predict"])
+def test_a_batch_size_beyond_the_devices_memory_is_refused_not_lowered(
+    command, demo_paths, tmp_path, capsys
+):
+    # 10^10 copies of even an 8x8 input take terabytes: no host's free memory holds them. The
+    # local commands never lower a batch size (that would change the noise of --seed).
+    out = tmp_path / "r.tsv"
+    np.save(tmp_path / "x.npy", np.zeros((1, 8, 8), np.float32))
+    code = main(
+        [
+            command,
+            str(demo_paths["onnx"]),
+            "--inputs",
+            str(tmp_path / "x.npy"),
+            "--sigma",
+            "0.25",
+            "--n",
+            "100",
+            "--batch-size",
+            str(10**10),
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and not out.exists()
+    assert re.fullmatch(
+        r"smoothcert: error: --batch-size 10000000000 does not fit this device's memory: at most "
+        r"(\d+) noisy copies of this model fit a batch \([\d,]+ bytes, a share of what is free\); "
+        r"give --batch-size \1 or less, or leave it out to have one chosen that fits",
+        err,
+    ), err
+
+
 def test_pickled_model_is_refused_without_unpickling(tmp_path, capsys):
     marker = tmp_path / "unpickled"
 
@@ -258,6 +295,7 @@ def test_pickled_model_is_refused_without_unpickling(tmp_path, capsys):
     assert code == 2 and "pickle" in capsys.readouterr().err and not marker.exists()
 
 
+@pytest.mark.process
 def test_console_script_prints_no_traceback(tmp_path):
     done = subprocess.run(
         [

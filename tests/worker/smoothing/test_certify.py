@@ -5,7 +5,14 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from smoothcert.worker.smoothing import Canceled, InputError, certify, default_batch_size, predict
+from smoothcert.worker.smoothing import (
+    Canceled,
+    InputError,
+    RunOptions,
+    certify,
+    default_batch_size,
+    predict,
+)
 from tests.support.classifiers import ConstantNet, constant, linear, wrap
 
 X = np.full((1, 8, 8), 0.5, dtype=np.float32)
@@ -13,7 +20,9 @@ X = np.full((1, 8, 8), 0.5, dtype=np.float32)
 
 def test_constant_classifier_reaches_the_radius_cap_exactly():
     # p_A = 1, so n_a = n whatever the noise: no failure probability.
-    run = certify(constant(label=3), X, sigma=0.5, n0=100, n=100_000, alpha=0.001, seed=0)
+    run = certify(
+        constant(label=3), X, sigma=0.5, n0=100, n=100_000, alpha=0.001, options=RunOptions(seed=0)
+    )
     (cert,) = run.results
     assert cert.prediction == 3 and cert.n_a == 100_000 and not cert.abstained
     assert cert.radius == cert.radius_cap == pytest.approx(0.5 * norm.ppf(0.001**1e-5), rel=1e-12)
@@ -37,7 +46,9 @@ def test_linear_classifier_radius_never_exceeds_the_true_distance_and_is_close_t
     distances = [0.05, 0.1, 0.2, 0.3, 0.4, -0.1, -0.3, 0.6]
     w, xs = _linear_inputs(distances)
     b = -float((w.flatten().double() @ torch.full((64,), 0.5, dtype=torch.float64)))
-    run = certify(linear(w, b), xs, sigma=sigma, n0=100, n=n, alpha=alpha, seed=11)
+    run = certify(
+        linear(w, b), xs, sigma=sigma, n0=100, n=n, alpha=alpha, options=RunOptions(seed=11)
+    )
     z = norm.ppf(1 - alpha)
     for d, cert in zip(distances, run.results):
         p_a = norm.cdf(abs(d) / sigma)
@@ -50,9 +61,15 @@ def test_linear_classifier_radius_never_exceeds_the_true_distance_and_is_close_t
 def test_same_seed_and_batch_size_give_identical_results_and_another_seed_does_not():
     w, xs = _linear_inputs([0.02, 0.05, -0.03])
     model = linear(w, -float(w.flatten().double().sum() * 0.5))
-    first = certify(model, xs, sigma=0.5, n0=50, n=5000, batch_size=777, seed=42)
-    again = certify(model, xs, sigma=0.5, n0=50, n=5000, batch_size=777, seed=42)
-    other = certify(model, xs, sigma=0.5, n0=50, n=5000, batch_size=777, seed=43)
+    first = certify(
+        model, xs, sigma=0.5, n0=50, n=5000, options=RunOptions(batch_size=777, seed=42)
+    )
+    again = certify(
+        model, xs, sigma=0.5, n0=50, n=5000, options=RunOptions(batch_size=777, seed=42)
+    )
+    other = certify(
+        model, xs, sigma=0.5, n0=50, n=5000, options=RunOptions(batch_size=777, seed=43)
+    )
     strip = lambda run: [
         {k: v for k, v in r.to_dict().items() if k != "elapsed_s"} for r in run.results
     ]
@@ -70,7 +87,7 @@ def test_seed_is_drawn_and_recorded_when_not_given():
 def test_global_random_state_is_neither_used_nor_changed():
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    certify(constant(), X, sigma=0.25, n0=10, n=100, seed=1)
+    certify(constant(), X, sigma=0.25, n0=10, n=100, options=RunOptions(seed=1))
     assert torch.equal(before, torch.get_rng_state())
 
 
@@ -95,9 +112,9 @@ def test_batches_mix_inputs_and_stay_full_and_progress_reaches_the_total():
         sigma=0.25,
         n0=10,
         n=1000,
-        batch_size=64,
-        seed=0,
-        progress=lambda done, total: ticks.append((done, total)),
+        options=RunOptions(
+            batch_size=64, seed=0, progress=lambda done, total: ticks.append((done, total))
+        ),
     )
     assert all(size == 64 for size in net.sizes[:-1]) and sum(net.sizes) == 3 * 1010
     assert ticks[-1] == (3030, 3030) and all(a[0] < b[0] for a, b in zip(ticks, ticks[1:]))
@@ -113,14 +130,25 @@ def test_cancel_check_stops_between_batches():
 
     with pytest.raises(Canceled):
         certify(
-            constant(), X, sigma=0.25, n0=10, n=10_000, batch_size=100, should_cancel=should_cancel
+            constant(),
+            X,
+            sigma=0.25,
+            n0=10,
+            n=10_000,
+            options=RunOptions(batch_size=100, should_cancel=should_cancel),
         )
     assert len(calls) == 3
 
 
 def test_top2_bound_on_a_constant_classifier():
     run = certify(
-        constant(label=2, num_classes=5), X, sigma=1.0, n0=20, n=1000, bound="top2", seed=0
+        constant(label=2, num_classes=5),
+        X,
+        sigma=1.0,
+        n0=20,
+        n=1000,
+        bound="top2",
+        options=RunOptions(seed=0),
     )
     cert = run.results[0]
     assert cert.prediction == 2 and cert.radius == pytest.approx(cert.radius_cap)
@@ -131,7 +159,7 @@ def test_top2_bound_on_a_constant_classifier():
 
 
 def test_predict_unanimous_vote_and_minimum_n():
-    run = predict(constant(label=7), X, sigma=0.25, n=11, alpha=0.001, seed=0)
+    run = predict(constant(label=7), X, sigma=0.25, n=11, alpha=0.001, options=RunOptions(seed=0))
     assert run.results[0].prediction == 7 and run.results[0].p_value == pytest.approx(2.0**-10)
     with pytest.raises(InputError, match="needs n >= 11"):
         predict(constant(), X, sigma=0.25, n=10, alpha=0.001)
@@ -142,12 +170,12 @@ def test_predict_abstains_on_a_coin_flip():
     # which happens with probability <= 0.001 under a random seed.
     w, xs = _linear_inputs([0.0])
     model = linear(w, -float(w.flatten().double().sum() * 0.5))
-    run = predict(model, xs, sigma=0.5, n=2000, alpha=0.001, seed=5)
+    run = predict(model, xs, sigma=0.5, n=2000, alpha=0.001, options=RunOptions(seed=5))
     assert run.results[0].abstained and run.results[0].n_a + run.results[0].n_b == 2000
 
 
 def test_result_dict_and_provenance_carry_the_contract_fields():
-    run = certify(constant(), X, sigma=0.25, n0=10, n=100, seed=3).to_dict()
+    run = certify(constant(), X, sigma=0.25, n0=10, n=100, options=RunOptions(seed=3)).to_dict()
     row = run["results"][0]
     assert set(row) == {
         "index",
@@ -196,8 +224,8 @@ def test_result_dict_and_provenance_carry_the_contract_fields():
         (X, {"alpha": 1.0}, "alpha"),
         (X, {"alpha": 0}, "alpha"),
         (X, {"bound": "hoeffding"}, "bound"),
-        (X, {"batch_size": 0}, "batch_size"),
-        (X, {"seed": -1}, "seed"),
+        (X, {"options": RunOptions(batch_size=0)}, "batch_size"),
+        (X, {"options": RunOptions(seed=-1)}, "seed"),
     ],
 )
 def test_bad_input_is_refused_with_a_message(x, kwargs, message):
@@ -217,8 +245,11 @@ def test_cuda_counts_on_the_device_and_is_reproducible():
     model = constant(label=1, device="cuda")
     w, xs = _linear_inputs([0.02, -0.05])
     lin = linear(w, -float(w.flatten().double().sum() * 0.5), device="cuda")
-    a = certify(lin, xs, sigma=0.5, n0=50, n=20_000, batch_size=1000, seed=9)
-    b = certify(lin, xs, sigma=0.5, n0=50, n=20_000, batch_size=1000, seed=9)
+    a = certify(lin, xs, sigma=0.5, n0=50, n=20_000, options=RunOptions(batch_size=1000, seed=9))
+    b = certify(lin, xs, sigma=0.5, n0=50, n=20_000, options=RunOptions(batch_size=1000, seed=9))
     assert [r.n_a for r in a.results] == [r.n_a for r in b.results]
     assert a.provenance["device"].startswith("cuda")
-    assert certify(model, X, sigma=0.5, n0=10, n=1000, seed=0).results[0].n_a == 1000
+    assert (
+        certify(model, X, sigma=0.5, n0=10, n=1000, options=RunOptions(seed=0)).results[0].n_a
+        == 1000
+    )

@@ -5,6 +5,7 @@ import pytest
 
 from smoothcert.worker.smoothing import (
     InputError,
+    RunOptions,
     certify,
     certify_at_radius,
     check_params,
@@ -79,8 +80,8 @@ def test_the_first_bad_parameter_is_the_one_reported():
     [
         ({"sigma": 0.0}, "sigma"),
         ({"alpha": 1.5}, "alpha"),
-        ({"batch_size": -1}, "batch_size"),
-        ({"seed": -1}, "seed"),
+        ({"options": RunOptions(batch_size=-1)}, "batch_size"),
+        ({"options": RunOptions(seed=-1)}, "seed"),
     ],
 )
 def test_all_three_functions_refuse_the_same_way(call, bad, message):

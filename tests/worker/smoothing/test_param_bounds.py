@@ -15,6 +15,7 @@ from scipy.stats import norm
 from smoothcert.service.core.params import MAX_ALPHA, MAX_SIGMA, MIN_ALPHA, min_certify_n
 from smoothcert.worker.smoothing import (
     InputError,
+    RunOptions,
     bounds,
     certify,
     certify_at_radius,
@@ -117,7 +118,9 @@ def test_beyond_the_bounds_the_numbers_break():
 
 def test_certify_at_the_bounds_gives_a_finite_certificate():
     n = min_certify_n(MIN_ALPHA)
-    run = certify(constant(), X, sigma=MAX_SIGMA, n0=10, n=n, alpha=MIN_ALPHA, seed=0)
+    run = certify(
+        constant(), X, sigma=MAX_SIGMA, n0=10, n=n, alpha=MIN_ALPHA, options=RunOptions(seed=0)
+    )
     (cert,) = run.results
     assert (
         cert.prediction == 3 and math.isfinite(cert.radius) and cert.radius == cert.radius_cap > 0

@@ -1,15 +1,26 @@
-"""Non-finite scores fail a run instead of voting; a batch_size beyond the device's memory is lowered."""
+"""Non-finite scores fail a run instead of voting; a batch_size beyond the device's memory is refused,
+or lowered when the call asks for it."""
 
 from __future__ import annotations
 
 import math
+import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from smoothcert.worker.smoothing import InputError, certify, certify_at_radius, memory, predict
+from smoothcert.worker.smoothing import (
+    BatchSizeError,
+    InputError,
+    RunOptions,
+    certify,
+    certify_at_radius,
+    memory,
+    predict,
+)
 from tests.support.classifiers import ConstantNet, constant, wrap
 
 X = np.full((2, 1, 8, 8), 0.5, dtype=np.float32)
@@ -36,19 +47,29 @@ def test_non_finite_scores_on_some_noisy_copies_fail_certify(value):
         match=r"^the model returned non-finite scores \(NaN or infinite\) for "
         r"(\d+) of 2200 noisy copies",
     ) as excinfo:
-        certify(wrap(net, num_classes=4), X, sigma=1.0, n0=100, n=1000, seed=0)
+        certify(wrap(net, num_classes=4), X, sigma=1.0, n0=100, n=1000, options=RunOptions(seed=0))
     assert 0 < net.bad < 2200 and f"for {net.bad} of 2200" in str(excinfo.value)
 
 
 def test_predict_and_the_test_at_a_radius_fail_the_same_way():
     with pytest.raises(InputError, match="non-finite scores"):
-        predict(wrap(_NanAbove(), num_classes=4), X, sigma=1.0, n=1000, seed=0)
+        predict(wrap(_NanAbove(), num_classes=4), X, sigma=1.0, n=1000, options=RunOptions(seed=0))
     with pytest.raises(InputError, match="non-finite scores"):
-        certify_at_radius(wrap(_NanAbove(), num_classes=4), X, 1.0, 0.5, n0=100, n_max=1000, seed=0)
+        certify_at_radius(
+            wrap(_NanAbove(), num_classes=4),
+            X,
+            1.0,
+            0.5,
+            n0=100,
+            n_max=1000,
+            options=RunOptions(seed=0),
+        )
 
 
 def test_the_same_model_under_mild_noise_certifies():
-    run = certify(wrap(_NanAbove(), num_classes=4), X, sigma=0.1, n0=100, n=1000, seed=0)
+    run = certify(
+        wrap(_NanAbove(), num_classes=4), X, sigma=0.1, n0=100, n=1000, options=RunOptions(seed=0)
+    )
     assert [r.prediction for r in run.results] == [1, 1]
 
 
@@ -66,14 +87,16 @@ def test_a_requested_batch_size_beyond_the_budget_is_lowered_to_a_power_of_two_t
         sigma=0.25,
         n0=100,
         n=5000,
-        batch_size=1_000_000,
-        seed=3,
-        memory_budget=1000 * PER_COPY,
+        options=RunOptions(
+            batch_size=1_000_000, seed=3, memory_budget=1000 * PER_COPY, lower_batch_size=True
+        ),
     )
     assert (
         run.provenance["batch_size"] == 512 and run.provenance["requested_batch_size"] == 1_000_000
     )
-    same = certify(constant(), X, sigma=0.25, n0=100, n=5000, batch_size=512, seed=3)
+    same = certify(
+        constant(), X, sigma=0.25, n0=100, n=5000, options=RunOptions(batch_size=512, seed=3)
+    )
     assert [r.to_dict() | {"elapsed_s": 0} for r in run.results] == [
         r.to_dict() | {"elapsed_s": 0} for r in same.results
     ]
@@ -86,15 +109,53 @@ def test_a_batch_size_that_fits_and_the_default_stay_as_they_are():
         sigma=0.25,
         n0=10,
         n=100,
-        batch_size=777,
-        seed=1,
-        memory_budget=1000 * PER_COPY,
+        options=RunOptions(batch_size=777, seed=1, memory_budget=1000 * PER_COPY),
     )
     assert run.provenance["batch_size"] == 777
-    run = certify(constant(), X, sigma=0.25, n0=10, n=100, seed=1, memory_budget=1)
+    run = certify(
+        constant(), X, sigma=0.25, n0=10, n=100, options=RunOptions(seed=1, memory_budget=1)
+    )
     assert run.provenance["batch_size"] == 10_000 and run.provenance["requested_batch_size"] is None
-    run = certify(constant(), X, sigma=0.25, n0=10, n=100, batch_size=64, seed=1, memory_budget=1)
+    run = certify(
+        constant(),
+        X,
+        sigma=0.25,
+        n0=10,
+        n=100,
+        options=RunOptions(batch_size=64, seed=1, memory_budget=1, lower_batch_size=True),
+    )
     assert run.provenance["batch_size"] == 1
+
+
+def test_a_batch_size_beyond_the_budget_is_refused_unless_lowering_is_asked_for():
+    # 1000 copies fit; 1024 do not. The message names both and the three ways out.
+    options = RunOptions(batch_size=1024, seed=3, memory_budget=1000 * PER_COPY)
+    calls = [
+        lambda o: certify(constant(), X, sigma=0.25, n0=10, n=100, options=o),
+        lambda o: predict(constant(), X, sigma=0.25, n=100, options=o),
+        lambda o: certify_at_radius(constant(), X, 0.25, 0.1, n0=10, n_max=100, options=o),
+    ]
+    for call in calls:
+        with pytest.raises(BatchSizeError) as excinfo:
+            call(options)
+        assert isinstance(excinfo.value, InputError)
+        assert (excinfo.value.requested, excinfo.value.fits) == (1024, 1000)
+        assert str(excinfo.value) == (
+            f"batch_size=1024 does not fit the memory budget ({1000 * PER_COPY:,} bytes hold at "
+            "most 1000 noisy copies of this model): give a batch_size of at most 1000, leave it "
+            "out to have one chosen that fits, or ask for it to be lowered to fit "
+            "(lower_batch_size=True), which changes the noise stream"
+        )
+        lowered = call(replace(options, lower_batch_size=True)).provenance
+        assert (lowered["batch_size"], lowered["requested_batch_size"]) == (512, 1024)
+    exact = certify(constant(), X, 0.25, 10, 100, options=replace(options, batch_size=1000))
+    assert exact.provenance["batch_size"] == exact.provenance["requested_batch_size"] == 1000
+
+
+def test_the_refusal_survives_pickling():
+    error = pickle.loads(pickle.dumps(BatchSizeError(1024, 1000, 123_456)))
+    assert (error.requested, error.fits, error.budget) == (1024, 1000, 123_456)
+    assert str(error).startswith("batch_size=1024 does not fit the memory budget (123,456 bytes")
 
 
 def test_a_lowered_batch_gives_bit_identical_counts_at_the_same_seed_and_budget():
@@ -105,9 +166,9 @@ def test_a_lowered_batch_gives_bit_identical_counts_at_the_same_seed_and_budget(
             sigma=0.25,
             n0=10,
             n=3000,
-            batch_size=10**6,
-            seed=5,
-            memory_budget=300 * PER_COPY,
+            options=RunOptions(
+                batch_size=10**6, seed=5, memory_budget=300 * PER_COPY, lower_batch_size=True
+            ),
         )
         for _ in range(2)
     ]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from smoothcert.worker.smoothing import InputError, bounds, certify, certify_at_radius
+from smoothcert.worker.smoothing import InputError, RunOptions, bounds, certify, certify_at_radius
 from smoothcert.worker.smoothing.sequential import (
     MIN_CHUNK,
     SequentialTest,
@@ -69,7 +69,13 @@ def test_futility_stop_costs_no_alpha_and_stops_hopeless_inputs_early():
 
 def test_unanimous_votes_certify_one_sigma_within_a_few_hundred_samples():
     run = certify_at_radius(
-        constant(label=4), X, sigma=0.5, target_radius=0.5, n0=100, n_max=100_000, seed=0
+        constant(label=4),
+        X,
+        sigma=0.5,
+        target_radius=0.5,
+        n0=100,
+        n_max=100_000,
+        options=RunOptions(seed=0),
     )
     (decision,) = run.results
     assert decision.certified_at_r and decision.prediction == 4
@@ -79,7 +85,13 @@ def test_unanimous_votes_certify_one_sigma_within_a_few_hundred_samples():
 def test_radius_beyond_reach_answers_without_sampling():
     # Φ⁻¹(α^(1/n_max)) = 3.81 at n_max = 100,000 and α = 0.001; r/σ = 4 is beyond it.
     run = certify_at_radius(
-        constant(), X, sigma=0.25, target_radius=1.0, n0=100, n_max=100_000, seed=0
+        constant(),
+        X,
+        sigma=0.25,
+        target_radius=1.0,
+        n0=100,
+        n_max=100_000,
+        options=RunOptions(seed=0),
     )
     (decision,) = run.results
     assert not decision.certified_at_r and decision.samples_used == 0
@@ -96,8 +108,10 @@ def test_agrees_with_fixed_n_on_easy_inputs_and_uses_far_fewer_samples():
     # Inputs at distance 0.3 to 0.6 of a linear boundary, σ = 0.25, r = 0.1: p_A >= 0.88 against
     # p0 = 0.66, so both protocols certify unless a 1-in-1000 event happens (alpha per input).
     model, xs = _linear_inputs([0.3, 0.4, -0.5, 0.6])
-    fixed = certify(model, xs, sigma=0.25, n0=100, n=100_000, seed=3)
-    seq = certify_at_radius(model, xs, sigma=0.25, target_radius=0.1, n0=100, n_max=100_000, seed=3)
+    fixed = certify(model, xs, sigma=0.25, n0=100, n=100_000, options=RunOptions(seed=3))
+    seq = certify_at_radius(
+        model, xs, sigma=0.25, target_radius=0.1, n0=100, n_max=100_000, options=RunOptions(seed=3)
+    )
     assert (
         [r.radius >= 0.1 for r in fixed.results]
         == [d.certified_at_r for d in seq.results]
@@ -111,7 +125,9 @@ def test_agrees_with_fixed_n_on_easy_inputs_and_uses_far_fewer_samples():
 def test_hard_inputs_take_the_samples_and_every_answer_is_honest():
     # On the boundary (p_A = ½) nothing may be certified at r = 0.1 (probability <= alpha).
     model, xs = _linear_inputs([0.0, 0.5, 0.0])
-    seq = certify_at_radius(model, xs, sigma=0.25, target_radius=0.1, n0=100, n_max=20_000, seed=4)
+    seq = certify_at_radius(
+        model, xs, sigma=0.25, target_radius=0.1, n0=100, n_max=20_000, options=RunOptions(seed=4)
+    )
     hard, easy = seq.results[0], seq.results[1]
     assert not hard.certified_at_r and easy.certified_at_r
     assert hard.samples_used > easy.samples_used

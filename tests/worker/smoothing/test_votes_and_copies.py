@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from smoothcert.worker.smoothing import certify, noisy_copies, predict
+from smoothcert.worker.smoothing import RunOptions, certify, noisy_copies, predict
 from tests.support.classifiers import linear
 
 
@@ -19,7 +19,7 @@ X = np.full((2, 1, 8, 8), 0.5, dtype=np.float32)
 
 
 def test_certify_votes_count_the_estimation_samples_and_give_n_a():
-    run = certify(_boundary_model(), X, sigma=0.5, n0=20, n=400, seed=11)
+    run = certify(_boundary_model(), X, sigma=0.5, n0=20, n=400, options=RunOptions(seed=11))
     for row in run.to_dict()["results"]:
         votes = row["votes"]
         # p = ½ for both classes: each gets votes unless a Binomial(400, ½) is 0 or 400 (p < 1e-119).
@@ -30,7 +30,7 @@ def test_certify_votes_count_the_estimation_samples_and_give_n_a():
 
 
 def test_predict_votes_hold_n_a_and_n_b_as_their_two_largest():
-    run = predict(_boundary_model(), X, sigma=0.5, n=400, alpha=0.001, seed=12)
+    run = predict(_boundary_model(), X, sigma=0.5, n=400, alpha=0.001, options=RunOptions(seed=12))
     for row in run.to_dict()["results"]:
         counts = sorted(row["votes"].values(), reverse=True)
         assert sum(counts) == 400 and counts[:2] == [row["n_a"], row["n_b"]]
