@@ -226,9 +226,9 @@ def certify_split(
     """CERTIFY ``model`` (a loaded base classifier or pipeline) on ``x`` as `smoothcert certify`
     does with the same parameters and seed, write the per-image TSV (with the labels ``y``) to
     ``log_path``, and measure certified accuracy at ``radii`` and on the curves' grid."""
-    from smoothcert.worker.smoothing import certify  # torch: only when an experiment runs
+    from smoothcert.worker.smoothing import RunOptions, certify  # torch: only when run
 
-    run = certify(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed)
+    run = certify(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, options=RunOptions(seed=seed))
     results = [r.to_dict() for r in run.results]
     log_path.write_text(format_tsv(results, y.tolist()))
     return Certified(
