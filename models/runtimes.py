@@ -34,19 +34,17 @@ import torch
 
 from smoothcert.models.base import BaseClassifier, TorchClassifier
 from smoothcert.models.metadata import ModelError, sha256_file
+from smoothcert.models.runtime_rules import loaded_model_refusal
 
 log = logging.getLogger(__name__)
 
-# The same names as smoothcert.service.core.params.Runtime (models/ does not import the service).
-RUNTIMES = ("auto", "torch", "onnxruntime")
 CANDIDATES = ("torch", "torch-channels-last", "onnxruntime")
 CUDA_CANDIDATES = (
     *CANDIDATES,
     "torch-compiled",
 )  # inductor: minutes to compile on a small CPU, not there
-# The same names as smoothcert.service.core.params.Precision. The noise is drawn and added in
-# float32 whatever the precision; a reduced-precision model casts each noisy batch on the way in.
-PRECISIONS = ("float32", "float16", "bfloat16")
+# The runtimes and precisions a caller names are runtime_rules.py's. The noise is drawn and added
+# in float32 whatever the precision; a reduced-precision model casts each noisy batch on the way in.
 _REDUCED = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CHOICES_FILE = "runtime-choices.json"
 EXPORT_VERSION = 1  # part of the cache key: a new exporter makes new exports
@@ -119,22 +117,21 @@ class CompiledClassifier(TorchClassifier):
 
 
 def check_precision(model: BaseClassifier, runtime: str, precision: str) -> None:
-    """ModelError (what is allowed, in one line) unless ``model`` can run in ``precision`` with
-    ``runtime``: float32 everywhere; bfloat16 in torch; float16 in torch on a CUDA device."""
-    if precision not in PRECISIONS:
-        raise ModelError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "float32":
-        return
-    if not isinstance(model, TorchClassifier) or runtime == "onnxruntime":
-        raise ModelError(
-            f"precision {precision} runs in torch only (a safetensors model, runtime auto or torch); "
-            "onnxruntime evaluates the float32 graph"
-        )
-    if precision == "float16" and model.device.type != "cuda":
-        raise ModelError(
-            f"precision float16 needs a CUDA device, not {model.device}; use float32 "
-            "(or bfloat16, which torch runs on a CPU)"
-        )
+    """ModelError (what is allowed, in one line) unless ``model`` can run in ``runtime`` and
+    ``precision`` on its device, by the rule of :mod:`smoothcert.models.runtime_rules` (which the
+    API applies before it queues a job): float32 everywhere; bfloat16 in torch; float16 in torch
+    on a CUDA device; an ONNX model in onnxruntime only; a pipeline in auto and float32 only."""
+    refusal = loaded_model_refusal(_runs_as(model), runtime, precision, str(model.device))
+    if refusal is not None:
+        raise ModelError(refusal)
+
+
+def _runs_as(model: Any) -> str:
+    """The model format the rule knows ``model`` by, from what it is: an onnxruntime export of a
+    safetensors model carries its source's ``info``, yet runs as an ONNX graph."""
+    if _is_pipeline(model):
+        return "pipeline"
+    return "safetensors" if isinstance(model, TorchClassifier) else "onnx"
 
 
 def batch_class(batch_size: int) -> int:
@@ -153,23 +150,16 @@ def select_runtime(
     """``model`` in the runtime ``runtime`` asks for (module docstring), with ``runtime_choice``
     set: ``{"requested", "chosen", "how", ...}``. ``model`` is what the loader returned (torch for
     safetensors, onnxruntime for ONNX); a copy of it is returned when it already runs where asked.
-    A reduced ``precision`` runs in torch (:func:`check_precision`), not measured against others.
-    A pipeline with ``"auto"`` and float32 comes back with each part in its own fastest runtime
+    A reduced ``precision`` runs in torch, not measured against others.
+    A pipeline (``"auto"`` and float32 only) comes back with each part in its own fastest runtime
     (the classifier's choice as above, the denoiser's by :func:`select_denoiser_runtime`).
     Without ``cache_dir`` the export is made in a temporary folder and nothing is cached. Raises ModelError
-    for an unknown runtime or precision, for ``"torch"`` on an ONNX model, for a precision the
-    runtime or device cannot run, and when a pinned onnxruntime export fails or disagrees with torch.
+    when :func:`check_precision` refuses ``runtime`` and ``precision`` for the model (the rule of
+    runtime_rules.py), and when a pinned onnxruntime export fails or disagrees with torch.
     """
-    if runtime not in RUNTIMES:
-        raise ModelError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    if runtime == "torch" and not isinstance(model, TorchClassifier):
-        raise ModelError(
-            "runtime torch needs a safetensors model; an ONNX model is its own graph and runs "
-            "in onnxruntime only (use runtime auto or onnxruntime)"
-        )
-    if runtime == "auto" and precision == "float32" and _is_pipeline(model):
-        return _select_pipeline(model, batch_size, cache_dir)
     check_precision(model, runtime, precision)
+    if _is_pipeline(model):
+        return _select_pipeline(model, batch_size, cache_dir)
     if precision != "float32":
         assert isinstance(model, TorchClassifier)  # check_precision refused the others
         return _mark(
