@@ -34,6 +34,7 @@ from pydantic import (
 
 from smoothcert.models.pixels import as_pixel_batch
 from smoothcert.service.core import params
+from smoothcert.service.core.contract import CertifyParams
 from smoothcert.service.core.jobs import rfc3339
 from smoothcert.service.core.params import (
     DEFAULT_ALPHA,
@@ -175,11 +176,26 @@ class CertifyRequest(BaseModel):
 
     @model_validator(mode="after")
     def _certify_n(self) -> CertifyRequest:
-        if (
-            self.mode == "certify" and self.target_radius is None
-        ):  # a target-radius run checks its own reach
+        if self.certify_params().certifies:  # a target-radius run checks its own reach
             params.check_certify_n(self.n, self.alpha, self.bound)
         return self
+
+    def certify_params(self) -> CertifyParams:
+        """The request's parameters as the typed contract's (its source, labels and radii apart)."""
+        return CertifyParams(
+            model_id=self.model_id,
+            sigma=self.sigma,
+            n0=self.n0,
+            n=self.n,
+            alpha=self.alpha,
+            bound=self.bound,
+            mode=self.mode,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            target_radius=self.target_radius,
+            runtime=self.runtime,
+            precision=self.precision,
+        )
 
 
 class JobAccepted(BaseModel):

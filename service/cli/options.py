@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from smoothcert.service.core import params
-from smoothcert.service.core.params import BOUNDS, DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
+from smoothcert.service.core.contract import CertifyParams
+from smoothcert.service.core.params import (
+    BOUNDS,
+    DEFAULT_ALPHA,
+    DEFAULT_BOUND,
+    DEFAULT_N,
+    DEFAULT_N0,
+)
 
-# The API's and the engine's default bound too; params.py names no constant for it.
-DEFAULT_BOUND = "cohen"
 INPUTS_HELP = ".npy of shape (N,C,H,W) or (C,H,W) in [0,1], or PNG/JPEG files or folders"
 
 Flags = argparse._ActionsContainer  # an ArgumentParser or an argument group
@@ -107,6 +112,14 @@ def add_certify_options(p: Flags, *, local: bool) -> None:
         metavar="R",
         help=f"only decide 'certified at radius R?'{drawing} (anytime-valid; --n is then {cap})",
     )
+
+
+def certify_params(args: argparse.Namespace, model_id: str) -> CertifyParams:
+    """The typed contract's parameters that the flags above give (a flag left None, as the
+    service's commands leave them, takes the shared default, which the service applies too)."""
+    flags = ("n0", "n", "alpha", "bound", "mode", "batch_size", "seed", "target_radius")
+    given = {name: getattr(args, name, None) for name in (*flags, "runtime", "precision")}
+    return CertifyParams(model_id, args.sigma, **{k: v for k, v in given.items() if v is not None})
 
 
 def check_bounds(args: argparse.Namespace, *, certify: bool) -> None:

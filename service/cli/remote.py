@@ -176,24 +176,13 @@ def _submit(args) -> int:
     options.check_bounds(args, certify=args.mode == "certify" and args.target_radius is None)
     labels = _read_labels(args.labels, args.inputs) if args.labels else None
     with service_client(args) as client:
-        accepted = client.submit(
-            args.model_id,
+        accepted = client.submit_job(
+            options.certify_params(args, args.model_id),
             args.inputs,
-            args.sigma,
-            n0=args.n0,
-            n=args.n,
-            alpha=args.alpha,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            bound=args.bound,
-            mode=args.mode,
-            runtime=args.runtime,
-            precision=args.precision,
             labels=labels,
             dataset_id=args.dataset,
             skip=args.skip,
             limit=args.limit,
-            target_radius=args.target_radius,
         )
         job_id = accepted["job_id"]
         if not args.wait:

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import httpx
 from tqdm import tqdm
 
+from smoothcert.service.core.contract import CertifyParams
 from smoothcert.service.core.inputs import image_files
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -131,18 +132,9 @@ class ServiceClient:
         runtime: str | None = None,
         precision: str | None = None,
     ) -> dict:
-        """Queue a certify (or ``mode="predict"``) job; the server's ``{job_id, status, location}``.
-
-        ``inputs`` is one ``.npy`` file (sent as base64 in a JSON body) or PNG/JPEG files and
-        folders of them (sent as multipart, one input per image, folders in name order). Instead,
-        ``dataset_id`` names an uploaded dataset, of which inputs ``[skip, skip + limit)`` are
-        certified with the dataset's labels. Parameters left None take the server's defaults.
-        """
-        if (inputs is None) == (dataset_id is None):
-            raise ClientError("give either inputs or a dataset id")
-        params = {
-            "model_id": model_id,
-            "sigma": sigma,
+        """:meth:`submit_job` with the parameters as keywords; those left None take the defaults
+        (:mod:`smoothcert.service.core.params`, which the server uses too)."""
+        given: dict[str, Any] = {
             "n0": n0,
             "n": n,
             "alpha": alpha,
@@ -150,23 +142,60 @@ class ServiceClient:
             "seed": seed,
             "bound": bound,
             "mode": mode,
+            "target_radius": target_radius,
+            "runtime": runtime,
+            "precision": precision,
+        }
+        params = CertifyParams(model_id, sigma, **{k: v for k, v in given.items() if v is not None})
+        return self.submit_job(
+            params,
+            inputs,
+            labels=labels,
+            radii=radii,
+            dataset_id=dataset_id,
+            skip=skip,
+            limit=limit,
+        )
+
+    def submit_job(
+        self,
+        params: CertifyParams,
+        inputs: Sequence[str | Path] | None = None,
+        *,
+        labels: Sequence[int] | None = None,
+        radii: Sequence[float] | None = None,
+        dataset_id: str | None = None,
+        skip: int | None = None,
+        limit: int | None = None,
+    ) -> dict:
+        """Queue a certify (or predict) job with ``params``; the server's ``{job_id, status,
+        location}``.
+
+        ``inputs`` is one ``.npy`` file (sent as base64 in a JSON body) or PNG/JPEG files and
+        folders of them (sent as multipart, one input per image, folders in name order). Instead,
+        ``dataset_id`` names an uploaded dataset, of which inputs ``[skip, skip + limit)`` are
+        certified with the dataset's labels. Parameters at their defaults are left out of the
+        request (the server's defaults are the same).
+        """
+        if (inputs is None) == (dataset_id is None):
+            raise ClientError("give either inputs or a dataset id")
+        body: dict[str, Any] = {
+            **params.request_fields(),
             "labels": None if labels is None else [int(y) for y in labels],
             "radii": None if radii is None else [float(r) for r in radii],
             "dataset_id": dataset_id,
             "skip": skip,
             "limit": limit,
-            "target_radius": target_radius,
-            "runtime": runtime,
-            "precision": precision,
         }
-        params = {k: v for k, v in params.items() if v is not None}
+        body = {k: v for k, v in body.items() if v is not None}
         if dataset_id is not None:
-            return self._submit("/v1/certify", lambda: {"json": params}).json()
+            return self._submit("/v1/certify", lambda: {"json": body}).json()
+        assert inputs is not None
         paths = [Path(p) for p in inputs]
         if len(paths) == 1 and paths[0].suffix.lower() == ".npy":
-            body = {**params, "inputs": base64.b64encode(_read(paths[0])).decode("ascii")}
-            return self._submit("/v1/certify", lambda: {"json": body}).json()
-        form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in params.items()}
+            payload = {**body, "inputs": base64.b64encode(_read(paths[0])).decode("ascii")}
+            return self._submit("/v1/certify", lambda: {"json": payload}).json()
+        form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in body.items()}
         files = [
             ("inputs", (p.name, _read(p), _MIME[p.suffix.lower()])) for p in image_files(paths)
         ]

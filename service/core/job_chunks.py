@@ -2,7 +2,8 @@
 
 A dataset job certifies inputs ``[skip, skip + count)`` of a dataset as chunks of
 ``chunk_size`` consecutive inputs, one Celery task each, so any number of workers share it.
-Chunk ``i`` draws its noise from :func:`chunk_seed` ``(seed, i)``: a job is reproducible, row for
+Chunk ``i`` draws its noise from
+:func:`~smoothcert.service.core.contract.chunk_seed` ``(seed, i)``: a job is reproducible, row for
 row, given its seed, dataset, skip/limit, chunk size, batch size and device, whichever worker
 runs which chunk.
 
@@ -17,7 +18,6 @@ transition script), so the step needs no lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any
@@ -61,18 +61,6 @@ for _, v in ipairs(redis.call('HVALS', KEYS[2])) do done = done + tonumber(v) en
 redis.call('HSET', KEYS[1], 'done', done)
 return done
 """
-
-
-def plan_chunks(start: int, stop: int, chunk_size: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` cut into consecutive ``(first, end)`` ranges of ``chunk_size`` inputs."""
-    return [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
-
-
-def chunk_seed(seed: int, index: int) -> int:
-    """Chunk ``index``'s noise seed: the first 8 bytes of SHA-256(``"<seed>:<index>"``), big-endian,
-    shifted right one bit (so it is below 2^63, as the engine requires)."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 class ChunkLedger:

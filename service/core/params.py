@@ -23,6 +23,8 @@ BOUNDS: Final[tuple[Bound, ...]] = get_args(Bound)
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 RUNTIMES: Final[tuple[Runtime, ...]] = get_args(Runtime)
 PRECISIONS: Final[tuple[Precision, ...]] = get_args(Precision)
+DEFAULT_BOUND: Final[Bound] = "cohen"
+DEFAULT_MODE: Final[Mode] = "certify"
 DEFAULT_RUNTIME: Final[Runtime] = "auto"
 DEFAULT_PRECISION: Final[Precision] = "float32"
 

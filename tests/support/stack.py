@@ -18,10 +18,12 @@ import pytest
 import redis
 
 from smoothcert.service.core.jobs import TERMINAL
+from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
 from smoothcert.service.devstack import processes
 from smoothcert.service.devstack.commands import api_command, worker_command
 from smoothcert.service.devstack.redis_server import RedisServer, free_port
+from smoothcert.worker.queue.context import WorkerContext
 
 USER_KEY, ADMIN_KEY = "user-key-for-tests-0123456789", "admin-key-for-tests-0123456789"
 # Small caps so that the 413 and "exceeds the cap" paths are cheap to reach. No rate limit:
@@ -105,6 +107,20 @@ def scratch_db(redis_url: str, db: int) -> Iterator[redis.Redis]:
     finally:
         client.flushdb()
         client.close()
+
+
+@contextlib.contextmanager
+def worker_context(redis_url: str, db: int, data_dir: Path, **settings) -> Iterator[WorkerContext]:
+    """A worker's composition root on an emptied ``other_db`` and ``data_dir``, as a worker process
+    builds it (``settings`` override the environment's), for the queue side's plain functions."""
+    with scratch_db(redis_url, db):
+        ctx = WorkerContext(
+            Settings(redis_url=other_db(redis_url, db), data_dir=data_dir, **settings)
+        )
+        try:
+            yield ctx
+        finally:
+            ctx.redis().close()
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,17 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from smoothcert.service.core.accuracy import DEFAULT_CURVE_RADII, certified_accuracy
 
 REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
-# The old name of the curve's default radii (0, 0.25, ..., 4.0), kept while
-# worker/queue/job_results.py imports it from here; new code takes DEFAULT_CURVE_RADII.
-DEFAULT_RADII = DEFAULT_CURVE_RADII
 FORMATS = ("table", "json", "tsv")
 
 # str(datetime.timedelta), as in Cohen's logs: "0:02:31.238689", "1 day, 0:00:01"
@@ -77,7 +76,7 @@ def _parse_radius(text: str) -> float:
 
 
 # column -> (parser, what a valid value looks like for the error message, array dtype)
-_PARSERS = {
+_PARSERS: dict[str, tuple[Callable[[str], Any], str, DTypeLike]] = {
     "idx": (int, "an integer", np.int64),
     "label": (int, "an integer", np.int64),
     "predict": (int, "an integer", np.int64),

@@ -21,12 +21,13 @@ from celery.signals import celeryd_init, worker_process_init
 from smoothcert.models import tuning
 from smoothcert.service.core.logs import capture_output, install_worker_hooks
 from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery
-from smoothcert.service.core.settings import Settings
-from smoothcert.worker.queue import liveness
+from smoothcert.worker.queue import context, liveness
 
 WORKER_TASK_MODULES = ("smoothcert.worker.queue.tasks", "smoothcert.worker.queue.train_tasks")
 
-settings = Settings()
+# The composition root: settings, Redis, stores and caches, built once (worker/queue/context.py).
+worker = context.start()
+settings = worker.settings
 app = make_celery(
     settings, include=WORKER_TASK_MODULES, task_cls="smoothcert.worker.queue.liveness:LeasedTask"
 )

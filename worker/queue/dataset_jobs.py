@@ -11,8 +11,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from smoothcert.service.core.contract import ChunkTask
 from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
-from smoothcert.worker.queue.job_results import kept_samples, label_metrics, label_rows, run_engine
+from smoothcert.worker.queue.certify_run import kept_samples, label_metrics, label_rows, run_engine
 from smoothcert.worker.smoothing import CancelCheck, Progress
 
 # Provenance fields that differ from chunk to chunk; the job's provenance lists them per chunk.
@@ -32,7 +33,7 @@ _PER_CHUNK = (
 
 def run_chunk(
     model,
-    spec: dict[str, Any],
+    task: ChunkTask,
     datasets: DatasetStore,
     worker: str,
     progress: Progress,
@@ -40,29 +41,29 @@ def run_chunk(
     memory_budget: int | None = None,
     keep: Callable[[dict[int, bytes]], Any] | None = None,
 ) -> dict[str, Any]:
-    """Certify (or predict) inputs ``[spec["start"], spec["stop"])`` of the job's dataset
-    (``memory_budget`` as in :func:`~smoothcert.worker.queue.job_results.run_engine`); first hand
-    ``keep`` the noisy copies to keep of those among the job's first rows (job_results.kept_samples).
+    """Certify (or predict) inputs ``[task.start, task.stop)`` of the job's dataset
+    (``memory_budget`` as in :func:`~smoothcert.worker.queue.certify_run.run_engine`); first hand
+    ``keep`` the noisy copies to keep of those among the job's first rows (certify_run.kept_samples).
 
     Returns ``{"rows": [...], "provenance": {...}}``; raises DatasetMissing when the dataset was
     deleted or changed, and whatever the engine raises.
     """
-    start, stop = spec["start"], spec["stop"]
-    x, y = datasets.load(spec["dataset_id"], start, stop)
+    start, stop, dataset_id = task.start, task.stop, task.dataset.dataset_id
+    x, y = datasets.load(dataset_id, start, stop)
     if len(x) != stop - start:
-        raise DatasetMissing(
-            f"dataset {spec['dataset_id']} no longer holds inputs {start} to {stop - 1}"
-        )
+        raise DatasetMissing(f"dataset {dataset_id} no longer holds inputs {start} to {stop - 1}")
     if keep is not None:
-        keep(kept_samples(model, x, spec, start))
-    result = run_engine(model, x, spec, spec["chunk_seed"], progress, should_cancel, memory_budget)
+        keep(kept_samples(model, x, task.job, start))
+    result = run_engine(
+        model, x, task.job.params, task.chunk_seed, progress, should_cancel, memory_budget
+    )
     rows = result["results"]
     label_rows(rows, y)
     for row in rows:
         row["index"] += start
     provenance = {
         **result["provenance"],
-        "chunk": spec["chunk"],
+        "chunk": task.index,
         "start": start,
         "stop": stop,
         "worker": worker,
@@ -72,32 +73,32 @@ def run_chunk(
 
 
 def combine_chunks(
-    spec: dict[str, Any], outcomes: dict[int, dict[str, Any]], elapsed_s: float
+    task: ChunkTask, outcomes: dict[int, dict[str, Any]], elapsed_s: float
 ) -> dict[str, Any]:
-    """The job's result from every chunk's outcome: rows in dataset order, the label metrics,
-    totals and a provenance with one entry per chunk. ``elapsed_s`` is the job's wall time."""
-    ordered = [outcomes[i] for i in range(spec["chunks"])]
+    """The job's result from every chunk's outcome (``task``: any chunk of the job): rows in
+    dataset order, the label metrics, totals and a provenance with one entry per chunk.
+    ``elapsed_s`` is the job's wall time."""
+    job, dataset, params = task.job, task.dataset, task.job.params
+    ordered = [outcomes[i] for i in range(dataset.chunks)]
     rows = [row for outcome in ordered for row in outcome["rows"]]
     first = ordered[0]["provenance"]
     chunks = [{k: o["provenance"][k] for k in _PER_CHUNK} for o in ordered]
     shared = {k: v for k, v in first.items() if k not in _PER_CHUNK}
     devices = sorted({c["device"] for c in chunks})
-    sizes = sorted(
-        {c["batch_size"] for c in chunks}
-    )  # used: each worker fits its own device's memory
+    sizes = sorted({c["batch_size"] for c in chunks})  # each worker fits its own device's memory
     provenance = {
         **shared,
-        "seed": spec["seed"],
+        "seed": job.seed,
         "batch_size": sizes[0] if len(sizes) == 1 else "mixed: " + ", ".join(map(str, sizes)),
         "device": devices[0] if len(devices) == 1 else "mixed: " + ", ".join(devices),
         "num_inputs": len(rows),
         "elapsed_s": elapsed_s,
-        "model_id": spec["model_id"],
-        "dataset_id": spec["dataset_id"],
-        "dataset_sha256": spec["dataset_sha256"],
-        "skip": spec["skip"],
-        "limit": spec["limit"],
-        "chunk_size": spec["chunk_size"],
+        "model_id": params.model_id,
+        "dataset_id": dataset.dataset_id,
+        "dataset_sha256": task.dataset_sha256,
+        "skip": dataset.skip,
+        "limit": dataset.limit,
+        "chunk_size": dataset.chunk_size,
         "chunk_seed": "first 8 bytes of SHA-256('<seed>:<chunk>'), big-endian, >> 1",
         "workers": sorted({c["worker"] for c in chunks}),
         "chunks": chunks,
@@ -109,16 +110,14 @@ def combine_chunks(
         "elapsed_s": elapsed_s,
         "images_per_s": len(rows) / elapsed_s if elapsed_s > 0 else None,
     }
-    if (
-        spec.get("target_radius") is not None
-    ):  # what the test spent against what a fixed n would have
+    if params.target_radius is not None:  # what the test spent against what a fixed n would have
         totals.update(
             samples_used=sum(r["samples_used"] for r in rows),
-            samples_fixed_n=len(rows) * (spec["n0"] + spec["n"]),
+            samples_fixed_n=len(rows) * (params.n0 + params.n),
         )
     return {
         "results": rows,
         "provenance": provenance,
         "totals": totals,
-        **label_metrics(rows, spec["mode"], spec.get("radii")),
+        **label_metrics(rows, params.mode, task.radii),
     }

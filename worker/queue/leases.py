@@ -167,7 +167,7 @@ class Leases:
         return None if raw is None else Lease.from_json(task_id, raw)
 
     def all(self) -> list[Lease]:
-        return [Lease.from_json(k.decode(), v) for k, v in self.redis.hgetall(LEASES_KEY).items()]
+        return [Lease.from_json(_text(k), v) for k, v in self.redis.hgetall(LEASES_KEY).items()]
 
     def reap(
         self,
@@ -194,7 +194,7 @@ class Leases:
         alive = {json.loads(beat).get("incarnation") for beat in beats if beat}
         taken = []
         for key, value in raw.items():
-            lease = Lease.from_json(key.decode(), value)
+            lease = Lease.from_json(_text(key), value)
             if (
                 lease.incarnation in alive
                 or lease.incarnation == skip_incarnation
@@ -214,3 +214,8 @@ class Leases:
                     continue
                 taken.append(lease)
         return taken
+
+
+def _text(value: bytes | str) -> str:
+    """A hash field as text (the client answers bytes unless it decodes responses)."""
+    return value.decode() if isinstance(value, bytes) else value

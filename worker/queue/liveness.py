@@ -42,29 +42,27 @@ from smoothcert.service.core.jobs import JobStore
 from smoothcert.service.core.queue import send_first, soft_time_limit_s, watchdog_time_limit_s
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
-from smoothcert.worker.queue import outage, watchdog
+from smoothcert.worker.queue import context, outage, watchdog
 from smoothcert.worker.queue.leases import Lease, Leases
 
 log = logging.getLogger(__name__)
 
-_settings = Settings()
 # Set in the main process before the pool forks, so every pool process shares them: the worker's
 # name and its incarnation (a random id per start; a restarted container keeps its hostname).
 _state: dict[str, Any] = {"name": None, "incarnation": uuid.uuid4().hex[:16]}
-_clients: dict[int, redis.Redis] = {}  # pid -> client, so a forked child makes its own
+
+
+def _settings() -> Settings:
+    return context.current().settings
 
 
 def _client() -> redis.Redis:
-    pid = os.getpid()
-    if pid not in _clients:
-        _clients[pid] = redis.Redis.from_url(
-            _settings.broker_url, socket_connect_timeout=5, socket_timeout=30
-        )
-    return _clients[pid]
+    """This process's Redis client (the worker context's; a forked child makes its own)."""
+    return context.current().redis()
 
 
 def _leases() -> Leases:
-    return Leases(_client(), HEARTBEAT_PREFIX, _settings.worker_heartbeat_ttl_s)
+    return Leases(_client(), HEARTBEAT_PREFIX, _settings().worker_heartbeat_ttl_s)
 
 
 def worker_name() -> str:
@@ -72,7 +70,7 @@ def worker_name() -> str:
 
 
 def _jobs() -> JobStore:
-    return JobStore(_client(), ttl_s=_settings.job_ttl_s)
+    return context.current().jobs
 
 
 def retire_process(reason: str) -> None:
@@ -106,14 +104,14 @@ class LeasedTask(Task):
             )
             return None
         job_id = str(args[0]) if args else None
-        limit = _settings.task_time_limit_s
+        limit = _settings().task_time_limit_s
         watch = watchdog.begin(
             self.request.id,
             job_id,
             limit_s=limit,
             end_after_s=watchdog_time_limit_s(limit),
-            floor_s=_settings.batch_deadline_floor_s,
-            factor=_settings.batch_deadline_factor,
+            floor_s=_settings().batch_deadline_floor_s,
+            factor=_settings().batch_deadline_factor,
             release=lambda: leases.release(lease),
             fail=lambda message: job_id and _jobs().fail(job_id, message),
             report=lambda batch: report_process(batch=batch),
@@ -137,13 +135,18 @@ class LeasedTask(Task):
 
 
 def report_process(
-    device: str | None = None, model: dict[str, Any] | None = None, batch: Any = ...
+    device: str | None = None,
+    model: dict[str, Any] | None = None,
+    batch: Any = ...,
+    ctx: context.WorkerContext | None = None,
 ) -> None:
     """Record this pool process's device, a model it loaded, or the slow batch it runs (``batch``:
-    job_id, since, limit_s; None when it ended), for ``/readyz`` (best effort)."""
+    job_id, since, limit_s; None when it ended), for ``/readyz`` (best effort), in the Redis of
+    ``ctx`` (the process's context unless given)."""
+    ctx = ctx or context.current()
     key, field = PROCESSES_PREFIX + worker_name(), str(os.getpid())
     try:
-        client = _client()
+        client = ctx.redis()
         raw = client.hget(key, field)
         entry = json.loads(raw) if raw else {"pid": os.getpid(), "device": None, "models": []}
         if device is not None:
@@ -156,7 +159,7 @@ def report_process(
             entry["batch"] = batch
         entry["updated_at"] = round(time.time(), 3)
         client.hset(key, field, json.dumps(entry))
-        client.expire(key, _settings.worker_heartbeat_ttl_s * 6)
+        client.expire(key, ctx.settings.worker_heartbeat_ttl_s * 6)
     except redis.RedisError:
         pass
 
@@ -166,7 +169,7 @@ class Heartbeat:
 
     def __init__(self, app: Celery, name: str, queues: list[str], concurrency: int):
         self.app, self.name = app, name
-        self.ttl_s = _settings.worker_heartbeat_ttl_s
+        self.ttl_s = _settings().worker_heartbeat_ttl_s
         self.record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -174,7 +177,7 @@ class Heartbeat:
             "started_at": round(time.time(), 3),
             "queues": queues,
             "concurrency": concurrency,
-            "requested_device": _settings.device,
+            "requested_device": _settings().device,
             "heartbeat_ttl_s": self.ttl_s,
         }
         self.stop_event = threading.Event()
@@ -200,9 +203,7 @@ class Heartbeat:
         send_first(self.app, lease.task, lease.args, lease.task_id)
 
     def run(self) -> None:
-        client = redis.Redis.from_url(
-            _settings.broker_url, socket_connect_timeout=2, socket_timeout=5
-        )
+        client = context.current().connect(connect_timeout_s=2, timeout_s=5)
         leases = Leases(client, HEARTBEAT_PREFIX, self.ttl_s)
         while not self.stop_event.is_set():
             try:
@@ -243,7 +244,7 @@ def install(app: Celery) -> None:
     def _pool_process(**_):
         from smoothcert.models.loaders import resolve_device  # torch: pool processes only
 
-        report_process(device=str(resolve_device(_settings.device)))
+        report_process(device=str(resolve_device(_settings().device)))
 
     @worker_ready.connect(weak=False)
     def _start(sender=None, **_):
@@ -252,7 +253,7 @@ def install(app: Celery) -> None:
             q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", []) or []
         )
         concurrency = (
-            getattr(getattr(sender, "pool", None), "limit", None) or _settings.worker_concurrency
+            getattr(getattr(sender, "pool", None), "limit", None) or _settings().worker_concurrency
         )
         beat = Heartbeat(app, worker_name(), queues, int(concurrency))
         _heartbeat["current"] = beat
@@ -264,7 +265,7 @@ def install(app: Celery) -> None:
         it): the job fails saying so and the lease goes, rather than both staying as they were."""
         if not isinstance(exception, TimeLimitExceeded) or not task_id:
             return
-        limit = _settings.task_time_limit_s
+        limit = _settings().task_time_limit_s
         try:
             if args:
                 _jobs().fail(

@@ -1,14 +1,20 @@
-"""The job runner: what a queue task does, as plain functions of a job id, a message and the stores.
+"""The job runner: what a queue task does, as plain functions of the worker's context, a job id
+and the task its message was checked into.
 
 A task (:mod:`smoothcert.worker.queue.tasks`) checks its message against the job record
-(:mod:`smoothcert.worker.queue.messages`), admits its delivery and calls one of these with what
-the check returned. Files are found by ids, never by a path from a message: the inputs wait in
-``DATA_DIR/jobs/<id>/``, datasets in ``DATA_DIR/datasets/<id>/``, and a path that resolves
-outside them is refused. Every outcome lands in the job record
-(:mod:`smoothcert.service.core.jobs`); nothing is returned to Celery. A task runs again after its
-worker died (late acks), at most ``max_deliveries`` times; running the same job again gives the
-same answer because the seed is part of the record. A dataset job is one task per chunk
-(:mod:`smoothcert.service.core.job_chunks`); the redelivery cap counts per chunk.
+(:mod:`smoothcert.worker.queue.messages`), admits its delivery and calls one of these with the
+:class:`~smoothcert.service.core.contract.CertifyTask` or
+:class:`~smoothcert.service.core.contract.ChunkTask` the check returned. The stores, settings,
+Redis client and model caches come from the
+:class:`~smoothcert.worker.queue.context.WorkerContext`, so these run without Celery.
+
+Files are found by ids, never by a path from a message: the inputs wait in ``DATA_DIR/jobs/<id>/``,
+datasets in ``DATA_DIR/datasets/<id>/``, and a path that resolves outside them is refused. Every
+outcome lands in the job record (:mod:`smoothcert.service.core.jobs`); nothing is returned to
+Celery. A task runs again after its worker died (late acks), at most ``max_deliveries`` times;
+running the same job again gives the same answer because the seed is part of the record. A
+dataset job is one task per chunk (:mod:`smoothcert.service.core.job_chunks`); the redelivery cap
+counts per chunk.
 """
 
 from __future__ import annotations
@@ -17,85 +23,56 @@ import logging
 import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from smoothcert.models.loaders import load_stored_model as load_from_store
 from smoothcert.models.metadata import ModelError
 from smoothcert.models.runtimes import batch_class, select_runtime
+from smoothcert.service.core.contract import CertifyParams, CertifyTask, ChunkTask
 from smoothcert.service.core.dataset_files import DatasetFileError
-from smoothcert.service.core.dataset_store import DatasetStore
-from smoothcert.service.core.job_chunks import ChunkLedger
-from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore, job_folder, job_inputs
-from smoothcert.service.core.model_store import ModelStore
+from smoothcert.service.core.jobs import RUNNING, TERMINAL, job_folder, job_inputs
 from smoothcert.service.core.samples import record_result_samples
 from smoothcert.worker.queue import outage, watchdog
-from smoothcert.worker.queue.celery_app import settings
-from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
-from smoothcert.worker.queue.job_results import (
+from smoothcert.worker.queue.certify_run import (
     kept_samples,
     label_metrics,
     label_rows,
     run_engine,
     throttled,
 )
+from smoothcert.worker.queue.context import WorkerContext
+from smoothcert.worker.queue.dataset_jobs import combine_chunks, run_chunk
 from smoothcert.worker.queue.liveness import report_process, retire_process
 from smoothcert.worker.smoothing import Canceled, InputError, default_batch_size
 
 log = logging.getLogger(__name__)
-MODEL_CACHE_SIZE = 4
-_models: OrderedDict[tuple[str, str], Any] = (
-    OrderedDict()
-)  # (id, sha256) -> classifier, per process
-# (id, sha256, runtime asked for, precision, batch size class) -> the classifier in the runtime chosen
-_runtimes: OrderedDict[tuple[str, str, str, str, int], Any] = OrderedDict()
-_clients: dict[str, Any] = {}
 _UNKNOWN: Any = object()  # a record that could not be read
 
 
-def job_store() -> JobStore:
-    """This process's JobStore (one Redis connection pool, created after the fork)."""
-    if "jobs" not in _clients:
-        client = redis.Redis.from_url(
-            settings.broker_url, socket_connect_timeout=5, socket_timeout=30
-        )
-        _clients["jobs"] = JobStore(client, ttl_s=settings.job_ttl_s)
-    return _clients["jobs"]
-
-
-def chunk_ledger() -> ChunkLedger:
-    """This process's ledger of dataset-job chunks, on the JobStore's connections."""
-    if "chunks" not in _clients:
-        _clients["chunks"] = ChunkLedger(job_store())
-    return _clients["chunks"]
-
-
-def loaded_model(store: ModelStore, meta: dict[str, Any]):
+def loaded_model(ctx: WorkerContext, meta: dict[str, Any]):
     """Load a stored model with its recorded fields; the last few stay loaded in this process."""
-    key = (meta["id"], meta["sha256"])
-    if key in _models:
-        _models.move_to_end(key)
-    else:
-        while len(_models) >= MODEL_CACHE_SIZE:
-            _models.popitem(last=False)
-        _models[key] = load_from_store(store, meta, device=settings.device)
-        model = _models[key]
+
+    def load():
+        model = load_from_store(ctx.models, meta, device=ctx.settings.device)
         report_process(
             model={
                 "id": meta["id"],
                 "name": meta.get("name"),
                 "runtime": model.runtime,
                 "provider": model.provider,
-            }
+            },
+            ctx=ctx,
         )
-    return _models[key]
+        return model
+
+    return ctx.loaded_models.get((meta["id"], meta["sha256"]), load)[0]
 
 
-def check_model(model_id: str) -> dict[str, Any]:
+def check_model(ctx: WorkerContext, model_id: str) -> dict[str, Any]:
     """Load a pending model (the loader runs it on its check batches); return what it found out.
 
     Raises ModelError (one line) when the file cannot be loaded or does not fit its metadata, and
@@ -103,26 +80,26 @@ def check_model(model_id: str) -> dict[str, Any]:
     that does not return (an ONNX Loop of 2^62 iterations) keeps a CPU until its process dies, so
     the check runs in a thread of its own and, past the deadline, this process is retired.
     """
-    store = ModelStore(settings.models_dir)
-    meta = store.get(model_id, include_pending=True)
+    meta = ctx.models.get(model_id, include_pending=True)
     if meta is None:
         raise ModelError(f"model {model_id} disappeared before it was checked")
     outcome: dict[str, Any] = {}
 
     def load() -> None:
         try:
-            outcome["model"] = loaded_model(store, meta)
+            outcome["model"] = loaded_model(ctx, meta)
         except BaseException as exc:  # handed to the task's thread below
             outcome["error"] = exc
 
+    deadline_s = ctx.settings.model_check_deadline_s
     checker = threading.Thread(target=load, name=f"check-{model_id}", daemon=True)
     checker.start()
-    checker.join(settings.model_check_deadline_s)
+    checker.join(deadline_s)
     if checker.is_alive():
         retire_process(f"model {model_id} is still running its check batches")
         raise ModelError(
             f"the model did not load and answer its check batches within "
-            f"{settings.model_check_deadline_s:g} s (SMOOTHCERT_MODEL_CHECK_DEADLINE_S); "
+            f"{deadline_s:g} s (SMOOTHCERT_MODEL_CHECK_DEADLINE_S); "
             "a model that slow, or one that never returns, would hold a worker"
         )
     if "error" in outcome:
@@ -133,56 +110,49 @@ def check_model(model_id: str) -> dict[str, Any]:
     return {**found, "runtime": model.runtime, "provider": model.provider}
 
 
-def ready_model(model_id: str, spec: dict[str, Any] | None = None):
-    """The loaded model of a ready stored model; ModelError when it was deleted. With a job's
-    ``spec``, in the runtime it asks for (a record without one is from before runtimes were
-    chosen: torch, as then)."""
-    store = ModelStore(settings.models_dir)
-    meta = store.get(model_id)
+def ready_model(ctx: WorkerContext, params: CertifyParams):
+    """The model a job's ``params`` name, loaded and in the runtime and precision they ask for;
+    ModelError when it was deleted."""
+    meta = ctx.models.get(params.model_id)
     if meta is None:
-        raise ModelError(f"model {model_id} was deleted")
-    model = loaded_model(store, meta)
-    if spec is None:
-        return model
-    return runtime_model(
-        model,
-        meta,
-        spec.get("runtime", "torch"),
-        spec.get("batch_size"),
-        spec.get("precision", "float32"),
-    )
+        raise ModelError(f"model {params.model_id} was deleted")
+    model = loaded_model(ctx, meta)
+    return runtime_model(ctx, model, meta, params.runtime, params.batch_size, params.precision)
 
 
 def runtime_model(
-    model, meta: dict[str, Any], runtime: str, batch_size: int | None, precision: str = "float32"
+    ctx: WorkerContext,
+    model,
+    meta: dict[str, Any],
+    runtime: str,
+    batch_size: int | None,
+    precision: str = "float32",
 ):
-    """``model`` in ``runtime`` and ``precision`` (models/runtimes.py), for batches of ``batch_size`` (None: the
-    engine's default); the choice and the ONNX export are cached under ``DATA_DIR/cache``, and
-    the last few such models stay loaded in this process."""
+    """``model`` in ``runtime`` and ``precision`` (models/runtimes.py), for batches of
+    ``batch_size`` (None: the engine's default); the choice and the ONNX export are cached under
+    ``DATA_DIR/cache``, and the last few such models stay loaded in this process."""
     batch = batch_size or default_batch_size(model.info.input_shape, model.device, model)
     key = (meta["id"], meta["sha256"], runtime, precision, batch_class(batch))
-    if key in _runtimes:
-        _runtimes.move_to_end(key)
-    else:
-        while len(_runtimes) >= MODEL_CACHE_SIZE:
-            _runtimes.popitem(last=False)
-        _runtimes[key] = select_runtime(
+
+    def select():
+        return select_runtime(
             model,
             runtime,
             batch_size=batch,
-            cache_dir=settings.data_dir / "cache",
+            cache_dir=ctx.settings.data_dir / "cache",
             precision=precision,
         )
-    return _runtimes[key]
+
+    return ctx.runtime_models.get(key, select)[0]
 
 
-def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]:
-    """Run a certify/predict job described by ``spec`` (checked against its record) on the inputs
-    saved for it, and return its result."""
-    model = ready_model(spec["model_id"], spec)
-    x = saved_inputs(job_id, spec["num_inputs"])
-    labels = spec.get("labels")
-    jobs.keep_samples(job_id, kept_samples(model, x, spec, 0))
+def run_job(ctx: WorkerContext, job_id: str, task: CertifyTask) -> dict[str, Any]:
+    """Run a certify/predict job (its message checked against its record) on the inputs saved
+    for it, and return its result."""
+    params, jobs = task.job.params, ctx.jobs
+    model = ready_model(ctx, params)
+    x = saved_inputs(ctx, job_id, task.job.num_inputs)
+    jobs.keep_samples(job_id, kept_samples(model, x, task.job, 0))
     should_cancel, progress = watchdog.batches(
         lambda: outage.tolerant(
             lambda: jobs.cancel_requested(job_id), False, "a cancel check", job_id
@@ -193,10 +163,10 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
             )
         ),
         cancel=lambda: jobs.mark_canceled(job_id),
-        cleanup=lambda: drop_inputs_when_done(job_id, jobs),
+        cleanup=lambda: drop_inputs_when_done(ctx, job_id),
     )
     result = run_engine(
-        model, x, spec, spec["seed"], progress, should_cancel, settings.batch_memory_bytes or None
+        model, x, params, task.job.seed, progress, should_cancel, _memory_budget(ctx)
     )
     outage.tolerant(
         lambda: record_result_samples(jobs.redis, result["results"], result["provenance"]),
@@ -204,18 +174,23 @@ def run_job(job_id: str, spec: dict[str, Any], jobs: JobStore) -> dict[str, Any]
         "counting the samples drawn",
         job_id,
     )
-    result["provenance"]["model_id"] = spec["model_id"]
-    label_rows(result["results"], labels)
-    if labels is not None:
-        result.update(label_metrics(result["results"], spec["mode"], spec.get("radii")))
+    result["provenance"]["model_id"] = params.model_id
+    label_rows(result["results"], task.labels)
+    if task.labels is not None:
+        result.update(label_metrics(result["results"], params.mode, task.radii))
     return result
 
 
-def saved_inputs(job_id: str, count: int) -> np.ndarray:
+def _memory_budget(ctx: WorkerContext) -> int | None:
+    """A batch's memory budget in bytes (None: the engine's share of the free device memory)."""
+    return ctx.settings.batch_memory_bytes or None
+
+
+def saved_inputs(ctx: WorkerContext, job_id: str, count: int) -> np.ndarray:
     """The inputs the API saved for ``job_id`` (``DATA_DIR/jobs/<id>/inputs.npy``); InputError when
     they are not there, or are not the ``count`` inputs the record speaks of."""
     try:
-        x = np.load(job_inputs(settings.jobs_dir, job_id), allow_pickle=False)
+        x = np.load(job_inputs(ctx.settings.jobs_dir, job_id), allow_pickle=False)
     except (
         OSError,
         ValueError,
@@ -233,29 +208,32 @@ def saved_inputs(job_id: str, count: int) -> np.ndarray:
 
 
 def run_dataset_chunk(
-    job_id: str, spec: dict[str, Any], ledger: ChunkLedger, worker: str
+    ctx: WorkerContext, job_id: str, task: ChunkTask, worker: str
 ) -> dict[str, Any]:
-    """Run chunk ``spec["chunk"]`` of a dataset job; its outcome (rows and provenance)."""
-    index = spec["chunk"]
+    """Run chunk ``task.index`` of a dataset job; its outcome (rows and provenance)."""
+    ledger = ctx.ledger
     should_stop, progress = watchdog.batches(
         lambda: outage.tolerant(
             lambda: ledger.should_stop(job_id), False, "a cancel check", job_id
         ),
         throttled(
             lambda done, total: outage.tolerant(
-                lambda: ledger.set_progress(job_id, index, done), None, "a progress write", job_id
+                lambda: ledger.set_progress(job_id, task.index, done),
+                None,
+                "a progress write",
+                job_id,
             )
         ),
         cancel=lambda: ledger.jobs.mark_canceled(job_id),
     )
     outcome = run_chunk(
-        ready_model(spec["model_id"], spec),
-        spec,
-        DatasetStore(settings.datasets_dir),
+        ready_model(ctx, task.job.params),
+        task,
+        ctx.datasets,
         worker,
         progress,
         should_stop,
-        settings.batch_memory_bytes or None,
+        _memory_budget(ctx),
         keep=lambda rows: ledger.jobs.keep_samples(job_id, rows),
     )
     outage.tolerant(
@@ -267,56 +245,56 @@ def run_dataset_chunk(
     return outcome
 
 
-def complete_chunk(
-    job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedger, worker: str
-) -> None:
+def complete_chunk(ctx: WorkerContext, job_id: str, task: ChunkTask, worker: str) -> None:
     """Run a chunk and keep its outcome; when every chunk has one, combine them into the result.
 
     Any chunk task that finds all outcomes stored may combine them (a redelivered last chunk
     too); the record turns succeeded once, whoever wins, so no lock is needed. Storing the
     outcome, combining and clearing are each tried again while Redis is away (outage.persist).
     """
-    outcome = run_dataset_chunk(job_id, spec, ledger, worker)
+    ledger = ctx.ledger
+    outcome = run_dataset_chunk(ctx, job_id, task, worker)
     stored = outage.persist(
-        lambda: ledger.store(job_id, spec["chunk"], outcome),
-        f"storing the outcome of chunk {spec['chunk']}",
+        lambda: ledger.store(job_id, task.index, outcome),
+        f"storing the outcome of chunk {task.index}",
         job_id,
     )
-    if stored is None or stored < spec["chunks"]:
+    if stored is None or stored < task.dataset.chunks:
         return
-    if outage.persist(
-        lambda: combine(job_id, spec, jobs, ledger), "recording the job's result", job_id
-    ):
+    if outage.persist(lambda: combine(ctx, job_id, task), "recording the job's result", job_id):
         outage.persist(lambda: ledger.clear(job_id), "clearing the chunk outcomes", job_id)
 
 
-def combine(job_id: str, spec: dict[str, Any], jobs: JobStore, ledger: ChunkLedger) -> bool:
+def combine(ctx: WorkerContext, job_id: str, task: ChunkTask) -> bool:
     """Combine the stored chunk outcomes into the job's result; whether this call recorded it."""
+    jobs = ctx.jobs
     record = jobs.get(job_id)
-    outcomes = ledger.results(job_id)
-    if record is None or record.status != RUNNING or len(outcomes) < spec["chunks"]:
+    outcomes = ctx.ledger.results(job_id)
+    if record is None or record.status != RUNNING or len(outcomes) < task.dataset.chunks:
         return (
             False  # canceled or failed meanwhile, or another chunk task combined and cleared them
         )
     elapsed = max(0.0, time.time() - (record.started_at or time.time()))
-    return jobs.succeed(job_id, combine_chunks(spec, outcomes, elapsed))
+    return jobs.succeed(job_id, combine_chunks(task, outcomes, elapsed))
 
 
-def admitted(jobs: JobStore, job_id: str, deliveries: int, what: str = "the job") -> bool:
+def admitted(ctx: WorkerContext, job_id: str, deliveries: int, what: str = "the job") -> bool:
     """Whether this delivery should run: not when ``deliveries`` is 0 (canceled, or finished by an
     earlier delivery), and not past the redelivery cap, where the job fails saying why."""
     if deliveries == 0:
         return False
-    if deliveries > settings.max_deliveries:
+    if deliveries > ctx.settings.max_deliveries:
         message = f"{what} was started {deliveries - 1} times and its worker died each time"
+        jobs = ctx.jobs
         outage.persist(lambda: jobs.fail(job_id, message), "recording the job's failure", job_id)
         return False
     return True
 
 
-def finish(job_id: str, jobs: JobStore, work) -> None:
+def finish(ctx: WorkerContext, job_id: str, work: Callable[[], Any]) -> None:
     """Run ``work()`` as job ``job_id`` and record how it ended; never raises for job errors."""
-    if admitted(jobs, job_id, jobs.start(job_id)):
+    jobs = ctx.jobs
+    if admitted(ctx, job_id, jobs.start(job_id)):
 
         def run() -> None:
             result = work()
@@ -324,33 +302,36 @@ def finish(job_id: str, jobs: JobStore, work) -> None:
                 lambda: jobs.succeed(job_id, result), "recording the job's result", job_id
             )
 
-        record_errors(job_id, jobs, run)
+        record_errors(ctx, job_id, run)
 
 
-def record_errors(job_id: str, jobs: JobStore, work) -> None:
+def record_errors(ctx: WorkerContext, job_id: str, work: Callable[[], Any]) -> None:
     """Run ``work()``; a cancellation or an error ends job ``job_id`` accordingly. The ending is
     tried again while Redis is away (outage.persist)."""
+    jobs = ctx.jobs
     try:
         work()
     except Canceled:
         outage.persist(lambda: jobs.mark_canceled(job_id), "recording the cancellation", job_id)
     except (ModelError, InputError, DatasetFileError) as exc:
-        _fail(job_id, jobs, str(exc))
+        _fail(ctx, job_id, str(exc))
     except SoftTimeLimitExceeded:
-        _fail(job_id, jobs, f"the job exceeded the {settings.task_time_limit_s} s time limit")
+        _fail(ctx, job_id, f"the job exceeded the {ctx.settings.task_time_limit_s} s time limit")
     except Exception as exc:  # a bug or a broken runtime: record it, keep the worker alive
         log.exception("job %s failed", job_id)
-        _fail(job_id, jobs, f"internal error: {type(exc).__name__}: {exc}")
+        _fail(ctx, job_id, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _fail(job_id: str, jobs: JobStore, error: str) -> None:
+def _fail(ctx: WorkerContext, job_id: str, error: str) -> None:
+    jobs = ctx.jobs
     outage.persist(lambda: jobs.fail(job_id, error), "recording the job's failure", job_id)
 
 
-def drop_inputs_when_done(job_id: str, jobs: JobStore) -> None:
+def drop_inputs_when_done(ctx: WorkerContext, job_id: str) -> None:
     """Delete a job's folder of saved inputs once it has ended; a job still in flight keeps them
     for the next delivery. Only ``DATA_DIR/jobs/<id>`` is ever removed, and not when it resolves
     elsewhere. While Redis is away nothing is removed: whether the job ended is not known."""
+    jobs, jobs_dir = ctx.jobs, ctx.settings.jobs_dir
     record = outage.tolerant(
         lambda: jobs.get(job_id), _UNKNOWN, "the cleanup of the saved inputs", job_id
     )
@@ -358,10 +339,8 @@ def drop_inputs_when_done(job_id: str, jobs: JobStore) -> None:
         return
     if record is None or record.status in TERMINAL:
         try:
-            folder = job_folder(settings.jobs_dir, job_id)
+            folder = job_folder(jobs_dir, job_id)
         except ValueError:
-            log.warning(
-                "job %s: its folder resolves outside %s; left alone", job_id, settings.jobs_dir
-            )
+            log.warning("job %s: its folder resolves outside %s; left alone", job_id, jobs_dir)
             return
         shutil.rmtree(folder, ignore_errors=True)

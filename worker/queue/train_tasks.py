@@ -1,6 +1,6 @@
 """The training job: a thin Celery task around :func:`smoothcert.worker.training.trainer.train`.
 
-The message is ``(job_id, spec)`` with ``spec = {"config": TrainConfig.to_dict(), "dataset":
+The message is ``(job_id, task)`` with ``task = {"config": TrainConfig.to_dict(), "dataset":
 "digits" | an uploaded dataset id, "name": str | None}``; the API fixed the configuration and
 its seed, so every delivery of the task rebuilds the same run. Each finished epoch is
 checkpointed under ``DATA_DIR/jobs/<id>/checkpoint`` and appended to the job record's
@@ -13,7 +13,7 @@ message that does not match its job record is dropped, before any file is touche
 :mod:`smoothcert.worker.queue.tasks` does.
 
 A denoiser training job (``smoothcert.train_denoiser``, also on ``train``) is the same around
-:func:`smoothcert.worker.training.denoiser.train_denoiser`: its spec adds ``classifier`` and ``init``
+:func:`smoothcert.worker.training.denoiser.train_denoiser`: its task adds ``classifier`` and ``init``
 (stored model ids or None: the frozen classifier, a denoiser to start from), which the worker
 loads from the model store, and the denoiser it registers is
 a ``kind: "denoiser"`` model, ready to be a pipeline's first part.
@@ -31,17 +31,19 @@ from celery.exceptions import SoftTimeLimitExceeded
 from smoothcert.models.denoisers import load_denoiser
 from smoothcert.models.loaders import load_model, load_stored_model
 from smoothcert.models.metadata import ModelError
+from smoothcert.service.core.contract import TrainTask
 from smoothcert.service.core.dataset_files import DatasetFileError
-from smoothcert.service.core.dataset_store import DatasetMissing, DatasetStore
+from smoothcert.service.core.dataset_store import DatasetMissing
 from smoothcert.service.core.jobs import RUNNING, TERMINAL, JobStore
 from smoothcert.service.core.jobs import job_folder as folder_of_job
-from smoothcert.service.core.model_store import READY, ModelStore
+from smoothcert.service.core.model_store import READY
 from smoothcert.service.core.queue import TRAIN_DENOISER_TASK, TRAIN_TASK
+from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.train_config import DenoiserConfig, TrainConfig, TrainingError
 from smoothcert.worker.data.datasets import DIGITS, Dataset, load_digits
-from smoothcert.worker.queue import messages
-from smoothcert.worker.queue.celery_app import app, settings
-from smoothcert.worker.queue.runner import admitted, job_store
+from smoothcert.worker.queue import context, messages
+from smoothcert.worker.queue.celery_app import app
+from smoothcert.worker.queue.runner import admitted
 from smoothcert.worker.smoothing.sampling import Canceled
 from smoothcert.worker.training.denoiser import DenoiserResult, train_denoiser
 from smoothcert.worker.training.trainer import EpochMetrics, TrainResult, train
@@ -49,16 +51,20 @@ from smoothcert.worker.training.trainer import EpochMetrics, TrainResult, train
 log = logging.getLogger(__name__)
 
 
+def _settings() -> Settings:
+    return context.current().settings
+
+
 def job_folder(job_id: str) -> Path:
     """``DATA_DIR/jobs/<id>``; ValueError for anything but a job id, or a folder that resolves elsewhere."""
-    return folder_of_job(settings.jobs_dir, job_id)
+    return folder_of_job(_settings().jobs_dir, job_id)
 
 
 def load_training_data(dataset: str) -> Dataset:
     """The built-in digits (train and test splits), or an uploaded dataset (no test split)."""
     if dataset == DIGITS:
         return load_digits()
-    store = DatasetStore(settings.datasets_dir)
+    store = context.current().datasets
     meta = store.get(dataset)
     if meta is None:
         raise DatasetMissing(f"dataset {dataset} was deleted")
@@ -66,12 +72,10 @@ def load_training_data(dataset: str) -> Dataset:
     return Dataset(meta["name"], x, y)
 
 
-def run_training(
-    job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: int
-) -> dict[str, Any]:
-    """Train (or resume) the run ``spec`` describes, register the model; return the job's result."""
-    config = TrainConfig.from_dict(spec["config"])
-    data = load_training_data(spec["dataset"])
+def run_training(job_id: str, task: TrainTask, jobs: JobStore, delivery: int) -> dict[str, Any]:
+    """Train (or resume) the run ``task`` describes, register the model; return the job's result."""
+    config = TrainConfig.from_dict(dict(task.config))
+    data = load_training_data(task.dataset)
     record = jobs.get(job_id)
     history: list[dict[str, Any]] = list(((record and record.result) or {}).get("history", []))
 
@@ -87,8 +91,8 @@ def run_training(
         progress=progress,
         should_cancel=lambda: jobs.cancel_requested(job_id),
         checkpoint_dir=job_folder(job_id) / "checkpoint",
-        device=settings.device,
-        name=spec.get("name"),
+        device=_settings().device,
+        name=task.name,
     )
     model = register_model(result, job_id)
     recorded = {h["epoch"]: h for h in history}
@@ -115,7 +119,7 @@ def _register(
     """Store a trained network's file as a ready model once per job (a redelivered task finds the
     first one), after the same check an upload gets: ``load`` the stored file (the loader runs it on
     its check batches); a file that fails is removed again."""
-    store = ModelStore(settings.models_dir)
+    store = context.current().models
     for meta in store.list():
         if meta.get("train_job") == job_id:
             return meta
@@ -123,7 +127,7 @@ def _register(
     with open(path, "rb") as f:
         meta = store.add(f, path.name, {"name": result.info.name, "train_job": job_id})
     try:
-        loaded = load(store.weights_path(meta["id"]), device=settings.device)
+        loaded = load(store.weights_path(meta["id"]), device=_settings().device)
         found = {
             k: v
             for k, v in loaded.info.to_dict().items()
@@ -138,19 +142,19 @@ def _register(
 
 
 def run_denoiser_training(
-    job_id: str, spec: dict[str, Any], jobs: JobStore, delivery: int
+    job_id: str, task: TrainTask, jobs: JobStore, delivery: int
 ) -> dict[str, Any]:
-    """Train (or resume) the denoiser ``spec`` describes, register it; return the job's result."""
-    config = DenoiserConfig.from_dict(spec["config"])
-    data = load_training_data(spec["dataset"])
-    store = ModelStore(settings.models_dir)
-    loaded = {}
-    for role in ("classifier", "init"):
-        if spec[role] is not None:
-            meta = store.get(spec[role])
+    """Train (or resume) the denoiser ``task`` describes, register it; return the job's result."""
+    config = DenoiserConfig.from_dict(dict(task.config))
+    data = load_training_data(task.dataset)
+    store = context.current().models
+    loaded: dict[str, Any] = {}  # the classifier, and the TorchDenoiser to start from
+    for role, model_id in (("classifier", task.classifier), ("init", task.init)):
+        if model_id is not None:
+            meta = store.get(model_id)
             if meta is None:
-                raise ModelError(f"the {role} model {spec[role]} was deleted")
-            loaded[role] = load_stored_model(store, meta, settings.device)
+                raise ModelError(f"the {role} model {model_id} was deleted")
+            loaded[role] = load_stored_model(store, meta, _settings().device)
     classifier = loaded.get("classifier")
 
     history: list[dict[str, Any]] = []
@@ -168,8 +172,8 @@ def run_denoiser_training(
         progress=progress,
         should_cancel=lambda: jobs.cancel_requested(job_id),
         checkpoint_dir=job_folder(job_id) / "checkpoint",
-        device=settings.device,
-        name=spec.get("name"),
+        device=_settings().device,
+        name=task.name,
         init=loaded.get("init"),
     )
     model = register_denoiser(result, job_id)
@@ -189,22 +193,24 @@ def register_denoiser(result: DenoiserResult, job_id: str) -> dict[str, Any]:
 
 
 @app.task(name=TRAIN_TASK, bind=True)
-def train_task(self, job_id: str, spec: dict[str, Any]) -> None:
+def train_task(self, job_id: str, message: dict[str, Any]) -> None:
     """Train the model of job ``job_id``; every outcome lands in its record."""
-    jobs = job_store()
+    jobs = context.current().jobs
     trusted = messages.checked(
-        self.name, job_id, lambda: messages.train_spec(jobs, self.request.id, job_id, spec)
+        self.name, job_id, lambda: messages.train_task(jobs, self.request.id, job_id, message)
     )
     if trusted is not None:
         _train_job(job_id, jobs, lambda delivery: run_training(job_id, trusted, jobs, delivery))
 
 
 @app.task(name=TRAIN_DENOISER_TASK, bind=True)
-def train_denoiser_task(self, job_id: str, spec: dict[str, Any]) -> None:
+def train_denoiser_task(self, job_id: str, message: dict[str, Any]) -> None:
     """Train the denoiser of job ``job_id``; every outcome lands in its record."""
-    jobs = job_store()
+    jobs = context.current().jobs
     trusted = messages.checked(
-        self.name, job_id, lambda: messages.train_denoiser_spec(jobs, self.request.id, job_id, spec)
+        self.name,
+        job_id,
+        lambda: messages.train_task(jobs, self.request.id, job_id, message, "train_denoiser"),
     )
     if trusted is not None:
         _train_job(
@@ -217,7 +223,7 @@ def _train_job(job_id: str, jobs: JobStore, run) -> None:
     folder (its checkpoint) is removed once the job has ended, kept for a redelivery otherwise."""
     try:
         delivery = jobs.start(job_id)
-        if not admitted(jobs, job_id, delivery):
+        if not admitted(context.current(), job_id, delivery):
             return
         _record_outcome(job_id, jobs, lambda: jobs.succeed(job_id, run(delivery)))
     finally:
@@ -227,7 +233,9 @@ def _train_job(job_id: str, jobs: JobStore, run) -> None:
                 shutil.rmtree(job_folder(job_id), ignore_errors=True)
             except ValueError:
                 log.warning(
-                    "job %s: its folder resolves outside %s; left alone", job_id, settings.jobs_dir
+                    "job %s: its folder resolves outside %s; left alone",
+                    job_id,
+                    _settings().jobs_dir,
                 )
 
 
@@ -242,7 +250,7 @@ def _record_outcome(job_id: str, jobs: JobStore, work) -> None:
     except SoftTimeLimitExceeded:
         jobs.fail(
             job_id,
-            f"the job exceeded the {settings.task_time_limit_s} s time limit "
+            f"the job exceeded the {_settings().task_time_limit_s} s time limit "
             "(SMOOTHCERT_TASK_TIME_LIMIT_S)",
         )
     except Exception as exc:  # a bug or a broken runtime: record it, keep the worker alive

@@ -23,9 +23,10 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from smoothcert.service.api.deps import Credentials, JobsDep, Role, require_key
-from smoothcert.service.api.limits import caller_id
+from smoothcert.service.api.limits import Responses, caller_id
 from smoothcert.service.api.pictures import accuracy_curve_svg, sample_strip_png
 from smoothcert.service.api.schemas import Job, JobKind, JobList, JobStatus
+from smoothcert.service.core.contract import CertifyJob
 from smoothcert.service.core.jobs import (
     CANCELED,
     JOB_ID_FORM,
@@ -41,7 +42,7 @@ from smoothcert.service.core.jobs import (
 from smoothcert.service.core.tsv import format_tsv
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_key)])
-_NOT_FOUND = {404: {"description": "unknown job id (or its record expired)"}}
+_NOT_FOUND: Responses = {404: {"description": "unknown job id (or its record expired)"}}
 JobId = Annotated[str, Path(description="the id that submitting the job returned: " + JOB_ID_FORM)]
 
 
@@ -165,7 +166,7 @@ def cancel_job(job_id: JobId, jobs: JobsDep):
     return JSONResponse(Job.model_validate(record.to_dict()).model_dump(), status_code=code)
 
 
-_PICTURE = {
+_PICTURE: Responses = {
     404: {"description": "unknown job, or nothing kept for that row"},
     409: {
         "description": "the job has not run yet (or, for the curve, has no labels or is not finished)"
@@ -205,8 +206,9 @@ def get_samples_png(
             status.HTTP_409_CONFLICT,
             f"job {job_id} is queued: its noisy copies are kept when it starts",
         )
-    first = int(record.params.get("skip") or 0)
-    last = first + min(SAMPLE_ROWS, int(record.params.get("num_inputs") or 0)) - 1
+    job = CertifyJob.from_record_params(record.params)
+    first = job.first_row
+    last = first + min(SAMPLE_ROWS, job.num_inputs) - 1
     raise HTTPException(
         status.HTTP_404_NOT_FOUND,
         f"no noisy copies kept for row {row} of job {job_id}: they are kept "
@@ -244,7 +246,7 @@ def get_curve_svg(job_id: JobId, jobs: JobsDep) -> Response:
             f"job {job_id} has no labels: submit labels (or certify a "
             "dataset) to get a certified-accuracy curve",
         )
-    p = record.params
-    title = f"certified accuracy, {len(rows)} inputs, σ={p.get('sigma')}, n={p.get('n')}, α={p.get('alpha')}"
+    p = CertifyJob.from_record_params(record.params).params
+    title = f"certified accuracy, {len(rows)} inputs, σ={p.sigma}, n={p.n}, α={p.alpha}"
     svg = accuracy_curve_svg(rows, rows[0].get("radius_cap"), title)
     return Response(svg, media_type="image/svg+xml")

@@ -41,6 +41,7 @@ from smoothcert.service.api.train_schemas import (
     check_init_denoiser,
     dataset_shape,
 )
+from smoothcert.service.core.contract import TrainTask
 from smoothcert.service.core.jobs import new_job_id
 from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
 from smoothcert.service.core.queue import TRAIN_DENOISER_TASK, TRAIN_QUEUE, TRAIN_TASK
@@ -101,19 +102,18 @@ def _enqueue(req: TrainRequest, jobs, datasets, queue, admission) -> tuple[JobAc
         raise HTTPException(422, str(exc)) from None
 
     job_id = new_job_id()
-    params = {"dataset": req.dataset, "name": req.name, **config.to_dict()}
-    spec = {"config": config.to_dict(), "dataset": req.dataset, "name": req.name}
+    task = TrainTask("train", config.to_dict(), req.dataset, req.name)
     with admission.room(TRAIN_QUEUE, 1):
         try:
             jobs.create(
                 job_id,
-                "train",
-                params,
+                task.kind,
+                task.record_params(),
                 total=config.epochs,
                 owner=admission.caller,
                 max_active=admission.max_active,
             )
-            queue.send_task(TRAIN_TASK, args=[job_id, spec], task_id=job_id)
+            queue.send_task(TRAIN_TASK, args=[job_id, task.to_message()], task_id=job_id)
         except Exception:
             with contextlib.suppress(Exception):
                 jobs.fail(job_id, "the job could not be queued")
@@ -192,31 +192,20 @@ def _enqueue_denoiser(
         raise HTTPException(422, str(exc)) from None
 
     job_id = new_job_id()
-    params = {
-        "dataset": req.dataset,
-        "classifier": req.classifier,
-        "init": req.init,
-        "name": req.name,
-        **config.to_dict(),
-    }
-    spec = {
-        "config": config.to_dict(),
-        "dataset": req.dataset,
-        "classifier": req.classifier,
-        "init": req.init,
-        "name": req.name,
-    }
+    task = TrainTask(
+        "train_denoiser", config.to_dict(), req.dataset, req.name, req.classifier, req.init
+    )
     with admission.room(TRAIN_QUEUE, 1):
         try:
             jobs.create(
                 job_id,
-                "train_denoiser",
-                params,
+                task.kind,
+                task.record_params(),
                 total=config.epochs,
                 owner=admission.caller,
                 max_active=admission.max_active,
             )
-            queue.send_task(TRAIN_DENOISER_TASK, args=[job_id, spec], task_id=job_id)
+            queue.send_task(TRAIN_DENOISER_TASK, args=[job_id, task.to_message()], task_id=job_id)
         except Exception:
             with contextlib.suppress(Exception):
                 jobs.fail(job_id, "the job could not be queued")

@@ -15,7 +15,8 @@ import pytest
 import redis
 from kombu.transport.redis import Channel
 
-from smoothcert.service.core.job_chunks import ChunkLedger, chunk_seed
+from smoothcert.service.core.contract import chunk_seed
+from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import JobStore, new_job_id, rfc3339
 from tests.support.stack import (
     USER_KEY,

@@ -9,12 +9,12 @@ import zipfile
 import numpy as np
 import pytest
 
+from smoothcert.service.core.contract import chunk_seed, plan_chunks
 from smoothcert.service.core.dataset_files import (
     DatasetFileError,
     DatasetTooLarge,
     read_dataset_npz,
 )
-from smoothcert.service.core.job_chunks import chunk_seed, plan_chunks
 
 CAP = 1 << 20
 RNG = np.random.default_rng(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from smoothcert.worker.evaluation import accuracy, analyze, experiment
-from smoothcert.worker.queue import job_results
+from smoothcert.worker.queue import certify_run
 
 RADII = [0.0, 0.3, 0.5, 1.0]
 # input 1 abstains, input 3 is certified but wrong: only inputs 0 and 2 count
@@ -40,6 +40,6 @@ def test_log_experiment_and_job_views_agree():
     )
     assert analyze.certified_accuracy_of_log(log, RADII).tolist() == EXPECTED
     assert experiment.certified_accuracy_of_results(ROWS, [1, 1, 2, 1], RADII) == EXPECTED
-    assert job_results.certified_accuracy(ROWS, RADII) == [
+    assert certify_run.certified_accuracy_of_rows(ROWS, RADII) == [
         {"radius": r, "accuracy": a} for r, a in zip(RADII, EXPECTED)
     ]

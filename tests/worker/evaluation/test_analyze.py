@@ -13,7 +13,6 @@ import pytest
 
 from smoothcert.service.core.accuracy import DEFAULT_CURVE_RADII
 from smoothcert.worker.evaluation.analyze import (
-    DEFAULT_RADII,
     AnalyzeError,
     analyze,
     certified_accuracy_of_log,
@@ -132,7 +131,7 @@ def test_header_only_log_has_zero_accuracy(tmp_path):
 
 
 def test_default_radii_are_the_curves_of_the_shared_contract():
-    assert DEFAULT_RADII is DEFAULT_CURVE_RADII  # the old name, which job_results.py imports
+    assert DEFAULT_CURVE_RADII == tuple(0.25 * i for i in range(17))  # 0, 0.25, ..., 4.0
 
 
 def test_parse_radii():
@@ -226,6 +225,7 @@ def test_missing_file_names_file(tmp_path):
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
 
 
+@pytest.mark.process
 def test_cli_analyze_end_to_end(files, tmp_path):
     command = [
         sys.executable,

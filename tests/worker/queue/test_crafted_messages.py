@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import redis
 
-from smoothcert.service.core.job_chunks import ChunkLedger, chunk_seed
+from smoothcert.service.core.contract import chunk_seed
+from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import JobStore, new_job_id
 from smoothcert.service.core.queue import (
     CERTIFY_CHUNK_TASK,

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 
+from smoothcert.service.core.contract import CertifyJob, CertifyTask, chunk_seed
 from smoothcert.service.core.dataset_store import DatasetStore
-from smoothcert.service.core.job_chunks import chunk_seed
 from smoothcert.service.core.jobs import JobStore, new_job_id
 from smoothcert.worker.queue.messages import (
     Dropped,
-    certify_spec,
+    certify_task,
     check_model_message,
-    chunk_spec,
-    train_spec,
+    chunk_task,
+    train_task,
 )
 from tests.support.stack import scratch_db
 
@@ -50,13 +50,11 @@ def recorded(jobs: JobStore, kind: str, params: dict) -> str:
 def test_the_api_message_of_a_certify_job_passes_with_its_labels(jobs):
     job_id = recorded(jobs, "certify", PARAMS)
     message = {**PARAMS, "labels": [1, 2], "radii": [0, 0.5]}  # as certify.py sends it
-    assert certify_spec(jobs, job_id, job_id, message) == {
-        **PARAMS,
-        "labels": [1, 2],
-        "radii": [0, 0.5],
-    }
+    task = certify_task(jobs, job_id, job_id, message)
+    assert task == CertifyTask(CertifyJob.from_record_params(PARAMS), [1, 2], [0, 0.5])
+    assert task.to_message() == {**PARAMS, "labels": [1, 2], "radii": [0, 0.5]}
     legacy = {**message, "inputs_path": "/etc/passwd"}  # an older API's path: never used
-    assert "inputs_path" not in certify_spec(jobs, job_id, job_id, legacy)
+    assert "inputs_path" not in certify_task(jobs, job_id, job_id, legacy).to_message()
 
 
 @pytest.mark.parametrize(
@@ -74,7 +72,7 @@ def test_the_api_message_of_a_certify_job_passes_with_its_labels(jobs):
 def test_a_certify_message_unlike_its_record_is_dropped(jobs, change, reason):
     job_id = recorded(jobs, "certify", PARAMS)
     with pytest.raises(Dropped, match=reason):
-        certify_spec(jobs, job_id, job_id, {**PARAMS, "labels": None, "radii": None, **change})
+        certify_task(jobs, job_id, job_id, {**PARAMS, "labels": None, "radii": None, **change})
 
 
 def test_ids_kinds_and_task_ids_must_be_the_records(jobs):
@@ -88,11 +86,11 @@ def test_ids_kinds_and_task_ids_must_be_the_records(jobs):
     ]:
         task_id, given = args
         with pytest.raises(Dropped, match=reason):
-            certify_spec(jobs, task_id, given, message)
+            certify_task(jobs, task_id, given, message)
     with pytest.raises(Dropped, match="is not a job id"):
-        certify_spec(jobs, None, ["not", "a", "string"], message)
+        certify_task(jobs, None, ["not", "a", "string"], message)
     with pytest.raises(Dropped, match="parameters are not a JSON object"):
-        certify_spec(jobs, None, recorded(jobs, "certify", PARAMS), "spec")
+        certify_task(jobs, None, recorded(jobs, "certify", PARAMS), "spec")
 
 
 def test_check_model_and_train_messages_must_match_their_records(jobs):
@@ -103,11 +101,11 @@ def test_check_model_and_train_messages_must_match_their_records(jobs):
     config = {"arch": "digits_cnn", "epochs": 2, "seed": 1}
     train = recorded(jobs, "train", {"dataset": "digits", "name": None, **config})
     spec = {"config": config, "dataset": "digits", "name": None}
-    assert train_spec(jobs, train, train, spec) == spec
+    assert train_task(jobs, train, train, spec).to_message() == spec
     with pytest.raises(Dropped, match="differ from the job record's"):
-        train_spec(jobs, train, train, {**spec, "dataset": "d1"})
+        train_task(jobs, train, train, {**spec, "dataset": "d1"})
     with pytest.raises(Dropped, match="not a training job's"):
-        train_spec(jobs, train, train, {**spec, "path": "/tmp"})
+        train_task(jobs, train, train, {**spec, "path": "/tmp"})
 
 
 def test_a_chunk_must_be_the_one_its_record_gives(jobs, tmp_path):
@@ -133,7 +131,9 @@ def test_a_chunk_must_be_the_one_its_record_gives(jobs, tmp_path):
         "stop": 7,
         "chunk_seed": chunk_seed(3, 2),
     }
-    assert chunk_spec(jobs, datasets, f"{job_id}.2", job_id, spec)["stop"] == 7
+    task = chunk_task(jobs, datasets, f"{job_id}.2", job_id, spec)
+    assert (task.index, task.start, task.stop, task.chunk_seed) == (2, 6, 7, chunk_seed(3, 2))
+    assert task.to_message() == spec
     for change, reason in [
         ({"chunk": 3}, "chunk 3 is not one of the job's 3 chunks"),
         ({"chunk": True}, "is not one of the job's 3 chunks"),
@@ -143,10 +143,25 @@ def test_a_chunk_must_be_the_one_its_record_gives(jobs, tmp_path):
         ({"skip": 0}, "differ from the job record's: skip"),
     ]:
         with pytest.raises(Dropped, match=reason):
-            chunk_spec(
+            chunk_task(
                 jobs, datasets, f"{job_id}.{change.get('chunk', 2)}", job_id, {**spec, **change}
             )
     with pytest.raises(Dropped, match=f"is not {job_id}.2, the id of chunk 2"):
-        chunk_spec(jobs, datasets, job_id, job_id, spec)
+        chunk_task(jobs, datasets, job_id, job_id, spec)
     with pytest.raises(Dropped, match="dataset job, which runs as chunks"):
-        certify_spec(jobs, job_id, job_id, spec)
+        certify_task(jobs, job_id, job_id, spec)
+
+
+def test_a_denoiser_training_message_must_be_one_and_go_to_its_own_task(jobs):
+    config = {"arch": "dncnn", "epochs": 2, "seed": 1}
+    named = {"dataset": "digits", "classifier": "c1", "init": None, "name": None}
+    job_id = recorded(jobs, "train_denoiser", {**named, **config})
+    message = {"config": config, **named}
+    task = train_task(jobs, job_id, job_id, message, "train_denoiser")
+    assert (task.classifier, task.init, task.to_message()) == ("c1", None, message)
+    with pytest.raises(Dropped, match="is a train_denoiser job, not train"):
+        train_task(jobs, job_id, job_id, message)  # the classifier training task
+    with pytest.raises(Dropped, match="not a denoiser training job's"):
+        train_task(jobs, job_id, job_id, {"config": config, "dataset": "digits"}, "train_denoiser")
+    with pytest.raises(Dropped, match="differ from the job record's"):
+        train_task(jobs, job_id, job_id, {**message, "classifier": "c2"}, "train_denoiser")

@@ -17,25 +17,26 @@ import signal
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
-from smoothcert.service.core.jobs import JobStore, new_job_id
+from smoothcert.service.core.jobs import new_job_id
 from smoothcert.worker.queue import runner
 from smoothcert.worker.queue.leases import LEASES_KEY
 from tests.support.hostile_stack import hostile_stack, submit
 from tests.support.proc import alive
 from tests.support.stack import (
-    scratch_db,
     wait_for,
     wait_job,
+    worker_context,
 )
 
 
 @pytest.fixture
-def jobs(redis_url):
-    with scratch_db(redis_url, 8) as client:
-        yield JobStore(client, ttl_s=600)
+def ctx(redis_url, tmp_path):
+    with worker_context(redis_url, 8, tmp_path) as ctx:
+        yield ctx
 
 
-def test_a_job_past_its_soft_time_limit_fails_saying_so(jobs):
+def test_a_job_past_its_soft_time_limit_fails_saying_so(ctx):
+    jobs = ctx.jobs
     job_id = new_job_id()
     jobs.create(job_id, "certify", {})
     assert jobs.start(job_id) == 1
@@ -43,10 +44,10 @@ def test_a_job_past_its_soft_time_limit_fails_saying_so(jobs):
     def overrun():
         raise SoftTimeLimitExceeded()
 
-    runner.record_errors(job_id, jobs, overrun)
+    runner.record_errors(ctx, job_id, overrun)
     record = jobs.get(job_id)
     assert record.status == "failed"
-    assert record.error == f"the job exceeded the {runner.settings.task_time_limit_s} s time limit"
+    assert record.error == f"the job exceeded the {ctx.settings.task_time_limit_s} s time limit"
     assert jobs.start(job_id) == 0  # a failed job is never run again
 
 

@@ -1,4 +1,5 @@
-"""From a job's parameters to its result: one engine call, labels on the rows, accuracy figures.
+"""One certify or predict run of a job's inputs: the engine call its parameters make, labels on
+the rows, certified-accuracy figures, the noisy copies kept for display, throttled progress.
 
 Shared by the tasks of ordinary jobs and of dataset-job chunks; no Celery, no Redis.
 """
@@ -13,58 +14,44 @@ from typing import Any
 
 import numpy as np
 
+from smoothcert.service.core.accuracy import DEFAULT_CURVE_RADII, certified_accuracy
+from smoothcert.service.core.contract import CertifyJob, CertifyParams
 from smoothcert.service.core.jobs import SAMPLE_BYTES, SAMPLE_COPIES, SAMPLE_ROWS
 from smoothcert.worker import smoothing
-from smoothcert.worker.evaluation import accuracy
-from smoothcert.worker.evaluation.analyze import DEFAULT_RADII
 
 
 def run_engine(
     model,
     x: np.ndarray,
-    spec: dict[str, Any],
+    params: CertifyParams,
     seed: int,
     progress: smoothing.Progress,
     should_cancel: smoothing.CancelCheck,
     memory_budget: int | None = None,
 ) -> dict[str, Any]:
-    """CERTIFY, PREDICT or the test at ``target_radius`` (``spec["mode"]``, ``spec["target_radius"]``)
-    of ``x`` with ``spec``'s parameters; ``Run.to_dict()``. ``spec["n"]`` caps a target-radius run.
-    ``memory_budget`` bounds a batch's memory (None: the engine's share of the device's free memory);
-    a job's ``batch_size`` beyond it is lowered to fit, and the provenance records both sizes."""
+    """CERTIFY, PREDICT or the test at ``params.target_radius`` of ``x``; ``Run.to_dict()``.
+    ``params.n`` caps a target-radius run. ``memory_budget`` bounds a batch's memory (None: the
+    engine's share of the device's free memory); a job's ``batch_size`` beyond it is lowered to
+    fit, and the provenance records both sizes."""
     options = smoothing.RunOptions(
-        batch_size=spec.get("batch_size"),
+        batch_size=params.batch_size,
         seed=seed,
         progress=progress,
         should_cancel=should_cancel,
         memory_budget=memory_budget,
         lower_batch_size=True,
     )
-    if spec["mode"] == "predict":
-        run = smoothing.predict(
-            model, x, spec["sigma"], n=spec["n"], alpha=spec["alpha"], options=options
-        )
-    elif spec.get("target_radius") is not None:
+    p = params
+    run: smoothing.Run[Any]
+    if p.mode == "predict":
+        run = smoothing.predict(model, x, p.sigma, p.n, p.alpha, options=options)
+    elif p.target_radius is not None:
         run = smoothing.certify_at_radius(
-            model,
-            x,
-            spec["sigma"],
-            spec["target_radius"],
-            n0=spec["n0"],
-            n_max=spec["n"],
-            alpha=spec["alpha"],
-            options=options,
+            model, x, p.sigma, p.target_radius, p.n0, p.n, p.alpha, options=options
         )
     else:
         run = smoothing.certify(
-            model,
-            x,
-            spec["sigma"],
-            n0=spec["n0"],
-            n=spec["n"],
-            alpha=spec["alpha"],
-            bound=spec["bound"],
-            options=options,
+            model, x, p.sigma, p.n0, p.n, p.alpha, bound=p.bound, options=options
         )
     return run.to_dict()
 
@@ -77,25 +64,25 @@ def sample_seed(seed: int, index: int) -> int:
     )
 
 
-def kept_samples(model, x: np.ndarray, spec: dict[str, Any], first_index: int) -> dict[int, bytes]:
+def kept_samples(model, x: np.ndarray, job: CertifyJob, first_index: int) -> dict[int, bytes]:
     """The noisy copies to keep of the inputs ``x`` (rows ``first_index`` on) that are among the job's
     first rows: row index -> ``.npy`` of uint8 (copies, C, H, W), clipped to [0, 1] for display.
 
     A job keeps SAMPLE_COPIES copies of its first SAMPLE_ROWS rows, fewer of both where that would
-    exceed SAMPLE_BYTES (at least one copy of one row); ``spec["skip"]`` is a dataset job's first row.
+    exceed SAMPLE_BYTES (at least one copy of one row); a dataset job's first row is its ``skip``.
     """
     per_copy = int(np.prod(model.info.input_shape))
     rows = min(SAMPLE_ROWS, max(1, SAMPLE_BYTES // (SAMPLE_COPIES * per_copy)))
     copies = min(SAMPLE_COPIES, max(1, SAMPLE_BYTES // per_copy))
-    end = int(spec.get("skip") or 0) + rows
+    end = job.first_row + rows
     kept = {}
     for i in range(min(len(x), max(0, end - first_index))):
         noisy = smoothing.noisy_copies(
             x[i : i + 1],
             model.info.input_shape,
-            spec["sigma"],
+            job.params.sigma,
             copies,
-            sample_seed(spec["seed"], first_index + i),
+            sample_seed(job.seed, first_index + i),
         )[0]
         out = io.BytesIO()
         np.save(out, np.rint(np.clip(noisy, 0.0, 1.0) * 255).astype(np.uint8), allow_pickle=False)
@@ -116,7 +103,7 @@ def throttled(report: Callable[[int, int], None], every_s: float = 0.25) -> smoo
     return progress
 
 
-def label_rows(rows: list[dict[str, Any]], labels: Sequence[int] | None) -> None:
+def label_rows(rows: list[dict[str, Any]], labels: Sequence[int] | np.ndarray | None) -> None:
     """Set each row's ``label`` (None without labels)."""
     for i, row in enumerate(rows):
         row["label"] = None if labels is None else int(labels[i])
@@ -129,7 +116,7 @@ def label_metrics(
     rows of a target-radius run add ``certified_accuracy_at_r``: the share certified at r and right."""
     if mode == "certify":
         metrics: dict[str, Any] = {
-            "certified_accuracy": certified_accuracy(rows, radii or DEFAULT_RADII)
+            "certified_accuracy": certified_accuracy_of_rows(rows, radii or DEFAULT_CURVE_RADII)
         }
         if rows and "certified_at_r" in rows[0]:
             metrics["certified_accuracy_at_r"] = float(
@@ -139,11 +126,11 @@ def label_metrics(
     return {"accuracy": float(np.mean([r["prediction"] == r["label"] for r in rows]))}
 
 
-def certified_accuracy(
+def certified_accuracy_of_rows(
     rows: list[dict[str, Any]], radii: Sequence[float]
 ) -> list[dict[str, float]]:
     """Share of rows predicted right (``prediction == label``) with radius ≥ r, for each r in ``radii``."""
-    shares = accuracy.certified_accuracy(
+    shares = certified_accuracy(
         [r["prediction"] == r["label"] for r in rows], [r["radius"] for r in rows], radii
     )
     return [{"radius": float(r), "accuracy": float(a)} for r, a in zip(radii, shares)]
