@@ -89,8 +89,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     return app
 
 
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     # FastAPI's default echoes each offending value, which can be megabytes of pixels.
+    assert isinstance(exc, RequestValidationError)  # the one exception it is registered for
     detail = [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()

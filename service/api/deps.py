@@ -125,6 +125,8 @@ def get_admission(
     request: Request, creds: Credentials, role: Role, idempotency_key: IdempotencyKey = None
 ) -> Admission:
     """This submission's gate: the caller's rate limit, the queue bound and its Idempotency-Key."""
+    if creds is None:  # require_key (``role``) has refused it already
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     return Admission(
         get_limits(request),
         caller_id(creds.credentials),

@@ -300,10 +300,10 @@ class Admission:
     ) -> JSONResponse:
         """The answer to the submission: ``create()`` (the record and its ``Location``) runs only
         once the limits let it; ``content()`` is the request in normal form (for the fingerprint)."""
-        store, token, digest = self.limits.idempotency, None, ""
-        if self.key is not None:
+        store, key, token, digest = self.limits.idempotency, self.key, None, ""
+        if key is not None:
             digest = fingerprint(self.route, content())
-            token, other = store.reserve(self.key, digest)
+            token, other = store.reserve(key, digest)
             if other is not None:
                 return self._answer_repeat(other, digest)
         try:
@@ -316,18 +316,18 @@ class Admission:
             except ActiveJobsExceeded as exc:  # a concurrent submission took the last slot
                 raise self.limits.too_many_active(exc.active, exc.quota) from None
         except BaseException:
-            if token is not None:
+            if key is not None and token is not None:
                 with contextlib.suppress(redis.RedisError):  # else it expires after PENDING_TTL_S
-                    store.release(self.key, token)
+                    store.release(key, token)
             raise
         answer = {
             "status_code": status_code,
             "body": record.model_dump(mode="json"),
             "location": location,
         }
-        if token is not None:
+        if key is not None and token is not None:
             try:
-                store.remember(self.key, token, digest, answer)
+                store.remember(key, token, digest, answer)
             except redis.RedisError as exc:  # the job exists: answer 202 all the same
                 log.warning("could not remember Idempotency-Key answer %s: %s", location, exc)
         return _response(answer)
@@ -375,21 +375,27 @@ _RETRY_AFTER = {
 }
 
 
+# A route's documented answers by status code, as FastAPI's ``responses=`` takes them.
+Responses = dict[int | str, dict[str, Any]]
+
+
 def _documented(description: str) -> dict[str, Any]:
     return {"description": description, "headers": _RETRY_AFTER, "content": _ERROR_BODY}
 
 
-IN_PROGRESS = {409: _documented("a request with the same Idempotency-Key is still in progress")}
-RATE_LIMITED = {
+IN_PROGRESS: Responses = {
+    409: _documented("a request with the same Idempotency-Key is still in progress")
+}
+RATE_LIMITED: Responses = {
     429: _documented("over this API key's rate limit (SMOOTHCERT_RATE_LIMIT_PER_MINUTE)")
 }
-JOBS_LIMITED = {
+JOBS_LIMITED: Responses = {
     429: _documented(
         "over this API key's rate limit (SMOOTHCERT_RATE_LIMIT_PER_MINUTE), or it "
         "already has SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY jobs queued or running"
     )
 }
-QUEUE_FULL = {
+QUEUE_FULL: Responses = {
     503: _documented(
         "the job's queue holds SMOOTHCERT_MAX_QUEUED_MESSAGES messages; also 503 "
         "(without Retry-After) when Redis is unreachable"

@@ -128,8 +128,8 @@ class HttpMetrics:
             for (method, route, status), count in sorted(self._requests.items()):
                 requests.add(count, method=method, route=route, status=status)
             for (method, route), hist in sorted(self._durations.items()):
-                for bound, count in zip(self.buckets, hist):
-                    durations.add(count, "_bucket", method=method, route=route, le=_number(bound))
+                for bound, below in zip(self.buckets, hist):
+                    durations.add(below, "_bucket", method=method, route=route, le=_number(bound))
                 durations.add(hist[-1], "_bucket", method=method, route=route, le="+Inf")
                 durations.add(hist[-2], "_sum", method=method, route=route)
                 durations.add(hist[-1], "_count", method=method, route=route)
@@ -193,7 +193,7 @@ def job_counts(
     """
     sec, usec = client.time()
     now_ms = sec * 1000 + usec // 1000
-    kinds = sorted(k.decode() for k in client.smembers(JOBS_KEY + "kinds"))
+    kinds = sorted(_text(k) for k in client.smembers(JOBS_KEY + "kinds"))
     with client.pipeline(transaction=False) as pipe:
         for kind in kinds:
             for state in IN_FLIGHT:
@@ -212,6 +212,11 @@ def job_counts(
 def _kind_state(fieldname: str) -> tuple[str, str]:
     kind, _, state = fieldname.rpartition(":")
     return kind, state
+
+
+def _text(value: bytes | str) -> str:
+    """A reply member as text: this client leaves replies as bytes, redis-py's types allow either."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def queue_depths(client: redis.Redis) -> tuple[dict[str, int], int]:

@@ -111,7 +111,8 @@ def _stack_main() -> int:
 def _worker_main(argv: list[str]) -> int:
     from smoothcert.worker.queue.celery_app import main as worker_main
 
-    return worker_main(argv) or 0
+    worker_main(argv)
+    return 0
 
 
 def _model_and_inputs(p: argparse.ArgumentParser) -> None:
@@ -141,10 +142,17 @@ def _model_and_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _run_certify(args) -> int:
-    from smoothcert.worker.smoothing import certify, certify_at_radius
+    from smoothcert.worker.smoothing import (
+        Certificate,
+        RadiusDecision,
+        Run,
+        certify,
+        certify_at_radius,
+    )
 
     options.check_bounds(args, certify=args.target_radius is None)
     model, x, labels = _prepare(args)
+    run: Run[Certificate] | Run[RadiusDecision]
     with _progress_bar() as progress, _batch_size_refused():
         if args.target_radius is None:
             run = certify(
@@ -158,7 +166,7 @@ def _run_certify(args) -> int:
                 options=_run_options(args, progress),
             )
         else:  # --n caps the draws per input
-            run = certify_at_radius(
+            run = decisions = certify_at_radius(
                 model,
                 x,
                 args.sigma,
@@ -173,7 +181,7 @@ def _run_certify(args) -> int:
         certified = sum(not r.abstained for r in run.results)
         what = f"certified {certified} of {len(run.results)} inputs ({len(run.results) - certified} abstained)"
     else:
-        certified = sum(r.certified_at_r for r in run.results)
+        certified = sum(r.certified_at_r for r in decisions.results)
         what = (
             f"certified {certified} of {len(run.results)} inputs at radius {args.target_radius} with "
             f"{run.provenance['samples_used'] / len(run.results):,.0f} samples per input"
@@ -313,11 +321,12 @@ def _load_classifier(args):
     input_shape = None
     if args.input_shape:
         try:
-            input_shape = tuple(int(v) for v in args.input_shape.split(","))
+            shape = tuple(int(v) for v in args.input_shape.split(","))
         except ValueError:
-            raise ValueError(
-                f"--input-shape must look like 3,32,32, got {args.input_shape!r}"
-            ) from None
+            shape = ()
+        if len(shape) != 3:
+            raise ValueError(f"--input-shape must look like 3,32,32, got {args.input_shape!r}")
+        input_shape = shape
     return load_model(
         args.model,
         device=args.device,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
 from smoothcert.service.cli.options import add_device
 from smoothcert.service.cli.progress import stderr_bar
@@ -31,11 +32,17 @@ from smoothcert.worker.evaluation.experiment import (
     run_experiment,
 )
 
-_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
-_EXPERIMENT = {f.name: f.default for f in fields(ExperimentConfig)}
-_DENOISER = {f.name: f.default for f in fields(DenoiserConfig)}
-_DENOISED = {f.name: f.default for f in fields(denoised.DenoisedConfig)}
-_DIFFUSION = {f.name: f.default for f in fields(DiffusionConfig)}
+
+def _field_defaults(config: Any) -> dict[str, Any]:
+    """A config dataclass's plain defaults by field name (a drawn one, as a seed's, is left out)."""
+    return {f.name: f.default for f in fields(config) if f.default is not MISSING}
+
+
+_DEFAULTS = _field_defaults(TrainConfig)
+_EXPERIMENT = _field_defaults(ExperimentConfig)
+_DENOISER = _field_defaults(DenoiserConfig)
+_DENOISED = _field_defaults(denoised.DenoisedConfig)
+_DIFFUSION = _field_defaults(DiffusionConfig)
 _NORMALIZATIONS = "cifar10, cifar10-center, imagenet, imagenet-center, none"
 
 
@@ -636,7 +643,7 @@ def _shape(text: str | None) -> tuple[int, int, int] | None:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise CliArgumentError(f"--input-shape must look like 3,32,32, got {text!r}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def _add_train_diffusion(commands) -> None:

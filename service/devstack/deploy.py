@@ -376,15 +376,19 @@ class Deployment:
         """What podman-compose's down can leave behind: containers it did not start itself
         (started again by hand), the network, and with ``volumes`` the named volumes."""
         env, label = self.env(), f"label=com.docker.compose.project={self.project}"
-        quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        for _ in range(
-            3
-        ):  # dependents (--requires) go with --depend; a second pass catches the rest
+
+        def quiet(*args: str) -> None:
+            subprocess.run(
+                list(args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+
+        # dependents (--requires) go with --depend; a second pass catches the rest
+        for _ in range(3):
             left = self.containers(all_states=True)
             if not left:
                 break
-            subprocess.run(["podman", "rm", "-f", "--depend", *left], **quiet)
-        subprocess.run(["podman", "network", "rm", "-f", f"{self.project}_default"], **quiet)
+            quiet("podman", "rm", "-f", "--depend", *left)
+        quiet("podman", "network", "rm", "-f", f"{self.project}_default")
         if volumes:
             names = subprocess.run(
                 ["podman", "volume", "ls", "-q", "--filter", label],
@@ -393,7 +397,7 @@ class Deployment:
                 text=True,
             ).stdout.split()
             if names:
-                subprocess.run(["podman", "volume", "rm", "-f", *names], **quiet)
+                quiet("podman", "volume", "rm", "-f", *names)
 
     def containers(self, service: str | None = None, all_states: bool = False) -> list[str]:
         """Names of the project's containers (of ``service``), sorted."""

@@ -138,10 +138,12 @@ class RedisServer:
             start_new_session=True,
             preexec_fn=preexec,
         )
+        stdin, stderr = self.process.stdin, self.process.stderr
+        assert stdin is not None and stderr is not None  # both are pipes
         quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
         try:
-            self.process.stdin.write(f'requirepass "{quoted}"\n'.encode())
-            self.process.stdin.close()
+            stdin.write(f'requirepass "{quoted}"\n'.encode())
+            stdin.close()
         except BrokenPipeError:
             pass  # it exited at once; the loop below reports why
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=1.0)
@@ -149,7 +151,7 @@ class RedisServer:
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    err = (self.process.stderr.read() or b"").decode(errors="replace").strip()
+                    err = (stderr.read() or b"").decode(errors="replace").strip()
                     log = self.data_dir / "server.log"
                     err = err or (
                         log.read_text(errors="replace").strip()[-500:] if log.exists() else ""

@@ -31,7 +31,13 @@ from smoothcert.service.api.deps import (
     require_key,
 )
 from smoothcert.service.api.idempotency import file_sha256
-from smoothcert.service.api.limits import IN_PROGRESS, RATE_LIMITED, REUSED_KEY, caller_id
+from smoothcert.service.api.limits import (
+    IN_PROGRESS,
+    RATE_LIMITED,
+    REUSED_KEY,
+    Responses,
+    caller_id,
+)
 from smoothcert.service.api.schemas import DatasetRecord
 from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge
 
@@ -41,7 +47,7 @@ router = APIRouter(
     dependencies=[Depends(require_key)],
     route_class=UnparsableBodyRoute,
 )  # a body that cannot be parsed is 422, not 400
-_NOT_FOUND = {404: {"description": "unknown dataset"}}
+_NOT_FOUND: Responses = {404: {"description": "unknown dataset"}}
 
 
 @router.post(

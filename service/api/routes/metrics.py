@@ -10,11 +10,12 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
+from smoothcert.service.api.limits import Responses
 from smoothcert.service.api.metrics import CONTENT_TYPE, exposition
 
 router = APIRouter(tags=["health"])
 
-_DOC = {
+_DOC: Responses = {
     200: {
         "description": "metrics in the Prometheus text format, version 0.0.4",
         "content": {"text/plain": {"schema": {"type": "string"}}},

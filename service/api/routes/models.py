@@ -174,13 +174,14 @@ def register_pipeline(
     """Register a denoiser followed by a classifier as one model (denoised smoothing): its id works
     wherever a model id does. The noise is added before the denoiser; the classifier keeps its own
     normalization. A worker loads both parts and runs the pipeline on one batch before the 201."""
-    parts = {}
+    parts: dict[str, dict[str, Any]] = {}
     for role in ("denoiser", "classifier"):
-        parts[role] = models.get(getattr(body, role))
-        if parts[role] is None:
+        part = models.get(getattr(body, role))
+        if part is None:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"unknown {role} model {getattr(body, role)!r}"
             )
+        parts[role] = part
     try:
         meta = models.add_pipeline(parts["denoiser"], parts["classifier"], body.name)
     except ModelError as exc:
