@@ -173,12 +173,12 @@ def read_cifar10_dir(path: str | Path) -> Dataset:
         )
     parts = [read_cifar10_batch(p) for p in batches]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    test = (
+    test_x, test_y = (
         read_cifar10_batch(path / "test_batch.bin")
         if (path / "test_batch.bin").is_file()
         else (None, None)
     )
-    return Dataset(path.name, x, y, *test, class_names=_cifar_class_names(path))
+    return Dataset(path.name, x, y, test_x, test_y, class_names=_cifar_class_names(path))
 
 
 def _batch_number(name: str) -> int:
@@ -237,12 +237,12 @@ def _read_classes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarra
     labels: list[int] = []
     names: list[str] = []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (path / name).iterdir() if p.is_file() and has_image_suffix(p))
-        if not found:
+        images = sorted(p for p in (path / name).iterdir() if p.is_file() and has_image_suffix(p))
+        if not images:
             raise DatasetError(f"{path / name}: no PNG or JPEG images in class folder {name!r}")
-        files += found
-        labels += [label] * len(found)
-        names += [f"{name}/{f.name}" for f in found]
+        files += images
+        labels += [label] * len(images)
+        names += [f"{name}/{f.name}" for f in images]
     # Every header is checked (pixel cap, frames, mode) and the sizes compared before any pixel
     # is decoded; the images are then decoded one by one into the batch.
     headers = [_read_header(f) for f in files]

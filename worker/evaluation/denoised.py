@@ -272,7 +272,7 @@ def run_denoised_experiment(
     )
     started = time.perf_counter()
     data = data or load_digits()
-    if data.test_x is None:
+    if data.test_x is None or data.test_y is None:  # a Dataset has both or neither
         raise ValueError(f"{data.name} has no test split to certify")
     test_x, test_y = data.test_x[: config.limit], data.test_y[: config.limit]
     if "diffusion" in models_for(config.rows):

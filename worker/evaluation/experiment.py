@@ -132,7 +132,7 @@ def run_experiment(
     from smoothcert.worker.training.trainer import train
 
     data = data or load_digits()
-    if data.test_x is None:
+    if data.test_x is None or data.test_y is None:  # a Dataset has both or neither
         raise ValueError(f"{data.name} has no test split to certify")
     test_x, test_y = data.test_x[: config.limit], data.test_y[: config.limit]
     out = Path(out_dir)
