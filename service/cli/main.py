@@ -10,6 +10,7 @@ to see the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from contextlib import contextmanager
@@ -19,9 +20,10 @@ from smoothcert.service.cli import options
 from smoothcert.service.cli.progress import stderr_bar
 from smoothcert.service.cli.remote import add_commands as add_remote_commands
 from smoothcert.service.cli.train import add_commands as add_train_commands
+from smoothcert.service.core.contract import CertifyParams
 from smoothcert.service.core.inputs import load_inputs, load_labels
 from smoothcert.service.core.model_store import ModelStore
-from smoothcert.service.core.params import DEFAULT_PREDICT_N
+from smoothcert.service.core.params import DEFAULT_PREDICT_N, Mode
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.tsv import format_tsv
 
@@ -142,46 +144,18 @@ def _model_and_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _run_certify(args) -> int:
-    from smoothcert.worker.smoothing import (
-        Certificate,
-        RadiusDecision,
-        Run,
-        certify,
-        certify_at_radius,
-    )
+    from smoothcert.worker.smoothing import run_params
 
     options.check_bounds(args, certify=args.target_radius is None)
     model, x, labels = _prepare(args)
-    run: Run[Certificate] | Run[RadiusDecision]
-    with _progress_bar() as progress, _batch_size_refused():
-        if args.target_radius is None:
-            run = certify(
-                model,
-                x,
-                sigma=args.sigma,
-                n0=args.n0,
-                n=args.n,
-                alpha=args.alpha,
-                bound=args.bound,
-                options=_run_options(args, progress),
-            )
-        else:  # --n caps the draws per input
-            run = decisions = certify_at_radius(
-                model,
-                x,
-                args.sigma,
-                args.target_radius,
-                n0=args.n0,
-                n_max=args.n,
-                alpha=args.alpha,
-                options=_run_options(args, progress),
-            )
+    with _progress_bar() as progress, _batch_size_refused():  # --n caps a target-radius run
+        run = run_params(model, x, _params(args), _run_options(args, progress))
     _write(args, run, labels)
     if args.target_radius is None:
         certified = sum(not r.abstained for r in run.results)
         what = f"certified {certified} of {len(run.results)} inputs ({len(run.results) - certified} abstained)"
     else:
-        certified = sum(r.certified_at_r for r in decisions.results)
+        certified = sum(r.certified_at_r for r in run.results)
         what = (
             f"certified {certified} of {len(run.results)} inputs at radius {args.target_radius} with "
             f"{run.provenance['samples_used'] / len(run.results):,.0f} samples per input"
@@ -191,19 +165,12 @@ def _run_certify(args) -> int:
 
 
 def _run_predict(args) -> int:
-    from smoothcert.worker.smoothing import predict
+    from smoothcert.worker.smoothing import run_params
 
     options.check_bounds(args, certify=False)
     model, x, labels = _prepare(args)
     with _progress_bar() as progress, _batch_size_refused():
-        run = predict(
-            model,
-            x,
-            sigma=args.sigma,
-            n=args.n,
-            alpha=args.alpha,
-            options=_run_options(args, progress),
-        )
+        run = run_params(model, x, _params(args, mode="predict"), _run_options(args, progress))
     _write(args, run, labels)
     answered = sum(not r.abstained for r in run.results)
     print(
@@ -218,6 +185,12 @@ def _run_analyze(args) -> int:
     from smoothcert.worker.evaluation.analyze import run_cli
 
     return run_cli(args.files, args.radii, args.format, args.plot)
+
+
+def _params(args, mode: Mode = "certify") -> CertifyParams:
+    """The typed parameters of a local certify or predict (the model's runtime and precision are
+    chosen by :func:`_prepare`; these say what the engine computes)."""
+    return dataclasses.replace(options.certify_params(args, args.model), mode=mode)
 
 
 def _run_options(args, progress):

@@ -41,18 +41,7 @@ def run_engine(
         memory_budget=memory_budget,
         lower_batch_size=True,
     )
-    p = params
-    run: smoothing.Run[Any]
-    if p.mode == "predict":
-        run = smoothing.predict(model, x, p.sigma, p.n, p.alpha, options=options)
-    elif p.target_radius is not None:
-        run = smoothing.certify_at_radius(
-            model, x, p.sigma, p.target_radius, p.n0, p.n, p.alpha, options=options
-        )
-    else:
-        run = smoothing.certify(
-            model, x, p.sigma, p.n0, p.n, p.alpha, bound=p.bound, options=options
-        )
+    run = smoothing.run_params(model, x, params, options)
     return run.to_dict()
 
 

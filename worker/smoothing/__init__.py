@@ -2,6 +2,7 @@
 
 - :func:`certify`, :func:`predict` (module ``certify``): CERTIFY and PREDICT with a fixed n;
 - :func:`certify_at_radius` (module ``sequential``): "certified at r?" with an anytime-valid test;
+- :func:`run_params` (module ``run``): whichever of the three a job's typed parameters ask for;
 - :class:`RunOptions` (module ``options``): how a call runs (batch size, seed, progress, cancel
   check, memory budget, whether a batch size that does not fit may be lowered);
 - ``results``: their answers; ``sampling``: noisy copies through the model; ``memory``: how
@@ -16,6 +17,7 @@ from smoothcert.worker.smoothing.certify import certify, predict
 from smoothcert.worker.smoothing.checks import BatchSizeError, InputError, check_params
 from smoothcert.worker.smoothing.options import CancelCheck, Progress, RunOptions
 from smoothcert.worker.smoothing.results import Answer, Certificate, Prediction, RadiusDecision, Run
+from smoothcert.worker.smoothing.run import run_params
 from smoothcert.worker.smoothing.sampling import (
     Canceled,
     Inputs,
@@ -44,4 +46,5 @@ __all__ = [
     "default_batch_size",
     "noisy_copies",
     "predict",
+    "run_params",
 ]
