@@ -1,6 +1,6 @@
 """The static checks of tests/support/checks.py: the one-way layers (docs/architecture.md),
 stated once as import-linter contracts in pyproject.toml, function-level imports included;
-mypy on the engine and the shared contract; ruff's style rules and its format."""
+mypy on every package; ruff's style rules and its format."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 
 from tests.support.checks import PACKAGES, format_check, lint_imports, style_check, type_check
 from tests.support.paths import ROOT
+
+pytestmark = pytest.mark.process
 
 
 def test_every_layer_contract_is_kept():
@@ -49,7 +51,7 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path, module, imports, contr
     assert contract in " ".join(broken.split()), done.stdout[-3000:]  # names wrap in the report
 
 
-def test_the_engine_and_the_shared_contract_type_check():
+def test_every_package_type_checks():
     done = type_check()
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
 

@@ -3,7 +3,7 @@
 ``python -m tests.support.checks`` runs all four (``make lint``); tests/test_checks.py runs each.
 
 - **Layers**: the import-linter contracts of pyproject.toml (the one-way rule).
-- **Types**: mypy on the packages pyproject.toml names (the engine and the shared contract).
+- **Types**: mypy on the packages pyproject.toml names (every package), with pydantic's plugin.
 - **Style**: ruff with pyproject.toml's settings (line length, import order).
 - **Format**: ``ruff format --check`` (100 columns): run ``ruff format .`` to fix.
 
