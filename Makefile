@@ -1,4 +1,5 @@
-# Two commands: `make up` runs the local service, `make test` runs the whole suite.
+# Two commands: `make up` runs the local service, `make test` runs the whole suite (`make test-fast`
+# its in-process part: no test marked `process` or `slow`, under 2 minutes on 2 cores).
 # Both create .venv when it is missing. torch is installed first from TORCH_SPEC (a CPU wheel
 # by default); pass TORCH_SPEC="torch==2.13.0 --index-url ..." for another build.
 
@@ -11,13 +12,19 @@ STAMP := $(VENV)/.smoothcert-installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: up test lint bench demo clean
+.PHONY: up test test-fast lint bench demo clean
 
 up: $(STAMP)
 	$(VENV)/bin/smoothcert up
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q --durations=15
+
+# The tests that start no process and no server (no Redis, Celery worker, uvicorn, browser,
+# `smoothcert` subprocess or container; tests/conftest.py marks the others `process`) and are not
+# `slow`: under 2 minutes on 2 cores, and no chromium needed.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not process and not slow and not deploy" --durations=10
 
 # The layer contracts (import-linter), the types (mypy), the style (ruff); also part of `make test`.
 lint: $(STAMP)

@@ -5,6 +5,10 @@ present and are reported as skipped elsewhere. The demo model (digits_cnn traine
 scikit-learn's digits) is built once per session for every test that asks.
 """
 
+import os
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +40,79 @@ def pytest_configure(config):
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="smoothcert-test-cache-")
 
 
+# The fixtures that start a process: Redis, the worker, the API under uvicorn, a browser. Every
+# fixture built on them (api_url, client, admin, anonymous, demo_model, tab, ...) reaches one.
+PROCESS_FIXTURES = frozenset({"redis_url", "worker", "api_url", "api_without_redis", "browser"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
+    # A test that uses a process fixture, directly or through another fixture, is a `process`
+    # test (`make test-fast` leaves those out), and so is a `deploy` test; a module that starts
+    # processes itself says so with `pytestmark = pytest.mark.process`.
+    for item in items:
+        if "deploy" in item.keywords or PROCESS_FIXTURES.intersection(
+            getattr(item, "fixturenames", ())
+        ):
+            item.add_marker(pytest.mark.process)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; run on a GPU machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# What a `process` test starts: Python (the CLI, a module, an import check), the virtual
+# environment's tools, a shell, Redis, a container engine, a browser. What an installed library
+# starts for itself (inductor's compile workers, a browser driver) is no test's own process.
+_PROCESS_PROGRAMS = {"bash", "sh", "redis-server", "valkey-server", "podman", "docker", "chromium"}
+_LIBRARIES = tuple({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+_STDLIB = sysconfig.get_path("stdlib")
+
+
+def _a_test_process(args) -> bool:
+    program = Path(str(args if isinstance(args, (str, bytes, os.PathLike)) else args[0]))
+    if not (
+        program.parent == Path(sys.executable).parent
+        or program.name.startswith("python")
+        or program.name in _PROCESS_PROGRAMS
+    ):
+        return False
+    # Who asked: the first caller of Popen outside the standard library.
+    frame = sys._getframe(2)
+    while frame is not None:
+        where = frame.f_code.co_filename
+        if where.startswith(_LIBRARIES):
+            return False
+        if not where.startswith(_STDLIB):
+            return True
+        frame = frame.f_back
+    return True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # A test that starts a process without the `process` mark would slip into `make test-fast`: it
+    # fails instead, in every run (so `make test` finds it too), naming the mark it needs.
+    if item.get_closest_marker("process"):
+        return (yield)
+    real = subprocess.Popen._execute_child
+
+    def refuse(self, args, *rest, **kwargs):
+        if _a_test_process(args):
+            pytest.fail(
+                f"{item.nodeid} starts a process ({args!r:.120}) but is not marked `process`: "
+                "give it @pytest.mark.process (or its module pytestmark = pytest.mark.process)",
+                pytrace=False,
+            )
+        return real(self, args, *rest, **kwargs)
+
+    subprocess.Popen._execute_child = refuse  # type: ignore[attr-defined]
+    try:
+        return (yield)
+    finally:
+        subprocess.Popen._execute_child = real  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

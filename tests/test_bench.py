@@ -13,6 +13,7 @@ from bench import gpu, users
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.process
 def test_the_gpu_benchmark_dry_run_builds_both_networks_and_prints_every_row(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--dry-run"],

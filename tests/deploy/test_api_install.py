@@ -18,6 +18,8 @@ from smoothcert.service.devstack.redis_server import free_port
 from tests.support.paths import ROOT
 from tests.support.stack import start_process, stop_process, wait_for
 
+pytestmark = pytest.mark.process
+
 ENGINE = ("torch", "onnxruntime", "onnx", "safetensors", "scipy", "matplotlib", "sklearn")
 
 

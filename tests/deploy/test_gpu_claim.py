@@ -15,6 +15,8 @@ import pytest
 
 from tests.support.paths import ROOT
 
+pytestmark = pytest.mark.process
+
 SCRIPT = ROOT / "docker" / "gpu-claim.sh"
 GPUS = ["GPU-0b8f6c52-aaaa", "GPU-7d1e90f3-bbbb"]
 

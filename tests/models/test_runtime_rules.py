@@ -173,6 +173,7 @@ def test_a_pipeline_is_refused_as_a_pipeline_before_any_other_rule():
     assert "a pipeline runs" in loaded_model_refusal("pipeline", "onnxruntime", "bfloat16", "cpu")
 
 
+@pytest.mark.process
 def test_the_rules_import_no_torch():
     code = (
         "import sys, smoothcert.models.runtime_rules; "

@@ -203,6 +203,7 @@ def test_a_pickle_is_refused_without_unpickling_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.process
 def test_header_checks_do_not_import_torch(tmp_path):
     path = save_safetensors_model(
         tmp_path / "m.safetensors", build_network("digits_cnn", 10), _digits_info()

@@ -55,6 +55,7 @@ def _certify_in_a_fresh_process(demo_paths, tmp_path, **env: str) -> dict:
     return json.loads((tmp_path / "r.tsv.json").read_text())["tuning"]
 
 
+@pytest.mark.process
 def test_the_cli_tunes_malloc_openmp_and_threads_and_records_them(demo_paths, tmp_path):
     # Empty variables set nothing, so they do not count as the user's settings.
     tuning = _certify_in_a_fresh_process(
@@ -70,6 +71,7 @@ def test_the_cli_tunes_malloc_openmp_and_threads_and_records_them(demo_paths, tm
     }
 
 
+@pytest.mark.process
 def test_settings_the_user_made_are_kept_and_recorded_as_theirs(demo_paths, tmp_path):
     tuning = _certify_in_a_fresh_process(
         demo_paths, tmp_path, MALLOC_ARENA_MAX="2", OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1"
@@ -82,6 +84,7 @@ def test_settings_the_user_made_are_kept_and_recorded_as_theirs(demo_paths, tmp_
     )
 
 
+@pytest.mark.process
 def test_smoothcert_tuning_0_turns_it_off(demo_paths, tmp_path):
     tuning = _certify_in_a_fresh_process(demo_paths, tmp_path, SMOOTHCERT_TUNING="0")
     assert tuning["tuning"] == "off" and "malloc" not in tuning and tuning["threads"] is None

@@ -107,6 +107,7 @@ def test_onnx_and_torch_give_the_same_certificates(demo_paths, digits, tmp_path)
         assert a[2] == b[2] and abs(int(a[7]) - int(b[7])) <= 1
 
 
+@pytest.mark.slow
 def test_certify_safetensors_resnet20_from_bare_weights(tmp_path):
     torch.manual_seed(0)
     net = build_network("cifar_resnet20", 10)

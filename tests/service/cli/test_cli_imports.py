@@ -9,6 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.process
+
 SERVICE_SIDE = ("celery", "kombu", "fastapi", "starlette", "uvicorn", "redis")
 
 RUN = """

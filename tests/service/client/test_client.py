@@ -24,6 +24,8 @@ from smoothcert.service.devstack.redis_server import free_port
 from smoothcert.worker.evaluation.analyze import read_log
 from tests.support.stack import ADMIN_KEY, USER_KEY
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def service(api_url, monkeypatch):

@@ -20,6 +20,8 @@ from smoothcert.service.core.jobs import JobStore, new_job_id
 from smoothcert.service.devstack.redis_server import RedisServer
 from tests.support.stack import USER_KEY, other_db, scratch_db, stack_env, start_api, stop_process
 
+pytestmark = pytest.mark.process
+
 RATE = 60  # per minute: a burst of 60, then one a second
 
 

@@ -73,6 +73,7 @@ def test_the_local_override_hands_the_environment_to_the_containers(tmp_path):
     assert spec_errors(merged(load_compose(), override)) == []
 
 
+@pytest.mark.process
 def test_builds_get_a_pip_conf_for_what_they_mount(tmp_path):
     args = podman_build_args(tmp_path).split()
     mounts = dict(m.rsplit(":", 1)[0].split(":", 1) for m in args if m != "-v")

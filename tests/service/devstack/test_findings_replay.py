@@ -36,6 +36,8 @@ from tests.support.devstack import Up, seed_demo, up_env
 from tests.support.hostile_models import always_nan_onnx, nan_weights_safetensors
 from tests.support.stack import upload_dataset, upload_model_file, wait_for, wait_job
 
+pytestmark = pytest.mark.process
+
 STORAGE_QUOTA = (
     64 << 10
 )  # one dataset of 500 8x8 uint8 digits (36,256 bytes stored) fits, two do not

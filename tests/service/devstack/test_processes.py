@@ -12,6 +12,8 @@ import pytest
 
 from smoothcert.service.devstack import processes
 
+pytestmark = pytest.mark.process
+
 PY = sys.executable
 SLEEP = "import time; time.sleep(60)"
 

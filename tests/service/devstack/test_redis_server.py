@@ -13,6 +13,8 @@ from smoothcert.service.core.queue import CERTIFY_TASK, QUEUE, make_celery, queu
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.devstack.redis_server import RedisServer
 
+pytestmark = pytest.mark.process
+
 
 def without_password(url: str, password: str | None = None) -> str:
     parts = urlsplit(url)

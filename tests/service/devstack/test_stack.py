@@ -22,6 +22,8 @@ import redis
 from smoothcert.service.devstack.redis_server import free_port
 from tests.support.stack import wait_job
 
+pytestmark = pytest.mark.process
+
 
 def read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
     lines: queue.Queue[str] = queue.Queue()

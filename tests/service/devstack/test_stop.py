@@ -16,6 +16,8 @@ from smoothcert.service.devstack.redis_server import free_port
 from tests.support.devstack import Up, alive, processes_with_data_dir, seed_demo, up_env
 from tests.support.stack import wait_for
 
+pytestmark = pytest.mark.process
+
 GONE_WITHIN_S = 60.0  # the watchdog's longest path: 10 s warm, 5 s cold, then SIGKILL
 
 

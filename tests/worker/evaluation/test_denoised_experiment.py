@@ -20,6 +20,8 @@ from smoothcert.worker.evaluation.denoised import (
     run_denoised_experiment,
 )
 
+pytestmark = pytest.mark.slow
+
 TINY = [
     "--epochs",
     "1",

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 import redis
 
 from smoothcert.service.devstack.redis_server import RedisServer
@@ -26,6 +27,8 @@ from tests.support.stack import (
     wait_for,
     wait_job,
 )
+
+pytestmark = pytest.mark.process
 
 
 def _start_worker(env, log):

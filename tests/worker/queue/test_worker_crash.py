@@ -40,6 +40,8 @@ from tests.support.stack import (
     start_worker as start_stack_worker,
 )
 
+pytestmark = pytest.mark.process
+
 CAP = 2
 
 

@@ -36,6 +36,7 @@ def _linear_inputs(distances, sigma_shape=(1, 8, 8)):
     return w, xs
 
 
+@pytest.mark.slow
 def test_linear_classifier_radius_never_exceeds_the_true_distance_and_is_close_to_it():
     # The boundary of f passes through x = 0.5·1; input i sits at signed distance d_i from it,
     # so p_A = Φ(|d_i|/σ) and the best possible certificate is |d_i| itself. Each certificate

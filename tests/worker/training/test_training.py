@@ -163,6 +163,7 @@ train(small("smoothed", epochs=3), Dataset("tiny-strokes", *strokes(96, 5), *str
 """
 
 
+@pytest.mark.process
 def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tiny, tmp_path):
     root = ROOT
     done = subprocess.run(
