@@ -49,6 +49,7 @@ from typing import Any, Iterable
 
 import redis
 
+from smoothcert.service.core.contract import CertifyJob
 from smoothcert.service.core.store import inside
 
 PREFIX = "smoothcert:job:"
@@ -295,6 +296,11 @@ class JobRecord:
     params: dict[str, Any] = field(default_factory=dict)
     cancel_requested: bool = False
     deliveries: int = 0
+
+    def certify_job(self) -> CertifyJob:
+        """The certify or predict job whose parameters this record stores (ContractError, naming
+        the fields, when they are not one's)."""
+        return CertifyJob.from_record_params(self.params)
 
     def to_dict(self) -> dict[str, Any]:
         """The public JSON shape: progress nested, internal counters left out, each time also as

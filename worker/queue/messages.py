@@ -155,7 +155,7 @@ def _record_job(record: JobRecord) -> CertifyJob:
     """The job a certify or predict record holds; Dropped when its parameters are not one's, or
     its mode is not its kind."""
     try:
-        job = CertifyJob.from_record_params(record.params)
+        job = record.certify_job()
     except ContractError as exc:
         raise Dropped(f"the record of job {record.id} holds no certify job: {exc}") from None
     if job.params.mode != record.kind:

@@ -26,7 +26,6 @@ from smoothcert.service.api.deps import Credentials, JobsDep, Role, require_key
 from smoothcert.service.api.limits import Responses, caller_id
 from smoothcert.service.api.pictures import accuracy_curve_svg, sample_strip_png
 from smoothcert.service.api.schemas import Job, JobKind, JobList, JobStatus
-from smoothcert.service.core.contract import CertifyJob
 from smoothcert.service.core.jobs import (
     CANCELED,
     JOB_ID_FORM,
@@ -206,7 +205,7 @@ def get_samples_png(
             status.HTTP_409_CONFLICT,
             f"job {job_id} is queued: its noisy copies are kept when it starts",
         )
-    job = CertifyJob.from_record_params(record.params)
+    job = record.certify_job()
     first = job.first_row
     last = first + min(SAMPLE_ROWS, job.num_inputs) - 1
     raise HTTPException(
@@ -246,7 +245,7 @@ def get_curve_svg(job_id: JobId, jobs: JobsDep) -> Response:
             f"job {job_id} has no labels: submit labels (or certify a "
             "dataset) to get a certified-accuracy curve",
         )
-    p = CertifyJob.from_record_params(record.params).params
+    p = record.certify_job().params
     title = f"certified accuracy, {len(rows)} inputs, σ={p.sigma}, n={p.n}, α={p.alpha}"
     svg = accuracy_curve_svg(rows, rows[0].get("radius_cap"), title)
     return Response(svg, media_type="image/svg+xml")
