@@ -133,10 +133,10 @@ def measure_row(model, arch: str, runtime: str, precision: str, n: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from smoothcert.models import tuning
+    from smoothcert.models import process_tuning
 
-    tuning.tune_process()
-    tuning.apply_threads()
+    process_tuning.tune_process()
+    process_tuning.apply_threads()
     import torch
 
     rows_planned = plan(args.models)
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     print(
-        f"device {torch.cuda.get_device_name(0)}; torch {torch.__version__}; settings {tuning.applied()}"
+        f"device {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
+        f"settings {process_tuning.applied()}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -9,8 +9,8 @@ generation, the forward passes, counting). The ratio of the two is the engine's 
 means the smoothing machinery costs nothing beyond the model.
 
 The process runs under the settings the CLI and the worker give themselves
-(:func:`smoothcert.models.tuning.tune_process`: malloc, OpenMP wait policy, threads) and nothing
-else; they are printed with the figures.
+(:func:`smoothcert.models.process_tuning.tune_process`: malloc, OpenMP wait policy, threads) and
+nothing else; they are printed with the figures.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ RUNTIMES = ("torch", "onnxruntime")
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from smoothcert.models import tuning
+    from smoothcert.models import process_tuning
 
-    tuning.tune_process()  # what `smoothcert certify` does at start-up, before torch is imported
-    tuning.apply_threads()
+    # what `smoothcert certify` does at start-up, before torch is imported
+    process_tuning.tune_process()
+    process_tuning.apply_threads()
     import torch
 
     rows = []
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 _print_row(rows[-1])
     report = {
-        "tuning": tuning.applied(),
+        "tuning": process_tuning.applied(),
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         "settings: "
-        + " ".join(f"{k}={v}" for k, v in tuning.applied().items())
+        + " ".join(f"{k}={v}" for k, v in process_tuning.applied().items())
         + f"; torch threads {report['torch_threads']}; {report['cores']} cores; torch {torch.__version__}"
     )
     if args.json:

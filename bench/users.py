@@ -22,8 +22,8 @@ seed 0, which do not change the speed), in noisy samples per second:
   classifier forward on a ready batch, the CLI ``smoothcert certify CLASSIFIER --denoiser DENOISER``.
 
 Every process runs as users run it: this one and the CLI tune themselves
-(:func:`smoothcert.models.tuning.tune_process`), the worker too; the benchmark sets nothing else
-and prints the settings and the load average with the figures. Ratios: each path over raw (and
+(:func:`smoothcert.models.process_tuning.tune_process`), the worker too; the benchmark sets nothing
+else and prints the settings and the load average with the figures. Ratios: each path over raw (and
 the spread: over the raw run before it and the one after it), and the CLI over the peer loop,
 with the issue's targets (certify >= 0.9x raw; digits safetensors within 10% of ONNX; ResNet-20
 CLI >= 2.5x the peer loop; a pipeline >= 0.9x its two networks' raw forward).
@@ -88,10 +88,11 @@ print(json.dumps({"samples_per_s": len(x) * (n0 + n) / (time.perf_counter() - st
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     load_at_start = os.getloadavg()
-    from smoothcert.models import tuning
+    from smoothcert.models import process_tuning
 
-    tuning.tune_process()  # as `smoothcert certify` does at start-up, before torch is imported
-    tuning.apply_threads()
+    # as `smoothcert certify` does at start-up, before torch is imported
+    process_tuning.tune_process()
+    process_tuning.apply_threads()
     import torch
 
     rows: list[dict] = []
@@ -110,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                 _print_row(row)
     _ratios(rows)
     settings = {
-        "tuning": tuning.applied(),
+        "tuning": process_tuning.applied(),
         "torch_threads": torch.get_num_threads(),
-        "cores": tuning.cores(),
+        "cores": process_tuning.cores(),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "device": args.device,

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from smoothcert.models import tuning
+from smoothcert.models import process_tuning
 from smoothcert.models.base import PEAK_MARGIN, Normalize
 from smoothcert.models.metadata import (
     ModelError,
@@ -68,7 +68,7 @@ class OnnxClassifier:
     ``normalization`` argument is applied, in torch, in front of the graph. A fixed batch
     dimension is honoured by running in chunks of that size (the last one zero-padded).
     ``intra_op_num_threads=None`` takes this process's share of the cores when it was tuned
-    (:func:`smoothcert.models.tuning.threads`), else onnxruntime's default.
+    (:func:`smoothcert.models.process_tuning.threads`), else onnxruntime's default.
     """
 
     runtime = "onnxruntime"
@@ -290,7 +290,7 @@ def _open_session(
     # torch's noise generation for the same cores between two forward passes.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if intra_op_num_threads is None:
-        intra_op_num_threads = tuning.threads()
+        intra_op_num_threads = process_tuning.threads()
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
     providers: list = [CPU_PROVIDER]

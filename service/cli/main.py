@@ -27,7 +27,8 @@ from smoothcert.service.core.params import DEFAULT_PREDICT_N, Mode
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.tsv import format_tsv
 
-# The commands that run a model in this process; they tune it (smoothcert.models.tuning) first.
+# The commands that run a model in this process; they tune it first
+# (smoothcert.models.process_tuning).
 MODEL_COMMANDS = frozenset({"certify", "predict", "train", "import-checkpoint", "experiment"})
 
 
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return _worker_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in MODEL_COMMANDS:
-        from smoothcert.models import tuning  # standard library only: before torch is imported
+        from smoothcert.models import process_tuning  # stdlib only: before torch is imported
 
-        tuning.tune_process()
-        tuning.apply_threads()  # now, before a command's own thread settings (training's)
+        process_tuning.tune_process()
+        process_tuning.apply_threads()  # now, before a command's own thread settings (training's)
     try:
         return args.handler(args) or 0
     except (ValueError, OSError) as exc:  # every error class of ours derives from ValueError

@@ -11,8 +11,8 @@ and the worker in their ``SMOOTHCERT_REDIS_URL``.
 
 A launcher that cannot stop them (killed with SIGKILL, or crashed) still takes them along: each
 child gets SIGTERM from the kernel when the launcher exits (``processes.parent_death``), and the
-watchdog (:mod:`~smoothcert.service.devstack.watchdog`) finishes the job with the same steps as
-:meth:`Stack.stop`, down to SIGKILL of each child's process group.
+orphan reaper (:mod:`~smoothcert.service.devstack.orphan_reaper`) finishes the job with the same
+steps as :meth:`Stack.stop`, down to SIGKILL of each child's process group.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.devstack import processes
 from smoothcert.service.devstack.commands import api_command, worker_command
+from smoothcert.service.devstack.orphan_reaper import OrphanReaper
 from smoothcert.service.devstack.processes import Child, ChildDied
 from smoothcert.service.devstack.redis_server import RedisServer
-from smoothcert.service.devstack.watchdog import Watchdog
 
 DEMO_NAME = "digits-demo"
 # The worker's warm shutdown (SIGTERM) finishes its task; a cold one (SIGQUIT) abandons it.
@@ -53,7 +53,7 @@ class Stack:
         self.logs = settings.data_dir / "logs"
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
-        self.watchdog: Watchdog | None = None
+        self.reaper: OrphanReaper | None = None
 
     def env(self) -> dict[str, str]:
         """The environment every child shares, so they agree on keys, data and broker."""
@@ -72,7 +72,7 @@ class Stack:
     def start(self) -> None:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.watchdog = Watchdog(self.logs / "watchdog.log")
+        self.reaper = OrphanReaper(self.logs / "orphan_reaper.log")
         if not s.redis_url:
             self.redis = RedisServer(
                 s.data_dir / "redis",
@@ -81,7 +81,7 @@ class Stack:
             )
             self.redis.start()
             if self.redis.process is not None:
-                self.watchdog.watch(
+                self.reaper.watch(
                     "Redis", self.redis.process.pid, ((signal.SIGTERM, _REDIS_STOP_S),)
                 )
             s.redis_url = self.redis.url
@@ -101,8 +101,8 @@ class Stack:
             args, self.env(), log, append=True, parent_death_signal=signal.SIGTERM
         )
         self.children.append(Child(name, proc, log))
-        if self.watchdog is not None:
-            self.watchdog.watch(name, proc.pid, ((signal.SIGTERM, _STOP_GRACE_S), *_ESCALATE))
+        if self.reaper is not None:
+            self.reaper.watch(name, proc.pid, ((signal.SIGTERM, _STOP_GRACE_S), *_ESCALATE))
 
     def check_alive(self) -> None:
         """Raise ChildDied when a child has exited."""
@@ -136,8 +136,8 @@ class Stack:
         self.children.clear()
         if self.redis is not None:
             self.redis.stop(_REDIS_STOP_S)
-        if self.watchdog is not None:
-            self.watchdog.close()
+        if self.reaper is not None:
+            self.reaper.close()
 
 
 def register_demo(stack: Stack) -> tuple[dict, Path]:

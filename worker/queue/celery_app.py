@@ -18,7 +18,7 @@ import sys
 
 from celery.signals import celeryd_init, worker_process_init
 
-from smoothcert.models import tuning
+from smoothcert.models import process_tuning
 from smoothcert.service.core.logs import capture_output, install_worker_hooks
 from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery
 from smoothcert.worker.queue import context, liveness
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     if not any(a.startswith(("-c", "--concurrency")) for a in args):
         defaults += ["--concurrency", str(settings.worker_concurrency)]
     # Before the task modules import torch (the OpenMP wait policy is read then): malloc, OpenMP
-    # and each pool process's share of the cores (smoothcert.models.tuning).
-    tuning.tune_process(_concurrency(args, settings.worker_concurrency))
+    # and each pool process's share of the cores (smoothcert.models.process_tuning).
+    process_tuning.tune_process(_concurrency(args, settings.worker_concurrency))
     app.worker_main(defaults + args)
 
 
@@ -78,7 +78,7 @@ def _concurrency(args: list[str], default: int) -> int:
 @worker_process_init.connect(weak=False)
 def _pool_process_threads(**_) -> None:
     """Each pool process takes its share of the cores as torch threads (forked, it starts with the parent's)."""
-    tuning.apply_threads()
+    process_tuning.apply_threads()
 
 
 if __name__ == "__main__":

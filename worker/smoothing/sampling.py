@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from smoothcert.models import tuning
+from smoothcert.models import process_tuning
 from smoothcert.models.base import BaseClassifier, bind_sigma
 from smoothcert.models.pixels import PixelError, as_pixel_batch
 from smoothcert.service.core.params import draw_seed
@@ -210,7 +210,8 @@ class Sampler:
     def provenance(self, params: dict[str, Any]) -> dict[str, Any]:
         """What produced a result: the call's parameters, seed, batch size (the one used, and the one
         asked for: None when chosen here), device, model (a pipeline's parts too), versions, and the
-        process settings it ran under (:func:`smoothcert.models.tuning.applied`, and torch's thread count)."""
+        process settings it ran under (:func:`smoothcert.models.process_tuning.applied`, and torch's
+        thread count)."""
         info = self.model.info
         return {
             **params,
@@ -228,6 +229,6 @@ class Sampler:
             "model_arch": info.arch,
             **({"model_parts": info.parts} if info.parts else {}),  # a pipeline names its two files
             "versions": software_versions(),
-            "tuning": {**tuning.applied(), "torch_threads": torch.get_num_threads()},
+            "tuning": {**process_tuning.applied(), "torch_threads": torch.get_num_threads()},
             "elapsed_s": self.elapsed(),
         }

@@ -152,9 +152,12 @@ time.sleep(60)
         processes.kill_group(untold)
 
 
-def test_the_watchdog_stops_the_processes_of_a_killed_launcher_down_to_their_groups(tmp_path):
-    # A launcher starts the watchdog and a child that ignores SIGTERM and SIGQUIT, with a grandchild
-    # in its group, and tells the watchdog to stop it with SIGTERM, then SIGQUIT, then the group's SIGKILL.
+def test_the_orphan_reaper_stops_the_processes_of_a_killed_launcher_down_to_their_groups(
+    tmp_path,
+):
+    # A launcher starts the orphan reaper and a child that ignores SIGTERM and SIGQUIT, with a
+    # grandchild in its group, and tells the orphan reaper to stop it with SIGTERM, then SIGQUIT,
+    # then the group's SIGKILL.
     child = f"""
 import signal, subprocess, sys, time
 for sig in (signal.SIGTERM, signal.SIGQUIT):
@@ -167,9 +170,9 @@ time.sleep(60)
 import os, signal, sys, time
 from pathlib import Path
 from smoothcert.service.devstack import processes
-from smoothcert.service.devstack.watchdog import Watchdog
+from smoothcert.service.devstack.orphan_reaper import OrphanReaper
 tmp = Path({str(tmp_path)!r})
-w = Watchdog(tmp / 'watchdog.log')
+w = OrphanReaper(tmp / 'orphan_reaper.log')
 c = processes.spawn([sys.executable, '-c', {child!r}], os.environ, tmp / 'child.log')
 w.watch('stubborn', c.pid, ((signal.SIGTERM, 0.5), (signal.SIGQUIT, 0.5)))
 print(w.proc.pid, c.pid, flush=True)
@@ -177,7 +180,7 @@ time.sleep(60)
 """
     log = tmp_path / "launcher.log"
     proc = processes.spawn(python(launcher), os.environ, log)
-    watchdog, stubborn = map(
+    reaper, stubborn = map(
         int,
         processes.wait_until(lambda: log.read_text().split(), 20, "the launcher", interval=0.05),
     )
@@ -192,9 +195,11 @@ time.sleep(60)
     try:
         proc.kill()
         proc.wait(5)
-        for pid in (stubborn, grandchild, watchdog):
-            assert _gone_within(pid, 15), (pid, (tmp_path / "watchdog.log").read_text())
-        lines = [json.loads(line) for line in (tmp_path / "watchdog.log").read_text().splitlines()]
+        for pid in (stubborn, grandchild, reaper):
+            assert _gone_within(pid, 15), (pid, (tmp_path / "orphan_reaper.log").read_text())
+        lines = [
+            json.loads(line) for line in (tmp_path / "orphan_reaper.log").read_text().splitlines()
+        ]
         assert [e["message"] for e in lines] == [
             "the launcher is gone; stopping stubborn",
             f"stopping the stubborn (pid {stubborn})",
@@ -203,18 +208,18 @@ time.sleep(60)
         processes.kill_group(stubborn)
 
 
-def test_after_a_clean_stop_the_watchdog_has_nothing_to_do(tmp_path):
-    from smoothcert.service.devstack.watchdog import Watchdog
+def test_after_a_clean_stop_the_orphan_reaper_has_nothing_to_do(tmp_path):
+    from smoothcert.service.devstack.orphan_reaper import OrphanReaper
 
-    watchdog = Watchdog(tmp_path / "watchdog.log")
+    reaper = OrphanReaper(tmp_path / "orphan_reaper.log")
     child = processes.spawn(
         python("import time; time.sleep(60)"), os.environ, tmp_path / "child.log"
     )
-    watchdog.watch("sleeper", child.pid, ((signal.SIGTERM, 5.0),))
+    reaper.watch("sleeper", child.pid, ((signal.SIGTERM, 5.0),))
     processes.stop(child, 5)
-    watchdog.close()
-    assert watchdog.proc.returncode == 0
-    assert (tmp_path / "watchdog.log").read_text() == ""
+    reaper.close()
+    assert reaper.proc.returncode == 0
+    assert (tmp_path / "orphan_reaper.log").read_text() == ""
 
 
 def _gone_within(pid: int, timeout: float) -> bool:

@@ -1,6 +1,6 @@
 """``smoothcert up`` stops all it started however it is stopped: Ctrl-C, SIGTERM, its terminal
 closing (SIGHUP), or a SIGKILL that leaves it no say (the kernel's parent-death signal and the
-watchdog). Each way is tried on a real stack; the `up` started afterwards on the same port,
+orphan reaper). Each way is tried on a real stack; the `up` started afterwards on the same port,
 which would fail with "in use" behind a leftover API, is the stack the next way stops.
 """
 
@@ -18,7 +18,7 @@ from tests.support.stack import wait_for
 
 pytestmark = pytest.mark.process
 
-GONE_WITHIN_S = 60.0  # the watchdog's longest path: 10 s warm, 5 s cold, then SIGKILL
+GONE_WITHIN_S = 60.0  # the orphan reaper's longest path: 10 s warm, 5 s cold, then SIGKILL
 
 
 class Stacks:
@@ -84,11 +84,11 @@ def test_every_process_of_the_stack_stops_and_the_port_is_free_again(stacks, way
     )
     before = up.descendants()
     commands = list(before.values())
-    # What must stop: Redis, the API, the worker and its pool process(es), and the watchdog.
+    # What must stop: Redis, the API, the worker and its pool process(es), and the orphan reaper.
     assert any("-server" in c.split(" ")[0] for c in commands), commands
     assert any("uvicorn" in c for c in commands), commands
     assert sum("celery_app" in c for c in commands) >= 2, commands  # main process and pool
-    assert any("devstack.watchdog" in c for c in commands), commands
+    assert any("devstack.orphan_reaper" in c for c in commands), commands
     stop, code = WAYS[way]
     try:
         stop(up)

@@ -1,17 +1,17 @@
-"""The watchdog of ``smoothcert up``: it stops the stack's processes when the launcher is gone.
+"""``smoothcert up``'s orphan reaper: it stops the stack's processes when the launcher is gone.
 
 The launcher's children get a signal from the kernel when it exits (``processes.parent_death``),
 but a signal is all they get: a worker finishing a long task in its warm shutdown, or one that
 hangs, would outlive the launcher, and so would anything left in a child's process group. The
-watchdog is a small process of its own (its own session, so a closed terminal does not reach
+reaper is a small process of its own (its own session, so a closed terminal does not reach
 it) that reads, one JSON line each, the processes to watch and how to stop them from a pipe the
 launcher holds open. The pipe ends when the launcher exits, however it exits (SIGKILL included);
-the watchdog then stops, last started first, whatever is still running the way the launcher
+the reaper then stops, last started first, whatever is still running the way the launcher
 would have: each signal of the process's stop steps and its grace, then SIGKILL to its process
 group, which also takes what it left behind there (a Celery worker's pool processes). After a
 clean stop there is nothing left and it exits at once. Its log lines are JSON.
 
-``python -m smoothcert.service.devstack.watchdog`` runs it; :class:`Watchdog` starts it.
+``python -m smoothcert.service.devstack.orphan_reaper`` runs it; :class:`OrphanReaper` starts it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from smoothcert.service.devstack import processes
 Steps = Sequence[tuple[signal.Signals, float]]
 
 
-class Watchdog:
-    """The launcher's side: start the watchdog, tell it each process, and let it go at exit."""
+class OrphanReaper:
+    """The launcher's side: start the reaper, tell it each process, and let it go at exit."""
 
     def __init__(self, log: Path):
         with open(log, "ab") as out:
@@ -49,9 +49,9 @@ class Watchdog:
         self._pipe: IO[bytes] | None = self.proc.stdin
 
     def watch(self, name: str, pid: int, steps: Steps) -> None:
-        """Have the watchdog stop ``pid`` with ``steps`` (then its group's SIGKILL) if the launcher dies.
+        """Have the reaper stop ``pid`` with ``steps`` (then its group's SIGKILL) if the launcher dies.
 
-        A watchdog that is gone is not an error: the kernel's parent-death signal still comes.
+        A reaper that is gone is not an error: the kernel's parent-death signal still comes.
         """
         line = json.dumps(
             {"name": name, "pid": pid, "steps": [[int(sig), grace] for sig, grace in steps]}
@@ -64,7 +64,7 @@ class Watchdog:
             self._pipe = None
 
     def close(self, timeout: float = 5.0) -> None:
-        """After a clean stop: end the pipe and wait for the watchdog, which finds nothing to do."""
+        """After a clean stop: end the pipe and wait for the reaper, which finds nothing to do."""
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             try:
@@ -116,7 +116,7 @@ class _Target:
             pass
 
 
-log = logging.getLogger("smoothcert.devstack.watchdog")
+log = logging.getLogger("smoothcert.devstack.orphan_reaper")
 
 
 def stop_target(target: _Target) -> None:
@@ -137,7 +137,7 @@ def main() -> int:
     for sig in (signal.SIGINT, signal.SIGHUP):  # only the pipe's end may start the stopping
         signal.signal(sig, signal.SIG_IGN)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter("watchdog"))
+    handler.setFormatter(JsonFormatter("orphan_reaper"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     targets: list[_Target] = []
     for line in sys.stdin.buffer:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from smoothcert.models.tuning import cores
+from smoothcert.models.process_tuning import cores
 from smoothcert.worker.queue.celery_app import _concurrency
 from tests.support.stack import wait_job
 

@@ -1,11 +1,13 @@
-"""Issue 11's red-team findings replayed against one real `smoothcert up` stack, the way `make up`
-runs it (generated keys and Redis password, its own Redis, API and worker), each ending in a
-clear 4xx or a job that ends with a message; at the end the worker still serves a normal job.
+"""One real `smoothcert up` stack, the way `make up` runs it (generated keys and Redis password,
+its own Redis, API and worker), withstands abuse: a crafted queue message, hostile images,
+datasets and models, meaningless parameters, fields of the wrong type, internal keys as job ids,
+a killed pool process. Each ends in a clear 4xx or a job that ends with a message, and at the end
+the worker still serves a normal job.
 
-Each finding has its thorough test on the test stack (named in each test here); these replays
-are the cheap forms, one stack for all. Finding 4 (models that wedge a worker: deadlines of
-45-60 s) is left to tests/worker/queue/test_wedging_models.py. The one setting changed from
-`make up`'s defaults is a small per-key storage quota, so that the quota is reached cheaply.
+Each case has its thorough test on the test stack (named above each test here); these are the
+cheap forms, one stack for all. Models that wedge a worker (deadlines of 45-60 s) are left to
+tests/worker/queue/test_wedging_models.py. The one setting changed from `make up`'s defaults is a
+small per-key storage quota, so that the quota is reached cheaply.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ def worker_log(up: Up) -> list[str]:
     return (up.data_dir / "logs" / "worker.log").read_text(errors="replace").splitlines()
 
 
-# 1 (test_crafted_messages, test_redis_server, test_stack)
-def test_1_redis_wants_the_password_and_the_worker_drops_a_crafted_message(
+# In full: test_crafted_messages, test_redis_server, test_stack.
+def test_redis_wants_the_password_and_the_worker_drops_a_crafted_message(
     up, client, model, worker_env, broker, digits, tmp_path
 ):
     port = int(re.search(r"@127\.0\.0\.1:(\d+)/", worker_env["SMOOTHCERT_REDIS_URL"]).group(1))
@@ -169,8 +171,8 @@ def test_1_redis_wants_the_password_and_the_worker_drops_a_crafted_message(
     assert client.get(f"/v1/jobs/{ghost}").status_code == 404
 
 
-# 2 (test_image_inputs)
-def test_2_a_huge_image_small_on_the_wire_is_refused_from_its_header(client, model):
+# In full: test_image_inputs.
+def test_a_huge_image_small_on_the_wire_is_refused_from_its_header(client, model):
     huge = images.huge_bilevel(13000, 13000)
     resp = client.post(
         "/v1/certify",
@@ -183,8 +185,8 @@ def test_2_a_huge_image_small_on_the_wire_is_refused_from_its_header(client, mod
     )
 
 
-# 3 (test_quotas)
-def test_3_datasets_are_stored_in_their_dtype_and_a_key_has_a_storage_quota(client):
+# In full: test_quotas.
+def test_datasets_are_stored_in_their_dtype_and_a_key_has_a_storage_quota(client):
     data = npz(x=np.zeros((500, 1, 8, 8), dtype=np.uint8), y=np.zeros(500, dtype=np.int64))
     first = upload_dataset(client, data)
     assert first.status_code == 201, first.text
@@ -211,18 +213,18 @@ def test_3_datasets_are_stored_in_their_dtype_and_a_key_has_a_storage_quota(clie
     assert client.delete(f"/v1/datasets/{again.json()['id']}").status_code == 204
 
 
-# 5 (test_meaningful_certificates)
+# In full: test_meaningful_certificates.
 @pytest.mark.parametrize(
     "build,name",
     [(always_nan_onnx, "m.onnx"), (nan_weights_safetensors, "m.safetensors")],
     ids=["onnx-0/0", "nan-weights"],
 )
-def test_5_models_whose_scores_are_nan_are_refused(client, tmp_path, build, name):
+def test_models_whose_scores_are_nan_are_refused(client, tmp_path, build, name):
     text = detail(upload_model_file(client, build(tmp_path / name), name="nan"))
     assert text.startswith("model refused:") and "NaN or infinite scores" in text
 
 
-# 6 (test_meaningful_certificates)
+# In full: test_meaningful_certificates.
 @pytest.mark.parametrize(
     "change,phrase",
     [
@@ -230,13 +232,13 @@ def test_5_models_whose_scores_are_nan_are_refused(client, tmp_path, build, name
         ({"alpha": 5e-324}, "alpha must lie in [1e-20, 0.5]"),
     ],
 )
-def test_6_parameters_that_give_meaningless_certificates_are_refused(
+def test_parameters_that_give_meaningless_certificates_are_refused(
     client, model, digits, change, phrase
 ):
     assert phrase in str(detail(certify(client, model, inputs=digits[0][:1].tolist(), **change)))
 
 
-# 7 (test_image_inputs)
+# In full: test_image_inputs.
 REFUSED = [
     ("apng.png", images.frames("PNG"), "apng.png: 3 frames (an animated or multi-picture PNG)"),
     (
@@ -252,7 +254,7 @@ REFUSED = [
 ]
 
 
-def test_7_a_16_bit_image_is_scaled_and_the_unconvertible_ones_are_refused(client, model, digits):
+def test_a_16_bit_image_is_scaled_and_the_unconvertible_ones_are_refused(client, model, digits):
     form = {
         "model_id": model["id"],
         "sigma": "0.25",
@@ -279,8 +281,8 @@ def test_7_a_16_bit_image_is_scaled_and_the_unconvertible_ones_are_refused(clien
         assert detail(resp).startswith(phrase)
 
 
-# 8 (test_meaningful_certificates)
-def test_8_a_batch_size_of_a_million_is_lowered_and_recorded(client, model, digits):
+# In full: test_meaningful_certificates.
+def test_a_batch_size_of_a_million_is_lowered_and_recorded(client, model, digits):
     job = wait_job(
         client,
         submit(client, model, inputs=digits[0][:1].tolist(), n0=100, n=2_000, batch_size=1_000_000),
@@ -296,8 +298,8 @@ def test_8_a_batch_size_of_a_million_is_lowered_and_recorded(client, model, digi
     )
 
 
-# 9 (test_quotas)
-def test_9_a_job_over_the_sample_budget_is_refused_stating_it(client, model):
+# In full: test_quotas.
+def test_a_job_over_the_sample_budget_is_refused_stating_it(client, model):
     buf = io.BytesIO()
     np.save(buf, np.zeros((10_000, 1, 8, 8), dtype=np.float32))
     resp = client.post(
@@ -310,8 +312,8 @@ def test_9_a_job_over_the_sample_budget_is_refused_stating_it(client, model):
     assert "budget of 2000000000 samples per job (SMOOTHCERT_MAX_JOB_SAMPLES)" in text
 
 
-# 10 (test_jobs)
-def test_10_internal_keys_are_not_job_ids(client, model, digits):
+# In full: test_jobs.
+def test_internal_keys_are_not_job_ids(client, model, digits):
     job_id = submit(client, model, inputs=digits[0][:1].tolist())
     for name in (
         f"{job_id}:chunk_done",
@@ -328,7 +330,7 @@ def test_10_internal_keys_are_not_job_ids(client, model, digits):
     assert wait_job(client, job_id)["status"] == "succeeded"
 
 
-# 11 (test_strict_types)
+# In full: test_strict_types.
 @pytest.mark.parametrize(
     "change,loc,message",
     [
@@ -338,14 +340,12 @@ def test_10_internal_keys_are_not_job_ids(client, model, digits):
     ],
     ids=["n-string", "label-string", "seed-bool"],
 )
-def test_11_fields_of_the_wrong_type_are_refused_by_name(
-    client, model, digits, change, loc, message
-):
+def test_fields_of_the_wrong_type_are_refused_by_name(client, model, digits, change, loc, message):
     errors = detail(certify(client, model, inputs=digits[0][:1].tolist(), **change))
     assert any(e["loc"][1:] == loc and message in e["msg"] for e in errors), errors
 
 
-def test_11_string_pixels_are_refused(client, model):
+def test_string_pixels_are_refused(client, model):
     inputs = np.full((1, 1, 8, 8), 0.5).tolist()
     inputs[0][0][2][5] = "0.5"
     assert detail(certify(client, model, inputs=inputs)) == (
@@ -353,9 +353,10 @@ def test_11_string_pixels_are_refused(client, model):
     )
 
 
-# 12 (test_worker_crash): the cheap form. A whole worker killed ends `up` (it stops when a child
-# dies); its pool process killed mid-job is what `up` lives through: the job is sent again at once.
-def test_12_a_job_whose_pool_process_is_killed_is_run_again_and_succeeds(
+# In full: test_worker_crash; here the cheap form. A whole worker killed ends `up` (it stops when
+# a child dies); its pool process killed mid-job is what `up` lives through: the job is sent again
+# at once.
+def test_a_job_whose_pool_process_is_killed_is_run_again_and_succeeds(
     client, model, digits, broker
 ):
     job_id = submit(client, model, inputs=digits[0][:2].tolist(), n0=100, n=10_000, batch_size=200)
@@ -375,15 +376,15 @@ def test_12_a_job_whose_pool_process_is_killed_is_run_again_and_succeeds(
     assert int(broker.hget(f"smoothcert:job:{job_id}", "deliveries")) == 2
 
 
-# 13 (test_health, test_meaningful_certificates, test_datasets, test_logs)
-def test_13_readyz_tells_nothing_without_a_key(up, client):
+# In full: test_health, test_meaningful_certificates, test_datasets, test_logs.
+def test_readyz_tells_nothing_without_a_key(up, client):
     keyed = client.get("/readyz").json()
     anonymous = httpx.get(f"{up.url}/readyz", timeout=10)
     assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready"}
     assert keyed["workers"] and not any(name in anonymous.text for name in keyed["workers"])
 
 
-def test_13_class_names_are_bounded(client, demo_paths):
+def test_class_names_are_bounded(client, demo_paths):
     names = json.dumps(["c"] * 1000)
     text = detail(
         upload_model_file(client, demo_paths["onnx"], name="many-names", class_names=names)
@@ -391,7 +392,7 @@ def test_13_class_names_are_bounded(client, demo_paths):
     assert text.startswith("model refused:") and "1000 class_names given for 10 classes" in text
 
 
-def test_13_an_infinite_training_sigma_is_refused(client, tmp_path):
+def test_an_infinite_training_sigma_is_refused(client, tmp_path):
     info = ModelInfo(
         format="safetensors",
         input_shape=(1, 8, 8),
@@ -408,7 +409,7 @@ def test_13_an_infinite_training_sigma_is_refused(client, tmp_path):
     )
 
 
-def test_13_a_canceled_dataset_jobs_chunk_results_go_at_once(client, model, digits, broker):
+def test_a_canceled_dataset_jobs_chunk_results_go_at_once(client, model, digits, broker):
     # Three chunks of 100 (SMOOTHCERT_CHUNK_SIZE): canceled once the first has stored its rows.
     dataset = upload_dataset(
         client, npz(x=(digits[0][:300] * 255).round().astype(np.uint8), y=digits[1][:300])
@@ -423,9 +424,7 @@ def test_13_a_canceled_dataset_jobs_chunk_results_go_at_once(client, model, digi
     assert client.delete(f"/v1/datasets/{dataset.json()['id']}").status_code == 204
 
 
-def test_13_onnxruntime_writes_no_line_of_its_own_into_the_worker_log(
-    up, client, demo_paths, digits
-):
+def test_onnxruntime_writes_no_line_of_its_own_into_the_worker_log(up, client, demo_paths, digits):
     resp = upload_model_file(client, demo_paths["onnx"], name="digits-onnx")
     assert resp.status_code == 201, resp.text
     job = wait_job(client, submit(client, resp.json(), inputs=digits[0][:1].tolist()))
