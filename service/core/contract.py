@@ -11,6 +11,7 @@ One set of frozen types crosses every layer, so that a parameter is named once:
 - :class:`CertifyTask` and :class:`ChunkTask`: the queue messages of a job and of one chunk of a
   dataset job, with the few fields only a message carries (labels, radii, a chunk's range and
   seed). The worker parses a message into one and compares it with what the record gives.
+  :class:`TrainTask` is a training job's message.
 - :class:`ModelRecord` and :class:`DatasetRecord`: the stored records' fields that decide whether
   a job may run, with those rules as methods.
 
@@ -106,10 +107,10 @@ class CertifyParams:
     def request_fields(self) -> dict[str, Any]:
         """The fields of a request body that differ from the defaults (what a client sends: a
         parameter left at its default takes the server's, which is the same)."""
-        fields = {"model_id": self.model_id, "sigma": self.sigma}
-        for f in dataclasses.fields(self)[2:]:
+        fields = {"model_id": self.model_id, "sigma": self.sigma}  # required: always sent
+        for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value != f.default:
+            if f.name not in fields and value != f.default:
                 fields[f.name] = value
         return fields
 
