@@ -1,10 +1,10 @@
 """Service settings, read from ``SMOOTHCERT_*`` environment variables (pydantic-settings).
 
 One class for the API, the worker and ``smoothcert up``. In development an unset API key is
-generated (and printed by whoever starts the process); in production an empty or well-known key
-refuses to start. The admin key defaults to the API key in development only. The Redis password
-is ``SMOOTHCERT_REDIS_PASSWORD`` or the one inside ``SMOOTHCERT_REDIS_URL``; production refuses
-to start without one, as it does without keys.
+generated (and printed by whoever starts the process); in production an empty or well-known key,
+or an admin key equal to the API key, refuses to start. The admin key defaults to the API key in
+development only. The Redis password is ``SMOOTHCERT_REDIS_PASSWORD`` or the one inside
+``SMOOTHCERT_REDIS_URL``; production refuses to start without one, as it does without keys.
 """
 
 from __future__ import annotations
@@ -171,6 +171,12 @@ class Settings(BaseSettings):
                         f"SMOOTHCERT_{name.upper()} must be set to a secret of at least 16 characters "
                         "when SMOOTHCERT_ENV=production"
                     )
+            if secrets.compare_digest(self.api_key.encode(), self.admin_key.encode()):
+                raise ValueError(
+                    "SMOOTHCERT_ADMIN_KEY equals SMOOTHCERT_API_KEY, so every user could upload "
+                    "and delete models; set the admin key to a secret of its own when "
+                    "SMOOTHCERT_ENV=production"
+                )
             password = in_url or self.redis_password
             if password.strip().lower() in WELL_KNOWN_KEYS or len(password) < 16:
                 raise ValueError(

@@ -65,6 +65,40 @@ def test_production_accepts_real_keys(monkeypatch):
     assert Settings().admin_key == "a" * 24
 
 
+def test_production_refuses_an_admin_key_equal_to_the_api_key(monkeypatch):
+    monkeypatch.setenv("SMOOTHCERT_ENV", "production")
+    monkeypatch.setenv("SMOOTHCERT_API_KEY", "same-secret-for-both-0123456789")
+    monkeypatch.setenv("SMOOTHCERT_ADMIN_KEY", "same-secret-for-both-0123456789")
+    monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", "r" * 24)
+    with pytest.raises(ValidationError, match="SMOOTHCERT_ADMIN_KEY equals SMOOTHCERT_API_KEY"):
+        Settings()
+    monkeypatch.setenv("SMOOTHCERT_ENV", "development")  # development may share them
+    assert Settings().admin_key == Settings().api_key
+
+
+@pytest.mark.process
+def test_the_api_does_not_start_in_production_with_equal_keys(monkeypatch, tmp_path):
+    import os
+    import subprocess
+
+    from smoothcert.service.devstack.commands import api_command
+    from smoothcert.service.devstack.redis_server import free_port
+
+    env = {
+        **os.environ,
+        "SMOOTHCERT_ENV": "production",
+        "SMOOTHCERT_API_KEY": "same-secret-for-both-0123456789",
+        "SMOOTHCERT_ADMIN_KEY": "same-secret-for-both-0123456789",
+        "SMOOTHCERT_REDIS_PASSWORD": "r" * 24,
+        "SMOOTHCERT_DATA_DIR": str(tmp_path),
+    }
+    started = subprocess.run(
+        api_command("127.0.0.1", free_port()), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode != 0
+    assert "SMOOTHCERT_ADMIN_KEY equals SMOOTHCERT_API_KEY" in started.stderr
+
+
 def test_the_redis_password_goes_into_the_broker_url(monkeypatch):
     monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://redis:6379/0")
     monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", "p@ss/word:1")
