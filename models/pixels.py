@@ -16,10 +16,11 @@ class PixelError(ValueError):
 
 
 def check_pixel_values(arr: np.ndarray, hint: str = " (scale 8-bit images by 1/255)") -> None:
-    """Refuse NaN, infinite values and values outside [0, 1]."""
-    if not np.isfinite(arr).all():
-        raise PixelError("inputs contain NaN or infinite values")
+    """Refuse NaN, infinite values and values outside [0, 1]; from the array's minimum and maximum
+    alone (a NaN is both), so that no array of the inputs' size is made to check them."""
     low, high = float(arr.min()), float(arr.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise PixelError("inputs contain NaN or infinite values")
     if low < 0.0 or high > 1.0:
         raise PixelError(
             f"inputs must lie in [0, 1] pixel space, found values in [{low:g}, {high:g}]{hint}"

@@ -221,5 +221,9 @@ def _refuse_transparent(header: ImageHeader, count: int) -> None:
 
 
 def to_unit(pixels: np.ndarray) -> np.ndarray:
-    """Integer pixels as float32 in [0, 1], divided by their dtype's largest value (255, 65535)."""
-    return pixels.astype(np.float32) / np.float32(np.iinfo(pixels.dtype).max)
+    """Integer pixels as float32 in [0, 1], divided by their dtype's largest value (255, 65535):
+    one new array, divided in place. The API's 8-bit inputs are stored as they came and scaled
+    by the worker with this very function, so they are certified exactly as scaled here."""
+    unit = pixels.astype(np.float32)
+    unit /= np.float32(np.iinfo(pixels.dtype).max)
+    return unit
