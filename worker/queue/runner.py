@@ -34,6 +34,7 @@ from smoothcert.models.metadata import ModelError
 from smoothcert.models.runtimes import batch_class, select_runtime
 from smoothcert.service.core.contract import CertifyParams, CertifyTask, ChunkTask
 from smoothcert.service.core.dataset_files import DatasetFileError
+from smoothcert.service.core.images import to_unit
 from smoothcert.service.core.jobs import RUNNING, TERMINAL, job_folder, job_inputs
 from smoothcert.service.core.samples import record_result_samples
 from smoothcert.worker.queue import outage, watchdog
@@ -187,8 +188,11 @@ def _memory_budget(ctx: WorkerContext) -> int | None:
 
 
 def saved_inputs(ctx: WorkerContext, job_id: str, count: int) -> np.ndarray:
-    """The inputs the API saved for ``job_id`` (``DATA_DIR/jobs/<id>/inputs.npy``); InputError when
-    they are not there, or are not the ``count`` inputs the record speaks of."""
+    """The inputs the API saved for ``job_id`` (``DATA_DIR/jobs/<id>/inputs.npy``) as float32 in
+    [0, 1]: 8-bit images were saved as uint8 pixels and are scaled here by the API's own rule
+    (images.to_unit: / 255 in float32), so they are certified exactly as if the API had scaled
+    them. InputError when they are not there, or are not the ``count`` inputs the record speaks
+    of."""
     try:
         x = np.load(job_inputs(ctx.settings.jobs_dir, job_id), allow_pickle=False)
     except (
@@ -204,7 +208,7 @@ def saved_inputs(ctx: WorkerContext, job_id: str, count: int) -> np.ndarray:
         raise InputError(
             f"the saved inputs of job {job_id} are not the {count} inputs its record names"
         )
-    return x
+    return to_unit(x) if x.dtype == np.uint8 else x
 
 
 def run_dataset_chunk(
