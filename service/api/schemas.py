@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
+import math
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -35,6 +35,7 @@ from pydantic import (
 from smoothcert.models.pixels import as_pixel_batch
 from smoothcert.service.core import params
 from smoothcert.service.core.contract import CertifyParams
+from smoothcert.service.core.inputs import STORED_FLOAT, check_decoded_size, read_npy
 from smoothcert.service.core.jobs import rfc3339
 from smoothcert.service.core.params import (
     DEFAULT_ALPHA,
@@ -364,30 +365,40 @@ class Health(BaseModel):
     detail: str | None = None
 
 
-def decode_inputs(value: str | list[Any]) -> np.ndarray:
-    """The inputs as a float64 array; ValueError with a one-line message when malformed."""
+def decode_inputs(value: str | list[Any], max_bytes: int | None = None) -> np.ndarray:
+    """The inputs of a JSON body as an array of numbers: a base64 ``.npy`` as its own integer or
+    float dtype (:func:`~smoothcert.service.core.inputs.read_npy`, the multipart path's reader:
+    header, dtype and size judged before the data), a nested list as float64. ValueError with a
+    one-line message when malformed; InputsTooLarge (a ValueError) when the values, stored as
+    float32, would take more than ``max_bytes`` (None: no budget)."""
     if isinstance(value, str):
         try:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("inputs is neither a nested list nor valid base64") from None
-        try:
-            arr = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise ValueError(f"inputs is base64 but not a .npy array file: {exc}") from None
-        if not isinstance(arr, np.ndarray) or not (
-            np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-        ):
-            raise ValueError(
-                f"inputs .npy must hold numbers, not dtype {getattr(arr, 'dtype', '?')}"
-            )
-        return arr.astype(np.float64)
+        return read_npy(raw, "inputs", max_bytes)
     _check_numbers(value)
+    shape = _nested_shape(value)
+    check_decoded_size(
+        math.prod(shape), STORED_FLOAT, max_bytes, f"a nested list of shape {shape} as float32"
+    )
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError):
         raise ValueError("inputs must be a rectangular nested list of numbers") from None
     return arr
+
+
+def _nested_shape(value: list[Any]) -> list[int]:
+    """The shape a rectangular nested list has, from its first items (np.asarray refuses one that
+    is not rectangular)."""
+    shape, item = [], value
+    while isinstance(item, list):
+        shape.append(len(item))
+        if not item:
+            break
+        item = item[0]
+    return shape
 
 
 _NUMBERS = frozenset(
@@ -427,7 +438,13 @@ def _json_text(item: Any) -> str:
 
 
 def check_inputs(arr: np.ndarray, input_shape: list[int]) -> np.ndarray:
-    """``arr`` as float32 (N, C, H, W) for a model taking ``input_shape``; ValueError otherwise."""
+    """``arr`` (numbers: :func:`decode_inputs`) as float32 (N, C, H, W) in [0, 1] for a model
+    taking ``input_shape``; ValueError otherwise. Integers are taken as floats (0 and 1 are the
+    integers in [0, 1]); 8-bit pixels are sent as PNG images, or scaled by 1/255."""
+    if arr.dtype.kind in "iu":
+        arr = arr.astype(np.float32)
+    elif arr.dtype.itemsize > 8:  # long double: rounded to float32 through float64, as ever
+        arr = arr.astype(np.float64)
     return as_pixel_batch(arr, input_shape)
 
 

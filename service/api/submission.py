@@ -5,8 +5,10 @@
 :meth:`Submission.certify`. Everything a worker would refuse is refused here first, with a 4xx
 that says why: the settings' caps, the model (404 unknown; a denoiser, a runtime or precision
 that does not fit it: :meth:`ModelRecord.refusal`), the inputs (shape and label range from the
-model's record), a dataset's range (:meth:`DatasetRecord.refusal_for`) and the job's sample
-budget. Then the inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``, the seed is drawn so that it
+model's record; their decoded size, from their headers, against the decoded-bytes budget: 413),
+a dataset's range (:meth:`DatasetRecord.refusal_for`) and the job's sample budget. 8-bit images
+are kept as uint8 pixels (the worker scales them by 1/255), other inputs as float32.
+Then the inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``, the seed is drawn so that it
 is recorded, the job record is written (:class:`~smoothcert.service.core.contract.CertifyJob`)
 and the messages are sent (:class:`~smoothcert.service.core.contract.CertifyTask`, or one
 :class:`~smoothcert.service.core.contract.ChunkTask` per chunk of a dataset job), all or none:
@@ -42,7 +44,7 @@ from smoothcert.service.core.contract import (
     plan_chunks,
 )
 from smoothcert.service.core.images import IMAGE_SUFFIXES
-from smoothcert.service.core.inputs import decode_images, load_npy
+from smoothcert.service.core.inputs import InputsTooLarge, decode_pixels, read_npy
 from smoothcert.service.core.jobs import new_job_id
 from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
 from smoothcert.service.core.queue import CERTIFY_CHUNK_TASK, CERTIFY_TASK, QUEUE
@@ -72,6 +74,15 @@ class DatasetSlice:
 
 def unprocessable(message: str) -> HTTPException:
     return HTTPException(422, message)
+
+
+def decoded_too_large(exc: InputsTooLarge) -> HTTPException:
+    """The 413 of inputs over the decoded-bytes budget (known from their headers)."""
+    return HTTPException(
+        status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        f"{exc} (SMOOTHCERT_MAX_DECODED_BYTES_PER_REQUEST); send fewer inputs per request, or "
+        "upload them as a dataset (POST /v1/datasets)",
+    )
 
 
 @dataclass
@@ -131,16 +142,18 @@ class Submission:
         source: InlineInputs,
         radii: list[float] | None,
     ) -> JobAccepted:
+        budget = self.settings.max_decoded_bytes_per_request
         try:
             if source.files is not None:
-                raw = _decode_files(source.files, model.input_shape)
+                x = _decode_files(source.files, model.input_shape, budget)
             elif source.encoded is not None:
-                raw = decode_inputs(source.encoded)
+                x = check_inputs(decode_inputs(source.encoded, budget), model.input_shape)
             else:
                 raise ValueError("no inputs: give inputs or dataset_id")
-            x = check_inputs(raw, model.input_shape)
             if source.labels is not None:
                 check_labels(source.labels, len(x), model.classes)
+        except InputsTooLarge as exc:
+            raise decoded_too_large(exc) from None
         except ValueError as exc:
             raise unprocessable(str(exc)) from None
         cap = self.settings.max_inputs
@@ -260,11 +273,14 @@ def _accepted(job_id: str) -> JobAccepted:
     return JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
 
 
-def _decode_files(files: Files, input_shape: list[int]) -> np.ndarray:
-    """One .npy array, or PNG/JPEG images (N, C, H, W), each header checked against the model's
-    input shape before any is decoded (inputs.decode_images); ValueError otherwise."""
+def _decode_files(files: Files, input_shape: list[int], max_bytes: int) -> np.ndarray:
+    """A multipart body's inputs as the job stores them: one .npy array, read and checked as a
+    JSON body's base64 .npy (float32 in [0, 1]); or PNG/JPEG images decoded into one (N, C, H, W)
+    buffer, uint8 when all are 8-bit (the worker scales them by 1/255), each header checked
+    against the model's input shape and the buffer against ``max_bytes`` before any pixel is
+    decoded (inputs.decode_pixels). ValueError otherwise; InputsTooLarge over ``max_bytes``."""
     if len(files) == 1 and files[0][0].lower().endswith(".npy"):
-        return load_npy(files[0][1]).astype(np.float64)
+        return check_inputs(read_npy(files[0][1], "inputs", max_bytes), input_shape)
     if any(not name.lower().endswith(IMAGE_SUFFIXES) for name, _ in files):
         raise ValueError("inputs files must be PNG/JPEG images or a single .npy array")
-    return decode_images(files, input_shape)
+    return decode_pixels(files, input_shape, max_bytes)

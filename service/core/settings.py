@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         64 << 20, ge=1024, description="largest JSON/multipart certify body"
     )
+    max_decoded_bytes_per_request: int = Field(
+        256 << 20,
+        ge=1024,
+        description="most bytes a certify request's inputs may take once decoded (inputs x C x H x "
+        "W x 1 byte for 8-bit images, 4 for 16-bit images and arrays), counted from the image "
+        "or .npy headers before anything is decoded (413 beyond)",
+    )
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest model upload")
     max_dataset_bytes: int = Field(
         256 << 20, ge=1024, description="largest dataset upload (.npz file)"

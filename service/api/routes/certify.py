@@ -92,7 +92,10 @@ Form = tuple[
     openapi_extra={"requestBody": _BODY},
     responses={
         404: {"description": "unknown model or dataset"},
-        413: {"description": "body too large"},
+        413: {
+            "description": "body too large, or inputs over SMOOTHCERT_MAX_DECODED_BYTES_PER_REQUEST "
+            "once decoded (counted from their headers)"
+        },
         422: {
             "description": "invalid parameters or inputs, or a job over SMOOTHCERT_MAX_JOB_SAMPLES"
             + REUSED_KEY

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from smoothcert.service.api.schemas import check_inputs, check_labels, decode_inputs
+from smoothcert.service.core.inputs import InputsTooLarge
 
 
 def b64(array) -> str:
@@ -45,10 +46,21 @@ def test_bad_arrays(arr, phrase):
 def test_npz_and_strings_are_refused():
     buf = io.BytesIO()
     np.savez(buf, x=np.zeros(3))
-    with pytest.raises(ValueError, match="must hold numbers"):
+    with pytest.raises(ValueError, match=r"a \.npz archive, not a \.npy array"):
         decode_inputs(base64.b64encode(buf.getvalue()).decode())
     with pytest.raises(ValueError, match="must hold numbers"):
         decode_inputs(b64(np.array(["a", "b"])))
+
+
+def test_inputs_over_the_decoded_budget_are_refused_from_their_shape():
+    """4 bytes a value (float32, as stored), from the nested list's shape or the .npy header."""
+    x = np.zeros((2, 1, 4, 4))
+    assert decode_inputs(x.tolist(), 128).shape == decode_inputs(b64(x), 128).shape == x.shape
+    for inputs in (x.tolist(), b64(x), b64(x.astype(np.uint8))):
+        with pytest.raises(
+            InputsTooLarge, match="would take 128 bytes once decoded, over the budget of 127"
+        ):
+            decode_inputs(inputs, 127)
 
 
 def test_labels_checked_against_inputs_and_classes():
