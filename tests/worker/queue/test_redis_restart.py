@@ -155,7 +155,7 @@ def test_a_task_running_through_a_redis_restart_finishes_with_the_rows_of_an_uni
             "inputs": np.load(demo_paths["test_x"])[:8].tolist(),
             "sigma": 0.25,
             "n0": 20,
-            "n": 20000,
+            "n": 40000,  # at 20,000 a fast run could end within the outage; the test needs it running
             "seed": 5,
         }
         resp = user.post("/v1/certify", json=body)
