@@ -344,6 +344,23 @@ class ChunkTask:
         }
 
 
+@dataclass(frozen=True)
+class CheckModelTask:
+    """A ``check_model`` job: load an uploaded model and run it on its check batches. Its queue
+    message is ``(job_id, model_id)``."""
+
+    model_id: str
+
+    def record_params(self) -> dict[str, Any]:
+        return {"model_id": self.model_id}
+
+    @classmethod
+    def from_record_params(cls, params: Mapping[str, Any]) -> CheckModelTask:
+        if set(params) != {"model_id"} or not isinstance(params["model_id"], str):
+            raise ContractError("its parameters are not a check_model job's {model_id}")
+        return cls(params["model_id"])
+
+
 TRAIN_KINDS = ("train", "train_denoiser")
 
 
