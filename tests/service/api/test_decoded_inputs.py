@@ -14,6 +14,7 @@ import base64
 import io
 import pickle
 import shutil
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -84,15 +85,17 @@ def rgb_onnx(height: int, width: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def rgb_models(admin) -> dict[str, dict]:
+def rgb_models(admin) -> Iterator[dict[str, dict]]:
     """Two ONNX models of 3-channel inputs, checked by the session's worker: "small" 3x8x8 and
-    "large" 3x224x224."""
-    models = {}
+    "large" 3x224x224; deleted afterwards."""
+    models: dict[str, dict] = {}
     for name, (height, width) in (("small", (8, 8)), ("large", LARGE[1:])):
         resp = upload_model(admin, f"rgb-{name}.onnx", rgb_onnx(height, width), name=f"rgb-{name}")
         assert resp.status_code == 201, resp.text
         models[name] = resp.json()
-    return models
+    yield models
+    for model in models.values():
+        assert admin.delete(f"/v1/models/{model['id']}").status_code == 204
 
 
 @pytest.fixture(scope="module")
