@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import numbers
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,53 @@ def check_class_names(value: Any, num_classes: int | None = None) -> list[str]:
                 f"{MAX_CLASS_NAME_CHARS}"
             )
     return list(value)
+
+
+# Names (of models, datasets, training jobs, pipelines) label a row, a file or a log line.
+MAX_NAME_CHARS = 200
+# What an uploaded model's metadata may carry: ``extra`` without its diffusion schedule is copied
+# into every model listing; the schedule (served on its own route) reaches about 50,000 steps.
+MAX_EXTRA_JSON_BYTES, MAX_SCHEDULE_JSON_BYTES = 64 << 10, 1 << 20
+# Characters that are not text but change how the text around them reads (NUL, CR/LF, tab,
+# escapes, U+202E RIGHT-TO-LEFT OVERRIDE, zero-width ones, the line and paragraph separators).
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def check_name(value: Any, what: str = "name") -> str:
+    """``value`` as a name: a string of at most :data:`MAX_NAME_CHARS` characters without control
+    or format characters (Unicode categories Cc, Cf, Zl, Zp); ModelError (a ValueError) naming
+    ``what`` and the first such character otherwise. Every name the service stores passes here."""
+    if not isinstance(value, str):
+        raise ModelError(f"{what} must be a string")
+    if len(value) > MAX_NAME_CHARS:
+        raise ModelError(f"{what} has {len(value)} characters; at most {MAX_NAME_CHARS}")
+    for i, char in enumerate(value):
+        if unicodedata.category(char) in _CONTROL_CATEGORIES:
+            label = unicodedata.name(char, "a control character")
+            raise ModelError(
+                f"{what} holds U+{ord(char):04X} ({label}) at position {i}; names may not hold "
+                "control or formatting characters (Unicode categories Cc, Cf, Zl, Zp)"
+            )
+    return value
+
+
+def check_upload_metadata(fields: dict[str, Any]) -> None:
+    """ModelError unless an uploaded model's ``name`` passes :func:`check_name` and its ``extra``
+    is at most :data:`MAX_EXTRA_JSON_BYTES` of JSON without ``extra.schedule`` and the schedule at
+    most :data:`MAX_SCHEDULE_JSON_BYTES`: a record's metadata is read on every listing."""
+    if fields.get("name") is not None:
+        check_name(fields["name"])
+    extra = dict(fields.get("extra") or {})
+    schedule = extra.pop("schedule", None)
+    for label, value, cap in (
+        ("extra (without its schedule)", extra, MAX_EXTRA_JSON_BYTES),
+        ("extra.schedule", schedule, MAX_SCHEDULE_JSON_BYTES),
+    ):
+        size = len(json.dumps(value, separators=(",", ":")).encode())
+        if size > cap:
+            raise ModelError(
+                f"the model's metadata {label} is {size} bytes of JSON; at most {cap} bytes"
+            )
 
 
 def fields_from_metadata_map(metadata: dict[str, str] | None) -> dict[str, Any]:

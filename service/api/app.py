@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     )
     app.state.jobs = JobStore(app.state.redis, ttl_s=settings.job_ttl_s)
     app.state.models = ModelStore(settings.models_dir)
-    app.state.datasets = DatasetStore(settings.datasets_dir)
+    app.state.datasets = DatasetStore(settings.datasets_dir, app.state.redis)
     app.state.queue = make_celery(settings)
     app.state.http_metrics = HttpMetrics()
 

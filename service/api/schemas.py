@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from smoothcert.models.metadata import MAX_NAME_CHARS, check_name
 from smoothcert.models.pixels import as_pixel_batch
 from smoothcert.service.core import params
 from smoothcert.service.core.contract import CertifyParams
@@ -74,6 +76,12 @@ def form_json(text: Any) -> Any:
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")  # json.loads would take NaN and Infinity
 
+
+# A name people give a model, a dataset, a training run or a pipeline: 1 to MAX_NAME_CHARS
+# characters, none of them a control or format character (check_name: NUL, CR/LF, U+202E, ...).
+Name = Annotated[
+    str, Field(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(lambda v: check_name(v))
+]
 
 # Numeric multipart form fields (POST /v1/models): the form's text read as JSON, then strict.
 FormInteger = Annotated[int, BeforeValidator(integral), BeforeValidator(form_json), Strict()]
@@ -316,16 +324,27 @@ class DatasetRecord(BaseModel):
     sha256: str
     created_at: float
 
-    stored_bytes: int | None = Field(
+    stored_bytes: int | None = Field(None, description="the bytes of x and y as stored")
+    disk_bytes: int | None = Field(
         None,
-        description="what x and y take on disk, counted against the uploading "
-        "key's SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY",
+        description="what the dataset takes on disk, counted against the uploading key's "
+        "SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: x, y, its record and its folder, each in whole "
+        "blocks of the file system",
     )
 
     @computed_field(description=_TIME + "created_at")  # type: ignore[prop-decorator]
     @property
     def created_time(self) -> str | None:
         return rfc3339(self.created_at)
+
+
+class DatasetList(BaseModel):
+    """``GET /v1/datasets``: a page of datasets, newest first."""
+
+    datasets: list[DatasetRecord]
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null after the last page"
+    )
 
 
 class LoadedModel(BaseModel):

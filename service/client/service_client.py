@@ -356,7 +356,15 @@ class ServiceClient:
             return self._submit("/v1/datasets", attempt).json()
 
     def list_datasets(self) -> list[dict]:
-        return self._request("GET", "/v1/datasets").json()
+        """Every dataset, newest first (every page of ``GET /v1/datasets``)."""
+        datasets: list[dict] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self._request("GET", "/v1/datasets", params=params).json()
+            datasets.extend(page["datasets"])
+            if page["next_cursor"] is None:
+                return datasets
+            params["cursor"] = page["next_cursor"]
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._request("DELETE", f"/v1/datasets/{_segment(dataset_id)}")

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         ge=1024,
         description="bytes of stored datasets one API key may keep (413 beyond); deleting frees them",
     )
+    max_datasets_per_key: int = Field(
+        1000,
+        ge=1,
+        description="datasets one API key may keep, stored or being uploaded (413 beyond; "
+        "deleting one frees a place); each dataset counts against the storage quota in whole "
+        "blocks of the file system (its three files and its folder)",
+    )
 
     model_check_timeout_s: float = Field(
         120.0, gt=0, description="how long an upload waits for a worker"

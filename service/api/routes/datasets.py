@@ -6,18 +6,36 @@ unpickled. The upload is an ``.npz`` with ``x`` (N, C, H, W; floats in [0, 1], o
 scaled by 1/255) and ``y`` (N integer labels), checked as :mod:`smoothcert.service.core.dataset_files`
 describes: 413 past the file or unzipped size caps, 422 with a message for anything else.
 Deleting a dataset makes the queued chunks of jobs over it fail with a message, and frees the
-storage it took. What a key's datasets store counts against ``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY``
-(413 beyond; :meth:`~smoothcert.service.api.limits.Limits.storage`); integer pixels are stored as
-uploaded, so an upload never stores more than x and y unzipped. An upload counts against the
-caller's rate limit and takes an ``Idempotency-Key`` (fingerprint: the name, the
-file name and the file's SHA-256), so a retried upload does not store the dataset twice.
+storage it took. What a key's datasets take on disk (in whole blocks of the file system:
+``disk_bytes``) counts against ``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY`` (413 beyond;
+:meth:`~smoothcert.service.api.limits.Limits.storage`), and a key keeps at most
+``SMOOTHCERT_MAX_DATASETS_PER_KEY`` datasets (413 beyond); integer pixels are stored as uploaded,
+so an upload never stores more than x and y unzipped. The list pages through the datasets newest
+first, as ``GET /v1/jobs`` does (``limit``, and ``cursor``: the previous page's ``next_cursor``),
+from the index :mod:`smoothcert.service.core.dataset_index` keeps, without reading every record.
+A name (or the file name it defaults to) with a control or format character is refused (422).
+An upload counts against the caller's rate limit and takes an ``Idempotency-Key`` (fingerprint:
+the name, the file name and the file's SHA-256), so a retried upload does not store the dataset
+twice.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Response,
+    UploadFile,
+    status,
+)
 from fastapi.responses import JSONResponse
 
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
@@ -38,8 +56,10 @@ from smoothcert.service.api.limits import (
     Responses,
     caller_id,
 )
-from smoothcert.service.api.schemas import DatasetRecord
+from smoothcert.service.api.schemas import DatasetList, DatasetRecord, Name
 from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge
+from smoothcert.service.core.dataset_index import is_listing_entry
+from smoothcert.service.core.dataset_store import TooManyDatasets
 
 router = APIRouter(
     prefix="/v1/datasets",
@@ -57,9 +77,13 @@ _NOT_FOUND: Responses = {404: {"description": "unknown dataset"}}
     responses={
         413: {
             "description": "file, or x and y unzipped, too large; or over the key's storage "
-            "quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY)"
+            "quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY) or its most datasets "
+            "(SMOOTHCERT_MAX_DATASETS_PER_KEY)"
         },
-        422: {"description": "not a usable .npz dataset" + REUSED_KEY},
+        422: {
+            "description": "not a usable .npz dataset, or a name (or file name) with a control "
+            "character" + REUSED_KEY
+        },
         **IN_PROGRESS,
         **RATE_LIMITED,
     },
@@ -69,7 +93,7 @@ def upload_dataset(
     datasets: DatasetsDep,
     admission: AdmissionDep,
     file: Annotated[UploadFile, File(description=".npz (numpy.savez) with x and y")],
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[Name | None, Form()] = None,
 ) -> JSONResponse:
     """Check and store an ``.npz`` dataset; answer its record (``id`` is the ``dataset_id`` to certify)."""
 
@@ -93,18 +117,47 @@ def _store(settings, datasets, file: UploadFile, name: str | None, admission) ->
             max_unpacked_bytes=settings.max_dataset_unpacked_bytes,
             owner=admission.caller,
             admit=admission.storage(datasets),
+            max_count=settings.max_datasets_per_key,
         )
-    except DatasetTooLarge as exc:
+    except (DatasetTooLarge, TooManyDatasets) as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except DatasetFileError as exc:
         raise HTTPException(422, str(exc)) from None
     return DatasetRecord.model_validate(meta)
 
 
-@router.get("", response_model=list[DatasetRecord])
-def list_datasets(datasets: DatasetsDep) -> list[DatasetRecord]:
-    """Every dataset, oldest first."""
-    return [DatasetRecord.model_validate(d) for d in datasets.list()]
+@router.get(
+    "", response_model=DatasetList, responses={422: {"description": "invalid limit or cursor"}}
+)
+def list_datasets(
+    datasets: DatasetsDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="at most this many datasets")] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="the next_cursor of the previous page")
+    ] = None,
+) -> DatasetList:
+    """The datasets, newest first. Follow ``next_cursor`` until it is null."""
+    after = None if cursor is None else _cursor_entry(cursor)
+    records, last = datasets.page(after, limit)
+    next_cursor = (
+        None if last is None else base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
+    )
+    return DatasetList(
+        datasets=[DatasetRecord.model_validate(r) for r in records], next_cursor=next_cursor
+    )
+
+
+def _cursor_entry(cursor: str) -> str:
+    """The index entry a cursor stands for; 422 for anything a previous page did not return."""
+    try:
+        entry = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        entry = ""
+    if not is_listing_entry(entry):
+        raise HTTPException(
+            422, f"invalid cursor {cursor[:80]!r}: pass the next_cursor of a previous page as it is"
+        )
+    return entry
 
 
 @router.get("/{dataset_id}", response_model=DatasetRecord, responses=_NOT_FOUND)

@@ -97,7 +97,8 @@ def test_upload_answers_the_record_and_it_is_listed(api, dataset, digits):
     assert dataset["input_shape"] == [1, 8, 8] and dataset["label_range"] == [0, 9]
     assert dataset["source_dtype"] == "float32" and dataset["name"] == "digits_test"
     assert api.get(f"/v1/datasets/{dataset['id']}").json() == dataset
-    assert dataset["id"] in [d["id"] for d in api.get("/v1/datasets").json()]
+    newest = api.get("/v1/datasets", params={"limit": 100}).json()["datasets"]
+    assert dataset["id"] in [d["id"] for d in newest]
     assert dataset["created_time"] == rfc3339(dataset["created_at"])
 
 

@@ -14,6 +14,7 @@ emptied before each test that uses it.
 from __future__ import annotations
 
 import io
+import os
 import threading
 
 import httpx
@@ -255,8 +256,10 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(
     dataset = npz(x=np.zeros((500, 1, 8, 8), dtype=np.uint8), y=np.zeros(500, dtype=np.int64))
     first = upload_dataset(user, dataset, "first.npz")
     assert first.status_code == 201, first.text
-    used = first.json()["stored_bytes"]
+    used, disk = first.json()["stored_bytes"], first.json()["disk_bytes"]
     assert used == 500 * 64 + 500 * 8 + 2 * 128
+    block = os.statvfs(data_dir).f_frsize  # x, y, meta.json and the folder in whole blocks
+    assert disk == block * (-(-(500 * 64 + 128) // block) + -(-(500 * 8 + 128) // block) + 2)
     meta = (data_dir / "datasets" / first.json()["id"] / "meta.json").read_text()
     assert caller_id(QUOTA_USER) in meta  # the owner is recorded (not shown by the API)
 
@@ -265,11 +268,11 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(
     assert refused.status_code == 413, refused.text
     detail = refused.json()["detail"]
     assert (
-        "storage quota" in detail and f"already uses {used} of its {STORAGE_QUOTA} bytes" in detail
+        "storage quota" in detail and f"already uses {disk} of its {STORAGE_QUOTA} bytes" in detail
     )
-    assert f"would take {used} bytes" in detail and "SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY" in detail
+    assert f"would take {disk} bytes" in detail and "SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY" in detail
     assert folders(data_dir / "datasets") == stored
-    assert [d["id"] for d in user.get("/v1/datasets").json() if d["name"] == "second"] == []
+    assert [d["id"] for d in newest_datasets(user) if d["name"] == "second"] == []
     # Another key has a quota of its own.
     other = upload_dataset(admin, dataset, "admins.npz")
     assert other.status_code == 201, other.text
@@ -292,13 +295,35 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(
     for t in threads:
         t.join()
     assert sorted(r.status_code for r in answers) == [201, 413, 413, 413], [r.text for r in answers]
-    mine = [d for d in user.get("/v1/datasets").json() if d["name"].startswith("race-")]
+    mine = [d for d in newest_datasets(user) if d["name"].startswith("race-")]
     assert len(mine) == 1 and mine[0]["stored_bytes"] == used
     for record in (*mine, other.json()):
         client = admin if record["id"] == other.json()["id"] else user
         assert client.delete(f"/v1/datasets/{record['id']}").status_code == 204
     r = redis.Redis.from_url(redis_url)  # refused uploads gave their reservations back
     assert r.hlen(f"smoothcert:storage:{caller_id(QUOTA_USER)}:amounts") <= 1
+
+
+def newest_datasets(client: httpx.Client) -> list[dict]:
+    return client.get("/v1/datasets", params={"limit": 100}).json()["datasets"]
+
+
+def test_a_tiny_dataset_counts_its_blocks_on_disk_not_its_bytes(quota, data_dir):
+    user = quota["user"]
+    block = os.statvfs(data_dir).f_frsize
+    tiny = npz(x=np.zeros((1, 1, 8, 8), dtype=np.uint8), y=np.zeros(1, dtype=np.int64))
+    fits = STORAGE_QUOTA // (4 * block)  # x, y, meta.json and the folder: a block each
+    answers = [upload_dataset(user, tiny, f"tiny-{i}.npz") for i in range(fits + 1)]
+    assert [a.status_code for a in answers] == [201] * fits + [413], answers[-1].text
+    record = answers[0].json()
+    assert record["stored_bytes"] == 2 * 128 + 64 + 8 and record["disk_bytes"] == 4 * block
+    folder = data_dir / "datasets" / record["id"]
+    assert len(list(folder.iterdir())) == 3  # x.npy, y.npy, meta.json
+    detail = answers[-1].json()["detail"]
+    assert f"would take {4 * block} bytes" in detail
+    assert f"already uses {fits * 4 * block} of its {STORAGE_QUOTA} bytes" in detail
+    for answer in answers[:fits]:
+        assert user.delete(f"/v1/datasets/{answer.json()['id']}").status_code == 204
 
 
 # --- per-key active jobs ---------------------------------------------------------------------

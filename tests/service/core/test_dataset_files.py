@@ -239,8 +239,8 @@ def test_values_are_checked_across_blocks(tmp_path, monkeypatch):
         )
 
 
-def test_a_refusing_admit_leaves_nothing_and_is_told_the_stored_size(tmp_path):
-    from smoothcert.service.core.dataset_store import DatasetStore
+def test_a_refusing_admit_leaves_nothing_and_is_told_the_size_on_disk(tmp_path):
+    from smoothcert.service.core.dataset_store import DatasetStore, block_size
 
     store, seen = DatasetStore(tmp_path / "datasets"), []
 
@@ -254,5 +254,6 @@ def test_a_refusing_admit_leaves_nothing_and_is_told_the_stored_size(tmp_path):
         pytest.raises(DatasetTooLarge, match="quota"),
     ):
         store.add(upload, "q.npz", None, max_bytes=CAP, max_unpacked_bytes=CAP, admit=admit)
-    assert seen == [pixels.nbytes + LABELS.nbytes + 2 * 128]
+    # x.npy, y.npy and meta.json, and the folder: one block each at this size
+    assert pixels.nbytes + 128 < block_size(tmp_path) and seen == [4 * block_size(tmp_path)]
     assert list((tmp_path / "datasets").iterdir()) == []

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.process
 
 STORAGE_QUOTA = (
     64 << 10
-)  # one dataset of 500 8x8 uint8 digits (36,256 bytes stored) fits, two do not
+)  # one dataset of 500 8x8 uint8 digits (49,152 bytes on disk in 4 KiB blocks) fits, two do not
 TINY = {"sigma": 0.25, "n0": 10, "n": 100, "seed": 0}
 
 
@@ -203,7 +203,7 @@ def test_datasets_are_stored_in_their_dtype_and_a_key_has_a_storage_quota(client
         text = detail(second, 413)
         assert (
             "storage quota" in text
-            and f"already uses {record['stored_bytes']} of its {STORAGE_QUOTA} bytes" in text
+            and f"already uses {record['disk_bytes']} of its {STORAGE_QUOTA} bytes" in text
         )
         assert "SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY" in text
     finally:
