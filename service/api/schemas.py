@@ -305,9 +305,7 @@ class PipelineRequest(BaseModel):
 
     denoiser: str = Field(min_length=1, max_length=64, description="id of an uploaded denoiser")
     classifier: str = Field(min_length=1, max_length=64, description="id of an uploaded classifier")
-    name: str | None = Field(
-        None, min_length=1, max_length=200, description='default "DENOISER + CLASSIFIER"'
-    )
+    name: Name | None = Field(None, description='default "DENOISER + CLASSIFIER"')
 
 
 class DatasetRecord(BaseModel):
@@ -344,6 +342,24 @@ class DatasetList(BaseModel):
     datasets: list[DatasetRecord]
     next_cursor: str | None = Field(
         description="pass as ?cursor= for the next page; null after the last page"
+    )
+
+
+class ModelSchedule(BaseModel):
+    """``GET /v1/models/{id}/schedule``: a diffusion denoiser's noise schedule (a pipeline's: its
+    denoiser's), which model records leave out of ``extra``."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str = Field(description="the model whose record holds the schedule")
+    timesteps: int = Field(description="the schedule's steps (the length of alphas_cumprod)")
+    largest_sigma: float = Field(
+        description="the largest σ, in [0,1] pixel units, that the schedule reaches: a "
+        "certification at a larger σ is refused"
+    )
+    schedule: dict[str, Any] = Field(
+        description="extra.schedule as the model file gives it: alphas_cumprod (ᾱ_t per step) "
+        "and how it was made"
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smoothcert.service.api.schemas import integral
+from smoothcert.service.api.schemas import Name, integral
 from smoothcert.service.core.params import MAX_SEED
 from smoothcert.service.core.train_config import (
     METHODS,
@@ -92,9 +92,7 @@ class TrainRequest(BaseModel):
         _default("warmup_epochs"), description="smoothadv: epochs over which epsilon grows"
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
-    name: str | None = Field(
-        None, min_length=1, max_length=200, description="the registered model's name"
-    )
+    name: Name | None = Field(None, description="the registered model's name")
 
     @field_validator("epochs", "batch_size", "m", "steps", "warmup_epochs", "seed", mode="before")
     @classmethod
@@ -193,9 +191,7 @@ class DenoiserTrainRequest(BaseModel):
     depth: int = Field(_default("depth", DenoiserConfig), description="DnCNN convolutions, 2 to 64")
     width: int = Field(_default("width", DenoiserConfig), description="DnCNN channels, 1 to 1024")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
-    name: str | None = Field(
-        None, min_length=1, max_length=200, description="the registered denoiser's name"
-    )
+    name: Name | None = Field(None, description="the registered denoiser's name")
 
     @field_validator("epochs", "batch_size", "depth", "width", "seed", mode="before")
     @classmethod

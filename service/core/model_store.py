@@ -24,7 +24,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from smoothcert.models.metadata import DENOISER, PIPELINE, ModelError, pipeline_sha256
+from smoothcert.models.metadata import (
+    DENOISER,
+    MAX_NAME_CHARS,
+    PIPELINE,
+    ModelError,
+    pipeline_sha256,
+)
 from smoothcert.models.safetensors_header import looks_pickled, read_safetensors_header
 from smoothcert.service.core.store import FolderStore, copy_upload, created_at
 
@@ -134,7 +140,8 @@ class ModelStore(FolderStore):
                 "kind": PIPELINE,
                 "status": PENDING,
                 "format": PIPELINE,
-                "name": name or f"{denoiser.get('name')} + {classifier.get('name')}",
+                "name": name
+                or f"{denoiser.get('name')} + {classifier.get('name')}"[:MAX_NAME_CHARS],
                 "denoiser": denoiser["id"],
                 "classifier": classifier["id"],
                 "parts": parts,

@@ -30,7 +30,7 @@ import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 
 from smoothcert.models.loaders import load_stored_model as load_from_store
-from smoothcert.models.metadata import ModelError
+from smoothcert.models.metadata import ModelError, check_upload_metadata
 from smoothcert.models.runtimes import batch_class, select_runtime
 from smoothcert.service.core.contract import CertifyParams, CertifyTask, ChunkTask
 from smoothcert.service.core.dataset_files import DatasetFileError
@@ -108,6 +108,9 @@ def check_model(ctx: WorkerContext, model_id: str) -> dict[str, Any]:
     model = outcome["model"]
     found = model.info.to_dict()
     found.pop("sha256", None)
+    # A name or an extra too large for every listing to carry fails here, before the result
+    # (which holds them) reaches the job record.
+    check_upload_metadata(found)
     return {**found, "runtime": model.runtime, "provider": model.provider}
 
 

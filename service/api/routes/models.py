@@ -7,6 +7,14 @@ anything is stored (:meth:`ModelStore.add`), and a multipart body that cannot be
 too (:class:`UnparsableBodyRoute`). Every 422 of an upload starts with "model refused", except
 a form field of the wrong type (``num_classes=10.5``, ``sigma=inf``, ``sigma=true``): numeric
 fields are read as the JSON their text spells and typed strictly, as in ``POST /v1/certify``.
+
+A name (the form's, the file name it defaults to, or the one the file's metadata gives) is at most
+``MAX_NAME_CHARS`` characters without control or format characters, and the file's ``extra`` at
+most ``MAX_EXTRA_JSON_BYTES`` of JSON beside a diffusion schedule of at most
+``MAX_SCHEDULE_JSON_BYTES`` (:func:`~smoothcert.models.metadata.check_upload_metadata`, which the
+worker's check applies); 422 beyond. The records the routes answer leave ``extra.schedule`` out:
+``GET /v1/models/{id}/schedule`` serves it (the stored record keeps it, for the σ check of
+:meth:`~smoothcert.service.core.contract.ModelRecord.sigma_refusal`).
 """
 
 from __future__ import annotations
@@ -17,11 +25,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile, status
 
+from smoothcert.models.diffusion_schedule import largest_sigma
 from smoothcert.models.metadata import (
+    PIPELINE,
     ModelError,
     Normalization,
     check_class_names,
     check_input_shape,
+    check_name,
     check_num_classes,
     check_sigma,
 )
@@ -34,7 +45,14 @@ from smoothcert.service.api.deps import (
     require_admin,
     require_key,
 )
-from smoothcert.service.api.schemas import FormInteger, FormNumber, ModelRecord, PipelineRequest
+from smoothcert.service.api.schemas import (
+    FormInteger,
+    FormNumber,
+    ModelRecord,
+    ModelSchedule,
+    PipelineRequest,
+)
+from smoothcert.service.core.contract import CheckModelTask
 from smoothcert.service.core.jobs import SUCCEEDED, TERMINAL, new_job_id
 from smoothcert.service.core.model_store import READY, UploadTooLarge
 from smoothcert.service.core.queue import CHECK_MODEL_TASK
@@ -60,7 +78,7 @@ def _fields(
             example = "[1, 8, 8]" if label == "input_shape" else "[...]"
             raise ModelError(f"{label} must be JSON, e.g. {example}") from None
 
-    fields: dict[str, Any] = {"name": name or None, "arch": arch or None}
+    fields: dict[str, Any] = {"name": check_name(name) if name else None, "arch": arch or None}
     if input_shape:
         fields["input_shape"] = list(check_input_shape(json_field("input_shape", input_shape)))
     if num_classes is not None:
@@ -108,6 +126,7 @@ def upload_model(
 ) -> ModelRecord:
     """Store a model, have a worker load it and run one batch, answer its record."""
     try:
+        check_name(file.filename or "", "the file name")
         fields = _fields(name, input_shape, num_classes, class_names, arch, normalization, sigma)
         meta = models.add(
             file.file, file.filename or "", fields, max_bytes=settings.max_upload_bytes
@@ -126,7 +145,7 @@ def _checked(
     record, or the 422 / 503 that says why not (the pending record is removed then)."""
     model_id, job_id = meta["id"], new_job_id()
     try:
-        jobs.create(job_id, "check_model", {"model_id": model_id})
+        jobs.create(job_id, "check_model", CheckModelTask(model_id).record_params())
         queue.send_task(CHECK_MODEL_TASK, args=[job_id, model_id], task_id=job_id)
         record = _wait(jobs, job_id, settings.model_check_timeout_s)
     except BaseException:
@@ -145,6 +164,14 @@ def _checked(
     found = {k: v for k, v in record.result.items() if v not in (None, {}) and k != "format"}
     meta = models.update(model_id, **found, status=READY, check_job=job_id)
     response.headers["Location"] = f"/v1/models/{model_id}"
+    return _answer(meta)
+
+
+def _answer(meta: dict[str, Any]) -> ModelRecord:
+    """The record as the routes answer it: without ``extra.schedule`` (its own route serves it)."""
+    extra = meta.get("extra")
+    if isinstance(extra, dict) and "schedule" in extra:
+        meta = {**meta, "extra": {k: v for k, v in extra.items() if k != "schedule"}}
     return ModelRecord.model_validate(meta)
 
 
@@ -202,18 +229,49 @@ def _wait(jobs, job_id: str, timeout_s: float):
 
 @router.get("", response_model=list[ModelRecord])
 def list_models(models: ModelsDep) -> list[ModelRecord]:
-    """Every ready model, oldest first."""
-    return [ModelRecord.model_validate(m) for m in models.list()]
+    """Every ready model, oldest first; a diffusion denoiser's schedule is left out (``GET
+    /v1/models/{id}/schedule``)."""
+    return [_answer(m) for m in models.list()]
 
 
 @router.get(
     "/{model_id}", response_model=ModelRecord, responses={404: {"description": "unknown model"}}
 )
 def get_model(model_id: str, models: ModelsDep) -> ModelRecord:
+    """The model's record; a diffusion denoiser's schedule is left out (``GET
+    /v1/models/{id}/schedule``)."""
     meta = models.get(model_id)
     if meta is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
-    return ModelRecord.model_validate(meta)
+    return _answer(meta)
+
+
+@router.get(
+    "/{model_id}/schedule",
+    response_model=ModelSchedule,
+    responses={404: {"description": "unknown model, or one without a diffusion schedule"}},
+)
+def get_schedule(model_id: str, models: ModelsDep) -> ModelSchedule:
+    """A diffusion denoiser's noise schedule (for a pipeline: its denoiser's), and the largest σ it
+    reaches; 404 for a model without one."""
+    meta = models.get(model_id)
+    if meta is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
+    owner = models.get(meta["denoiser"]) if meta.get("kind") == PIPELINE else meta
+    extra = (owner or {}).get("extra")
+    schedule = extra.get("schedule") if isinstance(extra, dict) else None
+    try:
+        alphas = schedule["alphas_cumprod"] if isinstance(schedule, dict) else None
+        sigma = None if alphas is None else largest_sigma(alphas)
+    except ModelError:
+        sigma = None
+    if owner is None or alphas is None or sigma is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"model {model_id} has no diffusion schedule"
+        )
+    return ModelSchedule(
+        model_id=owner["id"], timesteps=len(alphas), largest_sigma=sigma, schedule=schedule
+    )
 
 
 @router.delete(

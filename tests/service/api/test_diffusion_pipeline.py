@@ -12,7 +12,7 @@ import pytest
 
 from smoothcert.models.denoisers import load_denoiser
 from smoothcert.models.diffusion import export_diffusion_onnx
-from smoothcert.models.diffusion_schedule import timestep_for_sigma
+from smoothcert.models.diffusion_schedule import largest_sigma, timestep_for_sigma
 from smoothcert.models.metadata import ModelError
 from smoothcert.models.pipeline import load_pipeline
 from smoothcert.worker.smoothing.certify import certify
@@ -104,3 +104,40 @@ def test_an_onnx_diffusion_pipeline_refuses_a_sigma_beyond_its_schedule(
     model = load_pipeline(diffusion_files["onnx"], demo_paths["safetensors"], device="cpu")
     with pytest.raises(ModelError, match="beyond this diffusion model's schedule"):
         certify(model, x, 2.0, n0=10, n=20)
+
+
+def test_records_leave_the_schedule_out_and_its_own_route_serves_it(
+    admin, client, uploaded, diffusion_files, demo_model, data_dir
+):
+    alphas = load_denoiser(diffusion_files["safetensors"], device="cpu").alphas_cumprod
+    listed = {m["id"]: m for m in client.get("/v1/models").json()}
+    for record in uploaded.values():
+        model_id = record["id"]
+        answers = (record, listed[model_id], client.get(f"/v1/models/{model_id}").json())
+        for answer in answers:  # the upload's answer, the listing, the record
+            assert answer["extra"] and "schedule" not in answer["extra"]
+        stored = json.loads((data_dir / "models" / model_id / "meta.json").read_text())
+        assert len(stored["extra"]["schedule"]["alphas_cumprod"]) == len(alphas)  # kept for σ
+        resp = client.get(f"/v1/models/{model_id}/schedule")
+        assert resp.status_code == 200, resp.text
+        served = resp.json()
+        assert served["model_id"] == model_id and served["timesteps"] == len(alphas)
+        assert np.allclose(served["schedule"]["alphas_cumprod"], alphas)
+        assert served["largest_sigma"] == pytest.approx(largest_sigma(alphas))
+    resp = admin.post(
+        "/v1/models/pipelines",
+        json={"denoiser": uploaded["safetensors"]["id"], "classifier": demo_model["id"]},
+    )
+    assert resp.status_code == 201, resp.text
+    pipeline = resp.json()["id"]
+    assert (
+        client.get(f"/v1/models/{pipeline}/schedule").json()["model_id"]
+        == (uploaded["safetensors"]["id"])
+    )
+    x = np.zeros((1, 1, 8, 8)).tolist()  # the σ check still reads the stored schedule
+    too_large = client.post("/v1/certify", json={"model_id": pipeline, "inputs": x, "sigma": 2})
+    assert too_large.status_code == 422, too_large.text
+    assert "beyond this diffusion model's schedule" in too_large.json()["detail"]
+    for model_id in (demo_model["id"], "0123456789abcdef"):
+        assert client.get(f"/v1/models/{model_id}/schedule").status_code == 404
+    assert admin.delete(f"/v1/models/{pipeline}").status_code == 204
