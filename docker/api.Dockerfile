@@ -20,9 +20,11 @@ COPY models models
 RUN pip install ".[api]" && rm -rf /src
 
 # One uid for every image, so the API and the workers can all write the shared data volume
-# (a new named volume takes the owner of the directory it is mounted over).
+# (a new named volume takes the owner and mode of the directory it is mounted over: 0700, for
+# it holds every key's datasets, models and inputs). The API process sets umask 077 as it starts
+# (smoothcert.service.core.store.private_data_dir), so what it writes there is 0600.
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent smoothcert \
-    && mkdir -p /data && chown smoothcert:smoothcert /data
+    && mkdir -p /data && chown smoothcert:smoothcert /data && chmod 0700 /data
 USER smoothcert
 WORKDIR /data
 ENV SMOOTHCERT_DATA_DIR=/data

@@ -11,6 +11,9 @@
 # Skipped (the command runs as it is) when CUDA_VISIBLE_DEVICES is already set, when
 # SMOOTHCERT_DEVICE is cpu, or when no NVIDIA GPU is visible (the worker then runs on the CPU).
 set -euo pipefail
+# What the worker writes on the data volume (models, datasets, inputs, results) is its user's
+# only: files 0600, folders 0700. The worker sets the same umask itself as it starts.
+umask 077
 
 if [[ $# -eq 0 ]]; then
     echo "usage: gpu-claim.sh COMMAND [ARG...]" >&2

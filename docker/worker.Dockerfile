@@ -51,7 +51,7 @@ RUN pip install "$(ls /wheels/*.whl)[${WORKER_EXTRA}]" && rm -rf /wheels
 COPY docker/gpu-claim.sh /usr/local/bin/smoothcert-gpu-claim
 RUN chmod 0755 /usr/local/bin/smoothcert-gpu-claim \
     && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent smoothcert \
-    && mkdir -p /data && chown smoothcert:smoothcert /data
+    && mkdir -p /data && chown smoothcert:smoothcert /data && chmod 0700 /data
 USER smoothcert
 WORKDIR /data
 ENV SMOOTHCERT_DATA_DIR=/data

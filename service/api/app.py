@@ -33,6 +33,7 @@ from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.queue import make_celery
 from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.store import private_data_dir
 
 log = logging.getLogger("smoothcert.service")
 
@@ -40,12 +41,14 @@ log = logging.getLogger("smoothcert.service")
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
     """A configured app; ``settings`` default to the ``SMOOTHCERT_*`` environment.
 
-    ``configure_logs`` sets up this process's logging (the API's JSON lines); code that only
+    ``configure_logs`` sets up this process's logging (the API's JSON lines) and makes what it
+    writes private (:func:`~smoothcert.service.core.store.private_data_dir`); code that only
     wants the app object in its own process (the OpenAPI writer, tests) passes False.
     """
     settings = settings or Settings()
     if configure_logs:
         configure_logging(settings, "api")
+        private_data_dir(settings.data_dir)  # this process is the API: files 0600, folders 0700
     if settings.generated_api_key:
         log.warning(
             "SMOOTHCERT_API_KEY is not set; this process generated the key %s", settings.api_key

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 RECORD = "meta.json"
+# The data dir holds every key's datasets, models and job inputs, Redis' dump and the logs: the
+# processes of the service create what they write there for their own user only.
+PRIVATE_UMASK, PRIVATE_DIR_MODE = 0o077, 0o700
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _BLOCK = 1 << 20
 
@@ -119,6 +122,18 @@ def copy_upload(
             digest.update(block)
             out.write(block)
     return digest.hexdigest(), size
+
+
+def private_data_dir(data_dir: Path) -> Path:
+    """Make this process create files 0600 and folders 0700 from now on (umask 077; the processes
+    it starts inherit it), and ``data_dir`` exist with mode 0700 (an existing one this user owns is
+    narrowed to it). The API, the worker and ``smoothcert up`` call it as they start."""
+    os.umask(PRIVATE_UMASK)
+    data_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # another user's folder is left as it is
+        if data_dir.stat().st_uid == os.getuid():
+            data_dir.chmod(PRIVATE_DIR_MODE)
+    return data_dir
 
 
 def inside(root: str | Path, path: str | Path) -> Path:

@@ -31,6 +31,7 @@ import numpy as np
 from smoothcert.models.metadata import sha256_file
 from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
 from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.store import private_data_dir
 from smoothcert.service.devstack import processes
 from smoothcert.service.devstack.commands import api_command, worker_command
 from smoothcert.service.devstack.orphan_reaper import OrphanReaper
@@ -71,6 +72,8 @@ class Stack:
 
     def start(self) -> None:
         s = self.settings
+        # Files 0600 and folders 0700 under the data dir, for Redis, the API and the worker too
+        private_data_dir(s.data_dir)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.reaper = OrphanReaper(self.logs / "orphan_reaper.log")
         if not s.redis_url:

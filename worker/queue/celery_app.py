@@ -21,6 +21,7 @@ from celery.signals import celeryd_init, worker_process_init
 from smoothcert.models import process_tuning
 from smoothcert.service.core.logs import capture_output, install_worker_hooks
 from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery
+from smoothcert.service.core.store import private_data_dir
 from smoothcert.worker.queue import context, liveness
 
 WORKER_TASK_MODULES = ("smoothcert.worker.queue.tasks", "smoothcert.worker.queue.train_tasks")
@@ -28,6 +29,7 @@ WORKER_TASK_MODULES = ("smoothcert.worker.queue.tasks", "smoothcert.worker.queue
 # The composition root: settings, Redis, stores and caches, built once (worker/queue/context.py).
 worker = context.start()
 settings = worker.settings
+private_data_dir(settings.data_dir)  # files 0600, folders 0700, in the pool processes too
 app = make_celery(
     settings, include=WORKER_TASK_MODULES, task_cls="smoothcert.worker.queue.liveness:LeasedTask"
 )
