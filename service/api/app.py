@@ -5,7 +5,8 @@ everything it imports stay free of torch and onnxruntime (a test checks it): the
 tasks by name and reads job records from Redis.
 
 Errors are JSON ``{"detail": ...}``: 422 for invalid requests (without echoing the inputs back),
-413 for bodies over the size caps, 503 when Redis or the broker cannot be reached.
+413 for bodies over the size caps, 503 when Redis or the broker cannot be reached. 500 with a
+``detail`` when a job's result rows should be on the data volume and are not.
 
 Observability: ``/metrics`` (Prometheus text; requests are counted by a middleware) and JSON log
 lines that carry the job id (:mod:`smoothcert.service.core.logs`), uvicorn's own lines included.
@@ -28,10 +29,11 @@ from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
 from smoothcert.service.api.page import mount_page
 from smoothcert.service.api.routes import certify, datasets, health, jobs, metrics, models, train
 from smoothcert.service.core.dataset_store import DatasetStore
-from smoothcert.service.core.jobs import JobStore
+from smoothcert.service.core.jobs import JobStore, ResultRowsMissing
 from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.queue import make_celery
+from smoothcert.service.core.results import ResultFiles
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.store import private_data_dir
 
@@ -64,7 +66,11 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.state.redis = redis.Redis.from_url(
         settings.broker_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
     )
-    app.state.jobs = JobStore(app.state.redis, ttl_s=settings.job_ttl_s)
+    app.state.jobs = JobStore(
+        app.state.redis,
+        ttl_s=settings.job_ttl_s,
+        files=ResultFiles(settings.results_dir, settings.samples_ttl_s),
+    )
     app.state.models = ModelStore(settings.models_dir)
     app.state.datasets = DatasetStore(settings.datasets_dir, app.state.redis)
     app.state.queue = make_celery(settings)
@@ -85,6 +91,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(redis.RedisError, _unavailable)
     app.add_exception_handler(OperationalError, _unavailable)
+    app.add_exception_handler(ResultRowsMissing, _rows_missing)
     for module in (health, metrics, certify, jobs, models, datasets, train):
         app.include_router(document_auth(module.router))
     add_offline_docs(app)  # /docs and /redoc with their assets served here, never from a CDN
@@ -107,3 +114,8 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"detail": f"the job store or queue (Redis) is unreachable: {exc}"}, status_code=503
     )
+
+
+async def _rows_missing(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s", exc)
+    return JSONResponse({"detail": str(exc)}, status_code=500)

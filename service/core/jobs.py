@@ -31,9 +31,16 @@ the same TTL: an index holds at most the jobs of one TTL and vanishes with its l
 :meth:`JobStore.recent` skips, and removes, any entry whose record is gone all the same (a record
 deleted by hand, a TTL shortened between runs), so a listed job always has its record.
 
-A certify job's worker keeps a few noisy copies of its first inputs for people to look at
-(``<record>:samples``, a hash: field = row index, value = a ``.npy`` of uint8 pixels), written
-with the record's remaining TTL so that they expire together (:meth:`JobStore.keep_samples`).
+A succeeded job's result is two fields: ``result_summary``, the result without its rows (what a
+listing reads), and ``rows``, their JSON (:meth:`JobStore.succeed`; :meth:`JobStore.get` puts
+them together again; a record from before has one ``result`` field, read as it is). What grows
+with a job's inputs is kept on the data volume, not in Redis
+(:mod:`smoothcert.service.core.results`, ``DATA_DIR/results/<id>/``), so that a record's size
+does not grow with its job's: the noisy copies a certify job's worker keeps of its first inputs
+for people to look at (:meth:`JobStore.keep_samples`, for ``SMOOTHCERT_SAMPLES_TTL_S``), and
+rows of more than :data:`ROWS_INLINE_BYTES` of JSON (the record then holds ``rows_on_disk``,
+their number, instead of ``rows``). A store made without those files (``files=None``) keeps
+every result's rows in its record and no noisy copies.
 """
 
 from __future__ import annotations
@@ -45,12 +52,15 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import redis
 
 from smoothcert.service.core.contract import CertifyJob
 from smoothcert.service.core.store import inside
+
+if TYPE_CHECKING:  # results.py imports this module
+    from smoothcert.service.core.results import ResultFiles
 
 PREFIX = "smoothcert:job:"
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
@@ -68,8 +78,15 @@ OWNER_PREFIX = "smoothcert:owner:"
 ALL_JOBS_INDEX = "smoothcert:jobs:index:all"
 # Noisy copies kept per certify/predict job for people to look at: the first SAMPLE_ROWS rows,
 # SAMPLE_COPIES copies each, fewer rows (and copies) where the inputs are so large that they would
-# take more than SAMPLE_BYTES of Redis.
+# take more than SAMPLE_BYTES of the data volume.
 SAMPLE_ROWS, SAMPLE_COPIES, SAMPLE_BYTES = 16, 8, 1 << 20
+# A result whose rows take more JSON than this keeps them on the data volume, its record only the
+# rest (the summary). 4 KiB is about 16 certify rows (~240 bytes each), a little more than the
+# record's other fields take (~3 KiB of Redis memory for a job of one input): the interactive
+# jobs of a few inputs stay whole in one hash (one read, no file), and no record takes more than
+# about 7 KiB however many inputs its job had (a dataset job's provenance adds ~200 bytes per
+# chunk), so Redis's budget divides by a per-job figure.
+ROWS_INLINE_BYTES = 4096
 
 # Lua, prepended to every script that sets a job's status: track(record, kind, from, to) moves the
 # job between the in-flight sets (score: the record's expiry, Redis clock, ms; +inf without TTL)
@@ -170,15 +187,10 @@ return 0
 """
 )
 
-# KEYS[1] record, KEYS[2] its samples hash; ARGV: row, npy bytes, row, npy bytes, ...
-# The samples get the record's remaining TTL, so they never outlive it.
-_KEEP_SAMPLES = """
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -2 then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV))
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-return 1
-"""
+
+class ResultRowsMissing(Exception):
+    """A record says its rows are on the data volume and they are not there (a volume lost or not
+    mounted); the message names the file."""
 
 
 class ActiveJobsExceeded(Exception):
@@ -340,14 +352,17 @@ _LISTED_FIELDS = (
 
 
 class JobStore:
-    """Create, read and update job records; every method is one or two Redis round trips."""
+    """Create, read and update job records; every method is one or two Redis round trips (and,
+    with ``files``, a file read or write where a job's noisy copies or large rows are concerned)."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600):
+    def __init__(
+        self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600, files: ResultFiles | None = None
+    ):
         self.redis = client
         self.ttl_s = ttl_s
+        self.files = files
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
-        self._keep_samples = client.register_script(_KEEP_SAMPLES)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -408,13 +423,36 @@ class JobStore:
             raise ActiveJobsExceeded(int(active), max_active)
         return rec
 
-    def get(self, job_id: str) -> JobRecord | None:
-        """The record, or None for an id we never created (or one that expired)."""
+    def get(self, job_id: str, *, rows: bool = True) -> JobRecord | None:
+        """The record, or None for an id we never created (or one that expired).
+
+        A result whose rows are on the data volume is read whole, as it was stored
+        (ResultRowsMissing when they are not there); with ``rows=False`` its ``results`` is None
+        and nothing is read from disk (what the worker's status checks want).
+        """
         with self.redis.pipeline() as pipe:
             pipe.hgetall(self.key(job_id))
             pipe.exists(self.cancel_key(job_id))
             raw, cancel = pipe.execute()
-        return self._parse(job_id, raw, cancel)
+        record = self._parse(job_id, raw, cancel)
+        if record is not None and (b"rows" in raw or b"rows_on_disk" in raw):
+            summary = json.loads(raw.get(b"result_summary") or b"{}")
+            if not rows:
+                kept = None
+            elif b"rows" in raw:
+                kept = json.loads(raw[b"rows"])
+            else:
+                kept = self._disk_rows(job_id)
+            record.result = {**summary, "results": kept}
+        return record
+
+    def _disk_rows(self, job_id: str) -> list[Any]:
+        if self.files is None:
+            raise ResultRowsMissing(
+                f"the result rows of job {job_id} are on the data volume, which this store "
+                "was not given"
+            )
+        return self.files.rows(job_id)
 
     @staticmethod
     def _parse(job_id: str, raw: dict[bytes, bytes], cancel: Any) -> JobRecord | None:
@@ -467,7 +505,42 @@ class JobStore:
         self.redis.hset(self.key(job_id), mapping={"done": int(done), "total": int(total)})
 
     def succeed(self, job_id: str, result: Any) -> bool:
-        return self.transition(job_id, SUCCEEDED, [RUNNING], result=result, finished_at=_now())
+        """Record ``result`` and turn running into succeeded; False when the job was not running.
+
+        A result with rows (``results``) is kept as two fields, so that nothing is held twice:
+        ``result_summary``, the result without its rows (what a listing shows), and ``rows``,
+        their JSON; :meth:`get` puts them together again. With ``files``, rows of more than
+        :data:`ROWS_INLINE_BYTES` of JSON are written to the data volume first and the record
+        keeps their number (``rows_on_disk``) instead. A call that loses (the job was canceled
+        meanwhile) removes that file again, unless an earlier call for the same result (a retry,
+        a second chunk task combining) made the job succeeded.
+        """
+        rows = result.get("results") if isinstance(result, dict) else None
+        if not isinstance(rows, list):
+            return self.transition(job_id, SUCCEEDED, [RUNNING], result=result, finished_at=_now())
+        summary = json.dumps({**result, "results": None})
+        rows_json = json.dumps(rows)
+        if self.files is None or len(rows_json) <= ROWS_INLINE_BYTES:
+            return self.transition(
+                job_id,
+                SUCCEEDED,
+                [RUNNING],
+                result_summary=summary,
+                rows=rows_json,
+                finished_at=_now(),
+            )
+        self.files.write_rows(job_id, rows_json)
+        done = self.transition(
+            job_id,
+            SUCCEEDED,
+            [RUNNING],
+            result_summary=summary,
+            rows_on_disk=len(rows),
+            finished_at=_now(),
+        )
+        if not done and self.redis.hget(self.key(job_id), "status") != SUCCEEDED.encode():
+            self.files.drop_rows(job_id)
+        return done
 
     def fail(self, job_id: str, error: str) -> bool:
         return self.transition(job_id, FAILED, [QUEUED, RUNNING], error=error, finished_at=_now())
@@ -554,24 +627,16 @@ class JobStore:
                 records.append(record)
         return records
 
-    @staticmethod
-    def samples_key(job_id: str) -> str:
-        return JobStore.key(job_id) + ":samples"
-
     def keep_samples(self, job_id: str, rows: dict[int, bytes]) -> bool:
-        """Keep ``rows`` (row index -> a ``.npy`` of its noisy copies) beside the record, expiring
-        with it; False (nothing kept) when the record is gone."""
-        if not rows:
+        """Keep ``rows`` (row index -> a ``.npy`` of its noisy copies) on the data volume for
+        ``SMOOTHCERT_SAMPLES_TTL_S``; False (nothing kept) when the record is gone, or this store
+        has no files."""
+        if not rows or self.files is None or not self.redis.exists(self.key(job_id)):
             return False
-        return (
-            self._keep_samples(
-                keys=[self.key(job_id), self.samples_key(job_id)],
-                args=[x for item in rows.items() for x in item],
-            )
-            == 1
-        )
+        self.files.keep_samples(job_id, rows)
+        return True
 
     def samples(self, job_id: str, row: int) -> bytes | None:
-        """The ``.npy`` of row ``row``'s kept noisy copies, or None when none were kept for it."""
-        value = self.redis.hget(self.samples_key(job_id), str(row))
-        return None if value is None else value if isinstance(value, bytes) else value.encode()
+        """The ``.npy`` of row ``row``'s kept noisy copies, or None when none were kept for it (or
+        they expired)."""
+        return None if self.files is None else self.files.samples(check_job_id(job_id), row)

@@ -138,6 +138,13 @@ class Settings(BaseSettings):
         3, ge=1, description="a task redelivered more often than this fails"
     )
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="how long job records stay in Redis")
+    samples_ttl_s: int = Field(
+        24 * 3600,
+        ge=1,
+        description="how long the noisy copies a job keeps for people to look at (GET "
+        "/v1/jobs/{id}/samples.png) stay on the data volume (DATA_DIR/results/<id>/samples) "
+        "before the workers' sweep deletes them",
+    )
     worker_concurrency: int = Field(1, ge=1)
     worker_heartbeat_ttl_s: int = Field(
         10,
@@ -233,6 +240,12 @@ class Settings(BaseSettings):
     @property
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
+
+    @property
+    def results_dir(self) -> Path:
+        """A job's noisy copies and large result rows (smoothcert.service.core.results); not
+        ``jobs_dir``, whose folders go when their job ends."""
+        return self.data_dir / "results"
 
 
 def _url_password(url: str) -> str:

@@ -25,6 +25,7 @@ from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import JobStore
 from smoothcert.service.core.model_store import ModelStore
+from smoothcert.service.core.results import ResultFiles
 from smoothcert.service.core.settings import Settings
 
 MODEL_CACHE_SIZE = 4
@@ -59,6 +60,7 @@ class WorkerContext:
         self.settings = settings
         self.models = ModelStore(settings.models_dir)
         self.datasets = DatasetStore(settings.datasets_dir)
+        self.results = ResultFiles(settings.results_dir, settings.samples_ttl_s)
         self.loaded_models = LruCache(MODEL_CACHE_SIZE)  # (id, sha256) -> loaded model
         # (id, sha256, runtime asked for, precision, batch size class) -> model in that runtime
         self.runtime_models = LruCache(MODEL_CACHE_SIZE)
@@ -81,7 +83,7 @@ class WorkerContext:
 
     @property
     def jobs(self) -> JobStore:
-        return JobStore(self.redis(), ttl_s=self.settings.job_ttl_s)
+        return JobStore(self.redis(), ttl_s=self.settings.job_ttl_s, files=self.results)
 
     @property
     def ledger(self) -> ChunkLedger:

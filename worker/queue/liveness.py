@@ -14,6 +14,8 @@
   the main process, which is where Celery handles that limit. The
   heartbeat carries the worker's incarnation, drawn at each start: a worker restarted under the
   same name (a container keeps its hostname) does not vouch for the leases of the one that died.
+* Beside the heartbeat the main process starts the sweep of ``DATA_DIR/results``
+  (:mod:`smoothcert.worker.queue.result_sweep`), in a thread of its own.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
 from smoothcert.worker.queue import context, outage, watchdog
 from smoothcert.worker.queue.leases import Lease, Leases
+from smoothcert.worker.queue.result_sweep import ResultSweep
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +233,7 @@ def _process_exists(pid: int) -> bool:
 
 
 _heartbeat: dict[str, Heartbeat] = {}
+_sweep: dict[str, ResultSweep] = {}
 
 
 def install(app: Celery) -> None:
@@ -258,6 +262,7 @@ def install(app: Celery) -> None:
         beat = Heartbeat(app, worker_name(), queues, int(concurrency))
         _heartbeat["current"] = beat
         threading.Thread(target=beat.run, name="smoothcert-heartbeat", daemon=True).start()
+        _sweep["current"] = ResultSweep().start()
 
     @task_failure.connect(weak=False)
     def _hard_time_limit(task_id=None, exception=None, args=None, **_):
@@ -288,5 +293,7 @@ def install(app: Celery) -> None:
 
     @worker_shutdown.connect(weak=False)
     def _stop(**_):
-        if "current" in _heartbeat:
-            _heartbeat["current"].stop_event.set()
+        for beat in _heartbeat.values():
+            beat.stop_event.set()
+        for sweep in _sweep.values():
+            sweep.stop_event.set()

@@ -143,7 +143,7 @@ def _record(jobs: JobStore, job_id: Any, task_id: str | None, kinds: tuple[str, 
         raise Dropped(f"{str(job_id)[:80]!r} is not a job id")
     if task_id is not None and task_id != job_id:
         raise Dropped(f"its task id {str(task_id)[:80]!r} is not its job id")
-    record = jobs.get(job_id)
+    record = jobs.get(job_id, rows=False)  # its status and parameters, not its result's rows
     if record is None:
         raise Dropped(f"there is no record of job {job_id}")
     if record.kind not in kinds:

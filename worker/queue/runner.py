@@ -275,7 +275,7 @@ def complete_chunk(ctx: WorkerContext, job_id: str, task: ChunkTask, worker: str
 def combine(ctx: WorkerContext, job_id: str, task: ChunkTask) -> bool:
     """Combine the stored chunk outcomes into the job's result; whether this call recorded it."""
     jobs = ctx.jobs
-    record = jobs.get(job_id)
+    record = jobs.get(job_id, rows=False)
     outcomes = ctx.ledger.results(job_id)
     if record is None or record.status != RUNNING or len(outcomes) < task.dataset.chunks:
         return (
@@ -340,7 +340,7 @@ def drop_inputs_when_done(ctx: WorkerContext, job_id: str) -> None:
     elsewhere. While Redis is away nothing is removed: whether the job ended is not known."""
     jobs, jobs_dir = ctx.jobs, ctx.settings.jobs_dir
     record = outage.tolerant(
-        lambda: jobs.get(job_id), _UNKNOWN, "the cleanup of the saved inputs", job_id
+        lambda: jobs.get(job_id, rows=False), _UNKNOWN, "the cleanup of the saved inputs", job_id
     )
     if record is _UNKNOWN:
         return

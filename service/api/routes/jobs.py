@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import time
 from typing import Annotated
 
 import numpy as np
@@ -189,7 +190,8 @@ def get_samples_png(
     """Up to 8 noisy copies of input ``row`` as the classifier saw them (the job's σ, clipped to
     [0, 1] for display), side by side in one PNG, upscaled so that a small digit is visible. The
     worker keeps them when the job starts, for the job's first 16 rows (fewer for large inputs),
-    with a seed of their own: they are not the copies that were counted, but drawn alike."""
+    with a seed of their own: they are not the copies that were counted, but drawn alike. They
+    are kept for ``SMOOTHCERT_SAMPLES_TTL_S`` (a day unless configured), then deleted."""
     record = _record(jobs, job_id)
     if record.kind not in ("certify", "predict"):
         raise HTTPException(
@@ -208,6 +210,15 @@ def get_samples_png(
     job = record.certify_job()
     first = job.first_row
     last = first + min(SAMPLE_ROWS, job.num_inputs) - 1
+    ttl = jobs.files.samples_ttl_s if jobs.files is not None else None
+    started = record.started_at
+    if ttl is not None and started is not None and first <= row <= last:
+        if time.time() - started > ttl:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                f"the noisy copies of job {job_id} were deleted: they are kept for {ttl} s "
+                "after the job starts (SMOOTHCERT_SAMPLES_TTL_S)",
+            )
     raise HTTPException(
         status.HTTP_404_NOT_FOUND,
         f"no noisy copies kept for row {row} of job {job_id}: they are kept "

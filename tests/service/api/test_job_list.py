@@ -149,7 +149,7 @@ def test_the_index_never_lists_a_gone_record_and_is_trimmed_past_the_ttl(redis_u
 
 
 def test_a_listing_reads_each_results_summary_not_its_rows(redis_url):
-    """A succeeded job's record keeps its result without rows beside the full one, and the listing
+    """A succeeded job's record keeps its result without rows beside the rows, and the listing
     reads that; a record written before summaries existed is still listed from its full result."""
     with scratch_db(redis_url, 8) as r:
         store = JobStore(r)
@@ -169,8 +169,9 @@ def test_a_listing_reads_each_results_summary_not_its_rows(redis_url):
         assert (
             len(r.hget(JobStore.key(new), "result_summary"))
             < 100
-            < len(r.hget(JobStore.key(new), "result"))
+            < len(r.hget(JobStore.key(new), "rows"))
         )
+        assert not r.hexists(JobStore.key(new), "result")  # the summary is not kept twice
         records, _ = store.recent("o")
         assert [j.id for j in records] == [new, old]
         assert records[0].result == summary

@@ -103,7 +103,7 @@ def test_times_are_rfc3339_utc_with_milliseconds_beside_the_numbers(labelled, cl
 
 
 def test_samples_png_shows_eight_copies_of_each_of_the_first_sixteen_rows(
-    client, labelled, redis_url
+    client, labelled, redis_url, data_dir
 ):
     job_id = labelled["id"]
     for row in (0, 15):
@@ -128,9 +128,11 @@ def test_samples_png_shows_eight_copies_of_each_of_the_first_sixteen_rows(
         resp = client.get(f"/v1/jobs/{job_id}/samples.png", params={"row": row})
         assert resp.status_code == 404 and "first rows" in resp.json()["detail"]
     assert client.get(f"/v1/jobs/{job_id}/samples.png", params={"row": -1}).status_code == 422
+    # Kept on the data volume, one file per row, nothing of them in Redis.
+    kept = data_dir / "results" / job_id / "samples"
+    assert sorted(int(p.stem) for p in kept.iterdir()) == list(range(16))
     r = redis.Redis.from_url(redis_url)
-    # Absolute expiry times, so the gap between two reads cannot order them.
-    assert 0 < r.pexpiretime(JobStore.samples_key(job_id)) <= r.pexpiretime(JobStore.key(job_id))
+    assert not list(r.scan_iter(match=JobStore.key(job_id) + ":*"))
 
 
 def test_samples_png_is_409_while_queued_and_404_for_unknown_jobs(client, redis_url):
