@@ -5,8 +5,10 @@ everything it imports stay free of torch and onnxruntime (a test checks it): the
 tasks by name and reads job records from Redis.
 
 Errors are JSON ``{"detail": ...}``: 422 for invalid requests (without echoing the inputs back),
-413 for bodies over the size caps, 503 when Redis or the broker cannot be reached. 500 with a
-``detail`` when a job's result rows should be on the data volume and are not.
+413 for bodies over the size caps, 503 when Redis or the broker cannot be reached, and 503 with
+``Retry-After`` when Redis refuses a write because it holds its memory budget (``maxmemory`` with
+``noeviction``: :mod:`smoothcert.service.core.redis_memory`). 500 with a ``detail`` when a job's
+result rows should be on the data volume and are not.
 
 Observability: ``/metrics`` (Prometheus text; requests are counted by a middleware) and JSON log
 lines that carry the job id (:mod:`smoothcert.service.core.logs`), uvicorn's own lines included.
@@ -33,6 +35,7 @@ from smoothcert.service.core.jobs import JobStore, ResultRowsMissing
 from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.queue import make_celery
+from smoothcert.service.core.redis_memory import is_out_of_memory
 from smoothcert.service.core.results import ResultFiles
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.store import private_data_dir
@@ -109,7 +112,23 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+# How long a client told that Redis is full waits before trying again: records expire and
+# memory frees over minutes, not seconds.
+FULL_RETRY_AFTER_S = 60
+
+
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    if is_out_of_memory(exc):
+        log.error("Redis is full, a write was refused: %s", exc)
+        return JSONResponse(
+            {
+                "detail": "the job store (Redis) is full: it holds its memory budget "
+                "(maxmemory, SMOOTHCERT_REDIS_MAXMEMORY) and refuses new writes until job "
+                "records expire or the budget is raised; try again later"
+            },
+            status_code=503,
+            headers={"Retry-After": str(FULL_RETRY_AFTER_S)},
+        )
     log.warning("backend unavailable: %s", exc)
     return JSONResponse(
         {"detail": f"the job store or queue (Redis) is unreachable: {exc}"}, status_code=503

@@ -5,8 +5,9 @@ Two sources. This API process counts its own HTTP requests (:class:`HttpMetrics`
 expects. Everything else is shared and lives in Redis, read in a few round trips per scrape and
 never by scanning job records: the jobs-by-state sets and counters that the job scripts keep
 (:mod:`smoothcert.service.core.jobs`), the Celery queues' lengths (kombu keeps each queue as a Redis
-list named after it), the workers' heartbeat keys, and the sample counters that workers add to
-with :func:`record_samples` when a job or a dataset chunk finishes.
+list named after it), the workers' heartbeat keys, the sample counters that workers add to
+with :func:`record_samples` when a job or a dataset chunk finishes, and Redis's memory against its
+budget (one ``INFO memory``).
 
 When Redis cannot be read the scrape still answers 200, with this process's HTTP metrics and
 ``smoothcert_redis_up 0``, so the outage itself is what alerts. Torch-free: workers import it.
@@ -29,6 +30,7 @@ from starlette.routing import compile_path
 
 from smoothcert.service.core.jobs import IN_FLIGHT, METRICS_PREFIX, TERMINAL
 from smoothcert.service.core.queue import QUEUE, QUEUES, queue_names
+from smoothcert.service.core.redis_memory import read_memory
 from smoothcert.service.core.samples import SAMPLES_KEY
 from smoothcert.service.core.workers import live_workers
 
@@ -273,6 +275,7 @@ def redis_families(client: redis.Redis) -> list[Family]:
         live_workers(client)
     )
     drawn, busy = samples(client)
+    memory = read_memory(client)
     return [
         jobs,
         made,
@@ -297,6 +300,17 @@ def redis_families(client: redis.Redis) -> list[Family]:
             "average throughput of a busy worker since the counters began: samples_total / "
             "sampling_seconds_total (0 before the first sample)",
         ).add(drawn / busy if busy > 0 else 0.0),
+        Family(
+            "smoothcert_redis_memory_used_bytes",
+            "gauge",
+            "bytes Redis holds (INFO memory used_memory): job records, queues, limits",
+        ).add(memory.used_bytes),
+        Family(
+            "smoothcert_redis_memory_max_bytes",
+            "gauge",
+            "Redis's memory budget (maxmemory; 0: none); with noeviction it refuses writes at it, "
+            "and the API answers 503",
+        ).add(memory.max_bytes),
     ]
 
 

@@ -392,9 +392,21 @@ class WorkerStatus(BaseModel):
     processes: list[WorkerProcess] = []
 
 
+class RedisMemoryStatus(BaseModel):
+    """Redis's memory against its budget (``INFO memory``)."""
+
+    used_bytes: int = Field(description="used_memory: bytes Redis holds now")
+    max_bytes: int = Field(
+        description="maxmemory: its budget (0: none); at it Redis refuses writes and the API "
+        "answers 503"
+    )
+    policy: str = Field(description="maxmemory-policy; noeviction: nothing is ever dropped")
+
+
 class Health(BaseModel):
     status: str
     redis: str | None = None
+    redis_memory: RedisMemoryStatus | None = None
     workers: list[str] | None = None
     worker_details: list[WorkerStatus] | None = None
     detail: str | None = None

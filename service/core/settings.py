@@ -18,6 +18,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_REDIS_MAXMEMORY = 1 << 30
 # Keys nobody should run production with; a copy-pasted README value is as bad as none.
 WELL_KNOWN_KEYS = frozenset({"", "changeme", "change-me", "secret", "dev", "test", "smoothcert"})
 
@@ -44,6 +45,14 @@ class Settings(BaseSettings):
         "",
         description="Redis's password (AUTH), added to the Redis URL; `smoothcert up` "
         "generates one for the Redis it starts; required in production",
+    )
+    redis_maxmemory: int = Field(
+        DEFAULT_REDIS_MAXMEMORY,
+        ge=16 << 20,
+        description="memory budget, in bytes, of the Redis that `smoothcert up` starts and the "
+        "compose deployment runs (maxmemory, with maxmemory-policy noeviction: past it Redis "
+        "refuses writes, and the API answers 503, rather than dropping job records, queued "
+        "messages or limits)",
     )
     device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:1, ...")
     batch_memory_bytes: int = Field(

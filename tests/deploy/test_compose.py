@@ -131,6 +131,21 @@ def test_redis_keeps_an_append_only_file_on_a_volume(compose):
     assert {"redis-cli", "ping"} <= set(redis["healthcheck"]["test"])
 
 
+def test_redis_has_a_memory_budget_and_evicts_nothing(compose, env):
+    command = [interpolate(part, env) for part in compose["services"]["redis"]["command"]]
+    budget = command[command.index("--maxmemory") + 1]
+    assert (
+        budget
+        == env["SMOOTHCERT_REDIS_MAXMEMORY"]
+        == str(Settings.model_fields["redis_maxmemory"].default)
+    )
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    # Unset in .env, the default still bounds it.
+    unset = {k: v for k, v in env.items() if k != "SMOOTHCERT_REDIS_MAXMEMORY"}
+    command = [interpolate(part, unset) for part in compose["services"]["redis"]["command"]]
+    assert command[command.index("--maxmemory") + 1] == budget
+
+
 def test_one_data_volume_is_mounted_at_the_data_dir(compose, env):
     mounts = {
         name: [interpolate(m, env) for m in compose["services"][name]["volumes"]]

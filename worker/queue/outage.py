@@ -12,8 +12,9 @@ Redis holds the job store, so a task that loses it mid-computation has two kinds
   runs the job again.
 
 Only ``redis.ConnectionError`` and ``redis.TimeoutError`` count as an outage (a Redis loading
-its append-only file answers ``BusyLoadingError``, a ConnectionError); any other error is raised
-as it is. No Celery here.
+its append-only file answers ``BusyLoadingError``, a ConnectionError), and a Redis at its memory
+budget refusing writes (``OutOfMemoryError``: ``maxmemory`` with ``noeviction``), which frees
+memory as records expire; any other error is raised as it is. No Celery here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 OUTCOME_RETRY_S = 120.0  # how long an outcome or a lease release is tried before it is given up
 FIRST_PAUSE_S = 0.25
 MAX_PAUSE_S = 5.0
-OUTAGE = (redis.ConnectionError, redis.TimeoutError)
+OUTAGE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
 
 T = TypeVar("T")
 _lock = threading.Lock()

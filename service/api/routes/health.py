@@ -1,4 +1,5 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers and a worker can take work); no auth.
+"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers, has memory left, and a worker
+can take work); no auth.
 
 ``/readyz`` answers everyone whether the service is ready, and why not; what the workers are
 (names, hosts, pids, devices, loaded models, which of them is stuck) only to a caller with a
@@ -14,7 +15,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from smoothcert.service.api.deps import optional_role
-from smoothcert.service.api.schemas import Health, WorkerStatus
+from smoothcert.service.api.schemas import Health, RedisMemoryStatus, WorkerStatus
+from smoothcert.service.core.redis_memory import read_memory
 from smoothcert.service.core.workers import read_workers, worker_trouble
 
 router = APIRouter(tags=["health"])
@@ -33,28 +35,49 @@ def healthz() -> Health:
     responses={503: {"model": Health}},
 )
 def readyz(request: Request, role: Annotated[str | None, Depends(optional_role)]):
-    """200 when Redis answers PING and at least one worker with a fresh heartbeat key can take
-    work; else 503. A worker cannot take work when its heartbeat is older than two beats, or when
-    every pool process is inside one batch past its watchdog's limit
-    (:func:`~smoothcert.service.core.workers.worker_trouble`); a ``detail`` names what is wrong
-    (for a caller without a key: how many workers).
+    """200 when Redis answers PING, is below its memory budget (at it, it refuses writes) and at
+    least one worker with a fresh heartbeat key can take work; else 503. A worker cannot take
+    work when its heartbeat is older than two beats, or when every pool process is inside one
+    batch past its watchdog's limit (:func:`~smoothcert.service.core.workers.worker_trouble`); a
+    ``detail`` names what is wrong (for a caller without a key: how many workers).
 
     Without a key the answer is ``status`` (and a ``detail`` saying why when not ready). With the
-    API or admin key as a bearer token it adds ``redis``, ``workers`` and ``worker_details``: each
-    live worker's queues and concurrency, and for each pool process the device it uses and the
-    models it keeps loaded (with runtime and provider).
+    API or admin key as a bearer token it adds ``redis``, ``redis_memory`` (bytes used, the
+    budget, the eviction policy), ``workers`` and ``worker_details``: each live worker's queues
+    and concurrency, and for each pool process the device it uses and the models it keeps loaded
+    (with runtime and provider).
     """
     client: redis.Redis = request.app.state.redis
     try:
         client.ping()
         details = read_workers(client)
+        memory = read_memory(client)
     except redis.RedisError as exc:
         body = Health(
             status="not ready", redis="unreachable", workers=[], detail=f"Redis unreachable: {exc}"
         )
         return _answer(body, role, 503, detail="Redis unreachable")
+    held = RedisMemoryStatus(
+        used_bytes=memory.used_bytes, max_bytes=memory.max_bytes, policy=memory.policy
+    )
+    if memory.full:
+        body = Health(
+            status="not ready",
+            redis="full",
+            redis_memory=held,
+            workers=[w["name"] for w in details],
+            detail=f"Redis is full ({memory.describe()}): it refuses writes, so no job can be "
+            "submitted or recorded until records expire or SMOOTHCERT_REDIS_MAXMEMORY is raised",
+        )
+        return _answer(body, role, 503, detail="Redis is full: it refuses new jobs")
     if not details:
-        body = Health(status="not ready", redis="ok", workers=[], detail="no worker is running")
+        body = Health(
+            status="not ready",
+            redis="ok",
+            redis_memory=held,
+            workers=[],
+            detail="no worker is running",
+        )
         return _answer(body, role, 503)
     troubles = [worker_trouble(w) for w in details]
     notes = [note for _, worker_notes in troubles for note in worker_notes]
@@ -63,6 +86,7 @@ def readyz(request: Request, role: Annotated[str | None, Depends(optional_role)]
     body = Health(
         status="ready" if ready else "not ready",
         redis="ok",
+        redis_memory=held,
         workers=[w["name"] for w in details],
         worker_details=[WorkerStatus.model_validate(w) for w in details],
         detail=None

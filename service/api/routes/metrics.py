@@ -26,8 +26,9 @@ _DOC: Responses = {
 @router.get("/metrics", response_class=PlainTextResponse, responses=_DOC)
 async def metrics(request: Request) -> PlainTextResponse:
     """HTTP requests of this API process; jobs by kind and status; Celery queue depths; live
-    workers; Monte Carlo samples drawn and the sampling throughput. Always 200: when Redis cannot
-    be read, the body holds this process's numbers and ``smoothcert_redis_up 0``."""
+    workers; Monte Carlo samples drawn and the sampling throughput; Redis's memory and its
+    budget. Always 200: when Redis cannot be read, the body holds this process's numbers and
+    ``smoothcert_redis_up 0``."""
     state = request.app.state
     body = await run_in_threadpool(exposition, state.redis, state.http_metrics)
     return PlainTextResponse(body, media_type=CONTENT_TYPE)

@@ -1,10 +1,13 @@
-"""Redis by design: what grows with a job lives on the data volume.
+"""Redis by design: what grows with a job lives on the data volume, Redis has a memory budget with
+noeviction, a full Redis is a 503 that says so, and /readyz and /metrics show the budget.
 
 - a job's noisy copies are files under DATA_DIR/results/<id>/samples (none in Redis), and the
   samples route serves them; past SMOOTHCERT_SAMPLES_TTL_S the workers' sweep deletes them, and
   the folder of a job whose record is gone;
 - a large job's rows are beside them (rows.json), its record stays small, and GET and the TSV
-  still return every row, exactly as an inline record returns them.
+  still return every row, exactly as an inline record returns them;
+- Redis runs with maxmemory and noeviction; a Redis at its budget makes the API answer 503 with
+  Retry-After, /readyz 503 "Redis is full", and /metrics keeps answering.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ import redis
 
 from smoothcert.service.api.pictures import sample_strip_png
 from smoothcert.service.core.jobs import ROWS_INLINE_BYTES, JobStore, new_job_id
+from smoothcert.service.core.redis_memory import POLICY
 from smoothcert.service.core.results import ResultFiles
+from smoothcert.service.core.settings import DEFAULT_REDIS_MAXMEMORY
 from smoothcert.service.core.tsv import format_tsv
+from smoothcert.service.devstack.redis_server import RedisServer
+from tests.service.api.test_metrics import parse, value
 from tests.support.stack import (
     ADMIN_KEY,
     USER_KEY,
@@ -36,7 +43,7 @@ from tests.support.stack import (
     wait_job,
 )
 
-pytestmark = pytest.mark.process  # a stack of its own
+pytestmark = pytest.mark.process  # Redis servers and APIs of their own
 
 SWEEP_DB = 14
 SAMPLES_TTL_S = 2
@@ -148,6 +155,66 @@ def test_rows_read_back_from_disk_are_the_rows_an_inline_record_returns(redis_ur
         store.request_cancel(canceled)
         assert not store.succeed(canceled, result)
         assert not (tmp_path / canceled / "rows.json").exists()
+
+
+def test_redis_runs_with_a_memory_budget_and_noeviction(redis_url, tmp_path):
+    r = redis.Redis.from_url(redis_url)
+    assert r.config_get("maxmemory") == {"maxmemory": str(DEFAULT_REDIS_MAXMEMORY)}
+    assert r.config_get("maxmemory-policy") == {"maxmemory-policy": POLICY}
+    with RedisServer(tmp_path / "redis", persist=False, maxmemory=64 << 20) as server:
+        own = redis.Redis.from_url(server.url)
+        assert own.config_get("maxmemory") == {"maxmemory": str(64 << 20)}
+        assert own.config_get("maxmemory-policy") == {"maxmemory-policy": POLICY}
+        own.close()
+
+
+def test_metrics_and_readyz_show_redis_memory_against_its_budget(client, anonymous, redis_url):
+    used = redis.Redis.from_url(redis_url).info("memory")["used_memory"]
+    m = parse(anonymous.get("/metrics").text)
+    assert value(m, "smoothcert_redis_memory_max_bytes") == DEFAULT_REDIS_MAXMEMORY
+    assert 0.5 * used < value(m, "smoothcert_redis_memory_used_bytes") < 2 * used
+    memory = client.get("/readyz").json()["redis_memory"]
+    assert memory["max_bytes"] == DEFAULT_REDIS_MAXMEMORY and memory["policy"] == POLICY
+    assert 0.5 * used < memory["used_bytes"] < 2 * used
+    assert "redis_memory" not in anonymous.get("/readyz").json()
+
+
+# --- a Redis of its own, at its budget ----------------------------------------------------------
+
+
+def test_a_full_redis_is_a_503_that_says_so(tmp_path):
+    with RedisServer(tmp_path / "redis", persist=False) as server:
+        env = stack_env(server.url, tmp_path / "data", SMOOTHCERT_RATE_LIMIT_PER_MINUTE="60")
+        proc, url = start_api(env, tmp_path / "api.log")
+        r = redis.Redis.from_url(server.url)
+        try:
+            r.config_set("maxmemory", 1)  # below what it holds: every write is refused
+            with httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=30
+            ) as user:
+                resp = user.post("/v1/certify", json={"model_id": "m", "inputs": [[0.5]]})
+                assert resp.status_code == 503, resp.text
+                assert "Redis) is full" in resp.json()["detail"]
+                assert int(resp.headers["Retry-After"]) > 0
+                assert user.get(f"/v1/jobs/{new_job_id()}").status_code == 404  # reads go on
+                ready = user.get("/readyz")
+                assert ready.status_code == 503 and ready.json()["redis"] == "full"
+                assert "Redis is full" in ready.json()["detail"]
+                assert ready.json()["redis_memory"]["max_bytes"] == 1
+            anonymous = httpx.get(f"{url}/readyz")
+            assert anonymous.json() == {
+                "status": "not ready",
+                "detail": "Redis is full: it refuses new jobs",
+            }
+            metrics = httpx.get(f"{url}/metrics")
+            assert metrics.status_code == 200
+            m = parse(metrics.text)
+            assert value(m, "smoothcert_redis_up") == 1
+            assert value(m, "smoothcert_redis_memory_max_bytes") == 1
+            assert value(m, "smoothcert_redis_memory_used_bytes") > 1
+        finally:
+            r.close()
+            stop_process(proc)
 
 
 # --- a stack of its own, with noisy copies kept for 2 s -----------------------------------------

@@ -61,7 +61,10 @@ def test_up_serves_the_printed_curl_example_and_stops_cleanly(tmp_path, demo_pat
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOOTHCERT_")}
     env.update(
-        SMOOTHCERT_PORT=str(port), SMOOTHCERT_DATA_DIR=str(tmp_path), SMOOTHCERT_DEVICE="cpu"
+        SMOOTHCERT_PORT=str(port),
+        SMOOTHCERT_DATA_DIR=str(tmp_path),
+        SMOOTHCERT_DEVICE="cpu",
+        SMOOTHCERT_REDIS_MAXMEMORY=str(64 << 20),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "smoothcert.service.devstack.stack"],
@@ -88,7 +91,10 @@ def test_up_serves_the_printed_curl_example_and_stops_cleanly(tmp_path, demo_pat
             )
             assert resp.status_code == 202, resp.text
             job = wait_job(client, resp.json()["job_id"])
+            # The Redis it started has the memory budget it was given, and evicts nothing.
+            memory = client.get("/readyz").json()["redis_memory"]
         assert job["status"] == "succeeded", job["error"]
+        assert memory["max_bytes"] == 64 << 20 and memory["policy"] == "noeviction"
         assert job["result"]["results"][0]["radius"] > 0
         # The Redis it started, which its API and worker use, lets no one in without the password.
         with pytest.raises(redis.AuthenticationError):
