@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
+from smoothcert.service.api.access_log import AccessLog, SecurityHeaders
 from smoothcert.service.api.body_limit import BodySizeLimit
 from smoothcert.service.api.deps import document_auth
 from smoothcert.service.api.docs import add_offline_docs
@@ -90,6 +91,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.add_middleware(
         HttpMetricsMiddleware, metrics=app.state.http_metrics, paths=lambda: app.openapi()["paths"]
     )
+    app.add_middleware(SecurityHeaders)  # nosniff and no framing on every answer, 413s included
+    # one bounded line per request, with the job id JobIdMiddleware found (route templates only)
+    app.add_middleware(AccessLog, paths=lambda: app.openapi()["paths"])
     app.add_middleware(JobIdMiddleware)  # outermost: every line of a request knows its job
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(redis.RedisError, _unavailable)

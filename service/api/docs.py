@@ -58,6 +58,9 @@ def add_offline_docs(app: FastAPI) -> None:
             with_google_fonts=False,
         )
         # ReDoc's bundle draws its attribution logo from its CDN whatever its options say; the
-        # policy keeps that request (and any other image from elsewhere) from leaving the browser.
-        page.headers["Content-Security-Policy"] = "img-src 'self' data: blob:"
+        # policy keeps that request (and any other image from elsewhere) from leaving the browser,
+        # and no other site may frame the page (SecurityHeaders adds X-Frame-Options: DENY).
+        page.headers["Content-Security-Policy"] = (
+            "img-src 'self' data: blob:; frame-ancestors 'none'"
+        )
         return page

@@ -27,6 +27,7 @@ from typing import Any
 
 from celery.signals import setup_logging, task_postrun, task_prerun
 
+from smoothcert.service.core.jobs import is_job_id
 from smoothcert.service.core.settings import Settings
 
 JOB_ID: ContextVar[str | None] = ContextVar("smoothcert_job_id", default=None)
@@ -134,10 +135,17 @@ def configure_logging(settings: Settings, role: str) -> logging.Handler:
     return handler
 
 
+def _job_id_in(path: str) -> str | None:
+    """The job id a ``/v1/jobs/<id>`` path names, when it is one (:func:`is_job_id`): whatever
+    else a caller puts there never reaches a log line."""
+    match = _JOB_PATH.match(path)
+    return match.group(1) if match and is_job_id(match.group(1)) else None
+
+
 class JobIdMiddleware:
-    """ASGI middleware: sets :data:`JOB_ID` for a request on a ``/v1/jobs/{job_id}`` path, and from
-    the ``Location: /v1/jobs/<id>`` of the answer that created a job just before uvicorn logs the
-    access line (it does so when the response starts, in the app's context)."""
+    """ASGI middleware: sets :data:`JOB_ID` for a request on a ``/v1/jobs/{job_id}`` path whose id
+    is a job id, and from the ``Location: /v1/jobs/<id>`` of the answer that created a job, when
+    the response starts (in the app's context, so the access line logged after it has the id)."""
 
     def __init__(self, app):
         self.app = app
@@ -145,17 +153,16 @@ class JobIdMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        match = _JOB_PATH.match(scope.get("path", ""))
-        token = JOB_ID.set(match.group(1) if match else None)
+        token = JOB_ID.set(_job_id_in(scope.get("path", "")))
 
         async def send_with_job(message):
             if message["type"] == "http.response.start" and not JOB_ID.get():
                 location = (
                     dict(message.get("headers") or ()).get(b"location", b"").decode("latin-1")
                 )
-                created = _JOB_PATH.match(location)
+                created = _job_id_in(location)
                 if created:
-                    JOB_ID.set(created.group(1))
+                    JOB_ID.set(created)
             await send(message)
 
         try:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -149,10 +150,12 @@ def test_worker_hooks_set_the_job_id_for_each_task():
 
 def test_middleware_sets_the_job_id_from_the_path_and_from_location():
     seen = {}
+    job, new_job = str(uuid.uuid4()), str(uuid.uuid4())
 
     async def app(scope, receive, send):
         seen["inside"] = JOB_ID.get()
-        headers = [(b"location", b"/v1/jobs/new-job")] if scope["path"] == "/v1/certify" else []
+        location = f"/v1/jobs/{new_job}".encode()
+        headers = [(b"location", location)] if scope["path"] == "/v1/certify" else []
         await send({"type": "http.response.start", "status": 202, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
@@ -167,17 +170,20 @@ def test_middleware_sets_the_job_id_from_the_path_and_from_location():
         )
         return dict(seen, after=JOB_ID.get())
 
-    assert asyncio.run(call("/v1/jobs/abc/results.tsv")) == {
-        "inside": "abc",
-        "at_start": "abc",
+    assert asyncio.run(call(f"/v1/jobs/{job}/results.tsv")) == {
+        "inside": job,
+        "at_start": job,
         "after": None,
     }
     assert asyncio.run(call("/v1/certify")) == {
         "inside": None,
-        "at_start": "new-job",
+        "at_start": new_job,
         "after": None,
     }
     assert asyncio.run(call("/healthz")) == {"inside": None, "at_start": None, "after": None}
+    # what a caller writes where an id goes is not a job id, and never reaches a line
+    for path in ("/v1/jobs/abc", f"/v1/jobs/{job}x", "/v1/jobs/" + "a" * 15000):
+        assert asyncio.run(call(path)) == {"inside": None, "at_start": None, "after": None}
 
 
 def json_lines(path: Path) -> list[dict]:
@@ -220,12 +226,12 @@ def test_api_and_worker_logs_carry_the_job_id(client, demo_model, data_dir):
         return [e for e in json_lines(data_dir / "api.log") if e.get("job_id") == job_id]
 
     wait_for(
-        lambda: any(f"GET /v1/jobs/{job_id} " in e["message"] for e in api_lines()),
+        lambda: any("GET /v1/jobs/{job_id} " in e["message"] for e in api_lines()),
         30,
         "the access line",
         log=data_dir / "api.log",
     )
-    access = [e["message"] for e in api_lines() if e["logger"] == "uvicorn.access"]
+    access = [e["message"] for e in api_lines() if e["logger"] == "smoothcert.access"]
     assert any(
         '"POST /v1/certify HTTP/1.1" 202' in m for m in access
     )  # the submission that made it
@@ -233,8 +239,13 @@ def test_api_and_worker_logs_carry_the_job_id(client, demo_model, data_dir):
 
 
 def test_every_line_of_the_api_log_is_json(client, data_dir):
-    client.get("/v1/jobs/unknown-job")
+    unknown = str(uuid.uuid4())
+    assert client.get(f"/v1/jobs/{unknown}").status_code == 404
     text = (data_dir / "api.log").read_text(errors="replace")
     bad = [line for line in text.splitlines() if line.strip() and not line.startswith("{")]
     assert text.strip() and not bad, bad[:5]
-    assert any(e.get("job_id") == "unknown-job" for e in json_lines(data_dir / "api.log"))
+    wait_for(
+        lambda: any(e.get("job_id") == unknown for e in json_lines(data_dir / "api.log")),
+        10,
+        "the access line",
+    )
