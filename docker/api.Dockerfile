@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
-# The API image: the FastAPI app under uvicorn. No torch, no onnxruntime, no CUDA (design §1):
-# the API only enqueues tasks by name and reads job records from Redis.
+# The API image: the FastAPI app under uvicorn, started by smoothcert.service.api.server (deadlines
+# for slow clients, keep-alive and concurrency from the SMOOTHCERT_HTTP_* settings), as
+# `smoothcert up` starts it. No torch, no onnxruntime, no CUDA (design §1): the API only enqueues
+# tasks by name and reads job records from Redis.
 # Build from the repository root: docker build -f docker/api.Dockerfile -t smoothcert-api .
 ARG PYTHON_IMAGE=python:3.12-slim
 
@@ -32,4 +34,4 @@ ENV SMOOTHCERT_DATA_DIR=/data
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["uvicorn", "smoothcert.service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "smoothcert.service.api.server", "--host", "0.0.0.0", "--port", "8000"]

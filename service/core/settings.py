@@ -104,7 +104,15 @@ class Settings(BaseSettings):
     max_storage_bytes_per_key: int = Field(
         8 << 30,
         ge=1024,
-        description="bytes of stored datasets one API key may keep (413 beyond); deleting frees them",
+        description="bytes one API key may keep stored: its datasets and the inputs of its queued "
+        "and running certify jobs (413 beyond); deleting a dataset, or a job's end, frees them",
+    )
+    orphan_inputs_grace_s: int = Field(
+        300,
+        ge=1,
+        description="the workers delete a job's saved inputs (and free their bytes of the storage "
+        "quota) once they are this old and the job's record is missing (the API died before "
+        "recording it) or ended; longer than an API takes from writing inputs to recording the job",
     )
     max_datasets_per_key: int = Field(
         1000,
@@ -181,6 +189,48 @@ class Settings(BaseSettings):
         "json", description="log lines of the API and the workers"
     )
     log_level: str = Field("INFO", description="Python log level of the API and the workers")
+    log_max_bytes: int = Field(
+        10 << 20,
+        ge=4096,
+        description="size at which a log file `smoothcert up` writes (DATA_DIR/logs/api.log, "
+        "worker.log) is rotated: renamed .1 (the older ones .2, .3, ...) and started afresh",
+    )
+    log_backups: int = Field(
+        5,
+        ge=0,
+        description="rotated files kept per log (the oldest is deleted); a log takes at most "
+        "(1 + this) x SMOOTHCERT_LOG_MAX_BYTES",
+    )
+
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a request's line and headers must arrive within this many seconds of its "
+        "connection opening (or of its first byte after the previous answer): else 408 and the "
+        "connection closes (a connection that sent nothing closes without an answer)",
+    )
+    http_body_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="a request body still arriving is judged every this many seconds of reading: "
+        "it must have brought SMOOTHCERT_HTTP_BODY_MIN_BYTES_PER_S on average, else 408 and the "
+        "connection closes",
+    )
+    http_body_min_bytes_per_s: int = Field(
+        4096,
+        ge=1,
+        description="slowest average rate, in bytes per second, at which a request body may arrive "
+        "(see SMOOTHCERT_HTTP_BODY_TIMEOUT_S)",
+    )
+    http_keep_alive_s: int = Field(
+        5, ge=1, description="an idle keep-alive connection closes after this many seconds"
+    )
+    http_max_concurrency: int = Field(
+        500,
+        ge=1,
+        description="open connections (or requests in progress) of one API process at which a "
+        "request is answered 503; keep it below the process's open-files limit",
+    )
 
     _generated_api_key: bool = PrivateAttr(False)
 

@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import sys
 
-API_FACTORY = "smoothcert.service.app:create_app"
+API_SERVER_MODULE = "smoothcert.service.api.server"
 WORKER_MODULE = "smoothcert.worker.queue.celery_app"
 
 
 def api_command(host: str, port: int) -> list[str]:
-    """uvicorn serving the API's app factory on ``host:port``."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        API_FACTORY,
-        "--factory",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
+    """The API's server (uvicorn with deadlines on slow clients, smoothcert.service.api.server)
+    on ``host:port``; the API image runs the same module."""
+    return [sys.executable, "-m", API_SERVER_MODULE, "--host", host, "--port", str(port)]
 
 
 def worker_command(*options: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The API as its image installs it: a new virtual environment, `pip install '.[api]'`, uvicorn.
+"""The API as its image installs it: a new virtual environment, `pip install '.[api]'`, its server.
 
 No torch, no onnxruntime, nothing of the worker: the install must not bring them in, creating
 the app must not import them, and the server must answer. A real install from the package
@@ -39,6 +39,20 @@ def api_env(tmp_path_factory) -> Path:
     return where
 
 
+def served_by(api_env: Path, port: int) -> list[str]:
+    """The API's server as the image runs it, from the api-only install."""
+    python = str(api_env / "bin" / "python")
+    return [
+        python,
+        "-m",
+        "smoothcert.service.api.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 def test_the_api_extra_installs_no_engine(api_env):
     listed = subprocess.run(
         [str(api_env / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
@@ -73,7 +87,7 @@ def test_creating_the_app_loads_no_worker_module(api_env, tmp_path):
     )
 
 
-def test_uvicorn_serves_healthz(api_env, tmp_path):
+def test_the_server_serves_healthz(api_env, tmp_path):
     port = free_port()
     env = {
         "PATH": "/usr/bin:/bin",
@@ -82,15 +96,7 @@ def test_uvicorn_serves_healthz(api_env, tmp_path):
     }
     log = tmp_path / "api.log"
     proc = start_process(
-        [
-            str(api_env / "bin" / "uvicorn"),
-            "smoothcert.service.app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        served_by(api_env, port),
         env,
         log,
     )
@@ -98,7 +104,7 @@ def test_uvicorn_serves_healthz(api_env, tmp_path):
         wait_for(
             lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200,
             60,
-            "uvicorn of the api-only install",
+            "the server of the api-only install",
             proc,
             log,
         )
@@ -136,15 +142,7 @@ def test_the_installed_package_serves_the_page(api_env, tmp_path):
     }
     log = tmp_path / "api.log"
     proc = start_process(
-        [
-            str(api_env / "bin" / "uvicorn"),
-            "smoothcert.service.app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        served_by(api_env, port),
         env,
         log,
     )
@@ -153,7 +151,7 @@ def test_the_installed_package_serves_the_page(api_env, tmp_path):
         wait_for(
             lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200,
             60,
-            "uvicorn of the api-only install",
+            "the server of the api-only install",
             proc,
             log,
         )
