@@ -5,6 +5,12 @@ terminal reaches only the parent, which stops its children in order, and a final
 the group also takes a child's own children (a Celery worker's pool processes). Its stdout and
 stderr go to one log file, whose tail explains a child that dies early.
 
+A child's log can instead be rotated (``rotation``): its output then comes through a pipe to a
+thread of the parent, which writes it to the log and, past ``max_bytes``, renames the log ``.1``
+(the older ones ``.2``, ``.3``, ... up to ``backups``, the oldest deleted) and starts it afresh, so
+a child that writes without end (a flood of requests to the API) takes at most
+``(1 + backups) x max_bytes`` of disk. ``smoothcert up`` rotates the API's and the worker's logs.
+
 A child can also be told to stop when its parent is gone (``parent_death``): on Linux the kernel
 sends it that signal when the parent exits, however it exits, SIGKILL included. ``smoothcert up``
 asks for it; a production server, run by its own supervisor, never gets it.
@@ -17,8 +23,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from io import BufferedReader
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -36,6 +44,60 @@ class Child(NamedTuple):
     name: str
     proc: subprocess.Popen
     log: Path | None = None
+
+
+class LogRotation(NamedTuple):
+    """A child's log is rotated past ``max_bytes``, keeping ``backups`` older files."""
+
+    max_bytes: int
+    backups: int
+
+
+class RotatingLog:
+    """Appends to ``path``; a write that would take it past ``max_bytes`` first renames it
+    ``path.1`` (``.1`` to ``.2``, and so on up to ``backups``; the oldest is deleted) and opens a
+    new ``path``. With no backups the log is emptied instead."""
+
+    def __init__(self, path: Path, rotation: LogRotation, *, append: bool = True):
+        self.path, self.rotation = Path(path), rotation
+        self._out = open(self.path, "ab" if append else "wb")
+
+    def write(self, data: bytes) -> None:
+        size = self._out.tell()
+        if size and size + len(data) > self.rotation.max_bytes:
+            self.rotate()
+        self._out.write(data)
+        self._out.flush()
+
+    def rotate(self) -> None:
+        self._out.close()
+        backups = self.rotation.backups
+        for index in range(backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        if backups:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._out = open(self.path, "wb")
+
+    def close(self) -> None:
+        self._out.close()
+
+
+def _relay(source: BufferedReader, log: RotatingLog, line_limit: int) -> None:
+    """Copy ``source`` to ``log`` line by line (a line longer than ``line_limit`` in pieces)."""
+    try:
+        while line := source.readline(line_limit):
+            log.write(line)
+    except (OSError, ValueError):
+        pass
+    finally:
+        source.close()
+        log.close()
+
+
+# Relay threads of children whose logs rotate, by pid: stop() waits for the last lines.
+_relays: dict[int, threading.Thread] = {}
 
 
 class ChildDied(RuntimeError):
@@ -71,13 +133,35 @@ def spawn(
     *,
     append: bool = False,
     parent_death_signal: signal.Signals | None = None,
+    rotation: LogRotation | None = None,
 ) -> subprocess.Popen:
     """Start ``args`` with ``env`` in a new session, stdin empty, stdout and stderr into ``log``.
 
     ``log`` is truncated unless ``append`` (a stack restarted in the same folder keeps its history).
     With ``parent_death_signal``, the child gets that signal when this process exits (:func:`parent_death`).
+    With ``rotation``, the output goes through a thread of this process that rotates ``log``.
     """
     preexec = parent_death(parent_death_signal) if parent_death_signal is not None else None
+    if rotation is not None:
+        proc = subprocess.Popen(
+            list(args),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+        assert proc.stdout is not None
+        relay = threading.Thread(
+            target=_relay,
+            args=(proc.stdout, RotatingLog(log, rotation, append=append), rotation.max_bytes),
+            name=f"log-{Path(log).name}",
+            daemon=True,
+        )
+        relay.start()
+        _relays[proc.pid] = relay
+        return proc
     with open(log, "ab" if append else "wb") as out:
         return subprocess.Popen(
             list(args),
@@ -104,6 +188,7 @@ def check_alive(children: Iterable[Child]) -> None:
     """Raise ChildDied for the first of ``children`` that has exited."""
     for child in children:
         if child.proc.poll() is not None:
+            _wait_for_log(child.proc, 1.0)
             raise ChildDied(
                 f"the {child.name} exited with code {child.proc.returncode}; see {child.log}:\n"
                 f"{log_tail(child.log)}"
@@ -169,6 +254,16 @@ def stop(
         proc.wait(KILL_WAIT_S)
     except subprocess.TimeoutExpired:
         pass
+    _wait_for_log(proc, KILL_WAIT_S)
+
+
+def _wait_for_log(proc: subprocess.Popen, timeout: float) -> None:
+    """Give the relay of ``proc``'s rotated log up to ``timeout`` seconds to write its last lines."""
+    relay = _relays.get(proc.pid)
+    if relay is not None:
+        relay.join(timeout)
+        if not relay.is_alive():
+            _relays.pop(proc.pid, None)
 
 
 def kill_group(pgid: int) -> None:

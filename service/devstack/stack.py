@@ -1,7 +1,9 @@
 """``smoothcert up``: Redis, the API and one worker on this machine, with the demo model ready.
 
-Starts (as subprocesses, logs under ``DATA_DIR/logs``) a Redis-protocol server unless
-``SMOOTHCERT_REDIS_URL`` is set, uvicorn serving the API on ``SMOOTHCERT_HOST:SMOOTHCERT_PORT``
+Starts (as subprocesses, logs under ``DATA_DIR/logs``, the API's and the worker's rotated past
+``SMOOTHCERT_LOG_MAX_BYTES`` with ``SMOOTHCERT_LOG_BACKUPS`` older files) a Redis-protocol server
+unless ``SMOOTHCERT_REDIS_URL`` is set, the API's server (:mod:`smoothcert.service.api.server`,
+uvicorn with deadlines on slow clients) on ``SMOOTHCERT_HOST:SMOOTHCERT_PORT``
 and one Celery worker that consumes both queues (certification and training); waits for
 ``/readyz``; uploads the digits demo model through the API (reused when an identical one is
 already stored); prints the URL, the API key and a curl example; stops everything on Ctrl-C,
@@ -101,8 +103,15 @@ class Stack:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = self.logs / f"{name}.log"
         # SIGTERM when the launcher exits: a server of `up` has no reason to outlive it.
+        # Rotated: a flood of requests or log lines fills at most (1 + backups) x max_bytes per log.
+        rotation = processes.LogRotation(self.settings.log_max_bytes, self.settings.log_backups)
         proc = processes.spawn(
-            args, self.env(), log, append=True, parent_death_signal=signal.SIGTERM
+            args,
+            self.env(),
+            log,
+            append=True,
+            parent_death_signal=signal.SIGTERM,
+            rotation=rotation,
         )
         self.children.append(Child(name, proc, log))
         if self.reaper is not None:
