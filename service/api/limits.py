@@ -26,10 +26,14 @@ written, in this order:
    created (:meth:`~smoothcert.service.core.jobs.JobStore.create`, which keeps the count from the
    records' states).
 
-Dataset uploads count against the key's storage quota, ``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY``:
-:meth:`Limits.storage` reserves what an upload will store once its headers are read, against
-the stored datasets recorded with the key plus the other uploads it has in progress (reserved
-in ``smoothcert:storage:<caller>``, lapsing after ``STORAGE_TTL_MS``); beyond, 413. A reservation
+Dataset uploads and the inputs of certify jobs count against the key's storage quota,
+``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY``: :meth:`Limits.storage` reserves what an upload will
+store once its headers are read, against the stored datasets recorded with the key plus what it
+holds in ``smoothcert:storage:<caller>`` (its other uploads in progress, lapsing after
+``STORAGE_TTL_MS``, and its jobs' inputs); beyond, 413. :meth:`Limits.reserve_inputs` does the
+same for a job's ``inputs.npy`` before it is written; that reservation is given back when the
+inputs are deleted (:mod:`smoothcert.service.core.storage_quota`, where the Redis side is, since
+the workers give back too). A reservation
 outlives its upload on purpose: another upload that listed the datasets just before this one was
 recorded still counts it, and one that sees the dataset stored counts it there and skips the
 reservation. Only its lapse or the dataset's deletion drops it: were a reservation dropped once
@@ -65,32 +69,22 @@ from smoothcert.service.core.dataset_store import Admit, DatasetStore
 from smoothcert.service.core.jobs import ActiveJobsExceeded, active_jobs
 from smoothcert.service.core.queue import queue_depth, queue_names  # noqa: F401  (tests read queue_depth here)
 from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.storage_quota import LAPSE_LUA as _LAPSE
+from smoothcert.service.core.storage_quota import STORAGE_LUA as _STORAGE
+from smoothcert.service.core.storage_quota import (
+    STORAGE_PREFIX,  # noqa: F401  (tests read it here)
+    JobInputs,
+    inputs_ttl_ms,
+)
+from smoothcert.service.core.storage_quota import held as _held
 
 log = logging.getLogger("smoothcert.service")
 RATE_PREFIX = "smoothcert:ratelimit:"
 QUEUE_FULL_RETRY_AFTER_S = 10  # a hint: the queue drains at whatever pace the workers have
 ACTIVE_RETRY_AFTER_S = 10  # a hint too: a slot frees when one of the key's jobs finishes
 ROOMS_PREFIX = "smoothcert:queue-rooms:"
-STORAGE_PREFIX = "smoothcert:storage:"
 ROOM_TTL_MS = 120_000  # far longer than sending one job's messages takes
 STORAGE_TTL_MS = 600_000  # longer than writing the largest dataset takes
-
-# Lua: drop the entries of zset KEYS[1] (member = token, score = expiry ms) and of hash KEYS[2]
-# (token -> amount) that have expired; ``now`` is Redis' clock in ms.
-_LAPSE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do redis.call('HDEL', KEYS[2], gone) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local held = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[2])) do held = held + tonumber(v) end
-local function hold(token, amount, ttl)
-  redis.call('ZADD', KEYS[1], now + ttl, token)
-  redis.call('HSET', KEYS[2], token, amount)
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-end
-"""
 
 # KEYS[1], KEYS[2] the queue's rooms (as in _LAPSE), KEYS[3..] the queue's lists; ARGV[1] token
 # ('' only checks), ARGV[2] messages, ARGV[3] bound, ARGV[4] ttl ms. Returns {1 when there is room
@@ -103,24 +97,6 @@ for i = 3, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
 if depth + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {0, depth} end
 if ARGV[1] ~= '' then hold(ARGV[1], ARGV[2], tonumber(ARGV[4])) end
 return {1, depth}
-"""
-)
-
-# KEYS[1], KEYS[2] the caller's uploads in progress (as in _LAPSE); ARGV[1] dataset id, ARGV[2]
-# bytes it will store, ARGV[3] quota, ARGV[4] bytes of the caller's stored datasets, ARGV[5] ttl
-# ms, ARGV[6..] those datasets' ids: an upload seen stored is counted there, not also here
-# (its reservation stays: see the module docstring). Returns {1 when reserved, the bytes in use
-# before this upload}.
-_STORAGE = (
-    _LAPSE
-    + """
-for i = 6, #ARGV do
-  held = held - tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or 0)
-end
-local used = tonumber(ARGV[4]) + held
-if used + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {0, used} end
-hold(ARGV[1], ARGV[2], tonumber(ARGV[5]))
-return {1, used}
 """
 )
 
@@ -142,11 +118,6 @@ return 0
 def caller_id(api_key: str) -> str:
     """The name under which a bearer key's limits and idempotency records are kept."""
     return hashlib.sha256(b"smoothcert-caller:" + api_key.encode()).hexdigest()[:32]
-
-
-def _held(name: str) -> list[str]:
-    """The two keys of what is held under ``name``: a zset of tokens by expiry, a hash of amounts."""
-    return [name, name + ":amounts"]
 
 
 def _refusal(code: int, detail: str, retry_after_s: int) -> HTTPException:
@@ -249,8 +220,9 @@ class Limits:
                     status.HTTP_413_CONTENT_TOO_LARGE,
                     f"storage quota: this dataset would take {stored_bytes} bytes stored, and "
                     f"this API key already uses {used} of its {quota} bytes "
-                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY); delete datasets it no longer "
-                    "needs (DELETE /v1/datasets/{id}) or upload a smaller one",
+                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets and the inputs of its "
+                    "queued and running jobs); delete datasets it no longer needs (DELETE "
+                    "/v1/datasets/{id}), wait for its jobs to end, or upload a smaller one",
                 )
             try:
                 yield
@@ -261,6 +233,33 @@ class Limits:
             # Stored: the reservation stays until it lapses or forget_storage drops it on delete.
 
         return admit
+
+    def reserve_inputs(
+        self, caller: str, datasets: DatasetStore, job_id: str, stored_bytes: int
+    ) -> None:
+        """Count ``stored_bytes`` of job ``job_id``'s inputs against ``caller``'s storage quota
+        until they are deleted (:mod:`smoothcert.service.core.storage_quota`); 413 when they do
+        not fit beside its datasets and the inputs of its other jobs."""
+        quota, settings = self.settings.max_storage_bytes_per_key, self.settings
+        stored, ids = datasets.stored_bytes(caller)
+        ok, used = JobInputs(self.redis).reserve(
+            caller,
+            job_id,
+            stored_bytes,
+            quota=quota,
+            stored=stored,
+            dataset_ids=ids,
+            ttl_ms=inputs_ttl_ms(settings.job_ttl_s, settings.orphan_inputs_grace_s),
+        )
+        if not ok:
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE,
+                f"storage quota: this job's inputs would take {stored_bytes} bytes stored until "
+                f"it ends, and this API key already uses {used} of its {quota} bytes "
+                "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets and the inputs of its "
+                "queued and running jobs); wait for its jobs to end, cancel one (DELETE "
+                "/v1/jobs/{id}), delete datasets it no longer needs, or send fewer inputs",
+            )
 
     def forget_storage(self, owner: str, dataset_id: str) -> None:
         """Drop what is still reserved for a dataset of ``owner`` that was just deleted."""
@@ -289,6 +288,10 @@ class Admission:
     def storage(self, datasets: DatasetStore) -> Admit:
         """Limits.storage for the caller."""
         return self.limits.storage(self.caller, datasets)
+
+    def reserve_inputs(self, datasets: DatasetStore, job_id: str, stored_bytes: int) -> None:
+        """Limits.reserve_inputs for the caller: 413 when the job's inputs do not fit its quota."""
+        self.limits.reserve_inputs(self.caller, datasets, job_id, stored_bytes)
 
     def submit(
         self,
