@@ -8,7 +8,8 @@ that does not fit it: :meth:`ModelRecord.refusal`), the inputs (shape and label 
 model's record; their decoded size, from their headers, against the decoded-bytes budget: 413),
 a dataset's range (:meth:`DatasetRecord.refusal_for`) and the job's sample budget. 8-bit images
 are kept as uint8 pixels (the worker scales them by 1/255), other inputs as float32.
-Then the inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``, the seed is drawn so that it
+Then the inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``, counted against the key's
+storage quota until they are deleted (413 when they do not fit), the seed is drawn so that it
 is recorded, the job record is written (:class:`~smoothcert.service.core.contract.CertifyJob`)
 and the messages are sent (:class:`~smoothcert.service.core.contract.CertifyTask`, or one
 :class:`~smoothcert.service.core.contract.ChunkTask` per chunk of a dataset job), all or none:
@@ -19,12 +20,12 @@ fit).
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import redis
 from fastapi import HTTPException, status
 
 from smoothcert.service.api.schemas import (
@@ -45,9 +46,10 @@ from smoothcert.service.core.contract import (
 )
 from smoothcert.service.core.images import IMAGE_SUFFIXES
 from smoothcert.service.core.inputs import InputsTooLarge, decode_pixels, read_npy
-from smoothcert.service.core.jobs import new_job_id
+from smoothcert.service.core.jobs import INPUTS_FILE, new_job_id
 from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
 from smoothcert.service.core.queue import CERTIFY_CHUNK_TASK, CERTIFY_TASK, QUEUE
+from smoothcert.service.core.storage_quota import drop_job_inputs, npy_bytes
 
 Files = list[tuple[str, bytes]]
 """A multipart body's ``inputs`` files: (file name, bytes) each."""
@@ -167,16 +169,22 @@ class Submission:
         job_id = new_job_id()
         with self.admission.room(QUEUE, 1):
             folder = self.settings.jobs_dir / job_id
-            folder.mkdir(parents=True)
-            np.save(folder / "inputs.npy", x)
-            task = CertifyTask(job, source.labels, radii)
+            # The inputs count against the caller's storage quota before a byte is written (413
+            # over it) until they are deleted: by the worker when the job ends, by DELETE of the
+            # queued job, or by the workers' sweep should this process die before the job is
+            # recorded (service/core/storage_quota.py).
+            self.admission.reserve_inputs(self.datasets, job_id, npy_bytes(x))
             try:
+                folder.mkdir(parents=True)
+                np.save(folder / INPUTS_FILE, x)
+                task = CertifyTask(job, source.labels, radii)
                 with self._recorded(job_id, job):
                     self.queue.send_task(
                         CERTIFY_TASK, args=[job_id, task.to_message()], task_id=job_id
                     )
             except Exception:
-                shutil.rmtree(folder, ignore_errors=True)
+                with contextlib.suppress(redis.RedisError):  # else the sweep gives it back
+                    drop_job_inputs(self.jobs.redis, self.settings.jobs_dir, job_id)
                 raise
         return _accepted(job_id)
 

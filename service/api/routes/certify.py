@@ -93,8 +93,10 @@ Form = tuple[
     responses={
         404: {"description": "unknown model or dataset"},
         413: {
-            "description": "body too large, or inputs over SMOOTHCERT_MAX_DECODED_BYTES_PER_REQUEST "
-            "once decoded (counted from their headers)"
+            "description": "body too large, inputs over SMOOTHCERT_MAX_DECODED_BYTES_PER_REQUEST "
+            "once decoded (counted from their headers), or inputs that would take this API key "
+            "past its storage quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: datasets and the "
+            "inputs of queued and running jobs)"
         },
         422: {
             "description": "invalid parameters or inputs, or a job over SMOOTHCERT_MAX_JOB_SAMPLES"

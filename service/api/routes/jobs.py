@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from smoothcert.service.api.deps import Credentials, JobsDep, Role, require_key
+from smoothcert.service.api.deps import Credentials, JobsDep, Role, SettingsDep, require_key
 from smoothcert.service.api.limits import Responses, caller_id
 from smoothcert.service.api.pictures import accuracy_curve_svg, sample_strip_png
 from smoothcert.service.api.schemas import Job, JobKind, JobList, JobStatus
@@ -39,6 +39,7 @@ from smoothcert.service.core.jobs import (
     is_index_entry,
     is_job_id,
 )
+from smoothcert.service.core.storage_quota import drop_job_inputs
 from smoothcert.service.core.tsv import format_tsv
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_key)])
@@ -154,14 +155,18 @@ def get_results_tsv(job_id: JobId, jobs: JobsDep) -> PlainTextResponse:
         409: {"description": "the job already finished"},
     },
 )
-def cancel_job(job_id: JobId, jobs: JobsDep):
-    """Cancel: a queued job at once (200), a running one between two batches (202)."""
+def cancel_job(job_id: JobId, jobs: JobsDep, settings: SettingsDep):
+    """Cancel: a queued job at once (200), a running one between two batches (202). A canceled
+    job's saved inputs are deleted at once, and no longer count against the key's storage quota;
+    a running job's worker deletes them when it stops."""
     record = _record(jobs, job_id)
     if record.status in TERMINAL and record.status != CANCELED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {record.status}")
     if record.status != CANCELED:
         jobs.request_cancel(job_id)
         record = _record(jobs, job_id)
+    if record.status == CANCELED:  # no worker runs it, nor will: its inputs can go
+        drop_job_inputs(jobs.redis, settings.jobs_dir, job_id)
     code = status.HTTP_202_ACCEPTED if record.status not in TERMINAL else status.HTTP_200_OK
     return JSONResponse(Job.model_validate(record.to_dict()).model_dump(), status_code=code)
 
