@@ -173,10 +173,19 @@ def start_worker(
     return proc, key.decode()[len(HEARTBEAT_PREFIX) :]
 
 
+# The session's worker sweeps away job inputs left behind this soon (test_quotas kills an API
+# between writing a job's inputs and recording the job): longer than any API of the suite takes
+# from writing inputs to recording their job.
+ORPHAN_INPUTS_GRACE_S = 5
+
+
 @pytest.fixture(scope="session")
 def worker(redis_url, data_dir) -> Iterator[subprocess.Popen]:
     """The session's worker, ``test@<host>``."""
-    proc, _ = start_worker(stack_env(redis_url, data_dir), data_dir / "worker.log", "test@%h")
+    env = stack_env(
+        redis_url, data_dir, SMOOTHCERT_ORPHAN_INPUTS_GRACE_S=str(ORPHAN_INPUTS_GRACE_S)
+    )
+    proc, _ = start_worker(env, data_dir / "worker.log", "test@%h")
     yield proc
     stop_process(proc)
 

@@ -14,6 +14,14 @@
   the main process, which is where Celery handles that limit. The
   heartbeat carries the worker's incarnation, drawn at each start: a worker restarted under the
   same name (a container keeps its hostname) does not vouch for the leases of the one that died.
+* The heartbeat thread also sweeps away the saved inputs of jobs whose record is missing or
+  ended (:func:`~smoothcert.service.core.storage_quota.sweep_orphan_inputs`: an API that died
+  between writing a job's inputs and recording it, a worker that died before deleting them) and
+  gives back what they held of their key's storage quota. It runs here, not in the API, because
+  workers run all the time beside the data volume, on a thread already on a timer, where an
+  API's own timer would sweep only while that API lives; a lock in Redis lets one worker sweep
+  per interval however many run, each step may be done twice, and a sweep is a few Redis calls
+  and one listing of ``DATA_DIR/jobs``, short beside a beat.
 * Beside the heartbeat the main process starts the sweep of ``DATA_DIR/results``
   (:mod:`smoothcert.worker.queue.result_sweep`), in a thread of its own.
 """
@@ -43,6 +51,7 @@ from celery.signals import (
 from smoothcert.service.core.jobs import JobStore
 from smoothcert.service.core.queue import send_first, soft_time_limit_s, watchdog_time_limit_s
 from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.storage_quota import sweep_orphan_inputs
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
 from smoothcert.worker.queue import context, outage, watchdog
 from smoothcert.worker.queue.leases import Lease, Leases
@@ -168,7 +177,8 @@ def report_process(
 
 
 class Heartbeat:
-    """The main process's heartbeat thread; it also prunes gone pool processes and reaps leases."""
+    """The main process's heartbeat thread; it also prunes gone pool processes, reaps leases and
+    sweeps away orphaned job inputs."""
 
     def __init__(self, app: Celery, name: str, queues: list[str], concurrency: int):
         self.app, self.name = app, name
@@ -199,6 +209,13 @@ class Heartbeat:
                 lease.task_id,
                 lease.task,
             )
+        settings = _settings()
+        sweep_orphan_inputs(
+            client,
+            settings.jobs_dir,
+            grace_s=settings.orphan_inputs_grace_s,
+            job_ttl_s=settings.job_ttl_s,
+        )
 
     def resend(self, lease: Lease) -> None:
         """Send a dead worker's task again, to the front of its queue: it was first in line once

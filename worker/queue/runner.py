@@ -20,7 +20,6 @@ counts per chunk.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +34,9 @@ from smoothcert.models.runtimes import batch_class, select_runtime
 from smoothcert.service.core.contract import CertifyParams, CertifyTask, ChunkTask
 from smoothcert.service.core.dataset_files import DatasetFileError
 from smoothcert.service.core.images import to_unit
-from smoothcert.service.core.jobs import RUNNING, TERMINAL, job_folder, job_inputs
+from smoothcert.service.core.jobs import RUNNING, TERMINAL, job_inputs
 from smoothcert.service.core.samples import record_result_samples
+from smoothcert.service.core.storage_quota import drop_job_inputs
 from smoothcert.worker.queue import outage, watchdog
 from smoothcert.worker.queue.certify_run import (
     kept_samples,
@@ -335,9 +335,11 @@ def _fail(ctx: WorkerContext, job_id: str, error: str) -> None:
 
 
 def drop_inputs_when_done(ctx: WorkerContext, job_id: str) -> None:
-    """Delete a job's folder of saved inputs once it has ended; a job still in flight keeps them
-    for the next delivery. Only ``DATA_DIR/jobs/<id>`` is ever removed, and not when it resolves
-    elsewhere. While Redis is away nothing is removed: whether the job ended is not known."""
+    """Delete a job's folder of saved inputs once it has ended, and give back what they held of its
+    key's storage quota; a job still in flight keeps them for the next delivery. Only
+    ``DATA_DIR/jobs/<id>`` is ever removed, and not when it resolves elsewhere. While Redis is away
+    nothing is removed, as whether the job ended is not known: the workers' sweep deletes them
+    later (service/core/storage_quota.py)."""
     jobs, jobs_dir = ctx.jobs, ctx.settings.jobs_dir
     record = outage.tolerant(
         lambda: jobs.get(job_id, rows=False), _UNKNOWN, "the cleanup of the saved inputs", job_id
@@ -345,9 +347,9 @@ def drop_inputs_when_done(ctx: WorkerContext, job_id: str) -> None:
     if record is _UNKNOWN:
         return
     if record is None or record.status in TERMINAL:
-        try:
-            folder = job_folder(jobs_dir, job_id)
-        except ValueError:
-            log.warning("job %s: its folder resolves outside %s; left alone", job_id, jobs_dir)
-            return
-        shutil.rmtree(folder, ignore_errors=True)
+        outage.tolerant(
+            lambda: drop_job_inputs(jobs.redis, jobs_dir, job_id),
+            None,
+            "giving back the storage quota of the saved inputs",
+            job_id,
+        )

@@ -1,6 +1,7 @@
 """Bounded work per key and per job, on real processes: datasets stored in their uploaded dtype,
-the per-key storage quota, the per-key active-jobs quota, the per-job sample budget, and dataset
-jobs counted against the queue bound by their chunks.
+the per-key storage quota (datasets and job inputs, and the sweep of inputs an API left behind),
+the per-key active-jobs quota, the per-job sample budget, and dataset jobs counted against the
+queue bound by their chunks.
 
 Extra APIs, with keys of their own so that their quotas start empty: ``big`` (the session's
 Redis and worker, default caps) for the amplification test; ``quota`` (the session's Redis and
@@ -8,14 +9,18 @@ worker) with a small storage quota and one active job per key; and two on Redis 
 IDLE_DB, where no worker listens (jobs stay queued), with IDLE_ACTIVE active jobs per key and
 chunks of 2 inputs: ``idle`` with a queue bound of BOUND messages, ``roomy`` with the default
 bound (so that rooms held by concurrent submissions do not refuse them first). That database is
-emptied before each test that uses it.
+emptied before each test that uses it. The job-inputs tests have APIs of their own too
+(``inputs_apis``, and one that a test kills).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -28,12 +33,14 @@ from smoothcert.service.core.queue import QUEUE, queue_depth
 from smoothcert.service.core.settings import Settings
 from tests.support.proc import memory_bytes
 from tests.support.stack import (
+    ORPHAN_INPUTS_GRACE_S,
     other_db,
     scratch_db,
     stack_env,
     start_api,
     stop_process,
     upload_dataset,
+    wait_for,
     wait_job,
 )
 
@@ -568,3 +575,212 @@ def test_a_reservation_still_counts_for_an_upload_that_listed_the_datasets_befor
             1000,
         ]
         assert limits._storage(keys=keys, args=["B", 1000, 1500, 0, STORAGE_TTL_MS]) == [0, 1000]
+
+
+# --- job inputs against the storage quota -------------------------------------------------------
+
+INPUTS_USER = "quotas-inputs-user-key-0123456789"
+WORKED_USER = "quotas-worked-user-key-0123456789"
+KILLED_USER = "quotas-killed-user-key-0123456789"
+DIGITS_10K = np.random.default_rng(5).random((10_000, 1, 8, 8), dtype=np.float32)
+INPUTS_10K = DIGITS_10K.nbytes + 128  # 2,560,128 bytes saved, the .npy header included
+INPUTS_QUOTA = 6 << 20  # two jobs of 10,000 inputs fit, three do not
+WORKED_QUOTA = 128 << 10  # two jobs of 200 inputs (51,328 bytes each) and no 36,256-byte dataset
+
+
+def npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def post_inputs(client: httpx.Client, model_id: str, x: np.ndarray, **fields) -> httpx.Response:
+    form = {"model_id": model_id, **{k: str(v) for k, v in {**TINY, **fields}.items()}}
+    return client.post("/v1/certify", data=form, files=[("inputs", ("x.npy", npy(x)))])
+
+
+def reserved(r: redis.Redis, key: str) -> dict[str, int]:
+    """What the caller of ``key`` holds of its storage quota, by token."""
+    held = r.hgetall(f"smoothcert:storage:{caller_id(key)}:amounts")
+    return {k.decode(): int(v) for k, v in held.items()}
+
+
+def folder_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+@pytest.fixture(scope="module")
+def inputs_apis(redis_url, data_dir, worker):
+    """Two APIs with the default input caps and keys of their own: ``idle``, on database IDLE_DB (no
+    worker: its jobs stay queued), with a storage quota of INPUTS_QUOTA; ``worked``, on the
+    session's Redis and worker, with WORKED_QUOTA. Their URLs."""
+    urls = {}
+    for name, url, key, quota in (
+        ("idle", other_db(redis_url, IDLE_DB), INPUTS_USER, INPUTS_QUOTA),
+        ("worked", redis_url, WORKED_USER, WORKED_QUOTA),
+    ):
+        env = stack_env(
+            url,
+            data_dir,
+            SMOOTHCERT_API_KEY=key,
+            SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY=str(quota),
+        )
+        for cap in ("SMOOTHCERT_MAX_INPUTS", "SMOOTHCERT_MAX_REQUEST_BYTES"):
+            env.pop(cap)
+        urls[name] = start_api(env, data_dir / f"api-quotas-inputs-{name}.log")
+    yield {name: url for name, (_, url) in urls.items()}
+    for proc, _ in urls.values():
+        stop_process(proc)
+
+
+def test_canceled_queued_jobs_leave_no_inputs_and_inputs_count_with_datasets(
+    inputs_apis, redis_url, data_dir, demo_model
+):
+    r = redis.Redis.from_url(other_db(redis_url, IDLE_DB))
+    r.flushdb()
+    jobs_dir = data_dir / "jobs"
+    before = folders(jobs_dir)
+    with httpx.Client(
+        base_url=inputs_apis["idle"], headers=bearer(INPUTS_USER), timeout=90
+    ) as user:
+        # Submit then cancel, 25 times: each job's inputs are gone with its cancel.
+        peak = 0
+        for seed in range(25):
+            accepted = post_inputs(user, demo_model["id"], DIGITS_10K, seed=seed)
+            assert accepted.status_code == 202, accepted.text
+            job_id = accepted.json()["job_id"]
+            assert (jobs_dir / job_id / "inputs.npy").stat().st_size == INPUTS_10K
+            assert reserved(r, INPUTS_USER) == {f"job:{job_id}": INPUTS_10K}
+            mine = set(folders(jobs_dir)) - set(before)
+            peak = max(peak, sum(folder_bytes(jobs_dir / f) for f in mine))
+            assert user.delete(f"/v1/jobs/{job_id}").status_code == 200
+            assert not (jobs_dir / job_id).exists()
+        assert peak == INPUTS_10K <= INPUTS_QUOTA
+        assert folders(jobs_dir) == before and reserved(r, INPUTS_USER) == {}
+
+        # Jobs kept queued: two fit the quota, a third is 413 and writes nothing.
+        kept = [post_inputs(user, demo_model["id"], DIGITS_10K, seed=s) for s in (100, 101)]
+        assert [k.status_code for k in kept] == [202, 202], [k.text for k in kept]
+        refused = post_inputs(user, demo_model["id"], DIGITS_10K, seed=102)
+        assert refused.status_code == 413, refused.text
+        detail = refused.json()["detail"]
+        assert "storage quota" in detail and "SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY" in detail
+        assert f"would take {INPUTS_10K} bytes" in detail
+        assert f"already uses {2 * INPUTS_10K} of its {INPUTS_QUOTA} bytes" in detail
+        assert len(folders(jobs_dir)) == len(before) + 2
+        assert len(job_records(r)) == 2 + 25
+
+        # A dataset that fits the quota alone does not fit beside them, and does once they end.
+        dataset = npz(x=np.zeros((20_000, 1, 8, 8), np.uint8), y=np.zeros(20_000, np.int64))
+        stored = 20_000 * 64 + 20_000 * 8  # and its headers
+        assert stored + (64 << 10) <= INPUTS_QUOTA < stored + 2 * INPUTS_10K
+        beside = upload_dataset(user, dataset)
+        assert beside.status_code == 413, beside.text
+        assert f"already uses {2 * INPUTS_10K} of its" in beside.json()["detail"]
+        for k in kept:
+            assert user.delete(f"/v1/jobs/{k.json()['job_id']}").status_code == 200
+        alone = upload_dataset(user, dataset)
+        assert alone.status_code == 201, alone.text
+        assert set(reserved(r, INPUTS_USER)) == {alone.json()["id"]}  # no job's inputs left
+        assert folders(jobs_dir) == before
+        assert user.delete(f"/v1/datasets/{alone.json()['id']}").status_code == 204
+    r.flushdb()
+    r.close()
+
+
+def test_job_inputs_hold_the_quota_until_the_worker_ends_their_jobs(
+    inputs_apis, redis_url, data_dir, demo_model
+):
+    r = redis.Redis.from_url(redis_url)
+    jobs_dir, x = data_dir / "jobs", DIGITS_10K[:200]
+    size = x.nbytes + 128
+    dataset = npz(x=np.zeros((500, 1, 8, 8), np.uint8), y=np.zeros(500, np.int64))
+    with httpx.Client(
+        base_url=inputs_apis["worked"], headers=bearer(WORKED_USER), timeout=90
+    ) as user:
+        running = post_inputs(user, demo_model["id"], x, n=2_000_000, batch_size=500)
+        assert running.status_code == 202, running.text
+        wait_job(user, running.json()["job_id"], until=("running",))
+        queued = post_inputs(user, demo_model["id"], x)  # waits behind it: one worker process
+        assert queued.status_code == 202, queued.text
+        ids = [running.json()["job_id"], queued.json()["job_id"]]
+        assert set(reserved(r, WORKED_USER)) == {f"job:{j}" for j in ids}
+
+        refused = upload_dataset(user, dataset)  # 36,256 bytes: fits alone, not beside the jobs
+        assert refused.status_code == 413, refused.text
+        assert f"already uses {2 * size} of its {WORKED_QUOTA} bytes" in refused.json()["detail"]
+
+        # The running job is canceled (its worker stops it between batches); the queued one then
+        # runs to the end. The worker deletes both jobs' inputs, and their bytes are free again.
+        assert user.delete(f"/v1/jobs/{ids[0]}").status_code == 202
+        assert wait_job(user, ids[0], timeout=60)["status"] == "canceled"
+        assert wait_job(user, ids[1], timeout=60)["status"] == "succeeded"
+        wait_for(
+            lambda: (
+                not any((jobs_dir / j).exists() for j in ids) and reserved(r, WORKED_USER) == {}
+            ),
+            15,
+            "the worker to delete the ended jobs' inputs",
+        )
+        accepted = upload_dataset(user, dataset)
+        assert accepted.status_code == 201, accepted.text
+        assert user.delete(f"/v1/datasets/{accepted.json()['id']}").status_code == 204
+    r.close()
+
+
+def test_inputs_left_by_an_api_killed_before_it_recorded_the_job_are_swept(
+    redis_url, data_dir, worker, demo_model
+):
+    """SIGKILL an API of its own after it wrote a job's inputs (its folder made, the file written
+    or being written) and before it recorded the job; the session worker's sweep deletes them
+    once ORPHAN_INPUTS_GRACE_S old and gives their bytes back."""
+    r, jobs_dir = redis.Redis.from_url(redis_url), data_dir / "jobs"
+    jobs_dir.mkdir(exist_ok=True)
+    env = stack_env(redis_url, data_dir, SMOOTHCERT_API_KEY=KILLED_USER)
+    for cap in ("SMOOTHCERT_MAX_INPUTS", "SMOOTHCERT_MAX_REQUEST_BYTES"):
+        env.pop(cap)
+    proc, url = start_api(env, data_dir / "api-quotas-killed.log")
+    for thread in os.listdir(f"/proc/{proc.pid}/task"):  # slower than the test: a wider window
+        os.setpriority(os.PRIO_PROCESS, int(thread), 19)
+    client = httpx.Client(base_url=url, headers=bearer(KILLED_USER), timeout=30)
+    orphan, answers = None, []
+
+    def send() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the API may die under it
+            answers.append(post_inputs(client, demo_model["id"], DIGITS_10K))
+
+    for _ in range(50):  # stop the API in the window; when it got past it, try again
+        before, deadline = set(os.listdir(jobs_dir)), time.monotonic() + 30
+        sending = threading.Thread(target=send, daemon=True)
+        sending.start()
+        new: set[str] = set()
+        while not new and time.monotonic() < deadline:
+            new = set(os.listdir(jobs_dir)) - before
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert new, f"no inputs written within 30 s: {[a.text for a in answers]}"
+        [job_id] = new
+        if not r.exists(f"smoothcert:job:{job_id}"):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            orphan = job_id
+            break
+        os.kill(proc.pid, signal.SIGCONT)
+        sending.join(30)
+        assert answers[-1].status_code == 202, answers[-1].text
+        assert client.delete(f"/v1/jobs/{job_id}").status_code in (200, 202)
+    client.close()
+    if orphan is None:
+        stop_process(proc)
+    assert orphan is not None, "the API recorded the job each time before it could be stopped"
+    stopped_at = time.monotonic()
+    assert (jobs_dir / orphan).is_dir() and not r.exists(f"smoothcert:job:{orphan}")
+    assert reserved(r, KILLED_USER)[f"job:{orphan}"] == INPUTS_10K
+    wait_for(
+        lambda: (
+            not (jobs_dir / orphan).exists() and f"job:{orphan}" not in reserved(r, KILLED_USER)
+        ),
+        ORPHAN_INPUTS_GRACE_S + 15,
+        "the sweep to delete the orphaned inputs",
+    )
+    assert time.monotonic() - stopped_at >= ORPHAN_INPUTS_GRACE_S - 1  # not before its grace
+    r.close()

@@ -21,6 +21,7 @@ from smoothcert.service.core.contract import (
 )
 from smoothcert.service.core.jobs import new_job_id
 from smoothcert.service.core.model_store import READY
+from smoothcert.service.core.storage_quota import JobInputs, npy_bytes, storage_keys
 from smoothcert.service.core.workers import PROCESSES_PREFIX
 from smoothcert.worker.queue import liveness, runner
 from tests.support.stack import worker_context
@@ -127,6 +128,24 @@ def test_a_delivery_past_the_cap_fails_the_job_and_a_finished_one_is_not_admitte
     assert record.status == "failed"
     assert record.error == "the job was started 2 times and its worker died each time"
     assert not runner.admitted(ctx, job_id, 0)
+
+
+def test_an_ended_jobs_inputs_are_deleted_and_give_back_their_storage_quota(ctx):
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    job = CertifyJob(params("m"), len(x))
+    job_id, inputs = queued(ctx, job), JobInputs(ctx.redis())
+    ok, _ = inputs.reserve(
+        "owner", job_id, npy_bytes(x), quota=1 << 20, stored=0, dataset_ids=[], ttl_ms=60_000
+    )
+    assert ok
+    saved(ctx, job_id, x)
+    runner.drop_inputs_when_done(ctx, job_id)  # still queued: kept for its delivery
+    assert (ctx.settings.jobs_dir / job_id / "inputs.npy").exists()
+    assert inputs.reserved() == {job_id}
+    assert ctx.jobs.fail(job_id, "ended")
+    runner.drop_inputs_when_done(ctx, job_id)
+    assert not (ctx.settings.jobs_dir / job_id).exists()
+    assert inputs.reserved() == set() and ctx.redis().hgetall(storage_keys("owner")[1]) == {}
 
 
 def test_a_pool_process_reports_the_models_it_loaded_for_readyz(ctx, model_id):
