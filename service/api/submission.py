@@ -49,7 +49,7 @@ from smoothcert.service.core.inputs import InputsTooLarge, decode_pixels, read_n
 from smoothcert.service.core.jobs import INPUTS_FILE, new_job_id
 from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
 from smoothcert.service.core.queue import CERTIFY_CHUNK_TASK, CERTIFY_TASK, QUEUE
-from smoothcert.service.core.storage_quota import drop_job_inputs, npy_bytes
+from smoothcert.service.core.storage_quota import drop_job_inputs, inputs_disk_bytes
 
 Files = list[tuple[str, bytes]]
 """A multipart body's ``inputs`` files: (file name, bytes) each."""
@@ -173,7 +173,9 @@ class Submission:
             # over it) until they are deleted: by the worker when the job ends, by DELETE of the
             # queued job, or by the workers' sweep should this process die before the job is
             # recorded (service/core/storage_quota.py).
-            self.admission.reserve_inputs(self.datasets, job_id, npy_bytes(x))
+            self.admission.reserve_inputs(
+                self.datasets, job_id, inputs_disk_bytes(x, self.settings.data_dir)
+            )
             try:
                 folder.mkdir(parents=True)
                 np.save(folder / INPUTS_FILE, x)

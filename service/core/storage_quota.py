@@ -6,10 +6,11 @@ A key's reservations are a sorted set ``smoothcert:storage:<caller>`` (token -> 
 Redis-clock ms) and a hash ``smoothcert:storage:<caller>:amounts`` (token -> bytes); a reservation
 counts until it lapses or is given back. A dataset upload's token is its dataset id
 (:mod:`smoothcert.service.api.limits` says why it outlives the upload). A certify job's inputs,
-``DATA_DIR/jobs/<id>/inputs.npy``, are reserved as ``job:<id>`` by the API before the file is
-written (:meth:`JobInputs.reserve`: over the quota, nothing is written) and given back by whoever
-deletes the folder (:func:`drop_job_inputs`): the API when a submission fails or a queued job is
-canceled, the worker when the job ends, or the sweep. Such a reservation lapses only
+``DATA_DIR/jobs/<id>/inputs.npy``, are reserved as ``job:<id>`` (what the file and its folder
+take on disk, in whole blocks, as a dataset counts: :func:`inputs_disk_bytes`) by the API before
+the file is written (:meth:`JobInputs.reserve`: over the quota, nothing is written) and given
+back by whoever deletes the folder (:func:`drop_job_inputs`): the API when a submission fails or
+a queued job is canceled, the worker when the job ends, or the sweep. Such a reservation lapses only
 :func:`inputs_ttl_ms` after it was made (the job record's TTL plus twice the grace below), so it
 counts for as long as the inputs can be on disk.
 
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from smoothcert.service.core.dataset_store import block_size, disk_bytes
 from smoothcert.service.core.jobs import PREFIX as JOB_PREFIX
 from smoothcert.service.core.jobs import TERMINAL, is_job_id, job_folder
 
@@ -146,6 +148,13 @@ def inputs_ttl_ms(job_ttl_s: int, grace_s: float) -> int:
     """How long an inputs reservation lasts unless given back: past its job record's life and the
     sweep's grace, so that it lapses only once the sweep has had its turn."""
     return int((job_ttl_s + 2 * grace_s) * 1000)
+
+
+def inputs_disk_bytes(x: np.ndarray, data_dir: Path) -> int:
+    """What a job's inputs take on disk once saved, as a dataset is counted
+    (:func:`~smoothcert.service.core.dataset_store.disk_bytes`): ``inputs.npy`` and its folder, in
+    whole blocks of the file system holding ``data_dir``."""
+    return disk_bytes([npy_bytes(x)], block_size(data_dir))
 
 
 def npy_bytes(x: np.ndarray) -> int:

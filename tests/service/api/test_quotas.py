@@ -28,6 +28,7 @@ import pytest
 import redis
 
 from smoothcert.service.api.limits import STORAGE_PREFIX, STORAGE_TTL_MS, Limits, _held, caller_id
+from smoothcert.service.core.dataset_store import block_size, disk_bytes
 from smoothcert.service.core.jobs import JobStore, active_jobs
 from smoothcert.service.core.queue import QUEUE, queue_depth
 from smoothcert.service.core.settings import Settings
@@ -585,7 +586,13 @@ KILLED_USER = "quotas-killed-user-key-0123456789"
 DIGITS_10K = np.random.default_rng(5).random((10_000, 1, 8, 8), dtype=np.float32)
 INPUTS_10K = DIGITS_10K.nbytes + 128  # 2,560,128 bytes saved, the .npy header included
 INPUTS_QUOTA = 6 << 20  # two jobs of 10,000 inputs fit, three do not
-WORKED_QUOTA = 128 << 10  # two jobs of 200 inputs (51,328 bytes each) and no 36,256-byte dataset
+WORKED_QUOTA = 128 << 10  # two jobs of 200 inputs (56 KiB each, in 4 KiB blocks) and no dataset
+
+
+def counted(data_dir, file_bytes: int) -> int:
+    """What a job's inputs file of ``file_bytes`` counts against the quota: it and its folder in
+    whole blocks, as a dataset's files count."""
+    return disk_bytes([file_bytes], block_size(data_dir))
 
 
 def npy(x: np.ndarray) -> bytes:
@@ -638,7 +645,7 @@ def test_canceled_queued_jobs_leave_no_inputs_and_inputs_count_with_datasets(
 ):
     r = redis.Redis.from_url(other_db(redis_url, IDLE_DB))
     r.flushdb()
-    jobs_dir = data_dir / "jobs"
+    jobs_dir, held = data_dir / "jobs", counted(data_dir, INPUTS_10K)
     before = folders(jobs_dir)
     with httpx.Client(
         base_url=inputs_apis["idle"], headers=bearer(INPUTS_USER), timeout=90
@@ -650,7 +657,7 @@ def test_canceled_queued_jobs_leave_no_inputs_and_inputs_count_with_datasets(
             assert accepted.status_code == 202, accepted.text
             job_id = accepted.json()["job_id"]
             assert (jobs_dir / job_id / "inputs.npy").stat().st_size == INPUTS_10K
-            assert reserved(r, INPUTS_USER) == {f"job:{job_id}": INPUTS_10K}
+            assert reserved(r, INPUTS_USER) == {f"job:{job_id}": held}
             mine = set(folders(jobs_dir)) - set(before)
             peak = max(peak, sum(folder_bytes(jobs_dir / f) for f in mine))
             assert user.delete(f"/v1/jobs/{job_id}").status_code == 200
@@ -665,18 +672,18 @@ def test_canceled_queued_jobs_leave_no_inputs_and_inputs_count_with_datasets(
         assert refused.status_code == 413, refused.text
         detail = refused.json()["detail"]
         assert "storage quota" in detail and "SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY" in detail
-        assert f"would take {INPUTS_10K} bytes" in detail
-        assert f"already uses {2 * INPUTS_10K} of its {INPUTS_QUOTA} bytes" in detail
+        assert f"would take {held} bytes" in detail
+        assert f"already uses {2 * held} of its {INPUTS_QUOTA} bytes" in detail
         assert len(folders(jobs_dir)) == len(before) + 2
         assert len(job_records(r)) == 2 + 25
 
         # A dataset that fits the quota alone does not fit beside them, and does once they end.
         dataset = npz(x=np.zeros((20_000, 1, 8, 8), np.uint8), y=np.zeros(20_000, np.int64))
         stored = 20_000 * 64 + 20_000 * 8  # and its headers
-        assert stored + (64 << 10) <= INPUTS_QUOTA < stored + 2 * INPUTS_10K
+        assert stored + (64 << 10) <= INPUTS_QUOTA < stored + 2 * held
         beside = upload_dataset(user, dataset)
         assert beside.status_code == 413, beside.text
-        assert f"already uses {2 * INPUTS_10K} of its" in beside.json()["detail"]
+        assert f"already uses {2 * held} of its" in beside.json()["detail"]
         for k in kept:
             assert user.delete(f"/v1/jobs/{k.json()['job_id']}").status_code == 200
         alone = upload_dataset(user, dataset)
@@ -693,7 +700,7 @@ def test_job_inputs_hold_the_quota_until_the_worker_ends_their_jobs(
 ):
     r = redis.Redis.from_url(redis_url)
     jobs_dir, x = data_dir / "jobs", DIGITS_10K[:200]
-    size = x.nbytes + 128
+    size = counted(data_dir, x.nbytes + 128)
     dataset = npz(x=np.zeros((500, 1, 8, 8), np.uint8), y=np.zeros(500, np.int64))
     with httpx.Client(
         base_url=inputs_apis["worked"], headers=bearer(WORKED_USER), timeout=90
@@ -706,7 +713,7 @@ def test_job_inputs_hold_the_quota_until_the_worker_ends_their_jobs(
         ids = [running.json()["job_id"], queued.json()["job_id"]]
         assert set(reserved(r, WORKED_USER)) == {f"job:{j}" for j in ids}
 
-        refused = upload_dataset(user, dataset)  # 36,256 bytes: fits alone, not beside the jobs
+        refused = upload_dataset(user, dataset)  # fits alone, not beside the jobs
         assert refused.status_code == 413, refused.text
         assert f"already uses {2 * size} of its {WORKED_QUOTA} bytes" in refused.json()["detail"]
 
@@ -774,7 +781,7 @@ def test_inputs_left_by_an_api_killed_before_it_recorded_the_job_are_swept(
     assert orphan is not None, "the API recorded the job each time before it could be stopped"
     stopped_at = time.monotonic()
     assert (jobs_dir / orphan).is_dir() and not r.exists(f"smoothcert:job:{orphan}")
-    assert reserved(r, KILLED_USER)[f"job:{orphan}"] == INPUTS_10K
+    assert reserved(r, KILLED_USER)[f"job:{orphan}"] == counted(data_dir, INPUTS_10K)
     wait_for(
         lambda: (
             not (jobs_dir / orphan).exists() and f"job:{orphan}" not in reserved(r, KILLED_USER)

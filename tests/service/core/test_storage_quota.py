@@ -17,6 +17,7 @@ from smoothcert.service.core.storage_quota import (
     STORAGE_LUA,
     JobInputs,
     drop_job_inputs,
+    inputs_disk_bytes,
     npy_bytes,
     storage_keys,
     sweep_orphan_inputs,
@@ -50,9 +51,12 @@ def aged(db, job_id: str) -> None:
     db.zadd(INPUTS_INDEX, {job_id: 0})
 
 
-def test_npy_bytes_is_the_size_numpy_writes(tmp_path):
+def test_npy_bytes_is_the_size_numpy_writes_and_inputs_count_in_whole_blocks(tmp_path):
     for x in (np.zeros((3, 1, 8, 8), np.float32), np.zeros((7, 3, 5, 5), np.uint8)):
         assert npy_bytes(x) == written(tmp_path, new_job_id(), x)
+    block = os.statvfs(tmp_path).f_frsize
+    one = np.zeros((1, 1, 8, 8), np.float32)  # 384 bytes: a block for it, one for its folder
+    assert inputs_disk_bytes(one, tmp_path) == 2 * max(512, block)
 
 
 def test_job_inputs_count_beside_datasets_and_uploads_until_given_back(db):
