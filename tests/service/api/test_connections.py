@@ -199,6 +199,7 @@ def test_a_slow_but_steady_body_is_read_whole(api):
 
 def test_connections_past_the_bound_get_503(api):
     idle = [api.connect() for _ in range(MAX_CONCURRENCY - 1)]
+    time.sleep(0.2)  # the server has taken them all in
     try:
         refused = httpx.get(api.url + "/healthz", timeout=5)
     finally:
