@@ -26,6 +26,7 @@ from smoothcert.service.core.contract import (
     TRAIN_KINDS,
     CertifyJob,
     CertifyTask,
+    CheckModelTask,
     ChunkTask,
     ContractError,
     TrainTask,
@@ -112,11 +113,15 @@ def chunk_task(
 def check_model_message(jobs: JobStore, task_id: str | None, job_id: Any, model_id: Any) -> str:
     """The model a check_model job loads; Dropped unless the record names that model."""
     record = _record(jobs, job_id, task_id, ("check_model",))
-    if record.params != {"model_id": model_id}:
+    try:
+        recorded = CheckModelTask.from_record_params(record.params)
+    except ContractError as exc:
+        raise Dropped(f"the record of job {job_id} holds no check_model job: {exc}") from None
+    if recorded != CheckModelTask(model_id):
         raise Dropped(
-            f"job {job_id} checks model {record.params.get('model_id')!r}, not {str(model_id)[:80]!r}"
+            f"job {job_id} checks model {recorded.model_id!r}, not {str(model_id)[:80]!r}"
         )
-    return str(model_id)
+    return recorded.model_id
 
 
 def train_task(
