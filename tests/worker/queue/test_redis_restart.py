@@ -156,9 +156,9 @@ def test_a_task_running_through_a_redis_restart_finishes_with_the_rows_of_an_uni
             "inputs": np.load(demo_paths["test_x"])[:8].tolist(),
             "sigma": 0.25,
             "n0": 20,
-            # ~10 s at the 50,000 samples/s this model runs at here: still drawing through the
-            # 1.5 s before the kill and the 4 s outage (at 20,000 it could end before the kill)
-            "n": 60000,
+            # 800,000 samples, ~6 s of drawing here (about 140,000/s once the runtime is chosen):
+            # still drawing at the kill, 1.5 s after the first progress (20,000 ended before it)
+            "n": 100_000,
             "seed": 5,
         }
         resp = user.post("/v1/certify", json=body)
