@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable, Iterable
 
 from starlette.requests import ClientDisconnect
-from starlette.routing import compile_path
 
-from smoothcert.service.api.metrics import route_label
+from smoothcert.service.api.metrics import RouteTemplates, route_label
 
 log = logging.getLogger("smoothcert.access")
 # Set in a request's scope by the API's server when it cut the body (smoothcert.service.api.server).
@@ -56,13 +55,7 @@ class AccessLog:
     the route templates for requests answered before routing; it is called once, when needed."""
 
     def __init__(self, app, paths: Callable[[], Iterable[str]]):
-        self.app, self.paths = app, paths
-        self._templates: list[tuple[re.Pattern, str]] | None = None
-
-    def templates(self) -> list[tuple[re.Pattern, str]]:
-        if self._templates is None:
-            self._templates = [(compile_path(t)[0], t) for t in self.paths()]
-        return self._templates
+        self.app, self.templates = app, RouteTemplates(paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -149,6 +149,20 @@ def route_label(scope: dict[str, Any], templates: Sequence[tuple[re.Pattern, str
     return route or "other"
 
 
+class RouteTemplates:
+    """The app's route templates compiled for :func:`route_label`: ``paths()`` is called once, on
+    the first request answered before routing (the metrics and the access log share this)."""
+
+    def __init__(self, paths: Callable[[], Iterable[str]]):
+        self.paths = paths
+        self._compiled: list[tuple[re.Pattern, str]] | None = None
+
+    def __call__(self) -> list[tuple[re.Pattern, str]]:
+        if self._compiled is None:
+            self._compiled = [(compile_path(t)[0], t) for t in self.paths()]
+        return self._compiled
+
+
 class HttpMetricsMiddleware:
     """ASGI middleware that times every HTTP request and counts it in ``metrics``.
 
@@ -157,13 +171,7 @@ class HttpMetricsMiddleware:
     """
 
     def __init__(self, app, metrics: HttpMetrics, paths: Callable[[], Iterable[str]]):
-        self.app, self.metrics, self.paths = app, metrics, paths
-        self._templates: list[tuple[re.Pattern, str]] | None = None
-
-    def templates(self) -> list[tuple[re.Pattern, str]]:
-        if self._templates is None:
-            self._templates = [(compile_path(t)[0], t) for t in self.paths()]
-        return self._templates
+        self.app, self.metrics, self.templates = app, metrics, RouteTemplates(paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
