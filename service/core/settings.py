@@ -5,10 +5,13 @@ generated (and printed by whoever starts the process); in production an empty or
 or an admin key equal to the API key, refuses to start. The admin key defaults to the API key in
 development only. The Redis password is ``SMOOTHCERT_REDIS_PASSWORD`` or the one inside
 ``SMOOTHCERT_REDIS_URL``; production refuses to start without one, as it does without keys.
+The key pepper (the server secret of the keys made with ``POST /v1/keys``) is derived from the
+admin key in development when unset, and required in production.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -36,6 +39,12 @@ class Settings(BaseSettings):
     )
     admin_key: str = Field(
         "", description="Bearer key for model upload/delete; the API key in development when empty"
+    )
+    key_pepper: str = Field(
+        "",
+        description="server secret of the keyed hash (HMAC-SHA256) under which API keys made with "
+        "POST /v1/keys are stored; derived from the admin key in development when empty, "
+        "required in production (changing it invalidates every such key)",
     )
     data_dir: Path = Field(Path("var/data"), description="models, uploaded inputs, results")
     redis_url: str = Field(
@@ -263,12 +272,22 @@ class Settings(BaseSettings):
                     "SMOOTHCERT_REDIS_PASSWORD (or a password in SMOOTHCERT_REDIS_URL) must be set to a "
                     "secret of at least 16 characters when SMOOTHCERT_ENV=production"
                 )
+            pepper = self.key_pepper
+            if pepper.strip().lower() in WELL_KNOWN_KEYS or len(pepper) < 16:
+                raise ValueError(
+                    "SMOOTHCERT_KEY_PEPPER must be set to a secret of at least 16 characters "
+                    "when SMOOTHCERT_ENV=production"
+                )
         else:
             if not self.api_key:
                 self.api_key = secrets.token_urlsafe(24)
                 self._generated_api_key = True
             if not self.admin_key:
                 self.admin_key = self.api_key
+            if not self.key_pepper:  # every process that shares the admin key agrees on it
+                self.key_pepper = hashlib.sha256(
+                    b"smoothcert-key-pepper:" + self.admin_key.encode()
+                ).hexdigest()
         return self
 
     @property

@@ -45,7 +45,12 @@ PACKAGE_INDEX = "https://pypi.org/simple"
 # Where a build sees the host's CA bundle and wheel folder (not the host's own paths: the image's
 # ca-certificates package writes /etc/ssl/certs during the build).
 BUILD_MOUNT = "/opt/smoothcert-build"
-SECRETS = ("SMOOTHCERT_API_KEY", "SMOOTHCERT_ADMIN_KEY", "SMOOTHCERT_REDIS_PASSWORD")
+SECRETS = (
+    "SMOOTHCERT_API_KEY",
+    "SMOOTHCERT_ADMIN_KEY",
+    "SMOOTHCERT_KEY_PEPPER",
+    "SMOOTHCERT_REDIS_PASSWORD",
+)
 PLACEHOLDERS = {"", "change-me", "changeme", "secret", "password"}
 READY_TIMEOUT_S = 300.0
 

@@ -187,9 +187,10 @@ def test_env_example_is_refused_in_production_until_the_keys_change(env):
         Settings(**values)
     with pytest.raises(ValidationError, match="SMOOTHCERT_REDIS_PASSWORD"):
         Settings(**{**values, "api_key": "k" * 32, "admin_key": "a" * 32})
-    settings = Settings(
-        **{**values, "api_key": "k" * 32, "admin_key": "a" * 32, "redis_password": "r" * 32}
-    )
+    keys = {"api_key": "k" * 32, "admin_key": "a" * 32, "redis_password": "r" * 32}
+    with pytest.raises(ValidationError, match="SMOOTHCERT_KEY_PEPPER"):
+        Settings(**{**values, **keys})
+    settings = Settings(**{**values, **keys, "key_pepper": "p" * 32})
     assert settings.env == "production" and str(settings.data_dir) == env["SMOOTHCERT_DATA_DIR"]
     assert settings.broker_url == f"redis://:{'r' * 32}@redis:6379/0"
 

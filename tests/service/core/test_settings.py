@@ -62,6 +62,9 @@ def test_production_accepts_real_keys(monkeypatch):
     monkeypatch.setenv("SMOOTHCERT_API_KEY", "u" * 24)
     monkeypatch.setenv("SMOOTHCERT_ADMIN_KEY", "a" * 24)
     monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", "r" * 24)
+    with pytest.raises(ValidationError, match="SMOOTHCERT_KEY_PEPPER"):
+        Settings()
+    monkeypatch.setenv("SMOOTHCERT_KEY_PEPPER", "p" * 24)
     assert Settings().admin_key == "a" * 24
 
 
@@ -135,6 +138,7 @@ def test_production_refuses_a_redis_without_a_real_password(monkeypatch, passwor
         Settings()
     monkeypatch.setenv("SMOOTHCERT_REDIS_URL", "redis://:" + "s" * 20 + "@redis:6379/0")
     monkeypatch.setenv("SMOOTHCERT_REDIS_PASSWORD", "")
+    monkeypatch.setenv("SMOOTHCERT_KEY_PEPPER", "p" * 24)
     assert Settings().broker_url.startswith("redis://:" + "s" * 20)
 
 
