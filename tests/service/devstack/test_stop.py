@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -92,7 +93,15 @@ def test_every_process_of_the_stack_stops_and_the_port_is_free_again(stacks, way
     stop, code = WAYS[way]
     try:
         stop(up)
-        assert up.proc.wait(GONE_WITHIN_S) == code, up.output
+        try:
+            exit_code = up.proc.wait(GONE_WITHIN_S)
+        except subprocess.TimeoutExpired:  # say where it hangs: what is left, what each logged
+            left = {pid: cmd for pid, cmd in before.items() if alive(pid)}
+            pytest.fail(
+                f"`up` still running {GONE_WITHIN_S:g} s after {way}; still alive: {left}\n"
+                f"{up.output[-2000:]}\n{up.log_tails()}"
+            )
+        assert exit_code == code, up.output
         deadline = time.monotonic() + GONE_WITHIN_S
         while time.monotonic() < deadline and (
             any(map(alive, before)) or processes_with_data_dir(up.data_dir)
