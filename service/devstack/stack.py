@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the stack until Ctrl-C, SIGTERM or SIGHUP (exit 0) or a failure (exit 1, message on stderr)."""
     settings = Settings()
     stack = Stack(settings)
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # as SIGINT (Ctrl-C) already does
+    # SIGINT too: Python raises KeyboardInterrupt for it only when it was not inherited ignored
+    # (a launcher started in the background of a non-interactive shell inherits SIG_IGN).
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_interrupt)
     try:
         stack.start()
