@@ -30,7 +30,16 @@ from smoothcert.service.api.deps import document_auth
 from smoothcert.service.api.docs import add_offline_docs
 from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
 from smoothcert.service.api.page import mount_page
-from smoothcert.service.api.routes import certify, datasets, health, jobs, metrics, models, train
+from smoothcert.service.api.routes import (
+    certify,
+    datasets,
+    health,
+    jobs,
+    keys,
+    metrics,
+    models,
+    train,
+)
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.jobs import JobStore, ResultRowsMissing
 from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
@@ -99,7 +108,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.add_exception_handler(redis.RedisError, _unavailable)
     app.add_exception_handler(OperationalError, _unavailable)
     app.add_exception_handler(ResultRowsMissing, _rows_missing)
-    for module in (health, metrics, certify, jobs, models, datasets, train):
+    for module in (health, metrics, certify, jobs, models, datasets, train, keys):
         app.include_router(document_auth(module.router))
     add_offline_docs(app)  # /docs and /redoc with their assets served here, never from a CDN
     mount_page(app)

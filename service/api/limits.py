@@ -1,4 +1,4 @@
-"""Backpressure on submissions: a per-key rate limit, a bound on each queue, and Idempotency-Key.
+"""Backpressure on submissions: a per-account rate limit, a bound on each queue, and Idempotency-Key.
 
 Every API replica shares them through Redis. A submission (``POST /v1/certify``, ``/v1/train``,
 ``/v1/datasets``) passes :meth:`Admission.submit` before anything is parsed into a job or
@@ -40,7 +40,10 @@ reservation. Only its lapse or the dataset's deletion drops it: were a reservati
 some upload saw its dataset stored, a third upload holding an older listing would count it
 nowhere.
 
-``<caller>`` is a SHA-256 of the bearer key, never the key. Model uploads are not limited: they
+``<caller>`` is the caller's account's owner name (:func:`~smoothcert.service.api.deps.account_owner`:
+the account's name, or for the bootstrap keys' accounts ``default`` and ``admin`` the name their
+key always had, :func:`caller_id`, a SHA-256 of the key), never a key: two keys of one account
+share its limits. Model uploads are not limited: they
 need the admin key and each one waits for a worker to check the model.
 """
 
@@ -197,7 +200,7 @@ class Limits:
     def too_many_active(active: int, quota: int) -> HTTPException:
         return _refusal(
             status.HTTP_429_TOO_MANY_REQUESTS,
-            f"this API key has {active} jobs queued or running, its quota is {quota} "
+            f"this account has {active} jobs queued or running, its quota is {quota} "
             "(SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY); retry after Retry-After seconds, once one of "
             "them has finished (or cancel one: DELETE /v1/jobs/{id})",
             ACTIVE_RETRY_AFTER_S,

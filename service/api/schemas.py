@@ -520,3 +520,58 @@ def validate_body(model: type[Body], data: bytes | str | dict[str, Any]) -> Body
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
         ) from None
+
+
+# --- accounts and API keys (routes/keys.py) ------------------------------------------------------
+
+Scope = Literal["certify", "models", "train", "admin"]
+
+
+class KeyRequest(BaseModel):
+    """``POST /v1/keys``: a new key of ``account`` (created with its first key)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    account: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="the account: a lowercase letter, then up to 62 lowercase letters, digits, "
+        "'_' or '-'; `default` is SMOOTHCERT_API_KEY's account, `admin` SMOOTHCERT_ADMIN_KEY's",
+    )
+    scopes: list[Scope] = Field(min_length=1, max_length=4, description="what the key may do")
+    name: str | None = Field(
+        None, min_length=1, max_length=100, description="a label for people (where it is used)"
+    )
+    expires_in_s: int | None = Field(
+        None, ge=1, le=10 * 365 * 86400, description="seconds until the key expires; none: never"
+    )
+
+
+class KeyInfo(BaseModel):
+    """A key as listed: never its secret."""
+
+    id: str
+    account: str
+    scopes: list[Scope]
+    name: str | None
+    created_time: str
+    expires_time: str | None
+
+
+class NewKey(KeyInfo):
+    """The answer to ``POST /v1/keys``: the key itself, shown here once and never again."""
+
+    key: str = Field(description="the bearer key; shown only in this answer, keep it secret")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyInfo]
+
+
+class WhoAmI(BaseModel):
+    """The caller's account, key and scopes."""
+
+    account: str
+    key_id: str = Field(
+        description="the key's id, or SMOOTHCERT_API_KEY / SMOOTHCERT_ADMIN_KEY for those keys"
+    )
+    scopes: list[Scope]
+    admin: bool

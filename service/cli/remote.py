@@ -1,12 +1,13 @@
 """The `smoothcert` subcommands that talk to a running service over HTTP.
 
-`submit`, `status`, `wait`, `cancel`, `models upload|list|delete` and `datasets upload|list|delete`
-call the API v1 through :class:`~smoothcert.service.client.service_client.ServiceClient`. Where: ``--url``, else
+`submit`, `status`, `wait`, `cancel`, `models upload|list|delete`, `datasets upload|list|delete`,
+`keys create|list|revoke` and `whoami` call the API v1 through
+:class:`~smoothcert.service.client.service_client.ServiceClient`. Where: ``--url``, else
 ``SMOOTHCERT_URL``, else ``http://127.0.0.1:$SMOOTHCERT_PORT`` (port 8000 by default). Who:
-``--api-key``, else ``SMOOTHCERT_API_KEY``; uploading and deleting models use
-``SMOOTHCERT_ADMIN_KEY`` when it is set. Ids and TSV go to stdout, summaries and progress to
-stderr, so the output pipes; errors are ClientError (a ValueError) and end as one line with exit
-status 2 in cli.main.
+``--api-key``, else ``SMOOTHCERT_API_KEY``; uploading and deleting models and the `keys`
+commands use ``SMOOTHCERT_ADMIN_KEY`` when it is set. Ids and TSV go to stdout, summaries and
+progress to stderr, so the output pipes; errors are ClientError (a ValueError) and end as one
+line with exit status 2 in cli.main.
 """
 
 from __future__ import annotations
@@ -138,6 +139,42 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     delete = actions.add_parser("delete", parents=[connection], help="delete a dataset")
     delete.add_argument("dataset_id", metavar="ID")
     delete.set_defaults(handler=_delete_dataset)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys of accounts")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        parents=[connection],
+        help="create a key of an account (admin key); prints the key, shown this once",
+    )
+    create.add_argument(
+        "account", metavar="ACCOUNT", help="the account (created with its first key)"
+    )
+    create.add_argument(
+        "--scopes",
+        default="certify",
+        metavar="LIST",
+        help="comma-separated: certify, models, train, admin (default: certify)",
+    )
+    create.add_argument("--name", help="a label for people: where the key is used")
+    create.add_argument(
+        "--expires-in", type=int, metavar="S", help="the key expires after S seconds"
+    )
+    create.set_defaults(handler=_create_key, admin=True)
+    listing = actions.add_parser(
+        "list", parents=[connection], help="list the keys (admin: all; others: their account's)"
+    )
+    listing.add_argument("--json", action="store_true", help="print the records as JSON")
+    listing.set_defaults(handler=_list_keys, admin=True)
+    revoke = actions.add_parser(
+        "revoke", parents=[connection], help="revoke a key: refused from then on"
+    )
+    revoke.add_argument("key_id", metavar="ID")
+    revoke.set_defaults(handler=_revoke_key, admin=True)
+    whoami = commands.add_parser(
+        "whoami", parents=[connection], help="the account, key id and scopes of the key in use"
+    )
+    whoami.set_defaults(handler=_whoami)
 
 
 def _result_options(p: argparse.ArgumentParser) -> None:
@@ -357,6 +394,40 @@ def _delete_dataset(args) -> int:
     with service_client(args) as client:
         client.delete_dataset(args.dataset_id)
     print(f"deleted dataset {args.dataset_id}", file=sys.stderr)
+    return 0
+
+
+def _create_key(args) -> int:
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    with service_client(args) as client:
+        key = client.create_key(args.account, scopes, name=args.name, expires_in_s=args.expires_in)
+    print(key["key"])
+    expires = f", expires {key['expires_time']}" if key["expires_time"] else ""
+    print(
+        f"created key {key['id']} of account {key['account']} with scopes "
+        f"{','.join(key['scopes'])}{expires}; it is shown only now",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _list_keys(args) -> int:
+    with service_client(args) as client:
+        keys = client.list_keys()
+    _table(args, keys, ("id", "account", "scopes", "name", "created_time", "expires_time"))
+    return 0
+
+
+def _revoke_key(args) -> int:
+    with service_client(args) as client:
+        client.revoke_key(args.key_id)
+    print(f"revoked key {args.key_id}", file=sys.stderr)
+    return 0
+
+
+def _whoami(args) -> int:
+    with service_client(args) as client:
+        print(json.dumps(client.whoami()))
     return 0
 
 

@@ -371,6 +371,36 @@ class ServiceClient:
 
     # -- transport ----------------------------------------------------------------------------
 
+    # -- accounts and keys -------------------------------------------------------------------
+
+    def create_key(
+        self,
+        account: str,
+        scopes: Sequence[str],
+        name: str | None = None,
+        expires_in_s: int | None = None,
+    ) -> dict:
+        """A new key of ``account`` with ``scopes`` (admin key): its record and, under ``key``,
+        the key itself, which the service shows this once."""
+        body: dict[str, Any] = {"account": account, "scopes": list(scopes)}
+        if name is not None:
+            body["name"] = name
+        if expires_in_s is not None:
+            body["expires_in_s"] = expires_in_s
+        return self._request("POST", "/v1/keys", json=body).json()
+
+    def list_keys(self) -> list[dict]:
+        """The keys this key may see (the admin every key, others their account's); no secrets."""
+        return self._request("GET", "/v1/keys").json()["keys"]
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revoke a key (the admin key, or a key of the same account)."""
+        self._request("DELETE", f"/v1/keys/{_segment(key_id)}")
+
+    def whoami(self) -> dict:
+        """This key's account, key id, scopes and whether it is an admin."""
+        return self._request("GET", "/v1/whoami").json()
+
     def _submit(self, path: str, attempt: Callable[[], dict[str, Any]]) -> httpx.Response:
         """POST ``attempt()``'s request under one Idempotency-Key, again after a refusal with
         Retry-After or a failed connection, up to ``retries`` more times."""

@@ -74,6 +74,9 @@ class JsonFormatter(logging.Formatter):
         job_id = current_job_id(record)
         if job_id:
             entry["job_id"] = job_id
+        audit = getattr(record, "audit", None)
+        if isinstance(audit, dict):  # smoothcert.audit's fields (service/api/audit.py)
+            entry["audit"] = audit
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:

@@ -34,7 +34,7 @@ from smoothcert.service.api.deps import (
     ModelsDep,
     QueueDep,
     SettingsDep,
-    require_key,
+    require_certify,
 )
 from smoothcert.service.api.idempotency import json_content
 from smoothcert.service.api.limits import IN_PROGRESS, JOBS_LIMITED, QUEUE_FULL, REUSED_KEY
@@ -48,7 +48,7 @@ from smoothcert.service.api.submission import (
 )
 from smoothcert.service.core.queue import QUEUE
 
-router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_certify)])
 _FORM_FIELDS = {
     k: v
     for k, v in CertifyRequest.model_json_schema()["properties"].items()

@@ -41,12 +41,11 @@ from fastapi.responses import JSONResponse
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import (
     AdmissionDep,
-    Credentials,
+    CallerDep,
     DatasetsDep,
     LimitsDep,
-    Role,
     SettingsDep,
-    require_key,
+    require_certify,
 )
 from smoothcert.service.api.idempotency import file_sha256
 from smoothcert.service.api.limits import (
@@ -54,7 +53,6 @@ from smoothcert.service.api.limits import (
     RATE_LIMITED,
     REUSED_KEY,
     Responses,
-    caller_id,
 )
 from smoothcert.service.api.schemas import DatasetList, DatasetRecord, Name
 from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge
@@ -64,7 +62,7 @@ from smoothcert.service.core.dataset_store import TooManyDatasets
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
-    dependencies=[Depends(require_key)],
+    dependencies=[Depends(require_certify)],
     route_class=UnparsableBodyRoute,
 )  # a body that cannot be parsed is 422, not 400
 _NOT_FOUND: Responses = {404: {"description": "unknown dataset"}}
@@ -174,18 +172,12 @@ def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetRecord:
     responses={**_NOT_FOUND, 403: {"description": "the dataset was uploaded with another key"}},
 )
 def delete_dataset(
-    dataset_id: str, datasets: DatasetsDep, limits: LimitsDep, role: Role, creds: Credentials
+    dataset_id: str, datasets: DatasetsDep, limits: LimitsDep, caller: CallerDep
 ) -> Response:
     """Remove the dataset's files; what they took no longer counts against its key's storage quota.
     Only the key that uploaded it, or the admin key, may (403 otherwise)."""
     meta = datasets.get(dataset_id)
-    if (
-        meta
-        and meta.get("owner")
-        and role != "admin"
-        and creds is not None
-        and caller_id(creds.credentials) != meta["owner"]
-    ):
+    if meta and meta.get("owner") and not caller.admin and caller.owner != meta["owner"]:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             f"dataset {dataset_id} was uploaded with another key; only "

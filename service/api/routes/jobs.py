@@ -23,8 +23,8 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from smoothcert.service.api.deps import Credentials, JobsDep, Role, SettingsDep, require_key
-from smoothcert.service.api.limits import Responses, caller_id
+from smoothcert.service.api.deps import CallerDep, JobsDep, SettingsDep, require_jobs
+from smoothcert.service.api.limits import Responses
 from smoothcert.service.api.pictures import accuracy_curve_svg, sample_strip_png
 from smoothcert.service.api.schemas import Job, JobKind, JobList, JobStatus
 from smoothcert.service.core.jobs import (
@@ -42,7 +42,7 @@ from smoothcert.service.core.jobs import (
 from smoothcert.service.core.storage_quota import drop_job_inputs
 from smoothcert.service.core.tsv import format_tsv
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_jobs)])
 _NOT_FOUND: Responses = {404: {"description": "unknown job id (or its record expired)"}}
 JobId = Annotated[str, Path(description="the id that submitting the job returned: " + JOB_ID_FORM)]
 
@@ -85,8 +85,7 @@ def _listed(record: JobRecord) -> Job:
 )
 def list_jobs(
     jobs: JobsDep,
-    role: Role,
-    creds: Credentials,
+    caller: CallerDep,
     status_: Annotated[
         JobStatus | None, Query(alias="status", description="only jobs in this state")
     ] = None,
@@ -106,7 +105,7 @@ def list_jobs(
     checks); ``result`` without its rows (``result.results`` is null: read them from ``GET
     /v1/jobs/{id}``). Follow ``next_cursor`` until it is null; with a filter, a page may hold
     fewer than ``limit`` jobs (even none) and still have a next one."""
-    owner = None if role == "admin" else caller_id(creds.credentials if creds else "")
+    owner = None if caller.admin else caller.owner
     after = None if cursor is None else _cursor_entry(cursor)
     records, last = jobs.recent(owner, status=status_, kind=kind, limit=limit, after=after)
     next_cursor = (

@@ -42,8 +42,8 @@ from smoothcert.service.api.deps import (
     ModelsDep,
     QueueDep,
     SettingsDep,
-    require_admin,
     require_key,
+    require_models,
 )
 from smoothcert.service.api.schemas import (
     FormInteger,
@@ -102,7 +102,7 @@ def _fields(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ModelRecord,
-    dependencies=[Depends(require_admin)],
+    dependencies=[Depends(require_models)],
     responses={
         413: {"description": "file too large"},
         422: {"description": "model refused"},
@@ -179,7 +179,7 @@ def _answer(meta: dict[str, Any]) -> ModelRecord:
     "/pipelines",
     status_code=status.HTTP_201_CREATED,
     response_model=ModelRecord,
-    dependencies=[Depends(require_admin)],
+    dependencies=[Depends(require_models)],
     responses={
         404: {"description": "unknown denoiser or classifier"},
         413: {"description": "body too large"},
@@ -277,7 +277,7 @@ def get_schedule(model_id: str, models: ModelsDep) -> ModelSchedule:
 @router.delete(
     "/{model_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=[Depends(require_admin)],
+    dependencies=[Depends(require_models)],
     responses={
         404: {"description": "unknown model"},
         409: {"description": "a pipeline uses the model"},

@@ -25,8 +25,8 @@ from smoothcert.service.api.deps import (
     JobsDep,
     ModelsDep,
     QueueDep,
-    require_admin,
     require_key,
+    require_train,
 )
 from smoothcert.service.api.idempotency import json_content
 from smoothcert.service.api.limits import IN_PROGRESS, JOBS_LIMITED, QUEUE_FULL, REUSED_KEY
@@ -58,7 +58,7 @@ _BODY = {
     "/train",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobAccepted,
-    dependencies=[Depends(require_admin)],
+    dependencies=[Depends(require_train)],
     openapi_extra={"requestBody": _BODY},
     responses={
         404: {"description": "unknown dataset"},
@@ -132,7 +132,7 @@ _DENOISER_BODY = {
     "/train/denoiser",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobAccepted,
-    dependencies=[Depends(require_admin)],
+    dependencies=[Depends(require_train)],
     openapi_extra={"requestBody": _DENOISER_BODY},
     responses={
         404: {"description": "unknown dataset or classifier"},
