@@ -11,11 +11,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 
 from smoothcert.service.api import audit
+from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import CallerDep, KeysDep, require_admin, require_key
 from smoothcert.service.api.schemas import KeyInfo, KeyList, KeyRequest, NewKey, WhoAmI
 from smoothcert.service.core.keys import valid_account
 
-router = APIRouter(prefix="/v1", tags=["keys"], dependencies=[Depends(require_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["keys"],
+    dependencies=[Depends(require_key)],
+    route_class=UnparsableBodyRoute,
+)  # a body that cannot be parsed is 422, not 400
 
 
 @router.post(
