@@ -174,8 +174,8 @@ def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetRecord:
 def delete_dataset(
     dataset_id: str, datasets: DatasetsDep, limits: LimitsDep, caller: CallerDep
 ) -> Response:
-    """Remove the dataset's files; what they took no longer counts against its key's storage quota.
-    Only the key that uploaded it, or the admin key, may (403 otherwise)."""
+    """Remove the dataset's files; what they took no longer counts against its account's storage
+    quota. Only a key of the account that uploaded it, or an admin key, may (403 otherwise)."""
     meta = datasets.get(dataset_id)
     if meta and meta.get("owner") and not caller.admin and caller.owner != meta["owner"]:
         raise HTTPException(

@@ -2,9 +2,9 @@
 Cohen-style TSV, cancellation, and two pictures for people (noisy copies of an input as PNG, the
 certified-accuracy curve as SVG).
 
-The list shows the jobs submitted with the caller's key (the admin key sees every job), newest
-first, from the indexes :mod:`smoothcert.service.core.jobs` keeps; its cursor is an index entry in
-base64url, opaque to clients.
+The list shows the jobs submitted with the keys of the caller's account (a key with the admin
+scope sees every job), newest first, from the indexes :mod:`smoothcert.service.core.jobs` keeps;
+its cursor is an index entry in base64url, opaque to clients.
 
 A job id is checked to be one (a UUID, :func:`~smoothcert.service.core.jobs.check_job_id`) before
 it reaches Redis: anything else is an unknown job (404), so a path such as ``<id>:cancel`` or
@@ -101,7 +101,7 @@ def list_jobs(
         str | None, Query(max_length=200, description="the next_cursor of the previous page")
     ] = None,
 ) -> JobList:
-    """The jobs submitted with this key, newest first (the admin key sees every key's jobs, and model
+    """The jobs of this key's account, newest first (an admin key sees every job, and model
     checks); ``result`` without its rows (``result.results`` is null: read them from ``GET
     /v1/jobs/{id}``). Follow ``next_cursor`` until it is null; with a filter, a page may hold
     fewer than ``limit`` jobs (even none) and still have a next one."""
