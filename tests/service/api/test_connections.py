@@ -214,9 +214,22 @@ def test_connections_past_the_bound_get_503(api):
 # --- log lines ---------------------------------------------------------------------------------
 
 
+def quiet_log(api: Api, quiet_s: float = 0.5) -> int:
+    """How many lines the API's log has once none came for ``quiet_s`` (a line is written after its
+    answer is sent, so an earlier test's last request may still be on its way)."""
+    count = len(api.lines())
+    while True:
+        time.sleep(quiet_s)
+        now = len(api.lines())
+        if now == count:
+            return count
+        count = now
+
+
 def one_new_line(api: Api, send) -> tuple[str, int]:
     """Run ``send()``; the line it added to the API's log and the bytes it added."""
-    before_lines, before_bytes = len(api.lines()), api.log.stat().st_size
+    before_lines = quiet_log(api)
+    before_bytes = api.log.stat().st_size
     send()
     wait_for(lambda: len(api.lines()) > before_lines, 10, "the request's log line")
     time.sleep(0.2)  # anything else it writes
