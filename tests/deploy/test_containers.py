@@ -213,7 +213,7 @@ def lease(deployed: Deployed, job_id: str) -> dict | None:
 
 def running_on(deployed: Deployed, client: httpx.Client, job_id: str) -> str:
     """The worker container that holds the job's lease, once it has drawn samples."""
-    wait_for(
+    held = wait_for(  # the lease as seen while the job ran (read once: it may end right after)
         lambda: (
             client.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0
             and lease(deployed, job_id)
@@ -221,7 +221,7 @@ def running_on(deployed: Deployed, client: httpx.Client, job_id: str) -> str:
         JOB_TIMEOUT_S,
         f"job {job_id} running",
     )
-    host = lease(deployed, job_id)["worker"].partition("@")[2]
+    host = held["worker"].partition("@")[2]
     [container] = [
         c for c in deployed.deployment.containers("worker") if deployed.hostname(c) == host
     ]
@@ -372,7 +372,8 @@ def test_a_worker_killed_mid_job_loses_nothing(deployed, client, model, digits, 
 def test_a_worker_stopped_mid_job_puts_the_task_back_at_once(
     deployed, client, model, digits, record_property
 ):
-    job_id = submit(client, model, digits, n=20_000, seed=7)
+    # 100,000 samples per input: still running when its worker is stopped (20,000 could end first)
+    job_id = submit(client, model, digits, n=100_000, seed=7)
     stopped = running_on(deployed, client, job_id)
     [other] = [c for c in deployed.deployment.containers("worker") if c != stopped]
     began = time.monotonic()
