@@ -285,9 +285,7 @@ class Settings(BaseSettings):
             if not self.admin_key:
                 self.admin_key = self.api_key
             if not self.key_pepper:  # every process that shares the admin key agrees on it
-                self.key_pepper = hashlib.sha256(
-                    b"smoothcert-key-pepper:" + self.admin_key.encode()
-                ).hexdigest()
+                self.key_pepper = derived_key_pepper(self.admin_key)
         return self
 
     @property
@@ -324,6 +322,12 @@ class Settings(BaseSettings):
         """A job's noisy copies and large result rows (smoothcert.service.core.results); not
         ``jobs_dir``, whose folders go when their job ends."""
         return self.data_dir / "results"
+
+
+def derived_key_pepper(admin_key: str) -> str:
+    """The key pepper of a development process given no SMOOTHCERT_KEY_PEPPER: a hash of the admin
+    key, so that every process sharing the admin key agrees on it."""
+    return hashlib.sha256(b"smoothcert-key-pepper:" + admin_key.encode()).hexdigest()
 
 
 def _url_password(url: str) -> str:

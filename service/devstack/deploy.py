@@ -35,6 +35,8 @@ from pathlib import Path
 
 import httpx
 
+from smoothcert.service.devstack.credentials import key_lines
+
 DEFAULT_PROJECT = "smoothcert"
 CERTIFY_WORKERS = 2
 DEBIAN_IMAGE = "localhost/smoothcert-debian:bookworm"
@@ -502,6 +504,7 @@ def register_demo(url: str, admin_key: str, demo_dir: Path) -> dict:
 
 
 def banner(deployment: Deployment, settings: dict[str, str], model: dict) -> str:
+    """What ``deploy-up`` prints: where the API is, the two keys, and a certify request to paste."""
     url, key = url_of(settings), settings["SMOOTHCERT_API_KEY"]
     auth = f'-H "Authorization: Bearer {key}"'
     import numpy as np
@@ -514,8 +517,13 @@ def banner(deployment: Deployment, settings: dict[str, str], model: dict) -> str
         [
             f"smoothcert is up at {url}  (docs: {url}/docs; {deployment.engine.name} compose project "
             f"{deployment.project}: {', '.join(deployment.containers())})",
-            f"API key: {key}",
-            f"admin key: {settings['SMOOTHCERT_ADMIN_KEY']}  (model upload and delete)",
+            *key_lines(
+                key,
+                settings["SMOOTHCERT_ADMIN_KEY"],
+                [name for name in SECRETS if deployment.environ.get(name)],
+                str(deployment.root / "docker" / ".env"),
+                "`make deploy-down`, then `make deploy-up`",
+            ),
             f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')})",
             "",
             "certify one test digit:",

@@ -6,10 +6,16 @@ unless ``SMOOTHCERT_REDIS_URL`` is set, the API's server (:mod:`smoothcert.servi
 uvicorn with deadlines on slow clients) on ``SMOOTHCERT_HOST:SMOOTHCERT_PORT``
 and one Celery worker that consumes both queues (certification and training); waits for
 ``/readyz``; uploads the digits demo model through the API (reused when an identical one is
-already stored); prints the URL, the API key and a curl example; stops everything on Ctrl-C,
+already stored); prints the URL, the two keys and a curl example; stops everything on Ctrl-C,
 SIGTERM or SIGHUP (its terminal closed), or when one of the processes dies. The Redis it starts
 requires a password (``SMOOTHCERT_REDIS_PASSWORD``, or a fresh random one), which reaches the API
 and the worker in their ``SMOOTHCERT_REDIS_URL``.
+
+Keys, in development: the admin key (account ``admin``, every scope), the user key
+(``SMOOTHCERT_API_KEY``: account ``default``, scope ``certify``) and the key pepper are
+generated on the first start on a data dir, kept in ``DATA_DIR/credentials.env`` (mode 0600) and
+reused on every later start (:mod:`~smoothcert.service.devstack.credentials`); a value set in
+the environment wins. Every child gets the same three. In production they must be given.
 
 A launcher that cannot stop them (killed with SIGKILL, or crashed) still takes them along: each
 child gets SIGTERM from the kernel when the launcher exits (``processes.parent_death``), and the
@@ -25,6 +31,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -34,8 +41,9 @@ from smoothcert.models.metadata import sha256_file
 from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.store import private_data_dir
-from smoothcert.service.devstack import processes
+from smoothcert.service.devstack import credentials, processes
 from smoothcert.service.devstack.commands import api_command, worker_command
+from smoothcert.service.devstack.credentials import Credentials, CredentialsError
 from smoothcert.service.devstack.orphan_reaper import OrphanReaper
 from smoothcert.service.devstack.processes import Child, ChildDied
 from smoothcert.service.devstack.redis_server import RedisServer
@@ -48,11 +56,24 @@ _REDIS_STOP_S = 10.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def up_settings(environ: Mapping[str, str] | None = None) -> tuple[Settings, Credentials | None]:
+    """The settings of ``smoothcert up``: in development with the keys of ``DATA_DIR/credentials.env``
+    (written on the first start) under those of the environment, and where they came from; in
+    production the settings as given (None). CredentialsError for a file that cannot be used."""
+    settings = Settings()
+    if settings.env == "production":
+        return settings, None
+    keys = credentials.load(settings.data_dir, os.environ if environ is None else environ)
+    settings = Settings(api_key=keys.api_key, admin_key=keys.admin_key, key_pepper=keys.key_pepper)
+    return settings, keys
+
+
 class Stack:
     """The processes of a local deployment, started in order and stopped in reverse."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, keys: Credentials | None = None):
         self.settings = settings
+        self.keys = keys  # where the keys came from, in development (None: the settings gave them)
         self.logs = settings.data_dir / "logs"
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
@@ -65,6 +86,7 @@ class Stack:
             **os.environ,
             "SMOOTHCERT_API_KEY": s.api_key,
             "SMOOTHCERT_ADMIN_KEY": s.admin_key,
+            "SMOOTHCERT_KEY_PEPPER": s.key_pepper,
             "SMOOTHCERT_DATA_DIR": str(s.data_dir),
             "SMOOTHCERT_REDIS_URL": s.broker_url,
             "SMOOTHCERT_HOST": s.host,
@@ -154,7 +176,9 @@ class Stack:
 
 
 def register_demo(stack: Stack) -> tuple[dict, Path]:
-    """Upload the demo model (built once under ``DATA_DIR/demo``) unless the same is stored."""
+    """Upload the demo model (built once under ``DATA_DIR/demo``) unless the same is stored,
+    public: the admin key uploads it and the user key's curl example certifies with it (a record
+    without ``visibility`` is from before private models, which every key could use)."""
     demo_dir = stack.settings.data_dir / "demo"
     paths = {
         k: demo_dir / v
@@ -173,7 +197,11 @@ def register_demo(stack: Stack) -> tuple[dict, Path]:
     headers = {"Authorization": f"Bearer {stack.settings.admin_key}"}
     sha = sha256_file(paths["safetensors"])
     for model in httpx.get(f"{stack.url}/v1/models", headers=headers, timeout=10).json():
-        if model.get("name") == DEMO_NAME and model.get("sha256") == sha:
+        if (
+            model.get("name") == DEMO_NAME
+            and model.get("sha256") == sha
+            and model.get("visibility", "public") == "public"
+        ):
             return model, paths["test_x"]
     with open(paths["safetensors"], "rb") as f:
         resp = httpx.post(
@@ -181,7 +209,7 @@ def register_demo(stack: Stack) -> tuple[dict, Path]:
             headers=headers,
             timeout=stack.settings.model_check_timeout_s + 10,
             files={"file": (paths["safetensors"].name, f)},
-            data={"name": DEMO_NAME},
+            data={"name": DEMO_NAME, "visibility": "public"},
         )
     if resp.status_code != 201:
         raise RuntimeError(f"uploading the demo model failed: {resp.status_code} {resp.text}")
@@ -189,21 +217,26 @@ def register_demo(stack: Stack) -> tuple[dict, Path]:
 
 
 def banner(stack: Stack, model: dict, test_x: Path) -> str:
-    """What ``up`` prints: where the API is, the key, and a certify request to paste."""
+    """What ``up`` prints: where the API is, the two keys, and a certify request to paste."""
     s = stack.settings
     image = np.load(test_x)[0].round(4).tolist()
     body = json.dumps(
         {"model_id": model["id"], "inputs": image, "sigma": 0.25, "n": 10000}, separators=(",", ":")
     )
     auth = f'-H "Authorization: Bearer {s.api_key}"'
+    keys = stack.keys
+    key_lines = credentials.key_lines(
+        s.api_key,
+        s.admin_key,
+        keys.from_env if keys is not None else credentials.NAMES,  # None: production's settings
+        f"{keys.path if keys is not None else ''} (mode 0600)",
+        "of `smoothcert up`; delete the file for new ones",
+    )
     return "\n".join(
         [
             f"smoothcert is up at {stack.url}  (docs: {stack.url}/docs, logs: {stack.logs})",
             f"web page: open {stack.url}/ in a browser and paste the API key",
-            f"API key: {s.api_key}"
-            + (
-                "  (generated; set SMOOTHCERT_API_KEY to choose one)" if s.generated_api_key else ""
-            ),
+            *key_lines,
             f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')}, "
             f"{model.get('num_classes')} classes)",
             "",
@@ -242,8 +275,12 @@ def _say(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the stack until Ctrl-C, SIGTERM or SIGHUP (exit 0) or a failure (exit 1, message on stderr)."""
-    settings = Settings()
-    stack = Stack(settings)
+    try:
+        settings, keys = up_settings()
+    except CredentialsError as exc:
+        _say(f"smoothcert up: {exc}")
+        return 1
+    stack = Stack(settings, keys)
     # SIGINT too: Python raises KeyboardInterrupt for it only when it was not inherited ignored
     # (a launcher started in the background of a non-interactive shell inherits SIG_IGN).
     for sig in STOP_SIGNALS:

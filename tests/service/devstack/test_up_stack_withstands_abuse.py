@@ -62,9 +62,10 @@ def up(tmp_path_factory, demo_paths):
 
 @pytest.fixture(scope="module")
 def client(up):
-    """The printed key's client; in development the admin key is the API key."""
+    """The printed admin key's client (models are uploaded here; the user key may only certify)."""
+    admin_key = re.search(r"^admin key: (\S+)", up.output, re.M).group(1)
     with httpx.Client(
-        base_url=up.url, headers={"Authorization": f"Bearer {up.api_key}"}, timeout=120
+        base_url=up.url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=120
     ) as c:
         yield c
 
