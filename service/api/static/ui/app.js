@@ -1,6 +1,7 @@
 // The smoothcert page: plain JavaScript against the API on this origin, no framework, no build.
 // Every API call carries the key from session storage as a bearer header; every refusal is shown
-// as the API's own `detail`, next to the form that caused it.
+// as the API's own `detail`, next to the form that caused it. A saved key is first asked who it is
+// (GET /v1/whoami): the page shows its account and scopes and offers only what they allow.
 "use strict";
 
 const KEY_STORE = "smoothcert.apiKey";
@@ -11,6 +12,8 @@ const MAX_ROWS_SHOWN = 500;   // a dataset job can have thousands of rows; its c
 const $ = (id) => document.getElementById(id);
 
 const state = {
+  me: null,            // GET /v1/whoami of the saved key: {account, key_id, scopes, admin}; null until known
+  signIn: 0,           // bumped by every start(), so that an older key's late answers are dropped
   models: new Map(),   // id -> model record
   input: null,         // {files: [{name, blob}], label: demo label or null}
   job: null,           // the job shown in the job panel
@@ -101,42 +104,147 @@ async function saveKey(ev) {
   await start();
 }
 
+// Who the saved key is, then what it may see: nothing is listed or offered before the API has
+// said (and a refused key leaves the page signed out, its refusal shown in words).
 async function start() {
+  const token = ++state.signIn;
   const status = $("key-status");
+  signOut();
   if (!sessionStorage.getItem(KEY_STORE)) {
     showMessage(status, "Enter the API key to begin (smoothcert up prints it).", "info");
     return;
   }
+  showMessage(status, "Checking the key…", "info");
+  let me;
   try {
-    await loadModels();
-    const n = state.models.size;
-    showMessage(status, `Key saved for this tab. ${n} model${n === 1 ? "" : "s"} available.`, "ok");
+    me = await api("/v1/whoami");
   } catch (err) {
+    if (token !== state.signIn) return;
+    // A refused key is not kept: the field still shows it, to be corrected and saved again.
+    if (err.status === 401) sessionStorage.removeItem(KEY_STORE);
     showMessage(status, err.message);
     return;
   }
+  if (token !== state.signIn) return;
+  state.me = me;
+  showAccount(me);
+  applyAccess();
+  try {
+    await loadModels();
+    if (token !== state.signIn) return;
+    const n = state.models.size;
+    showMessage(status, `Key saved for this tab. ${n} model${n === 1 ? "" : "s"} available.`, "ok");
+  } catch (err) {
+    if (token === state.signIn) showMessage(status, err.message);
+    return;
+  }
+  if (!mayHaveJobs()) return;
   loadJobs(false);
   const wanted = new URLSearchParams(location.hash.slice(1)).get("job");
   if (wanted && wanted !== state.job) openJob(wanted);
 }
 
+// Forget the previous key's account, models, jobs and open job, and lock what needs a key.
+function signOut() {
+  state.me = null;
+  hide($("key-account"));
+  state.models = new Map();
+  $("model-select").replaceChildren(el("option", { value: "" }, "save a valid key to list the models"));
+  modelChanged();
+  state.job = null;
+  state.poll++;
+  state.cursor = null;
+  $("jobs-table").tBodies[0].replaceChildren();
+  hide($("jobs-error"));
+  hide($("form-error"));
+  hide($("model-message"));
+  $("job-body").hidden = true;
+  $("job-empty").hidden = false;
+  applyAccess();
+}
+
+function showAccount(me) {
+  const box = $("key-account");
+  const scopes = me.scopes.length ? me.scopes.join(", ") : "none";
+  box.textContent = `account ${me.account} · scopes: ${scopes}${me.admin ? " · admin" : ""}`;
+  box.title = `key ${me.key_id}`;
+  Object.assign(box.dataset, { account: me.account, scopes: me.scopes.join(" "), admin: String(me.admin) });
+  box.hidden = false;
+}
+
+// The API's own rule (service/api/deps.py): the admin scope allows everything.
+function allows(scope) {
+  return Boolean(state.me) && (state.me.admin || state.me.scopes.includes(scope));
+}
+
+const mayHaveJobs = () => allows("certify") || allows("train");
+
+// What a key without `scopes` is told in place of a section: one line, naming the scope it needs
+// ("Certifying needs a key with the certify scope; this key (account bob) has models.").
+function lockNote(needs, scopes) {
+  const needed = `${needs} a key with the ${scopes.join(" or the ")} scope`;
+  if (!state.me) return `${needed}: enter and save one above.`;
+  const has = state.me.scopes.length ? state.me.scopes.join(", ") : "no scope";
+  return `${needed}; this key (account ${state.me.account}) has ${has}.`;
+}
+
+// A locked section shows its note instead of its controls, which are hidden and disabled.
+function lockSection(note, locked, text, controls) {
+  note.textContent = locked ? text : "";
+  note.hidden = !locked;
+  for (const c of controls) {
+    c.hidden = locked;
+    if ("disabled" in c) c.disabled = locked;
+  }
+}
+
+function applyAccess() {
+  const certify = allows("certify");
+  const jobs = mayHaveJobs();
+  const models = allows("models");
+  lockSection($("certify-locked"), !certify, lockNote("Certifying needs", ["certify"]), [$("certify-fields")]);
+  const jobsNote = lockNote("Jobs need", ["certify", "train"]);
+  lockSection($("job-locked"), !jobs, jobsNote, [$("job-panel")]);
+  lockSection($("jobs-locked"), !jobs, jobsNote, [$("jobs-filter-fields"), $("jobs-list")]);
+  if (!jobs) $("jobs-more").hidden = true;
+  lockSection($("models-locked"), !models, lockNote("Uploading a model needs", ["models"]), [$("model-fields")]);
+}
+
 // ---- models ----
 
 async function loadModels() {
+  const token = state.signIn;
   const models = await api("/v1/models");
+  if (token !== state.signIn) return;  // another key was saved meanwhile
   const select = $("model-select");
   const previous = select.value;
   state.models = new Map(models.map((m) => [m.id, m]));
   select.replaceChildren();
   if (!models.length) {
-    select.append(el("option", { value: "" }, "no model yet: an admin uploads one below"));
+    select.append(el("option", { value: "" }, "no model yet: a key with the models scope uploads one below"));
   }
   for (const m of models) {
-    select.append(el("option", { value: m.id }, `${m.name || m.id} (${m.arch || m.format}, ${m.id})`));
+    const dataset = {};
+    if (m.visibility) dataset.visibility = m.visibility;
+    if (m.owner) dataset.owner = m.owner;
+    const whose = modelWhose(m);
+    select.append(el("option", { value: m.id, dataset },
+      `${m.name || m.id} (${m.arch || m.format}, ${m.id})${whose ? ` · ${whose}` : ""}`));
   }
   if (state.models.has(previous)) select.value = previous;
   modelChanged();
 }
+
+// "public, owner alice": the record's visibility and owner, each when the server gives it (older
+// servers give neither).
+function modelWhose(m) {
+  const parts = [];
+  if (m.visibility) parts.push(m.visibility);
+  if (m.owner) parts.push(`owner ${ownerText(m.owner)}`);
+  return parts.join(", ");
+}
+
+const ownerText = (owner) => (state.me && owner === state.me.account ? `${owner} (this account)` : owner);
 
 function modelChanged() {
   const model = state.models.get($("model-select").value);
@@ -149,6 +257,8 @@ function modelChanged() {
     ["classes", model.class_names ? `${model.num_classes}: ${preview(model.class_names)}` : String(model.num_classes)],
     ["training σ", model.sigma === null || model.sigma === undefined ? "not recorded" : String(model.sigma)],
   ];
+  if (model.visibility) facts.push(["visibility", model.visibility]);
+  if (model.owner) facts.push(["owner", ownerText(model.owner)]);
   for (const [k, v] of facts) info.append(el("dt", {}, k), el("dd", {}, v));
   if (model.sigma !== null && model.sigma !== undefined) $("sigma").value = model.sigma;
   const digits = model.input_shape.join(",") === "1,8,8";
@@ -221,7 +331,7 @@ function modeChanged() {
 function formData() {
   const model = $("model-select").value;
   if (!sessionStorage.getItem(KEY_STORE)) throw new Error("Enter and save the API key first.");
-  if (!model) throw new Error("Pick a model first; none is available yet (an admin uploads one below).");
+  if (!model) throw new Error("Pick a model first; none is available yet (a key with the models scope uploads one below).");
   if (!state.input) throw new Error("Choose an image or .npy file, or pick a demo digit.");
   const mode = $("mode").value;
   const data = new FormData();
@@ -508,13 +618,15 @@ async function loadJobs(append) {
   if ($("jobs-status").value) query.set("status", $("jobs-status").value);
   if ($("jobs-kind").value) query.set("kind", $("jobs-kind").value);
   if (append && state.cursor) query.set("cursor", state.cursor);
+  const token = state.signIn;
   let page;
   try {
     page = await api(`/v1/jobs?${query}`);
   } catch (err) {
-    showMessage(error, err.message);
+    if (token === state.signIn) showMessage(error, err.message);
     return;
   }
+  if (token !== state.signIn) return;  // another key was saved meanwhile
   hide(error);
   const body = $("jobs-table").tBodies[0];
   if (!append) body.replaceChildren();
@@ -544,7 +656,7 @@ function jobRow(job) {
     el("td", {}, el("button", { type: "button", "data-testid": "open-job", onclick: () => openJob(job.id) }, "Open")));
 }
 
-// ---- admin: model upload ----
+// ---- model upload (the models scope) ----
 
 async function uploadModel(ev) {
   ev.preventDefault();
