@@ -16,10 +16,13 @@ lines that carry the job id (:mod:`smoothcert.service.core.logs`), uvicorn's own
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
@@ -44,6 +47,7 @@ from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.jobs import JobStore, ResultRowsMissing
 from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
 from smoothcert.service.core.model_store import ModelStore
+from smoothcert.service.core.owners import legacy_names, migrate_legacy_owners
 from smoothcert.service.core.queue import make_celery
 from smoothcert.service.core.redis_memory import is_out_of_memory
 from smoothcert.service.core.results import ResultFiles
@@ -51,6 +55,25 @@ from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.store import private_data_dir
 
 log = logging.getLogger("smoothcert.service")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await run_in_threadpool(_migrate_owners, app)
+    yield
+
+
+def _migrate_owners(app: FastAPI) -> None:
+    """Rename the owners of records from the first release with keys to their accounts
+    (:func:`~smoothcert.service.core.owners.migrate_legacy_owners`); a Redis that does not answer
+    now only postpones it to the next start."""
+    s, datasets = app.state.settings, app.state.datasets
+    try:
+        migrate_legacy_owners(
+            app.state.redis, legacy_names(s.api_key, s.admin_key), datasets.list(), datasets.write
+        )
+    except redis.RedisError as exc:
+        log.warning("the owners of older records were not renamed (Redis: %s); next start", exc)
 
 
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
@@ -64,11 +87,10 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     if configure_logs:
         configure_logging(settings, "api")
         private_data_dir(settings.data_dir)  # this process is the API: files 0600, folders 0700
-    if settings.generated_api_key:
-        log.warning(
-            "SMOOTHCERT_API_KEY is not set; this process generated the key %s", settings.api_key
-        )
+    if settings.generated_api_key:  # never the key itself: logs are not a place for secrets
+        log.warning("SMOOTHCERT_API_KEY is not set; this process generated a key of its own")
     app = FastAPI(
+        lifespan=_lifespan,
         title="smoothcert",
         version="1",
         docs_url=None,

@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from smoothcert.service.api import audit
-from smoothcert.service.api.limits import Admission, Limits, caller_id
+from smoothcert.service.api.limits import Admission, Limits
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.jobs import JobStore
 from smoothcert.service.core.keys import (
@@ -84,13 +84,16 @@ def _unauthorized(message: str) -> HTTPException:
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request: the account, the key (its id, or the name of the bootstrap key's
-    setting) and its scopes. ``owner`` is the name under which the account's jobs, datasets and
-    limits are kept (:func:`account_owner`)."""
+    setting) and its scopes."""
 
     account: str
     key_id: str
     scopes: tuple[str, ...]
-    owner: str
+
+    @property
+    def owner(self) -> str:
+        """The name the account's records, limits and quotas are kept under: the account's."""
+        return self.account
 
     @property
     def admin(self) -> bool:
@@ -100,27 +103,14 @@ class Caller:
         return self.admin or scope in self.scopes
 
 
-def account_owner(settings: Settings, account: str) -> str:
-    """The owner name of ``account``'s records and limits: the account's name, except for the
-    two accounts of the bootstrap keys, which keep the name their key always had (a hash of
-    SMOOTHCERT_API_KEY for ``default``, of SMOOTHCERT_ADMIN_KEY for ``admin``), so their existing
-    jobs, datasets and quotas carry over."""
-    if account == DEFAULT_ACCOUNT and settings.api_key:
-        return caller_id(settings.api_key)
-    if account == ADMIN_ACCOUNT and settings.admin_key:
-        return caller_id(settings.admin_key)
-    return account
-
-
 def _bootstrap(settings: Settings, key: str) -> Caller | None:
     def matches(expected: str) -> bool:
         return bool(expected) and secrets.compare_digest(key.encode(), expected.encode())
 
     if matches(settings.admin_key):
-        return Caller(ADMIN_ACCOUNT, "SMOOTHCERT_ADMIN_KEY", SCOPES, caller_id(settings.admin_key))
+        return Caller(ADMIN_ACCOUNT, "SMOOTHCERT_ADMIN_KEY", SCOPES)
     if matches(settings.api_key):
-        owner = caller_id(settings.api_key)
-        return Caller(DEFAULT_ACCOUNT, "SMOOTHCERT_API_KEY", ("certify",), owner)
+        return Caller(DEFAULT_ACCOUNT, "SMOOTHCERT_API_KEY", ("certify",))
     return None
 
 
@@ -148,8 +138,7 @@ def identify(request: Request, key: str) -> Caller:
             raise Refused("invalid API key", key_id)
         if record.expired():
             raise Refused("expired API key", key_id, record.account)
-        owner = account_owner(settings, record.account)
-        return Caller(record.account, record.id, record.scopes, owner)
+        return Caller(record.account, record.id, record.scopes)
     raise Refused("invalid API key")
 
 

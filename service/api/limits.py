@@ -40,17 +40,14 @@ reservation. Only its lapse or the dataset's deletion drops it: were a reservati
 some upload saw its dataset stored, a third upload holding an older listing would count it
 nowhere.
 
-``<caller>`` is the caller's account's owner name (:func:`~smoothcert.service.api.deps.account_owner`:
-the account's name, or for the bootstrap keys' accounts ``default`` and ``admin`` the name their
-key always had, :func:`caller_id`, a SHA-256 of the key), never a key: two keys of one account
-share its limits. Model uploads are not limited: they
+``<caller>`` is the caller's account name, never a key: two keys of one account share its
+limits. Model uploads are not limited: they
 need the admin key and each one waits for a worker to check the model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import uuid
@@ -116,11 +113,6 @@ if wait > 0 then return math.ceil(wait) end
 redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now))
 return 0
 """
-
-
-def caller_id(api_key: str) -> str:
-    """The name under which a bearer key's limits and idempotency records are kept."""
-    return hashlib.sha256(b"smoothcert-caller:" + api_key.encode()).hexdigest()[:32]
 
 
 def _refusal(code: int, detail: str, retry_after_s: int) -> HTTPException:

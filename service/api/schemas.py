@@ -218,6 +218,7 @@ class Progress(BaseModel):
     total: int
 
 
+Visibility = Literal["private", "public"]
 JobKind = Literal["certify", "predict", "check_model", "train", "train_denoiser"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 _TIME = "RFC 3339 UTC with milliseconds (2026-12-01T07:21:41.512Z), the same instant as "
@@ -243,6 +244,9 @@ class Job(BaseModel):
     )
     params: dict[str, Any] = {}
     cancel_requested: bool = False
+    owner: str | None = Field(
+        None, description="the account whose key submitted the job (null for a job from before)"
+    )
     created_time: str | None = Field(None, description=_TIME + "created_at")
     started_time: str | None = Field(
         None, description=_TIME + "started_at; null until the job starts"
@@ -291,6 +295,16 @@ class ModelRecord(BaseModel):
     parts: dict[str, dict[str, Any]] | None = Field(
         None, description="a pipeline's parts: id, name, sha256, format and arch of each"
     )
+    owner: str = Field(
+        "default",
+        description="the account that uploaded or registered it (a model from before accounts "
+        "belongs to default)",
+    )
+    visibility: Visibility = Field(
+        "private",
+        description="private: its owner's account alone may use it; public: every account may "
+        "certify with it (only its owner or the admin may change or delete it)",
+    )
 
     @computed_field(description=_TIME + "created_at")  # type: ignore[prop-decorator]
     @property
@@ -306,12 +320,27 @@ class PipelineRequest(BaseModel):
     denoiser: str = Field(min_length=1, max_length=64, description="id of an uploaded denoiser")
     classifier: str = Field(min_length=1, max_length=64, description="id of an uploaded classifier")
     name: Name | None = Field(None, description='default "DENOISER + CLASSIFIER"')
+    visibility: Visibility = Field("private", description="who may use the pipeline")
+
+
+class ModelChange(BaseModel):
+    """``PATCH /v1/models/{id}``: what its owner (or the admin) may change."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    visibility: Visibility = Field(
+        description="private: the owner's account alone may use the model; public: every account"
+    )
 
 
 class DatasetRecord(BaseModel):
     """An uploaded dataset (``service/datasets.py`` describes the fields)."""
 
     id: str
+    owner: str = Field(
+        "default",
+        description="the account that uploaded it (a dataset from before accounts: default)",
+    )
     name: str
     filename: str
     num_inputs: int

@@ -28,6 +28,7 @@ import numpy as np
 import redis
 from fastapi import HTTPException, status
 
+from smoothcert.service.api.access import Access
 from smoothcert.service.api.schemas import (
     JobAccepted,
     check_inputs,
@@ -98,6 +99,7 @@ class Submission:
     datasets: Any
     queue: Any
     admission: Any
+    access: Access
 
     def certify(
         self,
@@ -123,10 +125,9 @@ class Submission:
             raise unprocessable("radii must be finite and non-negative")
 
     def _model(self, params: CertifyParams) -> ModelRecord:
-        """The model's record; 404 when unknown, 422 when it cannot run these parameters."""
-        meta = self.models.get(params.model_id)
-        if meta is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {params.model_id!r}")
+        """The model's record; 404 when unknown (or another account's private model), 422 when it
+        cannot run these parameters."""
+        meta = self.access.model(self.models, params.model_id)
         model = ModelRecord.from_meta(meta)
         refusal = model.refusal(params.runtime, params.precision, self.settings.device)
         if refusal is None and model.denoiser_id is not None:
@@ -200,10 +201,7 @@ class Submission:
         """Queue one task per chunk of the dataset's inputs ``[skip, skip + limit)``
         (job_chunks.py), all or none: room for every chunk's message is held in the queue before
         the first is sent."""
-        meta = self.datasets.get(source.dataset_id)
-        if meta is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {source.dataset_id!r}")
-        dataset = DatasetRecord.from_meta(meta)
+        dataset = DatasetRecord.from_meta(self.access.dataset(self.datasets, source.dataset_id))
         refusal = dataset.refusal_for(model)
         if refusal is not None:
             raise unprocessable(refusal)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from smoothcert.service.cli import options
+from smoothcert.service.core.model_store import VISIBILITIES
 from smoothcert.service.core.params import MODES
 
 ENV_URL, ENV_KEY, ENV_ADMIN_KEY = "SMOOTHCERT_URL", "SMOOTHCERT_API_KEY", "SMOOTHCERT_ADMIN_KEY"
@@ -95,6 +96,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     upload.add_argument("--sigma", type=float, help="the noise level the model was trained with")
     upload.add_argument("--class-names", help="comma-separated, or a JSON list")
     upload.add_argument(
+        "--visibility",
+        choices=VISIBILITIES,
+        help="private (the default): only this key's account may use it; public: every account",
+    )
+    upload.add_argument(
         "--json", action="store_true", help="print the model record as JSON instead of its id"
     )
     upload.set_defaults(handler=_upload, admin=True)
@@ -111,15 +117,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     pipeline.add_argument("--name", help='default "DENOISER + CLASSIFIER"')
     pipeline.add_argument(
+        "--visibility", choices=VISIBILITIES, help="private (the default) or public"
+    )
+    pipeline.add_argument(
         "--json", action="store_true", help="print the model record as JSON instead of its id"
     )
     pipeline.set_defaults(handler=_register_pipeline, admin=True)
     listing = actions.add_parser("list", parents=[connection], help="list the ready models")
     listing.add_argument("--json", action="store_true", help="print the records as JSON")
     listing.set_defaults(handler=_list_models)
-    delete = actions.add_parser("delete", parents=[connection], help="delete a model (admin key)")
+    delete = actions.add_parser(
+        "delete", parents=[connection], help="delete a model of this key's account"
+    )
     delete.add_argument("model_id", metavar="ID")
     delete.set_defaults(handler=_delete_model, admin=True)
+    visibility = actions.add_parser(
+        "visibility",
+        parents=[connection],
+        help="make a model of this key's account public (every account may use it) or private",
+    )
+    visibility.add_argument("model_id", metavar="ID")
+    visibility.add_argument("visibility", choices=VISIBILITIES)
+    visibility.set_defaults(handler=_set_visibility, admin=True)
 
     datasets = commands.add_parser(
         "datasets", help="upload, list and delete datasets to certify as one job"
@@ -329,6 +348,7 @@ def _upload(args) -> int:
             normalization=args.normalization,
             sigma=args.sigma,
             class_names=names,
+            visibility=args.visibility,
         )
     if args.json:
         print(json.dumps(model, indent=2))
@@ -344,7 +364,9 @@ def _upload(args) -> int:
 
 def _register_pipeline(args) -> int:
     with service_client(args) as client:
-        model = client.register_pipeline(args.denoiser, args.classifier, name=args.name)
+        model = client.register_pipeline(
+            args.denoiser, args.classifier, name=args.name, visibility=args.visibility
+        )
     if args.json:
         print(json.dumps(model, indent=2))
         return 0
@@ -360,7 +382,15 @@ def _register_pipeline(args) -> int:
 def _list_models(args) -> int:
     with service_client(args) as client:
         models = client.list_models()
-    _table(args, models, ("id", "name", "format", "arch", "input_shape", "num_classes", "sigma"))
+    columns = ("id", "name", "owner", "visibility", "format", "arch", "input_shape", "num_classes")
+    _table(args, models, (*columns, "sigma"))
+    return 0
+
+
+def _set_visibility(args) -> int:
+    with service_client(args) as client:
+        model = client.set_model_visibility(args.model_id, args.visibility)
+    print(f"model {model['id']} is {model['visibility']}", file=sys.stderr)
     return 0
 
 

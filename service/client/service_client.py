@@ -283,8 +283,11 @@ class ServiceClient:
         normalization: dict | str | None = None,
         sigma: float | None = None,
         class_names: Sequence[str] | None = None,
+        visibility: str | None = None,
     ) -> dict:
-        """Upload an .onnx or .safetensors model (admin key); its record once a worker checked it.
+        """Upload an .onnx or .safetensors model (a key with the ``models`` scope); its record once
+        a worker checked it. It belongs to the key's account; ``visibility`` "public" lets every
+        account use it (the server's default is "private").
 
         ``normalization`` is ``{"mean": [...], "std": [...]}`` or its JSON text; the server checks
         every field and answers 422 with its reason.
@@ -293,6 +296,7 @@ class ServiceClient:
         fields = {
             "name": name,
             "arch": arch,
+            "visibility": visibility,
             "num_classes": num_classes,
             "sigma": sigma,
             "input_shape": None
@@ -314,28 +318,40 @@ class ServiceClient:
             ).json()
 
     def register_pipeline(
-        self, denoiser_id: str, classifier_id: str, *, name: str | None = None
+        self,
+        denoiser_id: str,
+        classifier_id: str,
+        *,
+        name: str | None = None,
+        visibility: str | None = None,
     ) -> dict:
-        """Register an uploaded denoiser followed by an uploaded classifier as one model (admin
-        key); its record once a worker checked that the two parts fit together."""
+        """Register an uploaded denoiser followed by an uploaded classifier as one model (a key
+        with the ``models`` scope); its record once a worker checked that the two parts fit."""
         body = {
             "denoiser": denoiser_id,
             "classifier": classifier_id,
             **({"name": name} if name else {}),
+            **({"visibility": visibility} if visibility else {}),
         }
         return self._request(
             "POST", "/v1/models/pipelines", json=body, timeout=self.upload_timeout
         ).json()
 
     def list_models(self) -> list[dict]:
-        """Every ready model, oldest first."""
+        """The ready models this key may use (its account's and the public ones), oldest first."""
         return self._request("GET", "/v1/models").json()
+
+    def set_model_visibility(self, model_id: str, visibility: str) -> dict:
+        """Make a model of this key's account "public" or "private"; its record."""
+        return self._request(
+            "PATCH", f"/v1/models/{_segment(model_id)}", json={"visibility": visibility}
+        ).json()
 
     def get_model(self, model_id: str) -> dict:
         return self._request("GET", f"/v1/models/{_segment(model_id)}").json()
 
     def delete_model(self, model_id: str) -> None:
-        """Remove a model (admin key)."""
+        """Remove a model of this key's account (the admin key: any model)."""
         self._request("DELETE", f"/v1/models/{_segment(model_id)}")
 
     # -- datasets -----------------------------------------------------------------------------

@@ -6,11 +6,16 @@ Keys (one Redis server, as the job records' indexes)::
     smoothcert:datasets:index                 zset, every score 0: one entry per stored dataset,
                                               "<created_at ms, 15 digits>:<id>", so that text order
                                               is time order (GET /v1/datasets pages through it)
-    smoothcert:owner:<caller>:datasets        hash: dataset id -> bytes it takes on disk, the
-                                              datasets recorded with that key (its storage quota)
-    smoothcert:owner:<caller>:dataset-uploads zset: dataset id -> when it lapses (Redis clock, ms),
-                                              that key's uploads in progress
-    smoothcert:datasets:indexed               set once the indexes hold every dataset on disk
+    smoothcert:owner:<account>:dataset-index  zset, the same entries for the account's datasets
+                                              (what GET /v1/datasets pages through for it)
+    smoothcert:owner:<account>:datasets       hash: dataset id -> bytes it takes on disk, the
+                                              account's datasets (its storage quota)
+    smoothcert:owner:<account>:dataset-uploads zset: dataset id -> when it lapses (Redis clock,
+                                              ms), the account's uploads in progress
+    smoothcert:datasets:indexed:v2            set once the indexes hold every dataset on disk
+
+A dataset record without an owner (uploaded before ownership was recorded) is indexed as the
+``default`` account's.
 
 An upload claims a place among its key's datasets (:meth:`DatasetIndex.claim`, one script: the
 stored datasets plus the uploads in progress against ``SMOOTHCERT_MAX_DATASETS_PER_KEY``) before it
@@ -22,7 +27,7 @@ a dataset that counts nowhere rather than a count nobody can delete.
 Datasets stored before the index was kept, or a Redis that lost its data (the marker key is gone
 with it), are indexed from the records on disk, once, by the first call that needs the index
 (:meth:`DatasetIndex.ensure`). An operator who removes dataset folders by hand deletes
-``smoothcert:datasets:indexed`` to have the indexes rebuilt (and the stale entries dropped).
+``smoothcert:datasets:indexed:v2`` to have the indexes rebuilt (and the stale entries dropped).
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ from typing import Any
 
 import redis
 
+from smoothcert.service.core.keys import account_of
+
 LISTING = "smoothcert:datasets:index"
-INDEXED = "smoothcert:datasets:indexed"
+# v2: the per-account listings were added; a store indexed before gets them on its next start.
+INDEXED = "smoothcert:datasets:indexed:v2"
 OWNER_PREFIX = "smoothcert:owner:"
 UPLOAD_TTL_MS = 600_000  # longer than writing the largest dataset takes
 
@@ -58,6 +66,15 @@ return {1, count}
 def owner_datasets_key(owner: str) -> str:
     """The hash of ``owner``'s datasets: id -> bytes on disk."""
     return f"{OWNER_PREFIX}{owner}:datasets"
+
+
+def owner_listing_key(owner: str) -> str:
+    """The listing of ``owner``'s datasets: entries as in the listing of all."""
+    return f"{OWNER_PREFIX}{owner}:dataset-index"
+
+
+def _owner(record: Mapping[str, Any]) -> str:
+    return account_of(record.get("owner"))
 
 
 def owner_uploads_key(owner: str) -> str:
@@ -91,9 +108,10 @@ class DatasetIndex:
             return
         with self.redis.pipeline(transaction=False) as pipe:
             for record, disk_bytes in self.records():
-                pipe.zadd(LISTING, {listing_entry(record): 0})
-                if record.get("owner"):
-                    pipe.hset(owner_datasets_key(record["owner"]), record["id"], disk_bytes)
+                entry = {listing_entry(record): 0}
+                pipe.zadd(LISTING, entry)
+                pipe.zadd(owner_listing_key(_owner(record)), entry)
+                pipe.hset(owner_datasets_key(_owner(record)), record["id"], disk_bytes)
             pipe.set(INDEXED, 1)
             pipe.execute()
 
@@ -112,19 +130,21 @@ class DatasetIndex:
     def add(self, record: Mapping[str, Any], disk_bytes: int) -> None:
         """Index a dataset whose record was just written; its owner's claim becomes its entry."""
         self.ensure()
+        owner, entry = _owner(record), {listing_entry(record): 0}
         with self.redis.pipeline() as pipe:
-            pipe.zadd(LISTING, {listing_entry(record): 0})
-            if record.get("owner"):
-                pipe.hset(owner_datasets_key(record["owner"]), record["id"], disk_bytes)
-                pipe.zrem(owner_uploads_key(record["owner"]), record["id"])
+            pipe.zadd(LISTING, entry)
+            pipe.zadd(owner_listing_key(owner), entry)
+            pipe.hset(owner_datasets_key(owner), record["id"], disk_bytes)
+            pipe.zrem(owner_uploads_key(owner), record["id"])
             pipe.execute()
 
     def remove(self, record: Mapping[str, Any]) -> None:
         """Drop a dataset that is being deleted from the indexes."""
+        owner = _owner(record)
         with self.redis.pipeline() as pipe:
             pipe.zrem(LISTING, listing_entry(record))
-            if record.get("owner"):
-                pipe.hdel(owner_datasets_key(record["owner"]), record["id"])
+            pipe.zrem(owner_listing_key(owner), listing_entry(record))
+            pipe.hdel(owner_datasets_key(owner), record["id"])
             pipe.execute()
 
     def stored(self, owner: str) -> tuple[int, list[str]]:
@@ -133,18 +153,24 @@ class DatasetIndex:
         held = self.redis.hgetall(owner_datasets_key(owner))
         return sum(int(v) for v in held.values()), sorted(_text(k) for k in held)
 
-    def page(self, after: str | None, limit: int) -> tuple[list[str], str | None]:
-        """Up to ``limit`` entries, newest first, after the entry ``after`` (a previous page's
-        cursor); and the last of them when more follow (the next page's cursor), else None."""
+    def page(
+        self, after: str | None, limit: int, owner: str | None = None
+    ) -> tuple[list[str], str | None]:
+        """Up to ``limit`` entries, newest first, of every dataset or of ``owner``'s, after the
+        entry ``after`` (a previous page's cursor); and the last of them when more follow (the next
+        page's cursor), else None."""
         self.ensure()
+        index = LISTING if owner is None else owner_listing_key(owner)
         start = "+" if after is None else "(" + after
-        entries = [_text(e) for e in self.redis.zrevrangebylex(LISTING, start, "-", 0, limit + 1)]
+        entries = [_text(e) for e in self.redis.zrevrangebylex(index, start, "-", 0, limit + 1)]
         return entries[:limit], entries[limit - 1] if len(entries) > limit else None
 
-    def drop_entries(self, entries: list[str]) -> None:
+    def drop_entries(self, entries: list[str], owner: str | None = None) -> None:
         """Drop listing entries whose record is gone (removed by hand)."""
         if entries:
             self.redis.zrem(LISTING, *entries)
+            if owner is not None:
+                self.redis.zrem(owner_listing_key(owner), *entries)
 
 
 def entry_id(entry: str) -> str:

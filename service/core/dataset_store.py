@@ -8,7 +8,7 @@ Layout under ``root`` (``DATA_DIR/datasets``)::
     <id>/meta.json   the record: id, name, filename, num_inputs, input_shape [C, H, W],
                      label_range [min, max], source_dtype, size_bytes and sha256 of the
                      upload, stored_bytes (x.npy and y.npy), disk_bytes (what the folder takes
-                     on disk: :func:`disk_bytes`), owner (the uploading key's caller id),
+                     on disk: :func:`disk_bytes`), owner (the uploading key's account),
                      created_at
 
 Datasets stored before pixels kept their dtype hold float32 and int64; :meth:`DatasetStore.load`
@@ -46,6 +46,7 @@ from smoothcert.service.core.dataset_files import (
     open_dataset_npz,
 )
 from smoothcert.service.core.dataset_index import DatasetIndex, entry_id, listing_entry
+from smoothcert.service.core.keys import account_of
 from smoothcert.service.core.store import FolderStore, copy_upload, created_at
 
 # admit(dataset id, bytes it will take on disk): entered once the upload's headers are checked and
@@ -163,15 +164,18 @@ class DatasetStore(FolderStore):
         when the store has one, else from every record."""
         if self.index is not None:
             return self.index.stored(owner)
-        mine = [(d, size) for d, size in self._on_disk() if d.get("owner") == owner]
+        mine = [(d, size) for d, size in self._on_disk() if account_of(d.get("owner")) == owner]
         return sum(size for _, size in mine), [d["id"] for d, _ in mine]
 
-    def page(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-        """Up to ``limit`` records, newest first, after the listing entry ``after`` (a previous
-        page's cursor); and the next page's cursor, None after the last page. Needs the index.
-        Entries whose record is gone are dropped, so a page may hold fewer than ``limit``."""
+    def page(
+        self, after: str | None, limit: int, owner: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` records of every dataset or of ``owner``'s account, newest first, after
+        the listing entry ``after`` (a previous page's cursor); and the next page's cursor, None
+        after the last page. Needs the index. Entries whose record is gone are dropped, so a page
+        may hold fewer than ``limit``."""
         assert self.index is not None, "a listing needs the store's index"
-        entries, cursor = self.index.page(after, limit)
+        entries, cursor = self.index.page(after, limit, owner)
         records, gone = [], []
         for entry in entries:
             record = self.get(entry_id(entry))
@@ -179,7 +183,7 @@ class DatasetStore(FolderStore):
                 gone.append(entry)
             else:
                 records.append(record)
-        self.index.drop_entries(gone)
+        self.index.drop_entries(gone, owner)
         return records, cursor
 
     def delete(self, record_id: str) -> bool:

@@ -15,10 +15,11 @@ jobs created and finished (hashes ``:created`` and ``:finished``). A record that
 queued or running leaves a member behind whose score has passed; the scrape drops those
 (:func:`smoothcert.service.api.metrics.job_counts`), so the gauges never drift for long.
 
-A job created with an ``owner`` (the submitting key's caller id) is also a member of
-``smoothcert:owner:<owner>:active`` while it is queued or running, kept by the same scripts and
-scored the same way; :meth:`JobStore.create` refuses, atomically, a new job of an owner who
-already has ``max_active`` live members. The count is the records' own states, so a crashed API
+A job created with an ``owner`` (the submitting key's account,
+:mod:`~smoothcert.service.core.owners`) is also a member of ``smoothcert:owner:<owner>:active``
+while it is queued or running, kept by the same scripts and scored the same way;
+:meth:`JobStore.create` refuses, atomically, a new job of an owner who already has ``max_active``
+live members. The count is the records' own states, so a crashed API
 or worker cannot make it drift: a job counts until its record says it finished, or expires.
 
 For ``GET /v1/jobs`` the same create script adds the job to two indexes of job ids by creation
@@ -308,6 +309,7 @@ class JobRecord:
     params: dict[str, Any] = field(default_factory=dict)
     cancel_requested: bool = False
     deliveries: int = 0
+    owner: str | None = None  # the account that submitted it (service.core.owners)
 
     def certify_job(self) -> CertifyJob:
         """The certify or predict job whose parameters this record stores (ContractError, naming
@@ -329,6 +331,7 @@ class JobRecord:
             "result": self.result,
             "params": self.params,
             "cancel_requested": self.cancel_requested,
+            "owner": self.owner,
             "created_time": rfc3339(self.created_at),
             "started_time": rfc3339(self.started_at),
             "finished_time": rfc3339(self.finished_at),
@@ -348,6 +351,7 @@ _LISTED_FIELDS = (
     "params",
     "deliveries",
     "result_summary",
+    "owner",
 )
 
 
@@ -474,6 +478,7 @@ class JobStore:
             params=json.loads(h.get("params") or "{}"),
             cancel_requested=bool(cancel),
             deliveries=int(h.get("deliveries", 0)),
+            owner=h.get("owner") or None,
         )
 
     def transition(self, job_id: str, to: str, allowed_from: Iterable[str], **fields: Any) -> bool:

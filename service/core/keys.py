@@ -55,6 +55,12 @@ KEYS_INDEX = "smoothcert:apikeys"
 ACCOUNTS = "smoothcert:accounts"
 
 
+def account_of(owner: str | None) -> str:
+    """The account a record's ``owner`` field names; a record without one (from before ownership
+    was recorded) belongs to ``default``."""
+    return owner or DEFAULT_ACCOUNT
+
+
 def account_keys_key(account: str) -> str:
     """The zset of ``account``'s key ids."""
     return f"smoothcert:account:{account}:keys"

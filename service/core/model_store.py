@@ -7,7 +7,9 @@ Layout under ``root`` (``DATA_DIR/models``)::
 
 The record holds ``id``, ``status`` ("pending" until a worker loaded the model and ran one
 batch, then "ready"), ``name``, ``format``, ``filename``, ``size_bytes``, ``sha256``,
-``created_at`` and the loader's fields (``arch``, ``input_shape``, ``num_classes``,
+``created_at``, ``owner`` (the account that uploaded it) and ``visibility`` ("private" or
+"public"; :func:`~smoothcert.service.core.owners.visibility` reads a record from before), and the
+loader's fields (``arch``, ``input_shape``, ``num_classes``,
 ``class_names``, ``normalization``, ``sigma``); ``list()`` returns the ready ones, oldest first.
 A denoiser's record says ``kind: "denoiser"`` (its loader found so) and has no class count. A
 pipeline (:meth:`ModelStore.add_pipeline`) is a record without weights of its own: ``kind:
@@ -21,6 +23,7 @@ before anything is kept: a worker never sees them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +39,17 @@ from smoothcert.service.core.store import FolderStore, copy_upload, created_at
 
 FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
 PENDING, READY = "pending", "ready"
+PUBLIC, PRIVATE = "public", "private"
+VISIBILITIES = (PRIVATE, PUBLIC)
+
+
+def visibility(model: Mapping[str, Any]) -> str:
+    """A model record's visibility: as recorded, else public for a record without an owner (from
+    before ownership; every key could use it) and private for one with an owner."""
+    recorded = model.get("visibility")
+    if recorded in VISIBILITIES:
+        return str(recorded)
+    return PRIVATE if model.get("owner") else PUBLIC
 
 
 class UploadTooLarge(ModelError):
@@ -125,10 +139,14 @@ class ModelStore(FolderStore):
         return meta
 
     def add_pipeline(
-        self, denoiser: dict[str, Any], classifier: dict[str, Any], name: str | None = None
+        self,
+        denoiser: dict[str, Any],
+        classifier: dict[str, Any],
+        name: str | None = None,
+        owner: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Record a new pending pipeline of two ready records; ModelError (:func:`check_pipeline`)
-        when they cannot be one."""
+        when they cannot be one. ``owner``: the record's ``owner`` and ``visibility`` fields."""
         check_pipeline(denoiser, classifier)
         parts = {
             role: {k: meta.get(k) for k in ("id", "name", "sha256", "format", "arch")}
@@ -149,6 +167,7 @@ class ModelStore(FolderStore):
                 "size_bytes": int(denoiser.get("size_bytes", 0))
                 + int(classifier.get("size_bytes", 0)),
                 "created_at": created_at(),
+                **(owner or {}),
                 **{
                     k: classifier[k]
                     for k in ("input_shape", "num_classes", "class_names", "normalization")

@@ -479,7 +479,8 @@ def wait_ready(
 
 
 def register_demo(url: str, admin_key: str, demo_dir: Path) -> dict:
-    """The digits demo model uploaded through the API (reused when an identical one is stored)."""
+    """The digits demo model uploaded through the API, public, so the user key may certify with
+    it (reused when an identical public one is stored)."""
     from smoothcert.models.demo import build_demo  # torch, only in this process
     from smoothcert.models.metadata import sha256_file
 
@@ -488,7 +489,11 @@ def register_demo(url: str, admin_key: str, demo_dir: Path) -> dict:
         build_demo(demo_dir, seed=0)
     headers, sha = {"Authorization": f"Bearer {admin_key}"}, sha256_file(path)
     for model in httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json():
-        if model.get("name") == "digits-demo" and model.get("sha256") == sha:
+        if (
+            model.get("name") == "digits-demo"
+            and model.get("sha256") == sha
+            and model.get("visibility", "public") == "public"
+        ):
             return model
     with open(path, "rb") as f:
         resp = httpx.post(
@@ -496,7 +501,7 @@ def register_demo(url: str, admin_key: str, demo_dir: Path) -> dict:
             headers=headers,
             timeout=200,
             files={"file": (path.name, f)},
-            data={"name": "digits-demo"},
+            data={"name": "digits-demo", "visibility": "public"},
         )
     if resp.status_code != 201:
         raise DeployError(f"uploading the demo model failed: {resp.status_code} {resp.text}")

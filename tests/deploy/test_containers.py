@@ -155,7 +155,9 @@ def admin(deployed) -> httpx.Client:
 def model(admin, demo_paths) -> dict:
     with open(demo_paths["safetensors"], "rb") as f:
         resp = admin.post(
-            "/v1/models", files={"file": ("digits_cnn.safetensors", f)}, data={"name": "digits"}
+            "/v1/models",
+            files={"file": ("digits_cnn.safetensors", f)},
+            data={"name": "digits", "visibility": "public"},  # the user key certifies with it
         )
     assert resp.status_code == 201, resp.text
     return resp.json()

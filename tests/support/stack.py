@@ -226,16 +226,34 @@ def demo_model(admin, demo_paths) -> dict:
     """The demo's safetensors model, uploaded through the API."""
     with open(demo_paths["safetensors"], "rb") as f:
         resp = admin.post(
-            "/v1/models", files={"file": ("digits_cnn.safetensors", f)}, data={"name": "digits"}
+            "/v1/models",
+            files={"file": ("digits_cnn.safetensors", f)},
+            data={"name": "digits", "visibility": "public"},  # as `up` makes the demo model
         )
     assert resp.status_code == 201, resp.text
     return resp.json()
 
 
+def account_key(url: str, admin_key: str, account: str, *scopes: str) -> str:
+    """A new key of ``account`` (scopes: ``certify`` unless given), made through ``POST /v1/keys``
+    of the API at ``url`` with ``admin_key``: for a test whose quotas, jobs and datasets must be
+    its own on a Redis and data dir the suite shares."""
+    resp = httpx.post(
+        f"{url}/v1/keys",
+        headers={"Authorization": f"Bearer {admin_key}"},
+        json={"account": account, "scopes": list(scopes or ("certify",))},
+        timeout=30,
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()["key"]
+
+
 def upload_model(
     admin: httpx.Client, filename: str, content: bytes, **fields: str
 ) -> httpx.Response:
-    """``POST /v1/models`` with ``content`` as the file ``filename`` and ``fields`` as form fields."""
+    """``POST /v1/models`` with ``content`` as the file ``filename`` and ``fields`` as form fields;
+    public unless ``fields`` say otherwise, so that the user key's account may use it too."""
+    fields = {"visibility": "public", **fields}
     return admin.post("/v1/models", files={"file": (filename, io.BytesIO(content))}, data=fields)
 
 

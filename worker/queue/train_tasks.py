@@ -118,14 +118,19 @@ def _register(
 ) -> dict[str, Any]:
     """Store a trained network's file as a ready model once per job (a redelivered task finds the
     first one), after the same check an upload gets: ``load`` the stored file (the loader runs it on
-    its check batches); a file that fails is removed again."""
-    store = context.current().models
+    its check batches); a file that fails is removed again. It belongs to the job's account and is
+    private."""
+    ctx = context.current()
+    store = ctx.models
     for meta in store.list():
         if meta.get("train_job") == job_id:
             return meta
     path = result.save(job_folder(job_id) / filename)
     with open(path, "rb") as f:
-        meta = store.add(f, path.name, {"name": result.info.name, "train_job": job_id})
+        record = ctx.jobs.get(job_id, rows=False)
+        owner = {"owner": record.owner} if record is not None and record.owner else {}
+        fields = {"name": result.info.name, "train_job": job_id, **owner, "visibility": "private"}
+        meta = store.add(f, path.name, fields)
     try:
         loaded = load(store.weights_path(meta["id"]), device=_settings().device)
         found = {

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from smoothcert.service.api.access import AccessDep
 from smoothcert.service.api.deps import (
     AdmissionDep,
     DatasetsDep,
@@ -115,6 +116,7 @@ async def submit(
     datasets: DatasetsDep,
     queue: QueueDep,
     admission: AdmissionDep,
+    access: AccessDep,
 ) -> JSONResponse:
     """Queue a certify (or predict) job; poll ``Location`` for its status and result.
 
@@ -134,7 +136,7 @@ async def submit(
             (lambda: (validate_body(CertifyRequest, body), None)),
         )
 
-    submission = Submission(settings, jobs, models, datasets, queue, admission)
+    submission = Submission(settings, jobs, models, datasets, queue, admission, access)
 
     def create() -> tuple[JobAccepted, str]:
         req, files = parse()

@@ -1,6 +1,8 @@
 """``/v1/datasets``: upload, list, show and delete datasets to certify as chunked jobs.
 
-Any valid key may use these routes (the user key suffices, unlike model upload): a dataset is
+A key with the ``certify`` scope may use these routes; each shows the caller's account's
+datasets only (an admin key: every dataset), another account's id being an unknown dataset (404,
+:mod:`smoothcert.service.api.access`). A dataset is
 data to certify, like the ``inputs`` of ``POST /v1/certify``, and nothing in it is ever run or
 unpickled. The upload is an ``.npz`` with ``x`` (N, C, H, W; floats in [0, 1], or uint8 pixels,
 scaled by 1/255) and ``y`` (N integer labels), checked as :mod:`smoothcert.service.core.dataset_files`
@@ -38,6 +40,7 @@ from fastapi import (
 )
 from fastapi.responses import JSONResponse
 
+from smoothcert.service.api.access import AccessDep
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import (
     AdmissionDep,
@@ -58,6 +61,7 @@ from smoothcert.service.api.schemas import DatasetList, DatasetRecord, Name
 from smoothcert.service.core.dataset_files import DatasetFileError, DatasetTooLarge
 from smoothcert.service.core.dataset_index import is_listing_entry
 from smoothcert.service.core.dataset_store import TooManyDatasets
+from smoothcert.service.core.keys import account_of
 
 router = APIRouter(
     prefix="/v1/datasets",
@@ -65,7 +69,7 @@ router = APIRouter(
     dependencies=[Depends(require_certify)],
     route_class=UnparsableBodyRoute,
 )  # a body that cannot be parsed is 422, not 400
-_NOT_FOUND: Responses = {404: {"description": "unknown dataset"}}
+_NOT_FOUND: Responses = {404: {"description": "unknown dataset (or another account's)"}}
 
 
 @router.post(
@@ -121,7 +125,12 @@ def _store(settings, datasets, file: UploadFile, name: str | None, admission) ->
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except DatasetFileError as exc:
         raise HTTPException(422, str(exc)) from None
-    return DatasetRecord.model_validate(meta)
+    return _shown(meta)
+
+
+def _shown(meta: dict) -> DatasetRecord:
+    """The record as the routes answer it, its owner named (``default`` for one from before)."""
+    return DatasetRecord.model_validate({**meta, "owner": account_of(meta.get("owner"))})
 
 
 @router.get(
@@ -129,20 +138,21 @@ def _store(settings, datasets, file: UploadFile, name: str | None, admission) ->
 )
 def list_datasets(
     datasets: DatasetsDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=100, description="at most this many datasets")] = 20,
     cursor: Annotated[
         str | None, Query(max_length=200, description="the next_cursor of the previous page")
     ] = None,
 ) -> DatasetList:
-    """The datasets, newest first. Follow ``next_cursor`` until it is null."""
+    """The account's datasets (an admin key: every dataset), newest first. Follow
+    ``next_cursor`` until it is null."""
     after = None if cursor is None else _cursor_entry(cursor)
-    records, last = datasets.page(after, limit)
+    account = None if caller.admin else caller.account
+    records, last = datasets.page(after, limit, account)
     next_cursor = (
         None if last is None else base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
     )
-    return DatasetList(
-        datasets=[DatasetRecord.model_validate(r) for r in records], next_cursor=next_cursor
-    )
+    return DatasetList(datasets=[_shown(r) for r in records], next_cursor=next_cursor)
 
 
 def _cursor_entry(cursor: str) -> str:
@@ -159,32 +169,19 @@ def _cursor_entry(cursor: str) -> str:
 
 
 @router.get("/{dataset_id}", response_model=DatasetRecord, responses=_NOT_FOUND)
-def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetRecord:
-    meta = datasets.get(dataset_id)
-    if meta is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {dataset_id!r}")
-    return DatasetRecord.model_validate(meta)
+def get_dataset(dataset_id: str, datasets: DatasetsDep, access: AccessDep) -> DatasetRecord:
+    return _shown(access.dataset(datasets, dataset_id))
 
 
-@router.delete(
-    "/{dataset_id}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    responses={**_NOT_FOUND, 403: {"description": "the dataset was uploaded with another key"}},
-)
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
 def delete_dataset(
-    dataset_id: str, datasets: DatasetsDep, limits: LimitsDep, caller: CallerDep
+    dataset_id: str, datasets: DatasetsDep, limits: LimitsDep, access: AccessDep
 ) -> Response:
     """Remove the dataset's files; what they took no longer counts against its account's storage
-    quota. Only a key of the account that uploaded it, or an admin key, may (403 otherwise)."""
-    meta = datasets.get(dataset_id)
-    if meta and meta.get("owner") and not caller.admin and caller.owner != meta["owner"]:
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"dataset {dataset_id} was uploaded with another key; only "
-            "that key or the admin key (SMOOTHCERT_ADMIN_KEY) may delete it",
-        )
+    quota."""
+    meta = access.dataset(datasets, dataset_id)
     if not datasets.delete(dataset_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {dataset_id!r}")
-    if meta and meta.get("owner"):
+    if meta.get("owner"):
         limits.forget_storage(meta["owner"], dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -2,8 +2,9 @@
 Cohen-style TSV, cancellation, and two pictures for people (noisy copies of an input as PNG, the
 certified-accuracy curve as SVG).
 
-The list shows the jobs submitted with the keys of the caller's account (a key with the admin
-scope sees every job), newest first, from the indexes :mod:`smoothcert.service.core.jobs` keeps;
+Every route here shows the caller's account's jobs only (a key with the admin scope sees every
+job): another account's job id is an unknown job, 404 (:mod:`smoothcert.service.api.access`).
+The list shows them newest first, from the indexes :mod:`smoothcert.service.core.jobs` keeps;
 its cursor is an index entry in base64url, opaque to clients.
 
 A job id is checked to be one (a UUID, :func:`~smoothcert.service.core.jobs.check_job_id`) before
@@ -23,6 +24,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from smoothcert.service.api.access import AccessDep
 from smoothcert.service.api.deps import CallerDep, JobsDep, SettingsDep, require_jobs
 from smoothcert.service.api.limits import Responses
 from smoothcert.service.api.pictures import accuracy_curve_svg, sample_strip_png
@@ -35,28 +37,16 @@ from smoothcert.service.core.jobs import (
     SUCCEEDED,
     TERMINAL,
     JobRecord,
-    JobStore,
     is_index_entry,
-    is_job_id,
 )
 from smoothcert.service.core.storage_quota import drop_job_inputs
 from smoothcert.service.core.tsv import format_tsv
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_jobs)])
-_NOT_FOUND: Responses = {404: {"description": "unknown job id (or its record expired)"}}
+_NOT_FOUND: Responses = {
+    404: {"description": "unknown job id (or its record expired, or another account's job)"}
+}
 JobId = Annotated[str, Path(description="the id that submitting the job returned: " + JOB_ID_FORM)]
-
-
-def _record(jobs: JobStore, job_id: str) -> JobRecord:
-    if not is_job_id(job_id):
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND,
-            f"unknown job {job_id[:80]!r}: job ids are {JOB_ID_FORM}, as submitting a job returns",
-        )
-    record = jobs.get(job_id)
-    if record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown job {job_id!r}")
-    return record
 
 
 def _cursor_entry(cursor: str) -> str:
@@ -105,7 +95,7 @@ def list_jobs(
     checks); ``result`` without its rows (``result.results`` is null: read them from ``GET
     /v1/jobs/{id}``). Follow ``next_cursor`` until it is null; with a filter, a page may hold
     fewer than ``limit`` jobs (even none) and still have a next one."""
-    owner = None if caller.admin else caller.owner
+    owner = None if caller.admin else caller.account
     after = None if cursor is None else _cursor_entry(cursor)
     records, last = jobs.recent(owner, status=status_, kind=kind, limit=limit, after=after)
     next_cursor = (
@@ -115,9 +105,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, responses=_NOT_FOUND)
-def get_job(job_id: JobId, jobs: JobsDep) -> Job:
+def get_job(job_id: JobId, jobs: JobsDep, access: AccessDep) -> Job:
     """Status, progress (in samples) and, once succeeded, the result."""
-    return Job.model_validate(_record(jobs, job_id).to_dict())
+    return Job.model_validate(access.job(jobs, job_id).to_dict())
 
 
 @router.get(
@@ -125,10 +115,10 @@ def get_job(job_id: JobId, jobs: JobsDep) -> Job:
     response_class=PlainTextResponse,
     responses={**_NOT_FOUND, 409: {"description": "the job has not succeeded"}},
 )
-def get_results_tsv(job_id: JobId, jobs: JobsDep) -> PlainTextResponse:
+def get_results_tsv(job_id: JobId, jobs: JobsDep, access: AccessDep) -> PlainTextResponse:
     """The results in the CLI's TSV: Cohen's columns first, then ours."""
 
-    record = _record(jobs, job_id)
+    record = access.job(jobs, job_id)
     if record.status != SUCCEEDED:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job_id} is {record.status}, not succeeded"
@@ -154,16 +144,16 @@ def get_results_tsv(job_id: JobId, jobs: JobsDep) -> PlainTextResponse:
         409: {"description": "the job already finished"},
     },
 )
-def cancel_job(job_id: JobId, jobs: JobsDep, settings: SettingsDep):
+def cancel_job(job_id: JobId, jobs: JobsDep, settings: SettingsDep, access: AccessDep):
     """Cancel: a queued job at once (200), a running one between two batches (202). A canceled
     job's saved inputs are deleted at once, and no longer count against the key's storage quota;
     a running job's worker deletes them when it stops."""
-    record = _record(jobs, job_id)
+    record = access.job(jobs, job_id)
     if record.status in TERMINAL and record.status != CANCELED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {record.status}")
     if record.status != CANCELED:
         jobs.request_cancel(job_id)
-        record = _record(jobs, job_id)
+        record = access.job(jobs, job_id)
     if record.status == CANCELED:  # no worker runs it, nor will: its inputs can go
         drop_job_inputs(jobs.redis, settings.jobs_dir, job_id)
     code = status.HTTP_202_ACCEPTED if record.status not in TERMINAL else status.HTTP_200_OK
@@ -189,6 +179,7 @@ _PICTURE: Responses = {
 def get_samples_png(
     job_id: JobId,
     jobs: JobsDep,
+    access: AccessDep,
     row: Annotated[int, Query(ge=0, description="the row's index (as in the result's rows)")] = 0,
 ) -> Response:
     """Up to 8 noisy copies of input ``row`` as the classifier saw them (the job's σ, clipped to
@@ -196,7 +187,7 @@ def get_samples_png(
     worker keeps them when the job starts, for the job's first 16 rows (fewer for large inputs),
     with a seed of their own: they are not the copies that were counted, but drawn alike. They
     are kept for ``SMOOTHCERT_SAMPLES_TTL_S`` (a day unless configured), then deleted."""
-    record = _record(jobs, job_id)
+    record = access.job(jobs, job_id)
     if record.kind not in ("certify", "predict"):
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
@@ -238,11 +229,11 @@ def get_samples_png(
         200: {"content": {"image/svg+xml": {}}, "description": "certified accuracy against radius"},
     },
 )
-def get_curve_svg(job_id: JobId, jobs: JobsDep) -> Response:
+def get_curve_svg(job_id: JobId, jobs: JobsDep, access: AccessDep) -> Response:
     """The certified-accuracy curve of a succeeded certify job with labels (given with the inputs,
     or a dataset's): the share of inputs predicted right with a radius of at least r, against r,
     with the radius cap (the largest radius n and α allow) marked."""
-    record = _record(jobs, job_id)
+    record = access.job(jobs, job_id)
     if record.status != SUCCEEDED:
         raise HTTPException(
             status.HTTP_409_CONFLICT,

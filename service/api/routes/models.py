@@ -1,4 +1,10 @@
-"""``/v1/models``: upload (admin), register a pipeline (admin), list, show, delete (admin).
+"""``/v1/models``: upload, register a pipeline, change visibility and delete (``models`` scope),
+list and show.
+
+A model belongs to the account whose key uploaded or registered it and is private unless made
+public (``visibility``, at upload or with ``PATCH``): another account's private model is an
+unknown model (404) on every route, its public one may be used but changed or deleted only by its
+owner or the admin (403) (:mod:`smoothcert.service.api.access`).
 
 An upload is stored as a pending model and answered 201 only after a worker loaded it and ran
 it on one batch (a ``check_model`` job the request waits for); a refused model is removed and
@@ -36,6 +42,7 @@ from smoothcert.models.metadata import (
     check_num_classes,
     check_sigma,
 )
+from smoothcert.service.api.access import AccessDep
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import (
     JobsDep,
@@ -48,13 +55,17 @@ from smoothcert.service.api.deps import (
 from smoothcert.service.api.schemas import (
     FormInteger,
     FormNumber,
+    ModelChange,
     ModelRecord,
     ModelSchedule,
     PipelineRequest,
+    Visibility,
 )
 from smoothcert.service.core.contract import CheckModelTask
 from smoothcert.service.core.jobs import SUCCEEDED, TERMINAL, new_job_id
+from smoothcert.service.core.keys import account_of
 from smoothcert.service.core.model_store import READY, UploadTooLarge
+from smoothcert.service.core.model_store import visibility as visibility_of
 from smoothcert.service.core.queue import CHECK_MODEL_TASK
 
 router = APIRouter(
@@ -64,6 +75,7 @@ router = APIRouter(
     route_class=UnparsableBodyRoute,
 )
 OptionalForm = Annotated[str | None, Form()]
+_UNKNOWN = "unknown model (or another account's private model)"
 
 
 def _fields(
@@ -111,6 +123,7 @@ def _fields(
 )
 def upload_model(
     response: Response,
+    access: AccessDep,
     settings: SettingsDep,
     models: ModelsDep,
     jobs: JobsDep,
@@ -123,11 +136,19 @@ def upload_model(
     arch: OptionalForm = None,
     normalization: OptionalForm = None,
     sigma: Annotated[FormNumber | None, Form(allow_inf_nan=False)] = None,
+    visibility: Annotated[
+        Visibility,
+        Form(
+            description="private (the default): this account's keys alone may use it; public: every account's"
+        ),
+    ] = "private",
 ) -> ModelRecord:
-    """Store a model, have a worker load it and run one batch, answer its record."""
+    """Store a model, have a worker load it and run one batch, answer its record. It belongs to
+    the key's account."""
     try:
         check_name(file.filename or "", "the file name")
         fields = _fields(name, input_shape, num_classes, class_names, arch, normalization, sigma)
+        fields.update(owner=access.caller.account, visibility=visibility)
         meta = models.add(
             file.file, file.filename or "", fields, max_bytes=settings.max_upload_bytes
         )
@@ -145,7 +166,9 @@ def _checked(
     record, or the 422 / 503 that says why not (the pending record is removed then)."""
     model_id, job_id = meta["id"], new_job_id()
     try:
-        jobs.create(job_id, "check_model", CheckModelTask(model_id).record_params())
+        jobs.create(
+            job_id, "check_model", CheckModelTask(model_id).record_params(), owner=meta["owner"]
+        )
         queue.send_task(CHECK_MODEL_TASK, args=[job_id, model_id], task_id=job_id)
         record = _wait(jobs, job_id, settings.model_check_timeout_s)
     except BaseException:
@@ -168,10 +191,12 @@ def _checked(
 
 
 def _answer(meta: dict[str, Any]) -> ModelRecord:
-    """The record as the routes answer it: without ``extra.schedule`` (its own route serves it)."""
+    """The record as the routes answer it: without ``extra.schedule`` (its own route serves it),
+    with its owner and visibility (a record from before: ``default``, public)."""
+    meta = {**meta, "owner": account_of(meta.get("owner")), "visibility": visibility_of(meta)}
     extra = meta.get("extra")
     if isinstance(extra, dict) and "schedule" in extra:
-        meta = {**meta, "extra": {k: v for k, v in extra.items() if k != "schedule"}}
+        meta["extra"] = {k: v for k, v in extra.items() if k != "schedule"}
     return ModelRecord.model_validate(meta)
 
 
@@ -181,7 +206,7 @@ def _answer(meta: dict[str, Any]) -> ModelRecord:
     response_model=ModelRecord,
     dependencies=[Depends(require_models)],
     responses={
-        404: {"description": "unknown denoiser or classifier"},
+        404: {"description": "unknown denoiser or classifier (or another account's private one)"},
         413: {"description": "body too large"},
         422: {
             "description": "the parts cannot form a pipeline (not a denoiser, a pipeline as a "
@@ -193,6 +218,7 @@ def _answer(meta: dict[str, Any]) -> ModelRecord:
 def register_pipeline(
     body: PipelineRequest,
     response: Response,
+    access: AccessDep,
     settings: SettingsDep,
     models: ModelsDep,
     jobs: JobsDep,
@@ -201,16 +227,13 @@ def register_pipeline(
     """Register a denoiser followed by a classifier as one model (denoised smoothing): its id works
     wherever a model id does. The noise is added before the denoiser; the classifier keeps its own
     normalization. A worker loads both parts and runs the pipeline on one batch before the 201."""
-    parts: dict[str, dict[str, Any]] = {}
-    for role in ("denoiser", "classifier"):
-        part = models.get(getattr(body, role))
-        if part is None:
-            raise HTTPException(
-                status.HTTP_404_NOT_FOUND, f"unknown {role} model {getattr(body, role)!r}"
-            )
-        parts[role] = part
+    parts = {
+        role: access.model(models, getattr(body, role), f"{role} model")
+        for role in ("denoiser", "classifier")
+    }
+    owner = {"owner": access.caller.account, "visibility": body.visibility}
     try:
-        meta = models.add_pipeline(parts["denoiser"], parts["classifier"], body.name)
+        meta = models.add_pipeline(parts["denoiser"], parts["classifier"], body.name, owner)
     except ModelError as exc:
         raise HTTPException(422, f"pipeline refused: {exc}") from None
     return _checked(meta, response, settings, models, jobs, queue)
@@ -228,35 +251,48 @@ def _wait(jobs, job_id: str, timeout_s: float):
 
 
 @router.get("", response_model=list[ModelRecord])
-def list_models(models: ModelsDep) -> list[ModelRecord]:
-    """Every ready model, oldest first; a diffusion denoiser's schedule is left out (``GET
+def list_models(models: ModelsDep, access: AccessDep) -> list[ModelRecord]:
+    """The ready models this key may use (its account's and the public ones; an admin key: every
+    model), oldest first; a diffusion denoiser's schedule is left out (``GET
     /v1/models/{id}/schedule``)."""
-    return [_answer(m) for m in models.list()]
+    return [_answer(m) for m in models.list() if access.may_use(m)]
 
 
-@router.get(
-    "/{model_id}", response_model=ModelRecord, responses={404: {"description": "unknown model"}}
-)
-def get_model(model_id: str, models: ModelsDep) -> ModelRecord:
+@router.get("/{model_id}", response_model=ModelRecord, responses={404: {"description": _UNKNOWN}})
+def get_model(model_id: str, models: ModelsDep, access: AccessDep) -> ModelRecord:
     """The model's record; a diffusion denoiser's schedule is left out (``GET
     /v1/models/{id}/schedule``)."""
-    meta = models.get(model_id)
-    if meta is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
-    return _answer(meta)
+    return _answer(access.model(models, model_id))
+
+
+@router.patch(
+    "/{model_id}",
+    response_model=ModelRecord,
+    dependencies=[Depends(require_models)],
+    responses={
+        403: {"description": "another account's public model"},
+        404: {"description": _UNKNOWN},
+        413: {"description": "body too large"},
+    },
+)
+def change_model(
+    model_id: str, body: ModelChange, models: ModelsDep, access: AccessDep
+) -> ModelRecord:
+    """Make a model public or private (its owner's account or the admin). A model made private
+    stays usable by the jobs already queued with it."""
+    access.own_model(models, model_id)
+    return _answer(models.update(model_id, visibility=body.visibility))
 
 
 @router.get(
     "/{model_id}/schedule",
     response_model=ModelSchedule,
-    responses={404: {"description": "unknown model, or one without a diffusion schedule"}},
+    responses={404: {"description": _UNKNOWN + ", or one without a diffusion schedule"}},
 )
-def get_schedule(model_id: str, models: ModelsDep) -> ModelSchedule:
+def get_schedule(model_id: str, models: ModelsDep, access: AccessDep) -> ModelSchedule:
     """A diffusion denoiser's noise schedule (for a pipeline: its denoiser's), and the largest σ it
     reaches; 404 for a model without one."""
-    meta = models.get(model_id)
-    if meta is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
+    meta = access.model(models, model_id)
     owner = models.get(meta["denoiser"]) if meta.get("kind") == PIPELINE else meta
     extra = (owner or {}).get("extra")
     schedule = extra.get("schedule") if isinstance(extra, dict) else None
@@ -279,18 +315,25 @@ def get_schedule(model_id: str, models: ModelsDep) -> ModelSchedule:
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Depends(require_models)],
     responses={
-        404: {"description": "unknown model"},
+        403: {"description": "another account's public model"},
+        404: {"description": _UNKNOWN},
         409: {"description": "a pipeline uses the model"},
     },
 )
-def delete_model(model_id: str, models: ModelsDep) -> Response:
-    """Remove the model's files; jobs already queued for it fail with a message. A model that a
-    pipeline uses is kept (409) until those pipelines are deleted."""
-    if models.get(model_id) is not None and (users := models.pipelines_using(model_id)):
+def delete_model(model_id: str, models: ModelsDep, access: AccessDep) -> Response:
+    """Remove the model's files (its owner's account or the admin); jobs already queued for it
+    fail with a message. A model that a pipeline uses is kept (409) until those pipelines are
+    deleted."""
+    access.own_model(models, model_id)
+    if users := models.pipelines_using(model_id):
+        mine = [p for p in users if access.owns(models.get(p, include_pending=True) or {})]
+        named = ", ".join(mine) + (
+            f" and {len(users) - len(mine)} of other accounts" if len(mine) < len(users) else ""
+        )
         raise HTTPException(
             status.HTTP_409_CONFLICT,
-            f"model {model_id} is a part of pipeline(s) {', '.join(users)}; delete those first",
+            f"model {model_id} is a part of pipeline(s) {named}; delete those first",
         )
-    if models.get(model_id) is None or not models.delete(model_id):
+    if not models.delete(model_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

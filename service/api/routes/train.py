@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from smoothcert.service.api.access import Access, AccessDep
 from smoothcert.service.api.deps import (
     AdmissionDep,
     DatasetsDep,
@@ -73,7 +74,12 @@ _BODY = {
     },
 )
 async def submit_training(
-    request: Request, jobs: JobsDep, datasets: DatasetsDep, queue: QueueDep, admission: AdmissionDep
+    request: Request,
+    jobs: JobsDep,
+    datasets: DatasetsDep,
+    queue: QueueDep,
+    admission: AdmissionDep,
+    access: AccessDep,
 ) -> JSONResponse:
     """Queue a training job; poll ``Location``: ``progress`` counts epochs, ``result.history`` grows
     by one entry per epoch, and the succeeded result names the registered ``model_id``."""
@@ -81,20 +87,26 @@ async def submit_training(
     return await run_in_threadpool(
         admission.submit,
         lambda: json_content(body),
-        lambda: _enqueue(validate_body(TrainRequest, body), jobs, datasets, queue, admission),
+        lambda: _enqueue(
+            validate_body(TrainRequest, body), jobs, datasets, queue, admission, access
+        ),
         status_code=status.HTTP_202_ACCEPTED,
         queue=TRAIN_QUEUE,
     )
 
 
-def _enqueue(req: TrainRequest, jobs, datasets, queue, admission) -> tuple[JobAccepted, str]:
+def _enqueue(
+    req: TrainRequest, jobs, datasets, queue, admission, access: Access
+) -> tuple[JobAccepted, str]:
     seed = req.seed if req.seed is not None else draw_seed(DRAWN_SEED_BOUND)
     try:
         config = req.config(seed)
     except TrainingError as exc:
         raise HTTPException(422, str(exc)) from None
     try:
-        input_shape, num_classes = dataset_shape(req.dataset, datasets.get(req.dataset))
+        input_shape, num_classes = dataset_shape(
+            req.dataset, access.visible_dataset(datasets, req.dataset)
+        )
         check_fits(config.arch, input_shape, num_classes, req.dataset)
     except DatasetUnknown as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
@@ -153,6 +165,7 @@ async def submit_denoiser_training(
     models: ModelsDep,
     queue: QueueDep,
     admission: AdmissionDep,
+    access: AccessDep,
 ) -> JSONResponse:
     """Queue the training of a denoiser on the ``train`` queue; the succeeded result names the
     registered denoiser's ``model_id``, ready for ``POST /v1/models/pipelines``."""
@@ -161,7 +174,13 @@ async def submit_denoiser_training(
         admission.submit,
         lambda: json_content(body),
         lambda: _enqueue_denoiser(
-            validate_body(DenoiserTrainRequest, body), jobs, datasets, models, queue, admission
+            validate_body(DenoiserTrainRequest, body),
+            jobs,
+            datasets,
+            models,
+            queue,
+            admission,
+            access,
         ),
         status_code=status.HTTP_202_ACCEPTED,
         queue=TRAIN_QUEUE,
@@ -169,7 +188,7 @@ async def submit_denoiser_training(
 
 
 def _enqueue_denoiser(
-    req: DenoiserTrainRequest, jobs, datasets, models, queue, admission
+    req: DenoiserTrainRequest, jobs, datasets, models, queue, admission, access: Access
 ) -> tuple[JobAccepted, str]:
     seed = req.seed if req.seed is not None else draw_seed(DRAWN_SEED_BOUND)
     try:
@@ -179,13 +198,18 @@ def _enqueue_denoiser(
     if config.needs_classifier and req.classifier is None:
         raise HTTPException(422, STABILITY_NEEDS_CLASSIFIER)
     try:
-        input_shape, _ = dataset_shape(req.dataset, datasets.get(req.dataset))
+        input_shape, _ = dataset_shape(req.dataset, access.visible_dataset(datasets, req.dataset))
         if req.classifier is not None:
             check_denoiser_classifier(
-                models.get(req.classifier), req.classifier, input_shape, req.dataset
+                access.visible_model(models, req.classifier),
+                req.classifier,
+                input_shape,
+                req.dataset,
             )
         if req.init is not None:
-            check_init_denoiser(models.get(req.init), req.init, input_shape, config)
+            check_init_denoiser(
+                access.visible_model(models, req.init), req.init, input_shape, config
+            )
     except (DatasetUnknown, ModelUnknown) as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except ValueError as exc:

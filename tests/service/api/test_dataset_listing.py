@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.support.stack import stack_env, start_api, stop_process, upload_dataset
+from tests.support.stack import account_key, stack_env, start_api, stop_process, upload_dataset
 
-USER, ADMIN = "listing-user-key-0123456789", "listing-admin-key-0123456789"
+USER, ADMIN = "dataset-listing", "listing-admin-key-0123456789"  # an account of its own
 MOST = 2
 
 
@@ -34,13 +34,14 @@ def listing(redis_url, data_dir):
     env = stack_env(
         redis_url,
         data_dir,
-        SMOOTHCERT_API_KEY=USER,
         SMOOTHCERT_ADMIN_KEY=ADMIN,
         SMOOTHCERT_MAX_DATASETS_PER_KEY=str(MOST),
     )
     proc, url = start_api(env, data_dir / "api-dataset-listing.log")
     with (
-        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {USER}"}) as user,
+        httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {account_key(url, ADMIN, USER)}"}
+        ) as user,
         httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}) as admin,
     ):
         yield {"user": user, "admin": admin}
@@ -58,22 +59,29 @@ def test_a_key_keeps_at_most_its_datasets_and_the_list_comes_in_pages(listing):
     theirs = upload_dataset(admin, TINY, "theirs.npz")  # another key has places of its own
     assert theirs.status_code == 201, theirs.text
 
-    # Newest first, two a page; the cursor leads on from the last of a page.
-    uploaded = [theirs.json()["id"], *(r.json()["id"] for r in reversed(mine))]
-    first = user.get("/v1/datasets", params={"limit": 2}).json()
-    assert [d["id"] for d in first["datasets"]] == uploaded[:2] and first["next_cursor"]
-    second = user.get("/v1/datasets", params={"limit": 2, "cursor": first["next_cursor"]}).json()
-    assert second["datasets"][0]["id"] == uploaded[2]
-    assert second["datasets"][0] == user.get(f"/v1/datasets/{uploaded[2]}").json()
-    seen: list[str] = []  # every page, to the end
-    params: dict[str, int | str] = {"limit": 100}
-    while True:
-        page = user.get("/v1/datasets", params=params).json()
-        seen += [d["id"] for d in page["datasets"]]
-        if page["next_cursor"] is None:
-            break
-        params["cursor"] = page["next_cursor"]
-    assert seen[:3] == uploaded and len(seen) == len(set(seen))
+    # The account's own datasets, newest first, one a page; the cursor leads on from the last of
+    # a page. The admin's dataset is not among them; the admin's listing has every dataset.
+    uploaded = [r.json()["id"] for r in reversed(mine)]
+    first = user.get("/v1/datasets", params={"limit": 1}).json()
+    assert [d["id"] for d in first["datasets"]] == uploaded[:1] and first["next_cursor"]
+    second = user.get("/v1/datasets", params={"limit": 1, "cursor": first["next_cursor"]}).json()
+    assert second["datasets"][0]["id"] == uploaded[1]
+    assert second["datasets"][0] == user.get(f"/v1/datasets/{uploaded[1]}").json()
+
+    def every(client: httpx.Client) -> list[str]:
+        seen: list[str] = []  # every page, to the end
+        params: dict[str, int | str] = {"limit": 100}
+        while True:
+            page = client.get("/v1/datasets", params=params).json()
+            seen += [d["id"] for d in page["datasets"]]
+            if page["next_cursor"] is None:
+                return seen
+            params["cursor"] = page["next_cursor"]
+
+    assert every(user) == uploaded
+    everything = every(admin)
+    assert everything[: len(uploaded) + 1] == [theirs.json()["id"], *uploaded]
+    assert len(everything) == len(set(everything))
     for params in ({"limit": 0}, {"limit": 101}, {"cursor": "bm90LWFuLWVudHJ5"}):
         assert user.get("/v1/datasets", params=params).status_code == 422, params
     forged = base64.urlsafe_b64encode(b"000000000000001:../x").decode()

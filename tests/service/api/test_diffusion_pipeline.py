@@ -54,7 +54,11 @@ def test_a_diffusion_pipeline_job_gives_the_rows_of_certify_with_denoiser(
 ):
     resp = admin.post(
         "/v1/models/pipelines",
-        json={"denoiser": uploaded["safetensors"]["id"], "classifier": demo_model["id"]},
+        json={
+            "denoiser": uploaded["safetensors"]["id"],
+            "classifier": demo_model["id"],
+            "visibility": "public",  # the user key's account certifies with it
+        },
     )
     assert resp.status_code == 201, resp.text
     pipeline = resp.json()
@@ -83,7 +87,11 @@ def test_an_onnx_diffusion_pipeline_refuses_a_sigma_beyond_its_schedule(
 ):
     resp = admin.post(
         "/v1/models/pipelines",
-        json={"denoiser": uploaded["onnx"]["id"], "classifier": demo_model["id"]},
+        json={
+            "denoiser": uploaded["onnx"]["id"],
+            "classifier": demo_model["id"],
+            "visibility": "public",  # the user key's account certifies with it
+        },
     )
     assert resp.status_code == 201, resp.text
     x = np.load(demo_paths["test_x"])[:2]
@@ -126,7 +134,11 @@ def test_records_leave_the_schedule_out_and_its_own_route_serves_it(
         assert served["largest_sigma"] == pytest.approx(largest_sigma(alphas))
     resp = admin.post(
         "/v1/models/pipelines",
-        json={"denoiser": uploaded["safetensors"]["id"], "classifier": demo_model["id"]},
+        json={
+            "denoiser": uploaded["safetensors"]["id"],
+            "classifier": demo_model["id"],
+            "visibility": "public",  # the user key's account certifies with it
+        },
     )
     assert resp.status_code == 201, resp.text
     pipeline = resp.json()["id"]

@@ -21,28 +21,34 @@ from smoothcert.service.core.jobs import (
     new_job_id,
     owner_index_key,
 )
-from tests.support.stack import scratch_db, stack_env, start_api, stop_process, wait_job
+from tests.support.stack import (
+    ADMIN_KEY,
+    account_key,
+    scratch_db,
+    stack_env,
+    start_api,
+    stop_process,
+    wait_job,
+)
 
-OTHER_KEY = "another-user-key-for-tests-0123"
+OTHER = "job-list"  # an account of its own
 TINY = {"inputs": np.full((1, 8, 8), 0.5).tolist(), "sigma": 0.25, "n0": 10, "n": 100}
 
 
 @pytest.fixture(scope="module")
 def other(redis_url, data_dir, worker) -> Iterator[httpx.Client]:
-    """A client of an API that takes OTHER_KEY as its user key (the same Redis, worker and admin key)."""
-    proc, url = start_api(
-        stack_env(redis_url, data_dir, SMOOTHCERT_API_KEY=OTHER_KEY), data_dir / "api-other.log"
-    )
-    with httpx.Client(
-        base_url=url, headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=90
-    ) as c:
+    """A client of an API of its own with a key of account OTHER (the same Redis, worker and admin
+    key)."""
+    proc, url = start_api(stack_env(redis_url, data_dir), data_dir / "api-other.log")
+    key = account_key(url, ADMIN_KEY, OTHER)
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=90) as c:
         yield c
     stop_process(proc)
 
 
 @pytest.fixture(scope="module")
 def submitted(other, demo_model) -> list[dict]:
-    """Seven finished jobs of OTHER_KEY in submission order: five certify, then two predict."""
+    """Seven finished jobs of account OTHER in submission order: five certify, then two predict."""
     ids = []
     for i in range(7):
         body = {

@@ -10,7 +10,6 @@ import pytest
 from fastapi import HTTPException
 
 from smoothcert.service.api import deps
-from smoothcert.service.api.limits import caller_id
 from smoothcert.service.core import keys
 from smoothcert.service.core.settings import Settings
 
@@ -37,24 +36,17 @@ def test_a_malformed_key_is_refused_without_a_redis_lookup():
 def test_bootstrap_keys_need_no_redis():
     redis_client = mock.Mock()
     admin = deps.identify(request(redis_client), ADMIN)
-    assert admin.account == "admin" and admin.admin and admin.owner == caller_id(ADMIN)
+    assert admin.account == "admin" and admin.admin and admin.owner == "admin"
     user = deps.identify(request(redis_client), USER)
     assert (user.account, user.key_id, user.scopes) == (
         "default",
         "SMOOTHCERT_API_KEY",
         ("certify",),
     )
-    assert user.owner == caller_id(USER) and not user.admin
+    assert user.owner == "default" and not user.admin
     with pytest.raises(deps.Refused, match="invalid API key"):
         deps.identify(request(redis_client), "wrong")
     assert redis_client.mock_calls == []
-
-
-def test_owners_are_account_names_except_for_the_bootstrap_accounts():
-    settings = Settings(api_key=USER, admin_key=ADMIN)
-    assert deps.account_owner(settings, "alice") == "alice"
-    assert deps.account_owner(settings, "default") == caller_id(USER)
-    assert deps.account_owner(settings, "admin") == caller_id(ADMIN)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +59,7 @@ def test_owners_are_account_names_except_for_the_bootstrap_accounts():
     ],
 )
 def test_scopes(scopes, allowed):
-    caller = deps.Caller("alice", "k" * 12, scopes, "alice")
+    caller = deps.Caller("alice", "k" * 12, scopes)
     for check in deps.SCOPE_CHECKS:
         if check in allowed:
             assert check(request(None), caller) is caller

@@ -21,11 +21,12 @@ import pytest
 import redis
 
 from smoothcert.service.api.idempotency import IdempotencyStore, fingerprint, json_content
-from smoothcert.service.api.limits import caller_id, queue_depth
+from smoothcert.service.api.limits import queue_depth
 from smoothcert.service.core.queue import QUEUE, TRAIN_QUEUE
 from tests.support.stack import (
     ADMIN_KEY,
     USER_KEY,
+    account_key,
     other_db,
     stack_env,
     start_api,
@@ -34,7 +35,7 @@ from tests.support.stack import (
 )
 
 RATE = 6  # per minute: one submission every 10 s once the burst of 6 is spent
-LIMIT_USER, LIMIT_ADMIN = "limits-user-key-0123456789", "limits-admin-key-0123456789"
+LIMIT_USER, LIMIT_ADMIN = "limits-user", "limits-admin-key-0123456789"  # account, admin key
 CAP, CHUNK = 2, 2  # the database-1 replica: 2 waiting messages, dataset chunks of 2 inputs
 IMAGE = np.full((1, 8, 8), 0.5).tolist()
 TINY = {"sigma": 0.25, "n0": 10, "n": 50}
@@ -52,14 +53,14 @@ def replicas(redis_url, data_dir, worker):
         redis_url,
         data_dir,
         SMOOTHCERT_RATE_LIMIT_PER_MINUTE=str(RATE),
-        SMOOTHCERT_API_KEY=LIMIT_USER,
         SMOOTHCERT_ADMIN_KEY=LIMIT_ADMIN,
     )
     procs = [start_api(env, data_dir / f"api-limits-{i}.log") for i in range(2)]
     (_, a), (_, b) = procs
+    user = account_key(a, LIMIT_ADMIN, LIMIT_USER)  # one key, on both replicas
     with (
-        client_for(a, LIMIT_USER) as user_a,
-        client_for(b, LIMIT_USER) as user_b,
+        client_for(a, user) as user_a,
+        client_for(b, user) as user_b,
         client_for(a, LIMIT_ADMIN) as admin_a,
     ):
         yield {"user_a": user_a, "user_b": user_b, "admin_a": admin_a}
@@ -325,7 +326,7 @@ def test_a_key_in_progress_gets_409_then_the_answer(client, redis_url, demo_mode
     job = {"model_id": demo_model["id"], "inputs": IMAGE, **TINY, "seed": seed()}
     body, key = json.dumps(job).encode(), f"held-{job['seed']}"
     store = IdempotencyStore(redis.Redis.from_url(redis_url), ttl_s=60)
-    record = store.key(caller_id(USER_KEY), key)
+    record = store.key("default", key)  # the user key's account
     token, other = store.reserve(record, fingerprint("POST /v1/certify", json_content(body)))
     assert other is None
     headers = {"Idempotency-Key": key, "Content-Type": "application/json"}

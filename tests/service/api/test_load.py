@@ -18,14 +18,14 @@ import redis
 
 from tests.service.api.test_limits import jobs_with_seeds
 from tests.support.paths import TESTS
-from tests.support.stack import stack_env, start_api, stop_process
+from tests.support.stack import ADMIN_KEY, account_key, stack_env, start_api, stop_process
 
 SUBMISSIONS, CONCURRENCY = 60, 12
 RATE, CAP = (
     20,
     2,
 )  # per minute (bursts of 20: at least 40 of the 60 must be refused); waiting messages
-LOAD_KEY = "load-test-key-0123456789"
+LOAD_ACCOUNT = "load"  # an account of its own: its rate limit counts only this test
 CLIENT = TESTS / "support" / "load_client.py"
 
 
@@ -36,21 +36,21 @@ def load_api(redis_url, data_dir, worker):
         data_dir,
         SMOOTHCERT_RATE_LIMIT_PER_MINUTE=str(RATE),
         SMOOTHCERT_MAX_QUEUED_MESSAGES=str(CAP),
-        SMOOTHCERT_API_KEY=LOAD_KEY,
     )
     proc, url = start_api(env, data_dir / "api-load.log")
-    yield url
+    yield url, account_key(url, ADMIN_KEY, LOAD_ACCOUNT)
     stop_process(proc)
 
 
 def test_burst_gets_accepted_and_run_or_refused_with_retry_after(load_api, redis_url, demo_model):
     seed = secrets.randbelow(2**40)
+    url, key = load_api
     run = subprocess.run(
         [
             sys.executable,
             str(CLIENT),
-            load_api,
-            LOAD_KEY,
+            url,
+            key,
             demo_model["id"],
             "--submissions",
             str(SUBMISSIONS),

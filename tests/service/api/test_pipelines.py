@@ -39,6 +39,7 @@ def pipeline(admin, denoiser, demo_model) -> dict:
             "denoiser": denoiser["id"],
             "classifier": demo_model["id"],
             "name": "denoised digits",
+            "visibility": "public",  # the user key's account certifies with it
         },
     )
     assert resp.status_code == 201, resp.text
@@ -211,6 +212,8 @@ def test_the_cli_registers_a_pipeline_and_reports_a_refusal(
                 demo_model["id"],
                 "--name",
                 "from the cli",
+                "--visibility",
+                "public",
                 "--json",
                 *connection,
             ]
@@ -219,6 +222,7 @@ def test_the_cli_registers_a_pipeline_and_reports_a_refusal(
     )
     record = json.loads(capsys.readouterr().out)
     assert record["kind"] == "pipeline" and record["name"] == "from the cli"
+    assert (record["owner"], record["visibility"]) == ("admin", "public")
     assert (record["denoiser"], record["classifier"]) == (denoiser["id"], demo_model["id"])
     assert client.get(f"/v1/models/{record['id']}").json()["sha256"] == record["sha256"]
     # The classifier as denoiser: the API's 422 reaches the user as one line and exit status 2.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import threading
@@ -27,14 +28,16 @@ import numpy as np
 import pytest
 import redis
 
-from smoothcert.service.api.limits import STORAGE_PREFIX, STORAGE_TTL_MS, Limits, _held, caller_id
+from smoothcert.service.api.limits import STORAGE_PREFIX, STORAGE_TTL_MS, Limits, _held
 from smoothcert.service.core.dataset_store import block_size, disk_bytes
 from smoothcert.service.core.jobs import JobStore, active_jobs
 from smoothcert.service.core.queue import QUEUE, queue_depth
 from smoothcert.service.core.settings import Settings
 from tests.support.proc import memory_bytes
 from tests.support.stack import (
+    ADMIN_KEY,
     ORPHAN_INPUTS_GRACE_S,
+    account_key,
     other_db,
     scratch_db,
     stack_env,
@@ -45,9 +48,10 @@ from tests.support.stack import (
     wait_job,
 )
 
-BIG_USER = "quotas-big-user-key-0123456789"
-QUOTA_USER, QUOTA_ADMIN = "quotas-user-key-0123456789", "quotas-admin-key-0123456789"
-IDLE_USER, IDLE_ADMIN = "quotas-idle-user-key-0123456789", "quotas-idle-admin-key-0123456789"
+# Each API here serves an account of its own (made with POST /v1/keys), so that its quotas count
+# only its own jobs and datasets on the Redis and data dir the suite shares.
+QUOTA_USER, QUOTA_ADMIN = "quotas-user", "quotas-admin-key-0123456789"
+IDLE_USER, IDLE_ADMIN = "quotas-idle", "quotas-idle-admin-key-0123456789"
 STORAGE_QUOTA = (
     64 << 10
 )  # one dataset of 500 8x8 uint8 images (36,256 bytes stored) fits, two do not
@@ -77,11 +81,12 @@ def digits(demo_paths):
 @pytest.fixture(scope="module")
 def big(redis_url, data_dir, worker):
     """An API with the default dataset caps and quotas, chunks of 50; its process and a user client."""
-    env = stack_env(redis_url, data_dir, SMOOTHCERT_API_KEY=BIG_USER, SMOOTHCERT_CHUNK_SIZE="50")
+    env = stack_env(redis_url, data_dir, SMOOTHCERT_CHUNK_SIZE="50")
     for name in ("SMOOTHCERT_MAX_INPUTS", "SMOOTHCERT_MAX_REQUEST_BYTES"):
         env.pop(name)
     proc, url = start_api(env, data_dir / "api-quotas-big.log")
-    with httpx.Client(base_url=url, headers=bearer(BIG_USER), timeout=120) as client:
+    key = account_key(url, ADMIN_KEY, "quotas-big")
+    with httpx.Client(base_url=url, headers=bearer(key), timeout=120) as client:
         yield proc, client
     stop_process(proc)
 
@@ -93,14 +98,15 @@ def quota(redis_url, data_dir, worker):
     env = stack_env(
         redis_url,
         data_dir,
-        SMOOTHCERT_API_KEY=QUOTA_USER,
         SMOOTHCERT_ADMIN_KEY=QUOTA_ADMIN,
         SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY=str(STORAGE_QUOTA),
         SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY="1",
     )
     proc, url = start_api(env, data_dir / "api-quotas.log")
     with (
-        httpx.Client(base_url=url, headers=bearer(QUOTA_USER), timeout=90) as user,
+        httpx.Client(
+            base_url=url, headers=bearer(account_key(url, QUOTA_ADMIN, QUOTA_USER)), timeout=90
+        ) as user,
         httpx.Client(base_url=url, headers=bearer(QUOTA_ADMIN), timeout=90) as admin,
     ):
         yield {"user": user, "admin": admin}
@@ -117,7 +123,6 @@ def idle_apis(redis_url, data_dir, worker):
         env = stack_env(
             other_db(redis_url, IDLE_DB),
             data_dir,
-            SMOOTHCERT_API_KEY=IDLE_USER,
             SMOOTHCERT_ADMIN_KEY=IDLE_ADMIN,
             SMOOTHCERT_CHUNK_SIZE=str(CHUNK),
             SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY=str(IDLE_ACTIVE),
@@ -136,7 +141,9 @@ def on_idle_db(url: str, redis_url: str):
     r = redis.Redis.from_url(other_db(redis_url, IDLE_DB))
     r.flushdb()
     with (
-        httpx.Client(base_url=url, headers=bearer(IDLE_USER), timeout=90) as user,
+        httpx.Client(
+            base_url=url, headers=bearer(account_key(url, IDLE_ADMIN, IDLE_USER)), timeout=90
+        ) as user,
         httpx.Client(base_url=url, headers=bearer(IDLE_ADMIN), timeout=90) as admin,
     ):
         yield {"user": user, "admin": admin, "redis": r}
@@ -269,7 +276,7 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(
     block = os.statvfs(data_dir).f_frsize  # x, y, meta.json and the folder in whole blocks
     assert disk == block * (-(-(500 * 64 + 128) // block) + -(-(500 * 8 + 128) // block) + 2)
     meta = (data_dir / "datasets" / first.json()["id"] / "meta.json").read_text()
-    assert caller_id(QUOTA_USER) in meta  # the owner is recorded (not shown by the API)
+    assert json.loads(meta)["owner"] == QUOTA_USER  # the key's account
 
     stored = folders(data_dir / "datasets")
     refused = upload_dataset(user, dataset, "second.npz")
@@ -309,7 +316,7 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(
         client = admin if record["id"] == other.json()["id"] else user
         assert client.delete(f"/v1/datasets/{record['id']}").status_code == 204
     r = redis.Redis.from_url(redis_url)  # refused uploads gave their reservations back
-    assert r.hlen(f"smoothcert:storage:{caller_id(QUOTA_USER)}:amounts") <= 1
+    assert r.hlen(f"smoothcert:storage:{QUOTA_USER}:amounts") <= 1
 
 
 def newest_datasets(client: httpx.Client) -> list[dict]:
@@ -402,7 +409,7 @@ def test_concurrent_submissions_never_pass_the_active_quota(roomy, data_dir, dem
     # A refused submission leaves no record and no inputs behind.
     assert job_records(r) == sorted(f"smoothcert:job:{j}" for j in accepted)
     assert len(folders(data_dir / "jobs")) == len(jobs_dir) + IDLE_ACTIVE
-    assert active_jobs(r, caller_id(IDLE_USER)) == IDLE_ACTIVE
+    assert active_jobs(r, IDLE_USER) == IDLE_ACTIVE
 
     # Every way out of queued/running frees a slot: canceled (API), failed and succeeded (as a
     # worker writes them).
@@ -410,16 +417,14 @@ def test_concurrent_submissions_never_pass_the_active_quota(roomy, data_dir, dem
     assert user.delete(f"/v1/jobs/{accepted[0]}").status_code == 200
     assert store.fail(accepted[1], "the worker gave up")
     assert store.start(accepted[2]) and store.succeed(accepted[2], {"results": []})
-    assert active_jobs(r, caller_id(IDLE_USER)) == 0
+    assert active_jobs(r, IDLE_USER) == 0
     again = [
         user.post("/v1/certify", json={**job, "seed": 100 + i}) for i in range(IDLE_ACTIVE + 1)
     ]
     assert [a.status_code for a in again] == [202] * IDLE_ACTIVE + [429]
     # A record that expires while queued stops counting (its slot is not lost).
     r.pexpire(f"smoothcert:job:{again[0].json()['job_id']}", 1)
-    store.redis.zadd(
-        f"smoothcert:owner:{caller_id(IDLE_USER)}:active", {again[0].json()["job_id"]: 1}
-    )
+    store.redis.zadd(f"smoothcert:owner:{IDLE_USER}:active", {again[0].json()["job_id"]: 1})
     assert user.post("/v1/certify", json={**job, "seed": 200}).status_code == 202
 
 
@@ -580,9 +585,7 @@ def test_a_reservation_still_counts_for_an_upload_that_listed_the_datasets_befor
 
 # --- job inputs against the storage quota -------------------------------------------------------
 
-INPUTS_USER = "quotas-inputs-user-key-0123456789"
-WORKED_USER = "quotas-worked-user-key-0123456789"
-KILLED_USER = "quotas-killed-user-key-0123456789"
+INPUTS_USER, WORKED_USER, KILLED_USER = "quotas-inputs", "quotas-worked", "quotas-killed"
 DIGITS_10K = np.random.default_rng(5).random((10_000, 1, 8, 8), dtype=np.float32)
 INPUTS_10K = DIGITS_10K.nbytes + 128  # 2,560,128 bytes saved, the .npy header included
 INPUTS_QUOTA = 6 << 20  # two jobs of 10,000 inputs fit, three do not
@@ -606,9 +609,9 @@ def post_inputs(client: httpx.Client, model_id: str, x: np.ndarray, **fields) ->
     return client.post("/v1/certify", data=form, files=[("inputs", ("x.npy", npy(x)))])
 
 
-def reserved(r: redis.Redis, key: str) -> dict[str, int]:
-    """What the caller of ``key`` holds of its storage quota, by token."""
-    held = r.hgetall(f"smoothcert:storage:{caller_id(key)}:amounts")
+def reserved(r: redis.Redis, account: str) -> dict[str, int]:
+    """What ``account`` holds of its storage quota, by token."""
+    held = r.hgetall(f"smoothcert:storage:{account}:amounts")
     return {k.decode(): int(v) for k, v in held.items()}
 
 
@@ -622,16 +625,11 @@ def inputs_apis(redis_url, data_dir, worker):
     worker: its jobs stay queued), with a storage quota of INPUTS_QUOTA; ``worked``, on the
     session's Redis and worker, with WORKED_QUOTA. Their URLs."""
     urls = {}
-    for name, url, key, quota in (
-        ("idle", other_db(redis_url, IDLE_DB), INPUTS_USER, INPUTS_QUOTA),
-        ("worked", redis_url, WORKED_USER, WORKED_QUOTA),
+    for name, url, quota in (
+        ("idle", other_db(redis_url, IDLE_DB), INPUTS_QUOTA),
+        ("worked", redis_url, WORKED_QUOTA),
     ):
-        env = stack_env(
-            url,
-            data_dir,
-            SMOOTHCERT_API_KEY=key,
-            SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY=str(quota),
-        )
+        env = stack_env(url, data_dir, SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY=str(quota))
         for cap in ("SMOOTHCERT_MAX_INPUTS", "SMOOTHCERT_MAX_REQUEST_BYTES"):
             env.pop(cap)
         urls[name] = start_api(env, data_dir / f"api-quotas-inputs-{name}.log")
@@ -647,9 +645,8 @@ def test_canceled_queued_jobs_leave_no_inputs_and_inputs_count_with_datasets(
     r.flushdb()
     jobs_dir, held = data_dir / "jobs", counted(data_dir, INPUTS_10K)
     before = folders(jobs_dir)
-    with httpx.Client(
-        base_url=inputs_apis["idle"], headers=bearer(INPUTS_USER), timeout=90
-    ) as user:
+    key = account_key(inputs_apis["idle"], ADMIN_KEY, INPUTS_USER)  # after the flush
+    with httpx.Client(base_url=inputs_apis["idle"], headers=bearer(key), timeout=90) as user:
         # Submit then cancel, 25 times: each job's inputs are gone with its cancel.
         peak = 0
         for seed in range(25):
@@ -702,9 +699,8 @@ def test_job_inputs_hold_the_quota_until_the_worker_ends_their_jobs(
     jobs_dir, x = data_dir / "jobs", DIGITS_10K[:200]
     size = counted(data_dir, x.nbytes + 128)
     dataset = npz(x=np.zeros((500, 1, 8, 8), np.uint8), y=np.zeros(500, np.int64))
-    with httpx.Client(
-        base_url=inputs_apis["worked"], headers=bearer(WORKED_USER), timeout=90
-    ) as user:
+    key = account_key(inputs_apis["worked"], ADMIN_KEY, WORKED_USER)
+    with httpx.Client(base_url=inputs_apis["worked"], headers=bearer(key), timeout=90) as user:
         running = post_inputs(user, demo_model["id"], x, n=2_000_000, batch_size=500)
         assert running.status_code == 202, running.text
         wait_job(user, running.json()["job_id"], until=("running",))
@@ -743,13 +739,14 @@ def test_inputs_left_by_an_api_killed_before_it_recorded_the_job_are_swept(
     once ORPHAN_INPUTS_GRACE_S old and gives their bytes back."""
     r, jobs_dir = redis.Redis.from_url(redis_url), data_dir / "jobs"
     jobs_dir.mkdir(exist_ok=True)
-    env = stack_env(redis_url, data_dir, SMOOTHCERT_API_KEY=KILLED_USER)
+    env = stack_env(redis_url, data_dir)
     for cap in ("SMOOTHCERT_MAX_INPUTS", "SMOOTHCERT_MAX_REQUEST_BYTES"):
         env.pop(cap)
     proc, url = start_api(env, data_dir / "api-quotas-killed.log")
     for thread in os.listdir(f"/proc/{proc.pid}/task"):  # slower than the test: a wider window
         os.setpriority(os.PRIO_PROCESS, int(thread), 19)
-    client = httpx.Client(base_url=url, headers=bearer(KILLED_USER), timeout=30)
+    key = account_key(url, ADMIN_KEY, KILLED_USER)
+    client = httpx.Client(base_url=url, headers=bearer(key), timeout=30)
     orphan, answers = None, []
 
     def send() -> None:

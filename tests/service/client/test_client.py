@@ -76,6 +76,8 @@ def model_id(api_url, demo_paths) -> str:
                         "digits-cli",
                         "--sigma",
                         "0.25",
+                        "--visibility",
+                        "public",  # the user key certifies with it
                     ]
                 )
                 == 0
@@ -87,11 +89,11 @@ def test_models_upload_list_and_delete(service, capsys, model_id, demo_paths):
     code, out, _ = run(capsys, "models", "list")
     assert code == 0
     header, *rows = [line.split("\t") for line in out.splitlines()]
-    assert header[:3] == ["id", "name", "format"]
+    assert header[:5] == ["id", "name", "owner", "visibility", "format"]
     row = next(r for r in rows if r[0] == model_id)
     assert (
-        row[1:6] == ["digits-cli", "safetensors", "digits_cnn", "1,8,8", "10"]
-        and float(row[6]) == 0.25
+        row[1:8] == ["digits-cli", "admin", "public", "safetensors", "digits_cnn", "1,8,8", "10"]
+        and float(row[8]) == 0.25
     )
 
     code, out, err = run(
@@ -108,6 +110,9 @@ def test_models_upload_list_and_delete(service, capsys, model_id, demo_paths):
     assert code == 0, err
     onnx = json.loads(out)
     assert onnx["format"] == "onnx" and onnx["class_names"] == list("0123456789")
+    assert (onnx["owner"], onnx["visibility"]) == ("admin", "private")
+    code, _, err = run(capsys, "models", "visibility", onnx["id"], "public")
+    assert code == 0 and err.strip() == f"model {onnx['id']} is public"
     assert run(capsys, "models", "delete", onnx["id"])[0] == 0
     code, out, _ = run(capsys, "models", "list", "--json")
     assert onnx["id"] not in [m["id"] for m in json.loads(out)]

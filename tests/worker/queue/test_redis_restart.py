@@ -49,7 +49,7 @@ def test_job_survives_a_killed_redis_and_the_api_answers_503_meanwhile(tmp_path,
             resp = httpx.post(
                 f"{url}/v1/models",
                 files={"file": ("digits.safetensors", f)},
-                data={"name": "d"},
+                data={"name": "d", "visibility": "public"},  # the user key certifies
                 headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                 timeout=90,
             )
@@ -146,7 +146,7 @@ def test_a_task_running_through_a_redis_restart_finishes_with_the_rows_of_an_uni
             resp = httpx.post(
                 f"{url}/v1/models",
                 files={"file": ("digits.safetensors", f)},
-                data={"name": "d"},
+                data={"name": "d", "visibility": "public"},  # the user key certifies
                 headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                 timeout=90,
             )

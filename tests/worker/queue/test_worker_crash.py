@@ -95,7 +95,7 @@ def setup(stack, demo_paths):
         resp = httpx.post(
             f"{stack['url']}/v1/models",
             files={"file": ("digits.safetensors", f)},
-            data={"name": "digits"},
+            data={"name": "digits", "visibility": "public"},  # the user key certifies
             headers={"Authorization": f"Bearer {ADMIN_KEY}"},
             timeout=90,
         )
