@@ -41,8 +41,8 @@ class Access:
         """Whether the caller may run ``model``: its own, a public one, or any for an admin."""
         return self.owns(model) or visibility(model) == PUBLIC
 
-    def _hidden(self, kind: str, record_id: str, detail: str) -> HTTPException:
-        """The 404 for another account's ``kind``; audited, worded as for an unknown id."""
+    def hidden(self, kind: str, record_id: str) -> None:
+        """Write the audit line of a 404 given for another account's ``kind``."""
         audit.refused(
             self.request,
             404,
@@ -50,6 +50,10 @@ class Access:
             self.caller.account,
             self.caller.key_id,
         )
+
+    def _hidden(self, kind: str, record_id: str, detail: str) -> HTTPException:
+        """The 404 for another account's ``kind``; audited, worded as for an unknown id."""
+        self.hidden(kind, record_id)
         return HTTPException(status.HTTP_404_NOT_FOUND, detail)
 
     def job(self, jobs: JobStore, job_id: str) -> JobRecord:

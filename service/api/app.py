@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 import redis
@@ -34,6 +35,7 @@ from smoothcert.service.api.docs import add_offline_docs
 from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
 from smoothcert.service.api.page import mount_page
 from smoothcert.service.api.routes import (
+    certificates,
     certify,
     datasets,
     health,
@@ -43,7 +45,9 @@ from smoothcert.service.api.routes import (
     models,
     train,
 )
+from smoothcert.service.core.certificates import CertificateStore
 from smoothcert.service.core.dataset_store import DatasetStore
+from smoothcert.service.core.issuer import Issuer
 from smoothcert.service.core.jobs import JobStore, ResultRowsMissing
 from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
 from smoothcert.service.core.model_store import ModelStore
@@ -52,6 +56,7 @@ from smoothcert.service.core.queue import make_celery
 from smoothcert.service.core.redis_memory import is_out_of_memory
 from smoothcert.service.core.results import ResultFiles
 from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.signing import SigningKeys
 from smoothcert.service.core.store import private_data_dir
 
 log = logging.getLogger("smoothcert.service")
@@ -60,7 +65,18 @@ log = logging.getLogger("smoothcert.service")
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(_migrate_owners, app)
-    yield
+    # Certificates of the jobs workers finished are signed here, in the background: only API
+    # processes hold the signing key (service/core/issuer.py).
+    stop = threading.Event()
+    drainer = threading.Thread(
+        target=app.state.issuer.drain, args=(stop,), name="certificates", daemon=True
+    )
+    drainer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        drainer.join(timeout=5)
 
 
 def _migrate_owners(app: FastAPI) -> None:
@@ -109,6 +125,15 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.state.models = ModelStore(settings.models_dir)
     app.state.datasets = DatasetStore(settings.datasets_dir, app.state.redis)
     app.state.queue = make_celery(settings)
+    app.state.certificates = CertificateStore(settings.certificates_dir)
+    app.state.signing_keys = SigningKeys(settings.signing_dir, settings.signing_key_file)
+    app.state.issuer = Issuer(
+        app.state.jobs,
+        app.state.models,
+        app.state.datasets,
+        app.state.signing_keys,
+        app.state.certificates,
+    )
     app.state.http_metrics = HttpMetrics()
 
     app.add_middleware(
@@ -130,7 +155,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.add_exception_handler(redis.RedisError, _unavailable)
     app.add_exception_handler(OperationalError, _unavailable)
     app.add_exception_handler(ResultRowsMissing, _rows_missing)
-    for module in (health, metrics, certify, jobs, models, datasets, train, keys):
+    for module in (health, metrics, certify, jobs, certificates, models, datasets, train, keys):
         app.include_router(document_auth(module.router))
     add_offline_docs(app)  # /docs and /redoc with their assets served here, never from a CDN
     mount_page(app)

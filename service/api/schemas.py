@@ -352,6 +352,11 @@ class DatasetRecord(BaseModel):
     created_at: float
 
     stored_bytes: int | None = Field(None, description="the bytes of x and y as stored")
+    arrays_sha256: str | None = Field(
+        None,
+        description="the SHA-256 of x and y as stored (docs/certificate.md), which certificates "
+        "of jobs on this dataset name; null for a dataset uploaded before",
+    )
     disk_bytes: int | None = Field(
         None,
         description="what the dataset takes on disk, counted against the uploading key's "

@@ -35,6 +35,7 @@ from smoothcert.service.api.schemas import (
     check_labels,
     decode_inputs,
 )
+from smoothcert.service.core.certificates import input_digests
 from smoothcert.service.core.contract import (
     CertifyJob,
     CertifyParams,
@@ -45,7 +46,7 @@ from smoothcert.service.core.contract import (
     ModelRecord,
     plan_chunks,
 )
-from smoothcert.service.core.images import IMAGE_SUFFIXES
+from smoothcert.service.core.images import IMAGE_SUFFIXES, to_unit
 from smoothcert.service.core.inputs import InputsTooLarge, decode_pixels, read_npy
 from smoothcert.service.core.jobs import INPUTS_FILE, new_job_id
 from smoothcert.service.core.params import DRAWN_SEED_BOUND, draw_seed
@@ -100,6 +101,7 @@ class Submission:
     queue: Any
     admission: Any
     access: Access
+    _seed_source: str = "service"
 
     def certify(
         self,
@@ -110,6 +112,9 @@ class Submission:
         """Check and queue one certify or predict job; its 202 answer."""
         self._check_caps(params, radii)
         model = self._model(params)
+        # A certificate says whether its seed was the client's choice: a client who may choose
+        # seeds can try many and keep the best.
+        self._seed_source = "client" if params.seed is not None else "service"
         if isinstance(source, DatasetSlice):
             return self._queue_dataset_job(params, model, source, radii)
         return self._queue_inputs_job(params, model, source, radii)
@@ -181,7 +186,8 @@ class Submission:
                 folder.mkdir(parents=True)
                 np.save(folder / INPUTS_FILE, x)
                 task = CertifyTask(job, source.labels, radii)
-                with self._recorded(job_id, job):
+                digests = input_digests(to_unit(x) if x.dtype == np.uint8 else x)
+                with self._recorded(job_id, job, digests):
                     self.queue.send_task(
                         CERTIFY_TASK, args=[job_id, task.to_message()], task_id=job_id
                     )
@@ -252,10 +258,14 @@ class Submission:
             )
 
     @contextlib.contextmanager
-    def _recorded(self, job_id: str, job: CertifyJob) -> Iterator[None]:
-        """Write the job's record (status queued), then run the block that sends its messages; when
-        that fails, the record is failed ("could not be queued") and the error goes on (Redis or
-        broker errors become 503 (app.py); ActiveJobsExceeded 429 (limits.py))."""
+    def _recorded(
+        self, job_id: str, job: CertifyJob, digests: list[str] | None = None
+    ) -> Iterator[None]:
+        """Write the job's record (status queued) and what its certificate needs from this
+        process (where the seed came from; the inputs' digests, as decoded here), then run the
+        block that sends its messages; when that fails, the record is failed ("could not be
+        queued") and the error goes on (Redis or broker errors become 503 (app.py);
+        ActiveJobsExceeded 429 (limits.py))."""
         try:
             self.jobs.create(
                 job_id,
@@ -265,6 +275,9 @@ class Submission:
                 owner=self.admission.caller,
                 max_active=self.admission.max_active,
             )
+            if self.jobs.files is not None:
+                recorded = {"seed_source": self._seed_source, "input_digests": digests}
+                self.jobs.files.write_certificate_inputs(job_id, recorded)
             yield
         except Exception:
             with contextlib.suppress(Exception):

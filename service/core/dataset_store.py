@@ -39,6 +39,7 @@ import numpy as np
 import redis
 
 from smoothcert.models.metadata import MAX_NAME_CHARS, ModelError, check_name
+from smoothcert.service.core.certificates import arrays_digest
 from smoothcert.service.core.dataset_files import (
     DatasetFileError,
     DatasetTooLarge,
@@ -133,7 +134,12 @@ class DatasetStore(FolderStore):
                     "owner": owner,
                 }
                 # meta.json as large as it can get once the fields known after storing are in
-                widest = {**meta, "label_range": [-(2**63), 2**63], "created_at": 1e10}
+                widest = {
+                    **meta,
+                    "label_range": [-(2**63), 2**63],
+                    "created_at": 1e10,
+                    "arrays_sha256": "0" * 64,
+                }
                 sizes = [data.x.stored_bytes(), data.y.stored_bytes(), _record_size(widest) + 32]
                 meta["disk_bytes"] = on_disk = disk_bytes(sizes, block_size(folder))
                 with (admit or _admit_all)(dataset_id, on_disk):
@@ -143,6 +149,7 @@ class DatasetStore(FolderStore):
                     ):
                         meta["label_range"] = list(data.store(x_out, y_out))
                     upload.unlink()
+                    meta["arrays_sha256"] = self.arrays_sha256(dataset_id)
                     meta["created_at"] = created_at()
                     self.write(dataset_id, meta)
                     if self.index is not None:  # inside the block: a failure removes the dataset
@@ -158,6 +165,16 @@ class DatasetStore(FolderStore):
         except (KeyError, OSError):
             raise DatasetMissing(f"dataset {dataset_id} was deleted") from None
         return np.array(as_float_pixels(x[start:stop])), np.array(y[start:stop], dtype=np.int64)
+
+    def arrays_sha256(self, dataset_id: str) -> str:
+        """The digest of the dataset's arrays as stored (:func:`~smoothcert.service.core.
+        certificates.arrays_digest`), which certificates name; DatasetMissing after a delete."""
+        try:
+            x = np.load(self.file(dataset_id, "x.npy"), mmap_mode="r", allow_pickle=False)
+            y = np.load(self.file(dataset_id, "y.npy"), mmap_mode="r", allow_pickle=False)
+        except (KeyError, OSError):
+            raise DatasetMissing(f"dataset {dataset_id} was deleted") from None
+        return arrays_digest({"x": x, "y": y})
 
     def stored_bytes(self, owner: str) -> tuple[int, list[str]]:
         """What the datasets recorded with ``owner`` take on disk, and their ids: from the index

@@ -77,6 +77,7 @@ METRICS_PREFIX = "smoothcert:metrics:"
 IN_FLIGHT = (QUEUED, RUNNING)
 OWNER_PREFIX = "smoothcert:owner:"
 ALL_JOBS_INDEX = "smoothcert:jobs:index:all"
+CERTIFICATES_PENDING = "smoothcert:certificates:pending"  # job ids whose certificate is due
 # Noisy copies kept per certify/predict job for people to look at: the first SAMPLE_ROWS rows,
 # SAMPLE_COPIES copies each, fewer rows (and copies) where the inputs are so large that they would
 # take more than SAMPLE_BYTES of the data volume.
@@ -509,6 +510,13 @@ class JobStore:
     def set_progress(self, job_id: str, done: int, total: int) -> None:
         self.redis.hset(self.key(job_id), mapping={"done": int(done), "total": int(total)})
 
+    def _certify_later(self, job_id: str, done: bool) -> bool:
+        """Queue a job that just succeeded with rows for its certificate, which an API process
+        signs (:mod:`smoothcert.service.core.issuer`); ``done`` passed through."""
+        if done:
+            self.redis.rpush(CERTIFICATES_PENDING, job_id)
+        return done
+
     def succeed(self, job_id: str, result: Any) -> bool:
         """Record ``result`` and turn running into succeeded; False when the job was not running.
 
@@ -526,7 +534,7 @@ class JobStore:
         summary = json.dumps({**result, "results": None})
         rows_json = json.dumps(rows)
         if self.files is None or len(rows_json) <= ROWS_INLINE_BYTES:
-            return self.transition(
+            done = self.transition(
                 job_id,
                 SUCCEEDED,
                 [RUNNING],
@@ -534,6 +542,7 @@ class JobStore:
                 rows=rows_json,
                 finished_at=_now(),
             )
+            return self._certify_later(job_id, done)
         self.files.write_rows(job_id, rows_json)
         done = self.transition(
             job_id,
@@ -545,7 +554,7 @@ class JobStore:
         )
         if not done and self.redis.hget(self.key(job_id), "status") != SUCCEEDED.encode():
             self.files.drop_rows(job_id)
-        return done
+        return self._certify_later(job_id, done)
 
     def fail(self, job_id: str, error: str) -> bool:
         return self.transition(job_id, FAILED, [QUEUED, RUNNING], error=error, finished_at=_now())

@@ -7,6 +7,9 @@ Redis holds every job's record, the queue and the limits under one memory budget
   people to look at (up to 1 MiB a job). They are kept ``SMOOTHCERT_SAMPLES_TTL_S`` from when
   they were written (the file's mtime); an older file reads as absent at once and the sweep
   deletes it.
+* ``certificate_inputs.json``: what the API recorded of a certify or predict job for its
+  certificate when it accepted the job (:mod:`smoothcert.service.core.issuer`): where the seed
+  came from, and the digest of each input as decoded; lives as long as the record.
 * ``rows.json``: the rows of a result too large to keep in its record (more than
   :data:`~smoothcert.service.core.jobs.ROWS_INLINE_BYTES` of JSON); the record keeps the result
   without them (its ``result_summary``) and says so (``rows_on_disk``). They live as long as the
@@ -34,7 +37,7 @@ import redis
 from smoothcert.service.core.jobs import PREFIX, ResultRowsMissing, check_job_id, is_job_id
 from smoothcert.service.core.store import inside
 
-SAMPLES, ROWS = "samples", "rows.json"
+SAMPLES, ROWS, CERTIFICATE_INPUTS = "samples", "rows.json", "certificate_inputs.json"
 SWEEP_LOCK = "smoothcert:results:sweep"
 _SAMPLE = re.compile(r"^[0-9]{1,9}\.npy$")
 
@@ -86,6 +89,19 @@ class ResultFiles:
                 return None
             return path.read_bytes()
         except OSError:
+            return None
+
+    # ---------------------------------------------------------------- certificate inputs
+
+    def write_certificate_inputs(self, job_id: str, recorded: dict[str, Any]) -> None:
+        """Keep what the API recorded for the job's certificate (seed source, input digests)."""
+        self._write(self.folder(job_id) / CERTIFICATE_INPUTS, json.dumps(recorded).encode())
+
+    def certificate_inputs(self, job_id: str) -> dict[str, Any] | None:
+        """What :meth:`write_certificate_inputs` kept; None when nothing was (a job from before)."""
+        try:
+            return json.loads((self.folder(job_id) / CERTIFICATE_INPUTS).read_bytes())
+        except (OSError, ValueError):
             return None
 
     # ---------------------------------------------------------------- result rows

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         "POST /v1/keys are stored; derived from the admin key in development when empty, "
         "required in production (changing it invalidates every such key)",
     )
+    signing_key_file: Path | None = Field(
+        None,
+        description="the Ed25519 private key (PKCS#8 PEM) with which the API signs certificates; "
+        "unset: one generated at the first start under DATA_DIR/signing (0600) and kept",
+    )
     data_dir: Path = Field(Path("var/data"), description="models, uploaded inputs, results")
     redis_url: str = Field(
         "", description="when set, `smoothcert up` uses it instead of starting Redis"
@@ -322,6 +327,16 @@ class Settings(BaseSettings):
         """A job's noisy copies and large result rows (smoothcert.service.core.results); not
         ``jobs_dir``, whose folders go when their job ends."""
         return self.data_dir / "results"
+
+    @property
+    def signing_dir(self) -> Path:
+        """The signing keys (smoothcert.service.core.signing)."""
+        return self.data_dir / "signing"
+
+    @property
+    def certificates_dir(self) -> Path:
+        """Signed certificates, named by their SHA-256 (smoothcert.service.core.certificates)."""
+        return self.data_dir / "certificates"
 
 
 def derived_key_pepper(admin_key: str) -> str:

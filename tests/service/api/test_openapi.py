@@ -27,9 +27,13 @@ def document() -> dict:
     return openapi_document()
 
 
+# Open to anyone, on purpose: the public keys that verify certificates.
+OPEN_V1 = {"/v1/signing-keys"}
+
+
 def v1_operations(document: dict):
     for path, operations in document["paths"].items():
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") and path not in OPEN_V1:
             for method, operation in operations.items():
                 yield method, path, operation
 
@@ -51,7 +55,7 @@ def test_bearer_scheme_guards_every_v1_operation_and_no_health_route(document):
         assert {bearer[0]: []} in operation.get("security", []), (
             f"{method.upper()} {path} has no bearer security"
         )
-    for path in ("/healthz", "/readyz"):
+    for path in ("/healthz", "/readyz", *OPEN_V1):
         assert "security" not in document["paths"][path]["get"]
 
 

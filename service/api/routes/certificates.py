@@ -1,0 +1,151 @@
+"""Certificates: a succeeded certify or predict job's signed certificate, the same by its own
+digest after the job's record is gone, the report page, and the public keys that verify them.
+
+``GET /v1/jobs/{id}/certificate`` answers the DSSE envelope (the bytes stored, named by their
+SHA-256, which the ``X-Certificate-SHA256`` header and ``Location`` give), issuing it on the spot
+when the API's background issuer (:mod:`smoothcert.service.core.issuer`) has not yet.
+``GET /v1/certificates/{sha256}`` serves it for as long as the data volume keeps it, to the
+account that asked for the job or an admin (404 to anyone else, as for an unknown digest).
+``GET /v1/signing-keys`` needs no key: anyone may check a certificate.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
+from fastapi.responses import HTMLResponse, Response
+
+from smoothcert.service.api.access import AccessDep
+from smoothcert.service.api.deps import JobsDep, require_jobs
+from smoothcert.service.api.limits import Responses
+from smoothcert.service.core.certificates import (
+    CertificateStore,
+    EnvelopeError,
+    is_sha256,
+    open_envelope,
+)
+from smoothcert.service.core.issuer import Issuer, NotCertifiable
+from smoothcert.service.core.jobs import JOB_ID_FORM
+from smoothcert.service.core.signing import SigningKeys, load_public_pem
+
+router = APIRouter(tags=["certificates"])
+JobId = Annotated[str, Path(description="the id that submitting the job returned: " + JOB_ID_FORM)]
+_ENVELOPE: Responses = {
+    200: {
+        "content": {"application/json": {}},
+        "description": "the DSSE envelope of an in-toto statement (docs/certificate.md)",
+    }
+}
+_JOB_404: Responses = {404: {"description": "unknown job (or another account's)"}}
+_NOT_YET: Responses = {409: {"description": "the job has not succeeded, or is not certify/predict"}}
+
+
+def _issuer(request: Request) -> Issuer:
+    return request.app.state.issuer
+
+
+def _store(request: Request) -> CertificateStore:
+    return request.app.state.certificates
+
+
+def _keys(request: Request) -> SigningKeys:
+    return request.app.state.signing_keys
+
+
+def _envelope_response(data: bytes, sha: str) -> Response:
+    return Response(
+        data,
+        media_type="application/json",
+        headers={"X-Certificate-SHA256": sha, "Location": f"/v1/certificates/{sha}"},
+    )
+
+
+def _issued(request: Request, jobs, access, job_id: str) -> tuple[str, bytes]:
+    """The job's certificate (its SHA-256 and bytes), issued now if need be; 404/409 otherwise."""
+    store = _store(request)
+    record = access.job(jobs, job_id)  # 404 unless the caller's (or an admin's)
+    try:
+        sha = _issuer(request).issue(job_id, record)
+    except NotCertifiable as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    data = store.read(sha)
+    if data is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the certificate of job {job_id} is gone")
+    return sha, data
+
+
+@router.get(
+    "/v1/jobs/{job_id}/certificate",
+    response_class=Response,
+    dependencies=[Depends(require_jobs)],
+    responses={**_ENVELOPE, **_JOB_404, **_NOT_YET},
+)
+def get_job_certificate(
+    job_id: JobId, request: Request, jobs: JobsDep, access: AccessDep
+) -> Response:
+    """The job's signed certificate (issued when the job succeeded; kept after its record)."""
+    sha, data = _issued(request, jobs, access, job_id)
+    return _envelope_response(data, sha)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/report.html",
+    response_class=HTMLResponse,
+    dependencies=[Depends(require_jobs)],
+    responses={**_JOB_404, **_NOT_YET},
+)
+def get_job_report(job_id: JobId, request: Request, jobs: JobsDep, access: AccessDep):
+    """The certificate as a page a person can read and print, with the commands that verify it."""
+    from smoothcert.service.api.report import render_report
+
+    sha, data = _issued(request, jobs, access, job_id)
+    statement, keyid = _opened(request, data)
+    return HTMLResponse(render_report(statement, sha, keyid))
+
+
+def _opened(request: Request, data: bytes) -> tuple[dict[str, Any], str]:
+    keys = {k.keyid: load_public_pem(k.pem) for k in _keys(request).public_keys()}
+    try:
+        return open_envelope(json.loads(data), keys)
+    except (EnvelopeError, ValueError) as exc:
+        raise HTTPException(
+            status.HTTP_500_INTERNAL_SERVER_ERROR, f"a stored certificate does not verify: {exc}"
+        ) from None
+
+
+@router.get(
+    "/v1/certificates/{sha256}",
+    response_class=Response,
+    dependencies=[Depends(require_jobs)],
+    responses={
+        **_ENVELOPE,
+        404: {"description": "no such certificate (or another account's)"},
+    },
+)
+def get_certificate(
+    sha256: Annotated[str, Path(description="the certificate's SHA-256, 64 hex digits")],
+    request: Request,
+    access: AccessDep,
+) -> Response:
+    """A certificate by its digest, for as long as the data volume keeps it (after the job's
+    record has expired too): to the account that asked for the job, or an admin."""
+    unknown = HTTPException(status.HTTP_404_NOT_FOUND, f"unknown certificate {sha256[:80]!r}")
+    data = _store(request).read(sha256) if is_sha256(sha256) else None
+    if data is None:
+        raise unknown
+    statement, _ = _opened(request, data)
+    owner = (statement.get("predicate") or {}).get("requested_by", {}).get("account")
+    if not access.owns({"owner": owner}):
+        access.hidden("certificate", sha256)
+        raise unknown
+    return _envelope_response(data, sha256)
+
+
+@router.get("/v1/signing-keys")
+def signing_keys(request: Request) -> dict[str, list[dict[str, Any]]]:
+    """Every public key this service has signed certificates with, the active one first and the
+    retired ones after (so a certificate from before a rotation still verifies). No key needed.
+    Save the answer as keys.json for ``smoothcert verify --keys keys.json``."""
+    return {"keys": [k.to_dict() for k in _keys(request).public_keys()]}
