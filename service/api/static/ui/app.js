@@ -473,6 +473,7 @@ async function cancelJob() {
 
 function renderResult(job) {
   const result = $("result");
+  renderCertificateLinks(job);
   const rows = (job.result && job.result.results) || null;
   if (!rows || !rows.length) {
     result.hidden = true;
@@ -610,6 +611,74 @@ async function loadImage(box, path, alt) {
   }
 }
 
+// ---- the job's certificate ----
+// A succeeded certify or predict job has a signed certificate (GET /v1/jobs/{id}/certificate) and
+// a printable report of it (GET /v1/jobs/{id}/report.html). Both are behind the key, which a plain
+// link cannot send: each link is fetched with the bearer header instead. The certificate is saved
+// as a file, its exact bytes (its SHA-256 is its name); the report opens in a new tab from a blob:
+// URL, its links made absolute first (a blob: document has no path to resolve "/ui/..." against).
+
+function renderCertificateLinks(job) {
+  hide($("certificate-error"));
+  const shown = job.status === "succeeded" && (job.kind === "certify" || job.kind === "predict");
+  $("certificate-links").hidden = !shown;
+  if (!shown) return;
+  const id = encodeURIComponent(job.id);
+  $("certificate-json").href = `/v1/jobs/${id}/certificate`;
+  $("certificate-report").href = `/v1/jobs/${id}/report.html`;
+}
+
+function keepUrl(blob) {
+  const url = URL.createObjectURL(blob);
+  state.blobUrls.push(url);  // revoked when another job is shown
+  return url;
+}
+
+async function downloadCertificate(ev) {
+  ev.preventDefault();
+  const id = state.job;
+  hide($("certificate-error"));
+  try {
+    const blob = await api(`/v1/jobs/${encodeURIComponent(id)}/certificate`, { as: "blob" });
+    if (id !== state.job) return;
+    el("a", { href: keepUrl(blob), download: `certificate-${id}.json` }).click();
+  } catch (err) {
+    if (id === state.job) showMessage($("certificate-error"), err.message);
+  }
+}
+
+function withAbsoluteLinks(html) {
+  const doc = new DOMParser().parseFromString(html, "text/html");
+  for (const node of doc.querySelectorAll("[href], [src]")) {
+    for (const name of ["href", "src"]) {
+      const value = node.getAttribute(name);
+      if (value && value.startsWith("/") && !value.startsWith("//")) {
+        node.setAttribute(name, new URL(value, location.origin).href);
+      }
+    }
+  }
+  return `<!DOCTYPE html>\n${doc.documentElement.outerHTML}`;
+}
+
+async function openReport(ev) {
+  ev.preventDefault();
+  const id = state.job;
+  hide($("certificate-error"));
+  // Opened now, while the click still allows a new tab; filled once the report has arrived.
+  const tab = window.open("", "_blank");
+  if (tab) tab.opener = null;
+  try {
+    const blob = await api(`/v1/jobs/${encodeURIComponent(id)}/report.html`, { as: "blob" });
+    const page = new Blob([withAbsoluteLinks(await blob.text())], { type: "text/html;charset=utf-8" });
+    const url = keepUrl(page);
+    if (tab) tab.location.href = url;
+    else showMessage($("certificate-error"), "The browser refused a new tab: allow pop-ups for this page.");
+  } catch (err) {
+    if (tab) tab.close();
+    if (id === state.job) showMessage($("certificate-error"), err.message);
+  }
+}
+
 // ---- recent jobs ----
 
 async function loadJobs(append) {
@@ -698,6 +767,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("mode").addEventListener("change", modeChanged);
   $("certify-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancelJob);
+  $("certificate-json").addEventListener("click", downloadCertificate);
+  $("certificate-report").addEventListener("click", openReport);
   $("jobs-filter").addEventListener("submit", (ev) => { ev.preventDefault(); loadJobs(false); });
   $("jobs-status").addEventListener("change", () => loadJobs(false));
   $("jobs-kind").addEventListener("change", () => loadJobs(false));
