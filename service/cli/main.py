@@ -20,6 +20,7 @@ from smoothcert.service.cli import options
 from smoothcert.service.cli.progress import stderr_bar
 from smoothcert.service.cli.remote import add_commands as add_remote_commands
 from smoothcert.service.cli.train import add_commands as add_train_commands
+from smoothcert.service.cli.verify import add_command as add_verify_command
 from smoothcert.service.core.contract import CertifyParams
 from smoothcert.service.core.inputs import load_inputs, load_labels
 from smoothcert.service.core.model_store import ModelStore
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_commands(commands)  # train, import-checkpoint, experiment: in-process
     add_remote_commands(commands)  # submit, status, wait, cancel, models, datasets: over HTTP
+    add_verify_command(commands)  # verify: a certificate, offline
     return parser
 
 

@@ -11,20 +11,63 @@
 
 Same seed, same batch size and same device give bit-identical answers. Nothing here imports a
 queue or a web framework: the CLI, the worker's tasks and the benchmarks all call it.
+
+The names above are imported when first used (PEP 562), not with the package: ``bounds`` and
+``results`` need no torch, so ``import smoothcert.worker.smoothing.bounds`` (``smoothcert
+verify``) stays torch-free, while ``from smoothcert.worker.smoothing import certify`` loads the
+engine as it always did.
 """
 
-from smoothcert.worker.smoothing.certify import certify, predict
-from smoothcert.worker.smoothing.checks import BatchSizeError, InputError, check_params
-from smoothcert.worker.smoothing.options import CancelCheck, Progress, RunOptions
-from smoothcert.worker.smoothing.results import Answer, Certificate, Prediction, RadiusDecision, Run
-from smoothcert.worker.smoothing.run import run_params
-from smoothcert.worker.smoothing.sampling import (
-    Canceled,
-    Inputs,
-    default_batch_size,
-    noisy_copies,
-)
-from smoothcert.worker.smoothing.sequential import Verdict, certify_at_radius
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the names are, for type checkers; imported lazily below
+    from smoothcert.worker.smoothing.certify import certify, predict
+    from smoothcert.worker.smoothing.checks import BatchSizeError, InputError, check_params
+    from smoothcert.worker.smoothing.options import CancelCheck, Progress, RunOptions
+    from smoothcert.worker.smoothing.results import (
+        Answer,
+        Certificate,
+        Prediction,
+        RadiusDecision,
+        Run,
+    )
+    from smoothcert.worker.smoothing.run import run_params
+    from smoothcert.worker.smoothing.sampling import (
+        Canceled,
+        Inputs,
+        default_batch_size,
+        noisy_copies,
+    )
+    from smoothcert.worker.smoothing.sequential import Verdict, certify_at_radius
+
+# Each re-exported name and the submodule that defines it.
+_EXPORTS = {
+    "certify": "certify",
+    "predict": "certify",
+    "BatchSizeError": "checks",
+    "InputError": "checks",
+    "check_params": "checks",
+    "CancelCheck": "options",
+    "Progress": "options",
+    "RunOptions": "options",
+    "Answer": "results",
+    "Certificate": "results",
+    "Prediction": "results",
+    "RadiusDecision": "results",
+    "Run": "results",
+    "run_params": "run",
+    "Canceled": "sampling",
+    "Inputs": "sampling",
+    "default_batch_size": "sampling",
+    "noisy_copies": "sampling",
+    "Verdict": "sequential",
+    "certify_at_radius": "sequential",
+}
 
 __all__ = [
     "Answer",
@@ -48,3 +91,34 @@ __all__ = [
     "predict",
     "run_params",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # once: later lookups find it without this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """The package's module type. Importing the submodule ``certify`` binds it as the package's
+    attribute ``certify`` (the import system does so for every submodule); the package's
+    ``certify`` is the function, as when it was imported eagerly, so the function replaces it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            isinstance(value, types.ModuleType)
+            and value.__name__ == f"{__name__}.{name}"
+            and _EXPORTS.get(name) == name
+        ):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
