@@ -55,6 +55,7 @@ def write(
         "name": getattr(model_info, "name", None),
         "sha256": provenance.get("model_sha256") or getattr(model_info, "sha256", ""),
         "arch": getattr(model_info, "arch", None),
+        "num_classes": getattr(model_info, "num_classes", None),
     }
     document = statement(
         job={

@@ -19,6 +19,7 @@ from pathlib import Path
 from smoothcert.service.cli import options
 from smoothcert.service.cli.progress import stderr_bar
 from smoothcert.service.cli.remote import add_commands as add_remote_commands
+from smoothcert.service.cli.signing_key import add_commands as add_signing_key_commands
 from smoothcert.service.cli.train import add_commands as add_train_commands
 from smoothcert.service.cli.verify import add_command as add_verify_command
 from smoothcert.service.core.contract import CertifyParams
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_inputs(certify)
     options.add_samples(certify, local=True)
     options.add_certify_options(certify, local=True)
+    _certificate_options(certify)
     certify.set_defaults(handler=_run_certify)
 
     predict = commands.add_parser(
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--n", type=int, default=DEFAULT_PREDICT_N, help="samples per input (default %(default)s)"
     )
+    _certificate_options(predict)
     predict.set_defaults(handler=_run_predict)
 
     analyze = commands.add_parser(
@@ -104,7 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(commands)  # train, import-checkpoint, experiment: in-process
     add_remote_commands(commands)  # submit, status, wait, cancel, models, datasets: over HTTP
     add_verify_command(commands)  # verify: a certificate, offline
+    add_signing_key_commands(commands)  # signing-key show|rotate: on the API's host
     return parser
+
+
+def _certificate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--certificate",
+        metavar="OUT.json",
+        help="also write the run's certificate (the service's format: docs/certificate.md)",
+    )
+    p.add_argument(
+        "--signing-key",
+        metavar="KEY.pem",
+        help="sign the certificate with this Ed25519 private key (PKCS#8 PEM); without it the "
+        "certificate is unsigned",
+    )
+
+
+def _certificate(args, params: CertifyParams, model, x, run, labels) -> None:
+    """Write ``--certificate`` when it was asked for."""
+    if not args.certificate:
+        return
+    from smoothcert.service.cli import local_certificate
+
+    rows = [r.to_dict() for r in run.results]
+    keyid = local_certificate.write(
+        args.certificate, params, model.info, x, rows, run.provenance, labels, args.signing_key
+    )
+    signed = f"signed with key {keyid[:16]}" if keyid else "unsigned (no --signing-key)"
+    print(f"wrote the certificate {args.certificate}, {signed}", file=sys.stderr)
 
 
 def _stack_main() -> int:
@@ -151,9 +183,11 @@ def _run_certify(args) -> int:
 
     options.check_bounds(args, certify=args.target_radius is None)
     model, x, labels = _prepare(args)
+    params = _params(args)
     with _progress_bar() as progress, _batch_size_refused():  # --n caps a target-radius run
-        run = run_params(model, x, _params(args), _run_options(args, progress))
+        run = run_params(model, x, params, _run_options(args, progress))
     _write(args, run, labels)
+    _certificate(args, params, model, x, run, labels)
     if args.target_radius is None:
         certified = sum(not r.abstained for r in run.results)
         what = f"certified {certified} of {len(run.results)} inputs ({len(run.results) - certified} abstained)"
@@ -172,9 +206,11 @@ def _run_predict(args) -> int:
 
     options.check_bounds(args, certify=False)
     model, x, labels = _prepare(args)
+    params = _params(args, mode="predict")
     with _progress_bar() as progress, _batch_size_refused():
-        run = run_params(model, x, _params(args, mode="predict"), _run_options(args, progress))
+        run = run_params(model, x, params, _run_options(args, progress))
     _write(args, run, labels)
+    _certificate(args, params, model, x, run, labels)
     answered = sum(not r.abstained for r in run.results)
     print(
         f"predicted {answered} of {len(run.results)} inputs{_accuracy(run, labels)}"

@@ -159,7 +159,7 @@ def statement(
         "issued_time": issued_time,
         "model": {
             k: model.get(k)
-            for k in ("id", "name", "sha256", "kind", "format", "arch", "parts")
+            for k in ("id", "name", "sha256", "kind", "format", "arch", "num_classes", "parts")
             if model.get(k) is not None
         },
         "parameters": params,

@@ -31,6 +31,11 @@ from smoothcert.service.core.jobs import JOB_ID_FORM
 from smoothcert.service.core.signing import SigningKeys, load_public_pem
 
 router = APIRouter(tags=["certificates"])
+# The report needs its stylesheet and nothing else: no script, no frame, no form, no other origin.
+REPORT_CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
 JobId = Annotated[str, Path(description="the id that submitting the job returned: " + JOB_ID_FORM)]
 _ENVELOPE: Responses = {
     200: {
@@ -102,7 +107,9 @@ def get_job_report(job_id: JobId, request: Request, jobs: JobsDep, access: Acces
 
     sha, data = _issued(request, jobs, access, job_id)
     statement, keyid = _opened(request, data)
-    return HTMLResponse(render_report(statement, sha, keyid))
+    return HTMLResponse(
+        render_report(statement, sha, keyid), headers={"Content-Security-Policy": REPORT_CSP}
+    )
 
 
 def _opened(request: Request, data: bytes) -> tuple[dict[str, Any], str]:

@@ -273,6 +273,7 @@ def get_model(model_id: str, models: ModelsDep, access: AccessDep) -> ModelRecor
         403: {"description": "another account's public model"},
         404: {"description": _UNKNOWN},
         413: {"description": "body too large"},
+        422: {"description": 'a body that is not {"visibility": "private" | "public"}'},
     },
 )
 def change_model(

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 
+from smoothcert.service.cli.main import main
 from smoothcert.service.core.certificates import (
     PREDICATE_TYPE,
     STATEMENT_TYPE,
@@ -27,6 +28,15 @@ from tests.support.stack import ADMIN_KEY, account_key, upload_dataset, wait_for
 pytestmark = pytest.mark.process
 
 JOB = {"sigma": 0.25, "n0": 20, "n": 200, "alpha": 0.01}
+
+
+def verify(client: httpx.Client, data: bytes, tmp_path, *checks: str) -> int:
+    """`smoothcert verify` of the certificate ``data`` with the keys the API lists, offline."""
+    (tmp_path / "cert.json").write_bytes(data)
+    (tmp_path / "keys.json").write_text(client.get("/v1/signing-keys").text)
+    return main(
+        ["verify", str(tmp_path / "cert.json"), "--keys", str(tmp_path / "keys.json"), *checks]
+    )
 
 
 def keys_of(client: httpx.Client) -> dict:
@@ -65,7 +75,7 @@ def test_a_certificate_is_issued_when_the_job_succeeds(certified, data_dir):
 
 
 def test_the_certificate_binds_the_model_inputs_rows_and_seed(
-    client, certified, demo_model, digits, anonymous
+    client, certified, demo_model, digits, anonymous, demo_paths, tmp_path
 ):
     resp = client.get(f"/v1/jobs/{certified['id']}/certificate")
     assert resp.status_code == 200, resp.text
@@ -97,6 +107,21 @@ def test_the_certificate_binds_the_model_inputs_rows_and_seed(
     assert client.get(f"/v1/jobs/{certified['id']}/certificate").content == resp.content
     assert client.get(f"/v1/certificates/{sha}").content == resp.content
     assert keyid in keys_of(anonymous)
+    np.save(tmp_path / "x.npy", x)
+    checks = ("--model", str(demo_paths["safetensors"]), "--inputs", str(tmp_path / "x.npy"))
+    assert verify(anonymous, resp.content, tmp_path, *checks) == 0
+    np.save(tmp_path / "x.npy", x[::-1])  # the inputs in another order are not these inputs
+    assert verify(anonymous, resp.content, tmp_path, *checks) == 1
+
+
+def test_the_report_page(client, certified, anonymous):
+    resp = client.get(f"/v1/jobs/{certified['id']}/report.html")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    assert "script-src" not in resp.headers["content-security-policy"]
+    assert "default-src 'none'" in resp.headers["content-security-policy"]
+    sha = client.get(f"/v1/jobs/{certified['id']}/certificate").headers["X-Certificate-SHA256"]
+    assert sha in resp.text and "smoothcert verify" in resp.text
+    assert anonymous.get(f"/v1/jobs/{certified['id']}/report.html").status_code == 401
 
 
 def test_a_drawn_seed_is_said_to_be_the_services(client, demo_model, digits):
@@ -111,7 +136,7 @@ def test_a_drawn_seed_is_said_to_be_the_services(client, demo_model, digits):
 
 
 def test_the_certificate_outlives_the_record_and_is_no_one_elses(
-    client, api_url, certified, redis_url
+    client, api_url, certified, redis_url, tmp_path
 ):
     sha = client.get(f"/v1/jobs/{certified['id']}/certificate").headers["X-Certificate-SHA256"]
     other = account_key(api_url, ADMIN_KEY, "cert-other")
@@ -125,7 +150,8 @@ def test_the_certificate_outlives_the_record_and_is_no_one_elses(
     assert client.get(f"/v1/jobs/{certified['id']}").status_code == 404
     kept = client.get(f"/v1/certificates/{sha}")
     assert kept.status_code == 200 and hashlib.sha256(kept.content).hexdigest() == sha
-    opened(client, kept.content)  # still verifies
+    opened(client, kept.content)
+    assert verify(client, kept.content, tmp_path) == 0  # still verifies
 
 
 def test_a_job_that_did_not_succeed_has_no_certificate(client, demo_model, digits):
@@ -140,7 +166,7 @@ def test_a_job_that_did_not_succeed_has_no_certificate(client, demo_model, digit
     client.delete(f"/v1/jobs/{job_id}")
 
 
-def test_a_dataset_job_names_the_dataset_and_every_row(client, demo_model, demo_paths):
+def test_a_dataset_job_names_the_dataset_and_every_row(client, demo_model, demo_paths, tmp_path):
     x = np.rint(np.load(demo_paths["test_x"])[:7] * 255).astype(np.uint8)
     y = np.load(demo_paths["test_y"])[:7].astype(np.int64)
     buf = io.BytesIO()
@@ -156,9 +182,14 @@ def test_a_dataset_job_names_the_dataset_and_every_row(client, demo_model, demo_
     assert [subject[f"input:{i}"] for i in range(2, 7)] == [input_digest(to_unit(r)) for r in x[2:]]
     chunks = statement["predicate"]["chunks"]
     assert sum(c["count"] for c in chunks) == 5 and chunks[0]["first"] == 2
+    (tmp_path / "data.npz").write_bytes(buf.getvalue())
+    cert = client.get(f"/v1/jobs/{job['id']}/certificate").content
+    assert verify(client, cert, tmp_path, "--dataset", str(tmp_path / "data.npz")) == 0
 
 
-def test_certificates_verify_after_a_key_rotation(client, certified, demo_model, digits, data_dir):
+def test_certificates_verify_after_a_key_rotation(
+    client, certified, demo_model, digits, data_dir, tmp_path
+):
     before = client.get(f"/v1/jobs/{certified['id']}/certificate")
     if before.status_code == 404:  # the record was deleted above: read it by digest
         by_job = data_dir / "certificates" / "by-job" / certified["id"]
@@ -176,3 +207,4 @@ def test_certificates_verify_after_a_key_rotation(client, certified, demo_model,
     _, keyid = opened(client, client.get(f"/v1/jobs/{job['id']}/certificate").content)
     assert keyid == new
     assert opened(client, before.content)[1] == old  # the old certificate still verifies
+    assert verify(client, before.content, tmp_path) == 0
