@@ -4,10 +4,15 @@
 
 Needs Debian's chromium (``make test`` installs it) and the ``test`` extra (Playwright). It
 certifies demo digit 3 through the page, certifies the first 100 held-out digits as a dataset
-job through the API, opens that job from the page's jobs table, and writes small palette PNGs
-to OUT_DIR (docs/screenshots): certify.png (form and answer), dataset.png (a dataset job and
-its curve), jobs.png (the recent jobs). The jobs and radii shown are whatever that stack
-computes; nothing here is a test.
+job through the API, opens that job from the page's jobs table and its printable report
+(``GET /v1/jobs/{id}/report.html``, with the key in the Authorization header), and writes small
+palette PNGs to OUT_DIR (docs/screenshots): certify.png (form and answer), dataset.png (a
+dataset job and its curve), jobs.png (the recent jobs), report.png (that job's report). The
+report of 100 rows is some 6,000 pixels tall and its summary comes after the rows, so report.png
+is two crops of one full-page screenshot, the top (title, certificate, guarantee) and the summary
+(accuracy, ACR, the certified-accuracy table and curve), joined by a band naming what is left
+out; a page that fits REPORT_VIEWPORT is kept whole. The jobs and radii shown are whatever that
+stack computes; nothing here is a test.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from playwright.sync_api import expect, sync_playwright
 
 from smoothcert.models.demo import load_digits_split
@@ -38,6 +43,9 @@ FLAGS = [
 ]
 OUT = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 DONE = re.compile("succeeded|failed|canceled")
+REPORT_VIEWPORT = {"width": 1200, "height": 1600}  # report.png: a page this size is kept whole
+REPORT_PARTS = ("main.report", "#model", "#summary")  # column, end of the top, summary
+REPORT_GAP = "⋯  model, dataset, parameters, who asked, what ran it, the 100 rows  ⋯"
 
 
 def dataset_job(url: str, key: str, model_id: str) -> str:
@@ -70,6 +78,32 @@ def save_small(png: bytes, path: Path, width: int = 1000) -> None:
         image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
     image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     print(f"{path}: {path.stat().st_size} bytes")
+
+
+def report_excerpt(png: bytes, column: dict, model: dict, summary: dict) -> bytes:
+    """The report's top (down to its Model section) over its Summary section, both cropped to the
+    page's column from the full-page screenshot ``png``, with a band between naming what is cut."""
+    page = Image.open(io.BytesIO(png)).convert("RGB")
+    left, right = round(column["x"]), round(column["x"] + column["width"])
+    top = page.crop((left, 0, right, round(model["y"]) - 8))
+    bottom = page.crop(
+        (left, round(summary["y"]) - 4, right, round(summary["y"] + summary["height"]) + 20)
+    )
+    band = Image.new("RGB", (right - left, 40), (245, 246, 249))  # report.css's --paper
+    draw = ImageDraw.Draw(band)
+    draw.text(
+        (band.width / 2, band.height / 2),
+        REPORT_GAP,
+        fill=(93, 101, 119),  # --muted
+        font=ImageFont.truetype("DejaVuSans.ttf", 14),
+        anchor="mm",
+    )
+    joined = Image.new("RGB", (right - left, top.height + band.height + bottom.height), "white")
+    for image, y in ((top, 0), (band, top.height), (bottom, top.height + band.height)):
+        joined.paste(image, (0, y))
+    buf = io.BytesIO()
+    joined.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def main(url: str, key: str, out: Path) -> None:
@@ -121,6 +155,19 @@ def main(url: str, key: str, out: Path) -> None:
         expect(page.get_by_test_id("curve").locator("img")).to_be_visible()
         page.mouse.move(0, 0)
         save_small(page.locator("#job").screenshot(), out / "dataset.png", width=640)
+
+        report = context.new_page()
+        report.set_viewport_size(REPORT_VIEWPORT)
+        report.set_extra_http_headers({"Authorization": f"Bearer {key}"})
+        response = report.goto(f"{url}/v1/jobs/{dataset_job_id}/report.html")
+        if response is None or not response.ok:
+            raise SystemExit(f"report.html: {response.status if response else 'no response'}")
+        report.wait_for_load_state("networkidle")
+        expect(report.get_by_test_id("curve").locator("svg")).to_be_visible()
+        png = report.screenshot(full_page=True)
+        if report.evaluate("document.documentElement.scrollHeight") > REPORT_VIEWPORT["height"]:
+            png = report_excerpt(png, *(report.locator(s).bounding_box() for s in REPORT_PARTS))
+        save_small(png, out / "report.png")
         context.close()
 
 
