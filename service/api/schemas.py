@@ -130,6 +130,13 @@ class CertifyRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
     bound: Bound = "cohen"
     labels: list[int] | None = Field(None, description="true classes, one per input")
+    names: list[Name] | None = Field(
+        None,
+        max_length=100_000,
+        description="a name for each input (a file name, say), one per input, carried into its "
+        "row, the TSV and the certificate; a multipart body's image files are named by their "
+        "file names",
+    )
     mode: Mode = "certify"
     radii: list[float] | None = Field(
         None, max_length=1000, description="radii of the certified-accuracy curve (labels given)"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ class InlineInputs:
     encoded: str | list[Any] | None
     files: Files | None
     labels: list[int] | None
+    names: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ class Submission:
                 raise ValueError("no inputs: give inputs or dataset_id")
             if source.labels is not None:
                 check_labels(source.labels, len(x), model.classes)
+            names = _names(source, len(x))
         except InputsTooLarge as exc:
             raise decoded_too_large(exc) from None
         except ValueError as exc:
@@ -187,7 +190,7 @@ class Submission:
                 np.save(folder / INPUTS_FILE, x)
                 task = CertifyTask(job, source.labels, radii)
                 digests = input_digests(to_unit(x) if x.dtype == np.uint8 else x)
-                with self._recorded(job_id, job, digests):
+                with self._recorded(job_id, job, digests, names):
                     self.queue.send_task(
                         CERTIFY_TASK, args=[job_id, task.to_message()], task_id=job_id
                     )
@@ -259,7 +262,11 @@ class Submission:
 
     @contextlib.contextmanager
     def _recorded(
-        self, job_id: str, job: CertifyJob, digests: list[str] | None = None
+        self,
+        job_id: str,
+        job: CertifyJob,
+        digests: list[str] | None = None,
+        names: list[str] | None = None,
     ) -> Iterator[None]:
         """Write the job's record (status queued) and what its certificate needs from this
         process (where the seed came from; the inputs' digests, as decoded here), then run the
@@ -276,7 +283,11 @@ class Submission:
                 max_active=self.admission.max_active,
             )
             if self.jobs.files is not None:
-                recorded = {"seed_source": self._seed_source, "input_digests": digests}
+                recorded = {
+                    "seed_source": self._seed_source,
+                    "input_digests": digests,
+                    **({"names": names} if names else {}),
+                }
                 self.jobs.files.write_certificate_inputs(job_id, recorded)
             yield
         except Exception:
@@ -292,6 +303,19 @@ def _with_seed(params: CertifyParams) -> CertifyParams:
 
 def _accepted(job_id: str) -> JobAccepted:
     return JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
+
+
+def _names(source: InlineInputs, count: int) -> list[str] | None:
+    """The inputs' names: the request's ``names``, else a multipart body's image file names (a
+    single .npy names none); ValueError when ``names`` does not name each input once."""
+    if source.names is not None:
+        if len(source.names) != count:
+            raise ValueError(f"names has {len(source.names)} entries for {count} inputs")
+        return list(source.names)
+    files = source.files or []
+    if files and not (len(files) == 1 and files[0][0].lower().endswith(".npy")):
+        return [Path(name).name for name, _ in files]
+    return None
 
 
 def _decode_files(files: Files, input_shape: list[int], max_bytes: int) -> np.ndarray:

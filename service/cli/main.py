@@ -23,7 +23,7 @@ from smoothcert.service.cli.signing_key import add_commands as add_signing_key_c
 from smoothcert.service.cli.train import add_commands as add_train_commands
 from smoothcert.service.cli.verify import add_command as add_verify_command
 from smoothcert.service.core.contract import CertifyParams
-from smoothcert.service.core.inputs import load_inputs, load_labels
+from smoothcert.service.core.inputs import image_files, load_inputs, load_labels
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.params import DEFAULT_PREDICT_N, Mode
 from smoothcert.service.core.settings import Settings
@@ -131,7 +131,7 @@ def _certificate(args, params: CertifyParams, model, x, run, labels) -> None:
         return
     from smoothcert.service.cli import local_certificate
 
-    rows = [r.to_dict() for r in run.results]
+    rows = _rows(args, run)
     keyid = local_certificate.write(
         args.certificate, params, model.info, x, rows, run.provenance, labels, args.signing_key
     )
@@ -367,10 +367,19 @@ def _progress_bar():
         yield update
 
 
+def _rows(args, run) -> list[dict]:
+    """The run's rows, each named by its image file when the inputs were images."""
+    rows = [r.to_dict() for r in run.results]
+    paths = [Path(p) for p in args.inputs]
+    if not (len(paths) == 1 and paths[0].suffix == ".npy"):
+        names = [f.name for f in image_files(paths)]
+        for row in rows:
+            row["name"] = names[row["index"]]
+    return rows
+
+
 def _write(args, run, labels) -> None:
-    text = format_tsv(
-        [r.to_dict() for r in run.results], None if labels is None else labels.tolist()
-    )
+    text = format_tsv(_rows(args, run), None if labels is None else labels.tolist())
     options.write_out(text, args.out, run.provenance)
 
 

@@ -578,7 +578,12 @@ def _read_dataset(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarr
 
 
 def _check_arithmetic(cert: _Cert, report: Report) -> None:
-    from smoothcert.worker.smoothing import bounds  # numpy and scipy: no torch
+    try:
+        from smoothcert.worker.smoothing import bounds  # numpy and scipy: no torch
+    except ImportError as exc:  # a bare `pip install smoothcert`: no scipy
+        raise ValueError(
+            f"the arithmetic check needs {exc.name or 'scipy'}: pip install 'smoothcert[verify]'"
+        ) from None
 
     p = cert.params
     sigma, alpha, n = float(p["sigma"]), float(p["alpha"]), p["n"]

@@ -1,8 +1,10 @@
-"""Certified accuracy: the one definition that job results, certification logs, experiments and
-the API's curve all report, and the radii a curve is reported at when none are asked for.
+"""Certified accuracy and the average certified radius (ACR): the one definition that job
+results, certification logs, experiments, certificates and the API's curve all report, and the
+radii a curve is reported at when none are asked for.
 
 Certified accuracy at radius r is the share of inputs whose certified class is their label (an
-abstention never is) with a certified radius ≥ r. numpy only: the API imports this module.
+abstention never is) with a certified radius ≥ r; ACR is the mean of the certified radius where the
+class is the label, 0 elsewhere. numpy only: the API imports this module.
 """
 
 from __future__ import annotations
@@ -52,3 +54,21 @@ def certified_accuracy_steps(
     for step, a, b in zip(steps, at[1:], past):
         points += [(step, a), (step, b)]
     return points
+
+
+def average_certified_radius(
+    correct: Sequence[bool] | np.ndarray, radius: Sequence[float] | np.ndarray
+) -> float:
+    """ACR: the mean over the (labelled) inputs of the certified radius where the certified class
+    is the label, counting 0 for a wrong class or an abstention.
+
+    It is also the area under the :func:`certified_accuracy` curve. ``correct`` and ``radius`` as
+    there; with no inputs it is 0.0.
+    """
+    right = np.asarray(correct, dtype=bool)
+    radius = np.asarray(radius, dtype=np.float64)
+    if right.shape != radius.shape:
+        raise ValueError(f"{right.size} correct flags for {radius.size} radii")
+    if len(right) == 0:
+        return 0.0
+    return float(np.where(right, radius, 0.0).mean())

@@ -74,6 +74,30 @@ def arrays_digest(arrays: Mapping[str, np.ndarray], block_bytes: int = 16 << 20)
     return h.hexdigest()
 
 
+def npy_files_digest(files: Mapping[str, Path], block_bytes: int = 1 << 20) -> str:
+    """:func:`arrays_digest` of ``.npy`` files (name -> path), read in blocks of ``block_bytes``
+    rather than mapped, so that what a process holds does not grow with the files (a mapped
+    file's pages count against its memory as they are read)."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        with open(files[name], "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if fortran or dtype.byteorder == ">" or dtype.hasobject:
+                return arrays_digest(
+                    {k: np.load(v, mmap_mode="r", allow_pickle=False) for k, v in files.items()}
+                )
+            h.update(f"{name}:{dtype.str}:{','.join(str(d) for d in shape)}\n".encode())
+            while block := f.read(block_bytes):
+                h.update(block)
+    return h.hexdigest()
+
+
 def utc_text(seconds: float) -> str:
     """Unix seconds as RFC 3339 UTC with milliseconds, as job records write times (without
     importing the job store, which needs Redis: the CLI writes certificates too)."""
@@ -203,7 +227,9 @@ def summary(rows: Sequence[dict[str, Any]], mode: str) -> dict[str, Any] | None:
         out["certified_accuracy"] = [
             {"radius": float(r), "accuracy": float(a)} for r, a in zip(DEFAULT_CURVE_RADII, shares)
         ]
-        out["acr"] = float(np.mean([rad if ok else 0.0 for ok, rad in zip(right, radii)]))
+        from smoothcert.service.core.accuracy import average_certified_radius
+
+        out["acr"] = average_certified_radius(right, radii)
     return out
 
 

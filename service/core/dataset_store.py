@@ -39,7 +39,7 @@ import numpy as np
 import redis
 
 from smoothcert.models.metadata import MAX_NAME_CHARS, ModelError, check_name
-from smoothcert.service.core.certificates import arrays_digest
+from smoothcert.service.core.certificates import npy_files_digest
 from smoothcert.service.core.dataset_files import (
     DatasetFileError,
     DatasetTooLarge,
@@ -170,11 +170,10 @@ class DatasetStore(FolderStore):
         """The digest of the dataset's arrays as stored (:func:`~smoothcert.service.core.
         certificates.arrays_digest`), which certificates name; DatasetMissing after a delete."""
         try:
-            x = np.load(self.file(dataset_id, "x.npy"), mmap_mode="r", allow_pickle=False)
-            y = np.load(self.file(dataset_id, "y.npy"), mmap_mode="r", allow_pickle=False)
+            files = {name: self.file(dataset_id, f"{name}.npy") for name in ("x", "y")}
+            return npy_files_digest(files)  # read in blocks: memory does not grow with the data
         except (KeyError, OSError):
             raise DatasetMissing(f"dataset {dataset_id} was deleted") from None
-        return arrays_digest({"x": x, "y": y})
 
     def stored_bytes(self, owner: str) -> tuple[int, list[str]]:
         """What the datasets recorded with ``owner`` take on disk, and their ids: from the index

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -230,10 +231,34 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def load_labels(path: str | Path, count: int) -> np.ndarray:
-    """Integer labels, one per input, from a .npy array or a text file with one label per line."""
-    path = Path(path)
-    if path.suffix == ".npy":
+_LABEL_LIST = re.compile(r"^\s*\d+\s*(?:,\s*\d+\s*)*$")
+
+
+def parse_label_list(text: str) -> np.ndarray | None:
+    """The labels of a comma list such as ``"0,1,2"`` or ``"0, 1, 2"`` (integers >= 0, spaces
+    allowed around them), or None when ``text`` is not one."""
+    if not _LABEL_LIST.match(text):
+        return None
+    return np.array([int(item) for item in text.split(",")], dtype=np.int64)
+
+
+def load_labels(source: str | Path, count: int) -> np.ndarray:
+    """Integer labels, one per input: from a file (a .npy array, or text with one label per line)
+    or, when ``source`` names no file, from a comma list such as ``"0, 1, 2"``.
+
+    InputFileError when ``source`` is neither an existing file nor such a list, when the file
+    cannot be read or holds no 1-d integer array, or when there are not ``count`` labels.
+    """
+    path = Path(source)
+    if not path.is_file():
+        listed = parse_label_list(str(source))
+        if listed is None:
+            raise InputFileError(
+                f"labels: {str(source)!r} is neither a file (.npy, or text with one label per "
+                "line) nor a comma list of integers such as 0,1,2"
+            )
+        labels = listed
+    elif path.suffix == ".npy":
         labels = load_npy(path, "labels")
     else:
         try:

@@ -234,6 +234,19 @@ def is_index_entry(value: str) -> bool:
     return _INDEX_ENTRY.match(value) is not None
 
 
+def _name_rows(rows: list[Any], recorded: dict[str, Any] | None) -> None:
+    """Give each row the ``name`` the API recorded for its input when it accepted the job (file
+    names, or the request's ``names``), by row index; rows of a job without names stay as they
+    are."""
+    names = (recorded or {}).get("names")
+    if not isinstance(names, list):
+        return
+    for row in rows:
+        index = row.get("index") if isinstance(row, dict) else None
+        if isinstance(index, int) and 0 <= index < len(names):
+            row["name"] = names[index]
+
+
 def rfc3339(seconds: float | None) -> str | None:
     """Unix seconds as RFC 3339 UTC with milliseconds (``2026-12-01T07:21:41.512Z``); None stays None."""
     if seconds is None:
@@ -448,6 +461,8 @@ class JobStore:
                 kept = json.loads(raw[b"rows"])
             else:
                 kept = self._disk_rows(job_id)
+            if kept and self.files is not None:
+                _name_rows(kept, self.files.certificate_inputs(job_id))
             record.result = {**summary, "results": kept}
         return record
 

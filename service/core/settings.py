@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -247,6 +247,12 @@ class Settings(BaseSettings):
     )
 
     _generated_api_key: bool = PrivateAttr(False)
+
+    @field_validator("signing_key_file", mode="before")
+    @classmethod
+    def _no_file_when_empty(cls, value: object) -> object:
+        """An empty SMOOTHCERT_SIGNING_KEY_FILE (as docker/.env.example has it) means none."""
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _keys(self) -> Settings:

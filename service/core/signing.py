@@ -157,8 +157,11 @@ class SigningKeys:
             retired = self.root / "retired" / f"{keyid}.json"
             when = json.loads(retired.read_text())["retired_time"] if retired.exists() else None
             keys.append(PublicKey(keyid, path.read_text(), keyid == active_id, when))
-        keys.sort(key=lambda k: (not k.active, "" if k.retired_time is None else k.retired_time))
-        return [keys[0], *sorted(keys[1:], key=lambda k: k.retired_time or "", reverse=True)]
+        active = [k for k in keys if k.active]
+        retired = sorted(
+            (k for k in keys if not k.active), key=lambda k: k.retired_time or "", reverse=True
+        )
+        return active + retired
 
     def rotate(self) -> tuple[str, str]:
         """Retire the active key and make a new one; (old key id, new key id). Certificates signed

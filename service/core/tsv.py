@@ -42,7 +42,8 @@ def format_tsv(
     and ``correct`` 0 without labels; radii and probabilities are written at full float precision
     (``repr``), ``time`` in seconds. Certify rows from the top2 bound get a trailing
     ``p_b_upper`` column; rows of a target-radius run end with ``certified_at_r samples_used
-    target_radius`` instead of ``radius_cap``.
+    target_radius`` instead of ``radius_cap``. Rows with a ``name`` (the input's file name, or
+    the request's ``names``) add a last ``name`` column.
     """
     certify = bool(results) and "radius" in results[0]
     at_radius = certify and "certified_at_r" in results[0]
@@ -56,6 +57,9 @@ def format_tsv(
     top2 = certify and "p_b_upper" in results[0]
     if top2:
         columns.append("p_b_upper")
+    named = any(row.get("name") is not None for row in results)
+    if named:
+        columns.append("name")
     lines = ["\t".join(columns)]
     for row in results:
         index = row["index"]
@@ -88,5 +92,7 @@ def format_tsv(
                 values["p_b_upper"] = repr(float(row["p_b_upper"]))
         else:
             values.update(p_value=repr(float(row["p_value"])), n_b=row["n_b"])
+        if named:  # names hold no control character (tabs, newlines): they were checked
+            values["name"] = row.get("name") or ""
         lines.append("\t".join(str(values[c]) for c in columns))
     return "\n".join(lines) + "\n"

@@ -4,6 +4,10 @@ for the worker's callers."""
 
 from __future__ import annotations
 
-from smoothcert.service.core.accuracy import certified_accuracy, certified_accuracy_steps
+from smoothcert.service.core.accuracy import (
+    average_certified_radius,
+    certified_accuracy,
+    certified_accuracy_steps,
+)
 
-__all__ = ["certified_accuracy", "certified_accuracy_steps"]
+__all__ = ["average_certified_radius", "certified_accuracy", "certified_accuracy_steps"]

@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from smoothcert.service.core.accuracy import DEFAULT_CURVE_RADII, certified_accuracy
+from smoothcert.service.core.accuracy import (
+    DEFAULT_CURVE_RADII,
+    average_certified_radius,
+    certified_accuracy,
+)
 from smoothcert.service.core.contract import CertifyJob, CertifyParams
 from smoothcert.service.core.jobs import SAMPLE_BYTES, SAMPLE_COPIES, SAMPLE_ROWS
 from smoothcert.worker import smoothing
@@ -101,11 +105,13 @@ def label_rows(rows: list[dict[str, Any]], labels: Sequence[int] | np.ndarray | 
 def label_metrics(
     rows: list[dict[str, Any]], mode: str, radii: Sequence[float] | None
 ) -> dict[str, Any]:
-    """``certified_accuracy`` at ``radii`` (certify) or ``accuracy`` (predict) of labelled rows;
-    rows of a target-radius run add ``certified_accuracy_at_r``: the share certified at r and right."""
+    """``certified_accuracy`` at ``radii`` and ``acr`` (the average certified radius) for certify,
+    ``accuracy`` for predict, of labelled rows; rows of a target-radius run add
+    ``certified_accuracy_at_r``: the share certified at r and right."""
     if mode == "certify":
         metrics: dict[str, Any] = {
-            "certified_accuracy": certified_accuracy_of_rows(rows, radii or DEFAULT_CURVE_RADII)
+            "certified_accuracy": certified_accuracy_of_rows(rows, radii or DEFAULT_CURVE_RADII),
+            "acr": acr_of_rows(rows),
         }
         if rows and "certified_at_r" in rows[0]:
             metrics["certified_accuracy_at_r"] = float(
@@ -123,3 +129,12 @@ def certified_accuracy_of_rows(
         [r["prediction"] == r["label"] for r in rows], [r["radius"] for r in rows], radii
     )
     return [{"radius": float(r), "accuracy": float(a)} for r, a in zip(radii, shares)]
+
+
+def acr_of_rows(rows: list[dict[str, Any]]) -> float:
+    """The average certified radius of labelled rows: the mean of ``radius`` where ``prediction ==
+    label``, 0 elsewhere (an abstention included)."""
+    return average_certified_radius(
+        [r["prediction"] is not None and r["prediction"] == r["label"] for r in rows],
+        [r["radius"] for r in rows],
+    )

@@ -111,7 +111,28 @@ def check_model(ctx: WorkerContext, model_id: str) -> dict[str, Any]:
     # A name or an extra too large for every listing to carry fails here, before the result
     # (which holds them) reaches the job record.
     check_upload_metadata(found)
-    return {**found, "runtime": model.runtime, "provider": model.provider}
+    warnings = upload_warnings(found)
+    return {
+        **found,
+        "runtime": model.runtime,
+        "provider": model.provider,
+        **({"warnings": warnings} if warnings else {}),
+    }
+
+
+def upload_warnings(info: dict[str, Any]) -> list[str]:
+    """What an upload's answer should warn of: a classifier without ``normalization``, which then
+    receives pixels in [0, 1] as they are, with the noise added there. Nothing tells a model that
+    was trained on normalized inputs from one that was not by its scores alone, so the warning
+    stands whenever the field is absent."""
+    if (info.get("kind") or "classifier") != "classifier" or info.get("normalization"):
+        return []
+    return [
+        "no normalization given: the model receives pixels in [0, 1] as they are (noise is added "
+        "there). If it was trained on normalized inputs, upload it again with normalization "
+        '(e.g. {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}), which smoothcert '
+        "applies after the noise, in front of the model"
+    ]
 
 
 def ready_model(ctx: WorkerContext, params: CertifyParams):

@@ -206,4 +206,4 @@ def _source(req: CertifyRequest, files: Files | None) -> InlineInputs | DatasetS
     """Where the request's inputs come from: an uploaded dataset's range, or the request itself."""
     if req.dataset_id is not None:
         return DatasetSlice(req.dataset_id, req.skip, req.limit)
-    return InlineInputs(req.inputs, files, req.labels)
+    return InlineInputs(req.inputs, files, req.labels, req.names)
