@@ -1,7 +1,8 @@
 """The `smoothcert` subcommands that talk to a running service over HTTP.
 
-`submit`, `status`, `wait`, `cancel`, `models upload|list|delete`, `datasets upload|list|delete`,
-`keys create|list|revoke` and `whoami` call the API v1 through
+`submit`, `status`, `wait`, `cancel`, `models upload|list|delete|download`,
+`datasets upload|list|delete`, `keys create|list|revoke`, `whoami`, and `train` / `train-denoiser`
+with ``--url`` (:func:`add_training_options`, :func:`run_training`) call the API v1 through
 :class:`~smoothcert.service.client.service_client.ServiceClient`. Where: ``--url``, else
 ``SMOOTHCERT_URL``, else ``http://127.0.0.1:$SMOOTHCERT_PORT`` (port 8000 by default). Who:
 ``--api-key``, else ``SMOOTHCERT_API_KEY``; uploading and deleting models and the `keys`
@@ -62,6 +63,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     options.add_runtime(submit, local=False)
     options.add_precision(submit, local=False)
     submit.add_argument("--wait", action="store_true", help="wait for the result and write its TSV")
+    submit.add_argument(
+        "--wait-s",
+        type=float,
+        metavar="S",
+        help="the server holds its answer until the job ends, at most S seconds (at most 30): "
+        "the TSV is written when it ended, else the job id is printed (with --wait: followed)",
+    )
     _result_options(submit)
     submit.set_defaults(handler=_submit)
 
@@ -139,6 +147,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     visibility.add_argument("model_id", metavar="ID")
     visibility.add_argument("visibility", choices=VISIBILITIES)
     visibility.set_defaults(handler=_set_visibility, admin=True)
+    download = actions.add_parser(
+        "download",
+        parents=[connection],
+        help="download a model's stored file (.onnx or .safetensors) and check its sha256",
+    )
+    download.add_argument("model_id", metavar="ID")
+    download.add_argument(
+        "--out",
+        metavar="FILE",
+        help="where to write it (default: its uploaded file name in the current folder; a "
+        "folder: that name in it)",
+    )
+    download.set_defaults(handler=_download_model)
 
     datasets = commands.add_parser(
         "datasets", help="upload, list and delete datasets to certify as one job"
@@ -225,6 +246,10 @@ def service_client(args: argparse.Namespace):
 
 
 def _submit(args) -> int:
+    from smoothcert.service.client.service_client import finished
+
+    if args.wait_s is not None and not 0 < args.wait_s <= 30:
+        raise ValueError(f"--wait-s must be in (0, 30] seconds, got {args.wait_s:g}")
     if args.dataset and args.labels:
         raise ValueError("a dataset job takes its labels from the dataset's y; drop --labels")
     if args.inputs and (args.skip is not None or args.limit is not None):
@@ -239,9 +264,18 @@ def _submit(args) -> int:
             dataset_id=args.dataset,
             skip=args.skip,
             limit=args.limit,
+            wait_s=args.wait_s,
         )
+        if finished(accepted):  # it ended within --wait-s: the answer is its record
+            return _finish(client, accepted, args)
         job_id = accepted["job_id"]
         if not args.wait:
+            if args.wait_s is not None:
+                print(
+                    f"job {job_id} is still {accepted['status']} after {args.wait_s:g} s; "
+                    f"`smoothcert wait {job_id}` follows it",
+                    file=sys.stderr,
+                )
             print(job_id)
             return 0
         print(f"submitted job {job_id}", file=sys.stderr)
@@ -255,7 +289,6 @@ def _wait(args) -> int:
 
 def _follow(client, job_id: str, args) -> int:
     """Wait for the job; write its TSV (or its JSON result) and a summary, or fail in one line."""
-    from smoothcert.service.client.service_client import ClientError
 
     try:
         record = client.wait(job_id, timeout=args.timeout)
@@ -265,6 +298,14 @@ def _follow(client, job_id: str, args) -> int:
             file=sys.stderr,
         )
         return 130
+    return _finish(client, record, args)
+
+
+def _finish(client, record: dict, args) -> int:
+    """Write an ended job's TSV (or its JSON result) and a summary, or fail in one line."""
+    from smoothcert.service.client.service_client import ClientError
+
+    job_id = record["id"]
     if record["status"] != "succeeded":
         raise ClientError(
             f"job {job_id} {record['status']}"
@@ -394,6 +435,18 @@ def _set_visibility(args) -> int:
     return 0
 
 
+def _download_model(args) -> int:
+    with service_client(args) as client:
+        got = client.download_model(args.model_id, args.out or ".")
+    print(got["path"])
+    print(
+        f"downloaded model {args.model_id}: {got['size_bytes']} bytes, sha256 {got['sha256']} "
+        "(checked)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _delete_model(args) -> int:
     with service_client(args) as client:
         client.delete_model(args.model_id)
@@ -459,6 +512,131 @@ def _whoami(args) -> int:
     with service_client(args) as client:
         print(json.dumps(client.whoami()))
     return 0
+
+
+# --- `smoothcert train|train-denoiser --url`: training on the service --------------------------
+
+# The options of the local commands that POST /v1/train and POST /v1/train/denoiser take.
+TRAIN_FIELDS = {
+    "train": (
+        "arch",
+        "method",
+        "sigma",
+        "epochs",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "m",
+        "epsilon",
+        "steps",
+        "warmup_epochs",
+        "seed",
+        "name",
+    ),
+    "train-denoiser": (
+        "objective",
+        "classifier",
+        "init",
+        "sigma",
+        "epochs",
+        "batch_size",
+        "lr",
+        "depth",
+        "width",
+        "seed",
+        "name",
+    ),
+}
+_LOCAL_ONLY = ("checkpoint_dir",)  # the service keeps the job's checkpoint itself
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """``--url``, ``--api-key``, ``--wait`` and ``--timeout`` of a training command: with
+    ``--url`` it runs on the service (:func:`run_training`) instead of in this process."""
+    group = p.add_argument_group(
+        "on the service (with --url: --dataset is digits or an uploaded dataset's id, "
+        "--classifier and --init are model ids; --device and --checkpoint-dir do not apply)"
+    )
+    group.add_argument(
+        "--url",
+        help=f"train on the service at this base URL (${ENV_URL} does not choose it: "
+        "without --url the command trains here); prints the job id",
+    )
+    group.add_argument(
+        "--api-key",
+        help=f"bearer key with the train scope (default ${ENV_ADMIN_KEY}, else ${ENV_KEY})",
+    )
+    group.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the epochs and print the trained model's id (with --out: also download it "
+        "there)",
+    )
+    group.add_argument(
+        "--timeout", type=float, metavar="S", help="with --wait: stop after S s (the job goes on)"
+    )
+
+
+def run_training(args: argparse.Namespace, command: str) -> int:
+    """`smoothcert train|train-denoiser --url URL ...`: submit the job; print its id, or with
+    ``--wait`` follow its epochs and print the trained model's id."""
+    from smoothcert.service.client.service_client import ClientError
+
+    given = [f for f in _LOCAL_ONLY if getattr(args, f, None)]
+    if getattr(args, "device", None) not in (None, "auto", "cpu"):
+        given.append("device")
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ValueError(f"{flags}: not with --url (the service's trainer chooses its own)")
+    if args.out and not args.wait:
+        raise ValueError("--out with --url needs --wait: the model is downloaded once trained")
+    if args.timeout is not None and not args.wait:
+        raise ValueError("--timeout goes with --wait")
+    fields = {k: getattr(args, k, None) for k in TRAIN_FIELDS[command]}
+    args.admin = True  # the admin key of the environment, when set, may train
+    with service_client(args) as client:
+        submit = client.submit_train if command == "train" else client.submit_train_denoiser
+        job_id = submit(args.dataset, **fields)["job_id"]
+        if not args.wait:
+            print(job_id)
+            return 0
+        print(f"submitted training job {job_id}", file=sys.stderr)
+        try:
+            record = client.wait(job_id, timeout=args.timeout, unit="epochs", max_poll_s=1.0)
+        except KeyboardInterrupt:
+            print(
+                f"smoothcert: stopped waiting; job {job_id} keeps running "
+                f"(`smoothcert cancel {job_id}` stops it)",
+                file=sys.stderr,
+            )
+            return 130
+        if record["status"] != "succeeded":
+            raise ClientError(
+                f"training job {job_id} {record['status']}"
+                + (f": {record['error']}" if record.get("error") else "")
+            )
+        result = record.get("result") or {}
+        model_id = result["model_id"]
+        print(f"{_trained(command, record)}; model {model_id}", file=sys.stderr)
+        print(model_id)
+        if args.out:
+            got = client.download_model(model_id, args.out)
+            print(f"wrote {got['path']} (sha256 {got['sha256']}, checked)", file=sys.stderr)
+    return 0
+
+
+def _trained(command: str, record: dict) -> str:
+    """One line on a succeeded training job: what was trained, its epochs and last metrics."""
+    params, result = record.get("params") or {}, record.get("result") or {}
+    metrics = result.get("metrics") or {}  # params: the job's training configuration, flat
+    what = "denoiser" if command == "train-denoiser" else params.get("arch") or "model"
+    shown = [
+        f"{k} {v:.4f}"
+        for k, v in metrics.items()
+        if isinstance(v, float) and ("loss" in k or "accuracy" in k or "mse" in k)
+    ]
+    epochs = record.get("progress", {}).get("done")
+    return f"trained {what} for {epochs} epochs" + (f": {', '.join(shown)}" if shown else "")
 
 
 def _table(args, records: list[dict], columns: tuple[str, ...]) -> None:

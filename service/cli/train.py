@@ -14,6 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from smoothcert.service.cli import remote
 from smoothcert.service.cli.options import add_device
 from smoothcert.service.cli.progress import stderr_bar
 from smoothcert.service.core.train_config import (
@@ -146,6 +147,7 @@ def _add_train(commands) -> None:
     )
     add_device(p)
     p.add_argument("--name", help="the model's name in its metadata")
+    remote.add_training_options(p)
     p.set_defaults(handler=_run_train)
 
 
@@ -236,6 +238,7 @@ def _add_train_denoiser(commands) -> None:
     )
     _add_run(p)
     p.add_argument("--name", help="the denoiser's name in its metadata")
+    remote.add_training_options(p)
     p.set_defaults(handler=_run_train_denoiser)
 
 
@@ -382,6 +385,9 @@ def _seed(args) -> dict[str, int]:
 
 
 def _run_train(args) -> int:
+    if args.url:
+        return remote.run_training(args, "train")
+    _local_only(args)
     from smoothcert.worker.data.datasets import load_dataset
     from smoothcert.worker.training.trainer import train
 
@@ -439,7 +445,18 @@ def _run_train(args) -> int:
     return 0
 
 
+def _local_only(args) -> None:
+    """Refuse the flags that only go with --url when the command trains in this process."""
+    if args.wait or args.api_key or args.timeout is not None:
+        raise CliArgumentError(
+            "--wait, --api-key and --timeout go with --url (train on the service)"
+        )
+
+
 def _run_train_denoiser(args) -> int:
+    if args.url:
+        return remote.run_training(args, "train-denoiser")
+    _local_only(args)
     from smoothcert.service.cli.main import load_classifier_arg, load_denoiser_arg
     from smoothcert.worker.data.datasets import load_dataset
     from smoothcert.worker.training.denoiser import train_denoiser

@@ -14,6 +14,7 @@ of a second one. :meth:`ServiceClient.wait` rides out a server or Redis that is 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import sys
 import time
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 from tqdm import tqdm
@@ -92,6 +93,7 @@ class ServiceClient:
         max_retry_wait_s: float = 60.0,
     ):
         self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
         self.upload_timeout = max(timeout, upload_timeout)
         self.retries, self.max_retry_wait_s = retries, max_retry_wait_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -131,6 +133,7 @@ class ServiceClient:
         target_radius: float | None = None,
         runtime: str | None = None,
         precision: str | None = None,
+        wait_s: float | None = None,
     ) -> dict:
         """:meth:`submit_job` with the parameters as keywords; those left None take the defaults
         (:mod:`smoothcert.service.core.params`, which the server uses too)."""
@@ -155,6 +158,7 @@ class ServiceClient:
             dataset_id=dataset_id,
             skip=skip,
             limit=limit,
+            wait_s=wait_s,
         )
 
     def submit_job(
@@ -167,9 +171,12 @@ class ServiceClient:
         dataset_id: str | None = None,
         skip: int | None = None,
         limit: int | None = None,
+        wait_s: float | None = None,
     ) -> dict:
         """Queue a certify (or predict) job with ``params``; the server's ``{job_id, status,
-        location}``.
+        location}``, or with ``wait_s`` (at most the server's cap, 30 s) the finished job's record
+        (``{id, kind, status, ..., result}``, as :meth:`status` gives it) when the job ended
+        within that many seconds (:func:`finished` tells the two apart).
 
         ``inputs`` is one ``.npy`` file (sent as base64 in a JSON body) or PNG/JPEG files and
         folders of them (sent as multipart, one input per image, folders in name order). Instead,
@@ -188,18 +195,21 @@ class ServiceClient:
             "limit": limit,
         }
         body = {k: v for k, v in body.items() if v is not None}
+        waiting: dict[str, Any] = {}
+        if wait_s is not None:  # the answer may take wait_s: give the request that much more
+            waiting = {"params": {"wait": wait_s}, "timeout": self.timeout + float(wait_s)}
         if dataset_id is not None:
-            return self._submit("/v1/certify", lambda: {"json": body}).json()
+            return self._submit("/v1/certify", lambda: {"json": body, **waiting}).json()
         assert inputs is not None
         paths = [Path(p) for p in inputs]
         if len(paths) == 1 and paths[0].suffix.lower() == ".npy":
             payload = {**body, "inputs": base64.b64encode(_read(paths[0])).decode("ascii")}
-            return self._submit("/v1/certify", lambda: {"json": payload}).json()
+            return self._submit("/v1/certify", lambda: {"json": payload, **waiting}).json()
         form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in body.items()}
         files = [
             ("inputs", (p.name, _read(p), _MIME[p.suffix.lower()])) for p in image_files(paths)
         ]
-        return self._submit("/v1/certify", lambda: {"data": form, "files": files}).json()
+        return self._submit("/v1/certify", lambda: {"data": form, "files": files, **waiting}).json()
 
     def status(self, job_id: str) -> dict:
         """The job record: ``{id, kind, status, progress: {done, total}, ..., error, result}``."""
@@ -213,14 +223,16 @@ class ServiceClient:
         poll_s: float = 0.1,
         max_poll_s: float = 2.0,
         max_outage_s: float = 120.0,
+        unit: str = "samples",
     ) -> dict:
         """Poll until the job is succeeded, failed or canceled; its last record.
 
         Polls start every ``poll_s`` seconds and back off to ``max_poll_s``. A progress bar (in
-        samples) goes to stderr when ``progress`` is true, or by default when stderr is a
-        terminal. After ``timeout`` seconds a ClientError says the job is still going (it keeps
-        running on the server). While the server cannot be reached or answers 502/503/504 (a
-        restart, Redis away), polling goes on for up to ``max_outage_s`` seconds in a row.
+        ``unit``: samples, or epochs for a training job) goes to stderr when ``progress`` is
+        true, or by default when stderr is a terminal. After ``timeout`` seconds a ClientError
+        says the job is still going (it keeps running on the server). While the server cannot be
+        reached or answers 502/503/504 (a restart, Redis away), polling goes on for up to
+        ``max_outage_s`` seconds in a row.
         """
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -229,8 +241,8 @@ class ServiceClient:
         outage_since: float | None = None
         with tqdm(
             total=record["progress"]["total"] or None,
-            unit="samples",
-            unit_scale=True,
+            unit=unit,
+            unit_scale=unit == "samples",
             file=sys.stderr,
             disable=not show,
             dynamic_ncols=True,
@@ -248,7 +260,7 @@ class ServiceClient:
                 if left is not None and left <= 0:
                     raise ClientError(
                         f"job {job_id} is still {record['status']} after {timeout:g} s "
-                        f"({done} of {total} samples); it keeps running on the server"
+                        f"({done} of {total} {unit}); it keeps running on the server"
                     )
                 time.sleep(delay if left is None else min(delay, left))
                 delay = min(delay * 1.5, max_poll_s)
@@ -350,9 +362,67 @@ class ServiceClient:
     def get_model(self, model_id: str) -> dict:
         return self._request("GET", f"/v1/models/{_segment(model_id)}").json()
 
+    def download_model(self, model_id: str, path: str | Path) -> dict:
+        """Write the model's stored file to ``path`` (a file, or a folder that gets the server's
+        file name) and check it against the SHA-256 the server names; ``{path, sha256,
+        size_bytes, filename}``. A mismatch or a broken transfer leaves no file and raises
+        ClientError. A pipeline has no file (409 names its parts)."""
+        target = Path(path)
+        route = f"/v1/models/{_segment(model_id)}/file"
+        try:
+            with self._http.stream("GET", route, timeout=self.upload_timeout) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    self._check(resp, "GET", route)
+                expected = resp.headers.get("X-Model-SHA256", "").lower()
+                filename = _attachment_name(resp.headers.get("Content-Disposition"), model_id)
+                if target.is_dir():
+                    target = target / filename
+                partial = target.with_name(f".{target.name}.part")
+                digest, size = hashlib.sha256(), 0
+                try:
+                    with open(partial, "wb") as f:
+                        for block in resp.iter_bytes(1 << 20):
+                            digest.update(block)
+                            size += len(block)
+                            f.write(block)
+                    if not expected or digest.hexdigest() != expected:
+                        raise ClientError(
+                            f"model {model_id}: the downloaded bytes have sha256 "
+                            f"{digest.hexdigest()}, the server names {expected or 'none'}; "
+                            "nothing was written"
+                        )
+                    partial.replace(target)
+                finally:
+                    partial.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ClientError(f"cannot write {target}: {exc.strerror or exc}") from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"GET {self.base_url}{route} failed: {exc}") from None
+        return {"path": str(target), "sha256": expected, "size_bytes": size, "filename": filename}
+
     def delete_model(self, model_id: str) -> None:
         """Remove a model of this key's account (the admin key: any model)."""
         self._request("DELETE", f"/v1/models/{_segment(model_id)}")
+
+    # -- training -----------------------------------------------------------------------------
+
+    def submit_train(self, dataset: str = "digits", **options: Any) -> dict:
+        """Queue the training of a classifier (a key with the ``train`` scope) on ``dataset``
+        ("digits", built in, or an uploaded dataset's id); ``{job_id, status, location}``.
+
+        ``options`` are ``POST /v1/train``'s fields (arch, method, sigma, epochs, batch_size, lr,
+        optimizer, m, epsilon, steps, warmup_epochs, seed, name); those left out or None take
+        the server's defaults. :meth:`wait` with ``unit="epochs"`` follows it; the succeeded
+        record's ``result.model_id`` names the trained model."""
+        body = {"dataset": dataset, **{k: v for k, v in options.items() if v is not None}}
+        return self._submit("/v1/train", lambda: {"json": body}).json()
+
+    def submit_train_denoiser(self, dataset: str = "digits", **options: Any) -> dict:
+        """Queue the training of a denoiser (``POST /v1/train/denoiser``: objective, classifier,
+        init, sigma, epochs, batch_size, lr, depth, width, seed, name); as :meth:`submit_train`."""
+        body = {"dataset": dataset, **{k: v for k, v in options.items() if v is not None}}
+        return self._submit("/v1/train/denoiser", lambda: {"json": body}).json()
 
     # -- datasets -----------------------------------------------------------------------------
 
@@ -458,6 +528,11 @@ class ServiceClient:
             ) from None
         except httpx.HTTPError as exc:
             raise ClientError(f"{method} {self.base_url}{path} failed: {exc}") from None
+        return self._check(resp, method, path)
+
+    @staticmethod
+    def _check(resp: httpx.Response, method: str, path: str) -> httpx.Response:
+        """``resp`` when it succeeded; otherwise the ClientError that says why."""
         if resp.is_success:
             return resp
         try:
@@ -478,6 +553,27 @@ def _seconds(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+def finished(answer: dict) -> bool:
+    """Whether a submission's answer is the finished job's record (a ``wait_s`` that the job
+    ended within), not the acceptance ``{job_id, status, location}``."""
+    return "kind" in answer and answer.get("status") in TERMINAL
+
+
+def _attachment_name(disposition: str | None, model_id: str) -> str:
+    """The file name a ``Content-Disposition`` suggests, as a bare name (no folders, never hidden);
+    ``<model_id>`` when it names none."""
+    name = ""
+    for part in (disposition or "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "filename*" and value.lower().startswith("utf-8''"):
+            name = unquote(value[7:])
+            break
+        if key.lower() == "filename":
+            name = value.strip('"')
+    name = Path(name.replace("\\", "/")).name.lstrip(".")
+    return name or _segment(model_id)
 
 
 def _segment(identifier: str) -> str:

@@ -13,15 +13,28 @@ records and queues it. The rate limit, the queue bound, the key's active jobs an
 ``Idempotency-Key`` are checked before the body is parsed into a job
 (:mod:`smoothcert.service.api.limits`); a multipart body's fingerprint is its fields and the
 SHA-256 of each file, so it does not depend on the client's boundary.
+
+``?wait=S`` (0 < S <= :data:`MAX_WAIT_S`) holds the answer until the job ends, for at most S
+seconds: 200 with the job's record as ``GET /v1/jobs/{id}`` shows it, else the usual 202. The
+submission and its wait run on a thread of a small pool of their own
+(:data:`MAX_WAITS_PER_PROCESS` threads), never one of the pool that runs the API's other sync
+routes, and the wait polls the job's record with backoff (20 ms growing to 250 ms).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hashlib
+import json
+import logging
+import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -39,7 +52,13 @@ from smoothcert.service.api.deps import (
 )
 from smoothcert.service.api.idempotency import json_content
 from smoothcert.service.api.limits import IN_PROGRESS, JOBS_LIMITED, QUEUE_FULL, REUSED_KEY
-from smoothcert.service.api.schemas import CertifyRequest, JobAccepted, form_json, validate_body
+from smoothcert.service.api.schemas import (
+    CertifyRequest,
+    Job,
+    JobAccepted,
+    form_json,
+    validate_body,
+)
 from smoothcert.service.api.submission import (
     DatasetSlice,
     Files,
@@ -47,7 +66,17 @@ from smoothcert.service.api.submission import (
     Submission,
     unprocessable,
 )
+from smoothcert.service.core.jobs import TERMINAL, JobRecord, JobStore
 from smoothcert.service.core.queue import QUEUE
+
+log = logging.getLogger("smoothcert.service")
+# ?wait=S: the longest S, and how many submissions one API process holds waiting at once (each
+# on a thread of _WAIT_THREADS; beyond them a submission is answered at once, as without wait).
+MAX_WAIT_S = 30.0
+MAX_WAITS_PER_PROCESS = 16
+_WAITS = threading.BoundedSemaphore(MAX_WAITS_PER_PROCESS)
+_WAIT_THREADS = ThreadPoolExecutor(MAX_WAITS_PER_PROCESS, thread_name_prefix="certify-wait")
+_FIRST_POLL_S, _LAST_POLL_S = 0.02, 0.25
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_certify)])
 _FORM_FIELDS = {
@@ -99,9 +128,14 @@ Form = tuple[
             "past its storage quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: datasets and the "
             "inputs of queued and running jobs)"
         },
+        200: {
+            "model": Job,
+            "description": "with ?wait=S: the job ended within S seconds (succeeded, failed or "
+            "canceled: read its status); its record as GET /v1/jobs/{id} shows it",
+        },
         422: {
-            "description": "invalid parameters or inputs, or a job over SMOOTHCERT_MAX_JOB_SAMPLES"
-            + REUSED_KEY
+            "description": "invalid parameters or inputs, a job over SMOOTHCERT_MAX_JOB_SAMPLES, "
+            f"or wait outside (0, {MAX_WAIT_S:g}]" + REUSED_KEY
         },
         **IN_PROGRESS,
         **JOBS_LIMITED,
@@ -117,6 +151,16 @@ async def submit(
     queue: QueueDep,
     admission: AdmissionDep,
     access: AccessDep,
+    wait: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=MAX_WAIT_S,
+            allow_inf_nan=False,
+            description=f"seconds, at most {MAX_WAIT_S:g}: answer 200 with the finished job when "
+            "it ends within them, else the usual 202",
+        ),
+    ] = None,
 ) -> JSONResponse:
     """Queue a certify (or predict) job; poll ``Location`` for its status and result.
 
@@ -124,6 +168,16 @@ async def submit(
     chunks of ``SMOOTHCERT_CHUNK_SIZE`` inputs, one task each, which any number of workers share;
     the labels come from the dataset. Chunk i draws its noise from a seed derived from the job's
     seed and i, so the same seed and chunk size give the same rows (service/job_chunks.py).
+
+    With ``?wait=S`` the answer waits until the job ends, for at most S seconds once it is queued:
+    200 with the job's record as ``GET /v1/jobs/{id}`` shows it (check its ``status``: succeeded,
+    failed or canceled), or the usual 202 when it is still queued or running, so a small PREDICT
+    can answer an application directly. One API process holds at most 16
+    (``MAX_WAITS_PER_PROCESS``) such waits at once, each on a thread of its own (the pool of the
+    other routes is not used), and at most ``SMOOTHCERT_HTTP_MAX_CONCURRENCY`` requests of any
+    kind; a submission that finds the 16 taken is answered at once, as without ``wait``. With an
+    ``Idempotency-Key``, a repeat answers what the first answered (200 with the record it held,
+    or 202), whatever its own ``wait``; while the first still waits, a repeat is the usual 409.
     """
     parse: Callable[[], tuple[CertifyRequest, Files | None]]
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -137,15 +191,67 @@ async def submit(
         )
 
     submission = Submission(settings, jobs, models, datasets, queue, admission, access)
+    waiting = wait is not None and _WAITS.acquire(blocking=False)
+    ended: list[bool] = []
 
-    def create() -> tuple[JobAccepted, str]:
+    def create() -> tuple[JobAccepted | Job, str]:
         req, files = parse()
         accepted = submission.certify(req.certify_params(), _source(req, files), req.radii)
-        return accepted, accepted.location
+        record = _waited(jobs, accepted.job_id, wait) if waiting and wait else None
+        if record is None:
+            return accepted, accepted.location
+        ended.append(True)
+        return Job.model_validate(record.to_dict()), accepted.location
 
-    return await run_in_threadpool(
-        admission.submit, content, create, status_code=status.HTTP_202_ACCEPTED, queue=QUEUE
-    )
+    def answer() -> JSONResponse:
+        try:
+            return admission.submit(
+                content, create, status_code=status.HTTP_202_ACCEPTED, queue=QUEUE
+            )
+        finally:
+            if waiting:
+                _WAITS.release()  # here, not in the coroutine: a client that left does not free it
+
+    if waiting:
+        call = contextvars.copy_context().run
+        response = await asyncio.get_running_loop().run_in_executor(_WAIT_THREADS, call, answer)
+    else:
+        response = await run_in_threadpool(answer)
+    # Admission.submit answers with the status it was given; the body tells a finished job (200)
+    # from an accepted one, for the first answer and for its Idempotency-Key replays alike.
+    if ended or (response.headers.get("Idempotent-Replayed") and _is_record(response.body)):
+        response.status_code = status.HTTP_200_OK
+    return response
+
+
+def _waited(jobs: JobStore, job_id: str, wait_s: float) -> JobRecord | None:
+    """The record of job ``job_id`` once it has ended within ``wait_s`` seconds, with its rows;
+    None when it has not (or it could not be read: the job is queued all the same, so the answer
+    is then the 202)."""
+    deadline, delay = time.monotonic() + wait_s, _FIRST_POLL_S
+    try:
+        while True:
+            record = jobs.get(job_id, rows=False)
+            if record is None:
+                return None
+            if record.status in TERMINAL:
+                return jobs.get(job_id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(delay, left))
+            delay = min(delay * 1.5, _LAST_POLL_S)
+    except Exception as exc:  # Redis away, rows missing: the job exists, answer the 202
+        log.warning("waiting for job %s failed, answering 202: %s", job_id, exc)
+        return None
+
+
+def _is_record(body: bytes | memoryview) -> bool:
+    """Whether a remembered answer's body is a job's record (a finished wait), not an acceptance."""
+    try:
+        return "kind" in json.loads(bytes(body))
+    except ValueError:
+        return False
 
 
 async def _read_form(request: Request, max_inputs: int) -> Form:

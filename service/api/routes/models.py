@@ -21,6 +21,9 @@ most ``MAX_EXTRA_JSON_BYTES`` of JSON beside a diffusion schedule of at most
 worker's check applies); 422 beyond. The records the routes answer leave ``extra.schedule`` out:
 ``GET /v1/models/{id}/schedule`` serves it (the stored record keeps it, for the σ check of
 :meth:`~smoothcert.service.core.contract.ModelRecord.sigma_refusal`).
+
+``GET /v1/models/{id}/file`` serves the stored bytes (as uploaded, or as a training job wrote
+them) to every key that may use the model, with their SHA-256 in ``X-Model-SHA256``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile, status
+from fastapi.responses import FileResponse
 
 from smoothcert.models.diffusion_schedule import largest_sigma
 from smoothcert.models.metadata import (
@@ -263,6 +267,75 @@ def get_model(model_id: str, models: ModelsDep, access: AccessDep) -> ModelRecor
     """The model's record; a diffusion denoiser's schedule is left out (``GET
     /v1/models/{id}/schedule``)."""
     return _answer(access.model(models, model_id))
+
+
+MODEL_SHA256_HEADER = "X-Model-SHA256"
+
+
+@router.get(
+    "/{model_id}/file",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "the model's stored bytes (.onnx or .safetensors)",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "headers": {
+                MODEL_SHA256_HEADER: {
+                    "description": "SHA-256 of the bytes, as the model's record and certificates "
+                    "name it",
+                    "schema": {"type": "string"},
+                },
+                "Content-Disposition": {
+                    "description": "attachment; the file name it was uploaded under (a trained "
+                    "model's: <id>.safetensors)",
+                    "schema": {"type": "string"},
+                },
+            },
+        },
+        404: {"description": _UNKNOWN},
+        409: {"description": "a pipeline, which has no file of its own: download its parts"},
+    },
+)
+def download_model(model_id: str, models: ModelsDep, access: AccessDep) -> FileResponse:
+    """The model's file, exactly as stored: what was uploaded, or what a training job wrote.
+
+    Whoever may use the model may download it: its own account's keys, every key for a public
+    model, and the admin; another account's private model is an unknown model (404). A public
+    model's weights are thus public too: a certificate names the model by its SHA-256, and
+    checking it (``smoothcert verify --model FILE``) needs those bytes. Keep a model private to
+    keep its weights to its account. A pipeline has no file of its own (409, naming its parts,
+    each downloadable here)."""
+    meta = access.model(models, model_id)
+    if meta.get("kind") == PIPELINE:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"model {model_id} is a pipeline and has no file of its own: download its parts, "
+            f"the denoiser {meta.get('denoiser')} and the classifier {meta.get('classifier')} "
+            "(GET /v1/models/{id}/file of each)",
+        )
+    try:
+        path = models.weights_path(model_id)
+    except KeyError:
+        path = None
+    if path is None or not path.is_file():  # deleted since the record was read
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=_download_name(meta),
+        headers={MODEL_SHA256_HEADER: str(meta["sha256"])},
+    )
+
+
+def _download_name(meta: dict[str, Any]) -> str:
+    """The file name a download suggests: the uploaded one; a trained model's (whose stored name is
+    the generic ``model.safetensors``) or a record without one: ``<id>.<format>``."""
+    uploaded = meta.get("filename")
+    if isinstance(uploaded, str) and uploaded and not meta.get("train_job"):
+        return uploaded
+    return f"{meta['id']}.{meta['format']}"
 
 
 @router.patch(
