@@ -157,11 +157,11 @@ class SigningKeys:
             retired = self.root / "retired" / f"{keyid}.json"
             when = json.loads(retired.read_text())["retired_time"] if retired.exists() else None
             keys.append(PublicKey(keyid, path.read_text(), keyid == active_id, when))
-        active = [k for k in keys if k.active]
-        retired = sorted(
+        current = [k for k in keys if k.active]
+        older = sorted(
             (k for k in keys if not k.active), key=lambda k: k.retired_time or "", reverse=True
         )
-        return active + retired
+        return current + older
 
     def rotate(self) -> tuple[str, str]:
         """Retire the active key and make a new one; (old key id, new key id). Certificates signed
