@@ -20,7 +20,12 @@ const state = {
   poll: 0,             // bumped to stop a running poll loop
   cursor: null,        // the jobs table's next page
   blobUrls: [],        // object URLs of the job's images, revoked when another job is shown
+  compare: new Map(),  // job id -> its listed record, the jobs picked for the compare view
 };
+
+const TRAIN_KINDS = new Set(["train", "train_denoiser"]);
+const SVG_NS = "http://www.w3.org/2000/svg";
+const Z95 = 1.959963984540054;  // the standard normal's 97.5% quantile
 
 class ApiError extends Error {
   constructor(status, message) {
@@ -42,8 +47,9 @@ function detailText(body, status) {
   return body ? JSON.stringify(body) : `HTTP ${status}`;
 }
 
-async function api(path, { method = "GET", body, as = "json" } = {}) {
+async function api(path, { method = "GET", body, as = "json", json = false } = {}) {
   const headers = {};
+  if (json) headers["Content-Type"] = "application/json";
   const key = sessionStorage.getItem(KEY_STORE);
   if (key) headers.Authorization = `Bearer ${key}`;
   let resp;
@@ -158,6 +164,10 @@ function signOut() {
   hide($("jobs-error"));
   hide($("form-error"));
   hide($("model-message"));
+  hide($("train-error"));
+  state.compare = new Map();
+  compareChanged();
+  $("compare-view").hidden = true;
   $("job-body").hidden = true;
   $("job-empty").hidden = false;
   applyAccess();
@@ -208,6 +218,7 @@ function applyAccess() {
   lockSection($("jobs-locked"), !jobs, jobsNote, [$("jobs-filter-fields"), $("jobs-list")]);
   if (!jobs) $("jobs-more").hidden = true;
   lockSection($("models-locked"), !models, lockNote("Uploading a model needs", ["models"]), [$("model-fields")]);
+  lockSection($("train-locked"), !allows("train"), lockNote("Training needs", ["train"]), [$("train-fields")]);
 }
 
 // ---- models ----
@@ -233,6 +244,12 @@ async function loadModels() {
   }
   if (state.models.has(previous)) select.value = previous;
   modelChanged();
+  const classifiers = $("train-classifier");
+  const chosen = classifiers.value;
+  classifiers.replaceChildren(el("option", { value: "" }, "none (mse needs none)"),
+    ...models.filter((m) => (m.kind || "classifier") === "classifier" && m.format === "safetensors")
+      .map((m) => el("option", { value: m.id }, `${m.name || m.id} (${m.id})`)));
+  if (state.models.has(chosen)) classifiers.value = chosen;
 }
 
 // "public, owner alice": the record's visibility and owner, each when the server gives it (older
@@ -395,6 +412,8 @@ function openJob(id) {
   $("job-id").textContent = id;
   $("job-status").textContent = "…";
   $("result").hidden = true;
+  $("train-view").hidden = true;
+  $("runtime-note").hidden = true;
   hide($("job-error"));
   $("job").scrollIntoView({ block: "nearest" });
   pollJob(id, token);
@@ -432,25 +451,74 @@ function renderJob(job) {
   const progress = $("progress");
   progress.max = Math.max(total, 1);
   progress.value = Math.min(done, progress.max);
-  const pct = total ? Math.round((100 * done) / total) : (job.status === "succeeded" ? 100 : 0);
-  $("progress-text").textContent = total
-    ? `${done.toLocaleString()} of ${total.toLocaleString()} noisy samples (${pct}%)` : "";
+  $("progress-text").textContent = progressText(job);
   $("cancel").disabled = TERMINAL.has(job.status) || job.cancel_requested;
   if (job.error) showMessage($("job-error"), job.error);
+  // A model's first job waits while the worker times its runtimes (certify and predict only).
+  $("runtime-note").hidden = TRAIN_KINDS.has(job.kind) || job.kind === "check_model" || TERMINAL.has(job.status)
+    || done > 0;
   renderParams(job);
+  if (TRAIN_KINDS.has(job.kind)) renderTraining(job);
+  else $("train-view").hidden = true;
+}
+
+const isTargetRadius = (p) => p.target_radius !== undefined && p.target_radius !== null;
+
+// What `progress` counts depends on the job: epochs for training, noisy samples for certify and
+// predict. A target-radius run stops each input as soon as its test decides, so its sample budget
+// is a cap, not a count: it reports the inputs settled and the samples it used once it is done.
+function progressText(job) {
+  const { done, total } = job.progress;
+  const p = job.params || {};
+  const pct = total ? Math.round((100 * done) / total) : (job.status === "succeeded" ? 100 : 0);
+  if (TRAIN_KINDS.has(job.kind)) {
+    return total ? `${done.toLocaleString()} of ${total.toLocaleString()} epochs (${pct}%)` : "";
+  }
+  if (isTargetRadius(p)) {
+    const inputs = p.num_inputs;
+    const rows = (job.result && job.result.results) || null;
+    if (job.status === "succeeded" && rows) {
+      const used = samplesUsed(job);
+      return `${rows.length.toLocaleString()} of ${rows.length.toLocaleString()} inputs settled at r = `
+        + `${p.target_radius}, with ${used.toLocaleString()} noisy samples (a fixed n would take `
+        + `${(rows.length * (p.n0 + p.n)).toLocaleString()})`;
+    }
+    if (TERMINAL.has(job.status)) return `${job.status}: no input settled is reported`;
+    return `${inputs === undefined ? "the" : inputs.toLocaleString()} input${inputs === 1 ? "" : "s"} being `
+      + `tested at r = ${p.target_radius}; each leaves as soon as its test decides (at most `
+      + `${total.toLocaleString()} noisy samples in all, ${done.toLocaleString()} drawn so far)`;
+  }
+  return total ? `${done.toLocaleString()} of ${total.toLocaleString()} noisy samples (${pct}%)` : "";
+}
+
+// A target-radius run's samples: its provenance's (or a dataset job's totals') count, else the rows'.
+function samplesUsed(job) {
+  const r = job.result || {};
+  if (r.provenance && Number.isFinite(r.provenance.samples_used)) return r.provenance.samples_used;
+  if (r.totals && Number.isFinite(r.totals.samples_used)) return r.totals.samples_used;
+  return (r.results || []).reduce((s, row) => s + (row.samples_used || 0), 0);
 }
 
 function renderParams(job) {
   const p = job.params || {};
   const model = state.models.get(p.model_id);
   const facts = [["kind", job.kind]];
+  if (TRAIN_KINDS.has(job.kind)) {
+    facts.push(...trainingFacts(job));
+    for (const name of ["created", "finished"]) {
+      const when = jobTime(job, name);
+      if (when) facts.push([name, when.toLocaleString()]);
+    }
+    $("job-params").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+    return;
+  }
   if (p.model_id) facts.push(["model", model ? `${model.name || model.id} (${p.model_id})` : p.model_id]);
   if (p.dataset_id) facts.push(["inputs", `dataset ${p.dataset_id}, ${p.num_inputs} inputs`]);
   else if (p.num_inputs !== undefined) facts.push(["inputs", String(p.num_inputs)]);
   if (p.sigma !== undefined) {
     const sampling = p.mode === "predict" ? `n = ${p.n}` : `n0 = ${p.n0}, n = ${p.n}`;
     facts.push(["parameters", `σ = ${p.sigma}, ${sampling}, α = ${p.alpha}`
-      + (p.target_radius !== undefined ? `, target radius ${p.target_radius}` : "")]);
+      + (isTargetRadius(p) ? `, target radius ${p.target_radius} (n is the cap per input)` : "")]);
   }
   for (const name of ["created", "finished"]) {
     const when = jobTime(job, name);
@@ -473,6 +541,7 @@ async function cancelJob() {
 
 function renderResult(job) {
   const result = $("result");
+  $("summary-block").hidden = true;
   renderCertificateLinks(job);
   const rows = (job.result && job.result.results) || null;
   if (!rows || !rows.length) {
@@ -487,13 +556,16 @@ function renderResult(job) {
   const curve = $("curve-block");
   curve.hidden = !job.result.certified_accuracy;
   if (job.result.certified_accuracy) loadImage($("curve"), `/v1/jobs/${job.id}/curve.svg`, "certified-accuracy curve");
+  renderSummary(job);
 }
 
 function renderRowsTable(job, rows) {
   const model = state.models.get(job.params.model_id);
   const table = $("rows-table");
   const labelled = rows[0].label !== null && rows[0].label !== undefined;
-  table.tHead.replaceChildren(el("tr", {}, ...["input", labelled ? "true class" : null, "class", "radius", "abstained"]
+  const sequential = rows[0].samples_used !== undefined;
+  table.tHead.replaceChildren(el("tr", {}, ...["input", labelled ? "true class" : null, "class", "radius", "abstained",
+    sequential ? "samples used" : null, sequential ? "stopped because" : null]
     .filter(Boolean).map((h) => el("th", {}, h))));
   const body = table.tBodies[0];
   body.replaceChildren();
@@ -501,7 +573,9 @@ function renderRowsTable(job, rows) {
     body.append(el("tr", { class: "pick", dataset: { row: String(i) }, onclick: () => showRow(job, i) },
       el("td", {}, String(row.index)), labelled ? el("td", {}, className(model, row.label)) : null,
       el("td", {}, className(model, row.prediction)), el("td", {}, row.radius === undefined ? "—" : fmt(row.radius)),
-      el("td", {}, row.abstained ? "yes" : "no")));
+      el("td", {}, row.abstained ? "yes" : "no"),
+      sequential ? el("td", {}, Number(row.samples_used).toLocaleString()) : null,
+      sequential ? el("td", {}, row.reason || "—") : null));
   });
   if (rows.length > MAX_ROWS_SHOWN) {
     body.append(el("tr", {}, el("td", { colspan: "5" }, `… and ${rows.length - MAX_ROWS_SHOWN} more rows`)));
@@ -520,7 +594,8 @@ function showRow(job, i) {
 
   let cls = row.abstained ? "none: abstained" : className(model, row.prediction);
   if (row.label !== null && row.label !== undefined && !row.abstained) {
-    cls += row.prediction === row.label ? " (right)" : ` (wrong: the true class is ${className(model, row.label)})`;
+    cls += row.prediction === row.label ? " (matches the label)"
+      : ` (does not match the label, ${className(model, row.label)})`;
   }
   const classEl = $("result-class");
   classEl.textContent = cls;
@@ -544,6 +619,14 @@ function showRow(job, i) {
   abstained.dataset.value = String(Boolean(row.abstained));
   abstained.textContent = row.abstained ? abstentionReason(job, row, predict) : "no";
   $("result-pa").textContent = predict ? `— (predict: p-value ${fmt(row.p_value, 4)})` : fmt(row.p_a_lower, 4);
+  const sequential = row.samples_used !== undefined;
+  for (const id of ["samples-dt", "result-samples", "stop-dt", "result-stop"]) $(id).hidden = !sequential;
+  if (sequential) {
+    $("result-samples").textContent = `${Number(row.samples_used).toLocaleString()} (of at most `
+      + `${(job.params.n0 + job.params.n).toLocaleString()})`;
+    $("result-samples").dataset.value = String(row.samples_used);
+    $("result-stop").textContent = row.reason || "—";
+  }
 
   renderHistogram($("vote-histogram"), row.votes, model, row.prediction, row.target_radius !== undefined);
   loadImage($("noisy-samples"), `/v1/jobs/${job.id}/samples.png?row=${row.index}`, `noisy copies of input ${row.index}`);
@@ -634,17 +717,24 @@ function keepUrl(blob) {
   return url;
 }
 
-async function downloadCertificate(ev) {
+// What the API serves behind the key, saved as a file of its exact bytes: fetched with the bearer
+// header, then "clicked" from a blob: URL. Refusals appear in `errorBox`.
+async function saveFromApi(path, filename, errorBox) {
+  const id = state.job;
+  hide(errorBox);
+  try {
+    const blob = await api(path, { as: "blob" });
+    if (id !== state.job) return;
+    el("a", { href: keepUrl(blob), download: filename }).click();
+  } catch (err) {
+    if (id === state.job) showMessage(errorBox, err.message);
+  }
+}
+
+function downloadCertificate(ev) {
   ev.preventDefault();
   const id = state.job;
-  hide($("certificate-error"));
-  try {
-    const blob = await api(`/v1/jobs/${encodeURIComponent(id)}/certificate`, { as: "blob" });
-    if (id !== state.job) return;
-    el("a", { href: keepUrl(blob), download: `certificate-${id}.json` }).click();
-  } catch (err) {
-    if (id === state.job) showMessage($("certificate-error"), err.message);
-  }
+  saveFromApi(`/v1/jobs/${encodeURIComponent(id)}/certificate`, `certificate-${id}.json`, $("certificate-error"));
 }
 
 function withAbsoluteLinks(html) {
@@ -679,6 +769,424 @@ async function openReport(ev) {
   }
 }
 
+
+// ---- figures of a labelled certify job (dataset jobs, and the compare view) ----
+
+const isRight = (row) => !row.abstained && row.prediction !== null && row.prediction !== undefined
+  && row.prediction === row.label;
+
+// Certified accuracy at radius r: the share of rows whose class matches the label with radius ≥ r
+// (service/core/accuracy.py's definition).
+function certifiedAt(rows, r) {
+  if (!rows.length) return 0;
+  return rows.filter((row) => isRight(row) && row.radius >= r).length / rows.length;
+}
+
+// ACR, the average certified radius: the mean over rows of the radius where the class matches the
+// label, else 0. The result's own `acr` when it has one.
+function acrOf(job, rows) {
+  if (job.result && typeof job.result.acr === "number") return job.result.acr;
+  if (!rows.length) return 0;
+  return rows.reduce((sum, row) => sum + (isRight(row) ? row.radius : 0), 0) / rows.length;
+}
+
+// The 95% Wilson score interval of k successes in n trials: [low, high].
+function wilson(k, n) {
+  if (!n) return [0, 1];
+  const p = k / n;
+  const z2 = Z95 * Z95;
+  const centre = (p + z2 / (2 * n)) / (1 + z2 / n);
+  const half = (Z95 / (1 + z2 / n)) * Math.sqrt((p * (1 - p)) / n + z2 / (4 * n * n));
+  return [Math.max(0, centre - half), Math.min(1, centre + half)];
+}
+
+const pct = (x, digits = 1) => `${(100 * x).toFixed(digits)}%`;
+
+// The radii of the summary table: 0, 0.25, ... up to the rows' radius cap (their largest radius,
+// or the target radius, for a target-radius run whose rows have no cap).
+function standardRadii(rows) {
+  const caps = rows.map((r) => r.radius_cap).filter((c) => Number.isFinite(c));
+  let top = caps.length ? Math.max(...caps) : Math.max(0, ...rows.map((r) => r.radius || 0),
+    ...rows.map((r) => r.target_radius || 0));
+  top = Math.min(top, 10);
+  const radii = [];
+  for (let i = 0; 0.25 * i <= top + 1e-12; i++) radii.push(0.25 * i);
+  return radii.length ? radii : [0];
+}
+
+function renderSummary(job) {
+  const block = $("summary-block");
+  const rows = (job.result && job.result.results) || [];
+  const labelled = rows.length && rows[0].label !== null && rows[0].label !== undefined;
+  const certify = job.kind === "certify" && (job.params || {}).mode !== "predict";
+  block.hidden = !(labelled && certify && job.status === "succeeded");
+  hide($("download-error"));
+  if (block.hidden) return;
+  const n = rows.length;
+  const right = rows.filter(isRight).length;
+  const abstained = rows.filter((r) => r.abstained).length;
+  const [low, high] = wilson(right, n);
+  const acr = acrOf(job, rows);
+  const facts = [
+    ["inputs", String(n), n],
+    ["clean accuracy", `${pct(right / n)} (${right} of ${n}; 95% interval ${pct(low)} – ${pct(high)})`, right / n],
+    ["abstentions", `${abstained} (${pct(abstained / n)})`, abstained],
+    ["ACR", `${fmt(acr, 3)} (average certified radius)`, acr],
+  ];
+  if (isTargetRadius(job.params || {})) facts.push(["samples used", samplesUsed(job).toLocaleString(), samplesUsed(job)]);
+  $("summary-facts").replaceChildren(...facts.flatMap(([k, v, value]) => [
+    el("dt", {}, k), el("dd", { dataset: { fact: k.replace(/ /g, "-"), value: String(value) } }, v)]));
+  const ciNote = `95% Wilson score interval: an estimate from ${n} image${n === 1 ? "" : "s"}, the uncertainty `
+    + "of measuring on a sample of images (each certificate itself holds with 1 − α)";
+  const body = $("summary-table").tBodies[0];
+  body.replaceChildren(...standardRadii(rows).map((r) => {
+    const k = rows.filter((row) => isRight(row) && row.radius >= r).length;
+    const [lo, hi] = wilson(k, n);
+    return el("tr", { dataset: { radius: String(r), accuracy: String(k / n), count: String(k) } },
+      el("td", {}, r.toFixed(2)), el("td", {}, pct(k / n)),
+      el("td", { title: ciNote }, `${pct(lo)} – ${pct(hi)}`), el("td", {}, `${k} of ${n}`));
+  }));
+  $("summary-note").textContent = `The interval beside each accuracy is a ${ciNote}. The clean accuracy is `
+    + "the share of inputs whose smoothed class matches the label (the certified accuracy at r = 0).";
+  const id = encodeURIComponent(job.id);
+  $("download-tsv").href = `/v1/jobs/${id}/results.tsv`;
+  $("download-json").href = `/v1/jobs/${id}`;
+}
+
+function downloadTsv(ev) {
+  ev.preventDefault();
+  saveFromApi(`/v1/jobs/${encodeURIComponent(state.job)}/results.tsv`, `results-${state.job}.tsv`, $("download-error"));
+}
+
+function downloadJson(ev) {
+  ev.preventDefault();
+  saveFromApi(`/v1/jobs/${encodeURIComponent(state.job)}`, `job-${state.job}.json`, $("download-error"));
+}
+
+// ---- SVG charts, drawn here (no library; attributes and classes only, as the policy wants) ----
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+function niceTicks(lo, hi, count = 5) {
+  if (!(hi > lo)) return [lo];
+  const raw = (hi - lo) / count;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw) || raw;
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(Number(t.toPrecision(12)));
+  return ticks;
+}
+
+// One chart: `series` = [{name, cls, points: [[x, y], ...], dots, step}], axes from the data unless
+// `xRange`/`yRange` are given. Each series is a <polyline> (a staircase when `step`), and with `dots`
+// one <circle class="point"> per point carrying data-x/data-y.
+function lineChart({ title, series, xLabel, yLabel, xRange, yRange, yFormat = (v) => String(v), xWhole = false }) {
+  const W = 420, H = 240, L = 52, R = 12, T = 24, B = 40;
+  const xs = series.flatMap((s) => s.points.map((p) => p[0]));
+  const ys = series.flatMap((s) => s.points.map((p) => p[1])).filter((v) => Number.isFinite(v));
+  let [x0, x1] = xRange || [Math.min(...xs), Math.max(...xs)];
+  let [y0, y1] = yRange || [Math.min(0, ...ys), Math.max(...ys)];
+  if (!(x1 > x0)) { x0 -= 0.5; x1 += 0.5; }
+  if (!(y1 > y0)) { y1 = y0 + (Math.abs(y0) || 1); }
+  const px = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  const py = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": title });
+  chart.append(svg("title", {}, title));
+  chart.append(svg("text", { x: L, y: 15, class: "chart-title" }, title));
+  for (const t of niceTicks(y0, y1)) {
+    chart.append(svg("line", { x1: L, x2: W - R, y1: py(t), y2: py(t), class: "grid" }),
+      svg("text", { x: L - 6, y: py(t) + 4, class: "tick", "text-anchor": "end" }, yFormat(t)));
+  }
+  for (const t of niceTicks(x0, x1, 6).filter((v) => !xWhole || Number.isInteger(v))) {
+    chart.append(svg("text", { x: px(t), y: H - B + 16, class: "tick", "text-anchor": "middle" }, String(t)));
+  }
+  chart.append(svg("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }),
+    svg("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }),
+    svg("text", { x: (L + W - R) / 2, y: H - 6, class: "axis-label", "text-anchor": "middle" }, xLabel),
+    svg("text", { x: 12, y: (T + H - B) / 2, class: "axis-label", "text-anchor": "middle",
+                  transform: `rotate(-90 12 ${(T + H - B) / 2})` }, yLabel));
+  series.forEach((s) => {
+    const pts = s.points.filter((p) => Number.isFinite(p[1]));
+    const g = svg("g", { class: `series ${s.cls}`, "data-series": s.name, "data-points": pts.length });
+    let coords = pts.map(([x, y]) => [px(x), py(y)]);
+    if (s.step) {
+      coords = coords.flatMap((c, i) => (i === 0 ? [c] : [[c[0], coords[i - 1][1]], c]));
+    }
+    if (coords.length > 1) {
+      g.append(svg("polyline", { points: coords.map((c) => `${c[0].toFixed(1)},${c[1].toFixed(1)}`).join(" "),
+                                 class: "line", fill: "none" }));
+    }
+    if (s.dots) {
+      for (const [x, y] of pts) {
+        g.append(svg("circle", { cx: px(x).toFixed(1), cy: py(y).toFixed(1), r: 3, class: "point",
+                                 "data-x": x, "data-y": y }, svg("title", {}, `${s.name}: ${x}, ${yFormat(y)}`)));
+      }
+    }
+    chart.append(g);
+  });
+  return chart;
+}
+
+// ---- training jobs ----
+
+function trainingFacts(job) {
+  const p = job.params || {};
+  const denoiser = job.kind === "train_denoiser";
+  const facts = [["dataset", p.dataset === undefined ? "—" : String(p.dataset)]];
+  if (p.name) facts.push(["name", p.name]);
+  if (denoiser) {
+    facts.push(["denoiser", `${p.arch}, depth ${p.depth}, width ${p.width}`], ["objective", String(p.objective)]);
+    if (p.classifier) facts.push(["classifier", modelLabel(p.classifier)]);
+    if (p.init) facts.push(["starts from", modelLabel(p.init)]);
+  } else {
+    facts.push(["architecture", String(p.arch)], ["method", String(p.method)]);
+    if (p.method === "smoothed" || p.method === "smoothadv") facts.push(["m (copies per image)", String(p.m)]);
+    if (p.method === "smoothadv") {
+      facts.push(["attack", `ε = ${p.epsilon}, ${p.steps} PGD steps, warm-up ${p.warmup_epochs} epochs`]);
+    }
+  }
+  const optimizer = denoiser ? "adam" : p.optimizer;
+  facts.push(["training", `σ = ${p.sigma}, ${p.epochs} epoch${p.epochs === 1 ? "" : "s"}, batch ${p.batch_size}, `
+    + `lr ${p.lr} (${optimizer}, `
+    + "cosine schedule)"]);
+  if (p.seed !== undefined) facts.push(["seed", String(p.seed)]);
+  return facts;
+}
+
+function modelLabel(id) {
+  const m = state.models.get(id);
+  return m ? `${m.name || m.id} (${id})` : id;
+}
+
+// The history as charts (loss; accuracies, or the denoiser's test MSE), the metrics once done, and
+// the trained model: a button that picks it in the certify form.
+function renderTraining(job) {
+  const view = $("train-view");
+  view.hidden = false;
+  const r = job.result || {};
+  const history = Array.isArray(r.history) ? r.history : [];
+  const box = $("train-chart");
+  const denoiser = job.kind === "train_denoiser";
+  if (!history.length) {
+    box.replaceChildren(el("p", { class: "hint" }, job.status === "succeeded" ? "no history recorded"
+      : "the chart grows by one point per finished epoch"));
+  } else {
+    const epochs = (job.params && job.params.epochs) || history[history.length - 1].epochs || history.length;
+    const xRange = [0, Math.max(epochs, 1)];
+    const of = (key) => history.map((h) => [h.epoch, h[key] === null || h[key] === undefined ? NaN : h[key]]);
+    const charts = [lineChart({ title: "training loss", xLabel: "epoch", yLabel: "loss", xRange, xWhole: true,
+      series: [{ name: "loss", cls: "c0", points: of("loss"), dots: true }], yFormat: (v) => v.toPrecision(3) })];
+    const acc = denoiser
+      ? [{ name: "test accuracy on denoised copies", cls: "c1", points: of("test_denoised_accuracy"), dots: true }]
+      : [{ name: "accuracy on noisy training copies", cls: "c1", points: of("noisy_accuracy"), dots: true },
+         { name: "accuracy on noisy test images", cls: "c2", points: of("test_noisy_accuracy"), dots: true }];
+    const shown = acc.filter((s) => s.points.some((p) => Number.isFinite(p[1])));
+    if (shown.length) {
+      charts.push(lineChart({ title: "accuracy under noise", xLabel: "epoch", yLabel: "accuracy", xRange, xWhole: true,
+        yRange: [0, 1], series: shown, yFormat: (v) => pct(v, 0) }));
+    }
+    if (denoiser && history.some((h) => Number.isFinite(h.test_mse))) {
+      charts.push(lineChart({ title: "test MSE of D(x + δ) against x", xLabel: "epoch", yLabel: "MSE", xRange, xWhole: true,
+        series: [{ name: "test MSE", cls: "c3", points: of("test_mse"), dots: true }],
+        yFormat: (v) => v.toPrecision(2) }));
+    }
+    box.replaceChildren(...charts.map((c) => el("div", { class: "chart-box" }, c)),
+      el("ul", { class: "legend" }, ...[{ name: "loss", cls: "c0" }, ...shown].map((s) =>
+        el("li", {}, el("span", { class: `swatch ${s.cls}` }), s.name))));
+  }
+  const metrics = r.metrics || null;
+  const dl = $("train-metrics");
+  dl.replaceChildren();
+  if (metrics) {
+    const percent = new Set(["train_noisy_accuracy", "test_noisy_accuracy", "test_clean_accuracy",
+                             "test_denoised_accuracy"]);
+    for (const [k, v] of Object.entries(metrics)) {
+      if (v === null || v === undefined) continue;
+      const text = percent.has(k) ? pct(v) : k === "elapsed_s" ? `${Number(v).toFixed(1)} s`
+        : typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(4) : String(v);
+      dl.append(el("dt", {}, k.replace(/_/g, " ")), el("dd", { dataset: { metric: k } }, text));
+    }
+  }
+  const link = $("trained-model");
+  if (r.model_id) {
+    link.hidden = false;
+    const action = denoiser
+      ? el("span", { class: "hint" }, "put it in front of a classifier with POST /v1/models/pipelines")
+      : el("a", { href: `#model=${encodeURIComponent(r.model_id)}`, "data-testid": "use-trained-model",
+                  onclick: (ev) => { ev.preventDefault(); useModel(r.model_id); } }, "certify with it");
+    link.replaceChildren(`Trained ${denoiser ? "denoiser" : "model"}: `,
+      el("code", { "data-testid": "trained-model-id" }, r.model_id),
+      r.model_name ? ` (${r.model_name}) · ` : " · ", action);
+    link.dataset.modelId = r.model_id;
+  } else {
+    link.hidden = true;
+  }
+}
+
+// Pick `id` in the certify form (listing the models again first: a model trained just now is new).
+async function useModel(id) {
+  if (!state.models.has(id)) {
+    try { await loadModels(); } catch (err) { showMessage($("job-error"), err.message); return; }
+  }
+  if (!state.models.has(id)) {
+    showMessage($("job-error"), `model ${id} is not listed for this key`);
+    return;
+  }
+  $("model-select").value = id;
+  modelChanged();
+  $("certify").scrollIntoView({ block: "start" });
+}
+
+function trainWhatChanged() {
+  const denoiser = $("train-what").value === "denoiser";
+  for (const f of document.querySelectorAll("#train .classifier-only")) f.hidden = denoiser;
+  for (const f of document.querySelectorAll("#train .denoiser-only")) f.hidden = !denoiser;
+  $("train-sigma").placeholder = denoiser ? "0.5" : "0.25";
+  $("train-lr").placeholder = denoiser ? "service default" : "0.005";
+  $("train-batch-size").placeholder = denoiser ? "service default" : "128";
+}
+
+function trainBody() {
+  const denoiser = $("train-what").value === "denoiser";
+  const body = {};
+  const dataset = $("train-dataset").value.trim();
+  if (!dataset) throw new Error("Dataset is required: \"digits\" or an uploaded dataset's id.");
+  body.dataset = dataset;
+  const name = $("train-name").value.trim();
+  if (name) body.name = name;
+  const numbers = [["sigma", "train-sigma", false], ["epochs", "train-epochs", true],
+                   ["batch_size", "train-batch-size", true], ["lr", "train-lr", false], ["seed", "train-seed", true]];
+  if (denoiser) numbers.push(["depth", "train-depth", true], ["width", "train-width", true]);
+  else numbers.push(["m", "train-m", true], ["epsilon", "train-epsilon", false], ["steps", "train-steps", true]);
+  for (const [field, id, integer] of numbers) {
+    const text = $(id).value.trim();
+    if (text === "") continue;
+    const value = Number(text);
+    if (!Number.isFinite(value) || (integer && !Number.isInteger(value))) {
+      throw new Error(`${field}: give ${integer ? "a whole number" : "a number"}, not "${text}".`);
+    }
+    body[field] = value;
+  }
+  if (denoiser) {
+    body.objective = $("train-objective").value;
+    if ($("train-classifier").value) body.classifier = $("train-classifier").value;
+    const init = $("train-init").value.trim();
+    if (init) body.init = init;
+  } else {
+    body.arch = $("train-arch").value;
+    body.method = $("train-method").value;
+    if ($("train-optimizer").value) body.optimizer = $("train-optimizer").value;
+  }
+  return { path: denoiser ? "/v1/train/denoiser" : "/v1/train", body };
+}
+
+async function submitTraining(ev) {
+  ev.preventDefault();
+  const error = $("train-error");
+  hide(error);
+  let request;
+  try {
+    request = trainBody();
+  } catch (err) {
+    showMessage(error, err.message);
+    return;
+  }
+  const button = $("train-submit");
+  button.disabled = true;
+  try {
+    const accepted = await api(request.path, { method: "POST", body: JSON.stringify(request.body),
+                                               json: true });
+    openJob(accepted.job_id);
+    loadJobs(false);
+  } catch (err) {
+    showMessage(error, err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---- the compare view ----
+
+// A job whose curve can be drawn: a succeeded certify job with labels (its listed record carries
+// `certified_accuracy`; the rows are fetched when it is compared).
+const comparable = (job) => job.kind === "certify" && job.status === "succeeded"
+  && (job.params || {}).mode !== "predict" && Boolean(job.result && job.result.certified_accuracy);
+
+function pickForCompare(job, picked) {
+  if (picked) state.compare.set(job.id, job);
+  else state.compare.delete(job.id);
+  compareChanged();
+}
+
+function compareChanged() {
+  const k = state.compare.size;
+  $("compare-button").disabled = k < 1;
+  $("compare-button").textContent = k ? `Compare the ${k} picked job${k === 1 ? "" : "s"}` : "Compare the picked jobs";
+}
+
+function jobModelName(job) {
+  const model = state.models.get((job.params || {}).model_id);
+  return model ? model.name || model.id : (job.params || {}).model_id || "?";
+}
+
+async function compareJobs() {
+  const error = $("compare-error");
+  hide(error);
+  const ids = Array.from(state.compare.keys());
+  const token = state.signIn;
+  let jobs;
+  try {
+    jobs = await Promise.all(ids.map((id) => api(`/v1/jobs/${encodeURIComponent(id)}`)));
+  } catch (err) {
+    if (token === state.signIn) showMessage(error, err.message);
+    return;
+  }
+  if (token !== state.signIn) return;
+  const view = $("compare-view");
+  view.hidden = false;
+  const series = jobs.map((job, i) => {
+    const rows = job.result.results || [];
+    const radii = Array.from(new Set(rows.filter(isRight).map((r) => r.radius))).sort((a, b) => a - b);
+    const points = [[0, certifiedAt(rows, 0)]];
+    for (const r of radii) points.push([r, certifiedAt(rows, r)], [r, certifiedAt(rows, r + 1e-12)]);
+    return { job, rows, name: `${jobModelName(job)}, σ = ${job.params.sigma}`, cls: `c${i % 8}`, points };
+  });
+  const top = Math.max(0.25, ...series.flatMap((s) => s.rows.map((r) => (Number.isFinite(r.radius_cap)
+    ? r.radius_cap : r.radius))));
+  const chart = lineChart({
+    title: "certified accuracy against radius", xLabel: "ℓ2 radius", yLabel: "certified accuracy",
+    xRange: [0, top * 1.05], yRange: [0, 1], yFormat: (v) => pct(v, 0),
+    series: series.map((s) => ({ ...s, points: [...s.points, [top * 1.05, s.points[s.points.length - 1][1]]] })),
+  });
+  $("compare-chart").replaceChildren(el("div", { class: "chart-box wide" }, chart));
+  $("compare-legend").replaceChildren(...series.map((s) =>
+    el("li", { dataset: { jobId: s.job.id, sigma: String(s.job.params.sigma) } },
+      el("span", { class: `swatch ${s.cls}` }), s.name)));
+  $("compare-table").tBodies[0].replaceChildren(...series.map((s) => {
+    const n = s.rows.length;
+    const cells = [
+      ["sigma", String(s.job.params.sigma), s.job.params.sigma],
+      ["n", Number(s.job.params.n).toLocaleString(), s.job.params.n],
+      ["inputs", String(n), n],
+      ["accuracy", pct(certifiedAt(s.rows, 0)), certifiedAt(s.rows, 0)],
+      ["acr", fmt(acrOf(s.job, s.rows), 3), acrOf(s.job, s.rows)],
+      ...[0.25, 0.5, 1.0].map((r) => [`at-${r}`, pct(certifiedAt(s.rows, r)), certifiedAt(s.rows, r)]),
+    ];
+    return el("tr", { dataset: { jobId: s.job.id } },
+      el("td", {}, el("a", { href: `#job=${encodeURIComponent(s.job.id)}`,
+                             onclick: (ev) => { ev.preventDefault(); openJob(s.job.id); } },
+                   s.job.id.slice(0, 8))),
+      el("td", {}, el("span", { class: `swatch ${s.cls}` }), jobModelName(s.job)),
+      ...cells.map(([name, text, value]) => el("td", { dataset: { col: name, value: String(value) } }, text)));
+  }));
+  view.scrollIntoView({ block: "nearest" });
+}
+
 // ---- recent jobs ----
 
 async function loadJobs(append) {
@@ -701,7 +1209,7 @@ async function loadJobs(append) {
   if (!append) body.replaceChildren();
   for (const job of page.jobs) body.append(jobRow(job));
   if (!append && !page.jobs.length) {
-    body.append(el("tr", {}, el("td", { colspan: "9", class: "hint" }, "no jobs yet")));
+    body.append(el("tr", {}, el("td", { colspan: "10", class: "hint" }, "no jobs yet")));
   }
   state.cursor = page.next_cursor;
   $("jobs-more").hidden = !page.next_cursor;
@@ -712,12 +1220,26 @@ function jobRow(job) {
   const model = state.models.get(p.model_id);
   const created = jobTime(job, "created");
   const { done, total } = job.progress;
-  const inputs = p.dataset_id ? `dataset ${p.dataset_id}` : (p.num_inputs === undefined ? "—" : String(p.num_inputs));
+  const training = TRAIN_KINDS.has(job.kind);
+  let inputs = p.dataset_id ? `dataset ${p.dataset_id}` : (p.num_inputs === undefined ? "—" : String(p.num_inputs));
+  if (training && p.dataset) inputs = `dataset ${p.dataset}`;
+  let modelText = model ? model.name || model.id : p.model_id || "—";
+  if (training) {
+    const r = job.result || {};
+    modelText = r.model_id ? r.model_name || r.model_id : (p.name ? `${p.name} (training)` : "training");
+  }
+  const pick = comparable(job)
+    ? el("input", { type: "checkbox", "data-testid": "compare-pick", title: "compare this job's curve",
+                    "aria-label": `compare job ${job.id}`,
+                    onchange: (ev) => { pickForCompare(job, ev.target.checked); } })
+    : null;
+  if (pick) pick.checked = state.compare.has(job.id);
   return el("tr", { dataset: { jobId: job.id, status: job.status } },
+    el("td", {}, pick),
     el("td", { title: created ? created.toISOString() : "" }, created ? created.toLocaleString() : "—"),
     el("td", {}, job.kind),
     el("td", {}, el("span", { class: "badge", dataset: { status: job.status } }, job.status)),
-    el("td", {}, model ? model.name || model.id : p.model_id || "—"),
+    el("td", { "data-testid": "job-model" }, modelText),
     el("td", {}, inputs),
     el("td", {}, p.sigma === undefined ? "—" : String(p.sigma)),
     el("td", {}, p.n === undefined ? "—" : Number(p.n).toLocaleString()),
@@ -769,6 +1291,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cancel").addEventListener("click", cancelJob);
   $("certificate-json").addEventListener("click", downloadCertificate);
   $("certificate-report").addEventListener("click", openReport);
+  $("download-tsv").addEventListener("click", downloadTsv);
+  $("download-json").addEventListener("click", downloadJson);
+  $("train-what").addEventListener("change", trainWhatChanged);
+  $("train-form").addEventListener("submit", submitTraining);
+  $("compare-button").addEventListener("click", compareJobs);
   $("jobs-filter").addEventListener("submit", (ev) => { ev.preventDefault(); loadJobs(false); });
   $("jobs-status").addEventListener("change", () => loadJobs(false));
   $("jobs-kind").addEventListener("change", () => loadJobs(false));
@@ -776,6 +1303,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("model-form").addEventListener("submit", uploadModel);
   $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
   modeChanged();
+  trainWhatChanged();
+  compareChanged();
   loadDigits();
   start();
 });
