@@ -44,7 +44,11 @@ def add_inputs(p: Flags, *, required: bool = True) -> None:
 def add_labels(p: Flags, *, local: bool) -> None:
     """``--labels PATH``: the true labels, to count correct rows here or the accuracy on the service."""
     purpose = " to mark correct rows" if local else ": adds the accuracy"
-    p.add_argument("--labels", metavar="PATH", help=f"true labels (.npy or one per line){purpose}")
+    p.add_argument(
+        "--labels",
+        metavar="LABELS",
+        help=f"true labels: .npy, a file with one per line, or a comma list such as 0,1,2{purpose}",
+    )
 
 
 def add_sigma(p: Flags) -> None:

@@ -844,7 +844,7 @@ def _chunk_problems(cert: _Cert) -> list[str]:
 
 
 def _summary_problems(cert: _Cert) -> list[str]:
-    from smoothcert.service.core.accuracy import certified_accuracy
+    from smoothcert.service.core.accuracy import average_certified_radius, certified_accuracy
 
     summary = cert.predicate.get("summary")
     if not summary:
@@ -873,7 +873,7 @@ def _summary_problems(cert: _Cert) -> list[str]:
             f"summary: certified accuracy at {r:g}", point.get("accuracy", math.nan), share
         )
     if "acr" in summary:
-        acr = float(np.mean([rad if ok else 0.0 for ok, rad in zip(right, radii)]))
+        acr = average_certified_radius(right, radii)
         problems += _differ("summary: acr", summary["acr"], acr)
     return problems
 

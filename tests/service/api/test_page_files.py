@@ -45,12 +45,17 @@ def test_the_page_carries_every_test_id_once():
         assert html.count(f'data-testid="{test_id}"') == 1, test_id
 
 
+# XML namespace names look like URLs but are only names: nothing ever fetches them.
+NAMESPACES = ("http://www.w3.org/2000/svg",)
+
+
 def test_the_page_names_no_other_origin():
     for path in UI.glob("*.*"):
         if path.suffix in (".html", ".js", ".css"):
-            assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", path.read_text(), re.I), (
-                path.name
-            )
+            text = path.read_text()
+            for name in NAMESPACES:
+                text = text.replace(f'"{name}"', '""')
+            assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), path.name
 
 
 def test_the_demo_digits_are_what_the_tool_makes(tmp_path):

@@ -176,7 +176,9 @@ def test_submit_then_status_then_wait(service, capsys, model_id, digits, tmp_pat
     code, out, err = run(capsys, "wait", job_id)
     assert code == 0 and "predicted" in err
     lines = out.splitlines()
-    assert tuple(lines[0].split("\t")) == PREDICT_COLUMNS and len(lines) == 4
+    # PNG inputs keep their file names: a last column after Cohen's and ours
+    assert tuple(lines[0].split("\t")) == (*PREDICT_COLUMNS, "name") and len(lines) == 4
+    assert all(line.split("\t")[-1].endswith(".png") for line in lines[1:])
     code, out, _ = run(capsys, "status", job_id, "--json")
     record = json.loads(out)
     assert record["status"] == "succeeded" and record["params"]["num_inputs"] == 3
