@@ -51,11 +51,6 @@ class Access:
             self.caller.key_id,
         )
 
-    def _hidden(self, kind: str, record_id: str, detail: str) -> HTTPException:
-        """The 404 for another account's ``kind``; audited, worded as for an unknown id."""
-        self.hidden(kind, record_id)
-        return HTTPException(status.HTTP_404_NOT_FOUND, detail)
-
     def job(self, jobs: JobStore, job_id: str) -> JobRecord:
         """The caller's job ``job_id``; 404 for a malformed, unknown or another account's id."""
         if not is_job_id(job_id):
@@ -69,46 +64,41 @@ class Access:
         if record is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, unknown)
         if not self.owns(record):
-            raise self._hidden("job", job_id, unknown)
-        return record
-
-    def dataset(self, datasets: DatasetStore, dataset_id: str) -> dict[str, Any]:
-        """The caller's dataset ``dataset_id``; 404 for an unknown or another account's id."""
-        meta = datasets.get(dataset_id)
-        unknown = f"unknown dataset {dataset_id!r}"
-        if meta is None:
+            self.hidden("job", job_id)
             raise HTTPException(status.HTTP_404_NOT_FOUND, unknown)
-        if not self.owns(meta):
-            raise self._hidden("dataset", dataset_id, unknown)
-        return meta
+        return record
 
     def visible_dataset(self, datasets: DatasetStore, dataset_id: str) -> dict[str, Any] | None:
         """The caller's dataset ``dataset_id``, or None, as for an unknown id, when there is none
         or it is another account's (audited): for a route that also takes built-in names."""
         meta = datasets.get(dataset_id)
         if meta is not None and not self.owns(meta):
-            self._hidden("dataset", dataset_id, "")
+            self.hidden("dataset", dataset_id)
             return None
         return meta
 
+    def dataset(self, datasets: DatasetStore, dataset_id: str) -> dict[str, Any]:
+        """The caller's dataset ``dataset_id``; 404 for an unknown or another account's id."""
+        meta = self.visible_dataset(datasets, dataset_id)
+        if meta is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown dataset {dataset_id!r}")
+        return meta
+
     def visible_model(self, models: ModelStore, model_id: str) -> dict[str, Any] | None:
-        """A ready model the caller may use, or None, as for an unknown id (audited when it is
-        another account's private model)."""
+        """A ready model the caller may use (its own, or public), or None, as for an unknown id
+        (audited when it is another account's private model)."""
         meta = models.get(model_id)
         if meta is not None and not self.may_use(meta):
-            self._hidden("model", model_id, "")
+            self.hidden("model", model_id)
             return None
         return meta
 
     def model(self, models: ModelStore, model_id: str, role: str = "model") -> dict[str, Any]:
-        """A ready model the caller may use (its own, or public); 404 otherwise. ``role`` names it
-        in the message ("denoiser", "classifier", ...)."""
-        meta = models.get(model_id)
-        unknown = f"unknown {role} {model_id!r}"
+        """A ready model the caller may use; 404 otherwise. ``role`` names it in the message
+        ("denoiser model", "classifier model", ...)."""
+        meta = self.visible_model(models, model_id)
         if meta is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, unknown)
-        if not self.may_use(meta):
-            raise self._hidden("model", model_id, unknown)
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown {role} {model_id!r}")
         return meta
 
     def own_model(self, models: ModelStore, model_id: str) -> dict[str, Any]:

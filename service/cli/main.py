@@ -384,7 +384,17 @@ def _write(args, run, labels) -> None:
 
 
 def _accuracy(run, labels) -> str:
+    """With labels: how many answers match them, and for a certify run how many of those are
+    certified too (the count behind certified accuracy), each of all the inputs."""
     if labels is None:
         return ""
-    correct = sum(r.prediction == int(labels[r.index]) for r in run.results)
-    return f", {correct} correct"
+    total = len(run.results)
+    right = [r for r in run.results if r.prediction == int(labels[r.index])]
+    said = f"; {len(right)} of {total} predicted the label"
+    if run.results and hasattr(run.results[0], "certified_at_r"):
+        certified = sum(bool(r.certified_at_r) for r in right)
+        return f"{said}, {certified} of {total} certified at the radius with the label"
+    if run.results and hasattr(run.results[0], "radius"):
+        certified = sum(r.radius > 0 for r in right)
+        return f"{said}, {certified} of {total} certified with the label"
+    return said

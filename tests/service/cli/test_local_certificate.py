@@ -87,6 +87,11 @@ def test_a_signed_local_certificate(demo_paths, tmp_path, capsys):
     assert len(predicate["rows"]) == 3 and predicate["summary"]["labelled"] == 3
     tsv = (tmp_path / "rows.tsv").read_text().splitlines()
     assert len(tsv) == 4  # the rows file is written as before
+    # The summary says of how many inputs each count is, and which count is which.
+    right = sum(r["prediction"] == r["label"] for r in predicate["rows"])
+    both = sum(r["prediction"] == r["label"] and r["radius"] > 0 for r in predicate["rows"])
+    err = capsys.readouterr().err
+    assert f"; {right} of 3 predicted the label, {both} of 3 certified with the label" in err
 
 
 def test_an_unsigned_local_certificate_says_so(demo_paths, tmp_path):
