@@ -22,6 +22,7 @@ from smoothcert.service.core.train_config import (
     OPTIMIZERS,
     DenoiserConfig,
     TrainConfig,
+    TrainingError,
 )
 
 # (channels, height, width) an architecture takes; None: any size (the ResNets pool adaptively,
@@ -147,7 +148,14 @@ def check_fits(arch: str, input_shape: list[int], num_classes: int, dataset: str
 class DenoiserTrainRequest(BaseModel):
     """``POST /v1/train/denoiser``: DenoiserConfig's fields, the dataset, the frozen classifier
     (a model id; required by ``stability``) and the denoiser's name. Strict types, as for
-    :class:`TrainRequest`; ``seed`` is drawn and recorded when absent."""
+    :class:`TrainRequest`; ``seed`` is drawn and recorded when absent.
+
+    ``batch_size`` and ``lr`` left out take the objective's defaults (mse 128 and 1e-3,
+    stability 32 and 3e-4). ``stability`` without ``init`` trains in two stages: an MSE denoiser
+    of ``mse_epochs`` epochs (default: ``epochs``; 0: none, stability from scratch) with MSE's
+    defaults and a seed derived from ``seed``, then ``epochs`` of stability from it; the job's
+    progress counts the epochs of both. With ``init`` there is no MSE stage, and a positive
+    ``mse_epochs`` is refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -181,28 +189,50 @@ class DenoiserTrainRequest(BaseModel):
         allow_inf_nan=False,
         description="noise level, in [0,1] pixel units",
     )
-    epochs: int = Field(_default("epochs", DenoiserConfig), le=MAX_EPOCHS)
-    batch_size: int = Field(
-        _default("batch_size", DenoiserConfig), le=MAX_BATCH_SIZE, description="images per step"
+    epochs: int = Field(
+        _default("epochs", DenoiserConfig),
+        le=MAX_EPOCHS,
+        description="epochs of the objective (stability: of its stage after the MSE stage)",
     )
-    lr: float = Field(
-        _default("lr", DenoiserConfig), description="initial Adam learning rate (cosine towards 0)"
+    mse_epochs: int | None = Field(
+        None,
+        le=MAX_EPOCHS,
+        description="stability without init: epochs of the MSE stage trained first and started "
+        "from (default: epochs; 0: stability from scratch)",
+    )
+    batch_size: int | None = Field(
+        None,
+        le=MAX_BATCH_SIZE,
+        description="images per step (default: 128 for mse, 32 for stability)",
+    )
+    lr: float | None = Field(
+        None,
+        description="initial Adam learning rate, cosine towards 0 (default: 1e-3 for mse, "
+        "3e-4 for stability)",
     )
     depth: int = Field(_default("depth", DenoiserConfig), description="DnCNN convolutions, 2 to 64")
     width: int = Field(_default("width", DenoiserConfig), description="DnCNN channels, 1 to 1024")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and recorded when absent")
     name: Name | None = Field(None, description="the registered denoiser's name")
 
-    @field_validator("epochs", "batch_size", "depth", "width", "seed", mode="before")
+    @field_validator("epochs", "mse_epochs", "batch_size", "depth", "width", "seed", mode="before")
     @classmethod
     def _integral(cls, value: Any) -> Any:
         return integral(value)
 
     def config(self, seed: int) -> DenoiserConfig:
-        """The DenoiserConfig of this request with ``seed``; TrainingError when a value is out of range."""
-        return DenoiserConfig(
-            **self.model_dump(exclude={"dataset", "classifier", "init", "seed", "name"}), seed=seed
-        )
+        """The DenoiserConfig of this request with ``seed`` (``mse_epochs`` 0 when it starts from
+        ``init``); TrainingError when a value is out of range or ``init`` comes with a positive
+        ``mse_epochs``."""
+        values = self.model_dump(exclude={"dataset", "classifier", "init", "seed", "name"})
+        if self.init is not None:
+            if self.mse_epochs:
+                raise TrainingError(
+                    "mse_epochs trains the MSE stage a stability run starts from; a run given "
+                    "init starts from that denoiser instead"
+                )
+            values["mse_epochs"] = 0
+        return DenoiserConfig(**values, seed=seed)
 
 
 class ModelUnknown(LookupError):

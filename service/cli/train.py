@@ -18,6 +18,7 @@ from smoothcert.service.cli import remote
 from smoothcert.service.cli.options import add_device
 from smoothcert.service.cli.progress import stderr_bar
 from smoothcert.service.core.train_config import (
+    DENOISER_SCHEDULES,
     METHODS,
     OBJECTIVES,
     OPTIMIZERS,
@@ -222,14 +223,38 @@ def _add_train_denoiser(commands) -> None:
         "--init",
         metavar="DENOISER",
         help="start from this denoiser's weights (file or stored id, same depth and width), e.g. "
-        "fine-tune an mse denoiser with stability as Salman et al. do",
+        "fine-tune an mse denoiser with stability as Salman et al. do; without it, stability "
+        "first trains that mse denoiser itself (--mse-epochs)",
     )
     p.add_argument(
         "--out",
         metavar="DENOISER.safetensors",
         help="where to write it (default DATASET-dncnn-OBJECTIVE-sigmaS.safetensors)",
     )
-    _add_schedule(p, d)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=d["epochs"],
+        help="epochs of the objective; stability without --init trains --mse-epochs of mse "
+        "before them (default %(default)s)",
+    )
+    p.add_argument(
+        "--mse-epochs",
+        type=int,
+        metavar="N",
+        help="stability without --init: epochs of the mse stage trained first, with mse's batch "
+        "size and learning rate, and started from (default: --epochs; 0: stability from scratch)",
+    )
+    schedules = ", ".join(f"{b} for {o}" for o, (b, _) in DENOISER_SCHEDULES.items())
+    p.add_argument(
+        "--batch-size", type=int, help=f"images per step of the objective (default {schedules})"
+    )
+    rates = ", ".join(f"{lr:g} for {o}" for o, (_, lr) in DENOISER_SCHEDULES.items())
+    p.add_argument(
+        "--lr",
+        type=float,
+        help=f"initial Adam learning rate of the objective, cosine to 0 (default {rates})",
+    )
     p.add_argument(
         "--depth", type=int, default=d["depth"], help="DnCNN convolutions (default %(default)s)"
     )
@@ -455,12 +480,22 @@ def _local_only(args) -> None:
 
 def _run_train_denoiser(args) -> int:
     if args.url:
+        if args.mse_epochs is not None:
+            raise CliArgumentError(
+                "--mse-epochs is not sent to the service yet: leave it out (the service's MSE "
+                "stage trains as many epochs as --epochs)"
+            )
         return remote.run_training(args, "train-denoiser")
     _local_only(args)
     from smoothcert.service.cli.main import load_classifier_arg, load_denoiser_arg
     from smoothcert.worker.data.datasets import load_dataset
-    from smoothcert.worker.training.denoiser import train_denoiser
+    from smoothcert.worker.training.denoiser import checkpointed_seed, train_denoiser
 
+    if args.init and args.mse_epochs:
+        raise CliArgumentError(
+            "--mse-epochs trains the mse denoiser that stability starts from; with --init it "
+            "starts from that one instead"
+        )
     given = {
         "objective": args.objective,
         "sigma": args.sigma,
@@ -469,8 +504,14 @@ def _run_train_denoiser(args) -> int:
         "lr": args.lr,
         "depth": args.depth,
         "width": args.width,
+        "mse_epochs": 0 if args.init else args.mse_epochs,
     }
-    given.update(_seed(args))
+    if args.seed is not None:
+        given["seed"] = args.seed
+    elif args.checkpoint_dir:  # the same command resumes the run it left there, in either stage
+        seed = checkpointed_seed(args.checkpoint_dir)
+        if seed is not None:
+            given["seed"] = seed
     config = DenoiserConfig(**given)
     if config.needs_classifier and not args.classifier:
         raise CliArgumentError(STABILITY_NEEDS_CLASSIFIER)
@@ -481,10 +522,10 @@ def _run_train_denoiser(args) -> int:
         args.out
         or f"{Path(data.name).stem}-{config.arch}-{config.objective}-sigma{config.sigma:g}.safetensors"
     )
-    with stderr_bar(config.epochs, "epoch") as bar:
+    with stderr_bar(config.total_epochs, "epoch") as bar:
 
         def progress(metrics) -> None:
-            bar.set_postfix(loss=f"{metrics.loss:.4f}")
+            bar.set_postfix(stage=metrics.stage, loss=f"{metrics.loss:.4f}")
             bar.update(metrics.epoch - bar.n)
 
         result = train_denoiser(
@@ -505,9 +546,13 @@ def _run_train_denoiser(args) -> int:
             f", classifier accuracy on denoised noisy test images {m['test_denoised_accuracy']:.3f}"
         )
     resumed = f" (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
+    stages = " then ".join(
+        f"{s['objective']} ({s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']:g})"
+        for s in result.info.extra["training"]["stages"]
+    )
     print(
-        f"trained {config.arch} on {data.name} with {config.objective} at σ={config.sigma:g}, seed {config.seed}"
-        f"{resumed}: loss {m['train_loss']:.4f}{test}",
+        f"trained {config.arch} on {data.name} with {stages} at σ={config.sigma:g}, "
+        f"seed {config.seed}{resumed}: loss {m['train_loss']:.4f}{test}",
         file=sys.stderr,
     )
     print(out)

@@ -16,13 +16,24 @@ A denoiser training job (``smoothcert.train_denoiser``, also on ``train``) is th
 :func:`smoothcert.worker.training.denoiser.train_denoiser`: its task adds ``classifier`` and ``init``
 (stored model ids or None: the frozen classifier, a denoiser to start from), which the worker
 loads from the model store, and the denoiser it registers is
-a ``kind: "denoiser"`` model, ready to be a pipeline's first part.
+a ``kind: "denoiser"`` model, ready to be a pipeline's first part. A stability job without
+``init`` trains in two stages (``config.mse_epochs`` of MSE, then ``config.epochs`` of
+stability; :func:`smoothcert.worker.training.denoiser.train_denoiser`), and its progress counts
+the epochs of both: ``progress.total`` is ``mse_epochs + epochs`` (set when the task starts; the
+API recorded ``epochs``), ``progress.done`` the epochs finished over both stages, the MSE stage's
+first. Each ``result.history`` entry names its ``stage`` (``mse`` or ``stability``) and counts
+``epoch`` over the whole run. The MSE stage's seed is derived from the job's ``seed``
+(:func:`~smoothcert.worker.training.denoiser.mse_stage`), so the same job parameters give the same
+denoiser; the registered model's ``extra.training.stages`` lists both stages (objective, epochs,
+batch size, learning rate, seed). Both stages are checkpointed under the job's ``checkpoint``
+folder (the MSE stage in ``checkpoint/mse-stage``), so a redelivered task resumes either.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +172,10 @@ def run_denoiser_training(
                 raise ModelError(f"the {role} model {model_id} was deleted")
             loaded[role] = load_stored_model(store, meta, _settings().device)
     classifier = loaded.get("classifier")
+    if task.init is not None:
+        config = replace(config, mse_epochs=0)  # as train_denoiser does: no MSE stage
+    # both stages' epochs: the API's record counted the last stage's alone
+    jobs.transition(job_id, RUNNING, [RUNNING], total=config.total_epochs)
 
     history: list[dict[str, Any]] = []
 
@@ -168,7 +183,14 @@ def run_denoiser_training(
         history[:] = [h for h in history if h["epoch"] < metrics.epoch] + [
             {**metrics.to_dict(), "delivery": delivery}
         ]
-        jobs.transition(job_id, RUNNING, [RUNNING], done=metrics.epoch, result={"history": history})
+        jobs.transition(
+            job_id,
+            RUNNING,
+            [RUNNING],
+            done=metrics.epoch,
+            total=metrics.epochs,
+            result={"history": history},
+        )
 
     result = train_denoiser(
         config,

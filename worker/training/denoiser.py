@@ -7,13 +7,23 @@ on the clean x, so D learns to keep f's answer rather than every pixel. Every ra
 from one generator seeded per run; with a ``checkpoint_dir`` each finished epoch is saved and a
 later call with the same configuration, data and classifier resumes to the same weights as an
 uninterrupted run (:mod:`smoothcert.worker.training.checkpoints`). No Celery here.
+
+``stability`` without a denoiser to start from trains in two stages (Salman et al.'s recipe, which
+measured far better than stability from scratch): first an MSE denoiser (:func:`mse_stage`:
+``config.mse_epochs`` epochs with MSE's batch size and learning rate, its seed derived from the
+run's), then the stability objective from its weights. The history counts the epochs of both
+stages in one sequence (``epoch`` 1 … ``config.total_epochs``) and names each epoch's ``stage``.
+With a ``checkpoint_dir`` the MSE stage is checkpointed in its sub-folder ``mse-stage`` and the
+stability stage in the folder itself, so a run killed in either stage resumes where it was, to
+the same weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +42,20 @@ from smoothcert.worker.smoothing.sampling import Canceled
 from smoothcert.worker.training import checkpoints as ckpt
 from smoothcert.worker.training.trainer import EVAL_BATCH, _derived_seed, _device
 
+# The sub-folder of a two-stage run's checkpoint folder that holds its MSE stage's checkpoint.
+MSE_STAGE_DIR = "mse-stage"
+
 
 @dataclass
 class DenoiserEpoch:
     """One finished epoch: the training loss, and on the test split (when there is one) the MSE
-    of D(x + δ) against x and, with a classifier, its accuracy on D(x + δ)."""
+    of D(x + δ) against x and, with a classifier, its accuracy on D(x + δ). ``epoch`` counts
+    over the whole run (a two-stage run's MSE epochs first), ``epochs`` is the run's total and
+    ``stage`` the objective this epoch trained (``mse`` or ``stability``); ``lr`` is its stage's."""
 
-    epoch: int  # 1-based
+    epoch: int  # 1-based, over all stages
     epochs: int
+    stage: str
     loss: float
     test_mse: float | None
     test_denoised_accuracy: float | None
@@ -88,6 +104,35 @@ def frozen_module(classifier: BaseClassifier | None) -> nn.Module | None:
     return module
 
 
+def mse_stage(config: DenoiserConfig) -> DenoiserConfig:
+    """The MSE stage a two-stage stability run trains first: the ``mse`` objective for
+    ``config.mse_epochs`` epochs with MSE's own batch size and learning rate (128, 1e-3), the same
+    σ, architecture and size. Its seed is derived from the run's: the first 63 bits of
+    sha256(f"{config.seed}:mse-stage") (big-endian), so one seed fixes both stages and their
+    random streams are independent."""
+    return DenoiserConfig(
+        arch=config.arch,
+        objective="mse",
+        sigma=config.sigma,
+        epochs=int(config.mse_epochs or 0),
+        depth=config.depth,
+        width=config.width,
+        seed=_derived_seed(config.seed, "mse-stage"),
+    )
+
+
+def checkpointed_seed(directory: str | Path) -> int | None:
+    """The seed of the run whose checkpoint ``directory`` holds (its stability stage's, else the
+    MSE stage's of a two-stage run that was stopped in it), so that the same command resumes it;
+    None when there is none."""
+    saved = ckpt.saved_identity(directory)
+    if saved is None:
+        saved = ckpt.saved_identity(Path(directory) / MSE_STAGE_DIR) or {}
+        saved = {"seed": saved.get("run_seed")}
+    seed = saved.get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def train_denoiser(
     config: DenoiserConfig,
     data: Dataset,
@@ -105,39 +150,123 @@ def train_denoiser(
     ``classifier`` (a loaded base classifier taking ``data``'s images) is required by the
     stability objective (TrainingError without it) and, given to MSE, only measured on. ``init``, a
     loaded denoiser of the same architecture and size, gives the starting weights instead of a
-    random draw (Salman et al. fine-tune an MSE-trained denoiser with the stability objective). Progress,
-    cancellation and checkpoints as :func:`~smoothcert.worker.training.trainer.train`: the run's
-    identity includes the classifier's sha256, so a checkpoint of another classifier is refused.
+    random draw (Salman et al. fine-tune an MSE-trained denoiser with the stability objective);
+    with it no MSE stage is trained (``config.mse_epochs`` is taken as 0). Without it, a
+    stability config with ``mse_epochs`` > 0 first trains :func:`mse_stage` and starts from
+    its weights. Progress, cancellation and checkpoints as
+    :func:`~smoothcert.worker.training.trainer.train`, over both stages: the run's identity
+    includes the classifier's sha256 (and a two-stage run's the MSE stage's weights), so a
+    checkpoint of another classifier is refused.
     """
     if config.needs_classifier and classifier is None:
         raise TrainingError(NEEDS_CLASSIFIER)
+    if init is not None and config.mse_epochs:
+        config = replace(config, mse_epochs=0)
     started = time.perf_counter()
-    run = _DenoiserRun(config, data, classifier, _device(device), init)
-    identity = {
-        **config.to_dict(),
+    where = _device(device)
+    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
+    common = {
         "kind": "denoiser",
         "dataset_sha256": data.sha256(),
         "classifier_sha256": None if classifier is None else classifier.info.sha256,
+    }
+    identity = {
+        **config.to_dict(),
+        **common,
         "init_sha256": None if init is None else init.info.sha256,
     }
+    stages: list[dict[str, Any]] = []
+    history: list[DenoiserEpoch] = []
+    resumed = 0
+    start: dict[str, torch.Tensor] | None = None
+    if config.mse_epochs:
+        first = mse_stage(config)
+        if directory is not None:
+            # Refuse a stability checkpoint of another run before hours of MSE training.
+            _check_saved(directory, identity, unchecked=("mse_stage_sha256",))
+        run, history, resumed = _train_stage(
+            first,
+            data,
+            classifier,
+            where,
+            None,
+            {**first.to_dict(), **common, "init_sha256": None, "run_seed": config.seed},
+            _Stage(0, config.total_epochs, progress, should_cancel),
+            None if directory is None else directory / MSE_STAGE_DIR,
+        )
+        start = run.network.state_dict()
+        digest = _state_sha256(start)
+        identity["mse_stage_sha256"] = digest
+        stages.append({**_stage_record(first), "state_sha256": digest})
+    elif init is not None:
+        start = _init_state(init, config, data)
+    run, final, resumed_final = _train_stage(
+        config,
+        data,
+        classifier,
+        where,
+        start,
+        identity,
+        _Stage(len(history), config.total_epochs, progress, should_cancel),
+        directory,
+    )
+    history += final
+    stages.append(_stage_record(config))
+    info = _denoiser_info(
+        config,
+        data,
+        identity,
+        classifier,
+        history,
+        time.perf_counter() - started,
+        name,
+        stages,
+    )
+    return DenoiserResult(
+        run.network.to("cpu").eval(), info, history, resumed_from=resumed + resumed_final
+    )
+
+
+@dataclass
+class _Stage:
+    """Where a stage's epochs sit in the run: after ``offset`` epochs, of ``total`` in all."""
+
+    offset: int
+    total: int
+    progress: Progress | None
+    should_cancel: Callable[[], bool] | None
+
+
+def _train_stage(
+    config: DenoiserConfig,
+    data: Dataset,
+    classifier: BaseClassifier | None,
+    device: torch.device,
+    start: dict[str, torch.Tensor] | None,
+    identity: dict[str, Any],
+    stage: _Stage,
+    directory: Path | None,
+) -> tuple[_DenoiserRun, list[DenoiserEpoch], int]:
+    """Train (or resume) one stage from ``start``'s weights (None: a random draw); the run, its
+    epochs' history and how many of them came from the checkpoint in ``directory``."""
+    run = _DenoiserRun(config, data, classifier, device, start)
     history = (
         []
-        if checkpoint_dir is None
+        if directory is None
         else [
             DenoiserEpoch(**h)
-            for h in ckpt.resume(
-                checkpoint_dir, identity, run.network, run.optimizer, run.generator
-            )
+            for h in ckpt.resume(directory, identity, run.network, run.optimizer, run.generator)
         ]
     )
     first = len(history)
     for epoch in range(first, config.epochs):
         tick = time.perf_counter()
-        loss = run.epoch(epoch, should_cancel)
+        loss = run.epoch(epoch, stage.should_cancel)
         test_mse, test_accuracy = run.evaluate(epoch)
         metrics = DenoiserEpoch(
-            epoch=epoch + 1,
-            epochs=config.epochs,
+            epoch=stage.offset + epoch + 1,
+            epochs=stage.total,
+            stage=config.objective,
             loss=loss,
             test_mse=test_mse,
             test_denoised_accuracy=test_accuracy,
@@ -145,9 +274,9 @@ def train_denoiser(
             elapsed_s=time.perf_counter() - tick,
         )
         history.append(metrics)
-        if checkpoint_dir is not None:
+        if directory is not None:
             ckpt.save_state(
-                checkpoint_dir,
+                directory,
                 ckpt.TrainingState(
                     epoch=epoch + 1,
                     model=run.network.state_dict(),
@@ -157,12 +286,71 @@ def train_denoiser(
                     history=[h.to_dict() for h in history],
                 ),
             )
-        if progress is not None:
-            progress(metrics)
-    info = _denoiser_info(
-        config, data, identity, classifier, history, time.perf_counter() - started, name
-    )
-    return DenoiserResult(run.network.to("cpu").eval(), info, history, resumed_from=first)
+        if stage.progress is not None:
+            stage.progress(metrics)
+    return run, history, first
+
+
+def _check_saved(directory: Path, identity: dict[str, Any], unchecked: tuple[str, ...]) -> None:
+    """TrainingError when ``directory`` holds a checkpoint of a run other than ``identity``'s,
+    judged on every key but ``unchecked`` (those known only later)."""
+    saved = ckpt.saved_identity(directory)
+    if saved is None:
+        return
+    keys = sorted((set(saved) | set(identity)) - set(unchecked))
+    wrong = [k for k in keys if saved.get(k) != identity.get(k)]
+    if wrong:
+        key = wrong[0]
+        raise TrainingError(
+            f"the checkpoint in {directory} belongs to another run ({key}: {saved.get(key)!r} "
+            f"there, {identity.get(key)!r} now); use another checkpoint folder or delete it to "
+            "start over"
+        )
+
+
+def _state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a network's weights: sha256 over its tensors' names and bytes, sorted by name."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stage_record(config: DenoiserConfig) -> dict[str, Any]:
+    """What the provenance says of one stage."""
+    return {
+        "objective": config.objective,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+    }
+
+
+def _init_state(init: TorchDenoiser, config: DenoiserConfig, data: Dataset) -> dict[str, Any]:
+    """The weights of ``init``; TrainingError unless it is the denoiser ``config`` trains."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            ours = build_denoiser(
+                config.arch, data.input_shape[0], depth=config.depth, width=config.width
+            )
+    except ModelError as exc:
+        raise TrainingError(str(exc)) from None
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    state = init.module.state_dict()
+    if (
+        init.info.arch != config.arch
+        or shapes != {k: tuple(v.shape) for k, v in state.items()}
+        or tuple(init.info.input_shape) != data.input_shape
+    ):
+        raise TrainingError(
+            f"the initial denoiser ({init.info.arch}, depth {init.info.extra.get('depth')}, width "
+            f"{init.info.extra.get('width')}, input {list(init.info.input_shape)}) is not the "
+            f"{config.arch} of depth {config.depth} and width {config.width} for "
+            f"{list(data.input_shape)} images that this run trains"
+        )
+    return state
 
 
 class _DenoiserRun:
@@ -174,7 +362,7 @@ class _DenoiserRun:
         data: Dataset,
         classifier: BaseClassifier | None,
         device: torch.device,
-        init: TorchDenoiser | None = None,
+        start: dict[str, torch.Tensor] | None = None,
     ):
         self.config, self.device = config, device
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -186,11 +374,10 @@ class _DenoiserRun:
         except ModelError as exc:
             raise TrainingError(str(exc)) from None
         self.network.to(device)
-        init_weights(
-            self.network, self.generator
-        )  # drawn with an init too: the stream stays the same
-        if init is not None:
-            self._start_from(init, data)
+        # drawn with a start too: the stream stays the same
+        init_weights(self.network, self.generator)
+        if start is not None:
+            self.network.load_state_dict({k: v.detach().to(device) for k, v in start.items()})
         self.x = torch.from_numpy(data.x).to(device)
         self.test = (
             None
@@ -210,25 +397,7 @@ class _DenoiserRun:
             self.classifier.to(device)
         # The stability targets: the frozen classifier's own labels on the clean training images.
         self.targets = None if self.classifier is None else self._labels(self.x)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr)
-
-    def _start_from(self, init: TorchDenoiser, data: Dataset) -> None:
-        ours = {k: tuple(v.shape) for k, v in self.network.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in init.module.state_dict().items()}
-        if (
-            init.info.arch != self.config.arch
-            or ours != theirs
-            or tuple(init.info.input_shape) != data.input_shape
-        ):
-            raise TrainingError(
-                f"the initial denoiser ({init.info.arch}, depth {init.info.extra.get('depth')}, width "
-                f"{init.info.extra.get('width')}, input {list(init.info.input_shape)}) is not the "
-                f"{self.config.arch} of depth {self.config.depth} and width {self.config.width} for "
-                f"{list(data.input_shape)} images that this run trains"
-            )
-        self.network.load_state_dict(
-            {k: v.detach().to(self.device) for k, v in init.module.state_dict().items()}
-        )
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr_at(0))
 
     @torch.no_grad()
     def _labels(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,10 +414,11 @@ class _DenoiserRun:
         self.network.train()
         order = torch.randperm(len(self.x), generator=self.generator, device=self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for start in range(0, len(order), config.batch_size):
+        batch_size = int(config.batch_size or 0)
+        for first in range(0, len(order), batch_size):
             if should_cancel is not None and should_cancel():
                 raise Canceled("canceled")
-            index = order[start : start + config.batch_size]
+            index = order[first : first + batch_size]
             x = self.x[index]
             noisy = x + config.sigma * torch.randn(
                 x.shape, generator=self.generator, device=self.device
@@ -301,7 +471,12 @@ def _denoiser_info(
     history: list[DenoiserEpoch],
     elapsed_s: float,
     name: str | None,
+    stages: list[dict[str, Any]],
 ) -> DenoiserInfo:
+    """The file's metadata. ``training`` holds the configuration of the stage that made the
+    denoiser (objective, epochs, batch size, lr, seed) and ``stages``, each stage's in the order
+    trained: a two-stage run's MSE stage first (its derived seed, epochs, batch size, lr and the
+    sha256 of the weights it handed on), then the stability stage."""
     last = history[-1]
     training = {
         "objective": config.objective,
@@ -310,6 +485,8 @@ def _denoiser_info(
         "batch_size": config.batch_size,
         "lr": config.lr,
         "seed": config.seed,
+        "mse_epochs": config.mse_epochs,
+        "stages": stages,
         "dataset": data.name,
         "dataset_sha256": identity["dataset_sha256"],
         "classifier_sha256": identity["classifier_sha256"],
