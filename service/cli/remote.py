@@ -539,6 +539,7 @@ TRAIN_FIELDS = {
         "init",
         "sigma",
         "epochs",
+        "mse_epochs",
         "batch_size",
         "lr",
         "depth",

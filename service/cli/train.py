@@ -480,11 +480,6 @@ def _local_only(args) -> None:
 
 def _run_train_denoiser(args) -> int:
     if args.url:
-        if args.mse_epochs is not None:
-            raise CliArgumentError(
-                "--mse-epochs is not sent to the service yet: leave it out (the service's MSE "
-                "stage trains as many epochs as --epochs)"
-            )
         return remote.run_training(args, "train-denoiser")
     _local_only(args)
     from smoothcert.service.cli.main import load_classifier_arg, load_denoiser_arg

@@ -225,7 +225,7 @@ def _enqueue_denoiser(
                 job_id,
                 task.kind,
                 task.record_params(),
-                total=config.epochs,
+                total=config.total_epochs,  # the MSE stage's epochs too, when there is one
                 owner=admission.caller,
                 max_active=admission.max_active,
             )
