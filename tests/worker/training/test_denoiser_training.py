@@ -11,6 +11,8 @@ import torch
 
 from smoothcert.models.denoisers import load_denoiser
 from smoothcert.models.loaders import load_model
+from smoothcert.service.api.train_schemas import DenoiserTrainRequest, TrainRequest
+from smoothcert.service.cli import remote
 from smoothcert.service.cli.main import main
 from smoothcert.service.core.train_config import DenoiserConfig, TrainConfig, TrainingError
 from smoothcert.worker.training import checkpoints as training_checkpoint
@@ -264,10 +266,9 @@ def test_cli_stability_defaults_and_explicit_values(classifier_file, tmp_path, c
     # --init starts from that denoiser: no MSE stage, and --mse-epochs does not go with it
     assert main([*base, "--init", str(default), "--mse-epochs", "1"]) == 2
     assert "with --init it starts from that one" in capsys.readouterr().err
-    # the service is not sent --mse-epochs (yet): refused before anything is submitted
-    remote = ["train-denoiser", "--url", "http://127.0.0.1:9", "--sigma", "0.5"]
-    assert main([*remote, "--mse-epochs", "1"]) == 2
-    assert "--mse-epochs is not sent to the service" in capsys.readouterr().err
+    # with --url, --mse-epochs goes to the service as mse_epochs, a field its request takes
+    assert "mse_epochs" in remote.TRAIN_FIELDS["train-denoiser"]
+    assert "mse_epochs" in DenoiserTrainRequest.model_fields
 
 
 def test_cli_trains_a_standard_classifier_and_a_denoiser_that_certify_together(tmp_path, capsys):
@@ -353,3 +354,8 @@ def test_stability_fine_tunes_an_mse_denoiser_given_as_init(tiny, classifier, tm
     assert tuned.info.extra["training"]["init_sha256"] == init.info.sha256
     with pytest.raises(TrainingError, match="is not the dncnn of depth 4"):
         train_denoiser(small("stability", depth=4), tiny, classifier, init=init)
+
+
+def test_what_the_cli_sends_the_service_is_what_its_requests_take():
+    for command, request in (("train", TrainRequest), ("train-denoiser", DenoiserTrainRequest)):
+        assert set(remote.TRAIN_FIELDS[command]) <= set(request.model_fields), command
