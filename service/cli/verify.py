@@ -648,6 +648,19 @@ def _fields(row: Mapping[str, Any], counts: Sequence[str], numbers: Sequence[str
     return problems
 
 
+def _counted(
+    row: Mapping[str, Any], n: int, counts: Sequence[str], numbers: Sequence[str]
+) -> tuple[dict[int, int], list[str]]:
+    """A counted row's votes by class, and what is wrong with its fields, its n (the
+    parameters' ``n``) or its votes, checked in that order."""
+    problems = _fields(row, counts, numbers)
+    if problems:
+        return {}, problems
+    if row["n"] != n:
+        return {}, [f"n is {row['n']}, the parameters' n is {n}"]
+    return _votes(row, n)
+
+
 def _differ(name: str, recorded: Any, recomputed: float) -> list[str]:
     if abs(float(recorded) - float(recomputed)) <= TOLERANCE:
         return []
@@ -657,12 +670,7 @@ def _differ(name: str, recorded: Any, recomputed: float) -> list[str]:
 def _cohen_row(
     row: dict[str, Any], n: int, alpha: float, sigma: float, cap: float, bounds
 ) -> list[str]:
-    problems = _fields(row, ("n_a", "n"), ("p_a_lower", "radius", "radius_cap"))
-    if problems:
-        return problems
-    if row["n"] != n:
-        return [f"n is {row['n']}, the parameters' n is {n}"]
-    votes, problems = _votes(row, n)
+    votes, problems = _counted(row, n, ("n_a", "n"), ("p_a_lower", "radius", "radius_cap"))
     if problems:
         return problems
     n_a, prediction = row["n_a"], row["prediction"]
@@ -721,12 +729,9 @@ def _top2_classes(
 def _top2_row(
     row: dict[str, Any], n: int, alpha: float, sigma: float, classes: int, bounds
 ) -> list[str]:
-    problems = _fields(row, ("n_a", "n"), ("p_a_lower", "p_b_upper", "radius", "radius_cap"))
-    if problems:
-        return problems
-    if row["n"] != n:
-        return [f"n is {row['n']}, the parameters' n is {n}"]
-    votes, problems = _votes(row, n)
+    votes, problems = _counted(
+        row, n, ("n_a", "n"), ("p_a_lower", "p_b_upper", "radius", "radius_cap")
+    )
     if problems:
         return problems
     if any(c >= classes for c in votes):
@@ -770,12 +775,7 @@ def _top2_row(
 
 
 def _predict_row(row: dict[str, Any], n: int, alpha: float, bounds) -> list[str]:
-    problems = _fields(row, ("n_a", "n_b", "n"), ("p_value",))
-    if problems:
-        return problems
-    if row["n"] != n:
-        return [f"n is {row['n']}, the parameters' n is {n}"]
-    votes, problems = _votes(row, n)
+    votes, problems = _counted(row, n, ("n_a", "n_b", "n"), ("p_value",))
     if problems:
         return problems
     top = sorted(votes.values(), reverse=True) + [0, 0]
