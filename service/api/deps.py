@@ -27,7 +27,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from smoothcert.service.api import audit
 from smoothcert.service.api.limits import Admission, Limits
+from smoothcert.service.core.certificates import CertificateStore
 from smoothcert.service.core.dataset_store import DatasetStore
+from smoothcert.service.core.issuer import Issuer
 from smoothcert.service.core.jobs import JobStore
 from smoothcert.service.core.keys import (
     ADMIN_ACCOUNT,
@@ -40,6 +42,7 @@ from smoothcert.service.core.keys import (
 )
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.settings import Settings
+from smoothcert.service.core.signing import SigningKeys
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -67,11 +70,26 @@ def get_queue(request: Request) -> Celery:
     return request.app.state.queue
 
 
+def get_issuer(request: Request) -> Issuer:
+    return request.app.state.issuer
+
+
+def get_certificates(request: Request) -> CertificateStore:
+    return request.app.state.certificates
+
+
+def get_signing_keys(request: Request) -> SigningKeys:
+    return request.app.state.signing_keys
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobsDep = Annotated[JobStore, Depends(get_jobs)]
 ModelsDep = Annotated[ModelStore, Depends(get_models)]
 DatasetsDep = Annotated[DatasetStore, Depends(get_datasets)]
 QueueDep = Annotated[Celery, Depends(get_queue)]
+IssuerDep = Annotated[Issuer, Depends(get_issuer)]
+CertificatesDep = Annotated[CertificateStore, Depends(get_certificates)]
+SigningKeysDep = Annotated[SigningKeys, Depends(get_signing_keys)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 

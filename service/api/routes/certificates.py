@@ -14,11 +14,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, status
 from fastapi.responses import HTMLResponse, Response
 
 from smoothcert.service.api.access import AccessDep
-from smoothcert.service.api.deps import JobsDep, require_jobs
+from smoothcert.service.api.deps import (
+    CertificatesDep,
+    IssuerDep,
+    JobsDep,
+    SigningKeysDep,
+    require_jobs,
+)
 from smoothcert.service.api.limits import Responses
 from smoothcert.service.core.certificates import (
     CertificateStore,
@@ -47,18 +53,6 @@ _JOB_404: Responses = {404: {"description": "unknown job (or another account's)"
 _NOT_YET: Responses = {409: {"description": "the job has not succeeded, or is not certify/predict"}}
 
 
-def _issuer(request: Request) -> Issuer:
-    return request.app.state.issuer
-
-
-def _store(request: Request) -> CertificateStore:
-    return request.app.state.certificates
-
-
-def _keys(request: Request) -> SigningKeys:
-    return request.app.state.signing_keys
-
-
 def _envelope_response(data: bytes, sha: str) -> Response:
     return Response(
         data,
@@ -67,12 +61,13 @@ def _envelope_response(data: bytes, sha: str) -> Response:
     )
 
 
-def _issued(request: Request, jobs, access, job_id: str) -> tuple[str, bytes]:
+def _issued(
+    issuer: Issuer, store: CertificateStore, jobs, access, job_id: str
+) -> tuple[str, bytes]:
     """The job's certificate (its SHA-256 and bytes), issued now if need be; 404/409 otherwise."""
-    store = _store(request)
     record = access.job(jobs, job_id)  # 404 unless the caller's (or an admin's)
     try:
-        sha = _issuer(request).issue(job_id, record)
+        sha = issuer.issue(job_id, record)
     except NotCertifiable as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     data = store.read(sha)
@@ -88,10 +83,14 @@ def _issued(request: Request, jobs, access, job_id: str) -> tuple[str, bytes]:
     responses={**_ENVELOPE, **_JOB_404, **_NOT_YET},
 )
 def get_job_certificate(
-    job_id: JobId, request: Request, jobs: JobsDep, access: AccessDep
+    job_id: JobId,
+    jobs: JobsDep,
+    access: AccessDep,
+    issuer: IssuerDep,
+    store: CertificatesDep,
 ) -> Response:
     """The job's signed certificate (issued when the job succeeded; kept after its record)."""
-    sha, data = _issued(request, jobs, access, job_id)
+    sha, data = _issued(issuer, store, jobs, access, job_id)
     return _envelope_response(data, sha)
 
 
@@ -101,21 +100,28 @@ def get_job_certificate(
     dependencies=[Depends(require_jobs)],
     responses={**_JOB_404, **_NOT_YET},
 )
-def get_job_report(job_id: JobId, request: Request, jobs: JobsDep, access: AccessDep):
+def get_job_report(
+    job_id: JobId,
+    jobs: JobsDep,
+    access: AccessDep,
+    issuer: IssuerDep,
+    store: CertificatesDep,
+    keys: SigningKeysDep,
+):
     """The certificate as a page a person can read and print, with the commands that verify it."""
     from smoothcert.service.api.report import render_report
 
-    sha, data = _issued(request, jobs, access, job_id)
-    statement, keyid = _opened(request, data)
+    sha, data = _issued(issuer, store, jobs, access, job_id)
+    statement, keyid = _opened(keys, data)
     return HTMLResponse(
         render_report(statement, sha, keyid), headers={"Content-Security-Policy": REPORT_CSP}
     )
 
 
-def _opened(request: Request, data: bytes) -> tuple[dict[str, Any], str]:
-    keys = {k.keyid: load_public_pem(k.pem) for k in _keys(request).public_keys()}
+def _opened(keys: SigningKeys, data: bytes) -> tuple[dict[str, Any], str]:
+    public = {k.keyid: load_public_pem(k.pem) for k in keys.public_keys()}
     try:
-        return open_envelope(json.loads(data), keys)
+        return open_envelope(json.loads(data), public)
     except (EnvelopeError, ValueError) as exc:
         raise HTTPException(
             status.HTTP_500_INTERNAL_SERVER_ERROR, f"a stored certificate does not verify: {exc}"
@@ -133,16 +139,17 @@ def _opened(request: Request, data: bytes) -> tuple[dict[str, Any], str]:
 )
 def get_certificate(
     sha256: Annotated[str, Path(description="the certificate's SHA-256, 64 hex digits")],
-    request: Request,
     access: AccessDep,
+    store: CertificatesDep,
+    keys: SigningKeysDep,
 ) -> Response:
     """A certificate by its digest, for as long as the data volume keeps it (after the job's
     record has expired too): to the account that asked for the job, or an admin."""
     unknown = HTTPException(status.HTTP_404_NOT_FOUND, f"unknown certificate {sha256[:80]!r}")
-    data = _store(request).read(sha256) if is_sha256(sha256) else None
+    data = store.read(sha256) if is_sha256(sha256) else None
     if data is None:
         raise unknown
-    statement, _ = _opened(request, data)
+    statement, _ = _opened(keys, data)
     owner = (statement.get("predicate") or {}).get("requested_by", {}).get("account")
     if not access.owns({"owner": owner}):
         access.hidden("certificate", sha256)
@@ -151,8 +158,8 @@ def get_certificate(
 
 
 @router.get("/v1/signing-keys")
-def signing_keys(request: Request) -> dict[str, list[dict[str, Any]]]:
+def signing_keys(keys: SigningKeysDep) -> dict[str, list[dict[str, Any]]]:
     """Every public key this service has signed certificates with, the active one first and the
     retired ones after (so a certificate from before a rotation still verifies). No key needed.
     Save the answer as keys.json for ``smoothcert verify --keys keys.json``."""
-    return {"keys": [k.to_dict() for k in _keys(request).public_keys()]}
+    return {"keys": [k.to_dict() for k in keys.public_keys()]}
