@@ -24,7 +24,11 @@ from html import escape
 from typing import Any
 
 from smoothcert.service.api.pictures import accuracy_curve_svg
-from smoothcert.service.core.accuracy import DEFAULT_CURVE_RADII, certified_accuracy
+from smoothcert.service.core.accuracy import (
+    DEFAULT_CURVE_RADII,
+    average_certified_radius,
+    certified_accuracy,
+)
 
 Fact = tuple[str, str, str | None]  # label, HTML already escaped, test id (or None)
 
@@ -471,8 +475,7 @@ def _summary_of(rows: Sequence[Mapping[str, Any]], predict: bool) -> dict[str, A
         "accuracy": sum(right) / len(rows) if rows else None,
     }
     if not predict and rows and all(_is_number(r.get("radius")) for r in rows):
-        radius = [float(r["radius"]) if ok else 0.0 for r, ok in zip(rows, right)]
-        out["acr"] = sum(radius) / len(rows)
+        out["acr"] = average_certified_radius(right, [float(r["radius"]) for r in rows])
     return out
 
 
