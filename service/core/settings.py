@@ -31,14 +31,24 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SMOOTHCERT_", extra="ignore")
 
-    env: Literal["development", "production"] = "development"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    env: Literal["development", "production"] = Field(
+        "development",
+        description="production refuses empty, well-known or short (< 16 characters) keys, key "
+        "pepper and Redis password, and an admin key equal to the API key",
+    )
+    host: str = Field("127.0.0.1", description="the address the API listens on")
+    port: int = Field(8000, ge=1, le=65535, description="the port the API listens on")
     api_key: str = Field(
-        "", description="Bearer key for /v1 routes; generated in development when empty"
+        "",
+        description="bootstrap key of the account `default` (scope certify); `smoothcert up` "
+        "generates one at its first start and keeps it in DATA_DIR/credentials.env; a process "
+        "started alone in development generates its own when empty",
     )
     admin_key: str = Field(
-        "", description="Bearer key for model upload/delete; the API key in development when empty"
+        "",
+        description="bootstrap key of the account `admin` (every scope: models, training, key "
+        "management); `smoothcert up` generates one and keeps it beside the API key; a process "
+        "started alone in development uses the API key when empty",
     )
     key_pepper: str = Field(
         "",
@@ -176,7 +186,9 @@ class Settings(BaseSettings):
         "/v1/jobs/{id}/samples.png) stay on the data volume (DATA_DIR/results/<id>/samples) "
         "before the workers' sweep deletes them",
     )
-    worker_concurrency: int = Field(1, ge=1)
+    worker_concurrency: int = Field(
+        1, ge=1, description="pool processes per `smoothcert worker` (each runs one task at a time)"
+    )
     worker_heartbeat_ttl_s: int = Field(
         10,
         ge=2,
