@@ -221,8 +221,12 @@ class JobAccepted(BaseModel):
 
 
 class Progress(BaseModel):
+    """``done`` of ``total`` ``unit``s: epochs (training), inputs settled (a target-radius run,
+    whose sample budget is a cap, not a count) or noisy samples (certify, predict)."""
+
     done: int
     total: int
+    unit: Literal["samples", "inputs", "epochs"]
 
 
 Visibility = Literal["private", "public"]

@@ -278,7 +278,7 @@ class Submission:
                 job_id,
                 job.params.mode,
                 job.record_params(),
-                total=job.total_samples,
+                total=job.progress_total,
                 owner=self.admission.caller,
                 max_active=self.admission.max_active,
             )

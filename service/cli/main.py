@@ -184,7 +184,9 @@ def _run_certify(args) -> int:
     options.check_bounds(args, certify=args.target_radius is None)
     model, x, labels = _prepare(args)
     params = _params(args)
-    with _progress_bar() as progress, _batch_size_refused():  # --n caps a target-radius run
+    # --n caps a target-radius run, whose bar counts inputs settled instead of samples
+    unit = "samples" if args.target_radius is None else "inputs settled"
+    with _progress_bar(unit) as progress, _batch_size_refused():
         run = run_params(model, x, params, _run_options(args, progress))
     _write(args, run, labels)
     _certificate(args, params, model, x, run, labels)
@@ -356,9 +358,10 @@ def cache_dir() -> Path:
 
 
 @contextmanager
-def _progress_bar():
-    """A progress callback drawing a bar on stderr, silent when stderr is not a terminal."""
-    with stderr_bar(0, "samples", unit_scale=True) as bar:
+def _progress_bar(unit: str = "samples"):
+    """A progress callback drawing a bar of ``unit`` on stderr, silent when stderr is not a
+    terminal."""
+    with stderr_bar(0, unit, unit_scale=unit == "samples") as bar:
 
         def update(done: int, total: int) -> None:
             bar.total = total

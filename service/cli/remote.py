@@ -339,9 +339,11 @@ def _status(args) -> int:
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
-    done, total = record["progress"]["done"], record["progress"]["total"]
+    progress = record["progress"]
+    done, total = progress["done"], progress["total"]
+    unit = {"inputs": "inputs settled"}.get(progress.get("unit"), progress.get("unit", "samples"))
     share = f" ({100 * done / total:.0f}%)" if total else ""
-    line = f"{record['id']}\t{record['kind']}\t{record['status']}\t{done}/{total} samples{share}"
+    line = f"{record['id']}\t{record['kind']}\t{record['status']}\t{done}/{total} {unit}{share}"
     if record.get("cancel_requested") and record["status"] not in (
         "canceled",
         "succeeded",

@@ -176,8 +176,14 @@ class CertifyJob:
 
     @property
     def total_samples(self) -> int:
-        """The most samples the whole job may draw (its progress total)."""
+        """The most samples the whole job may draw (what its budget is checked against)."""
         return self.params.samples_per_input * self.num_inputs
+
+    @property
+    def progress_total(self) -> int:
+        """The job's progress total: its inputs for a target-radius run, whose progress counts
+        inputs settled (its sample budget is a cap, not a count), else :attr:`total_samples`."""
+        return self.num_inputs if self.params.target_radius is not None else self.total_samples
 
     def chunk_ranges(self) -> list[tuple[int, int]]:
         """A dataset job's chunks as ``[start, stop)`` dataset indices; ``[]`` for other jobs."""

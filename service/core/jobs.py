@@ -330,6 +330,14 @@ class JobRecord:
         the fields, when they are not one's)."""
         return CertifyJob.from_record_params(self.params)
 
+    @property
+    def progress_unit(self) -> str:
+        """What ``progress`` counts: epochs for training, inputs settled for a target-radius run
+        (its sample budget is a cap), noisy samples otherwise (certify, predict, a model check)."""
+        if self.kind in ("train", "train_denoiser"):
+            return "epochs"
+        return "inputs" if self.params.get("target_radius") is not None else "samples"
+
     def to_dict(self) -> dict[str, Any]:
         """The public JSON shape: progress nested, internal counters left out, each time also as
         RFC 3339 UTC text (``created_time`` beside ``created_at``, ...)."""
@@ -337,7 +345,7 @@ class JobRecord:
             "id": self.id,
             "kind": self.kind,
             "status": self.status,
-            "progress": {"done": self.done, "total": self.total},
+            "progress": {"done": self.done, "total": self.total, "unit": self.progress_unit},
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,

@@ -150,6 +150,7 @@ def test_a_target_radius_job_shows_samples_used_and_why_each_input_stopped(
     used = sum(r["samples_used"] for r in rows)
     budget = len(rows) * (100 + 20000)
     assert used < budget  # the test stopped early for some input, or the check shows nothing
+    assert job["progress"] == {"done": len(rows), "total": len(rows), "unit": "inputs"}
     page = open_job(tab, api_url, job["id"])
 
     progress = page.get_by_test_id("progress-text")
@@ -170,12 +171,48 @@ def test_a_target_radius_job_shows_samples_used_and_why_each_input_stopped(
         expect(table.locator("tbody tr").nth(i).locator("td").nth(6)).to_have_text(row["reason"])
 
 
+def test_a_running_target_radius_job_counts_inputs_settled(
+    tab, api_url, client, demo_model, digits_test_set
+):
+    job = dataset_job(
+        client, demo_model["id"], digits_test_set, 3, sigma=0.25, n=2000, target_radius=0.25
+    )
+    # The record as it was while running, two inputs of three settled: shown that, then the real one.
+    running = {
+        **job,
+        "status": "running",
+        "progress": {"done": 2, "total": 3, "unit": "inputs"},
+        "result": None,
+    }
+    answers = [running]
+    tab.page.route(
+        f"**/v1/jobs/{job['id']}",
+        lambda route: route.fulfill(json=answers[0]) if answers else route.continue_(),
+    )
+    page = open_page(tab, api_url, USER_KEY)
+    page.get_by_test_id("jobs-table").locator(f'tr[data-job-id="{job["id"]}"]').get_by_test_id(
+        "open-job"
+    ).click()
+    progress = page.get_by_test_id("progress-text")
+    expect(progress).to_have_text(
+        "2 of 3 inputs settled at r = 0.25 (67%); each leaves as soon as its test decides"
+    )
+    answers.clear()
+    expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", "succeeded")
+    expect(progress).to_contain_text("3 of 3 inputs settled at r = 0.25, with ")
+
+
 def test_a_job_waiting_at_zero_says_why_the_first_job_of_a_model_waits(
     tab, api_url, client, demo_model, digits_test_set
 ):
     job = dataset_job(client, demo_model["id"], digits_test_set, 2, sigma=0.25, n=200)
     # The record as it was while queued: the page is shown that, then the real one.
-    queued = {**job, "status": "queued", "progress": {"done": 0, "total": 2 * 300}, "result": None}
+    queued = {
+        **job,
+        "status": "queued",
+        "progress": {"done": 0, "total": 2 * 300, "unit": "samples"},
+        "result": None,
+    }
     answers = [queued]
 
     def record(route):

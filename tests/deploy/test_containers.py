@@ -342,7 +342,7 @@ def test_a_short_training_job_runs_on_the_trainer(deployed, admin):
     assert resp.status_code == 202, resp.text
     job = poll(admin, resp.json()["job_id"])
     assert job["status"] == "succeeded", job["error"]
-    assert job["kind"] == "train" and job["progress"] == {"done": 1, "total": 1}
+    assert job["kind"] == "train" and job["progress"] == {"done": 1, "total": 1, "unit": "epochs"}
     trained = admin.get(f"/v1/models/{job['result']['model_id']}").json()
     assert trained["name"] == "trained-in-a-container" and trained["train_job"] == job["id"]
 

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Progress = Callable[[int, int], None]
-"""``progress(done, total)``, in samples, called between batches."""
+"""``progress(done, total)``, called between batches: in samples, except for
+``certify_at_radius``, whose sample budget is only a cap: it counts inputs settled."""
 CancelCheck = Callable[[], bool]
 """``should_cancel()``, called between batches: True stops the run with ``Canceled``."""
 

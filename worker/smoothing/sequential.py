@@ -19,7 +19,7 @@ chances of a false certificate (tests/worker/smoothing/test_sequential.py measur
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import numpy as np
@@ -32,7 +32,7 @@ from scipy.stats import norm
 from smoothcert.models.base import BaseClassifier
 from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
 from smoothcert.worker.smoothing.checks import check_params
-from smoothcert.worker.smoothing.options import RunOptions
+from smoothcert.worker.smoothing.options import Progress, RunOptions
 from smoothcert.worker.smoothing.results import RadiusDecision, Run
 from smoothcert.worker.smoothing.sampling import Inputs, Sampler, open_sampler
 
@@ -165,7 +165,12 @@ def certify_at_radius(
         seed=options.seed,
     )
     beta = alpha if beta is None else beta
-    sampler = open_sampler(model, x, sigma, options)
+    # Progress counts inputs settled, not samples (the sample budget is a cap, not a count); it
+    # is still called after every batch, selection's included, as a run's watchdog expects.
+    settled = options.progress
+    sampler = open_sampler(model, x, sigma, replace(options, progress=None))
+    if settled is not None:
+        sampler.progress = lambda _done, _total: settled(0, sampler.num_inputs)
     test = SequentialTest(p0_for(target_radius, sigma), alpha, beta, n_max)
     num = sampler.num_inputs
     n, k = np.zeros(num, dtype=np.int64), np.zeros(num, dtype=np.int64)
@@ -177,7 +182,9 @@ def certify_at_radius(
         (selection,) = sampler.sample_counts(n0)
         c_hat, used0 = selection.argmax(axis=1), n0
         verdict[:] = Verdict.UNDECIDED.value
-        _test_until_decided(sampler, test, c_hat, n, k, verdict, n0)
+        _test_until_decided(sampler, test, c_hat, n, k, verdict, n0, settled)
+    if settled is not None:
+        settled(num, num)
     per_input = sampler.elapsed() / num
     results = []
     for i in range(num):
@@ -231,13 +238,13 @@ def _test_until_decided(
     k: np.ndarray,
     verdict: np.ndarray,
     n0: int,
+    settled: Progress | None,
 ) -> None:
-    """Draw for the undecided inputs until none is left; updates n, k, verdict in place."""
+    """Draw for the undecided inputs until none is left; updates n, k, verdict in place and
+    reports ``settled(inputs decided, inputs)`` after each round."""
     device = sampler.x.device
     c_hat_t = torch.from_numpy(c_hat).to(device)
     batch = sampler.batch_size
-    total = len(n) * (n0 + test.n_max)
-    done = len(n) * n0
     while (active := np.flatnonzero(verdict == Verdict.UNDECIDED)).size:
         sampler.check_cancel()
         share = max(MIN_CHUNK, -(-batch // active.size))
@@ -258,9 +265,6 @@ def _test_until_decided(
         n[active] += want
         k[active] += hits.round().to(torch.int64).cpu().numpy()
         verdict[active] = test.decide(n[active], k[active])
-        done += int(want.sum())
-        if sampler.progress is not None:
-            sampler.progress(done, total)
-    if sampler.progress is not None:
-        sampler.progress(total, total)  # the rest of the budget was not needed
+        if settled is not None:
+            settled(int(np.count_nonzero(verdict != Verdict.UNDECIDED.value)), len(n))
     sampler.check_output()

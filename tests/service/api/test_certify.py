@@ -40,7 +40,7 @@ def test_certify_succeeds_with_one_result_per_input_and_full_progress(client, de
     job = wait_job(client, job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["kind"] == "certify"
-    assert job["progress"] == {"done": 3 * 550, "total": 3 * 550}
+    assert job["progress"] == {"done": 3 * 550, "total": 3 * 550, "unit": "samples"}
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
     rows = job["result"]["results"]
     assert [r["index"] for r in rows] == [0, 1, 2]

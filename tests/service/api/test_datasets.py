@@ -122,7 +122,7 @@ def test_uint8_upload_and_delete(api, digits):
 
 def test_dataset_job_is_split_into_chunks_that_both_workers_run(finished, second_worker):
     assert finished["kind"] == "certify" and finished["params"]["chunks"] == 8
-    assert finished["progress"] == {"done": 359 * 110, "total": 359 * 110}
+    assert finished["progress"] == {"done": 359 * 110, "total": 359 * 110, "unit": "samples"}
     provenance = finished["result"]["provenance"]
     chunks = provenance["chunks"]
     assert [(c["start"], c["stop"]) for c in chunks] == [

@@ -116,7 +116,7 @@ def test_train_on_digits_then_certify_the_registered_model(admin, trainer, demo_
     seen = watch(admin, job_id, lambda r: r["status"] in ("succeeded", "failed", "canceled"))
     job = seen[-1]
     assert job["status"] == "succeeded", job["error"]
-    assert job["kind"] == "train" and job["progress"] == {"done": 2, "total": 2}
+    assert job["kind"] == "train" and job["progress"] == {"done": 2, "total": 2, "unit": "epochs"}
     assert job["params"]["seed"] == 3 and job["params"]["dataset"] == "digits"
     # the epochs appeared one by one while the job ran
     running = [r for r in seen if r["status"] == "running" and r["result"]]
@@ -225,4 +225,4 @@ def test_a_killed_trainer_resumes_from_its_last_epoch(admin, trainer):
     assert result["deliveries"] == 2 and result["resumed_from"] >= 1
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
     assert result["history"][0]["delivery"] == 1 and result["history"][-1]["delivery"] == 2
-    assert job["progress"] == {"done": 3, "total": 3}
+    assert job["progress"] == {"done": 3, "total": 3, "unit": "epochs"}

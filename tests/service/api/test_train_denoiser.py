@@ -107,7 +107,11 @@ def test_a_trained_denoiser_is_registered_and_forms_a_pipeline(
     assert resp.status_code == 202, resp.text
     job = wait_job(admin, resp.json()["job_id"], timeout=180)
     assert job["status"] == "succeeded", job["error"]
-    assert job["kind"] == "train_denoiser" and job["progress"] == {"done": 1, "total": 1}
+    assert job["kind"] == "train_denoiser" and job["progress"] == {
+        "done": 1,
+        "total": 1,
+        "unit": "epochs",
+    }
     assert job["params"]["classifier"] == demo_model["id"] and job["params"]["seed"] == 4
     result = job["result"]
     assert [h["epoch"] for h in result["history"]] == [1] and 0 <= result["metrics"][
@@ -152,7 +156,7 @@ def test_stability_without_init_trains_its_mse_stage_first_and_counts_both(
     job = wait_job(admin, resp.json()["job_id"], timeout=180)
     assert job["status"] == "succeeded", job["error"]
     # one MSE epoch (mse_epochs defaults to epochs), then one of stability
-    assert job["progress"] == {"done": 2, "total": 2}
+    assert job["progress"] == {"done": 2, "total": 2, "unit": "epochs"}
     params = job["params"]
     assert (params["batch_size"], params["lr"], params["mse_epochs"]) == (32, 3e-4, 1)
     history = job["result"]["history"]

@@ -182,6 +182,30 @@ def test_submit_then_status_then_wait(service, capsys, model_id, digits, tmp_pat
     code, out, _ = run(capsys, "status", job_id, "--json")
     record = json.loads(out)
     assert record["status"] == "succeeded" and record["params"]["num_inputs"] == 3
+    code, out, _ = run(capsys, "status", job_id)
+    assert out.rstrip("\n").split("\t")[2:] == ["succeeded", "600/600 samples (100%)"]
+
+
+def test_status_of_a_target_radius_job_counts_inputs_settled(service, capsys, model_id, digits):
+    code, out, _ = run(
+        capsys,
+        "submit",
+        model_id,
+        "--inputs",
+        str(digits["png"]),
+        "--sigma",
+        "0.25",
+        "--target-radius",
+        "0.25",
+        "--n",
+        "2000",
+        "--seed",
+        "0",
+    )
+    job_id = out.strip()
+    assert code == 0 and run(capsys, "wait", job_id)[0] == 0
+    code, out, _ = run(capsys, "status", job_id)
+    assert out.rstrip("\n").split("\t")[2:] == ["succeeded", "3/3 inputs settled (100%)"]
 
 
 def test_dataset_upload_and_job(service, capsys, model_id, digits, tmp_path):

@@ -51,7 +51,7 @@ def params(model_id: str, **overrides) -> CertifyParams:
 def queued(ctx, job: CertifyJob) -> str:
     """A job recorded as the API records it (status queued)."""
     job_id = new_job_id()
-    ctx.jobs.create(job_id, job.params.mode, job.record_params(), total=job.total_samples)
+    ctx.jobs.create(job_id, job.params.mode, job.record_params(), total=job.progress_total)
     return job_id
 
 

@@ -159,3 +159,32 @@ def test_verdicts_are_the_three_named_values():
     verdict = test.decide([1_000, 64, 1_000, 64], [1_000, 44, 500, 0])
     assert list(verdict) == [Verdict.CERTIFIED, Verdict.UNDECIDED, Verdict.STOPPED, Verdict.STOPPED]
     assert (Verdict.CERTIFIED, Verdict.UNDECIDED, Verdict.STOPPED) == (1, 0, -1)
+
+
+def test_progress_counts_inputs_settled_not_samples():
+    # The easy input (distance 0.5) settles within a few rounds, the one on the boundary takes the
+    # cap: progress goes 0 -> 1 -> 2 of 2 inputs, never down, and never counts samples.
+    model, xs = _linear_inputs([0.0, 0.5])
+    calls: list[tuple[int, int]] = []
+    options = RunOptions(seed=4, progress=lambda done, total: calls.append((done, total)))
+    seq = certify_at_radius(
+        model, xs, sigma=0.25, target_radius=0.1, n0=100, n_max=2_000, options=options
+    )
+    assert {total for _, total in calls} == {2}
+    dones = [done for done, _ in calls]
+    assert dones == sorted(dones) and dones[0] == 0 and dones[-1] == 2 and 1 in dones
+    assert seq.results[0].samples_used > seq.results[1].samples_used
+
+
+def test_progress_of_a_radius_beyond_reach_is_every_input_settled_at_once():
+    calls: list[tuple[int, int]] = []
+    certify_at_radius(
+        constant(),
+        np.stack([X, X, X]),
+        sigma=0.25,
+        target_radius=1.0,
+        n0=100,
+        n_max=100_000,
+        options=RunOptions(seed=0, progress=lambda done, total: calls.append((done, total))),
+    )
+    assert calls == [(3, 3)]

@@ -464,9 +464,9 @@ function renderJob(job) {
 
 const isTargetRadius = (p) => p.target_radius !== undefined && p.target_radius !== null;
 
-// What `progress` counts depends on the job: epochs for training, noisy samples for certify and
+// What `progress` counts is its `unit`: epochs for training, noisy samples for certify and
 // predict. A target-radius run stops each input as soon as its test decides, so its sample budget
-// is a cap, not a count: it reports the inputs settled and the samples it used once it is done.
+// is a cap, not a count: it counts the inputs settled, and reports the samples it used once done.
 function progressText(job) {
   const { done, total } = job.progress;
   const p = job.params || {};
@@ -484,9 +484,12 @@ function progressText(job) {
         + `${(rows.length * (p.n0 + p.n)).toLocaleString()})`;
     }
     if (TERMINAL.has(job.status)) return `${job.status}: no input settled is reported`;
+    if (job.progress.unit === "inputs") {
+      return `${done.toLocaleString()} of ${total.toLocaleString()} inputs settled at r = `
+        + `${p.target_radius} (${pct}%); each leaves as soon as its test decides`;
+    }
     return `${inputs === undefined ? "the" : inputs.toLocaleString()} input${inputs === 1 ? "" : "s"} being `
-      + `tested at r = ${p.target_radius}; each leaves as soon as its test decides (at most `
-      + `${total.toLocaleString()} noisy samples in all, ${done.toLocaleString()} drawn so far)`;
+      + `tested at r = ${p.target_radius}; each leaves as soon as its test decides`;
   }
   return total ? `${done.toLocaleString()} of ${total.toLocaleString()} noisy samples (${pct}%)` : "";
 }
