@@ -92,3 +92,54 @@ def test_train_one_epoch_from_the_page_and_use_the_model(tab, api_url, admin, tr
         expect(page.get_by_test_id("model-info")).to_contain_text(re.compile(r"training σ\s*0.25"))
     finally:
         assert admin.delete(f"/v1/models/{model_id}").status_code == 204
+
+
+def test_train_a_stability_denoiser_in_two_stages_from_the_page(
+    tab, api_url, admin, trainer, demo_model
+):
+    page = open_page(tab, api_url, ADMIN_KEY)
+    page.get_by_test_id("train-what").select_option("denoiser")
+    expect(page.get_by_test_id("train-arch")).to_be_hidden()  # a classifier's field
+    page.get_by_test_id("train-objective").select_option("stability")
+    page.get_by_test_id("train-classifier").select_option(demo_model["id"])
+    page.get_by_test_id("train-dataset").fill("digits")
+    page.get_by_test_id("train-sigma").fill("0.5")
+    page.get_by_test_id("train-epochs").fill("1")
+    page.get_by_test_id("train-mse-epochs").fill("1")
+    page.get_by_test_id("train-depth").fill("3")
+    page.get_by_test_id("train-width").fill("8")
+    page.get_by_test_id("train-seed").fill("5")
+    page.get_by_test_id("train-submit").click()
+
+    expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", "succeeded")
+    job_id = page.get_by_test_id("job-id").inner_text()
+    job = admin.get(f"/v1/jobs/{job_id}").json()
+    assert job["kind"] == "train_denoiser" and job["status"] == "succeeded"
+    p = job["params"]
+    assert (p["objective"], p["classifier"], p["epochs"], p["mse_epochs"]) == (
+        "stability",
+        demo_model["id"],
+        1,
+        1,
+    )
+    # The service's stability defaults, since the form left batch size and lr empty.
+    assert (p["batch_size"], p["lr"], p["depth"], p["width"]) == (32, 3e-4, 3, 8)
+    result = job["result"]
+    model_id = result["model_id"]
+    try:
+        # Both stages count: 2 epochs, one point each on a chart that spans both.
+        expect(page.get_by_test_id("progress-text")).to_have_text("2 of 2 epochs (100%)")
+        params = page.get_by_test_id("job-params")
+        expect(params).to_contain_text("objective")
+        expect(params).to_contain_text("MSE for 1 epoch, then stability from its weights")
+        expect(params).to_contain_text("σ = 0.5, 1 epoch, batch 32, lr 0.0003")
+        expect(params).not_to_contain_text("undefined")
+        loss = page.get_by_test_id("train-chart").locator('g.series[data-series="loss"] circle.point')
+        expect(loss).to_have_count(2)
+        assert [h["stage"] for h in result["history"]] == ["mse", "stability"]
+        assert [float(loss.nth(i).get_attribute("data-x")) for i in range(2)] == [1.0, 2.0]
+        expect(page.get_by_test_id("trained-model-id")).to_have_text(model_id)
+        model = admin.get(f"/v1/models/{model_id}").json()
+        assert model["kind"] == "denoiser"
+    finally:
+        assert admin.delete(f"/v1/models/{model_id}").status_code == 204

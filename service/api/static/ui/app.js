@@ -946,6 +946,10 @@ function trainingFacts(job) {
     facts.push(["denoiser", `${p.arch}, depth ${p.depth}, width ${p.width}`], ["objective", String(p.objective)]);
     if (p.classifier) facts.push(["classifier", modelLabel(p.classifier)]);
     if (p.init) facts.push(["starts from", modelLabel(p.init)]);
+    if (p.objective === "stability" && !p.init && p.mse_epochs) {
+      facts.push(["stages", `MSE for ${p.mse_epochs} epoch${p.mse_epochs === 1 ? "" : "s"}, `
+        + "then stability from its weights"]);
+    }
   } else {
     facts.push(["architecture", String(p.arch)], ["method", String(p.method)]);
     if (p.method === "smoothed" || p.method === "smoothadv") facts.push(["m (copies per image)", String(p.m)]);
@@ -979,7 +983,9 @@ function renderTraining(job) {
     box.replaceChildren(el("p", { class: "hint" }, job.status === "succeeded" ? "no history recorded"
       : "the chart grows by one point per finished epoch"));
   } else {
-    const epochs = (job.params && job.params.epochs) || history[history.length - 1].epochs || history.length;
+    // All epochs of the run: a stability denoiser's MSE stage counts too (progress and history say so).
+    const epochs = (job.progress && job.progress.total) || history[history.length - 1].epochs
+      || (job.params && job.params.epochs) || history.length;
     const xRange = [0, Math.max(epochs, 1)];
     const of = (key) => history.map((h) => [h.epoch, h[key] === null || h[key] === undefined ? NaN : h[key]]);
     const charts = [lineChart({ title: "training loss", xLabel: "epoch", yLabel: "loss", xRange, xWhole: true,
@@ -1064,7 +1070,10 @@ function trainBody() {
   if (name) body.name = name;
   const numbers = [["sigma", "train-sigma", false], ["epochs", "train-epochs", true],
                    ["batch_size", "train-batch-size", true], ["lr", "train-lr", false], ["seed", "train-seed", true]];
-  if (denoiser) numbers.push(["depth", "train-depth", true], ["width", "train-width", true]);
+  if (denoiser) {
+    numbers.push(["depth", "train-depth", true], ["width", "train-width", true]);
+    if ($("train-objective").value === "stability") numbers.push(["mse_epochs", "train-mse-epochs", true]);
+  }
   else numbers.push(["m", "train-m", true], ["epsilon", "train-epsilon", false], ["steps", "train-steps", true]);
   for (const [field, id, integer] of numbers) {
     const text = $(id).value.trim();
