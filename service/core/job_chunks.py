@@ -19,10 +19,13 @@ transition script), so the step needs no lock.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
-from smoothcert.service.core.jobs import CANCELED, FAILED, TRACK_LUA, JobStore
+from smoothcert.service.core.jobs import CANCELED, FAILED, TRACK_LUA, Fence, JobStore, fence_lua
+
+log = logging.getLogger(__name__)
 
 # KEYS[1] record, KEYS[2] deliveries; ARGV[1] chunk, ARGV[2] now, ARGV[3] ttl.
 # A queued or running job turns (stays) running; returns the chunk's delivery count, 0 otherwise.
@@ -41,15 +44,19 @@ return deliveries
 """
 )
 
-# KEYS[1] record, KEYS[2] chunk results; ARGV[1] chunk, ARGV[2] its outcome (JSON), ARGV[3] ttl.
-# Keeps the outcome only while the job runs (a canceled or failed job's results are dropped by
-# its transition, and none may come back); returns how many chunks have one, or -1.
-_STORE = """
+# KEYS[1] record, KEYS[2] chunk results, KEYS[3] the fence's hash; ARGV[1] chunk, ARGV[2] its
+# outcome (JSON), ARGV[3] ttl, ARGV[4] and ARGV[5] the fence's field and token. Keeps the outcome
+# only while the job runs (a canceled or failed job's results are dropped by its transition, and
+# none may come back) and the fence holds; returns how many chunks have one, -1 or -2 (fenced).
+_STORE = (
+    fence_lua("KEYS[3]", "ARGV[4]", "ARGV[5]")
+    + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return redis.call('HLEN', KEYS[2])
 """
+)
 
 # KEYS[1] record, KEYS[2] per-chunk progress; ARGV[1] chunk, ARGV[2] samples done, ARGV[3] ttl.
 _PROGRESS = """
@@ -101,13 +108,25 @@ class ChunkLedger:
 
     def store(self, job_id: str, index: int, payload: dict[str, Any]) -> int:
         """Keep chunk ``index``'s outcome (replacing a previous delivery's); how many chunks have
-        one, or -1 when the job no longer runs (nothing is kept then)."""
-        return int(
+        one, or -1 when the job no longer runs, -2 when another run took this chunk's task over
+        (the store's fence): nothing is kept then."""
+        record = JobStore.key(job_id)
+        fence_key, fence_args = Fence.keys_args(self.jobs.fence, record)
+        stored = int(
             self._store(
-                keys=[JobStore.key(job_id), self._key(job_id, "chunk_results")],
-                args=[index, json.dumps(payload), self.ttl_s],
+                keys=[record, self._key(job_id, "chunk_results"), fence_key],
+                args=[index, json.dumps(payload), self.ttl_s, *fence_args],
             )
         )
+        if stored == -2:
+            log.warning(
+                "the outcome of chunk %d of job %s was not kept: another worker took its task "
+                "over (this one stopped beating and its lease was reaped)",
+                index,
+                job_id,
+                extra={"job_id": job_id},
+            )
+        return stored
 
     def results(self, job_id: str) -> dict[int, dict[str, Any]]:
         """Every stored chunk outcome by chunk index."""

@@ -32,6 +32,11 @@ the same TTL: an index holds at most the jobs of one TTL and vanishes with its l
 :meth:`JobStore.recent` skips, and removes, any entry whose record is gone all the same (a record
 deleted by hand, a TTL shortened between runs), so a listed job always has its record.
 
+A worker writes under the lease of the task it runs (a :class:`Fence`): once another worker
+has taken the task over (this one stopped beating, its lease was reaped and the task sent again),
+every status change it still makes is refused, however late its link comes back, so the run that
+holds the lease is the one whose outcome counts.
+
 A succeeded job's result is two fields: ``result_summary``, the result without its rows (what a
 listing reads), and ``rows``, their JSON (:meth:`JobStore.succeed`; :meth:`JobStore.get` puts
 them together again; a record from before has one ``result`` field, read as it is). What grows
@@ -47,6 +52,7 @@ every result's rows in its record and no noisy copies.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -62,6 +68,8 @@ from smoothcert.service.core.store import inside
 
 if TYPE_CHECKING:  # results.py imports this module
     from smoothcert.service.core.results import ResultFiles
+
+log = logging.getLogger(__name__)
 
 PREFIX = "smoothcert:job:"
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
@@ -167,10 +175,25 @@ return {1, active + 1}
 """
 )
 
-# KEYS[1] record; ARGV[1] new status; ARGV[2] JSON list of allowed current states;
-# ARGV[3] JSON object of extra fields to set. Returns 1 when the transition happened.
+
+def fence_lua(key: str, field: str, token: str) -> str:
+    """Lua that returns -2 from its script when the hash ``key``'s field ``field`` holds a lease
+    (JSON) whose token is not ``token``; nothing happens when ``field`` is ''. The three are Lua
+    expressions (``KEYS[2]``, ``ARGV[4]``): see :class:`Fence`."""
+    return f"""
+if {field} ~= '' then
+  local held = redis.call('HGET', {key}, {field})
+  if held and cjson.decode(held)['token'] ~= {token} then return -2 end
+end
+"""
+
+
+# KEYS[1] record, KEYS[2] fence's hash; ARGV[1] new status; ARGV[2] JSON list of allowed current
+# states; ARGV[3] JSON object of extra fields to set; ARGV[4], ARGV[5] the fence's field and
+# token. Returns 1 when the transition happened, -2 when the fence refused it.
 _TRANSITION = (
     TRACK_LUA
+    + fence_lua("KEYS[2]", "ARGV[4]", "ARGV[5]")
     + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
@@ -188,6 +211,24 @@ end
 return 0
 """
 )
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a writer holds: field ``field`` of the hash ``key`` holds a JSON object whose
+    ``token`` is the writer's. A write under a fence is refused once that field names another
+    token; an absent field refuses nothing (between a reap and the next claim, or a lease lost
+    with its Redis: the job's states still allow each change once)."""
+
+    key: str
+    field: str
+    token: str
+
+    @staticmethod
+    def keys_args(fence: Fence | None, record: str) -> tuple[str, list[str]]:
+        """The fence's hash (``record`` without a fence: any key will do) and its two
+        arguments, as :func:`fence_lua` reads them."""
+        return (record, ["", ""]) if fence is None else (fence.key, [fence.field, fence.token])
 
 
 class ResultRowsMissing(Exception):
@@ -379,14 +420,21 @@ _LISTED_FIELDS = (
 
 class JobStore:
     """Create, read and update job records; every method is one or two Redis round trips (and,
-    with ``files``, a file read or write where a job's noisy copies or large rows are concerned)."""
+    with ``files``, a file read or write where a job's noisy copies or large rows are concerned).
+    With a ``fence`` (the lease of the task that writes), every status change is refused, and
+    logged, once another run holds the task's lease."""
 
     def __init__(
-        self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600, files: ResultFiles | None = None
+        self,
+        client: redis.Redis,
+        ttl_s: int = 7 * 24 * 3600,
+        files: ResultFiles | None = None,
+        fence: Fence | None = None,
     ):
         self.redis = client
         self.ttl_s = ttl_s
         self.files = files
+        self.fence = fence
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
 
@@ -506,7 +554,8 @@ class JobStore:
         )
 
     def transition(self, job_id: str, to: str, allowed_from: Iterable[str], **fields: Any) -> bool:
-        """Set status ``to`` (and ``fields``) only if the current status is in ``allowed_from``."""
+        """Set status ``to`` (and ``fields``) only if the current status is in ``allowed_from``
+        and the store's fence, if any, still holds."""
         extra = {
             k: json.dumps(v) if k == "result" else ("" if v is None else str(v))
             for k, v in fields.items()
@@ -515,13 +564,21 @@ class JobStore:
             # What a listing shows: the result without its rows, so a page of large dataset jobs
             # reads a few hundred bytes per job instead of every row of each.
             extra["result_summary"] = json.dumps({**fields["result"], "results": None})
-        return (
-            self._transition(
-                keys=[self.key(job_id)],
-                args=[to, json.dumps(list(allowed_from)), json.dumps(extra)],
-            )
-            == 1
+        record = self.key(job_id)
+        fence_key, fence_args = Fence.keys_args(self.fence, record)
+        done = self._transition(
+            keys=[record, fence_key],
+            args=[to, json.dumps(list(allowed_from)), json.dumps(extra), *fence_args],
         )
+        if done == -2:
+            log.warning(
+                "job %s was not marked %s: another worker took its task over (this one stopped "
+                "beating and its lease was reaped); that run's outcome counts",
+                job_id,
+                to,
+                extra={"job_id": job_id},
+            )
+        return done == 1
 
     def start(self, job_id: str) -> int:
         """Mark running (from queued, or running again on redelivery); return the delivery count,

@@ -23,7 +23,7 @@ import redis
 
 from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.job_chunks import ChunkLedger
-from smoothcert.service.core.jobs import JobStore
+from smoothcert.service.core.jobs import Fence, JobStore
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.results import ResultFiles
 from smoothcert.service.core.settings import Settings
@@ -65,6 +65,10 @@ class WorkerContext:
         # (id, sha256, runtime asked for, precision, batch size class) -> model in that runtime
         self.runtime_models = LruCache(MODEL_CACHE_SIZE)
         self._clients: dict[int, redis.Redis] = {}
+        # The lease of the task this process runs (set by liveness.LeasedTask): every job store
+        # it hands out writes under it, so a run whose task another worker took over changes
+        # nothing any more (service/core/jobs.py, Fence).
+        self.fence: Fence | None = None
 
     def connect(self, *, connect_timeout_s: float = 5, timeout_s: float = 30) -> redis.Redis:
         """A new Redis client of the broker's server (a thread that wants its own timeouts)."""
@@ -83,7 +87,9 @@ class WorkerContext:
 
     @property
     def jobs(self) -> JobStore:
-        return JobStore(self.redis(), ttl_s=self.settings.job_ttl_s, files=self.results)
+        return JobStore(
+            self.redis(), ttl_s=self.settings.job_ttl_s, files=self.results, fence=self.fence
+        )
 
     @property
     def ledger(self) -> ChunkLedger:

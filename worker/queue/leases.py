@@ -23,6 +23,11 @@ the task time limit (hours). Leases close that gap.
   carries the job), or finds the job finished and does nothing.
 * A task releases its lease when it returns, whatever the outcome, only if the lease is still
   its own (the token).
+* A task writes its job under its lease (:meth:`Lease.fence`,
+  :class:`~smoothcert.service.core.jobs.Fence`): a worker cut off from Redis long enough to be
+  taken for dead may come back and finish its run, but once another worker has claimed the task
+  its status changes and chunk outcomes are refused, so only the run holding the lease decides
+  how the job ends.
 
 The Lua scripts read heartbeat keys they are not given in KEYS; that is fine on a single Redis
 server (what the service uses) and would need hash tags on a cluster.
@@ -38,6 +43,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import redis
+
+from smoothcert.service.core.jobs import Fence
 
 LEASES_KEY = "smoothcert:leases"
 
@@ -113,6 +120,10 @@ class Lease:
                 "args": self.args,
             }
         )
+
+    def fence(self) -> Fence:
+        """What this run writes its job under: refused once another run holds the task's lease."""
+        return Fence(LEASES_KEY, self.task_id, self.token)
 
     @classmethod
     def from_json(cls, task_id: str, raw: str | bytes) -> Lease:

@@ -93,9 +93,10 @@ def retire_process(reason: str) -> None:
 
 
 class LeasedTask(Task):
-    """Every project task: holds a lease while it runs, under its process's watchdog; returns at
-    once if a live worker holds the lease. A process that :func:`retire_process` marked exits after
-    releasing the lease. A task's first argument is its job id."""
+    """Every project task: holds a lease while it runs, under its process's watchdog, and writes
+    its job under that lease (a worker whose task was taken over changes nothing any more);
+    returns at once if a live worker holds the lease. A process that :func:`retire_process`
+    marked exits after releasing the lease. A task's first argument is its job id."""
 
     def __call__(self, *args, **kwargs):
         if self.request.called_directly or not self.request.id:
@@ -116,6 +117,8 @@ class LeasedTask(Task):
             )
             return None
         job_id = str(args[0]) if args else None
+        ctx = context.current()
+        ctx.fence = lease.fence()
         limit = _settings().task_time_limit_s
         watch = watchdog.begin(
             self.request.id,
@@ -132,6 +135,7 @@ class LeasedTask(Task):
             return super().__call__(*args, **kwargs)
         finally:
             watchdog.end(watch)
+            ctx.fence = None
             try:
                 outage.persist(
                     lambda: leases.release(lease),

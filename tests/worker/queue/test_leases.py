@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from smoothcert.service.core.job_chunks import ChunkLedger
+from smoothcert.service.core.jobs import JobStore
 from smoothcert.worker.queue.leases import LEASES_KEY, Leases
 from tests.support.stack import scratch_db
 
@@ -106,3 +108,44 @@ def test_a_failed_resend_puts_the_lease_back(client):
     assert leases.reap(broken, now=later()) == []
     assert leases.get("job-x") is not None
     assert [lease.task_id for lease in leases.reap(lambda lease: None, now=later())] == ["job-x"]
+
+
+def test_a_run_whose_task_was_taken_over_changes_nothing_of_its_job(client):
+    """The stale run's outcome is refused (its lease fences it) even when it arrives first; the run
+    holding the lease decides the job, and a store without a fence is not affected."""
+    job_id = "3f2b8c1e-5d4a-4b6f-9e7d-0a1b2c3d4e5f"
+    leases = Leases(client, PREFIX, TTL)
+    beat(client, "a", "a-1")
+    stale = leases.claim(job_id, "a", "a-1", 1, "smoothcert.certify", [job_id, {}])
+    a_jobs = JobStore(client, fence=stale.fence())
+    a_jobs.create(job_id, "certify", {"seed": 1}, total=10)
+    assert a_jobs.start(job_id) == 1
+    client.delete(PREFIX + "a")  # a's link is cut: its heartbeat expires
+    [taken] = leases.reap(lambda lease: None, now=later())
+    beat(client, "b", "b-1")
+    fresh = leases.claim(job_id, "b", "b-1", 2, "smoothcert.certify", [job_id, {}])
+    b_jobs = JobStore(client, fence=fresh.fence())
+    assert b_jobs.start(job_id) == 2
+    before = client.hgetall(JobStore.key(job_id))
+
+    # a's link comes back and its run ends before b's: nothing it says is recorded.
+    assert not a_jobs.succeed(job_id, {"results": [{"index": 0, "radius": 9.0}]})
+    assert not a_jobs.fail(job_id, "stale")
+    assert not a_jobs.mark_canceled(job_id)
+    assert a_jobs.start(job_id) == 0
+    assert ChunkLedger(a_jobs).store(job_id, 0, {"rows": [{"index": 0}]}) == -2
+    assert client.hgetall(JobStore.key(job_id)) == before
+    assert not client.exists(JobStore.key(job_id) + ":chunk_results")
+    assert not leases.release(stale)  # nor can it drop b's lease
+
+    assert ChunkLedger(b_jobs).store(job_id, 0, {"rows": [{"index": 0}]}) == 1
+    assert b_jobs.succeed(job_id, {"results": [{"index": 0, "radius": 0.5}]})
+    record = JobStore(client).get(job_id)
+    assert record.status == "succeeded" and record.result["results"] == [
+        {"index": 0, "radius": 0.5}
+    ]
+    assert leases.release(fresh)
+    # Without a lease (released, or lost with a Redis): the job's states alone decide.
+    assert not a_jobs.succeed(job_id, {"results": []})
+    assert JobStore(client).get(job_id).result["results"] == [{"index": 0, "radius": 0.5}]
+    assert taken.token == stale.token
