@@ -40,10 +40,12 @@ from smoothcert.service.core.params import (
     DEFAULT_MODE,
     DEFAULT_N,
     DEFAULT_N0,
+    DEFAULT_NOISE,
     DEFAULT_PRECISION,
     DEFAULT_RUNTIME,
     Bound,
     Mode,
+    Noise,
     Precision,
     Runtime,
 )
@@ -78,7 +80,9 @@ class CertifyParams:
     """The parameters a caller chooses for CERTIFY, PREDICT or the test at a target radius.
 
     ``seed`` None means "draw one" (the service draws and records it); ``batch_size`` None means
-    the engine's choice for the device. ``n`` caps a target-radius run per input.
+    the engine's choice for the device. ``n`` caps a target-radius run per input. ``noise``
+    "discrete" draws the discretised Gaussian on the 8-bit grid; ``quantize`` rounds float inputs
+    onto that grid instead of refusing those off it (discrete noise only).
     """
 
     model_id: str
@@ -93,6 +97,8 @@ class CertifyParams:
     target_radius: float | None = None
     runtime: Runtime = DEFAULT_RUNTIME
     precision: Precision = DEFAULT_PRECISION
+    noise: Noise = DEFAULT_NOISE
+    quantize: bool = False
 
     @property
     def samples_per_input(self) -> int:
@@ -146,7 +152,8 @@ _PARAM_KEYS = (
     "precision",
 )
 _DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetRange))
-_OPTIONAL_KEYS = ("target_radius",)
+# Written only when they differ from the default (records from before they existed lack them).
+_OPTIONAL_KEYS = ("target_radius", "noise", "quantize")
 # Records written before runtimes and precisions were chosen ran in torch, in float32.
 _LEGACY_DEFAULTS = {"runtime": "torch", "precision": "float32"}
 
@@ -211,6 +218,10 @@ class CertifyJob:
         }
         if p.target_radius is not None:
             out["target_radius"] = p.target_radius
+        if p.noise != DEFAULT_NOISE:
+            out["noise"] = p.noise
+        if p.quantize:
+            out["quantize"] = True
         if self.dataset is not None:
             out.update(dataclasses.asdict(self.dataset))
         return out
@@ -239,6 +250,8 @@ class CertifyJob:
         params_ = CertifyParams(
             **{k: given[k] for k in _PARAM_KEYS if k != "num_inputs"},
             target_radius=given.get("target_radius"),
+            noise=given.get("noise", DEFAULT_NOISE),
+            quantize=bool(given.get("quantize", False)),
         )
         dataset = DatasetRange(**{k: given[k] for k in _DATASET_KEYS}) if has_dataset else None
         return cls(params_, given["num_inputs"], dataset)

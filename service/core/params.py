@@ -18,15 +18,20 @@ Runtime = Literal["auto", "torch", "onnxruntime"]
 pinned; an ONNX model runs in onnxruntime only (smoothcert.models.runtimes)."""
 Precision = Literal["float32", "float16", "bfloat16"]
 """The base classifier's arithmetic; the noise is drawn and added in float32 whatever it is."""
+Noise = Literal["gaussian", "discrete"]
+"""The noise of the smoothed classifier: Gaussian in float32 (Cohen et al.), or the discretised
+Gaussian on the 8-bit grid, added in integers (Voráček & Hein 2023: sound in floating point)."""
 
 BOUNDS: Final[tuple[Bound, ...]] = get_args(Bound)
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 RUNTIMES: Final[tuple[Runtime, ...]] = get_args(Runtime)
 PRECISIONS: Final[tuple[Precision, ...]] = get_args(Precision)
+NOISES: Final[tuple[Noise, ...]] = get_args(Noise)
 DEFAULT_BOUND: Final[Bound] = "cohen"
 DEFAULT_MODE: Final[Mode] = "certify"
 DEFAULT_RUNTIME: Final[Runtime] = "auto"
 DEFAULT_PRECISION: Final[Precision] = "float32"
+DEFAULT_NOISE: Final[Noise] = "gaussian"
 
 DEFAULT_N0: Final = 100  # samples that select the class
 DEFAULT_N: Final = 100_000  # samples that bound its probability (the cap of a target-radius run)

@@ -1,7 +1,9 @@
 """CERTIFY and PREDICT of Cohen, Rosenfeld & Kolter (2019), batched over inputs.
 
 The smoothed classifier is g(x) = argmax_c P(f(x + δ) = c), δ ~ N(0, σ²I), with the noise added
-in [0,1] pixel space (the base classifier normalises after it) and never clamped. Each function
+in [0,1] pixel space (the base classifier normalises after it) and never clamped; or, with
+``noise="discrete"``, the same for F = f∘clip∘round₂₅₅ on inputs of the 8-bit grid, drawn
+exactly in integers (:mod:`~smoothcert.worker.smoothing.discrete`). Each function
 below follows the paper's pseudocode line by line, for every input of ``x`` at once; sampling is
 :mod:`~smoothcert.worker.smoothing.sampling`, the statistics :mod:`~smoothcert.worker.smoothing.bounds`.
 """
@@ -17,8 +19,10 @@ from smoothcert.service.core.params import (
     DEFAULT_ALPHA,
     DEFAULT_N,
     DEFAULT_N0,
+    DEFAULT_NOISE,
     DEFAULT_PREDICT_N,
     Bound,
+    Noise,
 )
 from smoothcert.worker.smoothing import bounds
 from smoothcert.worker.smoothing.checks import InputError, check_params
@@ -37,6 +41,8 @@ def certify(
     *,
     bound: Bound = "cohen",
     options: RunOptions | None = None,
+    noise: Noise = DEFAULT_NOISE,
+    quantize: bool = False,
 ) -> Run[Certificate]:
     """CERTIFY every input of ``x`` ((C, H, W) or (N, C, H, W), floats in [0,1]).
 
@@ -51,6 +57,9 @@ def certify(
     the memory budget is refused with :class:`~.checks.BatchSizeError` (an InputError), or lowered
     to fit when ``options.lower_batch_size``; the provenance records the batch size used and the
     one asked for. Raises InputError when the model's scores are NaN or infinite for some noisy copy.
+    ``noise="discrete"`` draws the discretised Gaussian on the 8-bit grid; its inputs must lie on
+    the grid (InputError otherwise) unless ``quantize``, which rounds them first. The guarantee
+    then holds with probability ≥ 1 − ``alpha_effective`` (the provenance's), for g of F.
     """
     options = options or RunOptions()
     check_params(
@@ -62,7 +71,7 @@ def certify(
         batch_size=options.batch_size,
         seed=options.seed,
     )
-    sampler = open_sampler(model, x, sigma, options)
+    sampler = open_sampler(model, x, sigma, options, noise=noise, quantize=quantize)
     # Two disjoint samples per input: n0 copies to select, n fresh ones to estimate, so the class
     # under test was not chosen on the votes that test it. One call draws both (input by input,
     # selection first), so batches stay full across inputs.
@@ -98,13 +107,15 @@ def predict(
     alpha: float = DEFAULT_ALPHA,
     *,
     options: RunOptions | None = None,
+    noise: Noise = DEFAULT_NOISE,
+    quantize: bool = False,
 ) -> Run[Prediction]:
     """PREDICT every input of ``x``: the top class of n noisy copies, or an abstention.
 
     Abstains when the two-sided binomial test of the top two counts n_A ≥ n_B at p = ½ gives a
     p-value above alpha; a returned class differs from g(x) with probability ≤ alpha. Refuses an
-    n so small that even a unanimous vote could not pass that test. ``options``, batches and
-    scores as in :func:`certify`.
+    n so small that even a unanimous vote could not pass that test. ``options``, batches,
+    scores, ``noise`` and ``quantize`` as in :func:`certify`.
     """
     options = options or RunOptions()
     check_params(sigma=sigma, n=n, alpha=alpha, batch_size=options.batch_size, seed=options.seed)
@@ -113,7 +124,7 @@ def predict(
         raise InputError(
             f"n={n} can never pass the test at alpha={alpha}: PREDICT needs n >= {least}"
         )
-    sampler = open_sampler(model, x, sigma, options)
+    sampler = open_sampler(model, x, sigma, options, noise=noise, quantize=quantize)
     (counts,) = sampler.sample_counts(n)
     per_input = sampler.elapsed() / len(counts)
     results = []

@@ -23,12 +23,36 @@ def run_params(
     model: BaseClassifier, x: Inputs, params: CertifyParams, options: RunOptions | None = None
 ) -> Run[Any]:
     """PREDICT (``mode="predict"``), the test at ``params.target_radius`` (n caps its draws per
-    input), or CERTIFY with ``params.bound``, of ``x`` at ``params.sigma``."""
+    input), or CERTIFY with ``params.bound``, of ``x`` at ``params.sigma``, with ``params.noise``
+    (``params.quantize``: round float inputs to the 8-bit grid for discrete noise)."""
     p = params
+    noise, quantize = p.noise, p.quantize
     if p.mode == "predict":
-        return predict(model, x, p.sigma, p.n, p.alpha, options=options)
+        return predict(
+            model, x, p.sigma, p.n, p.alpha, options=options, noise=noise, quantize=quantize
+        )
     if p.target_radius is not None:
         return certify_at_radius(
-            model, x, p.sigma, p.target_radius, p.n0, p.n, p.alpha, options=options
+            model,
+            x,
+            p.sigma,
+            p.target_radius,
+            p.n0,
+            p.n,
+            p.alpha,
+            options=options,
+            noise=noise,
+            quantize=quantize,
         )
-    return certify(model, x, p.sigma, p.n0, p.n, p.alpha, bound=p.bound, options=options)
+    return certify(
+        model,
+        x,
+        p.sigma,
+        p.n0,
+        p.n,
+        p.alpha,
+        bound=p.bound,
+        options=options,
+        noise=noise,
+        quantize=quantize,
+    )

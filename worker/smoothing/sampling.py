@@ -1,7 +1,9 @@
 """Noisy copies of inputs through the base classifier: the sampling half of randomized smoothing.
 
-Noise is drawn on the model's device from a generator seeded per call (never the global one),
-added in [0,1] pixel space and never clamped. Samples of several inputs share a batch; votes are
+Noise is drawn on the model's device from a generator seeded per call (never the global one).
+Gaussian noise is added in [0,1] pixel space and never clamped; discrete noise
+(:mod:`.discrete`, :mod:`.grid_noise`) is added to the inputs' 8-bit grid levels in integers and
+clipped there, then converted to float once. Samples of several inputs share a batch; votes are
 counted on the device. Same seed, same batch size and same device give bit-identical votes. A
 batch size larger than the device's memory allows (:mod:`.memory`) is refused, or lowered to what
 fits when the call asks for it (:class:`~.options.RunOptions`); the provenance records the batch
@@ -22,9 +24,10 @@ import torch
 from smoothcert.models import process_tuning
 from smoothcert.models.base import BaseClassifier, bind_sigma
 from smoothcert.models.pixels import PixelError, as_pixel_batch
-from smoothcert.service.core.params import draw_seed
-from smoothcert.worker.smoothing import memory
+from smoothcert.service.core.params import Noise, draw_seed
+from smoothcert.worker.smoothing import discrete, memory
 from smoothcert.worker.smoothing.checks import BatchSizeError, InputError
+from smoothcert.worker.smoothing.grid_noise import GridNoise
 from smoothcert.worker.smoothing.options import CancelCheck, Progress, RunOptions
 from smoothcert.worker.smoothing.provenance import software_versions
 
@@ -64,29 +67,65 @@ def as_input_batch(x: Inputs, input_shape: Sequence[int]) -> np.ndarray:
 
 
 def noisy_copies(
-    x: Inputs, input_shape: Sequence[int], sigma: float, copies: int, seed: int
+    x: Inputs,
+    input_shape: Sequence[int],
+    sigma: float,
+    copies: int,
+    seed: int,
+    noise: Noise = "gaussian",
+    quantize: bool = False,
 ) -> np.ndarray:
     """``copies`` noisy copies x + σ·δ, δ ~ N(0, I), of each input of ``x``: float32 (N, copies, C, H, W).
 
-    The noise is drawn as :class:`Sampler` draws it (float32, [0,1] pixel space, no clamping), from
-    a CPU generator of its own seeded with ``seed``: copies to look at, which change none of a
-    run's draws (a run's generator is its own).
+    The noise is drawn as :class:`Sampler` draws it (float32, [0,1] pixel space, no clamping; or
+    ``noise="discrete"`` on the inputs' grid levels, ``quantize`` as there), from a CPU generator
+    of its own seeded with ``seed``: copies to look at, which change none of a run's draws (a
+    run's generator is its own).
     """
     batch = torch.from_numpy(as_input_batch(x, input_shape))
     generator = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn(
+    if noise == "discrete":
+        levels = torch.from_numpy(input_levels(batch.numpy(), quantize)).to(torch.int64)
+        repeated = levels.unsqueeze(1).expand(-1, copies, *levels.shape[1:])
+        grid = GridNoise(sigma_table(sigma), torch.device("cpu"))
+        return grid.noisy(repeated.contiguous(), generator).numpy()
+    gaussian = torch.randn(
         (batch.shape[0], copies, *batch.shape[1:]), generator=generator, dtype=batch.dtype
     )
-    return noise.mul_(float(sigma)).add_(batch.unsqueeze(1)).numpy()
+    return gaussian.mul_(float(sigma)).add_(batch.unsqueeze(1)).numpy()
+
+
+def input_levels(x: np.ndarray, quantize: bool) -> np.ndarray:
+    """:func:`.discrete.grid_levels` of float inputs, its refusal raised as :class:`InputError`."""
+    try:
+        return discrete.grid_levels(x, quantize)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def sigma_table(sigma: float) -> discrete.Thresholds:
+    """:func:`.discrete.thresholds` of ``sigma``, its refusal raised as :class:`InputError`."""
+    try:
+        return discrete.thresholds(float(sigma))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def open_sampler(
-    model: BaseClassifier, x: Inputs, sigma: float, options: RunOptions | None
+    model: BaseClassifier,
+    x: Inputs,
+    sigma: float,
+    options: RunOptions | None,
+    noise: Noise = "gaussian",
+    quantize: bool = False,
 ) -> Sampler:
     """The :class:`Sampler` of one engine call: ``model`` bound to ``sigma``
     (:func:`~smoothcert.models.base.bind_sigma`), the inputs ``x``, run as ``options`` says
-    (None: :class:`RunOptions`' defaults)."""
-    return Sampler(bind_sigma(model, sigma), x, sigma, options or RunOptions())
+    (None: :class:`RunOptions`' defaults), with Gaussian or discrete ``noise`` (``quantize``:
+    round float inputs to the 8-bit grid instead of refusing those off it)."""
+    return Sampler(
+        bind_sigma(model, sigma), x, sigma, options or RunOptions(), noise=noise, quantize=quantize
+    )
 
 
 def fitting_batch_size(model: BaseClassifier, device: torch.device, options: RunOptions) -> int:
@@ -116,13 +155,30 @@ class Sampler:
     :func:`~smoothcert.worker.smoothing.checks.check_params` accepted and checks the inputs
     themselves. A batch size or seed left at None is chosen here (by input size; at random) and
     recorded in :meth:`provenance`; a batch size asked for must fit the memory budget, or is
-    lowered when the options ask for it (:func:`fitting_batch_size`).
+    lowered when the options ask for it (:func:`fitting_batch_size`). Discrete ``noise`` takes
+    inputs on the 8-bit grid (or rounds them, ``quantize``); :class:`InputError` otherwise.
     """
 
-    def __init__(self, model: BaseClassifier, x: Inputs, sigma: float, options: RunOptions):
+    def __init__(
+        self,
+        model: BaseClassifier,
+        x: Inputs,
+        sigma: float,
+        options: RunOptions,
+        noise: Noise = "gaussian",
+        quantize: bool = False,
+    ):
         self.model = model
         device = torch.device(model.device)
-        self.x = torch.from_numpy(as_input_batch(x, model.info.input_shape)).to(device)
+        pixels = as_input_batch(x, model.info.input_shape)
+        self.noise_kind, self.quantize = noise, bool(quantize)
+        self.grid: GridNoise | None = None
+        if noise == "discrete":
+            levels = input_levels(pixels, quantize)
+            self.grid = GridNoise(sigma_table(sigma), device)
+            self.levels = torch.from_numpy(levels).to(device=device, dtype=torch.int64)
+            pixels = (levels.astype(np.float32) / np.float32(discrete.LEVELS)).astype(np.float32)
+        self.x = torch.from_numpy(pixels).to(device)
         self.requested_batch_size = None if options.batch_size is None else int(options.batch_size)
         self.batch_size = fitting_batch_size(model, device, options)
         seed = options.seed
@@ -153,8 +209,11 @@ class Sampler:
                 (self.batch_size, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device
             )
         batch = self.noise[: owner.numel()]
-        torch.randn(batch.shape, generator=self.generator, out=batch)
-        batch.mul_(self.sigma).add_(self.x.index_select(0, owner))
+        if self.grid is not None:
+            self.grid.noisy(self.levels.index_select(0, owner), self.generator, out=batch)
+        else:
+            torch.randn(batch.shape, generator=self.generator, out=batch)
+            batch.mul_(self.sigma).add_(self.x.index_select(0, owner))
         scores = self.model.logits(batch)
         labels = scores.argmax(dim=1)
         # Both checked once per call (check_output), not per batch, so a GPU never waits on the host.
@@ -204,6 +263,18 @@ class Sampler:
         per_stage = votes.view(num_inputs, num_stages, k).cpu().numpy()
         return [per_stage[:, s] for s in range(num_stages)]
 
+    def noise_fields(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The provenance's noise: its kind and, for discrete noise, K, the thresholds' sha256,
+        the total variation per coordinate, whether inputs were rounded to the grid, and
+        ``alpha_effective`` over the d·n coordinates of one input's estimate."""
+        if self.grid is None:
+            return {"noise": "gaussian"}
+        coordinates = int(np.prod(self.x.shape[1:])) * int(params.get("n", params.get("n_max", 0)))
+        return {
+            **self.grid.table.describe(coordinates, float(params["alpha"])),
+            "quantize": self.quantize,
+        }
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
@@ -215,6 +286,7 @@ class Sampler:
         info = self.model.info
         return {
             **params,
+            **self.noise_fields(params),
             "seed": self.seed,
             "batch_size": self.batch_size,
             "requested_batch_size": self.requested_batch_size,

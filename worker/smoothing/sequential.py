@@ -30,7 +30,13 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
 from smoothcert.models.base import BaseClassifier
-from smoothcert.service.core.params import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0
+from smoothcert.service.core.params import (
+    DEFAULT_ALPHA,
+    DEFAULT_N,
+    DEFAULT_N0,
+    DEFAULT_NOISE,
+    Noise,
+)
 from smoothcert.worker.smoothing.checks import check_params
 from smoothcert.worker.smoothing.options import Progress, RunOptions
 from smoothcert.worker.smoothing.results import RadiusDecision, Run
@@ -142,6 +148,8 @@ def certify_at_radius(
     *,
     beta: float | None = None,
     options: RunOptions | None = None,
+    noise: Noise = DEFAULT_NOISE,
+    quantize: bool = False,
 ) -> Run[RadiusDecision]:
     """Decide "is g certified at radius r?" for every input of ``x`` with as few draws as it takes.
 
@@ -151,7 +159,7 @@ def certify_at_radius(
     the batch. When r is out of reach even for a unanimous vote of n_max, nothing is drawn.
     Each ``certified_at_r`` is wrong with probability ≤ alpha; ``beta`` (alpha when None) is the
     level of the futility stop, which never certifies. ``options``, batches and scores as in
-    :func:`~smoothcert.worker.smoothing.certify.certify`.
+    :func:`~smoothcert.worker.smoothing.certify.certify`, and so are ``noise`` and ``quantize``.
     """
     options = options or RunOptions()
     check_params(
@@ -168,7 +176,9 @@ def certify_at_radius(
     # Progress counts inputs settled, not samples (the sample budget is a cap, not a count); it
     # is still called after every batch, selection's included, as a run's watchdog expects.
     settled = options.progress
-    sampler = open_sampler(model, x, sigma, replace(options, progress=None))
+    sampler = open_sampler(
+        model, x, sigma, replace(options, progress=None), noise=noise, quantize=quantize
+    )
     if settled is not None:
         sampler.progress = lambda _done, _total: settled(0, sampler.num_inputs)
     test = SequentialTest(p0_for(target_radius, sigma), alpha, beta, n_max)
