@@ -5,7 +5,7 @@
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= api,worker,devstack,test
+EXTRAS ?= api,worker,devstack,test,docs
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.smoothcert-installed
@@ -59,6 +59,22 @@ clean:
 .PHONY: openapi
 openapi: $(STAMP)
 	$(PY) -m smoothcert.service.devstack.openapi_doc
+
+# The manual (mkdocs.yml, docs/): `make docs` builds it into site/ (git ignores it; the API serves
+# it at /manual/) with --strict, so a broken link or anchor fails the build; `make docs-serve`
+# serves it on 127.0.0.1:8001 with live reload; `make docs-gen` rewrites the generated reference
+# pages (settings, CLI, HTTP API from openapi/openapi.json, TSV columns), which a test compares.
+.PHONY: docs docs-serve docs-gen
+DOCS_ENV := NO_MKDOCS_2_WARNING=1
+
+docs: $(STAMP)
+	$(DOCS_ENV) $(VENV)/bin/mkdocs build --strict --clean --site-dir site
+
+docs-serve: $(STAMP)
+	$(DOCS_ENV) $(VENV)/bin/mkdocs serve --strict --dev-addr 127.0.0.1:8001
+
+docs-gen: $(STAMP)
+	$(PY) -m smoothcert.service.cli.reference_pages
 
 # The compose deployment (docker/, CPU flavour: two certify workers and the trainer) in containers:
 # docker where a Docker engine answers, podman otherwise (installed here when missing, as root).

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
+from smoothcert.service import __version__
 from smoothcert.service.api.access_log import AccessLog, SecurityHeaders
 from smoothcert.service.api.body_limit import BodySizeLimit
 from smoothcert.service.api.deps import document_auth
@@ -108,7 +109,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app = FastAPI(
         lifespan=_lifespan,
         title="smoothcert",
-        version="1",
+        version=__version__,  # the package's, written once (service/__init__.py)
         docs_url=None,
         redoc_url=None,
         summary="Certified ℓ2 robustness for image classifiers by randomized smoothing",

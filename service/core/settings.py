@@ -123,12 +123,12 @@ class Settings(BaseSettings):
     max_active_jobs_per_key: int = Field(
         20,
         ge=1,
-        description="jobs one API key may have queued or running at once (429 with Retry-After beyond)",
+        description="jobs one account may have queued or running at once (429 with Retry-After beyond)",
     )
     max_storage_bytes_per_key: int = Field(
         8 << 30,
         ge=1024,
-        description="bytes one API key may keep stored: its datasets and the inputs of its queued "
+        description="bytes one account may keep stored: its datasets and the inputs of its queued "
         "and running certify jobs (413 beyond); deleting a dataset, or a job's end, frees them",
     )
     orphan_inputs_grace_s: int = Field(
@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     max_datasets_per_key: int = Field(
         1000,
         ge=1,
-        description="datasets one API key may keep, stored or being uploaded (413 beyond; "
+        description="datasets one account may keep, stored or being uploaded (413 beyond; "
         "deleting one frees a place); each dataset counts against the storage quota in whole "
         "blocks of the file system (its three files and its folder)",
     )
@@ -205,7 +205,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         120,
         ge=0,
-        description="job submissions and dataset uploads per API key per minute, in bursts of up to this "
+        description="job submissions and dataset uploads per account per minute, in bursts of up to this "
         "many (429 with Retry-After beyond); idempotent replays are free; 0 turns it off",
     )
     idempotency_ttl_s: int = Field(
