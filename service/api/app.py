@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         app.state.datasets,
         app.state.signing_keys,
         app.state.certificates,
+        retention_s=settings.certificate_retention_days * 86400,
     )
     app.state.http_metrics = HttpMetrics()
 

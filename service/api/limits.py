@@ -215,9 +215,10 @@ class Limits:
                     status.HTTP_413_CONTENT_TOO_LARGE,
                     f"storage quota: this dataset would take {stored_bytes} bytes stored, and "
                     f"this API key already uses {used} of its {quota} bytes "
-                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets and the inputs of its "
-                    "queued and running jobs); delete datasets it no longer needs (DELETE "
-                    "/v1/datasets/{id}), wait for its jobs to end, or upload a smaller one",
+                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets, the inputs of its "
+                    "queued and running jobs and its stored certificates); delete datasets or "
+                    "certificates it no longer needs (DELETE /v1/datasets/{id}, DELETE "
+                    "/v1/certificates/{sha256}), wait for its jobs to end, or upload a smaller one",
                 )
             try:
                 yield
@@ -234,7 +235,7 @@ class Limits:
     ) -> None:
         """Count ``stored_bytes`` of job ``job_id``'s inputs against ``caller``'s storage quota
         until they are deleted (:mod:`smoothcert.service.core.storage_quota`); 413 when they do
-        not fit beside its datasets and the inputs of its other jobs."""
+        not fit beside its datasets, the inputs of its other jobs and its certificates."""
         quota, settings = self.settings.max_storage_bytes_per_key, self.settings
         stored, ids = datasets.stored_bytes(caller)
         ok, used = JobInputs(self.redis).reserve(
@@ -251,9 +252,10 @@ class Limits:
                 status.HTTP_413_CONTENT_TOO_LARGE,
                 f"storage quota: this job's inputs would take {stored_bytes} bytes stored until "
                 f"it ends, and this API key already uses {used} of its {quota} bytes "
-                "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets and the inputs of its "
-                "queued and running jobs); wait for its jobs to end, cancel one (DELETE "
-                "/v1/jobs/{id}), delete datasets it no longer needs, or send fewer inputs",
+                "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets, the inputs of its "
+                "queued and running jobs and its stored certificates); wait for its jobs to end, "
+                "cancel one (DELETE /v1/jobs/{id}), delete datasets or certificates it no longer "
+                "needs, or send fewer inputs",
             )
 
     def forget_storage(self, owner: str, dataset_id: str) -> None:

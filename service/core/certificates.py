@@ -17,6 +17,11 @@ Storage under ``DATA_DIR/certificates``::
 
     <sha256>.json          the envelope, exactly the bytes whose SHA-256 names it
     by-job/<job id>        the SHA-256 of the job's certificate (the first one written wins)
+
+A certificate is kept ``SMOOTHCERT_CERTIFICATE_RETENTION_DAYS`` from when it was issued (its
+mtime; :meth:`CertificateStore.sweep`, run by the API's issuer thread) or until its owner deletes
+it, and counts against its account's storage quota meanwhile
+(:func:`~smoothcert.service.core.storage_quota.hold_certificate`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -320,12 +326,53 @@ class CertificateStore:
             return None
 
     def of_job(self, job_id: str) -> str | None:
-        """The SHA-256 of ``job_id``'s certificate, or None when it has none yet."""
+        """The SHA-256 of ``job_id``'s certificate, or None when it has none (yet, or any more:
+        deleted, or past its retention)."""
         try:
             text = (self.root / "by-job" / job_id).read_text().strip()
         except OSError:
             return None
-        return text if is_sha256(text) else None
+        return text if is_sha256(text) and self.path(text).exists() else None
+
+    def disk_bytes(self, sha256: str) -> int:
+        """What certificate ``sha256`` takes on disk, its ``by-job`` entry included, in whole
+        blocks (as datasets and job inputs are counted); 0 when it is not stored."""
+        # dataset_store imports this module (for its digests), hence the late import.
+        from smoothcert.service.core.dataset_store import block_size, disk_bytes
+
+        try:
+            size = self.path(sha256).stat().st_size
+        except (KeyError, OSError):
+            return 0
+        return disk_bytes([size], block_size(self.root))  # the file, and its by-job entry
+
+    def remove(self, sha256: str) -> bool:
+        """Delete certificate ``sha256`` (its job's ``by-job`` entry then names nothing, and is
+        dropped by :meth:`sweep`); False when it was not stored."""
+        try:
+            self.path(sha256).unlink()
+        except (KeyError, OSError):
+            return False
+        return True
+
+    def sweep(self, max_age_s: float, now: float | None = None) -> int:
+        """Delete the certificates written more than ``max_age_s`` ago (the file's mtime: when it
+        was issued) and the ``by-job`` entries that name no stored certificate; how many
+        certificates went."""
+        now = time.time() if now is None else now
+        removed = 0
+        for sha in list(self.all()):
+            with contextlib.suppress(OSError):
+                if now - self.path(sha).stat().st_mtime > max_age_s:
+                    self.path(sha).unlink()
+                    removed += 1
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.root / "by-job"):
+                with contextlib.suppress(OSError):
+                    text = Path(entry.path).read_text().strip()
+                    if not (is_sha256(text) and self.path(text).exists()):
+                        os.unlink(entry.path)
+        return removed
 
     def put(self, job_id: str, data: bytes) -> str:
         """Store ``data`` (an envelope's bytes) as ``job_id``'s certificate unless the job has one
@@ -334,6 +381,9 @@ class CertificateStore:
         by_job = self.root / "by-job"
         by_job.mkdir(parents=True, exist_ok=True, mode=0o700)
         _write_once(self.root / f"{sha}.json", data)
+        if self.of_job(job_id) is None:  # an entry naming a deleted certificate names nothing
+            with contextlib.suppress(OSError):
+                (by_job / job_id).unlink()
         _write_once(by_job / job_id, sha.encode())
         winner = self.of_job(job_id)
         if winner is not None and winner != sha:

@@ -10,13 +10,16 @@ provenance (runtime, provider, precision, versions), which a verifier can recomp
 When: a worker that records a job succeeded queues its id (``smoothcert:certificates:pending``);
 every API process drains that list in the background (:meth:`Issuer.drain`), and any request for
 a succeeded job's certificate issues it on the spot when it is not there yet (a worker that died
-between the two steps). Once written, a certificate outlives the job's record and Redis itself.
+between the two steps). Once written, a certificate outlives the job's record and Redis itself,
+for ``SMOOTHCERT_CERTIFICATE_RETENTION_DAYS``: meanwhile it counts against its account's storage
+quota, and the drain thread deletes it once it is older (one API process at a time, under a lock).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -40,12 +43,16 @@ from smoothcert.service.core.jobs import (
     JobStore,
     rfc3339,
 )
+from smoothcert.service.core.keys import DEFAULT_ACCOUNT
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.signing import SigningKeys
+from smoothcert.service.core.storage_quota import hold_certificate, release_certificate
 
 log = logging.getLogger(__name__)
 
 CERTIFIED_KINDS = ("certify", "predict")
+SWEEP_LOCK = "smoothcert:certificates:sweep"
+SWEEP_EVERY_S = 600  # how often one API process of all deletes certificates past their retention
 _DIGEST_ROWS = 4096  # dataset rows read at a time to digest them
 
 
@@ -63,9 +70,10 @@ class Issuer:
         datasets: DatasetStore,
         keys: SigningKeys,
         store: CertificateStore,
+        retention_s: float = 365 * 86400,
     ):
         self.jobs, self.models, self.datasets = jobs, models, datasets
-        self.keys, self.store = keys, store
+        self.keys, self.store, self.retention_s = keys, store, retention_s
 
     def issue(self, job_id: str, record: JobRecord | None = None) -> str:
         """The SHA-256 of job ``job_id``'s certificate, issued now when it has none yet;
@@ -84,7 +92,29 @@ class Issuer:
             )
         document = self._statement(record)
         keyid, key = self.keys.active()
-        return self.store.put(job_id, envelope_bytes(sign(document, key, keyid)))
+        sha = self.store.put(job_id, envelope_bytes(sign(document, key, keyid)))
+        hold_certificate(
+            self.jobs.redis,
+            record.owner or DEFAULT_ACCOUNT,
+            sha,
+            self.store.disk_bytes(sha),
+            int(self.retention_s * 1000),
+        )
+        return sha
+
+    def forget(self, sha256: str, owner: str | None) -> None:
+        """Delete stored certificate ``sha256`` of account ``owner`` and stop counting it against
+        the account's storage quota."""
+        self.store.remove(sha256)
+        release_certificate(self.jobs.redis, owner or DEFAULT_ACCOUNT, sha256)
+
+    def sweep(self) -> int:
+        """Delete the certificates past their retention, unless another API process swept less
+        than :data:`SWEEP_EVERY_S` ago (a lock key in Redis); how many went. What they held
+        against their accounts' quotas lapses by itself at the same age."""
+        if not self.jobs.redis.set(SWEEP_LOCK, os.getpid(), nx=True, ex=SWEEP_EVERY_S):
+            return 0
+        return self.store.sweep(self.retention_s)
 
     def _statement(self, record: JobRecord) -> dict[str, Any]:
         job = record.certify_job()
@@ -162,7 +192,17 @@ class Issuer:
     def drain(self, stop: threading.Event, every_s: float = 0.5) -> None:
         """Issue the certificates of the jobs workers queued, until ``stop`` is set (an API
         process's background thread). A job that cannot be certified is logged and dropped."""
+        next_sweep = 0.0
         while not stop.is_set():
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_EVERY_S / 10
+                try:
+                    if gone := self.sweep():
+                        log.info("deleted %d certificates past their retention", gone)
+                except redis.RedisError:
+                    pass  # the next round tries again
+                except Exception:  # noqa: BLE001 - the sweep must not stop the certificates
+                    log.exception("the sweep of %s failed", self.store.root)
             try:
                 job_id = self.jobs.redis.lpop(CERTIFICATES_PENDING)
             except redis.RedisError:

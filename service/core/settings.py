@@ -179,6 +179,15 @@ class Settings(BaseSettings):
         3, ge=1, description="a task redelivered more often than this fails"
     )
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="how long job records stay in Redis")
+    certificate_retention_days: int = Field(
+        365,
+        ge=1,
+        le=36500,
+        description="how long the API keeps a signed certificate (DATA_DIR/certificates) from when "
+        "it was issued; it counts against its account's storage quota "
+        "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY) for as long, unless deleted sooner (DELETE "
+        "/v1/certificates/{sha256})",
+    )
     samples_ttl_s: int = Field(
         24 * 3600,
         ge=1,

@@ -1,6 +1,6 @@
-"""The storage quota's Redis side, shared by the API and the workers: what a key's datasets and the
-inputs of its jobs hold against ``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY``, and the sweep of job
-inputs left behind.
+"""The storage quota's Redis side, shared by the API and the workers: what a key's datasets, the
+inputs of its jobs and its certificates hold against ``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY``, and
+the sweep of job inputs left behind.
 
 A key's reservations are a sorted set ``smoothcert:storage:<caller>`` (token -> when it lapses,
 Redis-clock ms) and a hash ``smoothcert:storage:<caller>:amounts`` (token -> bytes); a reservation
@@ -12,7 +12,9 @@ the file is written (:meth:`JobInputs.reserve`: over the quota, nothing is writt
 back by whoever deletes the folder (:func:`drop_job_inputs`): the API when a submission fails or
 a queued job is canceled, the worker when the job ends, or the sweep. Such a reservation lapses only
 :func:`inputs_ttl_ms` after it was made (the job record's TTL plus twice the grace below), so it
-counts for as long as the inputs can be on disk.
+counts for as long as the inputs can be on disk. A signed certificate
+(:mod:`smoothcert.service.core.issuer`) is held as ``certificate:<sha256>``, its size on disk, for
+its retention (``SMOOTHCERT_CERTIFICATE_RETENTION_DAYS``), or until it is deleted.
 
 Each inputs reservation is also indexed with its owner and the time it was made:
 ``smoothcert:job-inputs`` (sorted set: job id -> reserved at, ms) and
@@ -49,6 +51,7 @@ INPUTS_INDEX = "smoothcert:job-inputs"
 INPUTS_OWNERS = INPUTS_INDEX + ":owners"
 SWEEP_LOCK = INPUTS_INDEX + ":sweep"
 INPUTS_TOKEN = "job:"
+CERTIFICATE_TOKEN = "certificate:"
 
 # Lua: drop the entries of zset KEYS[1] (member = token, score = expiry ms) and of hash KEYS[2]
 # (token -> amount) that have expired, and sum the others (``held``); ``now`` is Redis' clock in
@@ -137,6 +140,37 @@ def held(name: str) -> list[str]:
 def storage_keys(caller: str) -> list[str]:
     """The keys of ``caller``'s storage reservations."""
     return held(STORAGE_PREFIX + caller)
+
+
+def certificate_token(sha256: str) -> str:
+    """The token under which a stored certificate is held."""
+    return CERTIFICATE_TOKEN + sha256
+
+
+# After LAPSE_LUA: hold ARGV[2] bytes under token ARGV[1] for ARGV[3] ms, whatever the quota (what
+# is held is already on disk); returns the bytes now held.
+_HOLD_LUA = (
+    LAPSE_LUA + "hold(ARGV[1], ARGV[2], tonumber(ARGV[3]))\nreturn held + tonumber(ARGV[2])\n"
+)
+
+
+def hold_certificate(
+    client: redis.Redis, caller: str, sha256: str, nbytes: int, ttl_ms: int
+) -> None:
+    """Count a stored certificate of ``caller`` (``nbytes`` on disk) against its storage quota for
+    ``ttl_ms``, the certificate's retention. It is held even past the quota (the job it certifies
+    was admitted, and the file is written); the account's next upload or job is then refused until
+    something lapses or is deleted. Idempotent per certificate."""
+    client.eval(_HOLD_LUA, 2, *storage_keys(caller), certificate_token(sha256), nbytes, ttl_ms)
+
+
+def release_certificate(client: redis.Redis, caller: str, sha256: str) -> None:
+    """Stop counting a deleted certificate of ``caller``."""
+    zset, amounts = storage_keys(caller)
+    with client.pipeline() as pipe:
+        pipe.zrem(zset, certificate_token(sha256))
+        pipe.hdel(amounts, certificate_token(sha256))
+        pipe.execute()
 
 
 def inputs_token(job_id: str) -> str:

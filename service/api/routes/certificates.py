@@ -6,7 +6,8 @@ SHA-256, which the ``X-Certificate-SHA256`` header and ``Location`` give), issui
 when the API's background issuer (:mod:`smoothcert.service.core.issuer`) has not yet.
 ``GET /v1/certificates/{sha256}`` serves it for as long as the data volume keeps it, to the
 account that asked for the job or an admin (404 to anyone else, as for an unknown digest).
-``GET /v1/signing-keys`` needs no key: anyone may check a certificate.
+``DELETE /v1/certificates/{sha256}`` removes one sooner (it counts against the account's storage
+quota until then). ``GET /v1/signing-keys`` needs no key: anyone may check a certificate.
 """
 
 from __future__ import annotations
@@ -144,7 +145,39 @@ def get_certificate(
     keys: SigningKeysDep,
 ) -> Response:
     """A certificate by its digest, for as long as the data volume keeps it (after the job's
-    record has expired too): to the account that asked for the job, or an admin."""
+    record has expired too, up to SMOOTHCERT_CERTIFICATE_RETENTION_DAYS from when it was issued):
+    to the account that asked for the job, or an admin."""
+    data, _ = _owned(sha256, access, store, keys)
+    return _envelope_response(data, sha256)
+
+
+@router.delete(
+    "/v1/certificates/{sha256}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    dependencies=[Depends(require_jobs)],
+    responses={404: {"description": "no such certificate (or another account's)"}},
+)
+def delete_certificate(
+    sha256: Annotated[str, Path(description="the certificate's SHA-256, 64 hex digits")],
+    access: AccessDep,
+    store: CertificatesDep,
+    keys: SigningKeysDep,
+    issuer: IssuerDep,
+) -> Response:
+    """Delete a stored certificate before its retention ends (the account that asked for the job,
+    or an admin): it no longer counts against the account's storage quota. While the job's record
+    lives, asking for the job's certificate issues a new one."""
+    _, owner = _owned(sha256, access, store, keys)
+    issuer.forget(sha256, owner)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _owned(
+    sha256: str, access: AccessDep, store: CertificateStore, keys: SigningKeys
+) -> tuple[bytes, str | None]:
+    """Certificate ``sha256``'s bytes and the account it was issued to, when the caller may see
+    it (that account or an admin); 404, as for an unknown digest, otherwise."""
     unknown = HTTPException(status.HTTP_404_NOT_FOUND, f"unknown certificate {sha256[:80]!r}")
     data = store.read(sha256) if is_sha256(sha256) else None
     if data is None:
@@ -154,7 +187,7 @@ def get_certificate(
     if not access.owns({"owner": owner}):
         access.hidden("certificate", sha256)
         raise unknown
-    return _envelope_response(data, sha256)
+    return data, owner
 
 
 @router.get("/v1/signing-keys")

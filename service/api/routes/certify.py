@@ -125,8 +125,8 @@ Form = tuple[
         413: {
             "description": "body too large, inputs over SMOOTHCERT_MAX_DECODED_BYTES_PER_REQUEST "
             "once decoded (counted from their headers), or inputs that would take this API key "
-            "past its storage quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: datasets and the "
-            "inputs of queued and running jobs)"
+            "past its storage quota (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: datasets, the "
+            "inputs of queued and running jobs, and stored certificates)"
         },
         200: {
             "model": Job,

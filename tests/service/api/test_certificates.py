@@ -208,3 +208,38 @@ def test_certificates_verify_after_a_key_rotation(
     assert keyid == new
     assert opened(client, before.content)[1] == old  # the old certificate still verifies
     assert verify(client, before.content, tmp_path) == 0
+
+
+def test_a_certificate_counts_against_its_accounts_storage_until_deleted(
+    api_url, demo_model, digits, redis_url
+):
+    account = "cert-storage"
+    key = account_key(api_url, ADMIN_KEY, account)
+    other = account_key(api_url, ADMIN_KEY, "cert-storage-other")
+    x, y = digits
+    body = {"model_id": demo_model["id"], "inputs": x.tolist(), "labels": y.tolist(), **JOB}
+    r = redis.Redis.from_url(redis_url)
+    amounts = f"smoothcert:storage:{account}:amounts"
+    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {key}"}) as mine:
+        resp = mine.post("/v1/certify", json={**body, "seed": 5})
+        assert resp.status_code == 202, resp.text
+        job = wait_job(mine, resp.json()["job_id"], timeout=120)
+        assert job["status"] == "succeeded", job
+        got = mine.get(f"/v1/jobs/{job['id']}/certificate")
+        sha = got.headers["X-Certificate-SHA256"]
+        # Held against the account: at least the file's size, in whole blocks.
+        held = int(r.hget(amounts, f"certificate:{sha}"))
+        assert held >= len(got.content) and held % 512 == 0
+        with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {other}"}) as them:
+            assert them.delete(f"/v1/certificates/{sha}").status_code == 404
+        assert mine.get(f"/v1/certificates/{sha}").status_code == 200
+
+        assert mine.delete(f"/v1/certificates/{sha}").status_code == 204
+        assert r.hget(amounts, f"certificate:{sha}") is None
+        assert mine.get(f"/v1/certificates/{sha}").status_code == 404
+        assert mine.delete(f"/v1/certificates/{sha}").status_code == 404
+        # The job's record lives on: asking for its certificate issues a new one, held again.
+        again = mine.get(f"/v1/jobs/{job['id']}/certificate")
+        assert again.status_code == 200
+        new_sha = again.headers["X-Certificate-SHA256"]
+        assert r.hget(amounts, f"certificate:{new_sha}") is not None

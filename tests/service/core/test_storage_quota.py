@@ -1,6 +1,6 @@
 """The storage quota's Redis side on a real Redis (database 12 of the session's server) and a
-temporary data dir: job inputs reserved beside datasets, given back when deleted, and the sweep of
-inputs whose job record is missing or ended."""
+temporary data dir: job inputs reserved beside datasets, given back when deleted, certificates held
+for their retention, and the sweep of inputs whose job record is missing or ended."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ from smoothcert.service.core.storage_quota import (
     INPUTS_OWNERS,
     STORAGE_LUA,
     JobInputs,
+    certificate_token,
     drop_job_inputs,
+    hold_certificate,
     inputs_disk_bytes,
     npy_bytes,
+    release_certificate,
     storage_keys,
     sweep_orphan_inputs,
 )
@@ -130,3 +133,26 @@ def test_the_sweep_deletes_inputs_whose_record_is_missing_or_ended_past_the_grac
     assert sweep_orphan_inputs(db, tmp_path, grace_s=60, job_ttl_s=3600) == []
     db.delete("smoothcert:job-inputs:sweep")
     assert sweep_orphan_inputs(db, tmp_path, grace_s=60, job_ttl_s=3600) == [young]
+
+
+def test_a_certificate_counts_against_the_quota_until_released_even_past_it(db):
+    inputs, job_id, sha = JobInputs(db), new_job_id(), "ab" * 32
+    hold_certificate(db, OWNER, sha, 8000, TTL_MS)
+    hold_certificate(db, OWNER, sha, 8000, TTL_MS)  # issued twice (two API processes): held once
+    assert db.hget(storage_keys(OWNER)[1], certificate_token(sha)) == b"8000"
+    assert reserve(inputs, job_id, 4000) == (False, 8000)  # 12,000 > 10,000
+    # Held even past the quota: the certificate is on disk already; what comes next is refused.
+    hold_certificate(db, OWNER, "cd" * 32, 8000, TTL_MS)
+    assert reserve(inputs, job_id, 1) == (False, 16000)
+    release_certificate(db, OWNER, sha)
+    release_certificate(db, OWNER, "cd" * 32)
+    assert reserve(inputs, job_id, 4000) == (True, 0)
+
+
+def test_a_held_certificate_lapses_with_its_retention(db):
+    inputs, sha = JobInputs(db), "ef" * 32
+    hold_certificate(db, OWNER, sha, 9000, 200)  # a retention of 0.2 s
+    assert reserve(inputs, new_job_id(), 4000) == (False, 9000)
+    time.sleep(0.3)
+    assert reserve(inputs, new_job_id(), 4000) == (True, 0)
+    assert db.hget(storage_keys(OWNER)[1], certificate_token(sha)) is None
