@@ -1,12 +1,16 @@
-"""The manual: generated reference pages match the code, one version, the license.
+"""The manual and the README: generated reference pages match the code, links resolve, one version.
 
 The generated pages (docs/reference/settings.md, cli.md, http-api.md, tsv.md) are compared with
 what ``make docs-gen`` would write now, as tests/service/api/test_openapi.py compares
-openapi/openapi.json with the app. The build of the site itself (``mkdocs build
+openapi/openapi.json with the app. The README's relative links must name files that exist and
+its ``#anchors`` headings that exist (GitHub's slugs). The build of the site itself (``mkdocs build
 --strict``) is tests/browser/test_manual.py, which then opens it in a browser.
 """
 
 from __future__ import annotations
+
+import re
+from urllib.parse import unquote
 
 import pytest
 import tomllib
@@ -14,6 +18,8 @@ import tomllib
 from smoothcert.service import __version__
 from smoothcert.service.cli import reference_pages
 from tests.support.paths import ROOT
+
+README = ROOT / "README.md"
 
 
 @pytest.mark.parametrize("page", sorted(reference_pages.PAGES))
@@ -55,6 +61,66 @@ def test_the_cli_page_holds_every_subcommands_help():
         assert f"## smoothcert {command}\n" in text
     assert "usage: smoothcert certify [-h]" in text
     assert "--target-radius R" in text
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lowercase, punctuation dropped, spaces as '-'."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(markdown: str) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        if in_code or not line.startswith("#"):
+            continue
+        slug = _slug(line.lstrip("#"))
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _links(markdown: str) -> list[str]:
+    without_code = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    without_code = re.sub(r"`[^`\n]*`", "", without_code)
+    return re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", without_code)
+
+
+def test_every_relative_link_and_anchor_of_the_readme_resolves():
+    text = README.read_text(encoding="utf-8")
+    links = _links(text)
+    assert any(link.startswith("docs/") for link in links)  # it links into the manual
+    broken = []
+    for link in links:
+        if re.match(r"[a-z]+:", link):  # http:, https:, mailto:
+            continue
+        target, _, anchor = link.partition("#")
+        path = (README.parent / unquote(target)) if target else README
+        if not path.exists():
+            broken.append(f"{link}: no such file")
+        elif anchor and path.suffix == ".md":
+            if anchor not in _anchors(path.read_text(encoding="utf-8")):
+                broken.append(f"{link}: no heading #{anchor} in {path.relative_to(ROOT)}")
+    assert not broken, "README.md links that do not resolve:\n" + "\n".join(broken)
+
+
+def test_the_anchor_check_can_fail():
+    assert "what-a-certificate-means" in _anchors("# What a certificate means\n")
+    assert "x-1" in _anchors("## x\n## x\n")
+    assert "not-there" not in _anchors("# There\n")
+
+
+def test_the_readme_is_a_landing_page_that_leads_with_the_two_commands():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 200
+    first_block = text.split("```sh", 1)[1].split("```", 1)[0]
+    assert "make up" in first_block and "make test" in first_block
 
 
 def test_the_version_is_written_once():
