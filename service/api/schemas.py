@@ -46,6 +46,7 @@ from smoothcert.service.core.params import (
     MAX_SEED,
     Bound,
     Mode,
+    Noise,
     Precision,
     Runtime,
 )
@@ -162,6 +163,21 @@ class CertifyRequest(BaseModel):
             "drawn and added in float32, and the certificate holds for the classifier in this precision"
         ),
     )
+    noise: Noise = Field(
+        params.DEFAULT_NOISE,
+        description=(
+            "gaussian: N(0, sigma^2) in float32 (Cohen et al.); discrete: the discretised Gaussian on the 8-bit "
+            "grid, drawn exactly with integer thresholds and added in integers, so that the certificate holds in "
+            f"floating point (inputs on the grid; sigma at most {params.MAX_DISCRETE_SIGMA:g})"
+        ),
+    )
+    quantize: bool = Field(
+        False,
+        description=(
+            "noise discrete: round float inputs onto the 8-bit grid instead of refusing inputs off it (every value "
+            "times 255 within 1e-4 of an integer); the certificate is then about the rounded image"
+        ),
+    )
 
     @field_validator("skip", "limit", "n0", "n", "batch_size", "seed", "labels", mode="before")
     @classmethod
@@ -188,6 +204,7 @@ class CertifyRequest(BaseModel):
             raise ValueError("skip and limit apply to dataset jobs (dataset_id) only")
         if self.target_radius is not None and (self.mode != "certify" or self.bound != "cohen"):
             raise ValueError("target_radius goes with mode certify and the default bound")
+        params.check_noise(self.noise, self.sigma, self.quantize)
         return self
 
     @model_validator(mode="after")
@@ -211,6 +228,8 @@ class CertifyRequest(BaseModel):
             target_radius=self.target_radius,
             runtime=self.runtime,
             precision=self.precision,
+            noise=self.noise,
+            quantize=self.quantize,
         )
 
 

@@ -7,7 +7,9 @@ that says why: the settings' caps, the model (404 unknown; a denoiser, a runtime
 that does not fit it: :meth:`ModelRecord.refusal`), the inputs (shape and label range from the
 model's record; their decoded size, from their headers, against the decoded-bytes budget: 413),
 a dataset's range (:meth:`DatasetRecord.refusal_for`) and the job's sample budget. 8-bit images
-are kept as uint8 pixels (the worker scales them by 1/255), other inputs as float32.
+are kept as uint8 pixels (the worker scales them by 1/255), other inputs as float32; for discrete
+noise, float inputs must lie on the 8-bit grid (422 otherwise) and are kept as uint8 too, rounded
+when the request sets ``quantize`` (:mod:`smoothcert.service.core.grid`).
 Then the inputs go to ``DATA_DIR/jobs/<job id>/inputs.npy``, counted against the key's
 storage quota until they are deleted (413 when they do not fit), the seed is drawn so that it
 is recorded, the job record is written (:class:`~smoothcert.service.core.contract.CertifyJob`)
@@ -47,6 +49,7 @@ from smoothcert.service.core.contract import (
     ModelRecord,
     plan_chunks,
 )
+from smoothcert.service.core.grid import grid_levels
 from smoothcert.service.core.images import IMAGE_SUFFIXES, to_unit
 from smoothcert.service.core.inputs import InputsTooLarge, decode_pixels, read_npy
 from smoothcert.service.core.jobs import INPUTS_FILE, new_job_id
@@ -160,6 +163,8 @@ class Submission:
                 x = check_inputs(decode_inputs(source.encoded, budget), model.input_shape)
             else:
                 raise ValueError("no inputs: give inputs or dataset_id")
+            if params.noise == "discrete":
+                x = _on_grid(x, params.quantize)
             if source.labels is not None:
                 check_labels(source.labels, len(x), model.classes)
             names = _names(source, len(x))
@@ -303,6 +308,15 @@ def _with_seed(params: CertifyParams) -> CertifyParams:
 
 def _accepted(job_id: str) -> JobAccepted:
     return JobAccepted(job_id=job_id, status="queued", location=f"/v1/jobs/{job_id}")
+
+
+def _on_grid(x: np.ndarray, quantize: bool) -> np.ndarray:
+    """Inputs for discrete noise: 8-bit pixels as they are; float inputs on the 8-bit grid, or
+    rounded onto it when ``quantize`` (kept as uint8, so the job's digests are the rounded
+    image's); ValueError (a 422) for float inputs off the grid otherwise."""
+    if x.dtype == np.uint8:
+        return x
+    return grid_levels(x, quantize).astype(np.uint8)
 
 
 def _names(source: InlineInputs, count: int) -> list[str] | None:

@@ -171,6 +171,7 @@ def _model_and_inputs(p: argparse.ArgumentParser) -> None:
     options.add_device(p)
     options.add_runtime(p, local=True)
     options.add_precision(p, local=True)
+    options.add_noise(p, local=True)
     options.add_out(p, local=True)
     options.add_model_fields(
         p.add_argument_group("bare safetensors weights (files without smoothcert metadata)"),
@@ -184,6 +185,7 @@ def _run_certify(args) -> int:
     options.check_bounds(args, certify=args.target_radius is None)
     model, x, labels = _prepare(args)
     params = _params(args)
+    x = _rounded(x, params)
     # --n caps a target-radius run, whose bar counts inputs settled instead of samples
     unit = "samples" if args.target_radius is None else "inputs settled"
     with _progress_bar(unit) as progress, _batch_size_refused():
@@ -209,6 +211,7 @@ def _run_predict(args) -> int:
     options.check_bounds(args, certify=False)
     model, x, labels = _prepare(args)
     params = _params(args, mode="predict")
+    x = _rounded(x, params)
     with _progress_bar() as progress, _batch_size_refused():
         run = run_params(model, x, params, _run_options(args, progress))
     _write(args, run, labels)
@@ -232,6 +235,18 @@ def _params(args, mode: Mode = "certify") -> CertifyParams:
     """The typed parameters of a local certify or predict (the model's runtime and precision are
     chosen by :func:`_prepare`; these say what the engine computes)."""
     return dataclasses.replace(options.certify_params(args, args.model), mode=mode)
+
+
+def _rounded(x, params: CertifyParams):
+    """The inputs ``--quantize`` rounds onto the 8-bit grid (discrete noise), so that the rows,
+    the certificate's digests and the engine all see the rounded image; others as given."""
+    if not (params.noise == "discrete" and params.quantize):
+        return x
+    import numpy as np
+
+    from smoothcert.service.core.grid import LEVELS, grid_levels
+
+    return (grid_levels(np.asarray(x), quantize=True) / np.float32(LEVELS)).astype(np.float32)
 
 
 def _run_options(args, progress):

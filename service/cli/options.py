@@ -122,7 +122,8 @@ def certify_params(args: argparse.Namespace, model_id: str) -> CertifyParams:
     """The typed contract's parameters that the flags above give (a flag left None, as the
     service's commands leave them, takes the shared default, which the service applies too)."""
     flags = ("n0", "n", "alpha", "bound", "mode", "batch_size", "seed", "target_radius")
-    given = {name: getattr(args, name, None) for name in (*flags, "runtime", "precision")}
+    chosen = ("runtime", "precision", "noise", "quantize")
+    given = {name: getattr(args, name, None) for name in (*flags, *chosen)}
     return CertifyParams(model_id, args.sigma, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -135,6 +136,12 @@ def check_bounds(args: argparse.Namespace, *, certify: bool) -> None:
         params.check_sigma_bound(args.sigma)
     if args.alpha is not None:
         params.check_alpha_bound(args.alpha)
+    if args.sigma is not None:
+        params.check_noise(
+            getattr(args, "noise", None) or params.DEFAULT_NOISE,
+            args.sigma,
+            bool(getattr(args, "quantize", None)),
+        )
     n = DEFAULT_N if args.n is None else args.n
     if certify and n >= 1:
         params.check_certify_n(
@@ -179,6 +186,26 @@ def add_precision(p: Flags, *, local: bool) -> None:
         default=params.DEFAULT_PRECISION if local else None,
         help="float32, or float16 (torch on a CUDA device) or bfloat16 (torch); the noise is drawn and "
         f"added in float32 ({_default(params.DEFAULT_PRECISION, local)})",
+    )
+
+
+def add_noise(p: Flags, *, local: bool) -> None:
+    """``--noise`` (gaussian or discrete) and ``--quantize`` (round float inputs onto the 8-bit
+    grid, which discrete noise needs)."""
+    p.add_argument(
+        "--noise",
+        choices=params.NOISES,
+        default=params.DEFAULT_NOISE if local else None,
+        help="gaussian: N(0, σ²) in float32; discrete: the discretised Gaussian on the 8-bit grid, "
+        "drawn exactly in integers, so that the certificate holds in floating point (inputs on "
+        f"the grid, σ at most {params.MAX_DISCRETE_SIGMA:g}) ({_default(params.DEFAULT_NOISE, local)})",
+    )
+    p.add_argument(
+        "--quantize",
+        action="store_true",
+        default=False if local else None,
+        help="with --noise discrete: round float inputs onto the 8-bit grid instead of refusing "
+        "inputs off it (the certificate is then about the rounded image)",
     )
 
 

@@ -62,6 +62,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     options.add_certify_options(submit, local=False)
     options.add_runtime(submit, local=False)
     options.add_precision(submit, local=False)
+    options.add_noise(submit, local=False)
     submit.add_argument("--wait", action="store_true", help="wait for the result and write its TSV")
     submit.add_argument(
         "--wait-s",

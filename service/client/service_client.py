@@ -205,7 +205,9 @@ class ServiceClient:
         if len(paths) == 1 and paths[0].suffix.lower() == ".npy":
             payload = {**body, "inputs": base64.b64encode(_read(paths[0])).decode("ascii")}
             return self._submit("/v1/certify", lambda: {"json": payload, **waiting}).json()
-        form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in body.items()}
+        form = {
+            k: json.dumps(v) if isinstance(v, (list, bool)) else str(v) for k, v in body.items()
+        }
         files = [
             ("inputs", (p.name, _read(p), _MIME[p.suffix.lower()])) for p in image_files(paths)
         ]

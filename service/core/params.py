@@ -58,6 +58,10 @@ still depend on the image; from σ ≈ 10^5 float32 rounding erases such steps, 
 x + σz rounds to σz: a certificate would no longer be about its input. Every radius is below 40σ
 (Φ⁻¹ of a float64 probability lies within ±38.5), so it stays finite far beyond this bound; at
 σ = 1e308 it overflows to infinity. Published smoothed classifiers use σ ≤ 1."""
+MAX_DISCRETE_SIGMA: Final = 4.0
+"""The largest σ of discrete noise: its table of thresholds grows with σ (2·255·(⌊6σ⌋ + 1)
+entries, about 13,000 at σ = 4, each computed in 60-digit arithmetic); published smoothed
+classifiers use σ ≤ 1."""
 MIN_ALPHA: Final = 1e-20
 """The smallest failure probability α.
 
@@ -117,3 +121,15 @@ def check_certify_n(n: int, alpha: float, bound: Bound = "cohen") -> None:
             f"n={n} is too small for alpha={alpha!r}: even if all {n} samples agree, the {bound} "
             f"bound certifies no radius (its cap would be <= 0); CERTIFY needs n >= {least}"
         )
+
+
+def check_noise(noise: str, sigma: float, quantize: bool) -> None:
+    """ValueError when discrete noise is asked for beyond :data:`MAX_DISCRETE_SIGMA`, or
+    ``quantize`` without discrete noise (Gaussian noise takes any float input as it is)."""
+    if noise == "discrete" and sigma > MAX_DISCRETE_SIGMA:
+        raise ValueError(
+            f"discrete noise takes sigma at most {MAX_DISCRETE_SIGMA:g} (its thresholds table "
+            f"grows with sigma), got {sigma!r}"
+        )
+    if quantize and noise != "discrete":
+        raise ValueError("quantize rounds inputs onto the 8-bit grid for noise discrete only")

@@ -59,7 +59,8 @@ def sample_seed(seed: int, index: int) -> int:
 
 def kept_samples(model, x: np.ndarray, job: CertifyJob, first_index: int) -> dict[int, bytes]:
     """The noisy copies to keep of the inputs ``x`` (rows ``first_index`` on) that are among the job's
-    first rows: row index -> ``.npy`` of uint8 (copies, C, H, W), clipped to [0, 1] for display.
+    first rows: row index -> ``.npy`` of uint8 (copies, C, H, W), clipped to [0, 1] for display,
+    drawn with the job's noise (Gaussian, or discrete on the grid) by the engine's own sampler.
 
     A job keeps SAMPLE_COPIES copies of its first SAMPLE_ROWS rows, fewer of both where that would
     exceed SAMPLE_BYTES (at least one copy of one row); a dataset job's first row is its ``skip``.
@@ -76,6 +77,8 @@ def kept_samples(model, x: np.ndarray, job: CertifyJob, first_index: int) -> dic
             job.params.sigma,
             copies,
             sample_seed(job.seed, first_index + i),
+            noise=job.params.noise,
+            quantize=job.params.quantize,
         )[0]
         out = io.BytesIO()
         np.save(out, np.rint(np.clip(noisy, 0.0, 1.0) * 255).astype(np.uint8), allow_pickle=False)

@@ -29,17 +29,15 @@ import mpmath
 import numpy as np
 import numpy.typing as npt
 
-LEVELS: Final = 255
-"""Steps of the 8-bit grid: x = k / 255, k in 0..255."""
+from smoothcert.service.core.grid import LEVELS, grid_levels
+from smoothcert.service.core.params import MAX_DISCRETE_SIGMA
+
+__all__ = ["LEVELS", "Thresholds", "alpha_effective", "clip_k", "grid_levels", "thresholds"]
+
 UNIFORM_BITS: Final = 60
 """Bits of the uniform integers drawn per pixel."""
 DIGITS: Final = 60
 """Decimal digits of the arithmetic the thresholds are computed in."""
-GRID_TOLERANCE: Final = 1e-4
-"""How far from an integer value·255 may be for a float input to count as on the grid."""
-MAX_DISCRETE_SIGMA: Final = 4.0
-"""The largest σ of discrete noise: the thresholds table grows with σ (2·255·(⌊6σ⌋ + 1)
-entries, about 13,000 at σ = 4); published smoothed classifiers use σ ≤ 1."""
 # Where |t| exceeds this, 2^60·Φ(−|t|) < 0.14 rounds to 0 (and 2^60·Φ(|t|) to 2^60): those
 # thresholds are exact without computing Φ.
 _TAIL_T: Final = 9.0
@@ -127,29 +125,3 @@ def alpha_effective(alpha: float, total_variation: float, coordinates: int) -> f
     input's estimate draws (d·n): with probability at least 1 − alpha_effective the certificate
     holds for draws of the exact discretised Gaussian coupled with ours."""
     return float(alpha + total_variation * coordinates)
-
-
-def grid_levels(x: npt.NDArray[Any], quantize: bool = False) -> npt.NDArray[np.int16]:
-    """The grid levels k = round(255·x) of inputs in [0, 1] (uint8 pixels are their own levels).
-
-    A float input must lie on the 8-bit grid (every value·255 within :data:`GRID_TOLERANCE` of an
-    integer) unless ``quantize``, which rounds it; ValueError names the rule otherwise."""
-    if x.dtype == np.uint8:
-        return x.astype(np.int16)
-    scaled = np.asarray(x, dtype=np.float64) * LEVELS
-    levels = np.rint(scaled)
-    if not quantize:
-        off = np.abs(scaled - levels)
-        if off.size and float(off.max()) > GRID_TOLERANCE:
-            raise ValueError(off_grid_message(float(off.max())))
-    return np.clip(levels, 0, LEVELS).astype(np.int16)
-
-
-def off_grid_message(distance: float) -> str:
-    """Why float inputs off the 8-bit grid cannot take discrete noise, and the two ways out."""
-    return (
-        "discrete noise needs inputs on the 8-bit grid: every value times 255 within "
-        f"{GRID_TOLERANCE:g} of an integer (some is {distance:.3g} away); send 8-bit images "
-        "(PNG/JPEG, uint8), or set quantize to round the inputs (the certificate is then about "
-        "the rounded image)"
-    )

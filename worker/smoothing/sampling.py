@@ -24,7 +24,7 @@ import torch
 from smoothcert.models import process_tuning
 from smoothcert.models.base import BaseClassifier, bind_sigma
 from smoothcert.models.pixels import PixelError, as_pixel_batch
-from smoothcert.service.core.params import Noise, draw_seed
+from smoothcert.service.core.params import Noise, check_noise, draw_seed
 from smoothcert.worker.smoothing import discrete, memory
 from smoothcert.worker.smoothing.checks import BatchSizeError, InputError
 from smoothcert.worker.smoothing.grid_noise import GridNoise
@@ -123,6 +123,10 @@ def open_sampler(
     (:func:`~smoothcert.models.base.bind_sigma`), the inputs ``x``, run as ``options`` says
     (None: :class:`RunOptions`' defaults), with Gaussian or discrete ``noise`` (``quantize``:
     round float inputs to the 8-bit grid instead of refusing those off it)."""
+    try:
+        check_noise(noise, float(sigma), quantize)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     return Sampler(
         bind_sigma(model, sigma), x, sigma, options or RunOptions(), noise=noise, quantize=quantize
     )
