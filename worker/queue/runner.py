@@ -34,7 +34,8 @@ from smoothcert.models.runtimes import batch_class, select_runtime
 from smoothcert.service.core.contract import CertifyParams, CertifyTask, ChunkTask
 from smoothcert.service.core.dataset_files import DatasetFileError
 from smoothcert.service.core.images import to_unit
-from smoothcert.service.core.jobs import RUNNING, TERMINAL, job_inputs
+from smoothcert.service.core.jobs import RUNNING, SUCCEEDED, TERMINAL, job_inputs
+from smoothcert.service.core.params import DEFAULT_PRECISION, DEFAULT_RUNTIME
 from smoothcert.service.core.samples import record_result_samples
 from smoothcert.service.core.storage_quota import drop_job_inputs
 from smoothcert.worker.queue import outage, watchdog
@@ -118,6 +119,25 @@ def check_model(ctx: WorkerContext, model_id: str) -> dict[str, Any]:
         "provider": model.provider,
         **({"warnings": warnings} if warnings else {}),
     }
+
+
+def time_runtimes(ctx: WorkerContext, job_id: str, model_id: str) -> None:
+    """Once model ``model_id`` passed its check (job ``job_id``), choose its runtime for the
+    defaults (runtime auto, float32, the engine's batch size), so that its first job finds the
+    choice cached under ``DATA_DIR/cache`` instead of waiting seconds at 0 % for the timing. Run
+    after the check's answer, which the upload waits for; a failure is only logged (the job then
+    times the runtimes itself)."""
+    try:
+        record = ctx.jobs.get(job_id)
+        meta = ctx.models.get(model_id, include_pending=True)
+        if record is None or record.status != SUCCEEDED or meta is None:
+            return  # refused, or deleted since
+        if (meta.get("kind") or "classifier") != "classifier":
+            return  # a denoiser is certified only inside a pipeline, which chooses per part
+        model = loaded_model(ctx, meta)  # loaded by the check: this process's cache
+        runtime_model(ctx, model, meta, DEFAULT_RUNTIME, None, DEFAULT_PRECISION)
+    except Exception as exc:  # noqa: BLE001 - any runtime's failure; the job measures again
+        log.warning("timing the runtimes of model %s failed: %s", model_id, exc)
 
 
 def upload_warnings(info: dict[str, Any]) -> list[str]:

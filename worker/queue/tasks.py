@@ -24,6 +24,7 @@ from smoothcert.worker.queue.runner import (
     finish,
     record_errors,
     run_job,
+    time_runtimes,
 )
 
 
@@ -72,3 +73,4 @@ def check_model_task(self, job_id: str, model_id: str) -> None:
     )
     if model is not None:
         finish(ctx, job_id, lambda: check_model(ctx, model))
+        time_runtimes(ctx, job_id, model)  # after the answer: the upload does not wait for it

@@ -1,11 +1,18 @@
-"""The runtime of a job: auto by default, pinned on request, torch refused for an ONNX model, recorded."""
+"""The runtime of a job: auto by default (timed when the model is uploaded), pinned on request,
+torch refused for an ONNX model, recorded."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
-from tests.support.stack import upload_model_file, wait_job
+from smoothcert.models.architectures import build_network
+from smoothcert.models.metadata import ModelInfo
+from smoothcert.models.safetensors_io import save_safetensors_model
+from tests.support.stack import upload_model_file, wait_for, wait_job
 
 CANDIDATES = {"torch", "torch-channels-last", "onnxruntime"}
 
@@ -107,3 +114,36 @@ def test_a_precision_the_workers_cannot_run_is_422(client, demo_model, inputs, b
         "/v1/certify", json={"model_id": demo_model["id"], "inputs": inputs, "sigma": 0.25, **body}
     )
     assert resp.status_code == 422 and phrase in resp.json()["detail"]
+
+
+def test_runtimes_are_timed_at_upload_so_the_first_job_finds_its_choice_cached(
+    client, admin, inputs, data_dir, tmp_path
+):
+    # A digits_cnn of its own (seeded weights, so a sha256 no other test has timed).
+    torch.manual_seed(20261207)
+    path = save_safetensors_model(
+        tmp_path / "fresh.safetensors",
+        build_network("digits_cnn", 10),
+        ModelInfo(format="safetensors", input_shape=[1, 8, 8], num_classes=10, arch="digits_cnn"),
+    )
+    resp = upload_model_file(admin, path)
+    assert resp.status_code == 201, resp.text
+    model = resp.json()
+    choices = data_dir / "cache" / "runtime-choices.json"
+
+    def timed() -> bool:
+        return choices.exists() and any(
+            key.startswith(model["sha256"] + "|") for key in json.loads(choices.read_text())
+        )
+
+    wait_for(timed, 60, "the upload's check to time the model's runtimes")
+    (key,) = [k for k in json.loads(choices.read_text()) if k.startswith(model["sha256"] + "|")]
+    before = json.loads(choices.read_text())[key]
+    provenance = _run(client, model_id=model["id"], inputs=inputs)
+    # The job ran in the runtime timed at upload, and timed nothing itself: a measurement would
+    # have written its own rates and time over the entry.
+    assert json.loads(choices.read_text())[key] == before
+    choice = provenance["runtime_choice"]
+    assert choice["chosen"] == before["chosen"]
+    assert choice["measured_samples_per_s"] == before["measured"]
+    assert admin.delete(f"/v1/models/{model['id']}").status_code == 204
