@@ -202,7 +202,7 @@ def get_limits(request: Request) -> Limits:
     """The app's limits, built on first use from its Redis client and settings."""
     state = request.app.state
     if getattr(state, "limits", None) is None:
-        state.limits = Limits(state.redis, state.settings)
+        state.limits = Limits(state.redis, state.settings, state.models)
     return state.limits
 
 

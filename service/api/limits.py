@@ -67,6 +67,7 @@ from smoothcert.service.api.idempotency import (
 )
 from smoothcert.service.core.dataset_store import Admit, DatasetStore
 from smoothcert.service.core.jobs import ActiveJobsExceeded, active_jobs
+from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.queue import queue_depth, queue_names  # noqa: F401  (tests read queue_depth here)
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.storage_quota import LAPSE_LUA as _LAPSE
@@ -122,8 +123,8 @@ def _refusal(code: int, detail: str, retry_after_s: int) -> HTTPException:
 class Limits:
     """One app's rate limiter, queue bound and idempotency store (its Redis client, its settings)."""
 
-    def __init__(self, client: redis.Redis, settings: Settings):
-        self.redis, self.settings = client, settings
+    def __init__(self, client: redis.Redis, settings: Settings, models: ModelStore | None = None):
+        self.redis, self.settings, self.models = client, settings, models
         self.idempotency = IdempotencyStore(client, settings.idempotency_ttl_s)
         self._gcra = client.register_script(_GCRA)
         self._room = client.register_script(_ROOM)
@@ -206,7 +207,7 @@ class Limits:
 
         @contextlib.contextmanager
         def admit(dataset_id: str, stored_bytes: int) -> Iterator[None]:
-            stored, ids = datasets.stored_bytes(caller)
+            stored, ids = self._stored(caller, datasets)
             ok, used = self._storage(
                 keys=keys, args=[dataset_id, stored_bytes, quota, stored, STORAGE_TTL_MS, *ids]
             )
@@ -215,8 +216,8 @@ class Limits:
                     status.HTTP_413_CONTENT_TOO_LARGE,
                     f"storage quota: this dataset would take {stored_bytes} bytes stored, and "
                     f"this API key already uses {used} of its {quota} bytes "
-                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets, the inputs of its "
-                    "queued and running jobs and its stored certificates); delete datasets or "
+                    "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets, models, the inputs of "
+                    "its queued and running jobs and its stored certificates); delete datasets or "
                     "certificates it no longer needs (DELETE /v1/datasets/{id}, DELETE "
                     "/v1/certificates/{sha256}), wait for its jobs to end, or upload a smaller one",
                 )
@@ -237,7 +238,7 @@ class Limits:
         until they are deleted (:mod:`smoothcert.service.core.storage_quota`); 413 when they do
         not fit beside its datasets, the inputs of its other jobs and its certificates."""
         quota, settings = self.settings.max_storage_bytes_per_key, self.settings
-        stored, ids = datasets.stored_bytes(caller)
+        stored, ids = self._stored(caller, datasets)
         ok, used = JobInputs(self.redis).reserve(
             caller,
             job_id,
@@ -252,14 +253,47 @@ class Limits:
                 status.HTTP_413_CONTENT_TOO_LARGE,
                 f"storage quota: this job's inputs would take {stored_bytes} bytes stored until "
                 f"it ends, and this API key already uses {used} of its {quota} bytes "
-                "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets, the inputs of its "
+                "(SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its datasets, models, the inputs of its "
                 "queued and running jobs and its stored certificates); wait for its jobs to end, "
                 "cancel one (DELETE /v1/jobs/{id}), delete datasets or certificates it no longer "
                 "needs, or send fewer inputs",
             )
 
+    def _stored(self, caller: str, datasets: DatasetStore) -> tuple[int, list[str]]:
+        """What ``caller``'s stored datasets and models take on disk, and their ids (whose upload
+        reservations the storage scripts then leave out, so nothing counts twice)."""
+        stored, ids = datasets.stored_bytes(caller)
+        if self.models is not None:
+            model_bytes, model_ids = self.models.stored_bytes(caller)
+            stored, ids = stored + model_bytes, [*ids, *model_ids]
+        return stored, ids
+
+    def admit_model(self, caller: str, datasets: DatasetStore, model_id: str) -> None:
+        """Count model ``model_id``, just stored (pending its check), against ``caller``'s storage
+        quota; 413 when it takes the caller past it (the caller then deletes the model). Its
+        reservation covers it while concurrent uploads count; once stored it counts from disk."""
+        assert self.models is not None, "model uploads need the app's model store"
+        quota = self.settings.max_storage_bytes_per_key
+        nbytes = self.models.disk_bytes(model_id)
+        stored, ids = self._stored(caller, datasets)
+        ok, used = self._storage(
+            keys=_held(STORAGE_PREFIX + caller),
+            # its own bytes are in ``stored`` already (it is on disk): counted once, as the upload
+            args=[model_id, nbytes, quota, stored - nbytes, STORAGE_TTL_MS, *ids],
+        )
+        if not ok:
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE,
+                f"storage quota: this model takes {nbytes} bytes stored, and this API key already "
+                f"uses {used} of its {quota} bytes (SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY: its "
+                "datasets, models, the inputs of its queued and running jobs and its stored "
+                "certificates); delete models or datasets it no longer needs (DELETE "
+                "/v1/models/{id}, DELETE /v1/datasets/{id})",
+            )
+
     def forget_storage(self, owner: str, dataset_id: str) -> None:
-        """Drop what is still reserved for a dataset of ``owner`` that was just deleted."""
+        """Drop what is still reserved for a dataset (or model) of ``owner`` that was just
+        deleted."""
         with contextlib.suppress(redis.RedisError):  # the delete happened; the reservation lapses
             self._give_back(_held(STORAGE_PREFIX + owner), dataset_id)
 

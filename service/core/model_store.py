@@ -35,6 +35,8 @@ from smoothcert.models.metadata import (
     pipeline_sha256,
 )
 from smoothcert.models.safetensors_header import looks_pickled, read_safetensors_header
+from smoothcert.service.core.dataset_store import block_size, disk_bytes
+from smoothcert.service.core.keys import account_of
 from smoothcert.service.core.store import FolderStore, copy_upload, created_at
 
 FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
@@ -177,6 +179,29 @@ class ModelStore(FolderStore):
             }
             self.write(model_id, meta)
         return meta
+
+    def disk_bytes(self, model_id: str) -> int:
+        """What model ``model_id``'s folder (its file and record) takes on disk, in whole blocks
+        of the file system, as a dataset's is counted; 0 when it has none."""
+        try:
+            folder = self.folder(model_id)
+            files = [p.stat().st_size for p in folder.iterdir() if p.is_file()]
+            return disk_bytes(files, block_size(folder))
+        except (KeyError, OSError):
+            return 0
+
+    def stored_bytes(self, owner: str) -> tuple[int, list[str]]:
+        """What the models of account ``owner`` take on disk (pending ones too: an upload being
+        checked is on disk already), and their ids; for its storage quota."""
+        total, ids = 0, []
+        folders = self.root.iterdir() if self.root.is_dir() else iter(())
+        for folder in folders:
+            record = self.read(folder.name)
+            if record is None or account_of(record.get("owner")) != owner:
+                continue
+            total += self.disk_bytes(record["id"])
+            ids.append(record["id"])
+        return total, ids
 
     def pipelines_using(self, model_id: str) -> list[str]:
         """The ids of the stored pipelines that have ``model_id`` as a part."""

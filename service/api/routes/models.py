@@ -49,7 +49,9 @@ from smoothcert.models.metadata import (
 from smoothcert.service.api.access import AccessDep
 from smoothcert.service.api.body_limit import UnparsableBodyRoute
 from smoothcert.service.api.deps import (
+    DatasetsDep,
     JobsDep,
+    LimitsDep,
     ModelsDep,
     QueueDep,
     SettingsDep,
@@ -120,7 +122,7 @@ def _fields(
     response_model=ModelRecord,
     dependencies=[Depends(require_models)],
     responses={
-        413: {"description": "file too large"},
+        413: {"description": "file too large, or over the account's storage quota"},
         422: {"description": "model refused"},
         503: {"description": "no worker checked the model in time"},
     },
@@ -132,6 +134,8 @@ def upload_model(
     models: ModelsDep,
     jobs: JobsDep,
     queue: QueueDep,
+    limits: LimitsDep,
+    datasets: DatasetsDep,
     file: Annotated[UploadFile, File(description=".onnx, or .safetensors with arch")],
     name: OptionalForm = None,
     input_shape: OptionalForm = None,
@@ -160,15 +164,32 @@ def upload_model(
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except ModelError as exc:
         raise HTTPException(422, f"model refused: {exc}") from None
-    return _checked(meta, response, settings, models, jobs, queue)
+    _admitted(meta, access, limits, datasets, models)
+    return _checked(meta, response, settings, models, jobs, queue, limits)
+
+
+def _admitted(meta: dict[str, Any], access, limits, datasets, models) -> None:
+    """Count the model just stored against its account's storage quota; over it, the model is
+    deleted again and the 413 says why."""
+    try:
+        limits.admit_model(access.caller.account, datasets, meta["id"])
+    except BaseException:
+        models.delete(meta["id"])
+        raise
 
 
 def _checked(
-    meta: dict[str, Any], response: Response, settings, models, jobs, queue
+    meta: dict[str, Any], response: Response, settings, models, jobs, queue, limits
 ) -> ModelRecord:
     """Have a worker load the pending model ``meta`` and run it on its check batches; its ready
-    record, or the 422 / 503 that says why not (the pending record is removed then)."""
+    record, or the 422 / 503 that says why not (the pending record is removed then, and no longer
+    counts against its account's storage)."""
     model_id, job_id = meta["id"], new_job_id()
+
+    def removed() -> None:
+        models.delete(model_id)
+        limits.forget_storage(meta["owner"], model_id)
+
     try:
         jobs.create(
             job_id, "check_model", CheckModelTask(model_id).record_params(), owner=meta["owner"]
@@ -176,10 +197,10 @@ def _checked(
         queue.send_task(CHECK_MODEL_TASK, args=[job_id, model_id], task_id=job_id)
         record = _wait(jobs, job_id, settings.model_check_timeout_s)
     except BaseException:
-        models.delete(model_id)
+        removed()
         raise
     if record is None or record.status != SUCCEEDED:
-        models.delete(model_id)
+        removed()
         if record is None or record.status not in TERMINAL:
             jobs.request_cancel(job_id)
             raise HTTPException(
@@ -211,7 +232,7 @@ def _answer(meta: dict[str, Any]) -> ModelRecord:
     dependencies=[Depends(require_models)],
     responses={
         404: {"description": "unknown denoiser or classifier (or another account's private one)"},
-        413: {"description": "body too large"},
+        413: {"description": "body too large, or over the account's storage quota"},
         422: {
             "description": "the parts cannot form a pipeline (not a denoiser, a pipeline as a "
             "part, input shapes that differ), or the worker refused it"
@@ -227,6 +248,8 @@ def register_pipeline(
     models: ModelsDep,
     jobs: JobsDep,
     queue: QueueDep,
+    limits: LimitsDep,
+    datasets: DatasetsDep,
 ) -> ModelRecord:
     """Register a denoiser followed by a classifier as one model (denoised smoothing): its id works
     wherever a model id does. The noise is added before the denoiser; the classifier keeps its own
@@ -240,7 +263,8 @@ def register_pipeline(
         meta = models.add_pipeline(parts["denoiser"], parts["classifier"], body.name, owner)
     except ModelError as exc:
         raise HTTPException(422, f"pipeline refused: {exc}") from None
-    return _checked(meta, response, settings, models, jobs, queue)
+    _admitted(meta, access, limits, datasets, models)
+    return _checked(meta, response, settings, models, jobs, queue, limits)
 
 
 def _wait(jobs, job_id: str, timeout_s: float):
@@ -394,11 +418,13 @@ def get_schedule(model_id: str, models: ModelsDep, access: AccessDep) -> ModelSc
         409: {"description": "a pipeline uses the model"},
     },
 )
-def delete_model(model_id: str, models: ModelsDep, access: AccessDep) -> Response:
+def delete_model(
+    model_id: str, models: ModelsDep, access: AccessDep, limits: LimitsDep
+) -> Response:
     """Remove the model's files (its owner's account or the admin); jobs already queued for it
-    fail with a message. A model that a pipeline uses is kept (409) until those pipelines are
-    deleted."""
-    access.own_model(models, model_id)
+    fail with a message, and it no longer counts against its account's storage. A model that a
+    pipeline uses is kept (409) until those pipelines are deleted."""
+    meta = access.own_model(models, model_id)
     if users := models.pipelines_using(model_id):
         mine = [p for p in users if access.owns(models.get(p, include_pending=True) or {})]
         named = ", ".join(mine) + (
@@ -410,4 +436,5 @@ def delete_model(model_id: str, models: ModelsDep, access: AccessDep) -> Respons
         )
     if not models.delete(model_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model_id!r}")
+    limits.forget_storage(account_of(meta.get("owner")), model_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

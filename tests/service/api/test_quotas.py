@@ -33,6 +33,7 @@ from smoothcert.service.core.dataset_store import block_size, disk_bytes
 from smoothcert.service.core.jobs import JobStore, active_jobs
 from smoothcert.service.core.queue import QUEUE, queue_depth
 from smoothcert.service.core.settings import Settings
+from tests.support.hostile_models import linear_onnx
 from tests.support.proc import memory_bytes
 from tests.support.stack import (
     ADMIN_KEY,
@@ -44,6 +45,7 @@ from tests.support.stack import (
     start_api,
     stop_process,
     upload_dataset,
+    upload_model_file,
     wait_for,
     wait_job,
 )
@@ -317,6 +319,38 @@ def test_storage_quota_refuses_an_upload_past_it_until_a_delete_frees_room(
         assert client.delete(f"/v1/datasets/{record['id']}").status_code == 204
     r = redis.Redis.from_url(redis_url)  # refused uploads gave their reservations back
     assert r.hlen(f"smoothcert:storage:{QUOTA_USER}:amounts") <= 1
+
+
+def test_models_count_against_the_storage_quota_until_deleted(quota, data_dir, tmp_path):
+    url = str(quota["admin"].base_url)
+    key = account_key(url, QUOTA_ADMIN, "quotas-models", "models")
+    path = linear_onnx(tmp_path / "linear.onnx")
+    models_dir = data_dir / "models"
+    with httpx.Client(base_url=url, headers=bearer(key), timeout=90) as mine:
+        first = upload_model_file(mine, path)
+        assert first.status_code == 201, first.text
+        folder = models_dir / first.json()["id"]
+        # the model's file, its record and its folder, in whole blocks of the file system
+        per_model = disk_bytes([p.stat().st_size for p in folder.iterdir()], block_size(folder))
+        fits = STORAGE_QUOTA // per_model
+        kept = [first.json()["id"]]
+        for _ in range(fits - 1):
+            resp = upload_model_file(mine, path)
+            assert resp.status_code == 201, resp.text
+            kept.append(resp.json()["id"])
+        stored = folders(models_dir)
+        refused = upload_model_file(mine, path)
+        assert refused.status_code == 413, refused.text
+        detail = refused.json()["detail"]
+        assert f"storage quota: this model takes {per_model} bytes stored" in detail
+        assert f"already uses {fits * per_model} of its {STORAGE_QUOTA} bytes" in detail
+        assert folders(models_dir) == stored  # nothing of it kept
+        assert mine.delete(f"/v1/models/{kept.pop()}").status_code == 204
+        again = upload_model_file(mine, path)
+        assert again.status_code == 201, again.text
+        kept.append(again.json()["id"])
+        for model_id in kept:
+            assert mine.delete(f"/v1/models/{model_id}").status_code == 204
 
 
 def newest_datasets(client: httpx.Client) -> list[dict]:
