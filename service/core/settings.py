@@ -128,8 +128,9 @@ class Settings(BaseSettings):
     max_storage_bytes_per_key: int = Field(
         8 << 30,
         ge=1024,
-        description="bytes one account may keep stored: its datasets and the inputs of its queued "
-        "and running certify jobs (413 beyond); deleting a dataset, or a job's end, frees them",
+        description="bytes one account may keep stored: its datasets, its models, the inputs of "
+        "its queued and running certify jobs and its certificates (413 beyond); deleting a "
+        "dataset, model or certificate, or a job's end, frees them",
     )
     orphan_inputs_grace_s: int = Field(
         300,
