@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset:
         stored = _check_dataset(cert, args.dataset, report)
     _check_arithmetic(cert, report)
+    _check_noise(cert, report)
     if args.recompute:
         _print(report)  # what held so far, before a long run
         report.lines.clear()
@@ -619,6 +620,66 @@ def _check_arithmetic(cert: _Cert, report: Report) -> None:
     if "summary" in cert.predicate:
         told += ", and the summary"
     report.check("arithmetic", problems, told + note)
+
+
+def _check_noise(cert: _Cert, report: Report) -> None:
+    """Discrete noise: K, the thresholds' sha256, the total variation and ``alpha_effective``
+    recomputed from σ, α, n and the pixels per input, and the provenance's copy of them. A
+    Gaussian certificate (or one from before noise was recorded) has nothing to recompute."""
+    from smoothcert.service.core.certificates import NOISE_FIELDS
+
+    noise = cert.predicate.get("noise")
+    kind = cert.params.get("noise", "gaussian")
+    if noise is None and kind == "gaussian":
+        return
+    if not isinstance(noise, dict) or noise.get("kind") != kind:
+        report.fail("noise", [f"the predicate's noise is not the parameters' {kind!r}"])
+        return
+    if kind != "discrete":
+        return
+    try:
+        from smoothcert.worker.smoothing import discrete  # mpmath and numpy: no torch
+    except ImportError as exc:
+        raise ValueError(
+            f"the noise check needs {exc.name or 'mpmath'}: pip install 'smoothcert[verify]'"
+        ) from None
+    p = cert.params
+    alpha, size, n = float(p["alpha"]), noise.get("input_size"), p["n"]
+    try:
+        table = discrete.thresholds(float(p["sigma"]))
+    except ValueError as exc:
+        report.fail("noise", [str(exc)])
+        return
+    problems = [
+        f"noise.{key} is {noise.get(key)!r}, the provenance's {cert.provenance.get(key)!r}"
+        for key in NOISE_FIELDS
+        if cert.provenance.get(key) != noise.get(key)
+    ]
+    if noise.get("quantize") != bool(p.get("quantize", False)):
+        problems.append("noise.quantize is not the parameters' quantize")
+    expected = {
+        "noise_k": table.k,
+        "thresholds_sha256": table.sha256,
+        "total_variation": table.total_variation,
+    }
+    problems += [
+        f"noise.{key} is {noise.get(key)!r}, recomputed {value!r}"
+        for key, value in expected.items()
+        if noise.get(key) != value
+    ]
+    if not _count(size) or size < 1:
+        problems.append(f"noise.input_size is {size!r}, not a pixel count")
+    else:
+        effective = discrete.alpha_effective(alpha, table.total_variation, size * int(n))
+        recorded = noise.get("alpha_effective")
+        if not isinstance(recorded, float) or abs(recorded - effective) > 1e-12 * effective:
+            problems.append(f"noise.alpha_effective is {recorded!r}, recomputed {effective!r}")
+    report.check(
+        "noise",
+        problems,
+        f"discrete noise: K = {table.k}, thresholds sha256 {table.sha256[:12]}, alpha_effective "
+        f"{noise.get('alpha_effective')!r} recomputed from sigma, alpha, n and {size} pixels",
+    )
 
 
 def _votes(row: Mapping[str, Any], n: int) -> tuple[dict[int, int], list[str]]:

@@ -115,23 +115,68 @@ def is_sha256(text: str) -> bool:
     return len(text) == 64 and set(text) <= _SHA256
 
 
-def guarantee(mode: str, bound: str | None, alpha: float, sigma: float) -> str:
-    """What the certificate promises, in words."""
+NOISE_FIELDS = ("noise_k", "thresholds_sha256", "total_variation", "input_size", "alpha_effective")
+"""The provenance's fields of discrete noise that a certificate's ``noise`` repeats."""
+
+
+def noise_block(params: Mapping[str, Any], provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The predicate's ``noise``: ``{"kind": "gaussian"}``, or for discrete noise its kind, K,
+    the thresholds' sha256, the total variation per coordinate, the pixels per input, the
+    failure probability it adds up to (``alpha_effective``) and whether inputs were rounded."""
+    kind = str(params.get("noise") or provenance.get("noise") or "gaussian")
+    if kind != "discrete":
+        return {"kind": kind}
+    return {
+        "kind": kind,
+        **{k: provenance.get(k) for k in NOISE_FIELDS},
+        "quantize": bool(params.get("quantize", False)),
+    }
+
+
+def guarantee(
+    mode: str,
+    bound: str | None,
+    alpha: float,
+    sigma: float,
+    noise: Mapping[str, Any] | None = None,
+) -> str:
+    """What the certificate promises, in words (``noise``: :func:`noise_block`; None: Gaussian)."""
     classifier = (
         f"the smoothed classifier g(x) = argmax_c P(f(x + d) = c), d ~ N(0, {sigma:g}^2 I), "
         "where f is the model named in the subject, on inputs scaled to [0, 1] as the subject's "
         "digests describe"
     )
+    if noise is not None and noise.get("kind") == "discrete":
+        k = int(noise.get("noise_k") or 1)
+        classifier = (
+            f"the smoothed classifier g(x) = argmax_c P(F(x + d) = c), d ~ N(0, {sigma:g}^2 I), "
+            f"where F(z) = f(clip(round(255 z), {-255 * k}, {255 * (k + 1)}) / 255) and f is the "
+            "model named in the subject, on inputs of the 8-bit grid (x = k/255) as the subject's "
+            "digests describe; F(x + d) was evaluated exactly, as f of an integer vector over 255 "
+            "with the discretised Gaussian drawn from integer thresholds "
+            "(noise.thresholds_sha256), so floating-point rounding cannot void the promise"
+        )
+        alpha_text = (
+            f"{float(noise.get('alpha_effective') or alpha):.10g} (alpha_effective: alpha = "
+            f"{alpha:g} plus the sampler's total distance from the exact law)"
+        )
+        if noise.get("quantize"):
+            classifier += (
+                "; the inputs were rounded onto the 8-bit grid before certification "
+                "(quantize), and the digests and this promise are about the rounded images"
+            )
+    else:
+        alpha_text = f"{alpha:g}"
     if mode == "predict":
         return (
-            f"For each row with a prediction: with probability at least 1 - {alpha:g} over the "
+            f"For each row with a prediction: with probability at least 1 - {alpha_text} over the "
             f"sampling, the prediction is the class that {classifier} returns for that input. A "
             "row without a prediction (abstained) promises nothing."
         )
     if mode == "target_radius":
         return (
             f"For each row certified at the target radius r: with probability at least "
-            f"1 - {alpha:g} over the sampling (an anytime-valid test), {classifier} returns the "
+            f"1 - {alpha_text} over the sampling (an anytime-valid test), {classifier} returns the "
             "row's prediction at every point within l2 distance r of the input. Other rows "
             "promise nothing."
         )
@@ -141,7 +186,7 @@ def guarantee(mode: str, bound: str | None, alpha: float, sigma: float) -> str:
         else "the two-class bound on p_A and p_B (a union bound over the classes)"
     )
     return (
-        f"For each row with a prediction: with probability at least 1 - {alpha:g} over the "
+        f"For each row with a prediction: with probability at least 1 - {alpha_text} over the "
         f"sampling ({how}), {classifier} returns the row's prediction at every point within l2 "
         "distance `radius` of the input. A row that abstained (radius 0) promises nothing. The "
         "promise is about g, not about f alone, and holds only for inputs given exactly as "
@@ -180,10 +225,12 @@ def statement(
         for row, digest in zip(rows, digests, strict=True)
     ]
     mode = str(params.get("mode", "certify"))
+    noise = noise_block(params, job.get("provenance") or {})
     predicate: dict[str, Any] = {
         "guarantee": guarantee(
-            mode, params.get("bound"), float(params["alpha"]), float(params["sigma"])
+            mode, params.get("bound"), float(params["alpha"]), float(params["sigma"]), noise
         ),
+        "noise": noise,
         "job": {"id": job["id"], "kind": job["kind"], "finished_time": job.get("finished_time")},
         "requested_by": {"account": job.get("owner")},
         "issued_time": issued_time,

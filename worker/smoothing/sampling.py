@@ -269,13 +269,15 @@ class Sampler:
 
     def noise_fields(self, params: dict[str, Any]) -> dict[str, Any]:
         """The provenance's noise: its kind and, for discrete noise, K, the thresholds' sha256,
-        the total variation per coordinate, whether inputs were rounded to the grid, and
-        ``alpha_effective`` over the d·n coordinates of one input's estimate."""
+        the total variation per coordinate, the pixels per input (d), whether inputs were rounded
+        to the grid, and ``alpha_effective`` over the d·n coordinates of one input's estimate."""
         if self.grid is None:
             return {"noise": "gaussian"}
-        coordinates = int(np.prod(self.x.shape[1:])) * int(params.get("n", params.get("n_max", 0)))
+        size = int(np.prod(self.x.shape[1:]))
+        coordinates = size * int(params.get("n", params.get("n_max", 0)))
         return {
             **self.grid.table.describe(coordinates, float(params["alpha"])),
+            "input_size": size,
             "quantize": self.quantize,
         }
 

@@ -92,6 +92,10 @@ def test_float_inputs_off_the_grid_are_refused_unless_quantized(client, demo_mod
     assert subject["input:0"] != input_digest(x[0])
     predicate = statement["predicate"]
     assert predicate["parameters"]["quantize"] is True
+    noise = predicate["noise"]
+    assert noise["kind"] == "discrete" and noise["quantize"] is True and noise["input_size"] == 64
+    assert noise["alpha_effective"] == job["result"]["provenance"]["alpha_effective"]
+    assert "rounded onto the 8-bit grid" in predicate["guarantee"]
 
 
 @pytest.mark.parametrize(
