@@ -33,6 +33,7 @@ from smoothcert.service.api.access_log import AccessLog, SecurityHeaders
 from smoothcert.service.api.body_limit import BodySizeLimit
 from smoothcert.service.api.deps import document_auth
 from smoothcert.service.api.docs import add_offline_docs
+from smoothcert.service.api.manual import mount_manual
 from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
 from smoothcert.service.api.page import mount_page
 from smoothcert.service.api.routes import (
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     for module in (health, metrics, certify, jobs, certificates, models, datasets, train, keys):
         app.include_router(document_auth(module.router))
     add_offline_docs(app)  # /docs and /redoc with their assets served here, never from a CDN
+    mount_manual(app)  # the built manual (make docs) at /manual/
     mount_page(app)
     return app
 

@@ -236,6 +236,7 @@ def banner(stack: Stack, model: dict, test_x: Path) -> str:
         [
             f"smoothcert is up at {stack.url}  (docs: {stack.url}/docs, logs: {stack.logs})",
             f"web page: open {stack.url}/ in a browser and paste the API key",
+            f"manual: {stack.url}/manual/getting-started/ (built by `make docs`)",
             *key_lines,
             f"demo model: {model['id']} ({model.get('name')}, input {model.get('input_shape')}, "
             f"{model.get('num_classes')} classes)",
