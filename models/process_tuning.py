@@ -1,7 +1,7 @@
 """Process settings that make CPU inference fast, applied by the CLI and the worker at start-up.
 
-Measured on a 2-core EPYC (README, Speed): torch under glibc's default malloc gives every freed
-block of a large batch back to the kernel and page-faults it in again on the next batch; most of
+Measured on a 2-core EPYC (docs/operations/speed.md): torch under glibc's default malloc gives
+every freed block of a large batch back to the kernel and page-faults it in again on the next batch; most of
 a certification's time then goes to the kernel. :func:`tune_process` therefore
 
 - asks glibc (``mallopt``, through ctypes, so nothing has to be set before the process starts)
@@ -12,8 +12,8 @@ a certification's time then goes to the kernel. :func:`tune_process` therefore
   generation on the same cores;
 - gives torch's and onnxruntime's intra-op pools one thread per core of the process's CPU set,
   whatever the number of ``processes`` sharing them: an equal share (processes x threads = cores)
-  was no faster for two processes on the 2-core machine (0.97x quiet, 0.74x busy; README, Speed),
-  and the idle threads sleep.
+  was no faster for two processes on the 2-core machine (0.97x quiet, 0.74x busy;
+  docs/operations/speed.md), and the idle threads sleep.
 
 A setting the user made is kept: ``MALLOC_*`` or ``GLIBC_TUNABLES`` in the environment leave
 malloc alone, ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` are not overwritten, and

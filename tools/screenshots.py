@@ -1,4 +1,4 @@
-"""Take the README's screenshots of the web page, against a running ``smoothcert up``.
+"""Take the screenshots of the web page (README.md, docs/), against a running ``smoothcert up``.
 
     PYTHONPATH=<a view of the package> python tools/screenshots.py URL API_KEY [ADMIN_KEY [OUT_DIR]]
 

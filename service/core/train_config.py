@@ -127,7 +127,7 @@ DENOISER_ARCHS = ("dncnn",)
 
 # The batch size and learning rate of each objective when not given: MSE trains from scratch with
 # 128 and 1e-3; stability fine-tunes the MSE denoiser with 32 and 3e-4, the recipe that measured
-# best on digits (README, "Training denoisers").
+# best on digits (docs/guide/denoisers.md).
 DENOISER_SCHEDULES: dict[str, tuple[int, float]] = {"mse": (128, 1e-3), "stability": (32, 3e-4)}
 
 
@@ -249,8 +249,8 @@ class DiffusionConfig:
     needs some step near each σ (the last step must reach the largest σ certified). ``width``
     sizes the diffusion_unet (channels at full resolution). Adam, the learning rate on a cosine
     from ``lr`` towards 0. ``seed`` as for :class:`TrainConfig`; ``name`` is the model's name
-    (default DATASET-diffusion-T). The defaults are the digits recipe of the README (a few minutes
-    on two CPU cores).
+    (default DATASET-diffusion-T). The defaults are the digits recipe of docs/guide/denoisers.md
+    (a few minutes on two CPU cores).
     """
 
     epochs: int = 60
