@@ -62,7 +62,7 @@ openapi: $(STAMP)
 
 # The manual (mkdocs.yml, docs/): `make docs` builds it into site/ (git ignores it; the API serves
 # it at /manual/) with --strict, so a broken link or anchor fails the build; `make docs-serve`
-# serves it on 127.0.0.1:8001 with live reload; `make docs-gen` rewrites the generated reference
+# serves it at http://127.0.0.1:8001/manual/ with live reload; `make docs-gen` rewrites the generated reference
 # pages (settings, CLI, HTTP API from openapi/openapi.json, TSV columns), which a test compares.
 .PHONY: docs docs-serve docs-gen
 DOCS_ENV := NO_MKDOCS_2_WARNING=1
