@@ -5,7 +5,9 @@ everything it imports stay free of torch and onnxruntime (a test checks it): the
 tasks by name and reads job records from Redis.
 
 Errors are JSON ``{"detail": ...}``: 422 for invalid requests (without echoing the inputs back),
-413 for bodies over the size caps, 503 when Redis or the broker cannot be reached, and 503 with
+413 for bodies over the size caps, 503 with ``Retry-After`` when Redis or the broker cannot be
+reached (a restart, a Sentinel failover) or when a change could not be confirmed on a replica
+(:mod:`smoothcert.service.api.replication`), and 503 with a longer
 ``Retry-After`` when Redis refuses a write because it holds its memory budget (``maxmemory`` with
 ``noeviction``: :mod:`smoothcert.service.core.redis_memory`). 500 with a ``detail`` when a job's
 result rows should be on the data volume and are not.
@@ -36,6 +38,7 @@ from smoothcert.service.api.docs import add_offline_docs
 from smoothcert.service.api.manual import mount_manual
 from smoothcert.service.api.metrics import HttpMetrics, HttpMetricsMiddleware
 from smoothcert.service.api.page import mount_page
+from smoothcert.service.api.replication import RETRY_AFTER_S, ReplicatedWrites
 from smoothcert.service.api.routes import (
     certificates,
     certify,
@@ -55,6 +58,7 @@ from smoothcert.service.core.logs import JobIdMiddleware, configure_logging
 from smoothcert.service.core.model_store import ModelStore
 from smoothcert.service.core.owners import legacy_names, migrate_legacy_owners
 from smoothcert.service.core.queue import make_celery
+from smoothcert.service.core.redis_client import connect
 from smoothcert.service.core.redis_memory import is_out_of_memory
 from smoothcert.service.core.results import ResultFiles
 from smoothcert.service.core.settings import Settings
@@ -116,9 +120,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         summary="Certified ℓ2 robustness for image classifiers by randomized smoothing",
     )
     app.state.settings = settings
-    app.state.redis = redis.Redis.from_url(
-        settings.broker_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
-    )
+    app.state.redis = connect(settings, connect_timeout_s=2, timeout_s=10, health_check_interval=30)
     app.state.jobs = JobStore(
         app.state.redis,
         ttl_s=settings.job_ttl_s,
@@ -139,6 +141,8 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     )
     app.state.http_metrics = HttpMetrics()
 
+    # Innermost: with Sentinel, a change is answered 2xx only once a replica holds it.
+    app.add_middleware(ReplicatedWrites, client=app.state.redis, settings=settings)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_request_bytes,
@@ -195,7 +199,9 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
         )
     log.warning("backend unavailable: %s", exc)
     return JSONResponse(
-        {"detail": f"the job store or queue (Redis) is unreachable: {exc}"}, status_code=503
+        {"detail": f"the job store or queue (Redis) is unreachable: {exc}"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},  # a restart or a Sentinel failover
     )
 
 

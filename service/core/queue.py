@@ -21,9 +21,17 @@ from typing import Any
 import redis
 from celery import Celery
 from kombu.transport import virtual
-from kombu.transport.redis import PRIORITY_STEPS, Channel, QoS, Transport
+from kombu.transport.redis import (
+    PRIORITY_STEPS,
+    Channel,
+    QoS,
+    SentinelChannel,
+    SentinelTransport,
+    Transport,
+)
 from kombu.utils.json import dumps
 
+from smoothcert.service.core.redis_client import celery_broker
 from smoothcert.service.core.settings import Settings
 
 CERTIFY_TASK = "smoothcert.certify"
@@ -50,7 +58,9 @@ def watchdog_time_limit_s(limit_s: float) -> float:
 
 
 def celery_config(settings: Settings) -> dict:
-    """The Celery settings every process of the service runs with."""
+    """The Celery settings every process of the service runs with (no result backend: results
+    live in the job records)."""
+    _, sentinel_options = celery_broker(settings)
     return dict(
         task_default_queue=QUEUE,
         task_routes={
@@ -65,7 +75,10 @@ def celery_config(settings: Settings) -> dict:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=soft_time_limit_s(settings.task_time_limit_s),
-        broker_transport_options={"visibility_timeout": settings.task_time_limit_s + 600},
+        broker_transport_options={
+            "visibility_timeout": settings.task_time_limit_s + 600,
+            **sentinel_options,  # master_name and the sentinels' password, with sentinels
+        },
         broker_connection_retry_on_startup=True,
         # The API must answer 503 quickly when Redis is gone, not retry for seconds.
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
@@ -77,11 +90,12 @@ def celery_config(settings: Settings) -> dict:
 def make_celery(
     settings: Settings, *, include: Sequence[str] = (), task_cls: str | None = None
 ) -> Celery:
-    """A Celery app on ``settings.broker_url``; a worker passes its task modules and task class."""
+    """A Celery app on the service's Redis (:func:`~smoothcert.service.core.redis_client.celery_broker`:
+    the URL's server or the sentinels' primary); a worker passes its task modules and task class."""
     options = {"task_cls": task_cls} if task_cls else {}
     app = Celery(
         "smoothcert",
-        broker=settings.broker_url,
+        broker=celery_broker(settings)[0],
         set_as_default=False,
         include=list(include),
         **options,
@@ -116,8 +130,16 @@ class _FrontChannel(Channel):
             client.rpush(self._q_for_pri(queue, PRIORITY_STEPS[0]), dumps(message))
 
 
+class _FrontSentinelChannel(_FrontChannel, SentinelChannel):
+    pass
+
+
 class _FrontTransport(Transport):
     Channel = _FrontChannel
+
+
+class _FrontSentinelTransport(SentinelTransport):
+    Channel = _FrontSentinelChannel
 
 
 class _FrontRequeueQoS(QoS):
@@ -143,8 +165,28 @@ class WorkerTransport(Transport):
     Channel = _WorkerChannel
 
 
+class _WorkerSentinelChannel(_WorkerChannel, SentinelChannel):
+    pass
+
+
+class WorkerSentinelTransport(SentinelTransport):
+    """:class:`WorkerTransport` on the primary that the sentinels name."""
+
+    Channel = _WorkerSentinelChannel
+
+
+def worker_transport(settings: Settings) -> type[Transport]:
+    """The transport a worker of ``settings`` consumes with."""
+    return WorkerSentinelTransport if settings.redis_sentinels else WorkerTransport
+
+
+def _sentinel_broker(app: Celery) -> bool:
+    return str(app.conf.broker_url or "").startswith("sentinel://")
+
+
 def send_first(app: Celery, name: str, args: Sequence[Any], task_id: str) -> None:
     """Send task ``name`` (routed as any other) so that a worker takes it before every message
     already waiting in its queue; raises what sending raises."""
-    with app.connection_for_write(transport=_FrontTransport) as connection:
+    front = _FrontSentinelTransport if _sentinel_broker(app) else _FrontTransport
+    with app.connection_for_write(transport=front) as connection:
         app.send_task(name, args=list(args), task_id=task_id, connection=connection)

@@ -5,6 +5,8 @@ generated (and printed by whoever starts the process); in production an empty or
 or an admin key equal to the API key, refuses to start. The admin key defaults to the API key in
 development only. The Redis password is ``SMOOTHCERT_REDIS_PASSWORD`` or the one inside
 ``SMOOTHCERT_REDIS_URL``; production refuses to start without one, as it does without keys.
+With ``SMOOTHCERT_REDIS_SENTINELS`` the primary is the one the sentinels name
+(:mod:`smoothcert.service.core.redis_client` builds every client either way).
 The key pepper (the server secret of the keys made with ``POST /v1/keys``) is derived from the
 admin key in development when unset, and required in production.
 """
@@ -69,6 +71,37 @@ class Settings(BaseSettings):
         "",
         description="Redis's password (AUTH), added to the Redis URL; `smoothcert up` "
         "generates one for the Redis it starts; required in production",
+    )
+    redis_sentinels: str = Field(
+        "",
+        description="Redis Sentinel deployment: the sentinels, a comma list of host:port "
+        "(e.g. s1:26379,s2:26379,s3:26379); when set, every client asks them for the primary of "
+        "SMOOTHCERT_REDIS_MASTER_NAME (and follows a failover), SMOOTHCERT_REDIS_URL must be "
+        "empty, the password is SMOOTHCERT_REDIS_PASSWORD, and `smoothcert up` starts no Redis",
+    )
+    redis_master_name: str = Field(
+        "smoothcert",
+        min_length=1,
+        description="the name under which the sentinels monitor the primary (sentinel monitor NAME)",
+    )
+    redis_sentinel_password: str = Field(
+        "",
+        description="the sentinels' own password (their requirepass); empty: they ask for none",
+    )
+    redis_wait_replicas: int = Field(
+        1,
+        ge=0,
+        description="with sentinels: replicas that must hold a write (WAIT) before the API "
+        "acknowledges it (a 201, 202, 200 or 204 to a POST, PUT, PATCH or DELETE) and before a "
+        "worker's task is acknowledged; capped at the replicas the primary has connected; 0: "
+        "acknowledge without waiting (a failover may then lose the last writes)",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000,
+        ge=1,
+        description="how long a write waits for its replicas (SMOOTHCERT_REDIS_WAIT_REPLICAS); "
+        "past it the API answers 503 with Retry-After (the write may or may not survive a "
+        "failover; retry with the same Idempotency-Key)",
     )
     redis_maxmemory: int = Field(
         DEFAULT_REDIS_MAXMEMORY,
@@ -280,6 +313,14 @@ class Settings(BaseSettings):
     def _keys(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
         in_url = _url_password(self.redis_url)
+        if self.redis_sentinels:
+            if self.redis_url:
+                raise ValueError(
+                    "SMOOTHCERT_REDIS_URL and SMOOTHCERT_REDIS_SENTINELS are both set; set only "
+                    "one of them (the sentinels name the primary)"
+                )
+            if not self.sentinels:  # raises ValueError for a malformed entry
+                raise ValueError("SMOOTHCERT_REDIS_SENTINELS names no sentinel")
         if in_url and self.redis_password and in_url != self.redis_password:
             raise ValueError(
                 "SMOOTHCERT_REDIS_URL holds a password other than SMOOTHCERT_REDIS_PASSWORD; "
@@ -328,8 +369,9 @@ class Settings(BaseSettings):
 
     @property
     def broker_url(self) -> str:
-        """The Redis URL every component uses (the configured one, or the default local one), with
-        ``redis_password`` in it when the URL names none."""
+        """The plain Redis URL (the configured one, or the default local one), with
+        ``redis_password`` in it when the URL names none; not used with sentinels (see
+        :mod:`smoothcert.service.core.redis_client`, which every client goes through)."""
         url = self.redis_url or DEFAULT_REDIS_URL
         if not self.redis_password or _url_password(url):
             return url
@@ -337,6 +379,21 @@ class Settings(BaseSettings):
         user = quote(unquote(parts.username or ""), safe="")
         netloc = f"{user}:{quote(self.redis_password, safe='')}@{parts.netloc.rpartition('@')[2]}"
         return urlunsplit(parts._replace(netloc=netloc))
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """``SMOOTHCERT_REDIS_SENTINELS`` as (host, port) pairs; [] without sentinels."""
+        pairs = []
+        for item in filter(None, (part.strip() for part in self.redis_sentinels.split(","))):
+            host, sep, port = item.rpartition(":")
+            host = host.strip("[]")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(
+                    f"SMOOTHCERT_REDIS_SENTINELS: {item!r} is not host:port (a comma list of "
+                    "them, e.g. s1:26379,s2:26379,s3:26379)"
+                )
+            pairs.append((host, int(port)))
+        return pairs
 
     @property
     def models_dir(self) -> Path:

@@ -2,14 +2,15 @@
 
 Starts (as subprocesses, logs under ``DATA_DIR/logs``, the API's and the worker's rotated past
 ``SMOOTHCERT_LOG_MAX_BYTES`` with ``SMOOTHCERT_LOG_BACKUPS`` older files) a Redis-protocol server
-unless ``SMOOTHCERT_REDIS_URL`` is set, the API's server (:mod:`smoothcert.service.api.server`,
-uvicorn with deadlines on slow clients) on ``SMOOTHCERT_HOST:SMOOTHCERT_PORT``
-and one Celery worker that consumes both queues (certification and training); waits for
-``/readyz``; uploads the digits demo model through the API (reused when an identical one is
-already stored); prints the URL, the two keys and a curl example; stops everything on Ctrl-C,
-SIGTERM or SIGHUP (its terminal closed), or when one of the processes dies. The Redis it starts
-requires a password (``SMOOTHCERT_REDIS_PASSWORD``, or a fresh random one), which reaches the API
-and the worker in their ``SMOOTHCERT_REDIS_URL``.
+unless ``SMOOTHCERT_REDIS_URL`` or ``SMOOTHCERT_REDIS_SENTINELS`` is set (then the API and the
+worker use that Redis, or the primary those sentinels name, and follow its failovers), the
+API's server (:mod:`smoothcert.service.api.server`, uvicorn with deadlines on slow clients) on
+``SMOOTHCERT_HOST:SMOOTHCERT_PORT`` and one Celery worker that consumes both queues
+(certification and training); waits for ``/readyz``; uploads the digits demo model through the
+API (reused when an identical one is already stored); prints the URL, the two keys and a curl
+example; stops everything on Ctrl-C, SIGTERM or SIGHUP (its terminal closed), or when one of
+the processes dies. The Redis it starts requires a password (``SMOOTHCERT_REDIS_PASSWORD``, or a
+fresh random one), which reaches the API and the worker in their ``SMOOTHCERT_REDIS_URL``.
 
 Keys, in development: the admin key (account ``admin``, every scope), the user key
 (``SMOOTHCERT_API_KEY``: account ``default``, scope ``certify``) and the key pepper are
@@ -82,13 +83,24 @@ class Stack:
     def env(self) -> dict[str, str]:
         """The environment every child shares, so they agree on keys, data and broker."""
         s = self.settings
+        # With sentinels the children find the primary as this process does (the sentinels and
+        # the password come from the environment they inherit); else the one URL, password in it.
+        redis_env = (
+            {
+                "SMOOTHCERT_REDIS_URL": "",
+                "SMOOTHCERT_REDIS_SENTINELS": s.redis_sentinels,
+                "SMOOTHCERT_REDIS_MASTER_NAME": s.redis_master_name,
+            }
+            if s.redis_sentinels
+            else {"SMOOTHCERT_REDIS_URL": s.broker_url}
+        )
         return {
             **os.environ,
             "SMOOTHCERT_API_KEY": s.api_key,
             "SMOOTHCERT_ADMIN_KEY": s.admin_key,
             "SMOOTHCERT_KEY_PEPPER": s.key_pepper,
             "SMOOTHCERT_DATA_DIR": str(s.data_dir),
-            "SMOOTHCERT_REDIS_URL": s.broker_url,
+            **redis_env,
             "SMOOTHCERT_HOST": s.host,
             "SMOOTHCERT_PORT": str(s.port),
             "SMOOTHCERT_ENV": s.env,
@@ -100,7 +112,7 @@ class Stack:
         private_data_dir(s.data_dir)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.reaper = OrphanReaper(self.logs / "orphan_reaper.log")
-        if not s.redis_url:
+        if not s.redis_url and not s.redis_sentinels:
             self.redis = RedisServer(
                 s.data_dir / "redis",
                 password=s.redis_password or None,

@@ -20,7 +20,7 @@ from celery.signals import celeryd_init, worker_process_init
 
 from smoothcert.models import process_tuning
 from smoothcert.service.core.logs import capture_output, install_worker_hooks
-from smoothcert.service.core.queue import QUEUE, WorkerTransport, make_celery
+from smoothcert.service.core.queue import QUEUE, make_celery, worker_transport
 from smoothcert.service.core.store import private_data_dir
 from smoothcert.worker.queue import context, liveness
 
@@ -33,8 +33,9 @@ private_data_dir(settings.data_dir)  # files 0600, folders 0700, in the pool pro
 app = make_celery(
     settings, include=WORKER_TASK_MODULES, task_cls="smoothcert.worker.queue.liveness:LeasedTask"
 )
-# A task whose pool process died goes back to the front of its queue, not the back.
-app.conf.broker_transport = WorkerTransport
+# A task whose pool process died goes back to the front of its queue, not the back (kombu's
+# Redis transport, or its Sentinel transport when SMOOTHCERT_REDIS_SENTINELS is set).
+app.conf.broker_transport = worker_transport(settings)
 install_worker_hooks(settings)  # JSON log lines with the job id (smoothcert.service.core.logs)
 
 

@@ -25,6 +25,7 @@ from smoothcert.service.core.dataset_store import DatasetStore
 from smoothcert.service.core.job_chunks import ChunkLedger
 from smoothcert.service.core.jobs import Fence, JobStore
 from smoothcert.service.core.model_store import ModelStore
+from smoothcert.service.core.redis_client import connect
 from smoothcert.service.core.results import ResultFiles
 from smoothcert.service.core.settings import Settings
 
@@ -71,12 +72,10 @@ class WorkerContext:
         self.fence: Fence | None = None
 
     def connect(self, *, connect_timeout_s: float = 5, timeout_s: float = 30) -> redis.Redis:
-        """A new Redis client of the broker's server (a thread that wants its own timeouts)."""
-        return redis.Redis.from_url(
-            self.settings.broker_url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=timeout_s,
-        )
+        """A new Redis client of the service's Redis (the URL's server, or the primary the
+        sentinels name: :mod:`smoothcert.service.core.redis_client`), for a thread that wants its
+        own timeouts."""
+        return connect(self.settings, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
 
     def redis(self) -> redis.Redis:
         """This process's Redis client (one connection pool per pid, made after a fork)."""

@@ -50,6 +50,7 @@ from celery.signals import (
 
 from smoothcert.service.core.jobs import JobStore
 from smoothcert.service.core.queue import send_first, soft_time_limit_s, watchdog_time_limit_s
+from smoothcert.service.core.redis_client import confirm_replicated
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.storage_quota import sweep_orphan_inputs
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX, PROCESSES_PREFIX
@@ -144,6 +145,14 @@ class LeasedTask(Task):
                 )
             except redis.RedisError:
                 log.warning("could not release the lease of task %s", self.request.id)
+            # With Sentinel: the job's outcome and the lease's release are on a replica before
+            # Celery acknowledges the message, so a failover now cannot lose them.
+            outage.tolerant(
+                lambda: confirm_replicated(_client(), _settings()),
+                0,
+                "waiting for a replica to hold the task's writes",
+                job_id,
+            )
             if _state.get("retire"):
                 log.error("worker process %d exits: %s", os.getpid(), _state["retire"])
                 logging.shutdown()

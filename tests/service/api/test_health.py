@@ -52,6 +52,7 @@ def test_redis_unreachable_is_503(api_without_redis):
         headers={"Authorization": f"Bearer {USER_KEY}"},
     )
     assert resp.status_code == 503 and "unreachable" in resp.json()["detail"]
+    assert resp.headers["retry-after"] == "5"  # about a restart or a Sentinel failover
     assert ready.json() == {
         "status": "not ready",
         "detail": "Redis unreachable",
