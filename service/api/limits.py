@@ -432,7 +432,7 @@ JOBS_LIMITED: Responses = {
 QUEUE_FULL: Responses = {
     503: _documented(
         "the job's queue holds SMOOTHCERT_MAX_QUEUED_MESSAGES messages; also 503 "
-        "(without Retry-After) when Redis is unreachable"
+        "(with a shorter Retry-After) when Redis is unreachable or failing over"
     )
 }
 REUSED_KEY = "; or the Idempotency-Key was already used with a different request"
