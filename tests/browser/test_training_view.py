@@ -134,7 +134,9 @@ def test_train_a_stability_denoiser_in_two_stages_from_the_page(
         expect(params).to_contain_text("MSE for 1 epoch, then stability from its weights")
         expect(params).to_contain_text("σ = 0.5, 1 epoch, batch 32, lr 0.0003")
         expect(params).not_to_contain_text("undefined")
-        loss = page.get_by_test_id("train-chart").locator('g.series[data-series="loss"] circle.point')
+        loss = page.get_by_test_id("train-chart").locator(
+            'g.series[data-series="loss"] circle.point'
+        )
         expect(loss).to_have_count(2)
         assert [h["stage"] for h in result["history"]] == ["mse", "stability"]
         assert [float(loss.nth(i).get_attribute("data-x")) for i in range(2)] == [1.0, 2.0]
