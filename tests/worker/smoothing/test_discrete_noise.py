@@ -202,3 +202,27 @@ def test_inputs_off_the_grid_are_refused_unless_quantized():
 def test_gaussian_mode_records_its_noise():
     run = predict(constant(), np.full((1, 8, 8), 0.5, np.float32), 0.25, n=100)
     assert run.provenance["noise"] == "gaussian" and "alpha_effective" not in run.provenance
+
+
+@pytest.mark.gpu
+def test_cuda_draws_on_the_device_as_the_full_search_and_reproducibly():
+    table = thresholds(0.5)
+    device = torch.device("cuda")
+    grid = GridNoise(table, device)
+    u = torch.randint(
+        0, 1 << 60, (1_000_000,), generator=torch.Generator(device).manual_seed(1), device=device
+    )
+    full = torch.searchsorted(torch.from_numpy(table.values).to(device), u, right=True)
+    assert torch.equal(grid.offsets_of(u), full - table.offset)
+    x = _digits_like()
+    model = wrap(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval(), device="cuda"
+    )
+
+    def run():
+        options = RunOptions(seed=4, batch_size=500)
+        return certify(model, x, 0.5, 20, 2_000, options=options, noise="discrete")
+
+    first, second = run(), run()
+    assert [r.votes for r in first.results] == [r.votes for r in second.results]
+    assert first.provenance["device"].startswith("cuda")
