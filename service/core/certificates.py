@@ -163,7 +163,9 @@ def guarantee(
         if noise.get("quantize"):
             classifier += (
                 "; the inputs were rounded onto the 8-bit grid before certification "
-                "(quantize), and the digests and this promise are about the rounded images"
+                "(quantize): this promise is about the rounded images, round(255 x) / 255 of the "
+                "digested inputs (for inputs sent with the job, the digests are already the "
+                "rounded images)"
             )
     else:
         alpha_text = f"{alpha:g}"

@@ -137,3 +137,18 @@ def test_png_uploads_and_uint8_datasets_are_on_the_grid(client, demo_model, leve
     assert [r["n"] for r in dataset_job["result"]["results"]] == [300] * 3
     assert [r["n"] for r in image_job["result"]["results"]] == [300] * 3
     assert dataset_job["result"]["provenance"]["noise"] == "discrete"
+
+
+def test_a_float_dataset_off_the_grid_fails_its_job_with_the_rule_unless_quantized(
+    client, demo_model, demo_paths
+):
+    buf = io.BytesIO()
+    x = np.load(demo_paths["test_x"])[:2]  # k/16: off the grid, which the worker finds
+    np.savez(buf, x=x, y=np.load(demo_paths["test_y"])[:2].astype(np.int64))
+    dataset = upload_dataset(client, buf.getvalue()).json()
+    body = {**JOB, "model_id": demo_model["id"], "dataset_id": dataset["id"]}
+    failed = wait_job(client, post(client, **body).json()["job_id"], timeout=120)
+    assert failed["status"] == "failed" and "8-bit grid" in failed["error"]
+    rounded = wait_job(client, post(client, **body, quantize=True).json()["job_id"], timeout=120)
+    assert rounded["status"] == "succeeded", rounded["error"]
+    assert rounded["result"]["provenance"]["quantize"] is True
