@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from smoothcert.service.cli.main import main
 from smoothcert.service.core.certificates import input_digest, open_envelope
 from smoothcert.service.core.signing import load_public_pem
 from tests.support.stack import upload_dataset, wait_job
@@ -40,7 +41,7 @@ def post(client, **body):
 
 
 def test_grid_inputs_give_the_engines_answer_and_record_the_noise(
-    client, demo_model, demo_paths, levels
+    client, demo_model, demo_paths, levels, tmp_path, capsys
 ):
     from smoothcert.models.loaders import load_model
     from smoothcert.worker.smoothing import RunOptions, certify
@@ -71,6 +72,19 @@ def test_grid_inputs_give_the_engines_answer_and_record_the_noise(
     assert provenance["noise"] == "discrete" and provenance["noise_k"] == 1
     assert provenance["thresholds_sha256"] == table.sha256
     assert provenance["alpha_effective"] == 0.001 + table.total_variation * 64 * 300
+    # and `smoothcert verify --recompute` checks the noise and reruns the job with it
+    (tmp_path / "cert.json").write_bytes(client.get(f"/v1/jobs/{job['id']}/certificate").content)
+    (tmp_path / "keys.json").write_text(client.get("/v1/signing-keys").text)
+    np.save(tmp_path / "x.npy", x)
+    code = main(
+        ["verify", str(tmp_path / "cert.json"), "--keys", str(tmp_path / "keys.json")]
+        + ["--model", str(demo_paths["safetensors"]), "--inputs", str(tmp_path / "x.npy")]
+        + ["--recompute"]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "noise: ok (discrete noise: K = 1" in err
+    assert "recompute (same seed): ok (3 of 3 rows identical" in err
 
 
 def test_float_inputs_off_the_grid_are_refused_unless_quantized(client, demo_model, demo_paths):
