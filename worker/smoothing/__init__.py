@@ -7,7 +7,8 @@
   check, memory budget, whether a batch size that does not fit may be lowered);
 - ``results``: their answers; ``sampling``: noisy copies through the model; ``memory``: how
   large a batch fits the device; ``bounds``: the statistics; ``checks``: the parameter checks all
-  three share.
+  three share; ``discrete`` (torch-free) and ``grid_noise``: the law and the sampler of
+  ``noise="discrete"``, the discretised Gaussian on the 8-bit grid drawn exactly in integers.
 
 Same seed, same batch size and same device give bit-identical answers. Nothing here imports a
 queue or a web framework: the CLI, the worker's tasks and the benchmarks all call it.
