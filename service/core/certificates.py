@@ -43,6 +43,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from smoothcert.service.core.accuracy import DEFAULT_CURVE_RADII, certified_accuracy
+from smoothcert.service.core.store import block_size, disk_bytes
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://smoothcert.dev/certificate/v1"
@@ -386,9 +387,6 @@ class CertificateStore:
     def disk_bytes(self, sha256: str) -> int:
         """What certificate ``sha256`` takes on disk, its ``by-job`` entry included, in whole
         blocks (as datasets and job inputs are counted); 0 when it is not stored."""
-        # dataset_store imports this module (for its digests), hence the late import.
-        from smoothcert.service.core.dataset_store import block_size, disk_bytes
-
         try:
             size = self.path(sha256).stat().st_size
         except (KeyError, OSError):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, ContextManager
@@ -48,7 +47,13 @@ from smoothcert.service.core.dataset_files import (
 )
 from smoothcert.service.core.dataset_index import DatasetIndex, entry_id, listing_entry
 from smoothcert.service.core.keys import account_of
-from smoothcert.service.core.store import FolderStore, copy_upload, created_at
+from smoothcert.service.core.store import (
+    FolderStore,
+    block_size,
+    copy_upload,
+    created_at,
+    disk_bytes,
+)
 
 # admit(dataset id, bytes it will take on disk): entered once the upload's headers are checked and
 # before anything of it is written; raising refuses the upload, and the block's exit ends the
@@ -62,17 +67,6 @@ class DatasetMissing(DatasetFileError):
 
 class TooManyDatasets(DatasetFileError):
     """The uploading key already has its most datasets (SMOOTHCERT_MAX_DATASETS_PER_KEY)."""
-
-
-def block_size(path: str | os.PathLike[str]) -> int:
-    """The allocation unit of the file system holding ``path`` (at least 512 bytes)."""
-    return max(512, os.statvfs(path).f_frsize)
-
-
-def disk_bytes(file_sizes: list[int], block: int) -> int:
-    """What a dataset folder holding files of ``file_sizes`` takes on disk: each file, and the
-    folder itself, rounded up to whole blocks, at least one each."""
-    return block * (1 + sum(max(1, -(-size // block)) for size in file_sizes))
 
 
 class DatasetStore(FolderStore):

@@ -35,11 +35,14 @@ import redis
 
 from smoothcert.service.core.jobs import rfc3339
 
+# Kept with the records they name (torch- and redis-free); re-exported for the key's callers.
+from smoothcert.service.core.store import ADMIN_ACCOUNT as ADMIN_ACCOUNT
+from smoothcert.service.core.store import DEFAULT_ACCOUNT as DEFAULT_ACCOUNT
+from smoothcert.service.core.store import account_of as account_of
+
 PREFIX = "sck_"
 SCOPES = ("certify", "models", "train", "admin")
 ADMIN_SCOPE = "admin"
-# The accounts of the bootstrap keys: SMOOTHCERT_ADMIN_KEY's and SMOOTHCERT_API_KEY's.
-ADMIN_ACCOUNT, DEFAULT_ACCOUNT = "admin", "default"
 ID_LEN, SECRET_LEN, CHECK_LEN = 12, 43, 6
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _FORMAT = re.compile(
@@ -53,12 +56,6 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 KEY_RECORD = "smoothcert:apikey:"
 KEYS_INDEX = "smoothcert:apikeys"
 ACCOUNTS = "smoothcert:accounts"
-
-
-def account_of(owner: str | None) -> str:
-    """The account a record's ``owner`` field names; a record without one (from before ownership
-    was recorded) belongs to ``default``."""
-    return owner or DEFAULT_ACCOUNT
 
 
 def account_keys_key(account: str) -> str:

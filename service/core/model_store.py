@@ -35,9 +35,14 @@ from smoothcert.models.metadata import (
     pipeline_sha256,
 )
 from smoothcert.models.safetensors_header import looks_pickled, read_safetensors_header
-from smoothcert.service.core.dataset_store import block_size, disk_bytes
-from smoothcert.service.core.keys import account_of
-from smoothcert.service.core.store import FolderStore, copy_upload, created_at
+from smoothcert.service.core.store import (
+    FolderStore,
+    account_of,
+    block_size,
+    copy_upload,
+    created_at,
+    disk_bytes,
+)
 
 FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
 PENDING, READY = "pending", "ready"

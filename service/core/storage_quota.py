@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from smoothcert.service.core.dataset_store import block_size, disk_bytes
 from smoothcert.service.core.jobs import PREFIX as JOB_PREFIX
 from smoothcert.service.core.jobs import TERMINAL, is_job_id, job_folder
+from smoothcert.service.core.store import block_size, disk_bytes
 
 log = logging.getLogger(__name__)
 

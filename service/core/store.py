@@ -30,6 +30,28 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _BLOCK = 1 << 20
 
 
+# The accounts of the bootstrap keys: SMOOTHCERT_ADMIN_KEY's and SMOOTHCERT_API_KEY's.
+ADMIN_ACCOUNT, DEFAULT_ACCOUNT = "admin", "default"
+
+
+def account_of(owner: str | None) -> str:
+    """The account a record's ``owner`` field names; a record without one (from before ownership
+    was recorded) belongs to ``default``."""
+    return owner or DEFAULT_ACCOUNT
+
+
+def block_size(path: str | os.PathLike[str]) -> int:
+    """The allocation unit of the file system holding ``path`` (at least 512 bytes)."""
+    return max(512, os.statvfs(path).f_frsize)
+
+
+def disk_bytes(file_sizes: list[int], block: int) -> int:
+    """What a folder holding files of ``file_sizes`` takes on disk (a dataset's or a model's, as
+    storage quotas count them): each file, and the folder itself, rounded up to whole blocks, at
+    least one each."""
+    return block * (1 + sum(max(1, -(-size // block)) for size in file_sizes))
+
+
 class FolderStore:
     """Records under ``root``, one folder each; safe to use from the API and the workers at once."""
 

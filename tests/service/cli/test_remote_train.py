@@ -60,7 +60,7 @@ def test_train_on_the_service_prints_the_model_and_downloads_it(
     # the job the command followed: one epoch, its config as given
     job_id = stderr.split("submitted training job ")[1].split()[0]
     job = admin.get(f"/v1/jobs/{job_id}").json()
-    assert job["kind"] == "train" and job["progress"] == {"done": 1, "total": 1}
+    assert job["kind"] == "train" and job["progress"] == {"done": 1, "total": 1, "unit": "epochs"}
     assert job["params"]["seed"] == 3 and job["result"]["model_id"] == model_id
 
 
