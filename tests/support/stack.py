@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import time
@@ -255,6 +256,22 @@ def upload_model(
     public unless ``fields`` say otherwise, so that the user key's account may use it too."""
     fields = {"visibility": "public", **fields}
     return admin.post("/v1/models", files={"file": (filename, io.BytesIO(content))}, data=fields)
+
+
+def timed_runtimes(data_dir: Path, sha256: str, timeout: float = 60) -> dict:
+    """Wait until a worker has timed the runtimes of the model of ``sha256`` (which it does right
+    after the upload's check) and cached its choice under ``data_dir``; that cache entry."""
+    choices = data_dir / "cache" / "runtime-choices.json"
+
+    def entry():
+        if not choices.exists():
+            return None
+        found = [
+            v for k, v in json.loads(choices.read_text()).items() if k.startswith(sha256 + "|")
+        ]
+        return found[0] if found else None
+
+    return wait_for(entry, timeout, f"the runtimes of model {sha256[:12]} to be timed")
 
 
 def upload_model_file(admin: httpx.Client, path: Path, **fields: str) -> httpx.Response:

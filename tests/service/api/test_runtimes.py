@@ -3,8 +3,6 @@ torch refused for an ONNX model, recorded."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 from smoothcert.models.architectures import build_network
 from smoothcert.models.metadata import ModelInfo
 from smoothcert.models.safetensors_io import save_safetensors_model
-from tests.support.stack import upload_model_file, wait_for, wait_job
+from tests.support.stack import timed_runtimes, upload_model_file, wait_job
 
 CANDIDATES = {"torch", "torch-channels-last", "onnxruntime"}
 
@@ -129,20 +127,11 @@ def test_runtimes_are_timed_at_upload_so_the_first_job_finds_its_choice_cached(
     resp = upload_model_file(admin, path)
     assert resp.status_code == 201, resp.text
     model = resp.json()
-    choices = data_dir / "cache" / "runtime-choices.json"
-
-    def timed() -> bool:
-        return choices.exists() and any(
-            key.startswith(model["sha256"] + "|") for key in json.loads(choices.read_text())
-        )
-
-    wait_for(timed, 60, "the upload's check to time the model's runtimes")
-    (key,) = [k for k in json.loads(choices.read_text()) if k.startswith(model["sha256"] + "|")]
-    before = json.loads(choices.read_text())[key]
+    before = timed_runtimes(data_dir, model["sha256"])
     provenance = _run(client, model_id=model["id"], inputs=inputs)
     # The job ran in the runtime timed at upload, and timed nothing itself: a measurement would
     # have written its own rates and time over the entry.
-    assert json.loads(choices.read_text())[key] == before
+    assert timed_runtimes(data_dir, model["sha256"]) == before
     choice = provenance["runtime_choice"]
     assert choice["chosen"] == before["chosen"]
     assert choice["measured_samples_per_s"] == before["measured"]
