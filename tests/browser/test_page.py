@@ -85,6 +85,33 @@ def test_certify_an_uploaded_png_shows_the_radius_the_api_returns(
         )
 
 
+def test_discrete_noise_from_the_page_and_a_float_npy_rounded_onto_the_grid(
+    tab, api_url, client, demo_model, digits_test_set, tmp_path
+):
+    x, _ = digits_test_set
+    page = open_page(tab, api_url, USER_KEY)
+    page.get_by_test_id("model-select").select_option(demo_model["id"])
+    expect(page.get_by_test_id("quantize")).to_be_hidden()
+    page.get_by_test_id("noise").select_option("discrete")
+    # The demo's digits are sixteenths, off the 8-bit grid: refused, with the API's reason.
+    npy = tmp_path / "digits.npy"
+    np.save(npy, x[:2].numpy())
+    page.get_by_test_id("image-input").set_input_files(str(npy))
+    page.get_by_test_id("n").fill("2000")
+    page.get_by_test_id("submit").click()
+    expect(page.get_by_test_id("form-error")).to_contain_text("8-bit grid")
+
+    page.get_by_test_id("quantize").check()
+    page.get_by_test_id("submit").click()
+    expect(page.get_by_test_id("job-status")).to_have_attribute("data-status", "succeeded")
+    job = client.get(f"/v1/jobs/{page.get_by_test_id('job-id').inner_text()}").json()
+    assert (job["params"]["noise"], job["params"]["quantize"]) == ("discrete", True)
+    assert job["result"]["provenance"]["noise"] == "discrete"
+    expect(page.get_by_test_id("job-params")).to_contain_text(
+        "discrete noise on the 8-bit grid (inputs rounded onto it)"
+    )
+
+
 def test_cancel_a_long_job(tab, api_url, client, demo_model):
     page = open_page(tab, api_url, USER_KEY)
     page.get_by_test_id("model-select").select_option(demo_model["id"])

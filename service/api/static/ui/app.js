@@ -337,6 +337,10 @@ function filesChosen() {
   setInput(files.length ? { files: files.map((f) => ({ name: f.name, blob: f })), label: null } : null);
 }
 
+function noiseChanged() {
+  $("quantize-field").hidden = $("noise").value !== "discrete";
+}
+
 function modeChanged() {
   const predict = $("mode").value === "predict";
   $("n0-field").hidden = predict;
@@ -363,6 +367,10 @@ function formData() {
   }
   const target = $("target-radius").value.trim();
   if (mode === "certify" && target !== "") data.append("target_radius", target);
+  if ($("noise").value === "discrete") {
+    data.append("noise", "discrete");
+    if ($("quantize").checked) data.append("quantize", "true");
+  }
   const labels = $("labels").value.trim();
   if (labels !== "") {
     const list = labels.split(/[\s,]+/).filter(Boolean).map(Number);
@@ -521,7 +529,8 @@ function renderParams(job) {
   if (p.sigma !== undefined) {
     const sampling = p.mode === "predict" ? `n = ${p.n}` : `n0 = ${p.n0}, n = ${p.n}`;
     facts.push(["parameters", `σ = ${p.sigma}, ${sampling}, α = ${p.alpha}`
-      + (isTargetRadius(p) ? `, target radius ${p.target_radius} (n is the cap per input)` : "")]);
+      + (isTargetRadius(p) ? `, target radius ${p.target_radius} (n is the cap per input)` : "")
+      + (p.noise === "discrete" ? `, discrete noise on the 8-bit grid${p.quantize ? " (inputs rounded onto it)" : ""}` : "")]);
   }
   for (const name of ["created", "finished"]) {
     const when = jobTime(job, name);
@@ -1299,6 +1308,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("model-select").addEventListener("change", modelChanged);
   $("image-input").addEventListener("change", filesChosen);
   $("mode").addEventListener("change", modeChanged);
+  $("noise").addEventListener("change", noiseChanged);
   $("certify-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancelJob);
   $("certificate-json").addEventListener("click", downloadCertificate);
