@@ -83,13 +83,15 @@ class Stack:
     def env(self) -> dict[str, str]:
         """The environment every child shares, so they agree on keys, data and broker."""
         s = self.settings
-        # With sentinels the children find the primary as this process does (the sentinels and
-        # the password come from the environment they inherit); else the one URL, password in it.
+        # With sentinels the children find the primary as this process does; else the one URL,
+        # password in it.
         redis_env = (
             {
                 "SMOOTHCERT_REDIS_URL": "",
                 "SMOOTHCERT_REDIS_SENTINELS": s.redis_sentinels,
                 "SMOOTHCERT_REDIS_MASTER_NAME": s.redis_master_name,
+                "SMOOTHCERT_REDIS_PASSWORD": s.redis_password,
+                "SMOOTHCERT_REDIS_SENTINEL_PASSWORD": s.redis_sentinel_password,
             }
             if s.redis_sentinels
             else {"SMOOTHCERT_REDIS_URL": s.broker_url}

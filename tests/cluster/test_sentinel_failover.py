@@ -16,6 +16,7 @@ the timings is only that they end within generous bounds.
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import threading
 import time
@@ -33,6 +34,8 @@ from smoothcert.service.core.redis_client import connect
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
 from smoothcert.service.devstack.commands import worker_command
+from smoothcert.service.devstack.redis_server import free_port
+from smoothcert.service.devstack.stack import Stack
 from tests.cluster.sentinels import (
     MASTER_NAME,
     PASSWORD,
@@ -58,6 +61,7 @@ SEEDS = range(1, 7)
 LONG = {"sigma": 0.25, "n0": 20, "n": 40_000, "seed": 99}
 ANSWERS = {200, 201, 202, 503}
 JOB_DONE_S = 120  # generous: two workers on two shared cores
+FAILOVER_S = 60  # a failover takes about 2 s here; far past it the test fails, never hangs
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Cluster:
     model_id: str
     x: np.ndarray
     reference: dict[int, list[dict]]  # seed -> rows of an undisturbed run
+    data: Path  # the data volume the API and the workers share
 
 
 def _settings(deployment: Deployment) -> dict[str, str]:
@@ -120,13 +125,15 @@ def body(cluster: Cluster, seed: int, **params) -> dict:
 
 def get(client: httpx.Client, path: str) -> httpx.Response:
     """A GET that the failover may answer 503 (with Retry-After), tried until it is not."""
-    while True:
+    deadline = time.monotonic() + FAILOVER_S
+    while time.monotonic() < deadline:
         resp = client.get(path)
         assert resp.status_code in ANSWERS, resp.text
         if resp.status_code != 503:
             return resp
         assert int(resp.headers["retry-after"]) >= 1
         time.sleep(0.1)
+    pytest.fail(f"GET {path}: still 503 after {FAILOVER_S} s")
 
 
 def wait_done(cluster: Cluster, job_ids: list[str], timeout: float = JOB_DONE_S) -> dict[str, dict]:
@@ -166,7 +173,13 @@ def cluster(tmp_path_factory, demo_paths) -> Iterator[Cluster]:
             base_url=url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=30
         ) as user:
             cluster = Cluster(
-                deployment, url, user, resp.json()["id"], np.load(demo_paths["test_x"]), {}
+                deployment,
+                url,
+                user,
+                resp.json()["id"],
+                np.load(demo_paths["test_x"]),
+                {},
+                tmp / "data",
             )
             # The undisturbed runs every later job is compared with.
             ids = {seed: submit(cluster, body(cluster, seed)) for seed in SEEDS}
@@ -203,13 +216,14 @@ def fail_over(cluster: Cluster) -> tuple[Server, float]:
 
 def first_submission_after(cluster: Cluster, killed_at: float, seed: int) -> tuple[str, float]:
     """Submit until a 202 (503s with Retry-After meanwhile); the job and seconds since the kill."""
-    while True:
+    while time.monotonic() < killed_at + FAILOVER_S:
         resp = cluster.user.post("/v1/certify", json=body(cluster, seed))
         assert resp.status_code in (202, 503), resp.text
         if resp.status_code == 202:
             return resp.json()["job_id"], time.monotonic() - killed_at
         assert int(resp.headers["retry-after"]) >= 1
         time.sleep(0.05)
+    pytest.fail(f"no 202 within {FAILOVER_S} s of the kill")
 
 
 def test_a_failover_with_jobs_queued_loses_none(cluster):
@@ -332,3 +346,39 @@ def test_every_client_of_the_service_follows_the_sentinels(cluster):
     job_id = submit(cluster, body(cluster, 3))
     check_rows(cluster, wait_done(cluster, [job_id]), {job_id: 3})
     assert primary.hexists(JobStore.key(job_id), "status")  # recorded on the third primary
+
+
+def test_smoothcert_up_runs_on_the_sentinels_without_a_redis_of_its_own(cluster, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("SMOOTHCERT_")]:
+        monkeypatch.delenv(name)  # the children get what the settings say, nothing inherited
+    settings = Settings(
+        redis_sentinels=cluster.deployment.sentinels_setting,
+        redis_password=PASSWORD,
+        redis_sentinel_password=SENTINEL_PASSWORD,
+        data_dir=cluster.data,  # the model is there, and the job's inputs must be
+        port=free_port(),
+        api_key=USER_KEY,
+        admin_key=ADMIN_KEY,
+        device="cpu",
+    )
+    stack = Stack(settings)
+    try:
+        stack.start()
+        assert stack.redis is None
+        stack.wait_ready(90)  # /readyz: the API of `up` reads the primary
+        primary = cluster.deployment.primary().client()
+        ours = HEARTBEAT_PREFIX + f"smoothcert-{os.getpid()}@*"
+        # the worker of `up` beats on the primary
+        Deployment.wait(lambda: list(primary.scan_iter(match=ours)), 60, "the worker of `up`")
+        resp = httpx.post(
+            f"{stack.url}/v1/certify",
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            json=body(cluster, 2),
+            timeout=30,
+        )
+        assert resp.status_code == 202, resp.text
+    finally:
+        stack.stop()
+    # Its job went through the same primary: the cluster's API and workers see and run it.
+    job_id = resp.json()["job_id"]
+    check_rows(cluster, wait_done(cluster, [job_id]), {job_id: 2})

@@ -102,6 +102,35 @@ class LeasedTask(Task):
     def __call__(self, *args, **kwargs):
         if self.request.called_directly or not self.request.id:
             return super().__call__(*args, **kwargs)
+        # Redis lost under the task's own bookkeeping (its lease, the job's start): a restart, or
+        # a Sentinel failover, whose promotion also closes every connection to the promoted
+        # replica. The task runs again here once Redis answers, as a redelivery would (the job's
+        # records make that safe), rather than failing with a message that its broker connection,
+        # gone too, can neither acknowledge nor give back before the visibility timeout.
+        deadline = time.monotonic() + outage.OUTCOME_RETRY_S
+        while True:
+            try:
+                return self._leased(*args, **kwargs)
+            except outage.OUTAGE as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                job_id = str(args[0]) if args else None
+                log.warning(
+                    "Redis went away under task %s (%s: %s); it runs again once Redis answers",
+                    self.request.id,
+                    type(exc).__name__,
+                    exc,
+                    extra={"job_id": job_id},
+                )
+                outage.persist(
+                    lambda: _client().ping(),
+                    "waiting for Redis to run the task again",
+                    job_id,
+                    left,
+                )
+
+    def _leased(self, *args, **kwargs):
         leases = _leases()
         lease = leases.claim(
             self.request.id,
