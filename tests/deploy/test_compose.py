@@ -114,7 +114,9 @@ def test_the_specification_check_catches_mistakes(compose):
 
 def test_services_and_named_volumes(compose):
     services = compose["services"]
-    assert set(services) == {"redis", *APP_SERVICES}
+    # the profile `ha` (tests/deploy/test_compose_ha.py): Redis with Sentinel
+    ha = {"redis-primary", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert set(services) == {"redis", *APP_SERVICES, *ha}
     declared = set(compose.get("volumes") or {})
     used = {m.split(":", 1)[0] for s in services.values() for m in s.get("volumes", [])}
     named = {v for v in used if not v.startswith((".", "/", "~", "$"))}

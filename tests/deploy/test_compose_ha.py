@@ -68,12 +68,16 @@ def test_three_sentinels_each_announcing_its_own_name(compose, env):
     for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
         service = compose["services"][name]
         assert service["command"] == ["sh", "/etc/smoothcert/sentinel.sh"]
-        assert service["volumes"] == ["./sentinel.sh:/etc/smoothcert/sentinel.sh:ro"]
+        assert service["configs"] == [
+            {"source": "sentinel-script", "target": "/etc/smoothcert/sentinel.sh"}
+        ]
+        assert "volumes" not in service  # no bind mount: the script comes as a compose config
         values = {k: interpolate(v, env) for k, v in service["environment"].items()}
         assert values["ANNOUNCE"] == name
         assert values["MASTER_NAME"] == env["SMOOTHCERT_REDIS_MASTER_NAME"]
         assert values["REDIS_PASSWORD"] == env["SMOOTHCERT_REDIS_PASSWORD"]
         assert "ports" not in service
+    assert (DOCKER / compose["configs"]["sentinel-script"]["file"]).resolve() == SENTINEL_SCRIPT
     assert SENTINEL_SCRIPT.is_file()
 
 
