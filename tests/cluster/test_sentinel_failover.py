@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -336,6 +337,30 @@ def test_a_failover_while_clients_submit_acknowledges_only_what_survives(cluster
         f"{refused} of {len(answers)} requests 503, {len(seeds)} jobs done {done_s:.1f} s"
     )
     cluster.deployment.restart_as_replica(old)
+
+
+def test_a_change_no_replica_confirms_is_503_and_its_retry_gets_the_same_job(cluster):
+    primary = cluster.deployment.primary()
+    [replica] = [s for s in cluster.deployment.servers if s is not primary]
+    key = str(uuid.uuid4())
+    replica.process.send_signal(signal.SIGSTOP)  # connected, but acknowledges nothing
+    try:
+        started = time.monotonic()
+        resp = cluster.user.post(
+            "/v1/certify", json=body(cluster, 4), headers={"Idempotency-Key": key}
+        )
+        waited = time.monotonic() - started
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "5", resp.text
+    assert "could not be confirmed on a Redis replica" in resp.json()["detail"]
+    assert waited >= 1.0  # SMOOTHCERT_REDIS_WAIT_TIMEOUT_MS, the default 1000
+    again = cluster.user.post(
+        "/v1/certify", json=body(cluster, 4), headers={"Idempotency-Key": key}
+    )
+    assert again.status_code == 202, again.text  # the job the first request wrote, not a second
+    job_id = again.json()["job_id"]
+    check_rows(cluster, wait_done(cluster, [job_id]), {job_id: 4})
 
 
 def test_every_client_of_the_service_follows_the_sentinels(cluster):
