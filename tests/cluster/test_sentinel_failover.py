@@ -16,6 +16,7 @@ the timings is only that they end within generous bounds.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import numpy as np
 import pytest
 
 from smoothcert.service.core.jobs import JobStore
+from smoothcert.service.core.queue import TRAIN_QUEUE, TRAIN_TASK, make_celery, send_first
 from smoothcert.service.core.redis_client import connect
 from smoothcert.service.core.settings import Settings
 from smoothcert.service.core.workers import HEARTBEAT_PREFIX
@@ -371,6 +373,19 @@ def test_every_client_of_the_service_follows_the_sentinels(cluster):
     job_id = submit(cluster, body(cluster, 3))
     check_rows(cluster, wait_done(cluster, [job_id]), {job_id: 3})
     assert primary.hexists(JobStore.key(job_id), "status")  # recorded on the third primary
+    # A dead worker's task is sent again, to the front of its queue, through the sentinels too
+    # (the heartbeat thread's send_first); to `train`, which no worker here consumes.
+    app = make_celery(
+        Settings(
+            redis_sentinels=cluster.deployment.sentinels_setting,
+            redis_password=PASSWORD,
+            redis_sentinel_password=SENTINEL_PASSWORD,
+        )
+    )
+    send_first(app, TRAIN_TASK, ["job-that-is-not"], "sent-again")
+    [message] = primary.lrange(TRAIN_QUEUE, 0, -1)
+    assert json.loads(message)["headers"]["id"] == "sent-again"
+    primary.delete(TRAIN_QUEUE)
 
 
 def test_smoothcert_up_runs_on_the_sentinels_without_a_redis_of_its_own(cluster, monkeypatch):
