@@ -78,8 +78,9 @@ class ServiceClient:
     ``timeout`` bounds each request (seconds); a model upload, which waits until a worker has
     loaded the model, gets at least ``upload_timeout``. A submission is tried up to
     ``retries`` more times, waiting what ``Retry-After`` says (at most ``max_retry_wait_s``; a
-    longer wait is reported as the error instead). Use it as a context manager or call
-    :meth:`close`.
+    longer wait is reported as the error instead): Redis restarting or failing over is 503 with
+    ``Retry-After: 5``, so the default rides out about 15 s of it. Use it as a context manager or
+    call :meth:`close`.
     """
 
     def __init__(
@@ -509,7 +510,7 @@ class ServiceClient:
         if exc.answer_lost:
             return 1.0  # the same key makes sending it again safe
         if exc.status_code not in RETRY_STATUS or exc.retry_after is None:
-            return None  # 503 without Retry-After is Redis away: the caller decides
+            return None  # not one to retry, or no Retry-After (not the API's: a proxy's)
         return exc.retry_after if exc.retry_after <= self.max_retry_wait_s else None
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
