@@ -78,6 +78,7 @@ from smoothcert.service.core.storage_quota import (
     inputs_ttl_ms,
 )
 from smoothcert.service.core.storage_quota import held as _held
+from smoothcert.service.core.store import ADMIN_ACCOUNT
 
 log = logging.getLogger("smoothcert.service")
 RATE_PREFIX = "smoothcert:ratelimit:"
@@ -86,6 +87,7 @@ ACTIVE_RETRY_AFTER_S = 10  # a hint too: a slot frees when one of the key's jobs
 ROOMS_PREFIX = "smoothcert:queue-rooms:"
 ROOM_TTL_MS = 120_000  # far longer than sending one job's messages takes
 STORAGE_TTL_MS = 600_000  # longer than writing the largest dataset takes
+UNBOUNDED = 2**53  # a quota nothing reaches (exact in the Lua scripts' doubles)
 
 # KEYS[1], KEYS[2] the queue's rooms (as in _LAPSE), KEYS[3..] the queue's lists; ARGV[1] token
 # ('' only checks), ARGV[2] messages, ARGV[3] bound, ARGV[4] ttl ms. Returns {1 when there is room
@@ -203,7 +205,7 @@ class Limits:
         """The ``admit`` of :meth:`DatasetStore.add` for ``caller``'s upload: 413 when what it will
         store takes the caller past its storage quota; otherwise the bytes stay reserved until the
         dataset is stored (or, given back at once, until the upload fails)."""
-        quota, keys = self.settings.max_storage_bytes_per_key, _held(STORAGE_PREFIX + caller)
+        quota, keys = self._storage_quota(caller), _held(STORAGE_PREFIX + caller)
 
         @contextlib.contextmanager
         def admit(dataset_id: str, stored_bytes: int) -> Iterator[None]:
@@ -237,7 +239,7 @@ class Limits:
         """Count ``stored_bytes`` of job ``job_id``'s inputs against ``caller``'s storage quota
         until they are deleted (:mod:`smoothcert.service.core.storage_quota`); 413 when they do
         not fit beside its datasets, the inputs of its other jobs and its certificates."""
-        quota, settings = self.settings.max_storage_bytes_per_key, self.settings
+        quota, settings = self._storage_quota(caller), self.settings
         stored, ids = self._stored(caller, datasets)
         ok, used = JobInputs(self.redis).reserve(
             caller,
@@ -259,6 +261,12 @@ class Limits:
                 "needs, or send fewer inputs",
             )
 
+    def _storage_quota(self, caller: str) -> int:
+        """``caller``'s storage quota: ``SMOOTHCERT_MAX_STORAGE_BYTES_PER_KEY``, except for the
+        admin account, the operator's own (the demo model, models it uploads for everyone), which
+        it does not bound. Its use is still counted, as every account's is."""
+        return UNBOUNDED if caller == ADMIN_ACCOUNT else self.settings.max_storage_bytes_per_key
+
     def _stored(self, caller: str, datasets: DatasetStore) -> tuple[int, list[str]]:
         """What ``caller``'s stored datasets and models take on disk, and their ids (whose upload
         reservations the storage scripts then leave out, so nothing counts twice)."""
@@ -273,7 +281,7 @@ class Limits:
         quota; 413 when it takes the caller past it (the caller then deletes the model). Its
         reservation covers it while concurrent uploads count; once stored it counts from disk."""
         assert self.models is not None, "model uploads need the app's model store"
-        quota = self.settings.max_storage_bytes_per_key
+        quota = self._storage_quota(caller)
         nbytes = self.models.disk_bytes(model_id)
         stored, ids = self._stored(caller, datasets)
         ok, used = self._storage(

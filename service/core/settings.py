@@ -163,7 +163,8 @@ class Settings(BaseSettings):
         ge=1024,
         description="bytes one account may keep stored: its datasets, its models, the inputs of "
         "its queued and running certify jobs and its certificates (413 beyond); deleting a "
-        "dataset, model or certificate, or a job's end, frees them",
+        "dataset, model or certificate, or a job's end, frees them. The admin account (the "
+        "operator's) is not bound by it",
     )
     orphan_inputs_grace_s: int = Field(
         300,

@@ -351,6 +351,10 @@ def test_models_count_against_the_storage_quota_until_deleted(quota, data_dir, t
         kept.append(again.json()["id"])
         for model_id in kept:
             assert mine.delete(f"/v1/models/{model_id}").status_code == 204
+    # The admin account (the operator's; it owns the demo model, past this quota alone) has none.
+    admins = upload_model_file(quota["admin"], path)
+    assert admins.status_code == 201, admins.text
+    assert quota["admin"].delete(f"/v1/models/{admins.json()['id']}").status_code == 204
 
 
 def newest_datasets(client: httpx.Client) -> list[dict]:

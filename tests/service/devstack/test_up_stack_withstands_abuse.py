@@ -61,6 +61,17 @@ def up(tmp_path_factory, demo_paths):
 
 
 @pytest.fixture(scope="module")
+def user(up):
+    """The printed API key's client: account default, whose storage quota is STORAGE_QUOTA (the
+    admin account, which uploaded the demo model, is the operator's and has none)."""
+    user_key = re.search(r"^API key: (\S+)", up.output, re.M).group(1)
+    with httpx.Client(
+        base_url=up.url, headers={"Authorization": f"Bearer {user_key}"}, timeout=120
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
 def client(up):
     """The printed admin key's client (models are uploaded here; the user key may only certify)."""
     admin_key = re.search(r"^admin key: (\S+)", up.output, re.M).group(1)
@@ -187,7 +198,8 @@ def test_a_huge_image_small_on_the_wire_is_refused_from_its_header(client, model
 
 
 # In full: test_quotas.
-def test_datasets_are_stored_in_their_dtype_and_a_key_has_a_storage_quota(client):
+def test_datasets_are_stored_in_their_dtype_and_a_key_has_a_storage_quota(user):
+    client = user
     data = npz(x=np.zeros((500, 1, 8, 8), dtype=np.uint8), y=np.zeros(500, dtype=np.int64))
     first = upload_dataset(client, data)
     assert first.status_code == 201, first.text
