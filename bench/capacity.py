@@ -44,13 +44,11 @@ import httpx
 import numpy as np
 import redis
 
-from bench.dataset_job import KEY, _start_workers, _stop, _stop_all, _wait
+from bench.dataset_job import KEY, _start_workers, _stop, _stop_all, _wait, bench_env, start_api
 from smoothcert.models.demo import build_demo
 from smoothcert.service.core.jobs import TERMINAL
 from smoothcert.service.core.queue import QUEUE, queue_depth
-from smoothcert.service.devstack import processes
-from smoothcert.service.devstack.commands import api_command
-from smoothcert.service.devstack.redis_server import RedisServer, free_port
+from smoothcert.service.devstack.redis_server import RedisServer
 
 CHUNK_SIZE = 10
 IMAGE_SHAPE = (1, 8, 8)
@@ -63,25 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         demo = build_demo(root / "demo", seed=0)
         with RedisServer(root / "redis", persist=False) as server:
-            env = {
-                **os.environ,
-                "SMOOTHCERT_REDIS_URL": server.url,
-                "SMOOTHCERT_DATA_DIR": str(root / "data"),
-                "SMOOTHCERT_API_KEY": KEY,
-                "SMOOTHCERT_ADMIN_KEY": KEY,
-                "SMOOTHCERT_DEVICE": "cpu",
-                "SMOOTHCERT_CHUNK_SIZE": str(CHUNK_SIZE),
-                "SMOOTHCERT_RATE_LIMIT_PER_MINUTE": "0",
-                "SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY": "1000000",
-                "SMOOTHCERT_MAX_QUEUED_MESSAGES": "1000000",
-                "SMOOTHCERT_LOG_LEVEL": "WARNING",
-            }
-            port = free_port()
-            api = processes.Child(
-                "API",
-                processes.spawn(api_command("127.0.0.1", port), env, root / "api.log"),
-                root / "api.log",
+            env = bench_env(
+                server.url,
+                root,
+                SMOOTHCERT_DEVICE="cpu",
+                SMOOTHCERT_CHUNK_SIZE=str(CHUNK_SIZE),
+                SMOOTHCERT_RATE_LIMIT_PER_MINUTE="0",
+                SMOOTHCERT_MAX_ACTIVE_JOBS_PER_KEY="1000000",
+                SMOOTHCERT_MAX_QUEUED_MESSAGES="1000000",
+                SMOOTHCERT_LOG_LEVEL="WARNING",
             )
+            api, port = start_api(env, root)
             r = redis.Redis.from_url(server.url)
             try:
                 with httpx.Client(

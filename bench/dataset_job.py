@@ -38,6 +38,28 @@ from smoothcert.service.devstack.redis_server import RedisServer, free_port
 KEY = "bench-key-0123456789abcdef"
 
 
+def bench_env(redis_url: str, root: Path, **settings: str) -> dict[str, str]:
+    """The environment of a bench's stack (its API and workers): its Redis, a data dir under
+    ``root``, :data:`KEY` as both keys, and ``settings`` (full SMOOTHCERT_ names) beside."""
+    return {
+        **os.environ,
+        "SMOOTHCERT_REDIS_URL": redis_url,
+        "SMOOTHCERT_DATA_DIR": str(root / "data"),
+        "SMOOTHCERT_API_KEY": KEY,
+        "SMOOTHCERT_ADMIN_KEY": KEY,
+        **settings,
+    }
+
+
+def start_api(env: dict[str, str], root: Path) -> tuple[processes.Child, int]:
+    """An API process of the bench's stack on a free loopback port (its log ``root/api.log``)."""
+    port = free_port()
+    log = root / "api.log"
+    return processes.Child(
+        "API", processes.spawn(api_command("127.0.0.1", port), env, log), log
+    ), port
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     rows = []
@@ -45,22 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         demo = build_demo(root / "demo", seed=0)
         with RedisServer(root / "redis", persist=False) as server:
-            env = {
-                **os.environ,
-                "SMOOTHCERT_REDIS_URL": server.url,
-                "SMOOTHCERT_DATA_DIR": str(root / "data"),
-                "SMOOTHCERT_API_KEY": KEY,
-                "SMOOTHCERT_ADMIN_KEY": KEY,
-                "SMOOTHCERT_DEVICE": args.device,
-                "SMOOTHCERT_CHUNK_SIZE": str(args.chunk_size),
-                "SMOOTHCERT_MAX_N": str(max(args.n, 10**6)),
-            }
-            port = free_port()
-            api = processes.Child(
-                "API",
-                processes.spawn(api_command("127.0.0.1", port), env, root / "api.log"),
-                root / "api.log",
+            env = bench_env(
+                server.url,
+                root,
+                SMOOTHCERT_DEVICE=args.device,
+                SMOOTHCERT_CHUNK_SIZE=str(args.chunk_size),
+                SMOOTHCERT_MAX_N=str(max(args.n, 10**6)),
             )
+            api, port = start_api(env, root)
             try:
                 with httpx.Client(
                     base_url=f"http://127.0.0.1:{port}",

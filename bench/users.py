@@ -468,30 +468,20 @@ def _service_rows(
     time, bracketed by raw runs of the fastest forward as the CLI rows are."""
     import httpx
 
-    from bench.dataset_job import _start_workers, _stop, _stop_all, _wait
+    from bench.dataset_job import _start_workers, _stop, _stop_all, _wait, bench_env, start_api
     from smoothcert.service.core.jobs import TERMINAL
-    from smoothcert.service.devstack import processes
-    from smoothcert.service.devstack.commands import api_command
-    from smoothcert.service.devstack.redis_server import RedisServer, free_port
+    from smoothcert.service.devstack.redis_server import RedisServer
 
     rows = []
     with RedisServer(root / "redis", persist=False) as server:
-        env = {
-            **os.environ,
-            "SMOOTHCERT_REDIS_URL": server.url,
-            "SMOOTHCERT_DATA_DIR": str(root / "data"),
-            "SMOOTHCERT_API_KEY": KEY,
-            "SMOOTHCERT_ADMIN_KEY": KEY,
-            "SMOOTHCERT_DEVICE": args.device,
-            "SMOOTHCERT_MODEL_CHECK_DEADLINE_S": "600",
-            "SMOOTHCERT_MODEL_CHECK_TIMEOUT_S": "900",
-        }
-        port = free_port()
-        api = processes.Child(
-            "API",
-            processes.spawn(api_command("127.0.0.1", port), env, root / "api.log"),
-            root / "api.log",
+        env = bench_env(
+            server.url,
+            root,
+            SMOOTHCERT_DEVICE=args.device,
+            SMOOTHCERT_MODEL_CHECK_DEADLINE_S="600",
+            SMOOTHCERT_MODEL_CHECK_TIMEOUT_S="900",
         )
+        api, port = start_api(env, root)
         workers = _start_workers(1, env, root, server.url, "bench")
         try:
             with httpx.Client(
