@@ -47,6 +47,7 @@ from tests.support.stack import (
     stack_env,
     start_process,
     stop_process,
+    upload_model_file,
     wait_for,
     wait_job,
 )
@@ -156,13 +157,11 @@ def cluster(network, tmp_path_factory, demo_paths):
                 log,
             )
             workers.append(Worker(hosts[name], proc, key.decode()[len(HEARTBEAT_PREFIX) :], log))
-        with open(demo_paths["safetensors"], "rb") as f:
-            resp = httpx.post(
-                f"{url}/v1/models",
-                files={"file": ("digits.safetensors", f)},
-                data={"name": "digits", "visibility": "public"},
-                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                timeout=90,
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90
+        ) as admin:
+            resp = upload_model_file(
+                admin, demo_paths["safetensors"], name="digits", visibility="public"
             )
         assert resp.status_code == 201, resp.text
         with httpx.Client(

@@ -53,6 +53,7 @@ from tests.support.stack import (
     start_api,
     start_process,
     stop_process,
+    upload_model_file,
     wait_for,
 )
 
@@ -163,13 +164,11 @@ def cluster(tmp_path_factory, demo_paths) -> Iterator[Cluster]:
         procs.append(api)
         for name in ("one@cluster", "two@cluster"):
             procs.append(_start_worker(env, tmp / f"worker-{name[:3]}.log", name))
-        with open(demo_paths["safetensors"], "rb") as f:
-            resp = httpx.post(
-                f"{url}/v1/models",
-                files={"file": ("digits.safetensors", f)},
-                data={"name": "digits", "visibility": "public"},
-                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                timeout=90,
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=90
+        ) as admin:
+            resp = upload_model_file(
+                admin, demo_paths["safetensors"], name="digits", visibility="public"
             )
         assert resp.status_code == 201, resp.text
         with httpx.Client(
