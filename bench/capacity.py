@@ -44,7 +44,16 @@ import httpx
 import numpy as np
 import redis
 
-from bench.dataset_job import KEY, _start_workers, _stop, _stop_all, _wait, bench_env, start_api
+from bench.dataset_job import (
+    KEY,
+    _start_workers,
+    _stop,
+    _stop_all,
+    _upload,
+    _wait,
+    bench_env,
+    start_api,
+)
 from smoothcert.models.demo import build_demo
 from smoothcert.service.core.jobs import TERMINAL
 from smoothcert.service.core.queue import QUEUE, queue_depth
@@ -118,23 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
-
-
-def _upload(
-    client: httpx.Client, demo: dict, env: dict, root: Path, redis_url: str
-) -> tuple[str, str]:
-    workers = _start_workers(1, env, root, redis_url, "check")
-    try:
-        with open(demo["safetensors"], "rb") as f:
-            model = client.post("/v1/models", files={"file": ("digits_cnn.safetensors", f)})
-        model.raise_for_status()
-    finally:
-        _stop_all(workers)
-    path = root / "digits_test.npz"
-    np.savez(path, x=np.load(demo["test_x"]), y=np.load(demo["test_y"]))
-    with open(path, "rb") as f:
-        dataset = client.post("/v1/datasets", files={"file": ("digits_test.npz", f)})
-    return model.json()["id"], dataset.raise_for_status().json()["id"]
 
 
 class RedisMeter:
