@@ -383,21 +383,23 @@ function formData() {
   return data;
 }
 
-async function submit(ev) {
+// Submit a job from a form: ``build()`` makes the request (an Error it throws is shown beside the
+// form, as is the API's refusal), the button waits for the answer, the accepted job opens.
+async function submitJob(ev, errorId, buttonId, build) {
   ev.preventDefault();
-  const error = $("form-error");
+  const error = $(errorId);
   hide(error);
-  let data;
+  let request;
   try {
-    data = formData();
+    request = build();
   } catch (err) {
     showMessage(error, err.message);
     return;
   }
-  const button = $("submit");
+  const button = $(buttonId);
   button.disabled = true;
   try {
-    const accepted = await api("/v1/certify", { method: "POST", body: data });
+    const accepted = await api(request.path, { method: "POST", ...request.options });
     openJob(accepted.job_id);
     loadJobs(false);
   } catch (err) {
@@ -406,6 +408,9 @@ async function submit(ev) {
     button.disabled = false;
   }
 }
+
+const submit = (ev) => submitJob(ev, "form-error", "submit",
+  () => ({ path: "/v1/certify", options: { body: formData() } }));
 
 // ---- one job ----
 
@@ -1106,30 +1111,10 @@ function trainBody() {
   return { path: denoiser ? "/v1/train/denoiser" : "/v1/train", body };
 }
 
-async function submitTraining(ev) {
-  ev.preventDefault();
-  const error = $("train-error");
-  hide(error);
-  let request;
-  try {
-    request = trainBody();
-  } catch (err) {
-    showMessage(error, err.message);
-    return;
-  }
-  const button = $("train-submit");
-  button.disabled = true;
-  try {
-    const accepted = await api(request.path, { method: "POST", body: JSON.stringify(request.body),
-                                               json: true });
-    openJob(accepted.job_id);
-    loadJobs(false);
-  } catch (err) {
-    showMessage(error, err.message);
-  } finally {
-    button.disabled = false;
-  }
-}
+const submitTraining = (ev) => submitJob(ev, "train-error", "train-submit", () => {
+  const { path, body } = trainBody();
+  return { path, options: { body: JSON.stringify(body), json: true } };
+});
 
 // ---- the compare view ----
 
