@@ -213,11 +213,11 @@ def _model(predicate: Mapping[str, Any]) -> str:
     parts = model.get("parts")
     if parts:
         facts.append(("parts", _code(_json(parts)), None))
-    return (
-        '<section id="model">\n<h2>Model</h2>\n'
-        '<p class="hint">The base classifier f, named by the SHA-256 of its file (a pipeline: '
-        "of its parts).</p>\n"
-        f"{_facts(facts, 'model')}\n</section>"
+    return _facts_section(
+        "model",
+        "Model",
+        facts,
+        "The base classifier f, named by the SHA-256 of its file (a pipeline: of its parts).",
     )
 
 
@@ -242,11 +242,12 @@ def _dataset(predicate: Mapping[str, Any], params: Mapping[str, Any]) -> str:
         facts.append(
             ("chunks", f"{len(chunks)}, each with its own seed (listed in the certificate)", None)
         )
-    return (
-        '<section id="dataset">\n<h2>Dataset</h2>\n'
-        '<p class="hint">The SHA-256 is of the arrays as stored (names, types, shapes, bytes), not '
-        "of an .npz file's bytes.</p>\n"
-        f"{_facts(facts, 'dataset')}\n</section>"
+    return _facts_section(
+        "dataset",
+        "Dataset",
+        facts,
+        "The SHA-256 is of the arrays as stored (names, types, shapes, bytes), not of an .npz "
+        "file's bytes.",
     )
 
 
@@ -280,10 +281,7 @@ def _request(predicate: Mapping[str, Any], job: Mapping[str, Any]) -> str:
         ("job", f"{_code(job.get('id'))} ({_e(job.get('kind'))})", None),
         ("seed", f"{_code(_value(seed.get('value')))} ({_e(source)})", "seed"),
     ]
-    return (
-        '<section id="request">\n<h2>Who asked, and when</h2>\n'
-        f"{_facts(facts, 'request')}\n</section>"
-    )
+    return _facts_section("request", "Who asked, and when", facts)
 
 
 def _runtime(predicate: Mapping[str, Any]) -> str:
@@ -299,10 +297,11 @@ def _runtime(predicate: Mapping[str, Any]) -> str:
         facts.append(("software", _e(text), "provenance-versions"))
     if not facts:
         facts.append(("", "the certificate records no provenance", None))
-    return (
-        '<section id="runtime">\n<h2>What ran it</h2>\n'
-        '<p class="hint">As the worker reported it; the certificate keeps the whole provenance.</p>\n'
-        f"{_facts(facts, 'runtime')}\n</section>"
+    return _facts_section(
+        "runtime",
+        "What ran it",
+        facts,
+        "As the worker reported it; the certificate keeps the whole provenance.",
     )
 
 
@@ -532,6 +531,12 @@ def _e(value: Any) -> str:
 
 def _code(value: Any) -> str:
     return f"<code>{_e(value)}</code>"
+
+
+def _facts_section(name: str, title: str, facts: Iterable[Fact], hint: str = "") -> str:
+    """A section ``name`` headed ``title``: the ``hint`` (HTML) if any, then :func:`_facts`."""
+    hint_html = f'<p class="hint">{hint}</p>\n' if hint else ""
+    return f'<section id="{name}">\n<h2>{title}</h2>\n{hint_html}{_facts(facts, name)}\n</section>'
 
 
 def _facts(facts: Iterable[Fact], name: str) -> str:
