@@ -192,7 +192,7 @@ def certify_at_radius(
         (selection,) = sampler.sample_counts(n0)
         c_hat, used0 = selection.argmax(axis=1), n0
         verdict[:] = Verdict.UNDECIDED.value
-        _test_until_decided(sampler, test, c_hat, n, k, verdict, n0, settled)
+        _test_until_decided(sampler, test, c_hat, n, k, verdict, settled)
     if settled is not None:
         settled(num, num)
     per_input = sampler.elapsed() / num
@@ -247,7 +247,6 @@ def _test_until_decided(
     n: np.ndarray,
     k: np.ndarray,
     verdict: np.ndarray,
-    n0: int,
     settled: Progress | None,
 ) -> None:
     """Draw for the undecided inputs until none is left; updates n, k, verdict in place and
